@@ -1,0 +1,331 @@
+"""Device-level protocol tests on an in-memory network with a fake clock."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from tests.unit.wgnet import Net, ipv4_packet, ipv6_packet
+from uspan.wg.config import ConfigError, DeviceChange, PeerChange
+from uspan.wg.constants import (
+    INITIATION_SIZE,
+    KEEPALIVE_TIMEOUT,
+    MSG_INITIATION,
+    MSG_TRANSPORT,
+    REJECT_AFTER_TIME,
+    REKEY_AFTER_TIME,
+    REKEY_TIMEOUT,
+)
+from uspan.wg.endpoint import Endpoint
+
+PSK = bytes(range(32))
+
+
+def kinds(datagrams: list[bytes]) -> list[int]:
+    return [d[0] for d in datagrams]
+
+
+@pytest.fixture
+def net() -> Net:
+    return Net()
+
+
+@pytest.fixture
+def pair(net: Net):
+    a = net.add("a", "192.0.2.1", 51820, seed=1)
+    b = net.add("b", "192.0.2.2", 51821, seed=2)
+    net.connect(a, b, ["10.0.0.1/32", "fd00::1/128"], ["10.0.0.2/32", "fd00::2/128"], psk=PSK)
+    return a, b
+
+
+def test_handshake_and_data_both_ways(net: Net, pair) -> None:
+    a, b = pair
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2", b"hello")])
+    net.run()
+    assert b.tun == [ipv4_packet("10.0.0.1", "10.0.0.2", b"hello")]
+    net.send(b, [ipv6_packet("fd00::2", "fd00::1", b"back")])
+    net.run()
+    assert a.tun == [ipv6_packet("fd00::2", "fd00::1", b"back")]
+    pa, pb = net.peer(a, b), net.peer(b, a)
+    assert pa.last_handshake == net.now and pb.last_handshake == net.now
+    # Byte counters agree exactly across a lossless link.
+    assert pa.tx_bytes == pb.rx_bytes and pb.tx_bytes == pa.rx_bytes
+    assert pa.tx_bytes == sum(len(d) for d in a.sent)
+
+
+def test_padding_is_multiple_of_16_and_stripped(net: Net, pair) -> None:
+    a, b = pair
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2", b"x")])  # 21-byte packet
+    net.run()
+    transport = [d for d in a.sent if d[0] == MSG_TRANSPORT]
+    assert len(transport[0]) == 16 + 32 + 16  # padded to 32, plus tag
+    assert b.tun[0] == ipv4_packet("10.0.0.1", "10.0.0.2", b"x")
+
+
+def test_staged_packets_flush_after_handshake(net: Net, pair) -> None:
+    a, b = pair
+    packets = [ipv4_packet("10.0.0.1", "10.0.0.2", bytes([i]) * 10) for i in range(5)]
+    net.send(a, packets)
+    assert kinds(a.sent) == [MSG_INITIATION]  # one handshake, packets wait
+    net.run()
+    assert b.tun == packets
+
+
+def test_responder_waits_for_confirmation_before_sending(net: Net, pair) -> None:
+    a, b = pair
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    # Deliver only the initiation: B has a "next" session it may not use yet.
+    datagram, _dst, _sender = net.wire.pop(0)
+    _, out = b.device.receive([(datagram, a.endpoint)], net.now)
+    pb = net.peer(b, a)
+    assert pb.next is not None and pb.current is None
+    assert len(out) == 1  # the response
+    b.device.send([ipv4_packet("10.0.0.2", "10.0.0.1")], net.now)
+    assert pb.staged  # waits for the confirming packet
+
+
+def test_rekey_after_time_on_send(net: Net, pair) -> None:
+    a, b = pair
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    net.run()
+    first = net.peer(a, b).current
+    net.advance(REKEY_AFTER_TIME - 1)
+    a.sent.clear()
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    assert MSG_INITIATION not in kinds(a.sent)
+    net.run()
+    net.advance(1.5)
+    a.sent.clear()
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    assert kinds(a.sent) == [MSG_TRANSPORT, MSG_INITIATION]
+    net.run()
+    assert net.peer(a, b).current is not first
+    assert net.peer(a, b).previous is first
+
+
+def test_reject_after_time_stops_using_the_key(net: Net, pair) -> None:
+    a, _b = pair
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    net.run()
+    net.blocked.add("b")  # B hears nothing from now on
+    net.advance(REJECT_AFTER_TIME + 1)
+    a.sent.clear()
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    assert MSG_TRANSPORT not in kinds(a.sent)
+
+
+def test_retransmits_then_gives_up(net: Net, pair) -> None:
+    a, b = pair
+    net.blocked.add("b")
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    start = net.now
+    net.advance(120)
+    initiations = [d for d in a.sent if d[0] == MSG_INITIATION]
+    # One initiation, then retransmits every 5 s + jitter up to 18 attempts, then silence.
+    assert len(initiations) == 1 + 19
+    pa = net.peer(a, b)
+    assert not pa.staged and pa.handshake_attempts == 19
+    assert pa.timers.retransmit_handshake is None
+    assert pa.timers.zero_key_material is not None
+    assert pa.timers.zero_key_material > start + 90
+
+
+def test_passive_keepalive_after_data_received(net: Net, pair) -> None:
+    a, b = pair
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    net.run()
+    b.sent.clear()
+    net.advance(KEEPALIVE_TIMEOUT - 0.1)
+    assert b.sent == []
+    net.advance(0.2)
+    assert [len(d) for d in b.sent] == [32]  # one keepalive
+
+
+def test_new_handshake_when_data_sent_and_nothing_received(net: Net, pair) -> None:
+    a, _b = pair
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    net.run()
+    net.advance(KEEPALIVE_TIMEOUT + 1)  # B's keepalive came back and disarmed the timer
+    net.blocked.update({"a", "b"})
+    a.sent.clear()
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    net.advance(KEEPALIVE_TIMEOUT + REKEY_TIMEOUT - 0.01)
+    assert MSG_INITIATION not in kinds(a.sent)
+    net.advance(0.4)
+    assert MSG_INITIATION in kinds(a.sent)
+
+
+def test_persistent_keepalive(net: Net, pair) -> None:
+    a, b = pair
+    net.emit(a, a.device.apply(
+        DeviceChange(peers=[PeerChange(b.public, persistent_keepalive=25)]), net.now
+    ))
+    net.run()
+    net.advance(30)  # handshake and its echoes settle
+    a.sent.clear()
+    net.advance(85)  # stay below REKEY_AFTER_TIME: then a keepalive would also rekey
+    # An idle link: exactly one keepalive every 25 s, nothing else.
+    assert [len(d) for d in a.sent] == [32, 32, 32]
+    assert net.peer(b, a).rx_bytes == net.peer(a, b).tx_bytes
+
+
+def test_turning_on_persistent_keepalive_sends_at_once(net: Net, pair) -> None:
+    a, b = pair
+    out = a.device.apply(
+        DeviceChange(peers=[PeerChange(b.public, persistent_keepalive=25)]), net.now
+    )
+    assert [d[0] for d, _ in out] == [MSG_INITIATION]  # no session yet: handshake first
+
+
+def test_last_minute_rekey_on_receive(net: Net, pair) -> None:
+    a, b = pair
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    net.run()
+    net.advance(165.5)
+    a.sent.clear()
+    # B still has a valid session (it never initiated, so it does not rekey on time).
+    net.send(b, [ipv4_packet("10.0.0.2", "10.0.0.1")])
+    net.run()
+    assert MSG_INITIATION in kinds(a.sent)
+    assert net.peer(a, b).sent_last_minute_handshake is False  # handshake completed
+
+
+def test_keys_zeroed_after_540s(net: Net, pair) -> None:
+    a, b = pair
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    net.run()
+    net.blocked.update({"a", "b"})
+    net.advance(539)
+    assert net.peer(a, b).current is not None
+    net.advance(2)
+    pa = net.peer(a, b)
+    assert pa.current is None and pa.previous is None and pa.next is None
+    assert not a.device.keypairs
+
+
+def test_transport_replay_is_dropped(net: Net, pair) -> None:
+    a, b = pair
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    net.run()
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2", b"once")])
+    datagram = net.wire[0][0]
+    net.run()
+    before = len(b.tun)
+    b.device.receive([(datagram, a.endpoint)], net.now)
+    assert len(b.tun) == before
+    assert b.device.counters["replay"] == 1
+
+
+def test_initiation_replay_is_dropped(net: Net, pair) -> None:
+    a, b = pair
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    initiation = net.wire[0][0]
+    net.run()
+    net.advance(1)
+    _, out = b.device.receive([(initiation, a.endpoint)], net.now)
+    assert out == []
+    assert b.device.counters["stale_initiation"] == 1
+
+
+def test_roaming_follows_authenticated_source(net: Net, pair) -> None:
+    a, b = pair
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    net.run()
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    datagram = net.wire.pop()[0]
+    moved = Endpoint("198.51.100.7", 40000)
+    b.device.receive([(datagram, moved)], net.now)
+    assert net.peer(b, a).endpoint == moved
+    # An unauthenticated datagram from elsewhere does not move it.
+    b.device.receive([(b"\x04\x00\x00\x00" + bytes(40), Endpoint("203.0.113.9", 1))], net.now)
+    assert net.peer(b, a).endpoint == moved
+
+
+def test_inner_source_must_match_allowed_ips(net: Net, pair) -> None:
+    a, b = pair
+    net.send(a, [ipv4_packet("10.9.9.9", "10.0.0.2")])  # spoofed inner source
+    net.run()
+    assert b.tun == []
+    assert b.device.counters["not_allowed_source"] == 1
+
+
+def test_longest_prefix_picks_peer(net: Net) -> None:
+    a = net.add("a", "192.0.2.1", 1, seed=11)
+    b = net.add("b", "192.0.2.2", 2, seed=12)
+    c = net.add("c", "192.0.2.3", 3, seed=13)
+    net.connect(a, b, ["10.0.0.1/32"], ["10.0.0.0/24"])
+    net.connect(a, c, ["10.0.0.1/32"], ["10.0.0.128/25"])
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.200"), ipv4_packet("10.0.0.1", "10.0.0.5")])
+    net.run()
+    assert len(c.tun) == 1 and c.tun[0][16:20] == bytes([10, 0, 0, 200])
+    assert len(b.tun) == 1 and b.tun[0][16:20] == bytes([10, 0, 0, 5])
+
+
+def test_cookie_reply_under_load(net: Net, pair) -> None:
+    a, b = pair
+    b.device.under_load_threshold = 1  # every handshake batch counts as load
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    net.run()
+    assert b.device.counters["cookie_sent"] == 1
+    assert b.tun == []
+    # The retransmit carries a valid mac2 and gets through.
+    net.advance(REKEY_TIMEOUT + 0.5)
+    assert b.tun == [ipv4_packet("10.0.0.1", "10.0.0.2")]
+
+
+def test_wrong_psk_gives_no_session(net: Net) -> None:
+    a = net.add("a", "192.0.2.1", 1, seed=21)
+    b = net.add("b", "192.0.2.2", 2, seed=22)
+    net.connect(a, b, ["10.0.0.1/32"], ["10.0.0.2/32"], psk=PSK)
+    b.device.apply(DeviceChange(peers=[PeerChange(a.public, preshared_key=bytes(32))]), net.now)
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    net.run()
+    assert b.tun == [] and a.device.counters["handshake_failed"] == 1
+
+
+def test_unknown_peer_initiation_dropped(net: Net) -> None:
+    a = net.add("a", "192.0.2.1", 1, seed=31)
+    b = net.add("b", "192.0.2.2", 2, seed=32)
+    a.device.apply(DeviceChange(peers=[PeerChange(
+        b.public, endpoint=b.endpoint, allowed_ips=[ipaddress.ip_network("10.0.0.2/32")])]),
+        net.now)
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    net.run()
+    assert b.device.counters["unknown_peer"] == 1 and not b.sent
+
+
+def test_bad_config_changes_nothing(net: Net, pair) -> None:
+    a, _b = pair
+    before = a.device.info(net.now)
+    bad = DeviceChange(
+        listen_port=4000,
+        peers=[
+            PeerChange(bytes([7]) * 32, allowed_ips=[ipaddress.ip_network("10.7.0.0/16")]),
+            PeerChange(b"short"),
+        ],
+    )
+    with pytest.raises(ConfigError, match="public_key"):
+        a.device.apply(bad, net.now)
+    assert a.device.info(net.now) == before
+
+
+def test_removing_a_peer_forgets_its_routes_and_sessions(net: Net, pair) -> None:
+    a, b = pair
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    net.run()
+    a.device.apply(DeviceChange(peers=[PeerChange(b.public, remove=True)]), net.now)
+    assert not a.device.peers and not a.device.keypairs and not a.device.handshakes
+    assert a.device.send([ipv4_packet("10.0.0.1", "10.0.0.2")], net.now) == []
+    assert a.device.counters["no_route"] == 1
+
+
+def test_private_key_change_forces_new_handshake(net: Net, pair) -> None:
+    a, _b = pair
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    net.run()
+    a.device.apply(DeviceChange(private_key=bytes([9]) * 32), net.now)
+    net.advance(REKEY_TIMEOUT + 1)
+    a.sent.clear()
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    assert kinds(a.sent) == [MSG_INITIATION] and len(a.sent[0]) == INITIATION_SIZE

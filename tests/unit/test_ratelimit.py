@@ -1,0 +1,73 @@
+"""Per-IP handshake token buckets: burst, refill rate, independence, bounded memory."""
+
+from __future__ import annotations
+
+import pytest
+
+from uspan.wg.constants import HANDSHAKE_BURST, HANDSHAKES_PER_SECOND
+from uspan.wg.ratelimit import RateLimiter
+
+IP_A = bytes([192, 0, 2, 1])
+IP_B = bytes([192, 0, 2, 2])
+T0 = 1000.0
+INTERVAL = 1 / HANDSHAKES_PER_SECOND  # 50 ms
+
+
+def test_burst_then_refused() -> None:
+    limiter = RateLimiter()
+    assert [limiter.allow(IP_A, T0) for _ in range(HANDSHAKE_BURST + 2)] == (
+        [True] * HANDSHAKE_BURST + [False, False]
+    )
+
+
+def test_refills_one_token_per_interval() -> None:
+    limiter = RateLimiter()
+    for _ in range(HANDSHAKE_BURST):
+        limiter.allow(IP_A, T0)
+    assert not limiter.allow(IP_A, T0 + INTERVAL * 0.9)
+    assert limiter.allow(IP_A, T0 + INTERVAL)
+    assert not limiter.allow(IP_A, T0 + INTERVAL)
+
+
+def test_sustained_rate_is_twenty_per_second() -> None:
+    limiter = RateLimiter()
+    allowed = sum(limiter.allow(IP_A, T0 + i * 0.001) for i in range(10_000))  # 10 s at 1 kHz
+    assert allowed == HANDSHAKE_BURST + 10 * HANDSHAKES_PER_SECOND - 1
+
+
+def test_burst_never_exceeds_its_cap_after_idling() -> None:
+    limiter = RateLimiter()
+    limiter.allow(IP_A, T0)
+    later = T0 + 0.5  # idle long enough to refill many times over, still one entry
+    assert sum(limiter.allow(IP_A, later) for _ in range(20)) == HANDSHAKE_BURST
+
+
+def test_sources_are_independent() -> None:
+    limiter = RateLimiter()
+    for _ in range(HANDSHAKE_BURST):
+        limiter.allow(IP_A, T0)
+    assert not limiter.allow(IP_A, T0)
+    assert limiter.allow(IP_B, T0)
+
+
+def test_idle_entries_are_collected() -> None:
+    limiter = RateLimiter()
+    for i in range(100):
+        limiter.allow(i.to_bytes(4, "big"), T0)
+    assert len(limiter) == 100
+    limiter.allow(IP_A, T0 + 1.5)
+    assert len(limiter) == 1
+
+
+def test_table_is_capped_against_spoofed_floods() -> None:
+    limiter = RateLimiter(max_entries=8)
+    results = [limiter.allow(i.to_bytes(4, "big"), T0) for i in range(20)]
+    assert results == [True] * 8 + [False] * 12
+    assert len(limiter) == 8
+    assert limiter.allow((0).to_bytes(4, "big"), T0)  # known sources keep their buckets
+    assert limiter.allow(IP_A, T0 + 1.5)  # room again once idle entries are collected
+
+
+def test_max_entries_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_entries"):
+        RateLimiter(max_entries=0)

@@ -1,0 +1,355 @@
+"""The UAPI text protocol (parse_set / format_get) and the server's request framing."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import time
+
+import pytest
+import trio
+import trio.testing
+
+from uspan.daemon.uapi_server import handle
+from uspan.wg.config import ConfigError, DeviceChange, DeviceInfo, PeerInfo
+from uspan.wg.crypto import public_key
+from uspan.wg.device import Device
+from uspan.wg.endpoint import Endpoint
+from uspan.wg.uapi import format_errno, format_get, parse_prefix, parse_set
+
+PRIVATE = bytes(range(1, 33))
+PEER = bytes(range(100, 132))
+PEER2 = bytes(range(200, 232))
+PSK = bytes(range(50, 82))
+
+
+def lines(text: str) -> list[str]:
+    return text.strip("\n").split("\n")
+
+
+# parse_set ---------------------------------------------------------------------------------
+
+
+def test_parse_every_key() -> None:
+    change = parse_set(lines(f"""
+private_key={PRIVATE.hex()}
+listen_port=51820
+fwmark=4294967295
+replace_peers=true
+public_key={PEER.hex()}
+update_only=true
+preshared_key={PSK.hex()}
+endpoint=[fd00::1]:51821
+persistent_keepalive_interval=25
+replace_allowed_ips=true
+allowed_ip=10.1.2.0/24
+allowed_ip=fd00::/64
+protocol_version=1
+public_key={PEER2.hex().upper()}
+remove=true
+"""))
+    assert change.private_key == PRIVATE
+    assert change.listen_port == 51820
+    assert change.fwmark == 0xFFFFFFFF
+    assert change.replace_peers
+    first, second = change.peers
+    assert first.public_key == PEER and first.update_only and not first.remove
+    assert first.preshared_key == PSK
+    assert first.endpoint == Endpoint("fd00::1", 51821)
+    assert first.persistent_keepalive == 25
+    assert first.replace_allowed_ips
+    assert first.allowed_ips == [ipaddress.ip_network("10.1.2.0/24"),
+                                 ipaddress.ip_network("fd00::/64")]
+    assert first.protocol_version == 1
+    assert second.public_key == PEER2 and second.remove
+    assert second.allowed_ips == [] and second.endpoint is None
+
+
+def test_parse_empty_and_defaults() -> None:
+    assert parse_set([]) == DeviceChange()
+    change = parse_set([f"public_key={PEER.hex()}"])
+    peer = change.peers[0]
+    assert (peer.preshared_key, peer.endpoint, peer.persistent_keepalive) == (None, None, None)
+    assert not (peer.remove or peer.update_only or peer.replace_allowed_ips)
+
+
+def test_zero_private_key_is_passed_through_to_mean_remove() -> None:
+    assert parse_set([f"private_key={'0' * 64}"]).private_key == bytes(32)
+
+
+def test_prefix_host_bits_are_masked() -> None:
+    assert parse_prefix("10.1.2.3/8") == ipaddress.ip_network("10.0.0.0/8")
+    assert parse_prefix("fd00::1/0") == ipaddress.ip_network("::/0")
+    assert parse_prefix("192.0.2.1/32") == ipaddress.ip_network("192.0.2.1/32")
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "code"),
+    [
+        ("private_key=abc", "private_key", errno.EINVAL),
+        (f"private_key={'g' * 64}", "private_key", errno.EINVAL),
+        (f"private_key={'ab ' * 21}a", "private_key", errno.EINVAL),
+        ("listen_port=65536", "listen_port", errno.EINVAL),
+        ("listen_port=-1", "listen_port", errno.EINVAL),
+        ("listen_port=", "listen_port", errno.EINVAL),
+        ("fwmark=4294967296", "fwmark", errno.EINVAL),
+        ("fwmark=0x10", "fwmark", errno.EINVAL),
+        ("replace_peers=false", "replace_peers", errno.EINVAL),
+        ("public_key=00", "public_key", errno.EINVAL),
+        ("endpoint=1.2.3.4:1", "endpoint", errno.EINVAL),  # a peer key before any peer
+        ("no_such_key=1", "no_such_key", errno.EINVAL),
+        ("just text", "line", errno.EPROTO),
+    ],
+)
+def test_device_errors_name_the_key(line: str, key: str, code: int) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_set([line])
+    assert info.value.field == key
+    assert str(info.value).startswith(f"{key}: ")
+    assert info.value.errno == code
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ("remove=yes", "remove"),
+        ("update_only=1", "update_only"),
+        ("preshared_key=1234", "preshared_key"),
+        ("endpoint=192.0.2.1", "endpoint"),
+        ("endpoint=example.com:51820", "endpoint"),
+        ("endpoint=[fd00::1]:0", "endpoint"),
+        ("persistent_keepalive_interval=65536", "persistent_keepalive_interval"),
+        ("persistent_keepalive_interval=x", "persistent_keepalive_interval"),
+        ("replace_allowed_ips=TRUE", "replace_allowed_ips"),
+        ("allowed_ip=10.0.0.1", "allowed_ip"),
+        ("allowed_ip=10.0.0.0/33", "allowed_ip"),
+        ("allowed_ip=fd00::/129", "allowed_ip"),
+        ("allowed_ip=10.0.0.0/255.0.0.0", "allowed_ip"),
+        ("allowed_ip=fe80::1%eth0/64", "allowed_ip"),
+        ("allowed_ip=10.0.0/8", "allowed_ip"),
+        ("allowed_ip=-10.0.0.0/8", "allowed_ip"),
+        ("protocol_version=2", "protocol_version"),
+        ("listen_port=1", "listen_port"),  # a device key after public_key
+        ("private_key=" + "00" * 32, "private_key"),
+        ("bogus=1", "bogus"),
+    ],
+)
+def test_peer_errors_name_the_key(line: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_set([f"public_key={PEER.hex()}", line])
+    assert info.value.field == key
+    assert info.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize("key", ["private_key", "preshared_key"])
+def test_bad_secret_is_not_echoed(key: str) -> None:
+    secret = "7f" * 31 + "zz"
+    request = [f"public_key={PEER.hex()}"] if key == "preshared_key" else []
+    with pytest.raises(ConfigError) as info:
+        parse_set([*request, f"{key}={secret}"])
+    assert secret not in str(info.value) and "7f7f" not in str(info.value)
+
+
+def test_130k_allowed_ips_parse_fast() -> None:
+    body = [f"public_key={PEER.hex()}", "replace_allowed_ips=true"]
+    body += [f"allowed_ip=10.{i >> 8 & 255}.{i & 255}.0/24" for i in range(65536)]
+    body += [f"allowed_ip=fd00:{i:x}::/48" for i in range(130_000 - 65536)]
+    start = time.perf_counter()
+    change = parse_set(body)
+    elapsed = time.perf_counter() - start
+    networks = change.peers[0].allowed_ips
+    assert len(networks) == 130_000
+    assert networks[257] == ipaddress.ip_network("10.1.1.0/24")
+    assert networks[-1] == ipaddress.ip_network(f"fd00:{130_000 - 65537:x}::/48")
+    assert elapsed < 3.0
+
+
+# format_get --------------------------------------------------------------------------------
+
+
+def sample_info() -> DeviceInfo:
+    return DeviceInfo(
+        private_key=PRIVATE,
+        public_key=public_key(PRIVATE),
+        listen_port=51820,
+        fwmark=0,
+        peers=[
+            PeerInfo(
+                public_key=PEER,
+                preshared_key=PSK,
+                endpoint=Endpoint("192.0.2.7", 4500, local="192.0.2.1", ifindex=3),
+                last_handshake_wall=1_700_000_000.25,
+                rx_bytes=1234,
+                tx_bytes=5678,
+                persistent_keepalive=25,
+                allowed_ips=[ipaddress.ip_network("10.0.0.0/24"),
+                             ipaddress.ip_network("fd00:1::/64")],
+            ),
+            PeerInfo(
+                public_key=PEER2,
+                preshared_key=bytes(32),
+                endpoint=None,
+                last_handshake_wall=None,
+                rx_bytes=0,
+                tx_bytes=0,
+                persistent_keepalive=0,
+                allowed_ips=[],
+            ),
+        ],
+    )
+
+
+def test_format_get_matches_wireguard_go_order() -> None:
+    assert format_get(sample_info()) == (
+        f"private_key={PRIVATE.hex()}\n"
+        "listen_port=51820\n"
+        f"public_key={PEER.hex()}\n"
+        f"preshared_key={PSK.hex()}\n"
+        "protocol_version=1\n"
+        "endpoint=192.0.2.7:4500\n"
+        "last_handshake_time_sec=1700000000\n"
+        "last_handshake_time_nsec=250000000\n"
+        "tx_bytes=5678\n"
+        "rx_bytes=1234\n"
+        "persistent_keepalive_interval=25\n"
+        "allowed_ip=10.0.0.0/24\n"
+        "allowed_ip=fd00:1::/64\n"
+        f"public_key={PEER2.hex()}\n"
+        f"preshared_key={'0' * 64}\n"
+        "protocol_version=1\n"
+        "last_handshake_time_sec=0\n"
+        "last_handshake_time_nsec=0\n"
+        "tx_bytes=0\n"
+        "rx_bytes=0\n"
+        "persistent_keepalive_interval=0\n"
+        "errno=0\n\n"
+    )
+
+
+def test_format_get_empty_device_and_fwmark() -> None:
+    info = DeviceInfo(private_key=None, public_key=None, listen_port=0, fwmark=0, peers=[])
+    assert format_get(info) == "errno=0\n\n"
+    info.fwmark, info.listen_port = 7, 1
+    assert format_get(info) == "listen_port=1\nfwmark=7\nerrno=0\n\n"
+
+
+def test_format_errno() -> None:
+    assert format_errno(errno.EINVAL) == "errno=-22\n\n"
+    assert format_errno(-errno.EADDRINUSE) == "errno=-98\n\n"
+    assert format_errno(0) == "errno=0\n\n"
+
+
+SETTABLE = {"private_key", "listen_port", "fwmark", "public_key", "preshared_key",
+            "endpoint", "persistent_keepalive_interval", "allowed_ip", "protocol_version"}
+
+
+def test_get_output_round_trips_through_parse_set() -> None:
+    info = sample_info()
+    text = format_get(info)
+    body = [line for line in lines(text) if line.partition("=")[0] in SETTABLE]
+    change = parse_set(body)
+    assert change.private_key == info.private_key
+    assert change.listen_port == info.listen_port
+    assert [p.public_key for p in change.peers] == [p.public_key for p in info.peers]
+    for peer_change, peer_info in zip(change.peers, info.peers, strict=True):
+        assert peer_change.preshared_key == peer_info.preshared_key
+        assert peer_change.allowed_ips == peer_info.allowed_ips
+        assert peer_change.persistent_keepalive == peer_info.persistent_keepalive
+        expected = peer_info.endpoint.without_source() if peer_info.endpoint else None
+        assert peer_change.endpoint == expected
+
+
+# The server's framing, against a real Device ---------------------------------------------
+
+
+class DeviceTarget:
+    """The daemon's ConfigTarget without sockets: a bare Device."""
+
+    def __init__(self) -> None:
+        self.device = Device(rng=lambda n: bytes(n))
+
+    def get(self) -> str:
+        return format_get(self.device.info(0.0))
+
+    def set(self, change: DeviceChange) -> None:
+        self.device.apply(change, 0.0)
+
+
+async def converse(target: DeviceTarget, request: bytes, half_close: bool = True) -> bytes:
+    client, server = trio.testing.memory_stream_pair()
+    reply = bytearray()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handle, server, target)
+        await client.send_all(request)
+        if half_close:
+            await client.send_eof()
+        while data := await client.receive_some(1 << 16):
+            reply += data
+    return bytes(reply)
+
+
+def test_server_handles_several_requests_per_connection() -> None:
+    target = DeviceTarget()
+    request = (
+        f"set=1\nprivate_key={PRIVATE.hex()}\nlisten_port=5\npublic_key={PEER.hex()}\n"
+        "allowed_ip=10.0.0.0/8\n\nget=1\n\n"
+    ).encode()
+    reply = trio.run(converse, target, request).decode()
+    first, rest = reply.split("\n\n", 1)
+    assert first == "errno=0"
+    assert rest == format_get(target.device.info(0.0))
+    assert f"public_key={PEER.hex()}\n" in rest and "allowed_ip=10.0.0.0/8\n" in rest
+
+
+def test_server_bad_set_changes_nothing_and_keeps_connection() -> None:
+    target = DeviceTarget()
+    before = target.get()
+    request = (f"set=1\npublic_key={PEER.hex()}\nallowed_ip=10.0.0.0/8\nallowed_ip=bad\n\n"
+               "get=1\n\n").encode()
+    reply = trio.run(converse, target, request).decode()
+    assert reply == "errno=-22\n\n" + before
+
+
+def test_server_rejects_unknown_operation_and_closes() -> None:
+    reply = trio.run(converse, DeviceTarget(), b"hello=1\nget=1\n\n")
+    assert reply == b"errno=-22\n\n"
+
+
+def test_server_get_needs_blank_line() -> None:
+    reply = trio.run(converse, DeviceTarget(), b"get=1\nx\n")
+    assert reply == b"errno=-22\n\n"
+
+
+def test_server_survives_garbage() -> None:
+    target = DeviceTarget()
+    for request in (b"\xff\xfe\n\n", b"set=1\n\xff=\x00\n\n", b"set=1\nnoequals\n\n", b"",
+                    b"set=1\n" + b"a" * 100_000, b"get=1"):
+        reply = trio.run(converse, target, request)
+        assert reply in (b"", b"errno=-22\n\n", b"errno=-71\n\n")
+    assert target.get() == "errno=0\n\n"
+
+
+def test_server_set_terminated_by_eof_applies() -> None:
+    target = DeviceTarget()
+    reply = trio.run(converse, target, b"set=1\nlisten_port=7\n")
+    assert reply == b"errno=0\n\n"
+    assert target.device.listen_port == 7
+
+
+def test_server_large_set_in_small_pieces() -> None:
+    target = DeviceTarget()
+    body = "".join(f"allowed_ip=10.{i >> 8}.{i & 255}.0/24\n" for i in range(20_000))
+    request = f"set=1\npublic_key={PEER.hex()}\n{body}\n".encode()
+
+    async def run() -> bytes:
+        client, server = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(handle, server, target)
+            for i in range(0, len(request), 1000):
+                await client.send_all(request[i:i + 1000])
+            reply = await client.receive_some(100)
+            await client.aclose()
+        return reply
+
+    assert trio.run(run) == b"errno=0\n\n"
+    assert len(target.device.info(0.0).peers[0].allowed_ips) == 20_000

@@ -1,0 +1,100 @@
+"""``uspan-wg [-f|--foreground] IFACE``: wireguard-go's launch contract.
+
+Without ``-f`` (and without ``WG_PROCESS_FOREGROUND=1``) the process forks; the child
+detaches (setsid), creates the TUN, the UAPI socket and the UDP sockets, and tells the
+parent through a pipe whether that worked. The parent exits 0 once the interface is
+ready, or 1 with the child's error. ``LOG_LEVEL=verbose|error|silent`` sets logging; a
+detached child keeps stdout/stderr only when LOG_LEVEL is set and not silent.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import trio
+
+from uspan import __version__
+from uspan.daemon.daemon import Daemon, setup_logging
+from uspan.daemon.tun import validate_name
+
+USAGE = "Usage: uspan-wg [-f/--foreground] INTERFACE-NAME"
+EXIT_USAGE = 2
+_READY = b"ready"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args == ["--version"]:
+        print(f"uspan-wg v{__version__}\n\nUserspace WireGuard daemon in Python (trio).")
+        return 0
+    foreground = False
+    if len(args) == 2 and args[0] in ("-f", "--foreground"):
+        foreground, args = True, args[1:]
+    if len(args) != 1 or args[0].startswith("-"):
+        print(USAGE, file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        interface = validate_name(args[0])
+    except ValueError as exc:
+        print(f"uspan-wg: {exc}\n{USAGE}", file=sys.stderr)
+        return EXIT_USAGE
+    foreground = foreground or os.environ.get("WG_PROCESS_FOREGROUND") == "1"
+    level = os.environ.get("LOG_LEVEL")
+    if foreground:
+        return _run_foreground(interface, level)
+    return _run_detached(interface, level)
+
+
+def _run_foreground(interface: str, level: str | None) -> int:
+    setup_logging(interface, level)
+    try:
+        daemon = Daemon.open(interface)
+    except OSError as exc:
+        print(f"uspan-wg: {interface}: {exc}", file=sys.stderr)
+        return 1
+    return trio.run(daemon.run)
+
+
+def _run_detached(interface: str, level: str | None) -> int:
+    read_end, write_end = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.fork() != 0:
+        os.close(write_end)
+        return _wait_ready(read_end, interface)
+    os.close(read_end)
+    os.setsid()
+    try:
+        daemon = Daemon.open(interface)
+    except OSError as exc:
+        os.write(write_end, str(exc).encode())
+        os._exit(1)
+    _detach_stdio(keep_output=level is not None and level != "silent")
+    setup_logging(interface, level)
+    os.write(write_end, _READY)
+    os.close(write_end)
+    os._exit(trio.run(daemon.run))
+
+
+def _wait_ready(read_end: int, interface: str) -> int:
+    """Parent: the child's word through the pipe (EOF without it means it died)."""
+    chunks = []
+    while chunk := os.read(read_end, 4096):
+        chunks.append(chunk)
+    os.close(read_end)
+    message = b"".join(chunks)
+    if message == _READY:
+        return 0
+    text = message.decode(errors="replace") or "the daemon exited during startup"
+    print(f"uspan-wg: {interface}: {text}", file=sys.stderr)
+    return 1
+
+
+def _detach_stdio(keep_output: bool) -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    if not keep_output:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+    os.close(null)

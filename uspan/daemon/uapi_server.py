@@ -1,0 +1,194 @@
+"""The UAPI unix socket ``/var/run/wireguard/<iface>.sock`` and its trio server.
+
+Each connection may carry several requests, like wireguard-go: ``get=1`` followed by a
+blank line, or ``set=1`` followed by ``key=value`` lines and a blank line. A ``set`` is
+parsed whole and then applied atomically; every request gets ``errno=<n>`` back.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+from typing import Protocol
+
+import trio
+
+from uspan.wg.config import ConfigError, DeviceChange
+from uspan.wg.uapi import format_errno, parse_set
+
+SOCKET_DIRECTORY = "/var/run/wireguard"
+MAX_REQUEST = 64 << 20  # bytes; 130,000 allowed_ip lines are about 3.5 MiB
+_RECEIVE_SIZE = 1 << 16
+log = logging.getLogger("uspan.daemon")
+
+
+class UapiError(OSError):
+    """The UAPI socket could not be created."""
+
+
+class ConfigTarget(Protocol):
+    """What the server configures: the daemon."""
+
+    def get(self) -> str:
+        """The full ``get=1`` reply."""
+
+    def set(self, change: DeviceChange) -> None:
+        """Apply atomically; raise ConfigError (with .errno) and change nothing."""
+
+
+def socket_path(interface: str, directory: str = SOCKET_DIRECTORY) -> str:
+    return os.path.join(directory, f"{interface}.sock")
+
+
+def open_listener(interface: str, directory: str = SOCKET_DIRECTORY) -> socket.socket:
+    """Bind and listen on the interface's UAPI socket (mode 0700 via umask 077).
+
+    A stale socket file (nobody answers on it) is replaced; a live one is an error.
+    """
+    path = socket_path(interface, directory)
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            _bind_private(sock, path)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            if _answers(path):
+                raise UapiError(errno.EADDRINUSE, f"unix socket {path} in use") from None
+            os.unlink(path)
+            _bind_private(sock, path)
+        sock.listen(16)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        if isinstance(exc, UapiError):
+            raise
+        raise UapiError(exc.errno or 0, f"cannot listen on {path}: {exc.strerror}") from exc
+    return sock
+
+
+def _bind_private(sock: socket.socket, path: str) -> None:
+    old = os.umask(0o077)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+
+
+def _answers(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+async def serve(listener: socket.socket, target: ConfigTarget) -> None:
+    """Accept connections forever, one task each."""
+    trio_listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
+    await trio.serve_listeners(lambda stream: handle(stream, target), [trio_listener])
+
+
+async def handle(stream: trio.abc.Stream, target: ConfigTarget) -> None:
+    """Serve the requests of one connection until it closes or sends nonsense."""
+    reader = _Reader(stream)
+    async with stream:
+        try:
+            while True:
+                operation = await reader.line()
+                if operation is None:
+                    return
+                if operation == b"get=1":
+                    reply, keep_open = await _get(reader, target)
+                elif operation == b"set=1":
+                    reply, keep_open = await _set(reader, target)
+                else:
+                    log.error("UAPI: invalid operation %r", operation[:32])
+                    reply, keep_open = format_errno(errno.EINVAL), False
+                await stream.send_all(reply.encode())
+                if not keep_open:
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+
+
+async def _get(reader: _Reader, target: ConfigTarget) -> tuple[str, bool]:
+    following = await reader.line()
+    if following != b"":
+        log.error("UAPI: get=1 must be followed by a blank line")
+        return format_errno(errno.EINVAL), following is not None
+    return target.get(), True
+
+
+async def _set(reader: _Reader, target: ConfigTarget) -> tuple[str, bool]:
+    body = await reader.block()
+    if body is None:
+        log.error("UAPI: set request larger than %d bytes", MAX_REQUEST)
+        return format_errno(errno.EMSGSIZE), False
+    try:
+        lines = body.decode("utf-8", errors="replace").split("\n") if body else []
+        target.set(parse_set(lines))
+    except ConfigError as exc:
+        log.error("UAPI: set failed: %s", exc)
+        return format_errno(exc.errno), True
+    except Exception:  # a bug must not take the daemon down with it
+        log.exception("UAPI: set failed unexpectedly")
+        return format_errno(errno.ENOANO), True
+    return format_errno(0), True
+
+
+class _Reader:
+    """Buffered reads of lines and blank-line-terminated blocks from a stream."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self._stream = stream
+        self._buffer = bytearray()
+        self._eof = False
+
+    async def _fill(self) -> bool:
+        if self._eof:
+            return False
+        data = await self._stream.receive_some(_RECEIVE_SIZE)
+        if not data:
+            self._eof = True
+            return False
+        self._buffer += data
+        return True
+
+    async def line(self) -> bytes | None:
+        """The next line without its newline; None at end of stream."""
+        start = 0
+        while (end := self._buffer.find(b"\n", start)) < 0:
+            start = len(self._buffer)
+            if start > MAX_REQUEST or not await self._fill():
+                return None
+        line = bytes(self._buffer[:end])
+        del self._buffer[: end + 1]
+        return line
+
+    async def block(self) -> bytes | None:
+        """Everything up to the next blank line (or end of stream), without it.
+
+        None if the block grows beyond MAX_REQUEST.
+        """
+        start = 0
+        while True:
+            if self._buffer.startswith(b"\n"):
+                del self._buffer[:1]
+                return b""
+            end = self._buffer.find(b"\n\n", start)
+            if end >= 0:
+                block = bytes(self._buffer[:end])
+                del self._buffer[: end + 2]
+                return block
+            start = max(len(self._buffer) - 1, 0)
+            if len(self._buffer) > MAX_REQUEST:
+                return None
+            if not await self._fill():
+                block = bytes(self._buffer).rstrip(b"\n")
+                self._buffer.clear()
+                return block

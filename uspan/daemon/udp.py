@@ -1,0 +1,245 @@
+"""The UDP sockets: one IPv4 and one IPv6-only socket on the same port.
+
+Each received datagram comes with the local address it arrived on and that interface's
+index (IP_PKTINFO / IPV6_RECVPKTINFO); replies carry them back as a control message so
+they leave from the same address (sticky source). When that address has gone away, the
+datagram is resent without it and the endpoint reported, so the caller can forget it.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+
+import trio
+
+from uspan.wg.endpoint import Endpoint
+
+BATCH = 128  # datagrams per receive batch
+SOCKET_BUFFER = 7 << 20  # like wireguard-go
+BIND_ATTEMPTS = 100  # random ports tried when the v6 socket cannot take the v4 one
+_IP_PKTINFO = 8  # not exported by Python's socket module
+_SO_SNDBUFFORCE = 32
+_SO_RCVBUFFORCE = 33
+_BUFFER_SIZE = 65536
+_ANCILLARY_SIZE = 64
+_CACHE_LIMIT = 4096
+# sendmsg errors that mean "this source address/interface is no longer usable".
+_SOURCE_GONE = frozenset({errno.EINVAL, errno.EADDRNOTAVAIL, errno.ENETUNREACH,
+                          errno.ENODEV})
+
+
+class UdpSocket:
+    """One bound, non-blocking UDP socket of one address family."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.family = sock.family
+        self.send_errors = 0
+        self._v6 = sock.family == socket.AF_INET6
+        self._buffer = bytearray(_BUFFER_SIZE)
+        self._view = memoryview(self._buffer)
+        self._sources: dict[tuple[object, bytes], Endpoint] = {}
+        self._controls: dict[Endpoint, list[tuple[int, int, bytes]]] = {}
+
+    async def receive(self, limit: int = BATCH) -> list[tuple[bytes, Endpoint]]:
+        """Wait for datagrams, then drain up to ``limit`` of them.
+
+        Raises trio.ClosedResourceError once the socket has been closed.
+        """
+        while True:
+            if self.sock.fileno() < 0:
+                raise trio.ClosedResourceError("UDP socket closed")
+            await trio.lowlevel.wait_readable(self.sock)
+            batch = self.receive_batch(limit)
+            if batch:
+                return batch
+
+    def receive_batch(self, limit: int = BATCH) -> list[tuple[bytes, Endpoint]]:
+        """Read datagrams until the socket would block or ``limit`` is reached."""
+        out: list[tuple[bytes, Endpoint]] = []
+        recvmsg_into, buffers, view = self.sock.recvmsg_into, [self._buffer], self._view
+        sources = self._sources
+        for _ in range(limit):
+            try:
+                size, ancillary, flags, address = recvmsg_into(buffers, _ANCILLARY_SIZE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:  # e.g. a queued ICMP error; the next datagram may be fine
+                continue
+            if flags & socket.MSG_TRUNC:
+                continue
+            info = ancillary[0][2] if ancillary else b""
+            key = (address, info)
+            endpoint = sources.get(key)
+            if endpoint is None:
+                endpoint = self._endpoint(address, info)
+                if len(sources) >= _CACHE_LIMIT:
+                    sources.clear()
+                sources[key] = endpoint
+            out.append((bytes(view[:size]), endpoint))
+        return out
+
+    def _endpoint(self, address: tuple, info: bytes) -> Endpoint:
+        host, port = address[0], address[1]
+        if self._v6 and len(info) >= 20:
+            local = socket.inet_ntop(socket.AF_INET6, info[:16])
+            (ifindex,) = struct.unpack_from("=i", info, 16)
+            return Endpoint(host, port, local, ifindex)
+        if not self._v6 and len(info) >= 12:
+            ifindex, spec_dst = struct.unpack_from("=i4s", info)
+            return Endpoint(host, port, socket.inet_ntop(socket.AF_INET, spec_dst), ifindex)
+        return Endpoint(host, port)
+
+    def _control(self, endpoint: Endpoint) -> list[tuple[int, int, bytes]]:
+        control = self._controls.get(endpoint)
+        if control is None:
+            if endpoint.local is None:
+                control = []
+            elif self._v6:
+                packed = socket.inet_pton(socket.AF_INET6, endpoint.local.split("%", 1)[0])
+                info = packed + struct.pack("=i", endpoint.ifindex)
+                control = [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, info)]
+            else:
+                packed = socket.inet_pton(socket.AF_INET, endpoint.local)
+                info = struct.pack("=i4s4s", endpoint.ifindex, packed, bytes(4))
+                control = [(socket.IPPROTO_IP, _IP_PKTINFO, info)]
+            if len(self._controls) >= _CACHE_LIMIT:
+                self._controls.clear()
+            self._controls[endpoint] = control
+        return control
+
+    async def send(self, datagram: bytes, endpoint: Endpoint) -> bool:
+        """Send one datagram from the endpoint's sticky source if it has one.
+
+        Returns False if the sticky source failed and the datagram went out without it.
+        Waits while the socket buffer is full; other errors count in ``send_errors``.
+        """
+        control = self._control(endpoint)
+        sticky_ok = True
+        while True:
+            try:
+                self.sock.sendmsg([datagram], control, 0, endpoint.address)
+                return sticky_ok
+            except (BlockingIOError, InterruptedError):
+                await trio.lowlevel.wait_writable(self.sock)
+            except OSError as exc:
+                if control and exc.errno in _SOURCE_GONE:
+                    control, sticky_ok = [], False
+                    continue
+                self.send_errors += 1
+                return sticky_ok
+
+    def set_fwmark(self, mark: int) -> None:
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0 and trio.lowlevel.in_trio_run():
+            trio.lowlevel.notify_closing(self.sock)
+        self.sock.close()
+
+
+class UdpBind:
+    """The IPv4 and IPv6 sockets of a device, both bound to ``port``."""
+
+    def __init__(self, sockets: list[UdpSocket], port: int, fwmark: int) -> None:
+        self.sockets = sockets
+        self.port = port
+        self.fwmark = fwmark
+        self._by_family = {s.family: s for s in sockets}
+
+    @classmethod
+    def open(cls, port: int, fwmark: int = 0) -> UdpBind:
+        """Bind both families to ``port`` (0 = a random port free in both).
+
+        Raises OSError (EADDRINUSE) when the port is taken.
+        """
+        for _ in range(BIND_ATTEMPTS if port == 0 else 1):
+            sockets: list[UdpSocket] = []
+            try:
+                chosen = port
+                for family in (socket.AF_INET, socket.AF_INET6):
+                    sock = _open_socket(family, chosen, fwmark)
+                    if sock is None:
+                        continue
+                    sockets.append(UdpSocket(sock))
+                    chosen = sock.getsockname()[1]
+            except OSError as exc:
+                for udp in sockets:
+                    udp.close()
+                if port == 0 and exc.errno == errno.EADDRINUSE:
+                    continue
+                raise
+            if not sockets:
+                raise OSError(errno.EAFNOSUPPORT, "neither IPv4 nor IPv6 UDP is available")
+            return cls(sockets, chosen, fwmark)
+        raise OSError(errno.EADDRINUSE, f"no random UDP port free in both IPv4 and IPv6 "
+                      f"after {BIND_ATTEMPTS} attempts")
+
+    async def send(self, datagrams: list[tuple[bytes, Endpoint]]) -> list[Endpoint]:
+        """Send datagrams; return the endpoints whose sticky source no longer works."""
+        failed: list[Endpoint] = []
+        by_family = self._by_family
+        for datagram, endpoint in datagrams:
+            udp = by_family.get(endpoint.family)
+            if udp is None:
+                continue
+            if not await udp.send(datagram, endpoint):
+                failed.append(endpoint)
+        return failed
+
+    def set_fwmark(self, mark: int) -> None:
+        """Set SO_MARK on both sockets (0 clears it); raises OSError."""
+        for udp in self.sockets:
+            udp.set_fwmark(mark)
+        self.fwmark = mark
+
+    @property
+    def send_errors(self) -> int:
+        return sum(udp.send_errors for udp in self.sockets)
+
+    def close(self) -> None:
+        for udp in self.sockets:
+            udp.close()
+
+
+def _open_socket(family: int, port: int, fwmark: int) -> socket.socket | None:
+    """A bound non-blocking UDP socket, or None if the family is unsupported here."""
+    try:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+    except OSError as exc:
+        if exc.errno in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
+            return None
+        raise
+    try:
+        sock.setblocking(False)
+        _set_buffers(sock)
+        if fwmark:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, fwmark)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+            try:
+                sock.bind(("::", port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRNOTAVAIL:  # IPv6 disabled on this host
+                    sock.close()
+                    return None
+                raise
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
+            sock.bind(("0.0.0.0", port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _set_buffers(sock: socket.socket) -> None:
+    for force, plain in ((_SO_RCVBUFFORCE, socket.SO_RCVBUF),
+                         (_SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)

@@ -1,0 +1,129 @@
+"""Cryptokey routing: longest-prefix match of IPv4 and IPv6 addresses to a value (a peer).
+
+Each (family, prefix length) present has one dict from the prefix's network bits
+(the address int shifted right past the host bits) to its value. A lookup probes
+these dicts from the longest length to the shortest, so it costs one dict probe per
+distinct prefix length present in that family, whatever the number of prefixes.
+Values are compared by identity, as peers are.
+"""
+
+from typing import Generic, TypeVar
+
+from uspan.wg.config import Network
+
+T = TypeVar("T")
+
+# (family version, prefix length, network bits): identifies one stored prefix.
+_Key = tuple[int, int, int]
+
+
+class AllowedIPs(Generic[T]):
+    """Maps IP prefixes to values; every prefix has exactly one owner."""
+
+    __slots__ = ("_owned", "_tables", "_v4", "_v6")
+
+    def __init__(self) -> None:
+        self._tables: dict[tuple[int, int], dict[int, T]] = {}
+        # Per family: (host-bit shift, table), longest prefix first.
+        self._v4: list[tuple[int, dict[int, T]]] = []
+        self._v6: list[tuple[int, dict[int, T]]] = []
+        # id(value) -> (value, its prefixes in insertion order).
+        self._owned: dict[int, tuple[T, dict[_Key, Network]]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(table) for table in self._tables.values())
+
+    def insert(self, network: Network, value: T) -> None:
+        """Route ``network`` to ``value``, taking it over from any previous owner."""
+        if value is None:
+            raise ValueError(f"allowed IP {network} needs a value, not None")
+        key = _key(network)
+        version, length, bits = key
+        table = self._tables.get((version, length))
+        if table is None:
+            table = self._tables[(version, length)] = {}
+            self._reindex(version)
+        previous = table.get(bits)
+        if previous is value:
+            return
+        if previous is not None:
+            self._disown(previous, key)
+        table[bits] = value
+        owner = self._owned.get(id(value))
+        if owner is None:
+            owner = self._owned[id(value)] = (value, {})
+        owner[1][key] = network
+
+    def remove(self, network: Network, value: T) -> bool:
+        """Remove ``network`` if ``value`` owns it; return whether it did."""
+        key = _key(network)
+        version, length, bits = key
+        table = self._tables.get((version, length))
+        if table is None or table.get(bits) is not value:
+            return False
+        del table[bits]
+        if not table:
+            del self._tables[(version, length)]
+            self._reindex(version)
+        self._disown(value, key)
+        return True
+
+    def remove_value(self, value: T) -> None:
+        """Remove every prefix owned by ``value``."""
+        owner = self._owned.pop(id(value), None)
+        if owner is None:
+            return
+        emptied: set[int] = set()
+        for version, length, bits in owner[1]:
+            table = self._tables[(version, length)]
+            del table[bits]
+            if not table:
+                del self._tables[(version, length)]
+                emptied.add(version)
+        for version in emptied:
+            self._reindex(version)
+
+    def lookup(self, address: bytes) -> T | None:
+        """Return the owner of the longest prefix holding a raw 4- or 16-byte address."""
+        size = len(address)
+        if size == 4:
+            chain = self._v4
+        elif size == 16:
+            chain = self._v6
+        else:
+            return None
+        number = int.from_bytes(address, "big")
+        for shift, table in chain:
+            value = table.get(number >> shift)
+            if value is not None:
+                return value
+        return None
+
+    def networks(self, value: T) -> list[Network]:
+        """The prefixes owned by ``value``, in the order they were given to it."""
+        owner = self._owned.get(id(value))
+        return [] if owner is None else list(owner[1].values())
+
+    def _disown(self, value: T, key: _Key) -> None:
+        prefixes = self._owned[id(value)][1]
+        del prefixes[key]
+        if not prefixes:
+            del self._owned[id(value)]
+
+    def _reindex(self, version: int) -> None:
+        width = 32 if version == 4 else 128
+        tables = self._tables.items()
+        chain = sorted(
+            ((width - length, table) for (v, length), table in tables if v == version),
+            key=lambda entry: entry[0],
+        )
+        if version == 4:
+            self._v4 = chain
+        else:
+            self._v6 = chain
+
+
+def _key(network: Network) -> _Key:
+    length = network.prefixlen
+    bits = int(network.network_address) >> (network.max_prefixlen - length)
+    return network.version, length, bits

@@ -1,0 +1,74 @@
+"""Configuration changes for a device: one schema for the UAPI, the CLI and the mesh.
+
+A ``DeviceChange`` mirrors a UAPI ``set=1`` request. ``Device.apply`` validates the whole
+change first and applies it atomically, so a bad request leaves the device as it was.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from uspan.wg.endpoint import Endpoint
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field and the value."""
+
+    def __init__(self, field_name: str, problem: str, errno: int = 22) -> None:
+        super().__init__(f"{field_name}: {problem}")
+        self.field = field_name
+        self.errno = errno  # reported to UAPI clients as -errno (22 = EINVAL)
+
+
+@dataclass(slots=True)
+class PeerChange:
+    """Changes to one peer; ``None`` means 'leave as it is'."""
+
+    public_key: bytes
+    remove: bool = False
+    update_only: bool = False
+    preshared_key: bytes | None = None  # 32 zero bytes clear it
+    endpoint: Endpoint | None = None
+    persistent_keepalive: int | None = None  # seconds, 0 = off
+    replace_allowed_ips: bool = False
+    allowed_ips: list[Network] = field(default_factory=list)
+    protocol_version: int | None = None
+
+
+@dataclass(slots=True)
+class DeviceChange:
+    """Changes to the device and its peers, in request order."""
+
+    private_key: bytes | None = None  # 32 zero bytes remove it
+    listen_port: int | None = None
+    fwmark: int | None = None
+    replace_peers: bool = False
+    peers: list[PeerChange] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class PeerInfo:
+    """What ``get=1`` reports of a peer."""
+
+    public_key: bytes
+    preshared_key: bytes
+    endpoint: Endpoint | None
+    last_handshake_wall: float | None  # Unix seconds, None = never
+    rx_bytes: int
+    tx_bytes: int
+    persistent_keepalive: int
+    allowed_ips: list[Network]
+
+
+@dataclass(slots=True)
+class DeviceInfo:
+    """What ``get=1`` reports of the device."""
+
+    private_key: bytes | None
+    public_key: bytes | None
+    listen_port: int
+    fwmark: int
+    peers: list[PeerInfo]

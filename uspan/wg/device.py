@@ -1,0 +1,485 @@
+"""The WireGuard device: peers, the index table, cryptokey routing and counters (sans-IO).
+
+Surface (all times are monotonic seconds passed in by the caller):
+
+- ``apply(change, now) -> [(datagram, Endpoint)]``: configure atomically (UAPI ``set=1``,
+  the mesh); raises ConfigError and then changes nothing.
+- ``info(now)``: the state ``get=1`` reports.
+- ``send(packets, now) -> [(datagram, Endpoint)]``: IP packets read from the TUN.
+- ``receive(datagrams, now) -> ([ip packet for the TUN], [(datagram, Endpoint)])``:
+  datagrams read from UDP, each as ``(bytes, Endpoint)`` with the sticky source filled in.
+- ``tick(now) -> [(datagram, Endpoint)]``: fire due timers.
+- ``next_deadline() -> float | None``: when ``tick`` next has work.
+- ``forget_source(endpoint)``: the shell could not send from a sticky source address.
+- ``counters``: drops by reason, and a few totals (a ``collections.Counter``).
+
+``wall_offset`` turns monotonic into Unix time (``wall = now + wall_offset``); the shell
+sets it, tests set it to anything. Nothing malformed raises out of ``receive`` or ``send``:
+it is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable
+
+from cryptography.exceptions import InvalidTag
+
+from uspan.wg import messages
+from uspan.wg.allowedips import AllowedIPs
+from uspan.wg.config import ConfigError, DeviceChange, DeviceInfo, PeerChange, PeerInfo
+from uspan.wg.constants import (
+    DEFAULT_MTU,
+    INITIATION_SIZE,
+    KEY_SIZE,
+    MSG_COOKIE_REPLY,
+    MSG_INITIATION,
+    MSG_RESPONSE,
+    MSG_TRANSPORT,
+    RESPONSE_SIZE,
+    TRANSPORT_MIN_SIZE,
+    UNDER_LOAD_AFTER,
+    UNDER_LOAD_QUEUE,
+)
+from uspan.wg.cookie import CookieChecker
+from uspan.wg.crypto import clamp, public_key
+from uspan.wg.endpoint import Endpoint
+from uspan.wg.handshake import (
+    HandshakeError,
+    consume_initiation,
+    consume_response,
+    create_response,
+)
+from uspan.wg.keypair import Keypair
+from uspan.wg.peer import Peer
+from uspan.wg.ratelimit import RateLimiter
+
+Out = list[tuple[bytes, Endpoint]]
+Datagram = tuple[bytes, Endpoint]
+ZERO_KEY = bytes(KEY_SIZE)
+_TRANSPORT_HEADER = messages.TRANSPORT_HEADER
+
+# Drop counter names (the reason a datagram or packet was dropped).
+DROP_REASONS = (
+    "bad_length",
+    "bad_type",
+    "bad_mac1",
+    "cookie_sent",
+    "ratelimited",
+    "handshake_failed",
+    "unknown_peer",
+    "stale_initiation",
+    "unknown_index",
+    "bad_cookie_reply",
+    "expired_key",
+    "decrypt_failed",
+    "replay",
+    "bad_inner_packet",
+    "not_allowed_source",
+    "no_route",
+    "no_endpoint",
+    "no_private_key",
+    "staged_overflow",
+    "staged_dropped",
+)
+
+
+class Device:
+    """A WireGuard interface's protocol state."""
+
+    def __init__(self, rng: Callable[[int], bytes] = os.urandom) -> None:
+        self.rng = rng
+        self.private_key: bytes | None = None
+        self.public_key: bytes | None = None
+        self.listen_port = 0
+        self.fwmark = 0
+        self.mtu = DEFAULT_MTU
+        self.wall_offset = 0.0
+        self.peers: dict[bytes, Peer] = {}
+        self.allowed_ips: AllowedIPs[Peer] = AllowedIPs()
+        self.keypairs: dict[int, Keypair] = {}
+        self.handshakes: dict[int, Peer] = {}
+        self.cookie_checker = CookieChecker(rng=rng)
+        self.ratelimiter = RateLimiter()
+        self.counters: Counter[str] = Counter()
+        self.under_load_threshold = UNDER_LOAD_QUEUE
+        self._under_load_until = float("-inf")
+
+    # Index table -------------------------------------------------------------------------
+
+    def _new_index(self) -> int:
+        while True:
+            index = int.from_bytes(self.rng(4), "little")
+            if index not in self.keypairs and index not in self.handshakes:
+                return index
+
+    def register_handshake(self, peer: Peer) -> int:
+        """A fresh local index for ``peer``'s new handshake (the old one is forgotten)."""
+        self.forget_handshake(peer)
+        index = self._new_index()
+        self.handshakes[index] = peer
+        peer.handshake_index = index
+        return index
+
+    def forget_handshake(self, peer: Peer) -> None:
+        if peer.handshake_index is not None:
+            self.handshakes.pop(peer.handshake_index, None)
+        peer.handshake_index = None
+        peer.handshake = None
+
+    def discard_keypair(self, keypair: Keypair | None) -> None:
+        if keypair is not None and self.keypairs.get(keypair.local_index) is keypair:
+            del self.keypairs[keypair.local_index]
+
+    # Configuration -----------------------------------------------------------------------
+
+    def apply(self, change: DeviceChange, now: float) -> Out:
+        """Apply a whole change, or raise ConfigError and change nothing."""
+        self._validate(change)
+        out: Out = []
+        if change.private_key is not None:
+            self._set_private_key(change.private_key)
+        if change.listen_port is not None:
+            self.listen_port = change.listen_port
+        if change.fwmark is not None:
+            self.fwmark = change.fwmark
+        if change.replace_peers:
+            for peer in list(self.peers.values()):
+                self._remove_peer(peer)
+        for peer_change in change.peers:
+            self._apply_peer(peer_change, now, out)
+        return out
+
+    @staticmethod
+    def _validate(change: DeviceChange) -> None:
+        if change.private_key is not None and len(change.private_key) != KEY_SIZE:
+            raise ConfigError("private_key", f"must be {KEY_SIZE} bytes")
+        if change.listen_port is not None and not 0 <= change.listen_port <= 65535:
+            raise ConfigError("listen_port", f"{change.listen_port} is not in 0-65535")
+        if change.fwmark is not None and not 0 <= change.fwmark < 1 << 32:
+            raise ConfigError("fwmark", f"{change.fwmark} is not a 32-bit value")
+        for peer in change.peers:
+            if len(peer.public_key) != KEY_SIZE:
+                raise ConfigError("public_key", f"must be {KEY_SIZE} bytes")
+            if peer.preshared_key is not None and len(peer.preshared_key) != KEY_SIZE:
+                raise ConfigError("preshared_key", f"must be {KEY_SIZE} bytes")
+            keepalive = peer.persistent_keepalive
+            if keepalive is not None and not 0 <= keepalive <= 65535:
+                raise ConfigError(
+                    "persistent_keepalive_interval", f"{keepalive} is not in 0-65535"
+                )
+            if peer.protocol_version not in (None, 1):
+                raise ConfigError("protocol_version", f"{peer.protocol_version} is not 1")
+
+    def _set_private_key(self, key: bytes) -> None:
+        if key == ZERO_KEY:
+            private, public = None, None
+        else:
+            private = clamp(key)
+            public = public_key(private)
+        if private == self.private_key:
+            return
+        self.private_key, self.public_key = private, public
+        self.cookie_checker.set_local_public(public)
+        if public is not None and public in self.peers:
+            self._remove_peer(self.peers[public])
+        for peer in self.peers.values():
+            peer.expire_sessions()
+
+    def _apply_peer(self, change: PeerChange, now: float, out: Out) -> None:
+        peer = self.peers.get(change.public_key)
+        if change.remove:
+            if peer is not None:
+                self._remove_peer(peer)
+            return
+        if peer is None:
+            if change.update_only or change.public_key == self.public_key:
+                return
+            peer = Peer(self, change.public_key)
+            self.peers[change.public_key] = peer
+        if change.preshared_key is not None:
+            peer.preshared_key = change.preshared_key
+        if change.endpoint is not None:
+            peer.endpoint = change.endpoint
+        if change.replace_allowed_ips:
+            self.allowed_ips.remove_value(peer)
+        for network in change.allowed_ips:
+            self.allowed_ips.insert(network, peer)
+        if change.persistent_keepalive is not None:
+            peer.set_persistent_keepalive(change.persistent_keepalive, now, out)
+
+    def _remove_peer(self, peer: Peer) -> None:
+        peer.zero_keys()
+        peer.timers.stop_all()
+        self.allowed_ips.remove_value(peer)
+        del self.peers[peer.public_key]
+
+    def info(self, now: float) -> DeviceInfo:
+        """The device as ``get=1`` reports it."""
+        del now  # counters and handshake times are kept, not computed
+        peers = [
+            PeerInfo(
+                public_key=peer.public_key,
+                preshared_key=peer.preshared_key,
+                endpoint=peer.endpoint,
+                last_handshake_wall=(
+                    None if peer.last_handshake is None else peer.last_handshake + self.wall_offset
+                ),
+                rx_bytes=peer.rx_bytes,
+                tx_bytes=peer.tx_bytes,
+                persistent_keepalive=peer.persistent_keepalive,
+                allowed_ips=self.allowed_ips.networks(peer),
+            )
+            for peer in self.peers.values()
+        ]
+        return DeviceInfo(
+            private_key=self.private_key,
+            public_key=self.public_key,
+            listen_port=self.listen_port,
+            fwmark=self.fwmark,
+            peers=peers,
+        )
+
+    # Data path: TUN -> network -----------------------------------------------------------
+
+    def send(self, packets: Iterable[bytes], now: float) -> Out:
+        """Encrypt IP packets from the TUN to the peers cryptokey routing picks."""
+        out: Out = []
+        lookup = self.allowed_ips.lookup
+        counters = self.counters
+        for packet in packets:
+            length = len(packet)
+            version = packet[0] >> 4 if length else 0
+            if version == 4 and length >= 20:
+                peer = lookup(packet[16:20])
+            elif version == 6 and length >= 40:
+                peer = lookup(packet[24:40])
+            else:
+                counters["bad_inner_packet"] += 1
+                continue
+            if peer is None:
+                counters["no_route"] += 1
+                continue
+            peer.send_data(packet, now, out)
+        return out
+
+    # Data path: network -> TUN -----------------------------------------------------------
+
+    def receive(self, datagrams: Iterable[Datagram], now: float) -> tuple[list[bytes], Out]:
+        """Handle datagrams from UDP: decrypted packets for the TUN, and replies."""
+        to_tun: list[bytes] = []
+        out: Out = []
+        handshakes: list[Datagram] = []
+        counters = self.counters
+        for datagram in datagrams:
+            data = datagram[0]
+            kind = int.from_bytes(data[:4], "little") if len(data) >= 4 else -1
+            if kind == MSG_TRANSPORT:
+                self._receive_transport(data, datagram[1], now, to_tun, out)
+            elif kind in (MSG_INITIATION, MSG_RESPONSE, MSG_COOKIE_REPLY):
+                handshakes.append(datagram)
+            elif kind == -1:
+                counters["bad_length"] += 1
+            else:
+                counters["bad_type"] += 1
+        if handshakes:
+            if len(handshakes) >= self.under_load_threshold:
+                self._under_load_until = now + UNDER_LOAD_AFTER
+            for data, source in handshakes:
+                self._receive_handshake(data, source, now, out)
+        return to_tun, out
+
+    def _receive_transport(
+        self, data: bytes, source: Endpoint, now: float, to_tun: list[bytes], out: Out
+    ) -> None:
+        counters = self.counters
+        length = len(data)
+        if length < TRANSPORT_MIN_SIZE:
+            counters["bad_length"] += 1
+            return
+        _, index, counter = _TRANSPORT_HEADER.unpack_from(data)
+        keypair = self.keypairs.get(index)
+        if keypair is None:
+            counters["unknown_index"] += 1
+            return
+        if not keypair.can_receive(now):
+            counters["expired_key"] += 1
+            return
+        try:
+            plaintext = keypair.open(counter, data[16:])
+        except InvalidTag:
+            counters["decrypt_failed"] += 1
+            return
+        if not keypair.replay.accept(counter):
+            counters["replay"] += 1
+            return
+        peer = keypair.peer
+        if source is not peer.endpoint and source != peer.endpoint:
+            peer.endpoint = source
+        peer.received_transport(keypair, length, now, out)
+        if not plaintext:
+            return  # keepalive
+        self._deliver(plaintext, peer, to_tun)
+
+    def _deliver(self, plaintext: bytes, peer: Peer, to_tun: list[bytes]) -> None:
+        """Strip padding, check the inner source against the peer's allowed IPs."""
+        length = len(plaintext)
+        version = plaintext[0] >> 4
+        if version == 4 and length >= 20:
+            total = int.from_bytes(plaintext[2:4], "big")
+            source = plaintext[12:16]
+            minimum = 20
+        elif version == 6 and length >= 40:
+            total = 40 + int.from_bytes(plaintext[4:6], "big")
+            source = plaintext[8:24]
+            minimum = 40
+        else:
+            self.counters["bad_inner_packet"] += 1
+            return
+        if total > length or total < minimum:
+            self.counters["bad_inner_packet"] += 1
+            return
+        if self.allowed_ips.lookup(source) is not peer:
+            self.counters["not_allowed_source"] += 1
+            return
+        to_tun.append(plaintext if total == length else plaintext[:total])
+
+    def _receive_handshake(self, data: bytes, source: Endpoint, now: float, out: Out) -> None:
+        counters = self.counters
+        kind = data[0]
+        if kind == MSG_COOKIE_REPLY:
+            self._receive_cookie_reply(data, now)
+            return
+        if len(data) != (INITIATION_SIZE if kind == MSG_INITIATION else RESPONSE_SIZE):
+            counters["bad_length"] += 1
+            return
+        if self.private_key is None or self.public_key is None:
+            counters["no_private_key"] += 1
+            return
+        if not self.cookie_checker.check_mac1(data):
+            counters["bad_mac1"] += 1
+            return
+        if now < self._under_load_until:
+            if not self.cookie_checker.check_mac2(data, source.source_key(), now):
+                sender = int.from_bytes(data[4:8], "little")
+                reply = self.cookie_checker.create_reply(data, sender, source.source_key(), now)
+                out.append((reply, source))
+                counters["cookie_sent"] += 1
+                return
+            if not self.ratelimiter.allow(source.ip_key(), now):
+                counters["ratelimited"] += 1
+                return
+        if kind == MSG_INITIATION:
+            self._receive_initiation(data, source, now, out)
+        else:
+            self._receive_response(data, source, now, out)
+
+    def _receive_initiation(self, data: bytes, source: Endpoint, now: float, out: Out) -> None:
+        assert self.private_key is not None and self.public_key is not None
+        try:
+            consumed = consume_initiation(
+                self.private_key, self.public_key, messages.parse_initiation(data)
+            )
+        except HandshakeError:
+            self.counters["handshake_failed"] += 1
+            return
+        peer = self.peers.get(consumed.remote_static)
+        if peer is None:
+            self.counters["unknown_peer"] += 1
+            return
+        if not peer.initiation_is_fresh(consumed.timestamp, now):
+            self.counters["stale_initiation"] += 1
+            return
+        peer.latest_timestamp = consumed.timestamp
+        peer.last_initiation_consumed = now
+        peer.endpoint = source
+        peer.rx_bytes += len(data)
+        peer.timers.any_authenticated_traversal(now)
+        peer.timers.any_authenticated_received()
+        # Respond: a new session that waits as ``next`` until the initiator confirms it.
+        self.forget_handshake(peer)
+        index = self._new_index()
+        try:
+            response, keys = create_response(
+                consumed, peer.preshared_key, index, self.rng(KEY_SIZE)
+            )
+        except HandshakeError:
+            self.counters["handshake_failed"] += 1
+            return
+        keypair = Keypair(
+            keys, initiator=False, local_index=index, remote_index=consumed.sender,
+            peer=peer, now=now,
+        )
+        self.keypairs[index] = keypair
+        peer.begin_session(keypair, now)
+        peer.cookies.add_macs(response, now)
+        peer.timers.any_authenticated_traversal(now)
+        peer.timers.any_authenticated_sent()
+        out.append((bytes(response), source))
+        peer.tx_bytes += len(response)
+
+    def _receive_response(self, data: bytes, source: Endpoint, now: float, out: Out) -> None:
+        response = messages.parse_response(data)
+        peer = self.handshakes.get(response.receiver)
+        if peer is None or peer.handshake is None:
+            self.counters["unknown_index"] += 1
+            return
+        try:
+            keys = consume_response(peer.handshake, peer.preshared_key, response)
+        except HandshakeError:
+            self.counters["handshake_failed"] += 1
+            return
+        index = response.receiver
+        del self.handshakes[index]
+        peer.handshake = None
+        peer.handshake_index = None
+        keypair = Keypair(
+            keys, initiator=True, local_index=index, remote_index=response.sender,
+            peer=peer, now=now,
+        )
+        self.keypairs[index] = keypair
+        peer.begin_session(keypair, now)
+        peer.handshake_complete(now)
+        peer.endpoint = source
+        peer.rx_bytes += len(data)
+        peer.timers.any_authenticated_traversal(now)
+        peer.timers.any_authenticated_received()
+        peer.send_keepalive(now, out)
+
+    def _receive_cookie_reply(self, data: bytes, now: float) -> None:
+        try:
+            reply = messages.parse_cookie_reply(data)
+        except messages.MessageError:
+            self.counters["bad_length"] += 1
+            return
+        peer = self.handshakes.get(reply.receiver)
+        if peer is None:
+            keypair = self.keypairs.get(reply.receiver)
+            peer = keypair.peer if keypair is not None else None
+        if peer is None:
+            self.counters["unknown_index"] += 1
+            return
+        if not peer.cookies.consume_reply(reply, now):
+            self.counters["bad_cookie_reply"] += 1
+
+    # Timers ------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> Out:
+        """Fire every expired peer timer."""
+        out: Out = []
+        for peer in list(self.peers.values()):
+            deadline = peer.next_deadline()
+            if deadline is not None and deadline <= now:
+                peer.tick(now, out)
+        return out
+
+    def next_deadline(self) -> float | None:
+        deadlines = [d for d in (p.next_deadline() for p in self.peers.values()) if d is not None]
+        return min(deadlines) if deadlines else None
+
+    def forget_source(self, endpoint: Endpoint) -> None:
+        """Sending from ``endpoint.local`` failed: fall back to the routing table's choice."""
+        for peer in self.peers.values():
+            if peer.endpoint == endpoint:
+                peer.endpoint = endpoint.without_source()

@@ -1,0 +1,178 @@
+"""WireGuard's handshake (whitepaper 5.4.2-5.4.5): Noise IKpsk2 with prologue IDENTIFIER.
+
+Messages are built with mac1/mac2 zero; cookie.py fills them and the device checks them,
+as it checks timestamp freshness. Private keys are clamped before use. Each state object
+answers once: after it produced keys its secrets are dropped and reuse raises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from uspan.wg import crypto, messages, noise
+from uspan.wg.constants import IDENTIFIER, KEY_SIZE, MAC_SIZE, TAI64N_SIZE
+
+_ZERO_MAC = bytes(MAC_SIZE)
+
+
+class HandshakeError(Exception):
+    """A handshake message was refused; ``reason`` is "decrypt", "dh", "receiver" or "spent"."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class TransportKeys:
+    send: bytes
+    recv: bytes
+
+
+@dataclass(slots=True)
+class InitiatorState:
+    """What the initiator keeps between sending an initiation and consuming the response."""
+
+    chaining_key: bytes
+    hash: bytes
+    local_private: bytes
+    ephemeral_private: bytes | None
+    remote_static: bytes
+    local_index: int
+
+
+@dataclass(slots=True)
+class ConsumedInitiation:
+    """A valid initiation: who sent it, its timestamp, and what the response needs."""
+
+    remote_static: bytes
+    timestamp: bytes
+    sender: int
+    remote_ephemeral: bytes
+    chaining_key: bytes | None
+    hash: bytes
+
+
+def _check_key(name: str, value: bytes) -> None:
+    if len(value) != KEY_SIZE:
+        raise ValueError(f"{name} must be {KEY_SIZE} bytes, got {len(value)}")
+
+
+def _check_index(name: str, value: int) -> None:
+    if not 0 <= value < 1 << 32:
+        raise ValueError(f"{name} must be a u32, got {value}")
+
+
+def _refused(exc: noise.NoiseError) -> HandshakeError:
+    return HandshakeError(exc.reason, str(exc))
+
+
+def create_initiation(
+    local_private: bytes,
+    local_public: bytes,
+    remote_public: bytes,
+    sender_index: int,
+    ephemeral_private: bytes,
+    timestamp: bytes,
+) -> tuple[bytearray, InitiatorState]:
+    """A 148-byte initiation (mac1/mac2 zero) and the state to consume its response."""
+    for name, key in (
+        ("local_private", local_private), ("local_public", local_public),
+        ("remote_public", remote_public), ("ephemeral_private", ephemeral_private),
+    ):
+        _check_key(name, key)
+    _check_index("sender_index", sender_index)
+    if len(timestamp) != TAI64N_SIZE:
+        raise ValueError(f"timestamp must be {TAI64N_SIZE} bytes, got {len(timestamp)}")
+    local_private = crypto.clamp(local_private)
+    ephemeral_private = crypto.clamp(ephemeral_private)
+    state = noise.initialize(IDENTIFIER, remote_public)
+    try:
+        body = noise.write_message1(
+            state, local_private, local_public, ephemeral_private, remote_public, timestamp
+        )
+    except noise.NoiseError as exc:
+        raise _refused(exc) from exc
+    ephemeral, encrypted_static, encrypted_timestamp = body[:32], body[32:80], body[80:]
+    message = messages.Initiation(
+        sender_index, ephemeral, encrypted_static, encrypted_timestamp, _ZERO_MAC, _ZERO_MAC
+    )
+    initiator = InitiatorState(
+        state.chaining_key, state.hash, local_private, ephemeral_private, remote_public,
+        sender_index,
+    )
+    return bytearray(message.pack()), initiator
+
+
+def consume_initiation(
+    local_private: bytes, local_public: bytes, msg: messages.Initiation
+) -> ConsumedInitiation:
+    """Decrypt an initiation addressed to us; raises HandshakeError. No mac or replay checks."""
+    _check_key("local_private", local_private)
+    _check_key("local_public", local_public)
+    state = noise.initialize(IDENTIFIER, local_public)
+    try:
+        got = noise.read_message1(
+            state,
+            crypto.clamp(local_private),
+            msg.ephemeral + msg.encrypted_static + msg.encrypted_timestamp,
+        )
+    except noise.NoiseError as exc:
+        raise _refused(exc) from exc
+    return ConsumedInitiation(
+        got.remote_static, got.payload, msg.sender, got.remote_ephemeral,
+        state.chaining_key, state.hash,
+    )
+
+
+def create_response(
+    consumed: ConsumedInitiation, psk: bytes, sender_index: int, ephemeral_private: bytes
+) -> tuple[bytearray, TransportKeys]:
+    """A 92-byte response (mac1/mac2 zero) and the responder's keys (send = second output)."""
+    _check_key("psk", psk)
+    _check_key("ephemeral_private", ephemeral_private)
+    _check_index("sender_index", sender_index)
+    if consumed.chaining_key is None:
+        raise HandshakeError("spent", "this initiation was already answered")
+    state = noise.SymmetricState(consumed.chaining_key, consumed.hash)
+    try:
+        body = noise.write_message2(
+            state, crypto.clamp(ephemeral_private), consumed.remote_ephemeral,
+            consumed.remote_static, psk, b"",
+        )
+    except noise.NoiseError as exc:
+        raise _refused(exc) from exc
+    consumed.chaining_key = None
+    message = messages.Response(
+        sender_index, consumed.sender, body[:KEY_SIZE], body[KEY_SIZE:], _ZERO_MAC, _ZERO_MAC
+    )
+    first, second = state.split()
+    return bytearray(message.pack()), TransportKeys(send=second, recv=first)
+
+
+def consume_response(
+    state: InitiatorState, psk: bytes, msg: messages.Response
+) -> TransportKeys:
+    """The initiator's keys (send = first output) from a response; raises HandshakeError.
+
+    A failed attempt leaves ``state`` usable for the genuine response; success drops the
+    ephemeral secret, so a second response to the same initiation raises ("spent").
+    """
+    _check_key("psk", psk)
+    if msg.receiver != state.local_index:
+        raise HandshakeError(
+            "receiver", f"response for index {msg.receiver}, state is {state.local_index}"
+        )
+    if state.ephemeral_private is None:
+        raise HandshakeError("spent", f"index {state.local_index} already has its response")
+    symmetric = noise.SymmetricState(state.chaining_key, state.hash)
+    try:
+        noise.read_message2(
+            symmetric, state.local_private, state.ephemeral_private, psk,
+            msg.ephemeral + msg.encrypted_nothing,
+        )
+    except noise.NoiseError as exc:
+        raise _refused(exc) from exc
+    state.ephemeral_private = None
+    first, second = symmetric.split()
+    return TransportKeys(send=first, recv=second)

@@ -1,0 +1,292 @@
+"""A WireGuard peer: its sessions, handshake state, staged packets and timers (sans-IO).
+
+Every method that may emit datagrams takes an ``out`` list and appends
+``(datagram, Endpoint)`` pairs to it; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING
+
+from uspan.wg import tai64n, timers
+from uspan.wg.constants import (
+    HANDSHAKE_INITIATION_RATE,
+    KEEPALIVE_TIMEOUT,
+    KEY_SIZE,
+    MAX_STAGED_PACKETS,
+    MAX_TIMER_HANDSHAKES,
+    REKEY_AFTER_MESSAGES,
+    REKEY_AFTER_TIME,
+    REKEY_ON_RECEIVE_AGE,
+    REKEY_TIMEOUT,
+    TRANSPORT_MIN_SIZE,
+)
+from uspan.wg.cookie import CookieGenerator
+from uspan.wg.handshake import InitiatorState, create_initiation
+from uspan.wg.messages import padded_length
+from uspan.wg.timers import PeerTimers
+
+if TYPE_CHECKING:
+    from uspan.wg.device import Device
+    from uspan.wg.endpoint import Endpoint
+    from uspan.wg.keypair import Keypair
+
+Out = list[tuple[bytes, "Endpoint"]]
+ZERO_KEY = bytes(KEY_SIZE)
+
+
+class Peer:
+    """One remote public key and everything we know about talking to it."""
+
+    def __init__(self, device: Device, public_key: bytes) -> None:
+        self.device = device
+        self.public_key = public_key
+        self.preshared_key = ZERO_KEY
+        self.endpoint: Endpoint | None = None
+        self.cookies = CookieGenerator(public_key, rng=device.rng)
+        self.timers = PeerTimers(device.rng)
+        # Sessions.
+        self.current: Keypair | None = None
+        self.previous: Keypair | None = None
+        self.next: Keypair | None = None
+        # Handshake in flight (as initiator).
+        self.handshake: InitiatorState | None = None
+        self.handshake_index: int | None = None
+        self.last_sent_handshake: float | None = None
+        self.handshake_attempts = 0
+        self.sent_last_minute_handshake = False
+        # Responder replay protection.
+        self.latest_timestamp = bytes(12)
+        self.last_initiation_consumed: float | None = None
+        # Counters.
+        self.last_handshake: float | None = None  # monotonic
+        self.rx_bytes = 0
+        self.tx_bytes = 0
+        self.staged: deque[bytes] = deque()
+
+    # Configuration -----------------------------------------------------------------------
+
+    @property
+    def persistent_keepalive(self) -> int:
+        return self.timers.persistent_keepalive_interval
+
+    def set_persistent_keepalive(self, seconds: int, now: float, out: Out) -> None:
+        """Set the interval; turning it on sends a keepalive right away (like wireguard-go)."""
+        was = self.timers.persistent_keepalive_interval
+        self.timers.persistent_keepalive_interval = seconds
+        if not seconds:
+            self.timers.persistent_keepalive = None
+        elif not was:
+            self.send_keepalive(now, out)
+
+    # Sending -----------------------------------------------------------------------------
+
+    def _transmit(self, datagram: bytes, out: Out) -> bool:
+        endpoint = self.endpoint
+        if endpoint is None:
+            self.device.counters["no_endpoint"] += 1
+            return False
+        out.append((datagram, endpoint))
+        self.tx_bytes += len(datagram)
+        return True
+
+    def send_data(self, packet: bytes, now: float, out: Out) -> None:
+        """Queue an IP packet from the TUN and send what can be sent."""
+        if len(self.staged) >= MAX_STAGED_PACKETS:
+            self.staged.popleft()
+            self.device.counters["staged_overflow"] += 1
+        self.staged.append(packet)
+        self.send_staged(now, out)
+
+    def send_keepalive(self, now: float, out: Out) -> None:
+        if not self.staged:
+            self.staged.append(b"")
+        self.send_staged(now, out)
+
+    def send_staged(self, now: float, out: Out) -> None:
+        """Encrypt and send staged packets with the current session, or start a handshake."""
+        keypair = self.current
+        if keypair is None or not keypair.can_send(now):
+            self.send_initiation(now, out, retry=False)
+            return
+        mtu = self.device.mtu
+        sent_data = False
+        staged = self.staged
+        while staged:
+            packet = staged.popleft()
+            length = len(packet)
+            if length:
+                padded = padded_length(length, mtu)
+                if padded != length:
+                    packet = packet + bytes(padded - length)
+                sent_data = True
+            if not self._transmit(keypair.seal(packet), out):
+                staged.clear()
+                return
+            if not keypair.can_send(now):
+                break
+        timers_ = self.timers
+        if sent_data:
+            timers_.data_sent(now)
+        timers_.any_authenticated_traversal(now)
+        timers_.any_authenticated_sent()
+        self._keep_key_fresh_sending(now, out)
+
+    def _keep_key_fresh_sending(self, now: float, out: Out) -> None:
+        keypair = self.current
+        if keypair is None:
+            return
+        if keypair.send_counter > REKEY_AFTER_MESSAGES or (
+            keypair.initiator and now - keypair.created > REKEY_AFTER_TIME
+        ):
+            self.send_initiation(now, out, retry=False)
+
+    def send_initiation(self, now: float, out: Out, *, retry: bool) -> None:
+        """Start (or retransmit) a handshake, at most once per REKEY_TIMEOUT."""
+        if not retry:
+            self.handshake_attempts = 0
+        if self.last_sent_handshake is not None and now - self.last_sent_handshake < REKEY_TIMEOUT:
+            return
+        device = self.device
+        if device.private_key is None or device.public_key is None:
+            device.counters["no_private_key"] += 1
+            return
+        self.last_sent_handshake = now
+        index = device.register_handshake(self)
+        message, state = create_initiation(
+            device.private_key,
+            device.public_key,
+            self.public_key,
+            index,
+            device.rng(KEY_SIZE),
+            tai64n.encode(now + device.wall_offset),
+        )
+        self.handshake = state
+        self.cookies.add_macs(message, now)
+        self.timers.any_authenticated_traversal(now)
+        self.timers.any_authenticated_sent()
+        self._transmit(bytes(message), out)
+        self.timers.handshake_initiated(now)
+
+    # Receiving ---------------------------------------------------------------------------
+
+    def received_transport(self, keypair: Keypair, length: int, now: float, out: Out) -> None:
+        """Bookkeeping for an authenticated, fresh transport message of ``length`` bytes."""
+        if keypair is self.next:
+            self.device.discard_keypair(self.previous)
+            self.previous = self.current
+            self.current = keypair
+            self.next = None
+            self.handshake_complete(now)
+            self.send_staged_if_any(now, out)
+        self._keep_key_fresh_receiving(now, out)
+        timers_ = self.timers
+        timers_.any_authenticated_traversal(now)
+        timers_.any_authenticated_received()
+        self.rx_bytes += length
+        if length > TRANSPORT_MIN_SIZE:
+            timers_.data_received(now)
+
+    def send_staged_if_any(self, now: float, out: Out) -> None:
+        if self.staged:
+            self.send_staged(now, out)
+
+    def _keep_key_fresh_receiving(self, now: float, out: Out) -> None:
+        if self.sent_last_minute_handshake:
+            return
+        keypair = self.current
+        if (
+            keypair is not None
+            and keypair.initiator
+            and now - keypair.created > REKEY_ON_RECEIVE_AGE
+        ):
+            self.sent_last_minute_handshake = True
+            self.send_initiation(now, out, retry=False)
+
+    def handshake_complete(self, now: float) -> None:
+        self.timers.handshake_complete()
+        self.handshake_attempts = 0
+        self.sent_last_minute_handshake = False
+        self.last_handshake = now
+
+    def initiation_is_fresh(self, timestamp: bytes, now: float) -> bool:
+        """Replay and flood rules for a responder: newer timestamp, >= 20 ms apart."""
+        if not tai64n.after(timestamp, self.latest_timestamp):
+            return False
+        last = self.last_initiation_consumed
+        return last is None or now - last >= HANDSHAKE_INITIATION_RATE
+
+    def begin_session(self, keypair: Keypair, now: float) -> None:
+        """Install a new session: current for an initiator, next for a responder."""
+        device = self.device
+        if keypair.initiator:
+            if self.next is not None:
+                device.discard_keypair(self.previous)
+                self.previous = self.next
+                self.next = None
+                device.discard_keypair(self.current)
+            else:
+                device.discard_keypair(self.previous)
+                self.previous = self.current
+            self.current = keypair
+        else:
+            device.discard_keypair(self.next)
+            self.next = keypair
+            device.discard_keypair(self.previous)
+            self.previous = None
+        self.timers.session_derived(now)
+
+    # Timers ------------------------------------------------------------------------------
+
+    def tick(self, now: float, out: Out) -> None:
+        """Run expired timers."""
+        for name in self.timers.due(now):
+            if name == timers.RETRANSMIT:
+                self._retransmit(now, out)
+            elif name == timers.SEND_KEEPALIVE:
+                self.send_keepalive(now, out)
+                if self.timers.need_another_keepalive:
+                    self.timers.need_another_keepalive = False
+                    self.timers.send_keepalive = now + KEEPALIVE_TIMEOUT
+            elif name == timers.NEW_HANDSHAKE:
+                self._forget_source()
+                self.send_initiation(now, out, retry=False)
+            elif name == timers.ZERO_KEYS:
+                self.zero_keys()
+            elif name == timers.PERSISTENT_KEEPALIVE and self.timers.persistent_keepalive_interval:
+                self.send_keepalive(now, out)
+
+    def _retransmit(self, now: float, out: Out) -> None:
+        if self.handshake_attempts > MAX_TIMER_HANDSHAKES:
+            self.timers.gave_up(now)
+            self.device.counters["staged_dropped"] += len(self.staged)
+            self.staged.clear()
+            return
+        self.handshake_attempts += 1
+        self._forget_source()
+        self.send_initiation(now, out, retry=True)
+
+    def _forget_source(self) -> None:
+        if self.endpoint is not None:
+            self.endpoint = self.endpoint.without_source()
+
+    def zero_keys(self) -> None:
+        """Forget every session and handshake, and drop staged packets."""
+        device = self.device
+        for keypair in (self.previous, self.current, self.next):
+            device.discard_keypair(keypair)
+        self.previous = self.current = self.next = None
+        device.forget_handshake(self)
+        self.device.counters["staged_dropped"] += len(self.staged)
+        self.staged.clear()
+        self.timers.zero_key_material = None
+
+    def expire_sessions(self) -> None:
+        """After our private key changed: drop the handshake; next send rehandshakes."""
+        self.device.forget_handshake(self)
+        if self.current is not None:
+            self.current.expire_for_sending()
+
+    def next_deadline(self) -> float | None:
+        return self.timers.next_deadline()

@@ -1,0 +1,125 @@
+"""Per-peer timers of whitepaper section 6, as deadlines (sans-IO).
+
+Events from the peer (``data_sent``, ``handshake_complete``, ...) arm or disarm deadlines;
+``due(now)`` reports which timers have expired and disarms them. What a timer *does* when
+it fires lives in ``peer.py``. All times are monotonic seconds; jitter comes from the
+injected ``rng`` so tests are exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from uspan.wg.constants import (
+    KEEPALIVE_TIMEOUT,
+    REJECT_AFTER_TIME,
+    REKEY_TIMEOUT,
+    REKEY_TIMEOUT_JITTER_MAX,
+)
+
+RETRANSMIT = "retransmit_handshake"
+SEND_KEEPALIVE = "send_keepalive"
+NEW_HANDSHAKE = "new_handshake"
+ZERO_KEYS = "zero_key_material"
+PERSISTENT_KEEPALIVE = "persistent_keepalive"
+TIMERS = (RETRANSMIT, SEND_KEEPALIVE, NEW_HANDSHAKE, ZERO_KEYS, PERSISTENT_KEEPALIVE)
+
+
+class PeerTimers:
+    """The five timers of a peer and the events that move them."""
+
+    __slots__ = (
+        "_rng",
+        "need_another_keepalive",
+        "new_handshake",
+        "persistent_keepalive",
+        "persistent_keepalive_interval",
+        "retransmit_handshake",
+        "send_keepalive",
+        "zero_key_material",
+    )
+
+    def __init__(self, rng: Callable[[int], bytes]) -> None:
+        self._rng = rng
+        self.retransmit_handshake: float | None = None
+        self.send_keepalive: float | None = None
+        self.new_handshake: float | None = None
+        self.zero_key_material: float | None = None
+        self.persistent_keepalive: float | None = None
+        self.persistent_keepalive_interval = 0
+        self.need_another_keepalive = False
+
+    def jitter(self) -> float:
+        """A uniformly random 0-333 ms, added to handshake timeouts."""
+        millis = int(REKEY_TIMEOUT_JITTER_MAX * 1000)
+        return int.from_bytes(self._rng(2), "little") % millis / 1000.0
+
+    # Events ------------------------------------------------------------------------------
+
+    def data_sent(self, now: float) -> None:
+        """Data sent: expect an answer within KEEPALIVE + REKEY_TIMEOUT, else rehandshake."""
+        if self.new_handshake is None:
+            self.new_handshake = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self.jitter()
+
+    def data_received(self, now: float) -> None:
+        """Data received: send a keepalive if we have nothing to say within KEEPALIVE."""
+        if self.send_keepalive is None:
+            self.send_keepalive = now + KEEPALIVE_TIMEOUT
+        else:
+            self.need_another_keepalive = True
+
+    def any_authenticated_sent(self) -> None:
+        self.send_keepalive = None
+
+    def any_authenticated_received(self) -> None:
+        self.new_handshake = None
+
+    def handshake_initiated(self, now: float) -> None:
+        self.retransmit_handshake = now + REKEY_TIMEOUT + self.jitter()
+
+    def handshake_complete(self) -> None:
+        self.retransmit_handshake = None
+
+    def session_derived(self, now: float) -> None:
+        self.zero_key_material = now + REJECT_AFTER_TIME * 3
+
+    def any_authenticated_traversal(self, now: float) -> None:
+        if self.persistent_keepalive_interval:
+            self.persistent_keepalive = now + self.persistent_keepalive_interval
+
+    def gave_up(self, now: float) -> None:
+        """Handshake attempts exhausted: stop keepalives, zero keys later if nothing comes."""
+        self.send_keepalive = None
+        if self.zero_key_material is None:
+            self.zero_key_material = now + REJECT_AFTER_TIME * 3
+
+    def stop_all(self) -> None:
+        for name in TIMERS:
+            setattr(self, name, None)
+        self.need_another_keepalive = False
+
+    # Queries -----------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        deadlines = [
+            d
+            for d in (
+                self.retransmit_handshake,
+                self.send_keepalive,
+                self.new_handshake,
+                self.zero_key_material,
+                self.persistent_keepalive,
+            )
+            if d is not None
+        ]
+        return min(deadlines) if deadlines else None
+
+    def due(self, now: float) -> list[str]:
+        """Names of expired timers, in whitepaper order; each is disarmed."""
+        fired = []
+        for name in TIMERS:
+            deadline = getattr(self, name)
+            if deadline is not None and deadline <= now:
+                setattr(self, name, None)
+                fired.append(name)
+        return fired

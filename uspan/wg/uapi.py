@@ -1,0 +1,163 @@
+"""The cross-platform userspace API text protocol (what ``wg`` speaks), sans-IO.
+
+``parse_set`` turns the lines of a ``set=1`` request into one ``DeviceChange`` (so the
+device can apply it atomically); ``format_get`` renders a ``DeviceInfo`` as the reply to
+``get=1`` in wireguard-go's key order. See https://www.wireguard.com/xplatform/.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+from collections.abc import Iterable
+
+from uspan.wg.config import ConfigError, DeviceChange, DeviceInfo, Network, PeerChange
+from uspan.wg.constants import KEY_SIZE
+from uspan.wg.endpoint import Endpoint, EndpointError
+
+_DEVICE_KEYS = frozenset({"private_key", "listen_port", "fwmark", "replace_peers"})
+_ZERO_KEY = bytes(KEY_SIZE)
+
+
+def parse_set(lines: Iterable[str]) -> DeviceChange:
+    """Parse the body of a ``set=1`` request (without the terminating blank line).
+
+    Device keys come first; each ``public_key=`` starts a peer and the keys after it
+    belong to that peer. Raises ConfigError naming the key (values of secret keys are
+    never echoed); a line without ``=`` is a protocol error (errno EPROTO).
+    """
+    change = DeviceChange()
+    peer: PeerChange | None = None
+    for line in lines:
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise ConfigError("line", f"{line[:64]!r} is not key=value", errno.EPROTO)
+        if key == "public_key":
+            peer = PeerChange(public_key=_parse_key(key, value, secret=False))
+            change.peers.append(peer)
+        elif peer is None:
+            _device_line(change, key, value)
+        else:
+            _peer_line(peer, key, value)
+    return change
+
+
+def _device_line(change: DeviceChange, key: str, value: str) -> None:
+    if key == "private_key":
+        change.private_key = _parse_key(key, value, secret=True)
+    elif key == "listen_port":
+        change.listen_port = _parse_uint(key, value, 0xFFFF)
+    elif key == "fwmark":
+        change.fwmark = _parse_uint(key, value, 0xFFFFFFFF)
+    elif key == "replace_peers":
+        change.replace_peers = _parse_true(key, value)
+    else:
+        raise ConfigError(key[:64], "not a device key (expected private_key, listen_port, "
+                          "fwmark, replace_peers or public_key)")
+
+
+def _peer_line(peer: PeerChange, key: str, value: str) -> None:
+    if key == "allowed_ip":  # first: it is by far the most frequent line
+        peer.allowed_ips.append(parse_prefix(value))
+    elif key == "remove":
+        peer.remove = _parse_true(key, value)
+    elif key == "update_only":
+        peer.update_only = _parse_true(key, value)
+    elif key == "preshared_key":
+        peer.preshared_key = _parse_key(key, value, secret=True)
+    elif key == "endpoint":
+        try:
+            peer.endpoint = Endpoint.parse(value)
+        except EndpointError as exc:
+            raise ConfigError(key, str(exc)) from None
+    elif key == "persistent_keepalive_interval":
+        peer.persistent_keepalive = _parse_uint(key, value, 0xFFFF)
+    elif key == "replace_allowed_ips":
+        peer.replace_allowed_ips = _parse_true(key, value)
+    elif key == "protocol_version":
+        if value != "1":
+            raise ConfigError(key, f"{value[:64]!r} is not supported (only 1)")
+        peer.protocol_version = 1
+    elif key in _DEVICE_KEYS:
+        raise ConfigError(key, "is a device key but appears after public_key")
+    else:
+        raise ConfigError(key[:64], "not a peer key")
+
+
+def _parse_key(key: str, value: str, *, secret: bool) -> bytes:
+    if len(value) == 2 * KEY_SIZE and value.isalnum():
+        try:
+            return bytes.fromhex(value)
+        except ValueError:
+            pass
+    shown = "value" if secret else repr(value[:80])
+    raise ConfigError(key, f"{shown} is not {KEY_SIZE * 2} hex characters")
+
+
+def _parse_uint(key: str, value: str, maximum: int) -> int:
+    if value.isascii() and value.isdigit() and len(value) <= 10 and int(value) <= maximum:
+        return int(value)
+    raise ConfigError(key, f"{value[:64]!r} is not an integer from 0 to {maximum}")
+
+
+def _parse_true(key: str, value: str) -> bool:
+    if value != "true":
+        raise ConfigError(key, f"{value[:64]!r} is not 'true'")
+    return True
+
+
+def parse_prefix(value: str) -> Network:
+    """Parse ``10.0.0.0/8`` or ``fd00::/8`` (host bits are masked off, as wg does)."""
+    address, sep, bits = value.partition("/")
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    width = 128 if family == socket.AF_INET6 else 32
+    try:
+        packed = socket.inet_pton(family, address)
+    except OSError:
+        packed = b""
+    if (not sep or not packed or not bits.isascii() or not bits.isdigit() or len(bits) > 3
+            or int(bits) > width):
+        raise ConfigError("allowed_ip", f"{value[:64]!r} is not an IP prefix like 10.0.0.0/24")
+    number = int.from_bytes(packed, "big")
+    if family == socket.AF_INET6:
+        return ipaddress.IPv6Network((number, int(bits)), strict=False)
+    return ipaddress.IPv4Network((number, int(bits)), strict=False)
+
+
+def format_get(info: DeviceInfo) -> str:
+    """The full reply to ``get=1``, ending with ``errno=0`` and the blank line."""
+    out: list[str] = []
+    if info.private_key is not None and info.private_key != _ZERO_KEY:
+        out.append(f"private_key={info.private_key.hex()}")
+    if info.listen_port:
+        out.append(f"listen_port={info.listen_port}")
+    if info.fwmark:
+        out.append(f"fwmark={info.fwmark}")
+    for peer in info.peers:
+        out.append(f"public_key={peer.public_key.hex()}")
+        out.append(f"preshared_key={peer.preshared_key.hex()}")
+        out.append("protocol_version=1")
+        if peer.endpoint is not None:
+            out.append(f"endpoint={peer.endpoint}")
+        seconds, nanoseconds = _split_time(peer.last_handshake_wall)
+        out.append(f"last_handshake_time_sec={seconds}")
+        out.append(f"last_handshake_time_nsec={nanoseconds}")
+        out.append(f"tx_bytes={peer.tx_bytes}")
+        out.append(f"rx_bytes={peer.rx_bytes}")
+        out.append(f"persistent_keepalive_interval={peer.persistent_keepalive}")
+        out.extend(f"allowed_ip={prefix}" for prefix in peer.allowed_ips)
+    out.append("errno=0\n\n")
+    return "\n".join(out)
+
+
+def format_errno(code: int) -> str:
+    """The reply to a failed operation: ``errno=-<code>`` and the blank line."""
+    return f"errno={-abs(code)}\n\n"
+
+
+def _split_time(wall: float | None) -> tuple[int, int]:
+    if wall is None or wall <= 0:
+        return 0, 0
+    seconds = int(wall)
+    return seconds, min(round((wall - seconds) * 1e9), 999_999_999)
