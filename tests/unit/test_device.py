@@ -329,3 +329,23 @@ def test_private_key_change_forces_new_handshake(net: Net, pair) -> None:
     a.sent.clear()
     net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
     assert kinds(a.sent) == [MSG_INITIATION] and len(a.sent[0]) == INITIATION_SIZE
+
+
+def test_big_batch_with_session_loses_nothing(net: Net, pair) -> None:
+    a, b = pair
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    net.run()
+    batch = [ipv4_packet("10.0.0.1", "10.0.0.2", i.to_bytes(4, "big")) for i in range(1000)]
+    net.send(a, batch)
+    net.run()
+    assert b.tun[1:] == batch
+
+
+def test_staged_queue_is_bounded_without_session(net: Net, pair) -> None:
+    a, b = pair
+    net.blocked.add("b")
+    batch = [ipv4_packet("10.0.0.1", "10.0.0.2", i.to_bytes(4, "big")) for i in range(300)]
+    net.send(a, batch)
+    peer = net.peer(a, b)
+    assert list(peer.staged) == batch[-128:]
+    assert a.device.counters["staged_overflow"] == 300 - 128

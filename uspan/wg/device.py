@@ -248,6 +248,7 @@ class Device:
         out: Out = []
         lookup = self.allowed_ips.lookup
         counters = self.counters
+        touched: dict[Peer, None] = {}  # peers with new packets, in order of first packet
         for packet in packets:
             length = len(packet)
             version = packet[0] >> 4 if length else 0
@@ -261,7 +262,10 @@ class Device:
             if peer is None:
                 counters["no_route"] += 1
                 continue
-            peer.send_data(packet, now, out)
+            peer.stage(packet, now, out)
+            touched[peer] = None
+        for peer in touched:
+            peer.send_staged(now, out)
         return out
 
     # Data path: network -> TUN -----------------------------------------------------------

@@ -91,13 +91,18 @@ class Peer:
         self.tx_bytes += len(datagram)
         return True
 
-    def send_data(self, packet: bytes, now: float, out: Out) -> None:
-        """Queue an IP packet from the TUN and send what can be sent."""
-        if len(self.staged) >= MAX_STAGED_PACKETS:
-            self.staged.popleft()
-            self.device.counters["staged_overflow"] += 1
-        self.staged.append(packet)
-        self.send_staged(now, out)
+    def stage(self, packet: bytes, now: float, out: Out) -> None:
+        """Queue an IP packet from the TUN; ``send_staged`` sends the queue.
+
+        A full queue is flushed first; without a session the oldest packet is dropped.
+        """
+        staged = self.staged
+        if len(staged) >= MAX_STAGED_PACKETS:
+            self.send_staged(now, out)
+            if len(staged) >= MAX_STAGED_PACKETS:
+                staged.popleft()
+                self.device.counters["staged_overflow"] += 1
+        staged.append(packet)
 
     def send_keepalive(self, now: float, out: Out) -> None:
         if not self.staged:
