@@ -176,6 +176,11 @@ class _Owned:
     start: str | None
     popen: subprocess.Popen[bytes] | None = None
 
+    def alive(self) -> bool:
+        if self.popen is not None:
+            return self.popen.poll() is None
+        return _alive(self.pid, self.start)
+
     def stop(self, grace: float = 3.0) -> None:
         if self.popen is not None:
             if self.popen.poll() is None:
@@ -225,8 +230,9 @@ class Namespace:
     def spawn(
         self,
         *argv: str,
-        stdin: int | None = subprocess.DEVNULL,
-        stdout: int | None = subprocess.DEVNULL,
+        stdin: int = subprocess.DEVNULL,
+        stdout: int = subprocess.DEVNULL,
+        stderr: int = subprocess.DEVNULL,
         env: dict[str, str] | None = None,
     ) -> subprocess.Popen[bytes]:
         """Start a background command in this namespace; the lab stops it on close."""
@@ -234,7 +240,7 @@ class Namespace:
             ["ip", "netns", "exec", self.name, *argv],
             stdin=stdin,
             stdout=stdout,
-            stderr=subprocess.STDOUT if stdout not in (None, subprocess.DEVNULL) else None,
+            stderr=stderr,
             env=env,
             start_new_session=True,
         )
@@ -262,11 +268,13 @@ class Namespace:
             self.wait_up(dev, timeout)
 
     def wait_up(self, dev: str, timeout: float = 5.0) -> None:
-        """Wait until ``dev`` is operational (a veth only once both ends are up)."""
+        """Wait until ``dev`` has carrier (a veth only once both ends are up).
+
+        Carrier is immediate; ``operstate`` follows up to a second later (linkwatch).
+        """
 
         def up() -> bool:
-            state = self.run("cat", f"/sys/class/net/{dev}/operstate", check=False).stdout
-            return state.strip() in ("up", "unknown")
+            return self.run("cat", f"/sys/class/net/{dev}/carrier", check=False).stdout == "1\n"
 
         poll(up, what=f"{dev} up in {self.name}", timeout=timeout)
 
@@ -406,6 +414,10 @@ class WireGuard:
         self.link_ns.ip("link", "set", self.name, "netns", ns.name)
         self.link_ns = ns
 
+    def alive(self) -> bool:
+        """Whether the daemon process is still running."""
+        return self.process.alive()
+
     def log_tail(self, lines: int = 30) -> str:
         """The last lines the daemon wrote, for error messages."""
         return _tail(self.log_path, lines) if self.log_path else "(no log)"
@@ -521,7 +533,7 @@ class Lab:
         foreground: bool = False,
         log_level: str = "error",
         keys: KeyPair | None = None,
-        timeout: float = 10.0,
+        timeout: float = 5.0,
     ) -> WireGuard:
         """Launch ``program [-f] IFACE`` in ``ns`` and wait for its UAPI socket.
 
@@ -535,7 +547,7 @@ class Lab:
         argv = [program, "-f", name] if foreground else [program, name]
         env = {**os.environ, "LOG_LEVEL": log_level}
         with log.open("wb") as out:
-            launcher = ns.spawn(*argv, stdout=out.fileno(), env=env)
+            launcher = ns.spawn(*argv, stdout=out.fileno(), stderr=subprocess.STDOUT, env=env)
         owned = self._processes[-1]  # the launcher; in the foreground also the daemon
         socket_path = UAPI_DIR / f"{name}.sock"
 

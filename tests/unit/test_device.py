@@ -349,3 +349,10 @@ def test_staged_queue_is_bounded_without_session(net: Net, pair) -> None:
     peer = net.peer(a, b)
     assert list(peer.staged) == batch[-128:]
     assert a.device.counters["staged_overflow"] == 300 - 128
+
+
+def test_remove_one_allowed_ip(net: Net, pair) -> None:
+    a, b = pair
+    a.device.apply(DeviceChange(peers=[PeerChange(
+        b.public, remove_allowed_ips=[ipaddress.ip_network("fd00::2/128")])]), net.now)
+    assert a.device.info(net.now).peers[0].allowed_ips == [ipaddress.ip_network("10.0.0.2/32")]

@@ -127,7 +127,7 @@ def test_device_errors_name_the_key(line: str, key: str, code: int) -> None:
         ("allowed_ip=10.0.0.0/255.0.0.0", "allowed_ip"),
         ("allowed_ip=fe80::1%eth0/64", "allowed_ip"),
         ("allowed_ip=10.0.0/8", "allowed_ip"),
-        ("allowed_ip=-10.0.0.0/8", "allowed_ip"),
+        ("allowed_ip=-10.0.0.0", "allowed_ip"),
         ("protocol_version=2", "protocol_version"),
         ("listen_port=1", "listen_port"),  # a device key after public_key
         ("private_key=" + "00" * 32, "private_key"),
@@ -353,3 +353,9 @@ def test_server_large_set_in_small_pieces() -> None:
 
     assert trio.run(run) == b"errno=0\n\n"
     assert len(target.device.info(0.0).peers[0].allowed_ips) == 20_000
+
+
+def test_allowed_ip_removal_line() -> None:
+    change = parse_set([f"public_key={PEER.hex()}", "allowed_ip=-10.1.0.0/16"])
+    assert change.peers[0].remove_allowed_ips == [ipaddress.ip_network("10.1.0.0/16")]
+    assert change.peers[0].allowed_ips == []

@@ -15,7 +15,7 @@ import sys
 import trio
 
 from uspan import __version__
-from uspan.daemon.daemon import Daemon, setup_logging
+from uspan.daemon.daemon import Daemon, log, setup_logging
 from uspan.daemon.tun import validate_name
 
 USAGE = "Usage: uspan-wg [-f/--foreground] INTERFACE-NAME"
@@ -48,12 +48,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_foreground(interface: str, level: str | None) -> int:
     setup_logging(interface, level)
+    log.debug("Starting uspan-wg version %s", __version__)
     try:
         daemon = Daemon.open(interface)
     except OSError as exc:
         print(f"uspan-wg: {interface}: {exc}", file=sys.stderr)
         return 1
-    return trio.run(daemon.run)
+    return _serve(daemon)
+
+
+def _serve(daemon: Daemon) -> int:
+    try:
+        return trio.run(daemon.run)
+    except Exception:  # a bug in a task: say so, then exit non-zero
+        log.exception("Device failed")
+        return 1
 
 
 def _run_detached(interface: str, level: str | None) -> int:
@@ -72,9 +81,10 @@ def _run_detached(interface: str, level: str | None) -> int:
         os._exit(1)
     _detach_stdio(keep_output=level is not None and level != "silent")
     setup_logging(interface, level)
+    log.debug("Starting uspan-wg version %s", __version__)
     os.write(write_end, _READY)
     os.close(write_end)
-    os._exit(trio.run(daemon.run))
+    os._exit(_serve(daemon))
 
 
 def _wait_ready(read_end: int, interface: str) -> int:

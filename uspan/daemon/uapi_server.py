@@ -48,7 +48,9 @@ def open_listener(interface: str, directory: str = SOCKET_DIRECTORY) -> socket.s
     A stale socket file (nobody answers on it) is replaced; a live one is an error.
     """
     path = socket_path(interface, directory)
-    os.makedirs(directory, mode=0o755, exist_ok=True)
+    if not os.path.isdir(directory):
+        os.makedirs(directory, exist_ok=True)
+        os.chmod(directory, 0o755)  # not narrowed by the caller's umask
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         try:

@@ -35,6 +35,7 @@ class PeerChange:
     persistent_keepalive: int | None = None  # seconds, 0 = off
     replace_allowed_ips: bool = False
     allowed_ips: list[Network] = field(default_factory=list)
+    remove_allowed_ips: list[Network] = field(default_factory=list)  # UAPI "allowed_ip=-..."
     protocol_version: int | None = None
 
 

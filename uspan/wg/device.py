@@ -9,7 +9,8 @@ Surface (all times are monotonic seconds passed in by the caller):
 - ``receive(datagrams, now) -> ([ip packet for the TUN], [(datagram, Endpoint)])``:
   datagrams read from UDP, each as ``(bytes, Endpoint)`` with the sticky source filled in.
 - ``tick(now) -> [(datagram, Endpoint)]``: fire due timers.
-- ``next_deadline() -> float | None``: when ``tick`` next has work.
+- ``next_deadline() -> float | None``: when ``tick`` may next have work (never later;
+  O(1), so the shell can ask after every batch).
 - ``forget_source(endpoint)``: the shell could not send from a sticky source address.
 - ``counters``: drops by reason, and a few totals (a ``collections.Counter``).
 
@@ -20,6 +21,7 @@ it is dropped and counted.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -105,6 +107,7 @@ class Device:
         self.counters: Counter[str] = Counter()
         self.under_load_threshold = UNDER_LOAD_QUEUE
         self._under_load_until = float("-inf")
+        self._wake_at = math.inf  # lower bound of every armed peer timer
 
     # Index table -------------------------------------------------------------------------
 
@@ -206,6 +209,8 @@ class Device:
             self.allowed_ips.remove_value(peer)
         for network in change.allowed_ips:
             self.allowed_ips.insert(network, peer)
+        for network in change.remove_allowed_ips:
+            self.allowed_ips.remove(network, peer)
         if change.persistent_keepalive is not None:
             peer.set_persistent_keepalive(change.persistent_keepalive, now, out)
 
@@ -472,15 +477,24 @@ class Device:
     def tick(self, now: float) -> Out:
         """Fire every expired peer timer."""
         out: Out = []
+        earliest = math.inf
         for peer in list(self.peers.values()):
             deadline = peer.next_deadline()
             if deadline is not None and deadline <= now:
                 peer.tick(now, out)
+                deadline = peer.next_deadline()
+            if deadline is not None and deadline < earliest:
+                earliest = deadline
+        self._wake_at = earliest
         return out
 
+    def note_deadline(self, deadline: float) -> None:
+        """A peer armed a timer (called by PeerTimers)."""
+        if deadline < self._wake_at:
+            self._wake_at = deadline
+
     def next_deadline(self) -> float | None:
-        deadlines = [d for d in (p.next_deadline() for p in self.peers.values()) if d is not None]
-        return min(deadlines) if deadlines else None
+        return None if self._wake_at == math.inf else self._wake_at
 
     def forget_source(self, endpoint: Endpoint) -> None:
         """Sending from ``endpoint.local`` failed: fall back to the routing table's choice."""

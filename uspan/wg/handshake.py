@@ -16,7 +16,12 @@ _ZERO_MAC = bytes(MAC_SIZE)
 
 
 class HandshakeError(Exception):
-    """A handshake message was refused; ``reason`` is "decrypt", "dh", "receiver" or "spent"."""
+    """A handshake message was refused.
+
+    ``reason``: "decrypt" (an AEAD field did not authenticate), "dh" (a low-order public
+    key, including a low-order remote static), "length" (hand-built fields of wrong size),
+    "receiver" (response for another index) or "spent" (state already used once).
+    """
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
@@ -93,9 +98,10 @@ def create_initiation(
         )
     except noise.NoiseError as exc:
         raise _refused(exc) from exc
-    ephemeral, encrypted_static, encrypted_timestamp = body[:32], body[32:80], body[80:]
+    static_end = KEY_SIZE + noise.ENCRYPTED_STATIC_SIZE
     message = messages.Initiation(
-        sender_index, ephemeral, encrypted_static, encrypted_timestamp, _ZERO_MAC, _ZERO_MAC
+        sender_index, body[:KEY_SIZE], body[KEY_SIZE:static_end], body[static_end:],
+        _ZERO_MAC, _ZERO_MAC,
     )
     initiator = InitiatorState(
         state.chaining_key, state.hash, local_private, ephemeral_private, remote_public,

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 from uspan.wg import tai64n, timers
 from uspan.wg.constants import (
     HANDSHAKE_INITIATION_RATE,
-    KEEPALIVE_TIMEOUT,
     KEY_SIZE,
     MAX_STAGED_PACKETS,
     MAX_TIMER_HANDSHAKES,
@@ -45,7 +44,7 @@ class Peer:
         self.preshared_key = ZERO_KEY
         self.endpoint: Endpoint | None = None
         self.cookies = CookieGenerator(public_key, rng=device.rng)
-        self.timers = PeerTimers(device.rng)
+        self.timers = PeerTimers(device.rng, device.note_deadline)
         # Sessions.
         self.current: Keypair | None = None
         self.previous: Keypair | None = None
@@ -251,9 +250,7 @@ class Peer:
                 self._retransmit(now, out)
             elif name == timers.SEND_KEEPALIVE:
                 self.send_keepalive(now, out)
-                if self.timers.need_another_keepalive:
-                    self.timers.need_another_keepalive = False
-                    self.timers.send_keepalive = now + KEEPALIVE_TIMEOUT
+                self.timers.keepalive_sent(now)
             elif name == timers.NEW_HANDSHAKE:
                 self._forget_source()
                 self.send_initiation(now, out, retry=False)

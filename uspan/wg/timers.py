@@ -30,6 +30,7 @@ class PeerTimers:
 
     __slots__ = (
         "_rng",
+        "_wake",
         "need_another_keepalive",
         "new_handshake",
         "persistent_keepalive",
@@ -39,8 +40,9 @@ class PeerTimers:
         "zero_key_material",
     )
 
-    def __init__(self, rng: Callable[[int], bytes]) -> None:
+    def __init__(self, rng: Callable[[int], bytes], wake: Callable[[float], None]) -> None:
         self._rng = rng
+        self._wake = wake  # told of every deadline armed, so the device can sleep till then
         self.retransmit_handshake: float | None = None
         self.send_keepalive: float | None = None
         self.new_handshake: float | None = None
@@ -59,14 +61,23 @@ class PeerTimers:
     def data_sent(self, now: float) -> None:
         """Data sent: expect an answer within KEEPALIVE + REKEY_TIMEOUT, else rehandshake."""
         if self.new_handshake is None:
-            self.new_handshake = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self.jitter()
+            self.new_handshake = deadline = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self.jitter()
+            self._wake(deadline)
 
     def data_received(self, now: float) -> None:
         """Data received: send a keepalive if we have nothing to say within KEEPALIVE."""
         if self.send_keepalive is None:
-            self.send_keepalive = now + KEEPALIVE_TIMEOUT
+            self.send_keepalive = deadline = now + KEEPALIVE_TIMEOUT
+            self._wake(deadline)
         else:
             self.need_another_keepalive = True
+
+    def keepalive_sent(self, now: float) -> None:
+        """The keepalive timer fired; re-arm it if more data came meanwhile."""
+        if self.need_another_keepalive:
+            self.need_another_keepalive = False
+            self.send_keepalive = deadline = now + KEEPALIVE_TIMEOUT
+            self._wake(deadline)
 
     def any_authenticated_sent(self) -> None:
         self.send_keepalive = None
@@ -75,23 +86,27 @@ class PeerTimers:
         self.new_handshake = None
 
     def handshake_initiated(self, now: float) -> None:
-        self.retransmit_handshake = now + REKEY_TIMEOUT + self.jitter()
+        self.retransmit_handshake = deadline = now + REKEY_TIMEOUT + self.jitter()
+        self._wake(deadline)
 
     def handshake_complete(self) -> None:
         self.retransmit_handshake = None
 
     def session_derived(self, now: float) -> None:
-        self.zero_key_material = now + REJECT_AFTER_TIME * 3
+        self.zero_key_material = deadline = now + REJECT_AFTER_TIME * 3
+        self._wake(deadline)
 
     def any_authenticated_traversal(self, now: float) -> None:
         if self.persistent_keepalive_interval:
-            self.persistent_keepalive = now + self.persistent_keepalive_interval
+            self.persistent_keepalive = deadline = now + self.persistent_keepalive_interval
+            self._wake(deadline)
 
     def gave_up(self, now: float) -> None:
         """Handshake attempts exhausted: stop keepalives, zero keys later if nothing comes."""
         self.send_keepalive = None
         if self.zero_key_material is None:
-            self.zero_key_material = now + REJECT_AFTER_TIME * 3
+            self.zero_key_material = deadline = now + REJECT_AFTER_TIME * 3
+            self._wake(deadline)
 
     def stop_all(self) -> None:
         for name in TIMERS:

@@ -59,7 +59,10 @@ def _device_line(change: DeviceChange, key: str, value: str) -> None:
 
 def _peer_line(peer: PeerChange, key: str, value: str) -> None:
     if key == "allowed_ip":  # first: it is by far the most frequent line
-        peer.allowed_ips.append(parse_prefix(value))
+        if value.startswith("-"):
+            peer.remove_allowed_ips.append(parse_prefix(value[1:]))
+        else:
+            peer.allowed_ips.append(parse_prefix(value))
     elif key == "remove":
         peer.remove = _parse_true(key, value)
     elif key == "update_only":

@@ -1,0 +1,135 @@
+"""Fixtures for system tests: real namespaces, real daemons, the real ``wg`` tool.
+
+System tests are skipped unless the machine can run them (root, /dev/net/tun, ``ip netns``
+and the tools). Implementations are ``uspan`` (the ``uspan-wg`` console script next to
+``sys.executable``) and ``wgo`` (``/usr/bin/wireguard-go``). A missing or broken
+``uspan-wg`` makes its tests fail, never skip; ``pytest -k wgo`` runs the wireguard-go
+control alone (the ids of mixed combinations spell it ``wireguardgo`` on purpose).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from uspan.netns import Lab, Namespace, Veth
+
+IMPLEMENTATIONS = {
+    "uspan": Path(sys.executable).parent / "uspan-wg",
+    "wgo": Path("/usr/bin/wireguard-go"),
+}
+TOOLS = ("ip", "wg", "wg-quick", "ping", "ncat", "ss")
+
+# (initiator, responder) and the test id of each combination.
+COMBINATIONS = {
+    "uspan-uspan": ("uspan", "uspan"),
+    "uspan-wireguardgo": ("uspan", "wgo"),
+    "wireguardgo-uspan": ("wgo", "uspan"),
+    "wgo-wgo": ("wgo", "wgo"),
+}
+FAILED = pytest.StashKey[bool]()  # set on items whose setup or call failed
+
+
+@functools.cache
+def environment_problem() -> str | None:
+    """Why system tests cannot run here, or None if they can."""
+    if os.geteuid() != 0:
+        return "system tests need root"
+    try:
+        os.close(os.open("/dev/net/tun", os.O_RDWR))
+    except OSError as e:
+        return f"/dev/net/tun unusable: {e}"
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if missing:
+        return f"missing tools: {', '.join(missing)}"
+    probe = f"uspan-probe-{os.getpid()}"
+    added = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if added.returncode != 0:
+        return f"ip netns add failed: {added.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=True)
+    return None
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("system") and (problem := environment_problem()):
+        pytest.skip(problem)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    report = yield
+    if report.failed:
+        item.stash[FAILED] = True
+    return report
+
+
+def program(name: str) -> str:
+    """The executable of an implementation: uspan must exist (fail), wgo may (skip)."""
+    path = IMPLEMENTATIONS[name]
+    if not os.access(path, os.X_OK):
+        if name == "uspan":
+            pytest.fail(f"{path} is missing: install the project (pip install -e '.[test]')")
+        pytest.skip(f"{path} is not installed")
+    return str(path)
+
+
+@pytest.fixture(params=list(IMPLEMENTATIONS))
+def impl(request: pytest.FixtureRequest) -> str:
+    """Each implementation's executable in turn."""
+    return program(request.param)
+
+
+@dataclass(frozen=True)
+class Combination:
+    """Which program initiates (namespace a) and which responds (namespace b)."""
+
+    initiator: str
+    responder: str
+
+
+@pytest.fixture(params=list(COMBINATIONS.values()), ids=list(COMBINATIONS))
+def combo(request: pytest.FixtureRequest) -> Combination:
+    initiator, responder = request.param
+    return Combination(program(initiator), program(responder))
+
+
+@pytest.fixture
+def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    """A lab torn down after the test; daemon logs are printed if the test failed."""
+    with Lab() as the_lab:
+        yield the_lab
+        if request.node.stash.get(FAILED, False):
+            print(the_lab.daemon_logs())
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Namespaces a and b joined by one veth with IPv4 and IPv6 outer addresses."""
+
+    lab: Lab
+    a: Namespace
+    b: Namespace
+    link: Veth
+    a4: str = "192.0.2.1"
+    b4: str = "192.0.2.2"
+    a6: str = "fd00:2::1"
+    b6: str = "fd00:2::2"
+
+    def outer(self, family: int) -> tuple[str, str]:
+        """The (a, b) outer addresses of IP version ``family``."""
+        return (self.a4, self.b4) if family == 4 else (self.a6, self.b6)
+
+
+@pytest.fixture
+def pair(lab: Lab) -> Pair:
+    a, b = lab.namespace("a"), lab.namespace("b")
+    link = lab.veth(a, b, ["192.0.2.1/24", "fd00:2::1/64"], ["192.0.2.2/24", "fd00:2::2/64"])
+    return Pair(lab, a, b, link)

@@ -1,0 +1,633 @@
+"""Offloads for the data path: TUN super-segments in and out, UDP GSO/GRO on the socket.
+
+With ``IFF_VNET_HDR`` and ``TUNSETOFFLOAD`` every TUN read starts with a 10-byte
+``virtio_net_hdr`` and may carry a TCP (TSO) or UDP (USO) super-segment of up to 64 KiB;
+``segment`` splits it into packets that fit the MTU, with every header and checksum right.
+``coalesce`` does the reverse for packets going into the TUN, following the kernel's GRO
+rules, so a batch of decrypted TCP segments becomes one write. On the UDP socket,
+``UDP_SEGMENT`` sends many equal-sized datagrams with one ``sendmsg`` and ``UDP_GRO``
+receives many as one buffer plus a ``gso_size`` control message.
+
+Checksums: the ones' complement sum of 16-bit words equals the buffer read as one big
+integer modulo 0xFFFF (2**16 is 1 modulo 0xFFFF), so ``int.from_bytes(b, "little") %
+0xFFFF`` sums a whole packet in C. Little-endian words give the byte-swapped sum, and a
+byte-swapped sum written little-endian is the big-endian checksum, so no swap is needed.
+Measured on the development VM (Python 3.11): 0.73 GB/s for 1400 bytes, 0.77 GB/s for
+64 KB; ``sum(array('H'))`` 0.19 GB/s, ``sum(memoryview.cast('Q'))`` 0.32 GB/s, a Python
+loop over words 0.03 GB/s. Sums of parts that start at even offsets simply add up.
+
+Write a ``(vnet_hdr, packet)`` pair to the TUN with one ``os.writev``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import socket
+import struct
+from collections.abc import Sequence
+from typing import NamedTuple
+
+# --- virtio_net_hdr (include/uapi/linux/virtio_net.h), native byte order ---------------
+
+VNET_HDR_LEN = 10
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+GSO_NONE = 0
+GSO_TCPV4 = 1
+GSO_UDP = 3  # UDP fragmentation offload (UFO): never enabled, refused by ``segment``
+GSO_TCPV6 = 4
+GSO_UDP_L4 = 5  # UDP segmentation offload (USO)
+GSO_ECN = 0x80  # flag on gso_type: the TCP super-segment carries CWR
+
+_VNET = struct.Struct("=BBHHHH")
+VNET_NONE = bytes(VNET_HDR_LEN)  # GSO_NONE, flags 0: the kernel checks every checksum
+
+# --- TUN ioctls and offload flags (include/uapi/linux/if_tun.h) ------------------------
+
+TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_F_TSO_ECN = 0x08
+TUN_F_UFO = 0x10
+TUN_F_USO4 = 0x20
+TUN_F_USO6 = 0x40
+
+# Offload sets tried by ``enable_tun_offload``, richest first (USO needs Linux 6.2).
+_TUN_OFFLOADS: tuple[tuple[int, frozenset[str]], ...] = (
+    (TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_USO4 | TUN_F_USO6,
+     frozenset({"csum", "tso4", "tso6", "uso4", "uso6"})),
+    (TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6, frozenset({"csum", "tso4", "tso6"})),
+    (TUN_F_CSUM, frozenset({"csum"})),
+)
+
+# --- UDP socket offloads (include/uapi/linux/udp.h) ------------------------------------
+
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+IP_PKTINFO = 8  # not exported by Python's socket module
+UDP_MAX_SEGMENTS = 64  # the kernel refuses more datagrams per UDP_SEGMENT send
+UDP_MAX_PAYLOAD = 65535 - 20 - 8  # the largest UDP payload over IPv4
+RECV_BUFFER_SIZE = 65535  # a coalesced datagram is at most this long
+GRO_ANCBUFSIZE = (
+    socket.CMSG_SPACE(4)  # UDP_GRO: int gso_size
+    + socket.CMSG_SPACE(12)  # IP_PKTINFO: struct in_pktinfo
+    + socket.CMSG_SPACE(20)  # IPV6_PKTINFO: struct in6_pktinfo
+)
+
+_PROTO_TCP = 6
+_PROTO_UDP = 17
+_TCP_FIN = 0x01
+_TCP_PSH = 0x08
+_TCP_ACK = 0x10
+_TCP_CWR = 0x80
+_IPV4_DF = 0x40
+_IPV4_MF_OFFSET = 0x3FFF  # more-fragments flag and fragment offset
+_MAX_IP_PACKET = 65535
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
+
+
+class OffloadError(ValueError):
+    """A virtio_net_hdr, super-segment or control message is malformed or unsupported."""
+
+
+class VirtioNetHdr(NamedTuple):
+    """The header the TUN puts before (and expects before) every packet."""
+
+    flags: int = 0
+    gso_type: int = GSO_NONE
+    hdr_len: int = 0
+    gso_size: int = 0
+    csum_start: int = 0
+    csum_offset: int = 0
+
+    def pack(self) -> bytes:
+        return _VNET.pack(*self)
+
+
+def parse_vnet_hdr(data: bytes | bytearray | memoryview) -> VirtioNetHdr:
+    """Parse the first 10 bytes of ``data`` as a virtio_net_hdr."""
+    if len(data) < VNET_HDR_LEN:
+        raise OffloadError(f"virtio_net_hdr: {len(data)} bytes, need {VNET_HDR_LEN}")
+    return VirtioNetHdr._make(_VNET.unpack_from(data))
+
+
+# --- checksums --------------------------------------------------------------------------
+
+
+def _fold(total: int) -> int:
+    """A sum of little-endian 16-bit words folded to 16 bits (0 only for a zero sum)."""
+    folded = total % 0xFFFF
+    return folded if folded or not total else 0xFFFF
+
+
+def _swap16(value: int) -> int:
+    return ((value & 0xFF) << 8) | (value >> 8)
+
+
+def checksum(data: bytes | bytearray | memoryview) -> int:
+    """The RFC 1071 Internet checksum of ``data``, as the big-endian value of the field."""
+    return _swap16(0xFFFF - _fold(int.from_bytes(data, "little")))
+
+
+def _pseudo_sum(packet: bytes | bytearray | memoryview, v6: bool, proto: int,
+                l4_len: int) -> int:
+    """The little-endian word sum of the TCP/UDP pseudo-header of an IP packet."""
+    addresses = packet[8:40] if v6 else packet[12:20]
+    return int.from_bytes(addresses, "little") + (proto << 8) + _swap16(l4_len)
+
+
+def l4_checksum_ok(packet: bytes | bytearray | memoryview) -> bool:
+    """Whether the TCP or UDP checksum of an unfragmented IPv4/IPv6 packet verifies.
+
+    IPv6 extension headers are not followed (False); an IPv4 UDP checksum of zero means
+    "none" and does not verify either.
+    """
+    if len(packet) < 20:
+        return False
+    v6 = packet[0] >> 4 == 6
+    ip_len = 40 if v6 else (packet[0] & 0x0F) * 4
+    proto = packet[6] if v6 else packet[9]
+    if proto not in (_PROTO_TCP, _PROTO_UDP) or len(packet) < ip_len + 8:
+        return False
+    if not v6 and proto == _PROTO_UDP and packet[ip_len + 6 : ip_len + 8] == b"\0\0":
+        return False
+    total = _pseudo_sum(packet, v6, proto, len(packet) - ip_len)
+    total += int.from_bytes(packet[ip_len:], "little")
+    return total % 0xFFFF == 0
+
+
+def complete_checksum(packet: bytes | bytearray | memoryview, csum_start: int,
+                      csum_offset: int) -> bytes:
+    """Finish a CHECKSUM_PARTIAL packet: sum from ``csum_start`` into the field.
+
+    The field holds the pseudo-header sum already; a result of zero is written as
+    0xFFFF, as the kernel does (required for UDP, equivalent for TCP).
+    """
+    at = csum_start + csum_offset
+    if csum_offset < 0 or at + 2 > len(packet):
+        raise OffloadError(
+            f"virtio_net_hdr csum_start {csum_start} + csum_offset {csum_offset}: "
+            f"beyond the {len(packet)}-byte packet"
+        )
+    out = bytearray(packet)
+    value = 0xFFFF - _fold(int.from_bytes(memoryview(out)[csum_start:], "little"))
+    out[at : at + 2] = (value or 0xFFFF).to_bytes(2, "little")
+    return bytes(out)
+
+
+# --- splitting what the TUN hands us ----------------------------------------------------
+
+
+def segment(vnet: bytes | bytearray | memoryview, packet: bytes | bytearray | memoryview,
+            mtu: int) -> list[bytes]:
+    """Turn one TUN read (header and packet) into packets of at most ``mtu`` bytes.
+
+    GSO_NONE packets are returned whole, with a partial checksum completed if the header
+    asks for it. TCP and UDP super-segments are cut into ``gso_size`` payload chunks
+    (smaller if ``mtu`` demands it), each with its own lengths, IPv4 ID and header
+    checksum, TCP sequence number and flags, and full TCP/UDP checksum.
+    """
+    hdr = parse_vnet_hdr(vnet)
+    gso_type = hdr.gso_type & ~GSO_ECN
+    if gso_type == GSO_NONE:
+        if hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+            return [complete_checksum(packet, hdr.csum_start, hdr.csum_offset)]
+        return [bytes(packet)]
+    if gso_type in (GSO_TCPV4, GSO_TCPV6):
+        return _split(hdr, memoryview(packet), mtu, gso_type == GSO_TCPV6, _PROTO_TCP)
+    if gso_type == GSO_UDP_L4:
+        return _split(hdr, memoryview(packet), mtu, packet[0] >> 4 == 6, _PROTO_UDP)
+    raise OffloadError(f"virtio_net_hdr gso_type {hdr.gso_type:#x}: not supported")
+
+
+def _ip_header_len(hdr: VirtioNetHdr, packet: memoryview, v6: bool) -> int:
+    """The IP header length of a super-segment, checked against the packet itself."""
+    if len(packet) < (40 if v6 else 20) or packet[0] >> 4 != (6 if v6 else 4):
+        raise OffloadError(
+            f"super-segment of gso_type {hdr.gso_type:#x}: not an IPv{6 if v6 else 4} packet"
+        )
+    if v6:
+        ip_len = hdr.csum_start if hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM else 40
+        if ip_len < 40:
+            raise OffloadError(f"virtio_net_hdr csum_start {ip_len}: inside the IPv6 header")
+        return ip_len
+    ip_len = (packet[0] & 0x0F) * 4
+    if ip_len < 20 or (hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and hdr.csum_start != ip_len):
+        raise OffloadError(
+            f"virtio_net_hdr csum_start {hdr.csum_start}: IPv4 header is {ip_len} bytes"
+        )
+    return ip_len
+
+
+def _split(hdr: VirtioNetHdr, packet: memoryview, mtu: int, v6: bool,
+           proto: int) -> list[bytes]:
+    ip_len = _ip_header_len(hdr, packet, v6)
+    if not v6 and packet[9] != proto:
+        raise OffloadError(f"IPv4 protocol {packet[9]}: gso_type {hdr.gso_type:#x} needs {proto}")
+    tcp = proto == _PROTO_TCP
+    # The transport header length comes from the packet: the kernel's hdr_len may cover
+    # the whole first segment on the forwarding path.
+    l4_hdr_len = (packet[ip_len + 12] >> 4) * 4 if tcp and len(packet) > ip_len + 12 else 8
+    hdr_len = ip_len + l4_hdr_len
+    if (tcp and l4_hdr_len < 20) or hdr_len > len(packet):
+        raise OffloadError(
+            f"super-segment of {len(packet)} bytes: transport header of {l4_hdr_len} bytes "
+            f"at {ip_len} does not fit"
+        )
+    step = min(hdr.gso_size, mtu - hdr_len)
+    if step <= 0:
+        raise OffloadError(
+            f"virtio_net_hdr gso_size {hdr.gso_size} with mtu {mtu} and {hdr_len} header "
+            "bytes: no room for payload"
+        )
+    template = bytearray(packet[:hdr_len])
+    check_at = ip_len + (16 if tcp else 6)
+    template[check_at : check_at + 2] = b"\0\0"
+    if not v6:
+        template[10:12] = b"\0\0"
+    address_sum = int.from_bytes(packet[8:40] if v6 else packet[12:20], "little")
+    address_sum += proto << 8
+    seq, flags = _U32.unpack_from(packet, ip_len + 4)[0], packet[ip_len + 13]
+    ip_id = _U16.unpack_from(packet, 4)[0]
+    payload = packet[hdr_len:]
+    size = len(payload)
+    head = memoryview(template)
+    out = []
+    for index, offset in enumerate(range(0, max(size, 1), step)):
+        chunk = payload[offset : offset + step]
+        total = hdr_len + len(chunk)
+        l4_len = total - ip_len
+        if v6:
+            _U16.pack_into(template, 4, total - 40)
+        else:
+            _U16.pack_into(template, 2, total)
+            _U16.pack_into(template, 4, (ip_id + index) & 0xFFFF)
+            template[10:12] = b"\0\0"
+            header_check = 0xFFFF - _fold(int.from_bytes(head[:ip_len], "little"))
+            template[10:12] = header_check.to_bytes(2, "little")
+        if tcp:
+            _U32.pack_into(template, ip_len + 4, (seq + offset) & 0xFFFFFFFF)
+            segment_flags = flags if offset + step >= size else flags & ~(_TCP_FIN | _TCP_PSH)
+            template[ip_len + 13] = segment_flags & ~_TCP_CWR if index else segment_flags
+        else:
+            _U16.pack_into(template, ip_len + 4, l4_len)
+        template[check_at : check_at + 2] = b"\0\0"
+        total_sum = address_sum + _swap16(l4_len) + int.from_bytes(head[ip_len:], "little")
+        value = 0xFFFF - _fold(total_sum + int.from_bytes(chunk, "little"))
+        if not tcp and not value:
+            value = 0xFFFF
+        template[check_at : check_at + 2] = value.to_bytes(2, "little")
+        out.append(b"".join((template, chunk)))
+    return out
+
+
+# --- coalescing what goes into the TUN ---------------------------------------------------
+
+
+class _Run:
+    """Consecutive segments of one flow being merged into a super-segment."""
+
+    __slots__ = ("ack", "count", "ended", "fixed_id", "gso_size", "head", "hdr_len",
+                 "ip_len", "next_seq", "parts", "proto", "psh", "size", "v6", "verified")
+
+    def __init__(self, packet: bytes, v6: bool, proto: int, ip_len: int, hdr_len: int,
+                 payload: int) -> None:
+        self.head = packet
+        self.v6 = v6
+        self.proto = proto
+        self.ip_len = ip_len
+        self.hdr_len = hdr_len
+        self.gso_size = payload
+        self.size = len(packet)
+        self.count = 1
+        self.parts = [memoryview(packet)[hdr_len:]]
+        self.verified = False
+        self.ended = False
+        self.fixed_id: bool | None = None  # IPv4: DF with one ID, or IDs incrementing
+        self.psh = False
+        self.next_seq = 0
+        self.ack = b""
+        if proto == _PROTO_TCP:
+            self.next_seq = (_U32.unpack_from(packet, ip_len + 4)[0] + payload) & 0xFFFFFFFF
+            self.ack = packet[ip_len + 8 : ip_len + 12]
+            self.psh = bool(packet[ip_len + 13] & _TCP_PSH)
+            self.ended = self.psh
+
+    def accepts(self, packet: bytes, payload: int) -> bool:
+        """Whether ``packet`` (same flow, same header lengths) may be appended."""
+        head, ip_len = self.head, self.ip_len
+        if (self.ended or payload > self.gso_size
+                or self.size + payload > _MAX_IP_PACKET):
+            return False
+        if self.v6:
+            if head[:4] != packet[:4] or head[7] != packet[7]:  # class, flow label, hops
+                return False
+        else:
+            if head[1] != packet[1] or head[8] != packet[8] or head[6] >> 5 != packet[6] >> 5:
+                return False  # TOS, TTL, DF
+            head_id, ip_id = _U16.unpack_from(head, 4)[0], _U16.unpack_from(packet, 4)[0]
+            fixed = bool(head[6] & _IPV4_DF) and ip_id == head_id
+            if not fixed and ip_id != (head_id + self.count) & 0xFFFF:
+                return False
+            if self.fixed_id is not None and fixed != self.fixed_id:
+                return False
+        if self.proto == _PROTO_TCP:
+            return (
+                _U32.unpack_from(packet, ip_len + 4)[0] == self.next_seq
+                and packet[ip_len + 8 : ip_len + 12] == self.ack
+                and packet[ip_len + 20 : self.hdr_len] == head[ip_len + 20 : self.hdr_len]
+            )
+        return True
+
+    def append(self, packet: bytes, payload: int) -> None:
+        if not self.v6:
+            self.fixed_id = _U16.unpack_from(packet, 4)[0] == _U16.unpack_from(self.head, 4)[0]
+        self.parts.append(memoryview(packet)[self.hdr_len :])
+        self.size += payload
+        self.count += 1
+        if payload < self.gso_size:
+            self.ended = True
+        if self.proto == _PROTO_TCP:
+            self.next_seq = (self.next_seq + payload) & 0xFFFFFFFF
+            if packet[self.ip_len + 13] & _TCP_PSH:
+                self.psh = self.ended = True
+
+    def build(self) -> tuple[bytes, bytes]:
+        """The (virtio_net_hdr, packet) to write: a GSO super-segment once merged."""
+        if self.count == 1:
+            return VNET_NONE, self.head
+        ip_len, hdr_len, tcp = self.ip_len, self.hdr_len, self.proto == _PROTO_TCP
+        out = bytearray(self.head[:hdr_len])
+        out += b"".join(self.parts)
+        l4_len = len(out) - ip_len
+        if self.v6:
+            _U16.pack_into(out, 4, l4_len)
+        else:
+            _U16.pack_into(out, 2, len(out))
+            out[10:12] = b"\0\0"
+            value = 0xFFFF - _fold(int.from_bytes(memoryview(out)[:ip_len], "little"))
+            out[10:12] = value.to_bytes(2, "little")
+        if tcp:
+            if self.psh:
+                out[ip_len + 13] |= _TCP_PSH
+            check_at, gso_type = ip_len + 16, GSO_TCPV6 if self.v6 else GSO_TCPV4
+        else:
+            _U16.pack_into(out, ip_len + 4, l4_len)
+            check_at, gso_type = ip_len + 6, GSO_UDP_L4
+        # CHECKSUM_PARTIAL: the field holds the folded pseudo-header sum, not inverted.
+        partial = _fold(_pseudo_sum(out, self.v6, self.proto, l4_len))
+        out[check_at : check_at + 2] = partial.to_bytes(2, "little")
+        vnet = _VNET.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, hdr_len, self.gso_size,
+                          ip_len, check_at - ip_len)
+        return vnet, bytes(out)
+
+
+def _flow(packet: bytes, udp: bool) -> tuple[bytes, bool, int, int, int, int] | None:
+    """(flow key, v6, proto, ip header len, header len, payload len) of a GRO candidate.
+
+    Also returns the flow of TCP/UDP packets that cannot merge (payload length -1), so
+    they end their flow's run and keep their place in it.
+    """
+    size = len(packet)
+    if size < 28:
+        return None
+    version = packet[0] >> 4
+    if version == 4:
+        proto = packet[9]
+        ip_len = (packet[0] & 0x0F) * 4
+        addresses = packet[12:20]
+        simple = (ip_len == 20 and _U16.unpack_from(packet, 2)[0] == size
+                  and not _U16.unpack_from(packet, 6)[0] & _IPV4_MF_OFFSET)
+    elif version == 6 and size >= 48:
+        proto = packet[6]
+        ip_len = 40
+        addresses = packet[8:40]
+        simple = _U16.unpack_from(packet, 4)[0] == size - 40
+    else:
+        return None
+    if proto == _PROTO_TCP:
+        if size < ip_len + 20:
+            return None
+        hdr_len = ip_len + (packet[ip_len + 12] >> 4) * 4
+        mergeable = (packet[ip_len + 13] in (_TCP_ACK, _TCP_ACK | _TCP_PSH)
+                     and ip_len + 20 <= hdr_len < size)
+    elif proto == _PROTO_UDP:
+        hdr_len = ip_len + 8
+        mergeable = (udp and hdr_len < size
+                     and _U16.unpack_from(packet, ip_len + 4)[0] == size - ip_len
+                     and (version == 6 or packet[ip_len + 6 : ip_len + 8] != b"\0\0"))
+    else:
+        return None
+    key = b"".join((addresses, packet[ip_len : ip_len + 4], bytes((proto,))))
+    payload = size - hdr_len if simple and mergeable else -1
+    return key, version == 6, proto, ip_len, hdr_len, payload
+
+
+def coalesce(packets: Sequence[bytes], *, udp: bool = False) -> list[tuple[bytes, bytes]]:
+    """Merge consecutive segments of each flow into GSO super-segments for the TUN.
+
+    TCP segments merge when the kernel's GRO would merge them: same addresses, ports,
+    ACK, header length and options, IP TOS/TTL/DF (IPv6 class, flow label, hop limit),
+    IPv4 IDs incrementing (or fixed under DF), contiguous sequence numbers, only ACK or
+    ACK|PSH (PSH ends a run), equal payload sizes except a shorter last one, at most
+    64 KiB. With ``udp`` (only if the TUN accepted USO) UDP datagrams merge likewise.
+    Each segment's checksum is verified before it is merged; segments that are not
+    merged get a GSO_NONE header with no flags, so the kernel verifies them itself.
+    Order within a flow is kept. Returns the (virtio_net_hdr, packet) pairs to write.
+    """
+    order: list[_Run | bytes] = []
+    runs: dict[bytes, _Run] = {}
+    for packet in packets:
+        packet = bytes(packet)
+        flow = _flow(packet, udp)
+        if flow is None:
+            order.append(packet)
+            continue
+        key, v6, proto, ip_len, hdr_len, payload = flow
+        run = runs.get(key)
+        if payload < 0:
+            runs.pop(key, None)
+            order.append(packet)
+            continue
+        if (run is not None and run.proto == proto and run.hdr_len == hdr_len
+                and run.accepts(packet, payload)):
+            if not run.verified:
+                run.verified = l4_checksum_ok(run.head)
+            if run.verified:
+                if l4_checksum_ok(packet):
+                    run.append(packet, payload)
+                else:  # pass it through alone; nothing after it can follow the run
+                    del runs[key]
+                    order.append(packet)
+                continue
+        run = _Run(packet, v6, proto, ip_len, hdr_len, payload)
+        runs[key] = run
+        order.append(run)
+    return [(VNET_NONE, item) if isinstance(item, bytes) else item.build() for item in order]
+
+
+# --- the TUN device ---------------------------------------------------------------------
+
+
+def enable_tun_offload(fd: int) -> set[str]:
+    """Enable the richest offload set the kernel accepts on a TUN fd; return its names.
+
+    Names are "csum", "tso4", "tso6", "uso4", "uso6"; an empty set means none. The TUN
+    must have been opened with IFF_VNET_HDR for reads and writes to carry the header.
+    """
+    for flags, names in _TUN_OFFLOADS:
+        try:
+            fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            continue
+        return set(names)
+    fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
+    return set()
+
+
+# --- the UDP socket ---------------------------------------------------------------------
+
+
+def enable_gro(sock: socket.socket) -> bool:
+    """Ask the kernel to coalesce received datagrams (UDP_GRO); False if unsupported."""
+    try:
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+    except OSError as exc:
+        if exc.errno in (errno.ENOPROTOOPT, errno.EINVAL, errno.EOPNOTSUPP):
+            return False
+        raise
+    return True
+
+
+def probe_udp_gso(sock: socket.socket) -> bool:
+    """Whether the kernel knows UDP_SEGMENT (send offload) on this socket."""
+    try:
+        sock.getsockopt(SOL_UDP, UDP_SEGMENT)
+    except OSError as exc:
+        if exc.errno in (errno.ENOPROTOOPT, errno.EINVAL, errno.EOPNOTSUPP):
+            return False
+        raise
+    return True
+
+
+def gso_send_unsupported(exc: OSError) -> bool:
+    """Whether a UDP_SEGMENT send failed because the path cannot segment (EIO): stop
+    using GSO on that socket and resend plainly, as wireguard-go does."""
+    return exc.errno == errno.EIO
+
+
+def gso_cmsg(size: int) -> tuple[int, int, bytes]:
+    """The ancillary item that makes ``sendmsg`` cut its buffer into ``size``-byte datagrams."""
+    if not 0 < size <= 0xFFFF:
+        raise OffloadError(f"UDP_SEGMENT size {size}: must be 1-65535")
+    return (SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))
+
+
+def gso_batches(datagrams: Sequence[bytes], max_bytes: int = UDP_MAX_PAYLOAD,
+                max_segments: int = UDP_MAX_SEGMENTS) -> list[tuple[bytes, int]]:
+    """Group datagrams for one destination into UDP_SEGMENT sends, keeping their order.
+
+    Returns (buffer, segment size) pairs; a size of 0 means a single datagram to send
+    without the control message. A batch has at most ``max_segments`` datagrams and
+    ``max_bytes`` bytes; all are as long as its first except a shorter last one.
+    """
+    out: list[tuple[bytes, int]] = []
+    batch: list[bytes] = []
+    size = total = 0
+    for datagram in datagrams:
+        length = len(datagram)
+        if (batch and length <= size and len(batch) < max_segments
+                and total + length <= max_bytes and len(batch[-1]) == size):
+            batch.append(datagram)
+            total += length
+            continue
+        if batch:
+            out.append((b"".join(batch), size) if len(batch) > 1 else (batch[0], 0))
+        batch, size, total = [datagram], length, length
+    if batch:
+        out.append((b"".join(batch), size) if len(batch) > 1 else (batch[0], 0))
+    return out
+
+
+def split_gro(data: bytes | bytearray | memoryview, gso_size: int) -> list[bytes]:
+    """Cut a coalesced receive into its datagrams (``gso_size`` 0: one datagram)."""
+    if gso_size <= 0 or len(data) <= gso_size:
+        return [bytes(data)]
+    view = memoryview(data)
+    return [bytes(view[i : i + gso_size]) for i in range(0, len(view), gso_size)]
+
+
+def enable_pktinfo(sock: socket.socket) -> None:
+    """Have every received datagram carry its local address and interface index."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+
+
+class GroDatagrams(NamedTuple):
+    """The datagrams of one receive from one source, and where they arrived."""
+
+    datagrams: list[bytes]
+    address: tuple  # the sender, as recvmsg returns it
+    local: str | None  # the local address they were sent to (IP/IPV6_PKTINFO)
+    ifindex: int  # the interface they arrived on, 0 if unknown
+    pktinfo: bytes  # the raw pktinfo data, b"" if none (a cheap cache key)
+    gso_size: int  # 0 if the kernel did not coalesce
+
+
+def recv_batch_gro(sock: socket.socket, buf: bytearray | memoryview,
+                   ancbufsize: int = GRO_ANCBUFSIZE, limit: int = 128) -> list[GroDatagrams]:
+    """Drain up to ``limit`` receives from a non-blocking UDP socket into ``buf``.
+
+    Each receive may hold many datagrams coalesced by UDP_GRO; they come back split and
+    copied, so ``buf`` can be reused. ``buf`` must hold 65535 bytes and ``ancbufsize``
+    at least GRO_ANCBUFSIZE; MSG_CTRUNC (other control messages enabled on the socket)
+    raises OffloadError, because a lost gso_size would glue datagrams together.
+    """
+    if len(buf) < RECV_BUFFER_SIZE:
+        raise OffloadError(f"receive buffer of {len(buf)} bytes: need {RECV_BUFFER_SIZE}")
+    if ancbufsize < GRO_ANCBUFSIZE:
+        raise OffloadError(f"ancbufsize {ancbufsize}: need at least {GRO_ANCBUFSIZE}")
+    view = memoryview(buf)
+    buffers = [buf]
+    out: list[GroDatagrams] = []
+    for _ in range(limit):
+        try:
+            size, ancillary, flags, address = sock.recvmsg_into(buffers, ancbufsize)
+        except (BlockingIOError, InterruptedError):
+            break
+        if flags & socket.MSG_CTRUNC:
+            raise OffloadError(
+                f"recvmsg control data truncated at ancbufsize {ancbufsize}: "
+                "disable other control messages or pass a larger size"
+            )
+        gso_size, local, ifindex, info = 0, None, 0, b""
+        for level, kind, data in ancillary:
+            if level == SOL_UDP and kind == UDP_GRO:
+                gso_size = int.from_bytes(data[:4], "little" if _LITTLE else "big")
+            elif level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+                info = data
+                ifindex = struct.unpack_from("=i", data)[0]
+                local = socket.inet_ntop(socket.AF_INET, data[4:8])  # ipi_spec_dst
+            elif (level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO
+                  and len(data) >= 20):
+                info = data
+                local = socket.inet_ntop(socket.AF_INET6, data[:16])
+                ifindex = struct.unpack_from("=i", data, 16)[0]
+        datagrams = split_gro(view[:size], gso_size)
+        out.append(GroDatagrams(datagrams, address, local, ifindex, info, gso_size))
+    return out
+
+
+_LITTLE = struct.pack("=H", 1) == b"\x01\x00"
