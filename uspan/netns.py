@@ -42,11 +42,12 @@ def run(
     input: str | None = None,
     timeout: float = 20.0,
     check: bool = True,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``argv``; on failure raise ``NetnsError`` naming the command and its stderr."""
     try:
         done = subprocess.run(
-            list(argv), input=input, capture_output=True, text=True, timeout=timeout
+            list(argv), input=input, capture_output=True, text=True, timeout=timeout, env=env
         )
     except subprocess.TimeoutExpired as e:
         raise NetnsError(f"{' '.join(argv)}: no exit within {timeout}s") from e
@@ -150,22 +151,23 @@ def parse_dump(text: str) -> InterfaceStatus:
 # --- processes --------------------------------------------------------------------------
 
 
-def _start_time(pid: int) -> str | None:
-    """The kernel start time of ``pid`` (to tell it apart from a reused PID), or None."""
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first), or None."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel start time of ``pid`` (to tell it apart from a reused PID), or None."""
+    fields = _stat(pid)
+    return fields[19] if fields else None
 
 
 def _alive(pid: int, start: str | None) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    fields = stat.rsplit(")", 1)[1].split()
-    return fields[0] != "Z" and (start is None or fields[19] == start)
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z" and start in (None, fields[19])
 
 
 @dataclass(slots=True)
@@ -191,15 +193,16 @@ class _Owned:
                     self.popen.kill()
                     self.popen.wait(grace)
             return
-        if not _alive(self.pid, self.start):
-            return
-        os.kill(self.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while _alive(self.pid, self.start):
-            if time.monotonic() >= deadline:
-                os.kill(self.pid, signal.SIGKILL)
-                deadline += grace
-            time.sleep(0.02)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if not _alive(self.pid, self.start):
+                return
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+            deadline = time.monotonic() + grace
+            while _alive(self.pid, self.start) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        if _alive(self.pid, self.start):
+            raise NetnsError(f"pid {self.pid} survived SIGKILL for {grace}s")
 
 
 # --- namespaces and links ---------------------------------------------------------------
@@ -613,7 +616,7 @@ class Lab:
         for process in reversed(self._processes):
             try:
                 process.stop()
-            except (OSError, subprocess.SubprocessError) as e:
+            except (OSError, subprocess.SubprocessError, NetnsError) as e:
                 errors.append(f"stopping pid {process.pid}: {e}")
         for ns in self.namespaces:  # anything left inside our own namespaces is ours
             for pid in ns.pids():

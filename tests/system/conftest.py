@@ -22,7 +22,7 @@ import pytest
 
 from uspan.netns import Lab, Namespace, Veth
 
-IMPLEMENTATIONS = {
+IMPLS = {
     "uspan": Path(sys.executable).parent / "uspan-wg",
     "wgo": Path("/usr/bin/wireguard-go"),
 }
@@ -73,7 +73,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 def program(name: str) -> str:
     """The executable of an implementation: uspan must exist (fail), wgo may (skip)."""
-    path = IMPLEMENTATIONS[name]
+    path = IMPLS[name]
     if not os.access(path, os.X_OK):
         if name == "uspan":
             pytest.fail(f"{path} is missing: install the project (pip install -e '.[test]')")
@@ -81,7 +81,7 @@ def program(name: str) -> str:
     return str(path)
 
 
-@pytest.fixture(params=list(IMPLEMENTATIONS))
+@pytest.fixture(params=list(IMPLS))
 def impl(request: pytest.FixtureRequest) -> str:
     """Each implementation's executable in turn."""
     return program(request.param)

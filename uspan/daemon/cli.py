@@ -1,4 +1,8 @@
-"""``uspan-wg [-f|--foreground] IFACE``: wireguard-go's launch contract.
+"""``uspan-wg [-f|--foreground] [--no-offload] IFACE``: wireguard-go's launch contract.
+
+``--no-offload`` (or ``USPAN_OFFLOAD=off``, for launchers like wg-quick that pass no
+flags) keeps the TUN and UDP kernel offloads off; ``--features`` creates a throwaway TUN
+and reports which offloads this kernel accepts.
 
 Without ``-f`` (and without ``WG_PROCESS_FOREGROUND=1``) the process forks; the child
 detaches (setsid), creates the TUN, the UAPI socket and the UDP sockets, and tells the
@@ -16,9 +20,11 @@ import trio
 
 from uspan import __version__
 from uspan.daemon.daemon import Daemon, log, setup_logging
-from uspan.daemon.tun import validate_name
+from uspan.daemon.tun import Tun, validate_name
+from uspan.daemon.udp import UdpBind
 
-USAGE = "Usage: uspan-wg [-f/--foreground] INTERFACE-NAME"
+USAGE = ("Usage: uspan-wg [-f/--foreground] [--no-offload] INTERFACE-NAME\n"
+         "       uspan-wg --features | --version")
 EXIT_USAGE = 2
 _READY = b"ready"
 
@@ -28,29 +34,57 @@ def main(argv: list[str] | None = None) -> int:
     if args == ["--version"]:
         print(f"uspan-wg v{__version__}\n\nUserspace WireGuard daemon in Python (trio).")
         return 0
-    foreground = False
-    if len(args) == 2 and args[0] in ("-f", "--foreground"):
-        foreground, args = True, args[1:]
-    if len(args) != 1 or args[0].startswith("-"):
+    if args == ["--features"]:
+        return _print_features()
+    flags = {arg for arg in args if arg.startswith("-")}
+    names = [arg for arg in args if not arg.startswith("-")]
+    if len(names) != 1 or not flags <= {"-f", "--foreground", "--no-offload"}:
         print(USAGE, file=sys.stderr)
         return EXIT_USAGE
     try:
-        interface = validate_name(args[0])
+        interface = validate_name(names[0])
     except ValueError as exc:
         print(f"uspan-wg: {exc}\n{USAGE}", file=sys.stderr)
         return EXIT_USAGE
+    foreground = bool(flags & {"-f", "--foreground"})
     foreground = foreground or os.environ.get("WG_PROCESS_FOREGROUND") == "1"
+    offload = "--no-offload" not in flags and os.environ.get("USPAN_OFFLOAD", "on") != "off"
     level = os.environ.get("LOG_LEVEL")
     if foreground:
-        return _run_foreground(interface, level)
-    return _run_detached(interface, level)
+        return _run_foreground(interface, level, offload)
+    return _run_detached(interface, level, offload)
 
 
-def _run_foreground(interface: str, level: str | None) -> int:
+def _print_features() -> int:
+    """Create a throwaway TUN and UDP sockets and say which offloads the kernel took."""
+    name = f"uspfeat{os.getpid() % 100000}"
+    try:
+        tun = Tun.open(name)
+    except OSError as exc:
+        print(f"uspan-wg: cannot create a TUN to probe: {exc}", file=sys.stderr)
+        return 1
+    try:
+        udp = UdpBind.open(0)
+    except OSError as exc:
+        tun.close()
+        print(f"uspan-wg: cannot open UDP sockets to probe: {exc}", file=sys.stderr)
+        return 1
+    features = tun.features
+    print("tun_vnet_hdr:", "off" if features is None else "on")
+    for name_ in ("csum", "tso4", "tso6", "uso4", "uso6"):
+        print(f"tun_{name_}:", "on" if features and name_ in features else "off")
+    for key, value in udp.features().items():
+        print(f"{key}:", "on" if value else "off")
+    udp.close()
+    tun.close()
+    return 0
+
+
+def _run_foreground(interface: str, level: str | None, offload: bool) -> int:
     setup_logging(interface, level)
     log.debug("Starting uspan-wg version %s", __version__)
     try:
-        daemon = Daemon.open(interface)
+        daemon = Daemon.open(interface, offload=offload)
     except OSError as exc:
         print(f"uspan-wg: {interface}: {exc}", file=sys.stderr)
         return 1
@@ -65,7 +99,7 @@ def _serve(daemon: Daemon) -> int:
         return 1
 
 
-def _run_detached(interface: str, level: str | None) -> int:
+def _run_detached(interface: str, level: str | None, offload: bool) -> int:
     read_end, write_end = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -75,7 +109,7 @@ def _run_detached(interface: str, level: str | None) -> int:
     os.close(read_end)
     os.setsid()
     try:
-        daemon = Daemon.open(interface)
+        daemon = Daemon.open(interface, offload=offload)
     except OSError as exc:
         os.write(write_end, str(exc).encode())
         os._exit(1)

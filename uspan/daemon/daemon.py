@@ -82,12 +82,13 @@ class Daemon:
 
     @classmethod
     def open(cls, interface: str, socket_directory: str = uapi_server.SOCKET_DIRECTORY,
-             ) -> Daemon:
+             *, offload: bool = True) -> Daemon:
         """Create the TUN, the UAPI socket and the UDP sockets (random port).
 
+        ``offload`` turns on the kernel offloads (TUN TSO/USO, UDP GSO/GRO) it accepts.
         Raises TunError, uapi_server.UapiError or OSError; nothing is left open then.
         """
-        tun = Tun.open(interface)
+        tun = Tun.open(interface, offload_=offload)
         try:
             listener = uapi_server.open_listener(interface, socket_directory)
         except OSError:
@@ -95,7 +96,7 @@ class Daemon:
             raise
         path = uapi_server.socket_path(interface, socket_directory)
         try:
-            udp = UdpBind.open(0)
+            udp = UdpBind.open(0, offload_=offload)
         except OSError:
             listener.close()
             _unlink(path)
@@ -108,6 +109,7 @@ class Daemon:
     async def run(self) -> int:
         """Serve until told to stop; returns the exit code (0 = clean shutdown)."""
         log.debug("Device started")
+        log.debug("Offloads: %s", self.describe_offloads())
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -124,6 +126,13 @@ class Daemon:
             self.close()
         log.debug("Shutting down (%s)", self.exit_reason)
         return self.exit_code
+
+    def describe_offloads(self) -> str:
+        """e.g. ``tun=csum,tso4,tso6 udp_gso4=on udp_gro4=on ...``."""
+        features = self.tun.features
+        tun = "off" if features is None else ",".join(sorted(features)) or "none"
+        udp = " ".join(f"{k}={'on' if v else 'off'}" for k, v in self.udp.features().items())
+        return f"tun={tun} {udp}"
 
     def stop(self, reason: str, code: int = 0) -> None:
         if self._nursery is not None and not self.exit_reason:
@@ -249,7 +258,7 @@ class Daemon:
         port = change.listen_port
         if port is not None and (port == 0 or port != self.udp.port):
             try:
-                new_udp = UdpBind.open(port, mark)
+                new_udp = UdpBind.open(port, mark, offload_=self.udp.offload)
             except OSError as exc:
                 raise ConfigError("listen_port", f"cannot bind port {port}: {exc.strerror}",
                                   errno.EADDRINUSE) from None

@@ -204,7 +204,8 @@ def segment(vnet: bytes | bytearray | memoryview, packet: bytes | bytearray | me
     if gso_type in (GSO_TCPV4, GSO_TCPV6):
         return _split(hdr, memoryview(packet), mtu, gso_type == GSO_TCPV6, _PROTO_TCP)
     if gso_type == GSO_UDP_L4:
-        return _split(hdr, memoryview(packet), mtu, packet[0] >> 4 == 6, _PROTO_UDP)
+        v6 = len(packet) > 0 and packet[0] >> 4 == 6
+        return _split(hdr, memoryview(packet), mtu, v6, _PROTO_UDP)
     raise OffloadError(f"virtio_net_hdr gso_type {hdr.gso_type:#x}: not supported")
 
 
@@ -255,7 +256,7 @@ def _split(hdr: VirtioNetHdr, packet: memoryview, mtu: int, v6: bool,
         template[10:12] = b"\0\0"
     address_sum = int.from_bytes(packet[8:40] if v6 else packet[12:20], "little")
     address_sum += proto << 8
-    seq, flags = _U32.unpack_from(packet, ip_len + 4)[0], packet[ip_len + 13]
+    seq, flags = (_U32.unpack_from(packet, ip_len + 4)[0], packet[ip_len + 13]) if tcp else (0, 0)
     ip_id = _U16.unpack_from(packet, 4)[0]
     payload = packet[hdr_len:]
     size = len(payload)
@@ -295,7 +296,7 @@ def _split(hdr: VirtioNetHdr, packet: memoryview, mtu: int, v6: bool,
 class _Run:
     """Consecutive segments of one flow being merged into a super-segment."""
 
-    __slots__ = ("ack", "count", "ended", "fixed_id", "gso_size", "head", "hdr_len",
+    __slots__ = ("ack", "count", "ended", "fixed_id", "gso_size", "hdr_len", "head",
                  "ip_len", "next_seq", "parts", "proto", "psh", "size", "v6", "verified")
 
     def __init__(self, packet: bytes, v6: bool, proto: int, ip_len: int, hdr_len: int,
@@ -607,6 +608,8 @@ def recv_batch_gro(sock: socket.socket, buf: bytearray | memoryview,
             size, ancillary, flags, address = sock.recvmsg_into(buffers, ancbufsize)
         except (BlockingIOError, InterruptedError):
             break
+        except OSError:  # e.g. a queued ICMP error; the next datagram may be fine
+            continue
         if flags & socket.MSG_CTRUNC:
             raise OffloadError(
                 f"recvmsg control data truncated at ancbufsize {ancbufsize}: "
@@ -615,7 +618,7 @@ def recv_batch_gro(sock: socket.socket, buf: bytearray | memoryview,
         gso_size, local, ifindex, info = 0, None, 0, b""
         for level, kind, data in ancillary:
             if level == SOL_UDP and kind == UDP_GRO:
-                gso_size = int.from_bytes(data[:4], "little" if _LITTLE else "big")
+                gso_size = struct.unpack_from("=i" if len(data) >= 4 else "=H", data)[0]
             elif level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
                 info = data
                 ifindex = struct.unpack_from("=i", data)[0]
@@ -629,5 +632,3 @@ def recv_batch_gro(sock: socket.socket, buf: bytearray | memoryview,
         out.append(GroDatagrams(datagrams, address, local, ifindex, info, gso_size))
     return out
 
-
-_LITTLE = struct.pack("=H", 1) == b"\x01\x00"

@@ -3,6 +3,11 @@
 After ``open`` the device is used only through its file descriptor, so it keeps working
 when the interface is moved to another network namespace. Reads and writes are
 non-blocking; the caller waits for readability (trio) and then drains a batch.
+
+With offloads (the default) the TUN is opened with IFF_VNET_HDR and TUNSETOFFLOAD: one
+read may return a TCP (or UDP, with USO) super-segment of up to 64 KiB, which is split
+into MTU-sized packets, and written packets are coalesced per flow into super-segments.
+Whatever the kernel refuses is simply off.
 """
 
 from __future__ import annotations
@@ -15,13 +20,14 @@ import struct
 
 import pytun
 
+from uspan.daemon import offload
 from uspan.wg.constants import DEFAULT_MTU
 
 IFNAMSIZ = 16
 BATCH = 128  # packets per read_batch, like wireguard-go's batch size
 _SIOCGIFMTU = 0x8921
 _SIOCGIFINDEX = 0x8933
-_BUFFER_SIZE = 65536  # larger than any MTU: a read never truncates
+_BUFFER_SIZE = offload.VNET_HDR_LEN + 65536  # a read never truncates
 # Errors a TUN fd reports once its interface has been deleted.
 _GONE = frozenset({errno.EBADFD, errno.EIO, errno.ENODEV, errno.ENXIO, errno.EBADF,
                    errno.EPIPE})
@@ -46,23 +52,29 @@ def validate_name(name: str) -> str:
 
 
 class Tun:
-    """An open TUN interface (IFF_TUN | IFF_NO_PI), non-blocking."""
+    """An open TUN interface (IFF_TUN | IFF_NO_PI, IFF_VNET_HDR with offloads), non-blocking."""
 
-    def __init__(self, device: pytun.TunTapDevice, name: str, ifindex: int, mtu: int) -> None:
+    def __init__(self, device: pytun.TunTapDevice, name: str, ifindex: int, mtu: int,
+                 features: frozenset[str] | None) -> None:
         self._device = device
         self.name = name
         self.ifindex = ifindex
         self.mtu = mtu
         self.fd: int = device.fileno()
+        # None: no virtio_net_hdr at all; else the offloads the kernel accepted.
+        self.features = features
+        self._coalesce_udp = features is not None and {"uso4", "uso6"} <= features
         self.write_dropped = 0  # packets the kernel refused (malformed, queue full)
+        self.read_dropped = 0  # super-segments that could not be split
         self._buffer = bytearray(_BUFFER_SIZE)
         self._view = memoryview(self._buffer)
 
     @classmethod
-    def open(cls, name: str, mtu: int = DEFAULT_MTU) -> Tun:
+    def open(cls, name: str, mtu: int = DEFAULT_MTU, *, offload_: bool = True) -> Tun:
         """Create ``name``, or attach to a persistent TUN of that name if one exists.
 
-        A new interface gets ``mtu``; an existing one keeps its own.
+        A new interface gets ``mtu``; an existing one keeps its own. With ``offload_``
+        the richest offload set the kernel accepts is enabled (see module docstring).
         """
         validate_name(name)
         try:
@@ -70,12 +82,23 @@ class Tun:
             existed = True
         except OSError:
             existed = False
+        flags = pytun.IFF_TUN | pytun.IFF_NO_PI
+        device = None
+        if offload_:
+            try:
+                device = pytun.TunTapDevice(name=name, flags=flags | pytun.IFF_VNET_HDR)
+            except pytun.Error:
+                device = None  # this kernel or TUN refuses vnet headers: go without
         try:
-            device = pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+            if device is None:
+                device = pytun.TunTapDevice(name=name, flags=flags)
         except pytun.Error as exc:
             raise TunError(f"cannot open TUN {name!r}: {exc}") from exc
         try:
             os.set_blocking(device.fileno(), False)
+            features = None
+            if offload_ and device is not None and _has_vnet_hdr(device.fileno()):
+                features = frozenset(offload.enable_tun_offload(device.fileno()))
             if not existed:
                 device.mtu = mtu
             ifindex = socket.if_nametoindex(name)
@@ -83,7 +106,7 @@ class Tun:
         except (OSError, pytun.Error) as exc:
             device.close()
             raise TunError(f"cannot set up TUN {name!r}: {exc}") from exc
-        return cls(device, name, ifindex, actual_mtu)
+        return cls(device, name, ifindex, actual_mtu, features)
 
     def refresh_mtu(self) -> bool:
         """Re-read the MTU while the interface is still visible here; True if it changed.
@@ -102,10 +125,12 @@ class Tun:
         return changed
 
     def read_batch(self, limit: int = BATCH) -> list[bytes]:
-        """Read packets until the fd would block or ``limit`` is reached."""
+        """Read until the fd would block or ``limit`` reads; super-segments are split."""
         packets: list[bytes] = []
         fd, buffer, view = self.fd, [self._buffer], self._view
-        while len(packets) < limit:
+        vnet = self.features is not None
+        hdr_len = offload.VNET_HDR_LEN
+        for _ in range(limit):
             try:
                 size = os.readv(fd, buffer)
             except (BlockingIOError, InterruptedError):
@@ -114,21 +139,36 @@ class Tun:
                 raise _failure("read", exc) from exc
             if size <= 0:
                 break
-            packets.append(bytes(view[:size]))
+            if not vnet:
+                packets.append(bytes(view[:size]))
+            elif view[0] == 0 and view[1] == 0:  # no checksum to finish, not a super-segment
+                packets.append(bytes(view[hdr_len:size]))
+            else:
+                try:
+                    packets.extend(offload.segment(view[:hdr_len], view[hdr_len:size], self.mtu))
+                except offload.OffloadError:
+                    self.read_dropped += 1
         return packets
 
     def write_batch(self, packets: list[bytes]) -> None:
-        """Write packets; ones the kernel refuses are counted in ``write_dropped``."""
+        """Write packets (coalesced per flow with offloads); refusals count in write_dropped."""
         fd = self.fd
-        for packet in packets:
-            try:
-                os.write(fd, packet)
-            except (BlockingIOError, InterruptedError):
-                self.write_dropped += 1
-            except OSError as exc:
-                if exc.errno in _GONE:
-                    raise _failure("write", exc) from exc
-                self.write_dropped += 1
+        if self.features is None:
+            for packet in packets:
+                self._write(os.write, fd, packet)
+            return
+        for header, packet in offload.coalesce(packets, udp=self._coalesce_udp):
+            self._write(os.writev, fd, (header, packet))
+
+    def _write(self, write, fd: int, data) -> None:
+        try:
+            write(fd, data)
+        except (BlockingIOError, InterruptedError):
+            self.write_dropped += 1
+        except OSError as exc:
+            if exc.errno in _GONE:
+                raise _failure("write", exc) from exc
+            self.write_dropped += 1
 
     def close(self) -> None:
         self._device.close()
@@ -145,3 +185,12 @@ def _query(name: str, request: int) -> int:
         request_data = struct.pack("16si", name.encode(), 0)
         result = fcntl.ioctl(sock, request, request_data)
     return int(struct.unpack("16si", result)[1])
+
+
+_TUNGETIFF = 0x800454D2
+
+
+def _has_vnet_hdr(fd: int) -> bool:
+    """Whether the fd really carries virtio_net_hdr (attaching may not grant it)."""
+    result = fcntl.ioctl(fd, _TUNGETIFF, struct.pack("16sH", b"", 0))
+    return bool(struct.unpack("16sH", result[:18])[1] & offload.IFF_VNET_HDR)

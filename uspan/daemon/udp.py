@@ -4,26 +4,30 @@ Each received datagram comes with the local address it arrived on and that inter
 index (IP_PKTINFO / IPV6_RECVPKTINFO); replies carry them back as a control message so
 they leave from the same address (sticky source). When that address has gone away, the
 datagram is resent without it and the endpoint reported, so the caller can forget it.
+
+With offloads, receives use UDP_GRO (one read returns many datagrams of a flow) and
+sends use UDP_SEGMENT (one ``sendmsg`` carries a run of equal-size datagrams to one
+endpoint); each is off where the kernel refuses it.
 """
 
 from __future__ import annotations
 
 import errno
+import itertools
 import socket
 import struct
+from operator import itemgetter
 
 import trio
 
+from uspan.daemon import offload
 from uspan.wg.endpoint import Endpoint
 
-BATCH = 128  # datagrams per receive batch
+BATCH = 64  # receives per batch (each up to 64 datagrams with GRO)
 SOCKET_BUFFER = 7 << 20  # like wireguard-go
 BIND_ATTEMPTS = 100  # random ports tried when the v6 socket cannot take the v4 one
-_IP_PKTINFO = 8  # not exported by Python's socket module
 _SO_SNDBUFFORCE = 32
 _SO_RCVBUFFORCE = 33
-_BUFFER_SIZE = 65536
-_ANCILLARY_SIZE = 64
 _CACHE_LIMIT = 4096
 # sendmsg errors that mean "this source address/interface is no longer usable".
 _SOURCE_GONE = frozenset({errno.EINVAL, errno.EADDRNOTAVAIL, errno.ENETUNREACH,
@@ -33,13 +37,14 @@ _SOURCE_GONE = frozenset({errno.EINVAL, errno.EADDRNOTAVAIL, errno.ENETUNREACH,
 class UdpSocket:
     """One bound, non-blocking UDP socket of one address family."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, *, offload_: bool = True) -> None:
         self.sock = sock
         self.family = sock.family
         self.send_errors = 0
         self._v6 = sock.family == socket.AF_INET6
-        self._buffer = bytearray(_BUFFER_SIZE)
-        self._view = memoryview(self._buffer)
+        self.gro = offload_ and offload.enable_gro(sock)
+        self.gso = offload_ and offload.probe_udp_gso(sock)
+        self._buffer = bytearray(offload.RECV_BUFFER_SIZE)
         self._sources: dict[tuple[object, bytes], Endpoint] = {}
         self._controls: dict[Endpoint, list[tuple[int, int, bytes]]] = {}
 
@@ -57,40 +62,20 @@ class UdpSocket:
                 return batch
 
     def receive_batch(self, limit: int = BATCH) -> list[tuple[bytes, Endpoint]]:
-        """Read datagrams until the socket would block or ``limit`` is reached."""
+        """Read until the socket would block or ``limit`` receives; GRO runs are split."""
         out: list[tuple[bytes, Endpoint]] = []
-        recvmsg_into, buffers, view = self.sock.recvmsg_into, [self._buffer], self._view
         sources = self._sources
-        for _ in range(limit):
-            try:
-                size, ancillary, flags, address = recvmsg_into(buffers, _ANCILLARY_SIZE)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:  # e.g. a queued ICMP error; the next datagram may be fine
-                continue
-            if flags & socket.MSG_TRUNC:
-                continue
-            info = ancillary[0][2] if ancillary else b""
-            key = (address, info)
+        for group in offload.recv_batch_gro(self.sock, self._buffer, limit=limit):
+            key = (group.address, group.pktinfo)
             endpoint = sources.get(key)
             if endpoint is None:
-                endpoint = self._endpoint(address, info)
+                endpoint = Endpoint(group.address[0], group.address[1], group.local,
+                                    group.ifindex)
                 if len(sources) >= _CACHE_LIMIT:
                     sources.clear()
                 sources[key] = endpoint
-            out.append((bytes(view[:size]), endpoint))
+            out.extend([(datagram, endpoint) for datagram in group.datagrams])
         return out
-
-    def _endpoint(self, address: tuple, info: bytes) -> Endpoint:
-        host, port = address[0], address[1]
-        if self._v6 and len(info) >= 20:
-            local = socket.inet_ntop(socket.AF_INET6, info[:16])
-            (ifindex,) = struct.unpack_from("=i", info, 16)
-            return Endpoint(host, port, local, ifindex)
-        if not self._v6 and len(info) >= 12:
-            ifindex, spec_dst = struct.unpack_from("=i4s", info)
-            return Endpoint(host, port, socket.inet_ntop(socket.AF_INET, spec_dst), ifindex)
-        return Endpoint(host, port)
 
     def _control(self, endpoint: Endpoint) -> list[tuple[int, int, bytes]]:
         control = self._controls.get(endpoint)
@@ -104,32 +89,48 @@ class UdpSocket:
             else:
                 packed = socket.inet_pton(socket.AF_INET, endpoint.local)
                 info = struct.pack("=i4s4s", endpoint.ifindex, packed, bytes(4))
-                control = [(socket.IPPROTO_IP, _IP_PKTINFO, info)]
+                control = [(socket.IPPROTO_IP, offload.IP_PKTINFO, info)]
             if len(self._controls) >= _CACHE_LIMIT:
                 self._controls.clear()
             self._controls[endpoint] = control
         return control
 
-    async def send(self, datagram: bytes, endpoint: Endpoint) -> bool:
-        """Send one datagram from the endpoint's sticky source if it has one.
+    async def send(self, datagrams: list[bytes], endpoint: Endpoint) -> bool:
+        """Send datagrams to one endpoint, from its sticky source if it has one.
 
-        Returns False if the sticky source failed and the datagram went out without it.
-        Waits while the socket buffer is full; other errors count in ``send_errors``.
+        Runs of equal-size datagrams go out in one UDP_SEGMENT ``sendmsg`` when the kernel
+        supports it. Returns False if the sticky source failed and the datagrams went out
+        without it. Waits while the socket buffer is full; other errors count in
+        ``send_errors``.
         """
         control = self._control(endpoint)
         sticky_ok = True
-        while True:
-            try:
-                self.sock.sendmsg([datagram], control, 0, endpoint.address)
-                return sticky_ok
-            except (BlockingIOError, InterruptedError):
-                await trio.lowlevel.wait_writable(self.sock)
-            except OSError as exc:
-                if control and exc.errno in _SOURCE_GONE:
-                    control, sticky_ok = [], False
-                    continue
-                self.send_errors += 1
-                return sticky_ok
+        batches = offload.gso_batches(datagrams) if self.gso and len(datagrams) > 1 else [
+            (datagram, 0) for datagram in datagrams
+        ]
+        sendmsg, address = self.sock.sendmsg, endpoint.address
+        for buffer, size in batches:
+            while True:
+                try:
+                    if size:
+                        sendmsg([buffer], [*control, offload.gso_cmsg(size)], 0, address)
+                    else:
+                        sendmsg([buffer], control, 0, address)
+                    break
+                except (BlockingIOError, InterruptedError):
+                    await trio.lowlevel.wait_writable(self.sock)
+                except OSError as exc:
+                    if size and offload.gso_send_unsupported(exc):
+                        self.gso = False  # this path cannot segment: resend one by one
+                        return await self.send(
+                            offload.split_gro(buffer, size), endpoint
+                        ) and sticky_ok
+                    if control and exc.errno in _SOURCE_GONE:
+                        control, sticky_ok = [], False
+                        continue
+                    self.send_errors += 1
+                    break
+        return sticky_ok
 
     def set_fwmark(self, mark: int) -> None:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
@@ -143,17 +144,19 @@ class UdpSocket:
 class UdpBind:
     """The IPv4 and IPv6 sockets of a device, both bound to ``port``."""
 
-    def __init__(self, sockets: list[UdpSocket], port: int, fwmark: int) -> None:
+    def __init__(self, sockets: list[UdpSocket], port: int, fwmark: int, offload_: bool) -> None:
         self.sockets = sockets
         self.port = port
         self.fwmark = fwmark
+        self.offload = offload_
         self._by_family = {s.family: s for s in sockets}
 
     @classmethod
-    def open(cls, port: int, fwmark: int = 0) -> UdpBind:
+    def open(cls, port: int, fwmark: int = 0, *, offload_: bool = True) -> UdpBind:
         """Bind both families to ``port`` (0 = a random port free in both).
 
-        Raises OSError (EADDRINUSE) when the port is taken.
+        ``offload_`` enables UDP_GRO/UDP_SEGMENT where the kernel has them. Raises
+        OSError (EADDRINUSE) when the port is taken.
         """
         for _ in range(BIND_ATTEMPTS if port == 0 else 1):
             sockets: list[UdpSocket] = []
@@ -163,7 +166,7 @@ class UdpBind:
                     sock = _open_socket(family, chosen, fwmark)
                     if sock is None:
                         continue
-                    sockets.append(UdpSocket(sock))
+                    sockets.append(UdpSocket(sock, offload_=offload_))
                     chosen = sock.getsockname()[1]
             except OSError as exc:
                 for udp in sockets:
@@ -173,19 +176,20 @@ class UdpBind:
                 raise
             if not sockets:
                 raise OSError(errno.EAFNOSUPPORT, "neither IPv4 nor IPv6 UDP is available")
-            return cls(sockets, chosen, fwmark)
+            return cls(sockets, chosen, fwmark, offload_)
         raise OSError(errno.EADDRINUSE, f"no random UDP port free in both IPv4 and IPv6 "
                       f"after {BIND_ATTEMPTS} attempts")
 
     async def send(self, datagrams: list[tuple[bytes, Endpoint]]) -> list[Endpoint]:
-        """Send datagrams; return the endpoints whose sticky source no longer works."""
+        """Send datagrams; return the endpoints whose sticky source no longer works.
+
+        Consecutive datagrams to the same endpoint are sent together (UDP_SEGMENT).
+        """
         failed: list[Endpoint] = []
         by_family = self._by_family
-        for datagram, endpoint in datagrams:
+        for endpoint, run in itertools.groupby(datagrams, key=itemgetter(1)):
             udp = by_family.get(endpoint.family)
-            if udp is None:
-                continue
-            if not await udp.send(datagram, endpoint):
+            if udp is not None and not await udp.send([d for d, _ in run], endpoint):
                 failed.append(endpoint)
         return failed
 
@@ -194,6 +198,15 @@ class UdpBind:
         for udp in self.sockets:
             udp.set_fwmark(mark)
         self.fwmark = mark
+
+    def features(self) -> dict[str, bool]:
+        """Which UDP offloads are on, per family (for logs and ``--features``)."""
+        names = {socket.AF_INET: "4", socket.AF_INET6: "6"}
+        out: dict[str, bool] = {}
+        for udp in self.sockets:
+            out[f"udp_gso{names[udp.family]}"] = udp.gso
+            out[f"udp_gro{names[udp.family]}"] = udp.gro
+        return out
 
     @property
     def send_errors(self) -> int:
@@ -228,7 +241,7 @@ def _open_socket(family: int, port: int, fwmark: int) -> socket.socket | None:
                     return None
                 raise
         else:
-            sock.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
+            sock.setsockopt(socket.IPPROTO_IP, offload.IP_PKTINFO, 1)
             sock.bind(("0.0.0.0", port))
     except OSError:
         sock.close()

@@ -1,0 +1,214 @@
+"""What both benchmarks share: programs, machine description, process probes, statistics.
+
+Daemon CPU time and peak memory are read from /proc for the daemon (the process serving
+the UAPI socket, found by ``uspan.netns``) and every live descendant of it, so a daemon
+that forks workers is charged for them too.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from uspan.netns import NetnsError
+
+PROGRAMS = {
+    "uspan": str(Path(sys.executable).parent / "uspan-wg"),
+    "wgo": "/usr/bin/wireguard-go",
+}
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+class BenchError(RuntimeError):
+    """A benchmark cannot run or a measurement failed; the message says which."""
+
+
+def check_environment(programs: dict[str, str], tools: Sequence[str]) -> None:
+    """Refuse to start without root, /dev/net/tun, the daemons or the tools."""
+    if os.geteuid() != 0:
+        raise BenchError("needs root (network namespaces, TUN devices)")
+    if not os.path.exists("/dev/net/tun"):
+        raise BenchError("/dev/net/tun is missing")
+    for name, path in programs.items():
+        if not os.access(path, os.X_OK):
+            raise BenchError(f"{name}: {path} is not an executable file")
+    for tool in tools:
+        if not any(os.access(Path(d) / tool, os.X_OK) for d in os.environ["PATH"].split(":")):
+            raise BenchError(f"{tool}: not found on PATH")
+
+
+def terminate_as_interrupt() -> None:
+    """Make SIGTERM/SIGHUP raise KeyboardInterrupt so the labs' cleanup runs."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGHUP, interrupt)
+
+
+def _first_line(argv: Sequence[str]) -> str:
+    try:
+        done = subprocess.run(list(argv), capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unknown ({e})"
+    text = (done.stdout or done.stderr).strip()
+    return text.splitlines()[0] if text else "unknown"
+
+
+def machine(programs: dict[str, str]) -> dict[str, str]:
+    """CPU, cores, kernel and tool versions, to publish with the results."""
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in cpuinfo.splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or "unknown",
+    )
+    info = {
+        "date (UTC)": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "cpu": model,
+        "cores": str(os.cpu_count()),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+    for name, path in programs.items():
+        info[name] = f"{path}: {_first_line([path, '--version'])}"
+    info["iperf3"] = _first_line(["iperf3", "--version"])
+    info["wg"] = _first_line(["wg", "--version"])
+    return info
+
+
+# --- /proc probes -----------------------------------------------------------------------
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def _family(pid: int) -> list[int]:
+    """``pid`` and its live descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _stat_fields(int(entry.name))):
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    family, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        family.append(current)
+        todo.extend(children.get(current, []))
+    return family
+
+
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU of ``pid`` and its descendants (reaped children included)."""
+    ticks = 0
+    for member in _family(pid):
+        fields = _stat_fields(member)
+        if fields is None:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+        if member == pid:
+            ticks += int(fields[13]) + int(fields[14])
+    if ticks == 0 and _stat_fields(pid) is None:
+        raise BenchError(f"daemon pid {pid} is gone")
+    return ticks / _TICK
+
+
+def peak_rss_mib(pid: int) -> float:
+    """Sum of VmHWM (peak resident set) over ``pid`` and its descendants, in MiB."""
+    total_kib = 0
+    for member in _family(pid):
+        try:
+            status = Path(f"/proc/{member}/status").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                total_kib += int(line.split()[1])
+    return total_kib / 1024
+
+
+# --- statistics and tables --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Spread:
+    """Minimum, median and maximum of the rounds that produced a number."""
+
+    low: float
+    median: float
+    high: float
+    count: int
+
+    @classmethod
+    def of(cls, values: Sequence[float | None]) -> Spread | None:
+        got = [v for v in values if v is not None]
+        if not got:
+            return None
+        return cls(min(got), statistics.median(got), max(got), len(got))
+
+    def format(self, digits: int) -> str:
+        med = f"{self.median:.{digits}f}"
+        if self.count == 1:
+            return med
+        return f"{med} [{self.low:.{digits}f}-{self.high:.{digits}f}]"
+
+
+def ratios(numer: Sequence[float | None], denom: Sequence[float | None]) -> Spread | None:
+    """Round-by-round ratios numer[i]/denom[i] (rounds where both exist, denom > 0)."""
+    return Spread.of(
+        [
+            n / d
+            for n, d in zip(numer, denom, strict=True)
+            if n is not None and d is not None and d > 0
+        ]
+    )
+
+
+def percentile(sorted_values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile of already sorted values."""
+    if not sorted_values:
+        raise BenchError("percentile of no values")
+    rank = max(1, -(-len(sorted_values) * fraction // 1))
+    return sorted_values[int(rank) - 1]
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool = False) -> str:
+    """A plain aligned table, or a markdown one."""
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    lines = [fmt.format(*header), "  ".join("-" * w for w in widths)]
+    lines += [fmt.format(*row) for row in rows]
+    return "\n".join(lines)
+
+
+def machine_lines(info: dict[str, str], markdown: bool = False) -> str:
+    bullet = "- " if markdown else "  "
+    return "\n".join(f"{bullet}{key}: {value}" for key, value in info.items())
+
+
+def report_failure(what: str, error: Exception) -> None:
+    """Print a failed measurement and carry on with the others."""
+    print(f"  ! {what}: {error}", file=sys.stderr)
+
+
+MEASUREMENT_ERRORS = (BenchError, NetnsError, TimeoutError, ValueError, KeyError, OSError)

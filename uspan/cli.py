@@ -1,0 +1,149 @@
+"""The ``uspan`` command line.
+
+``uspan demo``: two fresh network namespaces joined by a veth, ``uspan-wg`` in one and
+``wireguard-go`` in the other, a tunnel with fresh keys and a preshared key, pings both
+ways over IPv4 and IPv6, ``wg show`` of both sides, then everything is removed (also on
+Ctrl-C or SIGTERM). Needs root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+from uspan.netns import Lab, NetnsError, Peer, WireGuard, genpsk, run
+
+WIREGUARD_GO = "/usr/bin/wireguard-go"
+OUTER = ("192.0.2.1", "192.0.2.2")
+INNER4 = ("10.77.0.1", "10.77.0.2")
+INNER6 = ("fd00:77::1", "fd00:77::2")
+PORTS = (51820, 51821)
+
+
+def default_uspan_wg() -> str:
+    """``uspan-wg`` next to this Python (the venv), else on PATH."""
+    beside = Path(sys.executable).parent / "uspan-wg"
+    return str(beside) if beside.exists() else (shutil.which("uspan-wg") or str(beside))
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="uspan", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = commands.add_parser(
+        "demo",
+        help="a tunnel between uspan-wg and wireguard-go in two namespaces (root)",
+        description="Build two namespaces, run uspan-wg in one and wireguard-go in the "
+        "other, ping across the tunnel both ways, show both sides, clean up.",
+    )
+    demo.add_argument("--count", type=positive_int, default=3, help="pings each way (3)")
+    demo.add_argument("--keep", action="store_true", help="keep it running until Ctrl-C")
+    demo.add_argument("--uspan-wg", default=default_uspan_wg(), metavar="PATH",
+                      help="the program for the first namespace (%(default)s)")  # fmt: skip
+    demo.add_argument("--wireguard-go", default=WIREGUARD_GO, metavar="PATH",
+                      help="the program for the second namespace (%(default)s)")  # fmt: skip
+    demo.set_defaults(handler=demo_command)
+    return parser
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _missing(programs: dict[str, str]) -> list[str]:
+    problems = []
+    for option, path in programs.items():
+        if not os.access(path, os.X_OK):
+            problems.append(f"{path} is not an executable (choose another with --{option})")
+    return problems
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    programs = {"uspan-wg": args.uspan_wg, "wireguard-go": args.wireguard_go}
+    problems = _missing(programs)
+    if os.geteuid() != 0:
+        problems.append("needs root (network namespaces, TUN devices)")
+    if shutil.which("wg") is None:
+        problems.append("the wg tool is missing (apt-get install wireguard-tools)")
+    if problems:
+        for problem in problems:
+            print(f"uspan demo: {problem}", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, _interrupt)
+    lab = Lab("demo")
+    try:
+        return _demo(lab, args)
+    except KeyboardInterrupt:
+        print("\ninterrupted")
+        return 130
+    except (NetnsError, TimeoutError) as e:
+        print(f"uspan demo: {e}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("cleaning up: stopping daemons, deleting namespaces")
+        lab.close(raise_errors=False)
+
+
+def _demo(lab: Lab, args: argparse.Namespace) -> int:
+    a, b = lab.namespace("a"), lab.namespace("b")
+    lab.veth(a, b, [f"{OUTER[0]}/24"], [f"{OUTER[1]}/24"])
+    print(f"namespaces {a.name} ({OUTER[0]}) and {b.name} ({OUTER[1]}), joined by a veth")
+    wa = lab.start_wireguard(a, args.uspan_wg)
+    print(f"{args.uspan_wg}: interface {wa.name} in {a.name}")
+    wb = lab.start_wireguard(b, args.wireguard_go)
+    print(f"{args.wireguard_go}: interface {wb.name} in {b.name}")
+
+    psk = genpsk()
+    routes = [[f"{INNER4[i]}/32", f"{INNER6[i]}/128"] for i in (0, 1)]
+    wa.configure(
+        listen_port=PORTS[0],
+        peers=[Peer(wb.keys.public, routes[1], f"{OUTER[1]}:{PORTS[1]}", psk)],
+    )
+    wb.configure(
+        listen_port=PORTS[1],
+        peers=[Peer(wa.keys.public, routes[0], f"{OUTER[0]}:{PORTS[0]}", psk)],
+    )
+    for i, wg in enumerate((wa, wb)):
+        wg.add_address(f"{INNER4[i]}/24", f"{INNER6[i]}/64")
+        wg.up()
+
+    ok = True
+    for src, dst in ((0, 1), (1, 0)):
+        for inner in (INNER4, INNER6):
+            ns = (a, b)[src]
+            print(f"\n$ ip netns exec {ns.name} ping -c {args.count} {inner[dst]}")
+            done = ns.run("ping", "-c", str(args.count), "-i", "0.2", "-W", "2", inner[dst],
+                          check=False, timeout=10 + args.count)  # fmt: skip
+            print(done.stdout.rstrip())
+            ok = ok and done.returncode == 0
+    for wg in (wa, wb):
+        _show(wg)
+    if args.keep:
+        print(f"\nrunning; try: ip netns exec {a.name} ping {INNER4[1]}   (Ctrl-C to stop)")
+        signal.pause()
+    print("\ndemo " + ("passed: pings crossed the tunnel both ways" if ok else "FAILED"))
+    return 0 if ok else 1
+
+
+def _show(wg: WireGuard) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "WG_HIDE_KEYS"}  # keep keys hidden
+    print(f"\n$ wg show {wg.name}   # {Path(wg.program).name} in {wg.ns.name}")
+    print(run(["wg", "show", wg.name], env=env).stdout.rstrip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
