@@ -10,11 +10,12 @@ receives many as one buffer plus a ``gso_size`` control message.
 
 Checksums: the ones' complement sum of 16-bit words equals the buffer read as one big
 integer modulo 0xFFFF (2**16 is 1 modulo 0xFFFF), so ``int.from_bytes(b, "little") %
-0xFFFF`` sums a whole packet in C. Little-endian words give the byte-swapped sum, and a
+0xFFFF`` sums one buffer in C. Little-endian words give the byte-swapped sum, and a
 byte-swapped sum written little-endian is the big-endian checksum, so no swap is needed.
-Measured on the development VM (Python 3.11): 0.73 GB/s for 1400 bytes, 0.77 GB/s for
-64 KB; ``sum(array('H'))`` 0.19 GB/s, ``sum(memoryview.cast('Q'))`` 0.32 GB/s, a Python
-loop over words 0.03 GB/s. Sums of parts that start at even offsets simply add up.
+Sums of parts that start at even offsets simply add up. Many equal-length rows (the
+segments of a super-segment, a batch of same-size packets) are summed at once with
+numpy: 0.25 us per 1368-byte segment against 2.05 us for ``from_bytes`` and ``%``
+(development VM, Python 3.11; ``sum(array('H'))`` is 10x slower still).
 
 Write a ``(vnet_hdr, packet)`` pair to the TUN with one ``os.writev``.
 """
@@ -27,6 +28,8 @@ import socket
 import struct
 from collections.abc import Sequence
 from typing import NamedTuple
+
+import numpy as np
 
 # --- virtio_net_hdr (include/uapi/linux/virtio_net.h), native byte order ---------------
 
@@ -130,6 +133,16 @@ def _fold(total: int) -> int:
 
 def _swap16(value: int) -> int:
     return ((value & 0xFF) << 8) | (value >> 8)
+
+
+def _row_sums(data: bytes | bytearray | memoryview, width: int, rows: int,
+              skip: int = 0) -> list[int]:
+    """Little-endian 16-bit word sums of ``rows`` consecutive ``width``-byte rows of
+    ``data``, each from byte ``skip`` on (``width`` and ``skip`` even)."""
+    words = np.frombuffer(data, dtype="<u2", count=rows * width // 2).reshape(rows, -1)
+    if skip:
+        words = words[:, skip // 2 :]
+    return words.sum(axis=1, dtype=np.uint64).tolist()
 
 
 def checksum(data: bytes | bytearray | memoryview) -> int:
@@ -261,6 +274,14 @@ def _split(hdr: VirtioNetHdr, packet: memoryview, mtu: int, v6: bool,
     payload = packet[hdr_len:]
     size = len(payload)
     head = memoryview(template)
+    full = size // step
+    if step % 2 == 0 and full > 1:
+        chunk_sums = _row_sums(payload, step, full)
+    else:
+        chunk_sums = [int.from_bytes(payload[i * step : (i + 1) * step], "little")
+                      for i in range(full)]
+    if size % step or not size:
+        chunk_sums.append(int.from_bytes(payload[full * step :], "little"))
     out = []
     for index, offset in enumerate(range(0, max(size, 1), step)):
         chunk = payload[offset : offset + step]
@@ -282,7 +303,7 @@ def _split(hdr: VirtioNetHdr, packet: memoryview, mtu: int, v6: bool,
             _U16.pack_into(template, ip_len + 4, l4_len)
         template[check_at : check_at + 2] = b"\0\0"
         total_sum = address_sum + _swap16(l4_len) + int.from_bytes(head[ip_len:], "little")
-        value = 0xFFFF - _fold(total_sum + int.from_bytes(chunk, "little"))
+        value = 0xFFFF - _fold(total_sum + chunk_sums[index])
         if not tcp and not value:
             value = 0xFFFF
         template[check_at : check_at + 2] = value.to_bytes(2, "little")
@@ -391,7 +412,10 @@ class _Run:
         return vnet, bytes(out)
 
 
-def _flow(packet: bytes, udp: bool) -> tuple[bytes, bool, int, int, int, int] | None:
+_Flow = tuple[bytes, bool, int, int, int, int]
+
+
+def _flow(packet: bytes, udp: bool) -> _Flow | None:
     """(flow key, v6, proto, ip header len, header len, payload len) of a GRO candidate.
 
     Also returns the flow of TCP/UDP packets that cannot merge (payload length -1), so
@@ -432,6 +456,30 @@ def _flow(packet: bytes, udp: bool) -> tuple[bytes, bool, int, int, int, int] | 
     return key, version == 6, proto, ip_len, hdr_len, payload
 
 
+def _checksums_ok(packets: list[bytes], flows: list[_Flow | None]) -> list[bool]:
+    """Whether each mergeable packet's TCP/UDP checksum verifies (others: False).
+
+    Packets of equal length and IP header length are summed together (numpy).
+    """
+    ok = [False] * len(packets)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, flow in enumerate(flows):
+        if flow is not None and flow[5] >= 0:
+            groups.setdefault((len(packets[index]), flow[3]), []).append(index)
+    for (length, ip_len), members in groups.items():
+        if length % 2 or len(members) == 1:
+            for index in members:
+                ok[index] = l4_checksum_ok(packets[index])
+            continue
+        joined = b"".join([packets[index] for index in members])
+        sums = _row_sums(joined, length, len(members), ip_len)
+        for index, total in zip(members, sums, strict=True):
+            _key, v6, proto, *_ = flows[index]  # type: ignore[misc]
+            pseudo = _pseudo_sum(packets[index], v6, proto, length - ip_len)
+            ok[index] = (total + pseudo) % 0xFFFF == 0
+    return ok
+
+
 def coalesce(packets: Sequence[bytes], *, udp: bool = False) -> list[tuple[bytes, bytes]]:
     """Merge consecutive segments of each flow into GSO super-segments for the TUN.
 
@@ -446,9 +494,10 @@ def coalesce(packets: Sequence[bytes], *, udp: bool = False) -> list[tuple[bytes
     """
     order: list[_Run | bytes] = []
     runs: dict[bytes, _Run] = {}
-    for packet in packets:
-        packet = bytes(packet)
-        flow = _flow(packet, udp)
+    packets = [bytes(packet) for packet in packets]
+    flows = [_flow(packet, udp) for packet in packets]
+    valid = _checksums_ok(packets, flows)
+    for packet, flow, ok in zip(packets, flows, valid, strict=True):
         if flow is None:
             order.append(packet)
             continue
@@ -458,18 +507,16 @@ def coalesce(packets: Sequence[bytes], *, udp: bool = False) -> list[tuple[bytes
             runs.pop(key, None)
             order.append(packet)
             continue
-        if (run is not None and run.proto == proto and run.hdr_len == hdr_len
-                and run.accepts(packet, payload)):
-            if not run.verified:
-                run.verified = l4_checksum_ok(run.head)
-            if run.verified:
-                if l4_checksum_ok(packet):
-                    run.append(packet, payload)
-                else:  # pass it through alone; nothing after it can follow the run
-                    del runs[key]
-                    order.append(packet)
-                continue
+        if (run is not None and run.verified and run.proto == proto
+                and run.hdr_len == hdr_len and run.accepts(packet, payload)):
+            if ok:
+                run.append(packet, payload)
+            else:  # pass it through alone; nothing after it can follow the run
+                del runs[key]
+                order.append(packet)
+            continue
         run = _Run(packet, v6, proto, ip_len, hdr_len, payload)
+        run.verified = ok
         runs[key] = run
         order.append(run)
     return [(VNET_NONE, item) if isinstance(item, bytes) else item.build() for item in order]
