@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -537,20 +537,24 @@ class Lab:
         log_level: str = "error",
         keys: KeyPair | None = None,
         timeout: float = 5.0,
+        env: Mapping[str, str] | None = None,
     ) -> WireGuard:
         """Launch ``program [-f] IFACE`` in ``ns`` and wait for its UAPI socket.
 
         Without ``foreground`` the launcher must exit 0 after daemonizing, as with
-        wireguard-go; the daemon is then found as the owner of the UAPI socket.
+        wireguard-go; the daemon is then found as the owner of the UAPI socket. ``env``
+        adds to (or overrides) the inherited environment and ``LOG_LEVEL``.
         """
         if not os.access(program, os.X_OK):
             raise NetnsError(f"{program}: not an executable file")
         name = self.interface_name()
         log = self._dir / f"{name}.log"
         argv = [program, "-f", name] if foreground else [program, name]
-        env = {**os.environ, "LOG_LEVEL": log_level}
+        environment = {**os.environ, "LOG_LEVEL": log_level, **(env or {})}
         with log.open("wb") as out:
-            launcher = ns.spawn(*argv, stdout=out.fileno(), stderr=subprocess.STDOUT, env=env)
+            launcher = ns.spawn(
+                *argv, stdout=out.fileno(), stderr=subprocess.STDOUT, env=environment
+            )
         owned = self._processes[-1]  # the launcher; in the foreground also the daemon
         socket_path = UAPI_DIR / f"{name}.sock"
 

@@ -7,6 +7,7 @@ is XChaCha20-Poly1305 (cookies only; libsodium through PyNaCl).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 
@@ -32,6 +33,7 @@ __all__ = [
     "kdf3",
     "mac",
     "nonce",
+    "private_key",
     "public_key",
     "xaead_decrypt",
     "xaead_encrypt",
@@ -99,22 +101,52 @@ def clamp(private: bytes) -> bytes:
     return bytes(b)
 
 
-def public_key(private: bytes) -> bytes:
+PrivateKey = bytes | X25519PrivateKey  # raw bytes, or a key object to reuse
+
+
+def private_key(private: bytes) -> X25519PrivateKey:
+    """A key object for a private key used more than once (public key, then DHs)."""
+    return X25519PrivateKey.from_private_bytes(private)
+
+
+def public_key(private: PrivateKey) -> bytes:
     """The X25519 public key of a private key."""
-    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
+    if isinstance(private, bytes):
+        private = X25519PrivateKey.from_private_bytes(private)
+    return private.public_key().public_bytes_raw()
 
 
-def dh(private: bytes, public: bytes) -> bytes:
-    """X25519(private, public); raises DHError on an all-zero result."""
+@functools.lru_cache(maxsize=8)
+def _static_key(private: bytes) -> X25519PrivateKey:
+    """The key object of a long-term private key (building one costs as much as a DH)."""
+    return X25519PrivateKey.from_private_bytes(private)
+
+
+def dh(private: PrivateKey, public: bytes, *, static: bool = False) -> bytes:
+    """X25519(private, public); raises DHError on an all-zero result.
+
+    ``static`` marks a long-term private key, whose key object is kept for reuse;
+    ephemeral keys are never kept.
+    """
+    if isinstance(private, X25519PrivateKey):
+        key = private
+    elif static:
+        key = _static_key(private)
+    else:
+        key = X25519PrivateKey.from_private_bytes(private)
     try:
-        shared = X25519PrivateKey.from_private_bytes(private).exchange(
-            X25519PublicKey.from_public_bytes(public)
-        )
+        shared = key.exchange(X25519PublicKey.from_public_bytes(public))
     except ValueError as exc:  # OpenSSL refuses low-order points
         raise DHError("X25519 shared secret is all zero") from exc
     if shared == bytes(KEY_SIZE):
         raise DHError("X25519 shared secret is all zero")
     return shared
+
+
+@functools.lru_cache(maxsize=4096)
+def dh_static_static(private: bytes, public: bytes) -> bytes:
+    """DH of two long-term keys, computed once per pair (WireGuard precomputes it too)."""
+    return dh(private, public, static=True)
 
 
 def nonce(counter: int) -> bytes:

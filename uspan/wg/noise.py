@@ -70,10 +70,18 @@ class SymmetricState:
         self.nonce = 0
         self.mix_hash(temp_hash)
 
-    def mix_dh(self, private: bytes, public: bytes, token: str) -> None:
-        """MixKey(DH(private, public)); an all-zero result raises NoiseError("dh")."""
+    def mix_dh(self, private: crypto.PrivateKey, public: bytes, token: str, *,
+               static: bool = False) -> None:
+        """MixKey(DH(private, public)); an all-zero result raises NoiseError("dh").
+
+        ``static``: ``private`` is our long-term key (its key object is reused; for the
+        "ss" token, the result too).
+        """
         try:
-            shared = crypto.dh(private, public)
+            if token == "ss":
+                shared = crypto.dh_static_static(private, public)
+            else:
+                shared = crypto.dh(private, public, static=static)
         except crypto.DHError as exc:
             raise NoiseError("dh", f"token {token}: low-order public key") from exc
         self.mix_key(shared)
@@ -135,9 +143,10 @@ def write_message1(
     payload: bytes,
 ) -> bytes:
     """Initiator: ``-> e, es, s, ss`` and the payload."""
-    ephemeral_public = crypto.public_key(ephemeral_private)
+    ephemeral = crypto.private_key(ephemeral_private)
+    ephemeral_public = crypto.public_key(ephemeral)
     _mix_ephemeral(state, ephemeral_public)
-    state.mix_dh(ephemeral_private, remote_static, "es")
+    state.mix_dh(ephemeral, remote_static, "es")
     encrypted_static = state.encrypt_and_hash(static_public)
     state.mix_dh(static_private, remote_static, "ss")
     return ephemeral_public + encrypted_static + state.encrypt_and_hash(payload)
@@ -149,7 +158,7 @@ def read_message1(state: SymmetricState, static_private: bytes, message: bytes) 
         raise NoiseError("length", f"message 1 of {len(message)} bytes, need {MESSAGE1_OVERHEAD}")
     remote_ephemeral = message[:KEY_SIZE]
     _mix_ephemeral(state, remote_ephemeral)
-    state.mix_dh(static_private, remote_ephemeral, "es")
+    state.mix_dh(static_private, remote_ephemeral, "es", static=True)
     remote_static = state.decrypt_and_hash(
         message[KEY_SIZE:KEY_SIZE + ENCRYPTED_STATIC_SIZE], "encrypted static"
     )
@@ -167,10 +176,11 @@ def write_message2(
     payload: bytes,
 ) -> bytes:
     """Responder: ``<- e, ee, se, psk`` and the payload."""
-    ephemeral_public = crypto.public_key(ephemeral_private)
+    ephemeral = crypto.private_key(ephemeral_private)
+    ephemeral_public = crypto.public_key(ephemeral)
     _mix_ephemeral(state, ephemeral_public)
-    state.mix_dh(ephemeral_private, remote_ephemeral, "ee")
-    state.mix_dh(ephemeral_private, remote_static, "se")
+    state.mix_dh(ephemeral, remote_ephemeral, "ee")
+    state.mix_dh(ephemeral, remote_static, "se")
     state.mix_key_and_hash(psk)
     return ephemeral_public + state.encrypt_and_hash(payload)
 
@@ -188,6 +198,6 @@ def read_message2(
     remote_ephemeral = message[:KEY_SIZE]
     _mix_ephemeral(state, remote_ephemeral)
     state.mix_dh(ephemeral_private, remote_ephemeral, "ee")
-    state.mix_dh(static_private, remote_ephemeral, "se")
+    state.mix_dh(static_private, remote_ephemeral, "se", static=True)
     state.mix_key_and_hash(psk)
     return state.decrypt_and_hash(message[KEY_SIZE:], "payload")
