@@ -4,6 +4,9 @@
 ``wireguard-go`` in the other, a tunnel with fresh keys and a preshared key, pings both
 ways over IPv4 and IPv6, ``wg show`` of both sides, then everything is removed (also on
 Ctrl-C or SIGTERM). Needs root.
+
+``uspan stats IFACE``: the counters a running ``uspan-wg`` keeps besides what ``wg show``
+reports: packets dropped by reason (bad mac1, replay, unknown index, ...) and I/O errors.
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ import argparse
 import os
 import shutil
 import signal
+import socket
 import sys
 from pathlib import Path
 from types import FrameType
 
+from uspan.daemon.uapi_server import SOCKET_DIRECTORY
 from uspan.netns import Lab, NetnsError, Peer, WireGuard, genpsk, run
 
 WIREGUARD_GO = "/usr/bin/wireguard-go"
@@ -54,7 +59,45 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--wireguard-go", default=WIREGUARD_GO, metavar="PATH",
                       help="the program for the second namespace (%(default)s)")  # fmt: skip
     demo.set_defaults(handler=demo_command)
+    stats = commands.add_parser(
+        "stats",
+        help="drop and error counters of a running uspan-wg interface",
+        description="Print the counters uspan-wg keeps besides wg show: drops by reason "
+        "and I/O errors (UAPI 'stats=1' on /var/run/wireguard/IFACE.sock).",
+    )
+    stats.add_argument("interface", metavar="IFACE")
+    stats.add_argument("--socket-dir", default=SOCKET_DIRECTORY, metavar="DIR",
+                       help="where the UAPI sockets are (%(default)s)")  # fmt: skip
+    stats.set_defaults(handler=stats_command)
     return parser
+
+
+def stats_command(args: argparse.Namespace) -> int:
+    path = os.path.join(args.socket_dir, f"{args.interface}.sock")
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(path)
+            sock.sendall(b"stats=1\n\n")
+            reply = b""
+            while not reply.endswith(b"\n\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+    except OSError as exc:
+        print(f"uspan stats: {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    lines = reply.decode(errors="replace").split("\n")
+    if "errno=0" not in lines:
+        print(f"uspan stats: {args.interface} did not answer stats=1 (not uspan-wg?)",
+              file=sys.stderr)
+        return 1
+    for line in lines:
+        if line and not line.startswith("errno="):
+            name, _, value = line.partition("=")
+            print(f"{name:24} {value}")
+    return 0
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

@@ -23,7 +23,7 @@ from uspan.daemon import uapi_server
 from uspan.daemon.tun import Tun, TunError, TunGone
 from uspan.daemon.udp import UdpBind, UdpSocket
 from uspan.wg.config import ConfigError, DeviceChange
-from uspan.wg.device import Device
+from uspan.wg.device import DROP_REASONS, Device
 from uspan.wg.endpoint import Endpoint
 from uspan.wg.uapi import format_get
 
@@ -249,6 +249,13 @@ class Daemon:
 
     def get(self) -> str:
         return format_get(self.device.info(_now()))
+
+    def stats(self) -> dict[str, int]:
+        counters = {f"drop_{reason}": self.device.counters[reason] for reason in DROP_REASONS}
+        counters["tun_read_dropped"] = self.tun.read_dropped
+        counters["tun_write_dropped"] = self.tun.write_dropped
+        counters["udp_send_errors"] = self.udp.send_errors
+        return counters
 
     def set(self, change: DeviceChange) -> None:
         """Apply atomically: bind a new port first; on any failure change nothing."""

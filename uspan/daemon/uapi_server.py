@@ -3,6 +3,9 @@
 Each connection may carry several requests, like wireguard-go: ``get=1`` followed by a
 blank line, or ``set=1`` followed by ``key=value`` lines and a blank line. A ``set`` is
 parsed whole and then applied atomically; every request gets ``errno=<n>`` back.
+
+uspan adds ``stats=1`` (then a blank line): the device's own counters as ``name=value``
+lines (drops by reason, TUN and UDP errors), which ``uspan stats IFACE`` prints.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ class ConfigTarget(Protocol):
 
     def set(self, change: DeviceChange) -> None:
         """Apply atomically; raise ConfigError (with .errno) and change nothing."""
+
+    def stats(self) -> dict[str, int]:
+        """The device's counters, by name."""
 
 
 def socket_path(interface: str, directory: str = SOCKET_DIRECTORY) -> str:
@@ -104,8 +110,8 @@ async def handle(stream: trio.abc.Stream, target: ConfigTarget) -> None:
                 operation = await reader.line()
                 if operation is None:
                     return
-                if operation == b"get=1":
-                    reply, keep_open = await _get(reader, target)
+                if operation in (b"get=1", b"stats=1"):
+                    reply, keep_open = await _get(reader, target, operation)
                 elif operation == b"set=1":
                     reply, keep_open = await _set(reader, target)
                 else:
@@ -118,11 +124,14 @@ async def handle(stream: trio.abc.Stream, target: ConfigTarget) -> None:
             return
 
 
-async def _get(reader: _Reader, target: ConfigTarget) -> tuple[str, bool]:
+async def _get(reader: _Reader, target: ConfigTarget, operation: bytes) -> tuple[str, bool]:
     following = await reader.line()
     if following != b"":
-        log.error("UAPI: get=1 must be followed by a blank line")
+        log.error("UAPI: %s must be followed by a blank line", operation.decode())
         return format_errno(errno.EINVAL), following is not None
+    if operation == b"stats=1":
+        lines = "".join(f"{name}={value}\n" for name, value in sorted(target.stats().items()))
+        return lines + format_errno(0), True
     return target.get(), True
 
 
