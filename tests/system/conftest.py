@@ -5,6 +5,7 @@ and the tools). Implementations are ``uspan`` (the ``uspan-wg`` console script n
 ``sys.executable``) and ``wgo`` (``/usr/bin/wireguard-go``). A missing or broken
 ``uspan-wg`` makes its tests fail, never skip; ``pytest -k wgo`` runs the wireguard-go
 control alone (the ids of mixed combinations spell it ``wireguardgo`` on purpose).
+The variant ``uspan-nooff`` is uspan launched with ``USPAN_OFFLOAD=off`` (ids ``nooff``).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,8 @@ IMPLS = {
     "uspan": Path(sys.executable).parent / "uspan-wg",
     "wgo": Path("/usr/bin/wireguard-go"),
 }
+# Variants: an implementation of IMPLS launched with extra environment.
+VARIANTS = {"uspan-nooff": ("uspan", {"USPAN_OFFLOAD": "off"})}
 TOOLS = ("ip", "wg", "wg-quick", "ping", "ncat", "ss")
 
 # (initiator, responder) and the test id of each combination.
@@ -34,6 +37,13 @@ COMBINATIONS = {
     "uspan-wireguardgo": ("uspan", "wgo"),
     "wireguardgo-uspan": ("wgo", "uspan"),
     "wgo-wgo": ("wgo", "wgo"),
+}
+# With uspan's kernel offloads off; only for tests that ask (indirect parametrization).
+NO_OFFLOAD_COMBINATIONS = {
+    "nooff-nooff": ("uspan-nooff", "uspan-nooff"),
+    "nooff-wireguardgo": ("uspan-nooff", "wgo"),
+    "wireguardgo-nooff": ("wgo", "uspan-nooff"),
+    "nooff-uspan": ("uspan-nooff", "uspan"),
 }
 FAILED = pytest.StashKey[bool]()  # set on items whose setup or call failed
 
@@ -89,16 +99,28 @@ def impl(request: pytest.FixtureRequest) -> str:
 
 @dataclass(frozen=True)
 class Combination:
-    """Which program initiates (namespace a) and which responds (namespace b)."""
+    """Which program initiates (namespace a) and which responds (namespace b), and the
+    extra environment each is launched with."""
 
     initiator: str
     responder: str
+    initiator_env: Mapping[str, str] = field(default_factory=dict)
+    responder_env: Mapping[str, str] = field(default_factory=dict)
 
 
-@pytest.fixture(params=list(COMBINATIONS.values()), ids=list(COMBINATIONS))
+def launch(name: str) -> tuple[str, Mapping[str, str]]:
+    """The executable and extra environment of an implementation or variant."""
+    base, env = VARIANTS.get(name, (name, {}))
+    return program(base), env
+
+
+@pytest.fixture(params=list(COMBINATIONS))
 def combo(request: pytest.FixtureRequest) -> Combination:
-    initiator, responder = request.param
-    return Combination(program(initiator), program(responder))
+    """Each combination in turn; ``parametrize("combo", ids, indirect=True)`` picks others,
+    e.g. of NO_OFFLOAD_COMBINATIONS."""
+    initiator, responder = {**COMBINATIONS, **NO_OFFLOAD_COMBINATIONS}[request.param]
+    (a, a_env), (b, b_env) = launch(initiator), launch(responder)
+    return Combination(a, b, a_env, b_env)
 
 
 @pytest.fixture

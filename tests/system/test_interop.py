@@ -2,7 +2,8 @@
 
 Namespace a runs the initiator (it knows b's endpoint), namespace b the responder (it
 learns a's endpoint from a's packets). Every tunnel uses a preshared key. Ids: the
-combination ``wgo-wgo`` is the harness's own control (``pytest -k wgo``).
+combination ``wgo-wgo`` is the harness's own control (``pytest -k wgo``); ``nooff`` is
+uspan with its kernel offloads off (ping and TCP only).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.system.conftest import COMBINATIONS, NO_OFFLOAD_COMBINATIONS
 from uspan.netns import Lab, Namespace, Peer, PeerStatus, WireGuard, genkey, genpsk, poll
 
 if TYPE_CHECKING:
@@ -52,8 +54,8 @@ def configure(wa: WireGuard, wb: WireGuard, b_outer: str) -> None:
 
 
 def tunnel(pair: Pair, combo: Combination, outer: int = 4) -> tuple[WireGuard, WireGuard]:
-    wa = pair.lab.start_wireguard(pair.a, combo.initiator)
-    wb = pair.lab.start_wireguard(pair.b, combo.responder)
+    wa = pair.lab.start_wireguard(pair.a, combo.initiator, env=combo.initiator_env)
+    wb = pair.lab.start_wireguard(pair.b, combo.responder, env=combo.responder_env)
     configure(wa, wb, pair.outer(outer)[1])
     return wa, wb
 
@@ -110,6 +112,7 @@ def udp_delivered(src: Namespace, dst: Namespace, addr: str, source: str, wait: 
         listener.wait(5)
 
 
+@pytest.mark.parametrize("combo", [*COMBINATIONS, *NO_OFFLOAD_COMBINATIONS], indirect=True)
 @OUTER
 def test_ping_transfer_and_counters(
     pair: Pair, combo: Combination, outer: int, tmp_path: Path

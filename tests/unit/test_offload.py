@@ -750,3 +750,11 @@ def test_gso_batches_split_back(sizes: list[int]) -> None:
     for buf, size in batches:
         assert len(buf) <= offload.UDP_MAX_PAYLOAD
         assert size == 0 or len(buf) <= size * offload.UDP_MAX_SEGMENTS
+
+
+def test_uso_keeps_datagram_boundaries_when_mtu_is_stale() -> None:
+    """UDP datagrams are the sender's: never re-cut, even if our MTU is out of date."""
+    payload = os.urandom(1200 * 3)
+    datagrams = offload.segment(*uso(payload, 1200), mtu=1000)
+    assert [len(d) - 28 for d in datagrams] == [1200, 1200, 1200]
+    assert b"".join(d[28:] for d in datagrams) == payload

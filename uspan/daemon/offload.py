@@ -205,8 +205,9 @@ def segment(vnet: bytes | bytearray | memoryview, packet: bytes | bytearray | me
 
     GSO_NONE packets are returned whole, with a partial checksum completed if the header
     asks for it. TCP and UDP super-segments are cut into ``gso_size`` payload chunks
-    (smaller if ``mtu`` demands it), each with its own lengths, IPv4 ID and header
-    checksum, TCP sequence number and flags, and full TCP/UDP checksum.
+    (TCP ones smaller if ``mtu`` demands it; a UDP datagram is never re-cut), each with
+    its own lengths, IPv4 ID and header checksum, TCP sequence number and flags, and full
+    TCP/UDP checksum.
     """
     hdr = parse_vnet_hdr(vnet)
     gso_type = hdr.gso_type & ~GSO_ECN
@@ -256,7 +257,8 @@ def _split(hdr: VirtioNetHdr, packet: memoryview, mtu: int, v6: bool,
             f"super-segment of {len(packet)} bytes: transport header of {l4_hdr_len} bytes "
             f"at {ip_len} does not fit"
         )
-    step = min(hdr.gso_size, mtu - hdr_len)
+    # TCP may be cut finer if the MTU shrank; UDP datagram boundaries belong to the sender.
+    step = min(hdr.gso_size, mtu - hdr_len) if tcp else hdr.gso_size
     if step <= 0:
         raise OffloadError(
             f"virtio_net_hdr gso_size {hdr.gso_size} with mtu {mtu} and {hdr_len} header "
