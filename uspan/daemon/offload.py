@@ -264,18 +264,29 @@ def _split(hdr: VirtioNetHdr, packet: memoryview, mtu: int, v6: bool,
             f"virtio_net_hdr gso_size {hdr.gso_size} with mtu {mtu} and {hdr_len} header "
             "bytes: no room for payload"
         )
+    seq, flags = (_U32.unpack_from(packet, ip_len + 4)[0], packet[ip_len + 13]) if tcp else (0, 0)
+    ip_id = _U16.unpack_from(packet, 4)[0]
+    # Sums of the headers with every per-segment field zeroed; each segment adds its own
+    # fields (a big-endian 16-bit field v adds _swap16(v) to a little-endian word sum).
     template = bytearray(packet[:hdr_len])
     check_at = ip_len + (16 if tcp else 6)
     template[check_at : check_at + 2] = b"\0\0"
-    if not v6:
+    if v6:
+        template[4:6] = b"\0\0"
+        ip_base = 0
+    else:
+        template[2:6] = b"\0\0\0\0"
         template[10:12] = b"\0\0"
-    address_sum = int.from_bytes(packet[8:40] if v6 else packet[12:20], "little")
-    address_sum += proto << 8
-    seq, flags = (_U32.unpack_from(packet, ip_len + 4)[0], packet[ip_len + 13]) if tcp else (0, 0)
-    ip_id = _U16.unpack_from(packet, 4)[0]
+        ip_base = int.from_bytes(template[:ip_len], "little")
+    if tcp:
+        template[ip_len + 4 : ip_len + 8] = b"\0\0\0\0"
+        template[ip_len + 13] = 0
+    else:
+        template[ip_len + 4 : ip_len + 6] = b"\0\0"
+    l4_base = (int.from_bytes(packet[8:40] if v6 else packet[12:20], "little") + (proto << 8)
+               + int.from_bytes(template[ip_len:], "little"))
     payload = packet[hdr_len:]
     size = len(payload)
-    head = memoryview(template)
     full = size // step
     if step % 2 == 0 and full > 1:
         chunk_sums = _row_sums(payload, step, full)
@@ -285,27 +296,33 @@ def _split(hdr: VirtioNetHdr, packet: memoryview, mtu: int, v6: bool,
     if size % step or not size:
         chunk_sums.append(int.from_bytes(payload[full * step :], "little"))
     out = []
+    pack16, pack32, swap16, fold = _U16.pack_into, _U32.pack_into, _swap16, _fold
     for index, offset in enumerate(range(0, max(size, 1), step)):
         chunk = payload[offset : offset + step]
         total = hdr_len + len(chunk)
         l4_len = total - ip_len
         if v6:
-            _U16.pack_into(template, 4, total - 40)
+            pack16(template, 4, total - 40)
         else:
-            _U16.pack_into(template, 2, total)
-            _U16.pack_into(template, 4, (ip_id + index) & 0xFFFF)
-            template[10:12] = b"\0\0"
-            header_check = 0xFFFF - _fold(int.from_bytes(head[:ip_len], "little"))
+            segment_id = (ip_id + index) & 0xFFFF
+            pack16(template, 2, total)
+            pack16(template, 4, segment_id)
+            header_check = 0xFFFF - fold(ip_base + swap16(total) + swap16(segment_id))
             template[10:12] = header_check.to_bytes(2, "little")
+        l4_sum = l4_base + swap16(l4_len) + chunk_sums[index]
         if tcp:
-            _U32.pack_into(template, ip_len + 4, (seq + offset) & 0xFFFFFFFF)
+            segment_seq = (seq + offset) & 0xFFFFFFFF
             segment_flags = flags if offset + step >= size else flags & ~(_TCP_FIN | _TCP_PSH)
-            template[ip_len + 13] = segment_flags & ~_TCP_CWR if index else segment_flags
+            if index:
+                segment_flags &= ~_TCP_CWR
+            pack32(template, ip_len + 4, segment_seq)
+            template[ip_len + 13] = segment_flags
+            l4_sum += swap16(segment_seq >> 16) + swap16(segment_seq & 0xFFFF)
+            l4_sum += segment_flags << 8
         else:
-            _U16.pack_into(template, ip_len + 4, l4_len)
-        template[check_at : check_at + 2] = b"\0\0"
-        total_sum = address_sum + _swap16(l4_len) + int.from_bytes(head[ip_len:], "little")
-        value = 0xFFFF - _fold(total_sum + chunk_sums[index])
+            pack16(template, ip_len + 4, l4_len)
+            l4_sum += swap16(l4_len)
+        value = 0xFFFF - fold(l4_sum)
         if not tcp and not value:
             value = 0xFFFF
         template[check_at : check_at + 2] = value.to_bytes(2, "little")
@@ -475,10 +492,13 @@ def _checksums_ok(packets: list[bytes], flows: list[_Flow | None]) -> list[bool]
             continue
         joined = b"".join([packets[index] for index in members])
         sums = _row_sums(joined, length, len(members), ip_len)
+        pseudo: dict[bytes, int] = {}  # by flow: the same addresses, protocol and length
         for index, total in zip(members, sums, strict=True):
-            _key, v6, proto, *_ = flows[index]  # type: ignore[misc]
-            pseudo = _pseudo_sum(packets[index], v6, proto, length - ip_len)
-            ok[index] = (total + pseudo) % 0xFFFF == 0
+            key, v6, proto, *_ = flows[index]  # type: ignore[misc]
+            flow_sum = pseudo.get(key)
+            if flow_sum is None:
+                flow_sum = pseudo[key] = _pseudo_sum(packets[index], v6, proto, length - ip_len)
+            ok[index] = (total + flow_sum) % 0xFFFF == 0
     return ok
 
 

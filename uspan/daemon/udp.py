@@ -227,12 +227,12 @@ def _open_socket(family: int, port: int, fwmark: int) -> socket.socket | None:
         raise
     try:
         sock.setblocking(False)
+        offload.enable_pktinfo(sock)
         _set_buffers(sock)
         if fwmark:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, fwmark)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
             try:
                 sock.bind(("::", port))
             except OSError as exc:
@@ -241,7 +241,6 @@ def _open_socket(family: int, port: int, fwmark: int) -> socket.socket | None:
                     return None
                 raise
         else:
-            sock.setsockopt(socket.IPPROTO_IP, offload.IP_PKTINFO, 1)
             sock.bind(("0.0.0.0", port))
     except OSError:
         sock.close()

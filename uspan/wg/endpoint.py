@@ -35,9 +35,6 @@ class Endpoint:
     def address(self) -> tuple[str, int]:
         return (self.host, self.port)
 
-    def same_remote(self, other: Endpoint | None) -> bool:
-        return other is not None and other.host == self.host and other.port == self.port
-
     def without_source(self) -> Endpoint:
         """This endpoint with the sticky source forgotten (fall back to routing)."""
         if self.local is None and self.ifindex == 0:

@@ -12,28 +12,21 @@ from dataclasses import dataclass
 from uspan.wg.constants import (
     COOKIE_REPLY_SIZE,
     INITIATION_SIZE,
-    MAC_SIZE,
     MSG_COOKIE_REPLY,
     MSG_INITIATION,
     MSG_RESPONSE,
-    MSG_TRANSPORT,
     RESPONSE_SIZE,
-    TRANSPORT_MIN_SIZE,
 )
 
 _INITIATION = struct.Struct("<II32s48s28s16s16s")
 _RESPONSE = struct.Struct("<III32s16s16s16s")
 _COOKIE_REPLY = struct.Struct("<II24s32s")
 TRANSPORT_HEADER = struct.Struct("<IIQ")  # type, receiver, counter
-TRANSPORT_TYPE_WORD = MSG_TRANSPORT  # the first u32 of every transport message
 
 assert _INITIATION.size == INITIATION_SIZE
 assert _RESPONSE.size == RESPONSE_SIZE
 assert _COOKIE_REPLY.size == COOKIE_REPLY_SIZE
 
-# Offsets of mac1 and mac2 from the end of a handshake message.
-MAC1_OFFSET_FROM_END = 2 * MAC_SIZE
-MAC2_OFFSET_FROM_END = MAC_SIZE
 
 
 class MessageError(ValueError):
@@ -88,16 +81,6 @@ class CookieReply:
         )
 
 
-def message_type(data: bytes) -> int:
-    """The message type of a datagram, or raise MessageError (short or reserved bytes set)."""
-    if len(data) < 4:
-        raise MessageError("bad_length", f"datagram of {len(data)} bytes")
-    word = int.from_bytes(data[:4], "little")
-    if word not in (MSG_INITIATION, MSG_RESPONSE, MSG_COOKIE_REPLY, MSG_TRANSPORT):
-        raise MessageError("bad_type", f"type word {word:#010x}")
-    return word
-
-
 def parse_initiation(data: bytes) -> Initiation:
     if len(data) != INITIATION_SIZE:
         raise MessageError("bad_length", f"initiation of {len(data)} bytes, want {INITIATION_SIZE}")
@@ -119,13 +102,6 @@ def parse_cookie_reply(data: bytes) -> CookieReply:
         )
     _, *fields = _COOKIE_REPLY.unpack(data)
     return CookieReply(*fields)
-
-
-def check_transport_length(data: bytes) -> None:
-    if len(data) < TRANSPORT_MIN_SIZE:
-        raise MessageError(
-            "bad_length", f"transport of {len(data)} bytes, want >= {TRANSPORT_MIN_SIZE}"
-        )
 
 
 def padded_length(length: int, mtu: int) -> int:
