@@ -254,16 +254,19 @@ class Device:
         lookup = self.allowed_ips.lookup
         counters = self.counters
         touched: dict[Peer, None] = {}  # peers with new packets, in order of first packet
+        last_destination, peer = b"", None  # a batch is mostly one flow: look up once
         for packet in packets:
             length = len(packet)
             version = packet[0] >> 4 if length else 0
             if version == 4 and length >= 20:
-                peer = lookup(packet[16:20])
+                destination = packet[16:20]
             elif version == 6 and length >= 40:
-                peer = lookup(packet[24:40])
+                destination = packet[24:40]
             else:
                 counters["bad_inner_packet"] += 1
                 continue
+            if destination != last_destination:
+                peer, last_destination = lookup(destination), destination
             if peer is None:
                 counters["no_route"] += 1
                 continue
@@ -280,18 +283,21 @@ class Device:
         to_tun: list[bytes] = []
         out: Out = []
         handshakes: list[Datagram] = []
+        received: dict[Peer, list[int]] = {}  # per peer: [bytes, data messages] this batch
         counters = self.counters
         for datagram in datagrams:
             data = datagram[0]
             kind = int.from_bytes(data[:4], "little") if len(data) >= 4 else -1
             if kind == MSG_TRANSPORT:
-                self._receive_transport(data, datagram[1], now, to_tun, out)
+                self._receive_transport(data, datagram[1], now, to_tun, out, received)
             elif kind in (MSG_INITIATION, MSG_RESPONSE, MSG_COOKIE_REPLY):
                 handshakes.append(datagram)
             elif kind == -1:
                 counters["bad_length"] += 1
             else:
                 counters["bad_type"] += 1
+        for peer, (length, data_messages) in received.items():
+            peer.received_transport(length, data_messages > 0, now, out)
         if handshakes:
             if len(handshakes) >= self.under_load_threshold:
                 self._under_load_until = now + UNDER_LOAD_AFTER
@@ -300,7 +306,8 @@ class Device:
         return to_tun, out
 
     def _receive_transport(
-        self, data: bytes, source: Endpoint, now: float, to_tun: list[bytes], out: Out
+        self, data: bytes, source: Endpoint, now: float, to_tun: list[bytes], out: Out,
+        received: dict[Peer, list[int]],
     ) -> None:
         counters = self.counters
         length = len(data)
@@ -326,9 +333,15 @@ class Device:
         peer = keypair.peer
         if source is not peer.endpoint and source != peer.endpoint:
             peer.endpoint = source
-        peer.received_transport(keypair, length, now, out)
+        if keypair is peer.next:
+            peer.confirm_next(now, out)
+        tally = received.get(peer)
+        if tally is None:
+            tally = received[peer] = [0, 0]
+        tally[0] += length
         if not plaintext:
             return  # keepalive
+        tally[1] += 1
         self._deliver(plaintext, peer, to_tun)
 
     def _deliver(self, plaintext: bytes, peer: Peer, to_tun: list[bytes]) -> None:

@@ -15,11 +15,11 @@ from uspan.wg.constants import (
     KEY_SIZE,
     MAX_STAGED_PACKETS,
     MAX_TIMER_HANDSHAKES,
+    REJECT_AFTER_MESSAGES,
     REKEY_AFTER_MESSAGES,
     REKEY_AFTER_TIME,
     REKEY_ON_RECEIVE_AGE,
     REKEY_TIMEOUT,
-    TRANSPORT_MIN_SIZE,
 )
 from uspan.wg.cookie import CookieGenerator
 from uspan.wg.handshake import InitiatorState, create_initiation
@@ -114,10 +114,18 @@ class Peer:
         if keypair is None or not keypair.can_send(now):
             self.send_initiation(now, out, retry=False)
             return
+        endpoint = self.endpoint
+        if endpoint is None:
+            self.device.counters["no_endpoint"] += len(self.staged)
+            self.staged.clear()
+            return
         mtu = self.device.mtu
         sent_data = False
-        staged = self.staged
-        while staged:
+        staged, seal, append = self.staged, keypair.seal, out.append
+        # Seal no further than the counter allows; what is left waits for a new session.
+        room = REJECT_AFTER_MESSAGES - keypair.send_counter
+        tx_bytes = 0
+        while staged and room > 0:
             packet = staged.popleft()
             length = len(packet)
             if length:
@@ -125,11 +133,11 @@ class Peer:
                 if padded != length:
                     packet = packet + bytes(padded - length)
                 sent_data = True
-            if not self._transmit(keypair.seal(packet), out):
-                staged.clear()
-                return
-            if not keypair.can_send(now):
-                break
+            datagram = seal(packet)
+            append((datagram, endpoint))
+            tx_bytes += len(datagram)
+            room -= 1
+        self.tx_bytes += tx_bytes
         timers_ = self.timers
         if sent_data:
             timers_.data_sent(now)
@@ -175,26 +183,26 @@ class Peer:
 
     # Receiving ---------------------------------------------------------------------------
 
-    def received_transport(self, keypair: Keypair, length: int, now: float, out: Out) -> None:
-        """Bookkeeping for an authenticated, fresh transport message of ``length`` bytes."""
-        if keypair is self.next:
-            self.device.discard_keypair(self.previous)
-            self.previous = self.current
-            self.current = keypair
-            self.next = None
-            self.handshake_complete(now)
-            self.send_staged_if_any(now, out)
+    def confirm_next(self, now: float, out: Out) -> None:
+        """The first packet under ``next`` arrived: it becomes current (responder)."""
+        self.device.discard_keypair(self.previous)
+        self.previous = self.current
+        self.current = self.next
+        self.next = None
+        self.handshake_complete(now)
+        if self.staged:
+            self.send_staged(now, out)
+
+    def received_transport(self, length: int, data: bool, now: float, out: Out) -> None:
+        """Bookkeeping for one batch's authenticated, fresh transport messages: ``length``
+        bytes in all; ``data``: not all of them were keepalives."""
         self._keep_key_fresh_receiving(now, out)
         timers_ = self.timers
         timers_.any_authenticated_traversal(now)
         timers_.any_authenticated_received()
         self.rx_bytes += length
-        if length > TRANSPORT_MIN_SIZE:
+        if data:
             timers_.data_received(now)
-
-    def send_staged_if_any(self, now: float, out: Out) -> None:
-        if self.staged:
-            self.send_staged(now, out)
 
     def _keep_key_fresh_receiving(self, now: float, out: Out) -> None:
         if self.sent_last_minute_handshake:
