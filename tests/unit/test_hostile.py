@@ -40,7 +40,7 @@ def snapshot(node) -> tuple:
         index: (kp.send_counter, kp.replay._top, tuple(kp.replay._words))
         for index, kp in device.keypairs.items()
     }
-    return device.info(0), sorted(device.handshakes), windows, peers
+    return device.info(), sorted(device.handshakes), windows, peers
 
 
 NET, A, B, SAMPLE = established()

@@ -269,7 +269,7 @@ class DeviceTarget:
         self.device = Device(rng=lambda n: bytes(n))
 
     def get(self) -> str:
-        return format_get(self.device.info(0.0))
+        return format_get(self.device.info())
 
     def set(self, change: DeviceChange) -> None:
         self.device.apply(change, 0.0)
@@ -297,7 +297,7 @@ def test_server_handles_several_requests_per_connection() -> None:
     reply = trio.run(converse, target, request).decode()
     first, rest = reply.split("\n\n", 1)
     assert first == "errno=0"
-    assert rest == format_get(target.device.info(0.0))
+    assert rest == format_get(target.device.info())
     assert f"public_key={PEER.hex()}\n" in rest and "allowed_ip=10.0.0.0/8\n" in rest
 
 
@@ -352,7 +352,7 @@ def test_server_large_set_in_small_pieces() -> None:
         return reply
 
     assert trio.run(run) == b"errno=0\n\n"
-    assert len(target.device.info(0.0).peers[0].allowed_ips) == 20_000
+    assert len(target.device.info().peers[0].allowed_ips) == 20_000
 
 
 def test_allowed_ip_removal_line() -> None:

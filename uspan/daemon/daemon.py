@@ -248,7 +248,7 @@ class Daemon:
     # UAPI (uapi_server.ConfigTarget) -----------------------------------------------------
 
     def get(self) -> str:
-        return format_get(self.device.info(_now()))
+        return format_get(self.device.info())
 
     def stats(self) -> dict[str, int]:
         counters = {f"drop_{reason}": self.device.counters[reason] for reason in DROP_REASONS}

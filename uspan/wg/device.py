@@ -4,7 +4,7 @@ Surface (all times are monotonic seconds passed in by the caller):
 
 - ``apply(change, now) -> [(datagram, Endpoint)]``: configure atomically (UAPI ``set=1``,
   the mesh); raises ConfigError and then changes nothing.
-- ``info(now)``: the state ``get=1`` reports.
+- ``info()``: the state ``get=1`` reports.
 - ``send(packets, now) -> [(datagram, Endpoint)]``: IP packets read from the TUN.
 - ``receive(datagrams, now) -> ([ip packet for the TUN], [(datagram, Endpoint)])``:
   datagrams read from UDP, each as ``(bytes, Endpoint)`` with the sticky source filled in.
@@ -220,9 +220,8 @@ class Device:
         self.allowed_ips.remove_value(peer)
         del self.peers[peer.public_key]
 
-    def info(self, now: float) -> DeviceInfo:
+    def info(self) -> DeviceInfo:
         """The device as ``get=1`` reports it."""
-        del now  # counters and handshake times are kept, not computed
         peers = [
             PeerInfo(
                 public_key=peer.public_key,
