@@ -14,7 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -212,3 +212,25 @@ def report_failure(what: str, error: Exception) -> None:
 
 
 MEASUREMENT_ERRORS = (BenchError, NetnsError, TimeoutError, ValueError, KeyError, OSError)
+
+
+def run_rounds(rounds: int, trials: Sequence[tuple[str, Callable[[int], None]]]) -> int:
+    """Run every (name, trial) once per round, in turn, so machine drift hits all alike.
+
+    A trial gets the round index. Returns how many trials failed; Ctrl-C stops early and
+    counts as a failure, keeping what was measured so far.
+    """
+    failures = 0
+    try:
+        for round_ in range(rounds):
+            for name, trial in trials:
+                print(f"round {round_ + 1}/{rounds}: {name}", flush=True)
+                try:
+                    trial(round_)
+                except MEASUREMENT_ERRORS as e:
+                    failures += 1
+                    report_failure(f"{name} round {round_ + 1}", e)
+    except KeyboardInterrupt:
+        print("interrupted: reporting the rounds done so far", file=sys.stderr)
+        failures += 1
+    return failures

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import base64
 import ctypes
+import functools
 import os
 import select
 import socket
@@ -32,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import (
-    MEASUREMENT_ERRORS,
     PROGRAMS,
     BenchError,
     Spread,
@@ -41,7 +41,7 @@ from bench.common import (
     machine,
     machine_lines,
     ratios,
-    report_failure,
+    run_rounds,
     table,
     terminate_as_interrupt,
 )
@@ -390,21 +390,15 @@ def main(argv: list[str] | None = None) -> int:
         "initiator": "Python, same machine; its crypto is done before and after the timed loop",
     }
     values = {impl: {key: [None] * args.rounds for key, *_ in ROWS} for impl in IMPLS}
-    failures = 0
-    try:
-        for round_ in range(args.rounds):
-            for trial in (handshake_trial, first_packet_trial):
-                for impl in IMPLS:
-                    print(f"round {round_ + 1}/{args.rounds}: {trial.__name__} {impl}", flush=True)
-                    try:
-                        for key, value in trial(args, impl).items():
-                            values[impl][key][round_] = value
-                    except MEASUREMENT_ERRORS as e:
-                        failures += 1
-                        report_failure(f"{impl} round {round_ + 1} {trial.__name__}", e)
-    except KeyboardInterrupt:
-        print("interrupted: reporting the rounds done so far", file=sys.stderr)
-        failures += 1
+    def measure(trial, impl: str, round_: int) -> None:
+        for key, value in trial(args, impl).items():
+            values[impl][key][round_] = value
+
+    failures = run_rounds(args.rounds, [
+        (f"{trial.__name__} {impl}", functools.partial(measure, trial, impl))
+        for trial in (handshake_trial, first_packet_trial)
+        for impl in IMPLS
+    ])
     print()
     print(render(values, info, settings, markdown=False))
     if args.markdown:

@@ -11,6 +11,7 @@ them alike. Everything is torn down after each trial, also on Ctrl-C or failure.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -30,6 +31,7 @@ from bench.common import (
     percentile,
     ratios,
     report_failure,
+    run_rounds,
     table,
     terminate_as_interrupt,
 )
@@ -339,19 +341,10 @@ def main(argv: list[str] | None = None) -> int:
         "pairs": ", ".join(args.pairs) + " (A runs the iperf3 client, B the server)",
     }
     results = Results(args.rounds)
-    failures = 0
-    try:
-        for round_ in range(args.rounds):
-            for pair in args.pairs:
-                print(f"round {round_ + 1}/{args.rounds}: {pair}", flush=True)
-                try:
-                    run_trial(args, pair, round_, results)
-                except MEASUREMENT_ERRORS as e:
-                    failures += 1
-                    report_failure(f"{pair} round {round_ + 1}", e)
-    except KeyboardInterrupt:
-        print("interrupted: reporting the rounds done so far", file=sys.stderr)
-        failures += 1
+    failures = run_rounds(args.rounds, [
+        (pair, functools.partial(run_trial, args, pair, results=results))
+        for pair in args.pairs
+    ])
     print()
     print(render(results, info, settings, markdown=False))
     if args.markdown:
