@@ -325,15 +325,16 @@ def test_server_survives_garbage() -> None:
     for request in (b"\xff\xfe\n\n", b"set=1\n\xff=\x00\n\n", b"set=1\nnoequals\n\n", b"",
                     b"set=1\n" + b"a" * 100_000, b"get=1"):
         reply = trio.run(converse, target, request)
-        assert reply in (b"", b"errno=-22\n\n", b"errno=-71\n\n")
+        assert reply in (b"", b"errno=-22\n\n", b"errno=-71\n\n", b"errno=-5\n\n")
     assert target.get() == "errno=0\n\n"
 
 
-def test_server_set_terminated_by_eof_applies() -> None:
+def test_server_set_cut_short_by_eof_applies_nothing() -> None:
     target = DeviceTarget()
-    reply = trio.run(converse, target, b"set=1\nlisten_port=7\n")
-    assert reply == b"errno=0\n\n"
-    assert target.device.listen_port == 7
+    before = target.get()
+    reply = trio.run(converse, target, b"set=1\nreplace_peers=true\nlisten_port=7\n")
+    assert reply == b"errno=-5\n\n"
+    assert target.get() == before
 
 
 def test_server_large_set_in_small_pieces() -> None:

@@ -28,9 +28,11 @@ BATCH = 128  # packets per read_batch, like wireguard-go's batch size
 _SIOCGIFMTU = 0x8921
 _SIOCGIFINDEX = 0x8933
 _BUFFER_SIZE = offload.VNET_HDR_LEN + 65536  # a read never truncates
-# Errors a TUN fd reports once its interface has been deleted.
+# Errors a TUN fd reports once its interface has been deleted. Writes to an interface
+# that is merely down fail with EIO: those packets are dropped, the daemon stays.
 _GONE = frozenset({errno.EBADFD, errno.EIO, errno.ENODEV, errno.ENXIO, errno.EBADF,
                    errno.EPIPE})
+_WRITE_GONE = frozenset({errno.EBADFD, errno.ENODEV, errno.ENXIO, errno.EBADF})
 
 
 class TunError(OSError):
@@ -166,7 +168,7 @@ class Tun:
         except (BlockingIOError, InterruptedError):
             self.write_dropped += 1
         except OSError as exc:
-            if exc.errno in _GONE:
+            if exc.errno in _WRITE_GONE:
                 raise _failure("write", exc) from exc
             self.write_dropped += 1
 

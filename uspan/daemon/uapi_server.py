@@ -136,7 +136,11 @@ async def _get(reader: _Reader, target: ConfigTarget, operation: bytes) -> tuple
 
 
 async def _set(reader: _Reader, target: ConfigTarget) -> tuple[str, bool]:
-    body = await reader.block()
+    try:
+        body = await reader.block()
+    except EOFError:
+        log.error("UAPI: set request cut short (no blank line): nothing applied")
+        return format_errno(errno.EIO), False
     if body is None:
         log.error("UAPI: set request larger than %d bytes", MAX_REQUEST)
         return format_errno(errno.EMSGSIZE), False
@@ -182,9 +186,10 @@ class _Reader:
         return line
 
     async def block(self) -> bytes | None:
-        """Everything up to the next blank line (or end of stream), without it.
+        """Everything up to the next blank line, without it.
 
-        None if the block grows beyond MAX_REQUEST.
+        None if the block grows beyond MAX_REQUEST; EOFError if the stream ends first
+        (a request cut short is never applied).
         """
         start = 0
         while True:
@@ -200,6 +205,5 @@ class _Reader:
             if len(self._buffer) > MAX_REQUEST:
                 return None
             if not await self._fill():
-                block = bytes(self._buffer).rstrip(b"\n")
                 self._buffer.clear()
-                return block
+                raise EOFError("UAPI request ended without a blank line")

@@ -46,6 +46,8 @@ class UdpSocket:
         self.gso = offload_ and offload.probe_udp_gso(sock)
         self._buffer = bytearray(offload.RECV_BUFFER_SIZE)
         self._sources: dict[tuple[object, bytes], Endpoint] = {}
+        self._no_gso: set[tuple[str, int]] = set()  # destinations whose route refused GSO
+        self._writable = trio.Lock()
         self._controls: dict[Endpoint, list[tuple[int, int, bytes]]] = {}
 
     async def receive(self, limit: int = BATCH) -> list[tuple[bytes, Endpoint]]:
@@ -99,41 +101,56 @@ class UdpSocket:
         """Send datagrams to one endpoint, from its sticky source if it has one.
 
         Runs of equal-size datagrams go out in one UDP_SEGMENT ``sendmsg`` when the kernel
-        supports it. Returns False if the sticky source failed and the datagrams went out
-        without it. Waits while the socket buffer is full; other errors count in
-        ``send_errors``.
+        supports it; a run the kernel refuses (EIO: no segmentation on this path, as
+        wireguard-go handles it; EINVAL/EMSGSIZE: datagrams larger than the route MTU) is
+        resent one datagram at a time. Returns False if the sticky source failed and the
+        datagrams went out without it. Waits while the socket buffer is full; other
+        errors count in ``send_errors``.
         """
         control = self._control(endpoint)
         sticky_ok = True
-        batches = offload.gso_batches(datagrams) if self.gso and len(datagrams) > 1 else [
-            (datagram, 0) for datagram in datagrams
-        ]
-        sendmsg, address = self.sock.sendmsg, endpoint.address
+        address = endpoint.address
+        if self.gso and len(datagrams) > 1 and address not in self._no_gso:
+            batches = offload.gso_batches(datagrams)
+        else:
+            batches = [(datagram, 0) for datagram in datagrams]
         for buffer, size in batches:
-            while True:
-                try:
-                    if size:
-                        sendmsg([buffer], [*control, offload.gso_cmsg(size)], 0, address)
-                    else:
-                        sendmsg([buffer], control, 0, address)
-                    break
-                except (BlockingIOError, InterruptedError):
-                    await trio.lowlevel.wait_writable(self.sock)
-                except OSError as exc:
-                    if size and offload.gso_send_unsupported(exc):
-                        self.gso = False  # this path cannot segment: resend one by one
-                        return await self.send(
-                            offload.split_gro(buffer, size), endpoint
-                        ) and sticky_ok
-                    if control and exc.errno in _SOURCE_GONE:
-                        control, sticky_ok = [], False
-                        continue
+            if not size:
+                pieces = [buffer]
+            else:
+                error = await self._sendmsg(buffer, [*control, offload.gso_cmsg(size)], address)
+                if error is None:
+                    continue
+                if offload.gso_send_unsupported(error):
+                    self.gso = False
+                elif sticky_ok:
+                    if len(self._no_gso) >= _CACHE_LIMIT:
+                        self._no_gso.clear()
+                    self._no_gso.add(address)
+                pieces = offload.split_gro(buffer, size)
+            for piece in pieces:
+                error = await self._sendmsg(piece, control, address)
+                if error is not None and control and error.errno in _SOURCE_GONE:
+                    control, sticky_ok = [], False
+                    error = await self._sendmsg(piece, control, address)
+                if error is not None:
                     self.send_errors += 1
-                    break
         return sticky_ok
 
+    async def _sendmsg(self, buffer: bytes, control: list, address: tuple) -> OSError | None:
+        """One ``sendmsg``, waiting while the socket buffer is full; the error, if any."""
+        while True:
+            try:
+                self.sock.sendmsg([buffer], control, 0, address)
+                return None
+            except (BlockingIOError, InterruptedError):
+                async with self._writable:  # trio lets only one task wait on an fd
+                    await trio.lowlevel.wait_writable(self.sock)
+            except OSError as exc:
+                return exc
+
     def set_fwmark(self, mark: int) -> None:
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, _mark(mark))
 
     def close(self) -> None:
         if self.sock.fileno() >= 0 and trio.lowlevel.in_trio_run():
@@ -230,7 +247,7 @@ def _open_socket(family: int, port: int, fwmark: int) -> socket.socket | None:
         offload.enable_pktinfo(sock)
         _set_buffers(sock)
         if fwmark:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, fwmark)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, _mark(fwmark))
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
@@ -255,3 +272,8 @@ def _set_buffers(sock: socket.socket) -> None:
             sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
         except PermissionError:
             sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
+
+
+def _mark(mark: int) -> bytes:
+    """SO_MARK's value as the kernel's u32 (a Python int is passed as a signed C int)."""
+    return struct.pack("=I", mark)
