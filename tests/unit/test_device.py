@@ -264,7 +264,7 @@ def test_longest_prefix_picks_peer(net: Net) -> None:
 
 def test_cookie_reply_under_load(net: Net, pair) -> None:
     a, b = pair
-    b.device.under_load_threshold = 1  # every handshake batch counts as load
+    b.device.under_load_rate = 1  # every handshake counts as load
     net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
     net.run()
     assert b.device.counters["cookie_sent"] == 1
@@ -356,3 +356,57 @@ def test_remove_one_allowed_ip(net: Net, pair) -> None:
     a.device.apply(DeviceChange(peers=[PeerChange(
         b.public, remove_allowed_ips=[ipaddress.ip_network("fd00::2/128")])]), net.now)
     assert a.device.info().peers[0].allowed_ips == [ipaddress.ip_network("10.0.0.2/32")]
+
+
+def test_responder_does_not_initiate_right_after_responding(net: Net, pair) -> None:
+    """Answering an initiation counts as a handshake sent: no competing initiation."""
+    a, b = pair
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    initiation = net.wire.pop(0)[0]
+    b.device.receive([(initiation, a.endpoint)], net.now)
+    b.sent.clear()
+    net.now += 0.001
+    net.send(b, [ipv4_packet("10.0.0.2", "10.0.0.1")])
+    assert MSG_INITIATION not in kinds(b.sent)
+
+
+def test_private_key_change_rehandshakes_at_once(net: Net, pair) -> None:
+    a, _b = pair
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    net.run()
+    net.advance(1)
+    a.device.apply(DeviceChange(private_key=bytes([9]) * 32), net.now)
+    a.sent.clear()
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    assert kinds(a.sent) == [MSG_INITIATION]
+
+
+def test_under_load_cannot_be_hidden_by_mixing_in_other_traffic(net: Net, pair) -> None:
+    """The load signal counts handshakes over time, so junk in every batch doesn't hide
+    a flood of initiations with valid mac1 (it needs only our public key)."""
+    a, b = pair
+    b.device.under_load_rate = 50
+    initiations = []
+    for _ in range(60):
+        a.device.peers[b.public].last_sent_handshake = None
+        out = a.device.send([ipv4_packet("10.0.0.1", "10.0.0.2")], net.now)
+        initiations += [d for d, _ in out if d[0] == MSG_INITIATION]
+    junk = (b"\x04\x00\x00\x00" + bytes(40), a.endpoint)
+    for start in range(0, 60, 3):  # batches of 3 initiations and 1 junk datagram
+        batch = [(d, a.endpoint) for d in initiations[start:start + 3]] + [junk]
+        b.device.receive(batch, net.now)
+        net.now += 0.001
+    assert b.device.counters["cookie_sent"] > 0
+
+
+def test_unknown_static_is_refused_before_the_last_dh(net: Net, pair) -> None:
+    """An initiation from a key that isn't a peer costs one DH, not two."""
+    a, b = pair
+    calls = []
+    original = b.device._static_static
+    b.device._static_static = lambda key: calls.append(key) or original(key)
+    b.device.apply(DeviceChange(peers=[PeerChange(a.public, remove=True)]), net.now)
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    net.run()
+    assert calls == [a.public]
+    assert b.device.counters["unknown_peer"] == 1

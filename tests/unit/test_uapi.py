@@ -360,3 +360,24 @@ def test_allowed_ip_removal_line() -> None:
     change = parse_set([f"public_key={PEER.hex()}", "allowed_ip=-10.1.0.0/16"])
     assert change.peers[0].remove_allowed_ips == [ipaddress.ip_network("10.1.0.0/16")]
     assert change.peers[0].allowed_ips == []
+
+
+def test_allowed_ip_lines_apply_in_order() -> None:
+    net = ipaddress.ip_network
+    change = parse_set([f"public_key={PEER.hex()}", "allowed_ip=10.0.0.0/24",
+                        "replace_allowed_ips=true", "allowed_ip=10.1.0.0/24"])
+    assert change.peers[0].allowed_ips == [net("10.1.0.0/24")]
+    change = parse_set([f"public_key={PEER.hex()}", "allowed_ip=-10.2.0.0/24",
+                        "allowed_ip=10.2.0.0/24"])
+    assert change.peers[0].allowed_ips == [net("10.2.0.0/24")]
+    assert change.peers[0].remove_allowed_ips == []
+    change = parse_set([f"public_key={PEER.hex()}", "allowed_ip=10.3.0.0/24",
+                        "allowed_ip=-10.3.0.0/24"])
+    assert change.peers[0].allowed_ips == []
+    assert change.peers[0].remove_allowed_ips == [net("10.3.0.0/24")]
+
+
+def test_nul_in_prefix_is_a_config_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_set([f"public_key={PEER.hex()}", "allowed_ip=1.2.3.4\x00/32"])
+    assert info.value.field == "allowed_ip" and info.value.errno == errno.EINVAL

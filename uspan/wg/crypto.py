@@ -116,10 +116,15 @@ def public_key(private: PrivateKey) -> bytes:
     return private.public_key().public_bytes_raw()
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=2)
 def _static_key(private: bytes) -> X25519PrivateKey:
     """The key object of a long-term private key (building one costs as much as a DH)."""
     return X25519PrivateKey.from_private_bytes(private)
+
+
+def forget_static_keys() -> None:
+    """Drop the kept key objects (after the device's private key changed)."""
+    _static_key.cache_clear()
 
 
 def dh(private: PrivateKey, public: bytes, *, static: bool = False) -> bytes:
@@ -141,12 +146,6 @@ def dh(private: PrivateKey, public: bytes, *, static: bool = False) -> bytes:
     if shared == bytes(KEY_SIZE):
         raise DHError("X25519 shared secret is all zero")
     return shared
-
-
-@functools.lru_cache(maxsize=4096)
-def dh_static_static(private: bytes, public: bytes) -> bytes:
-    """DH of two long-term keys, computed once per pair (WireGuard precomputes it too)."""
-    return dh(private, public, static=True)
 
 
 def nonce(counter: int) -> bytes:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 
 from cryptography.exceptions import InvalidTag
 
-from uspan.wg import messages
+from uspan.wg import crypto, messages
 from uspan.wg.allowedips import AllowedIPs
 from uspan.wg.config import ConfigError, DeviceChange, DeviceInfo, PeerChange, PeerInfo
 from uspan.wg.constants import (
@@ -42,7 +42,7 @@ from uspan.wg.constants import (
     RESPONSE_SIZE,
     TRANSPORT_MIN_SIZE,
     UNDER_LOAD_AFTER,
-    UNDER_LOAD_QUEUE,
+    UNDER_LOAD_RATE,
 )
 from uspan.wg.cookie import CookieChecker
 from uspan.wg.crypto import clamp, public_key
@@ -82,6 +82,7 @@ DROP_REASONS = (
     "no_route",
     "no_endpoint",
     "no_private_key",
+    "bad_peer_key",
     "staged_overflow",
     "staged_dropped",
 )
@@ -105,8 +106,10 @@ class Device:
         self.cookie_checker = CookieChecker(rng=rng)
         self.ratelimiter = RateLimiter()
         self.counters: Counter[str] = Counter()
-        self.under_load_threshold = UNDER_LOAD_QUEUE
+        self.under_load_rate = UNDER_LOAD_RATE  # handshake messages per second
         self._under_load_until = float("-inf")
+        self._load_window_start = float("-inf")  # one-second windows of handshake counts
+        self._load_count = 0
         self._wake_at = math.inf  # lower bound of every armed peer timer
 
     # Index table -------------------------------------------------------------------------
@@ -184,6 +187,7 @@ class Device:
         if private == self.private_key:
             return
         self.private_key, self.public_key = private, public
+        crypto.forget_static_keys()
         self.cookie_checker.set_local_public(public)
         if public is not None and public in self.peers:
             self._remove_peer(self.peers[public])
@@ -298,7 +302,10 @@ class Device:
         for peer, (length, data_messages) in received.items():
             peer.received_transport(length, data_messages > 0, now, out)
         if handshakes:
-            if len(handshakes) >= self.under_load_threshold:
+            if now - self._load_window_start >= 1.0:
+                self._load_window_start, self._load_count = now, 0
+            self._load_count += len(handshakes)
+            if self._load_count >= self.under_load_rate:
                 self._under_load_until = now + UNDER_LOAD_AFTER
             for data, source in handshakes:
                 self._receive_handshake(data, source, now, out)
@@ -400,15 +407,14 @@ class Device:
         assert self.private_key is not None and self.public_key is not None
         try:
             consumed = consume_initiation(
-                self.private_key, self.public_key, messages.parse_initiation(data)
+                self.private_key, self.public_key, messages.parse_initiation(data),
+                self._static_static,
             )
-        except HandshakeError:
-            self.counters["handshake_failed"] += 1
+        except HandshakeError as exc:
+            self.counters["unknown_peer" if exc.reason == "unknown_static"
+                          else "handshake_failed"] += 1
             return
-        peer = self.peers.get(consumed.remote_static)
-        if peer is None:
-            self.counters["unknown_peer"] += 1
-            return
+        peer = self.peers[consumed.remote_static]
         if not peer.initiation_is_fresh(consumed.timestamp, now):
             self.counters["stale_initiation"] += 1
             return
@@ -439,6 +445,12 @@ class Device:
         peer.timers.any_authenticated_sent()
         out.append((bytes(response), source))
         peer.tx_bytes += len(response)
+        peer.last_sent_handshake = now  # no initiation of our own for REKEY_TIMEOUT
+
+    def _static_static(self, remote_static: bytes) -> bytes | None:
+        """The kept DH with a peer's static key, or None if it is not a peer."""
+        peer = self.peers.get(remote_static)
+        return None if peer is None else peer.static_static()
 
     def _receive_response(self, data: bytes, source: Endpoint, now: float, out: Out) -> None:
         response = messages.parse_response(data)

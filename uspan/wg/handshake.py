@@ -7,6 +7,7 @@ answers once: after it produced keys its secrets are dropped and reuse raises.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from uspan.wg import crypto, messages, noise
@@ -20,7 +21,8 @@ class HandshakeError(Exception):
 
     ``reason``: "decrypt" (an AEAD field did not authenticate), "dh" (a low-order public
     key, including a low-order remote static), "length" (hand-built fields of wrong size),
-    "receiver" (response for another index) or "spent" (state already used once).
+    "unknown_static" (an initiation from a key that is not a peer), "receiver" (response
+    for another index) or "spent" (state already used once).
     """
 
     def __init__(self, reason: str, detail: str) -> None:
@@ -79,8 +81,12 @@ def create_initiation(
     sender_index: int,
     ephemeral_private: bytes,
     timestamp: bytes,
+    static_static: bytes | None = None,
 ) -> tuple[bytearray, InitiatorState]:
-    """A 148-byte initiation (mac1/mac2 zero) and the state to consume its response."""
+    """A 148-byte initiation (mac1/mac2 zero) and the state to consume its response.
+
+    ``static_static``: DH(local_private, remote_public) if the caller keeps it per peer.
+    """
     for name, key in (
         ("local_private", local_private), ("local_public", local_public),
         ("remote_public", remote_public), ("ephemeral_private", ephemeral_private),
@@ -94,7 +100,8 @@ def create_initiation(
     state = noise.initialize(IDENTIFIER, remote_public)
     try:
         body = noise.write_message1(
-            state, local_private, local_public, ephemeral_private, remote_public, timestamp
+            state, local_private, local_public, ephemeral_private, remote_public, timestamp,
+            static_static,
         )
     except noise.NoiseError as exc:
         raise _refused(exc) from exc
@@ -111,9 +118,16 @@ def create_initiation(
 
 
 def consume_initiation(
-    local_private: bytes, local_public: bytes, msg: messages.Initiation
+    local_private: bytes,
+    local_public: bytes,
+    msg: messages.Initiation,
+    static_static: Callable[[bytes], bytes | None] | None = None,
 ) -> ConsumedInitiation:
-    """Decrypt an initiation addressed to us; raises HandshakeError. No mac or replay checks."""
+    """Decrypt an initiation addressed to us; raises HandshakeError. No mac or replay checks.
+
+    ``static_static`` maps the initiator's static key to the precomputed DH with ours, or
+    None if it is not a peer (refused as "unknown_static" before the last DH and AEAD).
+    """
     _check_key("local_private", local_private)
     _check_key("local_public", local_public)
     state = noise.initialize(IDENTIFIER, local_public)
@@ -122,6 +136,7 @@ def consume_initiation(
             state,
             crypto.clamp(local_private),
             msg.ephemeral + msg.encrypted_static + msg.encrypted_timestamp,
+            static_static,
         )
     except noise.NoiseError as exc:
         raise _refused(exc) from exc

@@ -16,6 +16,7 @@ Failures raise NoiseError whose ``reason`` is "decrypt", "dh" or "length".
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -74,14 +75,10 @@ class SymmetricState:
                static: bool = False) -> None:
         """MixKey(DH(private, public)); an all-zero result raises NoiseError("dh").
 
-        ``static``: ``private`` is our long-term key (its key object is reused; for the
-        "ss" token, the result too).
+        ``static``: ``private`` is our long-term key (its key object is reused).
         """
         try:
-            if token == "ss":
-                shared = crypto.dh_static_static(private, public)
-            else:
-                shared = crypto.dh(private, public, static=static)
+            shared = crypto.dh(private, public, static=static)
         except crypto.DHError as exc:
             raise NoiseError("dh", f"token {token}: low-order public key") from exc
         self.mix_key(shared)
@@ -141,6 +138,7 @@ def write_message1(
     ephemeral_private: bytes,
     remote_static: bytes,
     payload: bytes,
+    static_static: bytes | None = None,
 ) -> bytes:
     """Initiator: ``-> e, es, s, ss`` and the payload."""
     ephemeral = crypto.private_key(ephemeral_private)
@@ -148,12 +146,25 @@ def write_message1(
     _mix_ephemeral(state, ephemeral_public)
     state.mix_dh(ephemeral, remote_static, "es")
     encrypted_static = state.encrypt_and_hash(static_public)
-    state.mix_dh(static_private, remote_static, "ss")
+    if static_static is None:
+        state.mix_dh(static_private, remote_static, "ss", static=True)
+    else:
+        state.mix_key(static_static)
     return ephemeral_public + encrypted_static + state.encrypt_and_hash(payload)
 
 
-def read_message1(state: SymmetricState, static_private: bytes, message: bytes) -> Message1:
-    """Responder: read ``-> e, es, s, ss`` and the payload."""
+def read_message1(
+    state: SymmetricState,
+    static_private: bytes,
+    message: bytes,
+    static_static: Callable[[bytes], bytes | None] | None = None,
+) -> Message1:
+    """Responder: read ``-> e, es, s, ss`` and the payload.
+
+    ``static_static``, if given, maps the initiator's decrypted static key to the
+    precomputed DH(static_private, it), or None for a key we do not know: then the
+    message is refused (NoiseError "unknown_static") before any more work is done.
+    """
     if len(message) < MESSAGE1_OVERHEAD:
         raise NoiseError("length", f"message 1 of {len(message)} bytes, need {MESSAGE1_OVERHEAD}")
     remote_ephemeral = message[:KEY_SIZE]
@@ -162,7 +173,13 @@ def read_message1(state: SymmetricState, static_private: bytes, message: bytes) 
     remote_static = state.decrypt_and_hash(
         message[KEY_SIZE:KEY_SIZE + ENCRYPTED_STATIC_SIZE], "encrypted static"
     )
-    state.mix_dh(static_private, remote_static, "ss")
+    if static_static is None:
+        state.mix_dh(static_private, remote_static, "ss", static=True)
+    else:
+        shared = static_static(remote_static)
+        if shared is None:
+            raise NoiseError("unknown_static", "the initiator's static key is not a peer")
+        state.mix_key(shared)
     payload = state.decrypt_and_hash(message[KEY_SIZE + ENCRYPTED_STATIC_SIZE:], "payload")
     return Message1(remote_ephemeral, remote_static, payload)
 

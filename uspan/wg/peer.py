@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING
 
-from uspan.wg import tai64n, timers
+from uspan.wg import crypto, tai64n, timers
 from uspan.wg.constants import (
     HANDSHAKE_INITIATION_RATE,
     KEY_SIZE,
@@ -51,6 +51,7 @@ class Peer:
         self.next: Keypair | None = None
         # Handshake in flight (as initiator).
         self.handshake: InitiatorState | None = None
+        self._static_static: bytes | None = None  # DH(our static, theirs), kept
         self.handshake_index: int | None = None
         self.last_sent_handshake: float | None = None
         self.handshake_attempts = 0
@@ -165,6 +166,10 @@ class Peer:
             device.counters["no_private_key"] += 1
             return
         self.last_sent_handshake = now
+        static_static = self.static_static()
+        if static_static is None:
+            device.counters["bad_peer_key"] += 1
+            return
         index = device.register_handshake(self)
         message, state = create_initiation(
             device.private_key,
@@ -173,6 +178,7 @@ class Peer:
             index,
             device.rng(KEY_SIZE),
             tai64n.encode(now + device.wall_offset),
+            static_static,
         )
         self.handshake = state
         self.cookies.add_macs(message, now)
@@ -292,11 +298,27 @@ class Peer:
         self.staged.clear()
         self.timers.zero_key_material = None
 
+    def static_static(self) -> bytes | None:
+        """DH(our static, this peer's static), computed once per private key; None if
+        the peer's key is a low-order point (no handshake can succeed)."""
+        if self._static_static is None and self.device.private_key is not None:
+            try:
+                self._static_static = crypto.dh(
+                    self.device.private_key, self.public_key, static=True
+                )
+            except crypto.DHError:
+                return None
+        return self._static_static
+
     def expire_sessions(self) -> None:
-        """After our private key changed: drop the handshake; next send rehandshakes."""
+        """After our private key changed: forget the handshake and what was derived from
+        the old key; the next packet starts a new handshake at once."""
         self.device.forget_handshake(self)
-        if self.current is not None:
-            self.current.expire_for_sending()
+        self._static_static = None
+        self.last_sent_handshake = None
+        for keypair in (self.current, self.next):
+            if keypair is not None:
+                keypair.expire_for_sending()
 
     def next_deadline(self) -> float | None:
         return self.timers.next_deadline()

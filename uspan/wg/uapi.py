@@ -58,11 +58,19 @@ def _device_line(change: DeviceChange, key: str, value: str) -> None:
 
 
 def _peer_line(peer: PeerChange, key: str, value: str) -> None:
+    # Lines apply in order (as in wireguard-go); the change keeps only their net effect:
+    # a later line cancels an earlier one, replace_allowed_ips drops what came before it.
     if key == "allowed_ip":  # first: it is by far the most frequent line
         if value.startswith("-"):
-            peer.remove_allowed_ips.append(parse_prefix(value[1:]))
+            network = parse_prefix(value[1:])
+            if network in peer.allowed_ips:
+                peer.allowed_ips.remove(network)
+            peer.remove_allowed_ips.append(network)
         else:
-            peer.allowed_ips.append(parse_prefix(value))
+            network = parse_prefix(value)
+            if peer.remove_allowed_ips and network in peer.remove_allowed_ips:
+                peer.remove_allowed_ips.remove(network)
+            peer.allowed_ips.append(network)
     elif key == "remove":
         peer.remove = _parse_true(key, value)
     elif key == "update_only":
@@ -78,6 +86,8 @@ def _peer_line(peer: PeerChange, key: str, value: str) -> None:
         peer.persistent_keepalive = _parse_uint(key, value, 0xFFFF)
     elif key == "replace_allowed_ips":
         peer.replace_allowed_ips = _parse_true(key, value)
+        peer.allowed_ips.clear()
+        peer.remove_allowed_ips.clear()
     elif key == "protocol_version":
         if value != "1":
             raise ConfigError(key, f"{value[:64]!r} is not supported (only 1)")
@@ -117,7 +127,7 @@ def parse_prefix(value: str) -> Network:
     width = 128 if family == socket.AF_INET6 else 32
     try:
         packed = socket.inet_pton(family, address)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: an embedded NUL
         packed = b""
     if (not sep or not packed or not bits.isascii() or not bits.isdigit() or len(bits) > 3
             or int(bits) > width):
