@@ -7,6 +7,7 @@ that forks workers is charged for them too.
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import signal
@@ -234,3 +235,35 @@ def run_rounds(rounds: int, trials: Sequence[tuple[str, Callable[[int], None]]])
         print("interrupted: reporting the rounds done so far", file=sys.stderr)
         failures += 1
     return failures
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options both benchmarks take: which programs, where the markdown report goes."""
+    parser.add_argument("--uspan", default=PROGRAMS["uspan"], help="uspan-wg executable")
+    parser.add_argument("--wgo", default=PROGRAMS["wgo"], help="wireguard-go executable")
+    parser.add_argument("--markdown", type=Path, help="also write the report as markdown here")
+
+
+def start_benchmark(
+    name: str, args: argparse.Namespace, tools: Sequence[str]
+) -> dict[str, str] | None:
+    """Check the machine, let SIGTERM stop a run like Ctrl-C, describe the machine.
+
+    Sets ``args.programs``. None (after saying why on stderr) if the benchmark cannot run.
+    """
+    args.programs = {"uspan": args.uspan, "wgo": args.wgo}
+    try:
+        check_environment(args.programs, tools)
+    except BenchError as e:
+        print(f"bench/{name}: {e}", file=sys.stderr)
+        return None
+    terminate_as_interrupt()
+    return machine(args.programs)
+
+
+def publish(title: str, render: Callable[[bool], str], markdown: Path | None) -> None:
+    """Print the report as text; also write it as markdown if asked."""
+    print()
+    print(render(False))
+    if markdown:
+        markdown.write_text(f"# uspan-wg vs wireguard-go: {title}\n\n" + render(True))

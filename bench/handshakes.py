@@ -32,20 +32,18 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from bench.common import (
-    PROGRAMS,
     BenchError,
     Spread,
-    check_environment,
+    add_common_arguments,
     cpu_seconds,
-    machine,
     machine_lines,
+    publish,
     ratios,
     run_rounds,
+    start_benchmark,
     table,
-    terminate_as_interrupt,
 )
 from uspan.netns import Lab, Namespace, Peer
 from uspan.wg import cookie, crypto, messages, tai64n
@@ -368,25 +366,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=900.0,
         help="initiations offered per second (900; uspan is under load from 1000)",
     )
-    parser.add_argument("--uspan", default=PROGRAMS["uspan"], help="uspan-wg executable")
-    parser.add_argument("--wgo", default=PROGRAMS["wgo"], help="wireguard-go executable")
-    parser.add_argument("--markdown", type=Path, help="also write the report as markdown here")
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
     if min(args.rounds, args.count, args.peers, args.window, args.rate) <= 0:
         parser.error("--rounds, --count, --peers, --window and --rate must be positive")
-    args.programs = {"uspan": args.uspan, "wgo": args.wgo}
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        check_environment(args.programs, ["ip", "wg", "ping", "ss"])
-    except BenchError as e:
-        print(f"bench/handshakes: {e}", file=sys.stderr)
+    info = start_benchmark("handshakes", args, ["ip", "wg", "ping", "ss"])
+    if info is None:
         return 2
-    terminate_as_interrupt()
-    info = machine(args.programs)
     settings = {
         "rounds": str(args.rounds),
         "initiations per round": f"{args.count} from {args.peers} peers, at most "
@@ -410,13 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         for trial in (handshake_trial, first_packet_trial)
         for impl in IMPLS
     ])
-    print()
-    print(render(values, info, settings, markdown=False))
-    if args.markdown:
-        args.markdown.write_text(
-            "# uspan-wg vs wireguard-go: handshakes\n\n"
-            + render(values, info, settings, markdown=True)
-        )
+    publish("handshakes", lambda md: render(values, info, settings, markdown=md), args.markdown)
     return 1 if failures else 0
 
 

@@ -20,20 +20,19 @@ from pathlib import Path
 
 from bench.common import (
     MEASUREMENT_ERRORS,
-    PROGRAMS,
     BenchError,
     Spread,
-    check_environment,
+    add_common_arguments,
     cpu_seconds,
-    machine,
     machine_lines,
     peak_rss_mib,
     percentile,
+    publish,
     ratios,
     report_failure,
     run_rounds,
+    start_benchmark,
     table,
-    terminate_as_interrupt,
 )
 from uspan.netns import Lab, Namespace, Peer, WireGuard
 
@@ -308,9 +307,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--pairs", default=",".join(PAIRS), help=f"comma-separated subset of {','.join(PAIRS)}"
     )
-    parser.add_argument("--uspan", default=PROGRAMS["uspan"], help="uspan-wg executable")
-    parser.add_argument("--wgo", default=PROGRAMS["wgo"], help="wireguard-go executable")
-    parser.add_argument("--markdown", type=Path, help="also write the report as markdown here")
+    add_common_arguments(parser)
     parser.add_argument("--json", type=Path, help="also write every round's raw values here")
     args = parser.parse_args(argv)
     args.pairs = [p.strip() for p in args.pairs.split(",") if p.strip()]
@@ -319,19 +316,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--pairs: unknown {', '.join(unknown)}; choose from {', '.join(PAIRS)}")
     if args.rounds < 1 or args.seconds <= 0 or args.pings < 1:
         parser.error("--rounds, --seconds and --pings must be positive")
-    args.programs = {"uspan": args.uspan, "wgo": args.wgo}
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        check_environment(args.programs, ["ip", "wg", "iperf3", "ping", "ss"])
-    except BenchError as e:
-        print(f"bench/throughput: {e}", file=sys.stderr)
+    info = start_benchmark("throughput", args, ["ip", "wg", "iperf3", "ping", "ss"])
+    if info is None:
         return 2
-    terminate_as_interrupt()
-    info = machine(args.programs)
     settings = {
         "rounds": str(args.rounds),
         "seconds per iperf3 test": f"{args.seconds:g}",
@@ -345,13 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         (pair, functools.partial(run_trial, args, pair, results=results))
         for pair in args.pairs
     ])
-    print()
-    print(render(results, info, settings, markdown=False))
-    if args.markdown:
-        args.markdown.write_text(
-            "# uspan-wg vs wireguard-go: throughput\n\n"
-            + render(results, info, settings, markdown=True)
-        )
+    publish("throughput", lambda md: render(results, info, settings, markdown=md),
+            args.markdown)
     if args.json:
         raw = {"machine": info, "settings": settings, "values": results.values}
         args.json.write_text(json.dumps(raw, indent=1) + "\n")
