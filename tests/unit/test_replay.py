@@ -90,16 +90,6 @@ def test_bulk_sequence(name: str) -> None:
     _run(BULK_SEQUENCES[name])
 
 
-def test_reset_forgets_counters_and_top() -> None:
-    window = ReplayWindow()
-    assert window.accept(5 * LIM)
-    assert not window.accept(0)
-    window.reset()
-    assert window.accept(0)
-    assert window.accept(5 * LIM)
-    assert not window.accept(5 * LIM)
-
-
 def test_out_of_range_counters_are_rejected_without_raising() -> None:
     window = ReplayWindow()
     assert not window.accept(-1)

@@ -17,6 +17,7 @@ TRANSPORT_HEADER_SIZE = 16
 AEAD_TAG_SIZE = 16
 TRANSPORT_MIN_SIZE = TRANSPORT_HEADER_SIZE + AEAD_TAG_SIZE  # a keepalive
 KEY_SIZE = 32
+ZERO_KEY = bytes(KEY_SIZE)  # "no key": an unset preshared key, a removed private key
 TAI64N_SIZE = 12
 MAC_SIZE = 16
 

@@ -43,6 +43,7 @@ from uspan.wg.constants import (
     TRANSPORT_MIN_SIZE,
     UNDER_LOAD_AFTER,
     UNDER_LOAD_RATE,
+    ZERO_KEY,
 )
 from uspan.wg.cookie import CookieChecker
 from uspan.wg.crypto import clamp, public_key
@@ -59,7 +60,6 @@ from uspan.wg.ratelimit import RateLimiter
 
 Out = list[tuple[bytes, Endpoint]]
 Datagram = tuple[bytes, Endpoint]
-ZERO_KEY = bytes(KEY_SIZE)
 _TRANSPORT_HEADER = messages.TRANSPORT_HEADER
 
 # Drop counter names (the reason a datagram or packet was dropped).

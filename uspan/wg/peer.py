@@ -20,6 +20,7 @@ from uspan.wg.constants import (
     REKEY_AFTER_TIME,
     REKEY_ON_RECEIVE_AGE,
     REKEY_TIMEOUT,
+    ZERO_KEY,
 )
 from uspan.wg.cookie import CookieGenerator
 from uspan.wg.handshake import InitiatorState, create_initiation
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
     from uspan.wg.keypair import Keypair
 
 Out = list[tuple[bytes, "Endpoint"]]
-ZERO_KEY = bytes(KEY_SIZE)
 
 
 class Peer:

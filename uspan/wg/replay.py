@@ -31,11 +31,6 @@ class ReplayWindow:
         self._top = 0
         self._words = [0] * _WORDS
 
-    def reset(self) -> None:
-        """Forget every counter, as for a fresh keypair."""
-        self._top = 0
-        self._words[:] = _ZEROS
-
     def accept(self, counter: int) -> bool:
         """Record ``counter`` and return True if it is new, in the window and below the limit."""
         top = self._top

@@ -12,9 +12,9 @@ from collections.abc import Callable
 
 from uspan.wg.constants import (
     KEEPALIVE_TIMEOUT,
-    REJECT_AFTER_TIME,
     REKEY_TIMEOUT,
     REKEY_TIMEOUT_JITTER_MAX,
+    ZERO_KEYS_AFTER,
 )
 
 RETRANSMIT = "retransmit_handshake"
@@ -93,7 +93,7 @@ class PeerTimers:
         self.retransmit_handshake = None
 
     def session_derived(self, now: float) -> None:
-        self.zero_key_material = deadline = now + REJECT_AFTER_TIME * 3
+        self.zero_key_material = deadline = now + ZERO_KEYS_AFTER
         self._wake(deadline)
 
     def any_authenticated_traversal(self, now: float) -> None:
@@ -105,7 +105,7 @@ class PeerTimers:
         """Handshake attempts exhausted: stop keepalives, zero keys later if nothing comes."""
         self.send_keepalive = None
         if self.zero_key_material is None:
-            self.zero_key_material = deadline = now + REJECT_AFTER_TIME * 3
+            self.zero_key_material = deadline = now + ZERO_KEYS_AFTER
             self._wake(deadline)
 
     def stop_all(self) -> None:

@@ -13,11 +13,10 @@ import socket
 from collections.abc import Iterable
 
 from uspan.wg.config import ConfigError, DeviceChange, DeviceInfo, Network, PeerChange
-from uspan.wg.constants import KEY_SIZE
+from uspan.wg.constants import KEY_SIZE, ZERO_KEY
 from uspan.wg.endpoint import Endpoint, EndpointError
 
 _DEVICE_KEYS = frozenset({"private_key", "listen_port", "fwmark", "replace_peers"})
-_ZERO_KEY = bytes(KEY_SIZE)
 
 
 def parse_set(lines: Iterable[str]) -> DeviceChange:
@@ -141,7 +140,7 @@ def parse_prefix(value: str) -> Network:
 def format_get(info: DeviceInfo) -> str:
     """The full reply to ``get=1``, ending with ``errno=0`` and the blank line."""
     out: list[str] = []
-    if info.private_key is not None and info.private_key != _ZERO_KEY:
+    if info.private_key is not None and info.private_key != ZERO_KEY:
         out.append(f"private_key={info.private_key.hex()}")
     if info.listen_port:
         out.append(f"listen_port={info.listen_port}")
