@@ -12,13 +12,13 @@ import errno
 import logging
 import math
 import os
-import signal
 import socket
 import sys
 import time
 
 import trio
 
+from uspan import signals as stop_signals
 from uspan.daemon import uapi_server
 from uspan.daemon.tun import Tun, TunError, TunGone
 from uspan.daemon.udp import UdpBind, UdpSocket
@@ -240,10 +240,8 @@ class Daemon:
             self.device.wall_offset = time.time() - _now()
 
     async def _signal_loop(self) -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                self.stop(f"received {signal.Signals(signum).name}")
-                return
+        signum = await stop_signals.first()
+        self.stop(f"received {signum.name}")
 
     # UAPI (uapi_server.ConfigTarget) -----------------------------------------------------
 

@@ -68,7 +68,7 @@ def open_listener(interface: str, directory: str = SOCKET_DIRECTORY) -> socket.s
                 raise UapiError(errno.EADDRINUSE, f"unix socket {path} in use") from None
             os.unlink(path)
             _bind_private(sock, path)
-        sock.listen(16)
+        sock.listen(socket.SOMAXCONN)  # Go clients connect non-blocking, many at once
         sock.setblocking(False)
     except OSError as exc:
         sock.close()

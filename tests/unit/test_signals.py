@@ -1,0 +1,42 @@
+"""uspan.signals: a stop signal before trio runs is kept, not fatal, and reported first."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+from uspan import signals as stop_signals
+
+
+@pytest.fixture
+def restore_handlers() -> Iterator[None]:
+    saved = {signum: signal.getsignal(signum) for signum in stop_signals.STOP_SIGNALS}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+    stop_signals._early.clear()
+
+
+def test_signal_before_trio_is_returned_first(restore_handlers: None) -> None:
+    stop_signals.catch()
+    os.kill(os.getpid(), signal.SIGTERM)  # would kill the process without catch()
+    os.kill(os.getpid(), signal.SIGINT)
+    assert trio.run(stop_signals.first) is signal.SIGTERM
+
+
+def test_signal_while_waiting_is_returned_and_later_ones_are_recorded(
+        restore_handlers: None) -> None:
+    stop_signals.catch()
+
+    async def scenario() -> signal.Signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, os.kill, os.getpid(), signal.SIGINT)
+            return await stop_signals.first()
+
+    assert trio.run(scenario) is signal.SIGINT
+    os.kill(os.getpid(), signal.SIGTERM)  # during cleanup: recorded, not fatal
+    assert stop_signals._early == [signal.SIGTERM]

@@ -1,0 +1,42 @@
+"""Stop signals (SIGINT, SIGTERM) that are never lost and never kill a process uncleanly.
+
+A service manager may stop a program the instant it looks ready. Were the default action
+in force until trio's handler is installed, a signal in that window would kill the
+process and leave its socket files behind. So ``catch()`` runs first thing in ``main``
+(before anything is created) and records stop signals instead; ``first()``, inside
+trio, takes over from it and returns at once if one came early. A handler, not a
+blocked mask: threads that libraries start at import (OpenBLAS's) would not inherit
+the mask, and the kernel delivers a process signal to any thread that does not block it.
+After ``first()`` the recording handler is back, so a second signal during cleanup
+changes nothing: the process exits the way the first one asked.
+"""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+
+import trio
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_early: list[int] = []
+
+
+def _record(signum: int, frame: FrameType | None) -> None:
+    _early.append(signum)
+
+
+def catch() -> None:
+    """From now on, record stop signals for ``first()`` instead of dying of them."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _record)
+
+
+async def first() -> signal.Signals:
+    """The first stop signal, including one that arrived before trio was running."""
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        if _early:
+            return signal.Signals(_early[0])
+        async for signum in signals:
+            return signal.Signals(signum)
+    raise AssertionError("unreachable: a signal receiver never ends")
