@@ -14,9 +14,11 @@ from uspan.mesh.affiliate import (
     decode_endpoint,
     encode_affiliate,
     encode_endpoint,
+    local_affiliate,
     publishable_addresses,
     publishable_endpoints,
 )
+from uspan.mesh.config import KubeSpanConfig
 from uspan.mesh.filters import EndpointFilters
 from uspan.wg.endpoint import Endpoint
 
@@ -200,3 +202,41 @@ def test_exclude_only_filters() -> None:
     assert filters.allows(ip("10.0.0.1"))
     assert not filters.allows(ip("192.168.1.1"))
     assert filters.allows(ip("2001:db8::1"))
+
+
+KS_ADDRESS = ipaddress.IPv6Address("fd7f:175a:b97c:5602::1")
+
+
+def local(config: KubeSpanConfig, prefixes: tuple[str, ...] = ()) -> Affiliate:
+    return local_affiliate(
+        node_id="n0",
+        hostname="h0.example",
+        nodename="h0",
+        addresses=[ip("192.0.2.1"), ip("127.0.0.1"), KS_ADDRESS, ip("10.0.0.1")],
+        kubespan=config,
+        public_key=b"k" * 32,
+        kubespan_address=KS_ADDRESS,
+        additional_prefixes=[ipaddress.ip_network(p) for p in prefixes],
+    )
+
+
+def test_local_affiliate_with_kubespan() -> None:
+    config = KubeSpanConfig(
+        enabled=True,
+        port=5000,
+        endpoint_filters=("!10.0.0.0/8",),
+        advertise_endpoints=(Endpoint("203.0.113.1", 6000),),
+    )
+    mine = local(config, ("10.244.0.0/24",))
+    assert mine.addresses == (ip("192.0.2.1"), ip("10.0.0.1"))  # filters: endpoints only
+    assert mine.kubespan is not None
+    assert mine.kubespan.address == KS_ADDRESS
+    assert [str(e) for e in mine.kubespan.endpoints] == ["192.0.2.1:5000", "203.0.113.1:6000"]
+    assert mine.kubespan.additional_prefixes == (ipaddress.ip_network("10.244.0.0/24"),)
+    assert decode_affiliate(encode_affiliate(mine)) == mine
+
+
+def test_local_affiliate_without_kubespan_is_a_plain_member() -> None:
+    plain = local(KubeSpanConfig())
+    assert plain.kubespan is None
+    assert plain.addresses == (ip("192.0.2.1"), ip("10.0.0.1"))

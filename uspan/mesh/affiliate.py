@@ -15,6 +15,7 @@ from typing import Any
 
 import msgpack
 
+from uspan.mesh.config import KubeSpanConfig
 from uspan.mesh.filters import EndpointFilters
 from uspan.wg.endpoint import Endpoint
 
@@ -221,3 +222,26 @@ def publishable_endpoints(
         if filters.allows(ipaddress.ip_address(endpoint.host.split("%", 1)[0])):
             seen.setdefault(endpoint, None)
     return tuple(seen)[:MAX_ITEMS]
+
+
+def local_affiliate(
+    *,
+    node_id: str,
+    hostname: str,
+    nodename: str,
+    addresses: Iterable[Address],
+    kubespan: KubeSpanConfig,
+    public_key: bytes,
+    kubespan_address: ipaddress.IPv6Address,
+    additional_prefixes: Iterable[Network] = (),
+) -> Affiliate:
+    """This node's affiliate: its routable addresses, and KubeSpan's part when enabled."""
+    subnet = ipaddress.IPv6Network((kubespan_address, 64), strict=False)
+    node_addresses = publishable_addresses(addresses, subnet)
+    if not kubespan.enabled:
+        return Affiliate(node_id, hostname, nodename, node_addresses)
+    endpoints = publishable_endpoints(
+        node_addresses, kubespan.port, kubespan.advertise_endpoints, kubespan.filters
+    )
+    info = KubeSpanInfo(public_key, kubespan_address, tuple(additional_prefixes), endpoints)
+    return Affiliate(node_id, hostname, nodename, node_addresses, info)

@@ -123,10 +123,10 @@ def update_status(
         last_handshake=facts.last_handshake,
     )
     changed = replace(new, rx_bytes=status.rx_bytes, tx_bytes=status.tx_bytes) != status
-    return StatusUpdate(new, changed, _deadline(new, facts, now))
+    return StatusUpdate(new, changed, next_deadline(new, facts, now))
 
 
-def _deadline(status: PeerStatus, facts: LinkFacts, now: float) -> float | None:
+def next_deadline(status: PeerStatus, facts: LinkFacts, now: float) -> float | None:
     """The earliest future time at which one of the rules' boundaries is crossed."""
     if facts.endpoint is None:
         return None
