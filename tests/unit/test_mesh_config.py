@@ -257,14 +257,16 @@ def test_diff_nothing() -> None:
         (changed(interface="ks1"), ["kubespan.interface"], {Action.RECREATE_INTERFACE}),
         (
             changed(filters={"endpoints": ["!10.0.0.0/8"]}),
-            ["kubespan.endpoint_filters"],
+            ["kubespan.filters.endpoints"],
             {Action.REPUBLISH},
         ),
         (
-            changed(allowDownPeerBypass=False),
-            ["kubespan.allow_down_peer_bypass"],
-            {Action.UPDATE_ROUTES},
+            changed(advertiseEndpoints=["192.0.2.1:1"]),
+            ["kubespan.advertiseEndpoints"],
+            {Action.REPUBLISH},
         ),
+        (changed(allowDownPeerBypass=False), ["kubespan.allowDownPeerBypass"], set()),
+        (changed(harvestExtraEndpoints=True), ["kubespan.harvestExtraEndpoints"], set()),
         (
             config_from_dict(document(kubespan={"enabled": False})),
             ["kubespan.enabled"],
@@ -276,13 +278,18 @@ def test_diff_nothing() -> None:
                     discovery={"enabled": True, "registries": {"service": {"endpoints": ["e:1"]}}}
                 )
             ),
-            ["discovery.service_endpoints"],
+            ["discovery.registries.service.endpoints"],
             {Action.RESTART_DISCOVERY, Action.REPUBLISH},
         ),
         (
             config_from_dict(document(cluster={"id": ID, "secret": ID})),
             ["cluster.secret"],
-            {Action.RESTART_DISCOVERY, Action.REPUBLISH, Action.RECONFIGURE_PEERS},
+            {Action.RESTART_DISCOVERY, Action.REPUBLISH},
+        ),
+        (
+            config_from_dict(document(cluster={"id": SECRET, "secret": SECRET})),
+            ["cluster.id"],
+            {Action.RESTART_DISCOVERY, Action.REPUBLISH, Action.SET_ADDRESS},
         ),
     ],
 )
@@ -293,5 +300,7 @@ def test_diff_actions(new: NodeConfig, paths: list[str], actions: set[Action]) -
 
 
 def test_diff_turning_kubespan_on() -> None:
-    old = config_from_dict(document(kubespan={"enabled": False}))
-    assert Action.CREATE_INTERFACE in diff_configs(old, base()).actions
+    old = config_from_dict(document(kubespan={"enabled": False, "mtu": 1300}))
+    diff = diff_configs(old, base())
+    assert diff.changed == ("kubespan.enabled", "kubespan.mtu")
+    assert diff.actions == {Action.CREATE_INTERFACE, Action.REPUBLISH}

@@ -32,7 +32,7 @@ MIN_MTU = 1280
 MAX_MTU = 65535
 SECRET_SIZE = 32
 _INTERFACE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ - 1
-_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9-]{1,63})*$")
+_HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(\.[A-Za-z0-9_-]{1,63})*$")
 
 
 class ConfigError(ValueError):
@@ -402,63 +402,68 @@ def _yaml_scalar(value: object) -> str:
 
 
 class Action(enum.Enum):
-    """What a running node must redo for a config change (``apply-config``, SIGHUP)."""
+    """What a running node must do for a config change (``apply-config``, SIGHUP), besides
+    handing the new config to the ``PeerController`` (peers, preshared keys, routes, and
+    reported endpoints follow from that)."""
 
-    RESTART_DISCOVERY = "restart the discovery client"
+    RESTART_DISCOVERY = "reconnect the discovery client (services or cluster changed)"
     REPUBLISH = "publish the affiliate again"
     CREATE_INTERFACE = "create the KubeSpan link"
-    REMOVE_INTERFACE = "remove the KubeSpan link"
-    RECREATE_INTERFACE = "recreate the KubeSpan link under its new name"
+    REMOVE_INTERFACE = "remove the KubeSpan link and its routing"
+    RECREATE_INTERFACE = "move the KubeSpan link to its new name"
+    SET_ADDRESS = "put the new KubeSpan address on the link"
     SET_MTU = "set the link MTU"
     REBIND_PORT = "bind the WireGuard socket to the new port"
-    RECONFIGURE_PEERS = "reconfigure every peer"
-    UPDATE_ROUTES = "update the routing of down peers"
 
 
 @dataclass(frozen=True, slots=True)
 class ConfigDiff:
-    changed: tuple[str, ...]  # field paths, in schema order
+    changed: tuple[str, ...]  # field paths as the YAML spells them, in schema order
     actions: frozenset[Action]
 
 
+_YAML_PATHS = {
+    "kubespan.endpoint_filters": "kubespan.filters.endpoints",
+    "kubespan.advertise_endpoints": "kubespan.advertiseEndpoints",
+    "kubespan.harvest_extra_endpoints": "kubespan.harvestExtraEndpoints",
+    "kubespan.allow_down_peer_bypass": "kubespan.allowDownPeerBypass",
+    "discovery.service_endpoints": "discovery.registries.service.endpoints",
+}
+
+# Changes of a running KubeSpan link, and what each needs.
+_KUBESPAN_ACTIONS = {
+    "kubespan.interface": {Action.RECREATE_INTERFACE},
+    "kubespan.mtu": {Action.SET_MTU},
+    "kubespan.port": {Action.REBIND_PORT, Action.REPUBLISH},
+    "kubespan.filters.endpoints": {Action.REPUBLISH},
+    "kubespan.advertiseEndpoints": {Action.REPUBLISH},
+    "cluster.id": {Action.SET_ADDRESS},
+}
+
+
 def diff_configs(old: NodeConfig, new: NodeConfig) -> ConfigDiff:
-    """What changed between two configs, and which pieces must act on it.
+    """What changed between two configs, and what the node must do about it.
 
     Nothing here restarts the process: tunnels that stay are never dropped.
     """
     changed = [
-        *(f"cluster.{name}" for name in _changed_fields(old.cluster, new.cluster)),
-        *(f"kubespan.{name}" for name in _changed_fields(old.kubespan, new.kubespan)),
-        *(f"discovery.{name}" for name in _changed_fields(old.discovery, new.discovery)),
+        _YAML_PATHS.get(path, path)
+        for section in ("cluster", "kubespan", "discovery")
+        for path in (
+            f"{section}.{name}"
+            for name in _changed_fields(getattr(old, section), getattr(new, section))
+        )
     ]
     actions: set[Action] = set()
+    if any(path.startswith(("cluster.", "discovery.")) for path in changed):
+        actions |= {Action.RESTART_DISCOVERY, Action.REPUBLISH}
     was, now = old.kubespan.enabled, new.kubespan.enabled
-    if "cluster.id" in changed or "cluster.secret" in changed:
-        actions |= {Action.RESTART_DISCOVERY, Action.REPUBLISH}
-        if now:
-            actions.add(Action.RECONFIGURE_PEERS)
-    if any(path.startswith("discovery.") for path in changed):
-        actions |= {Action.RESTART_DISCOVERY, Action.REPUBLISH}
     if was != now:
         actions |= {Action.CREATE_INTERFACE if now else Action.REMOVE_INTERFACE, Action.REPUBLISH}
     elif now:
-        actions |= _kubespan_actions(set(changed))
+        for path in changed:
+            actions |= _KUBESPAN_ACTIONS.get(path, set())
     return ConfigDiff(tuple(changed), frozenset(actions))
-
-
-def _kubespan_actions(changed: set[str]) -> set[Action]:
-    actions: set[Action] = set()
-    if "kubespan.interface" in changed:
-        actions.add(Action.RECREATE_INTERFACE)
-    if "kubespan.mtu" in changed:
-        actions.add(Action.SET_MTU)
-    if "kubespan.port" in changed:
-        actions |= {Action.REBIND_PORT, Action.REPUBLISH}
-    if changed & {"kubespan.endpoint_filters", "kubespan.advertise_endpoints"}:
-        actions.add(Action.REPUBLISH)
-    if "kubespan.allow_down_peer_bypass" in changed:
-        actions.add(Action.UPDATE_ROUTES)
-    return actions
 
 
 def _changed_fields(old: DataclassInstance, new: DataclassInstance) -> Iterable[str]:
