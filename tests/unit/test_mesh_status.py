@@ -115,6 +115,8 @@ def test_update_reports_changes_not_counters() -> None:
     handshake = update_status(down.status, facts(T0 + 16), T0 + 16)
     assert handshake.changed and handshake.status.state is UP
     assert handshake.status.last_handshake == T0 + 16
+    rekey = update_status(handshake.status, facts(T0 + 136), T0 + 136)
+    assert not rekey.changed and rekey.status.last_handshake == T0 + 136
     relabel = update_status(handshake.status, facts(T0 + 16), T0 + 17, label="renamed")
     assert relabel.changed and relabel.status.label == "renamed"
 

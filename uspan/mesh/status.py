@@ -78,7 +78,8 @@ class PeerStatus:
 @dataclass(frozen=True, slots=True)
 class StatusUpdate:
     status: PeerStatus
-    changed: bool  # anything but the byte counters changed: publish and log it
+    # state, endpoint or label changed; not the counters or a routine rekey's handshake
+    changed: bool
     deadline: float | None  # re-evaluate at this time even if no fact changes
 
 
@@ -122,7 +123,13 @@ def update_status(
         tx_bytes=facts.tx_bytes,
         last_handshake=facts.last_handshake,
     )
-    changed = replace(new, rx_bytes=status.rx_bytes, tx_bytes=status.tx_bytes) != status
+    routine = replace(
+        new,
+        rx_bytes=status.rx_bytes,
+        tx_bytes=status.tx_bytes,
+        last_handshake=status.last_handshake,
+    )
+    changed = routine != status
     return StatusUpdate(new, changed, next_deadline(new, facts, now))
 
 
