@@ -33,6 +33,8 @@ from uspan.mesh.status import PeerStatus
 from uspan.wg.endpoint import Endpoint
 
 REDACTED = "(redacted)"
+KUBESPAN_IDENTITY_ID = "local"  # the one identity resource, as Talos names it
+DISCOVERY_STATUS_ID = "discovery"
 WATCH_QUEUE_LIMIT = 1024  # a watcher further behind than this must re-list
 
 
