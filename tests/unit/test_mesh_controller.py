@@ -124,6 +124,10 @@ def test_dead_first_endpoint_is_cycled_by_the_faster_rule() -> None:
         "198.51.100.2:51820",
         "unknown",
     )
+    # until the core reports on E2B, the stale facts about E2A are not used
+    quiet = controller.tick(12.0)
+    assert quiet.transitions == [] and quiet.device_change.peers == []
+    assert store.get(KUBESPAN_PEER_STATUS, ID2).spec["endpoint"] == "198.51.100.2:51820"
     # the shell applied E2B and restarted the attempt count; the handshake completes
     out = controller.set_facts({K2: LinkFacts(E2B, 11.15, 0, 11.1, 92, 444)}, now=11.15)
     assert out.transitions == [Transition(ID2, "h2", UNKNOWN, UP, E2B)]

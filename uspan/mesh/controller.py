@@ -129,6 +129,8 @@ class PeerController:
                     transitions.append(
                         Transition(spec.id, spec.label, before.state, after.state, after.endpoint)
                     )
+            if status is not judged:  # a new endpoint: facts about the old one are stale
+                self.facts.pop(key, None)
             if deadline is not None:
                 deadlines.append(deadline)
             statuses[key] = status
