@@ -1,5 +1,8 @@
 import ipaddress
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from uspan.mesh.affiliate import Affiliate, KubeSpanInfo
 from uspan.mesh.peerspec import (
     PERSISTENT_KEEPALIVE,
@@ -200,3 +203,36 @@ def test_allowed_ips_and_psk_changes_and_removal() -> None:
         PeerChange(public_key=B, remove=True),
     ]
     assert list(applied) == [A]
+
+
+prefixes = st.builds(
+    lambda a, n: ipaddress.ip_network((a, n), strict=False),
+    st.ip_addresses(v=4, network="10.0.0.0/14"),
+    st.integers(12, 32),
+)
+
+
+@given(st.lists(st.lists(prefixes, max_size=4), min_size=1, max_size=6))
+def test_no_address_is_routed_to_two_peers(wanted: list[list[ipaddress.IPv4Network]]) -> None:
+    affiliates = [
+        Affiliate(
+            node_id=f"node{i}",
+            hostname="",
+            nodename=f"n{i}",
+            kubespan=KubeSpanInfo(
+                bytes([i + 1]) * 32, ipaddress.IPv6Address(f"fd00::{i + 1}"), tuple(p)
+            ),
+        )
+        for i, p in enumerate(wanted)
+    ]
+    specs, _ = build_peer_specs(affiliates, "self", LOCAL_KEY, {})
+    routed = [(n, s.label) for s in specs for n in s.allowed_ips]
+    for i, (a, la) in enumerate(routed):
+        for b, lb in routed[i + 1 :]:
+            assert not (a.version == b.version and a.overlaps(b)), (a, la, b, lb)
+    # what a peer lost is routed to an earlier one: together they cover all that was wanted
+    routed_v4 = [n for n, _ in routed if isinstance(n, ipaddress.IPv4Network)]
+    wanted_v4 = [n for each in wanted for n in each]
+    assert list(ipaddress.collapse_addresses(routed_v4)) == list(
+        ipaddress.collapse_addresses(wanted_v4)
+    )

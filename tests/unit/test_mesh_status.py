@@ -1,6 +1,8 @@
 """The status rules with explicit ``now`` values: every boundary checked on both sides."""
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from uspan.mesh.status import (
     ATTEMPT_TIMEOUT,
@@ -159,3 +161,32 @@ def test_sleeping_until_each_deadline_sees_every_transition() -> None:
             break
         now = update.deadline
     assert seen == [(0, UNKNOWN), (15, DOWN), (275, DOWN)]
+
+
+times = st.floats(0, 2000, allow_nan=False).map(lambda t: round(t, 3))
+
+
+@given(
+    t0=st.none() | times,
+    handshake=st.none() | times,
+    attempts=st.integers(0, 4),
+    last_attempt=st.none() | times,
+    now=times,
+    later=st.floats(0, 1, exclude_max=True),
+)
+def test_state_holds_until_the_deadline(
+    t0: float | None,
+    handshake: float | None,
+    attempts: int,
+    last_attempt: float | None,
+    now: float,
+    later: float,
+) -> None:
+    """Between ``now`` and the deadline nothing changes: sleeping until it misses nothing."""
+    status = picked(t0)
+    f = facts(handshake, attempts, last_attempt)
+    update = update_status(status, f, now)
+    horizon = now + 10_000 if update.deadline is None else update.deadline
+    assert horizon > now
+    moment = now + (horizon - now) * later
+    assert compute_state(status, f, moment) is update.status.state
