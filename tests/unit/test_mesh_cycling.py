@@ -1,5 +1,7 @@
 import ipaddress
 
+import pytest
+
 from uspan.mesh.cycling import (
     HARVEST_PEER_LIMIT,
     ObservedEndpoint,
@@ -69,6 +71,41 @@ def test_dead_first_endpoint_comes_up_on_the_second_within_20_s() -> None:
     up = update_status(status, LinkFacts(E1, now + 0.05, 0, now, 0, 0), now + 0.05)
     assert up.status.state is PeerState.UP
     assert now + 0.05 < 20
+
+
+def test_endpoint_dying_under_traffic_is_replaced_within_20_s() -> None:
+    """Up on E0 since t=0; E0 dies at t=100 while data flows: up on E1 by t=120."""
+    status = PeerStatus(
+        label="n", state=PeerState.UP, endpoint=E0, last_used_endpoint=E0, last_endpoint_change=0
+    )
+    died = 100.0
+    facts = LinkFacts(E0, 1.0, 0, None, 0, 0, last_received=99.9, unanswered_data_since=100.0)
+    update = update_status(status, facts, died)
+    assert update.status.state is PeerState.UP
+    assert update.deadline == 115.0
+    down = update_status(update.status, facts, update.deadline)
+    assert down.status.state is PeerState.DOWN
+    moved = cycle(down.status, [E0, E1], 115.0)
+    assert moved is not None and moved.endpoint == E1
+    up = update_status(moved, LinkFacts(E1, 115.05, 0, 115.0, 0, 0, 115.05), 115.05)
+    assert up.status.state is PeerState.UP
+    assert 115.05 - died < 20
+
+
+def test_endpoint_dying_with_keepalives_only_is_replaced_within_45_s() -> None:
+    """Worst case: the peer's last keepalive arrived just before E0 died."""
+    status = PeerStatus(
+        label="n", state=PeerState.UP, endpoint=E0, last_used_endpoint=E0, last_endpoint_change=0
+    )
+    died = 100.0
+    facts = LinkFacts(E0, 1.0, 0, None, 0, 0, last_received=died - 0.001)
+    deadline = update_status(status, facts, died).deadline
+    assert deadline == pytest.approx(died + 30 - 0.001)
+    down = update_status(status, facts, deadline)
+    assert down.status.state is PeerState.DOWN
+    moved = cycle(down.status, [E0, E1], deadline)
+    assert moved is not None and moved.endpoint == E1
+    assert deadline + 0.05 - died < 45
 
 
 def spec(n: int) -> PeerSpec:

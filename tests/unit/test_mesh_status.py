@@ -6,7 +6,9 @@ from hypothesis import strategies as st
 
 from uspan.mesh.status import (
     ATTEMPT_TIMEOUT,
+    DATA_SILENCE_TIMEOUT,
     ENDPOINT_CONNECTION_TIMEOUT,
+    KEEPALIVE_SILENCE_TIMEOUT,
     PEER_DOWN_INTERVAL,
     LinkFacts,
     PeerState,
@@ -26,8 +28,19 @@ def facts(
     attempts: int = 0,
     last_attempt: float | None = None,
     endpoint: Endpoint | None = EP,
+    received: float | None = None,
+    data_since: float | None = None,
 ) -> LinkFacts:
-    return LinkFacts(endpoint, handshake, attempts, last_attempt, rx_bytes=0, tx_bytes=0)
+    return LinkFacts(
+        endpoint,
+        handshake,
+        attempts,
+        last_attempt,
+        rx_bytes=0,
+        tx_bytes=0,
+        last_received=received,
+        unanswered_data_since=data_since,
+    )
 
 
 def picked(t0: float | None = T0) -> PeerStatus:
@@ -38,6 +51,8 @@ def test_timeouts_are_talos() -> None:
     assert ENDPOINT_CONNECTION_TIMEOUT == 15.0
     assert PEER_DOWN_INTERVAL == 275.0
     assert ATTEMPT_TIMEOUT == 6.0
+    assert DATA_SILENCE_TIMEOUT == 15.0
+    assert KEEPALIVE_SILENCE_TIMEOUT == 30.0
 
 
 def test_no_endpoint_is_unknown() -> None:
@@ -93,6 +108,31 @@ def test_fast_rule_on_an_up_peer() -> None:
     assert compute_state(status, lost, T0 + 211) is DOWN  # not T0 + 277
 
 
+def test_traffic_rule_data_unanswered_for_15_s() -> None:
+    status = picked()
+    handshake = T0 + 2
+    # talking happily until T0+100, then data goes out and nothing comes back
+    lost = facts(handshake, received=T0 + 100, data_since=T0 + 100.5)
+    assert compute_state(status, lost, T0 + 115.499) is UP
+    assert compute_state(status, lost, T0 + 115.5) is DOWN
+    assert update_status(status, lost, T0 + 101).deadline == T0 + 115.5
+
+
+def test_silence_rule_nothing_received_for_30_s() -> None:
+    status = picked()
+    quiet = facts(T0 + 2, received=T0 + 80)
+    assert compute_state(status, quiet, T0 + 109.999) is UP
+    assert compute_state(status, quiet, T0 + 110) is DOWN  # not T0 + 277
+    assert update_status(status, quiet, T0 + 81).deadline == T0 + 110
+
+
+def test_silences_count_from_the_endpoint_change() -> None:
+    status = picked()
+    before = facts(received=T0 - 100, data_since=T0 - 50)
+    assert compute_state(status, before, T0 + 14) is UNKNOWN
+    assert update_status(status, before, T0 + 1).deadline == T0 + 15
+
+
 def test_fast_rule_ignores_attempts_before_the_endpoint_change() -> None:
     stale = facts(attempts=3, last_attempt=T0 - 1)
     assert compute_state(picked(), stale, T0 + 10) is UNKNOWN
@@ -142,6 +182,8 @@ def test_roamed_endpoint_is_reported_but_keeps_t0() -> None:
         (facts(T0 + 3), T0 + 275, T0 + 278),
         (facts(attempts=2, last_attempt=T0 + 5), T0 + 6, T0 + 11),
         (facts(attempts=1, last_attempt=T0 + 5), T0 + 6, T0 + 15),
+        (facts(T0 + 3, received=T0 + 40), T0 + 41, T0 + 70),
+        (facts(T0 + 3, received=T0 + 40, data_since=T0 + 41), T0 + 42, T0 + 56),
     ],
 )
 def test_deadline_is_the_next_boundary(f: LinkFacts, now: float, deadline: float | None) -> None:
@@ -171,6 +213,8 @@ times = st.floats(0, 2000, allow_nan=False).map(lambda t: round(t, 3))
     handshake=st.none() | times,
     attempts=st.integers(0, 4),
     last_attempt=st.none() | times,
+    received=st.none() | times,
+    data_since=st.none() | times,
     now=times,
     later=st.floats(0, 1, exclude_max=True),
 )
@@ -179,12 +223,14 @@ def test_state_holds_until_the_deadline(
     handshake: float | None,
     attempts: int,
     last_attempt: float | None,
+    received: float | None,
+    data_since: float | None,
     now: float,
     later: float,
 ) -> None:
     """Between ``now`` and the deadline nothing changes: sleeping until it misses nothing."""
     status = picked(t0)
-    f = facts(handshake, attempts, last_attempt)
+    f = facts(handshake, attempts, last_attempt, received=received, data_since=data_since)
     update = update_status(status, f, now)
     horizon = now + 10_000 if update.deadline is None else update.deadline
     assert horizon > now
