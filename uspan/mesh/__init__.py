@@ -18,8 +18,9 @@ Loop (one task; each event gives an ``Output``)
     - discovery snapshot or update: ``decode_affiliate`` each blob (count and skip
       ``AffiliateDecodeError``), ``decode_endpoint`` the endpoint blobs per affiliate
       ID, then ``set_affiliates(all affiliates, observed, now)``;
-    - the core reports a handshake, an initiation or a give-up: ``status.LinkFacts`` per
-      peer, then ``set_facts``;
+    - the core reports a handshake, an initiation, a cookie reply or a give-up:
+      ``status.LinkFacts`` per peer (its docstring says exactly what each field counts),
+      then ``set_facts``;
     - ``Output.deadline`` reached: ``tick(now)``;
     - apply-config / SIGHUP: carry out ``config.diff_configs(old, new).actions``, then
       ``set_config(new, now)``.
