@@ -42,6 +42,13 @@ def test_round_trip() -> None:
     assert decode_affiliate(encode_affiliate(AFFILIATE)) == AFFILIATE
 
 
+def test_data_must_name_the_affiliate_it_is_stored_under() -> None:
+    data = encode_affiliate(AFFILIATE)
+    assert decode_affiliate(data, AFFILIATE.node_id) == AFFILIATE
+    with pytest.raises(AffiliateDecodeError, match="stored under affiliate 'other'"):
+        decode_affiliate(data, "other")
+
+
 def test_round_trip_without_kubespan() -> None:
     plain = Affiliate(node_id="n", hostname="h", nodename="n")
     assert decode_affiliate(encode_affiliate(plain)) == plain

@@ -15,9 +15,9 @@ Start
     config change.
 
 Loop (one task; each event gives an ``Output``)
-    - discovery snapshot or update: ``decode_affiliate`` each blob (count and skip
-      ``AffiliateDecodeError``), ``decode_endpoint`` the endpoint blobs per affiliate
-      ID, then ``set_affiliates(all affiliates, observed, now)``;
+    - discovery snapshot or update: ``decode_affiliate(data, affiliate_id)`` each
+      (count and skip ``AffiliateDecodeError``), ``decode_endpoint`` the endpoint blobs
+      per affiliate ID, then ``set_affiliates(all affiliates, observed, now)``;
     - the core reports a handshake, an initiation, a cookie reply or a give-up:
       ``status.LinkFacts`` per peer (its docstring says exactly what each field counts),
       then ``set_facts``;

@@ -96,8 +96,12 @@ def encode_affiliate(affiliate: Affiliate) -> bytes:
     return data
 
 
-def decode_affiliate(data: bytes) -> Affiliate:
-    """Strictly decode ``encode_affiliate``'s bytes; AffiliateDecodeError otherwise."""
+def decode_affiliate(data: bytes, affiliate_id: str | None = None) -> Affiliate:
+    """Strictly decode ``encode_affiliate``'s bytes; AffiliateDecodeError otherwise.
+
+    With ``affiliate_id`` (the ID discovery stores the data under), the data must name
+    that same node: sealed data copied to another affiliate entry is refused.
+    """
     if len(data) > MAX_ENCODED:
         raise AffiliateDecodeError(f"{len(data)} bytes, more than {MAX_ENCODED}")
     try:
@@ -112,6 +116,8 @@ def decode_affiliate(data: bytes) -> Affiliate:
     node_id = _text(root["id"], "id", MAX_ID)
     if not node_id:
         raise AffiliateDecodeError("id: empty")
+    if affiliate_id is not None and node_id != affiliate_id:
+        raise AffiliateDecodeError(f"id: {node_id!r} stored under affiliate {affiliate_id!r}")
     addresses = tuple(
         _address(item, "addresses") for item in _items(root["addresses"], "addresses")
     )
