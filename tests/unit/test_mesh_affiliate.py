@@ -63,6 +63,9 @@ def test_endpoint_blobs_are_small() -> None:
         decode_endpoint(b"\x01\x02\x03\x04\x00\x00")
     with pytest.raises(AffiliateDecodeError):
         decode_endpoint(b"\x01")
+    for host in ("0.0.0.0", "224.0.0.1", "::"):
+        with pytest.raises(AffiliateDecodeError, match="unicast"):
+            decode_endpoint(ipaddress.ip_address(host).packed + b"\x00\x01")
 
 
 def mutate(**changes: object) -> bytes:
@@ -136,6 +139,12 @@ def test_hostile_documents_never_escape_as_other_errors(value: object) -> None:
         decode_affiliate(msgpack.packb(value))
 
 
+def unicast(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return not (address.is_unspecified or address.is_multicast)
+
+
 @given(
     st.builds(
         Affiliate,
@@ -154,7 +163,9 @@ def test_hostile_documents_never_escape_as_other_errors(value: object) -> None:
             ).map(tuple),
             endpoints=st.lists(
                 st.builds(
-                    lambda a, p: Endpoint(str(a), p), st.ip_addresses(), st.integers(1, 65535)
+                    lambda a, p: Endpoint(str(a), p),
+                    st.ip_addresses().filter(unicast),
+                    st.integers(1, 65535),
                 ),
                 max_size=4,
             ).map(tuple),

@@ -62,6 +62,7 @@ def encode_endpoint(endpoint: Endpoint) -> bytes:
 
 
 def decode_endpoint(data: bytes) -> Endpoint:
+    """An endpoint blob back; AffiliateDecodeError for anything we could not send to."""
     if len(data) not in (6, 18):
         raise AffiliateDecodeError(f"endpoint must be 6 or 18 bytes, got {len(data)}")
     port = int.from_bytes(data[-2:], "big")
@@ -70,6 +71,8 @@ def decode_endpoint(data: bytes) -> Endpoint:
     address = ipaddress.ip_address(data[:-2])
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped  # as Endpoint.parse does: one form per endpoint
+    if address.is_unspecified or address.is_multicast:
+        raise AffiliateDecodeError(f"endpoint {address} is not a unicast address")
     return Endpoint(str(address), port)
 
 
