@@ -15,6 +15,7 @@ from uspan.mesh.resources import (
     DISCOVERY_STATUS,
     KUBESPAN_ENDPOINT,
     KUBESPAN_IDENTITY,
+    KUBESPAN_IDENTITY_ID,
     KUBESPAN_PEER_STATUS,
     MEMBER,
     REDACTED,
@@ -252,7 +253,7 @@ def test_private_key_is_redacted_unless_asked_for() -> None:
     subnet = cluster_subnet("x")
     spec = identity_spec(identity, node_address(subnet, None, identity.public_key), subnet)
     store = Store(WALL)
-    store.put(KUBESPAN_IDENTITY, "local", spec, 1.0)
+    store.put(KUBESPAN_IDENTITY, KUBESPAN_IDENTITY_ID, spec, 1.0)
     resources = store.list(KUBESPAN_IDENTITY)
     secret = spec["privateKey"]
     for output in ("table", "yaml", "json"):
