@@ -15,12 +15,12 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import yaml
 
 from uspan.mesh.filters import EndpointFilters
-from uspan.wg.endpoint import Endpoint, EndpointError
+from uspan.wg.endpoint import Endpoint
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -31,6 +31,7 @@ DEFAULT_MTU = 1420
 MIN_MTU = 1280
 MAX_MTU = 65535
 SECRET_SIZE = 32
+T = TypeVar("T")
 _INTERFACE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ - 1
 _HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(\.[A-Za-z0-9_-]{1,63})*$")
 
@@ -195,6 +196,16 @@ class _Section:
                 raise ConfigError(f"{self.at(key)}[{index}]", problem)
         return value
 
+    def parsed(self, key: str, parse: Callable[[str], T]) -> list[T]:
+        """A list of strings, each parsed; a ValueError becomes an error naming the item."""
+        items = []
+        for index, text in enumerate(self.strings(key)):
+            try:
+                items.append(parse(text))
+            except ValueError as exc:
+                raise ConfigError(f"{self.at(key)}[{index}]", str(exc)) from exc
+        return items
+
     def finish(self) -> None:
         unknown = sorted(set(self.data) - self.seen)
         if unknown:
@@ -246,19 +257,9 @@ def _kubespan(section: _Section) -> KubeSpanConfig:
     if not MIN_MTU <= mtu <= MAX_MTU:
         raise ConfigError(section.at("mtu"), f"{mtu} is out of range ({MIN_MTU}-{MAX_MTU})")
     filters = section.section("filters")
-    entries = filters.strings("endpoints")
-    for index, entry in enumerate(entries):
-        try:
-            EndpointFilters.parse([entry])
-        except ValueError as exc:
-            raise ConfigError(f"{filters.at('endpoints')}[{index}]", str(exc)) from exc
+    entries = filters.parsed("endpoints", _filter_entry)
     filters.finish()
-    advertised: list[Endpoint] = []
-    for index, text in enumerate(section.strings("advertiseEndpoints")):
-        try:
-            advertised.append(Endpoint.parse(text))
-        except EndpointError as exc:
-            raise ConfigError(f"{section.at('advertiseEndpoints')}[{index}]", str(exc)) from exc
+    advertised = section.parsed("advertiseEndpoints", Endpoint.parse)
     config = KubeSpanConfig(
         enabled=section.boolean("enabled", False),
         interface=interface,
@@ -273,16 +274,16 @@ def _kubespan(section: _Section) -> KubeSpanConfig:
     return config
 
 
+def _filter_entry(entry: str) -> str:
+    EndpointFilters.parse([entry])
+    return entry
+
+
 def _discovery(section: _Section) -> DiscoveryConfig:
     enabled = section.boolean("enabled", False)
     registries = section.section("registries")
     service = registries.section("service")
-    endpoints: list[HostPort] = []
-    for index, text in enumerate(service.strings("endpoints")):
-        try:
-            endpoints.append(HostPort.parse(text))
-        except ValueError as exc:
-            raise ConfigError(f"{service.at('endpoints')}[{index}]", str(exc)) from exc
+    endpoints = service.parsed("endpoints", HostPort.parse)
     service.finish()
     registries.finish()
     section.finish()
