@@ -5,6 +5,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
 from uspan.mesh.config import (
     Action,
@@ -304,3 +306,43 @@ def test_diff_turning_kubespan_on() -> None:
     diff = diff_configs(old, base())
     assert diff.changed == ("kubespan.enabled", "kubespan.mtu")
     assert diff.actions == {Action.CREATE_INTERFACE, Action.REPUBLISH}
+
+
+KEYS = [
+    "kubespan",
+    "discovery",
+    "cluster",
+    "enabled",
+    "interface",
+    "port",
+    "mtu",
+    "filters",
+    "endpoints",
+    "advertiseEndpoints",
+    "harvestExtraEndpoints",
+    "allowDownPeerBypass",
+    "registries",
+    "service",
+    "id",
+    "secret",
+]
+values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-5, 70000)
+    | st.floats(allow_nan=False)
+    | st.sampled_from([ID, SECRET, "d:1", "[::1]:2", "10.0.0.0/8", "!::/0", "1.2.3.4:5", "x"]),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(st.sampled_from(KEYS), children, max_size=5)
+    ),
+    max_leaves=25,
+)
+
+
+@given(st.dictionaries(st.sampled_from(KEYS), values, max_size=4))
+def test_any_document_is_a_config_or_a_config_error(doc: dict[str, object]) -> None:
+    try:
+        config_from_dict(doc)
+    except ConfigError as error:
+        assert str(error).startswith(error.field_path + ": ")
