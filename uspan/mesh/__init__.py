@@ -18,15 +18,15 @@ Loop (one task; each event gives an ``Output``)
     - discovery snapshot or update: ``decode_affiliate(data, affiliate_id)`` each
       (count and skip ``AffiliateDecodeError``), ``decode_endpoint`` the endpoint blobs
       per affiliate ID, then ``set_affiliates(all affiliates, observed, now)``;
-    - the core reports a handshake, an initiation, a cookie reply or a give-up:
-      ``status.LinkFacts`` per peer (its docstring says exactly what each field counts),
-      then ``set_facts``;
+    - the core reports a handshake, an initiation, a cookie reply, or traffic (per batch):
+      the peer's ``linkfacts.LinkTracker`` records it; then ``set_facts`` with
+      ``tracker.facts(endpoint, rx, tx)`` of the peers concerned;
     - ``Output.deadline`` reached: ``tick(now)``;
     - apply-config / SIGHUP: carry out ``config.diff_configs(old, new).actions``, then
       ``set_config(new, now)``.
 
     With each ``Output``: apply ``device_change`` to the core when it has peers (and
-    restart the unanswered-attempt count of every peer whose endpoint it sets); log
+    call ``endpoint_set()`` on the tracker of every peer whose endpoint it sets); log
     ``warnings`` and ``transitions``; make the mesh routing table hold ``routes``;
     report ``observed`` to discovery (``encode_endpoint``, under ``affiliate_id``);
     sleep until ``deadline`` or the next event.
