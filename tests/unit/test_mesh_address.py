@@ -55,3 +55,10 @@ def test_first_physical_link_in_name_order() -> None:
     ]
     assert first_physical_mac(links) == bytes.fromhex("020000000000")
     assert first_physical_mac([Link("lo", None, False)]) is None
+
+
+def test_talos_published_vector() -> None:
+    """The MAC and address from Talos's own identity test."""
+    subnet = cluster_subnet(NOTES_ID)
+    address = node_address(subnet, bytes.fromhex("ea711bb2ccee"), KEY)
+    assert address == ipaddress.IPv6Address("fd7f:175a:b97c:5602:e871:1bff:feb2:ccee")

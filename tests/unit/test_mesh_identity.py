@@ -95,3 +95,18 @@ def test_base62_is_fixed_width() -> None:
     assert base62(bytes(32)) == "0" * NODE_ID_LENGTH
     assert len(base62(b"\xff" * 32)) == NODE_ID_LENGTH
     assert base62((61).to_bytes(32, "big")).endswith("0z")
+
+
+def test_reads_a_talos_kubespan_identity_file(tmp_path: Path) -> None:
+    """Talos writes address, subnet and both keys; the private key is what counts."""
+    state = tmp_path / "s"
+    state.mkdir()
+    (state / KUBESPAN_IDENTITY_FILE).write_text(
+        'address: ""\nsubnet: ""\n'
+        "privateKey: sF45u5ePau58WeeCUY3T8D9foEKaQ8Opx4cGC8g4XE4=\n"
+        "publicKey: Oak2fBEWngBhwslBxDVgnRNHXs88OAp4kjroSX0uqUE=\n"
+    )
+    identity = load_or_create(state)
+    assert base64.b64encode(identity.public_key).decode() == (
+        "Oak2fBEWngBhwslBxDVgnRNHXs88OAp4kjroSX0uqUE="
+    )
