@@ -1,0 +1,187 @@
+"""The peer controller: affiliates and link facts in, device changes and resources out.
+
+One pure object ties the mesh modules together, so the node shell only moves facts in and
+carries out what comes back. Every call returns an ``Output``: the ``DeviceChange`` to
+apply to the core (empty when nothing changed), warnings and state transitions to log,
+observed endpoints to report to discovery, the prefixes to route into the mesh, and the
+deadline at which to call ``tick`` even if nothing else happens. Resources for ``uspan
+get`` are kept up to date in the ``Store`` as a side effect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from uspan.mesh.affiliate import Affiliate, Network
+from uspan.mesh.config import NodeConfig
+from uspan.mesh.cycling import ObservedEndpoint, cycle, observed_endpoints
+from uspan.mesh.peerspec import AppliedPeer, PeerSpec, build_peer_specs, plan_device_change
+from uspan.mesh.resources import (
+    AFFILIATE,
+    KUBESPAN_ENDPOINT,
+    KUBESPAN_PEER_SPEC,
+    KUBESPAN_PEER_STATUS,
+    MEMBER,
+    Store,
+    affiliate_spec,
+    endpoint_spec,
+    member_spec,
+    peer_spec_spec,
+    peer_status_spec,
+)
+from uspan.mesh.routing import routed_prefixes
+from uspan.mesh.status import (
+    LinkFacts,
+    PeerState,
+    PeerStatus,
+    next_deadline,
+    update_status,
+)
+from uspan.wg.config import DeviceChange
+from uspan.wg.endpoint import Endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A peer changed state: log it."""
+
+    peer_id: str
+    label: str
+    old: PeerState
+    new: PeerState
+    endpoint: Endpoint | None
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    device_change: DeviceChange  # apply when ``device_change.peers`` is not empty
+    warnings: list[str]
+    transitions: list[Transition]
+    observed: list[ObservedEndpoint]  # report each under its affiliate ID
+    routes: tuple[Network, ...]  # the full set to route into the mesh
+    deadline: float | None  # call ``tick`` then
+
+
+class PeerController:
+    """The mesh's state between calls; every method takes ``now`` (monotonic)."""
+
+    def __init__(self, node_id: str, public_key: bytes, config: NodeConfig, store: Store) -> None:
+        self.node_id = node_id
+        self.public_key = public_key
+        self.config = config
+        self.store = store
+        self.affiliates: list[Affiliate] = []
+        self.observed: dict[str, tuple[Endpoint, ...]] = {}
+        self.specs: list[PeerSpec] = []
+        self.statuses: dict[bytes, PeerStatus] = {}
+        self.facts: dict[bytes, LinkFacts] = {}
+        self.applied: dict[bytes, AppliedPeer] = {}
+
+    def set_affiliates(
+        self,
+        affiliates: Iterable[Affiliate],
+        observed: Mapping[str, Sequence[Endpoint]],
+        now: float,
+    ) -> Output:
+        """Discovery's view changed: every affiliate (ours too) and endpoints seen per ID."""
+        self.affiliates = list(affiliates)
+        self.observed = {key: tuple(value) for key, value in observed.items()}
+        store = self.store
+        store.replace_all(AFFILIATE, {a.node_id: affiliate_spec(a) for a in self.affiliates}, now)
+        members = {(a.nodename or a.node_id): member_spec(a) for a in self.affiliates}
+        store.replace_all(MEMBER, members, now)
+        return self._reconcile(now, self._rebuild_specs())
+
+    def set_facts(self, facts: Mapping[bytes, LinkFacts], now: float) -> Output:
+        """New facts from the core, per peer public key (after a handshake, on a read...)."""
+        self.facts.update(facts)
+        return self._reconcile(now, [])
+
+    def tick(self, now: float) -> Output:
+        """The deadline passed: re-evaluate with the facts we have."""
+        return self._reconcile(now, [])
+
+    def set_config(self, config: NodeConfig, now: float) -> Output:
+        """A new config was applied (KubeSpan on/off, secret, harvest, bypass...)."""
+        self.config = config
+        return self._reconcile(now, self._rebuild_specs())
+
+    def _rebuild_specs(self) -> list[str]:
+        if not self.config.kubespan.enabled:
+            self.specs = []
+            return []
+        self.specs, warnings = build_peer_specs(
+            self.affiliates, self.node_id, self.public_key, self.observed
+        )
+        return warnings
+
+    def _reconcile(self, now: float, warnings: list[str]) -> Output:
+        statuses: dict[bytes, PeerStatus] = {}
+        transitions: list[Transition] = []
+        deadlines: list[float] = []
+        for spec in self.specs:
+            key = spec.public_key
+            old = self.statuses.get(key, PeerStatus(label=spec.label))
+            judged, status, deadline = self._evaluate(spec, old, self.facts.get(key), now)
+            for before, after in ((old, judged), (judged, status)):
+                if after.state is not before.state:
+                    transitions.append(
+                        Transition(spec.id, spec.label, before.state, after.state, after.endpoint)
+                    )
+            if status is not judged:  # a new endpoint: facts about the old one are stale
+                self.facts.pop(key, None)
+            if deadline is not None:
+                deadlines.append(deadline)
+            statuses[key] = status
+        self.statuses = statuses
+        self.facts = {key: facts for key, facts in self.facts.items() if key in statuses}
+        kubespan = self.config.kubespan
+        chosen = {key: status.last_used_endpoint for key, status in statuses.items()}
+        change, self.applied = plan_device_change(
+            self.specs, chosen, self.applied, self.config.cluster.secret_bytes
+        )
+        observed = observed_endpoints(self.specs, statuses, kubespan.harvest_extra_endpoints)
+        self._publish(now, observed)
+        return Output(
+            device_change=change,
+            warnings=warnings,
+            transitions=transitions,
+            observed=observed,
+            routes=routed_prefixes(self.specs, statuses, kubespan.allow_down_peer_bypass),
+            deadline=min(deadlines, default=None),
+        )
+
+    @staticmethod
+    def _evaluate(
+        spec: PeerSpec, old: PeerStatus, facts: LinkFacts | None, now: float
+    ) -> tuple[PeerStatus, PeerStatus, float | None]:
+        """One peer: the status the facts give, then after cycling, and the next deadline.
+
+        Until the core reports on a peer, it is taken to know nothing new: no handshake
+        and no attempts on the endpoint we gave it.
+        """
+        if facts is None:
+            facts = _no_news(old)
+        update = update_status(old, facts, now, label=spec.label)
+        picked = cycle(update.status, spec.endpoints, now)
+        if picked is None:
+            return update.status, update.status, update.deadline
+        # the shell restarts the attempt count on the new endpoint when it applies it
+        fresh = replace(_no_news(picked), last_handshake=facts.last_handshake)
+        return update.status, picked, next_deadline(picked, fresh, now)
+
+    def _publish(self, now: float, observed: list[ObservedEndpoint]) -> None:
+        store, offset = self.store, self.store.wall_offset
+        store.replace_all(KUBESPAN_PEER_SPEC, {s.id: peer_spec_spec(s) for s in self.specs}, now)
+        statuses = {
+            spec.id: peer_status_spec(self.statuses[spec.public_key], offset) for spec in self.specs
+        }
+        store.replace_all(KUBESPAN_PEER_STATUS, statuses, now)
+        store.replace_all(KUBESPAN_ENDPOINT, {o.peer_id: endpoint_spec(o) for o in observed}, now)
+
+
+def _no_news(status: PeerStatus) -> LinkFacts:
+    return LinkFacts(
+        status.endpoint, status.last_handshake, 0, None, status.rx_bytes, status.tx_bytes
+    )
