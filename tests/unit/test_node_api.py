@@ -1,0 +1,148 @@
+"""uspan.node.api: the local socket that ``uspan get``, ``apply-config`` and ``leave`` use."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+from pathlib import Path
+
+import pytest
+import trio
+
+from uspan.mesh.resources import (
+    KUBESPAN_IDENTITY,
+    KUBESPAN_PEER_STATUS,
+    REDACTED,
+    Event,
+    EventKind,
+    Store,
+)
+from uspan.node.api import ApiClient, ApiError, ApiServer, Changes, open_listener
+
+
+class FakeControl:
+    def __init__(self) -> None:
+        self.applied: list[str] = []
+        self.left = False
+
+    async def apply_config(self, text: str) -> str:
+        if "bad" in text:
+            raise ValueError("kubespan.mtu: must be at least 1280, not 1000")
+        self.applied.append(text)
+        return "applied: mtu"
+
+    async def leave(self) -> str:
+        self.left = True
+        return "left the cluster"
+
+
+def status_spec(state: str) -> dict[str, object]:
+    return {"label": "n2", "endpoint": "192.0.2.2:51820", "state": state,
+            "receiveBytes": 1, "transmitBytes": 2}
+
+
+async def serving(tmp_path: Path, nursery: trio.Nursery) -> tuple[Store, FakeControl, str]:
+    changes = Changes()
+    store = Store(wall_offset=1_700_000_000.0, on_change=changes.notify)
+    control = FakeControl()
+    path = str(tmp_path / "node.sock")
+    listener = open_listener(path)
+    nursery.start_soon(ApiServer(store, changes, control).serve, listener)
+    return store, control, path
+
+
+def test_get_list_one_and_secrets_only_on_request(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with trio.open_nursery() as nursery:
+            store, _, path = await serving(tmp_path, nursery)
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+            store.put(KUBESPAN_IDENTITY, "local", {"address": "fd00::1/128",
+                                                   "privateKey": "c2VjcmV0", "publicKey": "cA=="},
+                      now=5.0)
+            client = ApiClient(path)
+            (found,) = await client.get(KUBESPAN_IDENTITY, None, secrets=False)
+            assert found.spec["privateKey"] == REDACTED
+            assert found.metadata.version == 1 and found.metadata.created == 1_700_000_005.0
+            (shown,) = await client.get(KUBESPAN_IDENTITY, "local", secrets=True)
+            assert shown.spec["privateKey"] == "c2VjcmV0"
+            with pytest.raises(ApiError, match="not found"):
+                await client.get(KUBESPAN_IDENTITY, "other", secrets=False)
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario)
+
+
+def test_watch_streams_changes_as_they_happen(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with trio.open_nursery() as nursery:
+            store, _, path = await serving(tmp_path, nursery)
+            store.put(KUBESPAN_PEER_STATUS, "k1", status_spec("unknown"), now=1.0)
+            seen: list[list[Event]] = []
+
+            async def collect(events: list[Event]) -> None:
+                seen.append(events)
+
+            async def batches(count: int) -> None:
+                with trio.fail_after(5):
+                    while len(seen) < count:
+                        await trio.sleep(0.01)
+
+            async def watch() -> None:
+                with pytest.raises(ApiError):
+                    await ApiClient(path).get(KUBESPAN_PEER_STATUS, None, secrets=False,
+                                              on_events=collect)
+
+            nursery.start_soon(watch)
+            await batches(1)  # the listing: the node is watching from here on
+            store.put(KUBESPAN_PEER_STATUS, "k1", status_spec("up"), now=2.0)
+            await batches(2)
+            store.delete(KUBESPAN_PEER_STATUS, "k1")
+            await batches(3)
+            assert [[(e.kind, e.resource.metadata.version) for e in batch] for batch in seen] == [
+                [(EventKind.CREATED, 1)], [(EventKind.UPDATED, 2)], [(EventKind.DESTROYED, 2)]]
+            assert seen[1][0].resource.spec["state"] == "up"
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario)
+
+
+def test_apply_leave_and_errors(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with trio.open_nursery() as nursery:
+            _, control, path = await serving(tmp_path, nursery)
+            client = ApiClient(path)
+            assert (await client.request({"op": "apply", "config": "ok"}))["ok"] == "applied: mtu"
+            with pytest.raises(ApiError, match="kubespan.mtu"):
+                await client.request({"op": "apply", "config": "bad"})
+            assert control.applied == ["ok"]
+            assert (await client.request({"op": "leave"}))["ok"] == "left the cluster"
+            for bad in ({"op": "nope"}, {"op": "get", "type": "nosuchthing"}, [1]):
+                with pytest.raises(ApiError):
+                    await client.request(bad)  # type: ignore[arg-type]
+            # Garbage on the wire: an error reply, and the server carries on.
+            stream = await trio.open_unix_socket(path)
+            await stream.send_all(b"\xff{not json\n")
+            reply = json.loads(await stream.receive_some(4096))
+            assert "error" in reply
+            await stream.aclose()
+            assert (await client.request({"op": "leave"}))["ok"]
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario)
+
+
+def test_no_node_and_second_node(tmp_path: Path) -> None:
+    path = str(tmp_path / "node.sock")
+    with pytest.raises(ApiError, match="no node is running"):
+        trio.run(ApiClient(path).request, {"op": "leave"})
+    live = open_listener(path)
+    try:
+        with pytest.raises(ApiError, match="another node"):
+            open_listener(path)
+    finally:
+        live.close()
+    stale = socket.socket(socket.AF_UNIX)  # a file left by a killed node is replaced
+    stale.close()
+    open_listener(path).close()
