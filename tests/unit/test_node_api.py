@@ -114,7 +114,7 @@ def test_apply_leave_and_errors(tmp_path: Path) -> None:
             _, control, path = await serving(tmp_path, nursery)
             client = ApiClient(path)
             assert (await client.request({"op": "apply", "config": "ok"}))["ok"] == "applied: mtu"
-            with pytest.raises(ApiError, match="kubespan.mtu"):
+            with pytest.raises(ApiError, match=r"kubespan\.mtu"):
                 await client.request({"op": "apply", "config": "bad"})
             assert control.applied == ["ok"]
             assert (await client.request({"op": "leave"}))["ok"] == "left the cluster"
