@@ -19,6 +19,7 @@ import socket
 import struct
 
 import pytun
+import trio
 
 from uspan.daemon import offload
 from uspan.wg.constants import DEFAULT_MTU
@@ -125,6 +126,22 @@ class Tun:
         changed = mtu != self.mtu
         self.mtu = mtu
         return changed
+
+    async def read(self) -> list[bytes]:
+        """Wait until the fd is readable, then read a batch (``TunPort``)."""
+        while True:
+            await trio.lowlevel.wait_readable(self.fd)
+            packets = self.read_batch()
+            if packets:
+                return packets
+
+    async def write(self, packets: list[bytes]) -> None:
+        """``write_batch`` (``TunPort``): never waits, a full queue drops."""
+        self.write_batch(packets)
+
+    def describe(self) -> str:
+        features = self.features
+        return "tun=" + ("off" if features is None else ",".join(sorted(features)) or "none")
 
     def read_batch(self, limit: int = BATCH) -> list[bytes]:
         """Read until the fd would block or ``limit`` reads; super-segments are split."""

@@ -197,6 +197,17 @@ class UdpBind:
         raise OSError(errno.EADDRINUSE, f"no random UDP port free in both IPv4 and IPv6 "
                       f"after {BIND_ATTEMPTS} attempts")
 
+    @property
+    def receivers(self) -> list[UdpSocket]:
+        return self.sockets
+
+    def rebind(self, port: int, fwmark: int) -> UdpBind:
+        """A new bind like this one on ``port``; this one stays open (``BindPort``)."""
+        return UdpBind.open(port, fwmark, offload_=self.offload)
+
+    def describe(self) -> str:
+        return " ".join(f"{k}={'on' if v else 'off'}" for k, v in self.features().items())
+
     async def send(self, datagrams: list[tuple[bytes, Endpoint]]) -> list[Endpoint]:
         """Send datagrams; return the endpoints whose sticky source no longer works.
 
