@@ -145,3 +145,25 @@ def test_set_listen_port_rebinds_and_traffic_follows():
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_owner_waits_for_peer_events_and_reads_facts():
+    async def main():
+        network = MemoryNetwork()
+        a, b = pair(network)
+        network.cut.add((("192.0.2.1", 51820), ("192.0.2.2", 51820)))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.daemon.run)
+            await nursery.start(b.daemon.run)
+            a.tun.inject(ipv4_packet("10.0.0.1", "10.0.0.2"))
+            seen = await a.daemon.wait_peer_events(a.daemon.device.peer_events)
+            facts = a.daemon.peer_facts()[b.public]
+            assert facts.gave_up == trio.current_time() and facts.attempts == 19 + 1
+            network.cut.clear()
+            a.tun.inject(ipv4_packet("10.0.0.1", "10.0.0.2"))
+            await a.daemon.wait_peer_events(seen)
+            facts = a.daemon.peer_facts()[b.public]
+            assert facts.last_handshake == trio.current_time() and facts.gave_up is None
+            nursery.cancel_scope.cancel()
+
+    run(main)

@@ -37,6 +37,7 @@ from uspan.daemon.udp import UdpBind
 from uspan.wg.config import ConfigError, DeviceChange
 from uspan.wg.device import DROP_REASONS, Device
 from uspan.wg.endpoint import Endpoint
+from uspan.wg.facts import PeerFacts
 from uspan.wg.uapi import format_get
 
 log = logging.getLogger("uspan.daemon")
@@ -86,6 +87,8 @@ class Daemon:
         self._timer_deadline = math.inf
         self._timer_wake = trio.Event()
         self._unsent: list[tuple[bytes, Endpoint]] = []  # from set() before run()
+        self._peer_events_seen = 0
+        self._peer_event = trio.Event()
         self.device.mtu = tun.mtu
         self.device.listen_port = bind.port
 
@@ -215,6 +218,10 @@ class Daemon:
             for endpoint in failed:
                 self.device.forget_source(endpoint)
         self._poke_timer()
+        if self.device.peer_events != self._peer_events_seen:
+            self._peer_events_seen = self.device.peer_events
+            self._peer_event.set()
+            self._peer_event = trio.Event()
 
     # Timers ------------------------------------------------------------------------------
 
@@ -250,6 +257,20 @@ class Daemon:
                 log.debug("MTU updated: %d", self.tun.mtu)
                 self.device.mtu = self.tun.mtu
             self.device.wall_offset = time.time() - _now()
+
+    # Facts for the owner ----------------------------------------------------------------
+
+    def peer_facts(self) -> dict[bytes, PeerFacts]:
+        """Per peer: handshakes, attempts, bytes, endpoint (``uspan.wg.facts``)."""
+        return self.device.peer_facts()
+
+    async def wait_peer_events(self, seen: int) -> int:
+        """Wait until a handshake completes, attempts are given up or a peer roams after
+        the count ``seen`` (``device.peer_events``); return the new count. A loop of
+        ``peer_facts()`` then ``seen = await wait_peer_events(seen)`` misses nothing."""
+        while self.device.peer_events == seen:
+            await self._peer_event.wait()
+        return self.device.peer_events
 
     # Configuration: the UAPI's and the owner's (uapi_server.ConfigTarget) ----------------
 

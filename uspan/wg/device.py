@@ -12,6 +12,9 @@ Surface (all times are monotonic seconds passed in by the caller):
 - ``next_deadline() -> float | None``: when ``tick`` may next have work (never later;
   O(1), so the shell can ask after every batch).
 - ``forget_source(endpoint)``: the shell could not send from a sticky source address.
+- ``peer_facts() -> {public key: PeerFacts}``: what the mesh needs to know of each peer;
+  ``peer_events`` grows when a handshake completes, attempts are given up or a peer
+  roams, so the shell can wake whoever waits for facts to change.
 - ``counters``: drops by reason, and a few totals (a ``collections.Counter``).
 
 ``wall_offset`` turns monotonic into Unix time (``wall = now + wall_offset``); the shell
@@ -48,6 +51,7 @@ from uspan.wg.constants import (
 from uspan.wg.cookie import CookieChecker
 from uspan.wg.crypto import clamp, public_key
 from uspan.wg.endpoint import Endpoint
+from uspan.wg.facts import PeerFacts
 from uspan.wg.handshake import (
     HandshakeError,
     consume_initiation,
@@ -111,6 +115,7 @@ class Device:
         self._load_window_start = float("-inf")  # one-second windows of handshake counts
         self._load_count = 0
         self._wake_at = math.inf  # lower bound of every armed peer timer
+        self.peer_events = 0  # see peer_facts
 
     # Index table -------------------------------------------------------------------------
 
@@ -249,6 +254,10 @@ class Device:
             peers=peers,
         )
 
+    def peer_facts(self) -> dict[bytes, PeerFacts]:
+        """Each peer's handshake, attempt, byte and endpoint facts (O(peers))."""
+        return {key: peer.facts() for key, peer in self.peers.items()}
+
     # Data path: TUN -> network -----------------------------------------------------------
 
     def send(self, packets: Iterable[bytes], now: float) -> Out:
@@ -338,7 +347,7 @@ class Device:
             return
         peer = keypair.peer
         if source is not peer.endpoint and source != peer.endpoint:
-            peer.endpoint = source
+            peer.roam(source)
         if keypair is peer.next:
             peer.confirm_next(now, out)
         tally = received.get(peer)
@@ -420,7 +429,7 @@ class Device:
             return
         peer.latest_timestamp = consumed.timestamp
         peer.last_initiation_consumed = now
-        peer.endpoint = source
+        peer.roam(source)
         peer.rx_bytes += len(data)
         peer.timers.any_authenticated_traversal(now)
         peer.timers.any_authenticated_received()
@@ -473,8 +482,8 @@ class Device:
         )
         self.keypairs[index] = keypair
         peer.begin_session(keypair, now)
+        peer.roam(source)
         peer.handshake_complete(now)
-        peer.endpoint = source
         peer.rx_bytes += len(data)
         peer.timers.any_authenticated_traversal(now)
         peer.timers.any_authenticated_received()

@@ -23,6 +23,7 @@ from uspan.wg.constants import (
     ZERO_KEY,
 )
 from uspan.wg.cookie import CookieGenerator
+from uspan.wg.facts import PeerFacts
 from uspan.wg.handshake import InitiatorState, create_initiation
 from uspan.wg.messages import padded_length
 from uspan.wg.timers import PeerTimers
@@ -59,6 +60,13 @@ class Peer:
         # Responder replay protection.
         self.latest_timestamp = bytes(12)
         self.last_initiation_consumed: float | None = None
+        # Facts for the mesh (facts.PeerFacts).
+        self.handshakes = 0
+        self.attempts = 0  # initiations sent since the last completed handshake
+        self.last_attempt: float | None = None
+        self.gave_up_at: float | None = None
+        self._attempts_address: tuple[str, int] | None = None
+        self._attempts_on_address = 0
         # Counters.
         self.last_handshake: float | None = None  # monotonic
         self.rx_bytes = 0
@@ -184,8 +192,36 @@ class Peer:
         self.cookies.add_macs(message, now)
         self.timers.any_authenticated_traversal(now)
         self.timers.any_authenticated_sent()
-        self._transmit(bytes(message), out)
+        if self._transmit(bytes(message), out):
+            self._count_attempt(now)
         self.timers.handshake_initiated(now)
+
+    def _count_attempt(self, now: float) -> None:
+        assert self.endpoint is not None
+        address = self.endpoint.address
+        if address != self._attempts_address:
+            self._attempts_address, self._attempts_on_address = address, 0
+        self._attempts_on_address += 1
+        self.attempts += 1
+        self.last_attempt = now
+
+    def facts(self) -> PeerFacts:
+        endpoint = self.endpoint
+        on_endpoint = (self._attempts_on_address
+                       if endpoint is not None and endpoint.address == self._attempts_address
+                       else 0)
+        return PeerFacts(
+            endpoint=endpoint, last_handshake=self.last_handshake, handshakes=self.handshakes,
+            attempts=self.attempts, attempts_on_endpoint=on_endpoint,
+            last_attempt=self.last_attempt, gave_up=self.gave_up_at,
+            rx_bytes=self.rx_bytes, tx_bytes=self.tx_bytes)
+
+    def roam(self, source: Endpoint) -> None:
+        """An authenticated message came from ``source``: reply there from now on."""
+        old = self.endpoint
+        self.endpoint = source
+        if old is None or old.address != source.address:
+            self.device.peer_events += 1
 
     # Receiving ---------------------------------------------------------------------------
 
@@ -227,6 +263,10 @@ class Peer:
         self.handshake_attempts = 0
         self.sent_last_minute_handshake = False
         self.last_handshake = now
+        self.handshakes += 1
+        self.attempts = self._attempts_on_address = 0
+        self.gave_up_at = None
+        self.device.peer_events += 1
 
     def initiation_is_fresh(self, timestamp: bytes, now: float) -> bool:
         """Replay and flood rules for a responder: newer timestamp, >= 20 ms apart."""
@@ -276,6 +316,8 @@ class Peer:
     def _retransmit(self, now: float, out: Out) -> None:
         if self.handshake_attempts > MAX_TIMER_HANDSHAKES:
             self.timers.gave_up(now)
+            self.gave_up_at = now
+            self.device.peer_events += 1
             self.device.counters["staged_dropped"] += len(self.staged)
             self.staged.clear()
             return
