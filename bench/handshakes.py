@@ -55,7 +55,8 @@ from uspan.wg.constants import (
     RESPONSE_SIZE,
     UNDER_LOAD_RATE,
 )
-from uspan.wg.handshake import HandshakeError, InitiatorState, consume_response, create_initiation
+from uspan.wg.drops import ProtocolError
+from uspan.wg.handshake import InitiatorState, consume_response, create_initiation
 
 OUTER = ("192.0.2.1", "192.0.2.2")  # initiator, responder
 INNER = ("10.78.0.1", "10.78.0.2")
@@ -185,7 +186,7 @@ def valid_responses(run: Drive, prepared: list[Prepared], peers: list[Identity])
             continue
         try:
             consume_response(item.state, NO_PSK, messages.parse_response(data))
-        except (HandshakeError, messages.MessageError):
+        except ProtocolError:
             continue
         valid += 1
     return valid

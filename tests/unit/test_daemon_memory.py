@@ -167,3 +167,19 @@ def test_owner_waits_for_peer_events_and_reads_facts():
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_stats_names_are_what_uspan_stats_has_always_printed():
+    async def main():
+        network = MemoryNetwork()
+        a, _ = pair(network)
+        return a.daemon.stats()
+
+    stats = trio.run(main)
+    assert list(stats) == [f"drop_{name}" for name in (
+        "bad_length", "bad_type", "bad_mac1", "cookie_sent", "ratelimited",
+        "handshake_failed", "unknown_peer", "stale_initiation", "unknown_index",
+        "bad_cookie_reply", "expired_key", "decrypt_failed", "replay", "bad_inner_packet",
+        "not_allowed_source", "no_route", "no_endpoint", "no_private_key", "bad_peer_key",
+        "staged_overflow", "staged_dropped")] + [
+        "tun_read_dropped", "tun_write_dropped", "udp_send_errors"]

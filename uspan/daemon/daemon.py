@@ -35,7 +35,8 @@ from uspan.daemon.ports import BindPort, DatagramReceiver, TunPort
 from uspan.daemon.tun import Tun, TunError, TunGone
 from uspan.daemon.udp import UdpBind
 from uspan.wg.config import ConfigError, DeviceChange
-from uspan.wg.device import DROP_REASONS, Device
+from uspan.wg.device import Device
+from uspan.wg.drops import Drop
 from uspan.wg.endpoint import Endpoint
 from uspan.wg.facts import PeerFacts
 from uspan.wg.uapi import format_get
@@ -278,7 +279,7 @@ class Daemon:
         return format_get(self.device.info())
 
     def stats(self) -> dict[str, int]:
-        counters = {f"drop_{reason}": self.device.counters[reason] for reason in DROP_REASONS}
+        counters = {f"drop_{drop.value}": self.device.counters[drop] for drop in Drop}
         counters["tun_read_dropped"] = self.tun.read_dropped
         counters["tun_write_dropped"] = self.tun.write_dropped
         counters["udp_send_errors"] = self.bind.send_errors

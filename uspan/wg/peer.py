@@ -23,6 +23,7 @@ from uspan.wg.constants import (
     ZERO_KEY,
 )
 from uspan.wg.cookie import CookieGenerator
+from uspan.wg.drops import Drop
 from uspan.wg.facts import PeerFacts
 from uspan.wg.handshake import InitiatorState, create_initiation
 from uspan.wg.messages import padded_length
@@ -93,7 +94,7 @@ class Peer:
     def _transmit(self, datagram: bytes, out: Out) -> bool:
         endpoint = self.endpoint
         if endpoint is None:
-            self.device.counters["no_endpoint"] += 1
+            self.device.counters[Drop.NO_ENDPOINT] += 1
             return False
         out.append((datagram, endpoint))
         self.tx_bytes += len(datagram)
@@ -109,7 +110,7 @@ class Peer:
             self.send_staged(now, out)
             if len(staged) >= MAX_STAGED_PACKETS:
                 staged.popleft()
-                self.device.counters["staged_overflow"] += 1
+                self.device.counters[Drop.STAGED_OVERFLOW] += 1
         staged.append(packet)
 
     def send_keepalive(self, now: float, out: Out) -> None:
@@ -125,7 +126,7 @@ class Peer:
             return
         endpoint = self.endpoint
         if endpoint is None:
-            self.device.counters["no_endpoint"] += len(self.staged)
+            self.device.counters[Drop.NO_ENDPOINT] += len(self.staged)
             self.staged.clear()
             return
         mtu = self.device.mtu
@@ -171,12 +172,12 @@ class Peer:
             return
         device = self.device
         if device.private_key is None or device.public_key is None:
-            device.counters["no_private_key"] += 1
+            device.counters[Drop.NO_PRIVATE_KEY] += 1
             return
         self.last_sent_handshake = now
         static_static = self.static_static()
         if static_static is None:
-            device.counters["bad_peer_key"] += 1
+            device.counters[Drop.BAD_PEER_KEY] += 1
             return
         index = device.register_handshake(self)
         message, state = create_initiation(
@@ -318,7 +319,7 @@ class Peer:
             self.timers.gave_up(now)
             self.gave_up_at = now
             self.device.peer_events += 1
-            self.device.counters["staged_dropped"] += len(self.staged)
+            self.device.counters[Drop.STAGED_DROPPED] += len(self.staged)
             self.staged.clear()
             return
         self.handshake_attempts += 1
@@ -336,7 +337,7 @@ class Peer:
             device.discard_keypair(keypair)
         self.previous = self.current = self.next = None
         device.forget_handshake(self)
-        self.device.counters["staged_dropped"] += len(self.staged)
+        self.device.counters[Drop.STAGED_DROPPED] += len(self.staged)
         self.staged.clear()
         self.timers.zero_key_material = None
 
