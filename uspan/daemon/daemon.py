@@ -283,6 +283,7 @@ class Daemon:
         counters["tun_read_dropped"] = self.tun.read_dropped
         counters["tun_write_dropped"] = self.tun.write_dropped
         counters["udp_send_errors"] = self.bind.send_errors
+        counters["udp_receive_dropped"] = self.bind.receive_dropped
         return counters
 
     def set(self, change: DeviceChange) -> None:

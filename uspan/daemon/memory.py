@@ -71,6 +71,7 @@ class MemoryBind:
         self.port = port
         self.fwmark = fwmark
         self.send_errors = 0
+        self.receive_dropped = 0
         self._in, self._out = trio.open_memory_channel[Datagram](math.inf)
         self._sources: dict[tuple[str, int], Endpoint] = {}
 

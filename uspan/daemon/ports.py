@@ -75,6 +75,11 @@ class BindPort(Protocol):
     def send_errors(self) -> int: ...
 
     @property
+    def receive_dropped(self) -> int:
+        """Receives dropped because they could not be read whole."""
+        ...
+
+    @property
     def receivers(self) -> Sequence[DatagramReceiver]: ...
 
     async def send(self, datagrams: list[Datagram]) -> list[Endpoint]:

@@ -21,14 +21,14 @@ import struct
 import pytun
 import trio
 
-from uspan.daemon import offload
+from uspan.daemon import gso, offload
 from uspan.wg.constants import DEFAULT_MTU
 
 IFNAMSIZ = 16
 BATCH = 128  # packets per read_batch, like wireguard-go's batch size
 _SIOCGIFMTU = 0x8921
 _SIOCGIFINDEX = 0x8933
-_BUFFER_SIZE = offload.VNET_HDR_LEN + 65536  # a read never truncates
+_BUFFER_SIZE = gso.VNET_HDR_LEN + 65536  # a read never truncates
 # Errors a TUN fd reports once its interface has been deleted. Writes to an interface
 # that is merely down fail with EIO: those packets are dropped, the daemon stays.
 _GONE = frozenset({errno.EBADFD, errno.EIO, errno.ENODEV, errno.ENXIO, errno.EBADF,
@@ -148,7 +148,7 @@ class Tun:
         packets: list[bytes] = []
         fd, buffer, view = self.fd, [self._buffer], self._view
         vnet = self.features is not None
-        hdr_len = offload.VNET_HDR_LEN
+        hdr_len = gso.VNET_HDR_LEN
         for _ in range(limit):
             try:
                 size = os.readv(fd, buffer)
@@ -164,8 +164,8 @@ class Tun:
                 packets.append(bytes(view[hdr_len:size]))
             else:
                 try:
-                    packets.extend(offload.segment(view[:hdr_len], view[hdr_len:size], self.mtu))
-                except offload.OffloadError:
+                    packets.extend(gso.segment(view[:hdr_len], view[hdr_len:size], self.mtu))
+                except gso.OffloadError:
                     self.read_dropped += 1
         return packets
 
@@ -176,7 +176,7 @@ class Tun:
             for packet in packets:
                 self._write(os.write, fd, packet)
             return
-        for header, packet in offload.coalesce(packets, udp=self._coalesce_udp):
+        for header, packet in gso.coalesce(packets, udp=self._coalesce_udp):
             self._write(os.writev, fd, (header, packet))
 
     def _write(self, write, fd: int, data) -> None:
