@@ -39,7 +39,7 @@ from tests.unit.test_gso import (
     tcp_packet,
 )
 from uspan.daemon import gso, offload
-from uspan.netns import Lab, Namespace
+from uspan.testbed import Lab, Namespace
 
 pytestmark = [
     pytest.mark.system,
