@@ -103,7 +103,8 @@ def _row_sums(data: bytes | bytearray | memoryview, width: int, rows: int,
     words = np.frombuffer(data, dtype="<u2", count=rows * width // 2).reshape(rows, -1)
     if skip:
         words = words[:, skip // 2 :]
-    return words.sum(axis=1, dtype=np.uint64).tolist()
+    sums: list[int] = words.sum(axis=1, dtype=np.uint64).tolist()
+    return sums
 
 
 def checksum(data: bytes | bytearray | memoryview) -> int:

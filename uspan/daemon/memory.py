@@ -11,10 +11,11 @@ import contextlib
 import errno
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
-from uspan.daemon.ports import Datagram
+from uspan.daemon.ports import BindPort, Datagram, TunPort
 from uspan.daemon.tun import TunGone
 from uspan.wg.constants import DEFAULT_MTU
 from uspan.wg.endpoint import Endpoint
@@ -163,3 +164,9 @@ class MemoryTun:
     def close(self) -> None:
         self._in.close()
         self._out.close()
+
+
+if TYPE_CHECKING:  # mypy keeps the fakes true to the Protocols the daemon is typed with
+
+    def _conforms(tun: MemoryTun, bind: MemoryBind) -> tuple[TunPort, BindPort]:
+        return tun, bind

@@ -127,7 +127,7 @@ class GroDatagrams(NamedTuple):
     """The datagrams of one receive from one source, and where they arrived."""
 
     datagrams: list[bytes]
-    address: tuple  # the sender, as recvmsg returns it
+    address: tuple[str, int] | tuple[str, int, int, int]  # the sender, as recvmsg gives it
     local: str | None  # the local address they were sent to (IP/IPV6_PKTINFO)
     ifindex: int  # the interface they arrived on, 0 if unknown
     pktinfo: bytes  # the raw pktinfo data, b"" if none (a cheap cache key)

@@ -171,17 +171,16 @@ class Tun:
 
     def write_batch(self, packets: list[bytes]) -> None:
         """Write packets (coalesced per flow with offloads); refusals count in write_dropped."""
-        fd = self.fd
         if self.features is None:
             for packet in packets:
-                self._write(os.write, fd, packet)
+                self._write((packet,))
             return
         for header, packet in gso.coalesce(packets, udp=self._coalesce_udp):
-            self._write(os.writev, fd, (header, packet))
+            self._write((header, packet))
 
-    def _write(self, write, fd: int, data) -> None:
+    def _write(self, buffers: tuple[bytes, ...]) -> None:
         try:
-            write(fd, data)
+            os.writev(self.fd, buffers)
         except (BlockingIOError, InterruptedError):
             self.write_dropped += 1
         except OSError as exc:

@@ -133,7 +133,11 @@ def _answers(path: str) -> bool:
 async def serve(listener: socket.socket, target: ConfigTarget) -> None:
     """Accept connections forever, one task each."""
     trio_listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
-    await trio.serve_listeners(lambda stream: handle(stream, target), [trio_listener])
+
+    async def connection(stream: trio.SocketStream) -> None:
+        await handle(stream, target)
+
+    await trio.serve_listeners(connection, [trio_listener])
 
 
 async def handle(stream: trio.abc.Stream, target: ConfigTarget) -> None:

@@ -140,7 +140,8 @@ class UdpSocket:
                     self.send_errors += 1
         return sticky_ok
 
-    async def _sendmsg(self, buffer: bytes, control: list, address: tuple) -> OSError | None:
+    async def _sendmsg(self, buffer: bytes, control: list[tuple[int, int, bytes]],
+                       address: tuple[str, int]) -> OSError | None:
         """One ``sendmsg``, waiting while the socket buffer is full; the error, if any."""
         while True:
             try:
