@@ -183,3 +183,17 @@ def test_stats_names_are_what_uspan_stats_has_always_printed():
         "not_allowed_source", "no_route", "no_endpoint", "no_private_key", "bad_peer_key",
         "staged_overflow", "staged_dropped")] + [
         "tun_read_dropped", "tun_write_dropped", "udp_send_errors", "udp_receive_dropped"]
+
+
+def test_running_as_an_async_context_manager():
+    async def main():
+        network = MemoryNetwork()
+        a, b = pair(network)
+        async with a.daemon.running(), b.daemon.running():
+            packet = ipv4_packet("10.0.0.1", "10.0.0.2")
+            a.tun.inject(packet)
+            assert await b.tun.next_written() == packet
+        assert a.daemon.exit_reason == b.daemon.exit_reason == "owner finished"
+        assert network.binds == {}
+
+    run(main)

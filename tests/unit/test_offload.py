@@ -29,8 +29,10 @@ class _FakeDevice:
     def fileno(self) -> int:
         return self._fd
 
-    def close(self) -> None:
-        os.close(self._fd)
+    def close(self) -> None:  # the daemon closes what it was given; so may the fixture
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 @pytest.fixture
@@ -83,3 +85,24 @@ def test_a_receive_with_truncated_control_data_is_dropped_and_counted() -> None:
     finally:
         udp.close()
         tx.close()
+
+
+def test_the_daemon_keeps_running_after_a_malformed_super_segment(tun_pair) -> None:
+    from uspan.daemon.daemon import Daemon
+    from uspan.daemon.memory import MemoryNetwork
+    from uspan.wg.drops import Drop
+
+    tun, kernel = tun_pair
+    daemon = Daemon(tun, MemoryNetwork().bind("192.0.2.1", 51820))
+
+    async def main() -> None:
+        async with daemon.running():
+            kernel.send(struct.pack("=BBHHHH", 1, gso.GSO_TCPV4, 40, 1000, 20, 16) + bytes(30))
+            kernel.send(gso.VNET_NONE + ipv4_packet("10.0.0.1", "10.0.0.2"))  # no route
+            with trio.fail_after(5):
+                while not daemon.device.counters[Drop.NO_ROUTE]:
+                    await trio.sleep(0.01)
+            assert tun.read_dropped == 1 and not daemon.exit_reason
+
+    trio.run(main)
+    assert daemon.stats()["tun_read_dropped"] == 1

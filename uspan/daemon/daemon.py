@@ -12,6 +12,9 @@ the caller's nursery::
         ...
         daemon.stop("done")
 
+or ``async with daemon.running(): ...``. Configure it with ``set(DeviceChange)``, the
+call the UAPI makes too; read ``peer_facts()`` and wait with ``wait_peer_events``.
+
 ``run`` returns when ``stop`` is called, the interface is deleted or the UAPI socket file
 is removed; it closes every port it was given. Signals belong to the program (see
 ``uspan.daemon.cli``). Time is trio's clock (``trio.current_time``, monotonic), so a
@@ -20,12 +23,13 @@ is removed; it closes every port it was given. Signals belong to the program (se
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import trio
@@ -148,6 +152,20 @@ class Daemon:
             self.close()
         log.debug("Shutting down (%s)", self.exit_reason)
         return self.exit_code
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Daemon]:
+        """``async with daemon.running():`` serve for the body, then stop and close.
+
+        The same as ``nursery.start(daemon.run)`` in a nursery of its own; the body
+        ends early (cancelled) if the device stops by itself.
+        """
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.run)
+            try:
+                yield self
+            finally:
+                self.stop("owner finished")
 
     def start_soon(self, function: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Run an owner's task beside the device's own; it is cancelled when the device
