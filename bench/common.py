@@ -1,7 +1,7 @@
 """What both benchmarks share: programs, machine description, process probes, statistics.
 
 Daemon CPU time and peak memory are read from /proc for the daemon (the process serving
-the UAPI socket, found by ``uspan.netns``) and every live descendant of it, so a daemon
+the UAPI socket, found by ``uspan.testbed``) and every live descendant of it, so a daemon
 that forks workers is charged for them too.
 """
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from uspan.netns import NetnsError
+from uspan.testbed import NetnsError
 
 PROGRAMS = {
     "uspan": str(Path(sys.executable).parent / "uspan-wg"),

@@ -45,7 +45,7 @@ from bench.common import (
     start_benchmark,
     table,
 )
-from uspan.netns import Lab, Namespace, Peer
+from uspan.testbed import Lab, Namespace, PeerConfig
 from uspan.wg import cookie, crypto, messages, tai64n
 from uspan.wg.constants import (
     COOKIE_REPLY_SIZE,
@@ -55,7 +55,8 @@ from uspan.wg.constants import (
     RESPONSE_SIZE,
     UNDER_LOAD_RATE,
 )
-from uspan.wg.handshake import HandshakeError, InitiatorState, consume_response, create_initiation
+from uspan.wg.drops import ProtocolError
+from uspan.wg.handshake import InitiatorState, consume_response, create_initiation
 
 OUTER = ("192.0.2.1", "192.0.2.2")  # initiator, responder
 INNER = ("10.78.0.1", "10.78.0.2")
@@ -185,7 +186,7 @@ def valid_responses(run: Drive, prepared: list[Prepared], peers: list[Identity])
             continue
         try:
             consume_response(item.state, NO_PSK, messages.parse_response(data))
-        except (HandshakeError, messages.MessageError):
+        except ProtocolError:
             continue
         valid += 1
     return valid
@@ -232,7 +233,7 @@ def handshake_trial(args: argparse.Namespace, impl: str) -> dict[str, float | No
         peers = identities(args.peers, responder_public)
         responder.configure(
             listen_port=RESPONDER_PORT,
-            peers=[Peer(base64.b64encode(p.public).decode()) for p in peers],
+            peers=[PeerConfig(base64.b64encode(p.public).decode()) for p in peers],
         )
         prepared = prepare(peers, responder_public, args.count)
         with inside(i):
@@ -278,9 +279,10 @@ def first_packet_trial(args: argparse.Namespace, impl: str) -> dict[str, float |
         started_b = time.monotonic()
         wa.configure(
             listen_port=RESPONDER_PORT,
-            peers=[Peer(wb.keys.public, [f"{INNER[1]}/32"], f"{OUTER[1]}:{RESPONDER_PORT}")],
+            peers=[PeerConfig(wb.keys.public, [f"{INNER[1]}/32"], f"{OUTER[1]}:{RESPONDER_PORT}")],
         )
-        wb.configure(listen_port=RESPONDER_PORT, peers=[Peer(wa.keys.public, [f"{INNER[0]}/32"])])
+        wb.configure(listen_port=RESPONDER_PORT,
+                     peers=[PeerConfig(wa.keys.public, [f"{INNER[0]}/32"])])
         for wg, inner in ((wa, INNER[0]), (wb, INNER[1])):
             wg.add_address(f"{inner}/24")
             wg.up()

@@ -34,7 +34,7 @@ from bench.common import (
     start_benchmark,
     table,
 )
-from uspan.netns import Lab, Namespace, Peer, WireGuard
+from uspan.testbed import Lab, Namespace, PeerConfig, WireGuard
 
 OUTER = ("192.0.2.1", "192.0.2.2")
 INNER = ("10.77.0.1", "10.77.0.2")
@@ -143,11 +143,11 @@ def _tunnel(lab: Lab, a_prog: str, b_prog: str) -> tuple[Namespace, WireGuard, W
     wa, wb = lab.start_wireguard(a, a_prog), lab.start_wireguard(b, b_prog)
     wa.configure(
         listen_port=WG_PORTS[0],
-        peers=[Peer(wb.keys.public, [f"{INNER[1]}/32"], f"{OUTER[1]}:{WG_PORTS[1]}")],
+        peers=[PeerConfig(wb.keys.public, [f"{INNER[1]}/32"], f"{OUTER[1]}:{WG_PORTS[1]}")],
     )
     wb.configure(
         listen_port=WG_PORTS[1],
-        peers=[Peer(wa.keys.public, [f"{INNER[0]}/32"], f"{OUTER[0]}:{WG_PORTS[0]}")],
+        peers=[PeerConfig(wa.keys.public, [f"{INNER[0]}/32"], f"{OUTER[0]}:{WG_PORTS[0]}")],
     )
     for wg, inner in ((wa, INNER[0]), (wb, INNER[1])):
         wg.link_ns.ip("link", "set", wg.name, "mtu", str(TUNNEL_MTU))

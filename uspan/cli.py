@@ -21,7 +21,7 @@ from pathlib import Path
 from types import FrameType
 
 from uspan.daemon.uapi_server import SOCKET_DIRECTORY
-from uspan.netns import Lab, NetnsError, Peer, WireGuard, genpsk, run
+from uspan.testbed import Lab, NetnsError, PeerConfig, WireGuard, genpsk, run
 
 WIREGUARD_GO = "/usr/bin/wireguard-go"
 OUTER = ("192.0.2.1", "192.0.2.2")
@@ -153,11 +153,11 @@ def _demo(lab: Lab, args: argparse.Namespace) -> int:
     routes = [[f"{INNER4[i]}/32", f"{INNER6[i]}/128"] for i in (0, 1)]
     wa.configure(
         listen_port=PORTS[0],
-        peers=[Peer(wb.keys.public, routes[1], f"{OUTER[1]}:{PORTS[1]}", psk)],
+        peers=[PeerConfig(wb.keys.public, routes[1], f"{OUTER[1]}:{PORTS[1]}", psk)],
     )
     wb.configure(
         listen_port=PORTS[1],
-        peers=[Peer(wa.keys.public, routes[0], f"{OUTER[0]}:{PORTS[0]}", psk)],
+        peers=[PeerConfig(wa.keys.public, routes[0], f"{OUTER[0]}:{PORTS[0]}", psk)],
     )
     for i, wg in enumerate((wa, wb)):
         wg.add_address(f"{INNER4[i]}/24", f"{INNER6[i]}/64")
@@ -190,4 +190,5 @@ def _show(wg: WireGuard) -> None:
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `uspan stats wg0 | head` ends quietly
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    code: int = args.handler(args)
+    return code

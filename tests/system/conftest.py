@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from uspan.netns import Lab, Namespace, Veth
+from uspan.testbed import Lab, Namespace, Veth
 
 IMPLS = {
     "uspan": Path(sys.executable).parent / "uspan-wg",

@@ -22,7 +22,7 @@ import pytest
 import trio
 
 from uspan.daemon.udp import UdpBind
-from uspan.netns import UAPI_DIR, Lab, Namespace, Peer, WireGuard, genkey, poll, run
+from uspan.testbed import UAPI_DIR, Lab, Namespace, PeerConfig, WireGuard, genkey, poll, run
 from uspan.wg.endpoint import Endpoint
 
 pytestmark = pytest.mark.system
@@ -322,8 +322,8 @@ def test_ping_between_two_daemons_and_after_moving_the_interface(lab: Lab) -> No
     a, b = start(lab, a_ns), start(lab, b_ns)
     a.configure(listen_port=51001)
     b.configure(listen_port=51002)
-    a.set_peer(Peer(b.keys.public, ["10.77.0.2/32"], "192.0.2.2:51002"))
-    b.set_peer(Peer(a.keys.public, ["10.77.0.1/32"], "192.0.2.1:51001"))
+    a.set_peer(PeerConfig(b.keys.public, ["10.77.0.2/32"], "192.0.2.2:51002"))
+    b.set_peer(PeerConfig(a.keys.public, ["10.77.0.1/32"], "192.0.2.1:51001"))
     a.add_address("10.77.0.1/24")
     b.add_address("10.77.0.2/24")
     a.up()

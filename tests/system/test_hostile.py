@@ -11,7 +11,7 @@ import pytest
 
 from tests.system.conftest import Combination, Pair
 from tests.system.test_interop import INNER, PORT_B, assert_ping, tunnel
-from uspan.netns import WireGuard
+from uspan.testbed import WireGuard
 
 pytestmark = pytest.mark.system
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.system.conftest import COMBINATIONS, NO_OFFLOAD_COMBINATIONS
-from uspan.netns import Lab, Namespace, Peer, PeerStatus, WireGuard, genkey, genpsk, poll
+from uspan.testbed import Lab, Namespace, PeerConfig, PeerStatus, WireGuard, genkey, genpsk, poll
 
 if TYPE_CHECKING:
     from tests.system.conftest import Combination, Pair
@@ -45,9 +45,9 @@ def configure(wa: WireGuard, wb: WireGuard, b_outer: str) -> None:
     psk = genpsk()
     wa.configure(
         listen_port=PORT_A,
-        peers=[Peer(wb.keys.public, inner_routes(1), endpoint(b_outer, PORT_B), psk)],
+        peers=[PeerConfig(wb.keys.public, inner_routes(1), endpoint(b_outer, PORT_B), psk)],
     )
-    wb.configure(listen_port=PORT_B, peers=[Peer(wa.keys.public, inner_routes(0), None, psk)])
+    wb.configure(listen_port=PORT_B, peers=[PeerConfig(wa.keys.public, inner_routes(0), None, psk)])
     for side, wg in enumerate((wa, wb)):
         wg.add_address(*(f"{INNER[f][side]}/{PREFIX[f]}" for f in (4, 6)))
         wg.up()
@@ -171,7 +171,7 @@ def test_crypto_routing_filter(pair: Pair, combo: Combination) -> None:
     assert udp_delivered(pair.b, pair.a, a_in, b_in, wait=2.0)
 
     more_specific = genkey().public  # a third peer, without endpoint
-    wa.set_peer(Peer(more_specific, [f"{b_in}/32"]))
+    wa.set_peer(PeerConfig(more_specific, [f"{b_in}/32"]))
     assert not udp_delivered(pair.b, pair.a, a_in, b_in, wait=0.5)
     assert_ping(pair.b, a_in, source=stranger)  # the rest of the /24 still maps to b
 
@@ -208,7 +208,7 @@ def test_wg_quick_up_down(pair: Pair, impl: str, tmp_path: Path) -> None:
     lab = pair.lab
     name, keys, psk = lab.interface_name(), genkey(), genpsk()
     wb = lab.start_wireguard(pair.b, impl)
-    wb.configure(listen_port=PORT_B, peers=[Peer(keys.public, inner_routes(0), None, psk)])
+    wb.configure(listen_port=PORT_B, peers=[PeerConfig(keys.public, inner_routes(0), None, psk)])
     wb.add_address(f"{INNER[4][1]}/24", f"{INNER[6][1]}/64")
     wb.up()
 

@@ -28,7 +28,7 @@ import pytest
 
 from tests.system.conftest import program
 from tests.system.test_interop import INNER, PORT_A, PORT_B, configure, endpoint, transfer
-from uspan.netns import Namespace, WireGuard, genkey, poll
+from uspan.testbed import Namespace, WireGuard, genkey, poll
 
 if TYPE_CHECKING:
     from tests.system.conftest import Combination, Pair

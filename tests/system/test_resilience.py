@@ -12,7 +12,7 @@ import pytest
 
 from tests.system.conftest import Combination, Pair
 from tests.system.test_interop import INNER, assert_ping, ping, transfer, tunnel
-from uspan.netns import Lab, poll
+from uspan.testbed import Lab, poll
 
 pytestmark = pytest.mark.system
 

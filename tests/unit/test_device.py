@@ -17,6 +17,7 @@ from uspan.wg.constants import (
     REKEY_AFTER_TIME,
     REKEY_TIMEOUT,
 )
+from uspan.wg.drops import Drop
 from uspan.wg.endpoint import Endpoint
 
 PSK = bytes(range(32))
@@ -214,7 +215,7 @@ def test_transport_replay_is_dropped(net: Net, pair) -> None:
     before = len(b.tun)
     b.device.receive([(datagram, a.endpoint)], net.now)
     assert len(b.tun) == before
-    assert b.device.counters["replay"] == 1
+    assert b.device.counters[Drop.REPLAY] == 1
 
 
 def test_initiation_replay_is_dropped(net: Net, pair) -> None:
@@ -225,7 +226,7 @@ def test_initiation_replay_is_dropped(net: Net, pair) -> None:
     net.advance(1)
     _, out = b.device.receive([(initiation, a.endpoint)], net.now)
     assert out == []
-    assert b.device.counters["stale_initiation"] == 1
+    assert b.device.counters[Drop.STALE_INITIATION] == 1
 
 
 def test_roaming_follows_authenticated_source(net: Net, pair) -> None:
@@ -247,7 +248,7 @@ def test_inner_source_must_match_allowed_ips(net: Net, pair) -> None:
     net.send(a, [ipv4_packet("10.9.9.9", "10.0.0.2")])  # spoofed inner source
     net.run()
     assert b.tun == []
-    assert b.device.counters["not_allowed_source"] == 1
+    assert b.device.counters[Drop.NOT_ALLOWED_SOURCE] == 1
 
 
 def test_longest_prefix_picks_peer(net: Net) -> None:
@@ -267,7 +268,7 @@ def test_cookie_reply_under_load(net: Net, pair) -> None:
     b.device.under_load_rate = 1  # every handshake counts as load
     net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
     net.run()
-    assert b.device.counters["cookie_sent"] == 1
+    assert b.device.counters[Drop.COOKIE_SENT] == 1
     assert b.tun == []
     # The retransmit carries a valid mac2 and gets through.
     net.advance(REKEY_TIMEOUT + 0.5)
@@ -281,7 +282,7 @@ def test_wrong_psk_gives_no_session(net: Net) -> None:
     b.device.apply(DeviceChange(peers=[PeerChange(a.public, preshared_key=bytes(32))]), net.now)
     net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
     net.run()
-    assert b.tun == [] and a.device.counters["handshake_failed"] == 1
+    assert b.tun == [] and a.device.counters[Drop.HANDSHAKE_FAILED] == 1
 
 
 def test_unknown_peer_initiation_dropped(net: Net) -> None:
@@ -292,7 +293,7 @@ def test_unknown_peer_initiation_dropped(net: Net) -> None:
         net.now)
     net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
     net.run()
-    assert b.device.counters["unknown_peer"] == 1 and not b.sent
+    assert b.device.counters[Drop.UNKNOWN_PEER] == 1 and not b.sent
 
 
 def test_bad_config_changes_nothing(net: Net, pair) -> None:
@@ -317,7 +318,7 @@ def test_removing_a_peer_forgets_its_routes_and_sessions(net: Net, pair) -> None
     a.device.apply(DeviceChange(peers=[PeerChange(b.public, remove=True)]), net.now)
     assert not a.device.peers and not a.device.keypairs and not a.device.handshakes
     assert a.device.send([ipv4_packet("10.0.0.1", "10.0.0.2")], net.now) == []
-    assert a.device.counters["no_route"] == 1
+    assert a.device.counters[Drop.NO_ROUTE] == 1
 
 
 def test_private_key_change_forces_new_handshake(net: Net, pair) -> None:
@@ -348,7 +349,7 @@ def test_staged_queue_is_bounded_without_session(net: Net, pair) -> None:
     net.send(a, batch)
     peer = net.peer(a, b)
     assert list(peer.staged) == batch[-128:]
-    assert a.device.counters["staged_overflow"] == 300 - 128
+    assert a.device.counters[Drop.STAGED_OVERFLOW] == 300 - 128
 
 
 def test_remove_one_allowed_ip(net: Net, pair) -> None:
@@ -396,7 +397,7 @@ def test_under_load_cannot_be_hidden_by_mixing_in_other_traffic(net: Net, pair) 
         batch = [(d, a.endpoint) for d in initiations[start:start + 3]] + [junk]
         b.device.receive(batch, net.now)
         net.now += 0.001
-    assert b.device.counters["cookie_sent"] > 0
+    assert b.device.counters[Drop.COOKIE_SENT] > 0
 
 
 def test_unknown_static_is_refused_before_the_last_dh(net: Net, pair) -> None:
@@ -409,4 +410,4 @@ def test_unknown_static_is_refused_before_the_last_dh(net: Net, pair) -> None:
     net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
     net.run()
     assert calls == [a.public]
-    assert b.device.counters["unknown_peer"] == 1
+    assert b.device.counters[Drop.UNKNOWN_PEER] == 1

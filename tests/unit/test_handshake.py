@@ -17,6 +17,7 @@ from uspan.wg.constants import (
     MSG_RESPONSE,
     RESPONSE_SIZE,
 )
+from uspan.wg.drops import ProtocolError
 
 
 def key(label: str) -> bytes:
@@ -88,7 +89,7 @@ def test_clamped_and_unclamped_keys_give_the_same_messages() -> None:
 def test_tampered_initiation_is_refused(offset: int) -> None:
     msg, _ = initiate()
     msg[offset] ^= 0x80
-    with pytest.raises(handshake.HandshakeError) as info:
+    with pytest.raises(ProtocolError) as info:
         handshake.consume_initiation(R_PRIV, R_PUB, messages.parse_initiation(msg))
     assert info.value.reason == "decrypt"
 
@@ -99,7 +100,7 @@ def test_tampered_response_is_refused(offset: int) -> None:
     consumed = handshake.consume_initiation(R_PRIV, R_PUB, messages.parse_initiation(init_msg))
     resp_msg, _ = handshake.create_response(consumed, PSK, R_INDEX, R_EPH)
     resp_msg[offset] ^= 0x80
-    with pytest.raises(handshake.HandshakeError) as info:
+    with pytest.raises(ProtocolError) as info:
         handshake.consume_response(state, PSK, messages.parse_response(resp_msg))
     assert info.value.reason == "decrypt"
 
@@ -108,7 +109,7 @@ def test_initiation_to_another_responder_is_refused() -> None:
     msg, _ = initiate()
     other_priv = key("someone else")
     other_pub = crypto.public_key(crypto.clamp(other_priv))
-    with pytest.raises(handshake.HandshakeError) as info:
+    with pytest.raises(ProtocolError) as info:
         handshake.consume_initiation(other_priv, other_pub, messages.parse_initiation(msg))
     assert info.value.reason == "decrypt"
 
@@ -118,7 +119,7 @@ def test_wrong_psk_is_refused_and_state_survives() -> None:
     consumed = handshake.consume_initiation(R_PRIV, R_PUB, messages.parse_initiation(init_msg))
     resp_msg, responder_keys = handshake.create_response(consumed, PSK, R_INDEX, R_EPH)
     response = messages.parse_response(resp_msg)
-    with pytest.raises(handshake.HandshakeError) as info:
+    with pytest.raises(ProtocolError) as info:
         handshake.consume_response(state, bytes(32), response)
     assert info.value.reason == "decrypt"
     keys = handshake.consume_response(state, PSK, response)
@@ -137,7 +138,7 @@ def test_response_is_consumed_once_and_drops_the_ephemeral() -> None:
     response = messages.parse_response(resp_msg)
     handshake.consume_response(state, PSK, response)
     assert state.ephemeral_private is None
-    with pytest.raises(handshake.HandshakeError) as info:
+    with pytest.raises(ProtocolError) as info:
         handshake.consume_response(state, PSK, response)
     assert info.value.reason == "spent"
 
@@ -146,7 +147,7 @@ def test_initiation_is_answered_once() -> None:
     init_msg, _ = initiate()
     consumed = handshake.consume_initiation(R_PRIV, R_PUB, messages.parse_initiation(init_msg))
     handshake.create_response(consumed, PSK, R_INDEX, R_EPH)
-    with pytest.raises(handshake.HandshakeError) as info:
+    with pytest.raises(ProtocolError) as info:
         handshake.create_response(consumed, PSK, R_INDEX, R_EPH)
     assert info.value.reason == "spent"
 
@@ -155,7 +156,7 @@ def test_response_for_another_index_is_refused() -> None:
     _, state = initiate()
     _, _, _, resp_msg = full_handshake()
     struct.pack_into("<I", resp_msg, 8, I_INDEX ^ 1)
-    with pytest.raises(handshake.HandshakeError) as info:
+    with pytest.raises(ProtocolError) as info:
         handshake.consume_response(state, PSK, messages.parse_response(resp_msg))
     assert info.value.reason == "receiver"
 
@@ -163,7 +164,7 @@ def test_response_for_another_index_is_refused() -> None:
 def test_low_order_ephemeral_in_initiation_is_refused() -> None:
     msg, _ = initiate()
     msg[8:40] = LOW_ORDER
-    with pytest.raises(handshake.HandshakeError) as info:
+    with pytest.raises(ProtocolError) as info:
         handshake.consume_initiation(R_PRIV, R_PUB, messages.parse_initiation(msg))
     assert info.value.reason == "dh"
 
@@ -173,13 +174,13 @@ def test_low_order_ephemeral_in_response_is_refused() -> None:
     consumed = handshake.consume_initiation(R_PRIV, R_PUB, messages.parse_initiation(init_msg))
     resp_msg, _ = handshake.create_response(consumed, PSK, R_INDEX, R_EPH)
     resp_msg[12:44] = LOW_ORDER
-    with pytest.raises(handshake.HandshakeError) as info:
+    with pytest.raises(ProtocolError) as info:
         handshake.consume_response(state, PSK, messages.parse_response(resp_msg))
     assert info.value.reason == "dh"
 
 
 def test_low_order_remote_static_is_refused() -> None:
-    with pytest.raises(handshake.HandshakeError) as info:
+    with pytest.raises(ProtocolError) as info:
         handshake.create_initiation(I_PRIV, I_PUB, LOW_ORDER, I_INDEX, I_EPH, TIMESTAMP)
     assert info.value.reason == "dh"
 

@@ -14,6 +14,7 @@ from uspan.wg.constants import (
     TRANSPORT_MIN_SIZE,
 )
 from uspan.wg.device import Device
+from uspan.wg.drops import ProtocolError
 from uspan.wg.endpoint import Endpoint
 
 
@@ -82,7 +83,7 @@ def test_transport_header() -> None:
 @pytest.mark.parametrize("delta", [-1, 1])
 def test_handshake_messages_must_have_exact_length(parse, good: bytes, delta: int) -> None:
     data = good[:-1] if delta < 0 else good + b"\x00"
-    with pytest.raises(messages.MessageError) as info:
+    with pytest.raises(ProtocolError) as info:
         parse(data)
     assert info.value.reason == "bad_length"
     assert str(len(data)) in str(info.value)
@@ -115,3 +116,12 @@ def test_device_counts_malformed_messages(data: bytes, reason: str) -> None:
 def test_padded_length(length: int, mtu: int, padded: int) -> None:
     assert messages.padded_length(length, mtu) == padded
 
+
+
+def test_a_refusal_names_its_drop_counter():
+    from uspan.wg.drops import Drop
+
+    assert ProtocolError("bad_length", "x").drop is Drop.BAD_LENGTH
+    assert ProtocolError("unknown_static", "x").drop is Drop.UNKNOWN_PEER
+    for reason in ("decrypt", "dh", "length", "receiver", "spent"):
+        assert ProtocolError(reason, "x").drop is Drop.HANDSHAKE_FAILED

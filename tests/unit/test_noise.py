@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from uspan.wg import crypto, noise
+from uspan.wg.drops import ProtocolError
 
 VECTOR = json.loads(
     (Path(__file__).parent.parent / "vectors" / "noise_ikpsk2_cacophony.json").read_text()
@@ -101,7 +102,7 @@ def test_tampered_message1_fails(offset: int) -> None:
     bad = bytearray(msg1)
     bad[offset] ^= 0x01
     responder = noise.initialize(h("resp_prologue"), crypto.public_key(h("resp_static")))
-    with pytest.raises(noise.NoiseError) as info:
+    with pytest.raises(ProtocolError) as info:
         noise.read_message1(responder, h("resp_static"), bytes(bad))
     assert info.value.reason == "decrypt"
 
@@ -114,7 +115,7 @@ def test_wrong_psk_fails_message2() -> None:
         initiator, h("init_static"), crypto.public_key(h("init_static")),
         h("init_ephemeral"), resp_public, bytes.fromhex(VECTOR["messages"][0]["payload"]),
     )
-    with pytest.raises(noise.NoiseError) as info:
+    with pytest.raises(ProtocolError) as info:
         noise.read_message2(initiator, h("init_static"), h("init_ephemeral"), bytes(32), msg2)
     assert info.value.reason == "decrypt"
 
@@ -122,16 +123,16 @@ def test_wrong_psk_fails_message2() -> None:
 def test_low_order_ephemeral_fails_with_dh() -> None:
     responder = noise.initialize(h("resp_prologue"), crypto.public_key(h("resp_static")))
     message = bytes(32) + bytes(noise.MESSAGE1_OVERHEAD - 32)
-    with pytest.raises(noise.NoiseError) as info:
+    with pytest.raises(ProtocolError) as info:
         noise.read_message1(responder, h("resp_static"), message)
     assert info.value.reason == "dh"
 
 
 def test_short_messages_fail_with_length() -> None:
     state = noise.initialize(b"", bytes(32))
-    with pytest.raises(noise.NoiseError) as info:
+    with pytest.raises(ProtocolError) as info:
         noise.read_message1(state, h("resp_static"), bytes(noise.MESSAGE1_OVERHEAD - 1))
     assert info.value.reason == "length"
-    with pytest.raises(noise.NoiseError) as info:
+    with pytest.raises(ProtocolError) as info:
         noise.read_message2(state, h("init_static"), h("init_ephemeral"), bytes(32), bytes(47))
     assert info.value.reason == "length"

@@ -22,6 +22,7 @@ from uspan import __version__
 from uspan import signals as stop_signals
 from uspan.daemon.daemon import Daemon, log, setup_logging
 from uspan.daemon.tun import Tun, validate_name
+from uspan.daemon.uapi_server import socket_path
 from uspan.daemon.udp import UdpBind
 
 USAGE = ("Usage: uspan-wg [-f/--foreground] [--no-offload] INTERFACE-NAME\n"
@@ -86,7 +87,7 @@ def _run_foreground(interface: str, level: str | None, offload: bool) -> int:
     setup_logging(interface, level)
     log.debug("Starting uspan-wg version %s", __version__)
     try:
-        daemon = Daemon.open(interface, offload=offload)
+        daemon = Daemon.open(interface, uapi_path=socket_path(interface), offload=offload)
     except OSError as exc:
         print(f"uspan-wg: {interface}: {exc}", file=sys.stderr)
         return 1
@@ -95,10 +96,24 @@ def _run_foreground(interface: str, level: str | None, offload: bool) -> int:
 
 def _serve(daemon: Daemon) -> int:
     try:
-        return trio.run(daemon.run)
+        return trio.run(_run_until_signal, daemon)
     except Exception:  # a bug in a task: say so, then exit non-zero
         log.exception("Device failed")
         return 1
+
+
+async def _run_until_signal(daemon: Daemon) -> int:
+    """The device, and the program's stop signals beside it (see uspan.signals)."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signal, daemon)
+        code = await daemon.run()
+        nursery.cancel_scope.cancel()
+    return code
+
+
+async def _stop_on_signal(daemon: Daemon) -> None:
+    signum = await stop_signals.first()
+    daemon.stop(f"received {signum.name}")
 
 
 def _run_detached(interface: str, level: str | None, offload: bool) -> int:
@@ -111,7 +126,7 @@ def _run_detached(interface: str, level: str | None, offload: bool) -> int:
     os.close(read_end)
     os.setsid()
     try:
-        daemon = Daemon.open(interface, offload=offload)
+        daemon = Daemon.open(interface, uapi_path=socket_path(interface), offload=offload)
     except OSError as exc:
         os.write(write_end, str(exc).encode())
         os._exit(1)

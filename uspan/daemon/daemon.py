@@ -1,8 +1,24 @@
-"""The trio shell around the sans-IO core: TUN, UDP, timers and the UAPI socket.
+"""The trio shell around the sans-IO core: moves batches between a TUN, a UDP bind and
+the core, fires its timers and serves the UAPI socket.
 
-``Daemon.open`` does the privileged setup synchronously (so a launcher can report
-failure before detaching); ``Daemon.run`` moves batches between the TUN, the sockets and
-the core until the interface or the UAPI socket disappears or a signal arrives.
+A ``Daemon`` is a piece a larger program owns: it is built from ports it is given
+(``ports.TunPort``, ``ports.BindPort``; ``Daemon.open`` makes the real ones) and runs in
+the caller's nursery::
+
+    daemon = Daemon(tun, bind, uapi=UapiSocket.open(path))  # or uapi=None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.run)    # returns once the device is serving
+        daemon.start_soon(controller, daemon)  # the owner's tasks, stopped with the device
+        ...
+        daemon.stop("done")
+
+or ``async with daemon.running(): ...``. Configure it with ``set(DeviceChange)``, the
+call the UAPI makes too; read ``peer_facts()`` and wait with ``wait_peer_events``.
+
+``run`` returns when ``stop`` is called, the interface is deleted or the UAPI socket file
+is removed; it closes every port it was given. Signals belong to the program (see
+``uspan.daemon.cli``). Time is trio's clock (``trio.current_time``, monotonic), so a
+``MockClock`` drives every timer and every fact the core reports.
 """
 
 from __future__ import annotations
@@ -11,20 +27,22 @@ import contextlib
 import errno
 import logging
 import math
-import os
-import socket
 import sys
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import trio
 
-from uspan import signals as stop_signals
 from uspan.daemon import uapi_server
+from uspan.daemon.ports import BindPort, DatagramReceiver, TunPort
 from uspan.daemon.tun import Tun, TunError, TunGone
-from uspan.daemon.udp import UdpBind, UdpSocket
+from uspan.daemon.udp import UdpBind
 from uspan.wg.config import ConfigError, DeviceChange
-from uspan.wg.device import DROP_REASONS, Device
+from uspan.wg.device import Device
+from uspan.wg.drops import Drop
 from uspan.wg.endpoint import Endpoint
+from uspan.wg.facts import PeerFacts
 from uspan.wg.uapi import format_get
 
 log = logging.getLogger("uspan.daemon")
@@ -54,101 +72,123 @@ def setup_logging(interface: str, level_name: str | None) -> bool:
     return True
 
 
-def _now() -> float:
-    return time.monotonic()
+_now = trio.current_time
 
 
 class Daemon:
-    """One interface: its TUN, UDP sockets, UAPI listener and protocol core."""
+    """One interface: the protocol core between a TUN port and a bind port, and its UAPI."""
 
-    def __init__(self, interface: str, tun: Tun, udp: UdpBind, listener: socket.socket,
-                 device: Device, socket_path: str) -> None:
-        self.interface = interface
+    def __init__(self, tun: TunPort, bind: BindPort, *,
+                 uapi: uapi_server.UapiSocket | None = None,
+                 device: Device | None = None) -> None:
         self.tun = tun
-        self.udp = udp
-        self.listener = listener
-        self.device = device
-        self.socket_path = socket_path
+        self.bind = bind
+        self.uapi = uapi
+        self.device = Device() if device is None else device
         self.exit_reason = ""
         self.exit_code = 0
-        stat = os.stat(socket_path)
-        self._socket_id = (stat.st_dev, stat.st_ino)
+        self._scope = trio.CancelScope()  # stop() before run() makes run() return at once
         self._nursery: trio.Nursery | None = None
         self._timer_deadline = math.inf
         self._timer_wake = trio.Event()
-        device.mtu = tun.mtu
-        device.listen_port = udp.port
-        device.wall_offset = time.time() - _now()
+        self._unsent: list[tuple[bytes, Endpoint]] = []  # from set() before run()
+        self._peer_events_seen = 0
+        self._peer_event = trio.Event()
+        self.device.mtu = tun.mtu
+        self.device.listen_port = bind.port
 
     @classmethod
-    def open(cls, interface: str, socket_directory: str = uapi_server.SOCKET_DIRECTORY,
-             *, offload: bool = True) -> Daemon:
-        """Create the TUN, the UAPI socket and the UDP sockets (random port).
+    def open(cls, interface: str, *, uapi_path: str | None, offload: bool = True) -> Daemon:
+        """The real thing: create the TUN, the UAPI socket and the UDP bind (random port).
 
-        ``offload`` turns on the kernel offloads (TUN TSO/USO, UDP GSO/GRO) it accepts.
-        Raises TunError, uapi_server.UapiError or OSError; nothing is left open then.
+        ``uapi_path``: e.g. ``uapi_server.socket_path(interface)``; None = no UAPI
+        socket. ``offload`` turns on the kernel offloads (TUN TSO/USO, UDP GSO/GRO) it
+        accepts. Synchronous, so a launcher can report failure before detaching. Raises
+        TunError, uapi_server.UapiError or OSError; nothing is left open then.
         """
         tun = Tun.open(interface, offload_=offload)
+        uapi = None
         try:
-            listener = uapi_server.open_listener(interface, socket_directory)
+            if uapi_path is not None:
+                uapi = uapi_server.UapiSocket.open(uapi_path)
+            bind = UdpBind.open(0, offload_=offload)
         except OSError:
+            if uapi is not None:
+                uapi.close()
             tun.close()
             raise
-        path = uapi_server.socket_path(interface, socket_directory)
-        try:
-            udp = UdpBind.open(0, offload_=offload)
-        except OSError:
-            listener.close()
-            _unlink(path)
-            tun.close()
-            raise
-        return cls(interface, tun, udp, listener, Device(), path)
+        return cls(tun, bind, uapi=uapi)
 
     # Lifecycle ---------------------------------------------------------------------------
 
-    async def run(self) -> int:
-        """Serve until told to stop; returns the exit code (0 = clean shutdown)."""
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                  ) -> int:
+        """Serve until stopped; returns the exit code (0 = clean shutdown).
+
+        For ``await nursery.start(daemon.run)``: started once every task is running.
+        Closes the ports and the UAPI socket on the way out, whatever happens.
+        """
         log.debug("Device started")
         log.debug("Offloads: %s", self.describe_offloads())
+        self.device.wall_offset = time.time() - _now()
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._tun_loop)
-                for udp in self.udp.sockets:
-                    nursery.start_soon(self._udp_loop, udp)
-                nursery.start_soon(self._timer_loop)
-                nursery.start_soon(uapi_server.serve, self.listener, self)
-                log.debug("UAPI listener started")
-                nursery.start_soon(self._watch_loop)
-                nursery.start_soon(self._signal_loop)
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._tun_loop)
+                    for receiver in self.bind.receivers:
+                        nursery.start_soon(self._udp_loop, receiver)
+                    nursery.start_soon(self._timer_loop)
+                    if self.uapi is not None:
+                        nursery.start_soon(self.uapi.serve, self)
+                        log.debug("UAPI listener started")
+                    nursery.start_soon(self._watch_loop)
+                    if self._unsent:
+                        nursery.start_soon(self._send, self._unsent)
+                        self._unsent = []
+                    task_status.started()
         finally:
             self._nursery = None
             self.close()
         log.debug("Shutting down (%s)", self.exit_reason)
         return self.exit_code
 
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Daemon]:
+        """``async with daemon.running():`` serve for the body, then stop and close.
+
+        The same as ``nursery.start(daemon.run)`` in a nursery of its own; the body
+        ends early (cancelled) if the device stops by itself.
+        """
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.run)
+            try:
+                yield self
+            finally:
+                self.stop("owner finished")
+
+    def start_soon(self, function: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Run an owner's task beside the device's own; it is cancelled when the device
+        stops, and its exception stops the device."""
+        if self._nursery is None:
+            raise RuntimeError("the daemon is not running")
+        self._nursery.start_soon(function, *args)
+
     def describe_offloads(self) -> str:
         """e.g. ``tun=csum,tso4,tso6 udp_gso4=on udp_gro4=on ...``."""
-        features = self.tun.features
-        tun = "off" if features is None else ",".join(sorted(features)) or "none"
-        udp = " ".join(f"{k}={'on' if v else 'off'}" for k, v in self.udp.features().items())
-        return f"tun={tun} {udp}"
+        return f"{self.tun.describe()} {self.bind.describe()}"
 
     def stop(self, reason: str, code: int = 0) -> None:
-        if self._nursery is not None and not self.exit_reason:
+        """Stop serving (the first reason given wins); ``run`` then returns ``code``."""
+        if not self.exit_reason:
             self.exit_reason, self.exit_code = reason, code
-            self._nursery.cancel_scope.cancel()
+            self._scope.cancel()
 
     def close(self) -> None:
         """Release everything; the socket file is removed only if it is still ours."""
-        self.listener.close()
-        try:
-            stat = os.stat(self.socket_path)
-        except OSError:
-            stat = None
-        if stat is not None and (stat.st_dev, stat.st_ino) == self._socket_id:
-            _unlink(self.socket_path)
-        self.udp.close()
+        if self.uapi is not None:
+            self.uapi.close()
+        self.bind.close()
         self.tun.close()
 
     # Data path ---------------------------------------------------------------------------
@@ -156,9 +196,8 @@ class Daemon:
     async def _tun_loop(self) -> None:
         tun, device = self.tun, self.device
         while True:
-            await trio.lowlevel.wait_readable(tun.fd)
             try:
-                packets = tun.read_batch()
+                packets = await tun.read()
             except TunGone:
                 self.stop("interface deleted")
                 return
@@ -166,20 +205,19 @@ class Daemon:
                 log.error("Failed to read packet from TUN device: %s", exc)
                 self.stop("TUN read failed", 1)
                 return
-            if packets:
-                await self._send(device.send(packets, _now()))
+            await self._send(device.send(packets, _now()))
 
-    async def _udp_loop(self, udp: UdpSocket) -> None:
+    async def _udp_loop(self, receiver: DatagramReceiver) -> None:
         device = self.device
         while True:
             try:
-                batch = await udp.receive()
+                batch = await receiver.receive()
             except trio.ClosedResourceError:
                 return  # rebound to another port
             to_tun, out = device.receive(batch, _now())
             if to_tun:
                 try:
-                    self.tun.write_batch(to_tun)
+                    await self.tun.write(to_tun)
                 except TunGone:
                     self.stop("interface deleted")
                     return
@@ -193,12 +231,16 @@ class Daemon:
         """Send the core's datagrams, then let the timer task see earlier deadlines."""
         if datagrams:
             try:
-                failed = await self.udp.send(datagrams)
+                failed = await self.bind.send(datagrams)
             except trio.ClosedResourceError:
                 failed = []  # the sockets were replaced while we waited to send
             for endpoint in failed:
                 self.device.forget_source(endpoint)
         self._poke_timer()
+        if self.device.peer_events != self._peer_events_seen:
+            self._peer_events_seen = self.device.peer_events
+            self._peer_event.set()
+            self._peer_event = trio.Event()
 
     # Timers ------------------------------------------------------------------------------
 
@@ -214,7 +256,7 @@ class Daemon:
             self._timer_wake = trio.Event()
             now = _now()
             if deadline is None or deadline > now:
-                with trio.move_on_after(math.inf if deadline is None else deadline - now):
+                with trio.move_on_at(math.inf if deadline is None else deadline):
                     await self._timer_wake.wait()
                 continue
             await self._send(self.device.tick(now))
@@ -227,11 +269,7 @@ class Daemon:
     async def _watch_loop(self) -> None:
         while True:
             await trio.sleep(WATCH_INTERVAL)
-            try:
-                stat = os.stat(self.socket_path)
-            except FileNotFoundError:
-                stat = None
-            if stat is None or (stat.st_dev, stat.st_ino) != self._socket_id:
+            if self.uapi is not None and self.uapi.removed():
                 self.stop("UAPI socket removed")
                 return
             if self.tun.refresh_mtu():
@@ -239,38 +277,52 @@ class Daemon:
                 self.device.mtu = self.tun.mtu
             self.device.wall_offset = time.time() - _now()
 
-    async def _signal_loop(self) -> None:
-        signum = await stop_signals.first()
-        self.stop(f"received {signum.name}")
+    # Facts for the owner ----------------------------------------------------------------
 
-    # UAPI (uapi_server.ConfigTarget) -----------------------------------------------------
+    def peer_facts(self) -> dict[bytes, PeerFacts]:
+        """Per peer: handshakes, attempts, bytes, endpoint (``uspan.wg.facts``)."""
+        return self.device.peer_facts()
+
+    async def wait_peer_events(self, seen: int) -> int:
+        """Wait until a handshake completes, attempts are given up or a peer roams after
+        the count ``seen`` (``device.peer_events``); return the new count. A loop of
+        ``peer_facts()`` then ``seen = await wait_peer_events(seen)`` misses nothing."""
+        while self.device.peer_events == seen:
+            await self._peer_event.wait()
+        return self.device.peer_events
+
+    # Configuration: the UAPI's and the owner's (uapi_server.ConfigTarget) ----------------
 
     def get(self) -> str:
         return format_get(self.device.info())
 
     def stats(self) -> dict[str, int]:
-        counters = {f"drop_{reason}": self.device.counters[reason] for reason in DROP_REASONS}
+        counters = {f"drop_{drop.value}": self.device.counters[drop] for drop in Drop}
         counters["tun_read_dropped"] = self.tun.read_dropped
         counters["tun_write_dropped"] = self.tun.write_dropped
-        counters["udp_send_errors"] = self.udp.send_errors
+        counters["udp_send_errors"] = self.bind.send_errors
+        counters["udp_receive_dropped"] = self.bind.receive_dropped
         return counters
 
     def set(self, change: DeviceChange) -> None:
-        """Apply atomically: bind a new port first; on any failure change nothing."""
-        old_mark = self.udp.fwmark
+        """Apply atomically: bind a new port first; on any failure change nothing.
+
+        The one way to configure the device: the UAPI calls it, and so does an owner.
+        """
+        old_mark = self.bind.fwmark
         mark = old_mark if change.fwmark is None else change.fwmark
-        new_udp = None
+        new_bind = None
         port = change.listen_port
-        if port is not None and (port == 0 or port != self.udp.port):
+        if port is not None and (port == 0 or port != self.bind.port):
             try:
-                new_udp = UdpBind.open(port, mark, offload_=self.udp.offload)
+                new_bind = self.bind.rebind(port, mark)
             except OSError as exc:
                 raise ConfigError("listen_port", f"cannot bind port {port}: {exc.strerror}",
                                   errno.EADDRINUSE) from None
             log.debug("UAPI: Updating listen port")
         elif mark != old_mark:
             try:
-                self.udp.set_fwmark(mark)
+                self.bind.set_fwmark(mark)
             except OSError as exc:
                 raise ConfigError("fwmark", f"cannot set fwmark {mark}: {exc.strerror}",
                                   errno.EADDRINUSE) from None
@@ -278,22 +330,19 @@ class Daemon:
         try:
             out = self.device.apply(change, _now())
         except Exception:  # ConfigError, or a bug: either way keep the old sockets
-            if new_udp is not None:
-                new_udp.close()
+            if new_bind is not None:
+                new_bind.close()
             elif mark != old_mark:
-                self.udp.set_fwmark(old_mark)
+                self.bind.set_fwmark(old_mark)
             raise
-        if new_udp is not None:
-            old_udp, self.udp = self.udp, new_udp
-            old_udp.close()
+        if new_bind is not None:
+            old_bind, self.bind = self.bind, new_bind
+            old_bind.close()
             if self._nursery is not None:
-                for udp in new_udp.sockets:
-                    self._nursery.start_soon(self._udp_loop, udp)
-        self.device.listen_port = self.udp.port
+                for receiver in new_bind.receivers:
+                    self._nursery.start_soon(self._udp_loop, receiver)
+        self.device.listen_port = self.bind.port
         if self._nursery is not None:
             self._nursery.start_soon(self._send, out)
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+        else:
+            self._unsent.extend(out)

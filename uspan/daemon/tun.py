@@ -19,15 +19,16 @@ import socket
 import struct
 
 import pytun
+import trio
 
-from uspan.daemon import offload
+from uspan.daemon import gso, offload
 from uspan.wg.constants import DEFAULT_MTU
 
 IFNAMSIZ = 16
 BATCH = 128  # packets per read_batch, like wireguard-go's batch size
 _SIOCGIFMTU = 0x8921
 _SIOCGIFINDEX = 0x8933
-_BUFFER_SIZE = offload.VNET_HDR_LEN + 65536  # a read never truncates
+_BUFFER_SIZE = gso.VNET_HDR_LEN + 65536  # a read never truncates
 # Errors a TUN fd reports once its interface has been deleted. Writes to an interface
 # that is merely down fail with EIO: those packets are dropped, the daemon stays.
 _GONE = frozenset({errno.EBADFD, errno.EIO, errno.ENODEV, errno.ENXIO, errno.EBADF,
@@ -126,12 +127,28 @@ class Tun:
         self.mtu = mtu
         return changed
 
+    async def read(self) -> list[bytes]:
+        """Wait until the fd is readable, then read a batch (``TunPort``)."""
+        while True:
+            await trio.lowlevel.wait_readable(self.fd)
+            packets = self.read_batch()
+            if packets:
+                return packets
+
+    async def write(self, packets: list[bytes]) -> None:
+        """``write_batch`` (``TunPort``): never waits, a full queue drops."""
+        self.write_batch(packets)
+
+    def describe(self) -> str:
+        features = self.features
+        return "tun=" + ("off" if features is None else ",".join(sorted(features)) or "none")
+
     def read_batch(self, limit: int = BATCH) -> list[bytes]:
         """Read until the fd would block or ``limit`` reads; super-segments are split."""
         packets: list[bytes] = []
         fd, buffer, view = self.fd, [self._buffer], self._view
         vnet = self.features is not None
-        hdr_len = offload.VNET_HDR_LEN
+        hdr_len = gso.VNET_HDR_LEN
         for _ in range(limit):
             try:
                 size = os.readv(fd, buffer)
@@ -147,24 +164,23 @@ class Tun:
                 packets.append(bytes(view[hdr_len:size]))
             else:
                 try:
-                    packets.extend(offload.segment(view[:hdr_len], view[hdr_len:size], self.mtu))
-                except offload.OffloadError:
+                    packets.extend(gso.segment(view[:hdr_len], view[hdr_len:size], self.mtu))
+                except gso.OffloadError:
                     self.read_dropped += 1
         return packets
 
     def write_batch(self, packets: list[bytes]) -> None:
         """Write packets (coalesced per flow with offloads); refusals count in write_dropped."""
-        fd = self.fd
         if self.features is None:
             for packet in packets:
-                self._write(os.write, fd, packet)
+                self._write((packet,))
             return
-        for header, packet in offload.coalesce(packets, udp=self._coalesce_udp):
-            self._write(os.writev, fd, (header, packet))
+        for header, packet in gso.coalesce(packets, udp=self._coalesce_udp):
+            self._write((header, packet))
 
-    def _write(self, write, fd: int, data) -> None:
+    def _write(self, buffers: tuple[bytes, ...]) -> None:
         try:
-            write(fd, data)
+            os.writev(self.fd, buffers)
         except (BlockingIOError, InterruptedError):
             self.write_dropped += 1
         except OSError as exc:

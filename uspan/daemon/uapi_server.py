@@ -10,6 +10,7 @@ lines (drops by reason, TUN and UDP errors), which ``uspan stats IFACE`` prints.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -48,34 +49,68 @@ def socket_path(interface: str, directory: str = SOCKET_DIRECTORY) -> str:
     return os.path.join(directory, f"{interface}.sock")
 
 
-def open_listener(interface: str, directory: str = SOCKET_DIRECTORY) -> socket.socket:
-    """Bind and listen on the interface's UAPI socket (mode 0700 via umask 077).
+class UapiSocket:
+    """A listening UAPI socket and the file it is bound to.
 
-    A stale socket file (nobody answers on it) is replaced; a live one is an error.
+    ``close`` removes the file only while it is still the one we created, so a second
+    daemon that replaced it keeps its own.
     """
-    path = socket_path(interface, directory)
-    if not os.path.isdir(directory):
-        os.makedirs(directory, exist_ok=True)
-        os.chmod(directory, 0o755)  # not narrowed by the caller's umask
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
+
+    def __init__(self, listener: socket.socket, path: str) -> None:
+        self.listener = listener
+        self.path = path
+        self._identity = _identity(path)
+
+    @classmethod
+    def open(cls, path: str) -> UapiSocket:
+        """Bind and listen on ``path`` (mode 0700 via umask 077); raise UapiError.
+
+        A stale socket file (nobody answers on it) is replaced; a live one is an error.
+        """
+        directory = os.path.dirname(path) or "."
+        if not os.path.isdir(directory):
+            os.makedirs(directory, exist_ok=True)
+            os.chmod(directory, 0o755)  # not narrowed by the caller's umask
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            _bind_private(sock, path)
+            try:
+                _bind_private(sock, path)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                if _answers(path):
+                    raise UapiError(errno.EADDRINUSE, f"unix socket {path} in use") from None
+                os.unlink(path)
+                _bind_private(sock, path)
+            sock.listen(socket.SOMAXCONN)  # Go clients connect non-blocking, many at once
+            sock.setblocking(False)
+            return cls(sock, path)
         except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
+            sock.close()
+            if isinstance(exc, UapiError):
                 raise
-            if _answers(path):
-                raise UapiError(errno.EADDRINUSE, f"unix socket {path} in use") from None
-            os.unlink(path)
-            _bind_private(sock, path)
-        sock.listen(socket.SOMAXCONN)  # Go clients connect non-blocking, many at once
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        if isinstance(exc, UapiError):
-            raise
-        raise UapiError(exc.errno or 0, f"cannot listen on {path}: {exc.strerror}") from exc
-    return sock
+            raise UapiError(exc.errno or 0, f"cannot listen on {path}: {exc.strerror}") from exc
+
+    def removed(self) -> bool:
+        """Whether our socket file is gone or replaced (``rm`` of it stops the daemon)."""
+        return _identity(self.path) != self._identity
+
+    async def serve(self, target: ConfigTarget) -> None:
+        await serve(self.listener, target)
+
+    def close(self) -> None:
+        self.listener.close()
+        if not self.removed():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_dev, stat.st_ino)
 
 
 def _bind_private(sock: socket.socket, path: str) -> None:
@@ -98,7 +133,11 @@ def _answers(path: str) -> bool:
 async def serve(listener: socket.socket, target: ConfigTarget) -> None:
     """Accept connections forever, one task each."""
     trio_listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
-    await trio.serve_listeners(lambda stream: handle(stream, target), [trio_listener])
+
+    async def connection(stream: trio.SocketStream) -> None:
+        await handle(stream, target)
+
+    await trio.serve_listeners(connection, [trio_listener])
 
 
 async def handle(stream: trio.abc.Stream, target: ConfigTarget) -> None:

@@ -20,7 +20,7 @@ from operator import itemgetter
 
 import trio
 
-from uspan.daemon import offload
+from uspan.daemon import gso, offload
 from uspan.wg.endpoint import Endpoint
 
 BATCH = 64  # receives per batch (each up to 64 datagrams with GRO)
@@ -41,6 +41,7 @@ class UdpSocket:
         self.sock = sock
         self.family = sock.family
         self.send_errors = 0
+        self.receive_dropped = 0  # receives whose control data was cut short (MSG_CTRUNC)
         self._v6 = sock.family == socket.AF_INET6
         self.gro = offload_ and offload.enable_gro(sock)
         self.gso = offload_ and offload.probe_udp_gso(sock)
@@ -67,7 +68,9 @@ class UdpSocket:
         """Read until the socket would block or ``limit`` receives; GRO runs are split."""
         out: list[tuple[bytes, Endpoint]] = []
         sources = self._sources
-        for group in offload.recv_batch_gro(self.sock, self._buffer, limit=limit):
+        groups, truncated = offload.recv_batch_gro(self.sock, self._buffer, limit=limit)
+        self.receive_dropped += truncated
+        for group in groups:
             key = (group.address, group.pktinfo)
             endpoint = sources.get(key)
             if endpoint is None:
@@ -111,7 +114,7 @@ class UdpSocket:
         sticky_ok = True
         address = endpoint.address
         if self.gso and len(datagrams) > 1 and address not in self._no_gso:
-            batches = offload.gso_batches(datagrams)
+            batches = gso.gso_batches(datagrams)
         else:
             batches = [(datagram, 0) for datagram in datagrams]
         for buffer, size in batches:
@@ -127,7 +130,7 @@ class UdpSocket:
                     if len(self._no_gso) >= _CACHE_LIMIT:
                         self._no_gso.clear()
                     self._no_gso.add(address)
-                pieces = offload.split_gro(buffer, size)
+                pieces = gso.split_gro(buffer, size)
             for piece in pieces:
                 error = await self._sendmsg(piece, control, address)
                 if error is not None and control and error.errno in _SOURCE_GONE:
@@ -137,7 +140,8 @@ class UdpSocket:
                     self.send_errors += 1
         return sticky_ok
 
-    async def _sendmsg(self, buffer: bytes, control: list, address: tuple) -> OSError | None:
+    async def _sendmsg(self, buffer: bytes, control: list[tuple[int, int, bytes]],
+                       address: tuple[str, int]) -> OSError | None:
         """One ``sendmsg``, waiting while the socket buffer is full; the error, if any."""
         while True:
             try:
@@ -197,6 +201,17 @@ class UdpBind:
         raise OSError(errno.EADDRINUSE, f"no random UDP port free in both IPv4 and IPv6 "
                       f"after {BIND_ATTEMPTS} attempts")
 
+    @property
+    def receivers(self) -> list[UdpSocket]:
+        return self.sockets
+
+    def rebind(self, port: int, fwmark: int) -> UdpBind:
+        """A new bind like this one on ``port``; this one stays open (``BindPort``)."""
+        return UdpBind.open(port, fwmark, offload_=self.offload)
+
+    def describe(self) -> str:
+        return " ".join(f"{k}={'on' if v else 'off'}" for k, v in self.features().items())
+
     async def send(self, datagrams: list[tuple[bytes, Endpoint]]) -> list[Endpoint]:
         """Send datagrams; return the endpoints whose sticky source no longer works.
 
@@ -228,6 +243,10 @@ class UdpBind:
     @property
     def send_errors(self) -> int:
         return sum(udp.send_errors for udp in self.sockets)
+
+    @property
+    def receive_dropped(self) -> int:
+        return sum(udp.receive_dropped for udp in self.sockets)
 
     def close(self) -> None:
         for udp in self.sockets:

@@ -32,15 +32,15 @@ def cookie_key(public: bytes) -> bytes:
     return crypto.hash_(LABEL_COOKIE, public)
 
 
-def _mac1(key: bytes, msg: bytes) -> bytes:
+def _mac1(key: bytes, msg: bytes | bytearray) -> bytes:
     return crypto.mac(key, msg[: MAC1.start])
 
 
-def _mac2(cookie: bytes, msg: bytes) -> bytes:
+def _mac2(cookie: bytes, msg: bytes | bytearray) -> bytes:
     return crypto.mac(cookie, msg[: MAC2.start])
 
 
-def _check_handshake_length(msg: bytes) -> None:
+def _check_handshake_length(msg: bytes | bytearray) -> None:
     if len(msg) < 2 * MAC_SIZE + 4:
         raise ValueError(f"handshake message of {len(msg)} bytes has no room for macs")
 

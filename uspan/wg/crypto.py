@@ -58,7 +58,7 @@ def hash_(*parts: bytes) -> bytes:
     return h.digest()
 
 
-def mac(key: bytes, data: bytes) -> bytes:
+def mac(key: bytes, data: bytes | bytearray) -> bytes:
     """MAC(key, data): keyed BLAKE2s with a 16-byte digest (not an HMAC)."""
     return hashlib.blake2s(data, digest_size=16, key=key).digest()
 

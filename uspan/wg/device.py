@@ -12,7 +12,10 @@ Surface (all times are monotonic seconds passed in by the caller):
 - ``next_deadline() -> float | None``: when ``tick`` may next have work (never later;
   O(1), so the shell can ask after every batch).
 - ``forget_source(endpoint)``: the shell could not send from a sticky source address.
-- ``counters``: drops by reason, and a few totals (a ``collections.Counter``).
+- ``peer_facts() -> {public key: PeerFacts}``: what the mesh needs to know of each peer;
+  ``peer_events`` grows when a handshake completes, attempts are given up or a peer
+  roams, so the shell can wake whoever waits for facts to change.
+- ``counters``: drops by reason (``drops.Drop``; a ``collections.Counter``).
 
 ``wall_offset`` turns monotonic into Unix time (``wall = now + wall_offset``); the shell
 sets it, tests set it to anything. Nothing malformed raises out of ``receive`` or ``send``:
@@ -47,9 +50,10 @@ from uspan.wg.constants import (
 )
 from uspan.wg.cookie import CookieChecker
 from uspan.wg.crypto import clamp, public_key
+from uspan.wg.drops import Drop, ProtocolError
 from uspan.wg.endpoint import Endpoint
+from uspan.wg.facts import PeerFacts
 from uspan.wg.handshake import (
-    HandshakeError,
     consume_initiation,
     consume_response,
     create_response,
@@ -61,32 +65,6 @@ from uspan.wg.ratelimit import RateLimiter
 Out = list[tuple[bytes, Endpoint]]
 Datagram = tuple[bytes, Endpoint]
 _TRANSPORT_HEADER = messages.TRANSPORT_HEADER
-
-# Drop counter names (the reason a datagram or packet was dropped).
-DROP_REASONS = (
-    "bad_length",
-    "bad_type",
-    "bad_mac1",
-    "cookie_sent",
-    "ratelimited",
-    "handshake_failed",
-    "unknown_peer",
-    "stale_initiation",
-    "unknown_index",
-    "bad_cookie_reply",
-    "expired_key",
-    "decrypt_failed",
-    "replay",
-    "bad_inner_packet",
-    "not_allowed_source",
-    "no_route",
-    "no_endpoint",
-    "no_private_key",
-    "bad_peer_key",
-    "staged_overflow",
-    "staged_dropped",
-)
-
 
 class Device:
     """A WireGuard interface's protocol state."""
@@ -105,12 +83,13 @@ class Device:
         self.handshakes: dict[int, Peer] = {}
         self.cookie_checker = CookieChecker(rng=rng)
         self.ratelimiter = RateLimiter()
-        self.counters: Counter[str] = Counter()
+        self.counters: Counter[Drop] = Counter()
         self.under_load_rate = UNDER_LOAD_RATE  # handshake messages per second
         self._under_load_until = float("-inf")
         self._load_window_start = float("-inf")  # one-second windows of handshake counts
         self._load_count = 0
         self._wake_at = math.inf  # lower bound of every armed peer timer
+        self.peer_events = 0  # see peer_facts
 
     # Index table -------------------------------------------------------------------------
 
@@ -249,6 +228,10 @@ class Device:
             peers=peers,
         )
 
+    def peer_facts(self) -> dict[bytes, PeerFacts]:
+        """Each peer's handshake, attempt, byte and endpoint facts (O(peers))."""
+        return {key: peer.facts() for key, peer in self.peers.items()}
+
     # Data path: TUN -> network -----------------------------------------------------------
 
     def send(self, packets: Iterable[bytes], now: float) -> Out:
@@ -266,12 +249,12 @@ class Device:
             elif version == 6 and length >= 40:
                 destination = packet[24:40]
             else:
-                counters["bad_inner_packet"] += 1
+                counters[Drop.BAD_INNER_PACKET] += 1
                 continue
             if destination != last_destination:
                 peer, last_destination = lookup(destination), destination
             if peer is None:
-                counters["no_route"] += 1
+                counters[Drop.NO_ROUTE] += 1
                 continue
             peer.stage(packet, now, out)
             touched[peer] = None
@@ -296,9 +279,9 @@ class Device:
             elif kind in (MSG_INITIATION, MSG_RESPONSE, MSG_COOKIE_REPLY):
                 handshakes.append(datagram)
             elif kind == -1:
-                counters["bad_length"] += 1
+                counters[Drop.BAD_LENGTH] += 1
             else:
-                counters["bad_type"] += 1
+                counters[Drop.BAD_TYPE] += 1
         for peer, (length, data_messages) in received.items():
             peer.received_transport(length, data_messages > 0, now, out)
         if handshakes:
@@ -318,27 +301,27 @@ class Device:
         counters = self.counters
         length = len(data)
         if length < TRANSPORT_MIN_SIZE:
-            counters["bad_length"] += 1
+            counters[Drop.BAD_LENGTH] += 1
             return
         _, index, counter = _TRANSPORT_HEADER.unpack_from(data)
         keypair = self.keypairs.get(index)
         if keypair is None:
-            counters["unknown_index"] += 1
+            counters[Drop.UNKNOWN_INDEX] += 1
             return
         if not keypair.can_receive(now):
-            counters["expired_key"] += 1
+            counters[Drop.EXPIRED_KEY] += 1
             return
         try:
             plaintext = keypair.open(counter, data[16:])
         except InvalidTag:
-            counters["decrypt_failed"] += 1
+            counters[Drop.DECRYPT_FAILED] += 1
             return
         if not keypair.replay.accept(counter):
-            counters["replay"] += 1
+            counters[Drop.REPLAY] += 1
             return
         peer = keypair.peer
         if source is not peer.endpoint and source != peer.endpoint:
-            peer.endpoint = source
+            peer.roam(source)
         if keypair is peer.next:
             peer.confirm_next(now, out)
         tally = received.get(peer)
@@ -363,13 +346,13 @@ class Device:
             source = plaintext[8:24]
             minimum = 40
         else:
-            self.counters["bad_inner_packet"] += 1
+            self.counters[Drop.BAD_INNER_PACKET] += 1
             return
         if total > length or total < minimum:
-            self.counters["bad_inner_packet"] += 1
+            self.counters[Drop.BAD_INNER_PACKET] += 1
             return
         if self.allowed_ips.lookup(source) is not peer:
-            self.counters["not_allowed_source"] += 1
+            self.counters[Drop.NOT_ALLOWED_SOURCE] += 1
             return
         to_tun.append(plaintext if total == length else plaintext[:total])
 
@@ -380,23 +363,23 @@ class Device:
             self._receive_cookie_reply(data, now)
             return
         if len(data) != (INITIATION_SIZE if kind == MSG_INITIATION else RESPONSE_SIZE):
-            counters["bad_length"] += 1
+            counters[Drop.BAD_LENGTH] += 1
             return
         if self.private_key is None or self.public_key is None:
-            counters["no_private_key"] += 1
+            counters[Drop.NO_PRIVATE_KEY] += 1
             return
         if not self.cookie_checker.check_mac1(data):
-            counters["bad_mac1"] += 1
+            counters[Drop.BAD_MAC1] += 1
             return
         if now < self._under_load_until:
             if not self.cookie_checker.check_mac2(data, source.source_key(), now):
                 sender = int.from_bytes(data[4:8], "little")
                 reply = self.cookie_checker.create_reply(data, sender, source.source_key(), now)
                 out.append((reply, source))
-                counters["cookie_sent"] += 1
+                counters[Drop.COOKIE_SENT] += 1
                 return
             if not self.ratelimiter.allow(source.ip_key(), now):
-                counters["ratelimited"] += 1
+                counters[Drop.RATELIMITED] += 1
                 return
         if kind == MSG_INITIATION:
             self._receive_initiation(data, source, now, out)
@@ -410,17 +393,16 @@ class Device:
                 self.private_key, self.public_key, messages.parse_initiation(data),
                 self._static_static,
             )
-        except HandshakeError as exc:
-            self.counters["unknown_peer" if exc.reason == "unknown_static"
-                          else "handshake_failed"] += 1
+        except ProtocolError as exc:
+            self.counters[exc.drop] += 1
             return
         peer = self.peers[consumed.remote_static]
         if not peer.initiation_is_fresh(consumed.timestamp, now):
-            self.counters["stale_initiation"] += 1
+            self.counters[Drop.STALE_INITIATION] += 1
             return
         peer.latest_timestamp = consumed.timestamp
         peer.last_initiation_consumed = now
-        peer.endpoint = source
+        peer.roam(source)
         peer.rx_bytes += len(data)
         peer.timers.any_authenticated_traversal(now)
         peer.timers.any_authenticated_received()
@@ -431,8 +413,8 @@ class Device:
             response, keys = create_response(
                 consumed, peer.preshared_key, index, self.rng(KEY_SIZE)
             )
-        except HandshakeError:
-            self.counters["handshake_failed"] += 1
+        except ProtocolError:
+            self.counters[Drop.HANDSHAKE_FAILED] += 1
             return
         keypair = Keypair(
             keys, initiator=False, local_index=index, remote_index=consumed.sender,
@@ -456,12 +438,12 @@ class Device:
         response = messages.parse_response(data)
         peer = self.handshakes.get(response.receiver)
         if peer is None or peer.handshake is None:
-            self.counters["unknown_index"] += 1
+            self.counters[Drop.UNKNOWN_INDEX] += 1
             return
         try:
             keys = consume_response(peer.handshake, peer.preshared_key, response)
-        except HandshakeError:
-            self.counters["handshake_failed"] += 1
+        except ProtocolError:
+            self.counters[Drop.HANDSHAKE_FAILED] += 1
             return
         index = response.receiver
         del self.handshakes[index]
@@ -473,8 +455,8 @@ class Device:
         )
         self.keypairs[index] = keypair
         peer.begin_session(keypair, now)
+        peer.roam(source)
         peer.handshake_complete(now)
-        peer.endpoint = source
         peer.rx_bytes += len(data)
         peer.timers.any_authenticated_traversal(now)
         peer.timers.any_authenticated_received()
@@ -483,18 +465,18 @@ class Device:
     def _receive_cookie_reply(self, data: bytes, now: float) -> None:
         try:
             reply = messages.parse_cookie_reply(data)
-        except messages.MessageError:
-            self.counters["bad_length"] += 1
+        except ProtocolError:
+            self.counters[Drop.BAD_LENGTH] += 1
             return
         peer = self.handshakes.get(reply.receiver)
         if peer is None:
             keypair = self.keypairs.get(reply.receiver)
             peer = keypair.peer if keypair is not None else None
         if peer is None:
-            self.counters["unknown_index"] += 1
+            self.counters[Drop.UNKNOWN_INDEX] += 1
             return
         if not peer.cookies.consume_reply(reply, now):
-            self.counters["bad_cookie_reply"] += 1
+            self.counters[Drop.BAD_COOKIE_REPLY] += 1
 
     # Timers ------------------------------------------------------------------------------
 

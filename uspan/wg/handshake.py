@@ -12,22 +12,9 @@ from dataclasses import dataclass
 
 from uspan.wg import crypto, messages, noise
 from uspan.wg.constants import IDENTIFIER, KEY_SIZE, MAC_SIZE, TAI64N_SIZE
+from uspan.wg.drops import ProtocolError
 
 _ZERO_MAC = bytes(MAC_SIZE)
-
-
-class HandshakeError(Exception):
-    """A handshake message was refused.
-
-    ``reason``: "decrypt" (an AEAD field did not authenticate), "dh" (a low-order public
-    key, including a low-order remote static), "length" (hand-built fields of wrong size),
-    "unknown_static" (an initiation from a key that is not a peer), "receiver" (response
-    for another index) or "spent" (state already used once).
-    """
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
 
 
 @dataclass(slots=True)
@@ -70,10 +57,6 @@ def _check_index(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a u32, got {value}")
 
 
-def _refused(exc: noise.NoiseError) -> HandshakeError:
-    return HandshakeError(exc.reason, str(exc))
-
-
 def create_initiation(
     local_private: bytes,
     local_public: bytes,
@@ -98,13 +81,10 @@ def create_initiation(
     local_private = crypto.clamp(local_private)
     ephemeral_private = crypto.clamp(ephemeral_private)
     state = noise.initialize(IDENTIFIER, remote_public)
-    try:
-        body = noise.write_message1(
-            state, local_private, local_public, ephemeral_private, remote_public, timestamp,
-            static_static,
-        )
-    except noise.NoiseError as exc:
-        raise _refused(exc) from exc
+    body = noise.write_message1(
+        state, local_private, local_public, ephemeral_private, remote_public, timestamp,
+        static_static,
+    )
     static_end = KEY_SIZE + noise.ENCRYPTED_STATIC_SIZE
     message = messages.Initiation(
         sender_index, body[:KEY_SIZE], body[KEY_SIZE:static_end], body[static_end:],
@@ -123,7 +103,7 @@ def consume_initiation(
     msg: messages.Initiation,
     static_static: Callable[[bytes], bytes | None] | None = None,
 ) -> ConsumedInitiation:
-    """Decrypt an initiation addressed to us; raises HandshakeError. No mac or replay checks.
+    """Decrypt an initiation addressed to us; raises ProtocolError. No mac or replay checks.
 
     ``static_static`` maps the initiator's static key to the precomputed DH with ours, or
     None if it is not a peer (refused as "unknown_static" before the last DH and AEAD).
@@ -131,15 +111,12 @@ def consume_initiation(
     _check_key("local_private", local_private)
     _check_key("local_public", local_public)
     state = noise.initialize(IDENTIFIER, local_public)
-    try:
-        got = noise.read_message1(
-            state,
-            crypto.clamp(local_private),
-            msg.ephemeral + msg.encrypted_static + msg.encrypted_timestamp,
-            static_static,
-        )
-    except noise.NoiseError as exc:
-        raise _refused(exc) from exc
+    got = noise.read_message1(
+        state,
+        crypto.clamp(local_private),
+        msg.ephemeral + msg.encrypted_static + msg.encrypted_timestamp,
+        static_static,
+    )
     return ConsumedInitiation(
         got.remote_static, got.payload, msg.sender, got.remote_ephemeral,
         state.chaining_key, state.hash,
@@ -154,15 +131,12 @@ def create_response(
     _check_key("ephemeral_private", ephemeral_private)
     _check_index("sender_index", sender_index)
     if consumed.chaining_key is None:
-        raise HandshakeError("spent", "this initiation was already answered")
+        raise ProtocolError("spent", "this initiation was already answered")
     state = noise.SymmetricState(consumed.chaining_key, consumed.hash)
-    try:
-        body = noise.write_message2(
-            state, crypto.clamp(ephemeral_private), consumed.remote_ephemeral,
-            consumed.remote_static, psk, b"",
-        )
-    except noise.NoiseError as exc:
-        raise _refused(exc) from exc
+    body = noise.write_message2(
+        state, crypto.clamp(ephemeral_private), consumed.remote_ephemeral,
+        consumed.remote_static, psk, b"",
+    )
     consumed.chaining_key = None
     message = messages.Response(
         sender_index, consumed.sender, body[:KEY_SIZE], body[KEY_SIZE:], _ZERO_MAC, _ZERO_MAC
@@ -174,26 +148,23 @@ def create_response(
 def consume_response(
     state: InitiatorState, psk: bytes, msg: messages.Response
 ) -> TransportKeys:
-    """The initiator's keys (send = first output) from a response; raises HandshakeError.
+    """The initiator's keys (send = first output) from a response; raises ProtocolError.
 
     A failed attempt leaves ``state`` usable for the genuine response; success drops the
     ephemeral secret, so a second response to the same initiation raises ("spent").
     """
     _check_key("psk", psk)
     if msg.receiver != state.local_index:
-        raise HandshakeError(
+        raise ProtocolError(
             "receiver", f"response for index {msg.receiver}, state is {state.local_index}"
         )
     if state.ephemeral_private is None:
-        raise HandshakeError("spent", f"index {state.local_index} already has its response")
+        raise ProtocolError("spent", f"index {state.local_index} already has its response")
     symmetric = noise.SymmetricState(state.chaining_key, state.hash)
-    try:
-        noise.read_message2(
-            symmetric, state.local_private, state.ephemeral_private, psk,
-            msg.ephemeral + msg.encrypted_nothing,
-        )
-    except noise.NoiseError as exc:
-        raise _refused(exc) from exc
+    noise.read_message2(
+        symmetric, state.local_private, state.ephemeral_private, psk,
+        msg.ephemeral + msg.encrypted_nothing,
+    )
     state.ephemeral_private = None
     first, second = symmetric.split()
     return TransportKeys(send=first, recv=second)

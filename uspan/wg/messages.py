@@ -17,6 +17,7 @@ from uspan.wg.constants import (
     MSG_RESPONSE,
     RESPONSE_SIZE,
 )
+from uspan.wg.drops import ProtocolError
 
 _INITIATION = struct.Struct("<II32s48s28s16s16s")
 _RESPONSE = struct.Struct("<III32s16s16s16s")
@@ -27,14 +28,6 @@ assert _INITIATION.size == INITIATION_SIZE
 assert _RESPONSE.size == RESPONSE_SIZE
 assert _COOKIE_REPLY.size == COOKIE_REPLY_SIZE
 
-
-
-class MessageError(ValueError):
-    """A datagram is not a well-formed WireGuard message; ``reason`` names the drop counter."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,21 +76,22 @@ class CookieReply:
 
 def parse_initiation(data: bytes) -> Initiation:
     if len(data) != INITIATION_SIZE:
-        raise MessageError("bad_length", f"initiation of {len(data)} bytes, want {INITIATION_SIZE}")
+        raise ProtocolError(
+            "bad_length", f"initiation of {len(data)} bytes, want {INITIATION_SIZE}")
     _, *fields = _INITIATION.unpack(data)
     return Initiation(*fields)
 
 
 def parse_response(data: bytes) -> Response:
     if len(data) != RESPONSE_SIZE:
-        raise MessageError("bad_length", f"response of {len(data)} bytes, want {RESPONSE_SIZE}")
+        raise ProtocolError("bad_length", f"response of {len(data)} bytes, want {RESPONSE_SIZE}")
     _, *fields = _RESPONSE.unpack(data)
     return Response(*fields)
 
 
 def parse_cookie_reply(data: bytes) -> CookieReply:
     if len(data) != COOKIE_REPLY_SIZE:
-        raise MessageError(
+        raise ProtocolError(
             "bad_length", f"cookie reply of {len(data)} bytes, want {COOKIE_REPLY_SIZE}"
         )
     _, *fields = _COOKIE_REPLY.unpack(data)

@@ -11,7 +11,7 @@ Message 1 is ``e || ENC(s) || ENC(payload)`` and message 2 is ``e || ENC(payload
 WireGuard is exactly this pattern with prologue IDENTIFIER, a TAI64N payload in message 1
 and an empty payload in message 2. The steps are plain functions over a SymmetricState
 so a caller can keep (chaining key, hash) between messages and drop everything else.
-Failures raise NoiseError whose ``reason`` is "decrypt", "dh" or "length".
+Failures raise ProtocolError whose ``reason`` is "decrypt", "dh" or "length".
 """
 
 from __future__ import annotations
@@ -22,19 +22,12 @@ from typing import NamedTuple
 
 from uspan.wg import crypto
 from uspan.wg.constants import AEAD_TAG_SIZE, CONSTRUCTION, KEY_SIZE
+from uspan.wg.drops import ProtocolError
 
 HASH_LEN = 32
 ENCRYPTED_STATIC_SIZE = KEY_SIZE + AEAD_TAG_SIZE
 MESSAGE1_OVERHEAD = KEY_SIZE + ENCRYPTED_STATIC_SIZE + AEAD_TAG_SIZE
 MESSAGE2_OVERHEAD = KEY_SIZE + AEAD_TAG_SIZE
-
-
-class NoiseError(Exception):
-    """A handshake message failed; ``reason`` is "decrypt", "dh" or "length"."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
 
 
 @dataclass(slots=True)
@@ -73,14 +66,14 @@ class SymmetricState:
 
     def mix_dh(self, private: crypto.PrivateKey, public: bytes, token: str, *,
                static: bool = False) -> None:
-        """MixKey(DH(private, public)); an all-zero result raises NoiseError("dh").
+        """MixKey(DH(private, public)); an all-zero result raises ProtocolError("dh").
 
         ``static``: ``private`` is our long-term key (its key object is reused).
         """
         try:
             shared = crypto.dh(private, public, static=static)
         except crypto.DHError as exc:
-            raise NoiseError("dh", f"token {token}: low-order public key") from exc
+            raise ProtocolError("dh", f"token {token}: low-order public key") from exc
         self.mix_key(shared)
 
     def encrypt_and_hash(self, plaintext: bytes) -> bytes:
@@ -93,14 +86,15 @@ class SymmetricState:
         return ciphertext
 
     def decrypt_and_hash(self, ciphertext: bytes, field: str) -> bytes:
-        """Open ``ciphertext`` with the hash as AD; a failure raises NoiseError naming ``field``."""
+        """Open ``ciphertext`` with the hash as AD; a failure raises ProtocolError naming
+        ``field``."""
         if self.key is None:
             plaintext = ciphertext
         else:
             try:
                 plaintext = crypto.aead_decrypt(self.key, self.nonce, ciphertext, self.hash)
             except crypto.AuthenticationError as exc:
-                raise NoiseError("decrypt", f"{field} does not authenticate") from exc
+                raise ProtocolError("decrypt", f"{field} does not authenticate") from exc
             self.nonce += 1
         self.mix_hash(ciphertext)
         return plaintext
@@ -163,10 +157,11 @@ def read_message1(
 
     ``static_static``, if given, maps the initiator's decrypted static key to the
     precomputed DH(static_private, it), or None for a key we do not know: then the
-    message is refused (NoiseError "unknown_static") before any more work is done.
+    message is refused (ProtocolError "unknown_static") before any more work is done.
     """
     if len(message) < MESSAGE1_OVERHEAD:
-        raise NoiseError("length", f"message 1 of {len(message)} bytes, need {MESSAGE1_OVERHEAD}")
+        raise ProtocolError(
+            "length", f"message 1 of {len(message)} bytes, need {MESSAGE1_OVERHEAD}")
     remote_ephemeral = message[:KEY_SIZE]
     _mix_ephemeral(state, remote_ephemeral)
     state.mix_dh(static_private, remote_ephemeral, "es", static=True)
@@ -178,7 +173,7 @@ def read_message1(
     else:
         shared = static_static(remote_static)
         if shared is None:
-            raise NoiseError("unknown_static", "the initiator's static key is not a peer")
+            raise ProtocolError("unknown_static", "the initiator's static key is not a peer")
         state.mix_key(shared)
     payload = state.decrypt_and_hash(message[KEY_SIZE + ENCRYPTED_STATIC_SIZE:], "payload")
     return Message1(remote_ephemeral, remote_static, payload)
@@ -211,7 +206,8 @@ def read_message2(
 ) -> bytes:
     """Initiator: read ``<- e, ee, se, psk`` and return the payload."""
     if len(message) < MESSAGE2_OVERHEAD:
-        raise NoiseError("length", f"message 2 of {len(message)} bytes, need {MESSAGE2_OVERHEAD}")
+        raise ProtocolError(
+            "length", f"message 2 of {len(message)} bytes, need {MESSAGE2_OVERHEAD}")
     remote_ephemeral = message[:KEY_SIZE]
     _mix_ephemeral(state, remote_ephemeral)
     state.mix_dh(ephemeral_private, remote_ephemeral, "ee")

@@ -23,6 +23,8 @@ from uspan.wg.constants import (
     ZERO_KEY,
 )
 from uspan.wg.cookie import CookieGenerator
+from uspan.wg.drops import Drop
+from uspan.wg.facts import PeerFacts
 from uspan.wg.handshake import InitiatorState, create_initiation
 from uspan.wg.messages import padded_length
 from uspan.wg.timers import PeerTimers
@@ -59,6 +61,13 @@ class Peer:
         # Responder replay protection.
         self.latest_timestamp = bytes(12)
         self.last_initiation_consumed: float | None = None
+        # Facts for the mesh (facts.PeerFacts).
+        self.handshakes = 0
+        self.attempts = 0  # initiations sent since the last completed handshake
+        self.last_attempt: float | None = None
+        self.gave_up_at: float | None = None
+        self._attempts_address: tuple[str, int] | None = None
+        self._attempts_on_address = 0
         # Counters.
         self.last_handshake: float | None = None  # monotonic
         self.rx_bytes = 0
@@ -85,7 +94,7 @@ class Peer:
     def _transmit(self, datagram: bytes, out: Out) -> bool:
         endpoint = self.endpoint
         if endpoint is None:
-            self.device.counters["no_endpoint"] += 1
+            self.device.counters[Drop.NO_ENDPOINT] += 1
             return False
         out.append((datagram, endpoint))
         self.tx_bytes += len(datagram)
@@ -101,7 +110,7 @@ class Peer:
             self.send_staged(now, out)
             if len(staged) >= MAX_STAGED_PACKETS:
                 staged.popleft()
-                self.device.counters["staged_overflow"] += 1
+                self.device.counters[Drop.STAGED_OVERFLOW] += 1
         staged.append(packet)
 
     def send_keepalive(self, now: float, out: Out) -> None:
@@ -117,7 +126,7 @@ class Peer:
             return
         endpoint = self.endpoint
         if endpoint is None:
-            self.device.counters["no_endpoint"] += len(self.staged)
+            self.device.counters[Drop.NO_ENDPOINT] += len(self.staged)
             self.staged.clear()
             return
         mtu = self.device.mtu
@@ -163,12 +172,12 @@ class Peer:
             return
         device = self.device
         if device.private_key is None or device.public_key is None:
-            device.counters["no_private_key"] += 1
+            device.counters[Drop.NO_PRIVATE_KEY] += 1
             return
         self.last_sent_handshake = now
         static_static = self.static_static()
         if static_static is None:
-            device.counters["bad_peer_key"] += 1
+            device.counters[Drop.BAD_PEER_KEY] += 1
             return
         index = device.register_handshake(self)
         message, state = create_initiation(
@@ -184,8 +193,36 @@ class Peer:
         self.cookies.add_macs(message, now)
         self.timers.any_authenticated_traversal(now)
         self.timers.any_authenticated_sent()
-        self._transmit(bytes(message), out)
+        if self._transmit(bytes(message), out):
+            self._count_attempt(now)
         self.timers.handshake_initiated(now)
+
+    def _count_attempt(self, now: float) -> None:
+        assert self.endpoint is not None
+        address = self.endpoint.address
+        if address != self._attempts_address:
+            self._attempts_address, self._attempts_on_address = address, 0
+        self._attempts_on_address += 1
+        self.attempts += 1
+        self.last_attempt = now
+
+    def facts(self) -> PeerFacts:
+        endpoint = self.endpoint
+        on_endpoint = (self._attempts_on_address
+                       if endpoint is not None and endpoint.address == self._attempts_address
+                       else 0)
+        return PeerFacts(
+            endpoint=endpoint, last_handshake=self.last_handshake, handshakes=self.handshakes,
+            attempts=self.attempts, attempts_on_endpoint=on_endpoint,
+            last_attempt=self.last_attempt, gave_up=self.gave_up_at,
+            rx_bytes=self.rx_bytes, tx_bytes=self.tx_bytes)
+
+    def roam(self, source: Endpoint) -> None:
+        """An authenticated message came from ``source``: reply there from now on."""
+        old = self.endpoint
+        self.endpoint = source
+        if old is None or old.address != source.address:
+            self.device.peer_events += 1
 
     # Receiving ---------------------------------------------------------------------------
 
@@ -227,6 +264,10 @@ class Peer:
         self.handshake_attempts = 0
         self.sent_last_minute_handshake = False
         self.last_handshake = now
+        self.handshakes += 1
+        self.attempts = self._attempts_on_address = 0
+        self.gave_up_at = None
+        self.device.peer_events += 1
 
     def initiation_is_fresh(self, timestamp: bytes, now: float) -> bool:
         """Replay and flood rules for a responder: newer timestamp, >= 20 ms apart."""
@@ -276,7 +317,9 @@ class Peer:
     def _retransmit(self, now: float, out: Out) -> None:
         if self.handshake_attempts > MAX_TIMER_HANDSHAKES:
             self.timers.gave_up(now)
-            self.device.counters["staged_dropped"] += len(self.staged)
+            self.gave_up_at = now
+            self.device.peer_events += 1
+            self.device.counters[Drop.STAGED_DROPPED] += len(self.staged)
             self.staged.clear()
             return
         self.handshake_attempts += 1
@@ -294,7 +337,7 @@ class Peer:
             device.discard_keypair(keypair)
         self.previous = self.current = self.next = None
         device.forget_handshake(self)
-        self.device.counters["staged_dropped"] += len(self.staged)
+        self.device.counters[Drop.STAGED_DROPPED] += len(self.staged)
         self.staged.clear()
         self.timers.zero_key_material = None
 

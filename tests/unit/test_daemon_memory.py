@@ -1,0 +1,199 @@
+"""The daemon as a piece a program owns: real ``Daemon``s on in-memory ports, under
+trio's MockClock, so every time below is exact and nothing needs root."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Awaitable, Callable
+
+import trio
+import trio.testing
+
+from tests.unit.wgnet import ipv4_packet
+from uspan.daemon.daemon import Daemon
+from uspan.daemon.memory import MemoryNetwork, MemoryTun
+from uspan.wg.config import DeviceChange, PeerChange
+from uspan.wg.constants import MSG_TRANSPORT
+from uspan.wg.crypto import clamp, public_key
+from uspan.wg.endpoint import Endpoint
+
+KEEPALIVE_SIZE = 32  # a transport header and an empty sealed payload
+
+
+class Node:
+    def __init__(self, network: MemoryNetwork, host: str, address: str) -> None:
+        self.host, self.address = host, address
+        self.private = clamp(os.urandom(32))
+        self.public = public_key(self.private)
+        self.tun = MemoryTun()
+        self.daemon = Daemon(self.tun, network.bind(host, 51820))
+        self.daemon.set(DeviceChange(private_key=self.private))
+
+    def peer(self, other: Node, keepalive: int | None = None,
+             endpoint: bool = True) -> PeerChange:
+        return PeerChange(
+            public_key=other.public,
+            endpoint=Endpoint(other.host, 51820) if endpoint else None,
+            allowed_ips=[ipaddress.ip_network(f"{other.address}/32")],
+            persistent_keepalive=keepalive)
+
+
+def run(test: Callable[[], Awaitable[None]]) -> None:
+    trio.run(test, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def pair(network: MemoryNetwork, keepalive: int | None = None) -> tuple[Node, Node]:
+    a = Node(network, "192.0.2.1", "10.0.0.1")
+    b = Node(network, "192.0.2.2", "10.0.0.2")
+    a.daemon.set(DeviceChange(peers=[a.peer(b, keepalive)]))
+    b.daemon.set(DeviceChange(peers=[b.peer(a, endpoint=False)]))
+    return a, b
+
+
+def test_handshake_and_a_packet_through_in_both_directions():
+    async def main():
+        network = MemoryNetwork()
+        a, b = pair(network)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.daemon.run)
+            await nursery.start(b.daemon.run)
+            packet = ipv4_packet("10.0.0.1", "10.0.0.2")
+            a.tun.inject(packet)
+            with trio.fail_after(1):
+                assert await b.tun.next_written() == packet
+            reply = ipv4_packet("10.0.0.2", "10.0.0.1", b"pong" * 5)
+            b.tun.inject(reply)  # b learned a's endpoint from the handshake
+            with trio.fail_after(1):
+                assert await a.tun.next_written() == reply
+            assert trio.current_time() == 0  # no timer was needed
+            a.daemon.stop("done")
+            b.daemon.stop("done")
+        assert a.daemon.exit_code == b.daemon.exit_code == 0
+        assert network.binds == {}  # every port given to a daemon is closed by it
+
+    run(main)
+
+
+def test_persistent_keepalive_every_25_seconds_exactly():
+    async def main():
+        network = MemoryNetwork()
+        a, b = pair(network, keepalive=25)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.daemon.run)
+            await nursery.start(b.daemon.run)
+            await trio.sleep(110)
+            nursery.cancel_scope.cancel()
+        keepalives = [sent.time for sent in network.sent
+                      if sent.source == ("192.0.2.1", 51820) and len(sent.data) == KEEPALIVE_SIZE
+                      and sent.data[0] == MSG_TRANSPORT]
+        assert keepalives == [0, 25, 50, 75, 100]
+
+    run(main)
+
+
+def test_owner_tasks_run_beside_the_device_and_stop_with_it():
+    async def main():
+        network = MemoryNetwork()
+        a, _ = pair(network)
+        ticks: list[float] = []
+
+        async def controller() -> None:
+            while True:
+                ticks.append(trio.current_time())
+                await trio.sleep(10)
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.daemon.run)
+            a.daemon.start_soon(controller)
+            await trio.sleep(25)
+            a.tun.delete()
+        assert a.daemon.exit_reason == "interface deleted"
+        assert ticks == [0, 10, 20]
+
+    run(main)
+
+
+def test_stop_before_run_returns_at_once():
+    """A program's stop signal may come before the device runs (uspan.signals)."""
+    async def main():
+        network = MemoryNetwork()
+        a, _ = pair(network)
+        a.daemon.stop("received SIGTERM")
+        assert await a.daemon.run() == 0
+        assert a.daemon.exit_reason == "received SIGTERM"
+
+    run(main)
+
+
+def test_set_listen_port_rebinds_and_traffic_follows():
+    async def main():
+        network = MemoryNetwork()
+        a, b = pair(network)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.daemon.run)
+            await nursery.start(b.daemon.run)
+            b.daemon.set(DeviceChange(listen_port=51999))
+            assert ("192.0.2.2", 51820) not in network.binds
+            a.daemon.set(DeviceChange(peers=[PeerChange(
+                public_key=b.public, endpoint=Endpoint("192.0.2.2", 51999))]))
+            packet = ipv4_packet("10.0.0.1", "10.0.0.2")
+            a.tun.inject(packet)
+            with trio.fail_after(1):
+                assert await b.tun.next_written() == packet
+            assert "listen_port=51999" in b.daemon.get()
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_owner_waits_for_peer_events_and_reads_facts():
+    async def main():
+        network = MemoryNetwork()
+        a, b = pair(network)
+        network.cut.add((("192.0.2.1", 51820), ("192.0.2.2", 51820)))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.daemon.run)
+            await nursery.start(b.daemon.run)
+            a.tun.inject(ipv4_packet("10.0.0.1", "10.0.0.2"))
+            seen = await a.daemon.wait_peer_events(a.daemon.device.peer_events)
+            facts = a.daemon.peer_facts()[b.public]
+            assert facts.gave_up == trio.current_time() and facts.attempts == 19 + 1
+            network.cut.clear()
+            a.tun.inject(ipv4_packet("10.0.0.1", "10.0.0.2"))
+            await a.daemon.wait_peer_events(seen)
+            facts = a.daemon.peer_facts()[b.public]
+            assert facts.last_handshake == trio.current_time() and facts.gave_up is None
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_stats_names_are_what_uspan_stats_has_always_printed():
+    async def main():
+        network = MemoryNetwork()
+        a, _ = pair(network)
+        return a.daemon.stats()
+
+    stats = trio.run(main)
+    assert list(stats) == [f"drop_{name}" for name in (
+        "bad_length", "bad_type", "bad_mac1", "cookie_sent", "ratelimited",
+        "handshake_failed", "unknown_peer", "stale_initiation", "unknown_index",
+        "bad_cookie_reply", "expired_key", "decrypt_failed", "replay", "bad_inner_packet",
+        "not_allowed_source", "no_route", "no_endpoint", "no_private_key", "bad_peer_key",
+        "staged_overflow", "staged_dropped")] + [
+        "tun_read_dropped", "tun_write_dropped", "udp_send_errors", "udp_receive_dropped"]
+
+
+def test_running_as_an_async_context_manager():
+    async def main():
+        network = MemoryNetwork()
+        a, b = pair(network)
+        async with a.daemon.running(), b.daemon.running():
+            packet = ipv4_packet("10.0.0.1", "10.0.0.2")
+            a.tun.inject(packet)
+            assert await b.tun.next_written() == packet
+        assert a.daemon.exit_reason == b.daemon.exit_reason == "owner finished"
+        assert network.binds == {}
+
+    run(main)

@@ -1,0 +1,100 @@
+"""What the daemon needs from a TUN and from a UDP bind, as Protocols.
+
+The daemon is built from ports it is given, so a program can hand it real devices
+(``tun.Tun``, ``udp.UdpBind``) and tests can hand it in-memory ones (``memory``) and run
+it under ``trio.testing.MockClock`` without root.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from uspan.wg.endpoint import Endpoint
+
+Datagram = tuple[bytes, Endpoint]
+
+
+class TunPort(Protocol):
+    """The tunnel side: IP packets in batches.
+
+    ``read`` and ``write`` raise ``tun.TunGone`` once the interface is deleted (the
+    daemon stops cleanly) and ``tun.TunError`` when it fails (the daemon stops, code 1).
+    """
+
+    @property
+    def mtu(self) -> int: ...
+
+    @property
+    def read_dropped(self) -> int:
+        """Super-segments that could not be split."""
+        ...
+
+    @property
+    def write_dropped(self) -> int:
+        """Packets the kernel refused."""
+        ...
+
+    async def read(self) -> list[bytes]:
+        """Wait for packets, then return a batch of them (never empty)."""
+        ...
+
+    async def write(self, packets: list[bytes]) -> None:
+        """Deliver decrypted packets; refusals are counted, not raised."""
+        ...
+
+    def refresh_mtu(self) -> bool:
+        """Re-read the MTU; True if it changed."""
+        ...
+
+    def describe(self) -> str:
+        """Its offloads, for the start-up log line."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class DatagramReceiver(Protocol):
+    """One receive queue of a bind (the real one has one per address family)."""
+
+    async def receive(self) -> list[Datagram]:
+        """Wait for datagrams, then return a batch; trio.ClosedResourceError once closed."""
+        ...
+
+
+class BindPort(Protocol):
+    """The network side: datagrams to and from endpoints on one port."""
+
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def fwmark(self) -> int: ...
+
+    @property
+    def send_errors(self) -> int: ...
+
+    @property
+    def receive_dropped(self) -> int:
+        """Receives dropped because they could not be read whole."""
+        ...
+
+    @property
+    def receivers(self) -> Sequence[DatagramReceiver]: ...
+
+    async def send(self, datagrams: list[Datagram]) -> list[Endpoint]:
+        """Send; return the endpoints whose sticky source address no longer works."""
+        ...
+
+    def rebind(self, port: int, fwmark: int) -> BindPort:
+        """A new bind on ``port`` (0 = random) like this one; raise OSError. This one
+        stays open until the caller closes it, so a failed change keeps it."""
+        ...
+
+    def set_fwmark(self, mark: int) -> None:
+        """Raise OSError if the mark cannot be set."""
+        ...
+
+    def describe(self) -> str: ...
+
+    def close(self) -> None: ...
