@@ -118,7 +118,6 @@ def decode_body(body: bytes) -> dict[str, Any]:
             raw=False,
             strict_map_key=True,
             use_list=True,
-            max_buffer_size=MAX_FRAME,
         )
     except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as e:
         raise ProtocolError(E_BAD_FRAME, f"undecodable msgpack ({type(e).__name__})") from e
