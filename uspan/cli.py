@@ -121,6 +121,7 @@ def discovery_command(args: argparse.Namespace) -> int:
         etcd = [u.strip() for u in args.etcd.split(",") if u.strip()]
         if not etcd or not all(u.startswith(("http://", "https://")) for u in etcd):
             parser.error(f"--etcd: {args.etcd!r} is not a list of http(s):// URLs")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run(Options(listen, args.state_file, etcd, args.etcd_prefix, metrics, limits))
