@@ -50,7 +50,9 @@ def refused(code: str, call: object) -> None:
         ({"ttl": MAX_TTL + 1}, p.E_LIMIT_TTL),
     ],
 )
-def test_each_limit_refused_counted_and_nothing_changes(kwargs: dict[str, object], code: str) -> None:
+def test_each_limit_refused_counted_and_nothing_changes(
+    kwargs: dict[str, object], code: str
+) -> None:
     store = Store()
     update(store, aid="keep")
     before = store.dump()

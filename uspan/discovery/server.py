@@ -206,6 +206,15 @@ class _Connection:
         request = p.parse_request(message)
         op = p.op_name(request)
         server.stats.requests[op] += 1
+        wait = server.buckets.take(self.ip, time.monotonic())
+        if wait:
+            self.refuse(
+                request.id,
+                p.E_RATE_LIMITED,
+                f"over {server.limits.rate:g} requests/s (burst {server.limits.burst})",
+                retry_after=round(wait, 3),
+            )
+            return
         if isinstance(request, p.Hello):
             if request.version != p.VERSION:
                 raise p.ProtocolError(
@@ -226,15 +235,6 @@ class _Connection:
             return
         if not self.hello:
             raise p.ProtocolError(p.E_HELLO_REQUIRED, "the first request must be hello")
-        wait = server.buckets.take(self.ip, time.monotonic())
-        if wait:
-            self.refuse(
-                request.id,
-                p.E_RATE_LIMITED,
-                f"over {server.limits.rate:g} requests/s (burst {server.limits.burst})",
-                retry_after=round(wait, 3),
-            )
-            return
         try:
             self.proof.check(request)
         except ReplayError as e:
