@@ -163,3 +163,10 @@ def test_dump_and_load_round_trip() -> None:
     copy = Store()
     copy.load(store.dump())
     assert copy.dump() == store.dump()
+
+
+def test_reads_alone_cannot_hold_a_pin() -> None:
+    store = Store()
+    store.authorize("c", KEY, T0)
+    store.authorize("c", KEY, T0 + MAX_TTL - 1)  # a squatter's list just before it lapses
+    assert store.gc(T0 + MAX_TTL) == [Unpinned("c")]

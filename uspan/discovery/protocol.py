@@ -41,7 +41,6 @@ E_HELLO_REQUIRED = "hello_required"
 E_TIMEOUT = "timeout"
 E_TOO_MANY_CONNECTIONS = "too_many_connections"
 E_OUTBOX_FULL = "outbox_full"
-E_SHUTTING_DOWN = "shutting_down"
 FATAL = frozenset(
     {
         E_BAD_FRAME,
@@ -53,7 +52,6 @@ FATAL = frozenset(
         E_TIMEOUT,
         E_TOO_MANY_CONNECTIONS,
         E_OUTBOX_FULL,
-        E_SHUTTING_DOWN,
     }
 )
 # Request-level codes: an error reply, the connection stays.
@@ -85,7 +83,6 @@ RETRYABLE = frozenset(
         E_TIMEOUT,
         E_TOO_MANY_CONNECTIONS,
         E_OUTBOX_FULL,
-        E_SHUTTING_DOWN,
     }
 )
 

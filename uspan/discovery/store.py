@@ -131,9 +131,8 @@ class Store:
     # access -------------------------------------------------------------------------------
 
     def authorize(self, cluster: str, key: bytes, now: float, ttl: int = 0) -> Cluster:
-        """The cluster if ``key`` is its pin (pinning it on first use), else LimitError.
-
-        A write's ttl keeps the pin at least MAX_TTL past the affiliate's expiry."""
+        """The cluster if ``key`` is its pin (pinning it for MAX_TTL on first use), else
+        LimitError. A write's ttl keeps the pin at least MAX_TTL past that write's expiry."""
         try:
             check_id("cluster", cluster)
             found = self.clusters.get(cluster)
@@ -148,7 +147,8 @@ class Store:
                 )
         except LimitError as e:
             raise self.refuse(e) from None
-        found.pin_until = max(found.pin_until, now + ttl + MAX_TTL)
+        if ttl:  # only writes extend a pin: reads alone cannot hold a cluster forever
+            found.pin_until = max(found.pin_until, now + ttl + MAX_TTL)
         return found
 
     # mutations ----------------------------------------------------------------------------
