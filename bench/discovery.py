@@ -30,6 +30,7 @@ from uspan.discovery.procs import ETCD, EtcdProcess, ServiceProcess
 
 SECRET = os.urandom(32)
 NO_LIMIT = ("--rate-limit", "1000000/1000000")
+PROBE = "node-00000"  # an existing affiliate: a full cluster takes no new one
 
 
 def options() -> argparse.Namespace:
@@ -78,7 +79,7 @@ async def fan_out(writer_address: str, watch_addresses: list[str],
             await events.receive()  # the snapshot
             task_status.started()
             async for event in events:
-                if isinstance(event, Updated) and event.affiliate.id == "probe":
+                if isinstance(event, Updated) and event.affiliate.id == PROBE:
                     n = int.from_bytes(event.affiliate.data or b"\0", "big")
                     seen[n] = seen.get(n, 0) + 1
                     if seen[n] == args.watchers:
@@ -93,7 +94,7 @@ async def fan_out(writer_address: str, watch_addresses: list[str],
             for n in range(1, args.probes + 1):
                 done[n] = trio.Event()
                 start = time.perf_counter()
-                await writer.update("probe", n.to_bytes(4, "big"), [], 600)
+                await writer.update(PROBE, n.to_bytes(4, "big"), [], 600)
                 with trio.fail_after(30):
                     await done[n].wait()
                 latencies.append(time.perf_counter() - start)
