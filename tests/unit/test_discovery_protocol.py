@@ -159,3 +159,10 @@ def test_truncated_or_bitflipped_frames(tail: bytes, flip: int) -> None:
             p.parse_request(message)
     except p.ProtocolError:
         pass
+
+
+@pytest.mark.parametrize("rid", [1, 127, 128, 65536, 2**32 - 1])
+def test_packed_event_frames_equal_encoded_replies(rid: int) -> None:
+    fields = {"event": "update", "affiliate": p.affiliate_record("a", b"d", [b"e"])}
+    packed = p.Packed.of(fields).frame(rid)
+    assert p.FrameDecoder().feed(packed) == [p.ok(rid, **fields)]

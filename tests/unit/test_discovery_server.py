@@ -137,17 +137,16 @@ def test_hostile_connection_closed_others_undisturbed(payload: bytes) -> None:
     async def test(server: Server, address: str) -> None:
         watcher = client(address)
         async with client(address) as writer, watcher, watcher.watch() as events:
-            if True:
-                await events.receive()
-                stream = await raw(address)
-                await stream.send_all(payload)
-                replies = await read_all(stream)  # the service closes it
-                assert len(replies) == 1 and replies[0]["ok"] is False
-                assert replies[0]["fatal"] is True
-                await writer.update("n1", b"1", [], 60)
-                event = await events.receive()
-                assert isinstance(event, Updated)
-                assert watcher.status.watch.reconnects == 1
+            await events.receive()
+            stream = await raw(address)
+            await stream.send_all(payload)
+            replies = await read_all(stream)  # the service closes it
+            assert len(replies) == 1 and replies[0]["ok"] is False
+            assert replies[0]["fatal"] is True
+            await writer.update("n1", b"1", [], 60)
+            event = await events.receive()
+            assert isinstance(event, Updated)
+            assert watcher.status.watch.reconnects == 1
 
     serving(test)
 
@@ -183,17 +182,16 @@ def test_lagging_watcher_is_cut_off_and_resubscribes() -> None:
     async def test(server: Server, address: str) -> None:
         watcher = client(address)
         async with client(address) as writer, watcher, watcher.watch() as events:
-            if True:
-                await events.receive()
-                # flood while the consumer does not read: more than 32 + buffers behind
-                for i in range(3000):
-                    await writer.update_blobs(f"n{i % 900}", bytes(2000), [], 60)
-                assert server.stats.refusals[p.E_WATCH_OVERFLOW] >= 1
-                # the client re-subscribed: a fresh snapshot with everything shows up
-                while True:
-                    event = await events.receive()
-                    if isinstance(event, Snapshot) and len(event.affiliates) == 900:
-                        break
+            await events.receive()
+            # flood while the consumer does not read: more than 32 + buffers behind
+            for i in range(3000):
+                await writer.update_blobs(f"n{i % 900}", bytes(2000), [], 60)
+            assert server.stats.refusals[p.E_WATCH_OVERFLOW] >= 1
+            # the client re-subscribed: a fresh snapshot with everything shows up
+            while True:
+                event = await events.receive()
+                if isinstance(event, Snapshot) and len(event.affiliates) == 900:
+                    break
 
     serving(test)
 

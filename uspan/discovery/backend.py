@@ -37,7 +37,7 @@ class Watcher(Protocol):
 
     cluster: str
 
-    def push(self, message: dict[str, Any]) -> None: ...
+    def push(self, event: p.Packed) -> None: ...
     def end(self, code: str, message: str) -> None: ...
 
 
@@ -66,9 +66,9 @@ class Hub:
             if not watchers:
                 continue
             if isinstance(event, Changed):
-                message = {"event": "update", "affiliate": event.record}
+                message = p.Packed.of({"event": "update", "affiliate": event.record})
             elif isinstance(event, Removed):
-                message = {"event": "delete", "affiliate_id": event.affiliate}
+                message = p.Packed.of({"event": "delete", "affiliate_id": event.affiliate})
             else:
                 for watcher in list(watchers):
                     watcher.end(p.E_CLUSTER_EXPIRED, "the cluster's pin lapsed: re-subscribe")
@@ -197,7 +197,15 @@ class MemoryBackend:
         ttl: int,
     ) -> None:
         now = self.clock()
-        events = self.store.update(cluster, key, affiliate, data, endpoints, ttl, now)
+        fresh = cluster not in self.store.clusters
+        try:
+            events = self.store.update(cluster, key, affiliate, data, endpoints, ttl, now)
+        except LimitError:
+            if fresh and cluster in self.store.clusters and self.journal is not None:
+                # the refused update still pinned the cluster (first use): keep that
+                found = self.store.clusters[cluster]
+                self.journal.add(["p", cluster, key, found.pin_until])
+            raise
         pin_until = self.store.clusters[cluster].pin_until
         record = ["u", cluster, key, pin_until, affiliate, data, list(endpoints), now + ttl, now]
         await self._durable([record], events)

@@ -113,10 +113,25 @@ class EtcdProcess(_Process):
         if not os.access(ETCD, os.X_OK):
             raise RuntimeError(f"{ETCD} is missing (apt-get install etcd-server)")
         peer = f"http://127.0.0.1:{self.peer_port}"
-        argv = [ETCD, "--name", "uspan-test", "--data-dir", str(self.data),
-                "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
-                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                "--initial-cluster", f"uspan-test={peer}", "--log-level", "warn"]  # fmt: skip
+        argv = [
+            ETCD,
+            "--name",
+            "uspan-test",
+            "--data-dir",
+            str(self.data),
+            "--listen-client-urls",
+            self.url,
+            "--advertise-client-urls",
+            self.url,
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+            "--initial-cluster",
+            f"uspan-test={peer}",
+            "--log-level",
+            "warn",
+        ]
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         poll(self._healthy, what=f"etcd on {self.url}", timeout=timeout, interval=0.1)

@@ -107,6 +107,35 @@ def encode(message: dict[str, Any]) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
+_ID_KEY: bytes = msgpack.packb("id")
+_OK_TRUE: bytes = msgpack.packb("ok") + msgpack.packb(True)
+
+
+@dataclass(frozen=True, slots=True)
+class Packed:
+    """A reply's fields encoded once, for many watchers: only the id differs."""
+
+    fields: bytes
+    count: int
+
+    @classmethod
+    def of(cls, fields: dict[str, Any]) -> Packed:
+        if len(fields) > 13:
+            raise ValueError("a packed reply fits a fixmap: at most 13 fields")
+        packed = b"".join(
+            msgpack.packb(k) + msgpack.packb(v, use_bin_type=True) for k, v in fields.items()
+        )
+        return cls(packed, len(fields))
+
+    def frame(self, rid: int) -> bytes:
+        """The frame of ``ok(rid, **fields)``, without encoding the fields again."""
+        rid_packed: bytes = msgpack.packb(rid)
+        body = bytes([0x80 | (self.count + 2)]) + _ID_KEY + rid_packed + _OK_TRUE + self.fields
+        if len(body) > MAX_FRAME:
+            raise ProtocolError(E_FRAME_TOO_LARGE, f"{len(body)} bytes > MAX_FRAME {MAX_FRAME}")
+        return HEADER.pack(len(body)) + body
+
+
 def decode_body(body: bytes) -> dict[str, Any]:
     """A frame body as a map with string keys, or ProtocolError."""
     try:

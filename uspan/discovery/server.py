@@ -83,14 +83,14 @@ class _Watch:
         self.pending = 0
         self.active = True
 
-    def push(self, message: dict[str, Any]) -> None:
+    def push(self, event: p.Packed) -> None:
         if not self.active:
             return
         if self.pending >= self.conn.server.limits.watch_backlog:
             self.end(p.E_WATCH_OVERFLOW, f"{self.pending} events unread: watch ended, re-subscribe")
             return
         self.pending += 1
-        self.conn.send(p.ok(self.rid, **message), watch=self)
+        self.conn.queue(event.frame(self.rid), self)
 
     def end(self, code: str, message: str) -> None:
         if not self.active:
@@ -118,13 +118,17 @@ class _Connection:
 
     # outgoing -------------------------------------------------------------------------
 
-    def send(self, message: dict[str, Any], watch: _Watch | None = None) -> None:
-        if self.closing:
-            return
-        if len(self.outbox) >= OUTBOX_LIMIT and watch is None:
+    def send(self, message: dict[str, Any]) -> None:
+        if len(self.outbox) >= OUTBOX_LIMIT:
             self.fatal(p.E_OUTBOX_FULL, "too many replies unread")
             return
-        self.outbox.append((p.encode(message), watch))
+        self.queue(p.encode(message), None)
+
+    def queue(self, frame: bytes, watch: _Watch | None) -> None:
+        """Queue a frame (watch frames are bounded by the watch backlog instead)."""
+        if self.closing:
+            return
+        self.outbox.append((frame, watch))
         self.wakeup.set()
 
     def refuse(self, rid: int, code: str, message: str, **fields: Any) -> None:
@@ -145,13 +149,14 @@ class _Connection:
         try:
             while True:
                 while self.outbox:
-                    frame, watch = self.outbox[0]
-                    # several small frames in one send; the kernel splits as it likes
+                    # everything queued in one send: one syscall and one wakeup per batch
+                    batch = list(self.outbox)
+                    self.outbox.clear()
                     with trio.fail_after(self.server.limits.write_timeout):
-                        await self.stream.send_all(frame)
-                    self.outbox.popleft()
-                    if watch is not None:
-                        watch.pending -= 1
+                        await self.stream.send_all(b"".join(frame for frame, _ in batch))
+                    for _, watch in batch:
+                        if watch is not None:
+                            watch.pending -= 1
                 if self.closing:
                     return
                 await self.wakeup.wait()
