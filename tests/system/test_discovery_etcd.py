@@ -4,7 +4,7 @@ state, failover between replicas, etcd down and back without restarting anything
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,7 @@ from uspan.discovery.client import (
     DiscoveryError,
     Snapshot,
     Updated,
+    View,
     WatchEvent,
 )
 from uspan.discovery.procs import EtcdProcess, ServiceProcess
@@ -51,9 +52,27 @@ def setup(tmp_path: Path) -> Iterator[Setup]:
         print(f"--- {s.etcd.log}\n{s.etcd.log_tail()}")
 
 
+def run(main: Callable[[], Awaitable[None]], timeout: float = 90) -> None:
+    """trio.run with a deadline: a hang fails here, clearly, before pytest-timeout."""
+
+    async def bounded() -> None:
+        with trio.fail_after(timeout):
+            await main()
+
+    trio.run(bounded)
+
+
 def client(*addresses: str, attempts: int = 1) -> DiscoveryClient:
     return DiscoveryClient(list(addresses), "cluster", SECRET, backoff_min=0.05,
                            backoff_max=0.5, attempts=attempts)  # fmt: skip
+
+
+async def until(events: trio.MemoryReceiveChannel[WatchEvent], view: View,
+                done: object, timeout: float = 30) -> None:
+    """Apply events to ``view`` until ``done(view)``."""
+    with trio.fail_after(timeout):
+        while not done(view):  # type: ignore[operator]
+            view.apply(await events.receive())
 
 
 async def next_update(events: trio.MemoryReceiveChannel[WatchEvent]) -> Updated:
@@ -89,7 +108,7 @@ def test_write_through_one_watch_through_the_other(setup: Setup) -> None:
             async with client(b.address) as reader:
                 assert await reader.list() == []
 
-    trio.run(main)
+    run(main)
 
 
 def test_client_fails_over_when_a_replica_dies(setup: Setup) -> None:
@@ -105,14 +124,12 @@ def test_client_fails_over_when_a_replica_dies(setup: Setup) -> None:
             await both.update("n2", b"after", [], 60)  # retried on b
             assert both.status.requests.endpoint == b.address
             assert {x.id for x in await both.list()} == {"n1", "n2"}  # nothing lost
-            # the watch re-subscribed on b: a fresh snapshot with both
-            while True:
-                event = await events.receive()
-                if isinstance(event, Snapshot) and len(event.affiliates) == 2:
-                    break
+            # the watch re-subscribed on b: a fresh snapshot, then both
+            view = View()
+            await until(events, view, lambda v: v.snapshots and set(v.affiliates) == {"n1", "n2"})
             assert both.status.watch.endpoint == b.address
 
-    trio.run(main)
+    run(main)
 
 
 def test_etcd_down_clear_errors_then_recovery(setup: Setup) -> None:
@@ -146,12 +163,9 @@ def test_etcd_down_clear_errors_then_recovery(setup: Setup) -> None:
                         break
                     except DiscoveryError:
                         await trio.sleep(0.2)
-                # the watcher is back with a fresh snapshot holding n1 and n3
-                while True:
-                    event = await events.receive()
-                    if isinstance(event, Snapshot) and {x.id for x in event.affiliates} >= {
-                        "n1", "n3"}:  # fmt: skip
-                        break
+            # the watcher is back with a fresh snapshot, and sees n1 and n3
+            view = View()
+            await until(events, view, lambda v: v.snapshots and set(v.affiliates) >= {"n1", "n3"})
             assert a.alive() and b.alive()  # nothing was restarted
 
-    trio.run(main)
+    run(main)

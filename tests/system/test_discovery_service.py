@@ -9,7 +9,7 @@ import signal
 import socket
 import struct
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +33,16 @@ def services(tmp_path: Path) -> Iterator[list[ServiceProcess]]:
     for service in started:
         service.kill()
         print(f"--- {service.log}\n{service.log_tail()}")
+
+
+def run(main: Callable[[], Awaitable[None]], timeout: float = 90) -> None:
+    """trio.run with a deadline: a hang fails here, clearly, before pytest-timeout."""
+
+    async def bounded() -> None:
+        with trio.fail_after(timeout):
+            await main()
+
+    trio.run(bounded)
 
 
 def start(services: list[ServiceProcess], tmp_path: Path, *flags: str,
@@ -71,7 +81,7 @@ def test_kill_9_during_updates_loses_nothing_acknowledged(
                 await trio.sleep(0.005)
             os.kill(service.pid, signal.SIGKILL)
 
-    trio.run(main)
+    run(main)
     assert service.process is not None and service.process.wait(10) == -signal.SIGKILL
     assert len(acknowledged) >= 300
 
@@ -83,7 +93,7 @@ def test_kill_9_during_updates_loses_nothing_acknowledged(
         missing = [aid for aid in acknowledged if found.get(aid) != acknowledged[aid]]
         assert not missing, f"{len(missing)} acknowledged updates lost, e.g. {missing[:3]}"
 
-    trio.run(check)
+    run(check)
 
 
 def test_garbage_from_one_client_while_others_watch(
@@ -123,7 +133,7 @@ def test_garbage_from_one_client_while_others_watch(
             assert watcher.status.watch.reconnects == 1  # never disturbed
             assert len(await writer.list()) == 50  # nothing else stored
 
-    trio.run(main)
+    run(main)
     assert service.alive()
 
 
@@ -135,7 +145,7 @@ def test_sigterm_saves_state_and_exits_0(services: list[ServiceProcess], tmp_pat
         async with client(service.address) as c:
             await c.update("n1", b"kept", [("2001:db8::1", 51820)], 60)
 
-    trio.run(write)
+    run(write)
     assert service.stop() == 0
     again = start(services, tmp_path, "--state-file", str(state))
 
@@ -144,7 +154,7 @@ def test_sigterm_saves_state_and_exits_0(services: list[ServiceProcess], tmp_pat
             (one,) = await c.list()
             assert (one.data, one.endpoints) == (b"kept", (("2001:db8::1", 51820),))
 
-    trio.run(read)
+    run(read)
     assert again.stop() == 0
 
 
@@ -158,7 +168,7 @@ def test_metrics(services: list[ServiceProcess], tmp_path: Path) -> None:
             with pytest.raises(DiscoveryError):
                 await c.update_blobs("n1", bytes(4000), [], 60)
 
-    trio.run(use)
+    run(use)
     import urllib.request
 
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:

@@ -21,6 +21,7 @@ from uspan.discovery.client import (
     DiscoveryUnavailable,
     Snapshot,
     Updated,
+    View,
 )
 from uspan.discovery.server import Limits, Server
 
@@ -66,8 +67,11 @@ def test_update_list_delete_and_hello() -> None:
             assert info.address == "127.0.0.1" and info.version == p.VERSION
             await c.update("n1", b"secret data", [("192.0.2.1", 51820)], 60)
             (one,) = await c.list()
-            assert (one.id, one.data, one.endpoints) == ("n1", b"secret data",
-                                                         (("192.0.2.1", 51820),))  # fmt: skip
+            assert (one.id, one.data, one.endpoints) == (
+                "n1",
+                b"secret data",
+                (("192.0.2.1", 51820),),
+            )
             raw_records = await c.list_raw()
             assert b"secret data" not in raw_records[0]["data"]  # the service sees blobs
             await c.delete("n1")
@@ -99,8 +103,11 @@ def test_wrong_secret_sees_nothing() -> None:
     async def test(server: Server, address: str) -> None:
         async with client(address) as member, client(address, os.urandom(32)) as outsider:
             await member.update("n1", b"1", [], 60)
-            for call in (outsider.list, lambda: outsider.delete("n1"),
-                         lambda: outsider.update("n1", b"x", [], 60)):  # fmt: skip
+            for call in (
+                outsider.list,
+                lambda: outsider.delete("n1"),
+                lambda: outsider.update("n1", b"x", [], 60),
+            ):
                 with pytest.raises(DiscoveryError) as caught:
                     await call()
                 assert caught.value.code == p.E_PROOF_MISMATCH
@@ -159,6 +166,28 @@ def test_slow_loris_is_cut_off() -> None:
         for stream in (silent, dribbling):
             replies = await read_all(stream)
             assert replies[-1]["code"] == p.E_TIMEOUT
+        # after hello: one byte at a time, each well within the timeout, is still cut off
+        slow = await raw(address)
+        await slow.send_all(p.encode({"op": "hello", "id": 1, "version": 1}))
+        frame = p.encode(
+            {"op": "list", "id": 2, "cluster": "c", "key": bytes(32), "seq": 1, "sig": bytes(64)}
+        )
+        start = trio.current_time()
+        replies: list[dict[str, Any]] = []
+        async with trio.open_nursery() as nursery:
+
+            async def dribble() -> None:
+                for byte in frame[:-1]:
+                    await slow.send_all(bytes([byte]))
+                    await trio.sleep(0.1)
+
+            nursery.start_soon(dribble)
+            decoder = p.FrameDecoder()
+            while not any("code" in r for r in replies):  # past the hello reply
+                replies += decoder.feed(await slow.receive_some(65536))
+            nursery.cancel_scope.cancel()
+        assert replies[-1]["code"] == p.E_TIMEOUT
+        assert trio.current_time() - start < 2
 
     serving(test)
 
@@ -187,11 +216,10 @@ def test_lagging_watcher_is_cut_off_and_resubscribes() -> None:
             for i in range(3000):
                 await writer.update_blobs(f"n{i % 900}", bytes(2000), [], 60)
             assert server.stats.refusals[p.E_WATCH_OVERFLOW] >= 1
-            # the client re-subscribed: a fresh snapshot with everything shows up
-            while True:
-                event = await events.receive()
-                if isinstance(event, Snapshot) and len(event.affiliates) == 900:
-                    break
+            # the client re-subscribed: after a fresh snapshot, it has everything
+            view = View()
+            while not (view.snapshots and len(view.affiliates) == 900):
+                view.apply(await events.receive())
 
     serving(test)
 

@@ -123,6 +123,23 @@ class ClientStatus:
     undecryptable: int = 0  # blobs that did not open under our secret
 
 
+class View:
+    """The cluster as a watcher sees it: apply each event, read ``affiliates``."""
+
+    def __init__(self) -> None:
+        self.affiliates: dict[str, Affiliate] = {}
+        self.snapshots = 0
+
+    def apply(self, event: WatchEvent) -> None:
+        if isinstance(event, Snapshot):
+            self.affiliates = {a.id: a for a in event.affiliates}
+            self.snapshots += 1
+        elif isinstance(event, Updated):
+            self.affiliates[event.affiliate.id] = event.affiliate
+        else:
+            self.affiliates.pop(event.affiliate_id, None)
+
+
 def parse_endpoint(text: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` as (host, port); ValueError naming the text."""
     host, sep, port = text.rpartition(":")
