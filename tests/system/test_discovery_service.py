@@ -203,3 +203,15 @@ def test_listen_address_in_use_is_a_clear_error(
                           capture_output=True, text=True, timeout=30)  # fmt: skip
     assert done.returncode == 1
     assert "in use" in done.stderr
+
+
+def test_unusable_state_file_is_a_clear_error(tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt"
+    corrupt.write_bytes(b"not a snapshot")
+    for path, message in ((tmp_path / "missing" / "state", "No such file"),
+                          (corrupt, "snapshot")):  # fmt: skip
+        done = subprocess.run([uspan_program(), "discovery-service", "--listen", "127.0.0.1:0",
+                               "--state-file", str(path)], capture_output=True, text=True,
+                              timeout=30)  # fmt: skip
+        assert done.returncode == 1
+        assert message in done.stderr and "Traceback" not in done.stderr

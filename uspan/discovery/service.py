@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from uspan.discovery.backend import Backend, MemoryBackend
 from uspan.discovery.client import parse_endpoint
+from uspan.discovery.persist import StateError
 from uspan.discovery.server import Limits, Server
 
 log = logging.getLogger("uspan.discovery")
@@ -99,19 +100,28 @@ async def serve(options: Options) -> None:
                 break
 
 
+def _leaves(error: BaseException) -> Iterator[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield error
+
+
 def run(options: Options) -> int:
+    """The process: 0 after a signal, 1 (with the reason logged) if it cannot serve."""
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     try:
         trio.run(serve, options)
-    except OSError as e:
-        log.error("discovery service: %s", e.strerror or e)
+    except (OSError, StateError, BaseExceptionGroup) as error:
+        leaves = list(_leaves(error))
+        if not all(isinstance(e, OSError | StateError) for e in leaves):
+            raise
+        for leaf in leaves:
+            text = leaf.strerror if isinstance(leaf, OSError) and leaf.strerror else str(leaf)
+            filename = getattr(leaf, "filename", None)
+            log.error("discovery service: %s%s", f"{filename}: " if filename else "", text)
         return 1
-    except BaseExceptionGroup as group:
-        first = group.exceptions[0]
-        if isinstance(first, OSError):
-            log.error("discovery service: %s", first.strerror or first)
-            return 1
-        raise
     log.info("discovery service stopped")
     return 0
 
