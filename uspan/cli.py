@@ -7,11 +7,16 @@ Ctrl-C or SIGTERM). Needs root.
 
 ``uspan stats IFACE``: the counters a running ``uspan-wg`` keeps besides what ``wg show``
 reports: packets dropped by reason (bad mac1, replay, unknown index, ...) and I/O errors.
+
+``uspan discovery-service --listen HOST:PORT``: the discovery registry that mesh nodes
+use to find each other (docs/discovery-protocol.md), in memory, durable with
+``--state-file``, or shared by replicas through ``--etcd``.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import signal
@@ -69,7 +74,57 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--socket-dir", default=SOCKET_DIRECTORY, metavar="DIR",
                        help="where the UAPI sockets are (%(default)s)")  # fmt: skip
     stats.set_defaults(handler=stats_command)
+    disc = commands.add_parser(
+        "discovery-service",
+        help="run the discovery service that mesh nodes use to find each other",
+        description="Serve the discovery protocol (docs/discovery-protocol.md) until SIGINT "
+        "or SIGTERM. State is in memory unless --state-file or --etcd is given.",
+    )
+    disc.add_argument("--listen", required=True, metavar="HOST:PORT",
+                      help="address to serve on, e.g. 0.0.0.0:3000 or [::]:3000")
+    backend = disc.add_mutually_exclusive_group()
+    backend.add_argument("--state-file", metavar="FILE", type=Path,
+                         help="make the in-memory state durable in FILE (and FILE.log.N)")
+    backend.add_argument("--etcd", metavar="URL[,URL...]",
+                         help="keep state in etcd (its JSON gateway), shared by replicas")
+    disc.add_argument("--etcd-prefix", default="/uspan/discovery/", metavar="PREFIX",
+                      help="key prefix in etcd (%(default)s)")
+    disc.add_argument("--metrics", metavar="HOST:PORT",
+                      help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    disc.add_argument("--rate-limit", default="15/60", metavar="RATE/BURST",
+                      help="requests per second and burst per source IP (%(default)s)")
+    disc.add_argument("--log-level", default="info", choices=["debug", "info", "warning"],
+                      help="(%(default)s)")
+    disc.set_defaults(handler=discovery_command, parser=disc)
     return parser
+
+
+def discovery_command(args: argparse.Namespace) -> int:
+    from uspan.discovery.server import Limits
+    from uspan.discovery.service import Options, parse_listen, run
+
+    parser: argparse.ArgumentParser = args.parser
+    try:
+        listen = parse_listen(args.listen, "--listen")
+        metrics = parse_listen(args.metrics, "--metrics") if args.metrics else None
+    except ValueError as e:
+        parser.error(str(e))
+    rate_text, _, burst_text = args.rate_limit.partition("/")
+    try:
+        limits = Limits(rate=float(rate_text), burst=int(burst_text))
+        if limits.rate <= 0 or limits.burst < 1:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--rate-limit: {args.rate_limit!r} is not RATE/BURST (e.g. 15/60)")
+    etcd = None
+    if args.etcd is not None:
+        etcd = [u.strip() for u in args.etcd.split(",") if u.strip()]
+        if not etcd or not all(u.startswith(("http://", "https://")) for u in etcd):
+            parser.error(f"--etcd: {args.etcd!r} is not a list of http(s):// URLs")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(Options(listen, args.state_file, etcd, args.etcd_prefix, metrics, limits))
 
 
 def stats_command(args: argparse.Namespace) -> int:

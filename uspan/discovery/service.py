@@ -1,0 +1,129 @@
+"""``uspan discovery-service``: the process around ``Server``: backend choice, metrics,
+signals. SIGINT/SIGTERM are blocked before any socket exists and unblocked only once trio
+receives them, so a signal at any moment ends in the same clean shutdown (state saved).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+from prometheus_client import start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from uspan.discovery.backend import Backend, MemoryBackend
+from uspan.discovery.client import parse_endpoint
+from uspan.discovery.persist import StateError
+from uspan.discovery.server import Limits, Server
+
+log = logging.getLogger("uspan.discovery")
+SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@dataclass
+class Options:
+    listen: tuple[str, int]
+    state_file: Path | None = None
+    etcd: list[str] | None = None
+    etcd_prefix: str = "/uspan/discovery/"
+    metrics: tuple[str, int] | None = None
+    limits: Limits | None = None
+
+
+def parse_listen(text: str, flag: str) -> tuple[str, int]:
+    """HOST:PORT (port 0 picks one) or ValueError naming ``flag``."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{flag}: {text!r} is not HOST:PORT")
+    return host, int(port)
+
+
+class MetricsCollector(Collector):
+    """Reads the server's state at scrape time: nothing to keep in step."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        clusters, affiliates = self.server.backend.counts()
+        yield GaugeMetricFamily("uspan_discovery_clusters", "Clusters known", clusters)
+        yield GaugeMetricFamily("uspan_discovery_affiliates", "Affiliates stored", affiliates)
+        yield GaugeMetricFamily(
+            "uspan_discovery_watchers", "Active watches", len(self.server.backend.hub)
+        )
+        yield GaugeMetricFamily(
+            "uspan_discovery_connections", "Open client connections", len(self.server.connections)
+        )
+        requests = CounterMetricFamily("uspan_discovery_requests", "Requests by op", labels=["op"])
+        for op, count in sorted(self.server.stats.requests.items()):
+            requests.add_metric([op], count)
+        yield requests
+        refusals = CounterMetricFamily(
+            "uspan_discovery_refusals", "Error replies by reason (error code)", labels=["reason"]
+        )
+        for reason, count in sorted(self.server.stats.refusals.items()):
+            refusals.add_metric([reason], count)
+        yield refusals
+
+
+def make_backend(options: Options) -> Backend:
+    if options.etcd:
+        from uspan.discovery.etcd import EtcdBackend
+
+        return EtcdBackend(options.etcd, prefix=options.etcd_prefix)
+    return MemoryBackend(options.state_file)
+
+
+async def serve(options: Options) -> None:
+    """Run until SIGINT/SIGTERM (which must be blocked in this thread on entry)."""
+    with trio.open_signal_receiver(*SIGNALS) as signals:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+        server = Server(make_backend(options), options.limits)
+        if options.metrics is not None:
+            registry = CollectorRegistry()
+            registry.register(MetricsCollector(server))
+            host, port = options.metrics
+            start_http_server(port, addr=host, registry=registry)
+            log.info("metrics on http://%s:%d/metrics", host, port)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.serve, *options.listen)
+            async for signum in signals:
+                log.info("signal %s: shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def _leaves(error: BaseException) -> Iterator[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield error
+
+
+def run(options: Options) -> int:
+    """The process: 0 after a signal, 1 (with the reason logged) if it cannot serve."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        trio.run(serve, options)
+    except (OSError, StateError, BaseExceptionGroup) as error:
+        leaves = list(_leaves(error))
+        if not all(isinstance(e, OSError | StateError) for e in leaves):
+            raise
+        for leaf in leaves:
+            text = leaf.strerror if isinstance(leaf, OSError) and leaf.strerror else str(leaf)
+            filename = getattr(leaf, "filename", None)
+            log.error("discovery service: %s%s", f"{filename}: " if filename else "", text)
+        return 1
+    log.info("discovery service stopped")
+    return 0
+
+
+__all__ = ["Options", "parse_endpoint", "parse_listen", "run", "serve"]
