@@ -26,6 +26,7 @@ from pathlib import Path
 from types import FrameType
 
 from uspan.daemon.uapi_server import SOCKET_DIRECTORY
+from uspan.node import cli as node_cli
 from uspan.testbed import Lab, NetnsError, PeerConfig, WireGuard, genpsk, run
 
 WIREGUARD_GO = "/usr/bin/wireguard-go"
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     disc.add_argument("--log-level", default="info", choices=["debug", "info", "warning"],
                       help="(%(default)s)")
     disc.set_defaults(handler=discovery_command, parser=disc)
+    node_cli.add_commands(commands)
     return parser
 
 

@@ -6,8 +6,8 @@ import ipaddress
 
 import pytest
 
-from uspan.netns import Lab, Namespace
 from uspan.node.routing import RULE_PRIORITY, MeshRouting, RoutingError
+from uspan.testbed import Lab, Namespace
 
 pytestmark = pytest.mark.system
 

@@ -109,3 +109,32 @@ def test_roaming_is_an_event(net: Net, pair) -> None:
     net.run()
     assert b.device.peer_facts()[a.public].endpoint == moved
     assert b.device.peer_events == events + 1
+
+
+def test_last_received_and_unanswered_data(net: Net, pair) -> None:
+    """What the mesh's faster down rules read: data sent with no answer, and silence."""
+    a, b = pair
+    start = net.now
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    net.run()
+    fa = a.device.peer_facts()[b.public]
+    assert fa.last_received == start and fa.unanswered_data_since == start
+    assert b.device.peer_facts()[a.public].last_received == net.now
+    net.advance(10.5)  # b's passive keepalive (KEEPALIVE_TIMEOUT) answers the data
+    fa = a.device.peer_facts()[b.public]
+    answered = fa.last_received
+    assert answered is not None and 10 <= answered - start <= 10.5
+    assert fa.unanswered_data_since is None
+    net.blocked.add("b")
+    net.advance(2)
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    sent = net.now
+    net.advance(3)
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])  # still the first unanswered one
+    fa = a.device.peer_facts()[b.public]
+    assert fa.unanswered_data_since == sent and fa.last_received == answered
+    net.blocked.clear()
+    net.send(b, [ipv4_packet("10.0.0.2", "10.0.0.1")])  # b answers: a hears from it
+    net.run()
+    fa = a.device.peer_facts()[b.public]
+    assert fa.unanswered_data_since is None and fa.last_received == net.now

@@ -26,6 +26,7 @@ class FakeControl:
     def __init__(self) -> None:
         self.applied: list[str] = []
         self.left = False
+        self.stopped = 0
 
     async def apply_config(self, text: str) -> str:
         if "bad" in text:
@@ -36,6 +37,9 @@ class FakeControl:
     async def leave(self) -> str:
         self.left = True
         return "left the cluster"
+
+    def stop(self) -> None:
+        self.stopped += 1
 
 
 def status_spec(state: str) -> dict[str, object]:
@@ -118,6 +122,7 @@ def test_apply_leave_and_errors(tmp_path: Path) -> None:
                 await client.request({"op": "apply", "config": "bad"})
             assert control.applied == ["ok"]
             assert (await client.request({"op": "leave"}))["ok"] == "left the cluster"
+            assert control.stopped == 1  # after the reply went out
             for bad in ({"op": "nope"}, {"op": "get", "type": "nosuchthing"}, [1]):
                 with pytest.raises(ApiError):
                     await client.request(bad)  # type: ignore[arg-type]

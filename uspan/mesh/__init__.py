@@ -18,15 +18,14 @@ Loop (one task; each event gives an ``Output``)
     - discovery snapshot or update: ``decode_affiliate(data, affiliate_id)`` each
       (count and skip ``AffiliateDecodeError``), ``decode_endpoint`` the endpoint blobs
       per affiliate ID, then ``set_affiliates(all affiliates, observed, now)``;
-    - the core reports a handshake, an initiation, a cookie reply, or traffic (per batch):
-      the peer's ``linkfacts.LinkTracker`` records it; then ``set_facts`` with
-      ``tracker.facts(endpoint, rx, tx)`` of the peers concerned;
+    - the core's peer events (``Daemon.wait_peer_events``): ``set_facts`` with each
+      peer's ``uspan.wg.facts.PeerFacts`` as ``status.LinkFacts`` (the core keeps the
+      counts: attempts on the endpoint, last received, unanswered data);
     - ``Output.deadline`` reached: ``tick(now)``;
     - apply-config / SIGHUP: carry out ``config.diff_configs(old, new).actions``, then
       ``set_config(new, now)``.
 
-    With each ``Output``: apply ``device_change`` to the core when it has peers (and
-    call ``endpoint_set()`` on the tracker of every peer whose endpoint it sets); log
+    With each ``Output``: apply ``device_change`` to the core when it has peers; log
     ``warnings`` and ``transitions``; make the mesh routing table hold ``routes``;
     report ``observed`` to discovery (``encode_endpoint``, under ``affiliate_id``);
     sleep until ``deadline`` or the next event.

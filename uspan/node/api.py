@@ -65,7 +65,10 @@ class NodeControl(Protocol):
         """Validate and apply a new config in place; a summary, or raise ValueError."""
 
     async def leave(self) -> str:
-        """Delete this node's affiliate from discovery and stop; a summary."""
+        """Delete this node's affiliate from discovery; a summary (``stop`` follows)."""
+
+    def stop(self) -> None:
+        """Stop the node (after ``leave``'s reply went out)."""
 
 
 def to_wire(resource: Resource, show_secrets: bool) -> dict[str, Any]:
@@ -155,7 +158,10 @@ class ApiServer:
                 raise ValueError("apply needs 'config': the config file's text")
             await _send(stream, {"ok": await self.control.apply_config(text)})
         elif op == "leave":
-            await _send(stream, {"ok": await self.control.leave()})
+            try:
+                await _send(stream, {"ok": await self.control.leave()})
+            finally:
+                self.control.stop()
         else:
             raise ValueError(f"unknown op {op!r}; one of: get, apply, leave")
 
@@ -233,7 +239,10 @@ class ApiClient:
         stream = await self._connect()
         async with stream:
             await _send(stream, message)
-            return _checked(await _Lines(stream).next())
+            try:
+                return _checked(await _Lines(stream).next())
+            except trio.ClosedResourceError:
+                raise ApiError("the node closed the connection without a reply") from None
 
     async def get(self, rtype: ResourceType, resource_id: str | None, *, secrets: bool,
                   on_events: Callable[[list[Event]], Awaitable[None]] | None = None,

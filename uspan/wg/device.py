@@ -405,7 +405,7 @@ class Device:
         peer.roam(source)
         peer.rx_bytes += len(data)
         peer.timers.any_authenticated_traversal(now)
-        peer.timers.any_authenticated_received()
+        peer.authenticated_received(now)
         # Respond: a new session that waits as ``next`` until the initiator confirms it.
         self.forget_handshake(peer)
         index = self._new_index()
@@ -459,7 +459,7 @@ class Device:
         peer.handshake_complete(now)
         peer.rx_bytes += len(data)
         peer.timers.any_authenticated_traversal(now)
-        peer.timers.any_authenticated_received()
+        peer.authenticated_received(now)
         peer.send_keepalive(now, out)
 
     def _receive_cookie_reply(self, data: bytes, now: float) -> None:

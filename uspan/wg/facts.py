@@ -25,5 +25,7 @@ class PeerFacts:
     last_attempt: float | None  # when the latest initiation was sent; None = never
     gave_up: float | None  # when attempts were last given up (REKEY_ATTEMPT_TIME without
     # an answer) since the latest completed handshake; None = not since then
+    last_received: float | None  # when the latest authenticated message came from the peer
+    unanswered_data_since: float | None  # first data (not keepalive) sent since then
     rx_bytes: int
     tx_bytes: int

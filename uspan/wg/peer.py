@@ -66,6 +66,8 @@ class Peer:
         self.attempts = 0  # initiations sent since the last completed handshake
         self.last_attempt: float | None = None
         self.gave_up_at: float | None = None
+        self.last_received: float | None = None  # any authenticated message
+        self.unanswered_data_since: float | None = None  # first data sent since then
         self._attempts_address: tuple[str, int] | None = None
         self._attempts_on_address = 0
         # Counters.
@@ -151,6 +153,8 @@ class Peer:
         timers_ = self.timers
         if sent_data:
             timers_.data_sent(now)
+            if self.unanswered_data_since is None:
+                self.unanswered_data_since = now
         timers_.any_authenticated_traversal(now)
         timers_.any_authenticated_sent()
         self._keep_key_fresh_sending(now, out)
@@ -215,6 +219,7 @@ class Peer:
             endpoint=endpoint, last_handshake=self.last_handshake, handshakes=self.handshakes,
             attempts=self.attempts, attempts_on_endpoint=on_endpoint,
             last_attempt=self.last_attempt, gave_up=self.gave_up_at,
+            last_received=self.last_received, unanswered_data_since=self.unanswered_data_since,
             rx_bytes=self.rx_bytes, tx_bytes=self.tx_bytes)
 
     def roam(self, source: Endpoint) -> None:
@@ -242,10 +247,16 @@ class Peer:
         self._keep_key_fresh_receiving(now, out)
         timers_ = self.timers
         timers_.any_authenticated_traversal(now)
-        timers_.any_authenticated_received()
+        self.authenticated_received(now)
         self.rx_bytes += length
         if data:
             timers_.data_received(now)
+
+    def authenticated_received(self, now: float) -> None:
+        """Any authenticated message came from the peer: it answered."""
+        self.last_received = now
+        self.unanswered_data_since = None
+        self.timers.any_authenticated_received()
 
     def _keep_key_fresh_receiving(self, now: float, out: Out) -> None:
         if self.sent_last_minute_handshake:

@@ -1,0 +1,176 @@
+"""``uspan run`` nodes forming a mesh through a real discovery service, in namespaces."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.system.conftest import FAILED
+from tests.system.meshnet import USPAN, Mesh, MeshNode
+from uspan.testbed import Lab, poll, run
+
+pytestmark = pytest.mark.system
+
+
+@pytest.fixture
+def mesh_factory(lab: Lab, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[type]:
+    made: list[Mesh] = []
+
+    def make(count: int, spare: int = 0) -> Mesh:
+        mesh = Mesh(lab, tmp_path, count, spare=spare)
+        made.append(mesh)
+        return mesh
+
+    yield make  # type: ignore[misc]
+    for mesh in made:
+        if request.node.stash.get(FAILED, False):
+            print(mesh.logs())
+        for node in mesh.nodes:
+            if node.process is not None and node.process.poll() is None:
+                node.process.kill()
+                node.process.wait()
+
+
+def ping(node: MeshNode, address: str) -> None:
+    node.ns.run("ping", "-c", "2", "-i", "0.2", "-W", "3", address, timeout=20)
+
+
+def wg_show_bytes(node: MeshNode) -> dict[str, tuple[int, int]]:
+    dump = run(["wg", "show", node.interface, "dump"]).stdout.splitlines()[1:]
+    return {line.split("\t")[0]: (int(line.split("\t")[5]), int(line.split("\t")[6]))
+            for line in dump}
+
+
+def test_four_nodes_form_a_full_mesh(mesh_factory) -> None:  # type: ignore[no-untyped-def]
+    mesh = mesh_factory(4)
+    started = time.monotonic()
+    for node in mesh.nodes:
+        node.start()
+    last_started = time.monotonic()
+    mesh.wait_full_mesh(timeout=30)
+    print(f"full mesh of 4: {time.monotonic() - last_started:.2f}s after the last start "
+          f"({time.monotonic() - started:.2f}s in all)")
+    addresses = {node.name: node.kubespan_ip() for node in mesh.nodes}
+    assert len(set(addresses.values())) == 4
+    for node in mesh.nodes:
+        for other in mesh.nodes:
+            if other is not node:
+                ping(node, addresses[other.name])  # over KubeSpan (IPv6)
+                ping(node, other.address4)  # node address: through the mesh too
+    n1 = mesh.nodes[0]
+    specs = {item["spec"]["label"]: item["spec"] for item in n1.get("kubespanpeerspecs")}
+    assert set(specs) == {"n2", "n3", "n4"}
+    for other in mesh.nodes[1:]:
+        spec = specs[other.name]
+        assert f"{addresses[other.name]}/128" in spec["allowedIPs"]
+        assert f"{other.address4}/32" in spec["allowedIPs"]
+        assert f"{other.address4}:51820" in spec["endpoints"]
+    # Traffic to a node address goes through the mesh; the tunnel's own datagrams (which
+    # carry the node's firewall mark) take the underlay, so they never loop.
+    assert f"dev {n1.interface} table 180" in n1.ns.ip("route", "get", "192.0.2.2").stdout
+    underlay = n1.ns.ip("route", "get", "192.0.2.2", "mark", "0x20").stdout
+    assert n1.interface not in underlay and "table 180" not in underlay
+    # Counters in `get` are the device's own, as `wg show` reports them.
+    statuses = {item["metadata"]["id"]: item["spec"] for item in n1.get("kubespanpeerstatuses")}
+    shown = wg_show_bytes(n1)
+    assert set(shown) == set(statuses)
+    for key, (rx, tx) in shown.items():
+        assert rx > 0 and tx > 0
+        assert abs(statuses[key]["receiveBytes"] - rx) <= 2048  # keepalives may land between
+        assert abs(statuses[key]["transmitBytes"] - tx) <= 2048
+    # The private key never shows unless asked for.
+    assert n1.identity()["privateKey"] == "(redacted)"
+    table = n1.cli("get", "kubespanpeerstatuses").stdout.splitlines()
+    assert table[0].split()[:7] == ["ID", "VERSION", "LABEL", "ENDPOINT", "STATE", "RX", "TX"]
+
+
+def test_restart_keeps_identity_and_leave_removes_the_node(mesh_factory) -> None:  # type: ignore[no-untyped-def]
+    mesh = mesh_factory(3)
+    for node in mesh.nodes:
+        node.start()
+    mesh.wait_full_mesh()
+    n1, n2, n3 = mesh.nodes
+    before = n3.identity()
+    assert n3.stop() == 0
+    n3.start()
+    after = n3.identity()
+    assert (after["publicKey"], after["address"]) == (before["publicKey"], before["address"])
+    assert oct((n3.state_dir / "kubespan-identity.yaml").stat().st_mode & 0o777) == "0o600"
+    mesh.wait_full_mesh()
+    assert "left" in n3.cli("leave").stdout
+    assert n3.process is not None and n3.process.wait(20) == 0
+    n3.process = None
+    poll(lambda: "n3" not in n1.statuses() and "n3" not in n2.statuses(),
+         what="n3 gone from the others", timeout=15)
+    assert "n3" not in {m["spec"].get("nodename") for m in n1.get("members")}
+
+
+def test_discovery_outage_keeps_tunnels_and_resyncs(mesh_factory) -> None:  # type: ignore[no-untyped-def]
+    mesh = mesh_factory(2, spare=1)
+    n1, n2, n3 = mesh.nodes
+    n1.start()
+    n2.start()
+    mesh.wait_full_mesh([n1, n2])
+    mesh.stop_service()
+    ping(n1, n2.kubespan_ip())  # the tunnel does not need the service
+    n3.start()  # joins while the service is down
+    mesh.start_service()
+    mesh.wait_full_mesh([n1, n2, n3], timeout=40)
+    status = n1.get("discoverystatus")[0]["spec"]
+    assert status["service"]
+
+
+def test_apply_config_changes_mtu_and_port_live(mesh_factory) -> None:  # type: ignore[no-untyped-def]
+    mesh = mesh_factory(2)
+    n1, n2 = mesh.nodes
+    for node in mesh.nodes:
+        node.start()
+    mesh.wait_full_mesh()
+    pid = n1.process.pid if n1.process else 0
+    mesh.write_config(n1, mtu=1380, port=51999)
+    out = n1.cli("apply-config", str(n1.config_path)).stdout
+    assert "mtu" in out and "port" in out
+    assert "mtu 1380" in n1.ns.ip("link", "show", n1.interface).stdout
+    assert "listening port: 51999" in run(["wg", "show", n1.interface]).stdout
+    poll(lambda: "51999" in str(n2.get("kubespanpeerspecs")[0]["spec"]["endpoints"]),
+         what="n2 to learn the new port", timeout=15)
+    mesh.wait_full_mesh(timeout=40)
+    ping(n2, n1.kubespan_ip())
+    assert n1.process is not None and n1.process.pid == pid  # the same process throughout
+
+
+def test_config_errors_name_the_field(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("cluster: {id: abc}\nkubespan: {enabled: true, mtu: 1000}\n")
+    done = subprocess.run([USPAN, "run", "--config", str(config), "--state-dir",
+                           str(tmp_path / "s")], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    assert "uspan run:" in done.stderr and "Traceback" not in done.stderr
+    assert any(f in done.stderr for f in ("cluster.secret", "kubespan.mtu")), done.stderr
+    bad = subprocess.run([USPAN, "run"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "usage:" in bad.stderr
+
+
+def test_get_without_a_node_is_one_line(tmp_path: Path) -> None:
+    done = subprocess.run([USPAN, "get", "kubespanpeerstatuses", "--state-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "no node is running" in done.stderr
+
+
+def test_sigterm_right_after_ready_is_clean(mesh_factory) -> None:  # type: ignore[no-untyped-def]
+    mesh = mesh_factory(1)
+    (node,) = mesh.nodes
+    for _ in range(5):
+        node.start(wait=False)
+        assert node.process is not None
+        poll(lambda: (node.state_dir / "node.sock").exists() or node.process.poll() is not None,  # type: ignore[union-attr]
+             what="node socket", timeout=20, interval=0.001)
+        assert node.stop() == 0, node.log()
+        assert not (node.state_dir / "node.sock").exists()
+        assert not (Path("/var/run/wireguard") / f"{node.interface}.sock").exists()
+        assert node.ns.ip("link", "show", node.interface, check=False).returncode != 0

@@ -1,0 +1,561 @@
+"""``uspan run``: one trio program holding the WireGuard device, the discovery client, the
+peer controller and the local API, all in one nursery.
+
+The mesh logic is pure (``uspan.mesh``); this shell only moves facts to it and carries
+out what it returns:
+
+- discovery events -> ``PeerController.set_affiliates`` -> a ``DeviceChange`` (the same
+  call the UAPI makes: one way to configure a peer), routes, observed endpoints;
+- the core's per-peer facts (woken by its peer events, or at the controller's deadline)
+  -> ``set_facts`` -> the same outputs;
+- the affiliate is published at start, every TTL/2 and at once on any change, and
+  deleted on ``uspan leave`` (or SIGTERM with ``--leave-on-exit``);
+- ``uspan apply-config`` / SIGHUP -> the config diff's actions, then ``set_config``.
+
+Losing every discovery service never touches the device: tunnels keep their peers, and
+the client re-syncs from a fresh snapshot when a service answers again.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import logging
+import math
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import trio
+
+from uspan import metrics
+from uspan import signals as stop_signals
+from uspan.daemon import uapi_server
+from uspan.daemon.daemon import Daemon
+from uspan.discovery import client as dclient
+from uspan.mesh import address as mesh_address
+from uspan.mesh.affiliate import (
+    Affiliate,
+    AffiliateDecodeError,
+    decode_affiliate,
+    encode_affiliate,
+    local_affiliate,
+)
+from uspan.mesh.config import (
+    Action,
+    ConfigError,
+    KubeSpanConfig,
+    NodeConfig,
+    diff_configs,
+    parse_config,
+)
+from uspan.mesh.controller import Output, PeerController
+from uspan.mesh.cycling import ObservedEndpoint
+from uspan.mesh.identity import Identity, load_or_create
+from uspan.mesh.resources import (
+    DISCOVERY_STATUS,
+    DISCOVERY_STATUS_ID,
+    KUBESPAN_IDENTITY,
+    KUBESPAN_IDENTITY_ID,
+    Store,
+    discovery_status_spec,
+    identity_spec,
+)
+from uspan.mesh.status import LinkFacts
+from uspan.node import api
+from uspan.node.links import read_links
+from uspan.node.metrics import registry_for
+from uspan.node.routing import DEFAULT_FWMARK, DEFAULT_TABLE, MeshRouting, RoutingError
+from uspan.wg.config import ConfigError as DeviceConfigError
+from uspan.wg.config import DeviceChange, PeerChange
+from uspan.wg.endpoint import Endpoint
+from uspan.wg.facts import PeerFacts
+
+log = logging.getLogger("uspan.node")
+
+AFFILIATE_TTL = 30 * 60.0  # seconds, as Talos
+REFRESH_INTERVAL = AFFILIATE_TTL / 2
+RETRY_MIN, RETRY_MAX = 0.5, 10.0  # publishing backoff while no service answers
+DEFAULT_UAPI = "default"
+FIRST_HANDSHAKE_DELAY = 1.0  # seconds; see Node._defer_first_handshakes
+
+
+class NodeError(RuntimeError):
+    """The node cannot start: the message names what is wrong, in one line."""
+
+
+@dataclass(frozen=True)
+class NodeOptions:
+    config_path: Path
+    state_dir: Path
+    hostname: str
+    uapi_path: str | None = DEFAULT_UAPI  # DEFAULT_UAPI: /var/run/wireguard/IFACE.sock
+    leave_on_exit: bool = False
+    metrics: tuple[str, int] | None = None
+    routing_table: int = DEFAULT_TABLE
+    fwmark: int = DEFAULT_FWMARK
+
+
+def _b64(key: bytes) -> str:
+    return base64.b64encode(key).decode()
+
+
+class _KubeSpan:
+    """The device, its routing and its address while KubeSpan is enabled."""
+
+    def __init__(self, daemon: Daemon, routing: MeshRouting, address: ipaddress.IPv6Address,
+                 subnet: ipaddress.IPv6Network) -> None:
+        self.daemon = daemon
+        self.routing = routing
+        self.address = address
+        self.subnet = subnet
+        self.done = trio.Event()
+
+
+class Node:
+    """See the module docstring."""
+
+    def __init__(self, config: NodeConfig, options: NodeOptions) -> None:
+        self.config = config
+        self.options = options
+        self.identity: Identity | None = None
+        self.changes = api.Changes()
+        self.store = Store(time.time() - trio.current_time(), on_change=self.changes.notify)
+        self.controller: PeerController | None = None
+        self.kubespan: _KubeSpan | None = None
+        self.client: dclient.DiscoveryClient | None = None
+        self.exit_code = 0
+        self.affiliates: dict[str, dclient.Affiliate] = {}
+        self.undecodable = 0  # affiliate data that opened but did not parse
+        self._nursery: trio.Nursery | None = None
+        self._discovery_scope: trio.CancelScope | None = None
+        self._republish = trio.Event()
+        self._control_wake = trio.Event()
+        self._observed_sent: dict[tuple[str, Endpoint], float] = {}
+        self._addresses: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
+        self._leaving = False
+
+    # Lifecycle ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                  ) -> int:
+        """Start everything, serve until stopped; the exit code (0 = clean)."""
+        state_dir = self.options.state_dir
+        try:
+            self.identity = load_or_create(state_dir)
+        except OSError as exc:
+            raise NodeError(f"state directory {state_dir}: {exc.strerror or exc}") from None
+        listener = api.open_listener(str(state_dir / api.SOCKET_NAME))
+        self.controller = PeerController(self.identity.node_id, self.identity.public_key,
+                                         self.config, self.store)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self.config.kubespan.enabled:
+                    await self._start_kubespan()
+                self._put_identity()
+                nursery.start_soon(api.ApiServer(self.store, self.changes, self).serve,
+                                   listener)
+                nursery.start_soon(self._signals)
+                nursery.start_soon(self._control_loop)
+                if self.config.discovery.enabled:
+                    nursery.start_soon(self._discovery)
+                if self.options.metrics is not None:
+                    host, port = self.options.metrics
+                    await nursery.start(metrics.serve, host, port, registry_for(self.store))
+                log.info("node %s started (%s)", self.identity.node_id,
+                         "KubeSpan on" if self.kubespan else "KubeSpan off")
+                task_status.started()
+        finally:
+            self._nursery = None
+            listener.close()
+            _unlink(state_dir / api.SOCKET_NAME)
+            await self._stop_kubespan()
+        return self.exit_code
+
+    def stop(self, code: int = 0) -> None:
+        """Cancel everything; ``run`` cleans up and returns ``code``."""
+        if self._nursery is not None:
+            self.exit_code = code
+            self._nursery.cancel_scope.cancel()
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGHUP) as hangups:
+            async with trio.open_nursery() as nursery:
+                async def reload() -> None:
+                    async for _ in hangups:
+                        try:
+                            text = self.options.config_path.read_text()
+                            log.info("SIGHUP: %s", await self.apply_config(text))
+                        except (OSError, ValueError) as exc:
+                            log.error("SIGHUP: config not applied: %s", exc)
+                nursery.start_soon(reload)
+                signum = await stop_signals.first()
+                log.info("received %s, shutting down", signum.name)
+                if self.options.leave_on_exit:
+                    await self._delete_affiliate()
+                self.stop()
+
+    # KubeSpan: the device and its routing -----------------------------------------------
+
+    async def _start_kubespan(self) -> None:
+        assert self._nursery is not None and self.identity is not None
+        kubespan = self.config.kubespan
+        uapi = self.options.uapi_path
+        if uapi == DEFAULT_UAPI:
+            uapi = uapi_server.socket_path(kubespan.interface)
+        links = read_links(exclude=kubespan.interface)
+        subnet = mesh_address.cluster_subnet(self.config.cluster.id)
+        address = mesh_address.node_address(
+            subnet, mesh_address.first_physical_mac(links.links), self.identity.public_key)
+        self._addresses = links.addresses
+        try:
+            daemon = Daemon.open(kubespan.interface, uapi_path=uapi)
+        except OSError as exc:
+            raise NodeError(f"cannot create interface {kubespan.interface}: "
+                            f"{exc.strerror or exc}") from None
+        routing = MeshRouting(kubespan.interface, table=self.options.routing_table,
+                              fwmark=self.options.fwmark)
+        ks = _KubeSpan(daemon, routing, address, subnet)
+        try:
+            daemon.set(DeviceChange(private_key=self.identity.private_key,
+                                    listen_port=kubespan.port, fwmark=self.options.fwmark))
+            routing.bring_up(ipaddress.IPv6Interface(f"{address}/64"), kubespan.mtu)
+        except (DeviceConfigError, RoutingError) as exc:
+            routing.close()
+            daemon.close()
+            raise NodeError(str(exc)) from None
+        self.kubespan = ks
+        await self._nursery.start(self._run_device, ks)
+        daemon.start_soon(self._pump_peer_events, daemon)
+        self._kick()
+
+    async def _run_device(self, ks: _KubeSpan, *,
+                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            code = await ks.daemon.run(task_status=task_status)
+        finally:
+            ks.done.set()
+        if self.kubespan is ks and not self._leaving:  # not stopped by us: the link is gone
+            log.error("device stopped: %s", ks.daemon.exit_reason)
+            self.stop(code or 1)
+
+    async def _stop_kubespan(self) -> None:
+        ks, self.kubespan = self.kubespan, None
+        if ks is None:
+            return
+        ks.routing.close()
+        ks.daemon.stop("KubeSpan stopped")
+        if self._nursery is not None:
+            await ks.done.wait()
+        else:
+            ks.daemon.close()
+
+    def _put_identity(self) -> None:
+        assert self.identity is not None
+        ks = self.kubespan
+        if ks is None:
+            self.store.delete(KUBESPAN_IDENTITY, KUBESPAN_IDENTITY_ID)
+            return
+        self.store.put(KUBESPAN_IDENTITY, KUBESPAN_IDENTITY_ID,
+                       identity_spec(self.identity, ks.address, ks.subnet), trio.current_time())
+
+    # The controller ----------------------------------------------------------------------
+
+    def _kick(self) -> None:
+        self._control_wake.set()
+
+    async def _control_loop(self) -> None:
+        """Facts in, changes out: when kicked (peer events, discovery) or at the deadline."""
+        deadline = math.inf
+        while True:
+            with trio.move_on_at(deadline):
+                await self._control_wake.wait()
+            self._control_wake = trio.Event()
+            output = self._refresh_facts()
+            deadline = math.inf if output is None or output.deadline is None else output.deadline
+
+    async def _pump_peer_events(self, daemon: Daemon) -> None:
+        """The core's peer events (handshakes, roaming, giving up) kick the controller."""
+        seen = -1
+        while True:
+            seen = await daemon.wait_peer_events(seen)
+            self._kick()
+
+    def _refresh_facts(self) -> Output | None:
+        """Hand the controller the core's facts now; carry out what it says."""
+        if self.controller is None:
+            return None
+        ks = self.kubespan
+        facts = {} if ks is None else {
+            key: _link_facts(value) for key, value in ks.daemon.peer_facts().items()}
+        output = self.controller.set_facts(facts, trio.current_time())
+        self._carry_out(output)
+        return output
+
+    def _carry_out(self, output: Output) -> None:
+        for warning in output.warnings:
+            log.warning("%s", warning)
+        for t in output.transitions:
+            log.info("peer %s (%s): %s -> %s (endpoint %s)", t.label, t.peer_id,
+                     t.old.value, t.new.value, t.endpoint)
+        ks = self.kubespan
+        if ks is not None:
+            if output.device_change.peers:
+                deferred = self._defer_first_handshakes(ks, output.device_change)
+                try:
+                    ks.daemon.set(output.device_change)
+                except DeviceConfigError as exc:
+                    log.error("peer configuration refused by the device: %s", exc)
+                if deferred and self._nursery is not None:
+                    self._nursery.start_soon(self._apply_later, ks, deferred)
+            try:
+                ks.routing.sync_routes(output.routes)
+            except RoutingError as exc:
+                log.error("routing: %s", exc)
+        if output.observed and self.client is not None and self._nursery is not None:
+            self._nursery.start_soon(self._report_observed, output.observed)
+
+    def _defer_first_handshakes(self, ks: _KubeSpan, change: DeviceChange) -> list[PeerChange]:
+        """Of two nodes that learn of each other at once, only one starts the handshake.
+
+        Turning on a new peer's persistent keepalive starts a handshake at once. If both
+        sides do that together, each consumes the other's initiation and forgets its
+        own, so both responses are dropped and WireGuard retries only after REKEY_TIMEOUT
+        (5 s). So the side with the larger public key turns it on FIRST_HANDSHAKE_DELAY
+        later: by then the other side's handshake has usually completed, and if the
+        other side did not know us yet, ours still starts within that delay.
+        """
+        assert self.identity is not None
+        ours = self.identity.public_key
+        known = ks.daemon.device.peers
+        deferred = []
+        for peer in change.peers:
+            if (peer.persistent_keepalive and not peer.remove and peer.public_key not in known
+                    and ours > peer.public_key):
+                deferred.append(PeerChange(peer.public_key, update_only=True,
+                                           persistent_keepalive=peer.persistent_keepalive))
+                peer.persistent_keepalive = None
+        return deferred
+
+    async def _apply_later(self, ks: _KubeSpan, changes: list[PeerChange]) -> None:
+        await trio.sleep(FIRST_HANDSHAKE_DELAY)
+        if self.kubespan is ks:
+            try:
+                ks.daemon.set(DeviceChange(peers=changes))  # update_only: gone ones skip
+            except DeviceConfigError as exc:
+                log.error("peer configuration refused by the device: %s", exc)
+
+    # Discovery ---------------------------------------------------------------------------
+
+    def local_affiliate(self) -> Affiliate:
+        assert self.identity is not None
+        ks = self.kubespan
+        subnet = ks.subnet if ks else mesh_address.cluster_subnet(self.config.cluster.id)
+        address = ks.address if ks else mesh_address.node_address(
+            subnet, None, self.identity.public_key)
+        if not self._addresses:
+            self._addresses = read_links(exclude=self.config.kubespan.interface).addresses
+        return local_affiliate(
+            node_id=self.identity.node_id, hostname=self.options.hostname,
+            nodename=self.options.hostname, addresses=self._addresses,
+            kubespan=self.config.kubespan if ks else _disabled(self.config),
+            public_key=self.identity.public_key, kubespan_address=address)
+
+    async def _discovery(self) -> None:
+        """The client, its publisher and its watcher; restarted on a registry change."""
+        while True:
+            endpoints = [str(e) for e in self.config.discovery.service_endpoints]
+            with trio.CancelScope() as scope:
+                self._discovery_scope = scope
+                async with dclient.DiscoveryClient(endpoints, self.config.cluster.id,
+                                                   self.config.cluster.secret_bytes) as client:
+                    self.client = client
+                    try:
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(self._publish_loop, client)
+                            nursery.start_soon(self._watch_loop, client)
+                            nursery.start_soon(self._status_loop, client)
+                    finally:
+                        self.client = None
+            if not scope.cancelled_caught or not self.config.discovery.enabled:
+                return
+
+    async def _publish_loop(self, client: dclient.DiscoveryClient) -> None:
+        delay = RETRY_MIN
+        while True:
+            self._republish = trio.Event()
+            affiliate = self.local_affiliate()
+            endpoints = affiliate.kubespan.endpoints if affiliate.kubespan else ()
+            try:
+                await client.update(affiliate.node_id, encode_affiliate(affiliate),
+                                    [e.address for e in endpoints], AFFILIATE_TTL)
+            except dclient.DiscoveryError as exc:
+                log.warning("publishing the affiliate failed (retry in %.1fs): %s", delay, exc)
+                with trio.move_on_after(delay):
+                    await self._republish.wait()
+                delay = min(delay * 2, RETRY_MAX)
+                continue
+            delay = RETRY_MIN
+            with trio.move_on_after(REFRESH_INTERVAL):
+                await self._republish.wait()
+
+    async def _watch_loop(self, client: dclient.DiscoveryClient) -> None:
+        async with client.watch() as events:
+            async for event in events:
+                if isinstance(event, dclient.Snapshot):
+                    # A (re)connection: the service may have lost us (a restart without
+                    # state), so publish again, and re-report what we observe.
+                    self.affiliates = {a.id: a for a in event.affiliates}
+                    self._observed_sent.clear()
+                    self._republish.set()
+                elif isinstance(event, dclient.Updated):
+                    self.affiliates[event.affiliate.id] = event.affiliate
+                else:
+                    self.affiliates.pop(event.affiliate_id, None)
+                self._affiliates_changed()
+                self._put_discovery_status(client)
+
+    def _affiliates_changed(self) -> None:
+        assert self.controller is not None
+        affiliates: list[Affiliate] = []
+        observed: dict[str, list[Endpoint]] = {}
+        for record in self.affiliates.values():
+            observed[record.id] = [Endpoint(host, port) for host, port in record.endpoints]
+            if record.data is None:
+                continue
+            try:
+                affiliates.append(decode_affiliate(record.data, record.id))
+            except AffiliateDecodeError as exc:
+                self.undecodable += 1
+                log.warning("affiliate %s ignored: %s", record.id, exc)
+        output = self.controller.set_affiliates(affiliates, observed, trio.current_time())
+        self._carry_out(output)
+        self._kick()
+
+    async def _status_loop(self, client: dclient.DiscoveryClient) -> None:
+        while True:
+            self._put_discovery_status(client)
+            await trio.sleep(1.0)
+
+    def _put_discovery_status(self, client: dclient.DiscoveryClient) -> None:
+        status = client.status
+        link = status.watch if status.watch.connected else status.requests
+        offset = self.store.wall_offset
+        since = None if link.connected_since is None else link.connected_since - offset
+        spec = discovery_status_spec(link.endpoint if link.connected else None, since,
+                                     link.last_error, offset)
+        self.store.put(DISCOVERY_STATUS, DISCOVERY_STATUS_ID, spec, trio.current_time())
+
+    async def _report_observed(self, observed: Sequence[ObservedEndpoint]) -> None:
+        """Tell discovery which endpoint we see each up peer use (under its ID)."""
+        client = self.client
+        if client is None:
+            return
+        now = trio.current_time()
+        for item in observed:
+            affiliate_id, endpoint = item.affiliate_id, item.endpoint
+            key = (affiliate_id, endpoint.without_source())
+            if now - self._observed_sent.get(key, -math.inf) < REFRESH_INTERVAL:
+                continue
+            self._observed_sent[key] = now
+            try:
+                await client.update(affiliate_id, None, [endpoint.address], AFFILIATE_TTL)
+            except dclient.DiscoveryError as exc:
+                self._observed_sent.pop(key, None)
+                log.debug("reporting %s for %s failed: %s", endpoint, affiliate_id, exc)
+
+    async def _delete_affiliate(self) -> None:
+        client = self.client
+        if client is None or self.identity is None:
+            return
+        with trio.move_on_after(5):
+            try:
+                await client.delete(self.identity.node_id)
+                log.info("affiliate %s deleted from discovery", self.identity.node_id)
+            except dclient.DiscoveryError as exc:
+                log.warning("could not delete our affiliate: %s", exc)
+
+    # The local API (api.NodeControl) -----------------------------------------------------
+
+    async def apply_config(self, text: str) -> str:
+        """Validate, then change the running node in place; a one-line summary."""
+        new = parse_config(text)  # ConfigError (a ValueError) names the field
+        if new.cluster != self.config.cluster and self.kubespan is not None and (
+                new.cluster.id != self.config.cluster.id):
+            raise ConfigError("cluster.id", "changing the cluster needs a restart")
+        diff = diff_configs(self.config, new)
+        if not diff.changed:
+            return "no change"
+        old, self.config = self.config, new
+        actions = diff.actions
+        ks = self.kubespan
+        if Action.REMOVE_INTERFACE in actions or Action.RECREATE_INTERFACE in actions:
+            await self._stop_kubespan()
+            ks = None
+        if (Action.CREATE_INTERFACE in actions or Action.RECREATE_INTERFACE in actions) and (
+                new.kubespan.enabled):
+            await self._start_kubespan()
+            ks = self.kubespan
+        elif ks is not None:
+            if Action.SET_MTU in actions:
+                ks.routing.set_mtu(new.kubespan.mtu)
+            if Action.REBIND_PORT in actions:
+                try:
+                    ks.daemon.set(DeviceChange(listen_port=new.kubespan.port))
+                except DeviceConfigError as exc:
+                    self.config = old
+                    raise ConfigError("kubespan.port", str(exc)) from None
+        self._put_identity()
+        assert self.controller is not None
+        self._carry_out(self.controller.set_config(new, trio.current_time()))
+        if Action.RESTART_DISCOVERY in actions:
+            if self._discovery_scope is not None:
+                self._discovery_scope.cancel()
+            elif new.discovery.enabled and self._nursery is not None:
+                self._nursery.start_soon(self._discovery)
+        self._republish.set()
+        self._kick()
+        return "applied: " + ", ".join(diff.changed)
+
+    async def leave(self) -> str:
+        self._leaving = True
+        await self._delete_affiliate()
+        return "left the cluster; the node is stopping"
+
+
+def _disabled(config: NodeConfig) -> KubeSpanConfig:
+    return replace(config.kubespan, enabled=False)
+
+
+def _link_facts(facts: PeerFacts) -> LinkFacts:
+    return LinkFacts(
+        endpoint=facts.endpoint,
+        last_handshake=facts.last_handshake,
+        unanswered_attempts=facts.attempts_on_endpoint,
+        last_attempt=facts.last_attempt,
+        rx_bytes=facts.rx_bytes,
+        tx_bytes=facts.tx_bytes,
+        last_received=facts.last_received,
+        unanswered_data_since=facts.unanswered_data_since,
+    )
+
+
+def _unlink(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+def load_config(path: Path) -> NodeConfig:
+    """The config file, or NodeError naming the file and the field."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise NodeError(f"{path}: {exc.strerror or exc}") from None
+    try:
+        return parse_config(text)
+    except ConfigError as exc:
+        raise NodeError(f"{path}: {exc}") from None
+
+
