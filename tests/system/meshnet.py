@@ -25,6 +25,10 @@ def node_addresses(index: int) -> list[str]:
     return [f"192.0.2.{index}/24", f"fd00:2::{index}/64"]
 
 
+def second_network_addresses(index: int) -> list[str]:
+    return [f"198.51.100.{index}/24", f"fd00:3::{index}/64"]
+
+
 @dataclass
 class MeshNode:
     mesh: Mesh
@@ -87,6 +91,19 @@ class MeshNode:
     def statuses(self) -> dict[str, dict[str, Any]]:
         return {item["spec"]["label"]: item["spec"] for item in self.get("kubespanpeerstatuses")}
 
+    def cut(self, other: MeshNode, network: str = "192.0.2") -> None:
+        """Drop UDP between this node and ``other`` on one underlay network, both ways."""
+        v6 = {"192.0.2": "fd00:2::", "198.51.100": "fd00:3::"}[network]
+        for ns, peer in ((self.ns, other.index), (other.ns, self.index)):
+            for tool, address in (("iptables", f"{network}.{peer}"), ("ip6tables", f"{v6}{peer}")):
+                for chain, flag in (("INPUT", "-s"), ("OUTPUT", "-d")):
+                    ns.run(tool, "-A", chain, "-p", "udp", flag, address, "-j", "DROP")
+
+    def heal(self, other: MeshNode) -> None:
+        for ns in (self.ns, other.ns):
+            for tool in ("iptables", "ip6tables"):
+                ns.run(tool, "-F")
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]
 
@@ -94,7 +111,8 @@ class MeshNode:
 class Mesh:
     """Namespaces on one bridge; node i has 192.0.2.i and fd00:2::i; the service .254."""
 
-    def __init__(self, lab: Lab, tmp: Path, count: int, *, spare: int = 0) -> None:
+    def __init__(self, lab: Lab, tmp: Path, count: int, *, spare: int = 0,
+                 networks: int = 1) -> None:
         self.lab = lab
         self.tmp = tmp
         names = [f"n{i}" for i in range(1, count + spare + 1)]
@@ -102,6 +120,13 @@ class Mesh:
         self.namespaces = [lab.namespace(name) for name in names]
         lab.bridge([self.service_ns, *self.namespaces],
                    [[f"{SERVICE}/24"], *[node_addresses(i) for i in range(1, len(names) + 1)]])
+        if networks == 2:  # a second underlay: 198.51.100.i, fd00:3::i (no service there)
+            hub = lab.namespace("br2")
+            hub.ip("link", "add", "br0", "type", "bridge")
+            hub.link_up("br0")
+            for i, ns in enumerate(self.namespaces, start=1):
+                link = lab.veth(hub, ns, (), second_network_addresses(i))
+                hub.ip("link", "set", link.a_dev, "master", "br0")
         self.service: subprocess.Popen[bytes] | None = None
         self.service_log = tmp / "discovery.log"
         self.start_service()

@@ -20,8 +20,8 @@ pytestmark = pytest.mark.system
 def mesh_factory(lab: Lab, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[type]:
     made: list[Mesh] = []
 
-    def make(count: int, spare: int = 0) -> Mesh:
-        mesh = Mesh(lab, tmp_path, count, spare=spare)
+    def make(count: int, spare: int = 0, networks: int = 1) -> Mesh:
+        mesh = Mesh(lab, tmp_path, count, spare=spare, networks=networks)
         made.append(mesh)
         return mesh
 
@@ -174,3 +174,39 @@ def test_sigterm_right_after_ready_is_clean(mesh_factory) -> None:  # type: igno
         assert not (node.state_dir / "node.sock").exists()
         assert not (Path("/var/run/wireguard") / f"{node.interface}.sock").exists()
         assert node.ns.ip("link", "show", node.interface, check=False).returncode != 0
+
+
+def wait_up_on(node: MeshNode, peer: str, prefix: str, timeout: float) -> float:
+    """Seconds until ``node`` sees ``peer`` up on an endpoint starting with ``prefix``."""
+    start = time.monotonic()
+
+    def up() -> bool:
+        status = node.statuses().get(peer, {})
+        return status.get("state") == "up" and str(status.get("endpoint")).startswith(prefix)
+
+    poll(up, what=f"{node.name} to see {peer} up on {prefix}*", timeout=timeout, interval=0.2)
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("traffic", [True, False], ids=["traffic", "keepalives"])
+def test_dead_endpoint_fails_over_to_the_other_network(mesh_factory, traffic: bool) -> None:  # type: ignore[no-untyped-def]
+    mesh = mesh_factory(2, networks=2)
+    n1, n2 = mesh.nodes
+    for node in mesh.nodes:
+        node.start()
+    mesh.wait_full_mesh()
+    assert n1.statuses()["n2"]["endpoint"] == "192.0.2.2:51820"
+    pinger = None
+    if traffic:
+        pinger = n1.ns.spawn("ping", "-i", "0.2", "-W", "1", n2.kubespan_ip())
+    n1.cut(n2)
+    took = max(wait_up_on(n1, "n2", "198.51.100.", 60), 0.0)
+    took_back = wait_up_on(n2, "n1", "198.51.100.", 60)
+    print(f"failover with {'traffic' if traffic else 'keepalives only'}: "
+          f"n1 sees n2 up on the other network {took:.1f}s after the cut")
+    limit = 20 if traffic else 45
+    assert took <= limit * 1.25, f"{took:.1f}s (target {limit}s)"
+    assert took_back <= 15
+    ping(n1, n2.kubespan_ip())
+    if pinger is not None:
+        pinger.terminate()

@@ -138,3 +138,17 @@ def test_last_received_and_unanswered_data(net: Net, pair) -> None:
     net.run()
     fa = a.device.peer_facts()[b.public]
     assert fa.unanswered_data_since is None and fa.last_received == net.now
+
+
+def test_a_requested_handshake_goes_out_at_once(net: Net, pair) -> None:
+    """The mesh's check of a new endpoint: past the once-per-REKEY_TIMEOUT limit."""
+    a, b = pair
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    net.run()
+    handshakes = a.device.peer_facts()[b.public].handshakes
+    net.advance(1)  # well within REKEY_TIMEOUT of the last initiation
+    net.emit(a, a.device.apply(DeviceChange(peers=[PeerChange(
+        b.public, endpoint=b.endpoint, handshake=True)]), net.now))
+    net.run()
+    assert len([d for d in a.sent if d[0] == MSG_INITIATION]) == 2
+    assert a.device.peer_facts()[b.public].handshakes == handshakes + 1

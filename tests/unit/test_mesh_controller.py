@@ -116,7 +116,7 @@ def test_dead_first_endpoint_is_cycled_by_the_faster_rule() -> None:
         Transition(ID2, "h2", UNKNOWN, DOWN, E2A),
         Transition(ID2, "h2", DOWN, UNKNOWN, E2B),
     ]
-    assert out.device_change.peers == [PeerChange(public_key=K2, endpoint=E2B)]
+    assert out.device_change.peers == [PeerChange(public_key=K2, endpoint=E2B, handshake=True)]
     assert out.deadline == 15.0  # peer 1's timeout comes first; peer 2's is at 26.1
     spec = store.get(KUBESPAN_PEER_STATUS, ID2).spec
     assert (spec["endpoint"], spec["lastUsedEndpoint"], spec["state"]) == (

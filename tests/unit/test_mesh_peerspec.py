@@ -175,7 +175,8 @@ def test_endpoint_pushed_only_when_the_choice_changes() -> None:
     _, applied = plan_device_change(specs, {A: None}, {}, PSK)
     assert applied[A].endpoint is None
     change, applied = plan_device_change(specs, {A: EP1}, applied, PSK)
-    assert change.peers == [PeerChange(public_key=A, endpoint=EP1)]
+    # a known peer given an endpoint: a handshake proves it at once
+    assert change.peers == [PeerChange(public_key=A, endpoint=EP1, handshake=True)]
     # the core roamed to another endpoint meanwhile: choosing the same one again keeps it
     change, applied = plan_device_change(specs, {A: EP1}, applied, PSK)
     assert change.peers == []
@@ -184,7 +185,7 @@ def test_endpoint_pushed_only_when_the_choice_changes() -> None:
     change, applied = plan_device_change(specs, {A: sticky}, applied, PSK)
     assert change.peers == []
     change, applied = plan_device_change(specs, {A: EP2}, applied, PSK)
-    assert change.peers == [PeerChange(public_key=A, endpoint=EP2)]
+    assert change.peers == [PeerChange(public_key=A, endpoint=EP2, handshake=True)]
 
 
 def test_allowed_ips_and_psk_changes_and_removal() -> None:

@@ -9,7 +9,8 @@ the outcome does not depend on the order discovery delivered them in.
 
 ``plan_device_change`` turns specs into the same ``DeviceChange`` the UAPI produces,
 touching only what changed: an endpoint is pushed only when the chosen one changes, so an
-endpoint the core learned by roaming is kept.
+endpoint the core learned by roaming is kept; a known peer given a new endpoint also gets
+a handshake at once, which proves the new path within a round trip.
 """
 
 from __future__ import annotations
@@ -188,6 +189,9 @@ def plan_device_change(
         pushed = None if before is None else before.endpoint
         if endpoint is not None and endpoint != pushed:
             peer.endpoint = endpoint
+            # A known peer moved to another endpoint: check it with a handshake now, or
+            # it would stay unproven until the session's next rekey (up to 2 minutes).
+            peer.handshake = before is not None
             pushed = endpoint
         if peer != PeerChange(public_key=spec.public_key):
             change.peers.append(peer)

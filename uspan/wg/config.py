@@ -37,6 +37,9 @@ class PeerChange:
     allowed_ips: list[Network] = field(default_factory=list)
     remove_allowed_ips: list[Network] = field(default_factory=list)  # UAPI "allowed_ip=-..."
     protocol_version: int | None = None
+    # Start a handshake now, even within REKEY_TIMEOUT of the last: how the mesh checks an
+    # endpoint it just picked. Not a UAPI key (``wg`` cannot ask for it).
+    handshake: bool = False
 
 
 @dataclass(slots=True)

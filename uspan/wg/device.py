@@ -196,6 +196,8 @@ class Device:
             self.allowed_ips.remove(network, peer)
         if change.persistent_keepalive is not None:
             peer.set_persistent_keepalive(change.persistent_keepalive, now, out)
+        if change.handshake:
+            peer.initiate_now(now, out)
 
     def _remove_peer(self, peer: Peer) -> None:
         peer.zero_keys()

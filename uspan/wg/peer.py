@@ -168,6 +168,11 @@ class Peer:
         ):
             self.send_initiation(now, out, retry=False)
 
+    def initiate_now(self, now: float, out: Out) -> None:
+        """A handshake at once, past the once-per-REKEY_TIMEOUT limit (asked by the owner)."""
+        self.last_sent_handshake = None
+        self.send_initiation(now, out, retry=False)
+
     def send_initiation(self, now: float, out: Out, *, retry: bool) -> None:
         """Start (or retransmit) a handshake, at most once per REKEY_TIMEOUT."""
         if not retry:
