@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 from tests.unit.wgnet import ipv4_packet
-from uspan.daemon.daemon import Daemon
+from uspan.daemon.daemon import WATCH_INTERVAL, Daemon
 from uspan.daemon.memory import MemoryNetwork, MemoryTun
 from uspan.wg.config import DeviceChange, PeerChange
 from uspan.wg.constants import MSG_TRANSPORT
@@ -195,5 +195,17 @@ def test_running_as_an_async_context_manager():
             assert await b.tun.next_written() == packet
         assert a.daemon.exit_reason == b.daemon.exit_reason == "owner finished"
         assert network.binds == {}
+
+    run(main)
+
+
+def test_an_mtu_change_reaches_the_core_within_a_watch_interval():
+    async def main():
+        network = MemoryNetwork()
+        a, _ = pair(network)
+        async with a.daemon.running():
+            a.tun.set_mtu(1280)
+            await trio.sleep(WATCH_INTERVAL + 0.001)  # the watcher's first look is at 1 s
+            assert a.daemon.device.mtu == 1280
 
     run(main)

@@ -35,8 +35,8 @@ from typing import Any
 import trio
 
 from uspan.daemon import uapi_server
-from uspan.daemon.ports import BindPort, DatagramReceiver, TunPort
-from uspan.daemon.tun import Tun, TunError, TunGone
+from uspan.daemon.ports import BindPort, DatagramReceiver, TunError, TunGone, TunPort
+from uspan.daemon.tun import Tun
 from uspan.daemon.udp import UdpBind
 from uspan.wg.config import ConfigError, DeviceChange
 from uspan.wg.device import Device

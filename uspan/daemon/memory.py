@@ -15,8 +15,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from uspan.daemon.ports import BindPort, Datagram, TunPort
-from uspan.daemon.tun import TunGone
+from uspan.daemon.ports import BindPort, Datagram, TunGone, TunPort
 from uspan.wg.constants import DEFAULT_MTU
 from uspan.wg.endpoint import Endpoint
 

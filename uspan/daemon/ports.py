@@ -15,11 +15,19 @@ from uspan.wg.endpoint import Endpoint
 Datagram = tuple[bytes, Endpoint]
 
 
+class TunError(OSError):
+    """The TUN device could not be opened or failed."""
+
+
+class TunGone(TunError):
+    """The interface was deleted: its fd reports EBADFD/EIO/... on read or write."""
+
+
 class TunPort(Protocol):
     """The tunnel side: IP packets in batches.
 
-    ``read`` and ``write`` raise ``tun.TunGone`` once the interface is deleted (the
-    daemon stops cleanly) and ``tun.TunError`` when it fails (the daemon stops, code 1).
+    ``read`` and ``write`` raise ``TunGone`` once the interface is deleted (the daemon
+    stops cleanly) and ``TunError`` when it fails (the daemon stops, code 1).
     """
 
     @property

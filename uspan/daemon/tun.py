@@ -22,6 +22,7 @@ import pytun
 import trio
 
 from uspan.daemon import gso, offload
+from uspan.daemon.ports import TunError, TunGone
 from uspan.wg.constants import DEFAULT_MTU
 
 IFNAMSIZ = 16
@@ -34,14 +35,6 @@ _BUFFER_SIZE = gso.VNET_HDR_LEN + 65536  # a read never truncates
 _GONE = frozenset({errno.EBADFD, errno.EIO, errno.ENODEV, errno.ENXIO, errno.EBADF,
                    errno.EPIPE})
 _WRITE_GONE = frozenset({errno.EBADFD, errno.ENODEV, errno.ENXIO, errno.EBADF})
-
-
-class TunError(OSError):
-    """The TUN device could not be opened or failed."""
-
-
-class TunGone(TunError):
-    """The interface was deleted: its fd reports EBADFD/EIO/... on read or write."""
 
 
 def validate_name(name: str) -> str:
