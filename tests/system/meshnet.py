@@ -184,3 +184,33 @@ class Mesh:
             return True
 
         poll(full, what="every pair up", timeout=timeout, interval=0.2)
+
+
+# Publishes one affiliate through the client library, from inside a namespace.
+# argv: service cluster_id secret_b64 node_id hostname public_b64 address endpoint... ("-" = raw
+# garbage data instead of an affiliate)
+PUBLISH = r"""
+import base64, ipaddress, sys, trio
+from uspan.discovery.client import DiscoveryClient
+from uspan.mesh.affiliate import Affiliate, KubeSpanInfo, encode_affiliate
+from uspan.mesh.config import decode_base64
+from uspan.wg.endpoint import Endpoint
+service, cluster, secret, node_id, hostname, public, address, *endpoints = sys.argv[1:]
+async def main():
+    async with DiscoveryClient([service], cluster, decode_base64(secret)) as client:
+        if public == "-":
+            await client.update_blobs(node_id, b"garbage that does not open", [b"x" * 20], 600)
+            return
+        eps = tuple(Endpoint.parse(e) for e in endpoints)
+        info = KubeSpanInfo(base64.b64decode(public), ipaddress.IPv6Address(address), (), eps)
+        affiliate = Affiliate(node_id, hostname, hostname,
+                              tuple(ipaddress.ip_address(e.host) for e in eps), info)
+        await client.update(node_id, encode_affiliate(affiliate), [e.address for e in eps], 600)
+trio.run(main)
+"""
+
+
+def publish(ns: Namespace, cluster: dict[str, str], node_id: str, hostname: str,
+            public_key: str, address: str, *endpoints: str) -> None:
+    ns.run(sys.executable, "-c", PUBLISH, f"{SERVICE}:{SERVICE_PORT}", cluster["id"],
+           cluster["secret"], node_id, hostname, public_key, address, *endpoints, timeout=30)

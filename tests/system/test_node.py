@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import ipaddress
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,8 +13,11 @@ from pathlib import Path
 import pytest
 
 from tests.system.conftest import FAILED
-from tests.system.meshnet import USPAN, Mesh, MeshNode
-from uspan.testbed import Lab, poll, run
+from tests.system.meshnet import USPAN, Mesh, MeshNode, publish
+from uspan.mesh.config import decode_base64
+from uspan.testbed import Lab, PeerConfig, poll, run
+
+WIREGUARD_GO = "/usr/bin/wireguard-go"
 
 pytestmark = pytest.mark.system
 
@@ -210,3 +216,69 @@ def test_dead_endpoint_fails_over_to_the_other_network(mesh_factory, traffic: bo
     ping(n1, n2.kubespan_ip())
     if pinger is not None:
         pinger.terminate()
+
+
+def test_mixed_mesh_with_a_wireguard_go_peer(mesh_factory) -> None:  # type: ignore[no-untyped-def]
+    """A plain wireguard-go peer configured by hand from `uspan get` output: its key and
+    address published as an affiliate, its peers taken from the nodes' identities."""
+    if not Path(WIREGUARD_GO).exists():
+        pytest.skip("wireguard-go is not installed")
+    mesh = mesh_factory(2, spare=1)
+    n1, n2, plain = mesh.nodes
+    n1.start()
+    n2.start()
+    mesh.wait_full_mesh([n1, n2])
+    wg = mesh.lab.start_wireguard(plain.ns, WIREGUARD_GO)
+    subnet = ipaddress.ip_network(n1.identity()["subnet"])
+    address = str(subnet[0xABCD])
+    publish(plain.ns, mesh.base_config["cluster"], "w" * 43, "plain", wg.keys.public, address,
+            f"{plain.address4}:51820")
+    psk = base64.b64encode(decode_base64(mesh.base_config["cluster"]["secret"])).decode()
+    wg.configure(listen_port=51820, peers=[
+        PeerConfig(node.identity()["publicKey"], [node.identity()["address"]],
+                   f"{node.address4}:51820", psk, persistent_keepalive=25)
+        for node in (n1, n2)])
+    wg.add_address(f"{address}/64")
+    wg.up()
+    poll(lambda: all(node.statuses().get("plain", {}).get("state") == "up"
+                     for node in (n1, n2)), what="the nodes to see the wireguard-go peer up",
+         timeout=30, interval=0.2)
+    for node in (n1, n2):
+        ping(plain, node.kubespan_ip())
+        ping(node, address)
+
+
+def test_tampered_and_foreign_data_is_ignored(mesh_factory) -> None:  # type: ignore[no-untyped-def]
+    mesh = mesh_factory(2)
+    n1, n2 = mesh.nodes
+    for node in mesh.nodes:
+        node.start()
+    mesh.wait_full_mesh()
+    cluster = mesh.base_config["cluster"]
+    # A member writes data that does not open under the cluster secret.
+    publish(n2.ns, cluster, "t" * 43, "-", "-", "-")
+    # Another cluster on the same service: its own ID and secret.
+    foreign = {"id": "Zm9yZWlnbi1jbHVzdGVyLWlk", "secret": base64.b64encode(b"f" * 32).decode()}
+    publish(n2.ns, foreign, "f" * 43, "foreign", base64.b64encode(b"k" * 32).decode(),
+            "fd00:ffff::1", f"{n2.address4}:51999")
+    time.sleep(1.0)  # let the watch deliver what there is to deliver
+    ids = {item["metadata"]["id"] for item in n1.get("affiliates")}
+    assert "f" * 43 not in ids
+    assert set(n1.statuses()) == {"n2"}
+    assert "foreign" not in n1.cli("get", "members").stdout
+    ping(n1, n2.kubespan_ip())
+
+
+def test_metrics_report_peer_states(mesh_factory) -> None:  # type: ignore[no-untyped-def]
+    mesh = mesh_factory(2)
+    n1 = mesh.nodes[0]
+    n1.extra = ["--metrics", "127.0.0.1:9101"]
+    for node in mesh.nodes:
+        node.start()
+    mesh.wait_full_mesh()
+    fetch = ("import urllib.request; "
+             "print(urllib.request.urlopen('http://127.0.0.1:9101/metrics').read().decode())")
+    text = n1.ns.run(sys.executable, "-c", fetch).stdout
+    assert 'uspan_peer_state{label="n2"' in text and 'state="up"} 1.0' in text
+    assert "uspan_discovery_connected 1.0" in text
+    assert "uspan_peer_receive_bytes" in text
