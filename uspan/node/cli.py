@@ -160,7 +160,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpcore", "pyroute2"):
+    for noisy in ("httpx", "httpcore", "pyroute2", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         config = load_config(args.config)
