@@ -111,7 +111,7 @@ class LinkStatus:
     connected_since: float | None = None
     last_error: str | None = None
     last_error_at: float | None = None
-    reconnects: int = 0
+    connects: int = 0  # connections established (1 = never reconnected)
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,7 +292,7 @@ class DiscoveryClient:
                             endpoint=endpoint,
                             connected=True,
                             connected_since=time.time(),
-                            reconnects=previous.reconnects + 1,
+                            connects=previous.connects + 1,
                         )
                     },
                     observed_address=str(hello.get("address")),
