@@ -294,6 +294,8 @@ class EtcdBackend:
         )
         self.mirror.clear()
         self.mirror.apply([("PUT", kv) for kv in result.get("kvs", [])])
+        # set, not raised: an etcd rebuilt from scratch starts its revisions again
+        self.mirror.revision = 0
         self._set_revision(int(result["header"]["revision"]))
         self.available = True
         log.info("etcd mirror in sync at revision %d (%s)", self.mirror.revision, self.etcd.url)
