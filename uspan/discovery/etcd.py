@@ -17,8 +17,9 @@ LEASE_REUSE seconds (an entry may expire up to that much early) to keep etcd's l
 count and the cost of an update down.
 
 Limits that depend on state (1024 affiliates per cluster, 64 endpoints per affiliate) are
-checked against the replica's mirror, so creates racing through different replicas can
-overshoot by the number of replicas at most; the pin cannot race (it is in every txn).
+checked against the replica's mirror, so creates racing each other (on one replica or
+several) can overshoot by the number in flight at once; the pin cannot race (every txn
+checks it).
 
 Each replica mirrors the whole prefix: a range read, then a watch from the next
 revision. Watchers and lists are served from the mirror after it caught up with etcd's
