@@ -23,7 +23,7 @@ from pathlib import Path
 
 import trio
 
-from bench.common import BenchError, peak_rss_mib, percentile, table
+from bench.common import BenchError, Spread, peak_rss_mib, percentile, table
 from bench.common import machine as machine_info
 from uspan.discovery.client import DiscoveryClient, Updated
 from uspan.discovery.procs import ETCD, EtcdProcess, ServiceProcess
@@ -41,6 +41,7 @@ def options() -> argparse.Namespace:
     parser.add_argument("--probes", type=int, default=200, help="updates timed for fan-out")
     parser.add_argument("--data", type=int, default=256, help="plaintext bytes per affiliate")
     parser.add_argument("--backends", default="memory,state-file,etcd")
+    parser.add_argument("--rounds", type=int, default=1, help="each backend once per round")
     parser.add_argument("--markdown", type=Path, help="write the results as markdown here")
     return parser.parse_args()
 
@@ -102,7 +103,18 @@ async def fan_out(writer_address: str, watch_addresses: list[str],
     return latencies
 
 
-def measure(backend: str, args: argparse.Namespace, workdir: Path) -> dict[str, str]:
+METRICS = {  # name: (digits, what)
+    "updates/s (populate)": 0,
+    "fan-out p50 (ms)": 1,
+    "fan-out p99 (ms)": 1,
+    "service RSS at start (MiB)": 1,
+    "service peak RSS (MiB)": 1,
+    "etcd peak RSS (MiB)": 1,
+}
+
+
+def measure(backend: str, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
+    """One round of one backend: the METRICS (RSS summed over both replicas for etcd)."""
     etcd = None
     services: list[ServiceProcess] = []
     try:
@@ -114,18 +126,19 @@ def measure(backend: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
             flags = ["--state-file", str(workdir / "state")] if backend == "state-file" else []
             services.append(ServiceProcess(workdir, *flags, *NO_LIMIT).start())
         addresses = [s.address for s in services]
+        start_rss = sum(peak_rss_mib(s.pid) for s in services)
         rate = trio.run(populate, addresses, args)
         # with two replicas: write through the first, watch through both
         latencies = sorted(trio.run(fan_out, addresses[0], addresses, args))
-        rss = sum(peak_rss_mib(s.pid) for s in services)
-        etcd_rss = peak_rss_mib(etcd.pid) if etcd else None
         result = {
-            "updates/s (populate)": f"{rate:.0f}",
-            "fan-out p50 (ms)": f"{percentile(latencies, 0.5) * 1000:.1f}",
-            "fan-out p99 (ms)": f"{percentile(latencies, 0.99) * 1000:.1f}",
-            "service peak RSS (MiB)": f"{rss:.1f}" + (" (2 replicas)" if etcd else ""),
-            "etcd peak RSS (MiB)": f"{etcd_rss:.1f}" if etcd_rss is not None else "-",
+            "updates/s (populate)": rate,
+            "fan-out p50 (ms)": percentile(latencies, 0.5) * 1000,
+            "fan-out p99 (ms)": percentile(latencies, 0.99) * 1000,
+            "service RSS at start (MiB)": start_rss,
+            "service peak RSS (MiB)": sum(peak_rss_mib(s.pid) for s in services),
         }
+        if etcd is not None:
+            result["etcd peak RSS (MiB)"] = peak_rss_mib(etcd.pid)
         return result
     finally:
         for service in services:
@@ -139,13 +152,20 @@ def main() -> int:
     backends = [b for b in args.backends.split(",") if b]
     if "etcd" in backends and not os.access(ETCD, os.X_OK):
         raise BenchError(f"{ETCD} is missing (apt-get install etcd-server), or drop etcd")
-    results: dict[str, dict[str, str]] = {}
-    for backend in backends:
-        print(f"{backend}: running...", file=sys.stderr, flush=True)
-        with tempfile.TemporaryDirectory(prefix="uspan-bench-discovery-") as workdir:
-            results[backend] = measure(backend, args, Path(workdir))
-        print(f"{backend}: {results[backend]}", file=sys.stderr, flush=True)
-    rows = [[metric, *(results[b][metric] for b in backends)] for metric in results[backends[0]]]
+    results: dict[str, list[dict[str, float]]] = {b: [] for b in backends}
+    for round_ in range(1, args.rounds + 1):
+        for backend in backends:
+            print(f"round {round_}, {backend}: running...", file=sys.stderr, flush=True)
+            with tempfile.TemporaryDirectory(prefix="uspan-bench-discovery-") as workdir:
+                results[backend].append(measure(backend, args, Path(workdir)))
+            print(f"  {results[backend][-1]}", file=sys.stderr, flush=True)
+    rows = []
+    for metric, digits in METRICS.items():
+        cells = []
+        for backend in backends:
+            spread = Spread.of([r.get(metric) for r in results[backend]])
+            cells.append(spread.format(digits) if spread else "-")
+        rows.append([metric, *cells])
     header = ["metric", *backends]
     print(table(header, rows))
     if args.markdown:
@@ -155,7 +175,9 @@ def main() -> int:
             f"- {args.clusters} clusters x {args.affiliates} affiliates, {args.data}-byte data "
             f"(sealed: {args.data + 28} bytes) and 2 endpoints each, TTL 600 s\n"
             f"- fan-out: {args.watchers} watchers of one cluster, {args.probes} probe updates "
-            "sent one at a time"
+            "sent one at a time\n"
+            f"- rounds: {args.rounds}; cells are median [min-max] over rounds; etcd: two "
+            "service replicas (RSS summed) and one etcd member"
         )
         text = "\n".join(lines) + "\n\n" + settings + "\n\n" + table(header, rows, True) + "\n"
         args.markdown.write_text(text)

@@ -130,7 +130,7 @@ def test_garbage_from_one_client_while_others_watch(
                     await writer.update(f"n{i}", b"x", [], 60)
                     event = await events.receive()
                     assert isinstance(event, Updated) and event.affiliate.id == f"n{i}"
-            assert watcher.status.watch.reconnects == 1  # never disturbed
+            assert watcher.status.watch.connects == 1  # never disturbed
             assert len(await writer.list()) == 50  # nothing else stored
 
     run(main)

@@ -123,7 +123,7 @@ def test_limit_refusal_keeps_the_connection() -> None:
                 await c.update_blobs("n1", bytes(3000), [], 60)
             assert caught.value.code == p.E_LIMIT_DATA
             await c.update("n1", b"ok", [], 60)  # same connection still serves
-            assert c.status.requests.reconnects == 1
+            assert c.status.requests.connects == 1
             assert server.stats.refusals[p.E_LIMIT_DATA] == 1
 
     serving(test)
@@ -153,7 +153,7 @@ def test_hostile_connection_closed_others_undisturbed(payload: bytes) -> None:
             await writer.update("n1", b"1", [], 60)
             event = await events.receive()
             assert isinstance(event, Updated)
-            assert watcher.status.watch.reconnects == 1
+            assert watcher.status.watch.connects == 1
 
     serving(test)
 

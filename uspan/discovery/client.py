@@ -41,10 +41,11 @@ E_UNAVAILABLE = "unavailable"  # client-side code: no service could be reached
 class DiscoveryError(Exception):
     """A request failed: ``code`` is a protocol error code or ``unavailable``."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.retry_after = retry_after  # seconds, from a rate_limited reply
 
     @property
     def retryable(self) -> bool:
@@ -110,7 +111,7 @@ class LinkStatus:
     connected_since: float | None = None
     last_error: str | None = None
     last_error_at: float | None = None
-    reconnects: int = 0
+    connects: int = 0  # connections established (1 = never reconnected)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,9 +184,12 @@ class _Link:
             if message.get("id") in (rid, 0):
                 if message.get("ok") is not True:
                     code = str(message.get("code", "bad_message"))
-                    error = DiscoveryError(code, str(message.get("message", "")))
-                    error.retry_after = message.get("retry_after")  # type: ignore[attr-defined]
-                    raise error
+                    after = message.get("retry_after")
+                    raise DiscoveryError(
+                        code,
+                        str(message.get("message", "")),
+                        float(after) if isinstance(after, int | float) else None,
+                    )
                 return message
 
     async def aclose(self) -> None:
@@ -288,7 +292,7 @@ class DiscoveryClient:
                             endpoint=endpoint,
                             connected=True,
                             connected_since=time.time(),
-                            reconnects=previous.reconnects + 1,
+                            connects=previous.connects + 1,
                         )
                     },
                     observed_address=str(hello.get("address")),
@@ -326,10 +330,12 @@ class DiscoveryClient:
         delay = self.backoff_min
         last: DiscoveryError | None = None
         async with self._lock:
+            pause: float | None = None  # the service's retry_after, when it gave one
             for attempt in range(self.attempts):
                 if attempt:
-                    await trio.sleep(delay * (0.5 + random.random()))
+                    await trio.sleep(pause if pause else delay * (0.5 + random.random()))
                     delay = min(delay * 2, self.backoff_max)
+                    pause = None
                 try:
                     if self._link is None:
                         self._link, _ = await self._open("requests")
@@ -347,9 +353,8 @@ class DiscoveryClient:
                     if not isinstance(e, DiscoveryUnavailable):
                         if not e.retryable:
                             raise
-                        retry_after = getattr(e, "retry_after", None)
-                        if e.code == p.E_RATE_LIMITED and isinstance(retry_after, float | int):
-                            delay = max(delay, float(retry_after))
+                        if e.code == p.E_RATE_LIMITED:
+                            pause = e.retry_after  # the same service, once it has a token
                             continue
                     await self._drop_link(str(e))
                 except (OSError, trio.BrokenResourceError, trio.TooSlowError) as e:

@@ -16,6 +16,11 @@ cluster to different keys. Leases are shared by writes with the same TTL within
 LEASE_REUSE seconds (an entry may expire up to that much early) to keep etcd's lease
 count and the cost of an update down.
 
+Limits that depend on state (1024 affiliates per cluster, 64 endpoints per affiliate) are
+checked against the replica's mirror, so creates racing each other (on one replica or
+several) can overshoot by the number in flight at once; the pin cannot race (every txn
+checks it).
+
 Each replica mirrors the whole prefix: a range read, then a watch from the next
 revision. Watchers and lists are served from the mirror after it caught up with etcd's
 current revision (read-your-writes, across replicas too). When etcd cannot be reached,
@@ -294,6 +299,8 @@ class EtcdBackend:
         )
         self.mirror.clear()
         self.mirror.apply([("PUT", kv) for kv in result.get("kvs", [])])
+        # set, not raised: an etcd rebuilt from scratch starts its revisions again
+        self.mirror.revision = 0
         self._set_revision(int(result["header"]["revision"]))
         self.available = True
         log.info("etcd mirror in sync at revision %d (%s)", self.mirror.revision, self.etcd.url)
