@@ -88,6 +88,9 @@ def test_four_nodes_form_a_full_mesh(mesh_factory) -> None:  # type: ignore[no-u
         assert rx > 0 and tx > 0
         assert abs(statuses[key]["receiveBytes"] - rx) <= 2048  # keepalives may land between
         assert abs(statuses[key]["transmitBytes"] - tx) <= 2048
+    # Observed endpoints of up peers, as reported back to discovery.
+    observed = {item["spec"]["endpoint"] for item in n1.get("kubespanendpoints")}
+    assert observed == {f"{other.address4}:51820" for other in mesh.nodes[1:]}
     # The private key never shows unless asked for.
     assert n1.identity()["privateKey"] == "(redacted)"
     table = n1.cli("get", "kubespanpeerstatuses").stdout.splitlines()
@@ -282,3 +285,16 @@ def test_metrics_report_peer_states(mesh_factory) -> None:  # type: ignore[no-un
     assert 'uspan_peer_state{label="n2"' in text and 'state="up"} 1.0' in text
     assert "uspan_discovery_connected 1.0" in text
     assert "uspan_peer_receive_bytes" in text
+
+
+def test_unreachable_first_endpoint_comes_up_through_cycling(mesh_factory) -> None:  # type: ignore[no-untyped-def]
+    mesh = mesh_factory(2, networks=2)
+    n1, n2 = mesh.nodes
+    n1.cut(n2)  # before they ever meet: each one's first endpoint is dead
+    for node in mesh.nodes:
+        node.start()
+    spec = n1.get("kubespanpeerspecs")[0]["spec"] if n1.get("kubespanpeerspecs") else None
+    took = wait_up_on(n1, "n2", "198.51.100.", 60)
+    wait_up_on(n2, "n1", "198.51.100.", 30)
+    print(f"up through cycling {took:.1f}s after start; endpoints {spec and spec['endpoints']}")
+    ping(n1, n2.kubespan_ip())

@@ -220,3 +220,31 @@ def _kubespan_off() -> NodeConfig:
             "cluster": {"id": "aWQ=", "secret": SECRET},
         }
     )
+
+
+def test_a_silent_up_peer_is_probed_with_a_handshake_and_not_declared_down() -> None:
+    """On an idle pair one side legitimately hears nothing (persistent keepalives re-arm
+    on receive): after 30 s of silence it asks for a handshake instead of a verdict."""
+    controller, _ = started()
+    controller.set_affiliates([member(0, LOCAL_KEY), member(1, K1, E1)], {}, now=100.0)
+    up = LinkFacts(E1, last_handshake=101.0, unanswered_attempts=0, last_attempt=100.5,
+                   rx_bytes=92, tx_bytes=148, last_received=101.0)
+    out = controller.set_facts({K1: up}, now=101.0)
+    assert controller.statuses[K1].state is UP and out.device_change.peers == []
+    assert out.deadline == 115.0  # Talos's boundary: nothing changes for an up peer
+    out = controller.tick(now=115.0)
+    assert out.deadline == 131.0  # the probe: 30 s after the last packet from the peer
+    out = controller.tick(now=131.0)
+    assert controller.statuses[K1].state is UP  # silence is no verdict
+    assert out.device_change.peers == [PeerChange(K1, update_only=True, handshake=True)]
+    assert controller.tick(now=131.5).device_change.peers == []  # asked once
+    # The probe went out (last attempt 131): answered, the next one is 30 s later.
+    answered = LinkFacts(E1, last_handshake=131.01, unanswered_attempts=0, last_attempt=131.0,
+                         rx_bytes=184, tx_bytes=296, last_received=131.01)
+    out = controller.set_facts({K1: answered}, now=131.02)
+    assert out.deadline == 161.01 and out.device_change.peers == []
+    # Unanswered: the handshake rule says down ~11 s after the probe, then cycling.
+    dead = LinkFacts(E1, last_handshake=131.01, unanswered_attempts=2, last_attempt=166.0,
+                     rx_bytes=184, tx_bytes=444, last_received=131.01)
+    controller.set_facts({K1: dead}, now=166.0)
+    assert controller.tick(now=172.0).transitions[0].new is DOWN

@@ -1,28 +1,27 @@
 """``uspan discovery-service``: the process around ``Server``: backend choice, metrics,
-signals. SIGINT/SIGTERM are blocked before any socket exists and unblocked only once trio
-receives them, so a signal at any moment ends in the same clean shutdown (state saved).
+signals. Stop signals are caught before any socket exists (``uspan.signals``), so a signal
+at any moment ends in the same clean shutdown (state saved).
 """
 
 from __future__ import annotations
 
 import logging
-import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
-from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from uspan import metrics
+from uspan import signals as stop_signals
 from uspan.discovery.backend import Backend, MemoryBackend
 from uspan.discovery.client import parse_endpoint
 from uspan.discovery.persist import StateError
 from uspan.discovery.server import Limits, Server
 
 log = logging.getLogger("uspan.discovery")
-SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 @dataclass
@@ -82,22 +81,19 @@ def make_backend(options: Options) -> Backend:
 
 
 async def serve(options: Options) -> None:
-    """Run until SIGINT/SIGTERM (which must be blocked in this thread on entry)."""
-    with trio.open_signal_receiver(*SIGNALS) as signals:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
-        server = Server(make_backend(options), options.limits)
+    """Run until SIGINT/SIGTERM (``uspan.signals.catch()`` must have run first)."""
+    server = Server(make_backend(options), options.limits)
+    async with trio.open_nursery() as nursery:
         if options.metrics is not None:
             registry = CollectorRegistry()
             registry.register(MetricsCollector(server))
-            host, port = options.metrics
-            start_http_server(port, addr=host, registry=registry)
+            host, _ = options.metrics
+            port = await nursery.start(metrics.serve, host, options.metrics[1], registry)
             log.info("metrics on http://%s:%d/metrics", host, port)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(server.serve, *options.listen)
-            async for signum in signals:
-                log.info("signal %s: shutting down", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
+        nursery.start_soon(server.serve, *options.listen)
+        signum = await stop_signals.first()
+        log.info("signal %s: shutting down", signum.name)
+        nursery.cancel_scope.cancel()
 
 
 def _leaves(error: BaseException) -> Iterator[BaseException]:
@@ -110,7 +106,7 @@ def _leaves(error: BaseException) -> Iterator[BaseException]:
 
 def run(options: Options) -> int:
     """The process: 0 after a signal, 1 (with the reason logged) if it cannot serve."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    stop_signals.catch()
     try:
         trio.run(serve, options)
     except (OSError, StateError, BaseExceptionGroup) as error:

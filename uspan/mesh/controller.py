@@ -36,9 +36,11 @@ from uspan.mesh.status import (
     PeerState,
     PeerStatus,
     next_deadline,
+    probe_time,
     update_status,
 )
-from uspan.wg.config import DeviceChange
+from uspan.wg.config import DeviceChange, PeerChange
+from uspan.wg.constants import REKEY_TIMEOUT
 from uspan.wg.endpoint import Endpoint
 
 
@@ -77,6 +79,7 @@ class PeerController:
         self.statuses: dict[bytes, PeerStatus] = {}
         self.facts: dict[bytes, LinkFacts] = {}
         self.applied: dict[bytes, AppliedPeer] = {}
+        self.probed: dict[bytes, float] = {}  # when we last asked a silent peer to answer
 
     def set_affiliates(
         self,
@@ -141,6 +144,7 @@ class PeerController:
         change, self.applied = plan_device_change(
             self.specs, chosen, self.applied, self.config.cluster.secret_bytes
         )
+        deadlines += self._probe_silent(statuses, change, now)
         observed = observed_endpoints(self.specs, statuses, kubespan.harvest_extra_endpoints)
         self._publish(now, observed)
         return Output(
@@ -151,6 +155,27 @@ class PeerController:
             routes=routed_prefixes(self.specs, statuses, kubespan.allow_down_peer_bypass),
             deadline=min(deadlines, default=None),
         )
+
+    def _probe_silent(
+        self, statuses: Mapping[bytes, PeerStatus], change: DeviceChange, now: float
+    ) -> list[float]:
+        """Ask peers silent for too long to answer a handshake; their probe deadlines."""
+        deadlines = []
+        self.probed = {key: t for key, t in self.probed.items() if key in statuses}
+        for key, status in statuses.items():
+            due = probe_time(status, self.facts.get(key) or _no_news(status))
+            if due is None:
+                continue
+            if due > now:
+                deadlines.append(due)
+            elif now - self.probed.get(key, -REKEY_TIMEOUT) >= REKEY_TIMEOUT:
+                self.probed[key] = now
+                peer = next((p for p in change.peers if p.public_key == key), None)
+                if peer is None:
+                    change.peers.append(PeerChange(key, update_only=True, handshake=True))
+                else:
+                    peer.handshake = True
+        return deadlines
 
     @staticmethod
     def _evaluate(

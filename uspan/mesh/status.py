@@ -20,17 +20,19 @@ uspan's faster rules, because we own the protocol and see every packet. A peer i
   REKEY_TIMEOUT (15 s): a live peer acknowledges data within 10 s (passive keepalive),
   and this is when WireGuard itself gives up on the session and starts a new handshake.
 
-There is deliberately no "silence" rule (nothing received for 25 + 5 s). WireGuard
-re-arms the persistent keepalive timer on every authenticated packet sent *or received*
-(the kernel, wireguard-go and our core alike), so on an idle pair whoever sends first
-keeps the other quiet: one side legitimately hears nothing until the next rekey (up to
-180 s). Such a rule declared healthy idle peers down and cycled them (found by
-``uspan lab``). A dead path without traffic is found by the handshake rule at the next
-rekey, or by Talos's rule.
+Silence alone is no verdict: WireGuard re-arms the persistent keepalive timer on every
+authenticated packet sent *or received* (the kernel, wireguard-go and our core alike), so
+on an idle pair whoever sends first keeps the other quiet, and one side legitimately hears
+nothing until the next rekey (found by ``uspan lab``). Instead, a peer that has sent
+nothing for PERSISTENT_KEEPALIVE + REKEY_TIMEOUT (30 s; also counted from the last
+handshake attempt and T0) is *probed*: ``probe_due`` tells the controller to start a
+handshake, which a live peer must answer. A healthy idle pair thus rehandshakes about
+every 30 s, and a dead path fails the handshake rule about 11 s later: at most about 41 s
+on keepalives alone.
 
 Where Talos needs up to 275 s to notice that an endpoint which worked has died, these
-take 15 s while traffic flows, leaving cycling time to bring the peer up on its next
-endpoint within the 20 s the node aims for. A
+take 15 s while traffic flows and about 41 s on keepalives alone, leaving cycling time to
+bring the peer up on its next endpoint within the 20 s / 45 s the node aims for. A
 cookie reply counts as an answer (the peer is alive, only under load). If packets were
 merely lost, the cost is small: the peer is cycled to its next endpoint (or, with one
 endpoint, only its node addresses bypass the mesh) until a handshake brings it ``up``.
@@ -142,6 +144,16 @@ def _fast_deadlines(status: PeerStatus, facts: LinkFacts) -> list[float]:
     if facts.unanswered_data_since is not None:
         deadlines.append(_not_before(facts.unanswered_data_since, t0) + DATA_SILENCE_TIMEOUT)
     return deadlines
+
+
+def probe_time(status: PeerStatus, facts: LinkFacts) -> float | None:
+    """When to probe a silent peer with a handshake (see the module docstring); None for a
+    peer with no endpoint or already down (cycling handles those)."""
+    if facts.endpoint is None or status.state is PeerState.DOWN:
+        return None
+    heard = [t for t in (facts.last_received, facts.last_attempt,
+                         status.last_endpoint_change) if t is not None]
+    return max(heard, default=0.0) + KEEPALIVE_SILENCE_TIMEOUT
 
 
 def _not_before(moment: float, t0: float | None) -> float:
