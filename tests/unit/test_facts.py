@@ -152,3 +152,18 @@ def test_a_requested_handshake_goes_out_at_once(net: Net, pair) -> None:
     net.run()
     assert len([d for d in a.sent if d[0] == MSG_INITIATION]) == 2
     assert a.device.peer_facts()[b.public].handshakes == handshakes + 1
+
+
+def test_data_unanswered_long_enough_to_rehandshake_is_an_event(net: Net, pair) -> None:
+    a, b = pair
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    net.run()
+    net.advance(11)  # b's passive keepalive answered the data
+    net.blocked.add("b")
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    events = a.device.peer_events
+    net.advance(14.9)
+    assert a.device.peer_events == events  # still within KEEPALIVE + REKEY_TIMEOUT
+    net.advance(0.5)  # + jitter of at most 333 ms
+    assert a.device.peer_events == events + 1
+    assert a.device.peer_facts()[b.public].attempts == 1  # WireGuard's own rehandshake

@@ -106,6 +106,10 @@ def test_fast_rule_on_an_up_peer() -> None:
     lost = facts(handshake, attempts=2, last_attempt=T0 + 205)
     assert compute_state(status, lost, T0 + 210.999) is UP
     assert compute_state(status, lost, T0 + 211) is DOWN  # not T0 + 277
+    # The core's next retry (5 s later) keeps the latest attempt young; a third attempt
+    # is itself the verdict, so a shell that looks only at its deadlines sees it.
+    third = facts(handshake, attempts=3, last_attempt=T0 + 210.1)
+    assert compute_state(status, third, T0 + 210.2) is DOWN
 
 
 def test_traffic_rule_data_unanswered_for_15_s() -> None:
@@ -183,7 +187,9 @@ def test_roamed_endpoint_is_reported_but_keeps_t0() -> None:
         (facts(T0 + 3), T0 + 4, T0 + 15),
         (facts(T0 + 3), T0 + 275, T0 + 278),
         (facts(attempts=2, last_attempt=T0 + 5), T0 + 6, T0 + 11),
-        (facts(attempts=1, last_attempt=T0 + 5), T0 + 6, T0 + 15),
+        (facts(attempts=1, last_attempt=T0 + 5), T0 + 6, T0 + 11),  # look after the retry
+        # retries every 5 s keep the latest attempt young: the third one is the verdict
+        (facts(attempts=3, last_attempt=T0 + 10.2), T0 + 10.5, T0 + 15),
         (facts(T0 + 3, received=T0 + 40), T0 + 41, T0 + 275),  # no silence rule
         (facts(T0 + 3, received=T0 + 40, data_since=T0 + 41), T0 + 42, T0 + 56),
     ],

@@ -32,6 +32,7 @@ from uspan.mesh.resources import (
 )
 from uspan.mesh.routing import routed_prefixes
 from uspan.mesh.status import (
+    ATTEMPT_TIMEOUT,
     LinkFacts,
     PeerState,
     PeerStatus,
@@ -170,6 +171,7 @@ class PeerController:
                 deadlines.append(due)
             elif now - self.probed.get(key, -REKEY_TIMEOUT) >= REKEY_TIMEOUT:
                 self.probed[key] = now
+                deadlines.append(now + ATTEMPT_TIMEOUT)  # read the answer (or retries) then
                 peer = next((p for p in change.peers if p.public_key == key), None)
                 if peer is None:
                     change.peers.append(PeerChange(key, update_only=True, handshake=True))

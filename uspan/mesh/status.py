@@ -14,8 +14,9 @@ uspan's faster rules, because we own the protocol and see every packet. A peer i
 
 - handshake: at least 2 initiations were sent to its current endpoint (since T0 and the
   last handshake) and the latest went unanswered for REKEY_TIMEOUT + 1 s (6 s; the margin
-  covers the retransmit jitter and a round trip). The core retransmits every 5 s, so a
-  dead new endpoint is down about 11 s after the first attempt, not 15 s.
+  covers the retransmit jitter and a round trip), or a third one had to be sent. The core
+  retransmits every 5 s, so a dead new endpoint is down about 11 s after the first
+  attempt, not 15 s.
 - traffic: data was sent to it and nothing came back for KEEPALIVE_TIMEOUT +
   REKEY_TIMEOUT (15 s): a live peer acknowledges data within 10 s (passive keepalive),
   and this is when WireGuard itself gives up on the session and starts a new handshake.
@@ -140,7 +141,10 @@ def _fast_deadlines(status: PeerStatus, facts: LinkFacts) -> list[float]:
         and (t0 is None or attempt >= t0)
         and (facts.last_handshake is None or facts.last_handshake < attempt)
     ):
-        deadlines.append(attempt + ATTEMPT_TIMEOUT)
+        # The core retries every REKEY_TIMEOUT, so the latest attempt is rarely 6 s old
+        # for long: a third attempt means the first two went unanswered that long.
+        late = facts.unanswered_attempts > FAST_DOWN_ATTEMPTS
+        deadlines.append(attempt if late else attempt + ATTEMPT_TIMEOUT)
     if facts.unanswered_data_since is not None:
         deadlines.append(_not_before(facts.unanswered_data_since, t0) + DATA_SILENCE_TIMEOUT)
     return deadlines
@@ -193,6 +197,9 @@ def next_deadline(status: PeerStatus, facts: LinkFacts, now: float) -> float | N
         candidates += [t0 + ENDPOINT_CONNECTION_TIMEOUT, t0 + PEER_DOWN_INTERVAL]
     if facts.last_handshake is not None:
         candidates.append(facts.last_handshake + PEER_DOWN_INTERVAL)
+    if facts.unanswered_attempts and facts.last_attempt is not None:
+        # The core retries within REKEY_TIMEOUT without telling anyone: look again then.
+        candidates.append(facts.last_attempt + ATTEMPT_TIMEOUT)
     candidates += _fast_deadlines(status, facts)
     future = [t for t in candidates if t > now]
     return min(future) if future else None

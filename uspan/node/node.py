@@ -79,7 +79,7 @@ AFFILIATE_TTL = 30 * 60.0  # seconds, as Talos
 REFRESH_INTERVAL = AFFILIATE_TTL / 2
 RETRY_MIN, RETRY_MAX = 0.5, 10.0  # publishing backoff while no service answers
 DEFAULT_UAPI = "default"
-FIRST_HANDSHAKE_DELAY = 1.0  # seconds; see Node._defer_first_handshakes
+HANDSHAKE_DEFER = 1.0  # seconds; see Node._defer_handshakes
 
 
 class NodeError(RuntimeError):
@@ -304,7 +304,7 @@ class Node:
         ks = self.kubespan
         if ks is not None:
             if output.device_change.peers:
-                deferred = self._defer_first_handshakes(ks, output.device_change)
+                deferred = self._defer_handshakes(ks, output.device_change)
                 try:
                     ks.daemon.set(output.device_change)
                 except DeviceConfigError as exc:
@@ -318,33 +318,45 @@ class Node:
         if output.observed and self.client is not None and self._nursery is not None:
             self._nursery.start_soon(self._report_observed, output.observed)
 
-    def _defer_first_handshakes(self, ks: _KubeSpan, change: DeviceChange) -> list[PeerChange]:
-        """Of two nodes that learn of each other at once, only one starts the handshake.
+    def _defer_handshakes(self, ks: _KubeSpan, change: DeviceChange) -> list[PeerChange]:
+        """Of two nodes that start a handshake with each other at once, only one does.
 
-        Turning on a new peer's persistent keepalive starts a handshake at once. If both
-        sides do that together, each consumes the other's initiation and forgets its
-        own, so both responses are dropped and WireGuard retries only after REKEY_TIMEOUT
-        (5 s). So the side with the larger public key turns it on FIRST_HANDSHAKE_DELAY
-        later: by then the other side's handshake has usually completed, and if the
-        other side did not know us yet, ours still starts within that delay.
+        A new peer's persistent keepalive starts a handshake at once, and so does a new
+        endpoint picked by cycling; both sides of a pair often do either at the same
+        moment (they learn of each other, or find the path dead, together). Crossed
+        initiations fail: each side consumes the other's and forgets its own, so both
+        responses are dropped and WireGuard retries only after REKEY_TIMEOUT (5 s). So
+        the side with the larger public key acts HANDSHAKE_DEFER later, and then only if
+        no handshake completed meanwhile; if the other side did not act, ours still
+        starts within that delay.
         """
         assert self.identity is not None
         ours = self.identity.public_key
-        known = ks.daemon.device.peers
+        device = ks.daemon.device
         deferred = []
         for peer in change.peers:
-            if (peer.persistent_keepalive and not peer.remove and peer.public_key not in known
-                    and ours > peer.public_key):
+            if peer.remove or ours < peer.public_key:
+                continue
+            if peer.persistent_keepalive and peer.public_key not in device.peers:
                 deferred.append(PeerChange(peer.public_key, update_only=True,
                                            persistent_keepalive=peer.persistent_keepalive))
                 peer.persistent_keepalive = None
+            if peer.handshake:
+                deferred.append(PeerChange(peer.public_key, update_only=True, handshake=True))
+                peer.handshake = False
         return deferred
 
     async def _apply_later(self, ks: _KubeSpan, changes: list[PeerChange]) -> None:
-        await trio.sleep(FIRST_HANDSHAKE_DELAY)
-        if self.kubespan is ks:
+        before = {key: facts.handshakes for key, facts in ks.daemon.peer_facts().items()}
+        await trio.sleep(HANDSHAKE_DEFER)
+        if self.kubespan is not ks:
+            return
+        now = ks.daemon.peer_facts()
+        wanted = [c for c in changes if not c.handshake or (
+            c.public_key in now and now[c.public_key].handshakes == before.get(c.public_key))]
+        if wanted:
             try:
-                ks.daemon.set(DeviceChange(peers=changes))  # update_only: gone ones skip
+                ks.daemon.set(DeviceChange(peers=wanted))  # update_only: gone ones skip
             except DeviceConfigError as exc:
                 log.error("peer configuration refused by the device: %s", exc)
 

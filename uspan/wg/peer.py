@@ -323,6 +323,9 @@ class Peer:
                 self.send_keepalive(now, out)
                 self.timers.keepalive_sent(now)
             elif name == timers.NEW_HANDSHAKE:
+                # Data went unanswered for KEEPALIVE + REKEY_TIMEOUT: the path may be gone,
+                # which an owner judging the link wants to hear at once.
+                self.device.peer_events += 1
                 self._forget_source()
                 self.send_initiation(now, out, retry=False)
             elif name == timers.ZERO_KEYS:
