@@ -19,14 +19,18 @@ uspan's faster rules, because we own the protocol and see every packet. A peer i
 - traffic: data was sent to it and nothing came back for KEEPALIVE_TIMEOUT +
   REKEY_TIMEOUT (15 s): a live peer acknowledges data within 10 s (passive keepalive),
   and this is when WireGuard itself gives up on the session and starts a new handshake.
-- silence: nothing at all came from it for PERSISTENT_KEEPALIVE + REKEY_TIMEOUT (30 s).
-  Every mesh member sends a keepalive after 25 s without traffic (KubeSpan's setting, ours
-  and Talos's), so a longer silence means the path is gone. A peer configured by hand
-  must set PersistentKeepalive = 25 too, or it looks down whenever it is idle.
+
+There is deliberately no "silence" rule (nothing received for 25 + 5 s). WireGuard
+re-arms the persistent keepalive timer on every authenticated packet sent *or received*
+(the kernel, wireguard-go and our core alike), so on an idle pair whoever sends first
+keeps the other quiet: one side legitimately hears nothing until the next rekey (up to
+180 s). Such a rule declared healthy idle peers down and cycled them (found by
+``uspan lab``). A dead path without traffic is found by the handshake rule at the next
+rekey, or by Talos's rule.
 
 Where Talos needs up to 275 s to notice that an endpoint which worked has died, these
-take 15 s while traffic flows and at most 30 s on keepalives alone, leaving cycling time
-to bring the peer up on its next endpoint within the 20 s / 45 s the node aims for. A
+take 15 s while traffic flows, leaving cycling time to bring the peer up on its next
+endpoint within the 20 s the node aims for. A
 cookie reply counts as an answer (the peer is alive, only under load). If packets were
 merely lost, the cost is small: the peer is cycled to its next endpoint (or, with one
 endpoint, only its node addresses bypass the mesh) until a handshake brings it ``up``.
@@ -137,8 +141,6 @@ def _fast_deadlines(status: PeerStatus, facts: LinkFacts) -> list[float]:
         deadlines.append(attempt + ATTEMPT_TIMEOUT)
     if facts.unanswered_data_since is not None:
         deadlines.append(_not_before(facts.unanswered_data_since, t0) + DATA_SILENCE_TIMEOUT)
-    if facts.last_received is not None:
-        deadlines.append(_not_before(facts.last_received, t0) + KEEPALIVE_SILENCE_TIMEOUT)
     return deadlines
 
 
