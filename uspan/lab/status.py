@@ -70,7 +70,9 @@ class Snapshot:
             "networks": self.networks,
             "discovery": {"running": self.discovery_running},
             "nodes": [asdict(v) for v in self.nodes],
-            "pairs": [asdict(p) for p in self.pairs.values()],
+            "pairs": [{"from": p.source, "to": p.target, "state": p.state,
+                       "endpoint": p.endpoint, "network": p.network, "rtt_ms": p.rtt_ms}
+                      for p in self.pairs.values()],
             "pairsUp": self.up_count(),
             "pairsTotal": self.pair_count(),
             "cuts": self.cuts,
