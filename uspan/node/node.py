@@ -80,6 +80,7 @@ REFRESH_INTERVAL = AFFILIATE_TTL / 2
 RETRY_MIN, RETRY_MAX = 0.5, 10.0  # publishing backoff while no service answers
 DEFAULT_UAPI = "default"
 FIRST_HANDSHAKE_DELAY = 1.0  # seconds; see Node._defer_first_handshakes
+FACTS_POLL = 1.0  # seconds between looks at the core's facts when nothing wakes us
 
 
 class NodeError(RuntimeError):
@@ -276,6 +277,9 @@ class Node:
             self._control_wake = trio.Event()
             output = self._refresh_facts()
             deadline = math.inf if output is None or output.deadline is None else output.deadline
+            # Some facts change with no peer event (data going out unanswered starts the
+            # 15 s traffic rule), so look again at least every FACTS_POLL seconds.
+            deadline = min(deadline, trio.current_time() + FACTS_POLL)
 
     async def _pump_peer_events(self, daemon: Daemon) -> None:
         """The core's peer events (handshakes, roaming, giving up) kick the controller."""
