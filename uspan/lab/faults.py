@@ -69,8 +69,13 @@ def cut(record: LabRecord, a: str, b: str, network: int | None) -> list[int]:
             if where.v6 and seen.v6 is not None:
                 targets.append((True, seen.v6))
             for v6, address in targets:
-                _iptables(where.namespace, v6, "-I", where.out_chain, "-o", where.device,
-                          "-d", address, "-m", "comment", "--comment", tag, "-j", "DROP")
+                # Dropped where it arrives (each end drops what comes from the other), as
+                # a network would lose it: a DROP in OUTPUT would fail the sender's
+                # sendmsg with EPERM, which no real cut does. A router forwards, so it
+                # drops in both directions in FORWARD.
+                if where.out_chain == "FORWARD":
+                    _iptables(where.namespace, v6, "-I", where.out_chain, "-o", where.device,
+                              "-d", address, "-m", "comment", "--comment", tag, "-j", "DROP")
                 _iptables(where.namespace, v6, "-I", where.in_chain, "-i", where.device,
                           "-s", address, "-m", "comment", "--comment", tag, "-j", "DROP")
         record.cuts.append([a, b, k])
