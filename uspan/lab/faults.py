@@ -107,24 +107,49 @@ def heal(record: LabRecord, a: str, b: str, network: int | None) -> list[int]:
 
 
 def netem(record: LabRecord, name: str, network: int | None, args: list[str]) -> list[int]:
-    """``tc netem ARGS`` on what ``name`` sends to each chosen network; [] clears."""
+    """``tc netem ARGS`` on what ``name`` sends to each chosen network; [] clears.
+
+    Kernels without ``sch_netem`` (some VM kernels) get loss alone through an iptables
+    ``statistic`` rule that drops that share of what the node receives there; delay and
+    jitter then fail with a one-line error."""
     node = record.node(name)
     chosen = networks(record, network)
     settings = record.netem.setdefault(name, {})
     for k in chosen:
         where = underlay(node, k)
-        if args:
-            run(["ip", "netns", "exec", where.namespace, "tc", "qdisc", "replace", "dev",
-                 where.device, "root", "netem", *args])
+        tag = f"uspan-lab-netem-{name}-{k}"
+        _clear_loss_rules(where, tag)
+        run(["ip", "netns", "exec", where.namespace, "tc", "qdisc", "del", "dev",
+             where.device, "root"], check=False)
+        settings.pop(str(k), None)
+        if not args:
+            continue
+        done = run(["ip", "netns", "exec", where.namespace, "tc", "qdisc", "replace", "dev",
+                    where.device, "root", "netem", *args], check=False)
+        if done.returncode == 0:
             settings[str(k)] = " ".join(args)
-        else:
-            run(["ip", "netns", "exec", where.namespace, "tc", "qdisc", "del", "dev",
-                 where.device, "root"], check=False)
-            settings.pop(str(k), None)
+            continue
+        if "unknown" not in done.stderr or args[0] != "loss" or len(args) != 2:
+            raise LabError(f"tc netem: {done.stderr.strip() or 'failed'}"
+                           + (" (this kernel has no sch_netem: only --loss works here)"
+                              if "unknown" in done.stderr else ""))
+        probability = float(args[1].rstrip("%")) / 100
+        for v6 in (False, True) if where.v6 else (False,):
+            _iptables(where.namespace, v6, "-I", where.in_chain, "-i", where.device, "-m",
+                      "statistic", "--mode", "random", "--probability", f"{probability:.4f}",
+                      "-m", "comment", "--comment", tag, "-j", "DROP")
+        settings[str(k)] = f"loss {args[1]} (iptables, on receipt)"
     if not settings:
         record.netem.pop(name, None)
     record.save()
     return chosen
+
+
+def _clear_loss_rules(where: Underlay, tag: str) -> None:
+    for v6 in (False, True) if where.v6 else (False,):
+        for rule in _iptables(where.namespace, v6, "-S", check=False).splitlines():
+            if f" {tag} " in f"{rule} " or f'"{tag}"' in rule:
+                _iptables(where.namespace, v6, "-D", *rule.split()[1:], check=False)
 
 
 def netem_args(delay: str | None, jitter: str | None, loss: str | None) -> list[str]:
