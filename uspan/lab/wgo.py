@@ -17,7 +17,8 @@ mesh forms with no hand work:
 - it watches the affiliates and configures each wireguard-go node's peers from them
   (every affiliate with a KubeSpan key: its address as allowed IP, the cluster secret as
   preshared key, persistent keepalive 25 s, an endpoint on a lab network when the peer
-  is new), every 2 s and on every change; peers that left are removed.
+  is new), every 2 s and on every change; peers whose affiliate was deleted (they left)
+  are removed, but not those a restarted service merely does not list yet.
 """
 
 from __future__ import annotations
@@ -258,13 +259,14 @@ async def run_agent(record: LabRecord) -> None:
             async with client.watch() as events:
                 async for event in events:
                     if isinstance(event, dclient.Snapshot):
-                        affiliates.clear()
+                        # Merged, not replaced: a restarted in-memory service starts
+                        # empty, and peers that are merely not republished yet stay.
                         affiliates.update({a.id: a for a in event.affiliates})
                         republish.set()
                     elif isinstance(event, dclient.Updated):
                         affiliates[event.affiliate.id] = event.affiliate
                     else:
-                        affiliates.pop(event.affiliate_id, None)
+                        affiliates.pop(event.affiliate_id, None)  # a node that left
                     changed.set()
 
         async def configure() -> None:
