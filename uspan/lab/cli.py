@@ -110,7 +110,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     sn.add_argument("node", metavar="NODE")
     dc = command("discovery", discovery_command, "stop or start the lab's discovery service")
     dc.add_argument("action", choices=["stop", "start"])
-    agent = sub.add_parser("agent", parents=[common])  # internal: see uspan.lab.wgo
+    agent = sub.add_parser("agent", parents=[common])  # internal, unlisted: uspan.lab.wgo
     agent.set_defaults(handler=run_lab_command, lab_handler=agent_command)
 
 
