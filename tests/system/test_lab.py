@@ -9,6 +9,7 @@ import json
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from uspan.testbed import poll
 
 pytestmark = pytest.mark.system
 
-USPAN = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "uspan")
+USPAN = str(Path(sys.executable).parent / "uspan")
 
 
 @dataclass

@@ -147,16 +147,22 @@ def _running(record: LabRecord) -> int:
     return sum(1 for n in record.nodes if procs.alive(n.proc))
 
 
-def cell(pair: status.Pair) -> Text:
+COMPACT = 6  # more nodes than this: cells without units, so 10 nodes fit 132 columns
+
+
+def cell(pair: status.Pair, compact: bool = False) -> Text:
     text = Text(pair.state, style=STATE_STYLE.get(pair.state, ""))
     if pair.network is not None:
-        text.append(f" net{pair.network}")
+        text.append(f" {pair.network}" if compact else f" net{pair.network}")
     if pair.rtt_ms is not None:
-        text.append(f" {pair.rtt_ms:.2f}ms")
+        text.append(f" {pair.rtt_ms:.1f}" if compact else f" {pair.rtt_ms:.2f}ms")
     return text
 
 
 def matrix(snap: status.Snapshot, title: str | None = None) -> Table:
+    compact = len(snap.nodes) > COMPACT
+    if compact and title is not None:
+        title += "   (state, network, RTT in ms)"
     table = Table(title=title, title_justify="left", show_lines=False)
     table.add_column("from \\ to", style="bold")
     for view in snap.nodes:
@@ -169,7 +175,8 @@ def matrix(snap: status.Snapshot, title: str | None = None) -> Table:
             label += " nat"
         row: list[Text | str] = [label]
         for other in snap.nodes:
-            row.append("" if other is view else cell(snap.pairs[(view.name, other.name)]))
+            row.append("" if other is view
+                       else cell(snap.pairs[(view.name, other.name)], compact))
         table.add_row(*row)
     return table
 
