@@ -26,6 +26,7 @@ from pathlib import Path
 from types import FrameType
 
 from uspan.daemon.uapi_server import SOCKET_DIRECTORY
+from uspan.lab import cli as lab_cli
 from uspan.node import cli as node_cli
 from uspan.testbed import Lab, NetnsError, PeerConfig, WireGuard, genpsk, run
 
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="(%(default)s)")
     disc.set_defaults(handler=discovery_command, parser=disc)
     node_cli.add_commands(commands)
+    lab_cli.add_commands(commands)
     return parser
 
 
