@@ -20,11 +20,11 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import sys
 from pathlib import Path
 from types import FrameType
 
+from uspan.daemon import uapi_client
 from uspan.daemon.uapi_server import SOCKET_DIRECTORY
 from uspan.lab import cli as lab_cli
 from uspan.node import cli as node_cli
@@ -134,28 +134,16 @@ def discovery_command(args: argparse.Namespace) -> int:
 def stats_command(args: argparse.Namespace) -> int:
     path = os.path.join(args.socket_dir, f"{args.interface}.sock")
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(5)
-            sock.connect(path)
-            sock.sendall(b"stats=1\n\n")
-            reply = b""
-            while not reply.endswith(b"\n\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                reply += chunk
-    except OSError as exc:
-        print(f"uspan stats: {path}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    lines = reply.decode(errors="replace").split("\n")
-    if "errno=0" not in lines:
-        print(f"uspan stats: {args.interface} did not answer stats=1 (not uspan-wg?)",
-              file=sys.stderr)
+        lines = uapi_client.request(path, "stats=1\n\n")
+    except uapi_client.UapiClientError as exc:
+        if "errno=" in str(exc):
+            exc = uapi_client.UapiClientError(
+                f"{args.interface} did not answer stats=1 (not uspan-wg?)")
+        print(f"uspan stats: {exc}", file=sys.stderr)
         return 1
     for line in lines:
-        if line and not line.startswith("errno="):
-            name, _, value = line.partition("=")
-            print(f"{name:24} {value}")
+        name, _, value = line.partition("=")
+        print(f"{name:24} {value}")
     return 0
 
 

@@ -21,6 +21,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from uspan.daemon.uapi_client import UapiClientError
 from uspan.lab import build, faults, plan, privileges, procs, status, wgo
 from uspan.lab.record import (
     DEFAULT_NAME,
@@ -136,7 +137,7 @@ def run_lab_command(args: argparse.Namespace) -> int:
     try:
         code: int = args.lab_handler(args)
         return code
-    except (LabError, plan.PlanError, NetnsError, TimeoutError, wgo.UapiError) as exc:
+    except (LabError, plan.PlanError, NetnsError, TimeoutError, UapiClientError) as exc:
         print(f"uspan lab {args.lab_command}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -221,7 +222,7 @@ def up_command(args: argparse.Namespace) -> int:
     except BaseException as exc:
         out.print(f"uspan lab up: {exc}; removing what was made", style="red")
         build.down(record)
-        if isinstance(exc, (LabError, NetnsError, TimeoutError, wgo.UapiError)):
+        if isinstance(exc, (LabError, NetnsError, TimeoutError, UapiClientError)):
             return 1
         raise
     out.print(f"started {len(record.nodes)} nodes and the discovery service "

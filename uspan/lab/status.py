@@ -13,6 +13,7 @@ from typing import Any
 
 import trio
 
+from uspan.daemon.uapi_client import UapiClientError
 from uspan.lab import plan, procs, wgo
 from uspan.lab.record import LabRecord, NodeRecord
 from uspan.mesh.resources import DISCOVERY_STATUS, KUBESPAN_IDENTITY, KUBESPAN_PEER_STATUS
@@ -122,7 +123,7 @@ async def snapshot(record: LabRecord, *, rtt: bool = False) -> Snapshot:
                 wg_raw[node.name] = await trio.to_thread.run_sync(_wgo_view, record, node, view)
             else:
                 raw[node.name] = await _uspan_view(record, node, view)
-        except (ApiError, wgo.UapiError, OSError) as exc:
+        except (ApiError, UapiClientError, OSError) as exc:
             view.error = str(exc)
 
     async with trio.open_nursery() as nursery:

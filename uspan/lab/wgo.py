@@ -28,13 +28,14 @@ import ipaddress
 import logging
 import os
 import secrets
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from uspan.daemon import uapi_client
+from uspan.daemon.uapi_client import UapiClientError
 from uspan.discovery import client as dclient
 from uspan.lab import plan
 from uspan.lab.record import LabError, LabRecord, NodeRecord
@@ -114,29 +115,9 @@ def affiliate(record: LabRecord, node: NodeRecord, config: NodeConfig) -> Affili
 # UAPI (the wireguard-go socket in the lab directory) ---------------------------------------
 
 
-class UapiError(RuntimeError):
-    pass
-
-
 def uapi(path: Path, request: str, timeout: float = 5.0) -> list[str]:
-    """Send one UAPI request; the reply's lines (errno checked)."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(str(path))
-            sock.sendall(request.encode())
-            reply = b""
-            while not reply.endswith(b"\n\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                reply += chunk
-    except OSError as exc:
-        raise UapiError(f"{path}: {exc.strerror or exc}") from None
-    lines = reply.decode(errors="replace").split("\n")
-    if "errno=0" not in lines:
-        raise UapiError(f"{path}: {next((x for x in lines if x.startswith('errno=')), '?')}")
-    return [line for line in lines if line and not line.startswith("errno=")]
+    """One request on the wireguard-go node's UAPI socket (errno checked)."""
+    return uapi_client.request(path, request, timeout)
 
 
 @dataclass
@@ -278,7 +259,7 @@ async def run_agent(record: LabRecord) -> None:
                 for node in nodes:
                     try:
                         reconcile(record, node, config, affiliates)
-                    except (UapiError, OSError) as exc:
+                    except (UapiClientError, OSError) as exc:
                         log.debug("%s: not configured now: %s", node.name, exc)
 
         async with trio.open_nursery() as nursery:

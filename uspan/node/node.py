@@ -80,6 +80,7 @@ REFRESH_INTERVAL = AFFILIATE_TTL / 2
 RETRY_MIN, RETRY_MAX = 0.5, 10.0  # publishing backoff while no service answers
 DEFAULT_UAPI = "default"
 HANDSHAKE_DEFER = 1.0  # seconds; see Node._defer_handshakes
+SNAPSHOT_GRACE = 60.0  # seconds an affiliate missing from a reconnect's snapshot is kept
 
 
 class NodeError(RuntimeError):
@@ -134,6 +135,7 @@ class Node:
         self._republish = trio.Event()
         self._control_wake = trio.Event()
         self._observed_sent: dict[tuple[str, Endpoint], float] = {}
+        self._missing: dict[str, float] = {}  # affiliate ID -> when to forget it
         self._addresses: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
         self._leaving = False
 
@@ -415,20 +417,56 @@ class Node:
                 await self._republish.wait()
 
     async def _watch_loop(self, client: dclient.DiscoveryClient) -> None:
-        async with client.watch() as events:
-            async for event in events:
-                if isinstance(event, dclient.Snapshot):
-                    # A (re)connection: the service may have lost us (a restart without
-                    # state), so publish again, and re-report what we observe.
-                    self.affiliates = {a.id: a for a in event.affiliates}
-                    self._observed_sent.clear()
-                    self._republish.set()
-                elif isinstance(event, dclient.Updated):
-                    self.affiliates[event.affiliate.id] = event.affiliate
-                else:
-                    self.affiliates.pop(event.affiliate_id, None)
-                self._affiliates_changed()
-                self._put_discovery_status(client)
+        async with trio.open_nursery() as nursery:
+            async with client.watch() as events:
+                async for event in events:
+                    now = trio.current_time()
+                    if isinstance(event, dclient.Snapshot):
+                        # A (re)connection: the service may have lost us (a restart without
+                        # state), so publish again, and re-report what we observe. Who is
+                        # missing from it is kept for SNAPSHOT_GRACE, not dropped: a service
+                        # that restarted empty must not take the tunnels down while every
+                        # member republishes.
+                        fresh = {a.id: self._with_known_data(a) for a in event.affiliates}
+                        for gone in self.affiliates.keys() - fresh.keys():
+                            self._missing.setdefault(gone, now + SNAPSHOT_GRACE)
+                            fresh[gone] = self.affiliates[gone]
+                        if self._missing:
+                            nursery.start_soon(self._expire_missing, now + SNAPSHOT_GRACE)
+                        self._missing = {k: t for k, t in self._missing.items()
+                                         if k not in {a.id for a in event.affiliates}}
+                        self.affiliates = fresh
+                        self._observed_sent.clear()
+                        self._republish.set()
+                    elif isinstance(event, dclient.Updated):
+                        affiliate = self._with_known_data(event.affiliate)
+                        self.affiliates[affiliate.id] = affiliate
+                        self._missing.pop(event.affiliate.id, None)
+                    else:
+                        self.affiliates.pop(event.affiliate_id, None)
+                        self._missing.pop(event.affiliate_id, None)
+                    self._affiliates_changed()
+                    self._put_discovery_status(client)
+            nursery.cancel_scope.cancel()
+
+    def _with_known_data(self, record: dclient.Affiliate) -> dclient.Affiliate:
+        """A record without data keeps the data we had: the service stores data only when
+        its owner sends it, so an entry others created first (observed endpoints, after
+        a restart without state) has none yet, and that is no news about the owner."""
+        known = self.affiliates.get(record.id)
+        if record.data is None and known is not None and known.data is not None:
+            return replace(record, data=known.data)
+        return record
+
+    async def _expire_missing(self, when: float) -> None:
+        """Drop the affiliates a snapshot lacked whose grace is over by ``when``."""
+        await trio.sleep_until(when)
+        expired = [key for key, until in self._missing.items() if until <= when]
+        for key in expired:
+            del self._missing[key]
+            self.affiliates.pop(key, None)
+        if expired:
+            self._affiliates_changed()
 
     def _affiliates_changed(self) -> None:
         assert self.controller is not None
