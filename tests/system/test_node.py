@@ -304,3 +304,16 @@ def test_unreachable_first_endpoint_comes_up_through_cycling(mesh_factory) -> No
     wait_up_on(n2, "n1", "198.51.100.", 30)
     print(f"up through cycling {took:.1f}s after start; endpoints {spec and spec['endpoints']}")
     ping(n1, n2.kubespan_ip())
+
+
+def test_missing_cap_net_admin_is_one_line(lab: Lab, tmp_path: Path) -> None:
+    ns = lab.namespace("nocap")
+    config = tmp_path / "node.yaml"
+    subprocess.run([USPAN, "gen", "config", "--with-kubespan", "--discovery-endpoint",
+                    "127.0.0.1:3999", "-o", str(config)], check=True, capture_output=True)
+    done = ns.run("setpriv", "--bounding-set", "-net_admin", "--inh-caps", "-net_admin",
+                  USPAN, "run", "--config", str(config), "--state-dir", str(tmp_path / "s"),
+                  check=False, timeout=30)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1 and "CAP_NET_ADMIN" in done.stderr, done.stderr

@@ -20,6 +20,7 @@ from uspan.discovery.backend import Backend, MemoryBackend
 from uspan.discovery.client import parse_endpoint
 from uspan.discovery.persist import StateError
 from uspan.discovery.server import Limits, Server
+from uspan.errors import expected
 
 log = logging.getLogger("uspan.discovery")
 
@@ -96,24 +97,16 @@ async def serve(options: Options) -> None:
         nursery.cancel_scope.cancel()
 
 
-def _leaves(error: BaseException) -> Iterator[BaseException]:
-    if isinstance(error, BaseExceptionGroup):
-        for inner in error.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield error
-
-
 def run(options: Options) -> int:
     """The process: 0 after a signal, 1 (with the reason logged) if it cannot serve."""
     stop_signals.catch()
     try:
         trio.run(serve, options)
     except (OSError, StateError, BaseExceptionGroup) as error:
-        leaves = list(_leaves(error))
-        if not all(isinstance(e, OSError | StateError) for e in leaves):
+        found = expected(error, OSError, StateError)
+        if found is None:
             raise
-        for leaf in leaves:
+        for leaf in found:
             text = leaf.strerror if isinstance(leaf, OSError) and leaf.strerror else str(leaf)
             filename = getattr(leaf, "filename", None)
             log.error("discovery service: %s%s", f"{filename}: " if filename else "", text)

@@ -13,6 +13,7 @@ from pathlib import Path
 import trio
 
 from uspan import signals as stop_signals
+from uspan.errors import expected
 from uspan.mesh.config import ConfigError, parse_config, render_config
 from uspan.mesh.resources import (
     OUTPUTS,
@@ -177,11 +178,14 @@ def run_command(args: argparse.Namespace) -> int:
 
     try:
         return trio.run(main)
-    except (NodeError, ApiError) as exc:
-        return _fail("run", exc)
-    except PermissionError as exc:
-        return _fail("run", f"{exc.strerror or exc}: creating the interface needs "
-                     "CAP_NET_ADMIN (run as root)")
+    except (NodeError, ApiError, OSError, BaseExceptionGroup) as error:
+        found = expected(error, NodeError, ApiError, OSError)
+        if found is None:
+            raise
+        message = str(found[0])
+        if "Operation not permitted" in message or isinstance(found[0], PermissionError):
+            message += " (the TUN device, addresses and routes need CAP_NET_ADMIN: run as root)"
+        return _fail("run", message)
 
 
 # get / apply-config / leave ------------------------------------------------------------
