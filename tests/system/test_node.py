@@ -275,6 +275,8 @@ def test_tampered_and_foreign_data_is_ignored(mesh_factory) -> None:  # type: ig
     assert "f" * 43 not in ids
     assert set(n1.statuses()) == {"n2"}
     assert "foreign" not in n1.cli("get", "members").stdout
+    poll(lambda: n1.get("discoverystatus")[0]["spec"]["ignoredBlobs"] >= 2,
+         what="the garbage to be counted", timeout=5)
     ping(n1, n2.kubespan_ip())
 
 

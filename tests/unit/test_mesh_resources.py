@@ -194,10 +194,11 @@ def test_specs_use_talos_field_names() -> None:
         "hostname": "node-2.example",
         "addresses": ["192.0.2.2"],
     }
-    assert discovery_status_spec("d:3000", 100.0, None, WALL) == {
+    assert discovery_status_spec("d:3000", 100.0, None, WALL, ignored=3) == {
         "service": "d:3000",
         "connectedSince": wall_time(100.0, WALL),
         "lastError": None,
+        "ignoredBlobs": 3,
     }
 
 

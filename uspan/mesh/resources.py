@@ -98,7 +98,12 @@ DISCOVERY_STATUS = ResourceType(
     "DiscoveryStatuses.cluster.uspan.dev",
     "discoverystatus",
     ("discoverystatuses",),
-    (("SERVICE", "service"), ("CONNECTED SINCE", "connectedSince"), ("LAST ERROR", "lastError")),
+    (
+        ("SERVICE", "service"),
+        ("CONNECTED SINCE", "connectedSince"),
+        ("LAST ERROR", "lastError"),
+        ("IGNORED", "ignoredBlobs"),
+    ),
 )
 RESOURCE_TYPES = (
     KUBESPAN_IDENTITY,
@@ -205,12 +210,18 @@ def member_spec(affiliate: Affiliate) -> dict[str, Any]:
 
 
 def discovery_status_spec(
-    service: str | None, connected_since: float | None, last_error: str | None, wall_offset: float
+    service: str | None,
+    connected_since: float | None,
+    last_error: str | None,
+    wall_offset: float,
+    ignored: int = 0,
 ) -> dict[str, Any]:
+    """``ignored``: blobs that did not open under the cluster secret or did not parse."""
     return {
         "service": service,
         "connectedSince": wall_time(connected_since, wall_offset),
         "lastError": last_error,
+        "ignoredBlobs": ignored,
     }
 
 

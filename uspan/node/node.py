@@ -496,7 +496,8 @@ class Node:
         offset = self.store.wall_offset
         since = None if link.connected_since is None else link.connected_since - offset
         spec = discovery_status_spec(link.endpoint if link.connected else None, since,
-                                     link.last_error, offset)
+                                     link.last_error, offset,
+                                     status.undecryptable + self.undecodable)
         self.store.put(DISCOVERY_STATUS, DISCOVERY_STATUS_ID, spec, trio.current_time())
 
     async def _report_observed(self, observed: Sequence[ObservedEndpoint]) -> None:
