@@ -19,6 +19,7 @@ from typing import Protocol
 
 import trio
 
+from uspan import unixsocket
 from uspan.wg.config import ConfigError, DeviceChange
 from uspan.wg.uapi import format_errno, parse_set
 
@@ -71,24 +72,11 @@ class UapiSocket:
         if not os.path.isdir(directory):
             os.makedirs(directory, exist_ok=True)
             os.chmod(directory, 0o755)  # not narrowed by the caller's umask
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            try:
-                _bind_private(sock, path)
-            except OSError as exc:
-                if exc.errno != errno.EADDRINUSE:
-                    raise
-                if _answers(path):
-                    raise UapiError(errno.EADDRINUSE, f"unix socket {path} in use") from None
-                os.unlink(path)
-                _bind_private(sock, path)
-            sock.listen(socket.SOMAXCONN)  # Go clients connect non-blocking, many at once
-            sock.setblocking(False)
-            return cls(sock, path)
+            return cls(unixsocket.listen(path, 0o077), path)
+        except unixsocket.SocketInUse:
+            raise UapiError(errno.EADDRINUSE, f"unix socket {path} in use") from None
         except OSError as exc:
-            sock.close()
-            if isinstance(exc, UapiError):
-                raise
             raise UapiError(exc.errno or 0, f"cannot listen on {path}: {exc.strerror}") from exc
 
     def removed(self) -> bool:
@@ -111,23 +99,6 @@ def _identity(path: str) -> tuple[int, int] | None:
     except OSError:
         return None
     return (stat.st_dev, stat.st_ino)
-
-
-def _bind_private(sock: socket.socket, path: str) -> None:
-    old = os.umask(0o077)
-    try:
-        sock.bind(path)
-    finally:
-        os.umask(old)
-
-
-def _answers(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(path)
-        except OSError:
-            return False
-    return True
 
 
 async def serve(listener: socket.socket, target: ConfigTarget) -> None:

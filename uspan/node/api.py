@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any, Protocol
 
 import trio
 
+from uspan import unixsocket
 from uspan.mesh.resources import (
     REDACTED,
     Event,
@@ -98,32 +98,10 @@ def from_wire(item: dict[str, Any]) -> Resource:
 
 def open_listener(path: str) -> socket.socket:
     """Bind the API socket (0600); a stale file is replaced, a live node is an error."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        if os.path.exists(path):
-            if _answers(path):
-                raise ApiError(f"another node is running with this state directory ({path})")
-            os.unlink(path)
-        old = os.umask(0o177)
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old)
-        sock.listen(socket.SOMAXCONN)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _answers(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(path)
-        except OSError:
-            return False
-    return True
+        return unixsocket.listen(path, 0o177)
+    except unixsocket.SocketInUse:
+        raise ApiError(f"another node is running with this state directory ({path})") from None
 
 
 @dataclass
