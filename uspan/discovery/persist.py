@@ -35,6 +35,7 @@ from typing import Any
 import msgpack
 import trio
 
+from uspan import atomicfile
 from uspan.discovery.store import Store
 
 log = logging.getLogger("uspan.discovery")
@@ -78,14 +79,6 @@ def read_records(data: bytes, offset: int) -> tuple[list[Any], int, bool]:
             return records, offset, True
         offset = end
     return records, offset, False
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def apply_record(store: Store, record: list[Any]) -> None:
@@ -159,21 +152,15 @@ class StateFile:
         """Snapshot gen+1 atomically, then a fresh log gen+1; older logs go."""
         gen = self.gen + 1
         body = pack(dump)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(SNAP_HEADER.pack(SNAP_MAGIC, FORMAT, gen, len(body), zlib.crc32(body)))
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        _fsync_dir(self.dir)
+        header = SNAP_HEADER.pack(SNAP_MAGIC, FORMAT, gen, len(body), zlib.crc32(body))
+        atomicfile.write(self.path, header + body)
         if self._log is not None:
             self._log.close()
         self._log = open(self._log_path(gen), "wb")  # noqa: SIM115 (kept open across calls)
         self._log.write(LOG_HEADER.pack(LOG_MAGIC, gen))
         self._log.flush()
         os.fsync(self._log.fileno())
-        _fsync_dir(self.dir)
+        atomicfile.fsync_directory(self.dir)
         self.gen = gen
         for old_gen, old in self._logs():
             if old_gen < gen:

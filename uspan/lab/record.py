@@ -18,13 +18,13 @@ import contextlib
 import fcntl
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from uspan import atomicfile
 from uspan.lab.plan import check_name
 
 RECORD = "lab.json"
@@ -120,17 +120,7 @@ class LabRecord:
     # Persistence --------------------------------------------------------------------------
 
     def save(self) -> None:
-        path = self.dir / RECORD
-        fd, temp = tempfile.mkstemp(dir=self.dir, prefix=".lab.json.")
-        try:
-            with os.fdopen(fd, "w") as out:
-                json.dump(asdict(self), out, indent=1)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temp, path)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+        atomicfile.write(self.dir / RECORD, json.dumps(asdict(self), indent=1).encode())
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LabRecord:

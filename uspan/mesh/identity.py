@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from uspan import atomicfile
 from uspan.wg import crypto
 
 NODE_IDENTITY_FILE = "node-identity.yaml"
@@ -110,17 +111,4 @@ def _read_field(path: Path, name: str) -> str | None:
 
 
 def _write_atomically(path: Path, data: dict[str, str]) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a leftover temp file
-        os.write(fd, yaml.safe_dump(data).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, path)
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    atomicfile.write(path, yaml.safe_dump(data).encode())

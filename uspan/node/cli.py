@@ -7,11 +7,11 @@ import logging
 import os
 import socket
 import sys
-import tempfile
 from pathlib import Path
 
 import trio
 
+from uspan import atomicfile
 from uspan import signals as stop_signals
 from uspan.errors import expected
 from uspan.mesh.config import ConfigError, parse_config, render_config
@@ -131,25 +131,11 @@ def gen_config_command(args: argparse.Namespace) -> int:
     if args.output.exists() and not args.force:
         return _fail("gen config", f"{args.output} exists (use --force to overwrite)")
     try:
-        write_private(args.output, text)
+        atomicfile.write(args.output, text.encode())  # 0600: it holds the secret
     except OSError as exc:
         return _fail("gen config", f"{args.output}: {exc.strerror or exc}")
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
-
-
-def write_private(path: Path, text: str) -> None:
-    """Atomically write a file only its owner can read (it holds the cluster secret)."""
-    fd, temp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 # run ----------------------------------------------------------------------------------------
