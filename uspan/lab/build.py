@@ -257,7 +257,7 @@ def stop_node(record: LabRecord, node: NodeRecord, sig: signal.Signals) -> None:
 def down(record: LabRecord) -> list[str]:
     """Stop our processes, delete our namespaces, remove the lab directory; problems."""
     problems: list[str] = []
-    with locked(record.dir):
+    with locked(record):
         running = [p for p in [record.agent, *[n.proc for n in record.nodes],
                                record.discovery] if procs.alive(p)]
         for proc in running:  # all at once: they stop in parallel

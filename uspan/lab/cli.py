@@ -238,8 +238,7 @@ def up_command(args: argparse.Namespace) -> int:
                   f"(`uspan lab status`, `uspan lab logs NODE`, `uspan lab down`)",
                   style="red")
         return 1
-    with locked(record.dir):
-        current = load(Path(record.root), record.name)
+    with locked(record) as current:
         current.ready_seconds = round(elapsed, 2)
         current.save()
     out.print(f"lab {record.name} is up: {len(record.nodes)} nodes, every pair up in "
@@ -508,8 +507,7 @@ def down_command(args: argparse.Namespace) -> int:
 def cut_command(args: argparse.Namespace) -> int:
     privileges.require_root("cut")
     record = _record(args)
-    with locked(record.dir):
-        record = load(Path(record.root), record.name)
+    with locked(record) as record:
         chosen = faults.cut(record, args.a, args.b, args.network)
     print(f"cut {args.a} <-> {args.b} on network{'s' if len(chosen) > 1 else ''} "
           + ", ".join(map(str, chosen)))
@@ -519,8 +517,7 @@ def cut_command(args: argparse.Namespace) -> int:
 def heal_command(args: argparse.Namespace) -> int:
     privileges.require_root("heal")
     record = _record(args)
-    with locked(record.dir):
-        record = load(Path(record.root), record.name)
+    with locked(record) as record:
         healed = faults.heal(record, args.a, args.b, args.network)
     if not healed:
         print(f"no cut between {args.a} and {args.b} to heal")
@@ -534,8 +531,7 @@ def netem_command(args: argparse.Namespace) -> int:
     privileges.require_root("netem")
     record = _record(args)
     netem_args = [] if args.clear else faults.netem_args(args.delay, args.jitter, args.loss)
-    with locked(record.dir):
-        record = load(Path(record.root), record.name)
+    with locked(record) as record:
         chosen = faults.netem(record, args.node, args.network, netem_args)
     what = " ".join(netem_args) if netem_args else "cleared"
     print(f"netem on {args.node}, network{'s' if len(chosen) > 1 else ''} "
@@ -546,8 +542,7 @@ def netem_command(args: argparse.Namespace) -> int:
 def kill_command(args: argparse.Namespace) -> int:
     privileges.require_root("kill")
     record = _record(args)
-    with locked(record.dir):
-        record = load(Path(record.root), record.name)
+    with locked(record) as record:
         node = record.node(args.node)
         build.stop_node(record, node, getattr(signal, f"SIG{args.signal}"))
     print(f"{node.name} stopped (SIG{args.signal})")
@@ -557,8 +552,7 @@ def kill_command(args: argparse.Namespace) -> int:
 def start_command(args: argparse.Namespace) -> int:
     privileges.require_root("start")
     record = _record(args)
-    with locked(record.dir):
-        record = load(Path(record.root), record.name)
+    with locked(record) as record:
         node = record.node(args.node)
         build.start_node(record, node)
     if not node.wgo:
@@ -585,8 +579,7 @@ def start_command(args: argparse.Namespace) -> int:
 def discovery_command(args: argparse.Namespace) -> int:
     privileges.require_root("discovery")
     record = _record(args)
-    with locked(record.dir):
-        record = load(Path(record.root), record.name)
+    with locked(record) as record:
         if args.action == "stop":
             if not procs.alive(record.discovery):
                 raise LabError("the discovery service is not running")

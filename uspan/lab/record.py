@@ -168,11 +168,12 @@ def resolve(root: Path, name: str | None) -> LabRecord:
 
 
 @contextlib.contextmanager
-def locked(directory: Path) -> Iterator[None]:
-    """Serialize changes to one lab (its record, its faults) between commands."""
-    with (directory / "lock").open("a") as lock:
+def locked(record: LabRecord) -> Iterator[LabRecord]:
+    """Serialize changes to one lab (its record, its faults) between commands; yields the
+    record as it is now, read under the lock, for a read-modify-write."""
+    with (record.dir / "lock").open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            yield
+            yield load(Path(record.root), record.name)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
