@@ -13,8 +13,9 @@ Surface (all times are monotonic seconds passed in by the caller):
   O(1), so the shell can ask after every batch).
 - ``forget_source(endpoint)``: the shell could not send from a sticky source address.
 - ``peer_facts() -> {public key: PeerFacts}``: what the mesh needs to know of each peer;
-  ``peer_events`` grows when a handshake completes, attempts are given up or a peer
-  roams, so the shell can wake whoever waits for facts to change.
+  ``peer_events`` grows when a handshake completes, attempts are given up, a peer
+  roams, or data went unanswered long enough to rehandshake, so the shell can wake
+  whoever waits for facts to change.
 - ``counters``: drops by reason (``drops.Drop``; a ``collections.Counter``).
 
 ``wall_offset`` turns monotonic into Unix time (``wall = now + wall_offset``); the shell

@@ -3,7 +3,8 @@
 A mesh decides whether a peer is up, and when to try another endpoint, as a pure
 function of these and ``now`` (Talos computes its peer state the same way), instead of
 from wall-clock fields or log lines. ``Device.peer_facts()`` builds them on demand;
-``Device.peer_events`` counts the moments they change in a way worth waking for.
+``Device.peer_events`` counts the moments they change in a way worth waking for
+(handshake completed, attempts given up, roaming, data unanswered for 15 s).
 """
 
 from __future__ import annotations
