@@ -181,7 +181,7 @@ def test_stats_names_are_what_uspan_stats_has_always_printed():
         "handshake_failed", "unknown_peer", "stale_initiation", "unknown_index",
         "bad_cookie_reply", "expired_key", "decrypt_failed", "replay", "bad_inner_packet",
         "not_allowed_source", "no_route", "no_endpoint", "no_private_key", "bad_peer_key",
-        "staged_overflow", "staged_dropped")] + [
+        "staged_overflow", "staged_dropped", "source_limited", "cookie_limited")] + [
         "tun_read_dropped", "tun_write_dropped", "udp_send_errors", "udp_receive_dropped"]
 
 

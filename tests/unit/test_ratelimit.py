@@ -71,3 +71,27 @@ def test_table_is_capped_against_spoofed_floods() -> None:
 def test_max_entries_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_entries"):
         RateLimiter(max_entries=0)
+
+
+def test_a_slow_bucket_is_kept_until_it_has_refilled() -> None:
+    """One token per 5 s: GC must not forget a spent entry after 1 s (that would refill it)."""
+    limiter = RateLimiter(rate=0.2, burst=1)
+    assert limiter.allow(IP_A, T0)
+    limiter.allow(IP_B, T0 + 2.0)  # a collection runs
+    assert IP_A in limiter
+    assert not limiter.allow(IP_A, T0 + 4.9)
+    assert limiter.allow(IP_A, T0 + 5.0)  # a refused attempt spends nothing
+
+
+def test_a_full_table_refuses_new_keys_and_says_so() -> None:
+    limiter = RateLimiter(2)
+    assert limiter.allow(IP_A, T0) and limiter.allow(IP_B, T0)
+    assert limiter.full
+    assert not limiter.allow(b"\x01\x02\x03\x04", T0)
+    assert b"\x01\x02\x03\x04" not in limiter
+
+
+def test_bad_parameters_are_refused() -> None:
+    for kwargs in ({"rate": 0}, {"burst": 0}):
+        with pytest.raises(ValueError):
+            RateLimiter(**kwargs)

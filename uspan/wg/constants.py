@@ -50,6 +50,13 @@ HANDSHAKE_BURST = 5
 # batches cannot hide a flood. 1000/s of full handshakes is ~16% of a core here.
 UNDER_LOAD_RATE = 1000
 UNDER_LOAD_AFTER = 1.0  # stay under load this long after the last overload
+# Under load, a message without a valid mac2 gets work only if its source (address and
+# port) sent none in the last SOURCE_INTERVAL (a real initiator retries every
+# REKEY_TIMEOUT), and then within global budgets: a full handshake (about 0.2 ms here)
+# while UNPROVEN_PER_SECOND allows, else a cookie reply while COOKIES_PER_SECOND allows.
+SOURCE_INTERVAL = REKEY_TIMEOUT
+UNPROVEN_PER_SECOND = 50
+COOKIES_PER_SECOND = 1000
 
 # Replay window (RFC 6479): 8192-bit bitmap, 8128 usable.
 REPLAY_BITMAP_BITS = 8192

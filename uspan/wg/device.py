@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 from cryptography.exceptions import InvalidTag
 
 from uspan.wg import crypto, messages
+from uspan.wg.admission import Admission, Verdict
 from uspan.wg.allowedips import AllowedIPs
 from uspan.wg.config import ConfigError, DeviceChange, DeviceInfo, PeerChange, PeerInfo
 from uspan.wg.constants import (
@@ -49,7 +50,7 @@ from uspan.wg.constants import (
     UNDER_LOAD_RATE,
     ZERO_KEY,
 )
-from uspan.wg.cookie import CookieChecker
+from uspan.wg.cookie import MAC2, CookieChecker
 from uspan.wg.crypto import clamp, public_key
 from uspan.wg.drops import Drop, ProtocolError
 from uspan.wg.endpoint import Endpoint
@@ -61,11 +62,11 @@ from uspan.wg.handshake import (
 )
 from uspan.wg.keypair import Keypair
 from uspan.wg.peer import Peer
-from uspan.wg.ratelimit import RateLimiter
 
 Out = list[tuple[bytes, Endpoint]]
 Datagram = tuple[bytes, Endpoint]
 _TRANSPORT_HEADER = messages.TRANSPORT_HEADER
+_NO_MAC = bytes(16)
 
 class Device:
     """A WireGuard interface's protocol state."""
@@ -83,7 +84,7 @@ class Device:
         self.keypairs: dict[int, Keypair] = {}
         self.handshakes: dict[int, Peer] = {}
         self.cookie_checker = CookieChecker(rng=rng)
-        self.ratelimiter = RateLimiter()
+        self.admission = Admission()
         self.counters: Counter[Drop] = Counter()
         self.under_load_rate = UNDER_LOAD_RATE  # handshake messages per second
         self._under_load_until = float("-inf")
@@ -374,16 +375,25 @@ class Device:
         if not self.cookie_checker.check_mac1(data):
             counters[Drop.BAD_MAC1] += 1
             return
-        if now < self._under_load_until:
-            if not self.cookie_checker.check_mac2(data, source.source_key(), now):
-                sender = int.from_bytes(data[4:8], "little")
-                reply = self.cookie_checker.create_reply(data, sender, source.source_key(), now)
-                out.append((reply, source))
-                counters[Drop.COOKIE_SENT] += 1
-                return
-            if not self.ratelimiter.allow(source.ip_key(), now):
-                counters[Drop.RATELIMITED] += 1
-                return
+        admission = self.admission
+        if now < self._under_load_until or now < admission.busy_until:
+            if data[MAC2] != _NO_MAC and self.cookie_checker.check_mac2(
+                    data, source.source_key(), now):
+                if not admission.proven_allowed(source.ip_key(), now):
+                    counters[Drop.RATELIMITED] += 1
+                    return
+            else:
+                verdict = admission.unproven(source, now)
+                if verdict is Verdict.DROP:
+                    counters[admission.drop] += 1
+                    return
+                if verdict is Verdict.COOKIE:
+                    sender = int.from_bytes(data[4:8], "little")
+                    reply = self.cookie_checker.create_reply(
+                        data, sender, source.source_key(), now)
+                    out.append((reply, source))
+                    counters[Drop.COOKIE_SENT] += 1
+                    return
         if kind == MSG_INITIATION:
             self._receive_initiation(data, source, now, out)
         else:

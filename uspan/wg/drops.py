@@ -37,6 +37,8 @@ class Drop(StrEnum):
     BAD_PEER_KEY = "bad_peer_key"
     STAGED_OVERFLOW = "staged_overflow"
     STAGED_DROPPED = "staged_dropped"
+    SOURCE_LIMITED = "source_limited"  # under load: the source sent again too soon
+    COOKIE_LIMITED = "cookie_limited"  # under load: the budget of cookie replies is spent
 
 
 # Refusals counted as something other than a failed handshake.
