@@ -94,6 +94,7 @@ class Daemon:
         self._unsent: list[tuple[bytes, Endpoint]] = []  # from set() before run()
         self._peer_events_seen = 0
         self._peer_event = trio.Event()
+        self._early_drop_version = 0  # the admission flags the bind's filter reflects
         self.device.mtu = tun.mtu
         self.device.listen_port = bind.port
 
@@ -215,6 +216,8 @@ class Daemon:
             except trio.ClosedResourceError:
                 return  # rebound to another port
             to_tun, out = device.receive(batch, _now())
+            if device.admission.flag_version != self._early_drop_version:
+                self._refresh_early_drop()
             if to_tun:
                 try:
                     await self.tun.write(to_tun)
@@ -276,6 +279,19 @@ class Daemon:
                 log.debug("MTU updated: %d", self.tun.mtu)
                 self.device.mtu = self.tun.mtu
             self.device.wall_offset = time.time() - _now()
+            self._refresh_early_drop()
+
+    def _refresh_early_drop(self) -> None:
+        """Have the kernel drop what the core's admission flagged (expired flags go)."""
+        admission = self.device.admission
+        sources = admission.flagged_sources(_now())
+        if admission.flag_version == self._early_drop_version:
+            return
+        self._early_drop_version = admission.flag_version
+        try:
+            self.bind.drop_initiations(sources)
+        except OSError as exc:  # e.g. no BPF in this kernel: the core still refuses them
+            log.error("Cannot filter flooding sources: %s", exc)
 
     # Facts for the owner ----------------------------------------------------------------
 
@@ -338,6 +354,7 @@ class Daemon:
         if new_bind is not None:
             old_bind, self.bind = self.bind, new_bind
             old_bind.close()
+            self._early_drop_version = -1  # the new sockets have no filter yet
             if self._nursery is not None:
                 for receiver in new_bind.receivers:
                     self._nursery.start_soon(self._udp_loop, receiver)

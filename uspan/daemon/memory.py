@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -105,6 +106,9 @@ class MemoryBind:
 
     def set_fwmark(self, mark: int) -> None:
         self.fwmark = mark
+
+    def drop_initiations(self, sources: Sequence[Endpoint]) -> None:
+        """Nothing to do: an in-memory queue has no kernel behind it to spare."""
 
     def describe(self) -> str:
         return f"memory={self.host}:{self.port}"

@@ -16,11 +16,12 @@ import errno
 import itertools
 import socket
 import struct
+from collections.abc import Sequence
 from operator import itemgetter
 
 import trio
 
-from uspan.daemon import gso, offload
+from uspan.daemon import earlydrop, gso, offload
 from uspan.wg.endpoint import Endpoint
 
 BATCH = 64  # receives per batch (each up to 64 datagrams with GRO)
@@ -224,6 +225,15 @@ class UdpBind:
             if udp is not None and not await udp.send([d for d, _ in run], endpoint):
                 failed.append(endpoint)
         return failed
+
+    def drop_initiations(self, sources: Sequence[Endpoint]) -> None:
+        """Attach (or, for none, detach) the early-drop filter on both sockets."""
+        keys = [(endpoint.ip_key(), endpoint.port) for endpoint in sources]
+        for udp in self.sockets:
+            if keys:
+                earlydrop.attach(udp.sock, earlydrop.program(udp.family, keys))
+            else:
+                earlydrop.detach(udp.sock)
 
     def set_fwmark(self, mark: int) -> None:
         """Set SO_MARK on both sockets (0 clears it); raises OSError."""
