@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -37,6 +35,7 @@ from bench.common import (
     table,
 )
 from uspan.testbed import Lab, PeerConfig
+from uspan.testbed.flood import Attack, Pinger
 
 OUTER = ("198.18.0.1", "198.18.0.2")  # attacker and peer, responder
 SPOOF_RANGE = "198.18.0.0/16"
@@ -45,14 +44,6 @@ PORT = 51840
 WGO_CURRENT = "/work/anchors/wireguard-go-current"
 KINDS = ("ports", "spoof")
 AFTER_FLOOD = 10.0  # seconds to wait for a first reply after the flood, if none came
-
-
-def _watch(ping: subprocess.Popen[bytes], replies: list[float]) -> None:
-    """Record the monotonic time of every ping reply line."""
-    assert ping.stdout is not None
-    for line in ping.stdout:
-        if b"bytes from" in line:
-            replies.append(time.monotonic())
 
 
 def flood_trial(args: argparse.Namespace, impl: str, kind: str) -> dict[str, float | None]:
@@ -69,46 +60,31 @@ def flood_trial(args: argparse.Namespace, impl: str, kind: str) -> dict[str, flo
         for wg, inner in ((responder, INNER[1]), (peer, INNER[0])):
             wg.add_address(f"{inner}/24")
             wg.up()
-        how = ["--spoof", SPOOF_RANGE] if kind == "spoof" else ["--ports", str(args.ports)]
-        if args.rate:
-            how += ["--rate", str(args.rate)]
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-        attacker = a.spawn(sys.executable, "-m", "uspan.testbed.flood", OUTER[1], str(PORT),
-                           responder.keys.public, "--seconds", str(args.seconds), *how,
-                           stdout=subprocess.PIPE, env=env)
-        assert attacker.stdout is not None
-        if attacker.stdout.readline().strip() != b"ready":
-            raise BenchError("the flood did not start")
+        attack = Attack(a, OUTER[1], PORT, responder.keys.public, seconds=args.seconds,
+                        rate=args.rate, ports=args.ports,
+                        spoof=SPOOF_RANGE if kind == "spoof" else None)
         pid = responder.process.pid
         load = float(Path("/proc/loadavg").read_text().split()[0])
-        started, cpu_before = time.monotonic(), cpu_seconds(pid)
+        cpu_before = cpu_seconds(pid)
         time.sleep(args.legit_after)
-        replies: list[float] = []
-        ping = a.spawn("ping", "-n", "-i", "0.2", INNER[1], stdout=subprocess.PIPE)
-        pinged = time.monotonic()
-        watcher = threading.Thread(target=_watch, args=(ping, replies), daemon=True)
-        watcher.start()
-        sent_line = attacker.stdout.readline().split()
+        pinger = Pinger(a, INNER[1])
+        sent = attack.wait()
         ended, cpu_used = time.monotonic(), cpu_seconds(pid) - cpu_before
-        if attacker.wait(10) != 0 or len(sent_line) != 2:
-            raise BenchError(f"the flood failed: {sent_line!r}")
-        deadline = ended + AFTER_FLOOD
-        while time.monotonic() < deadline and not any(t > ended for t in replies):
-            time.sleep(0.05)
-        ping.terminate()
+        first = pinger.first_reply()
+        through = first is not None and pinger.started + first <= ended
+        recovery = None if through else pinger.wait_reply(ended, AFTER_FLOOD)
+        first = pinger.first_reply()
+        pinger.stop()
         if not responder.alive():
             raise BenchError(f"{impl} responder died:\n{lab.daemon_logs()}")
         rss = peak_rss_mib(pid)
-    first = replies[0] - pinged if replies else None
-    during = [t for t in replies if t <= ended]
-    after = [t for t in replies if t > ended]
     return {
         "first": first,
-        "through": 1.0 if during else 0.0,
-        "recovery": (after[0] - ended) if after and not during else None,
+        "through": 1.0 if through else 0.0,
+        "recovery": recovery,
         "cpu": cpu_used,
         "rss": rss,
-        "rate": int(sent_line[1]) / (ended - started),
+        "rate": sent / (ended - attack.started),
         "load": load,
     }
 

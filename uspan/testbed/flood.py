@@ -12,7 +12,8 @@ Two kinds:
 Run inside the attacker's namespace: ``python -m uspan.testbed.flood HOST PORT PUBKEY_B64
 --seconds S [--rate R] [--ports N | --spoof CIDR]``. It prints ``ready`` once its
 datagrams are built, floods, then prints ``sent N`` and exits. Only for namespaces a
-test or benchmark created.
+test or benchmark created. ``Attack`` runs it from a test or benchmark, and ``Pinger``
+times a legitimate peer's pings through the tunnel meanwhile.
 """
 
 from __future__ import annotations
@@ -24,9 +25,14 @@ import os
 import random
 import socket
 import struct
+import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
+from uspan.testbed.namespace import Namespace
+from uspan.testbed.process import NetnsError
 from uspan.wg import cookie, crypto
 from uspan.wg.constants import INITIATION_SIZE, MAC_SIZE, MSG_INITIATION
 
@@ -121,3 +127,66 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --- driving it from a test or benchmark ---------------------------------------------------
+
+
+class Attack:
+    """A flood running in ``ns`` (a namespace the caller's lab created and owns)."""
+
+    def __init__(self, ns: Namespace, host: str, port: int, public: str, *, seconds: float,
+                 rate: float = 0.0, ports: int = 64, spoof: str | None = None) -> None:
+        how = ["--spoof", spoof] if spoof else ["--ports", str(ports)]
+        if rate:
+            how += ["--rate", str(rate)]
+        root = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        self.process = ns.spawn(sys.executable, "-m", "uspan.testbed.flood", host, str(port),
+                                public, "--seconds", str(seconds), *how,
+                                stdout=subprocess.PIPE, env=env)
+        assert self.process.stdout is not None
+        self._out = self.process.stdout
+        if self._out.readline().strip() != b"ready":
+            raise NetnsError(f"the flood did not start (exit {self.process.wait()})")
+        self.started = time.monotonic()
+
+    def wait(self) -> int:
+        """Wait for the flood to end; how many datagrams it sent."""
+        words = self._out.readline().split()
+        if self.process.wait(10) != 0 or len(words) != 2:
+            raise NetnsError(f"the flood failed: {words!r}")
+        return int(words[1])
+
+
+class Pinger:
+    """``ping -i 0.2`` in ``ns``, recording when each reply came (monotonic seconds)."""
+
+    def __init__(self, ns: Namespace, address: str) -> None:
+        self.replies: list[float] = []
+        self.process = ns.spawn("ping", "-n", "-i", "0.2", address, stdout=subprocess.PIPE)
+        self.started = time.monotonic()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if b"bytes from" in line:
+                self.replies.append(time.monotonic())
+
+    def first_reply(self, after: float = float("-inf")) -> float | None:
+        """Seconds from ``after`` (default: the start) to the first reply later than it."""
+        start = max(after, self.started)
+        later = [t for t in self.replies if t > start]
+        return later[0] - start if later else None
+
+    def wait_reply(self, after: float, timeout: float) -> float | None:
+        """Wait until a reply later than ``after`` came, at most ``timeout`` s past it."""
+        while time.monotonic() < after + timeout:
+            if (got := self.first_reply(after)) is not None:
+                return got
+            time.sleep(0.05)
+        return self.first_reply(after)
+
+    def stop(self) -> None:
+        self.process.terminate()
