@@ -15,11 +15,11 @@ from bench.common import cpu_seconds
 from tests.system.conftest import program
 from tests.system.test_hostile import stats
 from uspan.testbed import Lab, Namespace, PeerConfig, WireGuard
-from uspan.testbed.flood import Attack, Pinger
+from uspan.testbed.flood import ATTACKER, RESPONDER, SPOOF_RANGE, Attack, Pinger, link
 
 pytestmark = pytest.mark.system
 
-OUTER = ("198.18.0.1", "198.18.0.2")
+OUTER = (ATTACKER, RESPONDER)
 INNER = "10.79.0.2"
 PORT = 51850
 RATE = 20_000  # datagrams/s: over uspan's under-load threshold (1000/s) twenty times
@@ -30,7 +30,7 @@ FIRST_REPLY_BOUND = 2.0  # seconds; a cookie round trip costs at least REKEY_TIM
 def responder_and_peer(lab: Lab, peers: int = 1) -> tuple[Namespace, WireGuard, list[WireGuard]]:
     """uspan-wg in r; ``peers`` wireguard-go peers in a (10.79.0.10+i), configured, idle."""
     a, r = lab.namespace("a"), lab.namespace("r")
-    lab.veth(a, r, [f"{OUTER[0]}/16"], [f"{OUTER[1]}/16"])
+    link(lab, a, r)
     responder = lab.start_wireguard(r, program("uspan"))
     others = [lab.start_wireguard(a, program("wgo")) for _ in range(peers)]
     responder.configure(listen_port=PORT, peers=[
@@ -70,14 +70,14 @@ def test_first_handshake_gets_through_a_port_flood(lab: Lab) -> None:
 
 
 def test_spoofed_flood_spares_the_tunnel_and_ends_cleanly(lab: Lab) -> None:
-    """From random sources of the /16: an established tunnel keeps working during the
+    """From random sources of a routed /16: an established tunnel keeps working during the
     flood, and a peer that starts its first handshake as the flood ends is answered at
     once (no leftover cookie demand)."""
     a, responder, (_, fresh) = responder_and_peer(lab, peers=2)
     pinger = Pinger(a, INNER)  # through the first peer: the route to INNER names it
     assert pinger.wait_reply(pinger.started, 5.0) is not None
     attack = Attack(a, OUTER[1], PORT, responder.keys.public, seconds=SECONDS, rate=RATE,
-                    spoof="198.18.0.0/16")
+                    spoof=SPOOF_RANGE)
     pid = responder.process.pid
     cpu = cpu_seconds(pid)
     during = time.monotonic()

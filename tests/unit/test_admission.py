@@ -7,7 +7,14 @@ import pytest
 
 from tests.unit.wgnet import Net, ipv4_packet
 from uspan.testbed.flood import junk_initiation
-from uspan.wg.admission import FLAG_TIME, MAX_FLAGGED, Admission, Verdict
+from uspan.wg.admission import (
+    FLAG_TIME,
+    MAX_FLAGGED,
+    MIN_KEEP,
+    SAMPLE_TARGET,
+    Admission,
+    Verdict,
+)
 from uspan.wg.constants import (
     COOKIES_PER_SECOND,
     HANDSHAKE_BURST,
@@ -70,6 +77,33 @@ def test_spoofed_sources_cost_at_most_the_budgets() -> None:
     assert verdicts.count(Verdict.COOKIE) == COOKIES_PER_SECOND
     assert admission.drop is Drop.COOKIE_LIMITED
     assert admission.unproven(source(9999), T0 + 1.01) is Verdict.PROCESS  # refilled
+
+
+def test_a_spoofed_flood_is_sampled_down_and_the_sample_lifted_when_it_ends() -> None:
+    admission = Admission()
+    for i in range(100_000):  # a second of new sources
+        admission.unproven(source(i), T0 + i * 1e-5)
+    version = admission.flag_version
+    admission.unproven(source(1 << 20), T0 + 1.0)  # the next window starts
+    assert admission.keep <= SAMPLE_TARGET / 100_000 and admission.keep > MIN_KEEP
+    assert admission.flag_version == version + 1
+    assert admission.busy_until >= T0 + 2.0  # still under load while sampling
+    admission.flagged_sources(T0 + 1.5)
+    assert admission.keep < 1.0  # the window is not over
+    admission.flagged_sources(T0 + 2.0)  # the flood is over: nobody came to unproven
+    assert admission.keep == 1.0
+
+
+def test_backlog_from_flagged_sources_does_not_lower_keep() -> None:
+    """Junk queued before the kernel filter had its source is not spoofed traffic."""
+    admission = Admission()
+    for port in ATTACKER:
+        admission.unproven(port, T0)
+        admission.unproven(port, T0)
+    for i in range(100_000):
+        assert admission.unproven(ATTACKER[i % 64], T0 + i * 1e-5) is Verdict.DROP
+    admission.unproven(source(1), T0 + 1.0)
+    assert admission.keep == 1.0
 
 
 def test_a_full_source_table_falls_back_to_the_budgets() -> None:

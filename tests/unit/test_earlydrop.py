@@ -84,3 +84,14 @@ def test_the_most_sources_fit_the_kernels_limit(sockets) -> None:
     sources.append((socket.inet_pton(receiver.family, host), port))
     earlydrop.attach(receiver, earlydrop.program(receiver.family, sources))
     assert not arrives(receiver, flagged, INITIATION)
+
+
+def test_a_sample_of_the_unflagged_initiations_passes(sockets) -> None:
+    receiver, sender, _ = sockets
+    earlydrop.attach(receiver, earlydrop.program(receiver.family, [], keep=0.0))
+    assert not arrives(receiver, sender, INITIATION)
+    assert arrives(receiver, sender, WITH_MAC2)
+    assert arrives(receiver, sender, TRANSPORT)
+    earlydrop.attach(receiver, earlydrop.program(receiver.family, [], keep=0.5))
+    passed = sum(arrives(receiver, sender, INITIATION) for _ in range(200))
+    assert 60 < passed < 140

@@ -289,7 +289,7 @@ class Daemon:
             return
         self._early_drop_version = admission.flag_version
         try:
-            self.bind.drop_initiations(sources)
+            self.bind.drop_initiations(sources, admission.keep)
         except OSError as exc:  # e.g. no BPF in this kernel: the core still refuses them
             log.error("Cannot filter flooding sources: %s", exc)
 

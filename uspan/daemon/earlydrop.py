@@ -7,7 +7,9 @@ it refuses; this filter drops their initiations that carry no mac2 (148 bytes, t
 last 16 bytes zero) before they are queued, so they cost the kernel a few instructions
 and us nothing. Everything else passes: transport data, responses, cookie replies, and
 any initiation with a mac2, which a real peer behind a flagged address sends once it has
-a cookie. ``program`` is pure (tested by attaching it to real sockets).
+a cookie. Against spoofed sources, which never repeat, it keeps only a random fraction
+of the mac2-less initiations from everyone else. ``program`` is pure (tested by
+attaching it to real sockets).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ SO_ATTACH_FILTER = 26
 SO_DETACH_FILTER = 27
 MAX_SOURCES = 256  # 5 (IPv4) or 11 (IPv6) instructions each, far below the kernel's 4096
 _SKF_NET_OFF = -0x100000  # loads relative to the IP header (the filter starts at UDP's)
-_LD_LEN, _LD_W, _LD_H, _JEQ, _RET = 0x80, 0x20, 0x28, 0x15, 0x06
+_SKF_AD_RANDOM = -0x1000 + 56  # a random u32 (SKF_AD_OFF + SKF_AD_RANDOM)
+_LD_LEN, _LD_W, _LD_H, _JEQ, _JGE, _RET = 0x80, 0x20, 0x28, 0x15, 0x35, 0x06
 _PASS, _DROP = 0xFFFFFFFF, 0
 _UDP = 8  # the UDP header; the WireGuard message follows
 INITIATION_LEN = 148
@@ -35,9 +38,11 @@ def _u32(value: int) -> int:
     return value & 0xFFFFFFFF
 
 
-def program(family: int, sources: Sequence[tuple[bytes, int]]) -> list[Instruction]:
+def program(family: int, sources: Sequence[tuple[bytes, int]],
+            keep: float = 1.0) -> list[Instruction]:
     """A filter dropping mac2-less initiations from ``sources`` ((packed ip, port)) of
-    ``family``; sources of the other family are ignored."""
+    ``family`` (sources of the other family are ignored), and of the others all but a
+    random fraction ``keep``."""
     size = 4 if family == socket.AF_INET else 16
     where = _SKF_NET_OFF + (12 if family == socket.AF_INET else 8)  # source address
     code: list[Instruction] = [(_LD_LEN, 0, 0, 0), (_JEQ, 1, 0, _UDP + INITIATION_LEN),
@@ -55,6 +60,9 @@ def program(family: int, sources: Sequence[tuple[bytes, int]]) -> list[Instructi
             rest -= 2
             code += [(_LD_W, 0, 0, _u32(where + 4 * i)), (_JEQ, 0, rest, word)]
         code.append((_RET, 0, 0, _DROP))
+    if keep < 1.0:
+        code += [(_LD_W, 0, 0, _u32(_SKF_AD_RANDOM)), (_JGE, 0, 1, int(keep * 2**32)),
+                 (_RET, 0, 0, _DROP)]
     code.append((_RET, 0, 0, _PASS))
     return code
 

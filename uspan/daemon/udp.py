@@ -226,12 +226,12 @@ class UdpBind:
                 failed.append(endpoint)
         return failed
 
-    def drop_initiations(self, sources: Sequence[Endpoint]) -> None:
-        """Attach (or, for none, detach) the early-drop filter on both sockets."""
+    def drop_initiations(self, sources: Sequence[Endpoint], keep: float) -> None:
+        """Attach (or, when it would drop nothing, detach) the early-drop filter."""
         keys = [(endpoint.ip_key(), endpoint.port) for endpoint in sources]
         for udp in self.sockets:
-            if keys:
-                earlydrop.attach(udp.sock, earlydrop.program(udp.family, keys))
+            if keys or keep < 1.0:
+                earlydrop.attach(udp.sock, earlydrop.program(udp.family, keys, keep))
             else:
                 earlydrop.detach(udp.sock)
 

@@ -31,11 +31,18 @@ import threading
 import time
 from pathlib import Path
 
+from uspan.testbed.lab import Lab
 from uspan.testbed.namespace import Namespace
 from uspan.testbed.process import NetnsError
 from uspan.wg import cookie, crypto
 from uspan.wg.constants import INITIATION_SIZE, MAC_SIZE, MSG_INITIATION
 
+ATTACKER, RESPONDER = "198.18.0.1", "198.18.0.2"  # the two ends of ``link``
+# Spoofed sources: a range routed to the attacker's namespace, not on the link, so replies
+# to them cost the responder one neighbour entry (the attacker's), not one each: the
+# kernel's neighbour table is shared by every namespace (gc_thresh3, 1024 by default), and
+# on-link spoofing would overflow it for everyone on the machine.
+SPOOF_RANGE = "198.19.0.0/16"
 POOL = 4096  # distinct datagrams, cycled
 SPOOF_POOL = 65536  # with spoofing: distinct (source, port) pairs, cycled
 _CHUNK = 256  # datagrams sent between clock checks
@@ -130,6 +137,13 @@ if __name__ == "__main__":
 
 
 # --- driving it from a test or benchmark ---------------------------------------------------
+
+
+def link(lab: Lab, attacker: Namespace, responder: Namespace) -> None:
+    """A veth from ``attacker`` (ATTACKER/16) to ``responder`` (RESPONDER/16), which routes
+    SPOOF_RANGE back through ``attacker`` (where replies to it are dropped: no forwarding)."""
+    lab.veth(attacker, responder, [f"{ATTACKER}/16"], [f"{RESPONDER}/16"])
+    responder.ip("route", "add", SPOOF_RANGE, "via", ATTACKER)
 
 
 class Attack:

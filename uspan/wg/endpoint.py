@@ -43,12 +43,13 @@ class Endpoint:
 
     def source_key(self) -> bytes:
         """IP bytes || port (big-endian): what cookies and rate limits are keyed on."""
-        host = self.host.split("%", 1)[0]
-        return ipaddress.ip_address(host).packed + self.port.to_bytes(2, "big")
+        return self.ip_key() + self.port.to_bytes(2, "big")
 
     def ip_key(self) -> bytes:
-        """The packed remote IP alone (rate limiting is per source IP)."""
-        return ipaddress.ip_address(self.host.split("%", 1)[0]).packed
+        """The packed remote IP alone (rate limiting is per source IP). inet_pton, not
+        ``ipaddress``: a cookie reply under a flood needs it, at a tenth of the cost."""
+        host = self.host.split("%", 1)[0]
+        return socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
 
     @classmethod
     def parse(cls, text: str) -> Endpoint:
