@@ -5,7 +5,7 @@ Each trial builds two namespaces joined by a veth: ``a`` holds the attacker and 
 legitimate peer (Debian's wireguard-go), ``r`` the responder under test. The attacker
 (``uspan.testbed.flood``, one Python process) sends initiations with a valid mac1 for
 ``--seconds`` as fast as it can, either from ``--ports`` sockets of a's address
-(``ports``) or from random source addresses of the veth's /16 (``spoof``). ``--legit-after``
+(``ports``) or from random source addresses of a /16 routed to ``a`` (``spoof``). ``--legit-after``
 seconds in, the peer starts pinging the responder's inner address every 0.2 s; its first
 packet starts its first handshake. Measured: time from the first ping to the first reply,
 the responder's CPU seconds over the flood and its peak RSS, the attacker's rate, and how
@@ -35,10 +35,9 @@ from bench.common import (
     table,
 )
 from uspan.testbed import Lab, PeerConfig
-from uspan.testbed.flood import Attack, Pinger
+from uspan.testbed.flood import ATTACKER, RESPONDER, SPOOF_RANGE, Attack, Pinger, link
 
-OUTER = ("198.18.0.1", "198.18.0.2")  # attacker and peer, responder
-SPOOF_RANGE = "198.18.0.0/16"
+OUTER = (ATTACKER, RESPONDER)
 INNER = ("10.79.0.1", "10.79.0.2")
 PORT = 51840
 WGO_CURRENT = "/work/anchors/wireguard-go-current"
@@ -50,7 +49,7 @@ def flood_trial(args: argparse.Namespace, impl: str, kind: str) -> dict[str, flo
     """One fresh responder, one flood, one legitimate peer."""
     with Lab("bfl") as lab:
         a, r = lab.namespace("a"), lab.namespace("r")
-        lab.veth(a, r, [f"{OUTER[0]}/16"], [f"{OUTER[1]}/16"])
+        link(lab, a, r)
         responder = lab.start_wireguard(r, args.programs[impl])
         peer = lab.start_wireguard(a, args.legit)
         responder.configure(listen_port=PORT,
@@ -172,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         f"body, one Python process in the peer's namespace, "
         + (f"at most {args.rate:g}/s" if args.rate else "as fast as it can"),
         "ports": f"from {args.ports} UDP sockets of {OUTER[0]}",
-        "spoof": f"from random (address, port) pairs of {SPOOF_RANGE} (raw socket)",
+        "spoof": f"from random (address, port) pairs of {SPOOF_RANGE} (raw socket), a "
+        f"range the responder routes via {OUTER[0]}",
         "legitimate peer": f"{args.legit}, pings every 0.2 s from {args.legit_after:g} s "
         "into the flood; its first packet starts its first handshake",
     }
