@@ -100,11 +100,12 @@ ROWS = (
 
 
 def render(values: dict[tuple[str, str], dict[str, list[float | None]]], impls: list[str],
-           info: dict[str, str], settings: dict[str, str], markdown: bool) -> str:
+           kinds: list[str], info: dict[str, str], settings: dict[str, str],
+           markdown: bool) -> str:
     heading = "## " if markdown else ""
     parts = [f"{heading}Machine", machine_lines(info, markdown),
              f"{heading}Settings", machine_lines(settings, markdown)]
-    for kind in KINDS:
+    for kind in kinds:
         rows = []
         for key, label, digits in ROWS:
             cells = []
@@ -155,7 +156,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global KINDS
     args = parse_args(argv)
     info = start_benchmark("flood", args, ["ip", "wg", "ping"])
     if info is None:
@@ -164,7 +164,6 @@ def main(argv: list[str] | None = None) -> int:
         args.programs["wgo-current"] = args.wgo_current
         info["wgo-current"] = f"{args.wgo_current}"
     impls = list(args.programs)
-    KINDS = tuple(args.kinds)
     settings = {
         "rounds": str(args.rounds),
         "flood": f"{args.seconds:g} s of 148-byte initiations with a valid mac1 and random "
@@ -177,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "into the flood; its first packet starts its first handshake",
     }
     values = {(impl, kind): {key: [None] * args.rounds for key, *_ in ROWS}
-              for impl in impls for kind in KINDS}
+              for impl in impls for kind in args.kinds}
 
     def trial(impl: str, kind: str, round_: int) -> None:
         for key, value in flood_trial(args, impl, kind).items():
@@ -188,10 +187,11 @@ def main(argv: list[str] | None = None) -> int:
 
     failures = run_rounds(args.rounds, [
         (f"{kind} {impl}", lambda round_, i=impl, k=kind: trial(i, k, round_))
-        for kind in KINDS for impl in impls
+        for kind in args.kinds for impl in impls
     ])
     publish("handshake flood",
-            lambda md: render(values, impls, info, settings, markdown=md), args.markdown)
+            lambda md: render(values, impls, args.kinds, info, settings, markdown=md),
+            args.markdown)
     return 1 if failures else 0
 
 

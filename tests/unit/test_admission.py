@@ -3,9 +3,7 @@ with valid-mac1 initiations while a real peer starts its first handshake."""
 
 from __future__ import annotations
 
-import pytest
-
-from tests.unit.wgnet import Net, ipv4_packet
+from tests.unit.wgnet import Net, Node, ipv4_packet
 from uspan.testbed.flood import junk_initiation
 from uspan.wg.admission import (
     FLAG_TIME,
@@ -131,20 +129,16 @@ def test_no_budgets_means_no_work_for_unproven_messages() -> None:
 # --- a device under a flood --------------------------------------------------------------
 
 
-@pytest.fixture
-def net() -> Net:
-    return Net()
-
-
-@pytest.fixture
-def pair(net: Net):
+def initiator_and_responder() -> tuple[Net, Node, Node]:
+    """a knows b's endpoint; b, the responder, learns a's from its initiation."""
+    net = Net()
     a = net.add("a", "192.0.2.1", 51820, seed=1)
     b = net.add("b", "192.0.2.2", 51821, seed=2)
     net.connect(a, b, ["10.0.0.1/32"], ["10.0.0.2/32"], b_endpoint=False)
-    return a, b
+    return net, a, b
 
 
-def flood(net: Net, target, seconds: float, per_tick: int = 128) -> int:
+def flood(net: Net, target: Node, seconds: float, per_tick: int = 128) -> int:
     """Junk initiations (valid mac1) from ATTACKER's 64 ports, 12,800 a second."""
     key = mac1_key(target.public)
     junk = [junk_initiation(key) for _ in range(per_tick)]
@@ -158,10 +152,10 @@ def flood(net: Net, target, seconds: float, per_tick: int = 128) -> int:
     return sent
 
 
-def test_first_initiation_is_answered_during_a_flood(net: Net, pair) -> None:
+def test_first_initiation_is_answered_during_a_flood() -> None:
     """2 s into a 64-port flood a peer's first initiation gets a response, not a cookie,
     and the flood cost the responder a bounded number of full handshakes."""
-    a, b = pair
+    net, a, b = initiator_and_responder()
     sent = flood(net, b, 2.0)
     assert b.device.counters[Drop.SOURCE_LIMITED] > 0.9 * sent
     handshakes = b.device.counters[Drop.HANDSHAKE_FAILED]
@@ -174,10 +168,10 @@ def test_first_initiation_is_answered_during_a_flood(net: Net, pair) -> None:
     assert b.tun == [ipv4_packet("10.0.0.1", "10.0.0.2")]
 
 
-def test_retry_with_mac2_is_served_while_junk_arrives(net: Net, pair) -> None:
+def test_retry_with_mac2_is_served_while_junk_arrives() -> None:
     """With both budgets spent by spoofed sources, the peer gets a cookie once; its retry
     carries mac2 and is served although the flood goes on."""
-    a, b = pair
+    net, a, b = initiator_and_responder()
     b.device.admission = Admission(unproven_per_second=0, cookies_per_second=1)
     flood(net, b, 1.0)
     net.now += 0.5  # the cookie budget refills (one a second)
