@@ -27,6 +27,7 @@ from bench.common import (
     Spread,
     add_common_arguments,
     cpu_seconds,
+    machine,
     machine_lines,
     peak_rss_mib,
     publish,
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if os.access(args.wgo_current, os.X_OK):
         args.programs["wgo-current"] = args.wgo_current
-        info["wgo-current"] = f"{args.wgo_current}"
+        info["wgo-current"] = machine({"wgo-current": args.wgo_current})["wgo-current"]
     impls = list(args.programs)
     settings = {
         "rounds": str(args.rounds),

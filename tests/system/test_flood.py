@@ -63,6 +63,9 @@ def test_first_handshake_gets_through_a_port_flood(lab: Lab) -> None:
     assert first is not None, f"no reply {FIRST_REPLY_BOUND} s into the flood: {counted}"
     assert sent > 0.5 * RATE * SECONDS
     assert counted["drop_source_limited"] > 0
+    seen = sum(counted[f"drop_{name}"] for name in (
+        "source_limited", "cookie_sent", "cookie_limited", "handshake_failed"))
+    assert seen < 0.25 * sent, f"the kernel did not drop the flood: uspan saw {seen} of {sent}"
     assert cpu < 0.4 * SECONDS, f"responder used {cpu} s of CPU in {SECONDS} s"
     assert pinger.wait_reply(time.monotonic(), 2.0) is not None
     pinger.stop()

@@ -95,6 +95,7 @@ class Daemon:
         self._peer_events_seen = 0
         self._peer_event = trio.Event()
         self._early_drop_version = 0  # the admission flags the bind's filter reflects
+        self._early_drop_failed = False  # said once in the log
         self.device.mtu = tun.mtu
         self.device.listen_port = bind.port
 
@@ -291,7 +292,9 @@ class Daemon:
         try:
             self.bind.drop_initiations(sources, admission.keep)
         except OSError as exc:  # e.g. no BPF in this kernel: the core still refuses them
-            log.error("Cannot filter flooding sources: %s", exc)
+            if not self._early_drop_failed:
+                log.error("Cannot filter flooding sources in the kernel: %s", exc)
+            self._early_drop_failed = True
 
     # Facts for the owner ----------------------------------------------------------------
 
