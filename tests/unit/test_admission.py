@@ -10,6 +10,7 @@ from uspan.wg.admission import (
     MAX_FLAGGED,
     MIN_KEEP,
     SAMPLE_TARGET,
+    SAMPLE_WINDOW,
     Admission,
     Verdict,
 )
@@ -79,16 +80,16 @@ def test_spoofed_sources_cost_at_most_the_budgets() -> None:
 
 def test_a_spoofed_flood_is_sampled_down_and_the_sample_lifted_when_it_ends() -> None:
     admission = Admission()
-    for i in range(100_000):  # a second of new sources
+    for i in range(25_000):  # a window of new sources, 100,000 a second
         admission.unproven(source(i), T0 + i * 1e-5)
     version = admission.flag_version
-    admission.unproven(source(1 << 20), T0 + 1.0)  # the next window starts
+    admission.unproven(source(1 << 20), T0 + SAMPLE_WINDOW)  # the next window starts
     assert admission.keep <= SAMPLE_TARGET / 100_000 and admission.keep > MIN_KEEP
     assert admission.flag_version == version + 1
-    assert admission.busy_until >= T0 + 2.0  # still under load while sampling
-    admission.flagged_sources(T0 + 1.5)
+    assert admission.busy_until >= T0 + 1.0  # still under load while sampling
+    admission.flagged_sources(T0 + 1.5 * SAMPLE_WINDOW)
     assert admission.keep < 1.0  # the window is not over
-    admission.flagged_sources(T0 + 2.0)  # the flood is over: nobody came to unproven
+    admission.flagged_sources(T0 + 2 * SAMPLE_WINDOW)  # over, and nobody came: lifted
     assert admission.keep == 1.0
 
 
@@ -98,9 +99,9 @@ def test_backlog_from_flagged_sources_does_not_lower_keep() -> None:
     for port in ATTACKER:
         admission.unproven(port, T0)
         admission.unproven(port, T0)
-    for i in range(100_000):
+    for i in range(25_000):
         assert admission.unproven(ATTACKER[i % 64], T0 + i * 1e-5) is Verdict.DROP
-    admission.unproven(source(1), T0 + 1.0)
+    admission.unproven(source(1), T0 + SAMPLE_WINDOW)
     assert admission.keep == 1.0
 
 

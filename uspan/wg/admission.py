@@ -37,6 +37,9 @@ MAX_FLAGGED = 256
 # from unflagged sources, aiming at SAMPLE_TARGET a second: a spoofed flood then costs
 # us that many checks, not one per datagram, and no fewer than the budgets can use.
 SAMPLE_TARGET = 4 * (UNPROVEN_PER_SECOND + COOKIES_PER_SECOND)
+# Judged every SAMPLE_WINDOW: while the socket queue overflows we see only what we drain,
+# so the first estimates are low and it takes a few windows to settle.
+SAMPLE_WINDOW = 0.25
 MIN_KEEP = 2.0 ** -12
 
 
@@ -83,7 +86,7 @@ class Admission:
         self.flag_version = 0
         self.busy_until = float("-inf")  # the last flag's end
         self.keep = 1.0
-        self._window = float("-inf")  # start of the one-second window ``_seen`` counts
+        self._window = float("-inf")  # start of the window ``_seen`` counts
         self._seen = 0  # mac2-less messages judged in the window
 
     def proven_allowed(self, ip: bytes, now: float) -> bool:
@@ -96,7 +99,7 @@ class Admission:
         if key in self.flagged:  # queued before the kernel's filter had it
             self.drop = Drop.SOURCE_LIMITED
             return Verdict.DROP
-        if now - self._window >= 1.0:
+        if now - self._window >= SAMPLE_WINDOW:
             self._resample(now)
         self._seen += 1
         unproven, cookies = self._unproven, self._cookies
@@ -115,8 +118,8 @@ class Admission:
         return Verdict.COOKIE
 
     def _resample(self, now: float) -> None:
-        """Set ``keep`` for the next second from the rate the last window let through."""
-        arrived = self._seen / self.keep / max(1.0, now - self._window)
+        """Set ``keep`` for the next window from the rate the last one let through."""
+        arrived = self._seen / self.keep / max(SAMPLE_WINDOW, now - self._window)
         keep = 1.0
         while keep > MIN_KEEP and arrived * keep > SAMPLE_TARGET:
             keep /= 2
@@ -136,13 +139,13 @@ class Admission:
 
     def flagged_sources(self, now: float) -> list[Endpoint]:
         """The sources flagged now. Expired flags are forgotten here, and ``keep`` is
-        looked at again once its window is over, so it rises as soon as a flood ends
+        looked at again once its window is over, so it rises soon after a flood ends
         even when no message comes to ``unproven`` any more."""
         expired = [key for key, until in self.flagged.items() if until <= now]
         for key in expired:
             del self.flagged[key]
         if expired:
             self.flag_version += 1
-        if self.keep < 1.0 and now - self._window >= 1.0:
+        if self.keep < 1.0 and now - self._window >= SAMPLE_WINDOW:
             self._resample(now)
         return [Endpoint(host, port) for host, port in self.flagged]
