@@ -40,6 +40,7 @@ from uspan.wg.constants import (
     DEFAULT_MTU,
     INITIATION_SIZE,
     KEY_SIZE,
+    MAC_SIZE,
     MSG_COOKIE_REPLY,
     MSG_INITIATION,
     MSG_RESPONSE,
@@ -66,7 +67,7 @@ from uspan.wg.peer import Peer
 Out = list[tuple[bytes, Endpoint]]
 Datagram = tuple[bytes, Endpoint]
 _TRANSPORT_HEADER = messages.TRANSPORT_HEADER
-_NO_MAC = bytes(16)
+_NO_MAC = bytes(MAC_SIZE)  # mac2 of a sender that holds no cookie
 
 class Device:
     """A WireGuard interface's protocol state."""
