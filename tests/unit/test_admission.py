@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from tests.unit.wgnet import Net, Node, ipv4_packet
 from uspan.testbed.flood import junk_initiation
+from uspan.wg import crypto
 from uspan.wg.admission import (
     FLAG_TIME,
     MAX_FLAGGED,
@@ -185,3 +186,17 @@ def test_retry_with_mac2_is_served_while_junk_arrives() -> None:
     net.advance(0.5)
     assert MSG_RESPONSE in [d[0] for d in b.sent]
     assert b.tun == [ipv4_packet("10.0.0.1", "10.0.0.2")]
+
+
+def test_a_response_flood_is_judged_and_flagged_alike() -> None:
+    """Responses with a valid mac1 cost a lookup and a DH without a defence, too."""
+    net, _, b = initiator_and_responder()
+    b.device.under_load_rate = 10
+    key = mac1_key(b.public)
+    body = (2).to_bytes(4, "little") + bytes(range(56))
+    junk = body + crypto.mac(key, body) + bytes(16)
+    for i in range(64 * 20):
+        b.device.receive([(junk, ATTACKER[i % 64])], net.now)
+        net.now += 0.0001
+    assert b.device.counters[Drop.SOURCE_LIMITED] > 0
+    assert len(b.device.admission.flagged) == 64

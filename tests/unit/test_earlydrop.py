@@ -1,5 +1,5 @@
-"""The kernel filter on real loopback sockets: a flagged source's mac2-less initiations
-are dropped before the queue, everything else arrives."""
+"""The kernel filter on real loopback sockets: a flagged source's mac2-less handshake
+messages are dropped before the queue, everything else arrives."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from uspan.daemon import earlydrop
 INITIATION = b"\x01\x00\x00\x00" + os.urandom(128) + bytes(16)  # no mac2
 WITH_MAC2 = INITIATION[:-16] + b"\x01" * 16
 TRANSPORT = b"\x04\x00\x00\x00" + bytes(40)
+RESPONSE = b"\x02\x00\x00\x00" + os.urandom(72) + bytes(16)  # no mac2
+COOKIE_REPLY = b"\x03\x00\x00\x00" + os.urandom(60)
 
 
 @pytest.fixture(params=[socket.AF_INET, socket.AF_INET6], ids=["v4", "v6"])
@@ -58,14 +60,19 @@ def flag(receiver: socket.socket, *senders: socket.socket) -> None:
     earlydrop.attach(receiver, earlydrop.program(receiver.family, sources))
 
 
-def test_flagged_source_loses_only_its_mac2_less_initiations(sockets) -> None:
+def test_flagged_source_loses_only_its_mac2_less_handshakes(sockets) -> None:
     receiver, flagged, other = sockets
     flag(receiver, flagged)
     assert not arrives(receiver, flagged, INITIATION)
+    assert not arrives(receiver, flagged, RESPONSE)
     assert arrives(receiver, flagged, WITH_MAC2)
+    assert arrives(receiver, flagged, RESPONSE[:-16] + b"\x01" * 16)
     assert arrives(receiver, flagged, TRANSPORT)
+    assert arrives(receiver, flagged, COOKIE_REPLY)
+    assert arrives(receiver, flagged, b"\x02" + INITIATION[1:])  # a type-2 of 148 bytes
     assert arrives(receiver, flagged, INITIATION[:-1])  # not an initiation: the core counts it
     assert arrives(receiver, other, INITIATION)
+    assert arrives(receiver, other, RESPONSE)
 
 
 def test_detach_lets_everything_through_again(sockets) -> None:
@@ -92,6 +99,7 @@ def test_a_sample_of_the_unflagged_initiations_passes(sockets) -> None:
     assert not arrives(receiver, sender, INITIATION)
     assert arrives(receiver, sender, WITH_MAC2)
     assert arrives(receiver, sender, TRANSPORT)
+    assert arrives(receiver, sender, RESPONSE)  # never sampled: it answers our initiation
     earlydrop.attach(receiver, earlydrop.program(receiver.family, [], keep=0.5))
     passed = sum(arrives(receiver, sender, INITIATION) for _ in range(200))
     assert 60 < passed < 140

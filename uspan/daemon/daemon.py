@@ -290,7 +290,7 @@ class Daemon:
             return
         self._early_drop_version = admission.flag_version
         try:
-            self.bind.drop_initiations(sources, admission.keep)
+            self.bind.drop_unproven(sources, admission.keep)
         except OSError as exc:  # e.g. no BPF in this kernel: the core still refuses them
             if not self._early_drop_failed:
                 log.error("Cannot filter flooding sources in the kernel: %s", exc)

@@ -3,13 +3,14 @@
 Under a flood, what costs is not only our answer but getting each datagram out of the
 socket in Python: the queue fills and the kernel drops at random, a real peer's
 initiation as likely as the junk. The core (``uspan.wg.admission``) names the sources
-it refuses; this filter drops their initiations that carry no mac2 (148 bytes, type 1,
-last 16 bytes zero) before they are queued, so they cost the kernel a few instructions
-and us nothing. Everything else passes: transport data, responses, cookie replies, and
-any initiation with a mac2, which a real peer behind a flagged address sends once it has
-a cookie. Against spoofed sources, which never repeat, it keeps only a random fraction
-of the mac2-less initiations from everyone else. ``program`` is pure (tested by
-attaching it to real sockets).
+it refuses; this filter drops their handshake messages that carry no mac2 (initiations:
+148 bytes, type 1; responses: 92 bytes, type 2; the last 16 bytes zero) before they are
+queued, so they cost the kernel a few instructions and us nothing. Everything else
+passes: transport data, cookie replies, and any handshake with a mac2, which a real peer
+behind a flagged address sends once it has a cookie. Against spoofed sources, which
+never repeat, it keeps only a random fraction of the mac2-less initiations from everyone
+else (not of the responses, which answer our own initiations). ``program`` is pure
+(tested by attaching it to real sockets).
 """
 
 from __future__ import annotations
@@ -20,16 +21,16 @@ import socket
 import struct
 from collections.abc import Sequence
 
+from uspan.wg.constants import INITIATION_SIZE, MSG_INITIATION, MSG_RESPONSE, RESPONSE_SIZE
+
 SO_ATTACH_FILTER = 26
 SO_DETACH_FILTER = 27
 MAX_SOURCES = 256  # 5 (IPv4) or 11 (IPv6) instructions each, far below the kernel's 4096
 _SKF_NET_OFF = -0x100000  # loads relative to the IP header (the filter starts at UDP's)
 _SKF_AD_RANDOM = -0x1000 + 56  # a random u32 (SKF_AD_OFF + SKF_AD_RANDOM)
-_LD_LEN, _LD_W, _LD_H, _JEQ, _JGE, _RET = 0x80, 0x20, 0x28, 0x15, 0x35, 0x06
+_LD_LEN, _LD_W, _LD_H, _JA, _JEQ, _JGE, _RET = 0x80, 0x20, 0x28, 0x05, 0x15, 0x35, 0x06
 _PASS, _DROP = 0xFFFFFFFF, 0
 _UDP = 8  # the UDP header; the WireGuard message follows
-INITIATION_LEN = 148
-_TYPE_INITIATION = 0x01000000  # bytes 01 00 00 00, loaded big-endian
 
 Instruction = tuple[int, int, int, int]  # code, jump if true, jump if false, k
 
@@ -38,18 +39,27 @@ def _u32(value: int) -> int:
     return value & 0xFFFFFFFF
 
 
+def _mac2_less(length: int, kind: int) -> list[Instruction]:
+    """Message type ``kind`` with a zero mac2 (the message is ``length`` bytes), else pass."""
+    code = [(_LD_W, 0, 0, _UDP), (_JEQ, 1, 0, kind << 24), (_RET, 0, 0, _PASS)]  # LE u32
+    for offset in range(length - 16, length, 4):
+        code += [(_LD_W, 0, 0, _UDP + offset), (_JEQ, 1, 0, 0), (_RET, 0, 0, _PASS)]
+    return code
+
+
 def program(family: int, sources: Sequence[tuple[bytes, int]],
             keep: float = 1.0) -> list[Instruction]:
-    """A filter dropping mac2-less initiations from ``sources`` ((packed ip, port)) of
-    ``family`` (sources of the other family are ignored), and of the others all but a
-    random fraction ``keep``."""
+    """A filter dropping mac2-less initiations and responses from ``sources`` ((packed
+    ip, port)) of ``family`` (sources of the other family are ignored), and of the others
+    all but a random fraction ``keep``."""
     size = 4 if family == socket.AF_INET else 16
     where = _SKF_NET_OFF + (12 if family == socket.AF_INET else 8)  # source address
-    code: list[Instruction] = [(_LD_LEN, 0, 0, 0), (_JEQ, 1, 0, _UDP + INITIATION_LEN),
-                               (_RET, 0, 0, _PASS)]
-    code += [(_LD_W, 0, 0, _UDP), (_JEQ, 1, 0, _TYPE_INITIATION), (_RET, 0, 0, _PASS)]
-    for offset in range(INITIATION_LEN - 16, INITIATION_LEN, 4):  # mac2 must be zero
-        code += [(_LD_W, 0, 0, _UDP + offset), (_JEQ, 1, 0, 0), (_RET, 0, 0, _PASS)]
+    initiation = _mac2_less(INITIATION_SIZE, MSG_INITIATION)
+    response = _mac2_less(RESPONSE_SIZE, MSG_RESPONSE)
+    code: list[Instruction] = [(_LD_LEN, 0, 0, 0),
+                               (_JEQ, 0, len(initiation) + 1, _UDP + INITIATION_SIZE)]
+    code += [*initiation, (_JA, 0, 0, 2 + len(response))]  # on to the sources
+    code += [(_JEQ, 1, 0, _UDP + RESPONSE_SIZE), (_RET, 0, 0, _PASS), *response]
     for ip, port in sources[:MAX_SOURCES]:
         if len(ip) != size:
             continue
@@ -60,8 +70,9 @@ def program(family: int, sources: Sequence[tuple[bytes, int]],
             rest -= 2
             code += [(_LD_W, 0, 0, _u32(where + 4 * i)), (_JEQ, 0, rest, word)]
         code.append((_RET, 0, 0, _DROP))
-    if keep < 1.0:
-        code += [(_LD_W, 0, 0, _u32(_SKF_AD_RANDOM)), (_JGE, 0, 1, int(keep * 2**32)),
+    if keep < 1.0:  # initiations only: responses answer our own handshakes
+        code += [(_LD_LEN, 0, 0, 0), (_JEQ, 3, 0, _UDP + RESPONSE_SIZE),
+                 (_LD_W, 0, 0, _u32(_SKF_AD_RANDOM)), (_JGE, 0, 1, int(keep * 2**32)),
                  (_RET, 0, 0, _DROP)]
     code.append((_RET, 0, 0, _PASS))
     return code

@@ -107,7 +107,7 @@ class MemoryBind:
     def set_fwmark(self, mark: int) -> None:
         self.fwmark = mark
 
-    def drop_initiations(self, sources: Sequence[Endpoint], keep: float) -> None:
+    def drop_unproven(self, sources: Sequence[Endpoint], keep: float) -> None:
         """Nothing to do: an in-memory queue has no kernel behind it to spare."""
 
     def describe(self) -> str:

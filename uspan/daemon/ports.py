@@ -103,10 +103,10 @@ class BindPort(Protocol):
         """Raise OSError if the mark cannot be set."""
         ...
 
-    def drop_initiations(self, sources: Sequence[Endpoint], keep: float) -> None:
-        """Have initiations without mac2 dropped before they are queued
-        (``uspan.daemon.earlydrop``): all from ``sources``, and of the others all but a
-        random fraction ``keep``; ``([], 1.0)`` drops none."""
+    def drop_unproven(self, sources: Sequence[Endpoint], keep: float) -> None:
+        """Have handshake messages without mac2 dropped before they are queued
+        (``uspan.daemon.earlydrop``): all from ``sources``, and of the initiations from
+        others all but a random fraction ``keep``; ``([], 1.0)`` drops none."""
         ...
 
     def describe(self) -> str: ...

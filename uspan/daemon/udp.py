@@ -226,7 +226,7 @@ class UdpBind:
                 failed.append(endpoint)
         return failed
 
-    def drop_initiations(self, sources: Sequence[Endpoint], keep: float) -> None:
+    def drop_unproven(self, sources: Sequence[Endpoint], keep: float) -> None:
         """Attach (or, when it would drop nothing, detach) the early-drop filter."""
         keys = [(endpoint.ip_key(), endpoint.port) for endpoint in sources]
         for udp in self.sockets:

@@ -13,7 +13,7 @@ ports costs one check per datagram, a spoofed flood costs at most the two budget
 real peer's first initiation is answered without a cookie round trip.
 
 A refused source is also *flagged* for FLAG_TIME (at most MAX_FLAGGED at once): the shell
-has the kernel drop its mac2-less initiations before they reach the socket queue
+has the kernel drop its mac2-less handshakes before they reach the socket queue
 (``uspan.daemon.earlydrop``), where they would push a real peer's packet out. While
 sources are flagged the device stays under load, so their return after FLAG_TIME costs
 at most one full handshake each before they are flagged again. Spoofed sources never
