@@ -38,6 +38,7 @@ from uspan.daemon import uapi_server
 from uspan.daemon.ports import BindPort, DatagramReceiver, TunError, TunGone, TunPort
 from uspan.daemon.tun import Tun
 from uspan.daemon.udp import UdpBind
+from uspan.wg.admission import SAMPLE_WINDOW
 from uspan.wg.config import ConfigError, DeviceChange
 from uspan.wg.device import Device
 from uspan.wg.drops import Drop
@@ -145,6 +146,7 @@ class Daemon:
                         nursery.start_soon(self.uapi.serve, self)
                         log.debug("UAPI listener started")
                     nursery.start_soon(self._watch_loop)
+                    nursery.start_soon(self._early_drop_loop)
                     if self._unsent:
                         nursery.start_soon(self._send, self._unsent)
                         self._unsent = []
@@ -280,6 +282,12 @@ class Daemon:
                 log.debug("MTU updated: %d", self.tun.mtu)
                 self.device.mtu = self.tun.mtu
             self.device.wall_offset = time.time() - _now()
+
+    async def _early_drop_loop(self) -> None:
+        """Expire flags, and lift the sample soon after a flood ends: no datagram may come
+        to trigger ``_refresh_early_drop`` then."""
+        while True:
+            await trio.sleep(SAMPLE_WINDOW if self.device.admission.keep < 1.0 else 1.0)
             self._refresh_early_drop()
 
     def _refresh_early_drop(self) -> None:
