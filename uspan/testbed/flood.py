@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from uspan.testbed.lab import Lab
@@ -64,7 +65,10 @@ def _udp_ip_packet(source: str, destination: str, sport: int, dport: int,
     return header + udp
 
 
-def _senders(args: argparse.Namespace, payloads: list[bytes]) -> list[tuple[object, bytes]]:
+Send = Callable[[bytes], object]
+
+
+def _senders(args: argparse.Namespace, payloads: list[bytes]) -> list[tuple[Send, bytes]]:
     """(send function, datagram) pairs to cycle through."""
     dest = (args.host, args.port)
     if args.spoof:
@@ -72,12 +76,16 @@ def _senders(args: argparse.Namespace, payloads: list[bytes]) -> list[tuple[obje
         raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         raw.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
         first, size = int(network.network_address) + 1, network.num_addresses - 2
-        out: list[tuple[object, bytes]] = []
+
+        def send_raw(packet: bytes) -> int:
+            return raw.sendto(packet, (args.host, 0))
+
+        out: list[tuple[Send, bytes]] = []
         for payload in payloads:
             source = str(ipaddress.IPv4Address(first + random.randrange(size)))
             packet = _udp_ip_packet(source, args.host, random.randrange(1024, 65536),
                                     args.port, payload)
-            out.append((raw.sendto, packet))
+            out.append((send_raw, packet))
         return out
     sockets = []
     for _ in range(args.ports):
@@ -91,8 +99,6 @@ def flood(args: argparse.Namespace) -> int:
     key = cookie.mac1_key(base64.b64decode(args.public))
     payloads = [junk_initiation(key) for _ in range(SPOOF_POOL if args.spoof else POOL)]
     pairs = _senders(args, payloads)
-    spoof = bool(args.spoof)
-    dest = (args.host, 0)
     print("ready", flush=True)
     sent = 0
     start = time.monotonic()
@@ -107,11 +113,8 @@ def flood(args: argparse.Namespace) -> int:
         offset = sent % len(pairs)
         chunk = pairs[offset:offset + _CHUNK]
         for send, datagram in chunk:
-            try:
-                if spoof:
-                    send(datagram, dest)  # type: ignore[operator]
-                else:
-                    send(datagram)  # type: ignore[operator]
+            try:  # noqa: SIM105 (per datagram, suppress() would cost more than the send)
+                send(datagram)
             except OSError:  # ENOBUFS, ECONNREFUSED from an earlier ICMP: keep going
                 pass
         sent += len(chunk)
