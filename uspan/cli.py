@@ -24,8 +24,9 @@ import sys
 from pathlib import Path
 from types import FrameType
 
+from uspan import userpaths
 from uspan.daemon import uapi_client
-from uspan.daemon.uapi_server import SOCKET_DIRECTORY
+from uspan.daemon.uapi_server import socket_path
 from uspan.lab import cli as lab_cli
 from uspan.node import cli as node_cli
 from uspan.testbed import Lab, NetnsError, PeerConfig, WireGuard, genpsk, run
@@ -73,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         "and I/O errors (UAPI 'stats=1' on /var/run/wireguard/IFACE.sock).",
     )
     stats.add_argument("interface", metavar="IFACE")
-    stats.add_argument("--socket-dir", default=SOCKET_DIRECTORY, metavar="DIR",
-                       help="where the UAPI sockets are (%(default)s)")  # fmt: skip
+    stats.add_argument("--socket-dir", default=None, metavar="DIR",
+                       help=f"where the UAPI sockets are ({userpaths.uapi_dir()})")
     stats.set_defaults(handler=stats_command)
     disc = commands.add_parser(
         "discovery-service",
@@ -132,7 +133,7 @@ def discovery_command(args: argparse.Namespace) -> int:
 
 
 def stats_command(args: argparse.Namespace) -> int:
-    path = os.path.join(args.socket_dir, f"{args.interface}.sock")
+    path = socket_path(args.interface, args.socket_dir)
     try:
         lines = uapi_client.request(path, "stats=1\n\n")
     except uapi_client.UapiClientError as exc:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import trio
 
-from uspan import metrics
+from uspan import metrics, privilege
 from uspan import signals as stop_signals
 from uspan.daemon import uapi_server
 from uspan.daemon.daemon import Daemon
@@ -148,7 +148,9 @@ class Node:
         try:
             self.identity = load_or_create(state_dir)
         except OSError as exc:
-            raise NodeError(f"state directory {state_dir}: {exc.strerror or exc}") from None
+            hint = privilege.dir_hint(exc.errno, state_dir, "--state-dir")
+            raise NodeError(privilege.with_hint(f"state directory {state_dir}: "
+                                                f"{exc.strerror or exc}", hint)) from None
         listener = api.open_listener(str(state_dir / api.SOCKET_NAME))
         self.controller = PeerController(self.identity.node_id, self.identity.public_key,
                                          self.config, self.store)
