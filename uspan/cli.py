@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from types import FrameType
 
-from uspan import userpaths
+from uspan import userpaths, wgtool
 from uspan.daemon import uapi_client
 from uspan.daemon.uapi_server import socket_path
 from uspan.lab import cli as lab_cli
@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     disc.set_defaults(handler=discovery_command, parser=disc)
     node_cli.add_commands(commands)
     lab_cli.add_commands(commands)
+    wgtool.add_command(commands)
     return parser
 
 
@@ -238,5 +239,6 @@ def _show(wg: WireGuard) -> None:
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `uspan stats wg0 | head` ends quietly
     args = build_parser().parse_args(argv)
+    args.argv_given = sys.argv[1:] if argv is None else argv  # to re-run it elsewhere
     code: int = args.handler(args)
     return code

@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from uspan.daemon.uapi_client import UapiClientError
-from uspan.lab import build, faults, plan, privileges, procs, status, wgo
+from uspan.lab import build, faults, plan, privileges, procs, status, userns, wgo
 from uspan.lab.record import (
     DEFAULT_NAME,
     LabError,
@@ -44,7 +44,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     lab = commands.add_parser(
         "lab", help="a test mesh on this machine in one command: `uspan lab up`",
         description="Build and drive a mesh of uspan nodes in network namespaces: "
-        "underlay networks, NAT, wireguard-go peers, faults on demand. Needs root.")
+        "underlay networks, NAT, wireguard-go peers, faults on demand. As root, or rootless "
+        "in a user namespace of the user's own.")
     sub = lab.add_subparsers(dest="lab_command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--name", metavar="LAB",
@@ -133,8 +134,16 @@ def _record(args: argparse.Namespace) -> LabRecord:
 
 
 def run_lab_command(args: argparse.Namespace) -> int:
-    """Entry point from ``uspan.cli``: one-line errors for every expected failure."""
+    """Entry point from ``uspan.cli``: one-line errors for every expected failure.
+
+    Not as root, the command runs inside the user's own user namespace (uspan.lab.userns).
+    """
+    os.umask(0o077)  # everything a lab writes is its user's alone
     try:
+        if userns.wanted() and not (args.lab_command in ("list", "logs")
+                                    and userns.holder_pid(_root(args)) is None):
+            return userns.run_inside(_root(args), args.argv_given,
+                                     announce=args.lab_command == "up")
         code: int = args.lab_handler(args)
         return code
     except (LabError, plan.PlanError, NetnsError, TimeoutError, UapiClientError) as exc:
