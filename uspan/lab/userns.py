@@ -33,6 +33,7 @@ from uspan.testbed.process import poll
 
 HOLDER_RECORD = "userns.json"
 _LOCK = "userns.lock"
+_LOG = "userns.log"
 _READY = "ready"
 # In the new namespaces: a private /run, then wait forever without holding our pipe.
 _HOLDER_SCRIPT = (f"mount -t tmpfs -o mode=0755 uspan-lab /run && mkdir /run/netns "
@@ -84,7 +85,8 @@ def stop_if_idle(root: Path) -> bool:
     if names(root) or _others_inside(holder.pid):
         return False
     procs.stop(holder, signal.SIGKILL)
-    (root / HOLDER_RECORD).unlink(missing_ok=True)
+    for leftover in (HOLDER_RECORD, _LOG):
+        (root / leftover).unlink(missing_ok=True)
     return True
 
 
@@ -105,7 +107,7 @@ def _holder(root: Path) -> Proc | None:
 def _start(root: Path) -> Proc:
     argv = ["unshare", "--user", "--map-root-user", "--mount", "--net",
             "--propagation", "private", "--", "sh", "-c", _HOLDER_SCRIPT]
-    log = root / "userns.log"
+    log = root / _LOG
     log.unlink(missing_ok=True)
     try:
         holder = procs.spawn(argv, log)
