@@ -20,6 +20,10 @@ USER = "nobody"
 
 
 def ids(user: str = USER) -> tuple[int, int]:
+    """(UID, GID) of a user name, or of ``UID:GID`` as a Containerfile's USER gives it."""
+    uid, colon, gid = user.partition(":")
+    if uid.isdigit():
+        return int(uid), int(gid) if colon else int(uid)
     entry = pwd.getpwnam(user)
     return entry.pw_uid, entry.pw_gid
 
