@@ -5,8 +5,11 @@ its own, as that user holding only CAP_NET_ADMIN (setpriv), in a mount namespace
 everything is read-only but the state directory. Two such "containers" and a discovery
 service on a bridge must form a mesh and carry pings.
 
-The image's paths are mapped to the test's: /opt/uspan/bin to this venv, /etc/uspan and
-/var/lib/uspan to directories of the test.
+The image's paths are mapped to the test's: /opt/uspan/bin/uspan to this venv's, /etc/uspan
+and /var/lib/uspan to directories of the test. Both ways a runtime may grant the capability
+are run: in the ambient set (podman, setpriv), or only in the bounding set (Docker,
+containerd, CRI-O for a non-root user), where the image's file capability on its
+interpreter (``cap_net_admin+p``, here on a copy of this one) supplies it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,11 +61,30 @@ def contract() -> tuple[list[str], str, dict[str, str]]:
     return entrypoint, user, env
 
 
-class Container:
-    """One running "container": its network namespace, config and state directories."""
+def file_capability_python(base: Path) -> list[str]:
+    """A copy of this interpreter with the image's file capability (cap_net_admin+p), and
+    the arguments that make it run ``uspan`` from this venv."""
+    python = base / "python3"
+    shutil.copy2(os.path.realpath(sys.executable), python)
+    subprocess.run(["setcap", "cap_net_admin+p", str(python)], check=True)
+    site_dir = sysconfig.get_paths()["purelib"]
+    boot = ("import site, sys; site.addsitedir(sys.argv.pop(1)); "
+            "from uspan.cli import main; sys.exit(main())")
+    return [str(python), "-I", "-S", "-c", boot, site_dir]  # no system site-packages
 
-    def __init__(self, lab: Lab, ns: Namespace, base: Path, config: str) -> None:
+
+class Container:
+    """One running "container": its network namespace, config and state directories.
+
+    ``uspan``: the program to run as the entrypoint's; ``ambient``: whether the runtime
+    puts NET_ADMIN in the ambient set (podman, setpriv) or only in the bounding set
+    (Docker, containerd, CRI-O: the image's file capability must then provide it).
+    """
+
+    def __init__(self, ns: Namespace, base: Path, config: str, uspan: list[str],
+                 ambient: bool) -> None:
         self.ns = ns
+        self.uspan, self.ambient = uspan, ambient
         self.etc, self.state = base / "etc", base / "state"
         entrypoint, user, env = contract()
         self.uid, self.gid = (int(part) for part in user.split(":"))
@@ -71,7 +94,8 @@ class Container:
         (self.etc / "config.yaml").write_text(config)
         os.chmod(self.etc / "config.yaml", 0o400)
         os.chown(self.etc / "config.yaml", self.uid, self.gid)
-        self.argv = [self.map(a) for a in entrypoint]
+        self.argv = [*uspan, *(self.map(a) for a in entrypoint[1:])]
+        assert entrypoint[0] == "/opt/uspan/bin/uspan"
         self.env = {k: self.map(v) for k, v in env.items()}
         self.log = base / "node.log"
         with self.log.open("wb") as out:
@@ -79,14 +103,15 @@ class Container:
                                     stderr=subprocess.STDOUT)
 
     def map(self, text: str) -> str:
-        return (text.replace("/opt/uspan/bin", str(BIN)).replace("/etc/uspan", str(self.etc))
-                .replace("/var/lib/uspan", str(self.state)))
+        return text.replace("/etc/uspan", str(self.etc)).replace("/var/lib/uspan",
+                                                                   str(self.state))
 
     def wrap(self, argv: list[str]) -> list[str]:
         """``argv`` as the container runs it (see the module docstring)."""
         user = f"{self.uid}:{self.gid}"
         return ["unshare", "--mount", "--propagation", "private", "sh", "-c", READ_ONLY_VIEW,
-                "sh", str(self.state), *as_user(argv, ["net_admin"], user=user, env=self.env)]
+                "sh", str(self.state), *as_user(argv, ["net_admin"], user=user, env=self.env,
+                                                ambient=self.ambient)]
 
     def get(self, resource: str) -> list[dict[str, object]]:
         done = subprocess.run([str(BIN / "uspan"), "get", resource, "-o", "json",
@@ -107,7 +132,10 @@ def base() -> Iterator[Path]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def test_containerfile_entrypoint_meshes_with_only_net_admin(lab: Lab, base: Path) -> None:
+@pytest.mark.parametrize("ambient", [True, False], ids=["ambient", "file-capability"])
+def test_containerfile_entrypoint_meshes_with_only_net_admin(lab: Lab, base: Path,
+                                                             ambient: bool) -> None:
+    uspan = [str(BIN / "uspan")] if ambient else file_capability_python(base)
     c1, c2, sw = lab.namespace("c1"), lab.namespace("c2"), lab.namespace("sw")
     lab.bridge([c1, c2, sw], [["192.0.2.1/24"], ["192.0.2.2/24"], [f"{SERVICE}/24"]])
     sw.spawn(*as_user([str(BIN / "uspan"), "discovery-service", "--listen", f"{SERVICE}:3000"]))
@@ -118,7 +146,7 @@ def test_containerfile_entrypoint_meshes_with_only_net_admin(lab: Lab, base: Pat
     containers = []
     for index, ns in enumerate((c1, c2)):
         (base / f"c{index}").mkdir()
-        containers.append(Container(lab, ns, base / f"c{index}", config))
+        containers.append(Container(ns, base / f"c{index}", config, uspan, ambient))
 
     def meshed() -> bool:
         for container in containers:

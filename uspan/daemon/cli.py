@@ -23,7 +23,7 @@ import sys
 
 import trio
 
-from uspan import __version__
+from uspan import __version__, capabilities
 from uspan import signals as stop_signals
 from uspan.daemon.daemon import Daemon, log, setup_logging
 from uspan.daemon.tun import Tun, validate_name
@@ -38,6 +38,7 @@ _READY = b"ready"
 
 def main(argv: list[str] | None = None) -> int:
     stop_signals.catch()  # before anything exists: see uspan.signals
+    capabilities.raise_permitted()  # a container's CAP_NET_ADMIN (uspan.capabilities)
     args = sys.argv[1:] if argv is None else argv
     if args == ["--version"]:
         print(f"uspan-wg v{__version__}\n\nUserspace WireGuard daemon in Python (trio).")

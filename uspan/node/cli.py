@@ -11,7 +11,7 @@ from pathlib import Path
 
 import trio
 
-from uspan import atomicfile, privilege, userpaths
+from uspan import atomicfile, capabilities, privilege, userpaths
 from uspan import signals as stop_signals
 from uspan.errors import expected
 from uspan.mesh.config import ConfigError, parse_config, render_config
@@ -136,6 +136,7 @@ def gen_config_command(args: argparse.Namespace) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     stop_signals.catch()  # before anything exists: see uspan.signals
+    capabilities.raise_permitted()  # a container's CAP_NET_ADMIN (uspan.capabilities)
     from uspan.node.node import Node, NodeError, NodeOptions, load_config
 
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,

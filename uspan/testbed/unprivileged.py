@@ -29,15 +29,20 @@ def ids(user: str = USER) -> tuple[int, int]:
 
 
 def as_user(argv: Sequence[str], caps: Sequence[str] = (), user: str = USER,
-            env: dict[str, str] | None = None) -> list[str]:
+            env: dict[str, str] | None = None, ambient: bool = True) -> list[str]:
     """``argv`` as ``user`` with only ``caps`` (e.g. ``["net_admin"]``), under ``env``
-    (added to a minimal environment: PATH and HOME of no one)."""
+    (added to a minimal environment: PATH and HOME of no one). Without ``ambient`` the
+    caps are only in the bounding set, as Docker and containerd leave a non-root
+    container: the program gets them only through a file capability."""
     uid, gid = ids(user)
     wanted = "".join(f",+{cap}" for cap in caps)
+    inheritable = wanted if ambient else ""
     command = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
-               f"--inh-caps=-all{wanted}"]
+               f"--inh-caps=-all{inheritable}"]
     if caps:
-        command += [f"--ambient-caps={wanted[1:]}", f"--bounding-set=-all{wanted}"]
+        command.append(f"--bounding-set=-all{wanted}")
+    if caps and ambient:
+        command.append(f"--ambient-caps={wanted[1:]}")
     environment = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
                    "HOME": "/nonexistent", **(env or {})}
     return [*command, "env", "-i", *(f"{k}={v}" for k, v in environment.items()), *argv]
