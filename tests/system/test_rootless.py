@@ -141,9 +141,14 @@ def test_uspan_wg_without_capabilities_on_a_tun_made_for_it(pair: Pair, home: Pa
     pid = start_uspan_wg(pair, name, home, uapi, [])
     assert capabilities(pid) == (ids()[0], 0)
     tunnel_to_wireguard_go(pair, name, uapi, home)
-    # still no capability: a TUN of another name is refused, with what would grant it
+    # still no capability: a TUN of another name is refused, with what would grant it,
+    # and so is a firewall mark (wg gets wireguard-go's errno; the log says why)
     other = run_as(pair.a, [USPAN_WG, "-f", f"{name}x"], env={"USPAN_UAPI_DIR": str(uapi)})
     assert "CAP_NET_ADMIN" in one_line_error(other)
+    mark = run_as(pair.a, [USPAN, "wg", "set", name, "fwmark", "0x20"],
+                  env={"USPAN_UAPI_DIR": str(uapi)})
+    assert mark.returncode != 0
+    assert "a firewall mark needs CAP_NET_ADMIN" in (home / f"{name}.log").read_text()
 
 
 def test_lab_as_nobody_in_its_own_user_namespace(home: Path) -> None:

@@ -34,6 +34,7 @@ from typing import Any
 
 import trio
 
+from uspan import privilege
 from uspan.daemon import uapi_server
 from uspan.daemon.ports import BindPort, DatagramReceiver, TunError, TunGone, TunPort
 from uspan.daemon.tun import Tun
@@ -317,15 +318,19 @@ class Daemon:
             try:
                 new_bind = self.bind.rebind(port, mark)
             except OSError as exc:
-                raise ConfigError("listen_port", f"cannot bind port {port}: {exc.strerror}",
-                                  errno.EADDRINUSE) from None
+                hint = "ports below 1024 need CAP_NET_BIND_SERVICE" if exc.errno in (
+                    errno.EACCES, errno.EPERM) else ""
+                raise ConfigError("listen_port", privilege.with_hint(
+                    f"cannot bind port {port}: {exc.strerror}", hint), errno.EADDRINUSE) from None
             log.debug("UAPI: Updating listen port")
         elif mark != old_mark:
             try:
                 self.bind.set_fwmark(mark)
             except OSError as exc:
-                raise ConfigError("fwmark", f"cannot set fwmark {mark}: {exc.strerror}",
-                                  errno.EADDRINUSE) from None
+                raise ConfigError("fwmark", privilege.with_hint(
+                    f"cannot set fwmark {mark}: {exc.strerror}",
+                    privilege.net_admin_hint(exc.errno, "a firewall mark")),
+                    errno.EADDRINUSE) from None  # wireguard-go's errno for both
             log.debug("UAPI: Updating fwmark")
         try:
             out = self.device.apply(change, _now())
