@@ -241,3 +241,12 @@ def test_uspan_run_without_net_admin_is_one_line(pair: Pair, home: Path) -> None
     assert mode(home / "state") == 0o700
     done = run_as(pair.a, [*run, "--state-dir", "/var/lib/uspan-not-yours"], ["net_admin"])
     assert "--state-dir" in one_line_error(done)
+
+
+def test_lab_commands_of_nobody_are_one_line(home: Path) -> None:
+    up = run_as(None, [USPAN, "lab", "up", "--root", "/var/lib/uspan-not-yours/labs"])
+    assert "--root" in one_line_error(up)
+    for command in (["down"], ["exec", "n1", "--", "true"], ["status"]):
+        done = run_as(None, [USPAN, "lab", *command, "--root", str(home / "labs")])
+        assert "no lab in" in one_line_error(done)
+    assert not (home / "labs").exists()  # asking created nothing

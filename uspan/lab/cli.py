@@ -140,10 +140,11 @@ def run_lab_command(args: argparse.Namespace) -> int:
     """
     os.umask(0o077)  # everything a lab writes is its user's alone
     try:
-        if userns.wanted() and not (args.lab_command in ("list", "logs")
-                                    and userns.holder_pid(_root(args)) is None):
-            return userns.run_inside(_root(args), args.argv_given,
-                                     announce=args.lab_command == "up")
+        root = _root(args)
+        if userns.wanted(root, args.lab_command):
+            return userns.run_inside(root, args.argv_given, announce=args.lab_command == "up")
+        if os.geteuid() != 0 and args.lab_command not in ("list", "logs"):
+            raise LabError(f"no lab in {root}: start one with `uspan lab up`")
         code: int = args.lab_handler(args)
         return code
     except (LabError, plan.PlanError, NetnsError, TimeoutError, UapiClientError) as exc:

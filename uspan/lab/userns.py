@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from uspan import atomicfile, userpaths
+from uspan import atomicfile, privilege, userpaths
 from uspan.lab import procs
 from uspan.lab.record import LabError, Proc, names
 from uspan.testbed.process import poll
@@ -44,15 +44,24 @@ DISABLED = ("not root, and this user cannot create a user namespace (enable unpr
             "kernel.apparmor_restrict_unprivileged_userns=0), or run as root")
 
 
-def wanted() -> bool:
-    """Whether lab commands must run in the user's namespace: not root here. Inside it
-    (and for real root) the effective UID is 0 and the commands run as they are."""
-    return not userpaths.is_root()
+def wanted(root: Path, command: str) -> bool:
+    """Whether ``uspan lab COMMAND`` must run in the user's namespace: not as root (inside
+    the namespace, as for real root, the effective UID is 0), and for a command other than
+    ``up`` only while it has something to act on there (else it answers on the host:
+    ``list``, or that there is no lab)."""
+    if userpaths.is_root():
+        return False
+    return command == "up" or holder_pid(root) is not None or bool(names(root))
 
 
 def run_inside(root: Path, argv: list[str], announce: bool) -> int:
     """Run ``uspan ARGV`` inside the holder of ``root`` (started if need be); its code."""
-    root = userpaths.private_dir(root.absolute())
+    try:
+        root = userpaths.private_dir(root.absolute())
+    except OSError as exc:
+        hint = privilege.dir_hint(exc.errno, root, f"--root or ${userpaths.LAB_ROOT_ENV}")
+        raise LabError(privilege.with_hint(f"lab root {root}: {exc.strerror or exc}",
+                                           hint)) from None
     with _locked(root):
         holder = _holder(root)
         started = holder is None
