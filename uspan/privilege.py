@@ -9,13 +9,13 @@ from __future__ import annotations
 import errno
 import os
 
-NET_ADMIN = ("CAP_NET_ADMIN (run as root, or grant only it: `setpriv --inh-caps +net_admin "
-             "--ambient-caps +net_admin ...`, `docker/podman run --cap-add NET_ADMIN`, "
-             "Kubernetes `capabilities: {add: [NET_ADMIN]}`)")
-PRECREATED_TUN = ("or use a TUN made for this user: `ip tuntap add mode tun user "
-                  f"{os.getuid()} name IFACE` (as root), then no capability is needed")
-TUN_DEVICE = ("/dev/net/tun (host: `modprobe tun`; container: `--device /dev/net/tun`, "
-              "Kubernetes: a hostPath or device plugin for /dev/net/tun)")
+NET_ADMIN = ("CAP_NET_ADMIN: run as root, or grant only it with `setpriv --inh-caps "
+             "+net_admin --ambient-caps +net_admin ...`, `--cap-add NET_ADMIN` (docker, "
+             "podman) or Kubernetes `capabilities: {add: [NET_ADMIN]}`")
+PRECREATED_TUN = ("or, for uspan-wg alone, a TUN made for this user needs no capability: "
+                  f"`ip tuntap add mode tun user {os.getuid()} name IFACE` as root")
+TUN_DEVICE = ("/dev/net/tun: on a host `modprobe tun`, in a container `--device "
+              "/dev/net/tun` or, in Kubernetes, a hostPath volume of /dev/net/tun")
 
 
 def tun_hint(code: int | None) -> str:

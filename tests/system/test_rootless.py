@@ -210,7 +210,7 @@ def test_missing_net_admin_is_one_line(pair: Pair, home: Path) -> None:
     done = run_as(pair.a, [USPAN_WG, "-f", name], env={"USPAN_UAPI_DIR": str(home / "w")})
     message = one_line_error(done)
     assert "CAP_NET_ADMIN" in message and "--cap-add NET_ADMIN" in message
-    assert "ip tuntap add mode tun user" in message
+    assert "ip tuntap add mode tun user" in message and "uspan-wg alone" in message
 
 
 def test_missing_tun_device_is_one_line(pair: Pair, home: Path) -> None:

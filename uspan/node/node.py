@@ -92,7 +92,7 @@ class NodeOptions:
     config_path: Path
     state_dir: Path
     hostname: str
-    uapi_path: str | None = DEFAULT_UAPI  # DEFAULT_UAPI: /var/run/wireguard/IFACE.sock
+    uapi_path: str | None = DEFAULT_UAPI  # DEFAULT_UAPI: userpaths.uapi_dir()/IFACE.sock
     leave_on_exit: bool = False
     metrics: tuple[str, int] | None = None
     routing_table: int = DEFAULT_TABLE
