@@ -22,14 +22,12 @@ import stat
 import subprocess
 import sys
 import sysconfig
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from uspan.testbed import Lab, Namespace, poll
-from uspan.testbed.unprivileged import as_user, blocker
+from uspan.testbed.unprivileged import as_user
 
 pytestmark = pytest.mark.system
 
@@ -120,21 +118,10 @@ class Container:
         return json.loads(done.stdout) if done.returncode == 0 else []
 
 
-@pytest.fixture
-def base() -> Iterator[Path]:
-    if problem := blocker():
-        pytest.skip(problem)
-    directory = Path(tempfile.mkdtemp(prefix="uspan-container-"))
-    os.chmod(directory, 0o755)
-    try:
-        yield directory
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
 @pytest.mark.parametrize("ambient", [True, False], ids=["ambient", "file-capability"])
-def test_containerfile_entrypoint_meshes_with_only_net_admin(lab: Lab, base: Path,
+def test_containerfile_entrypoint_meshes_with_only_net_admin(lab: Lab, user_tmp: Path,
                                                              ambient: bool) -> None:
+    base = user_tmp
     uspan = [str(BIN / "uspan")] if ambient else file_capability_python(base)
     c1, c2, sw = lab.namespace("c1"), lab.namespace("c2"), lab.namespace("sw")
     lab.bridge([c1, c2, sw], [["192.0.2.1/24"], ["192.0.2.2/24"], [f"{SERVICE}/24"]])

@@ -9,12 +9,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import stat
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +19,7 @@ import pytest
 from tests.system.conftest import Pair, program
 from uspan.lab import userns
 from uspan.testbed import Namespace, PeerConfig, genkey, genpsk, poll
-from uspan.testbed.unprivileged import as_user, blocker, ids, private_dir_for
+from uspan.testbed.unprivileged import as_user, ids, private_dir_for
 
 pytestmark = pytest.mark.system
 
@@ -33,16 +30,9 @@ INNER = ("10.71.0.1", "10.71.0.2")
 
 
 @pytest.fixture
-def home() -> Iterator[Path]:
-    """A directory of nobody's own (pytest's tmp_path is root's, 0700), removed after."""
-    if problem := blocker():
-        pytest.skip(problem)
-    base = Path(tempfile.mkdtemp(prefix="uspan-rootless-"))
-    os.chmod(base, 0o755)
-    try:
-        yield private_dir_for(base / "nobody")
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+def home(user_tmp: Path) -> Path:
+    """A directory of nobody's own."""
+    return private_dir_for(user_tmp / "nobody")
 
 
 def run_as(ns: Namespace | None, argv: list[str], caps: list[str] | None = None,
