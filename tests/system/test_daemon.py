@@ -164,7 +164,7 @@ def test_detached_daemon_stopped_at_once_after_launch_is_clean(lab: Lab, ns: Nam
 @pytest.mark.parametrize(
     "args",
     [[], ["-f"], ["a", "b"], ["-f", "a", "b"], ["-x", "wg0"], ["--bogus"],
-     ["x" * 16], ["a/b"], ["-f", "a:b"], ["."]],
+     ["x" * 16], ["a/b"], ["-f", "a:b"], ["."], ["wg0", "--uapi-dir"], ["--uapi-dir=", "wg0"]],
 )
 def test_cli_bad_arguments_exit_2(args: list[str]) -> None:
     assert PROGRAM

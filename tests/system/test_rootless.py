@@ -61,9 +61,9 @@ def start_uspan_wg(pair: Pair, name: str, home: Path, uapi: Path, caps: list[str
     """uspan-wg -f NAME in namespace a as nobody with ``caps``; its PID once serving."""
     log = home / f"{name}.log"
     with log.open("wb") as out:
-        daemon = pair.a.spawn(*as_user([USPAN_WG, "-f", name], caps, env={
-            "USPAN_UAPI_DIR": str(uapi), "LOG_LEVEL": "verbose"}), stdout=out.fileno(),
-            stderr=subprocess.STDOUT)
+        daemon = pair.a.spawn(*as_user([USPAN_WG, "-f", "--uapi-dir", str(uapi), name], caps,
+                                       env={"LOG_LEVEL": "verbose"}),
+                              stdout=out.fileno(), stderr=subprocess.STDOUT)
     socket = uapi / f"{name}.sock"
 
     def serving() -> bool:
