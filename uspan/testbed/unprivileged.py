@@ -5,18 +5,26 @@ inheritable, ambient and bounding sets, so the program and everything it starts 
 those capabilities and nothing else: what a container started with ``--cap-drop ALL
 --cap-add NET_ADMIN`` gets. With no capabilities the bounding set is left as an
 ordinary login has it, so a user namespace still gives that user its own root.
+
+A checkout in a directory other users cannot enter (a clone under /root, a venv made
+from pyenv's Python there) is made reachable for those programs alone: they run in a
+private mount namespace where a 0755 tmpfs covers the closed directory and the checkout
+and the Python are bound back at their own paths (``reach``); nothing changes outside.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
+import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 USER = "nobody"
+CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 def ids(user: str = USER) -> tuple[int, int]:
@@ -45,7 +53,35 @@ def as_user(argv: Sequence[str], caps: Sequence[str] = (), user: str = USER,
         command.append(f"--ambient-caps={wanted[1:]}")
     environment = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
                    "HOME": "/nonexistent", **(env or {})}
-    return [*command, "env", "-i", *(f"{k}={v}" for k, v in environment.items()), *argv]
+    return [*reach(), *command, "env", "-i", *(f"{k}={v}" for k, v in environment.items()),
+            *argv]
+
+
+@functools.cache
+def reach() -> list[str]:
+    """A prefix (run as root) that lets other users reach this checkout and its Python,
+    or nothing when they already can (see the module docstring)."""
+    groups: dict[Path, list[Path]] = {}
+    for needed in (CHECKOUT, Path(sys.base_prefix).resolve()):
+        closed = next((d for d in reversed(needed.parents) if not d.stat().st_mode & 0o001),
+                      None)
+        if closed is not None:
+            groups.setdefault(closed, []).append(needed)
+    if not groups:
+        return []
+    lines = ["set -e", "stage=$(mktemp -d -p /dev/shm uspan-reach.XXXXXX)"]
+    for index, (closed, paths) in enumerate(groups.items()):
+        staged = [f"$stage/{index}.{n}" for n in range(len(paths))]
+        for path, stage in zip(paths, staged, strict=True):
+            lines += [f"mkdir {stage}", f"mount --bind {shlex.quote(str(path))} {stage}"]
+        lines.append(f"mount -t tmpfs -o mode=0755 uspan-reach {shlex.quote(str(closed))}")
+        for path, stage in zip(paths, staged, strict=True):
+            quoted = shlex.quote(str(path))
+            lines += [f"mkdir -p {quoted}", f"mount --bind {stage} {quoted}",
+                      f"umount {stage}", f"rmdir {stage}"]
+    lines += ['rmdir "$stage"', 'exec "$@"']
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(lines),
+            "sh"]
 
 
 def blocker(user: str = USER) -> str | None:
@@ -55,10 +91,9 @@ def blocker(user: str = USER) -> str | None:
                            capture_output=True, text=True, check=False)
     if probe.returncode == 0:
         return None
-    where = Path(__file__).resolve().parents[2]
-    return (f"user {user} cannot run {sys.executable} with {where} ({probe.stderr.strip()}"
-            "): make the venv with /usr/bin/python3 (scripts/setup does) in a checkout "
-            "that other users can read")
+    return (f"user {user} cannot run {sys.executable} with {CHECKOUT}, even through a "
+            f"private view of it ({probe.stderr.strip()}): put the checkout where other "
+            "users can read it")
 
 
 def private_dir_for(path: Path, user: str = USER) -> Path:
