@@ -240,3 +240,37 @@ def test_lab_commands_of_nobody_are_one_line(home: Path) -> None:
         done = run_as(None, [USPAN, "lab", *command, "--root", str(home / "labs")])
         assert "no lab in" in one_line_error(done)
     assert not (home / "labs").exists()  # asking created nothing
+
+
+def test_node_as_nobody_in_its_own_user_namespace(home: Path) -> None:
+    """The README's rootless node: `uspan run` as nobody with no capability, in a user,
+    network and mount namespace of its own (with a discovery service beside it there)."""
+    config, state = home / "node.yaml", home / "state"
+    made = run_as(None, [USPAN, "gen", "config", "--with-kubespan", "--discovery-endpoint",
+                         "127.0.0.1:3000", "-o", str(config)])
+    assert made.returncode == 0, made.stderr
+    script = ('mount -t tmpfs none /run && ip link set lo up && '
+              f'({USPAN} discovery-service --listen 127.0.0.1:3000 >/dev/null 2>&1 &) && '
+              f'exec {USPAN} run --config {config} --state-dir {state}')
+    log = home / "node.log"
+    with log.open("wb") as out:
+        node = subprocess.Popen(as_user(["unshare", "--user", "--map-root-user", "--net",
+                                         "--mount", "sh", "-c", script]),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def identity() -> str | None:
+            assert node.poll() is None, log.read_text()
+            done = subprocess.run([USPAN, "get", "kubespanidentities", "-o", "json",
+                                   "--state-dir", str(state)], capture_output=True, text=True,
+                                  check=False)
+            return done.stdout if done.returncode == 0 else None
+
+        assert "fd" in json.loads(poll(identity, what="the node", timeout=30))[0]["spec"][
+            "address"]
+        assert capabilities(node.pid)[0] == ids()[0]  # nobody on the host
+        for path in [state, *state.iterdir()]:
+            assert path.lstat().st_uid == ids()[0], path
+        assert mode(state / "kubespan-identity.yaml") == mode(state / "node.sock") == 0o600
+    finally:
+        os.killpg(node.pid, 15)  # the node and the discovery service beside it
+        node.wait(10)
