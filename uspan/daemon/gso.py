@@ -253,43 +253,78 @@ def _split(hdr: VirtioNetHdr, packet: memoryview, mtu: int, v6: bool,
     if step % 2 == 0 and full > 1:
         chunk_sums = _row_sums(payload, step, full)
     else:
-        chunk_sums = [int.from_bytes(payload[i * step : (i + 1) * step], "little")
+        chunk_sums = [_fold(int.from_bytes(payload[i * step : (i + 1) * step], "little"))
                       for i in range(full)]
-    if size % step or not size:
-        chunk_sums.append(int.from_bytes(payload[full * step :], "little"))
-    out = []
-    pack16, pack32, swap16, fold = _U16.pack_into, _U32.pack_into, _swap16, _fold
-    for index, offset in enumerate(range(0, max(size, 1), step)):
-        chunk = payload[offset : offset + step]
-        total = hdr_len + len(chunk)
-        l4_len = total - ip_len
-        if v6:
-            pack16(template, 4, total - 40)
-        else:
-            segment_id = (ip_id + index) & 0xFFFF
-            pack16(template, 2, total)
-            pack16(template, 4, segment_id)
-            header_check = 0xFFFF - fold(ip_base + swap16(total) + swap16(segment_id))
-            template[10:12] = header_check.to_bytes(2, "little")
-        l4_sum = l4_base + swap16(l4_len) + chunk_sums[index]
-        if tcp:
-            segment_seq = (seq + offset) & 0xFFFFFFFF
-            segment_flags = flags if offset + step >= size else flags & ~(_TCP_FIN | _TCP_PSH)
-            if index:
-                segment_flags &= ~_TCP_CWR
-            pack32(template, ip_len + 4, segment_seq)
-            template[ip_len + 13] = segment_flags
-            l4_sum += swap16(segment_seq >> 16) + swap16(segment_seq & 0xFFFF)
-            l4_sum += segment_flags << 8
-        else:
-            pack16(template, ip_len + 4, l4_len)
-            l4_sum += swap16(l4_len)
-        value = 0xFFFF - fold(l4_sum)
-        if not tcp and not value:
-            value = 0xFFFF
-        template[check_at : check_at + 2] = value.to_bytes(2, "little")
-        out.append(b"".join((template, chunk)))
+    tail = size % step or not size  # a last, shorter segment (or the only, empty one)
+    if tail:
+        chunk_sums.append(_fold(int.from_bytes(payload[full * step :], "little")))
+    # Every segment's varying fields at once, as numpy columns (one row per segment):
+    # numpy's per-call cost is paid per super-segment, not per packet.
+    count = len(chunk_sums)
+    index = np.arange(count, dtype=np.uint64)
+    totals = np.full(count, hdr_len + step, dtype=np.uint64)
+    totals[-1] = hdr_len + size - (count - 1) * step
+    l4_lens = totals - ip_len
+    headers = np.tile(np.frombuffer(template, dtype=np.uint8), (count, 1))
+    if v6:
+        _put_be16(headers, 4, totals - 40)
+    else:
+        ids = (index + ip_id) & 0xFFFF
+        _put_be16(headers, 2, totals)
+        _put_be16(headers, 4, ids)
+        ip_sums = _swap_array(totals) + _swap_array(ids) + _fold(ip_base)
+        _put_le16(headers, 10, 0xFFFF - _fold_array(ip_sums))
+    l4_sums = np.asarray(chunk_sums, dtype=np.uint64) + _swap_array(l4_lens) + _fold(l4_base)
+    if tcp:
+        seqs = (index * step + seq) & 0xFFFFFFFF
+        seg_flags = np.full(count, flags & ~(_TCP_FIN | _TCP_PSH), dtype=np.uint64)
+        seg_flags[-1] = flags
+        seg_flags[1:] &= ~_TCP_CWR & 0xFF
+        _put_be16(headers, ip_len + 4, seqs >> 16)
+        _put_be16(headers, ip_len + 6, seqs & 0xFFFF)
+        headers[:, ip_len + 13] = seg_flags
+        l4_sums += _swap_array(seqs >> 16) + _swap_array(seqs & 0xFFFF) + (seg_flags << 8)
+        values = 0xFFFF - _fold_array(l4_sums)
+    else:
+        _put_be16(headers, ip_len + 4, l4_lens)
+        l4_sums += _swap_array(l4_lens)
+        values = 0xFFFF - _fold_array(l4_sums)
+        values[values == 0] = 0xFFFF
+    _put_le16(headers, check_at, values)
+    out: list[bytes] = []
+    if full:
+        width = hdr_len + step
+        rows = np.empty((full, width), dtype=np.uint8)
+        rows[:, :hdr_len] = headers[:full]
+        rows[:, hdr_len:] = np.frombuffer(payload, dtype=np.uint8,
+                                          count=full * step).reshape(full, step)
+        blob = rows.tobytes()
+        out = [blob[at : at + width] for at in range(0, full * width, width)]
+    if tail:
+        out.append(b"".join((headers[-1].tobytes(), payload[full * step :])))
     return out
+
+
+def _swap_array(values: np.ndarray) -> np.ndarray:
+    """``_swap16`` of a column of 16-bit values."""
+    return ((values & 0xFF) << 8) | (values >> 8)
+
+
+def _fold_array(totals: np.ndarray) -> np.ndarray:
+    """``_fold`` of a column of word sums, none of them zero (each has a header's sum)."""
+    return (totals - 1) % 0xFFFF + 1
+
+
+def _put_be16(rows: np.ndarray, at: int, values: np.ndarray) -> None:
+    """Write a column of 16-bit values big-endian at byte ``at`` of each row."""
+    rows[:, at] = values >> 8
+    rows[:, at + 1] = values & 0xFF
+
+
+def _put_le16(rows: np.ndarray, at: int, values: np.ndarray) -> None:
+    """Write a column of checksums summed as little-endian words (see the module doc)."""
+    rows[:, at] = values & 0xFF
+    rows[:, at + 1] = values >> 8
 
 
 # --- coalescing what goes into the TUN ---------------------------------------------------
