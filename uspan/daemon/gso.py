@@ -514,6 +514,36 @@ def coalesce(packets: Sequence[bytes], *, udp: bool = False) -> list[tuple[bytes
     order: list[_Run | bytes] = []
     runs: dict[bytes, _Run] = {}
     packets = [bytes(packet) for packet in packets]
+    lengths = [len(packet) for packet in packets]
+    start, end = 0, len(packets)
+    while start < end:
+        # A stretch of equal-length packets with the same addresses and ports (IPv4
+        # without options, IPv6): checked at once if it is one TCP run (the common case: a
+        # stream's full-size segments), else merged one packet at a time.
+        first = packets[start]
+        length, stop = lengths[start], start + 1
+        at, until = (8, 44) if first and first[0] >> 4 == 6 else (12, 24)
+        addresses = first[at:until]
+        while (stop < end and lengths[stop] == length
+               and packets[stop][at:until] == addresses):
+            stop += 1
+        flow = _flow(packets[start], udp) if stop - start >= _UNIFORM_MIN else None
+        if flow is not None and flow[2] == _PROTO_TCP and flow[5] > 0:
+            stop = min(stop, start + (_MAX_IP_PACKET - flow[4]) // flow[5])
+            run = _uniform_run(packets[start:stop], flow)
+            if run is not None:
+                runs[flow[0]] = run
+                order.append(run)
+                start = stop
+                continue
+        _merge_each(packets[start:stop], udp, runs, order)
+        start = stop
+    return [(VNET_NONE, item) if isinstance(item, bytes) else item.build() for item in order]
+
+
+def _merge_each(packets: list[bytes], udp: bool, runs: dict[bytes, _Run],
+                order: list[_Run | bytes]) -> None:
+    """Add packets one at a time to the runs of their flows (``coalesce``'s rules)."""
     flows = [_flow(packet, udp) for packet in packets]
     valid = _checksums_ok(packets, flows)
     for packet, flow, ok in zip(packets, flows, valid, strict=True):
@@ -538,7 +568,72 @@ def coalesce(packets: Sequence[bytes], *, udp: bool = False) -> list[tuple[bytes
         run.verified = ok
         runs[key] = run
         order.append(run)
-    return [(VNET_NONE, item) if isinstance(item, bytes) else item.build() for item in order]
+
+
+_UNIFORM_MIN = 4  # equal-length packets worth checking together
+_BE32 = np.array([1 << 24, 1 << 16, 1 << 8, 1], dtype=np.uint64)
+
+
+def _uniform_run(packets: list[bytes], flow: _Flow) -> _Run | None:
+    """Equal-length TCP segments that all merge into one run, checked as numpy rows.
+
+    The same rules as ``_Run.accepts`` and the same checksum verification, for all rows
+    at once: headers equal to the first but for IPv4 ID and header checksum and TCP
+    sequence number, flags, window and checksum; sequence numbers contiguous; IPv4 IDs
+    incrementing or fixed under DF; flags ACK (the last may add PSH). None if any row
+    breaks a rule: the caller then merges them one by one.
+    """
+    _, v6, proto, ip_len, hdr_len, payload = flow
+    count, length = len(packets), len(packets[0])
+    if length % 2 or count < 2:
+        return None
+    joined = b"".join(packets)
+    rows = np.frombuffer(joined, dtype=np.uint8).reshape(count, length)
+    same = _same_columns(ip_len, hdr_len, v6)
+    if not (rows[:, :hdr_len][:, same] == rows[0, :hdr_len][same]).all():
+        return None
+    flags = rows[:, ip_len + 13]
+    if not ((flags[:-1] == _TCP_ACK).all() and flags[-1] in (_TCP_ACK, _TCP_ACK | _TCP_PSH)):
+        return None
+    steps = np.arange(count, dtype=np.uint64)
+    seqs = rows[:, ip_len + 4 : ip_len + 8].astype(np.uint64) @ _BE32
+    if not ((seqs - seqs[0]) & 0xFFFFFFFF == steps * payload).all():
+        return None
+    fixed_id = False
+    if not v6:
+        ids = rows[:, 4].astype(np.uint64) * 256 + rows[:, 5]
+        fixed_id = bool(rows[0, 6] & _IPV4_DF) and bool((ids == ids[0]).all())
+        if not fixed_id and not ((ids - ids[0]) & 0xFFFF == steps).all():
+            return None
+    words = np.frombuffer(joined, dtype="<u2").reshape(count, length // 2)
+    sums = words[:, ip_len // 2 :].sum(axis=1, dtype=np.uint64)
+    if ((sums + _fold(_pseudo_sum(packets[0], v6, proto, length - ip_len))) % 0xFFFF).any():
+        return None
+    run = _Run(packets[0], v6, proto, ip_len, hdr_len, payload)
+    run.verified = True
+    run.parts = [memoryview(rows[:, hdr_len:].tobytes())]
+    run.count = count
+    run.size += (count - 1) * payload
+    run.next_seq = (int(seqs[0]) + count * payload) & 0xFFFFFFFF
+    run.fixed_id = None if v6 else fixed_id
+    run.psh = run.ended = bool(flags[-1] & _TCP_PSH)
+    return run
+
+
+_SAME_COLUMNS: dict[tuple[int, int, bool], np.ndarray] = {}
+
+
+def _same_columns(ip_len: int, hdr_len: int, v6: bool) -> np.ndarray:
+    """Which header bytes must equal the run's head (a boolean mask, cached)."""
+    mask = _SAME_COLUMNS.get((ip_len, hdr_len, v6))
+    if mask is None:
+        mask = np.ones(hdr_len, dtype=bool)
+        if not v6:
+            mask[[4, 5, 10, 11]] = False  # ID, header checksum
+        tcp = ip_len + np.array([4, 5, 6, 7, 13, 14, 15, 16, 17])  # seq, flags, window, check
+        mask[tcp] = False
+        mask = _SAME_COLUMNS.setdefault((ip_len, hdr_len, v6), mask)
+    return mask
 
 
 # --- UDP_SEGMENT and UDP_GRO buffers ----------------------------------------------------
