@@ -17,6 +17,12 @@ segments of a super-segment, a batch of same-size packets) are summed at once wi
 numpy: 0.25 us per 1368-byte segment against 2.05 us for ``from_bytes`` and ``%``
 (development VM, Python 3.11; ``sum(array('H'))`` is 10x slower still).
 
+Per-packet work is done per batch where it can be: ``segment`` computes every segment's
+header fields as numpy columns, and ``coalesce`` checks a stretch of equal-length segments
+of one flow as numpy rows. A line of Python per packet costs ~0.1 us, a numpy call ~1 us
+once per super-segment (issue 11: 30.7k -> 18.6k and 35.6k -> 18.7k instructions per
+packet).
+
 Write a ``(vnet_hdr, packet)`` pair to the TUN with one ``os.writev``.
 """
 
