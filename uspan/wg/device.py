@@ -271,8 +271,9 @@ class Device:
         """Handle datagrams from UDP: decrypted packets for the TUN, and replies.
 
         Transport messages are handled inline (the hot path): a batch is mostly one
-        session from one endpoint carrying one inner source, so the keypair and the
-        allowed-IPs owner of the last message are reused while they stay the same.
+        session from one endpoint carrying one inner source, so the keypair of the last
+        message's index and the allowed-IPs owner of its inner source are reused while
+        they stay the same (nothing in the loop removes them).
         """
         to_tun: list[bytes] = []
         out: Out = []
@@ -322,8 +323,7 @@ class Device:
             if source is not peer.endpoint and source != peer.endpoint:
                 peer.roam(source)
             if keypair is peer.next:
-                peer.confirm_next(now, out)  # may discard keypairs: look them up again
-                last_index = -1
+                peer.confirm_next(now, out)  # discards `previous`, never the keypair in hand
             tally = received.get(peer)
             if tally is None:
                 tally = received[peer] = [0, 0]
