@@ -210,6 +210,14 @@ def test_publishable_endpoints_apply_filters_to_everything() -> None:
     assert [str(e) for e in endpoints] == ["192.0.2.1:51820", "203.0.113.9:4000"]
 
 
+def test_reflexive_endpoints_come_after_the_addresses_and_before_announced_ones() -> None:
+    endpoints = publishable_endpoints(
+        [ip("10.1.1.1")], 51820, [Endpoint("192.0.2.9", 4000)], EndpointFilters(),
+        reflexive=[Endpoint("203.0.113.7", 40001), Endpoint("10.1.1.1", 51820)])
+    assert [str(e) for e in endpoints] == [
+        "10.1.1.1:51820", "203.0.113.7:40001", "192.0.2.9:4000"]
+
+
 def test_no_filters_publish_everything() -> None:
     endpoints = publishable_endpoints([ip("10.1.1.1"), ip("2001:db8::1")], 5, [], EndpointFilters())
     assert [str(e) for e in endpoints] == ["10.1.1.1:5", "[2001:db8::1]:5"]

@@ -218,14 +218,16 @@ def publishable_endpoints(
     port: int,
     advertise: Iterable[Endpoint],
     filters: EndpointFilters,
+    reflexive: Iterable[Endpoint] = (),
 ) -> tuple[Endpoint, ...]:
-    """The node's addresses on the KubeSpan port plus extra announced endpoints.
+    """The node's addresses on the KubeSpan port, then its reflexive endpoints (where the
+    discovery services see it: its NAT's mapping), then extra announced endpoints.
 
     Every endpoint, announced ones included, must pass the filters; duplicates are dropped
     and at most 64 kept, the discovery service's limit per affiliate.
     """
     candidates = [Endpoint(str(address), port) for address in addresses]
-    candidates.extend(endpoint.without_source() for endpoint in advertise)
+    candidates.extend(endpoint.without_source() for endpoint in (*reflexive, *advertise))
     seen: dict[Endpoint, None] = {}
     for endpoint in candidates:
         if filters.allows(ipaddress.ip_address(endpoint.host.split("%", 1)[0])):
@@ -243,6 +245,7 @@ def local_affiliate(
     public_key: bytes,
     kubespan_address: ipaddress.IPv6Address,
     additional_prefixes: Iterable[Network] = (),
+    reflexive: Iterable[Endpoint] = (),
 ) -> Affiliate:
     """This node's affiliate: its routable addresses, and KubeSpan's part when enabled."""
     subnet = ipaddress.IPv6Network((kubespan_address, 64), strict=False)
@@ -250,7 +253,8 @@ def local_affiliate(
     if not kubespan.enabled:
         return Affiliate(node_id, hostname, nodename, node_addresses)
     endpoints = publishable_endpoints(
-        node_addresses, kubespan.port, kubespan.advertise_endpoints, kubespan.filters
+        node_addresses, kubespan.port, kubespan.advertise_endpoints, kubespan.filters,
+        reflexive,
     )
     info = KubeSpanInfo(public_key, kubespan_address, tuple(additional_prefixes), endpoints)
     return Affiliate(node_id, hostname, nodename, node_addresses, info)
