@@ -22,6 +22,7 @@ import base64
 import ipaddress
 import logging
 import math
+import secrets
 import signal
 import socket
 import time
@@ -57,6 +58,7 @@ from uspan.mesh.config import (
 from uspan.mesh.controller import Output, PeerController
 from uspan.mesh.cycling import ObservedEndpoint
 from uspan.mesh.identity import Identity, load_or_create
+from uspan.mesh.punch import Puncher
 from uspan.mesh.reflexive import INTERVAL as PROBE_INTERVAL
 from uspan.mesh.reflexive import ReflexiveProber
 from uspan.mesh.resources import (
@@ -159,7 +161,8 @@ class Node:
             raise NodeError(f"state directory {state_dir}: {exc.strerror or exc}") from None
         listener = api.open_listener(str(state_dir / api.SOCKET_NAME))
         self.controller = PeerController(self.identity.node_id, self.identity.public_key,
-                                         self.config, self.store)
+                                         self.config, self.store,
+                                         Puncher(seq=secrets.randbits(32)))
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -290,6 +293,8 @@ class Node:
                 log.info("reflexive endpoints: %s", ", ".join(map(str, reflexive)) or "none")
                 ks.reflexive = reflexive
                 self._republish.set()
+                if self.controller is not None:
+                    self._carry_out(self.controller.set_reflexive(reflexive, now))
             with trio.move_on_at(prober.next_deadline()):
                 await ks.probe_wake.wait()
 
@@ -358,6 +363,8 @@ class Node:
                 ks.routing.sync_routes(output.routes)
             except RoutingError as exc:
                 log.error("routing: %s", exc)
+        if output.republish:
+            self._republish.set()
         if output.observed and self.client is not None and self._nursery is not None:
             self._nursery.start_soon(self._report_observed, output.observed)
 
@@ -418,7 +425,8 @@ class Node:
             nodename=self.options.hostname, addresses=self._addresses,
             kubespan=self.config.kubespan if ks else _disabled(self.config),
             public_key=self.identity.public_key, kubespan_address=address,
-            reflexive=ks.reflexive if ks else ())
+            reflexive=ks.reflexive if ks else (),
+            punch=self.controller.punch_requests() if ks and self.controller else ())
 
     async def _discovery(self) -> None:
         """The client, its publisher and its watcher; restarted on a registry change."""
