@@ -8,7 +8,8 @@ discovery, with no change to the WireGuard wire protocol:
 
 1. a node that finds a peer down, and has a reflexive endpoint, publishes a punch
    request in its (sealed) affiliate: the peer's key, its own reflexive endpoint, a
-   sequence number; kept ``TTL`` seconds, at most one per peer every ``INTERVAL``;
+   sequence number; kept ``TTL`` seconds, at most one per peer every ``INTERVAL``
+   unless the peer was up in between;
 2. the peer sees it in its watch, answers with a request of its own (if it has a
    reflexive endpoint and none toward us is active) and at once aims the peer at the
    endpoint in the request, with a handshake;
@@ -63,8 +64,11 @@ class Puncher:
         return tuple(request for request, _ in self.active.values())
 
     def step(self, now: float, reflexive: Sequence[Endpoint], down: Iterable[bytes],
-             offers: Mapping[bytes, PunchRequest]) -> PunchStep:
-        """``down``: peers found down now; ``offers``: per peer, its request toward us."""
+             offers: Mapping[bytes, PunchRequest], up: Iterable[bytes] = ()) -> PunchStep:
+        """``down``: peers found down now; ``offers``: per peer, its request toward us;
+        ``up``: peers up now (a later failure is new: punch again at once)."""
+        for key in up:
+            self.started.pop(key, None)
         republish = False
         for key in [k for k, (_, until) in self.active.items() if until <= now]:
             del self.active[key]

@@ -363,6 +363,8 @@ class Node:
                 ks.routing.sync_routes(output.routes)
             except RoutingError as exc:
                 log.error("routing: %s", exc)
+        for label, endpoint in output.punched:
+            log.info("peer %s asked to punch: handshake toward %s", label, endpoint)
         if output.republish:
             self._republish.set()
         if output.observed and self.client is not None and self._nursery is not None:
