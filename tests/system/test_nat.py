@@ -100,3 +100,27 @@ def _latest_handshake(lab: LabCli, node: str) -> int:
     """The wall time of ``node``'s latest handshake with any peer (``wg show``)."""
     out = lab.run("exec", node, "--", "wg", "show", "all", "latest-handshakes").stdout
     return max(int(line.split()[-1]) for line in out.splitlines())
+
+
+def test_a_hard_nat_maps_each_destination_anew_and_a_udp_block_leaves_no_reflexive_endpoint(
+        labs: Any) -> None:  # noqa: F811  (the fixture imported above)
+    lab = labs()
+    done = lab.run("up", "--nodes", "3", "--nat", "n1:hard", "--block-udp", "n2",
+                   "--timeout", "20", check=False)
+    assert done.returncode == 1, done.stdout  # n2 can reach nobody over UDP
+    poll(lambda: bool(discovery_status(lab, "n1")["reflexiveEndpoints"]),
+         what="n1's reflexive endpoint", timeout=20, interval=0.5)
+    [reflexive] = discovery_status(lab, "n1")["reflexiveEndpoints"]
+    assert reflexive.startswith("192.0.2.1:") and reflexive != "192.0.2.1:51820"
+    pairs = lab.pairs()
+    # n1 reached n3 (it sent first); n3 sees n1 at the port n1's NAT chose for n3 alone
+    poll(lambda: lab.pairs()[("n3", "n1")]["state"] == "up", what="n3 -> n1 up",
+         timeout=40, interval=0.5)
+    seen_by_n3 = lab.pairs()[("n3", "n1")]["endpoint"]
+    assert seen_by_n3.startswith("192.0.2.1:") and seen_by_n3 != reflexive
+    blocked = discovery_status(lab, "n2")
+    assert blocked["reflexiveEndpoints"] == [] and blocked["probes"]["sent"] > 0
+    assert blocked["probes"]["answered"] == 0
+    assert all(pairs[(a, b)]["state"] != "up" for a, b in (("n2", "n1"), ("n2", "n3")))
+    label = lab.run("status", "--no-rtt").stdout
+    assert "n1 hard-nat" in label and "n2 easy-nat no-udp" in label
