@@ -93,3 +93,21 @@ def test_a_request_from_a_peer_that_is_up_for_us_gets_a_handshake_where_it_is():
     [peer] = out.device_change.peers
     assert (peer.public_key, peer.endpoint, peer.handshake) == (K1, None, True)
     assert n0.statuses[K1].endpoint == E1 and out.republish is True  # and it answers
+
+
+def test_asking_a_down_peer_also_aims_at_its_mapping_and_opens_our_nat():
+    n0, _ = started()
+    n0.set_reflexive([OURS], 0.0)
+    n1 = member(1, K1, E1, THEIRS)  # its own address, then its NAT's mapping
+    n0.set_affiliates([AFFILIATES[0], n1], {}, 0.0)
+    out = n0.set_facts({K1: LinkFacts(E1, None, 2, 5.1, 0, 296)}, 11.1)  # down on E1
+    assert out.republish is True and out.punched == [("h1", THEIRS)]
+    [peer] = out.device_change.peers
+    assert (peer.public_key, peer.endpoint, peer.handshake) == (K1, THEIRS, True)
+
+
+def test_not_behind_nat_no_punching():
+    n0, _ = started()  # set_reflexive never called: the node's reflexive endpoint is its own
+    n0.set_affiliates([AFFILIATES[0], member(1, K1, E1, THEIRS)], {}, 0.0)
+    out = n0.set_facts({K1: LinkFacts(E1, None, 2, 5.1, 0, 296)}, 11.1)
+    assert out.republish is False and n0.punch_requests() == () and out.punched == []

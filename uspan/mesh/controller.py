@@ -109,7 +109,8 @@ class PeerController:
         return self._reconcile(now, [])
 
     def set_reflexive(self, endpoints: Sequence[Endpoint], now: float) -> Output:
-        """Our reflexive endpoints changed (``uspan.mesh.reflexive``)."""
+        """Our reflexive endpoints changed (``uspan.mesh.reflexive``): those that are not
+        our own addresses, the mappings of a NAT in front of us (none: no punching)."""
         self.reflexive = tuple(endpoints)
         return self._reconcile(now, [])
 
@@ -204,6 +205,16 @@ class PeerController:
                     offers[info.public_key] = request
         up = [key for key, status in statuses.items() if status.state is PeerState.UP]
         step = self.puncher.step(now, self.reflexive, down, offers, up)
+        aims = dict(step.punch)
+        for affiliate in self.affiliates:
+            info = affiliate.kubespan
+            if info is None or info.public_key not in step.requested:
+                continue
+            own = {str(address) for address in affiliate.addresses}
+            mapped = next((e for e in info.endpoints if e.host not in own), None)
+            if mapped is not None:
+                aims.setdefault(info.public_key, mapped)
+        step = replace(step, punch=list(aims.items()))
         for key, endpoint in step.punch:
             if statuses[key].state is PeerState.UP:
                 continue

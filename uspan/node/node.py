@@ -294,7 +294,9 @@ class Node:
                 ks.reflexive = reflexive
                 self._republish.set()
                 if self.controller is not None:
-                    self._carry_out(self.controller.set_reflexive(reflexive, now))
+                    own = {str(address) for address in self._addresses}
+                    mapped = [e for e in reflexive if e.host not in own]  # behind NAT
+                    self._carry_out(self.controller.set_reflexive(mapped, now))
             with trio.move_on_at(prober.next_deadline()):
                 await ks.probe_wake.wait()
 
