@@ -67,6 +67,7 @@ class Output:
     deadline: float | None  # call ``tick`` then
     republish: bool = False  # our affiliate changed (punch requests): publish it
     punched: list[tuple[str, Endpoint]] = field(default_factory=list)  # (label, at): log
+    # (a peer that is up for us gets its handshake where it is, not ``at``)
 
 
 class PeerController:

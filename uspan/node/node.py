@@ -366,7 +366,7 @@ class Node:
             except RoutingError as exc:
                 log.error("routing: %s", exc)
         for label, endpoint in output.punched:
-            log.info("peer %s asked to punch: handshake toward %s", label, endpoint)
+            log.info("peer %s: punching, handshake toward %s", label, endpoint)
         if output.republish:
             self._republish.set()
         if output.observed and self.client is not None and self._nursery is not None:
