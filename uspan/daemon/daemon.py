@@ -36,6 +36,7 @@ import trio
 
 from uspan import privilege
 from uspan.daemon import uapi_server
+from uspan.daemon.demux import Datagram, Demux
 from uspan.daemon.ports import BindPort, DatagramReceiver, TunError, TunGone, TunPort
 from uspan.daemon.tun import Tun
 from uspan.daemon.udp import UdpBind
@@ -86,6 +87,7 @@ class Daemon:
         self.bind = bind
         self.uapi = uapi
         self.device = Device() if device is None else device
+        self.demux = Demux()  # the owner's handlers of uspan datagrams (probes, relay)
         self.exit_reason = ""
         self.exit_code = 0
         self._scope = trio.CancelScope()  # stop() before run() makes run() return at once
@@ -215,6 +217,10 @@ class Daemon:
                 batch = await receiver.receive()
             except trio.ClosedResourceError:
                 return  # rebound to another port
+            if self.demux:
+                batch = self.demux.split(batch)
+                if not batch:
+                    continue
             to_tun, out = device.receive(batch, _now())
             if to_tun:
                 try:
@@ -242,6 +248,13 @@ class Daemon:
             self._peer_events_seen = self.device.peer_events
             self._peer_event.set()
             self._peer_event = trio.Event()
+
+    async def send_datagrams(self, datagrams: list[Datagram]) -> None:
+        """Send the owner's own datagrams (``uspan.daemon.demux``) from the WireGuard
+        socket, so they use, and reveal, the NAT mapping peers reach. Errors are counted
+        by the bind (``udp_send_errors``), as for the core's datagrams."""
+        with contextlib.suppress(trio.ClosedResourceError):  # replaced meanwhile: the
+            await self.bind.send(datagrams)  # owner tries again, as after a loss
 
     # Timers ------------------------------------------------------------------------------
 
@@ -303,6 +316,8 @@ class Daemon:
         counters["tun_write_dropped"] = self.tun.write_dropped
         counters["udp_send_errors"] = self.bind.send_errors
         counters["udp_receive_dropped"] = self.bind.receive_dropped
+        counters["udp_own_claimed"] = self.demux.claimed
+        counters["udp_own_unclaimed"] = self.demux.unclaimed
         return counters
 
     def set(self, change: DeviceChange) -> None:
