@@ -22,10 +22,10 @@ from types import FrameType
 
 from uspan.testbed import NetnsError
 
-PROGRAMS = {
-    "uspan": str(Path(sys.executable).parent / "uspan-wg"),
-    "wgo": "/usr/bin/wireguard-go",
-}
+USPAN = str(Path(sys.executable).parent / "uspan-wg")
+# wireguard-go builds compared when no --wgo is given, those present, in this order: the
+# current release as ../shared/anchors builds it (the baseline), then Debian's package.
+DEFAULT_WGO = ("/work/anchors/wireguard-go-current", "/usr/bin/wireguard-go")
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -83,12 +83,18 @@ def machine(programs: dict[str, str]) -> dict[str, str]:
         "cores": str(os.cpu_count()),
         "kernel": platform.release(),
         "python": platform.python_version(),
+        "load average (1/5/15 min) at the start": load_average(),
     }
     for name, path in programs.items():
         info[name] = f"{path}: {_first_line([path, '--version'])}"
     info["iperf3"] = _first_line(["iperf3", "--version"])
     info["wg"] = _first_line(["wg", "--version"])
     return info
+
+
+def load_average() -> str:
+    """The machine's load averages as ``uptime`` shows them (a busy machine widens spreads)."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 # --- /proc probes -----------------------------------------------------------------------
@@ -239,9 +245,24 @@ def run_rounds(rounds: int, trials: Sequence[tuple[str, Callable[[int], None]]])
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """The options both benchmarks take: which programs, where the markdown report goes."""
-    parser.add_argument("--uspan", default=PROGRAMS["uspan"], help="uspan-wg executable")
-    parser.add_argument("--wgo", default=PROGRAMS["wgo"], help="wireguard-go executable")
+    parser.add_argument("--uspan", default=USPAN, help="uspan-wg executable")
+    parser.add_argument(
+        "--wgo", action="append", metavar="PATH",
+        help="a wireguard-go executable; repeat to compare several builds, the first is the "
+        f"baseline (default: those of {', '.join(DEFAULT_WGO)} that exist)")
     parser.add_argument("--markdown", type=Path, help="also write the report as markdown here")
+
+
+def wgo_label(version_line: str, taken: Sequence[str]) -> str:
+    """A short name for a wireguard-go build: ``wgo`` and its version's date part
+    (``wireguard-go v0.0.20250522`` -> ``wgo20250522``), numbered if already taken."""
+    word = version_line.split()[-1] if version_line.split() else ""
+    date = word.rsplit(".", 1)[-1]
+    base = f"wgo{date}" if date.isdigit() else "wgo"
+    label, n = base, 2
+    while label in taken:
+        label, n = f"{base}_{n}", n + 1
+    return label
 
 
 def start_benchmark(
@@ -249,9 +270,17 @@ def start_benchmark(
 ) -> dict[str, str] | None:
     """Check the machine, let SIGTERM stop a run like Ctrl-C, describe the machine.
 
-    Sets ``args.programs``. None (after saying why on stderr) if the benchmark cannot run.
+    Sets ``args.programs`` (name -> path: ``uspan`` and one ``wgoDATE`` per wireguard-go
+    build) and ``args.wgo_names`` (those names, the baseline first). None (after saying
+    why on stderr) if the benchmark cannot run.
     """
-    args.programs = {"uspan": args.uspan, "wgo": args.wgo}
+    paths = args.wgo or [p for p in DEFAULT_WGO if os.access(p, os.X_OK)] or [DEFAULT_WGO[-1]]
+    args.programs = {"uspan": args.uspan}
+    args.wgo_names = []
+    for path in paths:
+        name = wgo_label(_first_line([path, "--version"]), args.wgo_names)
+        args.wgo_names.append(name)
+        args.programs[name] = path
     try:
         check_environment(args.programs, tools)
     except BenchError as e:

@@ -223,12 +223,17 @@ def inside(ns: Namespace) -> Iterator[None]:
 # --- trials -----------------------------------------------------------------------------
 
 
+def _program(args: argparse.Namespace, impl: str) -> str:
+    """uspan's path, or for ``wgo`` the first (baseline) wireguard-go build given."""
+    return str(args.programs[args.wgo_names[0] if impl == "wgo" else impl])
+
+
 def handshake_trial(args: argparse.Namespace, impl: str) -> dict[str, float | None]:
     """One fresh responder, ``--count`` initiations from ``--peers`` identities."""
     with Lab("bh") as lab:
         i, r = lab.namespace("i"), lab.namespace("r")
         lab.veth(i, r, [f"{OUTER[0]}/24"], [f"{OUTER[1]}/24"])
-        responder = lab.start_wireguard(r, args.programs[impl])
+        responder = lab.start_wireguard(r, _program(args, impl))
         responder_public = base64.b64decode(responder.keys.public)
         peers = identities(args.peers, responder_public)
         responder.configure(
@@ -268,7 +273,7 @@ def _rtts(text: str) -> list[float]:
 
 def first_packet_trial(args: argparse.Namespace, impl: str) -> dict[str, float | None]:
     """Two fresh daemons: start time, first ping RTT (with handshake), launch to reply."""
-    program = args.programs[impl]
+    program = _program(args, impl)
     with Lab("bf") as lab:
         a, b = lab.namespace("a"), lab.namespace("b")
         lab.veth(a, b, [f"{OUTER[0]}/24"], [f"{OUTER[1]}/24"])

@@ -24,6 +24,7 @@ from bench.common import (
     Spread,
     add_common_arguments,
     cpu_seconds,
+    load_average,
     machine_lines,
     peak_rss_mib,
     percentile,
@@ -42,9 +43,16 @@ WG_PORTS = (51820, 51821)
 IPERF_PORT = 5201
 OUTER_MTU, TUNNEL_MTU = 1500, 1420
 UDP_PAYLOAD = TUNNEL_MTU - 20 - 8  # one datagram fills the tunnel MTU (IPv4)
-PAIRS = ("uspan-uspan", "uspan-wgo", "wgo-wgo")
-BASELINE = "wgo-wgo"
 GB = 1e9
+
+
+def all_pairs(wgo_names: list[str]) -> list[str]:
+    """``uspan-uspan``, then per wireguard-go build (baseline first) the mixed pair and
+    its own pair: ``uspan-wgoX``, ``wgoX-wgoX``."""
+    pairs = ["uspan-uspan"]
+    for name in wgo_names:
+        pairs += [f"uspan-{name}", f"{name}-{name}"]
+    return pairs
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,8 +263,9 @@ def _pair_title(pair: str) -> str:
     return f"A={a}, B={b}"
 
 
-def render(results: Results, info: dict[str, str], settings: dict[str, str], markdown: bool) -> str:
-    pairs = [p for p in PAIRS if p in results.values]
+def render(results: Results, info: dict[str, str], settings: dict[str, str], markdown: bool,
+           order: list[str], baseline: str) -> str:
+    pairs = [p for p in order if p in results.values]
     header = ["metric", *(_pair_title(p) for p in pairs)]
     rows = []
     for metric in METRICS:
@@ -265,12 +274,12 @@ def render(results: Results, info: dict[str, str], settings: dict[str, str], mar
             spread = Spread.of(results.series(pair, metric.key))
             cells.append(spread.format(metric.digits) if spread else "n/a")
         rows.append([metric.label, *cells])
-    others = [p for p in pairs if p != BASELINE]
+    others = [p for p in pairs if p != baseline]
     ratio_rows = []
     for metric in (m for m in METRICS if m.ratio):
         cells = []
         for pair in others:
-            spread = ratios(results.series(pair, metric.key), results.series(BASELINE, metric.key))
+            spread = ratios(results.series(pair, metric.key), results.series(baseline, metric.key))
             cells.append(spread.format(2) if spread else "n/a")
         ratio_rows.append([metric.label, *cells])
     heading = "## " if markdown else ""
@@ -282,11 +291,11 @@ def render(results: Results, info: dict[str, str], settings: dict[str, str], mar
         f"{heading}Results: median [min-max] over rounds",
         table(header, rows, markdown),
     ]
-    if others and BASELINE in pairs:
+    if others and baseline in pairs:
         parts += [
-            f"{heading}Ratios to {BASELINE}, per round: median [min-max]",
+            f"{heading}Ratios to {baseline}, per round: median [min-max]",
             "Throughput: higher is better for uspan; RTT, CPU s/GB and RSS: lower is better.",
-            table(["metric", *(f"{p} / {BASELINE}" for p in others)], ratio_rows, markdown),
+            table(["metric", *(f"{p} / {baseline}" for p in others)], ratio_rows, markdown),
         ]
     return "\n\n".join(parts) + "\n"
 
@@ -305,15 +314,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--udp-rate", default="200M", help="UDP offered rate, iperf3 -b (200M)")
     parser.add_argument("--pings", type=int, default=200, help="pings at 10 ms (200)")
     parser.add_argument(
-        "--pairs", default=",".join(PAIRS), help=f"comma-separated subset of {','.join(PAIRS)}"
+        "--pairs", help="comma-separated subset of uspan-uspan, uspan-wgoX, wgoX-wgoX (X: "
+        "each wireguard-go build's version date, e.g. wgo20250522; default: all)"
     )
     add_common_arguments(parser)
     parser.add_argument("--json", type=Path, help="also write every round's raw values here")
     args = parser.parse_args(argv)
-    args.pairs = [p.strip() for p in args.pairs.split(",") if p.strip()]
-    unknown = [p for p in args.pairs if p not in PAIRS]
-    if unknown:
-        parser.error(f"--pairs: unknown {', '.join(unknown)}; choose from {', '.join(PAIRS)}")
     if args.rounds < 1 or args.seconds <= 0 or args.pings < 1:
         parser.error("--rounds, --seconds and --pings must be positive")
     return args
@@ -324,20 +330,31 @@ def main(argv: list[str] | None = None) -> int:
     info = start_benchmark("throughput", args, ["ip", "wg", "iperf3", "ping", "ss"])
     if info is None:
         return 2
+    order = all_pairs(args.wgo_names)
+    baseline = order[2]
+    pairs = order if args.pairs is None else [
+        p.strip() for p in args.pairs.split(",") if p.strip()]
+    unknown = [p for p in pairs if p not in order]
+    if unknown:
+        print(f"bench/throughput: --pairs: unknown {', '.join(unknown)}; choose from "
+              f"{', '.join(order)}", file=sys.stderr)
+        return 2
     settings = {
         "rounds": str(args.rounds),
         "seconds per iperf3 test": f"{args.seconds:g}",
         "UDP offered rate": f"{args.udp_rate}bit/s, {UDP_PAYLOAD}-byte datagrams",
         "pings": f"{args.pings} at 10 ms intervals",
         "MTU": f"veth {OUTER_MTU}, tunnel {TUNNEL_MTU}; IPv4 inside and outside",
-        "pairs": ", ".join(args.pairs) + " (A runs the iperf3 client, B the server)",
+        "pairs": ", ".join(pairs) + " (A runs the iperf3 client, B the server)",
+        "baseline of the ratios": baseline,
     }
     results = Results(args.rounds)
     failures = run_rounds(args.rounds, [
         (pair, functools.partial(run_trial, args, pair, results=results))
-        for pair in args.pairs
+        for pair in pairs
     ])
-    publish("throughput", lambda md: render(results, info, settings, markdown=md),
+    settings["load average (1/5/15 min) at the end"] = load_average()
+    publish("throughput", lambda md: render(results, info, settings, md, order, baseline),
             args.markdown)
     if args.json:
         raw = {"machine": info, "settings": settings, "values": results.values}

@@ -24,8 +24,9 @@ import sys
 from pathlib import Path
 from types import FrameType
 
+from uspan import userpaths, wgtool
 from uspan.daemon import uapi_client
-from uspan.daemon.uapi_server import SOCKET_DIRECTORY
+from uspan.daemon.uapi_server import socket_path
 from uspan.lab import cli as lab_cli
 from uspan.node import cli as node_cli
 from uspan.testbed import Lab, NetnsError, PeerConfig, WireGuard, genpsk, run
@@ -73,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         "and I/O errors (UAPI 'stats=1' on /var/run/wireguard/IFACE.sock).",
     )
     stats.add_argument("interface", metavar="IFACE")
-    stats.add_argument("--socket-dir", default=SOCKET_DIRECTORY, metavar="DIR",
-                       help="where the UAPI sockets are (%(default)s)")  # fmt: skip
+    stats.add_argument("--socket-dir", default=None, metavar="DIR",
+                       help=f"where the UAPI sockets are ({userpaths.uapi_dir()})")
     stats.set_defaults(handler=stats_command)
     disc = commands.add_parser(
         "discovery-service",
@@ -91,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="keep state in etcd (its JSON gateway), shared by replicas")
     disc.add_argument("--etcd-prefix", default="/uspan/discovery/", metavar="PREFIX",
                       help="key prefix in etcd (%(default)s)")
+    disc.add_argument("--probe-port", type=int, metavar="PORT",
+                      help="UDP port answering nodes' reflexive address probes "
+                      "(default: the --listen port's number, when free)")
     disc.add_argument("--metrics", metavar="HOST:PORT",
                       help="serve Prometheus metrics at http://HOST:PORT/metrics")
     disc.add_argument("--rate-limit", default="15/60", metavar="RATE/BURST",
@@ -100,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     disc.set_defaults(handler=discovery_command, parser=disc)
     node_cli.add_commands(commands)
     lab_cli.add_commands(commands)
+    wgtool.add_command(commands)
     return parser
 
 
@@ -128,11 +133,14 @@ def discovery_command(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run(Options(listen, args.state_file, etcd, args.etcd_prefix, metrics, limits))
+    if args.probe_port is not None and not 0 <= args.probe_port <= 65535:
+        parser.error(f"--probe-port: {args.probe_port} is not a port")
+    return run(Options(listen, args.state_file, etcd, args.etcd_prefix, metrics, limits,
+                       args.probe_port))
 
 
 def stats_command(args: argparse.Namespace) -> int:
-    path = os.path.join(args.socket_dir, f"{args.interface}.sock")
+    path = socket_path(args.interface, args.socket_dir)
     try:
         lines = uapi_client.request(path, "stats=1\n\n")
     except uapi_client.UapiClientError as exc:
@@ -237,5 +245,6 @@ def _show(wg: WireGuard) -> None:
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `uspan stats wg0 | head` ends quietly
     args = build_parser().parse_args(argv)
+    args.argv_given = sys.argv[1:] if argv is None else argv  # to re-run it elsewhere
     code: int = args.handler(args)
     return code

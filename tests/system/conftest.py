@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from uspan.testbed import Lab, Namespace, Veth
+from uspan.testbed.unprivileged import blocker
 
 IMPLS = {
     "uspan": Path(sys.executable).parent / "uspan-wg",
@@ -155,3 +157,18 @@ def pair(lab: Lab) -> Pair:
     a, b = lab.namespace("a"), lab.namespace("b")
     link = lab.veth(a, b, ["192.0.2.1/24", "fd00:2::1/64"], ["192.0.2.2/24", "fd00:2::2/64"])
     return Pair(lab, a, b, link)
+
+
+@pytest.fixture
+def user_tmp() -> Iterator[Path]:
+    """A temporary directory other users can reach (pytest's tmp_path is root's, 0700), for
+    tests that run programs as nobody; skipped, saying why, when nobody cannot run this
+    checkout (see uspan.testbed.unprivileged.blocker)."""
+    if problem := blocker():
+        pytest.skip(problem)
+    directory = Path(tempfile.mkdtemp(prefix="uspan-user-"))
+    os.chmod(directory, 0o755)
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -83,7 +83,7 @@ def test_launch_creates_interface_and_private_socket(lab: Lab, ns: Namespace) ->
     status = wg.status()
     assert status.public_key is None and 0 < status.listen_port < 65536 and not status.peers
     assert ns.ip("link", "show", wg.name).returncode == 0
-    assert (wg.socket.stat().st_mode & 0o777) == 0o700
+    assert (wg.socket.stat().st_mode & 0o777) == 0o600  # as the node API socket
     assert (UAPI_DIR.stat().st_mode & 0o777) == 0o755
     mtu = int(ns.run("cat", f"/sys/class/net/{wg.name}/mtu").stdout)
     assert mtu == 1420
@@ -164,7 +164,7 @@ def test_detached_daemon_stopped_at_once_after_launch_is_clean(lab: Lab, ns: Nam
 @pytest.mark.parametrize(
     "args",
     [[], ["-f"], ["a", "b"], ["-f", "a", "b"], ["-x", "wg0"], ["--bogus"],
-     ["x" * 16], ["a/b"], ["-f", "a:b"], ["."]],
+     ["x" * 16], ["a/b"], ["-f", "a:b"], ["."], ["wg0", "--uapi-dir"], ["--uapi-dir=", "wg0"]],
 )
 def test_cli_bad_arguments_exit_2(args: list[str]) -> None:
     assert PROGRAM

@@ -547,6 +547,48 @@ def test_coalesce_refuses_ipv4(first: dict, second: dict) -> None:
         assert len(coalesce([one, base])) == 1
 
 
+def one_by_one(packets: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """The per-packet merging rules alone, as a reference for the batch check."""
+    runs: dict[bytes, gso._Run] = {}
+    order: list[gso._Run | bytes] = []
+    gso._merge_each(packets, False, runs, order)
+    return [(VNET_NONE, item) if isinstance(item, bytes) else item.build() for item in order]
+
+
+@pytest.mark.parametrize("v6", [False, True])
+@pytest.mark.parametrize("at", [0, 3, 7])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"seq": 1}, {"ack": 78}, {"sport": 40001}, {"tos": 4}, {"ttl": 63}, {"df": False},
+        {"ident": 0x4105}, {"flags": ACK | URG}, {"flags": ACK | PSH}, {"flags": ACK | FIN},
+        {"window": 1}, {"corrupt": True}, {},
+    ],
+)
+def test_coalesce_equal_length_stretch_follows_the_per_packet_rules(
+        v6: bool, at: int, change: dict) -> None:
+    """Equal-length segments are checked as one batch; a change anywhere in the stretch
+    gives exactly what merging one packet at a time gives."""
+    parts = stream(8, 1000, v6=v6, options=TS_OPTIONS)
+    fields = {"seq": 1000 + 1000 * at, "options": TS_OPTIONS, **change}
+    if v6:
+        for key in ("tos", "ttl", "df", "ident"):
+            fields.pop(key, None)
+    else:
+        fields.setdefault("ident", 0x4000 + at)
+    corrupted = fields.pop("corrupt", False)
+    if fields.get("seq") == 1:
+        fields["seq"] = 1000 + 1000 * at + 1
+    parts[at] = tcp_packet(tcp_fields(parts[at])[3], v6=v6, **fields)
+    if corrupted:
+        parts[at] = corrupt(parts[at])
+    out = coalesce(parts)
+    assert out == one_by_one(parts)
+    if not change:
+        assert len(out) == 1
+
+
+
 @pytest.mark.parametrize(
     "second",
     [

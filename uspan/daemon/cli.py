@@ -1,4 +1,9 @@
-"""``uspan-wg [-f|--foreground] [--no-offload] IFACE``: wireguard-go's launch contract.
+"""``uspan-wg [-f|--foreground] [--no-offload] [--uapi-dir DIR] IFACE``: wireguard-go's
+launch contract.
+
+The UAPI socket is ``/var/run/wireguard/IFACE.sock`` for root; other users (a process
+with only CAP_NET_ADMIN, or none on a TUN made for it) get a directory of their own
+(``uspan.userpaths``); ``--uapi-dir`` or ``USPAN_UAPI_DIR`` choose another.
 
 ``--no-offload`` (or ``USPAN_OFFLOAD=off``, for launchers like wg-quick that pass no
 flags) keeps the TUN and UDP kernel offloads off; ``--features`` creates a throwaway TUN
@@ -18,14 +23,14 @@ import sys
 
 import trio
 
-from uspan import __version__
+from uspan import __version__, capabilities
 from uspan import signals as stop_signals
 from uspan.daemon.daemon import Daemon, log, setup_logging
 from uspan.daemon.tun import Tun, validate_name
 from uspan.daemon.uapi_server import socket_path
 from uspan.daemon.udp import UdpBind
 
-USAGE = ("Usage: uspan-wg [-f/--foreground] [--no-offload] INTERFACE-NAME\n"
+USAGE = ("Usage: uspan-wg [-f/--foreground] [--no-offload] [--uapi-dir DIR] INTERFACE-NAME\n"
          "       uspan-wg --features | --version")
 EXIT_USAGE = 2
 _READY = b"ready"
@@ -33,15 +38,17 @@ _READY = b"ready"
 
 def main(argv: list[str] | None = None) -> int:
     stop_signals.catch()  # before anything exists: see uspan.signals
+    capabilities.raise_permitted()  # a container's CAP_NET_ADMIN (uspan.capabilities)
     args = sys.argv[1:] if argv is None else argv
     if args == ["--version"]:
         print(f"uspan-wg v{__version__}\n\nUserspace WireGuard daemon in Python (trio).")
         return 0
     if args == ["--features"]:
         return _print_features()
+    args, uapi_dir = _take_option(args, "--uapi-dir")
     flags = {arg for arg in args if arg.startswith("-")}
     names = [arg for arg in args if not arg.startswith("-")]
-    if len(names) != 1 or not flags <= {"-f", "--foreground", "--no-offload"}:
+    if uapi_dir == "" or len(names) != 1 or not flags <= {"-f", "--foreground", "--no-offload"}:
         print(USAGE, file=sys.stderr)
         return EXIT_USAGE
     try:
@@ -53,9 +60,25 @@ def main(argv: list[str] | None = None) -> int:
     foreground = foreground or os.environ.get("WG_PROCESS_FOREGROUND") == "1"
     offload = "--no-offload" not in flags and os.environ.get("USPAN_OFFLOAD", "on") != "off"
     level = os.environ.get("LOG_LEVEL")
+    uapi_path = socket_path(interface, uapi_dir)
     if foreground:
-        return _run_foreground(interface, level, offload)
-    return _run_detached(interface, level, offload)
+        return _run_foreground(interface, uapi_path, level, offload)
+    return _run_detached(interface, uapi_path, level, offload)
+
+
+def _take_option(args: list[str], name: str) -> tuple[list[str], str | None]:
+    """``args`` without ``NAME VALUE`` (or ``NAME=VALUE``), and VALUE ("" if missing)."""
+    rest: list[str] = []
+    value: str | None = None
+    items = iter(args)
+    for arg in items:
+        if arg == name:
+            value = next(items, "")
+        elif arg.startswith(name + "="):
+            value = arg.partition("=")[2]
+        else:
+            rest.append(arg)
+    return rest, value
 
 
 def _print_features() -> int:
@@ -83,13 +106,13 @@ def _print_features() -> int:
     return 0
 
 
-def _run_foreground(interface: str, level: str | None, offload: bool) -> int:
+def _run_foreground(interface: str, uapi_path: str, level: str | None, offload: bool) -> int:
     setup_logging(interface, level)
     log.debug("Starting uspan-wg version %s", __version__)
     try:
-        daemon = Daemon.open(interface, uapi_path=socket_path(interface), offload=offload)
+        daemon = Daemon.open(interface, uapi_path=uapi_path, offload=offload)
     except OSError as exc:
-        print(f"uspan-wg: {interface}: {exc}", file=sys.stderr)
+        print(f"uspan-wg: {interface}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     return _serve(daemon)
 
@@ -116,7 +139,7 @@ async def _stop_on_signal(daemon: Daemon) -> None:
     daemon.stop(f"received {signum.name}")
 
 
-def _run_detached(interface: str, level: str | None, offload: bool) -> int:
+def _run_detached(interface: str, uapi_path: str, level: str | None, offload: bool) -> int:
     read_end, write_end = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -126,9 +149,9 @@ def _run_detached(interface: str, level: str | None, offload: bool) -> int:
     os.close(read_end)
     os.setsid()
     try:
-        daemon = Daemon.open(interface, uapi_path=socket_path(interface), offload=offload)
+        daemon = Daemon.open(interface, uapi_path=uapi_path, offload=offload)
     except OSError as exc:
-        os.write(write_end, str(exc).encode())
+        os.write(write_end, str(exc.strerror or exc).encode())
         os._exit(1)
     _detach_stdio(keep_output=level is not None and level != "silent")
     setup_logging(interface, level)

@@ -34,7 +34,9 @@ from typing import Any
 
 import trio
 
+from uspan import privilege
 from uspan.daemon import uapi_server
+from uspan.daemon.demux import Datagram, Demux
 from uspan.daemon.ports import BindPort, DatagramReceiver, TunError, TunGone, TunPort
 from uspan.daemon.tun import Tun
 from uspan.daemon.udp import UdpBind
@@ -86,6 +88,7 @@ class Daemon:
         self.bind = bind
         self.uapi = uapi
         self.device = Device() if device is None else device
+        self.demux = Demux()  # the owner's handlers of uspan datagrams (probes, relay)
         self.exit_reason = ""
         self.exit_code = 0
         self._scope = trio.CancelScope()  # stop() before run() makes run() return at once
@@ -218,6 +221,10 @@ class Daemon:
                 batch = await receiver.receive()
             except trio.ClosedResourceError:
                 return  # rebound to another port
+            if self.demux:
+                batch = self.demux.split(batch)
+                if not batch:
+                    continue
             to_tun, out = device.receive(batch, _now())
             if device.admission.flag_version != self._early_drop_version:
                 self._refresh_early_drop()
@@ -247,6 +254,13 @@ class Daemon:
             self._peer_events_seen = self.device.peer_events
             self._peer_event.set()
             self._peer_event = trio.Event()
+
+    async def send_datagrams(self, datagrams: list[Datagram]) -> None:
+        """Send the owner's own datagrams (``uspan.daemon.demux``) from the WireGuard
+        socket, so they use, and reveal, the NAT mapping peers reach. Errors are counted
+        by the bind (``udp_send_errors``), as for the core's datagrams."""
+        with contextlib.suppress(trio.ClosedResourceError):  # replaced meanwhile: the
+            await self.bind.send(datagrams)  # owner tries again, as after a loss
 
     # Timers ------------------------------------------------------------------------------
 
@@ -329,6 +343,8 @@ class Daemon:
         counters["tun_write_dropped"] = self.tun.write_dropped
         counters["udp_send_errors"] = self.bind.send_errors
         counters["udp_receive_dropped"] = self.bind.receive_dropped
+        counters["udp_own_claimed"] = self.demux.claimed
+        counters["udp_own_unclaimed"] = self.demux.unclaimed
         return counters
 
     def set(self, change: DeviceChange) -> None:
@@ -344,15 +360,19 @@ class Daemon:
             try:
                 new_bind = self.bind.rebind(port, mark)
             except OSError as exc:
-                raise ConfigError("listen_port", f"cannot bind port {port}: {exc.strerror}",
-                                  errno.EADDRINUSE) from None
+                hint = "ports below 1024 need CAP_NET_BIND_SERVICE" if exc.errno in (
+                    errno.EACCES, errno.EPERM) else ""
+                raise ConfigError("listen_port", privilege.with_hint(
+                    f"cannot bind port {port}: {exc.strerror}", hint), errno.EADDRINUSE) from None
             log.debug("UAPI: Updating listen port")
         elif mark != old_mark:
             try:
                 self.bind.set_fwmark(mark)
             except OSError as exc:
-                raise ConfigError("fwmark", f"cannot set fwmark {mark}: {exc.strerror}",
-                                  errno.EADDRINUSE) from None
+                raise ConfigError("fwmark", privilege.with_hint(
+                    f"cannot set fwmark {mark}: {exc.strerror}",
+                    privilege.net_admin_hint(exc.errno, "a firewall mark")),
+                    errno.EADDRINUSE) from None  # wireguard-go's errno for both
             log.debug("UAPI: Updating fwmark")
         try:
             out = self.device.apply(change, _now())

@@ -21,6 +21,7 @@ import struct
 import pytun
 import trio
 
+from uspan import privilege
 from uspan.daemon import gso, offload
 from uspan.daemon.ports import TunError, TunGone
 from uspan.wg.constants import DEFAULT_MTU
@@ -89,7 +90,7 @@ class Tun:
             if device is None:
                 device = pytun.TunTapDevice(name=name, flags=flags)
         except pytun.Error as exc:
-            raise TunError(f"cannot open TUN {name!r}: {exc}") from exc
+            raise _open_error(name, exc) from exc
         try:
             os.set_blocking(device.fileno(), False)
             features = None
@@ -183,6 +184,16 @@ class Tun:
 
     def close(self) -> None:
         self._device.close()
+
+
+def _open_error(name: str, exc: pytun.Error) -> TunError:
+    """A one-line TunError keeping the errno and, for a missing privilege, what grants it."""
+    code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else 0
+    text = exc.args[1] if len(exc.args) > 1 else str(exc)
+    error = TunError(privilege.with_hint(f"cannot open TUN {name!r}: {text}",
+                                         privilege.tun_hint(code)))
+    error.errno = code
+    return error
 
 
 def _failure(operation: str, exc: OSError) -> TunError:

@@ -15,15 +15,15 @@ import errno
 import logging
 import os
 import socket
+from pathlib import Path
 from typing import Protocol
 
 import trio
 
-from uspan import unixsocket
+from uspan import privilege, unixsocket, userpaths
 from uspan.wg.config import ConfigError, DeviceChange
 from uspan.wg.uapi import format_errno, parse_set
 
-SOCKET_DIRECTORY = "/var/run/wireguard"
 MAX_REQUEST = 64 << 20  # bytes; 130,000 allowed_ip lines are about 3.5 MiB
 _RECEIVE_SIZE = 1 << 16
 log = logging.getLogger("uspan.daemon")
@@ -46,8 +46,9 @@ class ConfigTarget(Protocol):
         """The device's counters, by name."""
 
 
-def socket_path(interface: str, directory: str = SOCKET_DIRECTORY) -> str:
-    return os.path.join(directory, f"{interface}.sock")
+def socket_path(interface: str, directory: str | None = None) -> str:
+    """``DIR/IFACE.sock``; by default DIR is ``userpaths.uapi_dir()`` (root: the system's)."""
+    return os.path.join(directory or userpaths.uapi_dir(), f"{interface}.sock")
 
 
 class UapiSocket:
@@ -64,16 +65,26 @@ class UapiSocket:
 
     @classmethod
     def open(cls, path: str) -> UapiSocket:
-        """Bind and listen on ``path`` (mode 0700 via umask 077); raise UapiError.
+        """Bind and listen on ``path`` (mode 0600 via umask 177); raise UapiError.
 
         A stale socket file (nobody answers on it) is replaced; a live one is an error.
+        The system directory is made 0755 as wireguard-go makes it; any other is private
+        to its user (0700, see uspan.userpaths).
         """
         directory = os.path.dirname(path) or "."
-        if not os.path.isdir(directory):
-            os.makedirs(directory, exist_ok=True)
-            os.chmod(directory, 0o755)  # not narrowed by the caller's umask
         try:
-            return cls(unixsocket.listen(path, 0o077), path)
+            if directory != userpaths.SYSTEM_UAPI_DIR:
+                userpaths.private_dir(Path(directory))
+            elif not os.path.isdir(directory):
+                os.makedirs(directory, exist_ok=True)
+                os.chmod(directory, 0o755)  # not narrowed by the caller's umask
+        except OSError as exc:
+            hint = privilege.dir_hint(exc.errno, directory,
+                                      f"${userpaths.UAPI_DIR_ENV} or --uapi-dir")
+            raise UapiError(exc.errno or 0, privilege.with_hint(
+                f"cannot create {directory}: {exc.strerror or exc}", hint)) from None
+        try:
+            return cls(unixsocket.listen(path, 0o177), path)
         except unixsocket.SocketInUse:
             raise UapiError(errno.EADDRINUSE, f"unix socket {path} in use") from None
         except OSError as exc:

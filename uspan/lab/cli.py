@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from uspan.daemon.uapi_client import UapiClientError
-from uspan.lab import build, faults, plan, privileges, procs, status, wgo
+from uspan.lab import build, faults, plan, privileges, procs, status, userns, wgo
 from uspan.lab.record import (
     DEFAULT_NAME,
     LabError,
@@ -44,7 +44,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     lab = commands.add_parser(
         "lab", help="a test mesh on this machine in one command: `uspan lab up`",
         description="Build and drive a mesh of uspan nodes in network namespaces: "
-        "underlay networks, NAT, wireguard-go peers, faults on demand. Needs root.")
+        "underlay networks, NAT, wireguard-go peers, faults on demand. As root, or rootless "
+        "in a user namespace of the user's own.")
     sub = lab.add_subparsers(dest="lab_command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--name", metavar="LAB",
@@ -65,8 +66,12 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     up.add_argument("--nodes", type=int, default=3, metavar="N", help="(3)")
     up.add_argument("--networks", type=int, default=1, metavar="K",
                     help="underlay networks, every node on each (1)")
-    up.add_argument("--nat", nargs="+", default=[], metavar="NODE",
-                    help="put these nodes (n1, n2...) behind a masquerading router")
+    up.add_argument("--nat", nargs="+", default=[], metavar="NODE[:easy|hard]",
+                    help="put these nodes (n1, n2...) behind a NAT router of their own: "
+                    "easy = masquerading, one mapping for all destinations (default); "
+                    "hard = a new random port per destination")
+    up.add_argument("--block-udp", nargs="+", default=[], metavar="NODE",
+                    help="these nodes' routers drop all UDP (an easy NAT unless --nat says)")
     up.add_argument("--with-wireguard-go", type=int, default=0, metavar="M",
                     help="make the last M nodes plain wireguard-go peers")
     up.add_argument("--mtu", type=int, default=1420, help="(1420)")
@@ -133,8 +138,17 @@ def _record(args: argparse.Namespace) -> LabRecord:
 
 
 def run_lab_command(args: argparse.Namespace) -> int:
-    """Entry point from ``uspan.cli``: one-line errors for every expected failure."""
+    """Entry point from ``uspan.cli``: one-line errors for every expected failure.
+
+    Not as root, the command runs inside the user's own user namespace (uspan.lab.userns).
+    """
+    os.umask(0o077)  # everything a lab writes is its user's alone
     try:
+        root = _root(args)
+        if userns.wanted(root, args.lab_command):
+            return userns.run_inside(root, args.argv_given, announce=args.lab_command == "up")
+        if os.geteuid() != 0 and args.lab_command not in ("list", "logs"):
+            raise LabError(f"no lab in {root}: start one with `uspan lab up`")
         code: int = args.lab_handler(args)
         return code
     except (LabError, plan.PlanError, NetnsError, TimeoutError, UapiClientError) as exc:
@@ -155,6 +169,8 @@ def cell(pair: status.Pair, compact: bool = False) -> Text:
     text = Text(pair.state, style=STATE_STYLE.get(pair.state, ""))
     if pair.network is not None:
         text.append(f" {pair.network}" if compact else f" net{pair.network}")
+    if pair.path is not None:
+        text.append(f" {pair.path[0]}" if compact else f" {pair.path}")
     if pair.rtt_ms is not None:
         text.append(f" {pair.rtt_ms:.1f}" if compact else f" {pair.rtt_ms:.2f}ms")
     return text
@@ -173,7 +189,9 @@ def matrix(snap: status.Snapshot, title: str | None = None) -> Table:
         if view.kind != "uspan":
             label += " wg-go"
         if view.nat:
-            label += " nat"
+            label += f" {view.nat}-nat"
+        if view.block_udp:
+            label += " no-udp"
         row: list[Text | str] = [label]
         for other in snap.nodes:
             row.append("" if other is view
@@ -212,8 +230,9 @@ def up_command(args: argparse.Namespace) -> int:
     out = console()
     started = time.monotonic()
     name = args.name or DEFAULT_NAME
-    record = build.create(_root(args), name, args.nodes, args.networks, args.nat,
-                          args.with_wireguard_go, args.mtu)
+    record = build.create(_root(args), name, args.nodes, args.networks,
+                          plan.parse_nat(args.nat), args.with_wireguard_go, args.mtu,
+                          args.block_udp)
     try:
         build.build(record, lambda text: out.print(text))
         for node in record.nodes:

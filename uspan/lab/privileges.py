@@ -1,5 +1,6 @@
-"""What the lab needs of the machine, in one place (issue 9 will relax it: rootless labs
-in a user namespace). Today: root, for ``ip netns``, veths, TUN devices, iptables."""
+"""What the lab needs of the machine, in one place: root for ``ip netns``, veths, TUN
+devices, iptables; a non-root user gets it inside a user namespace of its own
+(uspan.lab.userns), where its lab commands run as that namespace's root."""
 
 from __future__ import annotations
 

@@ -17,19 +17,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from uspan import atomicfile
+from uspan import atomicfile, userpaths
 from uspan.lab.plan import check_name
 
 RECORD = "lab.json"
-DEFAULT_ROOT = Path("/var/lib/uspan/labs")
-ROOT_ENV = "USPAN_LAB_ROOT"
 DEFAULT_NAME = "lab"
 
 
@@ -38,7 +35,8 @@ class LabError(RuntimeError):
 
 
 def default_root() -> Path:
-    return Path(os.environ.get(ROOT_ENV) or DEFAULT_ROOT)
+    """``$USPAN_LAB_ROOT``, else /var/lib/uspan/labs for root, or the user's own."""
+    return userpaths.lab_root()
 
 
 @dataclass
@@ -55,11 +53,12 @@ class NodeRecord:
     name: str
     index: int
     kind: str  # "uspan" or "wireguard-go"
-    nat: bool
+    nat: str | None  # behind its own router: "easy" or "hard" (plan.NAT_KINDS); None: not
     interface: str
     namespace: str
     router: str | None = None
     proc: Proc | None = None
+    block_udp: bool = False  # its router drops every UDP datagram it would forward
     node_id: str | None = None  # wireguard-go nodes: the affiliate the agent publishes
     address: str | None = None  # wireguard-go nodes: their KubeSpan address
 

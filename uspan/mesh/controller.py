@@ -11,12 +11,13 @@ get`` are kept up to date in the ``Store`` as a side effect.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from uspan.mesh.affiliate import Affiliate, Network
 from uspan.mesh.config import NodeConfig
 from uspan.mesh.cycling import ObservedEndpoint, cycle, observed_endpoints
 from uspan.mesh.peerspec import AppliedPeer, PeerSpec, build_peer_specs, plan_device_change
+from uspan.mesh.punch import Puncher, PunchRequest, PunchStep
 from uspan.mesh.resources import (
     AFFILIATE,
     KUBESPAN_ENDPOINT,
@@ -64,12 +65,16 @@ class Output:
     observed: list[ObservedEndpoint]  # report each under its affiliate ID
     routes: tuple[Network, ...]  # the full set to route into the mesh
     deadline: float | None  # call ``tick`` then
+    republish: bool = False  # our affiliate changed (punch requests): publish it
+    punched: list[tuple[str, Endpoint]] = field(default_factory=list)  # (label, at): log
+    # (a peer that is up for us gets its handshake where it is, not ``at``)
 
 
 class PeerController:
     """The mesh's state between calls; every method takes ``now`` (monotonic)."""
 
-    def __init__(self, node_id: str, public_key: bytes, config: NodeConfig, store: Store) -> None:
+    def __init__(self, node_id: str, public_key: bytes, config: NodeConfig, store: Store,
+                 puncher: Puncher | None = None) -> None:
         self.node_id = node_id
         self.public_key = public_key
         self.config = config
@@ -81,6 +86,8 @@ class PeerController:
         self.facts: dict[bytes, LinkFacts] = {}
         self.applied: dict[bytes, AppliedPeer] = {}
         self.probed: dict[bytes, float] = {}  # when we last asked a silent peer to answer
+        self.puncher = Puncher() if puncher is None else puncher
+        self.reflexive: tuple[Endpoint, ...] = ()  # where discovery sees us (our NAT)
 
     def set_affiliates(
         self,
@@ -101,6 +108,16 @@ class PeerController:
         """New facts from the core, per peer public key (after a handshake, on a read...)."""
         self.facts.update(facts)
         return self._reconcile(now, [])
+
+    def set_reflexive(self, endpoints: Sequence[Endpoint], now: float) -> Output:
+        """Our reflexive endpoints changed (``uspan.mesh.reflexive``): those that are not
+        our own addresses, the mappings of a NAT in front of us (none: no punching)."""
+        self.reflexive = tuple(endpoints)
+        return self._reconcile(now, [])
+
+    def punch_requests(self) -> tuple[PunchRequest, ...]:
+        """Our hole-punching requests, for our affiliate."""
+        return self.puncher.requests()
 
     def tick(self, now: float) -> Output:
         """The deadline passed: re-evaluate with the facts we have."""
@@ -124,6 +141,7 @@ class PeerController:
         statuses: dict[bytes, PeerStatus] = {}
         transitions: list[Transition] = []
         deadlines: list[float] = []
+        down: list[bytes] = []
         for spec in self.specs:
             key = spec.public_key
             old = self.statuses.get(key, PeerStatus(label=spec.label))
@@ -135,9 +153,16 @@ class PeerController:
                     )
             if status is not judged:  # a new endpoint: facts about the old one are stale
                 self.facts.pop(key, None)
+            if judged.state is PeerState.DOWN:
+                down.append(key)
             if deadline is not None:
                 deadlines.append(deadline)
             statuses[key] = status
+        punched = self._punch(statuses, down, now)
+        if punched.deadline is not None:
+            deadlines.append(punched.deadline)
+        if punched.punch:
+            deadlines.append(now + ATTEMPT_TIMEOUT)  # read the answer (or retries) then
         self.statuses = statuses
         self.facts = {key: facts for key, facts in self.facts.items() if key in statuses}
         kubespan = self.config.kubespan
@@ -145,6 +170,12 @@ class PeerController:
         change, self.applied = plan_device_change(
             self.specs, chosen, self.applied, self.config.cluster.secret_bytes
         )
+        for key, _ in punched.punch:  # even on the endpoint in use: both must send now
+            peer = next((p for p in change.peers if p.public_key == key), None)
+            if peer is None:
+                change.peers.append(PeerChange(key, update_only=True, handshake=True))
+            else:
+                peer.handshake = True
         deadlines += self._probe_silent(statuses, change, now)
         observed = observed_endpoints(self.specs, statuses, kubespan.harvest_extra_endpoints)
         self._publish(now, observed)
@@ -155,7 +186,43 @@ class PeerController:
             observed=observed,
             routes=routed_prefixes(self.specs, statuses, kubespan.allow_down_peer_bypass),
             deadline=min(deadlines, default=None),
+            republish=punched.republish,
+            punched=[(self.statuses[key].label, endpoint) for key, endpoint in punched.punch],
         )
+
+    def _punch(self, statuses: dict[bytes, PeerStatus], down: list[bytes], now: float,
+               ) -> PunchStep:
+        """Hole punching (``uspan.mesh.punch``): a peer that asked us is aimed at the
+        endpoint it gave, as cycling would pick one, unless it is up for us: then it gets
+        a handshake where it is (it lost us, we did not lose it: our NAT may have
+        forgotten the mapping, and our handshake opens it again)."""
+        offers = {}
+        for affiliate in self.affiliates:
+            info = affiliate.kubespan
+            if info is None or info.public_key not in statuses:
+                continue
+            for request in info.punch:
+                if request.peer_key == self.public_key:
+                    offers[info.public_key] = request
+        up = [key for key, status in statuses.items() if status.state is PeerState.UP]
+        step = self.puncher.step(now, self.reflexive, down, offers, up)
+        aims = dict(step.punch)
+        for affiliate in self.affiliates:
+            info = affiliate.kubespan
+            if info is None or info.public_key not in step.requested:
+                continue
+            own = {str(address) for address in affiliate.addresses}
+            mapped = next((e for e in info.endpoints if e.host not in own), None)
+            if mapped is not None:
+                aims.setdefault(info.public_key, mapped)
+        step = replace(step, punch=list(aims.items()))
+        for key, endpoint in step.punch:
+            if statuses[key].state is PeerState.UP:
+                continue
+            self.facts.pop(key, None)
+            statuses[key] = replace(statuses[key], state=PeerState.UNKNOWN, endpoint=endpoint,
+                                    last_used_endpoint=endpoint, last_endpoint_change=now)
+        return step
 
     def _probe_silent(
         self, statuses: Mapping[bytes, PeerStatus], change: DeviceChange, now: float

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from uspan import atomicfile
+from uspan import atomicfile, userpaths
 from uspan.wg import crypto
 
 NODE_IDENTITY_FILE = "node-identity.yaml"
@@ -69,7 +69,7 @@ def base62(data: bytes) -> str:
 def load_or_create(state_dir: Path, rng: Rng = os.urandom) -> Identity:
     """Read the identity from ``state_dir``, creating whatever part is missing."""
     if not state_dir.exists():
-        state_dir.mkdir(mode=0o700, parents=True)
+        userpaths.private_dir(state_dir)  # 0700, its new parents too
     node_path = state_dir / NODE_IDENTITY_FILE
     key_path = state_dir / KUBESPAN_IDENTITY_FILE
     node_id = _read_field(node_path, "nodeId")

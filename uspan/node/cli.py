@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
-import os
 import socket
 import sys
 from pathlib import Path
 
 import trio
 
-from uspan import atomicfile
+from uspan import atomicfile, capabilities, privilege, userpaths
 from uspan import signals as stop_signals
 from uspan.errors import expected
 from uspan.mesh.config import ConfigError, parse_config, render_config
@@ -24,14 +24,6 @@ from uspan.mesh.resources import (
     resolve_type,
 )
 from uspan.node.api import SOCKET_NAME, ApiClient, ApiError
-
-
-def default_state_dir() -> Path:
-    """/var/lib/uspan for root; the user's state directory otherwise."""
-    if os.geteuid() == 0:
-        return Path("/var/lib/uspan")
-    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return Path(base) / "uspan"
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -63,7 +55,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
     state = argparse.ArgumentParser(add_help=False)
     state.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
-                       help=f"the node's state directory ({default_state_dir()})")
+                       help=f"the node's state directory ({userpaths.state_dir()})")
 
     run = commands.add_parser(
         "run", parents=[state], help="run a mesh node in the foreground",
@@ -73,7 +65,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     run.add_argument("--hostname", default=socket.gethostname(), metavar="NAME",
                      help="the name others see (%(default)s)")
     run.add_argument("--uapi-socket", metavar="PATH",
-                     help="UAPI socket for wg (/var/run/wireguard/IFACE.sock); 'none' for none")
+                     help=f"UAPI socket for wg ({userpaths.uapi_dir()}/IFACE.sock); "
+                     "'none' for none")
     run.add_argument("--leave-on-exit", action="store_true",
                      help="delete this node from discovery on SIGINT/SIGTERM")
     run.add_argument("--metrics", type=_host_port, metavar="HOST:PORT",
@@ -107,7 +100,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def _state_dir(args: argparse.Namespace) -> Path:
-    return args.state_dir if args.state_dir is not None else default_state_dir()
+    return args.state_dir if args.state_dir is not None else userpaths.state_dir()
 
 
 def _fail(command: str, message: object) -> int:
@@ -143,6 +136,7 @@ def gen_config_command(args: argparse.Namespace) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     stop_signals.catch()  # before anything exists: see uspan.signals
+    capabilities.raise_permitted()  # a container's CAP_NET_ADMIN (uspan.capabilities)
     from uspan.node.node import Node, NodeError, NodeOptions, load_config
 
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -169,8 +163,10 @@ def run_command(args: argparse.Namespace) -> int:
         if found is None:
             raise
         message = str(found[0])
-        if "Operation not permitted" in message or isinstance(found[0], PermissionError):
-            message += " (the TUN device, addresses and routes need CAP_NET_ADMIN: run as root)"
+        denied = "Operation not permitted" in message or isinstance(found[0], PermissionError)
+        if denied and "CAP_NET_ADMIN" not in message:
+            message = privilege.with_hint(message, privilege.net_admin_hint(
+                errno.EPERM, "the TUN device, its addresses, routes and firewall mark"))
         return _fail("run", message)
 
 

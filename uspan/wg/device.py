@@ -270,23 +270,90 @@ class Device:
     # Data path: network -> TUN -----------------------------------------------------------
 
     def receive(self, datagrams: Iterable[Datagram], now: float) -> tuple[list[bytes], Out]:
-        """Handle datagrams from UDP: decrypted packets for the TUN, and replies."""
+        """Handle datagrams from UDP: decrypted packets for the TUN, and replies.
+
+        Transport messages are handled inline (the hot path): a batch is mostly one
+        session from one endpoint carrying one inner source, so the keypair of the last
+        message's index and the allowed-IPs owner of its inner source are reused while
+        they stay the same (nothing in the loop removes them).
+        """
         to_tun: list[bytes] = []
         out: Out = []
         handshakes: list[Datagram] = []
         received: dict[Peer, list[int]] = {}  # per peer: [bytes, data messages] this batch
         counters = self.counters
+        keypairs, lookup = self.keypairs, self.allowed_ips.lookup
+        unpack = _TRANSPORT_HEADER.unpack_from
+        last_index, keypair, usable = -1, None, False
+        last_source, owner = b"", None
         for datagram in datagrams:
             data = datagram[0]
-            kind = int.from_bytes(data[:4], "little") if len(data) >= 4 else -1
-            if kind == MSG_TRANSPORT:
-                self._receive_transport(data, datagram[1], now, to_tun, out, received)
-            elif kind in (MSG_INITIATION, MSG_RESPONSE, MSG_COOKIE_REPLY):
-                handshakes.append(datagram)
-            elif kind == -1:
+            length = len(data)
+            kind = data[0] if length >= 4 and data[1:4] == b"\0\0\0" else -1
+            if kind != MSG_TRANSPORT:
+                if kind in (MSG_INITIATION, MSG_RESPONSE, MSG_COOKIE_REPLY):
+                    handshakes.append(datagram)
+                elif length < 4:
+                    counters[Drop.BAD_LENGTH] += 1
+                else:
+                    counters[Drop.BAD_TYPE] += 1
+                continue
+            if length < TRANSPORT_MIN_SIZE:
                 counters[Drop.BAD_LENGTH] += 1
+                continue
+            _, index, counter = unpack(data)
+            if index != last_index:
+                keypair = keypairs.get(index)
+                last_index = index
+                usable = keypair is not None and keypair.can_receive(now)
+            if keypair is None:
+                counters[Drop.UNKNOWN_INDEX] += 1
+                continue
+            if not usable:
+                counters[Drop.EXPIRED_KEY] += 1
+                continue
+            try:
+                plaintext = keypair.open(counter, data[16:])
+            except InvalidTag:
+                counters[Drop.DECRYPT_FAILED] += 1
+                continue
+            if not keypair.replay.accept(counter):
+                counters[Drop.REPLAY] += 1
+                continue
+            peer = keypair.peer
+            source = datagram[1]
+            if source is not peer.endpoint and source != peer.endpoint:
+                peer.roam(source)
+            if keypair is peer.next:
+                peer.confirm_next(now, out)  # discards `previous`, never the keypair in hand
+            tally = received.get(peer)
+            if tally is None:
+                tally = received[peer] = [0, 0]
+            tally[0] += length
+            if not plaintext:
+                continue  # keepalive
+            tally[1] += 1
+            # Strip padding; the inner source must be one of the peer's allowed IPs.
+            size = len(plaintext)
+            version = plaintext[0] >> 4
+            if version == 4 and size >= 20:
+                total = (plaintext[2] << 8) | plaintext[3]
+                inner, minimum = plaintext[12:16], 20
+            elif version == 6 and size >= 40:
+                total = 40 + ((plaintext[4] << 8) | plaintext[5])
+                inner, minimum = plaintext[8:24], 40
             else:
-                counters[Drop.BAD_TYPE] += 1
+                counters[Drop.BAD_INNER_PACKET] += 1
+                continue
+            if total > size or total < minimum:
+                counters[Drop.BAD_INNER_PACKET] += 1
+                continue
+            if inner != last_source:
+                last_source, owner = inner, lookup(inner)
+            if owner is not peer:
+                counters[Drop.NOT_ALLOWED_SOURCE] += 1
+                continue
+            to_tun.append(plaintext if total == size else plaintext[:total])
         for peer, (length, data_messages) in received.items():
             peer.received_transport(length, data_messages > 0, now, out)
         if handshakes:
@@ -298,68 +365,6 @@ class Device:
             for data, source in handshakes:
                 self._receive_handshake(data, source, now, out)
         return to_tun, out
-
-    def _receive_transport(
-        self, data: bytes, source: Endpoint, now: float, to_tun: list[bytes], out: Out,
-        received: dict[Peer, list[int]],
-    ) -> None:
-        counters = self.counters
-        length = len(data)
-        if length < TRANSPORT_MIN_SIZE:
-            counters[Drop.BAD_LENGTH] += 1
-            return
-        _, index, counter = _TRANSPORT_HEADER.unpack_from(data)
-        keypair = self.keypairs.get(index)
-        if keypair is None:
-            counters[Drop.UNKNOWN_INDEX] += 1
-            return
-        if not keypair.can_receive(now):
-            counters[Drop.EXPIRED_KEY] += 1
-            return
-        try:
-            plaintext = keypair.open(counter, data[16:])
-        except InvalidTag:
-            counters[Drop.DECRYPT_FAILED] += 1
-            return
-        if not keypair.replay.accept(counter):
-            counters[Drop.REPLAY] += 1
-            return
-        peer = keypair.peer
-        if source is not peer.endpoint and source != peer.endpoint:
-            peer.roam(source)
-        if keypair is peer.next:
-            peer.confirm_next(now, out)
-        tally = received.get(peer)
-        if tally is None:
-            tally = received[peer] = [0, 0]
-        tally[0] += length
-        if not plaintext:
-            return  # keepalive
-        tally[1] += 1
-        self._deliver(plaintext, peer, to_tun)
-
-    def _deliver(self, plaintext: bytes, peer: Peer, to_tun: list[bytes]) -> None:
-        """Strip padding, check the inner source against the peer's allowed IPs."""
-        length = len(plaintext)
-        version = plaintext[0] >> 4
-        if version == 4 and length >= 20:
-            total = int.from_bytes(plaintext[2:4], "big")
-            source = plaintext[12:16]
-            minimum = 20
-        elif version == 6 and length >= 40:
-            total = 40 + int.from_bytes(plaintext[4:6], "big")
-            source = plaintext[8:24]
-            minimum = 40
-        else:
-            self.counters[Drop.BAD_INNER_PACKET] += 1
-            return
-        if total > length or total < minimum:
-            self.counters[Drop.BAD_INNER_PACKET] += 1
-            return
-        if self.allowed_ips.lookup(source) is not peer:
-            self.counters[Drop.NOT_ALLOWED_SOURCE] += 1
-            return
-        to_tun.append(plaintext if total == length else plaintext[:total])
 
     def _receive_handshake(self, data: bytes, source: Endpoint, now: float, out: Out) -> None:
         counters = self.counters
