@@ -1,5 +1,6 @@
 """Handshake flood benchmark: how soon a legitimate peer's first ping gets through a
-responder that is flooded with initiations, for uspan-wg and wireguard-go builds.
+responder that is flooded with initiations, for uspan-wg and each wireguard-go build
+(``--wgo PATH``, repeatable; by default the current release and Debian's).
 
 Each trial builds two namespaces joined by a veth: ``a`` holds the attacker and a
 legitimate peer (Debian's wireguard-go), ``r`` the responder under test. The attacker
@@ -17,7 +18,6 @@ reported with each round.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +27,6 @@ from bench.common import (
     Spread,
     add_common_arguments,
     cpu_seconds,
-    machine,
     machine_lines,
     peak_rss_mib,
     publish,
@@ -41,7 +40,6 @@ from uspan.testbed.flood import ATTACKER, RESPONDER, SPOOF_RANGE, Attack, Pinger
 OUTER = (ATTACKER, RESPONDER)
 INNER = ("10.79.0.1", "10.79.0.2")
 PORT = 51840
-WGO_CURRENT = "/work/anchors/wireguard-go-current"
 KINDS = ("ports", "spoof")
 AFTER_FLOOD = 10.0  # seconds to wait for a first reply after the flood, if none came
 
@@ -142,8 +140,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=0.0,
                         help="cap the flood at this many datagrams/s (0: as fast as it can)")
     parser.add_argument("--kinds", default=",".join(KINDS), help="ports,spoof")
-    parser.add_argument("--wgo-current", default=WGO_CURRENT,
-                        help=f"current wireguard-go build, skipped if absent ({WGO_CURRENT})")
     parser.add_argument("--legit", default="/usr/bin/wireguard-go",
                         help="the legitimate peer's program (Debian's wireguard-go)")
     add_common_arguments(parser)
@@ -161,9 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     info = start_benchmark("flood", args, ["ip", "wg", "ping"])
     if info is None:
         return 2
-    if os.access(args.wgo_current, os.X_OK):
-        args.programs["wgo-current"] = args.wgo_current
-        info["wgo-current"] = machine({"wgo-current": args.wgo_current})["wgo-current"]
     impls = list(args.programs)
     settings = {
         "rounds": str(args.rounds),
