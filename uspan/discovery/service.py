@@ -21,6 +21,7 @@ from uspan.discovery.client import parse_endpoint
 from uspan.discovery.persist import StateError
 from uspan.discovery.server import Limits, Server
 from uspan.errors import expected
+from uspan.relay import service as relay_service
 
 log = logging.getLogger("uspan.discovery")
 
@@ -33,6 +34,7 @@ class Options:
     etcd_prefix: str = "/uspan/discovery/"
     metrics: tuple[str, int] | None = None
     limits: Limits | None = None
+    relay: tuple[str, int] | None = None  # also run a relay there (uspan.relay)
 
 
 def parse_listen(text: str, flag: str) -> tuple[str, int]:
@@ -85,8 +87,10 @@ async def serve(options: Options) -> None:
     """Run until SIGINT/SIGTERM (``uspan.signals.catch()`` must have run first)."""
     server = Server(make_backend(options), options.limits)
     async with trio.open_nursery() as nursery:
+        registry = CollectorRegistry()
+        if options.relay is not None:
+            await relay_service.start(nursery, options.relay, registry)
         if options.metrics is not None:
-            registry = CollectorRegistry()
             registry.register(MetricsCollector(server))
             host, _ = options.metrics
             port = await nursery.start(metrics.serve, host, options.metrics[1], registry)

@@ -40,6 +40,7 @@ from uspan.mesh.status import (
     probe_time,
     update_status,
 )
+from uspan.relay.addressing import RelayAddresses, pseudo_endpoint
 from uspan.wg.config import DeviceChange, PeerChange
 from uspan.wg.constants import REKEY_TIMEOUT
 from uspan.wg.endpoint import Endpoint
@@ -81,6 +82,7 @@ class PeerController:
         self.facts: dict[bytes, LinkFacts] = {}
         self.applied: dict[bytes, AppliedPeer] = {}
         self.probed: dict[bytes, float] = {}  # when we last asked a silent peer to answer
+        self.relay_addresses = RelayAddresses(config.cluster.secret_bytes, config.cluster.id)
 
     def set_affiliates(
         self,
@@ -109,6 +111,7 @@ class PeerController:
     def set_config(self, config: NodeConfig, now: float) -> Output:
         """A new config was applied (KubeSpan on/off, secret, harvest, bypass...)."""
         self.config = config
+        self.relay_addresses = RelayAddresses(config.cluster.secret_bytes, config.cluster.id)
         return self._reconcile(now, self._rebuild_specs())
 
     def _rebuild_specs(self) -> list[str]:
@@ -179,9 +182,18 @@ class PeerController:
                     peer.handshake = True
         return deadlines
 
-    @staticmethod
+    def candidates(self, spec: PeerSpec) -> tuple[Endpoint, ...]:
+        """The endpoints cycling tries for a peer: its own, then (when the cluster has a
+        relay) the relay's pseudo-endpoint for it, so the relay is tried once every
+        direct endpoint has failed, and direct ones again if the relay fails too."""
+        relay = self.config.kubespan.relay
+        if relay is None:
+            return spec.endpoints
+        address = self.relay_addresses.of(spec.public_key)
+        return (*spec.endpoints, pseudo_endpoint(address, relay))
+
     def _evaluate(
-        spec: PeerSpec, old: PeerStatus, facts: LinkFacts | None, now: float
+        self, spec: PeerSpec, old: PeerStatus, facts: LinkFacts | None, now: float
     ) -> tuple[PeerStatus, PeerStatus, float | None]:
         """One peer: the status the facts give, then after cycling, and the next deadline.
 
@@ -191,7 +203,7 @@ class PeerController:
         if facts is None:
             facts = _no_news(old)
         update = update_status(old, facts, now, label=spec.label)
-        picked = cycle(update.status, spec.endpoints, now)
+        picked = cycle(update.status, self.candidates(spec), now)
         if picked is None:
             return update.status, update.status, update.deadline
         # the shell restarts the attempt count on the new endpoint when it applies it
@@ -201,8 +213,10 @@ class PeerController:
     def _publish(self, now: float, observed: list[ObservedEndpoint]) -> None:
         store, offset = self.store, self.store.wall_offset
         store.replace_all(KUBESPAN_PEER_SPEC, {s.id: peer_spec_spec(s) for s in self.specs}, now)
+        relay = self.config.kubespan.relay
         statuses = {
-            spec.id: peer_status_spec(self.statuses[spec.public_key], offset) for spec in self.specs
+            spec.id: peer_status_spec(self.statuses[spec.public_key], offset, relay)
+            for spec in self.specs
         }
         store.replace_all(KUBESPAN_PEER_STATUS, statuses, now)
         store.replace_all(KUBESPAN_ENDPOINT, {o.peer_id: endpoint_spec(o) for o in observed}, now)
