@@ -187,3 +187,37 @@ def test_hard_nats_meet_through_the_relay_and_udp_blocked_falls_back_to_tcp(
 
     assert (delta("not_member"), delta("bad_frame"), delta("no_destination")) == (1, 1, 1)
     n1.ns.run("ping", "-c", "2", "-i", "0.2", "-W", "3", addresses["n2"], timeout=30)
+
+
+def test_a_direct_path_that_opens_later_takes_over_without_a_drop(
+        relaynet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    net = relaynet(2)
+    for node in net.nodes:
+        node.start()
+    net.pairs_up(timeout=60)
+    n1, n2 = net.nodes
+    assert n1.statuses()["n2"]["endpoint"] == RELAY_TEXT
+    # Open a direct path: the routers route each other's LAN, without NAT between them.
+    for router, other in ((net.routers[0], 2), (net.routers[1], 1)):
+        router.ip("route", "add", f"10.{other}.0.0/24", "via", f"192.0.2.1{other}")
+        router.run("iptables", "-t", "nat", "-I", "POSTROUTING", "-d", "10.0.0.0/8",
+                   "-j", "RETURN")
+    ping_log = tmp_path / "ping.log"
+    with ping_log.open("wb") as out:
+        pinger = n1.ns.spawn("ping", "-i", "0.1", "-W", "2", n2.kubespan_ip(), stdout=out.fileno())
+    started = time.monotonic()
+
+    def direct() -> bool:
+        return (n1.statuses()["n2"]["endpoint"] == "10.2.0.2:51820"
+                and n2.statuses()["n1"]["endpoint"] == "10.1.0.2:51820")
+
+    poll(direct, what="both sides on the direct path", timeout=60, interval=0.5)
+    took = time.monotonic() - started
+    time.sleep(3)  # traffic on the direct path
+    pinger.send_signal(2)
+    pinger.wait(10)
+    summary = re.search(r"(\d+) packets transmitted, (\d+) received", ping_log.read_text())
+    assert summary is not None, ping_log.read_text()
+    sent, received = int(summary[1]), int(summary[2])
+    print(f"direct path took over {took:.1f}s after it opened; ping {received}/{sent}")
+    assert sent > 30 and received >= sent - 1  # the last one may still be on its way

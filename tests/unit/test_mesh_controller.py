@@ -6,7 +6,7 @@ from typing import Any
 
 from uspan.mesh.affiliate import Affiliate, KubeSpanInfo
 from uspan.mesh.config import NodeConfig, config_from_dict
-from uspan.mesh.controller import PeerController, Transition
+from uspan.mesh.controller import DIRECT_RETRY, PeerController, Transition
 from uspan.mesh.resources import (
     AFFILIATE,
     KUBESPAN_ENDPOINT,
@@ -266,8 +266,13 @@ def test_relay_is_tried_after_the_direct_endpoint_and_shows_as_relay() -> None:
     spec = store.get(KUBESPAN_PEER_STATUS, ID1).spec
     assert (spec["state"], spec["endpoint"]) == ("up", "relay:192.0.2.254:3001")
     assert out.observed == []
+    # every DIRECT_RETRY a handshake, which the shell also sends to the direct endpoints
+    assert not any(p.public_key == K1 for p in controller.tick(11.3 + DIRECT_RETRY - 1)
+                   .device_change.peers)
+    out = controller.tick(11.3 + DIRECT_RETRY)
+    assert PeerChange(K1, update_only=True, handshake=True) in out.device_change.peers
     # a direct path found later (the core roamed to it) is kept and reported again
-    out = controller.set_facts({K1: LinkFacts(E1, 40.0, 0, None, 200, 300)}, now=40.0)
+    out = controller.set_facts({K1: LinkFacts(E1, 42.0, 0, None, 200, 300)}, now=42.0)
     assert all(p.public_key != K1 for p in out.device_change.peers)
     assert store.get(KUBESPAN_PEER_STATUS, ID1).spec["endpoint"] == "192.0.2.1:51820"
     assert [o.endpoint for o in out.observed] == [E1]

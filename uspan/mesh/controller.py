@@ -40,10 +40,12 @@ from uspan.mesh.status import (
     probe_time,
     update_status,
 )
-from uspan.relay.addressing import RelayAddresses, pseudo_endpoint
+from uspan.relay.addressing import RelayAddresses, is_relayed, pseudo_endpoint
 from uspan.wg.config import DeviceChange, PeerChange
 from uspan.wg.constants import REKEY_TIMEOUT
 from uspan.wg.endpoint import Endpoint
+
+DIRECT_RETRY = 30.0  # seconds between looks for a direct path to a peer on the relay
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +85,7 @@ class PeerController:
         self.applied: dict[bytes, AppliedPeer] = {}
         self.probed: dict[bytes, float] = {}  # when we last asked a silent peer to answer
         self.relay_addresses = RelayAddresses(config.cluster.secret_bytes, config.cluster.id)
+        self.sought: dict[bytes, float] = {}  # relayed peers: when to look for a direct path
 
     def set_affiliates(
         self,
@@ -149,6 +152,7 @@ class PeerController:
             self.specs, chosen, self.applied, self.config.cluster.secret_bytes
         )
         deadlines += self._probe_silent(statuses, change, now)
+        deadlines += self._seek_direct(statuses, change, now)
         observed = observed_endpoints(self.specs, statuses, kubespan.harvest_extra_endpoints)
         self._publish(now, observed)
         return Output(
@@ -175,11 +179,27 @@ class PeerController:
             elif now - self.probed.get(key, -REKEY_TIMEOUT) >= REKEY_TIMEOUT:
                 self.probed[key] = now
                 deadlines.append(now + ATTEMPT_TIMEOUT)  # read the answer (or retries) then
-                peer = next((p for p in change.peers if p.public_key == key), None)
-                if peer is None:
-                    change.peers.append(PeerChange(key, update_only=True, handshake=True))
-                else:
-                    peer.handshake = True
+                _ask_handshake(change, key)
+        return deadlines
+
+    def _seek_direct(
+        self, statuses: Mapping[bytes, PeerStatus], change: DeviceChange, now: float
+    ) -> list[float]:
+        """Every DIRECT_RETRY, start a handshake with each peer that is up through the
+        relay: the shell sends its initiation to the peer's direct endpoints too, so a
+        direct path that works again takes over (the cores roam to it)."""
+        deadlines = []
+        self.sought = {key: t for key, t in self.sought.items() if key in statuses}
+        for key, status in statuses.items():
+            if status.state is not PeerState.UP or status.endpoint is None or not is_relayed(
+                    status.endpoint):
+                self.sought.pop(key, None)
+                continue
+            due = self.sought.setdefault(key, now + DIRECT_RETRY)
+            if due <= now:
+                _ask_handshake(change, key)
+                due = self.sought[key] = now + DIRECT_RETRY
+            deadlines.append(due)
         return deadlines
 
     def candidates(self, spec: PeerSpec) -> tuple[Endpoint, ...]:
@@ -220,6 +240,14 @@ class PeerController:
         }
         store.replace_all(KUBESPAN_PEER_STATUS, statuses, now)
         store.replace_all(KUBESPAN_ENDPOINT, {o.peer_id: endpoint_spec(o) for o in observed}, now)
+
+
+def _ask_handshake(change: DeviceChange, key: bytes) -> None:
+    peer = next((p for p in change.peers if p.public_key == key), None)
+    if peer is None:
+        change.peers.append(PeerChange(key, update_only=True, handshake=True))
+    else:
+        peer.handshake = True
 
 
 def _no_news(status: PeerStatus) -> LinkFacts:

@@ -109,6 +109,8 @@ class RelayLink:
                 out.append((data, endpoint))
                 continue
             address = relay_address(endpoint)
+            if (data[0], len(data)) == _INITIATION:  # direct first: it should win the race
+                out.extend((data, direct) for direct in self.direct.get(address, ()))
             frame = frames.send_frame(address, data)
             self.counters["sent"] += 1
             if udp:
@@ -118,8 +120,6 @@ class RelayLink:
                     self._tcp.send_nowait(frame)
                 except (trio.WouldBlock, trio.BrokenResourceError):
                     self.counters["tcp_backlog"] += 1
-            if (data[0], len(data)) == _INITIATION:
-                out.extend((data, direct) for direct in self.direct.get(address, ()))
         return out
 
     # Registration and transports ---------------------------------------------------------
