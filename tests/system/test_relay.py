@@ -15,7 +15,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -36,7 +36,7 @@ RELAY_TEXT = f"relay:{SWITCH}:{RELAY}"
 class RelayNet:
     """The switch, routers and nodes of the module docstring."""
 
-    def __init__(self, lab: Lab, tmp: Path, count: int, udp_blocked: set[int]) -> None:
+    def __init__(self, lab: Lab, tmp: Path, count: int, udp_blocked: frozenset[int]) -> None:
         self.lab, self.tmp = lab, tmp
         self.switch = lab.namespace("sw")
         self.routers = [lab.namespace(f"r{i}") for i in range(1, count + 1)]
@@ -103,29 +103,21 @@ class RelayNet:
         parts.append(f"--- discovery+relay ---\n{self.service_log.read_text()[-4000:]}")
         return "\n".join(parts)
 
-    def stop(self) -> None:
-        for node in self.nodes:
-            if node.process is not None and node.process.poll() is None:
-                node.process.kill()
-                node.process.wait()
-        self.service.kill()
-        self.service.wait()
-
 
 @pytest.fixture
-def relaynet(lab: Lab, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[type]:
+def relaynet(lab: Lab, tmp_path: Path,
+             request: pytest.FixtureRequest) -> Iterator[Callable[..., RelayNet]]:
+    """Makes the world; the lab stops its processes and removes it after the test."""
     made: list[RelayNet] = []
 
-    def make(count: int, udp_blocked: set[int] = set()) -> RelayNet:  # noqa: B006
-        net = RelayNet(lab, tmp_path, count, udp_blocked)
-        made.append(net)
-        return net
+    def make(count: int, udp_blocked: frozenset[int] = frozenset()) -> RelayNet:
+        made.append(RelayNet(lab, tmp_path, count, udp_blocked))
+        return made[-1]
 
-    yield make  # type: ignore[misc]
-    for net in made:
-        if request.node.stash.get(FAILED, False):
+    yield make
+    if request.node.stash.get(FAILED, False):
+        for net in made:
             print(net.logs())
-        net.stop()
 
 
 # From the switch: frames of a non-member (never registered), then of a member of another
@@ -154,8 +146,8 @@ s.sendto(frames.send_frame(target, b"\x04\x00\x00\x00other cluster"), (host, int
 
 
 def test_hard_nats_meet_through_the_relay_and_udp_blocked_falls_back_to_tcp(
-        relaynet) -> None:  # type: ignore[no-untyped-def]
-    net = relaynet(3, udp_blocked={3})
+        relaynet: Callable[..., RelayNet]) -> None:
+    net = relaynet(3, udp_blocked=frozenset({3}))
     for node in net.nodes:
         node.start()
     took = net.pairs_up(timeout=90)
@@ -190,7 +182,7 @@ def test_hard_nats_meet_through_the_relay_and_udp_blocked_falls_back_to_tcp(
 
 
 def test_a_direct_path_that_opens_later_takes_over_without_a_drop(
-        relaynet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+        relaynet: Callable[..., RelayNet], tmp_path: Path) -> None:
     net = relaynet(2)
     for node in net.nodes:
         node.start()
