@@ -159,8 +159,13 @@ def test_hard_nats_meet_through_the_relay_and_udp_blocked_falls_back_to_tcp(
     for node in net.nodes:
         for other in net.nodes:
             if other is not node:
-                node.ns.run("ping", "-c", "3", "-i", "0.2", "-W", "3", addresses[other.name],
+                node.ns.run("ping", "-c", "2", "-i", "0.2", "-W", "3", addresses[other.name],
                             timeout=30)
+    stats = {node.name: dict(line.split() for line in subprocess.run(
+        [USPAN, "stats", node.interface], check=True, capture_output=True, text=True,
+    ).stdout.splitlines()) for node in net.nodes}
+    assert [stats[n]["relay_tcp"] for n in ("n1", "n2", "n3")] == ["0", "0", "1"]
+    assert all(int(stats[n]["relay_received"]) > 0 for n in stats)
     metrics = net.metrics()
     assert metrics["uspan_relay_registrations"] == 3
     assert metrics["uspan_relay_tcp_clients"] == 1  # n3, whose UDP is blocked

@@ -90,6 +90,7 @@ class Daemon:
         # The owner's rewrite of the core's datagrams before they are sent (the relay's
         # pseudo-endpoints become relay frames); what it returns goes to the bind.
         self.outbound: Callable[[list[Datagram]], list[Datagram]] | None = None
+        self.owner_stats: list[Callable[[], dict[str, int]]] = []  # more for ``stats``
         self.exit_reason = ""
         self.exit_code = 0
         self._scope = trio.CancelScope()  # stop() before run() makes run() return at once
@@ -328,6 +329,8 @@ class Daemon:
         counters["udp_receive_dropped"] = self.bind.receive_dropped
         counters["udp_own_claimed"] = self.demux.claimed
         counters["udp_own_unclaimed"] = self.demux.unclaimed
+        for owner in self.owner_stats:
+            counters.update(owner())
         return counters
 
     def set(self, change: DeviceChange) -> None:

@@ -58,12 +58,14 @@ class RelayLink:
         demux.register(frames.CHALLENGE, self._control)
         demux.register(frames.REGISTERED, self._control)
         self.daemon.outbound = self._outbound
+        self.daemon.owner_stats.append(self.stats)
 
-    def transport(self) -> str:
-        """``udp``/``tcp`` when registered, else ``unregistered``."""
-        if not self.session.registered(trio.current_time()):
-            return "unregistered"
-        return self.session.transport.value
+    def stats(self) -> dict[str, int]:
+        """For ``uspan stats``: datagrams relayed each way, and what was dropped."""
+        counters = {f"relay_{name}": value for name, value in self.counters.items()}
+        counters["relay_bad_control"] = self.session.dropped
+        counters["relay_tcp"] = int(self.session.transport is Transport.TCP)
+        return counters
 
     # Datagrams ---------------------------------------------------------------------------
 
