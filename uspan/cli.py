@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="keep state in etcd (its JSON gateway), shared by replicas")
     disc.add_argument("--etcd-prefix", default="/uspan/discovery/", metavar="PREFIX",
                       help="key prefix in etcd (%(default)s)")
+    disc.add_argument("--probe-port", type=int, metavar="PORT",
+                      help="UDP port answering nodes' reflexive address probes "
+                      "(default: the --listen port's number, when free)")
     disc.add_argument("--metrics", metavar="HOST:PORT",
                       help="serve Prometheus metrics at http://HOST:PORT/metrics")
     disc.add_argument("--rate-limit", default="15/60", metavar="RATE/BURST",
@@ -146,7 +149,10 @@ def discovery_command(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run(Options(listen, args.state_file, etcd, args.etcd_prefix, metrics, limits, relay))
+    if args.probe_port is not None and not 0 <= args.probe_port <= 65535:
+        parser.error(f"--probe-port: {args.probe_port} is not a port")
+    return run(Options(listen, args.state_file, etcd, args.etcd_prefix, metrics, limits,
+                       args.probe_port, relay))
 
 
 def relay_command(args: argparse.Namespace) -> int:

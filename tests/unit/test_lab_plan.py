@@ -48,7 +48,7 @@ def test_interface_names_fit_and_differ() -> None:
 def test_record_round_trip_and_lookup(tmp_path: Path) -> None:
     (tmp_path / "x").mkdir()
     record = LabRecord(name="x", root=str(tmp_path), networks=2, mtu=1420)
-    record.nodes.append(NodeRecord("n1", 1, "uspan", False, "ks-x-1", "uspan-x-n1",
+    record.nodes.append(NodeRecord("n1", 1, "uspan", None, "ks-x-1", "uspan-x-n1",
                                    proc=Proc(42, "123", ["uspan", "run"])))
     record.namespaces.append("uspan-x-sw")
     record.save()
@@ -59,3 +59,20 @@ def test_record_round_trip_and_lookup(tmp_path: Path) -> None:
         again.node("n2")
     with pytest.raises(LabError, match="no lab named 'y'"):
         load(tmp_path, "y")
+
+
+def test_nat_kinds_parse_and_easy_is_the_default() -> None:
+    assert plan.parse_nat(["n1", "n2:hard", "n3:easy"]) == {
+        "n1": "easy", "n2": "hard", "n3": "easy"}
+    assert plan.NAT_KINDS["hard"] == ["--random-fully"]
+    with pytest.raises(plan.PlanError, match="easy or hard"):
+        plan.parse_nat(["n1:symmetric"])
+
+
+def test_path_kind_of_a_pair() -> None:
+    from uspan.lab.status import Pair, path_kind
+
+    assert path_kind(Pair("n1", "n2", "up", "192.0.2.2:51820"), False) == "direct"
+    assert path_kind(Pair("n1", "n2", "up", "192.0.2.2:51820"), True) == "punched"
+    assert path_kind(Pair("n1", "n2", "up", "relay:192.0.2.254:3478"), True) == "relayed"
+    assert path_kind(Pair("n1", "n2", "down", "192.0.2.2:51820"), True) is None

@@ -210,6 +210,14 @@ def test_publishable_endpoints_apply_filters_to_everything() -> None:
     assert [str(e) for e in endpoints] == ["192.0.2.1:51820", "203.0.113.9:4000"]
 
 
+def test_reflexive_endpoints_come_after_the_addresses_and_before_announced_ones() -> None:
+    endpoints = publishable_endpoints(
+        [ip("10.1.1.1")], 51820, [Endpoint("192.0.2.9", 4000)], EndpointFilters(),
+        reflexive=[Endpoint("203.0.113.7", 40001), Endpoint("10.1.1.1", 51820)])
+    assert [str(e) for e in endpoints] == [
+        "10.1.1.1:51820", "203.0.113.7:40001", "192.0.2.9:4000"]
+
+
 def test_no_filters_publish_everything() -> None:
     endpoints = publishable_endpoints([ip("10.1.1.1"), ip("2001:db8::1")], 5, [], EndpointFilters())
     assert [str(e) for e in endpoints] == ["10.1.1.1:5", "[2001:db8::1]:5"]
@@ -258,3 +266,23 @@ def test_local_affiliate_without_kubespan_is_a_plain_member() -> None:
     plain = local(KubeSpanConfig())
     assert plain.kubespan is None
     assert plain.addresses == (ip("192.0.2.1"), ip("10.0.0.1"))
+
+
+def test_punch_requests_round_trip_and_are_left_out_when_there_are_none() -> None:
+    from dataclasses import replace
+
+    import msgpack
+
+    from uspan.mesh.punch import PunchRequest
+
+    assert "punch" not in msgpack.unpackb(encode_affiliate(AFFILIATE))["kubespan"]
+    assert AFFILIATE.kubespan is not None
+    request = PunchRequest(b"k" * 32, Endpoint("203.0.113.7", 40001), 7)
+    punching = replace(AFFILIATE, kubespan=replace(AFFILIATE.kubespan, punch=(request,)))
+    assert decode_affiliate(encode_affiliate(punching)) == punching
+    document = msgpack.unpackb(encode_affiliate(punching))
+    for bad in ([b"short", document["kubespan"]["punch"][0][1], 1],
+                [b"k" * 32, b"\0" * 6, 1], [b"k" * 32, document["kubespan"]["punch"][0][1], -1]):
+        document["kubespan"]["punch"] = [bad]
+        with pytest.raises(AffiliateDecodeError):
+            decode_affiliate(msgpack.packb(document, use_bin_type=True))

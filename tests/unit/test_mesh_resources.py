@@ -199,6 +199,8 @@ def test_specs_use_talos_field_names() -> None:
         "connectedSince": wall_time(100.0, WALL),
         "lastError": None,
         "ignoredBlobs": 3,
+        "reflexiveEndpoints": [],
+        "probes": {"sent": 0, "answered": 0, "forged": 0, "malformed": 0},
     }
 
 

@@ -19,6 +19,7 @@ from uspan import signals as stop_signals
 from uspan.discovery.backend import Backend, MemoryBackend
 from uspan.discovery.client import parse_endpoint
 from uspan.discovery.persist import StateError
+from uspan.discovery.reflect import ProbeResponder
 from uspan.discovery.server import Limits, Server
 from uspan.errors import expected
 from uspan.relay import service as relay_service
@@ -34,6 +35,7 @@ class Options:
     etcd_prefix: str = "/uspan/discovery/"
     metrics: tuple[str, int] | None = None
     limits: Limits | None = None
+    probe_port: int | None = None  # UDP, reflexive probes; None: the listen port, if free
     relay: tuple[str, int] | None = None  # also run a relay there (uspan.relay)
 
 
@@ -50,8 +52,9 @@ def parse_listen(text: str, flag: str) -> tuple[str, int]:
 class MetricsCollector(Collector):
     """Reads the server's state at scrape time: nothing to keep in step."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, probes: ProbeResponder) -> None:
         self.server = server
+        self.probes = probes
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         clusters, affiliates = self.server.backend.counts()
@@ -73,6 +76,12 @@ class MetricsCollector(Collector):
         for reason, count in sorted(self.server.stats.refusals.items()):
             refusals.add_metric([reason], count)
         yield refusals
+        probes = CounterMetricFamily(
+            "uspan_discovery_probes", "Reflexive probes by result", labels=["result"]
+        )
+        for result, count in sorted(self.probes.counts.items()):
+            probes.add_metric([result], count)
+        yield probes
 
 
 def make_backend(options: Options) -> Backend:
@@ -86,19 +95,32 @@ def make_backend(options: Options) -> Backend:
 async def serve(options: Options) -> None:
     """Run until SIGINT/SIGTERM (``uspan.signals.catch()`` must have run first)."""
     server = Server(make_backend(options), options.limits)
+    probes = ProbeResponder()
     async with trio.open_nursery() as nursery:
         registry = CollectorRegistry()
         if options.relay is not None:
             await relay_service.start(nursery, options.relay, registry)
         if options.metrics is not None:
-            registry.register(MetricsCollector(server))
+            registry.register(MetricsCollector(server, probes))
             host, _ = options.metrics
             port = await nursery.start(metrics.serve, host, options.metrics[1], registry)
             log.info("metrics on http://%s:%d/metrics", host, port)
         nursery.start_soon(server.serve, *options.listen)
+        nursery.start_soon(_serve_probes, probes, options)
         signum = await stop_signals.first()
         log.info("signal %s: shutting down", signum.name)
         nursery.cancel_scope.cancel()
+
+
+async def _serve_probes(probes: ProbeResponder, options: Options) -> None:
+    """On the chosen port, or on the listen port's number when it is free."""
+    host, port = options.listen
+    try:
+        await probes.serve(host, port if options.probe_port is None else options.probe_port)
+    except OSError as exc:
+        if options.probe_port is not None:
+            raise
+        log.warning("no reflexive probes: UDP port %d: %s", port, exc.strerror or exc)
 
 
 def run(options: Options) -> int:

@@ -44,9 +44,12 @@ def add_namespace(record: LabRecord, name: str) -> None:
 # up ----------------------------------------------------------------------------------------
 
 
-def create(root: Path, name: str, nodes: int, networks: int, nat: list[str], wgo_count: int,
-           mtu: int) -> LabRecord:
-    """Check the request and make the lab's directory and record (nothing else yet)."""
+def create(root: Path, name: str, nodes: int, networks: int, nat: dict[str, str],
+           wgo_count: int, mtu: int, block_udp: list[str] | None = None) -> LabRecord:
+    """Check the request and make the lab's directory and record (nothing else yet).
+
+    ``nat``: node -> NAT kind (``plan.NAT_KINDS``); ``block_udp``: nodes whose router
+    drops all UDP (behind an easy NAT unless ``nat`` says otherwise)."""
     plan.check_name(name)
     plan.check_size(nodes, networks)
     if not 0 <= wgo_count <= nodes:
@@ -54,9 +57,12 @@ def create(root: Path, name: str, nodes: int, networks: int, nat: list[str], wgo
     if mtu < 1280:
         raise LabError(f"--mtu {mtu}: at least 1280")
     valid = {plan.node_name(i) for i in range(1, nodes + 1)}
-    for node in nat:
-        if node not in valid:
-            raise LabError(f"--nat {node}: no such node (nodes are n1..n{nodes})")
+    block = set(block_udp or ())
+    for flag, chosen in (("--nat", nat), ("--block-udp", block)):
+        for node in chosen:
+            if node not in valid:
+                raise LabError(f"{flag} {node}: no such node (nodes are n1..n{nodes})")
+    nat = {**dict.fromkeys(block, "easy"), **nat}
     prefix = plan.namespace_prefix(name)
     clash = sorted(n for n in existing_namespaces() if n.startswith(prefix))
     if clash:
@@ -74,7 +80,8 @@ def create(root: Path, name: str, nodes: int, networks: int, nat: list[str], wgo
         kind = "wireguard-go" if i > nodes - wgo_count else "uspan"
         behind = node_name in nat
         record.nodes.append(NodeRecord(
-            name=node_name, index=i, kind=kind, nat=behind,
+            name=node_name, index=i, kind=kind, nat=nat.get(node_name),
+            block_udp=node_name in block,
             interface=plan.interface(name, i), namespace=plan.namespace(name, node_name),
             router=plan.namespace(name, f"r{i}") if behind else None,
             node_id=wgo.new_node_id() if kind == "wireguard-go" else None))
@@ -132,7 +139,15 @@ def _node_links(record: LabRecord, node: NodeRecord, sw: str) -> None:
     in_ns(router, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
     for k in range(record.networks):
         in_ns(router, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", f"out{k}",
-              "-j", "MASQUERADE")
+              "-j", "MASQUERADE", *plan.NAT_KINDS[node.nat or "easy"])
+        # What nobody inside asked for is dropped before conntrack keeps it, as a home
+        # router's firewall does: kept, a peer's unanswered packet to the node's mapped
+        # port would hold that port's tuple and push the node's own packets to that peer
+        # onto another port, which the peer's NAT then refuses.
+        in_ns(router, "iptables", "-t", "mangle", "-A", "PREROUTING", "-i", f"out{k}",
+              "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP")
+    if node.block_udp:
+        in_ns(router, "iptables", "-A", "FORWARD", "-p", "udp", "-j", "DROP")
 
 
 def discovery_endpoints(record: LabRecord) -> list[str]:

@@ -65,8 +65,12 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     up.add_argument("--nodes", type=int, default=3, metavar="N", help="(3)")
     up.add_argument("--networks", type=int, default=1, metavar="K",
                     help="underlay networks, every node on each (1)")
-    up.add_argument("--nat", nargs="+", default=[], metavar="NODE",
-                    help="put these nodes (n1, n2...) behind a masquerading router")
+    up.add_argument("--nat", nargs="+", default=[], metavar="NODE[:easy|hard]",
+                    help="put these nodes (n1, n2...) behind a NAT router of their own: "
+                    "easy = masquerading, one mapping for all destinations (default); "
+                    "hard = a new random port per destination")
+    up.add_argument("--block-udp", nargs="+", default=[], metavar="NODE",
+                    help="these nodes' routers drop all UDP (an easy NAT unless --nat says)")
     up.add_argument("--with-wireguard-go", type=int, default=0, metavar="M",
                     help="make the last M nodes plain wireguard-go peers")
     up.add_argument("--mtu", type=int, default=1420, help="(1420)")
@@ -155,6 +159,8 @@ def cell(pair: status.Pair, compact: bool = False) -> Text:
     text = Text(pair.state, style=STATE_STYLE.get(pair.state, ""))
     if pair.network is not None:
         text.append(f" {pair.network}" if compact else f" net{pair.network}")
+    if pair.path is not None:
+        text.append(f" {pair.path[0]}" if compact else f" {pair.path}")
     if pair.rtt_ms is not None:
         text.append(f" {pair.rtt_ms:.1f}" if compact else f" {pair.rtt_ms:.2f}ms")
     return text
@@ -173,7 +179,9 @@ def matrix(snap: status.Snapshot, title: str | None = None) -> Table:
         if view.kind != "uspan":
             label += " wg-go"
         if view.nat:
-            label += " nat"
+            label += f" {view.nat}-nat"
+        if view.block_udp:
+            label += " no-udp"
         row: list[Text | str] = [label]
         for other in snap.nodes:
             row.append("" if other is view
@@ -212,8 +220,9 @@ def up_command(args: argparse.Namespace) -> int:
     out = console()
     started = time.monotonic()
     name = args.name or DEFAULT_NAME
-    record = build.create(_root(args), name, args.nodes, args.networks, args.nat,
-                          args.with_wireguard_go, args.mtu)
+    record = build.create(_root(args), name, args.nodes, args.networks,
+                          plan.parse_nat(args.nat), args.with_wireguard_go, args.mtu,
+                          args.block_udp)
     try:
         build.build(record, lambda text: out.print(text))
         for node in record.nodes:

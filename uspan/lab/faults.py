@@ -63,7 +63,7 @@ def cut(record: LabRecord, a: str, b: str, network: int | None) -> list[int]:
             continue
         for node, other in ((first, second), (second, first)):
             where = underlay(node, k)
-            seen = plan.visible(other.index, k, other.nat)
+            seen = plan.visible(other.index, k, other.nat is not None)
             tag = _tag(a, b, k)
             targets = [(False, seen.v4)]
             if where.v6 and seen.v6 is not None:

@@ -21,6 +21,10 @@ MAX_NETWORKS = 8
 SWITCH_HOST = 254
 DISCOVERY_PORT = 3000
 WG_PORT = 51820
+NAT_KINDS = {
+    "easy": [],  # masquerading: one mapping (port kept when free) for every destination
+    "hard": ["--random-fully"],  # a new random port for every destination
+}
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,15}$")
 IFNAMSIZ = 15
 _V4 = ("192.0.2", "198.51.100", "203.0.113")
@@ -65,6 +69,18 @@ def v4_net(network: int) -> ipaddress.IPv4Network:
 
 def v6_net(network: int) -> ipaddress.IPv6Network:
     return ipaddress.IPv6Network(f"2001:db8:{network:x}::/64")
+
+
+def parse_nat(items: list[str]) -> dict[str, str]:
+    """``--nat NODE[:easy|hard] ...``: node name -> NAT kind (easy by default)."""
+    found = {}
+    for item in items:
+        node, _, kind = item.partition(":")
+        kind = kind or "easy"
+        if kind not in NAT_KINDS:
+            raise PlanError(f"--nat {item}: the NAT kind is easy or hard, not {kind!r}")
+        found[node] = kind
+    return found
 
 
 def nat_inner(index: int, host: int) -> str:

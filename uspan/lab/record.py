@@ -55,11 +55,12 @@ class NodeRecord:
     name: str
     index: int
     kind: str  # "uspan" or "wireguard-go"
-    nat: bool
+    nat: str | None  # behind its own router: "easy" or "hard" (plan.NAT_KINDS); None: not
     interface: str
     namespace: str
     router: str | None = None
     proc: Proc | None = None
+    block_udp: bool = False  # its router drops every UDP datagram it would forward
     node_id: str | None = None  # wireguard-go nodes: the affiliate the agent publishes
     address: str | None = None  # wireguard-go nodes: their KubeSpan address
 

@@ -31,13 +31,15 @@ class Pair:
     endpoint: str | None = None
     network: int | None = None
     rtt_ms: float | None = None
+    path: str | None = None  # while up: "direct", "punched" or "relayed" (see path_kind)
 
 
 @dataclass
 class NodeView:
     name: str
     kind: str
-    nat: bool
+    nat: str | None  # the NAT kind in front of the node, if any
+    block_udp: bool
     running: bool
     address: str | None = None  # KubeSpan address
     public_key: str | None = None
@@ -72,7 +74,8 @@ class Snapshot:
             "discovery": {"running": self.discovery_running},
             "nodes": [asdict(v) for v in self.nodes],
             "pairs": [{"from": p.source, "to": p.target, "state": p.state,
-                       "endpoint": p.endpoint, "network": p.network, "rtt_ms": p.rtt_ms}
+                       "endpoint": p.endpoint, "network": p.network, "path": p.path,
+                       "rtt_ms": p.rtt_ms}
                       for p in self.pairs.values()],
             "pairsUp": self.up_count(),
             "pairsTotal": self.pair_count(),
@@ -128,7 +131,8 @@ async def snapshot(record: LabRecord, *, rtt: bool = False) -> Snapshot:
 
     async with trio.open_nursery() as nursery:
         for node in record.nodes:
-            view = NodeView(node.name, node.kind, node.nat, procs.alive(node.proc))
+            view = NodeView(node.name, node.kind, node.nat, node.block_udp,
+                            procs.alive(node.proc))
             snap.nodes.append(view)
             nursery.start_soon(gather, node, view)
     by_key = {v.public_key: v.name for v in snap.nodes if v.public_key}
@@ -153,9 +157,23 @@ async def snapshot(record: LabRecord, *, rtt: bool = False) -> Snapshot:
             snap.pairs[(view.name, target_name)] = Pair(
                 view.name, target_name, state, peer.endpoint,
                 plan.network_of(peer.endpoint, record.networks) if peer.endpoint else None)
+    nat = {view.name: view.nat is not None for view in snap.nodes}
+    for pair in snap.pairs.values():
+        pair.path = path_kind(pair, nat[pair.source] and nat[pair.target])
     if rtt:
         await ping_all(record, snap, count=1)
     return snap
+
+
+def path_kind(pair: Pair, both_behind_nat: bool) -> str | None:
+    """How an up pair's packets go: ``relayed`` through a relay (an endpoint
+    ``relay:HOST:PORT``), ``punched`` between two nodes that are both behind NAT (neither
+    reaches the other unless both send first), else ``direct``."""
+    if pair.state != "up":
+        return None
+    if pair.endpoint is not None and pair.endpoint.startswith("relay:"):
+        return "relayed"
+    return "punched" if both_behind_nat else "direct"
 
 
 async def ping(namespace: str, address: str, count: int = 1, timeout: float = 1.0,

@@ -95,10 +95,10 @@ def cluster_config(record: LabRecord) -> NodeConfig:
 def endpoints(record: LabRecord, node: NodeRecord) -> list[Endpoint]:
     found = []
     for k in range(record.networks):
-        seen = plan.visible(node.index, k, node.nat)
+        seen = plan.visible(node.index, k, node.nat is not None)
         found.append(Endpoint(seen.v4, plan.WG_PORT))
     for k in range(record.networks):
-        seen = plan.visible(node.index, k, node.nat)
+        seen = plan.visible(node.index, k, node.nat is not None)
         if seen.v6 is not None:
             found.append(Endpoint(seen.v6, plan.WG_PORT))
     return found
@@ -163,7 +163,7 @@ def configure_device(record: LabRecord, node: NodeRecord) -> None:
 def _reachable(record: LabRecord, node: NodeRecord, endpoint: Endpoint) -> bool:
     if plan.network_of(endpoint.host, record.networks) is None:
         return False
-    return not (node.nat and ":" in endpoint.host)
+    return not (node.nat is not None and ":" in endpoint.host)
 
 
 def reconcile(record: LabRecord, node: NodeRecord, config: NodeConfig,

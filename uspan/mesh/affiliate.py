@@ -17,6 +17,7 @@ import msgpack
 
 from uspan.mesh.config import KubeSpanConfig
 from uspan.mesh.filters import EndpointFilters
+from uspan.mesh.punch import PunchRequest
 from uspan.wg.endpoint import Endpoint
 
 FORMAT_VERSION = 1
@@ -40,6 +41,7 @@ class KubeSpanInfo:
     address: ipaddress.IPv6Address
     additional_prefixes: tuple[Network, ...] = ()
     endpoints: tuple[Endpoint, ...] = ()
+    punch: tuple[PunchRequest, ...] = ()  # hole punching (uspan.mesh.punch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +97,9 @@ def encode_affiliate(affiliate: Affiliate) -> bytes:
             "endpoints": [encode_endpoint(endpoint) for endpoint in kubespan.endpoints],
         },
     }
+    if kubespan is not None and kubespan.punch:  # only then: older members refuse the key
+        document["kubespan"]["punch"] = [
+            [r.peer_key, encode_endpoint(r.endpoint), r.seq] for r in kubespan.punch]
     data: bytes = msgpack.packb(document, use_bin_type=True)
     return data
 
@@ -134,7 +139,8 @@ def decode_affiliate(data: bytes, affiliate_id: str | None = None) -> Affiliate:
 
 
 def _kubespan(value: object) -> KubeSpanInfo:
-    info = _fields(value, "kubespan", {"key", "address", "prefixes", "endpoints"})
+    keys = {"key", "address", "prefixes", "endpoints"}
+    info = _fields(value, "kubespan", keys | {"punch"} if _has(value, "punch") else keys)
     key = info["key"]
     if not isinstance(key, bytes) or len(key) != KEY_SIZE:
         raise AffiliateDecodeError(f"kubespan.key: expected {KEY_SIZE} bytes")
@@ -157,7 +163,19 @@ def _kubespan(value: object) -> KubeSpanInfo:
         if not isinstance(item, bytes):
             raise AffiliateDecodeError("kubespan.endpoints: expected bytes")
         endpoints.append(decode_endpoint(item))
-    return KubeSpanInfo(key, address, tuple(prefixes), tuple(endpoints))
+    punch = []
+    for item in _items(info.get("punch", []), "kubespan.punch"):
+        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], bytes)
+                and len(item[0]) == KEY_SIZE and isinstance(item[1], bytes)
+                and isinstance(item[2], int) and not isinstance(item[2], bool)
+                and 0 <= item[2] < 1 << 64):
+            raise AffiliateDecodeError("kubespan.punch: expected [key, endpoint, seq] items")
+        punch.append(PunchRequest(item[0], decode_endpoint(item[1]), item[2]))
+    return KubeSpanInfo(key, address, tuple(prefixes), tuple(endpoints), tuple(punch))
+
+
+def _has(value: object, key: str) -> bool:
+    return isinstance(value, dict) and key in value
 
 
 def _fields(value: object, name: str, keys: set[str]) -> Mapping[str, object]:
@@ -218,14 +236,16 @@ def publishable_endpoints(
     port: int,
     advertise: Iterable[Endpoint],
     filters: EndpointFilters,
+    reflexive: Iterable[Endpoint] = (),
 ) -> tuple[Endpoint, ...]:
-    """The node's addresses on the KubeSpan port plus extra announced endpoints.
+    """The node's addresses on the KubeSpan port, then its reflexive endpoints (where the
+    discovery services see it: its NAT's mapping), then extra announced endpoints.
 
     Every endpoint, announced ones included, must pass the filters; duplicates are dropped
     and at most 64 kept, the discovery service's limit per affiliate.
     """
     candidates = [Endpoint(str(address), port) for address in addresses]
-    candidates.extend(endpoint.without_source() for endpoint in advertise)
+    candidates.extend(endpoint.without_source() for endpoint in (*reflexive, *advertise))
     seen: dict[Endpoint, None] = {}
     for endpoint in candidates:
         if filters.allows(ipaddress.ip_address(endpoint.host.split("%", 1)[0])):
@@ -243,6 +263,8 @@ def local_affiliate(
     public_key: bytes,
     kubespan_address: ipaddress.IPv6Address,
     additional_prefixes: Iterable[Network] = (),
+    reflexive: Iterable[Endpoint] = (),
+    punch: Iterable[PunchRequest] = (),
 ) -> Affiliate:
     """This node's affiliate: its routable addresses, and KubeSpan's part when enabled."""
     subnet = ipaddress.IPv6Network((kubespan_address, 64), strict=False)
@@ -250,7 +272,9 @@ def local_affiliate(
     if not kubespan.enabled:
         return Affiliate(node_id, hostname, nodename, node_addresses)
     endpoints = publishable_endpoints(
-        node_addresses, kubespan.port, kubespan.advertise_endpoints, kubespan.filters
+        node_addresses, kubespan.port, kubespan.advertise_endpoints, kubespan.filters,
+        reflexive,
     )
-    info = KubeSpanInfo(public_key, kubespan_address, tuple(additional_prefixes), endpoints)
+    info = KubeSpanInfo(public_key, kubespan_address, tuple(additional_prefixes), endpoints,
+                        tuple(punch)[:MAX_ITEMS])
     return Affiliate(node_id, hostname, nodename, node_addresses, info)

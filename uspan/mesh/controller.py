@@ -17,6 +17,7 @@ from uspan.mesh.affiliate import Affiliate, Network
 from uspan.mesh.config import NodeConfig
 from uspan.mesh.cycling import ObservedEndpoint, cycle, observed_endpoints
 from uspan.mesh.peerspec import AppliedPeer, PeerSpec, build_peer_specs, plan_device_change
+from uspan.mesh.punch import Puncher, PunchRequest, PunchStep
 from uspan.mesh.resources import (
     AFFILIATE,
     KUBESPAN_ENDPOINT,
@@ -67,12 +68,14 @@ class Output:
     observed: list[ObservedEndpoint]  # report each under its affiliate ID
     routes: tuple[Network, ...]  # the full set to route into the mesh
     deadline: float | None  # call ``tick`` then
+    republish: bool = False  # our affiliate changed (punch requests): publish it
 
 
 class PeerController:
     """The mesh's state between calls; every method takes ``now`` (monotonic)."""
 
-    def __init__(self, node_id: str, public_key: bytes, config: NodeConfig, store: Store) -> None:
+    def __init__(self, node_id: str, public_key: bytes, config: NodeConfig, store: Store,
+                 puncher: Puncher | None = None) -> None:
         self.node_id = node_id
         self.public_key = public_key
         self.config = config
@@ -86,6 +89,8 @@ class PeerController:
         self.probed: dict[bytes, float] = {}  # when we last asked a silent peer to answer
         self.relay_addresses = RelayAddresses(config.cluster.secret_bytes, config.cluster.id)
         self.sought: dict[bytes, float] = {}  # relayed peers: when to look for a direct path
+        self.puncher = Puncher() if puncher is None else puncher
+        self.reflexive: tuple[Endpoint, ...] = ()  # where discovery sees us (our NAT)
 
     def set_affiliates(
         self,
@@ -106,6 +111,15 @@ class PeerController:
         """New facts from the core, per peer public key (after a handshake, on a read...)."""
         self.facts.update(facts)
         return self._reconcile(now, [])
+
+    def set_reflexive(self, endpoints: Sequence[Endpoint], now: float) -> Output:
+        """Our reflexive endpoints changed (``uspan.mesh.reflexive``)."""
+        self.reflexive = tuple(endpoints)
+        return self._reconcile(now, [])
+
+    def punch_requests(self) -> tuple[PunchRequest, ...]:
+        """Our hole-punching requests, for our affiliate."""
+        return self.puncher.requests()
 
     def tick(self, now: float) -> Output:
         """The deadline passed: re-evaluate with the facts we have."""
@@ -130,6 +144,7 @@ class PeerController:
         statuses: dict[bytes, PeerStatus] = {}
         transitions: list[Transition] = []
         deadlines: list[float] = []
+        down: list[bytes] = []
         for spec in self.specs:
             key = spec.public_key
             old = self.statuses.get(key, PeerStatus(label=spec.label))
@@ -141,9 +156,16 @@ class PeerController:
                     )
             if status is not judged:  # a new endpoint: facts about the old one are stale
                 self.facts.pop(key, None)
+            if judged.state is PeerState.DOWN:
+                down.append(key)
             if deadline is not None:
                 deadlines.append(deadline)
             statuses[key] = status
+        punched = self._punch(statuses, down, now)
+        if punched.deadline is not None:
+            deadlines.append(punched.deadline)
+        if punched.punch:
+            deadlines.append(now + ATTEMPT_TIMEOUT)  # read the answer (or retries) then
         self.statuses = statuses
         self.facts = {key: facts for key, facts in self.facts.items() if key in statuses}
         kubespan = self.config.kubespan
@@ -151,6 +173,8 @@ class PeerController:
         change, self.applied = plan_device_change(
             self.specs, chosen, self.applied, self.config.cluster.secret_bytes
         )
+        for key, _ in punched.punch:  # even on the endpoint in use: both must send now
+            _ask_handshake(change, key)
         deadlines += self._probe_silent(statuses, change, now)
         deadlines += self._seek_direct(statuses, change, now)
         observed = observed_endpoints(self.specs, statuses, kubespan.harvest_extra_endpoints)
@@ -162,7 +186,29 @@ class PeerController:
             observed=observed,
             routes=routed_prefixes(self.specs, statuses, kubespan.allow_down_peer_bypass),
             deadline=min(deadlines, default=None),
+            republish=punched.republish,
         )
+
+    def _punch(self, statuses: dict[bytes, PeerStatus], down: list[bytes], now: float,
+               ) -> PunchStep:
+        """Hole punching (``uspan.mesh.punch``): peers that asked us, and that are not up,
+        are aimed at the endpoint they gave, as cycling would pick one."""
+        offers = {}
+        for affiliate in self.affiliates:
+            info = affiliate.kubespan
+            if info is None or info.public_key not in statuses:
+                continue
+            if statuses[info.public_key].state is PeerState.UP:
+                continue
+            for request in info.punch:
+                if request.peer_key == self.public_key:
+                    offers[info.public_key] = request
+        step = self.puncher.step(now, self.reflexive, down, offers)
+        for key, endpoint in step.punch:
+            self.facts.pop(key, None)
+            statuses[key] = replace(statuses[key], state=PeerState.UNKNOWN, endpoint=endpoint,
+                                    last_used_endpoint=endpoint, last_endpoint_change=now)
+        return step
 
     def _probe_silent(
         self, statuses: Mapping[bytes, PeerStatus], change: DeviceChange, now: float

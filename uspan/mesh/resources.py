@@ -104,6 +104,7 @@ DISCOVERY_STATUS = ResourceType(
         ("CONNECTED SINCE", "connectedSince"),
         ("LAST ERROR", "lastError"),
         ("IGNORED", "ignoredBlobs"),
+        ("REFLEXIVE", "reflexiveEndpoints"),
     ),
 )
 RESOURCE_TYPES = (
@@ -214,13 +215,20 @@ def discovery_status_spec(
     last_error: str | None,
     wall_offset: float,
     ignored: int = 0,
+    reflexive: Sequence[Endpoint] = (),
+    probes: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
-    """``ignored``: blobs that did not open under the cluster secret or did not parse."""
+    """``ignored``: blobs that did not open under the cluster secret or did not parse;
+    ``reflexive``: where the services see our WireGuard socket; ``probes``: the counts of
+    ``uspan.mesh.reflexive`` (sent, answered, forged, malformed)."""
     return {
         "service": service,
         "connectedSince": wall_time(connected_since, wall_offset),
         "lastError": last_error,
         "ignoredBlobs": ignored,
+        "reflexiveEndpoints": [str(endpoint) for endpoint in reflexive],
+        "probes": {key: (probes or {}).get(key, 0)
+                   for key in ("sent", "answered", "forged", "malformed")},
     }
 
 

@@ -22,7 +22,9 @@ import base64
 import ipaddress
 import logging
 import math
+import secrets
 import signal
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -36,6 +38,7 @@ from uspan.daemon import uapi_server
 from uspan.daemon.daemon import Daemon
 from uspan.discovery import client as dclient
 from uspan.discovery.proof import MemberKey
+from uspan.discovery.reflect import ANSWER_TAG
 from uspan.mesh import address as mesh_address
 from uspan.mesh.affiliate import (
     Affiliate,
@@ -47,6 +50,7 @@ from uspan.mesh.affiliate import (
 from uspan.mesh.config import (
     Action,
     ConfigError,
+    HostPort,
     KubeSpanConfig,
     NodeConfig,
     diff_configs,
@@ -55,6 +59,9 @@ from uspan.mesh.config import (
 from uspan.mesh.controller import Output, PeerController
 from uspan.mesh.cycling import ObservedEndpoint
 from uspan.mesh.identity import Identity, load_or_create
+from uspan.mesh.punch import Puncher
+from uspan.mesh.reflexive import INTERVAL as PROBE_INTERVAL
+from uspan.mesh.reflexive import ReflexiveProber
 from uspan.mesh.resources import (
     DISCOVERY_STATUS,
     DISCOVERY_STATUS_ID,
@@ -64,7 +71,7 @@ from uspan.mesh.resources import (
     discovery_status_spec,
     identity_spec,
 )
-from uspan.mesh.status import LinkFacts
+from uspan.mesh.status import LinkFacts, PeerState
 from uspan.node import api
 from uspan.node.links import read_links
 from uspan.node.metrics import registry_for
@@ -116,6 +123,9 @@ class _KubeSpan:
         self.subnet = subnet
         self.done = trio.Event()
         self.relay: RelayLink | None = None
+        self.prober: ReflexiveProber | None = None  # once the services are resolved
+        self.reflexive: tuple[Endpoint, ...] = ()  # what we publish of the prober's
+        self.probe_wake = trio.Event()
 
 
 class Node:
@@ -154,7 +164,8 @@ class Node:
             raise NodeError(f"state directory {state_dir}: {exc.strerror or exc}") from None
         listener = api.open_listener(str(state_dir / api.SOCKET_NAME))
         self.controller = PeerController(self.identity.node_id, self.identity.public_key,
-                                         self.config, self.store)
+                                         self.config, self.store,
+                                         Puncher(seq=secrets.randbits(32)))
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -244,6 +255,7 @@ class Node:
         daemon.start_soon(self._pump_peer_events, daemon)
         if ks.relay is not None:
             daemon.start_soon(ks.relay.run)
+        daemon.start_soon(self._reflexive_loop, ks)
         self._kick()
 
     async def _run_device(self, ks: _KubeSpan, *,
@@ -266,6 +278,37 @@ class Node:
             await ks.done.wait()
         else:
             ks.daemon.close()
+
+    async def _reflexive_loop(self, ks: _KubeSpan) -> None:
+        """Probe the discovery services from the WireGuard socket; publish what they see
+        (``uspan.mesh.reflexive``). Answers come through the device's demux."""
+        services: list[Endpoint] = []
+        while not services:
+            services = await _resolve(self.config.discovery.service_endpoints)
+            if not services:
+                await trio.sleep(PROBE_INTERVAL)
+        prober = ks.prober = ReflexiveProber(services)
+
+        def on_answer(data: bytes, source: Endpoint) -> None:
+            prober.answer(data, trio.current_time())
+            ks.probe_wake.set()
+
+        ks.daemon.demux.register(ANSWER_TAG, on_answer)
+        while True:
+            ks.probe_wake = trio.Event()
+            now = trio.current_time()
+            probes = prober.poll(now)
+            if probes:
+                await ks.daemon.send_datagrams(probes)
+            reflexive = prober.endpoints(now)
+            if reflexive != ks.reflexive:
+                log.info("reflexive endpoints: %s", ", ".join(map(str, reflexive)) or "none")
+                ks.reflexive = reflexive
+                self._republish.set()
+                if self.controller is not None:
+                    self._carry_out(self.controller.set_reflexive(reflexive, now))
+            with trio.move_on_at(prober.next_deadline()):
+                await ks.probe_wake.wait()
 
     def _put_identity(self) -> None:
         assert self.identity is not None
@@ -312,10 +355,13 @@ class Node:
     def _carry_out(self, output: Output) -> None:
         for warning in output.warnings:
             log.warning("%s", warning)
+        ks = self.kubespan
         for t in output.transitions:
             log.info("peer %s (%s): %s -> %s (endpoint %s)", t.label, t.peer_id,
                      t.old.value, t.new.value, t.endpoint)
-        ks = self.kubespan
+            if t.new is PeerState.DOWN and ks is not None and ks.prober is not None:
+                ks.prober.refresh(trio.current_time())  # our NAT's mapping may have changed
+                ks.probe_wake.set()
         if ks is not None:
             if output.device_change.peers:
                 deferred = self._defer_handshakes(ks, output.device_change)
@@ -333,6 +379,8 @@ class Node:
                 ks.routing.sync_routes(output.routes)
             except RoutingError as exc:
                 log.error("routing: %s", exc)
+        if output.republish:
+            self._republish.set()
         if output.observed and self.client is not None and self._nursery is not None:
             self._nursery.start_soon(self._report_observed, output.observed)
 
@@ -392,7 +440,9 @@ class Node:
             node_id=self.identity.node_id, hostname=self.options.hostname,
             nodename=self.options.hostname, addresses=self._addresses,
             kubespan=self.config.kubespan if ks else _disabled(self.config),
-            public_key=self.identity.public_key, kubespan_address=address)
+            public_key=self.identity.public_key, kubespan_address=address,
+            reflexive=ks.reflexive if ks else (),
+            punch=self.controller.punch_requests() if ks and self.controller else ())
 
     async def _discovery(self) -> None:
         """The client, its publisher and its watcher; restarted on a registry change."""
@@ -511,9 +561,13 @@ class Node:
         link = status.watch if status.watch.connected else status.requests
         offset = self.store.wall_offset
         since = None if link.connected_since is None else link.connected_since - offset
+        ks = self.kubespan
+        prober = ks.prober if ks else None
         spec = discovery_status_spec(link.endpoint if link.connected else None, since,
                                      link.last_error, offset,
-                                     status.undecryptable + self.undecodable)
+                                     status.undecryptable + self.undecodable,
+                                     ks.reflexive if ks else (),
+                                     prober.counts if prober else None)
         self.store.put(DISCOVERY_STATUS, DISCOVERY_STATUS_ID, spec, trio.current_time())
 
     async def _report_observed(self, observed: Sequence[ObservedEndpoint]) -> None:
@@ -608,6 +662,21 @@ def _link_facts(facts: PeerFacts) -> LinkFacts:
         last_received=facts.last_received,
         unanswered_data_since=facts.unanswered_data_since,
     )
+
+
+async def _resolve(services: Sequence[HostPort]) -> list[Endpoint]:
+    """The discovery services' addresses (their probe port is their port's number)."""
+    found: dict[Endpoint, None] = {}
+    for service in services:
+        try:
+            infos = await trio.socket.getaddrinfo(service.host, service.port,
+                                                  type=socket.SOCK_DGRAM)
+        except OSError as exc:
+            log.warning("discovery service %s not resolved: %s", service.host, exc)
+            continue
+        for info in infos[:1]:
+            found.setdefault(Endpoint(str(info[4][0]), service.port), None)
+    return list(found)
 
 
 def _unlink(path: Path) -> None:
