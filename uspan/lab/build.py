@@ -156,7 +156,8 @@ def discovery_endpoints(record: LabRecord) -> list[str]:
 
 
 def relay_endpoint() -> str:
-    """Where the lab's nodes meet when no direct path works (the switch, network 0)."""
+    """Where the lab's nodes meet when no direct path works (the discovery service on the
+    switch, network 0; it always relays, the nodes use it when the lab needs it)."""
     return f"{plan.v4(0, plan.SWITCH_HOST)}:{plan.RELAY_PORT}"
 
 
@@ -164,6 +165,9 @@ def _write_configs(record: LabRecord) -> None:
     text = render_config(with_kubespan=True, discovery_endpoints=discovery_endpoints(record))
     _write_private(record.dir / "cluster.yaml", text)
     base = yaml.safe_load(text)
+    # Only a node behind a hard NAT or without UDP needs the relay; the other labs keep
+    # the paths they test (direct, punched) free of it.
+    needs_relay = any(node.nat == "hard" or node.block_udp for node in record.nodes)
     for node in record.nodes:
         directory = record.node_dir(node)
         directory.mkdir(parents=True, mode=0o700, exist_ok=True)
@@ -171,7 +175,9 @@ def _write_configs(record: LabRecord) -> None:
         (record.run_dir(node) / "wireguard").mkdir(parents=True, mode=0o700, exist_ok=True)
         config = dict(base)
         config["kubespan"] = {**base["kubespan"], "interface": node.interface,
-                              "mtu": record.mtu, "relay": relay_endpoint()}
+                              "mtu": record.mtu}
+        if needs_relay:
+            config["kubespan"]["relay"] = relay_endpoint()
         _write_private(record.config_path(node), yaml.safe_dump(config, sort_keys=False))
         if node.wgo:
             wgo.private_key(record, node)
