@@ -54,6 +54,14 @@ class RelayNet:
                 router.run("iptables", "-A", "FORWARD", "-p", "udp", "-j", "DROP")
             self.namespaces.append(ns)
         self.service_log = tmp / "discovery.log"
+        self.start_service()
+        self.config: dict[str, Any] = yaml.safe_load(subprocess.run(
+            [USPAN, "gen", "config", "--with-kubespan", "--discovery-endpoint",
+             f"{SWITCH}:{DISCOVERY}"], check=True, capture_output=True, text=True).stdout)
+        self.config["kubespan"]["relay"] = f"{SWITCH}:{RELAY}"
+        self.nodes = [self._node(i, ns) for i, ns in enumerate(self.namespaces, start=1)]
+
+    def start_service(self) -> None:
         with self.service_log.open("ab") as log:
             self.service = self.switch.spawn(
                 USPAN, "discovery-service", "--listen", f"{SWITCH}:{DISCOVERY}",
@@ -61,11 +69,6 @@ class RelayNet:
                 "--log-level", "debug", stdout=log.fileno(), stderr=subprocess.STDOUT)
         self.switch.wait_listening(RELAY, timeout=20)
         self.switch.wait_listening(DISCOVERY, timeout=20)
-        self.config: dict[str, Any] = yaml.safe_load(subprocess.run(
-            [USPAN, "gen", "config", "--with-kubespan", "--discovery-endpoint",
-             f"{SWITCH}:{DISCOVERY}"], check=True, capture_output=True, text=True).stdout)
-        self.config["kubespan"]["relay"] = f"{SWITCH}:{RELAY}"
-        self.nodes = [self._node(i, ns) for i, ns in enumerate(self.namespaces, start=1)]
 
     def _node(self, index: int, ns: Namespace) -> MeshNode:
         name = f"n{index}"
@@ -184,6 +187,14 @@ def test_hard_nats_meet_through_the_relay_and_udp_blocked_falls_back_to_tcp(
 
     assert (delta("not_member"), delta("bad_frame"), delta("no_destination")) == (1, 1, 1)
     n1.ns.run("ping", "-c", "2", "-i", "0.2", "-W", "3", addresses["n2"], timeout=30)
+
+    # The relay restarts and forgets everyone: traffic that meets silence re-registers.
+    net.service.kill()
+    net.service.wait()
+    net.start_service()
+    restarted = time.monotonic()
+    n1.ns.run("ping", "-c", "1", "-w", "15", addresses["n3"], timeout=30)
+    print(f"through the restarted relay again after {time.monotonic() - restarted:.1f}s")
 
 
 def test_a_direct_path_that_opens_later_takes_over_without_a_drop(

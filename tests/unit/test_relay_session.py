@@ -45,3 +45,18 @@ def test_ignores_frames_that_are_not_for_it() -> None:
     assert client.receive(frames.encode(frames.Registered(b"bbbbbbbb", 60)), 0.0) == []
     assert client.receive(b"junk", 0.0) == []
     assert client.dropped == 3 and not client.registered(0.0)
+
+
+def test_relayed_sends_met_with_silence_register_again_at_once() -> None:
+    relay, client = Forwarder(), RelaySession(KEY, b"aaaaaaaa")
+    (hello,) = client.tick(0.0)
+    ((challenge, _),) = relay.receive(hello, "x", 0.0)
+    ((registered, _),) = relay.receive(client.receive(challenge, 0.0)[0], "x", 0.0)
+    client.receive(registered, 0.0)
+    client.sent(1.0)
+    client.delivered()  # an answer: all is well
+    assert client.tick(1.0 + session.SILENCE) == []
+    client.sent(2.0)  # the relay restarted and ignores us
+    assert client.next_deadline() == 2.0 + session.SILENCE
+    assert client.tick(2.0 + session.SILENCE - 0.1) == []
+    assert client.tick(2.0 + session.SILENCE) == [frames.encode(frames.Hello())]

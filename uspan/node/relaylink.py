@@ -91,6 +91,7 @@ class RelayLink:
                 self._pseudo.clear()
             endpoint = self._pseudo[address] = pseudo_endpoint(address, self.relay)
         self.counters["received"] += 1
+        self.session.delivered()
         return data[frames.TAG + frames.ADDRESS:], endpoint
 
     def _control(self, data: bytes, source: Endpoint) -> None:
@@ -106,6 +107,7 @@ class RelayLink:
     def _outbound(self, datagrams: list[Datagram]) -> list[Datagram]:
         out: list[Datagram] = []
         udp = self.session.transport is Transport.UDP
+        relayed = False
         for data, endpoint in datagrams:
             if not is_relayed(endpoint):
                 out.append((data, endpoint))
@@ -115,6 +117,7 @@ class RelayLink:
                 out.extend((data, direct) for direct in self.direct.get(address, ()))
             frame = frames.send_frame(address, data)
             self.counters["sent"] += 1
+            relayed = True
             if udp:
                 out.append((frame, self.relay))
             elif self._tcp is not None:
@@ -122,6 +125,9 @@ class RelayLink:
                     self._tcp.send_nowait(frame)
                 except (trio.WouldBlock, trio.BrokenResourceError):
                     self.counters["tcp_backlog"] += 1
+        if relayed and self.session.silent_since is None:
+            self.session.sent(trio.current_time())
+            self._wake.set()  # the run loop's deadline moved
         return out
 
     # Registration and transports ---------------------------------------------------------
@@ -131,6 +137,7 @@ class RelayLink:
         async with trio.open_nursery() as nursery:
             tcp_scope: trio.CancelScope | None = None
             while True:
+                self._wake = trio.Event()  # what is set from here on wakes the wait below
                 now = trio.current_time()
                 control = self.session.tick(now) + self._outbox
                 self._outbox = []
@@ -142,7 +149,6 @@ class RelayLink:
                     tcp_scope.cancel()
                     tcp_scope = None
                 await self._send_control(control)
-                self._wake = trio.Event()
                 with trio.move_on_at(self.session.next_deadline()):
                     await self._wake.wait()
 

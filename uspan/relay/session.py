@@ -7,6 +7,10 @@ refreshes also keep its NAT mapping toward the relay open. A hello unanswered fo
 is repeated; after UDP_ATTEMPTS of them the session switches transport (UDP to TCP, and
 back again if TCP does not answer either), so a node whose UDP is blocked ends up on TCP
 within about UDP_ATTEMPTS * RETRY seconds.
+
+The relay ignores frames of sources it does not know, and forgets everyone when it
+restarts; so when relayed datagrams go out and nothing comes back for SILENCE seconds,
+the node registers again at once rather than at its next refresh.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from uspan.relay.frames import FrameError
 REFRESH = 20.0
 RETRY = 1.0
 UDP_ATTEMPTS = 3
+SILENCE = 3.0  # relayed datagrams sent and nothing delivered for this long: register again
 
 
 class Transport(enum.Enum):
@@ -39,12 +44,25 @@ class RelaySession:
         self.hello_at: float | None = None
         self.unanswered = 0
         self.dropped = 0  # control frames that made no sense (wrong kind, not ours)
+        self.silent_since: float | None = None  # first relayed send since a delivery
 
     def registered(self, now: float) -> bool:
         return now < self.registered_until
 
+    def sent(self, now: float) -> None:
+        """Relayed datagrams went out."""
+        if self.silent_since is None:
+            self.silent_since = now
+
+    def delivered(self) -> None:
+        """A relayed datagram came in: the registration works."""
+        self.silent_since = None
+
     def tick(self, now: float) -> list[bytes]:
         """Frames to send to the relay now (on ``self.transport``, which this may change)."""
+        if self.silent_since is not None and now - self.silent_since >= SILENCE:
+            self.silent_since = None  # look again SILENCE after this registration
+            self.refresh_at = min(self.refresh_at, now)
         if now < self.refresh_at or (self.hello_at is not None and now - self.hello_at < RETRY):
             return []
         if self.unanswered >= UDP_ATTEMPTS:
@@ -57,6 +75,8 @@ class RelaySession:
     def next_deadline(self) -> float:
         if self.hello_at is not None:
             return self.hello_at + RETRY
+        if self.silent_since is not None:
+            return min(self.refresh_at, self.silent_since + SILENCE)
         return self.refresh_at
 
     def receive(self, data: bytes, now: float) -> list[bytes]:
