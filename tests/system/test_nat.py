@@ -5,6 +5,7 @@ forged probe answers. Through the real CLI, in namespaces of the test's own lab.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -54,29 +55,34 @@ def test_two_nodes_behind_easy_nats_punch_through_recover_and_ignore_forged_answ
     lab.ping_all()
 
     # The NATs forget every mapping while traffic flows: the pair must come back.
-    ping = subprocess.Popen(
-        [USPAN_BIN, "lab", "exec", "--root", str(lab.root), "--name", lab.name, "n1",
-         "--", "ping", "-q", "-i", "0.5", _address(lab, "n2")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = lab.root / f"{lab.name}-ping.txt"
+    with log.open("w") as out:
+        ping = subprocess.Popen(["ip", "netns", "exec", f"uspan-{lab.name}-n1", "stdbuf",
+                                 "-oL", "ping", "-D", "-n", "-i", "0.2", _address(lab, "n2")],
+                                stdout=out, stderr=subprocess.STDOUT)
     try:
         time.sleep(2)
-        flushed, flushed_wall = time.monotonic(), time.time()
+        flushed = time.time()
         for router in ("r1", "r2"):
             subprocess.run(["ip", "netns", "exec", f"uspan-{lab.name}-{router}", "conntrack",
                             "-F"], check=True, capture_output=True)
 
-        def handshake_after_flush() -> bool:
-            p = lab.pairs()
-            return all(p[k]["state"] == "up" for k in (("n1", "n2"), ("n2", "n1"))) and (
-                _latest_handshake(lab, "n1") > flushed_wall)
+        def flowing_again() -> bool:
+            replies = _replies(log.read_text())
+            return bool(replies) and replies[-1] > max(flushed, time.time() - 2)
 
-        poll(handshake_after_flush, what="n1 <-> n2 up again after conntrack -F",
+        time.sleep(3)
+        poll(flowing_again, what="n1 -> n2 pings answered again after conntrack -F",
              timeout=60, interval=0.5)
-        print(f"n1 <-> n2 handshaking again {time.monotonic() - flushed:.1f}s after the "
-              "NATs were flushed")
     finally:
         ping.terminate()
         ping.wait(10)
+    replies = _replies(log.read_text())
+    last = max(t for t in replies if t <= flushed)
+    after = [t for t in replies if t > flushed]
+    gap = max(b - a for a, b in zip([last, *after][:-1], after, strict=True))
+    print(f"n1 -> n2: the longest gap in ping replies after the NATs were flushed: {gap:.1f}s")
+    lab.wait_full(timeout=30)
     lab.ping_all()
 
     # Answers to probes n1 never sent are ignored and counted; its endpoint stays.
@@ -96,7 +102,30 @@ def _address(lab: LabCli, node: str) -> str:
     return address
 
 
-def _latest_handshake(lab: LabCli, node: str) -> int:
-    """The wall time of ``node``'s latest handshake with any peer (``wg show``)."""
-    out = lab.run("exec", node, "--", "wg", "show", "all", "latest-handshakes").stdout
-    return max(int(line.split()[-1]) for line in out.splitlines())
+def _replies(text: str) -> list[float]:
+    """The wall times of the replies in ``ping -D`` output."""
+    return [float(m) for m in re.findall(r"^\[(\d+\.\d+)\] \d+ bytes from", text, re.M)]
+
+
+def test_a_hard_nat_maps_each_destination_anew_and_a_udp_block_leaves_no_reflexive_endpoint(
+        labs: Any) -> None:  # noqa: F811  (the fixture imported above)
+    lab = labs()
+    done = lab.run("up", "--nodes", "3", "--nat", "n1:hard", "--block-udp", "n2",
+                   "--timeout", "20", check=False)
+    assert done.returncode == 1, done.stdout  # n2 can reach nobody over UDP
+    poll(lambda: bool(discovery_status(lab, "n1")["reflexiveEndpoints"]),
+         what="n1's reflexive endpoint", timeout=20, interval=0.5)
+    [reflexive] = discovery_status(lab, "n1")["reflexiveEndpoints"]
+    assert reflexive.startswith("192.0.2.1:") and reflexive != "192.0.2.1:51820"
+    pairs = lab.pairs()
+    # n1 reached n3 (it sent first); n3 sees n1 at the port n1's NAT chose for n3 alone
+    poll(lambda: lab.pairs()[("n3", "n1")]["state"] == "up", what="n3 -> n1 up",
+         timeout=40, interval=0.5)
+    seen_by_n3 = lab.pairs()[("n3", "n1")]["endpoint"]
+    assert seen_by_n3.startswith("192.0.2.1:") and seen_by_n3 != reflexive
+    blocked = discovery_status(lab, "n2")
+    assert blocked["reflexiveEndpoints"] == [] and blocked["probes"]["sent"] > 0
+    assert blocked["probes"]["answered"] == 0
+    assert all(pairs[(a, b)]["state"] != "up" for a, b in (("n2", "n1"), ("n2", "n3")))
+    label = lab.run("status", "--no-rtt").stdout
+    assert "n1 hard-nat" in label and "n2 easy-nat no-udp" in label

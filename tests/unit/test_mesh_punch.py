@@ -29,6 +29,13 @@ def test_a_down_peer_gets_a_request_once_per_interval_and_it_expires():
     assert puncher.requests() == (PunchRequest(PEER, OURS, 102),)
 
 
+def test_a_peer_that_was_up_in_between_gets_a_new_request_at_once():
+    puncher = Puncher()
+    puncher.step(0.0, [OURS], [PEER], {})
+    puncher.step(TTL, [OURS], [], {}, up=[PEER])  # punched through, then up
+    assert puncher.step(TTL + 5, [OURS], [PEER], {}).republish is True  # lost again
+
+
 def test_without_a_reflexive_endpoint_nothing_is_requested():
     puncher = Puncher()
     assert puncher.step(0.0, [], [PEER], {}).republish is False
@@ -70,3 +77,37 @@ def test_two_controllers_punch_toward_each_other_through_their_affiliates():
     # up through the hole: no more punching, even if the request is still published
     up = n0.set_facts({K1: LinkFacts(THEIRS, 11.4, 0, 11.3, 92, 148)}, 11.4)
     assert n0.statuses[K1].state is PeerState.UP and up.device_change.peers == []
+
+
+def test_a_request_from_a_peer_that_is_up_for_us_gets_a_handshake_where_it_is():
+    """It lost us (our NAT forgot its mapping), we did not lose it: our handshake from
+    behind our NAT opens the mapping again; its endpoint stays."""
+    n0, _ = started()
+    n0.set_reflexive([OURS], 0.0)
+    n0.set_affiliates(AFFILIATES[:2], {}, 0.0)
+    n0.set_facts({K1: LinkFacts(E1, 0.2, 0, 0.0, 92, 148)}, 0.2)
+    assert n0.statuses[K1].state is PeerState.UP
+    n1 = member(1, K1, E1, THEIRS)
+    n1 = replace(n1, kubespan=replace(n1.kubespan, punch=(PunchRequest(LOCAL_KEY, THEIRS, 3),)))
+    out = n0.set_affiliates([AFFILIATES[0], n1], {}, 30.0)
+    [peer] = out.device_change.peers
+    assert (peer.public_key, peer.endpoint, peer.handshake) == (K1, None, True)
+    assert n0.statuses[K1].endpoint == E1 and out.republish is True  # and it answers
+
+
+def test_asking_a_down_peer_also_aims_at_its_mapping_and_opens_our_nat():
+    n0, _ = started()
+    n0.set_reflexive([OURS], 0.0)
+    n1 = member(1, K1, E1, THEIRS)  # its own address, then its NAT's mapping
+    n0.set_affiliates([AFFILIATES[0], n1], {}, 0.0)
+    out = n0.set_facts({K1: LinkFacts(E1, None, 2, 5.1, 0, 296)}, 11.1)  # down on E1
+    assert out.republish is True and out.punched == [("h1", THEIRS)]
+    [peer] = out.device_change.peers
+    assert (peer.public_key, peer.endpoint, peer.handshake) == (K1, THEIRS, True)
+
+
+def test_not_behind_nat_no_punching():
+    n0, _ = started()  # set_reflexive never called: the node's reflexive endpoint is its own
+    n0.set_affiliates([AFFILIATES[0], member(1, K1, E1, THEIRS)], {}, 0.0)
+    out = n0.set_facts({K1: LinkFacts(E1, None, 2, 5.1, 0, 296)}, 11.1)
+    assert out.republish is False and n0.punch_requests() == () and out.punched == []

@@ -11,7 +11,7 @@ get`` are kept up to date in the ``Store`` as a side effect.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from uspan.mesh.affiliate import Affiliate, Network
 from uspan.mesh.config import NodeConfig
@@ -69,6 +69,8 @@ class Output:
     routes: tuple[Network, ...]  # the full set to route into the mesh
     deadline: float | None  # call ``tick`` then
     republish: bool = False  # our affiliate changed (punch requests): publish it
+    punched: list[tuple[str, Endpoint]] = field(default_factory=list)  # (label, at): log
+    # (a peer that is up for us gets its handshake where it is, not ``at``)
 
 
 class PeerController:
@@ -113,7 +115,8 @@ class PeerController:
         return self._reconcile(now, [])
 
     def set_reflexive(self, endpoints: Sequence[Endpoint], now: float) -> Output:
-        """Our reflexive endpoints changed (``uspan.mesh.reflexive``)."""
+        """Our reflexive endpoints changed (``uspan.mesh.reflexive``): those that are not
+        our own addresses, the mappings of a NAT in front of us (none: no punching)."""
         self.reflexive = tuple(endpoints)
         return self._reconcile(now, [])
 
@@ -187,24 +190,38 @@ class PeerController:
             routes=routed_prefixes(self.specs, statuses, kubespan.allow_down_peer_bypass),
             deadline=min(deadlines, default=None),
             republish=punched.republish,
+            punched=[(self.statuses[key].label, endpoint) for key, endpoint in punched.punch],
         )
 
     def _punch(self, statuses: dict[bytes, PeerStatus], down: list[bytes], now: float,
                ) -> PunchStep:
-        """Hole punching (``uspan.mesh.punch``): peers that asked us, and that are not up,
-        are aimed at the endpoint they gave, as cycling would pick one."""
+        """Hole punching (``uspan.mesh.punch``): a peer that asked us is aimed at the
+        endpoint it gave, as cycling would pick one, unless it is up for us: then it gets
+        a handshake where it is (it lost us, we did not lose it: our NAT may have
+        forgotten the mapping, and our handshake opens it again)."""
         offers = {}
         for affiliate in self.affiliates:
             info = affiliate.kubespan
             if info is None or info.public_key not in statuses:
                 continue
-            if statuses[info.public_key].state is PeerState.UP:
-                continue
             for request in info.punch:
                 if request.peer_key == self.public_key:
                     offers[info.public_key] = request
-        step = self.puncher.step(now, self.reflexive, down, offers)
+        up = [key for key, status in statuses.items() if status.state is PeerState.UP]
+        step = self.puncher.step(now, self.reflexive, down, offers, up)
+        aims = dict(step.punch)
+        for affiliate in self.affiliates:
+            info = affiliate.kubespan
+            if info is None or info.public_key not in step.requested:
+                continue
+            own = {str(address) for address in affiliate.addresses}
+            mapped = next((e for e in info.endpoints if e.host not in own), None)
+            if mapped is not None:
+                aims.setdefault(info.public_key, mapped)
+        step = replace(step, punch=list(aims.items()))
         for key, endpoint in step.punch:
+            if statuses[key].state is PeerState.UP:
+                continue
             self.facts.pop(key, None)
             statuses[key] = replace(statuses[key], state=PeerState.UNKNOWN, endpoint=endpoint,
                                     last_used_endpoint=endpoint, last_endpoint_change=now)

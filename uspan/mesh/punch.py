@@ -6,9 +6,12 @@ send at about the same moment, each to the other's reflexive endpoint. Cycling a
 would line the two sides up only by chance, so they agree on the moment through
 discovery, with no change to the WireGuard wire protocol:
 
-1. a node that finds a peer down, and has a reflexive endpoint, publishes a punch
-   request in its (sealed) affiliate: the peer's key, its own reflexive endpoint, a
-   sequence number; kept ``TTL`` seconds, at most one per peer every ``INTERVAL``;
+1. a node that finds a peer down, and is behind NAT (has a reflexive endpoint that is
+   not its own address), publishes a punch request in its (sealed) affiliate: the
+   peer's key, its own reflexive endpoint, a sequence number; kept ``TTL`` seconds, at
+   most one per peer every ``INTERVAL`` unless the peer was up in between; and aims the
+   peer at the peer's first published endpoint that is not one of its addresses (its
+   reflexive one), which opens our NAT toward it;
 2. the peer sees it in its watch, answers with a request of its own (if it has a
    reflexive endpoint and none toward us is active) and at once aims the peer at the
    endpoint in the request, with a handshake;
@@ -44,6 +47,7 @@ class PunchRequest:
 @dataclass(frozen=True, slots=True)
 class PunchStep:
     punch: list[tuple[bytes, Endpoint]]  # aim each peer at that endpoint, with a handshake
+    requested: list[bytes]  # peers we just asked (down): aim at their reflexive endpoint
     republish: bool  # our requests changed
     deadline: float | None  # call again then (a request expires)
 
@@ -63,8 +67,11 @@ class Puncher:
         return tuple(request for request, _ in self.active.values())
 
     def step(self, now: float, reflexive: Sequence[Endpoint], down: Iterable[bytes],
-             offers: Mapping[bytes, PunchRequest]) -> PunchStep:
-        """``down``: peers found down now; ``offers``: per peer, its request toward us."""
+             offers: Mapping[bytes, PunchRequest], up: Iterable[bytes] = ()) -> PunchStep:
+        """``down``: peers found down now; ``offers``: per peer, its request toward us;
+        ``up``: peers up now (a later failure is new: punch again at once)."""
+        for key in up:
+            self.started.pop(key, None)
         republish = False
         for key in [k for k, (_, until) in self.active.items() if until <= now]:
             del self.active[key]
@@ -77,13 +84,15 @@ class Puncher:
             punch.append((key, offer.endpoint))
             if reflexive and key not in self.active:
                 republish |= self._request(key, reflexive[0], now)
+        requested = []
         for key in down:
             if reflexive and key not in self.active and (
                     now - self.started.get(key, -math.inf) >= INTERVAL):
                 republish |= self._request(key, reflexive[0], now)
+                requested.append(key)
         self.answered = {k: v for k, v in self.answered.items() if k in offers}
         expiries = [until for _, until in self.active.values()]
-        return PunchStep(punch, republish, min(expiries, default=None))
+        return PunchStep(punch, requested, republish, min(expiries, default=None))
 
     def _request(self, key: bytes, endpoint: Endpoint, now: float) -> bool:
         self.seq += 1

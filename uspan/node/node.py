@@ -306,7 +306,9 @@ class Node:
                 ks.reflexive = reflexive
                 self._republish.set()
                 if self.controller is not None:
-                    self._carry_out(self.controller.set_reflexive(reflexive, now))
+                    own = {str(address) for address in self._addresses}
+                    mapped = [e for e in reflexive if e.host not in own]  # behind NAT
+                    self._carry_out(self.controller.set_reflexive(mapped, now))
             with trio.move_on_at(prober.next_deadline()):
                 await ks.probe_wake.wait()
 
@@ -379,6 +381,8 @@ class Node:
                 ks.routing.sync_routes(output.routes)
             except RoutingError as exc:
                 log.error("routing: %s", exc)
+        for label, endpoint in output.punched:
+            log.info("peer %s: punching, handshake toward %s", label, endpoint)
         if output.republish:
             self._republish.set()
         if output.observed and self.client is not None and self._nursery is not None:
