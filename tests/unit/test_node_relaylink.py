@@ -4,10 +4,12 @@ link turns them into relay frames and back, and a direct path takes over by roam
 
 from __future__ import annotations
 
+import pytest
 import trio
 
 from tests.unit.test_daemon_memory import Node, run
 from tests.unit.wgnet import ipv4_packet
+from uspan.daemon import daemon as daemon_module
 from uspan.daemon.memory import MemoryBind, MemoryNetwork
 from uspan.discovery.proof import MemberKey
 from uspan.node.relaylink import RelayLink
@@ -37,7 +39,19 @@ def link(node: Node) -> RelayLink:
     return relay_link
 
 
-def test_peers_meet_through_the_relay_then_roam_to_a_direct_path() -> None:
+class _WallFollowsTrio:
+    """``time`` for the daemon whose wall clock moves with MockClock, as a real one moves
+    with real time (handshake timestamps must grow between two initiations)."""
+
+    @staticmethod
+    def time() -> float:
+        return 1.7e9 + trio.current_time()
+
+
+def test_peers_meet_through_the_relay_then_roam_to_a_direct_path(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(daemon_module, "time", _WallFollowsTrio)
+
     async def main() -> None:
         network = MemoryNetwork()
         forwarder = Forwarder()

@@ -120,11 +120,8 @@ class RelayLink:
             relayed = True
             if udp:
                 out.append((frame, self.relay))
-            elif self._tcp is not None:
-                try:
-                    self._tcp.send_nowait(frame)
-                except (trio.WouldBlock, trio.BrokenResourceError):
-                    self.counters["tcp_backlog"] += 1
+            else:
+                self._to_tcp(frame)
         if relayed and self.session.silent_since is None:
             self.session.sent(trio.current_time())
             self._wake.set()  # the run loop's deadline moved
@@ -157,12 +154,18 @@ class RelayLink:
             return
         if self.session.transport is Transport.UDP:
             await self.daemon.send_datagrams([(frame, self.relay) for frame in control])
-        elif self._tcp is not None:
+        else:
             for frame in control:
-                try:
-                    self._tcp.send_nowait(frame)
-                except (trio.WouldBlock, trio.BrokenResourceError):
-                    self.counters["tcp_backlog"] += 1
+                self._to_tcp(frame)
+
+    def _to_tcp(self, frame: bytes) -> None:
+        """Queue a frame for the TCP connection; with none (yet) or a full queue, lost."""
+        try:
+            if self._tcp is None:
+                raise trio.WouldBlock
+            self._tcp.send_nowait(frame)
+        except (trio.WouldBlock, trio.BrokenResourceError):
+            self.counters["tcp_backlog"] += 1
 
     async def _tcp_connection(self, *, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
         """Connect (again after a failure) until cancelled; frames both ways."""
