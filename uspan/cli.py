@@ -101,7 +101,24 @@ def build_parser() -> argparse.ArgumentParser:
                       help="requests per second and burst per source IP (%(default)s)")
     disc.add_argument("--log-level", default="info", choices=["debug", "info", "warning"],
                       help="(%(default)s)")
+    disc.add_argument("--relay", metavar="HOST:PORT",
+                      help="also relay WireGuard datagrams for nodes no direct path reaches "
+                      "(UDP and TCP on HOST:PORT; docs/relay-protocol.md)")
     disc.set_defaults(handler=discovery_command, parser=disc)
+    relay = commands.add_parser(
+        "relay",
+        help="forward members' encrypted WireGuard datagrams when no direct path works",
+        description="Serve the relay protocol (docs/relay-protocol.md) on UDP and TCP until "
+        "SIGINT or SIGTERM. It forwards opaque datagrams between nodes that prove "
+        "membership of the same cluster, and sees nothing else.",
+    )
+    relay.add_argument("--listen", required=True, metavar="HOST:PORT",
+                       help="address for UDP and TCP, e.g. 0.0.0.0:3001")
+    relay.add_argument("--metrics", metavar="HOST:PORT",
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    relay.add_argument("--log-level", default="info", choices=["debug", "info", "warning"],
+                       help="(%(default)s)")
+    relay.set_defaults(handler=relay_command, parser=relay)
     node_cli.add_commands(commands)
     lab_cli.add_commands(commands)
     wgtool.add_command(commands)
@@ -116,6 +133,7 @@ def discovery_command(args: argparse.Namespace) -> int:
     try:
         listen = parse_listen(args.listen, "--listen")
         metrics = parse_listen(args.metrics, "--metrics") if args.metrics else None
+        relay = parse_listen(args.relay, "--relay") if args.relay else None
     except ValueError as e:
         parser.error(str(e))
     rate_text, _, burst_text = args.rate_limit.partition("/")
@@ -136,7 +154,22 @@ def discovery_command(args: argparse.Namespace) -> int:
     if args.probe_port is not None and not 0 <= args.probe_port <= 65535:
         parser.error(f"--probe-port: {args.probe_port} is not a port")
     return run(Options(listen, args.state_file, etcd, args.etcd_prefix, metrics, limits,
-                       args.probe_port))
+                       args.probe_port, relay))
+
+
+def relay_command(args: argparse.Namespace) -> int:
+    from uspan.discovery.service import parse_listen
+    from uspan.relay import service
+
+    parser: argparse.ArgumentParser = args.parser
+    try:
+        listen = parse_listen(args.listen, "--listen")
+        metrics = parse_listen(args.metrics, "--metrics") if args.metrics else None
+    except ValueError as e:
+        parser.error(str(e))
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return service.run(listen, metrics)
 
 
 def stats_command(args: argparse.Namespace) -> int:

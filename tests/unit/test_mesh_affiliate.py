@@ -91,7 +91,8 @@ def mutate(**changes: object) -> bytes:
         (mutate(id="x" * 257), "id"),
         (mutate(hostname=5), "hostname"),
         (mutate(nodename="a\nb"), "printable"),
-        (mutate(extra=1), "keys"),
+        (msgpack.packb({"v": 1, "id": "n"}), "missing"),
+        (mutate(**{f"x{i}": 0 for i in range(60)}), "keys, more than 64"),
         (mutate(addresses=[b"\x01\x02\x03"]), "addresses"),
         (mutate(addresses=[b"\x01\x02\x03\x04"] * 65), "more than 64"),
         (mutate(ks_key=b"short"), "kubespan.key"),
@@ -109,6 +110,16 @@ def mutate(**changes: object) -> bytes:
 def test_bad_data_is_a_specific_error(data: bytes, problem: str) -> None:
     with pytest.raises(AffiliateDecodeError, match=problem):
         decode_affiliate(data)
+
+
+def test_keys_from_a_newer_member_are_skipped() -> None:
+    """Like protobuf's unknown fields in KubeSpan: additions never cut members apart."""
+    newer = mutate(future="x", ks_future=[1, 2])
+    assert decode_affiliate(newer) == decode_affiliate(encode_affiliate(AFFILIATE))
+    bare = msgpack.unpackb(encode_affiliate(AFFILIATE))
+    del bare["kubespan"]["endpoints"]
+    with pytest.raises(AffiliateDecodeError, match=r"kubespan: missing \['endpoints'\]"):
+        decode_affiliate(msgpack.packb(bare))
 
 
 @given(st.binary(max_size=300))

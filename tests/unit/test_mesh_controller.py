@@ -6,7 +6,7 @@ from typing import Any
 
 from uspan.mesh.affiliate import Affiliate, KubeSpanInfo
 from uspan.mesh.config import NodeConfig, config_from_dict
-from uspan.mesh.controller import PeerController, Transition
+from uspan.mesh.controller import DIRECT_RETRY, PeerController, Transition
 from uspan.mesh.resources import (
     AFFILIATE,
     KUBESPAN_ENDPOINT,
@@ -248,3 +248,38 @@ def test_a_silent_up_peer_is_probed_with_a_handshake_and_not_declared_down() -> 
                      rx_bytes=184, tx_bytes=444, last_received=131.01)
     controller.set_facts({K1: dead}, now=166.0)
     assert controller.tick(now=172.0).transitions[0].new is DOWN
+
+
+def test_relay_is_tried_after_the_direct_endpoint_and_shows_as_relay() -> None:
+    store = Store(wall_offset=1_700_000_000.0)
+    controller = PeerController("node0", LOCAL_KEY, config(relay="192.0.2.254:3001"), store)
+    controller.set_affiliates(AFFILIATES, {}, now=0.0)
+    out = controller.set_facts({K1: LinkFacts(E1, None, 2, 5.1, 0, 296)}, now=5.1)
+    out = controller.tick(11.1)
+    (change,) = [p for p in out.device_change.peers if p.public_key == K1]
+    pseudo = change.endpoint
+    assert pseudo is not None and pseudo.host.startswith("100::") and pseudo.port == 3001
+    assert Transition(ID1, "h1", DOWN, UNKNOWN, pseudo) in out.transitions
+    # the handshake through the relay completes: up, shown as the relay, never reported
+    out = controller.set_facts({K1: LinkFacts(pseudo, 11.3, 0, 11.1, 92, 148)}, now=11.3)
+    assert Transition(ID1, "h1", UNKNOWN, UP, pseudo) in out.transitions
+    spec = store.get(KUBESPAN_PEER_STATUS, ID1).spec
+    assert (spec["state"], spec["endpoint"]) == ("up", "relay:192.0.2.254:3001")
+    assert out.observed == []
+    # every DIRECT_RETRY a handshake, which the shell also sends to the direct endpoints
+    assert not any(p.public_key == K1 for p in controller.tick(11.3 + DIRECT_RETRY - 1)
+                   .device_change.peers)
+    out = controller.tick(11.3 + DIRECT_RETRY)
+    assert PeerChange(K1, update_only=True, handshake=True) in out.device_change.peers
+    # a direct path found later (the core roamed to it) is kept and reported again
+    out = controller.set_facts({K1: LinkFacts(E1, 42.0, 0, None, 200, 300)}, now=42.0)
+    assert all(p.public_key != K1 for p in out.device_change.peers)
+    assert store.get(KUBESPAN_PEER_STATUS, ID1).spec["endpoint"] == "192.0.2.1:51820"
+    assert [o.endpoint for o in out.observed] == [E1]
+
+
+def test_every_member_derives_the_same_relay_address_for_a_peer() -> None:
+    mine, _ = started()
+    other = PeerController("node1", K1, config(), Store(wall_offset=0.0))
+    assert mine.relay_addresses.of(K2) == other.relay_addresses.of(K2)
+    assert mine.relay_addresses.of(K1) != mine.relay_addresses.of(K2)

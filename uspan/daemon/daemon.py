@@ -89,6 +89,10 @@ class Daemon:
         self.uapi = uapi
         self.device = Device() if device is None else device
         self.demux = Demux()  # the owner's handlers of uspan datagrams (probes, relay)
+        # The owner's rewrite of the core's datagrams before they are sent (the relay's
+        # pseudo-endpoints become relay frames); what it returns goes to the bind.
+        self.outbound: Callable[[list[Datagram]], list[Datagram]] | None = None
+        self.owner_stats: list[Callable[[], dict[str, int]]] = []  # more for ``stats``
         self.exit_reason = ""
         self.exit_code = 0
         self._scope = trio.CancelScope()  # stop() before run() makes run() return at once
@@ -215,7 +219,6 @@ class Daemon:
             await self._send(device.send(packets, _now()))
 
     async def _udp_loop(self, receiver: DatagramReceiver) -> None:
-        device = self.device
         while True:
             try:
                 batch = await receiver.receive()
@@ -225,23 +228,33 @@ class Daemon:
                 batch = self.demux.split(batch)
                 if not batch:
                     continue
-            to_tun, out = device.receive(batch, _now())
-            if device.admission.flag_version != self._early_drop_version:
-                self._refresh_early_drop()
-            if to_tun:
-                try:
-                    await self.tun.write(to_tun)
-                except TunGone:
-                    self.stop("interface deleted")
-                    return
-                except TunError as exc:
-                    log.error("Failed to write packets to TUN device: %s", exc)
-                    self.stop("TUN write failed", 1)
-                    return
-            await self._send(out)
+            if not await self.receive_datagrams(batch):
+                return
+
+    async def receive_datagrams(self, batch: list[Datagram]) -> bool:
+        """Hand the core datagrams as if they came from the UDP socket (the owner's, say
+        WireGuard messages a relay delivered over TCP); False once the device stopped."""
+        device = self.device
+        to_tun, out = device.receive(batch, _now())
+        if device.admission.flag_version != self._early_drop_version:
+            self._refresh_early_drop()
+        if to_tun:
+            try:
+                await self.tun.write(to_tun)
+            except TunGone:
+                self.stop("interface deleted")
+                return False
+            except TunError as exc:
+                log.error("Failed to write packets to TUN device: %s", exc)
+                self.stop("TUN write failed", 1)
+                return False
+        await self._send(out)
+        return True
 
     async def _send(self, datagrams: list[tuple[bytes, Endpoint]]) -> None:
         """Send the core's datagrams, then let the timer task see earlier deadlines."""
+        if datagrams and self.outbound is not None:
+            datagrams = self.outbound(datagrams)
         if datagrams:
             try:
                 failed = await self.bind.send(datagrams)
@@ -345,6 +358,8 @@ class Daemon:
         counters["udp_receive_dropped"] = self.bind.receive_dropped
         counters["udp_own_claimed"] = self.demux.claimed
         counters["udp_own_unclaimed"] = self.demux.unclaimed
+        for owner in self.owner_stats:
+            counters.update(owner())
         return counters
 
     def set(self, change: DeviceChange) -> None:

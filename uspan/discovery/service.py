@@ -22,6 +22,7 @@ from uspan.discovery.persist import StateError
 from uspan.discovery.reflect import ProbeResponder
 from uspan.discovery.server import Limits, Server
 from uspan.errors import expected
+from uspan.relay import service as relay_service
 
 log = logging.getLogger("uspan.discovery")
 
@@ -35,6 +36,7 @@ class Options:
     metrics: tuple[str, int] | None = None
     limits: Limits | None = None
     probe_port: int | None = None  # UDP, reflexive probes; None: the listen port, if free
+    relay: tuple[str, int] | None = None  # also run a relay there (uspan.relay)
 
 
 def parse_listen(text: str, flag: str) -> tuple[str, int]:
@@ -95,8 +97,10 @@ async def serve(options: Options) -> None:
     server = Server(make_backend(options), options.limits)
     probes = ProbeResponder()
     async with trio.open_nursery() as nursery:
+        registry = CollectorRegistry()
+        if options.relay is not None:
+            await relay_service.start(nursery, options.relay, registry)
         if options.metrics is not None:
-            registry = CollectorRegistry()
             registry.register(MetricsCollector(server, probes))
             host, _ = options.metrics
             port = await nursery.start(metrics.serve, host, options.metrics[1], registry)

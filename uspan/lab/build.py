@@ -155,10 +155,19 @@ def discovery_endpoints(record: LabRecord) -> list[str]:
             for k in range(record.networks)]
 
 
+def relay_endpoint() -> str:
+    """Where the lab's nodes meet when no direct path works (the discovery service on the
+    switch, network 0; it always relays, the nodes use it when the lab needs it)."""
+    return f"{plan.v4(0, plan.SWITCH_HOST)}:{plan.RELAY_PORT}"
+
+
 def _write_configs(record: LabRecord) -> None:
     text = render_config(with_kubespan=True, discovery_endpoints=discovery_endpoints(record))
     _write_private(record.dir / "cluster.yaml", text)
     base = yaml.safe_load(text)
+    # Only a node behind a hard NAT or without UDP needs the relay; the other labs keep
+    # the paths they test (direct, punched) free of it.
+    needs_relay = any(node.nat == "hard" or node.block_udp for node in record.nodes)
     for node in record.nodes:
         directory = record.node_dir(node)
         directory.mkdir(parents=True, mode=0o700, exist_ok=True)
@@ -167,6 +176,8 @@ def _write_configs(record: LabRecord) -> None:
         config = dict(base)
         config["kubespan"] = {**base["kubespan"], "interface": node.interface,
                               "mtu": record.mtu}
+        if needs_relay:
+            config["kubespan"]["relay"] = relay_endpoint()
         _write_private(record.config_path(node), yaml.safe_dump(config, sort_keys=False))
         if node.wgo:
             wgo.private_key(record, node)
@@ -186,7 +197,7 @@ def start_discovery(record: LabRecord) -> None:
         return
     sw = plan.namespace(record.name, "sw")
     argv = ["ip", "netns", "exec", sw, procs.uspan_program(), "discovery-service",
-            "--listen", f"0.0.0.0:{plan.DISCOVERY_PORT}"]
+            "--listen", f"0.0.0.0:{plan.DISCOVERY_PORT}", "--relay", relay_endpoint()]
     record.discovery = procs.spawn(argv, record.dir / "discovery.log")
     record.save()
 

@@ -20,6 +20,7 @@ MAX_NODES = 250  # hosts .1-.250 on every network; .254 is the switch
 MAX_NETWORKS = 8
 SWITCH_HOST = 254
 DISCOVERY_PORT = 3000
+RELAY_PORT = 3001  # the discovery service's relay (UDP and TCP), on network 0
 WG_PORT = 51820
 NAT_KINDS = {
     "easy": [],  # masquerading: one mapping (port kept when free) for every destination

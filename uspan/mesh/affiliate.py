@@ -1,9 +1,11 @@
 """The affiliate each node publishes, its byte encoding, and what endpoints it announces.
 
 The encoding is msgpack with a format version; the discovery package seals these bytes
-under the cluster secret. Decoding is strict (exact keys, types, sizes and counts), so
-anything another member could send that does not fit raises ``AffiliateDecodeError``,
-which the caller counts and ignores: one bad affiliate never disturbs the others.
+under the cluster secret. Decoding is strict about what it knows (required keys, types,
+sizes and counts), so anything another member could send that does not fit raises
+``AffiliateDecodeError``, which the caller counts and ignores: one bad affiliate never
+disturbs the others. Keys it does not know are skipped, as protobuf skips unknown fields
+in KubeSpan's own data, so a newer member's additions never cut it off from older ones.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ def encode_affiliate(affiliate: Affiliate) -> bytes:
             "endpoints": [encode_endpoint(endpoint) for endpoint in kubespan.endpoints],
         },
     }
-    if kubespan is not None and kubespan.punch:  # only then: older members refuse the key
+    if kubespan is not None and kubespan.punch:  # only then: earlier uspan refused the key
         document["kubespan"]["punch"] = [
             [r.peer_key, encode_endpoint(r.endpoint), r.seq] for r in kubespan.punch]
     data: bytes = msgpack.packb(document, use_bin_type=True)
@@ -139,8 +141,7 @@ def decode_affiliate(data: bytes, affiliate_id: str | None = None) -> Affiliate:
 
 
 def _kubespan(value: object) -> KubeSpanInfo:
-    keys = {"key", "address", "prefixes", "endpoints"}
-    info = _fields(value, "kubespan", keys | {"punch"} if _has(value, "punch") else keys)
+    info = _fields(value, "kubespan", {"key", "address", "prefixes", "endpoints"})
     key = info["key"]
     if not isinstance(key, bytes) or len(key) != KEY_SIZE:
         raise AffiliateDecodeError(f"kubespan.key: expected {KEY_SIZE} bytes")
@@ -174,17 +175,13 @@ def _kubespan(value: object) -> KubeSpanInfo:
     return KubeSpanInfo(key, address, tuple(prefixes), tuple(endpoints), tuple(punch))
 
 
-def _has(value: object, key: str) -> bool:
-    return isinstance(value, dict) and key in value
-
-
 def _fields(value: object, name: str, keys: set[str]) -> Mapping[str, object]:
     if not isinstance(value, dict):
         raise AffiliateDecodeError(f"{name}: expected a map")
-    if set(value) != keys:
-        raise AffiliateDecodeError(
-            f"{name}: keys {sorted(map(str, value))}, expected {sorted(keys)}"
-        )
+    if not keys <= set(value):
+        raise AffiliateDecodeError(f"{name}: missing {sorted(keys - set(value))}")
+    if len(value) > MAX_ITEMS:
+        raise AffiliateDecodeError(f"{name}: {len(value)} keys, more than {MAX_ITEMS}")
     return value
 
 

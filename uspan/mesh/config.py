@@ -88,6 +88,8 @@ class KubeSpanConfig:
     # None = automatic: report observed endpoints while the cluster has <= 50 peers.
     harvest_extra_endpoints: bool | None = None
     allow_down_peer_bypass: bool = True
+    # Where peers meet when no direct path works (docs/relay-protocol.md); None = no relay.
+    relay: Endpoint | None = None
 
     @property
     def filters(self) -> EndpointFilters:
@@ -260,6 +262,11 @@ def _kubespan(section: _Section) -> KubeSpanConfig:
     entries = filters.parsed("endpoints", _filter_entry)
     filters.finish()
     advertised = section.parsed("advertiseEndpoints", Endpoint.parse)
+    relay_text = section.string("relay")
+    try:
+        relay = Endpoint.parse(relay_text) if relay_text else None
+    except ValueError as exc:
+        raise ConfigError(section.at("relay"), str(exc)) from None
     config = KubeSpanConfig(
         enabled=section.boolean("enabled", False),
         interface=interface,
@@ -269,6 +276,7 @@ def _kubespan(section: _Section) -> KubeSpanConfig:
         advertise_endpoints=tuple(advertised),
         harvest_extra_endpoints=section.optional_boolean("harvestExtraEndpoints"),
         allow_down_peer_bypass=section.boolean("allowDownPeerBypass", True),
+        relay=relay,
     )
     section.finish()
     return config
@@ -340,6 +348,10 @@ kubespan:
   # harvestExtraEndpoints: true
   # Route a down peer's node addresses around the mesh rather than into it.
   allowDownPeerBypass: true
+  # A relay (IP:port, `uspan relay` or `uspan discovery-service --relay`) through which
+  # peers that no direct path reaches exchange their (encrypted) WireGuard datagrams.
+  # The same on every node of the cluster.
+  # relay: 192.0.2.254:3001
 
 discovery:
   # Publish this node and learn the others through a discovery service.
@@ -434,6 +446,7 @@ _YAML_PATHS = {
 # Changes of a running KubeSpan link, and what each needs.
 _KUBESPAN_ACTIONS = {
     "kubespan.interface": {Action.RECREATE_INTERFACE},
+    "kubespan.relay": {Action.RECREATE_INTERFACE},
     "kubespan.mtu": {Action.SET_MTU},
     "kubespan.port": {Action.REBIND_PORT, Action.REPUBLISH},
     "kubespan.filters.endpoints": {Action.REPUBLISH},

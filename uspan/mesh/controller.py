@@ -41,9 +41,12 @@ from uspan.mesh.status import (
     probe_time,
     update_status,
 )
+from uspan.relay.addressing import RelayAddresses, is_relayed, pseudo_endpoint
 from uspan.wg.config import DeviceChange, PeerChange
 from uspan.wg.constants import REKEY_TIMEOUT
 from uspan.wg.endpoint import Endpoint
+
+DIRECT_RETRY = 30.0  # seconds between looks for a direct path to a peer on the relay
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +89,8 @@ class PeerController:
         self.facts: dict[bytes, LinkFacts] = {}
         self.applied: dict[bytes, AppliedPeer] = {}
         self.probed: dict[bytes, float] = {}  # when we last asked a silent peer to answer
+        self.relay_addresses = RelayAddresses(config.cluster.secret_bytes, config.cluster.id)
+        self.sought: dict[bytes, float] = {}  # relayed peers: when to look for a direct path
         self.puncher = Puncher() if puncher is None else puncher
         self.reflexive: tuple[Endpoint, ...] = ()  # where discovery sees us (our NAT)
 
@@ -126,6 +131,7 @@ class PeerController:
     def set_config(self, config: NodeConfig, now: float) -> Output:
         """A new config was applied (KubeSpan on/off, secret, harvest, bypass...)."""
         self.config = config
+        self.relay_addresses = RelayAddresses(config.cluster.secret_bytes, config.cluster.id)
         return self._reconcile(now, self._rebuild_specs())
 
     def _rebuild_specs(self) -> list[str]:
@@ -171,12 +177,9 @@ class PeerController:
             self.specs, chosen, self.applied, self.config.cluster.secret_bytes
         )
         for key, _ in punched.punch:  # even on the endpoint in use: both must send now
-            peer = next((p for p in change.peers if p.public_key == key), None)
-            if peer is None:
-                change.peers.append(PeerChange(key, update_only=True, handshake=True))
-            else:
-                peer.handshake = True
+            _ask_handshake(change, key)
         deadlines += self._probe_silent(statuses, change, now)
+        deadlines += self._seek_direct(statuses, change, now)
         observed = observed_endpoints(self.specs, statuses, kubespan.harvest_extra_endpoints)
         self._publish(now, observed)
         return Output(
@@ -239,16 +242,41 @@ class PeerController:
             elif now - self.probed.get(key, -REKEY_TIMEOUT) >= REKEY_TIMEOUT:
                 self.probed[key] = now
                 deadlines.append(now + ATTEMPT_TIMEOUT)  # read the answer (or retries) then
-                peer = next((p for p in change.peers if p.public_key == key), None)
-                if peer is None:
-                    change.peers.append(PeerChange(key, update_only=True, handshake=True))
-                else:
-                    peer.handshake = True
+                _ask_handshake(change, key)
         return deadlines
 
-    @staticmethod
+    def _seek_direct(
+        self, statuses: Mapping[bytes, PeerStatus], change: DeviceChange, now: float
+    ) -> list[float]:
+        """Every DIRECT_RETRY, start a handshake with each peer that is up through the
+        relay: the shell sends its initiation to the peer's direct endpoints too, so a
+        direct path that works again takes over (the cores roam to it)."""
+        deadlines = []
+        self.sought = {key: t for key, t in self.sought.items() if key in statuses}
+        for key, status in statuses.items():
+            if status.state is not PeerState.UP or status.endpoint is None or not is_relayed(
+                    status.endpoint):
+                self.sought.pop(key, None)
+                continue
+            due = self.sought.setdefault(key, now + DIRECT_RETRY)
+            if due <= now:
+                _ask_handshake(change, key)
+                due = self.sought[key] = now + DIRECT_RETRY
+            deadlines.append(due)
+        return deadlines
+
+    def candidates(self, spec: PeerSpec) -> tuple[Endpoint, ...]:
+        """The endpoints cycling tries for a peer: its own, then (when the cluster has a
+        relay) the relay's pseudo-endpoint for it, so the relay is tried once every
+        direct endpoint has failed, and direct ones again if the relay fails too."""
+        relay = self.config.kubespan.relay
+        if relay is None:
+            return spec.endpoints
+        address = self.relay_addresses.of(spec.public_key)
+        return (*spec.endpoints, pseudo_endpoint(address, relay))
+
     def _evaluate(
-        spec: PeerSpec, old: PeerStatus, facts: LinkFacts | None, now: float
+        self, spec: PeerSpec, old: PeerStatus, facts: LinkFacts | None, now: float
     ) -> tuple[PeerStatus, PeerStatus, float | None]:
         """One peer: the status the facts give, then after cycling, and the next deadline.
 
@@ -258,7 +286,7 @@ class PeerController:
         if facts is None:
             facts = _no_news(old)
         update = update_status(old, facts, now, label=spec.label)
-        picked = cycle(update.status, spec.endpoints, now)
+        picked = cycle(update.status, self.candidates(spec), now)
         if picked is None:
             return update.status, update.status, update.deadline
         # the shell restarts the attempt count on the new endpoint when it applies it
@@ -268,11 +296,21 @@ class PeerController:
     def _publish(self, now: float, observed: list[ObservedEndpoint]) -> None:
         store, offset = self.store, self.store.wall_offset
         store.replace_all(KUBESPAN_PEER_SPEC, {s.id: peer_spec_spec(s) for s in self.specs}, now)
+        relay = self.config.kubespan.relay
         statuses = {
-            spec.id: peer_status_spec(self.statuses[spec.public_key], offset) for spec in self.specs
+            spec.id: peer_status_spec(self.statuses[spec.public_key], offset, relay)
+            for spec in self.specs
         }
         store.replace_all(KUBESPAN_PEER_STATUS, statuses, now)
         store.replace_all(KUBESPAN_ENDPOINT, {o.peer_id: endpoint_spec(o) for o in observed}, now)
+
+
+def _ask_handshake(change: DeviceChange, key: bytes) -> None:
+    peer = next((p for p in change.peers if p.public_key == key), None)
+    if peer is None:
+        change.peers.append(PeerChange(key, update_only=True, handshake=True))
+    else:
+        peer.handshake = True
 
 
 def _no_news(status: PeerStatus) -> LinkFacts:

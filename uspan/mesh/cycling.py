@@ -12,7 +12,8 @@ Observed endpoints: for every peer that is up, the endpoint its packets really c
 is reported to discovery under that peer's affiliate ID, so members that cannot reach its
 announced addresses can try it. Talos leaves this off because the load grows with the
 square of the cluster; uspan reports by default while the cluster has at most 50 peers,
-and ``kubespan.harvestExtraEndpoints`` forces it on or off.
+and ``kubespan.harvestExtraEndpoints`` forces it on or off. A relay's pseudo-endpoint
+(``uspan.relay.addressing``) is never reported: it means nothing to anyone else.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass, replace
 
 from uspan.mesh.peerspec import PeerSpec
 from uspan.mesh.status import PeerState, PeerStatus
+from uspan.relay.addressing import is_relayed
 from uspan.wg.endpoint import Endpoint
 
 HARVEST_PEER_LIMIT = 50
@@ -78,7 +80,8 @@ def observed_endpoints(
     reports = []
     for spec in specs:
         status = statuses.get(spec.public_key)
-        if status is not None and status.state is PeerState.UP and status.endpoint is not None:
+        if (status is not None and status.state is PeerState.UP and status.endpoint is not None
+                and not is_relayed(status.endpoint)):
             reports.append(
                 ObservedEndpoint(spec.id, spec.affiliate_id, status.endpoint.without_source())
             )

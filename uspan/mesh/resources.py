@@ -30,6 +30,7 @@ from uspan.mesh.cycling import ObservedEndpoint
 from uspan.mesh.identity import Identity
 from uspan.mesh.peerspec import PeerSpec
 from uspan.mesh.status import PeerStatus
+from uspan.relay.addressing import describe
 from uspan.wg.endpoint import Endpoint
 
 REDACTED = "(redacted)"
@@ -142,10 +143,6 @@ def _b64(key: bytes) -> str:
     return base64.b64encode(key).decode()
 
 
-def _text(value: Endpoint | None) -> str | None:
-    return None if value is None else str(value.without_source())
-
-
 def identity_spec(
     identity: Identity, address: ipaddress.IPv6Address, subnet: ipaddress.IPv6Network
 ) -> dict[str, Any]:
@@ -166,15 +163,17 @@ def peer_spec_spec(spec: PeerSpec) -> dict[str, Any]:
     }
 
 
-def peer_status_spec(status: PeerStatus, wall_offset: float) -> dict[str, Any]:
+def peer_status_spec(status: PeerStatus, wall_offset: float,
+                     relay: Endpoint | None = None) -> dict[str, Any]:
+    """``relay``: the node's relay, so a relayed endpoint shows as ``relay:HOST:PORT``."""
     return {
         "label": status.label,
-        "endpoint": _text(status.endpoint),
+        "endpoint": describe(status.endpoint, relay),
         "state": status.state.value,
         "receiveBytes": status.rx_bytes,
         "transmitBytes": status.tx_bytes,
         "lastHandshakeTime": wall_time(status.last_handshake, wall_offset),
-        "lastUsedEndpoint": _text(status.last_used_endpoint),
+        "lastUsedEndpoint": describe(status.last_used_endpoint, relay),
         "lastEndpointChange": wall_time(status.last_endpoint_change, wall_offset),
     }
 

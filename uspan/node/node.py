@@ -37,6 +37,7 @@ from uspan import signals as stop_signals
 from uspan.daemon import uapi_server
 from uspan.daemon.daemon import Daemon
 from uspan.discovery import client as dclient
+from uspan.discovery.proof import MemberKey
 from uspan.discovery.reflect import ANSWER_TAG
 from uspan.mesh import address as mesh_address
 from uspan.mesh.affiliate import (
@@ -74,6 +75,7 @@ from uspan.mesh.status import LinkFacts, PeerState
 from uspan.node import api
 from uspan.node.links import read_links
 from uspan.node.metrics import registry_for
+from uspan.node.relaylink import RelayLink
 from uspan.node.routing import DEFAULT_FWMARK, DEFAULT_TABLE, MeshRouting, RoutingError
 from uspan.wg.config import ConfigError as DeviceConfigError
 from uspan.wg.config import DeviceChange, PeerChange
@@ -120,6 +122,7 @@ class _KubeSpan:
         self.address = address
         self.subnet = subnet
         self.done = trio.Event()
+        self.relay: RelayLink | None = None
         self.prober: ReflexiveProber | None = None  # once the services are resolved
         self.reflexive: tuple[Endpoint, ...] = ()  # what we publish of the prober's
         self.probe_wake = trio.Event()
@@ -243,8 +246,17 @@ class Node:
             daemon.close()
             raise NodeError(str(exc)) from None
         self.kubespan = ks
+        if kubespan.relay is not None:
+            assert self.controller is not None
+            ks.relay = RelayLink(
+                daemon, kubespan.relay,
+                MemberKey(self.config.cluster.secret_bytes, self.config.cluster.id),
+                self.controller.relay_addresses.of(self.identity.public_key), self.options.fwmark)
+            ks.relay.install()
         await self._nursery.start(self._run_device, ks)
         daemon.start_soon(self._pump_peer_events, daemon)
+        if ks.relay is not None:
+            daemon.start_soon(ks.relay.run)
         daemon.start_soon(self._reflexive_loop, ks)
         self._kick()
 
@@ -363,6 +375,10 @@ class Node:
                     log.error("peer configuration refused by the device: %s", exc)
                 if deferred and self._nursery is not None:
                     self._nursery.start_soon(self._apply_later, ks, deferred)
+            if ks.relay is not None and self.controller is not None:
+                addresses = self.controller.relay_addresses
+                ks.relay.direct = {addresses.of(spec.public_key): spec.endpoints
+                                   for spec in self.controller.specs}
             try:
                 ks.routing.sync_routes(output.routes)
             except RoutingError as exc:

@@ -1,0 +1,158 @@
+"""The relay's state, sans-IO: who is registered where, and where each frame goes.
+
+A client registers by signing the relay's nonce with its cluster's membership key
+(``uspan.discovery.proof.MemberKey``, derived from the cluster secret). Its public key is
+the namespace: a frame is forwarded only to an address registered under the same key, so
+nodes of different clusters (or of one cluster ID with another secret) never reach each
+other, and the relay never needs the secret or even the cluster ID.
+
+Nonces are stateless: ``epoch || HMAC(relay secret, epoch || source)``, valid for the
+current and the previous epoch. A REGISTER recorded elsewhere fails (other source); one
+replayed from the same source just repeats the same registration. So unauthenticated
+traffic costs no memory, and a HELLO (padded to the challenge's size) cannot amplify.
+
+Sources are what the shell chooses: ``(ip, port)`` for UDP, a connection
+number for TCP. Every call takes ``now``; what the relay should send comes back as
+``(frame bytes, destination source)``; everything dropped is counted by reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+from collections import Counter
+from dataclasses import dataclass
+
+from uspan.discovery.proof import ProofError, verify
+from uspan.relay import frames
+from uspan.relay.frames import FrameError
+
+Source = tuple[str, int] | int  # UDP (ip, port), or a TCP connection's number
+Out = list[tuple[bytes, Source]]
+EPOCH = 30.0  # seconds a nonce is fresh for (two epochs at most)
+LIFETIME = 60  # seconds a registration lasts; clients refresh it every 20
+MAX_SESSIONS = 65536
+MAX_PER_KEY = 1024  # registrations per cluster key, as discovery's affiliates
+_EPOCH = struct.Struct(">Q")
+
+# Drop reasons (the ``reason`` label of the relay's drop counter).
+BAD_FRAME = "bad_frame"  # not a relay frame, or a kind clients do not send
+BAD_NONCE = "bad_nonce"  # a REGISTER whose nonce is stale or not for this source
+BAD_PROOF = "bad_proof"  # a REGISTER whose signature does not verify
+NOT_MEMBER = "not_member"  # a SEND from a source with no live registration
+NO_DESTINATION = "no_destination"  # nobody of the sender's cluster has that address
+LIMIT = "limit"  # a registration over MAX_SESSIONS / MAX_PER_KEY
+
+
+@dataclass(slots=True)
+class Session:
+    key: bytes
+    address: bytes
+    expires: float
+
+
+class Forwarder:
+    """Registrations by source and by (key, address); counters for the metrics."""
+
+    def __init__(self, secret: bytes | None = None) -> None:
+        self._secret = os.urandom(32) if secret is None else secret
+        self.sessions: dict[Source, Session] = {}
+        self._by_address: dict[tuple[bytes, bytes], Source] = {}
+        self._per_key: Counter[bytes] = Counter()
+        self.dropped: Counter[str] = Counter()
+        self.forwarded = 0
+        self.forwarded_bytes = 0
+        self.registrations = 0
+
+    def receive(self, data: bytes, source: Source, now: float) -> Out:
+        """One frame from ``source``: what to send, and to whom."""
+        if data[:frames.TAG] == frames.SEND:  # the data path first, without an object
+            return self._forward(data, source, now)
+        try:
+            frame = frames.decode(data)
+        except FrameError:
+            self.dropped[BAD_FRAME] += 1
+            return []
+        if isinstance(frame, frames.Hello):
+            return [(frames.encode(frames.Challenge(self._nonce(source, now))), source)]
+        if isinstance(frame, frames.Register):
+            return self._register(frame, source, now)
+        self.dropped[BAD_FRAME] += 1
+        return []
+
+    def forget(self, source: Source) -> None:
+        """The source is gone (a TCP connection closed): its registration with it."""
+        session = self.sessions.pop(source, None)
+        if session is None:
+            return
+        slot = (session.key, session.address)
+        if self._by_address.get(slot) == source:
+            del self._by_address[slot]
+        self._per_key[session.key] -= 1
+        if self._per_key[session.key] <= 0:
+            del self._per_key[session.key]
+
+    def expire(self, now: float) -> None:
+        """Drop registrations that were not refreshed in time."""
+        for source in [s for s, session in self.sessions.items() if session.expires <= now]:
+            self.forget(source)
+
+    def _forward(self, data: bytes, source: Source, now: float) -> Out:
+        session = self.sessions.get(source)
+        if session is None or session.expires <= now:
+            self.dropped[NOT_MEMBER] += 1
+            return []
+        if len(data) <= frames.TAG + frames.ADDRESS:
+            self.dropped[BAD_FRAME] += 1
+            return []
+        target = self._by_address.get((session.key, data[frames.TAG:frames.TAG + frames.ADDRESS]))
+        if target is None or self.sessions[target].expires <= now:
+            self.dropped[NO_DESTINATION] += 1
+            return []
+        payload = data[frames.TAG + frames.ADDRESS:]
+        self.forwarded += 1
+        self.forwarded_bytes += len(payload)
+        return [(frames.DELIVER + session.address + payload, target)]
+
+    def _register(self, frame: frames.Register, source: Source, now: float) -> Out:
+        epoch_bytes = frame.nonce[:_EPOCH.size]
+        (epoch,) = _EPOCH.unpack(epoch_bytes)
+        current = int(now // EPOCH)
+        if epoch not in (current, current - 1) or not hmac.compare_digest(
+                frame.nonce, self._nonce_at(epoch, source)):
+            self.dropped[BAD_NONCE] += 1
+            return []
+        try:
+            verify(frame.key, frames.signed_message(frame.nonce, frame.key, frame.address),
+                   frame.signature)
+        except ProofError:
+            self.dropped[BAD_PROOF] += 1
+            return []
+        old = self.sessions.get(source)
+        same = old is not None and (old.key, old.address) == (frame.key, frame.address)
+        if not same and (len(self.sessions) >= MAX_SESSIONS
+                         or self._per_key[frame.key] >= MAX_PER_KEY):
+            self.dropped[LIMIT] += 1
+            return []
+        if not same:
+            self.forget(source)
+            slot = (frame.key, frame.address)
+            previous = self._by_address.get(slot)
+            if previous is not None:  # the node moved (new NAT mapping, new connection)
+                self.forget(previous)
+            self._by_address[slot] = source
+            self._per_key[frame.key] += 1
+            self.sessions[source] = Session(frame.key, frame.address, 0.0)
+        self.sessions[source].expires = now + LIFETIME
+        self.registrations += 1
+        return [(frames.encode(frames.Registered(frame.address, LIFETIME)), source)]
+
+    def _nonce(self, source: Source, now: float) -> bytes:
+        return self._nonce_at(int(now // EPOCH), source)
+
+    def _nonce_at(self, epoch: int, source: Source) -> bytes:
+        prefix = _EPOCH.pack(epoch)
+        mac = hmac.new(self._secret, prefix + repr(source).encode(), hashlib.sha256).digest()
+        return prefix + mac[:frames.NONCE - len(prefix)]
