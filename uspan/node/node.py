@@ -113,6 +113,17 @@ class _KubeSpan:
         self.address = address
         self.subnet = subnet
         self.done = trio.Event()
+        # Peer changes for the device, applied in order by _apply_changes, in slices: a
+        # change for a thousand peers never stalls the tunnels to the others.
+        self.changes, self._pending = trio.open_memory_channel[DeviceChange](math.inf)
+
+    async def apply_changes(self) -> None:
+        async with self._pending:
+            async for change in self._pending:
+                try:
+                    await self.daemon.configure(change)
+                except DeviceConfigError as exc:
+                    log.error("peer configuration refused by the device: %s", exc)
 
 
 class Node:
@@ -232,6 +243,7 @@ class Node:
         self.kubespan = ks
         await self._nursery.start(self._run_device, ks)
         daemon.start_soon(self._pump_peer_events, daemon)
+        daemon.start_soon(ks.apply_changes)
         self._kick()
 
     async def _run_device(self, ks: _KubeSpan, *,
@@ -307,10 +319,7 @@ class Node:
         if ks is not None:
             if output.device_change.peers:
                 deferred = self._defer_handshakes(ks, output.device_change)
-                try:
-                    ks.daemon.set(output.device_change)
-                except DeviceConfigError as exc:
-                    log.error("peer configuration refused by the device: %s", exc)
+                ks.changes.send_nowait(output.device_change)
                 if deferred and self._nursery is not None:
                     self._nursery.start_soon(self._apply_later, ks, deferred)
             try:
@@ -357,10 +366,7 @@ class Node:
         wanted = [c for c in changes if not c.handshake or (
             c.public_key in now and now[c.public_key].handshakes == before.get(c.public_key))]
         if wanted:
-            try:
-                ks.daemon.set(DeviceChange(peers=wanted))  # update_only: gone ones skip
-            except DeviceConfigError as exc:
-                log.error("peer configuration refused by the device: %s", exc)
+            ks.changes.send_nowait(DeviceChange(peers=wanted))  # update_only: gone ones skip
 
     # Discovery ---------------------------------------------------------------------------
 
