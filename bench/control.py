@@ -58,14 +58,18 @@ def uapi(wg: WireGuard, request: bytes, timeout: float = 300.0) -> tuple[str, fl
         sock.settimeout(timeout)
         sock.connect(str(wg.socket))
         start = time.monotonic()
-        sock.sendall(request)
         reply = bytearray()
-        while not reply.endswith(b"\n\n"):
-            data = sock.recv(1 << 20)
-            if not data:
-                break
-            reply += data
-        return reply.decode(errors="replace"), time.monotonic() - start
+        try:
+            sock.sendall(request)
+            while not reply.endswith(b"\n\n"):
+                data = sock.recv(1 << 20)
+                if not data:
+                    break
+                reply += data
+        except (BrokenPipeError, ConnectionResetError):  # closed while we wrote: refused
+            with contextlib.suppress(OSError):
+                reply += sock.recv(1 << 16)
+        return reply.decode(errors="replace") or "closed", time.monotonic() - start
 
 
 def errno_of(reply: str) -> int | None:
@@ -194,7 +198,7 @@ def case_removes(bed_: Bed, scale: float) -> Result:
     with Pinger(bed_.a) as pinger:
         reply, took = uapi(bed_.wa, bulk_set(peer, prefixes(n, n), prefixes(n)))
     code = errno_of(reply)
-    return {"set s": took if code == 0 else f"refused ({code})", **pinger.summary()}
+    return {"set s": took if code == 0 else f"refused ({code or 'closed'})", **pinger.summary()}
 
 
 def case_set(bed_: Bed, count: int, *, tool: bool = False) -> Result:

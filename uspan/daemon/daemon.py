@@ -37,7 +37,7 @@ import trio
 
 from uspan.daemon import uapi_server
 from uspan.daemon.ports import BindPort, DatagramReceiver, TunError, TunGone, TunPort
-from uspan.daemon.slices import Slices
+from uspan.daemon.slices import Slices, collector_paused
 from uspan.daemon.tun import Tun
 from uspan.daemon.udp import UdpBind
 from uspan.wg.config import ConfigError, DeviceChange
@@ -328,11 +328,12 @@ class Daemon:
         """
         async with self.config_lock:
             slices, steps = Slices(), self._set_steps(change)
-            try:
-                for _ in steps:
-                    await slices.pause()
-            finally:
-                steps.close()  # cancelled: the old sockets stay
+            with collector_paused():
+                try:
+                    for _ in steps:
+                        await slices.pause()
+                finally:
+                    steps.close()  # cancelled: the old sockets stay
 
     def _set_steps(self, change: DeviceChange) -> Generator[None, None, None]:
         """Bind a new port first, then apply the change to the device in steps."""

@@ -25,7 +25,7 @@ from typing import Protocol
 import trio
 
 from uspan import unixsocket
-from uspan.daemon.slices import Slices
+from uspan.daemon.slices import Slices, collector_paused
 from uspan.wg.config import ConfigError, DeviceChange
 from uspan.wg.uapi import SetParser, format_errno
 
@@ -188,34 +188,39 @@ async def _get(reader: _Reader, stream: trio.abc.Stream, target: ConfigTarget,
 async def _set(reader: _Reader, target: ConfigTarget) -> tuple[str, bool]:
     """Parse the body as it arrives, then apply it whole. A refusal is sent only once
     the whole request is read, so the client never writes into a closed socket."""
-    parser: SetParser | None = SetParser()
-    failure: ConfigError | None = None
-    slices = Slices()
-    try:
-        async for lines in reader.body_lines():
+    with collector_paused():
+        parser: SetParser | None = SetParser()
+        change: DeviceChange | None = None
+        failure: ConfigError | None = None
+        slices = Slices()
+        try:
+            async for lines in reader.body_lines():
+                if parser is None:
+                    continue  # refused: read on to the end of the request
+                try:
+                    for start in range(0, len(lines), _PARSE_STEP):
+                        for line in lines[start:start + _PARSE_STEP]:
+                            parser.feed(line)
+                        await slices.pause()
+                except ConfigError as exc:
+                    failure, parser = exc, None
+        except EOFError:
+            log.error("UAPI: set request cut short (no blank line): nothing applied")
+            return format_errno(errno.EIO), False
+        try:
             if parser is None:
-                continue  # refused: read on to the end of the request
-            try:
-                for start in range(0, len(lines), _PARSE_STEP):
-                    for line in lines[start:start + _PARSE_STEP]:
-                        parser.feed(line)
-                    await slices.pause()
-            except ConfigError as exc:
-                failure, parser = exc, None
-    except EOFError:
-        log.error("UAPI: set request cut short (no blank line): nothing applied")
-        return format_errno(errno.EIO), False
-    try:
-        if parser is None:
-            assert failure is not None
-            raise failure
-        await target.configure(parser.finish())
-    except ConfigError as exc:
-        log.error("UAPI: set failed: %s", exc)
-        return format_errno(exc.errno), True
-    except Exception as exc:  # a bug must not take the daemon down with it
-        log.error("UAPI: set failed unexpectedly: %s: %s", type(exc).__name__, exc)
-        return format_errno(errno.ENOANO), True
+                assert failure is not None
+                raise failure
+            change, parser = parser.finish(), None
+            await target.configure(change)
+        except ConfigError as exc:
+            log.error("UAPI: set failed: %s", exc)
+            return format_errno(exc.errno), True
+        except Exception as exc:  # a bug must not take the daemon down with it
+            log.error("UAPI: set failed unexpectedly: %s: %s", type(exc).__name__, exc)
+            return format_errno(errno.ENOANO), True
+        finally:
+            change = parser = None  # freed before the collector is back
     return format_errno(0), True
 
 

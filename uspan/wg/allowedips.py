@@ -4,17 +4,22 @@ Each (family, prefix length) present has one dict from the prefix's network bits
 (the address int shifted right past the host bits) to its value. A lookup probes
 these dicts from the longest length to the shortest, so it costs one dict probe per
 distinct prefix length present in that family, whatever the number of prefixes.
-Values are compared by identity, as peers are.
+Values are compared by identity, as peers are. Each owner's prefixes are kept as plain
+ints (family, length and bits in one), never as ``ipaddress`` objects: a million prefixes
+then cost no objects the garbage collector must walk, and ``texts`` renders them for
+``get=1`` without building any.
 """
 
+import ipaddress
+import socket
 from typing import Generic, TypeVar
 
 from uspan.wg.config import Network
 
 T = TypeVar("T")
 
-# (family version, prefix length, network bits): identifies one stored prefix.
-_Key = tuple[int, int, int]
+# bits << 9 | prefix length << 1 | (1 for IPv6): identifies one stored prefix.
+_Key = int
 
 
 class AllowedIPs(Generic[T]):
@@ -28,7 +33,7 @@ class AllowedIPs(Generic[T]):
         self._v4: list[tuple[int, dict[int, T]]] = []
         self._v6: list[tuple[int, dict[int, T]]] = []
         # id(value) -> (value, its prefixes in insertion order).
-        self._owned: dict[int, tuple[T, dict[_Key, Network]]] = {}
+        self._owned: dict[int, tuple[T, dict[_Key, None]]] = {}
 
     def __len__(self) -> int:
         return sum(len(table) for table in self._tables.values())
@@ -38,7 +43,7 @@ class AllowedIPs(Generic[T]):
         if value is None:
             raise ValueError(f"allowed IP {network} needs a value, not None")
         key = _key(network)
-        version, length, bits = key
+        version, length, bits = network.version, network.prefixlen, key >> 9
         table = self._tables.get((version, length))
         if table is None:
             table = self._tables[(version, length)] = {}
@@ -52,12 +57,12 @@ class AllowedIPs(Generic[T]):
         owner = self._owned.get(id(value))
         if owner is None:
             owner = self._owned[id(value)] = (value, {})
-        owner[1][key] = network
+        owner[1][key] = None
 
     def remove(self, network: Network, value: T) -> bool:
         """Remove ``network`` if ``value`` owns it; return whether it did."""
         key = _key(network)
-        version, length, bits = key
+        version, length, bits = network.version, network.prefixlen, key >> 9
         table = self._tables.get((version, length))
         if table is None or table.get(bits) is not value:
             return False
@@ -74,7 +79,8 @@ class AllowedIPs(Generic[T]):
         if owner is None:
             return
         emptied: set[int] = set()
-        for version, length, bits in owner[1]:
+        for key in owner[1]:
+            version, length, bits = _split(key)
             table = self._tables[(version, length)]
             del table[bits]
             if not table:
@@ -102,7 +108,12 @@ class AllowedIPs(Generic[T]):
     def networks(self, value: T) -> list[Network]:
         """The prefixes owned by ``value``, in the order they were given to it."""
         owner = self._owned.get(id(value))
-        return [] if owner is None else list(owner[1].values())
+        return [] if owner is None else [_network(key) for key in owner[1]]
+
+    def texts(self, value: T) -> list[str]:
+        """``networks(value)`` as text (``10.0.0.0/8``), the way ``get=1`` reports them."""
+        owner = self._owned.get(id(value))
+        return [] if owner is None else [_text(key) for key in owner[1]]
 
     def _disown(self, value: T, key: _Key) -> None:
         prefixes = self._owned[id(value)][1]
@@ -126,4 +137,26 @@ class AllowedIPs(Generic[T]):
 def _key(network: Network) -> _Key:
     length = network.prefixlen
     bits = int(network.network_address) >> (network.max_prefixlen - length)
-    return network.version, length, bits
+    return bits << 9 | length << 1 | (network.version == 6)
+
+
+def _split(key: _Key) -> tuple[int, int, int]:
+    """(version, length, bits) of a key."""
+    return 6 if key & 1 else 4, key >> 1 & 0xFF, key >> 9
+
+
+def _network(key: _Key) -> Network:
+    version, length, bits = _split(key)
+    if version == 4:
+        return ipaddress.IPv4Network((bits << (32 - length), length))
+    return ipaddress.IPv6Network((bits << (128 - length), length))
+
+
+def _text(key: _Key) -> str:
+    version, length, bits = _split(key)
+    if version == 4:
+        address = socket.inet_ntop(socket.AF_INET, (bits << (32 - length)).to_bytes(4, "big"))
+    else:
+        address = socket.inet_ntop(socket.AF_INET6,
+                                   (bits << (128 - length)).to_bytes(16, "big"))
+    return f"{address}/{length}"

@@ -64,7 +64,7 @@ class PeerInfo:
     rx_bytes: int
     tx_bytes: int
     persistent_keepalive: int
-    allowed_ips: list[Network]
+    allowed_ips: list[str]  # as get=1 reports them: "10.0.0.0/24"
 
 
 @dataclass(slots=True)

@@ -247,7 +247,7 @@ class Device:
                 rx_bytes=peer.rx_bytes,
                 tx_bytes=peer.tx_bytes,
                 persistent_keepalive=peer.persistent_keepalive,
-                allowed_ips=self.allowed_ips.networks(peer),
+                allowed_ips=self.allowed_ips.texts(peer),
             )
             for peer in self.peers.values()
         ]
