@@ -122,7 +122,12 @@ def test_sigint_right_at_start_is_clean(lab: Lab, ns: Namespace) -> None:
                         env={**os.environ, "LOG_LEVEL": "error"})
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=20)
+        try:
+            _, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+            pytest.fail(f"SIGINT {delay} s after start was lost: {err.decode(errors='replace')}")
         text = (err or b"").decode(errors="replace")
         if _before_catch(text):
             continue  # Python's own start-up, before any of our code: the one window left
