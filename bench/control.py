@@ -272,13 +272,8 @@ def case_sigterm(bed_: Bed, scale: float) -> Result:
 
 def case_many_peers(bed_: Bed, scale: float, seconds: float) -> Result:
     count = int(20_000 * scale)
-    lines = []
-    for i in range(count):
-        lines.append(f"public_key={os.urandom(32).hex()}\n"
-                     f"endpoint=198.18.{i >> 8 & 255}.{i & 255}:51820\n"
-                     f"persistent_keepalive_interval=25\nallowed_ip=10.200.{i >> 8 & 255}."
-                     f"{i & 255}/32\n")
-    reply, took = uapi(bed_.wa, ("set=1\n" + "".join(lines) + "\n").encode())
+    request = silent_peers(count, lambda i: f"allowed_ip=10.200.{i >> 8 & 255}.{i & 255}/32\n")
+    reply, took = uapi(bed_.wa, request)
     if errno_of(reply) != 0:
         raise BenchError(f"setting {count} peers: {reply.strip()}")
     time.sleep(5)  # first keepalives and handshakes go out
@@ -387,34 +382,27 @@ def case_sigint_start(lab: Lab, program: str) -> Result:
     tries = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2)
     ns = lab.namespace("s")
     for delay in tries:
-        name = lab.interface_name()
-        env = {**os.environ, "LOG_LEVEL": "error"}
-        proc = ns.spawn(program, "-f", name, stderr=subprocess.PIPE, env=env)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGINT)
-        try:
-            _, err = proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            unclean += 1
-            continue
-        if b"Traceback" in (err or b"") or b"panic" in (err or b""):
+        code, err = lab.interrupt_at_start(ns, program, delay)
+        if code is None or "Traceback" in err or "panic" in err:
             unclean += 1
     return {"unclean of 8": unclean}
+
+
+def silent_peers(count: int, extra: Callable[[int], str]) -> bytes:
+    """A set of ``count`` new peers with keepalive 25 and endpoints that never answer."""
+    lines = [f"public_key={os.urandom(32).hex()}\n"
+             f"endpoint=198.18.{i >> 8 & 255}.{i & 255}:51820\n"
+             f"persistent_keepalive_interval=25\n{extra(i)}" for i in range(count)]
+    return ("set=1\n" + "".join(lines) + "\n").encode()
 
 
 def case_mesh_change(bed_: Bed, scale: float) -> Result:
     """A change for 1,000 new peers as the node applies it from discovery (endpoint,
     preshared key, keepalive 25, a /128), while traffic flows to the existing peer."""
-    count = int(1000 * scale)
-    lines = []
-    for i in range(count):
-        lines.append(f"public_key={os.urandom(32).hex()}\npreshared_key={os.urandom(32).hex()}\n"
-                     f"endpoint=198.18.{i >> 8 & 255}.{i & 255}:51820\n"
-                     f"persistent_keepalive_interval=25\n"
-                     f"allowed_ip=fd00:78::{i:x}/128\n")
+    request = silent_peers(int(1000 * scale), lambda i: (
+        f"preshared_key={os.urandom(32).hex()}\nallowed_ip=fd00:78::{i:x}/128\n"))
     with Pinger(bed_.a) as pinger:
-        reply, took = uapi(bed_.wa, ("set=1\n" + "".join(lines) + "\n").encode())
+        reply, took = uapi(bed_.wa, request)
         time.sleep(2)
     return {"set s": took if errno_of(reply) == 0 else f"errno {errno_of(reply)}",
             **pinger.summary()}

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from tests.system.test_daemon import PROGRAM, gone, start, uapi
-from uspan.testbed import UAPI_DIR, Lab, Namespace, genkey, poll
+from uspan.testbed import Lab, Namespace, genkey, poll
 
 pytestmark = pytest.mark.system
 
@@ -117,23 +117,12 @@ def test_out_of_file_descriptors_is_one_log_line_and_the_daemon_goes_on(
 def test_sigint_right_at_start_is_clean(lab: Lab, ns: Namespace) -> None:
     assert PROGRAM
     for delay in (0.0, 0.01, 0.03, 0.06, 0.1, 0.15, 0.25, 0.4):
-        name = lab.interface_name()
-        proc = ns.spawn(PROGRAM, "-f", name, stderr=subprocess.PIPE,
-                        env={**os.environ, "LOG_LEVEL": "error"})
-        time.sleep(delay)
-        proc.send_signal(signal.SIGINT)
-        try:
-            _, err = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, err = proc.communicate()
-            pytest.fail(f"SIGINT {delay} s after start was lost: {err.decode(errors='replace')}")
-        text = (err or b"").decode(errors="replace")
+        code, text = lab.interrupt_at_start(ns, PROGRAM, delay, timeout=20)
+        assert code is not None, f"SIGINT {delay} s after start was lost: {text}"
         if _before_catch(text):
             continue  # Python's own start-up, before any of our code: the one window left
         assert "Traceback" not in text, (delay, text)
-        assert proc.returncode in (0, -signal.SIGINT), (delay, proc.returncode, text)
-        assert not (UAPI_DIR / f"{name}.sock").exists()
+        assert code in (0, -signal.SIGINT), (delay, code, text)
 
 
 def _before_catch(stderr: str) -> bool:

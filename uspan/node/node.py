@@ -19,6 +19,7 @@ the client re-syncs from a fresh snapshot when a service answers again.
 from __future__ import annotations
 
 import base64
+import contextlib
 import ipaddress
 import logging
 import math
@@ -115,7 +116,12 @@ class _KubeSpan:
         self.done = trio.Event()
         # Peer changes for the device, applied in order by _apply_changes, in slices: a
         # change for a thousand peers never stalls the tunnels to the others.
-        self.changes, self._pending = trio.open_memory_channel[DeviceChange](math.inf)
+        self._changes, self._pending = trio.open_memory_channel[DeviceChange](math.inf)
+
+    def submit(self, change: DeviceChange) -> None:
+        """Queue a change for apply_changes (dropped if the device has stopped)."""
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            self._changes.send_nowait(change)
 
     async def apply_changes(self) -> None:
         async with self._pending:
@@ -319,7 +325,7 @@ class Node:
         if ks is not None:
             if output.device_change.peers:
                 deferred = self._defer_handshakes(ks, output.device_change)
-                ks.changes.send_nowait(output.device_change)
+                ks.submit(output.device_change)
                 if deferred and self._nursery is not None:
                     self._nursery.start_soon(self._apply_later, ks, deferred)
             try:
@@ -366,7 +372,7 @@ class Node:
         wanted = [c for c in changes if not c.handshake or (
             c.public_key in now and now[c.public_key].handshakes == before.get(c.public_key))]
         if wanted:
-            ks.changes.send_nowait(DeviceChange(peers=wanted))  # update_only: gone ones skip
+            ks.submit(DeviceChange(peers=wanted))  # update_only: gone ones skip
 
     # Discovery ---------------------------------------------------------------------------
 
