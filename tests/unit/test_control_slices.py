@@ -21,7 +21,7 @@ from uspan.daemon.memory import MemoryNetwork, MemoryTun
 from uspan.daemon.uapi_server import handle
 from uspan.wg.config import DeviceChange, PeerChange
 from uspan.wg.crypto import clamp, public_key
-from uspan.wg.device import TICK_BUDGET, Device
+from uspan.wg.device import APPLY_STEP, TICK_BUDGET, Device
 from uspan.wg.endpoint import Endpoint
 from uspan.wg.uapi import parse_set
 
@@ -65,6 +65,22 @@ def test_removal_lines_keep_their_net_effect() -> None:
                             "allowed_ip=10.2.0.0/16"]), 0.0)
     device.apply(change, 0.0)
     assert device.info().peers[0].allowed_ips == ["10.2.0.0/16", "10.0.0.0/8"]
+
+
+def test_replacing_and_removing_many_prefixes_goes_in_steps() -> None:
+    device = Device(rng=bytes)
+    nets = [ipaddress.ip_network(f"10.{i >> 8}.{i & 255}.0/24") for i in range(3 * APPLY_STEP)]
+    device.apply(DeviceChange(peers=[PeerChange(PEER, allowed_ips=nets)]), 0.0)
+    replace = DeviceChange(peers=[PeerChange(PEER, replace_allowed_ips=True,
+                                             allowed_ips=nets[-1:])])
+    assert len(list(device.apply_steps(replace, 0.0, []))) >= 3
+    assert device.info().peers[0].allowed_ips == [str(nets[-1])]
+    assert len(device.allowed_ips) == 1
+    device.apply(DeviceChange(peers=[PeerChange(PEER, allowed_ips=nets)]), 0.0)
+    remove = DeviceChange(peers=[PeerChange(PEER, remove=True)])
+    assert len(list(device.apply_steps(remove, 0.0, []))) >= 3
+    assert len(device.allowed_ips) == 0 and not device.peers
+    assert device.allowed_ips.lookup(bytes([10, 0, 0, 1])) is None
 
 
 # Slices: a real Daemon on in-memory ports ----------------------------------------------------

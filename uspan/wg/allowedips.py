@@ -11,6 +11,7 @@ then cost no objects the garbage collector must walk, and ``texts`` renders them
 """
 
 import ipaddress
+import itertools
 import socket
 from typing import Generic, TypeVar
 
@@ -73,13 +74,17 @@ class AllowedIPs(Generic[T]):
         self._disown(value, key)
         return True
 
-    def remove_value(self, value: T) -> None:
-        """Remove every prefix owned by ``value``."""
-        owner = self._owned.pop(id(value), None)
+    def remove_value(self, value: T, limit: int | None = None) -> bool:
+        """Remove the prefixes owned by ``value``, at most ``limit`` of them (oldest
+        first; None: all); return whether it still owns any."""
+        owner = self._owned.get(id(value))
         if owner is None:
-            return
+            return False
+        prefixes = owner[1]
+        keys = list(prefixes if limit is None else itertools.islice(prefixes, limit))
         emptied: set[int] = set()
-        for key in owner[1]:
+        for key in keys:
+            del prefixes[key]
             version, length, bits = _split(key)
             table = self._tables[(version, length)]
             del table[bits]
@@ -88,6 +93,10 @@ class AllowedIPs(Generic[T]):
                 emptied.add(version)
         for version in emptied:
             self._reindex(version)
+        if prefixes:
+            return True
+        del self._owned[id(value)]
+        return False
 
     def lookup(self, address: bytes) -> T | None:
         """Return the owner of the longest prefix holding a raw 4- or 16-byte address."""

@@ -157,8 +157,7 @@ class Device:
             self.fwmark = change.fwmark
         if change.replace_peers:
             for peer in list(self.peers.values()):
-                self._remove_peer(peer)
-                yield
+                yield from self._remove_peer_steps(peer)
         for peer_change in change.peers:
             yield from self._apply_peer(peer_change, now, out)
 
@@ -203,7 +202,7 @@ class Device:
         peer = self.peers.get(change.public_key)
         if change.remove:
             if peer is not None:
-                self._remove_peer(peer)
+                yield from self._remove_peer_steps(peer)
             yield
             return
         if peer is None:
@@ -218,7 +217,8 @@ class Device:
             peer.endpoint = change.endpoint
         allowed = self.allowed_ips
         if change.replace_allowed_ips:
-            yield from _steps(allowed.networks(peer), lambda network: allowed.remove(network, peer))
+            while allowed.remove_value(peer, APPLY_STEP):
+                yield
         yield from _steps(change.allowed_ips, lambda network: allowed.insert(network, peer))
         yield from _steps(change.remove_allowed_ips,
                           lambda network: allowed.remove(network, peer))
@@ -226,6 +226,13 @@ class Device:
             peer.set_persistent_keepalive(change.persistent_keepalive, now, out)
         if change.handshake:
             peer.initiate_now(now, out)
+        yield
+
+    def _remove_peer_steps(self, peer: Peer) -> Iterator[None]:
+        """``_remove_peer`` with its allowed IPs removed a step at a time first."""
+        while self.allowed_ips.remove_value(peer, APPLY_STEP):
+            yield
+        self._remove_peer(peer)
         yield
 
     def _remove_peer(self, peer: Peer) -> None:
