@@ -147,6 +147,40 @@ def test_a_huge_set_runs_in_slices_and_gets_see_it_whole_or_not_at_all() -> None
     trio.run(main)
 
 
+def test_a_huge_get_is_sent_in_slices() -> None:
+    count = 60_000
+
+    async def main() -> None:
+        daemon = memory_daemon()
+        daemon.set(DeviceChange(peers=[PeerChange(PEER, allowed_ips=[
+            ipaddress.ip_network(line.partition("=")[2]) for line in prefix_lines(count)])]))
+        gaps: list[float] = []
+        done = trio.Event()
+
+        async def ticker() -> None:
+            last = time.perf_counter()
+            while not done.is_set():
+                await trio.sleep(0.001)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        async with daemon.running(), trio.open_nursery() as nursery:
+            nursery.start_soon(ticker)
+            await trio.sleep(0.01)
+            client, server = trio.testing.memory_stream_pair()
+            nursery.start_soon(handle, server, daemon)
+            start = time.perf_counter()
+            reply = await ask(client, b"get=1\n\n")
+            took = time.perf_counter() - start
+            done.set()
+            await client.aclose()
+        assert reply.count(b"allowed_ip=") == count
+        assert max(gaps) < took / 4, (max(gaps), took)
+
+    trio.run(main)
+
+
 def test_a_refused_set_is_answered_only_after_the_whole_request() -> None:
     # A bad first line, then more than the old 64 MiB cap: the client must be able to
     # write all of it (wg dies of SIGPIPE otherwise), then read one clear refusal.

@@ -10,10 +10,13 @@ then cost no objects the garbage collector must walk, and ``texts`` renders them
 ``get=1`` without building any.
 """
 
+from __future__ import annotations
+
 import ipaddress
 import itertools
 import socket
-from typing import Generic, TypeVar
+from collections.abc import Sequence
+from typing import Generic, TypeVar, overload
 
 from uspan.wg.config import Network
 
@@ -119,10 +122,11 @@ class AllowedIPs(Generic[T]):
         owner = self._owned.get(id(value))
         return [] if owner is None else [_network(key) for key in owner[1]]
 
-    def texts(self, value: T) -> list[str]:
-        """``networks(value)`` as text (``10.0.0.0/8``), the way ``get=1`` reports them."""
+    def texts(self, value: T) -> PrefixTexts:
+        """A snapshot of ``networks(value)`` as text (``10.0.0.0/8``, as ``get=1``
+        reports them), rendered only as it is read."""
         owner = self._owned.get(id(value))
-        return [] if owner is None else [_text(key) for key in owner[1]]
+        return PrefixTexts([] if owner is None else list(owner[1]))
 
     def _disown(self, value: T, key: _Key) -> None:
         prefixes = self._owned[id(value)][1]
@@ -141,6 +145,36 @@ class AllowedIPs(Generic[T]):
             self._v4 = chain
         else:
             self._v6 = chain
+
+
+class PrefixTexts(Sequence[str]):
+    """Prefixes as text, from a snapshot of their keys: a ``get`` of a million prefixes
+    renders each piece just before it is sent, not all of them at once."""
+
+    __slots__ = ("_keys",)
+
+    def __init__(self, keys: list[_Key]) -> None:
+        self._keys = keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        if isinstance(index, slice):
+            return [_text(key) for key in self._keys[index]]
+        return _text(self._keys[index])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"PrefixTexts({list(self)!r})"
 
 
 def _key(network: Network) -> _Key:
