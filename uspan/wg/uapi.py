@@ -183,6 +183,7 @@ def get_pieces(info: DeviceInfo) -> Iterator[str]:
         out.append(f"listen_port={info.listen_port}\n")
     if info.fwmark:
         out.append(f"fwmark={info.fwmark}\n")
+    lines = 0
     for peer in info.peers:
         seconds, nanoseconds = _split_time(peer.last_handshake_wall)
         endpoint = "" if peer.endpoint is None else f"endpoint={peer.endpoint}\n"
@@ -195,15 +196,16 @@ def get_pieces(info: DeviceInfo) -> Iterator[str]:
             f"tx_bytes={peer.tx_bytes}\n"
             f"rx_bytes={peer.rx_bytes}\n"
             f"persistent_keepalive_interval={peer.persistent_keepalive}\n")
+        lines += 8
         networks = peer.allowed_ips
         for start in range(0, len(networks), GET_PIECE_LINES):
-            out.append("".join(f"allowed_ip={prefix}\n"
-                               for prefix in networks[start:start + GET_PIECE_LINES]))
-            yield "".join(out)
-            out.clear()
-        if len(out) >= GET_PIECE_LINES:
-            yield "".join(out)
-            out.clear()
+            chunk = networks[start:start + GET_PIECE_LINES]
+            out.append("".join(f"allowed_ip={prefix}\n" for prefix in chunk))
+            lines += len(chunk)
+            if lines >= GET_PIECE_LINES:
+                yield "".join(out)
+                out.clear()
+                lines = 0
     out.append("errno=0\n\n")
     yield "".join(out)
 
