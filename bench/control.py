@@ -260,7 +260,7 @@ def case_show_loop(bed_: Bed, scale: float, seconds: float) -> Result:
 def case_sigterm(bed_: Bed, scale: float) -> Result:
     request = bulk_set(hexkey(genkey().public), prefixes(int(1_000_000 * scale)))
     thread, _ = in_background(lambda: uapi(bed_.wa, request, timeout=60))
-    time.sleep(0.5)
+    time.sleep(2.0)  # the request is sent and being parsed or applied
     start = time.monotonic()
     os.kill(bed_.wa.process.pid, signal.SIGTERM)
     while bed_.wa.process.alive() and time.monotonic() - start < 60:
