@@ -92,6 +92,16 @@ def memory_daemon() -> Daemon:
     return daemon
 
 
+async def ticker(done: trio.Event, gaps: list[float]) -> None:
+    """Stands for the data path: wants to run every 1 ms; records how long it waited."""
+    last = time.perf_counter()
+    while not done.is_set():
+        await trio.sleep(0.001)
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now
+
+
 async def ask(stream: trio.abc.Stream, request: bytes) -> bytes:
     await stream.send_all(request)
     reply = bytearray()
@@ -112,14 +122,6 @@ def test_a_huge_set_runs_in_slices_and_gets_see_it_whole_or_not_at_all() -> None
         seen: set[int] = set()
         done = trio.Event()
 
-        async def ticker() -> None:  # stands for the data path: wants to run every 1 ms
-            last = time.perf_counter()
-            while not done.is_set():
-                await trio.sleep(0.001)
-                now = time.perf_counter()
-                gaps.append(now - last)
-                last = now
-
         async def getter() -> None:
             client, server = trio.testing.memory_stream_pair()
             async with trio.open_nursery() as nursery:
@@ -130,7 +132,7 @@ def test_a_huge_set_runs_in_slices_and_gets_see_it_whole_or_not_at_all() -> None
                 await client.aclose()
 
         async with daemon.running(), trio.open_nursery() as nursery:
-            nursery.start_soon(ticker)
+            nursery.start_soon(ticker, done, gaps)
             nursery.start_soon(getter)
             client, server = trio.testing.memory_stream_pair()
             nursery.start_soon(handle, server, daemon)
@@ -156,17 +158,8 @@ def test_a_huge_get_is_sent_in_slices() -> None:
             ipaddress.ip_network(line.partition("=")[2]) for line in prefix_lines(count)])]))
         gaps: list[float] = []
         done = trio.Event()
-
-        async def ticker() -> None:
-            last = time.perf_counter()
-            while not done.is_set():
-                await trio.sleep(0.001)
-                now = time.perf_counter()
-                gaps.append(now - last)
-                last = now
-
         async with daemon.running(), trio.open_nursery() as nursery:
-            nursery.start_soon(ticker)
+            nursery.start_soon(ticker, done, gaps)
             await trio.sleep(0.01)
             client, server = trio.testing.memory_stream_pair()
             nursery.start_soon(handle, server, daemon)
