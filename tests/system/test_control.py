@@ -119,18 +119,8 @@ def test_sigint_right_at_start_is_clean(lab: Lab, ns: Namespace) -> None:
     for delay in (0.0, 0.01, 0.03, 0.06, 0.1, 0.15, 0.25, 0.4):
         code, text = lab.interrupt_at_start(ns, PROGRAM, delay, timeout=20)
         assert code is not None, f"SIGINT {delay} s after start was lost: {text}"
-        if _before_catch(text):
+        if lab.interrupted_before_handler(text):
             continue  # Python's own start-up, before any of our code: the one window left
         assert "Traceback" not in text, (delay, text)
         assert code in (0, -signal.SIGINT), (delay, code, text)
 
-
-def _before_catch(stderr: str) -> bool:
-    """A KeyboardInterrupt raised before ``uspan.signals.catch()`` ran: in Python's start-up
-    or the entry point's first imports (milliseconds on a quiet machine)."""
-    if "init_import_site" in stderr:
-        return True
-    frames = [line for line in stderr.splitlines() if line.strip().startswith("File ")]
-    ours = [line for line in frames if "uspan" in line and "<frozen" not in line]
-    return "KeyboardInterrupt" in stderr and all(
-        "bin/uspan-wg" in line or "launch.py" in line for line in ours)

@@ -181,6 +181,18 @@ class Lab:
             return None, (err or b"").decode(errors="replace")
         return proc.returncode, (err or b"").decode(errors="replace")
 
+    @staticmethod
+    def interrupted_before_handler(stderr: str) -> bool:
+        """Whether a KeyboardInterrupt came before the program's own handler existed: in
+        Python's start-up or the entry point's first imports (where no program can help)."""
+        if "init_import_site" in stderr:
+            return True
+        frames = [line for line in stderr.splitlines() if line.strip().startswith("File ")]
+        ours = [line for line in frames if "uspan" in line and "<frozen" not in line]
+        return "KeyboardInterrupt" in stderr and all(
+            "bin/uspan-wg" in line or "launch.py" in line or "<string>" in line
+            for line in ours)
+
     def adopt_wireguard(
         self, ns: Namespace, name: str, program: str, keys: WgKeys, timeout: float = 5.0
     ) -> WireGuard:
