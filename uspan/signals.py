@@ -7,16 +7,16 @@ process and leave its socket files behind. So ``catch()`` runs first thing in ``
 trio, takes over from it and returns at once if one came early. A handler, not a
 blocked mask: threads that libraries start at import (OpenBLAS's) would not inherit
 the mask, and the kernel delivers a process signal to any thread that does not block it.
-After ``first()`` the recording handler is back, so a second signal during cleanup
-changes nothing: the process exits the way the first one asked.
+This module imports nothing heavy, so an entry point can ``catch()`` before it imports the
+program (imports take a few hundred milliseconds on a busy machine; see
+``uspan.daemon.launch``). After ``first()`` the recording handler is back, so a second
+signal during cleanup changes nothing: the process exits the way the first one asked.
 """
 
 from __future__ import annotations
 
 import signal
 from types import FrameType
-
-import trio
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _early: list[int] = []
@@ -34,6 +34,8 @@ def catch() -> None:
 
 async def first() -> signal.Signals:
     """The first stop signal, including one that arrived before trio was running."""
+    import trio  # here, not above: catch() must be importable before anything heavy
+
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         if _early:
             return signal.Signals(_early[0])

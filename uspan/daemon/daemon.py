@@ -12,8 +12,9 @@ the caller's nursery::
         ...
         daemon.stop("done")
 
-or ``async with daemon.running(): ...``. Configure it with ``set(DeviceChange)``, the
-call the UAPI makes too; read ``peer_facts()`` and wait with ``wait_peer_events``.
+or ``async with daemon.running(): ...``. Configure it with ``configure(DeviceChange)``,
+the call the UAPI makes too (``set`` before it runs); read ``peer_facts()`` and wait with
+``wait_peer_events``.
 
 ``run`` returns when ``stop`` is called, the interface is deleted or the UAPI socket file
 is removed; it closes every port it was given. Signals belong to the program (see
@@ -29,7 +30,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from typing import Any
 
 import trio
@@ -38,6 +39,7 @@ from uspan import privilege
 from uspan.daemon import uapi_server
 from uspan.daemon.demux import Datagram, Demux
 from uspan.daemon.ports import BindPort, DatagramReceiver, TunError, TunGone, TunPort
+from uspan.daemon.slices import Slices, collector_paused
 from uspan.daemon.tun import Tun
 from uspan.daemon.udp import UdpBind
 from uspan.wg.admission import SAMPLE_WINDOW
@@ -46,11 +48,10 @@ from uspan.wg.device import Device
 from uspan.wg.drops import Drop
 from uspan.wg.endpoint import Endpoint
 from uspan.wg.facts import PeerFacts
-from uspan.wg.uapi import format_get
+from uspan.wg.uapi import format_get, get_pieces
 
 log = logging.getLogger("uspan.daemon")
 WATCH_INTERVAL = 1.0  # seconds between checks of the UAPI socket file and the MTU
-_MIN_TIMER_SLEEP = 0.001  # never spin if a deadline stays in the past after tick
 _LEVELS = {"verbose": logging.DEBUG, "debug": logging.DEBUG, "error": logging.ERROR}
 
 
@@ -104,6 +105,7 @@ class Daemon:
         self._peer_event = trio.Event()
         self._early_drop_version = 0  # the admission flags the bind's filter reflects
         self._early_drop_failed = False  # said once in the log
+        self.config_lock = trio.Lock()  # one configuration (or get snapshot) at a time
         self.device.mtu = tun.mtu
         self.device.listen_port = bind.port
 
@@ -295,7 +297,7 @@ class Daemon:
             await self._send(self.device.tick(now))
             after = self.device.next_deadline()
             if after is not None and after <= now:
-                await trio.sleep(_MIN_TIMER_SLEEP)
+                await trio.sleep(0)  # more is due (tick is bounded): let packets go first
 
     # Watchers ----------------------------------------------------------------------------
 
@@ -350,6 +352,11 @@ class Daemon:
     def get(self) -> str:
         return format_get(self.device.info())
 
+    async def get_pieces(self) -> Iterator[str]:
+        """The ``get=1`` reply in pieces, of a snapshot taken between configurations."""
+        async with self.config_lock:
+            return get_pieces(self.device.info())
+
     def stats(self) -> dict[str, int]:
         counters = {f"drop_{drop.value}": self.device.counters[drop] for drop in Drop}
         counters["tun_read_dropped"] = self.tun.read_dropped
@@ -363,10 +370,31 @@ class Daemon:
         return counters
 
     def set(self, change: DeviceChange) -> None:
-        """Apply atomically: bind a new port first; on any failure change nothing.
+        """Apply atomically at once (before ``run``, or a change known to be small); on
+        any failure change nothing. While running, prefer ``configure``."""
+        for _ in self._set_steps(change):
+            pass
 
-        The one way to configure the device: the UAPI calls it, and so does an owner.
+    async def configure(self, change: DeviceChange) -> None:
+        """Apply atomically, in slices that let the tunnel run (``uspan.daemon.slices``).
+
+        The one way to configure a running device: the UAPI calls it, and so does an
+        owner. Configurations and ``get_pieces`` snapshots take turns (``config_lock``),
+        so none sees another half applied. Validation comes before any change: a
+        ConfigError changes nothing. Cancelled midway (the daemon is stopping), the
+        device keeps part of the change, but it is not serving any more.
         """
+        async with self.config_lock:
+            slices, steps = Slices(), self._set_steps(change)
+            with collector_paused():
+                try:
+                    for _ in steps:
+                        await slices.pause()
+                finally:
+                    steps.close()  # cancelled: the old sockets stay
+
+    def _set_steps(self, change: DeviceChange) -> Generator[None, None, None]:
+        """Bind a new port first, then apply the change to the device in steps."""
         old_mark = self.bind.fwmark
         mark = old_mark if change.fwmark is None else change.fwmark
         new_bind = None
@@ -389,9 +417,10 @@ class Daemon:
                     privilege.net_admin_hint(exc.errno, "a firewall mark")),
                     errno.EADDRINUSE) from None  # wireguard-go's errno for both
             log.debug("UAPI: Updating fwmark")
+        out: list[tuple[bytes, Endpoint]] = []
         try:
-            out = self.device.apply(change, _now())
-        except Exception:  # ConfigError, or a bug: either way keep the old sockets
+            yield from self.device.apply_steps(change, _now(), out)
+        except BaseException:  # ConfigError, a bug or a cancellation: keep the old sockets
             if new_bind is not None:
                 new_bind.close()
             elif mark != old_mark:

@@ -2,7 +2,10 @@
 
 Each connection may carry several requests, like wireguard-go: ``get=1`` followed by a
 blank line, or ``set=1`` followed by ``key=value`` lines and a blank line. A ``set`` is
-parsed whole and then applied atomically; every request gets ``errno=<n>`` back.
+parsed as it arrives (any size: nothing buffers the request) and then applied atomically;
+every request gets ``errno=<n>`` back, a refusal only after the whole request was read.
+Parsing, applying and sending a ``get`` run in slices (``uspan.daemon.slices``), so the
+tunnel and other clients never wait long for one big request.
 
 uspan adds ``stats=1`` (then a blank line): the device's own counters as ``name=value``
 lines (drops by reason, TUN and UDP errors), which ``uspan stats IFACE`` prints.
@@ -13,19 +16,26 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import socket
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Protocol
 
 import trio
 
 from uspan import privilege, unixsocket, userpaths
+from uspan.daemon.slices import Slices, collector_paused
 from uspan.wg.config import ConfigError, DeviceChange
-from uspan.wg.uapi import format_errno, parse_set
+from uspan.wg.uapi import SetParser, format_errno
 
-MAX_REQUEST = 64 << 20  # bytes; 130,000 allowed_ip lines are about 3.5 MiB
+MAX_LINE = 1 << 16  # bytes; requests are streamed, so only a line needs a bound
 _RECEIVE_SIZE = 1 << 16
+_PARSE_STEP = 64  # lines between looks at the slice clock
+_ACCEPT_CAPACITY = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_ACCEPT_RETRY = 0.1  # seconds
+_LOG_EVERY = 10.0  # seconds between log lines of one recurring condition
 log = logging.getLogger("uspan.daemon")
 
 
@@ -36,10 +46,10 @@ class UapiError(OSError):
 class ConfigTarget(Protocol):
     """What the server configures: the daemon."""
 
-    def get(self) -> str:
-        """The full ``get=1`` reply."""
+    async def get_pieces(self) -> Iterable[str]:
+        """The ``get=1`` reply, in pieces (of a consistent snapshot)."""
 
-    def set(self, change: DeviceChange) -> None:
+    async def configure(self, change: DeviceChange) -> None:
         """Apply atomically; raise ConfigError (with .errno) and change nothing."""
 
     def stats(self) -> dict[str, int]:
@@ -113,13 +123,28 @@ def _identity(path: str) -> tuple[int, int] | None:
 
 
 async def serve(listener: socket.socket, target: ConfigTarget) -> None:
-    """Accept connections forever, one task each."""
-    trio_listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
+    """Accept connections forever, one task each.
 
-    async def connection(stream: trio.SocketStream) -> None:
-        await handle(stream, target)
-
-    await trio.serve_listeners(connection, [trio_listener])
+    Out of file descriptors (or memory) for a new connection, wait a moment and retry:
+    the tunnel and the connections already open keep working, and the condition is
+    logged once a while, in one line.
+    """
+    sock = trio.socket.from_stdlib_socket(listener)
+    last_logged = -math.inf
+    async with trio.open_nursery() as nursery:
+        while True:
+            try:
+                connection, _ = await sock.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_CAPACITY:
+                    raise
+                if trio.current_time() - last_logged >= _LOG_EVERY:
+                    last_logged = trio.current_time()
+                    log.error("UAPI: cannot accept a connection: %s; retrying",
+                              os.strerror(exc.errno or 0))
+                await trio.sleep(_ACCEPT_RETRY)
+                continue
+            nursery.start_soon(handle, trio.SocketStream(connection), target)
 
 
 async def handle(stream: trio.abc.Stream, target: ConfigTarget) -> None:
@@ -132,8 +157,11 @@ async def handle(stream: trio.abc.Stream, target: ConfigTarget) -> None:
                 if operation is None:
                     return
                 if operation in (b"get=1", b"stats=1"):
-                    reply, keep_open = await _get(reader, target, operation)
-                elif operation == b"set=1":
+                    keep_open = await _get(reader, stream, target, operation)
+                    if keep_open:
+                        continue
+                    return
+                if operation == b"set=1":
                     reply, keep_open = await _set(reader, target)
                 else:
                     log.error("UAPI: invalid operation %r", operation[:32])
@@ -143,38 +171,72 @@ async def handle(stream: trio.abc.Stream, target: ConfigTarget) -> None:
                     return
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
+        except _LineTooLong:
+            log.error("UAPI: a line longer than %d bytes", MAX_LINE)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(format_errno(errno.EMSGSIZE).encode())
 
 
-async def _get(reader: _Reader, target: ConfigTarget, operation: bytes) -> tuple[str, bool]:
+async def _get(reader: _Reader, stream: trio.abc.Stream, target: ConfigTarget,
+               operation: bytes) -> bool:
+    """Send the reply (in pieces, between other work); whether to keep the connection."""
     following = await reader.line()
     if following != b"":
         log.error("UAPI: %s must be followed by a blank line", operation.decode())
-        return format_errno(errno.EINVAL), following is not None
+        await stream.send_all(format_errno(errno.EINVAL).encode())
+        return following is not None
     if operation == b"stats=1":
         lines = "".join(f"{name}={value}\n" for name, value in sorted(target.stats().items()))
-        return lines + format_errno(0), True
-    return target.get(), True
+        await stream.send_all((lines + format_errno(0)).encode())
+        return True
+    slices = Slices()
+    for piece in await target.get_pieces():
+        await stream.send_all(piece.encode())
+        await slices.pause()
+    return True
 
 
 async def _set(reader: _Reader, target: ConfigTarget) -> tuple[str, bool]:
-    try:
-        body = await reader.block()
-    except EOFError:
-        log.error("UAPI: set request cut short (no blank line): nothing applied")
-        return format_errno(errno.EIO), False
-    if body is None:
-        log.error("UAPI: set request larger than %d bytes", MAX_REQUEST)
-        return format_errno(errno.EMSGSIZE), False
-    try:
-        lines = body.decode("utf-8", errors="replace").split("\n") if body else []
-        target.set(parse_set(lines))
-    except ConfigError as exc:
-        log.error("UAPI: set failed: %s", exc)
-        return format_errno(exc.errno), True
-    except Exception:  # a bug must not take the daemon down with it
-        log.exception("UAPI: set failed unexpectedly")
-        return format_errno(errno.ENOANO), True
+    """Parse the body as it arrives, then apply it whole. A refusal is sent only once
+    the whole request is read, so the client never writes into a closed socket."""
+    with collector_paused():
+        parser: SetParser | None = SetParser()
+        change: DeviceChange | None = None
+        failure: ConfigError | None = None
+        slices = Slices()
+        try:
+            async for lines in reader.body_lines():
+                if parser is None:
+                    continue  # refused: read on to the end of the request
+                try:
+                    for start in range(0, len(lines), _PARSE_STEP):
+                        for line in lines[start:start + _PARSE_STEP]:
+                            parser.feed(line)
+                        await slices.pause()
+                except ConfigError as exc:
+                    failure, parser = exc, None
+        except EOFError:
+            log.error("UAPI: set request cut short (no blank line): nothing applied")
+            return format_errno(errno.EIO), False
+        try:
+            if parser is None:
+                assert failure is not None
+                raise failure
+            change, parser = parser.finish(), None
+            await target.configure(change)
+        except ConfigError as exc:
+            log.error("UAPI: set failed: %s", exc)
+            return format_errno(exc.errno), True
+        except Exception as exc:  # a bug must not take the daemon down with it
+            log.error("UAPI: set failed unexpectedly: %s: %s", type(exc).__name__, exc)
+            return format_errno(errno.ENOANO), True
+        finally:
+            change = parser = None  # freed before the collector is back
     return format_errno(0), True
+
+
+class _LineTooLong(Exception):
+    """A line without a newline grew beyond MAX_LINE."""
 
 
 class _Reader:
@@ -200,31 +262,36 @@ class _Reader:
         start = 0
         while (end := self._buffer.find(b"\n", start)) < 0:
             start = len(self._buffer)
-            if start > MAX_REQUEST or not await self._fill():
+            if start > MAX_LINE:
+                raise _LineTooLong
+            if not await self._fill():
                 return None
         line = bytes(self._buffer[:end])
         del self._buffer[: end + 1]
         return line
 
-    async def block(self) -> bytes | None:
-        """Everything up to the next blank line, without it.
-
-        None if the block grows beyond MAX_REQUEST; EOFError if the stream ends first
-        (a request cut short is never applied).
-        """
-        start = 0
+    async def body_lines(self) -> AsyncIterator[list[str]]:
+        """The lines up to the next blank line, in batches as they arrive (decoded,
+        without newlines); EOFError if the stream ends first (a request cut short is
+        never applied). Nothing bounds the request, only each line (MAX_LINE)."""
+        buffer = self._buffer
         while True:
-            if self._buffer.startswith(b"\n"):
-                del self._buffer[:1]
-                return b""
-            end = self._buffer.find(b"\n\n", start)
+            if buffer.startswith(b"\n"):  # the blank line: the request ends here
+                del buffer[:1]
+                return
+            end = buffer.find(b"\n\n")
             if end >= 0:
-                block = bytes(self._buffer[:end])
-                del self._buffer[: end + 2]
-                return block
-            start = max(len(self._buffer) - 1, 0)
-            if len(self._buffer) > MAX_REQUEST:
-                return None
-            if not await self._fill():
-                self._buffer.clear()
+                lines = buffer[:end].decode("utf-8", errors="replace").split("\n")
+                del buffer[: end + 2]  # what follows is the next request
+                yield lines
+                return
+            end = buffer.rfind(b"\n")
+            if end >= 0:
+                lines = buffer[:end].decode("utf-8", errors="replace").split("\n")
+                del buffer[: end + 1]
+                yield lines
+            elif len(buffer) > MAX_LINE:
+                raise _LineTooLong
+            elif not await self._fill():
+                buffer.clear()
                 raise EOFError("UAPI request ended without a blank line")

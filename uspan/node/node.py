@@ -19,6 +19,7 @@ the client re-syncs from a fresh snapshot when a service answers again.
 from __future__ import annotations
 
 import base64
+import contextlib
 import ipaddress
 import logging
 import math
@@ -126,6 +127,22 @@ class _KubeSpan:
         self.prober: ReflexiveProber | None = None  # once the services are resolved
         self.reflexive: tuple[Endpoint, ...] = ()  # what we publish of the prober's
         self.probe_wake = trio.Event()
+        # Peer changes for the device, applied in order by _apply_changes, in slices: a
+        # change for a thousand peers never stalls the tunnels to the others.
+        self._changes, self._pending = trio.open_memory_channel[DeviceChange](math.inf)
+
+    def submit(self, change: DeviceChange) -> None:
+        """Queue a change for apply_changes (dropped if the device has stopped)."""
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            self._changes.send_nowait(change)
+
+    async def apply_changes(self) -> None:
+        async with self._pending:
+            async for change in self._pending:
+                try:
+                    await self.daemon.configure(change)
+                except DeviceConfigError as exc:
+                    log.error("peer configuration refused by the device: %s", exc)
 
 
 class Node:
@@ -258,6 +275,7 @@ class Node:
         if ks.relay is not None:
             daemon.start_soon(ks.relay.run)
         daemon.start_soon(self._reflexive_loop, ks)
+        daemon.start_soon(ks.apply_changes)
         self._kick()
 
     async def _run_device(self, ks: _KubeSpan, *,
@@ -369,10 +387,7 @@ class Node:
         if ks is not None:
             if output.device_change.peers:
                 deferred = self._defer_handshakes(ks, output.device_change)
-                try:
-                    ks.daemon.set(output.device_change)
-                except DeviceConfigError as exc:
-                    log.error("peer configuration refused by the device: %s", exc)
+                ks.submit(output.device_change)
                 if deferred and self._nursery is not None:
                     self._nursery.start_soon(self._apply_later, ks, deferred)
             if ks.relay is not None and self.controller is not None:
@@ -427,10 +442,7 @@ class Node:
         wanted = [c for c in changes if not c.handshake or (
             c.public_key in now and now[c.public_key].handshakes == before.get(c.public_key))]
         if wanted:
-            try:
-                ks.daemon.set(DeviceChange(peers=wanted))  # update_only: gone ones skip
-            except DeviceConfigError as exc:
-                log.error("peer configuration refused by the device: %s", exc)
+            ks.submit(DeviceChange(peers=wanted))  # update_only: gone ones skip
 
     # Discovery ---------------------------------------------------------------------------
 

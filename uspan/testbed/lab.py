@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -162,6 +163,35 @@ class Lab:
         wg = WireGuard(self, name, program, ns, keys or genkey(), process, log)
         self.interfaces.append(wg)
         return wg
+
+    def interrupt_at_start(self, ns: Namespace, program: str, delay: float,
+                           timeout: float = 15.0) -> tuple[int | None, str]:
+        """Launch ``program -f IFACE`` in ``ns`` and send it SIGINT ``delay`` seconds later:
+        (its exit status, or None if it did not exit within ``timeout``; its stderr)."""
+        name = self.interface_name()
+        proc = ns.spawn(program, "-f", name, stderr=subprocess.PIPE,
+                        env={**os.environ, "LOG_LEVEL": "error"})
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+            return None, (err or b"").decode(errors="replace")
+        return proc.returncode, (err or b"").decode(errors="replace")
+
+    @staticmethod
+    def interrupted_before_handler(stderr: str) -> bool:
+        """Whether a KeyboardInterrupt came before the program's own handler existed: in
+        Python's start-up or the entry point's first imports (where no program can help)."""
+        if "init_import_site" in stderr:
+            return True
+        frames = [line for line in stderr.splitlines() if line.strip().startswith("File ")]
+        ours = [line for line in frames if "uspan" in line and "<frozen" not in line]
+        return "KeyboardInterrupt" in stderr and all(
+            "bin/uspan-wg" in line or "launch.py" in line or "<string>" in line
+            for line in ours)
 
     def adopt_wireguard(
         self, ns: Namespace, name: str, program: str, keys: WgKeys, timeout: float = 5.0

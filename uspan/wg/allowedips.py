@@ -4,17 +4,26 @@ Each (family, prefix length) present has one dict from the prefix's network bits
 (the address int shifted right past the host bits) to its value. A lookup probes
 these dicts from the longest length to the shortest, so it costs one dict probe per
 distinct prefix length present in that family, whatever the number of prefixes.
-Values are compared by identity, as peers are.
+Values are compared by identity, as peers are. Each owner's prefixes are kept as plain
+ints (family, length and bits in one), never as ``ipaddress`` objects: a million prefixes
+then cost no objects the garbage collector must walk, and ``texts`` renders them for
+``get=1`` without building any.
 """
 
-from typing import Generic, TypeVar
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import socket
+from collections.abc import Sequence
+from typing import Generic, TypeVar, overload
 
 from uspan.wg.config import Network
 
 T = TypeVar("T")
 
-# (family version, prefix length, network bits): identifies one stored prefix.
-_Key = tuple[int, int, int]
+# bits << 9 | prefix length << 1 | (1 for IPv6): identifies one stored prefix.
+_Key = int
 
 
 class AllowedIPs(Generic[T]):
@@ -28,7 +37,7 @@ class AllowedIPs(Generic[T]):
         self._v4: list[tuple[int, dict[int, T]]] = []
         self._v6: list[tuple[int, dict[int, T]]] = []
         # id(value) -> (value, its prefixes in insertion order).
-        self._owned: dict[int, tuple[T, dict[_Key, Network]]] = {}
+        self._owned: dict[int, tuple[T, dict[_Key, None]]] = {}
 
     def __len__(self) -> int:
         return sum(len(table) for table in self._tables.values())
@@ -38,7 +47,7 @@ class AllowedIPs(Generic[T]):
         if value is None:
             raise ValueError(f"allowed IP {network} needs a value, not None")
         key = _key(network)
-        version, length, bits = key
+        version, length, bits = network.version, network.prefixlen, key >> 9
         table = self._tables.get((version, length))
         if table is None:
             table = self._tables[(version, length)] = {}
@@ -52,12 +61,12 @@ class AllowedIPs(Generic[T]):
         owner = self._owned.get(id(value))
         if owner is None:
             owner = self._owned[id(value)] = (value, {})
-        owner[1][key] = network
+        owner[1][key] = None
 
     def remove(self, network: Network, value: T) -> bool:
         """Remove ``network`` if ``value`` owns it; return whether it did."""
         key = _key(network)
-        version, length, bits = key
+        version, length, bits = network.version, network.prefixlen, key >> 9
         table = self._tables.get((version, length))
         if table is None or table.get(bits) is not value:
             return False
@@ -68,13 +77,18 @@ class AllowedIPs(Generic[T]):
         self._disown(value, key)
         return True
 
-    def remove_value(self, value: T) -> None:
-        """Remove every prefix owned by ``value``."""
-        owner = self._owned.pop(id(value), None)
+    def remove_value(self, value: T, limit: int | None = None) -> bool:
+        """Remove the prefixes owned by ``value``, at most ``limit`` of them (oldest
+        first; None: all); return whether it still owns any."""
+        owner = self._owned.get(id(value))
         if owner is None:
-            return
+            return False
+        prefixes = owner[1]
+        keys = list(prefixes if limit is None else itertools.islice(prefixes, limit))
         emptied: set[int] = set()
-        for version, length, bits in owner[1]:
+        for key in keys:
+            del prefixes[key]
+            version, length, bits = _split(key)
             table = self._tables[(version, length)]
             del table[bits]
             if not table:
@@ -82,6 +96,10 @@ class AllowedIPs(Generic[T]):
                 emptied.add(version)
         for version in emptied:
             self._reindex(version)
+        if prefixes:
+            return True
+        del self._owned[id(value)]
+        return False
 
     def lookup(self, address: bytes) -> T | None:
         """Return the owner of the longest prefix holding a raw 4- or 16-byte address."""
@@ -102,7 +120,13 @@ class AllowedIPs(Generic[T]):
     def networks(self, value: T) -> list[Network]:
         """The prefixes owned by ``value``, in the order they were given to it."""
         owner = self._owned.get(id(value))
-        return [] if owner is None else list(owner[1].values())
+        return [] if owner is None else [_network(key) for key in owner[1]]
+
+    def texts(self, value: T) -> PrefixTexts:
+        """A snapshot of ``networks(value)`` as text (``10.0.0.0/8``, as ``get=1``
+        reports them), rendered only as it is read."""
+        owner = self._owned.get(id(value))
+        return PrefixTexts([] if owner is None else list(owner[1]))
 
     def _disown(self, value: T, key: _Key) -> None:
         prefixes = self._owned[id(value)][1]
@@ -123,7 +147,59 @@ class AllowedIPs(Generic[T]):
             self._v6 = chain
 
 
+class PrefixTexts(Sequence[str]):
+    """Prefixes as text, from a snapshot of their keys: a ``get`` of a million prefixes
+    renders each piece just before it is sent, not all of them at once."""
+
+    __slots__ = ("_keys",)
+
+    def __init__(self, keys: list[_Key]) -> None:
+        self._keys = keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        if isinstance(index, slice):
+            return [_text(key) for key in self._keys[index]]
+        return _text(self._keys[index])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"PrefixTexts({list(self)!r})"
+
+
 def _key(network: Network) -> _Key:
     length = network.prefixlen
     bits = int(network.network_address) >> (network.max_prefixlen - length)
-    return network.version, length, bits
+    return bits << 9 | length << 1 | (network.version == 6)
+
+
+def _split(key: _Key) -> tuple[int, int, int]:
+    """(version, length, bits) of a key."""
+    return 6 if key & 1 else 4, key >> 1 & 0xFF, key >> 9
+
+
+def _network(key: _Key) -> Network:
+    version, length, bits = _split(key)
+    if version == 4:
+        return ipaddress.IPv4Network((bits << (32 - length), length))
+    return ipaddress.IPv6Network((bits << (128 - length), length))
+
+
+def _text(key: _Key) -> str:
+    version, length, bits = _split(key)
+    if version == 4:
+        address = socket.inet_ntop(socket.AF_INET, (bits << (32 - length)).to_bytes(4, "big"))
+    else:
+        address = socket.inet_ntop(socket.AF_INET6,
+                                   (bits << (128 - length)).to_bytes(16, "big"))
+    return f"{address}/{length}"

@@ -7,6 +7,7 @@ change first and applies it atomically, so a bad request leaves the device as it
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from uspan.wg.endpoint import Endpoint
@@ -64,7 +65,7 @@ class PeerInfo:
     rx_bytes: int
     tx_bytes: int
     persistent_keepalive: int
-    allowed_ips: list[Network]
+    allowed_ips: Sequence[str]  # as get=1 reports them: "10.0.0.0/24"
 
 
 @dataclass(slots=True)

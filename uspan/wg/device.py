@@ -3,12 +3,13 @@
 Surface (all times are monotonic seconds passed in by the caller):
 
 - ``apply(change, now) -> [(datagram, Endpoint)]``: configure atomically (UAPI ``set=1``,
-  the mesh); raises ConfigError and then changes nothing.
+  the mesh); raises ConfigError and then changes nothing. ``apply_steps`` is the same in
+  slices, for a shell that must not stop everything else during a huge change.
 - ``info()``: the state ``get=1`` reports.
 - ``send(packets, now) -> [(datagram, Endpoint)]``: IP packets read from the TUN.
 - ``receive(datagrams, now) -> ([ip packet for the TUN], [(datagram, Endpoint)])``:
   datagrams read from UDP, each as ``(bytes, Endpoint)`` with the sticky source filled in.
-- ``tick(now) -> [(datagram, Endpoint)]``: fire due timers.
+- ``tick(now) -> [(datagram, Endpoint)]``: fire due timers (a bounded number per call).
 - ``next_deadline() -> float | None``: when ``tick`` may next have work (never later;
   O(1), so the shell can ask after every batch).
 - ``forget_source(endpoint)``: the shell could not send from a sticky source address.
@@ -25,17 +26,24 @@ it is dropped and counted.
 
 from __future__ import annotations
 
-import math
+import heapq
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from cryptography.exceptions import InvalidTag
 
 from uspan.wg import crypto, messages
 from uspan.wg.admission import Admission, Verdict
 from uspan.wg.allowedips import AllowedIPs
-from uspan.wg.config import ConfigError, DeviceChange, DeviceInfo, PeerChange, PeerInfo
+from uspan.wg.config import (
+    ConfigError,
+    DeviceChange,
+    DeviceInfo,
+    Network,
+    PeerChange,
+    PeerInfo,
+)
 from uspan.wg.constants import (
     DEFAULT_MTU,
     INITIATION_SIZE,
@@ -68,6 +76,8 @@ Out = list[tuple[bytes, Endpoint]]
 Datagram = tuple[bytes, Endpoint]
 _TRANSPORT_HEADER = messages.TRANSPORT_HEADER
 _NO_MAC = bytes(MAC_SIZE)  # mac2 of a sender that holds no cookie
+APPLY_STEP = 256  # allowed IPs per step of apply_steps
+TICK_BUDGET = 16  # timer queue entries per tick (each may cost a handshake: ~0.2 ms)
 
 class Device:
     """A WireGuard interface's protocol state."""
@@ -91,7 +101,9 @@ class Device:
         self._under_load_until = float("-inf")
         self._load_window_start = float("-inf")  # one-second windows of handshake counts
         self._load_count = 0
-        self._wake_at = math.inf  # lower bound of every armed peer timer
+        # Peer timers: a heap of (deadline, sequence, peer); see schedule().
+        self._timer_queue: list[tuple[float, int, Peer]] = []
+        self._timer_count = 0
         self.peer_events = 0  # see peer_facts
 
     # Index table -------------------------------------------------------------------------
@@ -124,8 +136,21 @@ class Device:
 
     def apply(self, change: DeviceChange, now: float) -> Out:
         """Apply a whole change, or raise ConfigError and change nothing."""
-        self._validate(change)
         out: Out = []
+        for _ in self.apply_steps(change, now, out):
+            pass
+        return out
+
+    def apply_steps(self, change: DeviceChange, now: float, out: Out) -> Iterator[None]:
+        """``apply`` as a generator that yields after each peer and each APPLY_STEP allowed
+        IPs, so a shell can run other work between slices of a huge change (it times them).
+
+        The whole change is validated before anything changes (the first ``next`` raises
+        ConfigError, with nothing applied); after that nothing can fail. Between slices the
+        device holds part of the change: the shell keeps other configuration requests out
+        until the generator is exhausted. Datagrams to send go to ``out``.
+        """
+        self._validate(change)
         if change.private_key is not None:
             self._set_private_key(change.private_key)
         if change.listen_port is not None:
@@ -134,10 +159,9 @@ class Device:
             self.fwmark = change.fwmark
         if change.replace_peers:
             for peer in list(self.peers.values()):
-                self._remove_peer(peer)
+                yield from self._remove_peer_steps(peer)
         for peer_change in change.peers:
-            self._apply_peer(peer_change, now, out)
-        return out
+            yield from self._apply_peer(peer_change, now, out)
 
     @staticmethod
     def _validate(change: DeviceChange) -> None:
@@ -176,14 +200,16 @@ class Device:
         for peer in self.peers.values():
             peer.expire_sessions()
 
-    def _apply_peer(self, change: PeerChange, now: float, out: Out) -> None:
+    def _apply_peer(self, change: PeerChange, now: float, out: Out) -> Iterator[None]:
         peer = self.peers.get(change.public_key)
         if change.remove:
             if peer is not None:
-                self._remove_peer(peer)
+                yield from self._remove_peer_steps(peer)
+            yield
             return
         if peer is None:
             if change.update_only or change.public_key == self.public_key:
+                yield
                 return
             peer = Peer(self, change.public_key)
             self.peers[change.public_key] = peer
@@ -191,16 +217,25 @@ class Device:
             peer.preshared_key = change.preshared_key
         if change.endpoint is not None:
             peer.endpoint = change.endpoint
+        allowed = self.allowed_ips
         if change.replace_allowed_ips:
-            self.allowed_ips.remove_value(peer)
-        for network in change.allowed_ips:
-            self.allowed_ips.insert(network, peer)
-        for network in change.remove_allowed_ips:
-            self.allowed_ips.remove(network, peer)
+            while allowed.remove_value(peer, APPLY_STEP):
+                yield
+        yield from _steps(change.allowed_ips, lambda network: allowed.insert(network, peer))
+        yield from _steps(change.remove_allowed_ips,
+                          lambda network: allowed.remove(network, peer))
         if change.persistent_keepalive is not None:
             peer.set_persistent_keepalive(change.persistent_keepalive, now, out)
         if change.handshake:
             peer.initiate_now(now, out)
+        yield
+
+    def _remove_peer_steps(self, peer: Peer) -> Iterator[None]:
+        """``_remove_peer`` with its allowed IPs removed a step at a time first."""
+        while self.allowed_ips.remove_value(peer, APPLY_STEP):
+            yield
+        self._remove_peer(peer)
+        yield
 
     def _remove_peer(self, peer: Peer) -> None:
         peer.zero_keys()
@@ -221,7 +256,7 @@ class Device:
                 rx_bytes=peer.rx_bytes,
                 tx_bytes=peer.tx_bytes,
                 persistent_keepalive=peer.persistent_keepalive,
-                allowed_ips=self.allowed_ips.networks(peer),
+                allowed_ips=self.allowed_ips.texts(peer),
             )
             for peer in self.peers.values()
         ]
@@ -500,29 +535,55 @@ class Device:
     # Timers ------------------------------------------------------------------------------
 
     def tick(self, now: float) -> Out:
-        """Fire every expired peer timer."""
+        """Fire expired peer timers, at most TICK_BUDGET queue entries per call: with
+        thousands of peers due at once, ``next_deadline()`` then stays in the past and the
+        shell calls again after letting other work run."""
         out: Out = []
-        earliest = math.inf
-        for peer in list(self.peers.values()):
-            deadline = peer.next_deadline()
-            if deadline is not None and deadline <= now:
-                peer.tick(now, out)
+        queue = self._timer_queue
+        for _ in range(TICK_BUDGET):
+            if not queue or queue[0][0] > now:
+                break
+            _, seq, peer = heapq.heappop(queue)
+            if peer.timer_seq != seq or self.peers.get(peer.public_key) is not peer:
+                continue  # superseded by an earlier deadline, or the peer was removed
+            peer.timer_seq = -1
+            peer.tick(now, out)
+            if peer.timer_seq == -1:  # tick armed nothing earlier: queue its next deadline
                 deadline = peer.next_deadline()
-            if deadline is not None and deadline < earliest:
-                earliest = deadline
-        self._wake_at = earliest
+                if deadline is not None:
+                    self.schedule(peer, deadline)
         return out
 
-    def note_deadline(self, deadline: float) -> None:
-        """A peer armed a timer (called by PeerTimers)."""
-        if deadline < self._wake_at:
-            self._wake_at = deadline
+    def schedule(self, peer: Peer, deadline: float) -> None:
+        """A peer armed a timer (PeerTimers tells it). Each peer has one live queue entry,
+        for its earliest deadline as far as the queue knows; a deadline that moved later
+        is found when that entry comes due, so rearming a timer on every packet costs
+        nothing here."""
+        if peer.timer_seq != -1 and peer.timer_at <= deadline:
+            return
+        self._timer_count += 1
+        peer.timer_seq, peer.timer_at = self._timer_count, deadline
+        queue = self._timer_queue
+        heapq.heappush(queue, (deadline, self._timer_count, peer))
+        if len(queue) > 2 * len(self.peers) + 64:  # superseded entries pile up: drop them
+            queue[:] = [entry for entry in queue if entry[2].timer_seq == entry[1]]
+            heapq.heapify(queue)
 
     def next_deadline(self) -> float | None:
-        return None if self._wake_at == math.inf else self._wake_at
+        """The earliest queued deadline (never later than the real next one; O(1))."""
+        queue = self._timer_queue
+        return queue[0][0] if queue else None
 
     def forget_source(self, endpoint: Endpoint) -> None:
         """Sending from ``endpoint.local`` failed: fall back to the routing table's choice."""
         for peer in self.peers.values():
             if peer.endpoint == endpoint:
                 peer.endpoint = endpoint.without_source()
+
+
+def _steps(networks: list[Network], action: Callable[[Network], object]) -> Iterator[None]:
+    """``action`` on each network, yielding after every APPLY_STEP."""
+    for start in range(0, len(networks), APPLY_STEP):
+        for network in networks[start:start + APPLY_STEP]:
+            action(network)
+        yield

@@ -46,7 +46,9 @@ class Peer:
         self.preshared_key = ZERO_KEY
         self.endpoint: Endpoint | None = None
         self.cookies = CookieGenerator(public_key, rng=device.rng)
-        self.timers = PeerTimers(device.rng, device.note_deadline)
+        self.timers = PeerTimers(device.rng, self._timer_armed)
+        self.timer_seq = -1  # the device's timer queue entry for this peer (-1: none)
+        self.timer_at = 0.0  # and its deadline
         # Sessions.
         self.current: Keypair | None = None
         self.previous: Keypair | None = None
@@ -384,3 +386,6 @@ class Peer:
 
     def next_deadline(self) -> float | None:
         return self.timers.next_deadline()
+
+    def _timer_armed(self, deadline: float) -> None:
+        self.device.schedule(self, deadline)

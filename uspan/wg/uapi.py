@@ -1,8 +1,9 @@
 """The cross-platform userspace API text protocol (what ``wg`` speaks), sans-IO.
 
-``parse_set`` turns the lines of a ``set=1`` request into one ``DeviceChange`` (so the
-device can apply it atomically); ``format_get`` renders a ``DeviceInfo`` as the reply to
-``get=1`` in wireguard-go's key order. See https://www.wireguard.com/xplatform/.
+``SetParser`` (or ``parse_set`` for a whole body) turns the lines of a ``set=1`` request
+into one ``DeviceChange`` (so the device can apply it atomically); ``format_get`` (or
+``get_pieces``) renders a ``DeviceInfo`` as the reply to ``get=1`` in wireguard-go's key
+order. See https://www.wireguard.com/xplatform/.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from uspan.wg.config import ConfigError, DeviceChange, DeviceInfo, Network, PeerChange
 from uspan.wg.constants import KEY_SIZE, ZERO_KEY
@@ -20,26 +21,70 @@ _DEVICE_KEYS = frozenset({"private_key", "listen_port", "fwmark", "replace_peers
 
 
 def parse_set(lines: Iterable[str]) -> DeviceChange:
-    """Parse the body of a ``set=1`` request (without the terminating blank line).
+    """Parse the body of a ``set=1`` request (without the terminating blank line)."""
+    parser = SetParser()
+    for line in lines:
+        parser.feed(line)
+    return parser.finish()
+
+
+class SetParser:
+    """The body of a ``set=1`` request, fed one line at a time as it arrives.
 
     Device keys come first; each ``public_key=`` starts a peer and the keys after it
-    belong to that peer. Raises ConfigError naming the key (values of secret keys are
-    never echoed); a line without ``=`` is a protocol error (errno EPROTO).
+    belong to that peer. ``feed`` raises ConfigError naming the key (values of secret keys
+    are never echoed); a line without ``=`` is a protocol error (errno EPROTO). Each line
+    costs O(1): a peer's allowed-IP lines are kept as their net effect in dicts, so a
+    request of any size parses in time linear in its length.
     """
-    change = DeviceChange()
-    peer: PeerChange | None = None
-    for line in lines:
+
+    def __init__(self) -> None:
+        self._change = DeviceChange()
+        self._peer: PeerChange | None = None
+        self._adds: dict[Network, None] = {}
+        self._removes: dict[Network, None] = {}
+
+    def feed(self, line: str) -> None:
         key, sep, value = line.partition("=")
         if not sep:
             raise ConfigError("line", f"{line[:64]!r} is not key=value", errno.EPROTO)
-        if key == "public_key":
-            peer = PeerChange(public_key=_parse_key(key, value, secret=False))
-            change.peers.append(peer)
-        elif peer is None:
-            _device_line(change, key, value)
+        if key == "allowed_ip" and self._peer is not None:  # by far the most frequent
+            self._allowed_ip(value)
+        elif key == "public_key":
+            self._close_peer()
+            self._peer = PeerChange(public_key=_parse_key(key, value, secret=False))
+            self._change.peers.append(self._peer)
+        elif self._peer is None:
+            _device_line(self._change, key, value)
+        elif key == "replace_allowed_ips":
+            self._peer.replace_allowed_ips = _parse_true(key, value)
+            self._adds.clear()
+            self._removes.clear()
         else:
-            _peer_line(peer, key, value)
-    return change
+            _peer_line(self._peer, key, value)
+
+    def finish(self) -> DeviceChange:
+        """The whole change (the parser is spent)."""
+        self._close_peer()
+        return self._change
+
+    def _allowed_ip(self, value: str) -> None:
+        # Lines apply in order (as in wireguard-go); only their net effect is kept: a
+        # later line cancels an earlier one, replace_allowed_ips drops what came before.
+        if value.startswith("-"):
+            network = parse_prefix(value[1:])
+            self._adds.pop(network, None)
+            self._removes[network] = None
+        else:
+            network = parse_prefix(value)
+            self._removes.pop(network, None)
+            self._adds[network] = None
+
+    def _close_peer(self) -> None:
+        if self._peer is not None:
+            self._peer.allowed_ips = list(self._adds)
+            self._peer.remove_allowed_ips = list(self._removes)
+            self._adds, self._removes = {}, {}
 
 
 def _device_line(change: DeviceChange, key: str, value: str) -> None:
@@ -57,20 +102,7 @@ def _device_line(change: DeviceChange, key: str, value: str) -> None:
 
 
 def _peer_line(peer: PeerChange, key: str, value: str) -> None:
-    # Lines apply in order (as in wireguard-go); the change keeps only their net effect:
-    # a later line cancels an earlier one, replace_allowed_ips drops what came before it.
-    if key == "allowed_ip":  # first: it is by far the most frequent line
-        if value.startswith("-"):
-            network = parse_prefix(value[1:])
-            if network in peer.allowed_ips:
-                peer.allowed_ips.remove(network)
-            peer.remove_allowed_ips.append(network)
-        else:
-            network = parse_prefix(value)
-            if peer.remove_allowed_ips and network in peer.remove_allowed_ips:
-                peer.remove_allowed_ips.remove(network)
-            peer.allowed_ips.append(network)
-    elif key == "remove":
+    if key == "remove":
         peer.remove = _parse_true(key, value)
     elif key == "update_only":
         peer.update_only = _parse_true(key, value)
@@ -83,10 +115,6 @@ def _peer_line(peer: PeerChange, key: str, value: str) -> None:
             raise ConfigError(key, str(exc)) from None
     elif key == "persistent_keepalive_interval":
         peer.persistent_keepalive = _parse_uint(key, value, 0xFFFF)
-    elif key == "replace_allowed_ips":
-        peer.replace_allowed_ips = _parse_true(key, value)
-        peer.allowed_ips.clear()
-        peer.remove_allowed_ips.clear()
     elif key == "protocol_version":
         if value != "1":
             raise ConfigError(key, f"{value[:64]!r} is not supported (only 1)")
@@ -139,28 +167,47 @@ def parse_prefix(value: str) -> Network:
 
 def format_get(info: DeviceInfo) -> str:
     """The full reply to ``get=1``, ending with ``errno=0`` and the blank line."""
+    return "".join(get_pieces(info))
+
+
+GET_PIECE_LINES = 1024  # allowed_ip lines per piece of get_pieces
+
+
+def get_pieces(info: DeviceInfo) -> Iterator[str]:
+    """The reply to ``get=1`` in pieces of at most about GET_PIECE_LINES lines, so a
+    shell can send a huge reply (a peer with a million allowed IPs) between other work."""
     out: list[str] = []
     if info.private_key is not None and info.private_key != ZERO_KEY:
-        out.append(f"private_key={info.private_key.hex()}")
+        out.append(f"private_key={info.private_key.hex()}\n")
     if info.listen_port:
-        out.append(f"listen_port={info.listen_port}")
+        out.append(f"listen_port={info.listen_port}\n")
     if info.fwmark:
-        out.append(f"fwmark={info.fwmark}")
+        out.append(f"fwmark={info.fwmark}\n")
+    lines = 0
     for peer in info.peers:
-        out.append(f"public_key={peer.public_key.hex()}")
-        out.append(f"preshared_key={peer.preshared_key.hex()}")
-        out.append("protocol_version=1")
-        if peer.endpoint is not None:
-            out.append(f"endpoint={peer.endpoint}")
         seconds, nanoseconds = _split_time(peer.last_handshake_wall)
-        out.append(f"last_handshake_time_sec={seconds}")
-        out.append(f"last_handshake_time_nsec={nanoseconds}")
-        out.append(f"tx_bytes={peer.tx_bytes}")
-        out.append(f"rx_bytes={peer.rx_bytes}")
-        out.append(f"persistent_keepalive_interval={peer.persistent_keepalive}")
-        out.extend(f"allowed_ip={prefix}" for prefix in peer.allowed_ips)
+        endpoint = "" if peer.endpoint is None else f"endpoint={peer.endpoint}\n"
+        out.append(
+            f"public_key={peer.public_key.hex()}\n"
+            f"preshared_key={peer.preshared_key.hex()}\n"
+            f"protocol_version=1\n{endpoint}"
+            f"last_handshake_time_sec={seconds}\n"
+            f"last_handshake_time_nsec={nanoseconds}\n"
+            f"tx_bytes={peer.tx_bytes}\n"
+            f"rx_bytes={peer.rx_bytes}\n"
+            f"persistent_keepalive_interval={peer.persistent_keepalive}\n")
+        lines += 8
+        networks = peer.allowed_ips
+        for start in range(0, len(networks), GET_PIECE_LINES):
+            chunk = networks[start:start + GET_PIECE_LINES]
+            out.append("".join(f"allowed_ip={prefix}\n" for prefix in chunk))
+            lines += len(chunk)
+            if lines >= GET_PIECE_LINES:
+                yield "".join(out)
+                out.clear()
+                lines = 0
     out.append("errno=0\n\n")
-    return "\n".join(out)
+    yield "".join(out)
 
 
 def format_errno(code: int) -> str:

@@ -1,0 +1,268 @@
+"""Control work never freezes the tunnel (issue 14), at sizes CI affords: removals by
+prefix cost O(1) each, huge sets and gets run in slices that other tasks interleave with
+and that observers see whole or not at all, refusals come after the whole request, the
+timer queue does a bounded amount of work per pass, and ``uspan.signals`` is importable
+before anything heavy."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import subprocess
+import sys
+import time
+
+import trio
+import trio.testing
+
+from uspan.daemon.daemon import Daemon
+from uspan.daemon.memory import MemoryNetwork, MemoryTun
+from uspan.daemon.uapi_server import handle
+from uspan.wg.config import DeviceChange, PeerChange
+from uspan.wg.crypto import clamp, public_key
+from uspan.wg.device import APPLY_STEP, TICK_BUDGET, Device
+from uspan.wg.endpoint import Endpoint
+from uspan.wg.uapi import parse_set
+
+PEER = bytes(range(100, 132))
+
+
+def prefix_lines(count: int, offset: int = 0, sign: str = "") -> list[str]:
+    return [f"allowed_ip={sign}10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}/32"
+            for i in range(offset, offset + count)]
+
+
+def removal_body(count: int) -> list[str]:
+    return [f"public_key={PEER.hex()}", *prefix_lines(count),
+            *prefix_lines(count, sign="-"), *prefix_lines(count, count)]
+
+
+def parse_seconds(count: int) -> float:
+    start = time.process_time()
+    change = parse_set(removal_body(count))
+    elapsed = time.process_time() - start
+    assert len(change.peers[0].allowed_ips) == count
+    assert len(change.peers[0].remove_allowed_ips) == count
+    return elapsed
+
+
+def test_removals_by_prefix_cost_constant_time_each() -> None:
+    # Searching lists made this quadratic: 10x the lines took 100x the time.
+    small, large = parse_seconds(2_000), parse_seconds(20_000)
+    assert large < 25 * max(small, 1e-3)
+
+
+def test_removal_lines_keep_their_net_effect() -> None:
+    net = ipaddress.ip_network
+    change = parse_set([f"public_key={PEER.hex()}", "allowed_ip=10.0.0.0/8",
+                        "allowed_ip=-10.0.0.0/8", "allowed_ip=10.0.0.0/8",
+                        "allowed_ip=-10.1.0.0/16"])
+    assert change.peers[0].allowed_ips == [net("10.0.0.0/8")]
+    assert change.peers[0].remove_allowed_ips == [net("10.1.0.0/16")]
+    device = Device(rng=bytes)
+    device.apply(parse_set([f"public_key={PEER.hex()}", "allowed_ip=10.1.0.0/16",
+                            "allowed_ip=10.2.0.0/16"]), 0.0)
+    device.apply(change, 0.0)
+    assert device.info().peers[0].allowed_ips == ["10.2.0.0/16", "10.0.0.0/8"]
+
+
+def test_replacing_and_removing_many_prefixes_goes_in_steps() -> None:
+    device = Device(rng=bytes)
+    nets = [ipaddress.ip_network(f"10.{i >> 8}.{i & 255}.0/24") for i in range(3 * APPLY_STEP)]
+    device.apply(DeviceChange(peers=[PeerChange(PEER, allowed_ips=nets)]), 0.0)
+    replace = DeviceChange(peers=[PeerChange(PEER, replace_allowed_ips=True,
+                                             allowed_ips=nets[-1:])])
+    assert len(list(device.apply_steps(replace, 0.0, []))) >= 3
+    assert device.info().peers[0].allowed_ips == [str(nets[-1])]
+    assert len(device.allowed_ips) == 1
+    device.apply(DeviceChange(peers=[PeerChange(PEER, allowed_ips=nets)]), 0.0)
+    remove = DeviceChange(peers=[PeerChange(PEER, remove=True)])
+    assert len(list(device.apply_steps(remove, 0.0, []))) >= 3
+    assert len(device.allowed_ips) == 0 and not device.peers
+    assert device.allowed_ips.lookup(bytes([10, 0, 0, 1])) is None
+
+
+# Slices: a real Daemon on in-memory ports ----------------------------------------------------
+
+
+def memory_daemon() -> Daemon:
+    daemon = Daemon(MemoryTun(), MemoryNetwork().bind("192.0.2.1", 51820))
+    daemon.set(DeviceChange(private_key=clamp(os.urandom(32))))
+    return daemon
+
+
+async def ticker(done: trio.Event, gaps: list[float]) -> None:
+    """Stands for the data path: wants to run every 1 ms; records how long it waited."""
+    last = time.perf_counter()
+    while not done.is_set():
+        await trio.sleep(0.001)
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now
+
+
+async def ask(stream: trio.abc.Stream, request: bytes) -> bytes:
+    await stream.send_all(request)
+    reply = bytearray()
+    while not reply.endswith(b"\n\n"):
+        data = await stream.receive_some(1 << 16)
+        assert data, "connection closed before the reply ended"
+        reply += data
+    return bytes(reply)
+
+
+def test_a_huge_set_runs_in_slices_and_gets_see_it_whole_or_not_at_all() -> None:
+    count = 40_000
+    request = "\n".join(["set=1", f"public_key={PEER.hex()}", *prefix_lines(count), "", ""])
+
+    async def main() -> None:
+        daemon = memory_daemon()
+        gaps: list[float] = []
+        seen: set[int] = set()
+        done = trio.Event()
+
+        async def getter() -> None:
+            client, server = trio.testing.memory_stream_pair()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(handle, server, daemon)
+                while not done.is_set():
+                    reply = (await ask(client, b"get=1\n\n")).decode()
+                    seen.add(reply.count("allowed_ip="))
+                await client.aclose()
+
+        async with daemon.running(), trio.open_nursery() as nursery:
+            nursery.start_soon(ticker, done, gaps)
+            nursery.start_soon(getter)
+            client, server = trio.testing.memory_stream_pair()
+            nursery.start_soon(handle, server, daemon)
+            start = time.perf_counter()
+            assert await ask(client, request.encode()) == b"errno=0\n\n"
+            took = time.perf_counter() - start
+            done.set()
+            await client.aclose()
+        assert len(daemon.device.allowed_ips) == count
+        assert seen <= {0, count} and 0 in seen  # never half applied
+        # The set took a while, yet the other tasks ran all along: no gap near its length.
+        assert max(gaps) < took / 4, (max(gaps), took)
+
+    trio.run(main)
+
+
+def test_a_huge_get_is_sent_in_slices() -> None:
+    count = 60_000
+
+    async def main() -> None:
+        daemon = memory_daemon()
+        daemon.set(DeviceChange(peers=[PeerChange(PEER, allowed_ips=[
+            ipaddress.ip_network(line.partition("=")[2]) for line in prefix_lines(count)])]))
+        gaps: list[float] = []
+        done = trio.Event()
+        async with daemon.running(), trio.open_nursery() as nursery:
+            nursery.start_soon(ticker, done, gaps)
+            await trio.sleep(0.01)
+            client, server = trio.testing.memory_stream_pair()
+            nursery.start_soon(handle, server, daemon)
+            start = time.perf_counter()
+            reply = await ask(client, b"get=1\n\n")
+            took = time.perf_counter() - start
+            done.set()
+            await client.aclose()
+        assert reply.count(b"allowed_ip=") == count
+        assert max(gaps) < took / 4, (max(gaps), took)
+
+    trio.run(main)
+
+
+def test_a_refused_set_is_answered_only_after_the_whole_request() -> None:
+    # A bad first line, then more than the old 64 MiB cap: the client must be able to
+    # write all of it (wg dies of SIGPIPE otherwise), then read one clear refusal.
+    junk = ("allowed_ip=10.0.0.0/32\n" * 3_000_000).encode()
+
+    async def main() -> None:
+        daemon = memory_daemon()
+        ours, theirs = trio.socket.socketpair()
+        client, server = trio.SocketStream(ours), trio.SocketStream(theirs)
+        async with daemon.running(), trio.open_nursery() as nursery:
+            nursery.start_soon(handle, server, daemon)
+            await client.send_all(f"set=1\npublic_key={PEER.hex()}\nallowed_ip=bad\n".encode())
+            await client.send_all(junk)
+            reply = await ask(client, b"\nget=1\n\n")
+            await client.aclose()
+        assert reply.startswith(f"errno=-{errno.EINVAL}\n\n".encode())
+        assert b"public_key" not in reply  # nothing applied
+        assert len(junk) > 64 << 20
+
+    trio.run(main)
+
+
+def test_a_cancelled_set_leaves_the_old_port() -> None:
+    async def main() -> None:
+        daemon = memory_daemon()
+        change = DeviceChange(listen_port=51999, peers=[PeerChange(
+            PEER, allowed_ips=[ipaddress.ip_network(f"10.{i >> 8}.{i & 255}.0/24")
+                               for i in range(60_000)])])
+        async with daemon.running():
+            with trio.move_on_after(0.01):
+                await daemon.configure(change)
+            assert len(daemon.device.allowed_ips) < 60_000  # it was cancelled midway
+            assert daemon.bind.port == 51820  # the new bind was closed, the old one kept
+
+    trio.run(main)
+
+
+# Timers: a bounded amount of work per pass ---------------------------------------------------
+
+
+def test_timer_work_per_tick_is_bounded_and_nothing_is_missed() -> None:
+    device = Device()
+    device.apply(DeviceChange(private_key=clamp(bytes(range(1, 33)))), 0.0)
+    count = 3 * TICK_BUDGET + 10
+    keys = [public_key(clamp(os.urandom(32))) for _ in range(count)]
+    device.apply(DeviceChange(peers=[
+        PeerChange(key, endpoint=Endpoint("192.0.2.9", 51820), persistent_keepalive=25)
+        for key in keys]), 0.0)
+    # Every peer started a handshake at once; its retransmission comes due near 5 s.
+    passes, sent = 0, 0
+    now = 6.0
+    while (deadline := device.next_deadline()) is not None and deadline <= now:
+        out = device.tick(now)
+        passes += 1
+        assert len(out) <= TICK_BUDGET
+        sent += len(out)
+    assert passes >= 4  # the work was spread over several passes
+    assert sent == count  # one retransmitted initiation per peer, none lost
+    assert device.next_deadline() is not None and device.next_deadline() > now  # type: ignore[operator]
+
+
+def test_removed_peers_timers_never_fire() -> None:
+    device = Device()
+    device.apply(DeviceChange(private_key=clamp(bytes(range(1, 33)))), 0.0)
+    device.apply(DeviceChange(peers=[PeerChange(
+        PEER, endpoint=Endpoint("192.0.2.9", 51820), persistent_keepalive=25)]), 0.0)
+    device.apply(DeviceChange(peers=[PeerChange(PEER, remove=True)]), 1.0)
+    assert device.tick(100.0) == []
+    assert device.next_deadline() is None
+
+
+def test_rearming_on_every_packet_keeps_the_queue_small() -> None:
+    device = Device()
+    device.apply(DeviceChange(private_key=clamp(bytes(range(1, 33)))), 0.0)
+    device.apply(DeviceChange(peers=[PeerChange(
+        PEER, endpoint=Endpoint("192.0.2.9", 51820), persistent_keepalive=25)]), 0.0)
+    peer = device.peers[PEER]
+    for step in range(10_000):
+        peer.timers.any_authenticated_traversal(step * 0.001)
+    assert len(device._timer_queue) <= 2
+
+
+# Signals -----------------------------------------------------------------------------------
+
+
+def test_stop_signals_can_be_caught_before_anything_heavy_is_imported() -> None:
+    code = ("import sys; from uspan.daemon import launch; from uspan import signals; "
+            "print(sorted(m for m in ('trio', 'cryptography', 'uspan.daemon.cli') "
+            "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "[]"

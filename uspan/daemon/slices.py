@@ -1,0 +1,59 @@
+"""Long control work in short slices, so the data path never waits for it.
+
+uspan runs the tunnel and its configuration on one trio thread: a million-prefix set or
+a ``get`` of it would hold that thread for seconds. Such work checks ``Slices.pause``
+often; once a slice has run SLICE seconds, ``pause`` lets every other ready task (the
+data path, timers, other clients, signals) run before the next one. Cancellation (a stop
+signal) takes effect there too.
+
+Python's cycle collector is the other source of long pauses: a million prefixes in
+flight are millions of objects, and each full collection walks all of them (0.5 s and
+more at a time). ``collector_paused`` keeps it off while such work runs; what the work
+allocated is freed by reference counting once it is done (the device keeps prefixes as
+plain ints, which the collector never walks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import time
+from collections.abc import Iterator
+
+import trio
+
+SLICE = 0.002  # seconds of control work between checkpoints
+
+
+class Slices:
+    """The clock of one long operation's current slice."""
+
+    __slots__ = ("_start",)
+
+    def __init__(self) -> None:
+        self._start = time.perf_counter()
+
+    async def pause(self) -> None:
+        """Let others run if this slice is used up (a checkpoint only then)."""
+        if time.perf_counter() - self._start >= SLICE:
+            await trio.sleep(0)
+            self._start = time.perf_counter()
+
+
+_paused = 0  # operations running with the cycle collector off
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection until every such block has ended (they may nest or
+    overlap across tasks). Drop the big objects before the block ends."""
+    global _paused
+    if _paused == 0:
+        gc.disable()
+    _paused += 1
+    try:
+        yield
+    finally:
+        _paused -= 1
+        if _paused == 0:
+            gc.enable()
