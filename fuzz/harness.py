@@ -22,14 +22,18 @@ def check(condition: bool, what: str) -> None:
 
 
 def main(test_one: Callable[[bytes], None], seeds: Iterable[bytes]) -> None:
-    """Fuzz ``test_one`` from ``seeds`` (written to a temporary corpus directory added to
-    those given; the first directory given, if any, collects what the run discovers).
+    """Fuzz ``test_one`` from ``seeds``, written into the first corpus directory given
+    (which also collects what the run discovers), or into a fresh temporary one.
 
     Flags that matter: ``-runs=N`` (inputs), ``-timeout=S`` (a hang is an input taking
     longer; libFuzzer then reports and exits), ``-rss_limit_mb=M`` (memory growth).
     """
-    seed_dir = Path(tempfile.mkdtemp(prefix="uspan-fuzz-seeds-"))
+    argv = list(sys.argv)
+    dirs = [a for a in argv[1:] if not a.startswith("-")]
+    if not dirs:
+        dirs.append(tempfile.mkdtemp(prefix="uspan-fuzz-"))
+        argv.append(dirs[0])
     for i, seed in enumerate(seeds):
-        (seed_dir / f"seed{i}").write_bytes(seed)
-    atheris.Setup([*sys.argv, str(seed_dir)], test_one)
+        (Path(dirs[0]) / f"seed{i}").write_bytes(seed)
+    atheris.Setup(argv, test_one)
     atheris.Fuzz()
