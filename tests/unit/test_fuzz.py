@@ -12,13 +12,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 RUNS = {  # a few seconds each: the targets differ in speed by 100x
-    "device": 3000,
-    "uapi": 300,
-    "discovery_server": 300,
-    "discovery_client": 60,
-    "config": 300,
-    "labrecord": 1000,
-    "nodeapi": 300,
+    "device": 2000,
+    "uapi": 200,
+    "discovery_server": 200,
+    "discovery_client": 40,
+    "config": 200,
+    "labrecord": 500,
+    "nodeapi": 200,
 }
 
 
