@@ -6,7 +6,8 @@ real ``Device`` (the daemon's ``set`` adds only the UDP rebind around ``Device.a
 
 Properties: nothing escapes ``handle``, and nothing reaches its catch-all for bugs (the
 "set failed unexpectedly" log); a ``set`` answered with a non-zero errno changed nothing;
-every reply ends with an errno line.
+every reply ends with an errno line (a connection holding one refused ``set`` is
+checked; with several requests a later one may rightly change the device).
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def test_one(data: bytes) -> None:
     check(replies == "" or replies.endswith("\n\n"), "a reply without its blank line")
     errnos = [x for x in replies.split("\n") if x.startswith("errno=")]
     check(len(errnos) == replies.count("\n\n"), "a reply without an errno line")
-    if data.startswith(b"set=1\n") and errnos and errnos[0] != "errno=0":
+    if data.startswith(b"set=1\n") and errnos[:2] == [errnos[0]] and errnos[0] != "errno=0":
+        # one request, refused (with several, a later one may rightly change the device)
         check(target.device.info() == before, "a refused set changed the device")
 
 
