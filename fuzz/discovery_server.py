@@ -17,6 +17,8 @@ the store as it was; the outbox stays bounded.
 
 from __future__ import annotations
 
+import struct
+
 import atheris
 
 with atheris.instrument_imports(include=["uspan"]):
@@ -56,7 +58,7 @@ def signed(message: dict[str, object], nonce: bytes) -> bytes:
         sig = KEY.sign(proof_message(
             nonce, 1, str(op), CLUSTER, fields["affiliate"] or "", fields["data"],  # type: ignore[arg-type]
             tuple(endpoints) if isinstance(endpoints, list) else (), fields["ttl"] or 0))  # type: ignore[arg-type]
-    except (TypeError, ValueError, AttributeError):
+    except (TypeError, ValueError, AttributeError, struct.error):
         sig = bytes(64)  # fields proof_message cannot take: the service must refuse them
     try:
         return p.encode({"id": 2, "cluster": CLUSTER, **message, "key": KEY.public, "seq": 1,

@@ -86,3 +86,20 @@ def test_a_damaged_lab_record_is_one_error_line(tmp_path: Path, record: object) 
     (tmp_path / "lab" / "lab.json").write_text(json.dumps(record))
     with pytest.raises(LabError, match="unreadable lab record"):
         load(tmp_path, "lab")
+
+
+def test_a_non_ascii_private_key_is_an_identity_error(tmp_path: Path) -> None:
+    """fuzz/config: ``privateKey: é`` raised a bare ValueError out of base64."""
+    from uspan.mesh import identity
+
+    (tmp_path / identity.KUBESPAN_IDENTITY_FILE).write_text("privateKey: \u00e9\n")
+    with pytest.raises(identity.IdentityError, match="not base64"):
+        identity.load_or_create(tmp_path)
+
+
+def test_a_record_with_endpoints_that_are_not_bin_opens_without_them() -> None:
+    """fuzz/discovery_client: ``endpoints: [7]`` in a service's reply raised TypeError."""
+    client = DiscoveryClient(["127.0.0.1:1"], "c", bytes(32))
+    for endpoints in ([7, "x", None], 7, "text"):
+        affiliate = client._open_record({"id": "a", "data": None, "endpoints": endpoints})
+        assert affiliate.endpoints == ()

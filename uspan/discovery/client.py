@@ -432,8 +432,11 @@ class DiscoveryClient:
             except SealError:
                 bad += 1
         endpoints = []
-        for blob in record.get("endpoints") or ():
+        blobs = record.get("endpoints")
+        for blob in blobs if isinstance(blobs, list) else ():
             try:
+                if not isinstance(blob, bytes):  # a broken service (fuzz/discovery_client.py)
+                    raise SealError("an endpoint that is not bin")
                 endpoints.append(self.sealer.open_endpoint(aid, blob))
             except SealError:
                 bad += 1
