@@ -13,7 +13,8 @@ Properties: ``receive`` never raises (the core's contract: drop and count); a fo
 datagram that is dropped (nothing for the TUN, no reply) leaves the device's observable
 state as it was: peers, endpoints, counters, sessions, handshakes (an authentic one, mode
 1, moves the byte counters and the replay window even when its inner packet is refused,
-as in wireguard-go); the tables an attacker can fill stay bounded.
+as in wireguard-go); keypairs and handshakes stay bounded by the peers (the rest of
+memory: libFuzzer's RSS, which ``fuzz.run`` reports at start and end).
 """
 
 from __future__ import annotations
@@ -110,7 +111,6 @@ def test_one(data: bytes) -> None:
         check(_state(target) == before, "a dropped datagram changed the device")
     check(len(target.keypairs) <= 3 * len(target.peers), "keypairs pile up")
     check(len(target.handshakes) <= len(target.peers), "handshakes pile up")
-    check(len(target.ratelimiter) <= 4096, "the rate limiter's table grows")
 
 
 if __name__ == "__main__":
