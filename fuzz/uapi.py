@@ -48,6 +48,13 @@ class _Target:
     def stats(self) -> dict[str, int]:
         return {drop.value: n for drop, n in self.device.counters.items()}
 
+    # The same surface as an async ConfigTarget (the daemon's, once ``get`` streams).
+    async def get_pieces(self) -> list[str]:
+        return [self.get()]
+
+    async def configure(self, change: DeviceChange) -> None:
+        self.set(change)
+
 
 class _Unexpected(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
