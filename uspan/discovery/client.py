@@ -184,11 +184,8 @@ class _Link:
             if message.get("id") in (rid, 0):
                 if message.get("ok") is not True:
                     code = str(message.get("code", "bad_message"))
-                    after = message.get("retry_after")
                     raise DiscoveryError(
-                        code,
-                        str(message.get("message", "")),
-                        float(after) if isinstance(after, int | float) else None,
+                        code, str(message.get("message", "")), _retry_after(message)
                     )
                 return message
 
@@ -435,8 +432,11 @@ class DiscoveryClient:
             except SealError:
                 bad += 1
         endpoints = []
-        for blob in record.get("endpoints") or ():
+        blobs = record.get("endpoints")
+        for blob in blobs if isinstance(blobs, list) else ():
             try:
+                if not isinstance(blob, bytes):  # a broken service (fuzz/discovery_client.py)
+                    raise SealError("an endpoint that is not bin")
                 endpoints.append(self.sealer.open_endpoint(aid, blob))
             except SealError:
                 bad += 1
@@ -497,6 +497,15 @@ class DiscoveryClient:
                         await link.aclose()
                 await trio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, self.backoff_max)
+
+
+def _retry_after(message: dict[str, Any]) -> float | None:
+    """The service's ``retry_after``, within 0..BACKOFF_MAX: a service (hostile, or broken)
+    must not make the client wait for ever (found by fuzz/discovery_client.py)."""
+    after = message.get("retry_after")
+    if not isinstance(after, int | float) or isinstance(after, bool) or math.isnan(after):
+        return None
+    return min(max(float(after), 0.0), BACKOFF_MAX)
 
 
 def _records(reply: dict[str, Any]) -> Records:

@@ -136,14 +136,41 @@ def load(root: Path, name: str) -> LabRecord:
     check_name(name)
     path = root / name / RECORD
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LabError(f"no lab named {name!r} in {root} (see `uspan lab list`)") from None
-    except (OSError, ValueError) as exc:
-        raise LabError(f"{path}: unreadable lab record ({exc})") from None
-    record = LabRecord.from_json(data)
+        record = LabRecord.from_json(json.loads(path.read_text()))
+        _check_types(record)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise LabError(f"no lab named {name!r} in {root} (see `uspan lab list`)") from None
+        raise LabError(f"{path}: unreadable lab record ({str(exc)[:200]!r})") from None
     record.root = str(root)  # the directory may have been moved with its root
     return record
+
+
+def _check_types(record: LabRecord) -> None:
+    """TypeError unless the fields every command relies on have their types (a record
+    damaged by hand must give one line, not a traceback later; found by fuzz/labrecord.py)."""
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise TypeError(f"{what} has the wrong type")
+
+    def proc(value: Proc | None, what: str) -> None:
+        need(value is None or (isinstance(value.pid, int) and isinstance(value.argv, list)
+                               and isinstance(value.start, str | None)), what)
+
+    need(isinstance(record.name, str) and isinstance(record.networks, int)
+         and isinstance(record.mtu, int) and isinstance(record.created, int | float), "the lab")
+    need(all(isinstance(n, str) for n in record.namespaces), "namespaces")
+    need(isinstance(record.cuts, list) and isinstance(record.netem, dict), "faults")
+    proc(record.discovery, "discovery")
+    proc(record.agent, "agent")
+    for node in record.nodes:
+        need(all(isinstance(v, str) for v in (node.name, node.kind, node.interface,
+                                              node.namespace))
+             and isinstance(node.index, int) and isinstance(node.block_udp, bool)
+             and all(isinstance(v, str | None) for v in (node.nat, node.router)),
+             f"node {node.name!r}")
+        proc(node.proc, f"node {node.name!r}")
 
 
 def names(root: Path) -> list[str]:

@@ -229,7 +229,8 @@ def parse_config(text: str) -> NodeConfig:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "<document>"
-        raise ConfigError(where, f"not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(where, f"not valid YAML: {problem}") from exc
     return config_from_dict(data)
 
 

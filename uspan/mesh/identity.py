@@ -10,7 +10,6 @@ directory this module creates is 0700 (an existing one is the operator's choice)
 from __future__ import annotations
 
 import base64
-import binascii
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -85,7 +84,7 @@ def load_or_create(state_dir: Path, rng: Rng = os.urandom) -> Identity:
     else:
         try:
             private_key = base64.b64decode(key_text, validate=True)
-        except binascii.Error as exc:
+        except ValueError as exc:  # binascii.Error, or non-ASCII text (fuzz/config.py)
             raise IdentityError(key_path, "privateKey is not base64") from exc
         if len(private_key) != 32:
             raise IdentityError(key_path, f"privateKey must be 32 bytes, got {len(private_key)}")

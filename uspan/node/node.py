@@ -707,6 +707,8 @@ def load_config(path: Path) -> NodeConfig:
         text = path.read_text()
     except OSError as exc:
         raise NodeError(f"{path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:  # found by fuzz/config.py
+        raise NodeError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     try:
         return parse_config(text)
     except ConfigError as exc:
