@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import (
-    PROGRAMS,
+    DEFAULT_WGO,
+    USPAN,
     BenchError,
     check_environment,
     cpu_seconds,
@@ -39,6 +40,7 @@ from bench.common import (
     run_rounds,
     table,
     terminate_as_interrupt,
+    wgo_label,
 )
 from uspan.testbed import Lab, Namespace, PeerConfig, WireGuard, genkey
 
@@ -46,7 +48,6 @@ OUTER = ("192.0.2.1", "192.0.2.2")
 INNER = ("10.78.0.1", "10.78.0.2")
 PORTS = (51820, 51821)
 SILENT_NET = "198.18.0.0/16"  # endpoints here are routed to b, which drops them
-CURRENT_WGO = "/work/anchors/wireguard-go-current"
 
 
 # --- UAPI and prefixes ---------------------------------------------------------------------
@@ -499,9 +500,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--uspan", action="append", metavar="[LABEL=]PATH",
                         help="uspan-wg executable (repeatable; default: the venv's)")
     parser.add_argument("--wgo", action="append", metavar="[LABEL=]PATH",
-                        help="wireguard-go executable (repeatable; default: Debian's and "
-                             f"{CURRENT_WGO} if present)")
-    parser.add_argument("--reference", default=PROGRAMS["wgo"],
+                        help="wireguard-go executable (repeatable; default: those of "
+                             f"{', '.join(DEFAULT_WGO)} present)")
+    parser.add_argument("--reference", default=DEFAULT_WGO[-1],
                         help="the far end of the tunnel (default Debian's wireguard-go)")
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--rounds", type=int, default=1)
@@ -513,14 +514,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     programs: dict[str, str] = {}
     for kind, given, default in (
-        ("uspan", args.uspan, [PROGRAMS["uspan"]]),
-        ("wgo", args.wgo, [PROGRAMS["wgo"]] + ([CURRENT_WGO] if os.path.exists(CURRENT_WGO)
-                                              else [])),
+        ("uspan", args.uspan, [USPAN]),
+        ("wgo", args.wgo, [p for p in DEFAULT_WGO if os.access(p, os.X_OK)]),
     ):
         for spec in given or default:
             label, sep, path = spec.partition("=")
             if not sep:
-                path, label = spec, kind if kind == "uspan" else _wgo_label(spec)
+                path, label = spec, kind if kind == "uspan" else _wgo_label(spec, programs)
             programs[label] = path
     cases = [c for c in args.cases.split(",") if c]
     unknown = set(cases) - set(CASES)
@@ -548,9 +548,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if failures else 0
 
 
-def _wgo_label(path: str) -> str:
-    version = subprocess.run([path, "--version"], capture_output=True, text=True).stdout.split()
-    return f"wgo {version[1]}" if len(version) > 1 else f"wgo {path}"
+def _wgo_label(path: str, taken: Iterable[str]) -> str:
+    version = subprocess.run([path, "--version"], capture_output=True, text=True).stdout
+    return wgo_label(version.strip(), list(taken))
 
 
 if __name__ == "__main__":
