@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         "stats",
         help="drop and error counters of a running uspan-wg interface",
         description="Print the counters uspan-wg keeps besides wg show: drops by reason "
-        "and I/O errors (UAPI 'stats=1' on /var/run/wireguard/IFACE.sock).",
+        "and I/O errors (UAPI 'stats=1' on IFACE.sock in --socket-dir).",
     )
     stats.add_argument("interface", metavar="IFACE")
     stats.add_argument("--socket-dir", default=None, metavar="DIR",

@@ -7,6 +7,7 @@ before anything heavy."""
 from __future__ import annotations
 
 import errno
+import gc
 import ipaddress
 import os
 import subprocess
@@ -196,6 +197,29 @@ def test_a_refused_set_is_answered_only_after_the_whole_request() -> None:
     trio.run(main)
 
 
+def test_a_stalled_small_set_keeps_the_collector_running() -> None:
+    """Only a big request pauses cyclic garbage collection: a client that sends a few
+    lines and stalls must not keep it off for the whole process."""
+    async def main() -> None:
+        daemon = memory_daemon()
+        ours, theirs = trio.socket.socketpair()
+        client, server = trio.SocketStream(ours), trio.SocketStream(theirs)
+        async with daemon.running(), trio.open_nursery() as nursery:
+            nursery.start_soon(handle, server, daemon)
+            await client.send_all(f"set=1\npublic_key={PEER.hex()}\n".encode())
+            await trio.sleep(0.05)
+            assert gc.isenabled()
+            await client.send_all("".join(f"{line}\n" for line in prefix_lines(20_000)).encode())
+            with trio.fail_after(20):  # a big request: paused while it is parsed
+                while gc.isenabled():
+                    await trio.sleep(0.01)
+            await ask(client, b"\n")
+            await client.aclose()
+        assert gc.isenabled()
+
+    trio.run(main)
+
+
 def test_a_cancelled_set_leaves_the_old_port() -> None:
     async def main() -> None:
         daemon = memory_daemon()
@@ -243,6 +267,20 @@ def test_removed_peers_timers_never_fire() -> None:
     device.apply(DeviceChange(peers=[PeerChange(PEER, remove=True)]), 1.0)
     assert device.tick(100.0) == []
     assert device.next_deadline() is None
+
+
+def test_removed_peers_leave_the_timer_queue_at_the_next_push() -> None:
+    """Thousands of removed peers must not keep the queue big (every push would rebuild
+    it) until their deadlines, up to 540 s away, come due."""
+    device = Device()
+    device.apply(DeviceChange(private_key=clamp(bytes(range(1, 33)))), 0.0)
+    keys = [bytes([i % 251 + 1, i // 251 + 1]) * 16 for i in range(500)]
+    device.apply(DeviceChange(peers=[PeerChange(
+        key, endpoint=Endpoint("192.0.2.9", 51820), persistent_keepalive=25) for key in keys]),
+        0.0)
+    device.apply(DeviceChange(peers=[PeerChange(key, remove=True) for key in keys[1:]]), 1.0)
+    device.schedule(device.peers[keys[0]], 1.5)  # one more push, earlier than its entry
+    assert len(device._timer_queue) <= 2 * len(device.peers) + 64
 
 
 def test_rearming_on_every_packet_keeps_the_queue_small() -> None:

@@ -251,6 +251,18 @@ def test_diff_nothing() -> None:
     assert diff.actions == frozenset()
 
 
+def test_a_cluster_change_recreates_a_relayed_link() -> None:
+    """The relay link proves membership of the old cluster: it is built anew."""
+    relayed = changed(relay="192.0.2.254:3001")
+    document_with = document(kubespan={"enabled": True, "relay": "192.0.2.254:3001"},
+                             cluster={"id": ID, "secret": ID})
+    diff = diff_configs(relayed, config_from_dict(document_with))
+    assert diff.changed == ("cluster.secret",)
+    assert Action.RECREATE_INTERFACE in diff.actions
+    assert Action.RECREATE_INTERFACE not in diff_configs(
+        base(), config_from_dict(document(cluster={"id": ID, "secret": ID}))).actions
+
+
 @pytest.mark.parametrize(
     ("new", "paths", "actions"),
     [

@@ -105,6 +105,20 @@ def test_handshake_brings_a_peer_up_and_reports_its_endpoint() -> None:
     assert out.device_change.peers == []
 
 
+def test_a_replaced_device_gets_every_peer_whole_again() -> None:
+    """A new interface (apply-config of kubespan.interface or the relay) holds no peer:
+    each must come back with its preshared key and allowed IPs, not as a bare endpoint."""
+    controller, _ = started()
+    controller.set_affiliates(AFFILIATES, {}, now=100.0)
+    controller.set_facts({K1: LinkFacts(E1, 100.2, 0, 100.0, 148, 92)}, now=100.2)
+    controller.device_replaced()
+    out = controller.tick(now=101.0)
+    assert [p.public_key for p in out.device_change.peers] == [K1, K2]
+    assert all(p.preshared_key == b"S" * 32 and p.replace_allowed_ips
+               for p in out.device_change.peers)
+    assert controller.statuses[K1].state is UNKNOWN  # the old link's facts are void
+
+
 def test_dead_first_endpoint_is_cycled_by_the_faster_rule() -> None:
     controller, store = started()
     controller.set_affiliates(AFFILIATES, {}, now=0.0)

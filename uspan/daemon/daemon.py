@@ -48,9 +48,12 @@ from uspan.wg.device import Device
 from uspan.wg.drops import Drop
 from uspan.wg.endpoint import Endpoint
 from uspan.wg.facts import PeerFacts
-from uspan.wg.uapi import format_get, get_pieces
+from uspan.wg.uapi import get_pieces
 
 log = logging.getLogger("uspan.daemon")
+# Sources in the discard-only prefix 100::/64 (RFC 6666) never arrive on the socket: they
+# stand for peers an owner reaches another way (uspan.relay); the core limits those.
+_DISCARD_ONLY = "100::"
 WATCH_INTERVAL = 1.0  # seconds between checks of the UAPI socket file and the MTU
 _LEVELS = {"verbose": logging.DEBUG, "debug": logging.DEBUG, "error": logging.ERROR}
 
@@ -326,6 +329,7 @@ class Daemon:
         if admission.flag_version == self._early_drop_version:
             return
         self._early_drop_version = admission.flag_version
+        sources = [s for s in sources if not s.host.startswith(_DISCARD_ONLY)]
         try:
             self.bind.drop_unproven(sources, admission.keep)
         except OSError as exc:  # e.g. no BPF in this kernel: the core still refuses them
@@ -348,9 +352,6 @@ class Daemon:
         return self.device.peer_events
 
     # Configuration: the UAPI's and the owner's (uapi_server.ConfigTarget) ----------------
-
-    def get(self) -> str:
-        return format_get(self.device.info())
 
     async def get_pieces(self) -> Iterator[str]:
         """The ``get=1`` reply in pieces, of a snapshot taken between configurations."""

@@ -33,6 +33,7 @@ from uspan.wg.uapi import SetParser, format_errno
 MAX_LINE = 1 << 16  # bytes; requests are streamed, so only a line needs a bound
 _RECEIVE_SIZE = 1 << 16
 _PARSE_STEP = 64  # lines between looks at the slice clock
+_PAUSE_COLLECTOR_AFTER = 10_000  # lines of one set request
 _ACCEPT_CAPACITY = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _ACCEPT_RETRY = 0.1  # seconds
 _LOG_EVERY = 10.0  # seconds between log lines of one recurring condition
@@ -198,16 +199,25 @@ async def _get(reader: _Reader, stream: trio.abc.Stream, target: ConfigTarget,
 
 async def _set(reader: _Reader, target: ConfigTarget) -> tuple[str, bool]:
     """Parse the body as it arrives, then apply it whole. A refusal is sent only once
-    the whole request is read, so the client never writes into a closed socket."""
-    with collector_paused():
+    the whole request is read, so the client never writes into a closed socket.
+
+    Cyclic garbage collection pauses once the request is big (its full passes over a
+    million parsed objects were the long freezes), not before: a small request from a
+    client that stalls must not keep the collector off for the whole process."""
+    with contextlib.ExitStack() as paused:
         parser: SetParser | None = SetParser()
         change: DeviceChange | None = None
         failure: ConfigError | None = None
         slices = Slices()
+        received, pausing = 0, False
         try:
             async for lines in reader.body_lines():
                 if parser is None:
                     continue  # refused: read on to the end of the request
+                received += len(lines)
+                if received > _PAUSE_COLLECTOR_AFTER and not pausing:
+                    paused.enter_context(collector_paused())
+                    pausing = True
                 try:
                     for start in range(0, len(lines), _PARSE_STEP):
                         for line in lines[start:start + _PARSE_STEP]:

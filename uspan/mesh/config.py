@@ -478,6 +478,8 @@ def diff_configs(old: NodeConfig, new: NodeConfig) -> ConfigDiff:
     elif now:
         for path in changed:
             actions |= _KUBESPAN_ACTIONS.get(path, set())
+        if new.kubespan.relay is not None and any(p.startswith("cluster.") for p in changed):
+            actions.add(Action.RECREATE_INTERFACE)  # the relay link proves the old cluster
     return ConfigDiff(tuple(changed), frozenset(actions))
 
 

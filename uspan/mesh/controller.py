@@ -94,6 +94,12 @@ class PeerController:
         self.puncher = Puncher() if puncher is None else puncher
         self.reflexive: tuple[Endpoint, ...] = ()  # where discovery sees us (our NAT)
 
+    def device_replaced(self) -> None:
+        """The WireGuard device was created anew (config change, restart of the link): it
+        holds no peer, so nothing counts as applied and what we knew of links is void."""
+        self.applied, self.facts, self.statuses = {}, {}, {}
+        self.probed, self.sought = {}, {}
+
     def set_affiliates(
         self,
         affiliates: Iterable[Affiliate],

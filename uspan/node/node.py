@@ -263,8 +263,9 @@ class Node:
             daemon.close()
             raise NodeError(str(exc)) from None
         self.kubespan = ks
+        assert self.controller is not None
+        self.controller.device_replaced()
         if kubespan.relay is not None:
-            assert self.controller is not None
             ks.relay = RelayLink(
                 daemon, kubespan.relay,
                 MemberKey(self.config.cluster.secret_bytes, self.config.cluster.id),
@@ -643,10 +644,15 @@ class Node:
                 ks.routing.set_mtu(new.kubespan.mtu)
             if Action.REBIND_PORT in actions:
                 try:
-                    ks.daemon.set(DeviceChange(listen_port=new.kubespan.port))
+                    await ks.daemon.configure(DeviceChange(listen_port=new.kubespan.port))
                 except DeviceConfigError as exc:
                     self.config = old
                     raise ConfigError("kubespan.port", str(exc)) from None
+                if ks.relay is not None:
+                    ks.relay.rebound()
+                if ks.prober is not None:  # the new port has a NAT mapping of its own
+                    ks.prober.refresh(trio.current_time())
+                    ks.probe_wake.set()
         self._put_identity()
         assert self.controller is not None
         self._carry_out(self.controller.set_config(new, trio.current_time()))

@@ -99,6 +99,12 @@ class RelayLink:
             self._queue(self.session.receive(data, trio.current_time()))
         return None
 
+    def rebound(self) -> None:
+        """The WireGuard socket moved to another port: register again at once, so the
+        relay delivers to the new port's mapping rather than the old one."""
+        self.session.connection_lost(trio.current_time())
+        self._wake.set()
+
     def _queue(self, control: list[bytes]) -> None:
         if control:
             self._outbox.extend(control)

@@ -240,6 +240,7 @@ class Device:
     def _remove_peer(self, peer: Peer) -> None:
         peer.zero_keys()
         peer.timers.stop_all()
+        peer.timer_seq = -1  # its queue entry is stale now: pruned with the superseded ones
         self.allowed_ips.remove_value(peer)
         del self.peers[peer.public_key]
 

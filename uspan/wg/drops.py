@@ -14,7 +14,8 @@ from enum import StrEnum
 
 
 class Drop(StrEnum):
-    """Drop counters, in the order ``uspan stats`` has always listed them."""
+    """Drop counters by reason (``uspan stats`` prints them sorted by name; new reasons
+    are appended, so the order of existing members never changes)."""
 
     BAD_LENGTH = "bad_length"
     BAD_TYPE = "bad_type"
