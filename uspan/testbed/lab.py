@@ -166,11 +166,13 @@ class Lab:
 
     def interrupt_at_start(self, ns: Namespace, program: str, delay: float,
                            timeout: float = 15.0) -> tuple[int | None, str]:
-        """Launch ``program -f IFACE`` in ``ns`` and send it SIGINT ``delay`` seconds later:
+        """Launch ``program -f IFACE`` in ``ns`` and send it SIGINT ``delay`` seconds after
+        it was executed:
         (its exit status, or None if it did not exit within ``timeout``; its stderr)."""
         name = self.interface_name()
         proc = ns.spawn(program, "-f", name, stderr=subprocess.PIPE,
                         env={**os.environ, "LOG_LEVEL": "error"})
+        _wait_exec(proc.pid, program)  # the program's start, not `ip netns exec`'s
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         try:
@@ -245,3 +247,17 @@ class Lab:
             if raise_errors:
                 raise NetnsError(message)
             print(message, file=sys.stderr)
+
+
+def _wait_exec(pid: int, program: str, timeout: float = 10.0) -> None:
+    """Wait until ``pid`` runs ``program`` (``ip netns exec`` has replaced itself with
+    it), or has ended; a signal before that would test the wrapper, not the program."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return  # gone (or a zombie): nothing left to wait for
+        if any(arg.endswith(os.fsencode(program)) for arg in argv[:2]):
+            return
+        time.sleep(0.001)
