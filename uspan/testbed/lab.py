@@ -170,8 +170,10 @@ class Lab:
         it was executed:
         (its exit status, or None if it did not exit within ``timeout``; its stderr)."""
         name = self.interface_name()
-        proc = ns.spawn(program, "-f", name, stderr=subprocess.PIPE,
-                        env={**os.environ, "LOG_LEVEL": "error"})
+        # SIGINT at its default: a runner in a background job (bash ignores SIGINT there)
+        # would hand the program an ignored SIGINT until it installs its own handler.
+        proc = ns.spawn("env", "--default-signal=INT", program, "-f", name,
+                        stderr=subprocess.PIPE, env={**os.environ, "LOG_LEVEL": "error"})
         _wait_exec(proc.pid, program)  # the program's start, not `ip netns exec`'s
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
@@ -250,8 +252,9 @@ class Lab:
 
 
 def _wait_exec(pid: int, program: str, timeout: float = 10.0) -> None:
-    """Wait until ``pid`` runs ``program`` (``ip netns exec`` has replaced itself with
-    it), or has ended; a signal before that would test the wrapper, not the program."""
+    """Wait until ``pid`` runs ``program`` (the wrappers before it, ``ip netns exec`` and
+    ``env``, have replaced themselves with it), or has ended; a signal before that would
+    test a wrapper, not the program."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
