@@ -6,6 +6,7 @@ before anything heavy."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import ipaddress
@@ -13,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 
 import trio
 import trio.testing
@@ -175,17 +177,24 @@ def test_a_huge_get_is_sent_in_slices() -> None:
     trio.run(main)
 
 
+@contextlib.asynccontextmanager
+async def uapi_client() -> AsyncIterator[trio.SocketStream]:
+    """A client stream to the UAPI handler of a running in-memory daemon."""
+    daemon = memory_daemon()
+    ours, theirs = trio.socket.socketpair()
+    client, server = trio.SocketStream(ours), trio.SocketStream(theirs)
+    async with daemon.running(), trio.open_nursery() as nursery:
+        nursery.start_soon(handle, server, daemon)
+        yield client
+
+
 def test_a_refused_set_is_answered_only_after_the_whole_request() -> None:
     # A bad first line, then more than the old 64 MiB cap: the client must be able to
     # write all of it (wg dies of SIGPIPE otherwise), then read one clear refusal.
     junk = ("allowed_ip=10.0.0.0/32\n" * 3_000_000).encode()
 
     async def main() -> None:
-        daemon = memory_daemon()
-        ours, theirs = trio.socket.socketpair()
-        client, server = trio.SocketStream(ours), trio.SocketStream(theirs)
-        async with daemon.running(), trio.open_nursery() as nursery:
-            nursery.start_soon(handle, server, daemon)
+        async with uapi_client() as client:
             await client.send_all(f"set=1\npublic_key={PEER.hex()}\nallowed_ip=bad\n".encode())
             await client.send_all(junk)
             reply = await ask(client, b"\nget=1\n\n")
@@ -201,11 +210,7 @@ def test_a_stalled_small_set_keeps_the_collector_running() -> None:
     """Only a big request pauses cyclic garbage collection: a client that sends a few
     lines and stalls must not keep it off for the whole process."""
     async def main() -> None:
-        daemon = memory_daemon()
-        ours, theirs = trio.socket.socketpair()
-        client, server = trio.SocketStream(ours), trio.SocketStream(theirs)
-        async with daemon.running(), trio.open_nursery() as nursery:
-            nursery.start_soon(handle, server, daemon)
+        async with uapi_client() as client:
             await client.send_all(f"set=1\npublic_key={PEER.hex()}\n".encode())
             await trio.sleep(0.05)
             assert gc.isenabled()
