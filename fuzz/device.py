@@ -26,6 +26,7 @@ import struct
 import atheris
 
 with atheris.instrument_imports(include=["uspan"]):
+    from uspan.wg import prefix
     from uspan.wg.config import DeviceChange, PeerChange
     from uspan.wg.crypto import clamp, public_key
     from uspan.wg.device import Device
@@ -60,9 +61,9 @@ def _pair() -> tuple[Device, Device, list[bytes]]:
     b, b_pub = _device(2)
     psk = bytes(range(32))
     a.apply(DeviceChange(peers=[PeerChange(b_pub, preshared_key=psk, endpoint=B_EP,
-            allowed_ips=[ipaddress.ip_network(B_NET)])]), NOW)
+            allowed_ips=[prefix.parse(B_NET)])]), NOW)
     b.apply(DeviceChange(peers=[PeerChange(a_pub, preshared_key=psk, endpoint=A_EP,
-            allowed_ips=[ipaddress.ip_network(A_NET)])]), NOW)
+            allowed_ips=[prefix.parse(A_NET)])]), NOW)
     seen: list[bytes] = []
     initiation = a.send([_ipv4("10.0.0.1", "10.0.0.2", b"hello")], NOW)
     seen += [d for d, _ in initiation]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
-import ipaddress
 import os
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import trio.testing
 from uspan.daemon.daemon import Daemon
 from uspan.daemon.memory import MemoryNetwork, MemoryTun
 from uspan.daemon.uapi_server import handle
+from uspan.wg import prefix
 from uspan.wg.config import DeviceChange, PeerChange
 from uspan.wg.crypto import clamp, public_key
 from uspan.wg.device import APPLY_STEP, TICK_BUDGET, Device
@@ -45,7 +45,7 @@ def parse_seconds(count: int) -> float:
     start = time.process_time()
     change = parse_set(removal_body(count))
     elapsed = time.process_time() - start
-    assert len(change.peers[0].allowed_ips) == count
+    assert len(change.peers[0].allowed_ips) == 2 * count  # applied first
     assert len(change.peers[0].remove_allowed_ips) == count
     return elapsed
 
@@ -57,12 +57,10 @@ def test_removals_by_prefix_cost_constant_time_each() -> None:
 
 
 def test_removal_lines_keep_their_net_effect() -> None:
-    net = ipaddress.ip_network
     change = parse_set([f"public_key={PEER.hex()}", "allowed_ip=10.0.0.0/8",
                         "allowed_ip=-10.0.0.0/8", "allowed_ip=10.0.0.0/8",
                         "allowed_ip=-10.1.0.0/16"])
-    assert change.peers[0].allowed_ips == [net("10.0.0.0/8")]
-    assert change.peers[0].remove_allowed_ips == [net("10.1.0.0/16")]
+    assert change.peers[0].remove_allowed_ips == [prefix.parse("10.1.0.0/16")]
     device = Device(rng=bytes)
     device.apply(parse_set([f"public_key={PEER.hex()}", "allowed_ip=10.1.0.0/16",
                             "allowed_ip=10.2.0.0/16"]), 0.0)
@@ -72,12 +70,12 @@ def test_removal_lines_keep_their_net_effect() -> None:
 
 def test_replacing_and_removing_many_prefixes_goes_in_steps() -> None:
     device = Device(rng=bytes)
-    nets = [ipaddress.ip_network(f"10.{i >> 8}.{i & 255}.0/24") for i in range(3 * APPLY_STEP)]
+    nets = [prefix.parse(f"10.{i >> 8}.{i & 255}.0/24") for i in range(3 * APPLY_STEP)]
     device.apply(DeviceChange(peers=[PeerChange(PEER, allowed_ips=nets)]), 0.0)
     replace = DeviceChange(peers=[PeerChange(PEER, replace_allowed_ips=True,
                                              allowed_ips=nets[-1:])])
     assert len(list(device.apply_steps(replace, 0.0, []))) >= 3
-    assert device.info().peers[0].allowed_ips == [str(nets[-1])]
+    assert device.info().peers[0].allowed_ips == prefix.texts(nets[-1:])
     assert len(device.allowed_ips) == 1
     device.apply(DeviceChange(peers=[PeerChange(PEER, allowed_ips=nets)]), 0.0)
     remove = DeviceChange(peers=[PeerChange(PEER, remove=True)])
@@ -116,7 +114,7 @@ async def ask(stream: trio.abc.Stream, request: bytes) -> bytes:
 
 
 def test_a_huge_set_runs_in_slices_and_gets_see_it_whole_or_not_at_all() -> None:
-    count = 40_000
+    count = 200_000
     request = "\n".join(["set=1", f"public_key={PEER.hex()}", *prefix_lines(count), "", ""])
 
     async def main() -> None:
@@ -153,12 +151,12 @@ def test_a_huge_set_runs_in_slices_and_gets_see_it_whole_or_not_at_all() -> None
 
 
 def test_a_huge_get_is_sent_in_slices() -> None:
-    count = 60_000
+    count = 300_000
 
     async def main() -> None:
         daemon = memory_daemon()
         daemon.set(DeviceChange(peers=[PeerChange(PEER, allowed_ips=[
-            ipaddress.ip_network(line.partition("=")[2]) for line in prefix_lines(count)])]))
+            prefix.parse(line.partition("=")[2]) for line in prefix_lines(count)])]))
         gaps: list[float] = []
         done = trio.Event()
         async with daemon.running(), trio.open_nursery() as nursery:
@@ -229,7 +227,7 @@ def test_a_cancelled_set_leaves_the_old_port() -> None:
     async def main() -> None:
         daemon = memory_daemon()
         change = DeviceChange(listen_port=51999, peers=[PeerChange(
-            PEER, allowed_ips=[ipaddress.ip_network(f"10.{i >> 8}.{i & 255}.0/24")
+            PEER, allowed_ips=[prefix.parse(f"10.{i >> 8}.{i & 255}.0/24")
                                for i in range(60_000)])])
         async with daemon.running():
             with trio.move_on_after(0.01):

@@ -3,7 +3,6 @@ trio's MockClock, so every time below is exact and nothing needs root."""
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Awaitable, Callable
 
@@ -13,6 +12,7 @@ import trio.testing
 from tests.unit.wgnet import ipv4_packet
 from uspan.daemon.daemon import WATCH_INTERVAL, Daemon
 from uspan.daemon.memory import MemoryNetwork, MemoryTun
+from uspan.wg import prefix
 from uspan.wg.config import DeviceChange, PeerChange
 from uspan.wg.constants import MSG_TRANSPORT
 from uspan.wg.crypto import clamp, public_key
@@ -35,7 +35,7 @@ class Node:
         return PeerChange(
             public_key=other.public,
             endpoint=Endpoint(other.host, 51820) if endpoint else None,
-            allowed_ips=[ipaddress.ip_network(f"{other.address}/32")],
+            allowed_ips=[prefix.parse(f"{other.address}/32")],
             persistent_keepalive=keepalive)
 
 

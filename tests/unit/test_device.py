@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import ipaddress
-
 import pytest
 
 from tests.unit.wgnet import Net, ipv4_packet, ipv6_packet
+from uspan.wg import prefix
 from uspan.wg.admission import Admission
 from uspan.wg.config import ConfigError, DeviceChange, PeerChange
 from uspan.wg.constants import (
@@ -292,7 +291,7 @@ def test_unknown_peer_initiation_dropped(net: Net) -> None:
     a = net.add("a", "192.0.2.1", 1, seed=31)
     b = net.add("b", "192.0.2.2", 2, seed=32)
     a.device.apply(DeviceChange(peers=[PeerChange(
-        b.public, endpoint=b.endpoint, allowed_ips=[ipaddress.ip_network("10.0.0.2/32")])]),
+        b.public, endpoint=b.endpoint, allowed_ips=[prefix.parse("10.0.0.2/32")])]),
         net.now)
     net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
     net.run()
@@ -305,7 +304,7 @@ def test_bad_config_changes_nothing(net: Net, pair) -> None:
     bad = DeviceChange(
         listen_port=4000,
         peers=[
-            PeerChange(bytes([7]) * 32, allowed_ips=[ipaddress.ip_network("10.7.0.0/16")]),
+            PeerChange(bytes([7]) * 32, allowed_ips=[prefix.parse("10.7.0.0/16")]),
             PeerChange(b"short"),
         ],
     )
@@ -358,7 +357,7 @@ def test_staged_queue_is_bounded_without_session(net: Net, pair) -> None:
 def test_remove_one_allowed_ip(net: Net, pair) -> None:
     a, b = pair
     a.device.apply(DeviceChange(peers=[PeerChange(
-        b.public, remove_allowed_ips=[ipaddress.ip_network("fd00::2/128")])]), net.now)
+        b.public, remove_allowed_ips=[prefix.parse("fd00::2/128")])]), net.now)
     assert a.device.info().peers[0].allowed_ips == ["10.0.0.2/32"]
 
 

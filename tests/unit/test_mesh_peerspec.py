@@ -13,6 +13,7 @@ from uspan.mesh.peerspec import (
 )
 from uspan.wg.config import PeerChange
 from uspan.wg.endpoint import Endpoint
+from uspan.wg.prefix import of
 
 net = ipaddress.ip_network
 ip = ipaddress.ip_address
@@ -156,7 +157,7 @@ def test_new_peers_get_everything() -> None:
             endpoint=EP1,
             persistent_keepalive=PERSISTENT_KEEPALIVE,
             replace_allowed_ips=True,
-            allowed_ips=[net("fd00::1/128")],
+            allowed_ips=[of(net("fd00::1/128"))],
         )
     ]
     assert applied[A] == AppliedPeer(spec(A, "fd00::1/128"), PSK, EP1)
@@ -199,7 +200,7 @@ def test_allowed_ips_and_psk_changes_and_removal() -> None:
             public_key=A,
             preshared_key=new_psk,
             replace_allowed_ips=True,
-            allowed_ips=[net("fd00::1/128"), net("10.0.0.0/8")],
+            allowed_ips=[of(net("fd00::1/128")), of(net("10.0.0.0/8"))],
         ),
         PeerChange(public_key=B, remove=True),
     ]

@@ -12,11 +12,12 @@ import trio
 import trio.testing
 
 from uspan.daemon.uapi_server import handle
+from uspan.wg import prefix
 from uspan.wg.config import ConfigError, DeviceChange, DeviceInfo, PeerInfo
 from uspan.wg.crypto import public_key
 from uspan.wg.device import Device
 from uspan.wg.endpoint import Endpoint
-from uspan.wg.uapi import format_errno, format_get, get_pieces, parse_prefix, parse_set
+from uspan.wg.uapi import format_errno, format_get, get_pieces, parse_set
 
 PRIVATE = bytes(range(1, 33))
 PEER = bytes(range(100, 132))
@@ -26,6 +27,10 @@ PSK = bytes(range(50, 82))
 
 def lines(text: str) -> list[str]:
     return text.strip("\n").split("\n")
+
+
+def net(text: str) -> int:
+    return prefix.of(ipaddress.ip_network(text))
 
 
 # parse_set ---------------------------------------------------------------------------------
@@ -59,8 +64,7 @@ remove=true
     assert first.endpoint == Endpoint("fd00::1", 51821)
     assert first.persistent_keepalive == 25
     assert first.replace_allowed_ips
-    assert first.allowed_ips == [ipaddress.ip_network("10.1.2.0/24"),
-                                 ipaddress.ip_network("fd00::/64")]
+    assert first.allowed_ips == [net("10.1.2.0/24"), net("fd00::/64")]
     assert first.protocol_version == 1
     assert second.public_key == PEER2 and second.remove
     assert second.allowed_ips == [] and second.endpoint is None
@@ -79,9 +83,9 @@ def test_zero_private_key_is_passed_through_to_mean_remove() -> None:
 
 
 def test_prefix_host_bits_are_masked() -> None:
-    assert parse_prefix("10.1.2.3/8") == ipaddress.ip_network("10.0.0.0/8")
-    assert parse_prefix("fd00::1/0") == ipaddress.ip_network("::/0")
-    assert parse_prefix("192.0.2.1/32") == ipaddress.ip_network("192.0.2.1/32")
+    change = parse_set([f"public_key={PEER.hex()}", "allowed_ip=10.1.2.3/8",
+                        "allowed_ip=fd00::1/0", "allowed_ip=192.0.2.1/32"])
+    assert change.peers[0].allowed_ips == [net("10.0.0.0/8"), net("::/0"), net("192.0.2.1/32")]
 
 
 @pytest.mark.parametrize(
@@ -160,8 +164,8 @@ def test_130k_allowed_ips_parse_fast() -> None:
     elapsed = time.perf_counter() - start
     networks = change.peers[0].allowed_ips
     assert len(networks) == 130_000
-    assert networks[257] == ipaddress.ip_network("10.1.1.0/24")
-    assert networks[-1] == ipaddress.ip_network(f"fd00:{130_000 - 65537:x}::/48")
+    assert networks[257] == net("10.1.1.0/24")
+    assert networks[-1] == net(f"fd00:{130_000 - 65537:x}::/48")
     assert elapsed < 3.0
 
 
@@ -253,7 +257,7 @@ def test_get_output_round_trips_through_parse_set() -> None:
     assert [p.public_key for p in change.peers] == [p.public_key for p in info.peers]
     for peer_change, peer_info in zip(change.peers, info.peers, strict=True):
         assert peer_change.preshared_key == peer_info.preshared_key
-        assert [str(n) for n in peer_change.allowed_ips] == peer_info.allowed_ips
+        assert prefix.texts(peer_change.allowed_ips) == peer_info.allowed_ips
         assert peer_change.persistent_keepalive == peer_info.persistent_keepalive
         expected = peer_info.endpoint.without_source() if peer_info.endpoint else None
         assert peer_change.endpoint == expected
@@ -362,23 +366,34 @@ def test_server_large_set_in_small_pieces() -> None:
 
 def test_allowed_ip_removal_line() -> None:
     change = parse_set([f"public_key={PEER.hex()}", "allowed_ip=-10.1.0.0/16"])
-    assert change.peers[0].remove_allowed_ips == [ipaddress.ip_network("10.1.0.0/16")]
+    assert change.peers[0].remove_allowed_ips == [net("10.1.0.0/16")]
     assert change.peers[0].allowed_ips == []
 
 
-def test_allowed_ip_lines_apply_in_order() -> None:
-    net = ipaddress.ip_network
-    change = parse_set([f"public_key={PEER.hex()}", "allowed_ip=10.0.0.0/24",
-                        "replace_allowed_ips=true", "allowed_ip=10.1.0.0/24"])
-    assert change.peers[0].allowed_ips == [net("10.1.0.0/24")]
-    change = parse_set([f"public_key={PEER.hex()}", "allowed_ip=-10.2.0.0/24",
-                        "allowed_ip=10.2.0.0/24"])
-    assert change.peers[0].allowed_ips == [net("10.2.0.0/24")]
-    assert change.peers[0].remove_allowed_ips == []
-    change = parse_set([f"public_key={PEER.hex()}", "allowed_ip=10.3.0.0/24",
-                        "allowed_ip=-10.3.0.0/24"])
-    assert change.peers[0].allowed_ips == []
-    assert change.peers[0].remove_allowed_ips == [net("10.3.0.0/24")]
+@pytest.mark.parametrize(
+    ("body", "mine", "others"),
+    [
+        # replace_allowed_ips drops what came before it
+        (["allowed_ip=10.0.0.0/24", "replace_allowed_ips=true", "allowed_ip=10.1.0.0/24"],
+         ["10.1.0.0/24"], ["10.2.0.0/24"]),
+        # a later addition cancels an earlier removal, and the other way round
+        (["allowed_ip=-10.9.0.0/24", "allowed_ip=10.9.0.0/24"],
+         ["10.9.0.0/24"], ["10.2.0.0/24"]),
+        (["allowed_ip=10.9.0.0/24", "allowed_ip=-10.9.0.0/24"], [], ["10.2.0.0/24"]),
+        # as in wireguard-go: the addition takes the prefix over, the removal drops it
+        (["allowed_ip=10.2.0.0/24", "allowed_ip=-10.2.0.0/24"], [], []),
+        (["allowed_ip=-10.2.0.0/24"], [], ["10.2.0.0/24"]),
+        (["allowed_ip=10.9.0.0/24", "allowed_ip=-10.9.0.0/24", "allowed_ip=10.9.0.0/24",
+          "allowed_ip=10.9.0.0/24"], ["10.9.0.0/24"], ["10.2.0.0/24"]),
+    ],
+)
+def test_allowed_ip_lines_have_their_effect_in_order(body: list[str], mine: list[str],
+                                                     others: list[str]) -> None:
+    device = Device(rng=bytes)
+    device.apply(parse_set([f"public_key={PEER2.hex()}", "allowed_ip=10.2.0.0/24"]), 0.0)
+    device.apply(parse_set([f"public_key={PEER.hex()}", *body]), 0.0)
+    shown = {peer.public_key: list(peer.allowed_ips) for peer in device.info().peers}
+    assert shown == {PEER2: others, PEER: mine}
 
 
 def test_nul_in_prefix_is_a_config_error() -> None:

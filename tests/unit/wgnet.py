@@ -7,6 +7,7 @@ import random
 import struct
 from dataclasses import dataclass, field
 
+from uspan.wg import prefix
 from uspan.wg.config import DeviceChange, PeerChange
 from uspan.wg.crypto import clamp, public_key
 from uspan.wg.device import Device
@@ -72,10 +73,10 @@ class Net:
         """Make each a peer of the other; ``x_ips`` are the allowed IPs *of* x."""
         a.device.apply(DeviceChange(peers=[PeerChange(
             b.public, preshared_key=psk, endpoint=b.endpoint if a_endpoint else None,
-            allowed_ips=[ipaddress.ip_network(n) for n in b_ips])]), self.now)
+            allowed_ips=[prefix.parse(n) for n in b_ips])]), self.now)
         b.device.apply(DeviceChange(peers=[PeerChange(
             a.public, preshared_key=psk, endpoint=a.endpoint if b_endpoint else None,
-            allowed_ips=[ipaddress.ip_network(n) for n in a_ips])]), self.now)
+            allowed_ips=[prefix.parse(n) for n in a_ips])]), self.now)
 
     def emit(self, sender: Node, out: list[tuple[bytes, Endpoint]]) -> None:
         for datagram, destination in out:

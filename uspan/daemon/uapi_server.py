@@ -220,8 +220,7 @@ async def _set(reader: _Reader, target: ConfigTarget) -> tuple[str, bool]:
                     pausing = True
                 try:
                     for start in range(0, len(lines), _PARSE_STEP):
-                        for line in lines[start:start + _PARSE_STEP]:
-                            parser.feed(line)
+                        parser.feed(lines[start:start + _PARSE_STEP])
                         await slices.pause()
                 except ConfigError as exc:
                     failure, parser = exc, None

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from uspan.mesh.affiliate import Affiliate, Network
+from uspan.wg import prefix
 from uspan.wg.config import DeviceChange, PeerChange
 from uspan.wg.endpoint import Endpoint
 
@@ -185,7 +186,7 @@ def plan_device_change(
             peer.preshared_key = preshared_key
         if before is None or before.spec.allowed_ips != spec.allowed_ips:
             peer.replace_allowed_ips = True
-            peer.allowed_ips = list(spec.allowed_ips)
+            peer.allowed_ips = [prefix.of(network) for network in spec.allowed_ips]
         pushed = None if before is None else before.endpoint
         if endpoint is not None and endpoint != pushed:
             peer.endpoint = endpoint

@@ -1,29 +1,26 @@
 """Cryptokey routing: longest-prefix match of IPv4 and IPv6 addresses to a value (a peer).
 
-Each (family, prefix length) present has one dict from the prefix's network bits
-(the address int shifted right past the host bits) to its value. A lookup probes
-these dicts from the longest length to the shortest, so it costs one dict probe per
-distinct prefix length present in that family, whatever the number of prefixes.
-Values are compared by identity, as peers are. Each owner's prefixes are kept as plain
-ints (family, length and bits in one), never as ``ipaddress`` objects: a million prefixes
-then cost no objects the garbage collector must walk, and ``texts`` renders them for
-``get=1`` without building any.
+Prefixes are plain ints (``uspan.wg.prefix``). Each (family, length) present has one
+dict from its prefixes to their values; a lookup probes these dicts from the longest
+length to the shortest, so it costs one dict probe per distinct prefix length present in
+that family, whatever the number of prefixes. Values are compared by identity, as peers
+are. Each owner also keeps its prefixes in insertion order (the same int objects as the
+tables: a million prefixes cost two dict entries and one int each, and nothing the
+garbage collector walks), so ``get=1`` lists them and a peer's removal finds them.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import itertools
-import socket
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Generic, TypeVar, overload
 
-from uspan.wg.config import Network
+from uspan.wg.config import Prefix
+from uspan.wg.prefix import texts as prefix_texts
 
 T = TypeVar("T")
 
-# bits << 9 | prefix length << 1 | (1 for IPv6): identifies one stored prefix.
-_Key = int
+_TAG = 0x1FF  # a prefix's length and family bits: which table holds it
 
 
 class AllowedIPs(Generic[T]):
@@ -32,50 +29,57 @@ class AllowedIPs(Generic[T]):
     __slots__ = ("_owned", "_tables", "_v4", "_v6")
 
     def __init__(self) -> None:
-        self._tables: dict[tuple[int, int], dict[int, T]] = {}
-        # Per family: (host-bit shift, table), longest prefix first.
-        self._v4: list[tuple[int, dict[int, T]]] = []
-        self._v6: list[tuple[int, dict[int, T]]] = []
+        self._tables: dict[int, dict[Prefix, T]] = {}  # by tag
+        # Per family: (host-bit shift, tag, table), longest prefix first.
+        self._v4: list[tuple[int, int, dict[Prefix, T]]] = []
+        self._v6: list[tuple[int, int, dict[Prefix, T]]] = []
         # id(value) -> (value, its prefixes in insertion order).
-        self._owned: dict[int, tuple[T, dict[_Key, None]]] = {}
+        self._owned: dict[int, tuple[T, dict[Prefix, None]]] = {}
 
     def __len__(self) -> int:
         return sum(len(table) for table in self._tables.values())
 
-    def insert(self, network: Network, value: T) -> None:
-        """Route ``network`` to ``value``, taking it over from any previous owner."""
+    def insert(self, prefixes: Iterable[Prefix], value: T) -> None:
+        """Route each prefix to ``value``, taking it over from any previous owner."""
         if value is None:
-            raise ValueError(f"allowed IP {network} needs a value, not None")
-        key = _key(network)
-        version, length, bits = network.version, network.prefixlen, key >> 9
-        table = self._tables.get((version, length))
-        if table is None:
-            table = self._tables[(version, length)] = {}
-            self._reindex(version)
-        previous = table.get(bits)
-        if previous is value:
-            return
-        if previous is not None:
-            self._disown(previous, key)
-        table[bits] = value
+            raise ValueError("allowed IPs need a value, not None")
         owner = self._owned.get(id(value))
         if owner is None:
             owner = self._owned[id(value)] = (value, {})
-        owner[1][key] = None
+        owned = owner[1]
+        tables = self._tables
+        last_tag = -1
+        table: dict[Prefix, T] = {}  # replaced at the first prefix (no tag is -1)
+        for prefix in prefixes:
+            tag = prefix & _TAG
+            if tag != last_tag:
+                if tag not in tables:
+                    tables[tag] = {}
+                    self._reindex(tag & 1)
+                table, last_tag = tables[tag], tag
+            previous = table.setdefault(prefix, value)
+            if previous is not value:
+                self._disown(previous, prefix)
+                table[prefix] = value
+            owned[prefix] = None
+        if not owned:
+            del self._owned[id(value)]
 
-    def remove(self, network: Network, value: T) -> bool:
-        """Remove ``network`` if ``value`` owns it; return whether it did."""
-        key = _key(network)
-        version, length, bits = network.version, network.prefixlen, key >> 9
-        table = self._tables.get((version, length))
-        if table is None or table.get(bits) is not value:
-            return False
-        del table[bits]
-        if not table:
-            del self._tables[(version, length)]
-            self._reindex(version)
-        self._disown(value, key)
-        return True
+    def remove(self, prefixes: Iterable[Prefix], value: T) -> int:
+        """Remove each prefix that ``value`` owns; return how many it owned."""
+        removed = 0
+        for prefix in prefixes:
+            tag = prefix & _TAG
+            table = self._tables.get(tag)
+            if table is None or table.get(prefix) is not value:
+                continue
+            del table[prefix]
+            if not table:
+                del self._tables[tag]
+                self._reindex(tag & 1)
+            self._disown(value, prefix)
+            removed += 1
+        return removed
 
     def remove_value(self, value: T, limit: int | None = None) -> bool:
         """Remove the prefixes owned by ``value``, at most ``limit`` of them (oldest
@@ -83,20 +87,19 @@ class AllowedIPs(Generic[T]):
         owner = self._owned.get(id(value))
         if owner is None:
             return False
-        prefixes = owner[1]
-        keys = list(prefixes if limit is None else itertools.islice(prefixes, limit))
+        owned = owner[1]
         emptied: set[int] = set()
-        for key in keys:
-            del prefixes[key]
-            version, length, bits = _split(key)
-            table = self._tables[(version, length)]
-            del table[bits]
+        for prefix in list(owned if limit is None else itertools.islice(owned, limit)):
+            del owned[prefix]
+            tag = prefix & _TAG
+            table = self._tables[tag]
+            del table[prefix]
             if not table:
-                del self._tables[(version, length)]
-                emptied.add(version)
-        for version in emptied:
-            self._reindex(version)
-        if prefixes:
+                del self._tables[tag]
+                emptied.add(tag & 1)
+        for family in emptied:
+            self._reindex(family)
+        if owned:
             return True
         del self._owned[id(value)]
         return False
@@ -111,40 +114,39 @@ class AllowedIPs(Generic[T]):
         else:
             return None
         number = int.from_bytes(address, "big")
-        for shift, table in chain:
-            value = table.get(number >> shift)
+        for shift, tag, table in chain:
+            value = table.get(number >> shift << 9 | tag)
             if value is not None:
                 return value
         return None
 
-    def networks(self, value: T) -> list[Network]:
+    def prefixes(self, value: T) -> list[Prefix]:
         """The prefixes owned by ``value``, in the order they were given to it."""
         owner = self._owned.get(id(value))
-        return [] if owner is None else [_network(key) for key in owner[1]]
+        return [] if owner is None else list(owner[1])
 
     def texts(self, value: T) -> PrefixTexts:
-        """A snapshot of ``networks(value)`` as text (``10.0.0.0/8``, as ``get=1``
+        """A snapshot of ``prefixes(value)`` as text (``10.0.0.0/8``, as ``get=1``
         reports them), rendered only as it is read."""
-        owner = self._owned.get(id(value))
-        return PrefixTexts([] if owner is None else list(owner[1]))
+        return PrefixTexts(self.prefixes(value))
 
-    def _disown(self, value: T, key: _Key) -> None:
-        prefixes = self._owned[id(value)][1]
-        del prefixes[key]
-        if not prefixes:
+    def _disown(self, value: T, prefix: Prefix) -> None:
+        owned = self._owned[id(value)][1]
+        del owned[prefix]
+        if not owned:
             del self._owned[id(value)]
 
-    def _reindex(self, version: int) -> None:
-        width = 32 if version == 4 else 128
-        tables = self._tables.items()
+    def _reindex(self, v6: int) -> None:
+        width = 128 if v6 else 32
         chain = sorted(
-            ((width - length, table) for (v, length), table in tables if v == version),
+            ((width - (tag >> 1), tag, table) for tag, table in self._tables.items()
+             if tag & 1 == v6),
             key=lambda entry: entry[0],
         )
-        if version == 4:
-            self._v4 = chain
-        else:
+        if v6:
             self._v6 = chain
+        else:
+            self._v4 = chain
 
 
 class PrefixTexts(Sequence[str]):
@@ -153,7 +155,7 @@ class PrefixTexts(Sequence[str]):
 
     __slots__ = ("_keys",)
 
-    def __init__(self, keys: list[_Key]) -> None:
+    def __init__(self, keys: list[Prefix]) -> None:
         self._keys = keys
 
     def __len__(self) -> int:
@@ -167,8 +169,8 @@ class PrefixTexts(Sequence[str]):
 
     def __getitem__(self, index: int | slice) -> str | list[str]:
         if isinstance(index, slice):
-            return [_text(key) for key in self._keys[index]]
-        return _text(self._keys[index])
+            return prefix_texts(self._keys[index])
+        return prefix_texts([self._keys[index]])[0]
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sequence) and list(self) == list(other)
@@ -176,30 +178,3 @@ class PrefixTexts(Sequence[str]):
     def __repr__(self) -> str:
         return f"PrefixTexts({list(self)!r})"
 
-
-def _key(network: Network) -> _Key:
-    length = network.prefixlen
-    bits = int(network.network_address) >> (network.max_prefixlen - length)
-    return bits << 9 | length << 1 | (network.version == 6)
-
-
-def _split(key: _Key) -> tuple[int, int, int]:
-    """(version, length, bits) of a key."""
-    return 6 if key & 1 else 4, key >> 1 & 0xFF, key >> 9
-
-
-def _network(key: _Key) -> Network:
-    version, length, bits = _split(key)
-    if version == 4:
-        return ipaddress.IPv4Network((bits << (32 - length), length))
-    return ipaddress.IPv6Network((bits << (128 - length), length))
-
-
-def _text(key: _Key) -> str:
-    version, length, bits = _split(key)
-    if version == 4:
-        address = socket.inet_ntop(socket.AF_INET, (bits << (32 - length)).to_bytes(4, "big"))
-    else:
-        address = socket.inet_ntop(socket.AF_INET6,
-                                   (bits << (128 - length)).to_bytes(16, "big"))
-    return f"{address}/{length}"

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from uspan.wg.endpoint import Endpoint
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Prefix = int  # an IP prefix as uspan.wg.prefix packs it (prefix.of(network) makes one)
 
 
 class ConfigError(ValueError):
@@ -35,8 +36,9 @@ class PeerChange:
     endpoint: Endpoint | None = None
     persistent_keepalive: int | None = None  # seconds, 0 = off
     replace_allowed_ips: bool = False
-    allowed_ips: list[Network] = field(default_factory=list)
-    remove_allowed_ips: list[Network] = field(default_factory=list)  # UAPI "allowed_ip=-..."
+    allowed_ips: list[Prefix] = field(default_factory=list)
+    # UAPI "allowed_ip=-...", applied after allowed_ips (a prefix in both ends up removed).
+    remove_allowed_ips: list[Prefix] = field(default_factory=list)
     protocol_version: int | None = None
     # Start a handshake now, even within REKEY_TIMEOUT of the last: how the mesh checks an
     # endpoint it just picked. Not a UAPI key (``wg`` cannot ask for it).

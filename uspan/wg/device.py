@@ -40,9 +40,9 @@ from uspan.wg.config import (
     ConfigError,
     DeviceChange,
     DeviceInfo,
-    Network,
     PeerChange,
     PeerInfo,
+    Prefix,
 )
 from uspan.wg.constants import (
     DEFAULT_MTU,
@@ -221,9 +221,8 @@ class Device:
         if change.replace_allowed_ips:
             while allowed.remove_value(peer, APPLY_STEP):
                 yield
-        yield from _steps(change.allowed_ips, lambda network: allowed.insert(network, peer))
-        yield from _steps(change.remove_allowed_ips,
-                          lambda network: allowed.remove(network, peer))
+        yield from _steps(change.allowed_ips, lambda chunk: allowed.insert(chunk, peer))
+        yield from _steps(change.remove_allowed_ips, lambda chunk: allowed.remove(chunk, peer))
         if change.persistent_keepalive is not None:
             peer.set_persistent_keepalive(change.persistent_keepalive, now, out)
         if change.handshake:
@@ -582,9 +581,8 @@ class Device:
                 peer.endpoint = endpoint.without_source()
 
 
-def _steps(networks: list[Network], action: Callable[[Network], object]) -> Iterator[None]:
-    """``action`` on each network, yielding after every APPLY_STEP."""
-    for start in range(0, len(networks), APPLY_STEP):
-        for network in networks[start:start + APPLY_STEP]:
-            action(network)
+def _steps(prefixes: list[Prefix], action: Callable[[list[Prefix]], object]) -> Iterator[None]:
+    """``action`` on the prefixes, APPLY_STEP at a time, yielding after each."""
+    for start in range(0, len(prefixes), APPLY_STEP):
+        action(prefixes[start:start + APPLY_STEP])
         yield

@@ -9,82 +9,88 @@ order. See https://www.wireguard.com/xplatform/.
 from __future__ import annotations
 
 import errno
-import ipaddress
-import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
-from uspan.wg.config import ConfigError, DeviceChange, DeviceInfo, Network, PeerChange
+from uspan.wg import prefix
+from uspan.wg.config import ConfigError, DeviceChange, DeviceInfo, PeerChange, Prefix
 from uspan.wg.constants import KEY_SIZE, ZERO_KEY
 from uspan.wg.endpoint import Endpoint, EndpointError
 
 _DEVICE_KEYS = frozenset({"private_key", "listen_port", "fwmark", "replace_peers"})
 
 
-def parse_set(lines: Iterable[str]) -> DeviceChange:
+def parse_set(lines: list[str]) -> DeviceChange:
     """Parse the body of a ``set=1`` request (without the terminating blank line)."""
     parser = SetParser()
-    for line in lines:
-        parser.feed(line)
+    parser.feed(lines)
     return parser.finish()
 
 
 class SetParser:
-    """The body of a ``set=1`` request, fed one line at a time as it arrives.
+    """The body of a ``set=1`` request, fed a batch of lines at a time as it arrives.
 
     Device keys come first; each ``public_key=`` starts a peer and the keys after it
     belong to that peer. ``feed`` raises ConfigError naming the key (values of secret keys
     are never echoed); a line without ``=`` is a protocol error (errno EPROTO). Each line
-    costs O(1): a peer's allowed-IP lines are kept as their net effect in dicts, so a
-    request of any size parses in time linear in its length.
+    costs O(1): a peer's ``allowed_ip`` lines are kept as a list of additions and a dict
+    of removals that no later addition cancelled, so a request of any size parses in time
+    linear in its length, and applying additions, then removals, has the lines' effect.
     """
 
     def __init__(self) -> None:
         self._change = DeviceChange()
         self._peer: PeerChange | None = None
-        self._adds: dict[Network, None] = {}
-        self._removes: dict[Network, None] = {}
+        self._adds: list[Prefix] = []
+        self._removes: dict[Prefix, None] = {}
 
-    def feed(self, line: str) -> None:
-        key, sep, value = line.partition("=")
-        if not sep:
-            raise ConfigError("line", f"{line[:64]!r} is not key=value", errno.EPROTO)
-        if key == "allowed_ip" and self._peer is not None:  # by far the most frequent
-            self._allowed_ip(value)
-        elif key == "public_key":
-            self._close_peer()
-            self._peer = PeerChange(public_key=_parse_key(key, value, secret=False))
-            self._change.peers.append(self._peer)
-        elif self._peer is None:
-            _device_line(self._change, key, value)
-        elif key == "replace_allowed_ips":
-            self._peer.replace_allowed_ips = _parse_true(key, value)
-            self._adds.clear()
-            self._removes.clear()
-        else:
-            _peer_line(self._peer, key, value)
+    def feed(self, lines: list[str]) -> None:
+        # The loop over allowed_ip lines is the hot path of a big request: inlined.
+        parse = prefix.parse
+        adds, removes = self._adds, self._removes
+        for line in lines:
+            key, sep, value = line.partition("=")
+            if key == "allowed_ip" and self._peer is not None:
+                try:
+                    if value.startswith("-"):
+                        removes[parse(value[1:])] = None
+                    else:
+                        added = parse(value)
+                        if removes:
+                            removes.pop(added, None)
+                        adds.append(added)
+                except ValueError as exc:
+                    raise ConfigError(key, str(exc)) from None
+            else:
+                self._line(line, key, sep, value)
+                adds, removes = self._adds, self._removes
 
     def finish(self) -> DeviceChange:
         """The whole change (the parser is spent)."""
         self._close_peer()
         return self._change
 
-    def _allowed_ip(self, value: str) -> None:
-        # Lines apply in order (as in wireguard-go); only their net effect is kept: a
-        # later line cancels an earlier one, replace_allowed_ips drops what came before.
-        if value.startswith("-"):
-            network = parse_prefix(value[1:])
-            self._adds.pop(network, None)
-            self._removes[network] = None
+    def _line(self, line: str, key: str, sep: str, value: str) -> None:
+        if not sep:
+            raise ConfigError("line", f"{line[:64]!r} is not key=value", errno.EPROTO)
+        if key == "public_key":
+            self._close_peer()
+            self._peer = PeerChange(public_key=_parse_key(key, value, secret=False))
+            self._change.peers.append(self._peer)
+        elif self._peer is None:
+            _device_line(self._change, key, value)
+        elif key == "replace_allowed_ips":
+            # What came before for this peer is replaced: only later lines count.
+            self._peer.replace_allowed_ips = _parse_true(key, value)
+            self._adds.clear()
+            self._removes.clear()
         else:
-            network = parse_prefix(value)
-            self._removes.pop(network, None)
-            self._adds[network] = None
+            _peer_line(self._peer, key, value)
 
     def _close_peer(self) -> None:
         if self._peer is not None:
-            self._peer.allowed_ips = list(self._adds)
+            self._peer.allowed_ips = self._adds
             self._peer.remove_allowed_ips = list(self._removes)
-            self._adds, self._removes = {}, {}
+            self._adds, self._removes = [], {}
 
 
 def _device_line(change: DeviceChange, key: str, value: str) -> None:
@@ -147,24 +153,6 @@ def _parse_true(key: str, value: str) -> bool:
     return True
 
 
-def parse_prefix(value: str) -> Network:
-    """Parse ``10.0.0.0/8`` or ``fd00::/8`` (host bits are masked off, as wg does)."""
-    address, sep, bits = value.partition("/")
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    width = 128 if family == socket.AF_INET6 else 32
-    try:
-        packed = socket.inet_pton(family, address)
-    except (OSError, ValueError):  # ValueError: an embedded NUL
-        packed = b""
-    if (not sep or not packed or not bits.isascii() or not bits.isdigit() or len(bits) > 3
-            or int(bits) > width):
-        raise ConfigError("allowed_ip", f"{value[:64]!r} is not an IP prefix like 10.0.0.0/24")
-    number = int.from_bytes(packed, "big")
-    if family == socket.AF_INET6:
-        return ipaddress.IPv6Network((number, int(bits)), strict=False)
-    return ipaddress.IPv4Network((number, int(bits)), strict=False)
-
-
 def format_get(info: DeviceInfo) -> str:
     """The full reply to ``get=1``, ending with ``errno=0`` and the blank line."""
     return "".join(get_pieces(info))
@@ -197,10 +185,10 @@ def get_pieces(info: DeviceInfo) -> Iterator[str]:
             f"rx_bytes={peer.rx_bytes}\n"
             f"persistent_keepalive_interval={peer.persistent_keepalive}\n")
         lines += 8
-        networks = peer.allowed_ips
-        for start in range(0, len(networks), GET_PIECE_LINES):
-            chunk = networks[start:start + GET_PIECE_LINES]
-            out.append("".join(f"allowed_ip={prefix}\n" for prefix in chunk))
+        texts = peer.allowed_ips
+        for start in range(0, len(texts), GET_PIECE_LINES):
+            chunk = texts[start:start + GET_PIECE_LINES]
+            out.append("allowed_ip=" + "\nallowed_ip=".join(chunk) + "\n")
             lines += len(chunk)
             if lines >= GET_PIECE_LINES:
                 yield "".join(out)
