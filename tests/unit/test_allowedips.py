@@ -412,3 +412,44 @@ def test_one_peer_with_130000_prefixes_and_40_small_peers() -> None:
     assert len(table) == 1 + 40 * 52
     assert table.lookup(hosts[0].network_address.packed) is small[0]
     assert table.lookup(nets[0].network_address.packed) is default
+
+
+def read_whole(t: AllowedIPs[Peer], peer: Peer, step: int = 2) -> list[str]:
+    """Read an owner's text as get=1 does: slice after slice."""
+    snapshot = t.texts(peer)
+    return [text for i in range(0, len(snapshot), step) for text in snapshot[i:i + step]]
+
+
+def test_text_read_whole_is_kept_until_the_prefixes_change() -> None:
+    a, b = Peer("a"), Peer("b")
+    t: AllowedIPs[Peer] = AllowedIPs()
+    t.insert([net("10.0.0.0/8"), net("fd00::/8"), net("10.1.0.0/16")], a)
+    assert read_whole(t, a) == ["10.0.0.0/8", "fd00::/8", "10.1.0.0/16"]
+    kept = t.texts(a)
+    assert isinstance(kept, list) and t.texts(a) is kept  # no rendering any more
+    for change, expected in [
+        (lambda: t.insert([net("10.2.0.0/16")], a),
+         ["10.0.0.0/8", "fd00::/8", "10.1.0.0/16", "10.2.0.0/16"]),
+        (lambda: t.remove([net("fd00::/8")], a), ["10.0.0.0/8", "10.1.0.0/16", "10.2.0.0/16"]),
+        (lambda: t.insert([net("10.1.0.0/16")], b), ["10.0.0.0/8", "10.2.0.0/16"]),  # taken
+        (lambda: t.remove_value(a, 1), ["10.2.0.0/16"]),
+    ]:
+        change()
+        assert list(t.texts(a)) == expected
+        assert read_whole(t, a) == expected
+        assert t.texts(a) == expected
+    assert kept == ["10.0.0.0/8", "fd00::/8", "10.1.0.0/16"]  # a snapshot never changes
+    t.remove_value(a)
+    assert t.texts(a) == []
+
+
+def test_a_snapshot_read_after_a_change_is_not_kept() -> None:
+    a = Peer("a")
+    t: AllowedIPs[Peer] = AllowedIPs()
+    t.insert([net("10.0.0.0/8"), net("10.1.0.0/16")], a)
+    snapshot = t.texts(a)
+    t.insert([net("10.2.0.0/16")], a)
+    assert snapshot[0:2] == ["10.0.0.0/8", "10.1.0.0/16"]  # the old state, read whole
+    assert not isinstance(t.texts(a), list)
+    assert read_whole(t, a) == ["10.0.0.0/8", "10.1.0.0/16", "10.2.0.0/16"]
+    assert t.texts(a) == ["10.0.0.0/8", "10.1.0.0/16", "10.2.0.0/16"]

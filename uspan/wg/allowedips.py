@@ -6,13 +6,15 @@ length to the shortest, so it costs one dict probe per distinct prefix length pr
 that family, whatever the number of prefixes. Values are compared by identity, as peers
 are. Each owner also keeps its prefixes in insertion order (the same int objects as the
 tables: a million prefixes cost two dict entries and one int each, and nothing the
-garbage collector walks), so ``get=1`` lists them and a peer's removal finds them.
+garbage collector walks), so ``get=1`` lists them and a peer's removal finds them. An
+owner's text, once read whole, is kept until its prefixes change: ``wg show`` in a loop,
+or many clients polling, then costs no rendering.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Generic, TypeVar, overload
 
 from uspan.wg.config import Prefix
@@ -23,18 +25,28 @@ T = TypeVar("T")
 _TAG = 0x1FF  # a prefix's length and family bits: which table holds it
 
 
+class _Owner(Generic[T]):
+    __slots__ = ("prefixes", "stamp", "texts", "value")
+
+    def __init__(self, value: T) -> None:
+        self.value = value
+        self.prefixes: dict[Prefix, None] = {}  # in insertion order
+        self.stamp = 0  # AllowedIPs._edits when the prefixes last changed
+        self.texts: list[str] | None = None  # their text, if read whole since
+
+
 class AllowedIPs(Generic[T]):
     """Maps IP prefixes to values; every prefix has exactly one owner."""
 
-    __slots__ = ("_owned", "_tables", "_v4", "_v6")
+    __slots__ = ("_edits", "_owned", "_tables", "_v4", "_v6")
 
     def __init__(self) -> None:
         self._tables: dict[int, dict[Prefix, T]] = {}  # by tag
         # Per family: (host-bit shift, tag, table), longest prefix first.
         self._v4: list[tuple[int, int, dict[Prefix, T]]] = []
         self._v6: list[tuple[int, int, dict[Prefix, T]]] = []
-        # id(value) -> (value, its prefixes in insertion order).
-        self._owned: dict[int, tuple[T, dict[Prefix, None]]] = {}
+        self._owned: dict[int, _Owner[T]] = {}  # by id(value)
+        self._edits = 0
 
     def __len__(self) -> int:
         return sum(len(table) for table in self._tables.values())
@@ -45,8 +57,9 @@ class AllowedIPs(Generic[T]):
             raise ValueError("allowed IPs need a value, not None")
         owner = self._owned.get(id(value))
         if owner is None:
-            owner = self._owned[id(value)] = (value, {})
-        owned = owner[1]
+            owner = self._owned[id(value)] = _Owner(value)
+        self._changed(owner)
+        owned = owner.prefixes
         tables = self._tables
         last_tag = -1
         table: dict[Prefix, T] = {}  # replaced at the first prefix (no tag is -1)
@@ -87,7 +100,8 @@ class AllowedIPs(Generic[T]):
         owner = self._owned.get(id(value))
         if owner is None:
             return False
-        owned = owner[1]
+        self._changed(owner)
+        owned = owner.prefixes
         emptied: set[int] = set()
         for prefix in list(owned if limit is None else itertools.islice(owned, limit)):
             del owned[prefix]
@@ -123,17 +137,33 @@ class AllowedIPs(Generic[T]):
     def prefixes(self, value: T) -> list[Prefix]:
         """The prefixes owned by ``value``, in the order they were given to it."""
         owner = self._owned.get(id(value))
-        return [] if owner is None else list(owner[1])
+        return [] if owner is None else list(owner.prefixes)
 
-    def texts(self, value: T) -> PrefixTexts:
+    def texts(self, value: T) -> Sequence[str]:
         """A snapshot of ``prefixes(value)`` as text (``10.0.0.0/8``, as ``get=1``
-        reports them), rendered only as it is read."""
-        return PrefixTexts(self.prefixes(value))
+        reports them), rendered only as it is read, and kept once read whole."""
+        owner = self._owned.get(id(value))
+        if owner is None:
+            return []
+        if owner.texts is not None:
+            return owner.texts
+        stamp = owner.stamp
+
+        def keep(texts: list[str]) -> None:
+            if owner.stamp == stamp:  # unchanged since the snapshot
+                owner.texts = texts
+
+        return PrefixTexts(list(owner.prefixes), keep)
+
+    def _changed(self, owner: _Owner[T]) -> None:
+        self._edits += 1
+        owner.stamp, owner.texts = self._edits, None
 
     def _disown(self, value: T, prefix: Prefix) -> None:
-        owned = self._owned[id(value)][1]
-        del owned[prefix]
-        if not owned:
+        owner = self._owned[id(value)]
+        self._changed(owner)
+        del owner.prefixes[prefix]
+        if not owner.prefixes:
             del self._owned[id(value)]
 
     def _reindex(self, v6: int) -> None:
@@ -150,13 +180,16 @@ class AllowedIPs(Generic[T]):
 
 
 class PrefixTexts(Sequence[str]):
-    """Prefixes as text, from a snapshot of their keys: a ``get`` of a million prefixes
-    renders each piece just before it is sent, not all of them at once."""
+    """Prefixes as text, from a snapshot: a ``get`` of a million prefixes renders each
+    piece just before it is sent, not all of them at once. Read in order, slice after
+    slice, to the end, the whole text goes to ``keep``."""
 
-    __slots__ = ("_keys",)
+    __slots__ = ("_keep", "_keys", "_read")
 
-    def __init__(self, keys: list[Prefix]) -> None:
+    def __init__(self, keys: list[Prefix], keep: Callable[[list[str]], None]) -> None:
         self._keys = keys
+        self._keep = keep
+        self._read: list[str] = []  # what was read in order so far
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -168,13 +201,18 @@ class PrefixTexts(Sequence[str]):
     def __getitem__(self, index: slice) -> list[str]: ...
 
     def __getitem__(self, index: int | slice) -> str | list[str]:
-        if isinstance(index, slice):
-            return prefix_texts(self._keys[index])
-        return prefix_texts([self._keys[index]])[0]
+        if not isinstance(index, slice):
+            return prefix_texts([self._keys[index]])[0]
+        texts = prefix_texts(self._keys[index])
+        read = self._read
+        if index.start == len(read) and index.step is None and texts:
+            read += texts
+            if len(read) == len(self._keys):
+                self._keep(read)
+        return texts
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sequence) and list(self) == list(other)
 
     def __repr__(self) -> str:
         return f"PrefixTexts({list(self)!r})"
-
