@@ -18,11 +18,10 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Generic, TypeVar, overload
 
 from uspan.wg.config import Prefix
+from uspan.wg.prefix import tag as prefix_tag
 from uspan.wg.prefix import texts as prefix_texts
 
 T = TypeVar("T")
-
-_TAG = 0x1FF  # a prefix's length and family bits: which table holds it
 
 
 class _Owner(Generic[T]):
@@ -41,8 +40,8 @@ class AllowedIPs(Generic[T]):
     __slots__ = ("_edits", "_owned", "_tables", "_v4", "_v6")
 
     def __init__(self) -> None:
-        self._tables: dict[int, dict[Prefix, T]] = {}  # by tag
-        # Per family: (host-bit shift, tag, table), longest prefix first.
+        self._tables: dict[int, dict[Prefix, T]] = {}  # by prefix.tag
+        # Per family: (host-bit shift, tag << width, table), longest prefix first.
         self._v4: list[tuple[int, int, dict[Prefix, T]]] = []
         self._v6: list[tuple[int, int, dict[Prefix, T]]] = []
         self._owned: dict[int, _Owner[T]] = {}  # by id(value)
@@ -64,7 +63,7 @@ class AllowedIPs(Generic[T]):
         last_tag = -1
         table: dict[Prefix, T] = {}  # replaced at the first prefix (no tag is -1)
         for prefix in prefixes:
-            tag = prefix & _TAG
+            tag = prefix >> 128 or prefix >> 32  # prefix.tag, inlined: the hot loop
             if tag != last_tag:
                 if tag not in tables:
                     tables[tag] = {}
@@ -82,7 +81,7 @@ class AllowedIPs(Generic[T]):
         """Remove each prefix that ``value`` owns; return how many it owned."""
         removed = 0
         for prefix in prefixes:
-            tag = prefix & _TAG
+            tag = prefix_tag(prefix)
             table = self._tables.get(tag)
             if table is None or table.get(prefix) is not value:
                 continue
@@ -105,7 +104,7 @@ class AllowedIPs(Generic[T]):
         emptied: set[int] = set()
         for prefix in list(owned if limit is None else itertools.islice(owned, limit)):
             del owned[prefix]
-            tag = prefix & _TAG
+            tag = prefix_tag(prefix)
             table = self._tables[tag]
             del table[prefix]
             if not table:
@@ -128,8 +127,8 @@ class AllowedIPs(Generic[T]):
         else:
             return None
         number = int.from_bytes(address, "big")
-        for shift, tag, table in chain:
-            value = table.get(number >> shift << 9 | tag)
+        for shift, tag_bits, table in chain:
+            value = table.get(number >> shift | tag_bits)
             if value is not None:
                 return value
         return None
@@ -169,7 +168,7 @@ class AllowedIPs(Generic[T]):
     def _reindex(self, v6: int) -> None:
         width = 128 if v6 else 32
         chain = sorted(
-            ((width - (tag >> 1), tag, table) for tag, table in self._tables.items()
+            ((width - (tag >> 1), tag << width, table) for tag, table in self._tables.items()
              if tag & 1 == v6),
             key=lambda entry: entry[0],
         )

@@ -46,10 +46,10 @@ class SetParser:
     def feed(self, lines: list[str]) -> None:
         # The loop over allowed_ip lines is the hot path of a big request: inlined.
         parse = prefix.parse
-        adds, removes = self._adds, self._removes
+        peer, adds, removes = self._peer, self._adds, self._removes
         for line in lines:
             key, sep, value = line.partition("=")
-            if key == "allowed_ip" and self._peer is not None:
+            if key == "allowed_ip" and peer is not None:
                 try:
                     if value.startswith("-"):
                         removes[parse(value[1:])] = None
@@ -62,7 +62,7 @@ class SetParser:
                     raise ConfigError(key, str(exc)) from None
             else:
                 self._line(line, key, sep, value)
-                adds, removes = self._adds, self._removes
+                peer, adds, removes = self._peer, self._adds, self._removes
 
     def finish(self) -> DeviceChange:
         """The whole change (the parser is spent)."""
