@@ -79,18 +79,25 @@ class AllowedIPs(Generic[T]):
 
     def remove(self, prefixes: Iterable[Prefix], value: T) -> int:
         """Remove each prefix that ``value`` owns; return how many it owned."""
+        owner = self._owned.get(id(value))
+        if owner is None:
+            return 0
+        self._changed(owner)
+        owned, tables = owner.prefixes, self._tables
         removed = 0
         for prefix in prefixes:
-            tag = prefix_tag(prefix)
-            table = self._tables.get(tag)
+            tag = prefix >> 128 or prefix >> 32  # prefix.tag, inlined: the hot loop
+            table = tables.get(tag)
             if table is None or table.get(prefix) is not value:
                 continue
             del table[prefix]
-            if not table:
-                del self._tables[tag]
-                self._reindex(tag & 1)
-            self._disown(value, prefix)
+            del owned[prefix]
             removed += 1
+            if not table:
+                del tables[tag]
+                self._reindex(tag & 1)
+        if not owned:
+            del self._owned[id(value)]
         return removed
 
     def remove_value(self, value: T, limit: int | None = None) -> bool:
