@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import itertools
 
 import pytest
 
@@ -131,6 +132,36 @@ def test_retransmits_then_gives_up(net: Net, pair) -> None:
     assert pa.timers.retransmit_handshake is None
     assert pa.timers.zero_key_material is not None
     assert pa.timers.zero_key_material > start + 90
+
+
+def initiation_times(net: Net, node, seconds: float, step: float = 0.05) -> list[float]:
+    """When ``node`` sent initiations in the next ``seconds`` (to within ``step``)."""
+    times = []
+    for _ in range(round(seconds / step)):
+        before = kinds(node.sent).count(MSG_INITIATION)
+        net.advance(step)
+        times += [net.now] * (kinds(node.sent).count(MSG_INITIATION) - before)
+    return times
+
+
+def test_persistent_keepalive_starts_new_attempts_after_giving_up(net: Net, pair) -> None:
+    """As wireguard-go: every initiation rearms the persistent keepalive, so once the
+    retransmissions are given up it fires 25 s after the last one, and its keepalive needs
+    a session: a new round of attempts. A peer that never answers costs 20 initiations
+    every ~123 s, for ever."""
+    a, b = pair
+    net.blocked.add("b")
+    net.emit(a, a.device.apply(
+        DeviceChange(peers=[PeerChange(b.public, persistent_keepalive=25)]), net.now))
+    times = [net.now, *initiation_times(net, a, 250)]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    # Two rounds of 1 + 19 retransmissions 5-5.33 s apart, each followed by 25 s of
+    # silence; the third round has begun.
+    assert len(times) == 41
+    for round_ in (gaps[:19], gaps[20:39]):
+        assert all(REKEY_TIMEOUT - 0.05 <= gap <= REKEY_TIMEOUT + 0.4 for gap in round_)
+    assert gaps[19] == gaps[39] == pytest.approx(25, abs=0.06)
+    assert net.peer(a, b).handshake_attempts == 0
 
 
 def test_passive_keepalive_after_data_received(net: Net, pair) -> None:

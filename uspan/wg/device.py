@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from cryptography.exceptions import InvalidTag
 
-from uspan.wg import crypto, messages
+from uspan.wg import messages
 from uspan.wg.admission import Admission, Verdict
 from uspan.wg.allowedips import AllowedIPs
 from uspan.wg.config import (
@@ -193,7 +193,6 @@ class Device:
         if private == self.private_key:
             return
         self.private_key, self.public_key = private, public
-        crypto.forget_static_keys()
         self.cookie_checker.set_local_public(public)
         if public is not None and public in self.peers:
             self._remove_peer(self.peers[public])
@@ -549,10 +548,12 @@ class Device:
                 continue  # superseded by an earlier deadline, or the peer was removed
             peer.timer_seq = -1
             peer.tick(now, out)
-            if peer.timer_seq == -1:  # tick armed nothing earlier: queue its next deadline
-                deadline = peer.next_deadline()
-                if deadline is not None:
-                    self.schedule(peer, deadline)
+            # Queue its earliest deadline. What tick armed is queued already, but may be
+            # later than a timer it left alone (giving up arms zeroing at 540 s while
+            # the persistent keepalive is due at 25 s): schedule keeps the earlier.
+            deadline = peer.next_deadline()
+            if deadline is not None:
+                self.schedule(peer, deadline)
         return out
 
     def schedule(self, peer: Peer, deadline: float) -> None:

@@ -367,9 +367,7 @@ class Peer:
         the peer's key is a low-order point (no handshake can succeed)."""
         if self._static_static is None and self.device.private_key is not None:
             try:
-                self._static_static = crypto.dh(
-                    self.device.private_key, self.public_key, static=True
-                )
+                self._static_static = crypto.dh(self.device.private_key, self.public_key)
             except crypto.DHError:
                 return None
         return self._static_static
