@@ -153,7 +153,7 @@ def test_persistent_keepalive_starts_new_attempts_after_giving_up(net: Net, pair
     net.blocked.add("b")
     net.emit(a, a.device.apply(
         DeviceChange(peers=[PeerChange(b.public, persistent_keepalive=25)]), net.now))
-    times = [net.now, *initiation_times(net, a, 250)]
+    times = initiation_times(net, a, 250)
     gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
     # Two rounds of 1 + 19 retransmissions 5-5.33 s apart, each followed by 25 s of
     # silence; the third round has begun.
@@ -208,7 +208,26 @@ def test_turning_on_persistent_keepalive_sends_at_once(net: Net, pair) -> None:
     out = a.device.apply(
         DeviceChange(peers=[PeerChange(b.public, persistent_keepalive=25)]), net.now
     )
+    assert out == []  # at the next timer pass, not inside the configuration
+    assert a.device.next_deadline() == net.now
+    out = a.device.tick(net.now)
     assert [d[0] for d, _ in out] == [MSG_INITIATION]  # no session yet: handshake first
+    net.emit(a, out)
+    net.run()
+    assert net.peer(a, b).last_handshake == net.now
+    assert net.peer(b, a).rx_bytes > 0 and not net.peer(a, b).staged  # the keepalive went
+
+
+def test_turning_on_persistent_keepalive_with_a_session_sends_a_keepalive(
+        net: Net, pair) -> None:
+    a, b = pair
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    net.run()
+    a.sent.clear()
+    net.emit(a, a.device.apply(
+        DeviceChange(peers=[PeerChange(b.public, persistent_keepalive=25)]), net.now))
+    net.advance(0.001)
+    assert [len(d) for d in a.sent] == [32]
 
 
 def test_last_minute_rekey_on_receive(net: Net, pair) -> None:
