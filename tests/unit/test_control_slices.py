@@ -214,6 +214,37 @@ async def uapi_client() -> AsyncIterator[trio.SocketStream]:
         yield client
 
 
+def test_a_set_of_many_new_peers_does_not_wait_for_their_handshakes() -> None:
+    """Their handshakes run afterwards, in timer passes between other work."""
+    count = 1000
+    change = DeviceChange(peers=[PeerChange(
+        public_key(clamp(os.urandom(32))), endpoint=Endpoint("192.0.2.99", 20000 + i),
+        persistent_keepalive=25) for i in range(count)])
+
+    async def main() -> None:
+        network = MemoryNetwork()
+        daemon = Daemon(MemoryTun(), network.bind("192.0.2.1", 51820))
+        daemon.set(DeviceChange(private_key=clamp(os.urandom(32))))
+        gaps: list[float] = []
+        done = trio.Event()
+        async with daemon.running(), trio.open_nursery() as nursery:
+            nursery.start_soon(ticker, done, gaps)
+            await trio.sleep(0.01)
+            start = time.perf_counter()
+            await daemon.configure(change)
+            set_took = time.perf_counter() - start
+            while len(network.sent) < count:
+                await trio.sleep(0.001)
+            took = time.perf_counter() - start
+            done.set()
+        assert sorted(sent.destination[1] for sent in network.sent) == list(
+            range(20000, 20000 + count))  # one initiation each (no retransmission yet)
+        assert set_took < took / 4, (set_took, took)
+        assert max(gaps) < took / 4, (max(gaps), took)
+
+    trio.run(main)
+
+
 def test_a_refused_set_is_answered_only_after_the_whole_request() -> None:
     # A bad first line, then more than the old 64 MiB cap: the client must be able to
     # write all of it (wg dies of SIGPIPE otherwise), then read one clear refusal.
