@@ -105,6 +105,18 @@ async def ticker(done: trio.Event, gaps: list[float]) -> None:
         last = now
 
 
+@contextlib.asynccontextmanager
+async def beside_a_ticker(daemon: Daemon) -> AsyncIterator[list[float]]:
+    """``daemon`` running for the body, and a ``ticker`` recording its gaps meanwhile."""
+    gaps: list[float] = []
+    done = trio.Event()
+    async with daemon.running(), trio.open_nursery() as nursery:
+        nursery.start_soon(ticker, done, gaps)
+        await trio.sleep(0.01)
+        yield gaps
+        done.set()
+
+
 async def ask(stream: trio.abc.Stream, request: bytes) -> bytes:
     await stream.send_all(request)
     reply = bytearray()
@@ -185,18 +197,13 @@ def test_the_snapshot_of_many_peers_is_taken_in_slices() -> None:
         daemon.set(DeviceChange(peers=[PeerChange(
             bytes([1, i >> 8, i & 255]) * 10 + b"pk", allowed_ips=[
                 ipaddress.ip_network(f"10.{i >> 8}.{i & 255}.0/24")]) for i in range(count)]))
-        gaps: list[float] = []
-        done = trio.Event()
-        async with daemon.running(), trio.open_nursery() as nursery:
-            nursery.start_soon(ticker, done, gaps)
-            await trio.sleep(0.01)
+        async with beside_a_ticker(daemon) as gaps:
             start = time.perf_counter()
             pieces = []
             for piece in await daemon.get_pieces():  # sent between other work, as handle does
                 pieces.append(piece)
                 await trio.sleep(0)
             took = time.perf_counter() - start
-            done.set()
         assert "".join(pieces).count("public_key=") == count
         assert max(gaps) < took / 4, (max(gaps), took)
 
@@ -225,18 +232,13 @@ def test_a_set_of_many_new_peers_does_not_wait_for_their_handshakes() -> None:
         network = MemoryNetwork()
         daemon = Daemon(MemoryTun(), network.bind("192.0.2.1", 51820))
         daemon.set(DeviceChange(private_key=clamp(os.urandom(32))))
-        gaps: list[float] = []
-        done = trio.Event()
-        async with daemon.running(), trio.open_nursery() as nursery:
-            nursery.start_soon(ticker, done, gaps)
-            await trio.sleep(0.01)
+        async with beside_a_ticker(daemon) as gaps:
             start = time.perf_counter()
             await daemon.configure(change)
             set_took = time.perf_counter() - start
             while len(network.sent) < count:
                 await trio.sleep(0.001)
             took = time.perf_counter() - start
-            done.set()
         assert sorted(sent.destination[1] for sent in network.sent) == list(
             range(20000, 20000 + count))  # one initiation each (no retransmission yet)
         assert set_took < took / 4, (set_took, took)
