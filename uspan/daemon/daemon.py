@@ -297,10 +297,12 @@ class Daemon:
                 with trio.move_on_at(math.inf if deadline is None else deadline):
                     await self._timer_wake.wait()
                 continue
-            await self._send(self.device.tick(now))
+            await self._send(self.device.tick(now))  # sending needs no checkpoint
             after = self.device.next_deadline()
-            if after is not None and after <= now:
-                await trio.sleep(0)  # more is due (tick is bounded): let packets go first
+            if after is not None and after <= _now():
+                # More is due (tick is bounded, and with thousands of peers more came due
+                # while it ran): let packets go first.
+                await trio.sleep(0)
 
     # Watchers ----------------------------------------------------------------------------
 
