@@ -194,10 +194,11 @@ def test_the_snapshot_of_many_peers_is_taken_in_slices() -> None:
 
     async def main() -> None:
         daemon = memory_daemon()
-        daemon.set(DeviceChange(peers=[PeerChange(
-            bytes([1, i >> 8, i & 255]) * 10 + b"pk", allowed_ips=[
-                ipaddress.ip_network(f"10.{i >> 8}.{i & 255}.0/24")]) for i in range(count)]))
+        daemon.set(parse_set([line for i in range(count) for line in (
+            f"public_key={(bytes([1, i >> 8, i & 255]) * 11)[:32].hex()}",
+            f"allowed_ip=10.{i >> 8}.{i & 255}.0/24")]))
         async with beside_a_ticker(daemon) as gaps:
+            gaps.clear()
             start = time.perf_counter()
             pieces = []
             for piece in await daemon.get_pieces():  # sent between other work, as handle does
