@@ -95,7 +95,7 @@ class Device:
         self.keypairs: dict[int, Keypair] = {}
         self.handshakes: dict[int, Peer] = {}
         self.cookie_checker = CookieChecker(rng=rng)
-        self.admission = Admission()
+        self.admission = Admission(known=self.known_endpoints)
         self.counters: Counter[Drop] = Counter()
         self.under_load_rate = UNDER_LOAD_RATE  # handshake messages per second
         self._under_load_until = float("-inf")
@@ -105,6 +105,12 @@ class Device:
         self._timer_queue: list[tuple[float, int, Peer]] = []
         self._timer_count = 0
         self.peer_events = 0  # see peer_facts
+
+    def known_endpoints(self) -> Iterator[Endpoint]:
+        """The peers' endpoints, configured or learned: the admission's priority lane."""
+        for peer in self.peers.values():
+            if peer.endpoint is not None:
+                yield peer.endpoint
 
     # Index table -------------------------------------------------------------------------
 
