@@ -59,7 +59,7 @@ SAMPLE_TARGET = 4 * (UNPROVEN_PER_SECOND + COOKIES_PER_SECOND)
 SAMPLE_WINDOW = 0.25
 MIN_KEEP = 2.0 ** -12
 MAX_TRUSTED = 64  # endpoints in the priority lane (the kernel filter checks each)
-TRUSTED_BURST = 2
+TRUSTED_BURST = 2  # a lane endpoint's mac2-less handshakes at once, then one per interval
 
 Key = tuple[str, int]  # (host, port)
 

@@ -13,6 +13,8 @@ Surface (all times are monotonic seconds passed in by the caller):
 - ``next_deadline() -> float | None``: when ``tick`` may next have work (never later;
   O(1), so the shell can ask after every batch).
 - ``forget_source(endpoint)``: the shell could not send from a sticky source address.
+- ``admission.kernel_filter(now)``: what the shell's kernel filter should drop under a
+  flood (``uspan.wg.admission``; the peers' endpoints, ``known_endpoints()``, pass).
 - ``peer_facts() -> {public key: PeerFacts}``: what the mesh needs to know of each peer;
   ``peer_events`` grows when a handshake completes, attempts are given up, a peer
   roams, or data went unanswered long enough to rehandshake, so the shell can wake
