@@ -42,7 +42,7 @@ from uspan.daemon.ports import BindPort, DatagramReceiver, TunError, TunGone, Tu
 from uspan.daemon.slices import Slices, collector_paused
 from uspan.daemon.tun import Tun
 from uspan.daemon.udp import UdpBind
-from uspan.wg.admission import SAMPLE_WINDOW
+from uspan.wg.admission import SAMPLE_WINDOW, KernelFilter
 from uspan.wg.config import ConfigError, DeviceChange
 from uspan.wg.device import Device
 from uspan.wg.drops import Drop
@@ -56,6 +56,10 @@ log = logging.getLogger("uspan.daemon")
 _DISCARD_ONLY = "100::"
 WATCH_INTERVAL = 1.0  # seconds between checks of the UAPI socket file and the MTU
 _LEVELS = {"verbose": logging.DEBUG, "debug": logging.DEBUG, "error": logging.ERROR}
+
+
+def _on_socket(sources: list[Endpoint]) -> list[Endpoint]:
+    return [source for source in sources if not source.host.startswith(_DISCARD_ONLY)]
 
 
 def setup_logging(interface: str, level_name: str | None) -> bool:
@@ -325,15 +329,17 @@ class Daemon:
             self._refresh_early_drop()
 
     def _refresh_early_drop(self) -> None:
-        """Have the kernel drop what the core's admission flagged (expired flags go)."""
+        """Have the kernel filter as the core's admission says (expired flags go); the
+        relay's pseudo-sources never reach the socket."""
         admission = self.device.admission
-        sources = admission.flagged_sources(_now())
+        rules = admission.kernel_filter(_now())
         if admission.flag_version == self._early_drop_version:
             return
         self._early_drop_version = admission.flag_version
-        sources = [s for s in sources if not s.host.startswith(_DISCARD_ONLY)]
+        rules = KernelFilter(_on_socket(rules.flagged), _on_socket(rules.lane),
+                             _on_socket(rules.abused), rules.keep)
         try:
-            self.bind.drop_unproven(sources, admission.keep)
+            self.bind.drop_unproven(rules)
         except OSError as exc:  # e.g. no BPF in this kernel: the core still refuses them
             if not self._early_drop_failed:
                 log.error("Cannot filter flooding sources in the kernel: %s", exc)

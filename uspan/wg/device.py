@@ -13,6 +13,8 @@ Surface (all times are monotonic seconds passed in by the caller):
 - ``next_deadline() -> float | None``: when ``tick`` may next have work (never later;
   O(1), so the shell can ask after every batch).
 - ``forget_source(endpoint)``: the shell could not send from a sticky source address.
+- ``admission.kernel_filter(now)``: what the shell's kernel filter should drop under a
+  flood (``uspan.wg.admission``; the peers' endpoints, ``known_endpoints()``, pass).
 - ``peer_facts() -> {public key: PeerFacts}``: what the mesh needs to know of each peer;
   ``peer_events`` grows when a handshake completes, attempts are given up, a peer
   roams, or data went unanswered long enough to rehandshake, so the shell can wake
@@ -96,7 +98,7 @@ class Device:
         self.keypairs: dict[int, Keypair] = {}
         self.handshakes: dict[int, Peer] = {}
         self.cookie_checker = CookieChecker(rng=rng)
-        self.admission = Admission()
+        self.admission = Admission(known=self.known_endpoints)
         self.counters: Counter[Drop] = Counter()
         self.under_load_rate = UNDER_LOAD_RATE  # handshake messages per second
         self._under_load_until = float("-inf")
@@ -106,6 +108,12 @@ class Device:
         self._timer_queue: list[tuple[float, int, Peer]] = []
         self._timer_count = 0
         self.peer_events = 0  # see peer_facts
+
+    def known_endpoints(self) -> Iterator[Endpoint]:
+        """The peers' endpoints, configured or learned: the admission's priority lane."""
+        for peer in self.peers.values():
+            if peer.endpoint is not None:
+                yield peer.endpoint
 
     # Index table -------------------------------------------------------------------------
 
