@@ -6,13 +6,16 @@ Each trial builds two namespaces joined by a veth: ``a`` holds the attacker and 
 legitimate peer (Debian's wireguard-go), ``r`` the responder under test. The attacker
 (``uspan.testbed.flood``, one Python process) sends initiations with a valid mac1 for
 ``--seconds`` as fast as it can, either from ``--ports`` sockets of a's address
-(``ports``) or from random source addresses of a /16 routed to ``a`` (``spoof``). ``--legit-after``
-seconds in, the peer starts pinging the responder's inner address every 0.2 s; its first
-packet starts its first handshake. Measured: time from the first ping to the first reply,
-the responder's CPU seconds over the flood and its peak RSS, the attacker's rate, and how
-long after the flood the first reply came when none came during it. Responders
-alternate round by round, so the machine's drift hits all alike; the load average is
-reported with each round.
+(``ports``) or from random source addresses of a /16 routed to ``a`` (``spoof``).
+``--legit-after`` seconds in, the peer starts pinging the responder's inner address
+every 0.2 s; its first packet starts its first handshake. ``--endpoints`` says whether
+every responder is configured with the peer's endpoint (``known``, as in a KubeSpan
+mesh, where every peer has one) or learns it from the handshake (``unknown``), or both
+are run. Measured: time from the first ping to the first reply, the responder's CPU
+seconds over the flood and its peak RSS, the attacker's rate, and how long after the
+flood the first reply came when none came during it. Responders alternate round by
+round, so the machine's drift hits all alike; the load average is reported with each
+round.
 """
 
 from __future__ import annotations
@@ -40,21 +43,26 @@ from uspan.testbed.flood import ATTACKER, RESPONDER, SPOOF_RANGE, Attack, Pinger
 OUTER = (ATTACKER, RESPONDER)
 INNER = ("10.79.0.1", "10.79.0.2")
 PORT = 51840
+PEER_PORT = 51841  # the peer's, fixed so a responder can be told it
 KINDS = ("ports", "spoof")
+ENDPOINTS = ("known", "unknown")
 AFTER_FLOOD = 10.0  # seconds to wait for a first reply after the flood, if none came
 
 
-def flood_trial(args: argparse.Namespace, impl: str, kind: str) -> dict[str, float | None]:
-    """One fresh responder, one flood, one legitimate peer."""
+def flood_trial(args: argparse.Namespace, impl: str, kind: str,
+                known: bool) -> dict[str, float | None]:
+    """One fresh responder, one flood, one legitimate peer (its endpoint ``known`` to the
+    responder or not)."""
     with Lab("bfl") as lab:
         a, r = lab.namespace("a"), lab.namespace("r")
         link(lab, a, r)
         responder = lab.start_wireguard(r, args.programs[impl])
         peer = lab.start_wireguard(a, args.legit)
-        responder.configure(listen_port=PORT,
-                            peers=[PeerConfig(peer.keys.public, [f"{INNER[0]}/32"])])
-        peer.configure(peers=[PeerConfig(responder.keys.public, [f"{INNER[1]}/32"],
-                                         f"{OUTER[1]}:{PORT}")])
+        endpoint = f"{OUTER[0]}:{PEER_PORT}" if known else None
+        responder.configure(listen_port=PORT, peers=[
+            PeerConfig(peer.keys.public, [f"{INNER[0]}/32"], endpoint)])
+        peer.configure(listen_port=PEER_PORT, peers=[
+            PeerConfig(responder.keys.public, [f"{INNER[1]}/32"], f"{OUTER[1]}:{PORT}")])
         for wg, inner in ((responder, INNER[1]), (peer, INNER[0])):
             wg.add_address(f"{inner}/24")
             wg.up()
@@ -98,18 +106,21 @@ ROWS = (
 )
 
 
-def render(values: dict[tuple[str, str], dict[str, list[float | None]]], impls: list[str],
-           kinds: list[str], info: dict[str, str], settings: dict[str, str],
+Case = tuple[str, str]  # (kind, endpoints)
+
+
+def render(values: dict[tuple[str, Case], dict[str, list[float | None]]], impls: list[str],
+           cases: list[Case], info: dict[str, str], settings: dict[str, str],
            markdown: bool) -> str:
     heading = "## " if markdown else ""
     parts = [f"{heading}Machine", machine_lines(info, markdown),
              f"{heading}Settings", machine_lines(settings, markdown)]
-    for kind in kinds:
+    for case in cases:
         rows = []
         for key, label, digits in ROWS:
             cells = []
             for impl in impls:
-                got = values[(impl, kind)][key]
+                got = values[(impl, case)][key]
                 if key == "through":
                     done = [v for v in got if v is not None]
                     cells.append(f"{int(sum(done))}/{len(done)}")
@@ -118,8 +129,10 @@ def render(values: dict[tuple[str, str], dict[str, list[float | None]]], impls: 
                 cells.append(spread.format(digits) if spread else "n/a")
             rows.append([label, *cells])
         firsts = [[impl, " ".join("-" if v is None else f"{v:.1f}"
-                                  for v in values[(impl, kind)]["first"])] for impl in impls]
-        parts += [f"{heading}Flood `{kind}`: median [min-max] over rounds",
+                                  for v in values[(impl, case)]["first"])] for impl in impls]
+        kind, endpoint = case
+        parts += [f"{heading}Flood `{kind}`, peer's endpoint {endpoint}: median [min-max] "
+                  "over rounds",
                   table(["metric", *impls], rows, markdown),
                   "first reply per round (s), in order",
                   table(["responder", "rounds"], firsts, markdown)]
@@ -140,6 +153,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=0.0,
                         help="cap the flood at this many datagrams/s (0: as fast as it can)")
     parser.add_argument("--kinds", default=",".join(KINDS), help="ports,spoof")
+    parser.add_argument("--endpoints", default="known",
+                        help="known (every responder is configured with the peer's "
+                        "endpoint), unknown (it learns it from the handshake) or both: "
+                        "known,unknown")
     parser.add_argument("--legit", default="/usr/bin/wireguard-go",
                         help="the legitimate peer's program (Debian's wireguard-go)")
     add_common_arguments(parser)
@@ -147,6 +164,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.kinds = [k for k in args.kinds.split(",") if k]
     if any(k not in KINDS for k in args.kinds):
         parser.error(f"--kinds: choose from {','.join(KINDS)}")
+    args.endpoints = [e for e in args.endpoints.split(",") if e]
+    if not args.endpoints or any(e not in ENDPOINTS for e in args.endpoints):
+        parser.error(f"--endpoints: choose from {','.join(ENDPOINTS)}")
     if min(args.rounds, args.seconds, args.ports) <= 0 or args.legit_after >= args.seconds:
         parser.error("--rounds, --seconds, --ports must be positive, --legit-after < --seconds")
     return args
@@ -166,25 +186,29 @@ def main(argv: list[str] | None = None) -> int:
         "ports": f"from {args.ports} UDP sockets of {OUTER[0]}",
         "spoof": f"from random (address, port) pairs of {SPOOF_RANGE} (raw socket), a "
         f"range the responder routes via {OUTER[0]}",
-        "legitimate peer": f"{args.legit}, pings every 0.2 s from {args.legit_after:g} s "
-        "into the flood; its first packet starts its first handshake",
+        "legitimate peer": f"{args.legit} on {OUTER[0]}:{PEER_PORT}, pings every 0.2 s "
+        f"from {args.legit_after:g} s into the flood; its first packet starts its first "
+        "handshake",
+        "peer's endpoint": "known: every responder is configured with it; unknown: "
+        "learned from the handshake",
     }
-    values = {(impl, kind): {key: [None] * args.rounds for key, *_ in ROWS}
-              for impl in impls for kind in args.kinds}
+    cases = [(kind, endpoint) for kind in args.kinds for endpoint in args.endpoints]
+    values = {(impl, case): {key: [None] * args.rounds for key, *_ in ROWS}
+              for impl in impls for case in cases}
 
-    def trial(impl: str, kind: str, round_: int) -> None:
-        for key, value in flood_trial(args, impl, kind).items():
-            values[(impl, kind)][key][round_] = value
+    def trial(impl: str, case: Case, round_: int) -> None:
+        for key, value in flood_trial(args, impl, case[0], case[1] == "known").items():
+            values[(impl, case)][key][round_] = value
             if key == "first":
                 print(f"  first reply {value if value is None else round(value, 2)} s",
                       flush=True)
 
     failures = run_rounds(args.rounds, [
-        (f"{kind} {impl}", lambda round_, i=impl, k=kind: trial(i, k, round_))
-        for kind in args.kinds for impl in impls
+        (f"{case[0]} {case[1]} {impl}", lambda round_, i=impl, c=case: trial(i, c, round_))
+        for case in cases for impl in impls
     ])
     publish("handshake flood",
-            lambda md: render(values, impls, args.kinds, info, settings, markdown=md),
+            lambda md: render(values, impls, cases, info, settings, markdown=md),
             args.markdown)
     return 1 if failures else 0
 

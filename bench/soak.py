@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import importlib.util
 import json
 import os
 import subprocess
@@ -348,6 +349,8 @@ def main() -> int:
     parser.add_argument("--png", type=Path, default=None, help="plot to this PNG")
     parser.add_argument("--lab", default=None, help="lab name (soakPID)")
     args = parser.parse_args()
+    if args.png and importlib.util.find_spec("matplotlib") is None:
+        parser.error("--png needs matplotlib: pip install -e '.[bench]'")
     if os.geteuid() != 0:
         print("bench/soak: needs root (uspan lab)", file=sys.stderr)
         return 2

@@ -3,15 +3,21 @@ with valid-mac1 initiations while a real peer starts its first handshake."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import pytest
+
 from tests.unit.wgnet import Net, Node, ipv4_packet
 from uspan.testbed.flood import junk_initiation
 from uspan.wg import crypto
 from uspan.wg.admission import (
     FLAG_TIME,
     MAX_FLAGGED,
+    MAX_TRUSTED,
     MIN_KEEP,
     SAMPLE_TARGET,
     SAMPLE_WINDOW,
+    TRUSTED_BURST,
     Admission,
     Verdict,
 )
@@ -31,6 +37,7 @@ from uspan.wg.ratelimit import RateLimiter
 
 T0 = 1000.0
 ATTACKER = [Endpoint("192.0.2.66", 40000 + i) for i in range(64)]
+PEER = Endpoint("192.0.2.7", 51820)
 
 
 def source(i: int) -> Endpoint:
@@ -47,7 +54,7 @@ def test_a_source_sending_again_too_soon_is_dropped_and_flagged() -> None:
     version = admission.flag_version
     assert admission.unproven(source(1), T0 + 0.1) is Verdict.DROP
     assert admission.drop is Drop.SOURCE_LIMITED
-    assert admission.flagged_sources(T0 + 0.1) == [source(1)]
+    assert admission.kernel_filter(T0 + 0.1).flagged == [source(1)]
     assert admission.flag_version == version + 1
     assert admission.busy_until == T0 + 0.1 + FLAG_TIME
 
@@ -63,9 +70,9 @@ def test_flags_expire_and_are_bounded() -> None:
     for i in range(MAX_FLAGGED + 10):
         admission.unproven(source(i), T0)
         admission.unproven(source(i), T0)
-    assert len(admission.flagged_sources(T0)) == MAX_FLAGGED
+    assert len(admission.kernel_filter(T0).flagged) == MAX_FLAGGED
     version = admission.flag_version
-    assert admission.flagged_sources(T0 + FLAG_TIME) == []
+    assert admission.kernel_filter(T0 + FLAG_TIME).flagged == []
     assert admission.flag_version == version + 1
 
 
@@ -88,9 +95,9 @@ def test_a_spoofed_flood_is_sampled_down_and_the_sample_lifted_when_it_ends() ->
     assert admission.keep <= SAMPLE_TARGET / 100_000 and admission.keep > MIN_KEEP
     assert admission.flag_version == version + 1
     assert admission.busy_until >= T0 + 1.0  # still under load while sampling
-    admission.flagged_sources(T0 + 1.5 * SAMPLE_WINDOW)
+    admission.kernel_filter(T0 + 1.5 * SAMPLE_WINDOW)
     assert admission.keep < 1.0  # the window is not over
-    admission.flagged_sources(T0 + 2 * SAMPLE_WINDOW)  # over, and nobody came: lifted
+    admission.kernel_filter(T0 + 2 * SAMPLE_WINDOW)  # over, and nobody came: lifted
     assert admission.keep == 1.0
 
 
@@ -128,25 +135,85 @@ def test_no_budgets_means_no_work_for_unproven_messages() -> None:
     assert admission.drop is Drop.COOKIE_LIMITED
 
 
+def spend_budgets(admission: Admission, now: float) -> None:
+    """Spoofed sources take every full handshake and cookie of this second."""
+    for i in range(UNPROVEN_PER_SECOND + COOKIES_PER_SECOND + 10):
+        admission.unproven(source(i), now)
+    assert admission.unproven(source(1 << 19), now) is Verdict.DROP
+
+
+def test_a_known_peer_is_served_although_the_budgets_are_spent() -> None:
+    admission = Admission(known=lambda: [PEER])
+    spend_budgets(admission, T0)
+    assert admission.unproven(PEER, T0) is Verdict.PROCESS
+    assert admission.unproven(Endpoint(PEER.host, PEER.port + 1), T0) is Verdict.DROP
+
+
+def test_a_lane_endpoint_over_its_limit_leaves_the_lane_but_is_never_flagged() -> None:
+    """A spoofer of the peer's exact endpoint: the first TRUSTED_BURST are served, then
+    that endpoint gets cookies (the real peer's way in) and is sampled in the kernel like
+    anyone for FLAG_TIME; its responses are dropped there."""
+    admission = Admission(known=lambda: [PEER])
+    verdicts = [admission.unproven(PEER, T0 + i * 0.001) for i in range(TRUSTED_BURST + 2)]
+    assert verdicts == [Verdict.PROCESS] * TRUSTED_BURST + [Verdict.COOKIE] * 2
+    rules = admission.kernel_filter(T0 + 0.01)
+    assert (rules.lane, rules.abused, rules.flagged) == ([], [PEER], [])
+    assert admission.unproven(PEER, T0 + SOURCE_INTERVAL) is Verdict.PROCESS  # refilled
+    version = admission.flag_version
+    rules = admission.kernel_filter(T0 + 0.01 + FLAG_TIME)
+    assert (rules.lane, rules.abused) == ([PEER], [])
+    assert admission.flag_version == version + 1
+
+
+def test_the_lane_follows_the_known_endpoints_and_is_bounded() -> None:
+    known = [source(i) for i in range(MAX_TRUSTED + 5)]
+    admission = Admission(known=lambda: known)
+    admission.unproven(source(1), T0)
+    assert admission.kernel_filter(T0).lane == known[:MAX_TRUSTED]
+    assert admission.unproven(known[MAX_TRUSTED], T0) is Verdict.PROCESS  # by the budget
+    assert admission.unproven(known[MAX_TRUSTED], T0) is Verdict.DROP  # not in the lane
+    version = admission.flag_version
+    admission.unproven(source(500), T0 + SAMPLE_WINDOW)
+    assert admission.flag_version == version  # the same endpoints: the filter stays
+    known[0] = PEER  # a peer roamed
+    admission.unproven(source(501), T0 + 1.5 * SAMPLE_WINDOW)
+    assert PEER not in admission.kernel_filter(T0 + 1.5 * SAMPLE_WINDOW).lane  # not yet read
+    admission.unproven(source(502), T0 + 2 * SAMPLE_WINDOW)
+    assert admission.flag_version == version + 1
+    assert admission.kernel_filter(T0 + 2 * SAMPLE_WINDOW).lane[0] == PEER
+
+
+def test_a_flag_from_before_an_endpoint_joined_the_lane_does_not_hold() -> None:
+    known: list[Endpoint] = []
+    admission = Admission(known=lambda: known)
+    admission.unproven(PEER, T0)
+    admission.unproven(PEER, T0)
+    assert admission.kernel_filter(T0).flagged == [PEER]
+    known.append(PEER)  # then the peer's handshake came from there
+    assert admission.unproven(PEER, T0 + SAMPLE_WINDOW) is Verdict.PROCESS
+
+
 # --- a device under a flood --------------------------------------------------------------
 
 
-def initiator_and_responder() -> tuple[Net, Node, Node]:
-    """a knows b's endpoint; b, the responder, learns a's from its initiation."""
+def initiator_and_responder(known: bool = False) -> tuple[Net, Node, Node]:
+    """a knows b's endpoint; b, the responder, learns a's from its initiation unless
+    ``known``."""
     net = Net()
     a = net.add("a", "192.0.2.1", 51820, seed=1)
     b = net.add("b", "192.0.2.2", 51821, seed=2)
-    net.connect(a, b, ["10.0.0.1/32"], ["10.0.0.2/32"], b_endpoint=False)
+    net.connect(a, b, ["10.0.0.1/32"], ["10.0.0.2/32"], b_endpoint=known)
     return net, a, b
 
 
-def flood(net: Net, target: Node, seconds: float, per_tick: int = 128) -> int:
-    """Junk initiations (valid mac1) from ATTACKER's 64 ports, 12,800 a second."""
+def flood(net: Net, target: Node, seconds: float, per_tick: int = 128,
+          sources: Sequence[Endpoint] = ATTACKER) -> int:
+    """Junk initiations (valid mac1), 12,800 a second, from ``sources`` in turn."""
     key = mac1_key(target.public)
     junk = [junk_initiation(key) for _ in range(per_tick)]
     sent = 0
     for _ in range(round(seconds * 100)):
-        batch = [(d, ATTACKER[i % 64]) for i, d in enumerate(junk)]
+        batch = [(d, sources[(sent + i) % len(sources)]) for i, d in enumerate(junk)]
         _, out = target.device.receive(batch, net.now)
         target.sent.extend(d for d, _ in out)
         sent += len(batch)
@@ -200,3 +267,43 @@ def test_a_response_flood_is_judged_and_flagged_alike() -> None:
         net.now += 0.0001
     assert b.device.counters[Drop.SOURCE_LIMITED] > 0
     assert len(b.device.admission.flagged) == 64
+
+
+@pytest.mark.parametrize("known", [True, False], ids=["known", "unknown"])
+def test_a_known_peer_is_answered_at_once_during_a_spoofed_flood(known: bool) -> None:
+    """Every second's budgets spent by new sources: a peer whose endpoint the responder
+    knows gets a response to its first initiation, arriving amid the junk; an unknown
+    one gets nothing (and waits for REKEY_TIMEOUT)."""
+    net, a, b = initiator_and_responder(known)
+    flood(net, b, 2.0, sources=[source(i) for i in range(30_000)])
+    assert b.device.admission.kernel_filter(net.now).keep < 1.0
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    [(initiation, _, _)] = net.wire
+    net.wire.clear()
+    key = mac1_key(b.public)
+    junk = [(junk_initiation(key), source(40_000 + i)) for i in range(128)]
+    _, out = b.device.receive([*junk, (initiation, a.endpoint)], net.now)
+    to_a = [(d, e) for d, e in out if e.address == a.endpoint.address]
+    assert [d[0] for d, _ in to_a] == ([MSG_RESPONSE] if known else [])
+    net.emit(b, to_a)
+    net.run()
+    assert b.tun == ([ipv4_packet("10.0.0.1", "10.0.0.2")] if known else [])
+
+
+def test_a_spoofer_of_a_peers_endpoint_costs_it_only_the_lane() -> None:
+    """Junk from the known peer's exact endpoint: that endpoint leaves the lane and is
+    never flagged, so the peer gets a cookie and its retry with mac2 is served."""
+    net, a, b = initiator_and_responder(known=True)
+    flood(net, b, 1.0, sources=[a.endpoint])
+    rules = b.device.admission.kernel_filter(net.now)
+    assert (rules.abused, rules.flagged) == ([a.endpoint], [])
+    net.now += 0.5  # the cookie budget refills
+    b.sent.clear()
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    net.run()
+    assert [d[0] for d in b.sent] == [MSG_COOKIE_REPLY]
+    flood(net, b, REKEY_TIMEOUT, sources=[a.endpoint])
+    b.sent.clear()
+    net.advance(0.5)
+    assert MSG_RESPONSE in [d[0] for d in b.sent]
+    assert b.tun == [ipv4_packet("10.0.0.1", "10.0.0.2")]

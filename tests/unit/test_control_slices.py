@@ -19,7 +19,7 @@ import trio
 import trio.testing
 
 from uspan.daemon.daemon import Daemon
-from uspan.daemon.memory import MemoryNetwork, MemoryTun
+from uspan.daemon.memory import MemoryBind, MemoryNetwork, MemoryTun
 from uspan.daemon.uapi_server import handle
 from uspan.wg import prefix
 from uspan.wg.config import DeviceChange, PeerChange
@@ -103,6 +103,18 @@ async def ticker(done: trio.Event, gaps: list[float]) -> None:
         last = now
 
 
+@contextlib.asynccontextmanager
+async def beside_a_ticker(daemon: Daemon) -> AsyncIterator[list[float]]:
+    """``daemon`` running for the body, and a ``ticker`` recording its gaps meanwhile."""
+    gaps: list[float] = []
+    done = trio.Event()
+    async with daemon.running(), trio.open_nursery() as nursery:
+        nursery.start_soon(ticker, done, gaps)
+        await trio.sleep(0.01)
+        yield gaps
+        done.set()
+
+
 async def ask(stream: trio.abc.Stream, request: bytes) -> bytes:
     await stream.send_all(request)
     reply = bytearray()
@@ -175,6 +187,28 @@ def test_a_huge_get_is_sent_in_slices() -> None:
     trio.run(main)
 
 
+def test_the_snapshot_of_many_peers_is_taken_in_slices() -> None:
+    count = 10_000
+
+    async def main() -> None:
+        daemon = memory_daemon()
+        daemon.set(parse_set([line for i in range(count) for line in (
+            f"public_key={(bytes([1, i >> 8, i & 255]) * 11)[:32].hex()}",
+            f"allowed_ip=10.{i >> 8}.{i & 255}.0/24")]))
+        async with beside_a_ticker(daemon) as gaps:
+            gaps.clear()
+            start = time.perf_counter()
+            pieces = []
+            for piece in await daemon.get_pieces():  # sent between other work, as handle does
+                pieces.append(piece)
+                await trio.sleep(0)
+            took = time.perf_counter() - start
+        assert "".join(pieces).count("public_key=") == count
+        assert max(gaps) < took / 4, (max(gaps), took)
+
+    trio.run(main)
+
+
 @contextlib.asynccontextmanager
 async def uapi_client() -> AsyncIterator[trio.SocketStream]:
     """A client stream to the UAPI handler of a running in-memory daemon."""
@@ -184,6 +218,32 @@ async def uapi_client() -> AsyncIterator[trio.SocketStream]:
     async with daemon.running(), trio.open_nursery() as nursery:
         nursery.start_soon(handle, server, daemon)
         yield client
+
+
+def test_a_set_of_many_new_peers_does_not_wait_for_their_handshakes() -> None:
+    """Their handshakes run afterwards, in timer passes between other work."""
+    count = 1000
+    change = DeviceChange(peers=[PeerChange(
+        public_key(clamp(os.urandom(32))), endpoint=Endpoint("192.0.2.99", 20000 + i),
+        persistent_keepalive=25) for i in range(count)])
+
+    async def main() -> None:
+        network = MemoryNetwork()
+        daemon = Daemon(MemoryTun(), network.bind("192.0.2.1", 51820))
+        daemon.set(DeviceChange(private_key=clamp(os.urandom(32))))
+        async with beside_a_ticker(daemon) as gaps:
+            start = time.perf_counter()
+            await daemon.configure(change)
+            set_took = time.perf_counter() - start
+            while len(network.sent) < count:
+                await trio.sleep(0.001)
+            took = time.perf_counter() - start
+        assert sorted(sent.destination[1] for sent in network.sent) == list(
+            range(20000, 20000 + count))  # one initiation each (no retransmission yet)
+        assert set_took < took / 4, (set_took, took)
+        assert max(gaps) < took / 4, (max(gaps), took)
+
+    trio.run(main)
 
 
 def test_a_refused_set_is_answered_only_after_the_whole_request() -> None:
@@ -249,7 +309,7 @@ def test_timer_work_per_tick_is_bounded_and_nothing_is_missed() -> None:
     device.apply(DeviceChange(peers=[
         PeerChange(key, endpoint=Endpoint("192.0.2.9", 51820), persistent_keepalive=25)
         for key in keys]), 0.0)
-    # Every peer started a handshake at once; its retransmission comes due near 5 s.
+    # Every peer's first handshake is due at once; its retransmission 5 s after it.
     passes, sent = 0, 0
     now = 6.0
     while (deadline := device.next_deadline()) is not None and deadline <= now:
@@ -260,6 +320,91 @@ def test_timer_work_per_tick_is_bounded_and_nothing_is_missed() -> None:
     assert passes >= 4  # the work was spread over several passes
     assert sent == count  # one retransmitted initiation per peer, none lost
     assert device.next_deadline() is not None and device.next_deadline() > now  # type: ignore[operator]
+
+
+def test_a_big_set_leaves_its_handshakes_to_bounded_timer_passes() -> None:
+    """20,000 new peers with keepalives each need a handshake (~0.1 ms): none runs inside
+    the configuration, and the timer passes that send them are bounded, in the order of
+    the set, interleaved with whatever else comes due by deadline."""
+    device = Device()
+    device.apply(DeviceChange(private_key=clamp(bytes(range(1, 33)))), 0.0)
+    count = 5 * TICK_BUDGET
+    keys = [public_key(clamp(os.urandom(32))) for _ in range(count)]
+    out = device.apply(DeviceChange(peers=[
+        PeerChange(key, endpoint=Endpoint("192.0.2.9", 20000 + i), persistent_keepalive=25)
+        for i, key in enumerate(keys)]), 0.0)
+    assert out == []
+    assert all(peer.handshake is None for peer in device.peers.values())
+    ports: list[int] = []
+    now = 3.0  # the loop got to them late
+    while (deadline := device.next_deadline()) is not None and deadline <= now:
+        out = device.tick(now)
+        assert 0 < len(out) <= TICK_BUDGET
+        ports += [endpoint.port for _, endpoint in out]
+    assert ports == [20000 + i for i in range(count)]
+    # Their retransmissions come due REKEY_TIMEOUT (+ jitter) after each was sent.
+    assert 8.0 <= device.next_deadline() <= 8.34  # type: ignore[operator]
+
+
+class _BusyClock(trio.abc.Clock):
+    """Every look at the clock finds it 0.1 ms later: work takes time, waiting does not."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def start_clock(self) -> None:
+        pass
+
+    def current_time(self) -> float:
+        self.now += 0.0001
+        return self.now
+
+    def deadline_to_sleep_time(self, deadline: float) -> float:
+        return 0.0 if deadline <= self.now else 0.001
+
+
+class _RoomyBind(MemoryBind):
+    """Sends like a UDP socket with room in its buffer: without a checkpoint."""
+
+    async def send(self, datagrams: list[tuple[bytes, Endpoint]]) -> list[Endpoint]:
+        self.network.deliver((self.host, self.port), datagrams)
+        return []
+
+
+def test_timer_work_that_keeps_coming_due_lets_other_tasks_run() -> None:
+    """Handshakes come due faster than a pass runs (20,000 silent peers: one every
+    0.26 ms): each pass finds more due than when it began, and must still let others in."""
+    count = 300
+
+    async def main() -> None:
+        daemon = Daemon(MemoryTun(), _RoomyBind(MemoryNetwork(), "192.0.2.1", 51820, 0))
+        daemon.set(DeviceChange(private_key=clamp(os.urandom(32))))
+        sent_between_turns: list[int] = []
+        done = trio.Event()
+
+        def started() -> int:
+            return sum(peer.handshake is not None for peer in daemon.device.peers.values())
+
+        async def other_task() -> None:
+            while not done.is_set():
+                before = started()
+                await trio.sleep(0)
+                sent_between_turns.append(started() - before)
+
+        async with daemon.running(), trio.open_nursery() as nursery:
+            start = trio.current_time() + 0.01
+            for i in range(count):
+                daemon.device.apply(DeviceChange(peers=[PeerChange(
+                    public_key(clamp(os.urandom(32))), endpoint=Endpoint("192.0.2.99", 20000),
+                    persistent_keepalive=25)]), start + i * 0.0002)
+            await daemon.configure(DeviceChange())  # wakes the timer task, as sets do
+            nursery.start_soon(other_task)
+            while started() < count:
+                await trio.sleep(0.001)
+            done.set()
+        assert max(sent_between_turns) <= TICK_BUDGET
+
+    trio.run(main, clock=_BusyClock())
 
 
 def test_removed_peers_timers_never_fire() -> None:
@@ -281,6 +426,8 @@ def test_removed_peers_leave_the_timer_queue_at_the_next_push() -> None:
     device.apply(DeviceChange(peers=[PeerChange(
         key, endpoint=Endpoint("192.0.2.9", 51820), persistent_keepalive=25) for key in keys]),
         0.0)
+    while device.next_deadline() == 0.0:  # first handshakes: then each waits to retransmit
+        device.tick(0.0)
     device.apply(DeviceChange(peers=[PeerChange(key, remove=True) for key in keys[1:]]), 1.0)
     device.schedule(device.peers[keys[0]], 1.5)  # one more push, earlier than its entry
     assert len(device._timer_queue) <= 2 * len(device.peers) + 64

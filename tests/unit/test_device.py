@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from tests.unit.wgnet import Net, ipv4_packet, ipv6_packet
@@ -132,6 +134,36 @@ def test_retransmits_then_gives_up(net: Net, pair) -> None:
     assert pa.timers.zero_key_material > start + 90
 
 
+def initiation_times(net: Net, node, seconds: float, step: float = 0.05) -> list[float]:
+    """When ``node`` sent initiations in the next ``seconds`` (to within ``step``)."""
+    times = []
+    for _ in range(round(seconds / step)):
+        before = kinds(node.sent).count(MSG_INITIATION)
+        net.advance(step)
+        times += [net.now] * (kinds(node.sent).count(MSG_INITIATION) - before)
+    return times
+
+
+def test_persistent_keepalive_starts_new_attempts_after_giving_up(net: Net, pair) -> None:
+    """As wireguard-go: every initiation rearms the persistent keepalive, so once the
+    retransmissions are given up it fires 25 s after the last one, and its keepalive needs
+    a session: a new round of attempts. A peer that never answers costs 20 initiations
+    every ~123 s, for ever."""
+    a, b = pair
+    net.blocked.add("b")
+    net.emit(a, a.device.apply(
+        DeviceChange(peers=[PeerChange(b.public, persistent_keepalive=25)]), net.now))
+    times = initiation_times(net, a, 250)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    # Two rounds of 1 + 19 retransmissions 5-5.33 s apart, each followed by 25 s of
+    # silence; the third round has begun.
+    assert len(times) == 41
+    for round_ in (gaps[:19], gaps[20:39]):
+        assert all(REKEY_TIMEOUT - 0.05 <= gap <= REKEY_TIMEOUT + 0.4 for gap in round_)
+    assert gaps[19] == gaps[39] == pytest.approx(25, abs=0.06)
+    assert net.peer(a, b).handshake_attempts == 0
+
+
 def test_passive_keepalive_after_data_received(net: Net, pair) -> None:
     a, b = pair
     net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
@@ -176,7 +208,26 @@ def test_turning_on_persistent_keepalive_sends_at_once(net: Net, pair) -> None:
     out = a.device.apply(
         DeviceChange(peers=[PeerChange(b.public, persistent_keepalive=25)]), net.now
     )
+    assert out == []  # at the next timer pass, not inside the configuration
+    assert a.device.next_deadline() == net.now
+    out = a.device.tick(net.now)
     assert [d[0] for d, _ in out] == [MSG_INITIATION]  # no session yet: handshake first
+    net.emit(a, out)
+    net.run()
+    assert net.peer(a, b).last_handshake == net.now
+    assert net.peer(b, a).rx_bytes > 0 and not net.peer(a, b).staged  # the keepalive went
+
+
+def test_turning_on_persistent_keepalive_with_a_session_sends_a_keepalive(
+        net: Net, pair) -> None:
+    a, b = pair
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    net.run()
+    a.sent.clear()
+    net.emit(a, a.device.apply(
+        DeviceChange(peers=[PeerChange(b.public, persistent_keepalive=25)]), net.now))
+    net.advance(0.001)
+    assert [len(d) for d in a.sent] == [32]
 
 
 def test_last_minute_rekey_on_receive(net: Net, pair) -> None:
@@ -399,7 +450,7 @@ def test_under_load_cannot_be_hidden_by_mixing_in_other_traffic(net: Net, pair) 
         batch = [(d, a.endpoint) for d in initiations[start:start + 3]] + [junk]
         b.device.receive(batch, net.now)
         net.now += 0.001
-    assert b.device.counters[Drop.SOURCE_LIMITED] > 0
+    assert b.device.counters[Drop.COOKIE_SENT] > 0  # a's known endpoint, over its limit
 
 
 def test_unknown_static_is_refused_before_the_last_dh(net: Net, pair) -> None:

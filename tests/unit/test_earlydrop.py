@@ -1,5 +1,6 @@
 """The kernel filter on real loopback sockets: a flagged source's mac2-less handshake
-messages are dropped before the queue, everything else arrives."""
+messages are dropped before the queue, a sample of the rest passes, the priority lane
+all of its own, and everything else arrives."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from collections.abc import Iterator
 import pytest
 
 from uspan.daemon import earlydrop
+from uspan.wg.admission import MAX_TRUSTED, KernelFilter
+from uspan.wg.endpoint import Endpoint
 
 INITIATION = b"\x01\x00\x00\x00" + os.urandom(128) + bytes(16)  # no mac2
 WITH_MAC2 = INITIATION[:-16] + b"\x01" * 16
@@ -52,12 +55,20 @@ def arrives(receiver: socket.socket, sender: socket.socket, data: bytes) -> bool
     return first == data
 
 
+def endpoint(sock: socket.socket) -> Endpoint:
+    host, port = sock.getsockname()[:2]
+    return Endpoint(host, port)
+
+
+def attach(receiver: socket.socket, *, flagged: list[Endpoint] | None = None,
+           lane: list[Endpoint] | None = None, abused: list[Endpoint] | None = None,
+           keep: float = 1.0) -> None:
+    rules = KernelFilter(flagged or [], lane or [], abused or [], keep)
+    earlydrop.attach(receiver, earlydrop.program(receiver.family, rules))
+
+
 def flag(receiver: socket.socket, *senders: socket.socket) -> None:
-    sources = []
-    for sender in senders:
-        host, port = sender.getsockname()[:2]
-        sources.append((socket.inet_pton(receiver.family, host), port))
-    earlydrop.attach(receiver, earlydrop.program(receiver.family, sources))
+    attach(receiver, flagged=[endpoint(sender) for sender in senders])
 
 
 def test_flagged_source_loses_only_its_mac2_less_handshakes(sockets) -> None:
@@ -83,23 +94,63 @@ def test_detach_lets_everything_through_again(sockets) -> None:
     earlydrop.detach(receiver)  # none attached: no error
 
 
-def test_the_most_sources_fit_the_kernels_limit(sockets) -> None:
-    receiver, flagged, _ = sockets
-    size = 4 if receiver.family == socket.AF_INET else 16
-    sources = [(os.urandom(size), port) for port in range(earlydrop.MAX_SOURCES - 1)]
-    host, port = flagged.getsockname()[:2]
-    sources.append((socket.inet_pton(receiver.family, host), port))
-    earlydrop.attach(receiver, earlydrop.program(receiver.family, sources))
+def test_the_most_sources_fit(sockets) -> None:
+    receiver, flagged, peer = sockets
+    host = endpoint(flagged).host
+    lane = [Endpoint(host, port) for port in range(1, MAX_TRUSTED)]
+    flags = [Endpoint(host, port) for port in range(100, 99 + earlydrop.MAX_SOURCES)]
+    earlydrop.install(receiver, KernelFilter([endpoint(flagged), *flags],
+                                             [endpoint(peer), *lane], lane, 0.0))
     assert not arrives(receiver, flagged, INITIATION)
+    assert arrives(receiver, peer, INITIATION)
 
 
 def test_a_sample_of_the_unflagged_initiations_passes(sockets) -> None:
     receiver, sender, _ = sockets
-    earlydrop.attach(receiver, earlydrop.program(receiver.family, [], keep=0.0))
+    attach(receiver, keep=0.0)
     assert not arrives(receiver, sender, INITIATION)
     assert arrives(receiver, sender, WITH_MAC2)
     assert arrives(receiver, sender, TRANSPORT)
     assert arrives(receiver, sender, RESPONSE)  # never sampled: it answers our initiation
-    earlydrop.attach(receiver, earlydrop.program(receiver.family, [], keep=0.5))
+    attach(receiver, keep=0.5)
     passed = sum(arrives(receiver, sender, INITIATION) for _ in range(200))
     assert 60 < passed < 140
+
+
+def test_the_lane_passes_whole_while_the_rest_is_sampled(sockets) -> None:
+    receiver, peer, other = sockets
+    attach(receiver, lane=[endpoint(peer)], flagged=[endpoint(peer)], keep=0.0)
+    assert all(arrives(receiver, peer, INITIATION) for _ in range(20))  # the lane first
+    assert arrives(receiver, peer, RESPONSE)
+    assert not arrives(receiver, other, INITIATION)
+    wrong_port = Endpoint(endpoint(peer).host, endpoint(other).port + 1)
+    attach(receiver, lane=[wrong_port], keep=0.0)
+    assert not arrives(receiver, peer, INITIATION)
+
+
+def test_an_abused_endpoint_is_sampled_and_loses_its_responses(sockets) -> None:
+    receiver, peer, other = sockets
+    attach(receiver, abused=[endpoint(peer)])
+    assert not arrives(receiver, peer, RESPONSE)
+    assert arrives(receiver, peer, INITIATION)  # keep 1: no sample
+    assert arrives(receiver, peer, RESPONSE[:-16] + b"\x01" * 16)
+    assert arrives(receiver, other, RESPONSE)
+    attach(receiver, abused=[endpoint(peer)], keep=0.0)
+    assert not arrives(receiver, peer, INITIATION)
+    assert arrives(receiver, peer, WITH_MAC2)
+
+
+def test_a_filter_too_big_for_the_option_memory_sheds_flagged_sources(
+        sockets, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replacing a filter charges the old and the new together; if the kernel refuses,
+    the lane and the sample still hold, flagged sources from the end give way."""
+    receiver, peer, other = sockets
+    host = endpoint(other).host
+    size = 700 if receiver.family == socket.AF_INET else 340  # under 4096 instructions
+    many = [Endpoint(host, port) for port in range(1000, 1000 + size)]
+    rules = KernelFilter([endpoint(other), *many], [endpoint(peer)], [], 0.0)
+    monkeypatch.setattr(earlydrop, "MAX_SOURCES", len(many) + 1)
+    for _ in range(2):  # the second replaces a filter as big
+        earlydrop.install(receiver, rules)
+    assert arrives(receiver, peer, INITIATION)
+    assert not arrives(receiver, other, INITIATION)

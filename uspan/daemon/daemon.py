@@ -42,7 +42,7 @@ from uspan.daemon.ports import BindPort, DatagramReceiver, TunError, TunGone, Tu
 from uspan.daemon.slices import Slices, collector_paused
 from uspan.daemon.tun import Tun
 from uspan.daemon.udp import UdpBind
-from uspan.wg.admission import SAMPLE_WINDOW
+from uspan.wg.admission import SAMPLE_WINDOW, KernelFilter
 from uspan.wg.config import ConfigError, DeviceChange
 from uspan.wg.device import Device
 from uspan.wg.drops import Drop
@@ -56,6 +56,10 @@ log = logging.getLogger("uspan.daemon")
 _DISCARD_ONLY = "100::"
 WATCH_INTERVAL = 1.0  # seconds between checks of the UAPI socket file and the MTU
 _LEVELS = {"verbose": logging.DEBUG, "debug": logging.DEBUG, "error": logging.ERROR}
+
+
+def _on_socket(sources: list[Endpoint]) -> list[Endpoint]:
+    return [source for source in sources if not source.host.startswith(_DISCARD_ONLY)]
 
 
 def setup_logging(interface: str, level_name: str | None) -> bool:
@@ -297,10 +301,12 @@ class Daemon:
                 with trio.move_on_at(math.inf if deadline is None else deadline):
                     await self._timer_wake.wait()
                 continue
-            await self._send(self.device.tick(now))
+            await self._send(self.device.tick(now))  # sending needs no checkpoint
             after = self.device.next_deadline()
-            if after is not None and after <= now:
-                await trio.sleep(0)  # more is due (tick is bounded): let packets go first
+            if after is not None and after <= _now():
+                # More is due (tick is bounded, and with thousands of peers more came due
+                # while it ran): let packets go first.
+                await trio.sleep(0)
 
     # Watchers ----------------------------------------------------------------------------
 
@@ -323,15 +329,17 @@ class Daemon:
             self._refresh_early_drop()
 
     def _refresh_early_drop(self) -> None:
-        """Have the kernel drop what the core's admission flagged (expired flags go)."""
+        """Have the kernel filter as the core's admission says (expired flags go); the
+        relay's pseudo-sources never reach the socket."""
         admission = self.device.admission
-        sources = admission.flagged_sources(_now())
+        rules = admission.kernel_filter(_now())
         if admission.flag_version == self._early_drop_version:
             return
         self._early_drop_version = admission.flag_version
-        sources = [s for s in sources if not s.host.startswith(_DISCARD_ONLY)]
+        rules = KernelFilter(_on_socket(rules.flagged), _on_socket(rules.lane),
+                             _on_socket(rules.abused), rules.keep)
         try:
-            self.bind.drop_unproven(sources, admission.keep)
+            self.bind.drop_unproven(rules)
         except OSError as exc:  # e.g. no BPF in this kernel: the core still refuses them
             if not self._early_drop_failed:
                 log.error("Cannot filter flooding sources in the kernel: %s", exc)
@@ -354,9 +362,24 @@ class Daemon:
     # Configuration: the UAPI's and the owner's (uapi_server.ConfigTarget) ----------------
 
     async def get_pieces(self) -> Iterator[str]:
-        """The ``get=1`` reply in pieces, of a snapshot taken between configurations."""
+        """The ``get=1`` reply in pieces, of a snapshot taken between configurations.
+
+        The snapshot is taken and formatted in slices with the cycle collector paused:
+        20,000 peers are 40,000 objects that live across the slices, enough to start a
+        full collection over every peer's objects (0.1-0.3 s) after every other ``get``.
+        The text is made before the collector is back and the snapshot is freed by
+        reference counting, so a client that stops reading cannot keep it paused."""
         async with self.config_lock:
-            return get_pieces(self.device.info())
+            pieces: list[str] = []
+            with collector_paused():
+                info, slices = self.device.info_header(), Slices()
+                for _ in self.device.info_steps(info.peers):
+                    await slices.pause()
+                for piece in get_pieces(info):
+                    pieces.append(piece)
+                    await slices.pause()
+                del info
+            return iter(pieces)
 
     def stats(self) -> dict[str, int]:
         counters = {f"drop_{drop.value}": self.device.counters[drop] for drop in Drop}
@@ -390,6 +413,7 @@ class Daemon:
             with collector_paused():
                 try:
                     for _ in steps:
+                        self._poke_timer()  # timers it armed run between its slices
                         await slices.pause()
                 finally:
                     steps.close()  # cancelled: the old sockets stay

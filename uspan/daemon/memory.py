@@ -10,13 +10,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
 
 from uspan.daemon.ports import BindPort, Datagram, TunGone, TunPort
+from uspan.wg.admission import KernelFilter
 from uspan.wg.constants import DEFAULT_MTU
 from uspan.wg.endpoint import Endpoint
 
@@ -107,7 +107,7 @@ class MemoryBind:
     def set_fwmark(self, mark: int) -> None:
         self.fwmark = mark
 
-    def drop_unproven(self, sources: Sequence[Endpoint], keep: float) -> None:
+    def drop_unproven(self, rules: KernelFilter) -> None:
         """Nothing to do: an in-memory queue has no kernel behind it to spare."""
 
     def describe(self) -> str:

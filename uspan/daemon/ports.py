@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from uspan.wg.admission import KernelFilter
 from uspan.wg.endpoint import Endpoint
 
 Datagram = tuple[bytes, Endpoint]
@@ -103,10 +104,9 @@ class BindPort(Protocol):
         """Raise OSError if the mark cannot be set."""
         ...
 
-    def drop_unproven(self, sources: Sequence[Endpoint], keep: float) -> None:
-        """Have handshake messages without mac2 dropped before they are queued
-        (``uspan.daemon.earlydrop``): all from ``sources``, and of the initiations from
-        others all but a random fraction ``keep``; ``([], 1.0)`` drops none."""
+    def drop_unproven(self, rules: KernelFilter) -> None:
+        """Have handshake messages without mac2 dropped before they are queued, as
+        ``rules`` say (``uspan.daemon.earlydrop``)."""
         ...
 
     def describe(self) -> str: ...

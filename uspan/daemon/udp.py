@@ -16,12 +16,12 @@ import errno
 import itertools
 import socket
 import struct
-from collections.abc import Sequence
 from operator import itemgetter
 
 import trio
 
 from uspan.daemon import earlydrop, gso, offload
+from uspan.wg.admission import KernelFilter
 from uspan.wg.endpoint import Endpoint
 
 BATCH = 64  # receives per batch (each up to 64 datagrams with GRO)
@@ -226,12 +226,11 @@ class UdpBind:
                 failed.append(endpoint)
         return failed
 
-    def drop_unproven(self, sources: Sequence[Endpoint], keep: float) -> None:
+    def drop_unproven(self, rules: KernelFilter) -> None:
         """Attach (or, when it would drop nothing, detach) the early-drop filter."""
-        keys = [(endpoint.ip_key(), endpoint.port) for endpoint in sources]
         for udp in self.sockets:
-            if keys or keep < 1.0:
-                earlydrop.attach(udp.sock, earlydrop.program(udp.family, keys, keep))
+            if rules.drops_any():
+                earlydrop.install(udp.sock, rules)
             else:
                 earlydrop.detach(udp.sock)
 

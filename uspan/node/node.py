@@ -113,6 +113,17 @@ def _b64(key: bytes) -> str:
     return base64.b64encode(key).decode()
 
 
+def still_wanted(changes: list[PeerChange], before: dict[bytes, int],
+                 now: dict[bytes, PeerFacts]) -> list[PeerChange]:
+    """The deferred changes to apply now: a handshake only if none completed meanwhile.
+
+    A peer missing from ``now`` is still in the change queue (applied in order, so its
+    addition comes first): its handshake is kept, not lost to the queue's lag.
+    """
+    return [c for c in changes if not c.handshake or c.public_key not in now
+            or now[c.public_key].handshakes == before.get(c.public_key, 0)]
+
+
 class _KubeSpan:
     """The device, its routing and its address while KubeSpan is enabled."""
 
@@ -439,9 +450,7 @@ class Node:
         await trio.sleep(HANDSHAKE_DEFER)
         if self.kubespan is not ks:
             return
-        now = ks.daemon.peer_facts()
-        wanted = [c for c in changes if not c.handshake or (
-            c.public_key in now and now[c.public_key].handshakes == before.get(c.public_key))]
+        wanted = still_wanted(changes, before, ks.daemon.peer_facts())
         if wanted:
             ks.submit(DeviceChange(peers=wanted))  # update_only: gone ones skip
 

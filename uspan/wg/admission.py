@@ -18,12 +18,29 @@ has the kernel drop its mac2-less handshakes before they reach the socket queue
 sources are flagged the device stays under load, so their return after FLAG_TIME costs
 at most one full handshake each before they are flagged again. Spoofed sources never
 repeat, so against them the kernel keeps only a fraction ``keep`` of mac2-less
-initiations, enough to spend the budgets: a real peer's chance per attempt stays what
-the budgets give (budget / flood rate), and the flood's cost to us is bounded.
+initiations, enough to spend the budgets, and the flood's cost to us is bounded.
+
+That sample would cost a new peer its first handshakes too (its chance per attempt is
+budget / flood rate), so the peers' endpoints (configured or learned from authenticated
+packets; the first MAX_TRUSTED of them, from ``known``) form a priority lane: the kernel
+passes their mac2-less handshakes unsampled, and here they skip the global budgets and
+the cookie round trip, limited only per endpoint (TRUSTED_BURST, then one per
+SOURCE_INTERVAL: as often as a real peer initiates, with room for a response crossing
+its initiation). What that gives a spoofer who knows a peer's exact address and port:
+at most that many DHs a second per lane endpoint (a responder must spend one to learn
+who is real; the lane bounds how many), and no reply, as a forged initiation fails to
+decrypt and a replayed one is stale. An endpoint over its limit is *abused* for
+FLAG_TIME: the kernel samples its initiations like anyone's and drops its responses as a
+flagged source's, and here it gets cookies, never a flag (the kernel would then drop the
+real peer's initiations too, and it could never earn a cookie). Such a spoofer thus costs
+that one peer its fast path, as if it had no lane, and nothing more: the rest of the
+lane, established tunnels and mac2-bearing retries are untouched.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from enum import Enum
 
 from uspan.wg.constants import COOKIES_PER_SECOND, SOURCE_INTERVAL, UNPROVEN_PER_SECOND
@@ -41,12 +58,31 @@ SAMPLE_TARGET = 4 * (UNPROVEN_PER_SECOND + COOKIES_PER_SECOND)
 # so the first estimates are low and it takes a few windows to settle.
 SAMPLE_WINDOW = 0.25
 MIN_KEEP = 2.0 ** -12
+MAX_TRUSTED = 64  # endpoints in the priority lane (the kernel filter checks each)
+TRUSTED_BURST = 2  # a lane endpoint's mac2-less handshakes at once, then one per interval
+
+Key = tuple[str, int]  # (host, port)
 
 
 class Verdict(Enum):
     PROCESS = "process"
     COOKIE = "cookie"
     DROP = "drop"
+
+
+@dataclass(frozen=True)
+class KernelFilter:
+    """What the kernel should do with mac2-less handshake messages (the rest it passes):
+    pass those from ``lane``; drop those from ``flagged`` and the responses from
+    ``abused``; of the other initiations keep a random fraction ``keep``."""
+
+    flagged: list[Endpoint]
+    lane: list[Endpoint]
+    abused: list[Endpoint]
+    keep: float
+
+    def drops_any(self) -> bool:
+        return bool(self.flagged or self.abused) or self.keep < 1.0
 
 
 class Budget:
@@ -71,18 +107,25 @@ class Budget:
 class Admission:
     """The budgets of a device under load; ``drop`` names why the last DROP was given.
 
-    What the shell's kernel filter should drop: ``flagged_sources(now)`` and ``keep``;
-    ``flag_version`` changes whenever either does.
+    ``known()`` yields the peers' endpoints now (read again every SAMPLE_WINDOW under
+    load). What the shell's kernel filter should do is ``kernel_filter(now)``;
+    ``flag_version`` changes whenever that does.
     """
 
     def __init__(self, *, unproven_per_second: int = UNPROVEN_PER_SECOND,
-                 cookies_per_second: int = COOKIES_PER_SECOND) -> None:
+                 cookies_per_second: int = COOKIES_PER_SECOND,
+                 known: Callable[[], Iterable[Endpoint]] = tuple) -> None:
+        self.known = known
         self.proven = RateLimiter()  # per source IP, for messages with a valid mac2
         self.sources = RateLimiter(rate=1 / SOURCE_INTERVAL, burst=1)  # (host, port) keys
+        self.trusted: dict[Key, Endpoint] = {}  # the lane, from ``known``
+        self._trusted_limit = RateLimiter(2 * MAX_TRUSTED, rate=1 / SOURCE_INTERVAL,
+                                          burst=TRUSTED_BURST)
+        self.abused: dict[Key, float] = {}  # lane endpoints over their limit -> until
         self._unproven = Budget(unproven_per_second)
         self._cookies = Budget(cookies_per_second)
         self.drop = Drop.SOURCE_LIMITED
-        self.flagged: dict[tuple[str, int], float] = {}  # refused (host, port) -> until
+        self.flagged: dict[Key, float] = {}  # refused (host, port) -> until
         self.flag_version = 0
         self.busy_until = float("-inf")  # the last flag's end
         self.keep = 1.0
@@ -96,13 +139,25 @@ class Admission:
     def unproven(self, source: Endpoint, now: float) -> Verdict:
         """What a message without a valid mac2 from ``source`` gets."""
         key = (source.host, source.port)
-        if key in self.flagged:  # queued before the kernel's filter had it
-            self.drop = Drop.SOURCE_LIMITED
-            return Verdict.DROP
         if now - self._window >= SAMPLE_WINDOW:
             self._resample(now)
+        trusted = key in self.trusted
+        if key in self.flagged and not trusted:  # queued before the kernel's filter had it
+            self.drop = Drop.SOURCE_LIMITED
+            return Verdict.DROP
         self._seen += 1
         unproven, cookies = self._unproven, self._cookies
+        if trusted and self._trusted_limit.allow(key, now):
+            return Verdict.PROCESS
+        if trusted:  # over the limit a real peer keeps: out of the lane, cookies only
+            if key not in self.abused:
+                self.flag_version += 1
+            self.abused[key] = now + FLAG_TIME
+            if cookies.ready(now):
+                cookies.take()
+                return Verdict.COOKIE
+            self.drop = Drop.COOKIE_LIMITED
+            return Verdict.DROP
         if not unproven.ready(now) and not cookies.ready(now):
             self.drop = Drop.COOKIE_LIMITED  # nothing left to give: no need to look closer
             return Verdict.DROP
@@ -118,7 +173,17 @@ class Admission:
         return Verdict.COOKIE
 
     def _resample(self, now: float) -> None:
-        """Set ``keep`` for the next window from the rate the last one let through."""
+        """Set ``keep`` for the next window from the rate the last one let through, and
+        read the lane again."""
+        trusted: dict[Key, Endpoint] = {}
+        for endpoint in self.known():
+            if len(trusted) >= MAX_TRUSTED:
+                break
+            trusted[(endpoint.host, endpoint.port)] = endpoint
+        if trusted.keys() != self.trusted.keys():
+            self.abused = {key: t for key, t in self.abused.items() if key in trusted}
+            self.flag_version += 1
+        self.trusted = trusted
         arrived = self._seen / self.keep / max(SAMPLE_WINDOW, now - self._window)
         keep = 1.0
         while keep > MIN_KEEP and arrived * keep > SAMPLE_TARGET:
@@ -130,22 +195,27 @@ class Admission:
             self.busy_until = max(self.busy_until, now + 1.0)
         self._window, self._seen = now, 0
 
-    def _flag(self, key: tuple[str, int], now: float) -> None:
+    def _flag(self, key: Key, now: float) -> None:
         flagged = self.flagged
         if key in flagged or len(flagged) >= MAX_FLAGGED:
             return
         flagged[key] = self.busy_until = now + FLAG_TIME
         self.flag_version += 1
 
-    def flagged_sources(self, now: float) -> list[Endpoint]:
-        """The sources flagged now. Expired flags are forgotten here, and ``keep`` is
-        looked at again once its window is over, so it rises soon after a flood ends
-        even when no message comes to ``unproven`` any more."""
-        expired = [key for key, until in self.flagged.items() if until <= now]
-        for key in expired:
-            del self.flagged[key]
-        if expired:
-            self.flag_version += 1
+    def kernel_filter(self, now: float) -> KernelFilter:
+        """What the kernel should do now. Expired flags and abuses are forgotten here,
+        and ``keep`` is looked at again once its window is over, so it rises soon after
+        a flood ends even when no message comes to ``unproven`` any more."""
+        for table in (self.flagged, self.abused):
+            expired = [key for key, until in table.items() if until <= now]
+            for key in expired:
+                del table[key]
+            if expired:
+                self.flag_version += 1
         if self.keep < 1.0 and now - self._window >= SAMPLE_WINDOW:
             self._resample(now)
-        return [Endpoint(host, port) for host, port in self.flagged]
+        abused = self.abused
+        return KernelFilter(
+            flagged=[Endpoint(host, port) for host, port in self.flagged],
+            lane=[e for key, e in self.trusted.items() if key not in abused],
+            abused=[e for key, e in self.trusted.items() if key in abused], keep=self.keep)

@@ -1,18 +1,21 @@
-"""WireGuard's primitives (whitepaper 5.4), on pyca/cryptography and libsodium.
+"""WireGuard's primitives (whitepaper 5.4), on hashlib, pyca/cryptography and libsodium.
 
 HASH is BLAKE2s-256, MAC is keyed BLAKE2s-128, HMAC is HMAC-BLAKE2s, KDFn is HKDF over it,
 DH is X25519, AEAD is ChaCha20-Poly1305 with a 64-bit little-endian counter nonce, and XAEAD
 is XChaCha20-Poly1305 (cookies only; libsodium through PyNaCl).
+
+A handshake initiation is two X25519 multiplications and eight HMACs, and a node with
+thousands of silent peers sends thousands a second (whitepaper 6.4 retries), so these are
+the cheapest forms here: X25519 through libsodium on raw bytes (a fixed-base multiplication
+for public keys is half the cost of a variable-base one, and no key objects are built),
+HMAC written out over hashlib's BLAKE2s, and the HKDF outputs sharing one keyed state.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import hmac
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from nacl import bindings as _sodium
 from nacl.exceptions import CryptoError
@@ -33,7 +36,6 @@ __all__ = [
     "kdf3",
     "mac",
     "nonce",
-    "private_key",
     "public_key",
     "xaead_decrypt",
     "xaead_encrypt",
@@ -63,32 +65,58 @@ def mac(key: bytes, data: bytes | bytearray) -> bytes:
     return hashlib.blake2s(data, digest_size=16, key=key).digest()
 
 
+_blake2s = hashlib.blake2s
+_BLOCK = 64  # BLAKE2s block size, HMAC's key length
+_IPAD = bytes(byte ^ 0x36 for byte in range(256))  # translate tables: key XOR pad
+_OPAD = bytes(byte ^ 0x5C for byte in range(256))
+
+
+def _keyed(key: bytes) -> tuple[hashlib.blake2s, hashlib.blake2s]:
+    """HMAC's inner and outer hash states for ``key``, to be copied or finished."""
+    if len(key) > _BLOCK:
+        key = _blake2s(key).digest()
+    key = key.ljust(_BLOCK, b"\0")
+    return _blake2s(key.translate(_IPAD)), _blake2s(key.translate(_OPAD))
+
+
+def _finish(inner: hashlib.blake2s, outer: hashlib.blake2s, data: bytes) -> bytes:
+    inner.update(data)
+    outer.update(inner.digest())
+    return outer.digest()
+
+
 def hmac_(key: bytes, data: bytes) -> bytes:
-    """HMAC-BLAKE2s-256."""
-    return hmac.new(key, data, hashlib.blake2s).digest()
+    """HMAC-BLAKE2s-256 (RFC 2104 over hashlib: the hmac module costs twice as much)."""
+    inner, outer = _keyed(key)
+    return _finish(inner, outer, data)
+
+
+def _expand(key: bytes, data: bytes, count: int) -> list[bytes]:
+    """HKDF's first ``count`` outputs; every output is keyed by the same PRK."""
+    inner, outer = _keyed(hmac_(key, data))
+    outputs: list[bytes] = []
+    previous = b""
+    for counter in range(1, count + 1):
+        previous = _finish(inner.copy(), outer.copy(), previous + bytes((counter,)))
+        outputs.append(previous)
+    return outputs
 
 
 def kdf1(key: bytes, data: bytes) -> bytes:
     """HKDF with one 32-byte output."""
-    prk = hmac_(key, data)
-    return hmac_(prk, b"\x01")
+    return _finish(*_keyed(hmac_(key, data)), b"\x01")
 
 
 def kdf2(key: bytes, data: bytes) -> tuple[bytes, bytes]:
     """HKDF with two 32-byte outputs."""
-    prk = hmac_(key, data)
-    t1 = hmac_(prk, b"\x01")
-    t2 = hmac_(prk, t1 + b"\x02")
-    return t1, t2
+    first, second = _expand(key, data, 2)
+    return first, second
 
 
 def kdf3(key: bytes, data: bytes) -> tuple[bytes, bytes, bytes]:
     """HKDF with three 32-byte outputs."""
-    prk = hmac_(key, data)
-    t1 = hmac_(prk, b"\x01")
-    t2 = hmac_(prk, t1 + b"\x02")
-    t3 = hmac_(prk, t2 + b"\x03")
-    return t1, t2, t3
+    first, second, third = _expand(key, data, 3)
+    return first, second, third
 
 
 def clamp(private: bytes) -> bytes:
@@ -101,47 +129,16 @@ def clamp(private: bytes) -> bytes:
     return bytes(b)
 
 
-PrivateKey = bytes | X25519PrivateKey  # raw bytes, or a key object to reuse
+def public_key(private: bytes) -> bytes:
+    """The X25519 public key of a private key (clamped or not: libsodium clamps)."""
+    return _sodium.crypto_scalarmult_base(private)
 
 
-def private_key(private: bytes) -> X25519PrivateKey:
-    """A key object for a private key used more than once (public key, then DHs)."""
-    return X25519PrivateKey.from_private_bytes(private)
-
-
-def public_key(private: PrivateKey) -> bytes:
-    """The X25519 public key of a private key."""
-    if isinstance(private, bytes):
-        private = X25519PrivateKey.from_private_bytes(private)
-    return private.public_key().public_bytes_raw()
-
-
-@functools.lru_cache(maxsize=2)
-def _static_key(private: bytes) -> X25519PrivateKey:
-    """The key object of a long-term private key (building one costs as much as a DH)."""
-    return X25519PrivateKey.from_private_bytes(private)
-
-
-def forget_static_keys() -> None:
-    """Drop the kept key objects (after the device's private key changed)."""
-    _static_key.cache_clear()
-
-
-def dh(private: PrivateKey, public: bytes, *, static: bool = False) -> bytes:
-    """X25519(private, public); raises DHError on an all-zero result.
-
-    ``static`` marks a long-term private key, whose key object is kept for reuse;
-    ephemeral keys are never kept.
-    """
-    if isinstance(private, X25519PrivateKey):
-        key = private
-    elif static:
-        key = _static_key(private)
-    else:
-        key = X25519PrivateKey.from_private_bytes(private)
+def dh(private: bytes, public: bytes) -> bytes:
+    """X25519(private, public); raises DHError on an all-zero result."""
     try:
-        shared = key.exchange(X25519PublicKey.from_public_bytes(public))
-    except ValueError as exc:  # OpenSSL refuses low-order points
+        shared = _sodium.crypto_scalarmult(private, public)
+    except CryptoError as exc:  # libsodium refuses low-order points and a zero result
         raise DHError("X25519 shared secret is all zero") from exc
     if shared == bytes(KEY_SIZE):
         raise DHError("X25519 shared secret is all zero")

@@ -5,7 +5,7 @@ Surface (all times are monotonic seconds passed in by the caller):
 - ``apply(change, now) -> [(datagram, Endpoint)]``: configure atomically (UAPI ``set=1``,
   the mesh); raises ConfigError and then changes nothing. ``apply_steps`` is the same in
   slices, for a shell that must not stop everything else during a huge change.
-- ``info()``: the state ``get=1`` reports.
+- ``info()``: the state ``get=1`` reports; ``info_steps`` is the same in slices.
 - ``send(packets, now) -> [(datagram, Endpoint)]``: IP packets read from the TUN.
 - ``receive(datagrams, now) -> ([ip packet for the TUN], [(datagram, Endpoint)])``:
   datagrams read from UDP, each as ``(bytes, Endpoint)`` with the sticky source filled in.
@@ -13,6 +13,8 @@ Surface (all times are monotonic seconds passed in by the caller):
 - ``next_deadline() -> float | None``: when ``tick`` may next have work (never later;
   O(1), so the shell can ask after every batch).
 - ``forget_source(endpoint)``: the shell could not send from a sticky source address.
+- ``admission.kernel_filter(now)``: what the shell's kernel filter should drop under a
+  flood (``uspan.wg.admission``; the peers' endpoints, ``known_endpoints()``, pass).
 - ``peer_facts() -> {public key: PeerFacts}``: what the mesh needs to know of each peer;
   ``peer_events`` grows when a handshake completes, attempts are given up, a peer
   roams, or data went unanswered long enough to rehandshake, so the shell can wake
@@ -33,7 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from cryptography.exceptions import InvalidTag
 
-from uspan.wg import crypto, messages
+from uspan.wg import messages
 from uspan.wg.admission import Admission, Verdict
 from uspan.wg.allowedips import AllowedIPs
 from uspan.wg.config import (
@@ -77,7 +79,8 @@ Datagram = tuple[bytes, Endpoint]
 _TRANSPORT_HEADER = messages.TRANSPORT_HEADER
 _NO_MAC = bytes(MAC_SIZE)  # mac2 of a sender that holds no cookie
 APPLY_STEP = 256  # allowed IPs per step of apply_steps
-TICK_BUDGET = 16  # timer queue entries per tick (each may cost a handshake: ~0.2 ms)
+INFO_STEP = 64  # peers per step of info_steps (~1 ms)
+TICK_BUDGET = 8  # timer queue entries per tick (each may cost a handshake: 0.1-0.15 ms)
 
 class Device:
     """A WireGuard interface's protocol state."""
@@ -95,7 +98,7 @@ class Device:
         self.keypairs: dict[int, Keypair] = {}
         self.handshakes: dict[int, Peer] = {}
         self.cookie_checker = CookieChecker(rng=rng)
-        self.admission = Admission()
+        self.admission = Admission(known=self.known_endpoints)
         self.counters: Counter[Drop] = Counter()
         self.under_load_rate = UNDER_LOAD_RATE  # handshake messages per second
         self._under_load_until = float("-inf")
@@ -105,6 +108,12 @@ class Device:
         self._timer_queue: list[tuple[float, int, Peer]] = []
         self._timer_count = 0
         self.peer_events = 0  # see peer_facts
+
+    def known_endpoints(self) -> Iterator[Endpoint]:
+        """The peers' endpoints, configured or learned: the admission's priority lane."""
+        for peer in self.peers.values():
+            if peer.endpoint is not None:
+                yield peer.endpoint
 
     # Index table -------------------------------------------------------------------------
 
@@ -193,7 +202,6 @@ class Device:
         if private == self.private_key:
             return
         self.private_key, self.public_key = private, public
-        crypto.forget_static_keys()
         self.cookie_checker.set_local_public(public)
         if public is not None and public in self.peers:
             self._remove_peer(self.peers[public])
@@ -224,7 +232,7 @@ class Device:
         yield from _steps(change.allowed_ips, lambda chunk: allowed.insert(chunk, peer))
         yield from _steps(change.remove_allowed_ips, lambda chunk: allowed.remove(chunk, peer))
         if change.persistent_keepalive is not None:
-            peer.set_persistent_keepalive(change.persistent_keepalive, now, out)
+            peer.set_persistent_keepalive(change.persistent_keepalive, now)
         if change.handshake:
             peer.initiate_now(now, out)
         yield
@@ -245,28 +253,44 @@ class Device:
 
     def info(self) -> DeviceInfo:
         """The device as ``get=1`` reports it."""
-        peers = [
-            PeerInfo(
-                public_key=peer.public_key,
-                preshared_key=peer.preshared_key,
-                endpoint=peer.endpoint,
-                last_handshake_wall=(
-                    None if peer.last_handshake is None else peer.last_handshake + self.wall_offset
-                ),
-                rx_bytes=peer.rx_bytes,
-                tx_bytes=peer.tx_bytes,
-                persistent_keepalive=peer.persistent_keepalive,
-                allowed_ips=self.allowed_ips.texts(peer),
-            )
-            for peer in self.peers.values()
-        ]
+        info = self.info_header()
+        for _ in self.info_steps(info.peers):
+            pass
+        return info
+
+    def info_header(self) -> DeviceInfo:
+        """``info`` without its peers (``info_steps`` adds them)."""
         return DeviceInfo(
             private_key=self.private_key,
             public_key=self.public_key,
             listen_port=self.listen_port,
             fwmark=self.fwmark,
-            peers=peers,
+            peers=[],
         )
+
+    def info_steps(self, peers: list[PeerInfo]) -> Iterator[None]:
+        """``info``'s peers appended to ``peers``, yielding after every INFO_STEP: the
+        snapshot of 20,000 peers takes ~0.2 s, which a shell runs between other work
+        (keeping configurations out until it is done, as for ``apply_steps``)."""
+        wall_offset = self.wall_offset
+        texts = self.allowed_ips.texts
+        every = list(self.peers.values())
+        for start in range(0, len(every), INFO_STEP):
+            peers.extend(
+                PeerInfo(
+                    public_key=peer.public_key,
+                    preshared_key=peer.preshared_key,
+                    endpoint=peer.endpoint,
+                    last_handshake_wall=(None if peer.last_handshake is None
+                                         else peer.last_handshake + wall_offset),
+                    rx_bytes=peer.rx_bytes,
+                    tx_bytes=peer.tx_bytes,
+                    persistent_keepalive=peer.persistent_keepalive,
+                    allowed_ips=texts(peer),
+                )
+                for peer in every[start:start + INFO_STEP]
+            )
+            yield
 
     def peer_facts(self) -> dict[bytes, PeerFacts]:
         """Each peer's handshake, attempt, byte and endpoint facts (O(peers))."""
@@ -548,10 +572,12 @@ class Device:
                 continue  # superseded by an earlier deadline, or the peer was removed
             peer.timer_seq = -1
             peer.tick(now, out)
-            if peer.timer_seq == -1:  # tick armed nothing earlier: queue its next deadline
-                deadline = peer.next_deadline()
-                if deadline is not None:
-                    self.schedule(peer, deadline)
+            # Queue its earliest deadline. What tick armed is queued already, but may be
+            # later than a timer it left alone (giving up arms zeroing at 540 s while
+            # the persistent keepalive is due at 25 s): schedule keeps the earlier.
+            deadline = peer.next_deadline()
+            if deadline is not None:
+                self.schedule(peer, deadline)
         return out
 
     def schedule(self, peer: Peer, deadline: float) -> None:

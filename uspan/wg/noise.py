@@ -16,6 +16,7 @@ Failures raise ProtocolError whose ``reason`` is "decrypt", "dh" or "length".
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -42,13 +43,7 @@ class SymmetricState:
     @classmethod
     def initialize(cls, protocol_name: bytes, prologue: bytes) -> SymmetricState:
         """InitializeSymmetric(protocol_name) followed by MixHash(prologue)."""
-        if len(protocol_name) <= HASH_LEN:
-            h = protocol_name.ljust(HASH_LEN, b"\x00")
-        else:
-            h = crypto.hash_(protocol_name)
-        state = cls(h, h)
-        state.mix_hash(prologue)
-        return state
+        return cls(*_initial(protocol_name, prologue))
 
     def mix_hash(self, data: bytes) -> None:
         self.hash = crypto.hash_(self.hash, data)
@@ -64,14 +59,10 @@ class SymmetricState:
         self.nonce = 0
         self.mix_hash(temp_hash)
 
-    def mix_dh(self, private: crypto.PrivateKey, public: bytes, token: str, *,
-               static: bool = False) -> None:
-        """MixKey(DH(private, public)); an all-zero result raises ProtocolError("dh").
-
-        ``static``: ``private`` is our long-term key (its key object is reused).
-        """
+    def mix_dh(self, private: bytes, public: bytes, token: str) -> None:
+        """MixKey(DH(private, public)); an all-zero result raises ProtocolError("dh")."""
         try:
-            shared = crypto.dh(private, public, static=static)
+            shared = crypto.dh(private, public)
         except crypto.DHError as exc:
             raise ProtocolError("dh", f"token {token}: low-order public key") from exc
         self.mix_key(shared)
@@ -104,6 +95,17 @@ class SymmetricState:
         return crypto.kdf2(self.chaining_key, b"")
 
 
+@functools.lru_cache(maxsize=4)
+def _initial(protocol_name: bytes, prologue: bytes) -> tuple[bytes, bytes]:
+    """(chaining key, hash) after InitializeSymmetric and MixHash(prologue): the same for
+    every handshake, so computed once."""
+    if len(protocol_name) <= HASH_LEN:
+        h = protocol_name.ljust(HASH_LEN, b"\x00")
+    else:
+        h = crypto.hash_(protocol_name)
+    return h, crypto.hash_(h, prologue)
+
+
 class Message1(NamedTuple):
     """What the responder learns from message 1."""
 
@@ -120,9 +122,11 @@ def initialize(prologue: bytes, responder_static: bytes) -> SymmetricState:
 
 
 def _mix_ephemeral(state: SymmetricState, ephemeral_public: bytes) -> None:
-    # Token "e" in a PSK handshake also mixes the ephemeral into the chaining key.
+    """Token "e" in a PSK handshake: MixHash, then MixKey of the ephemeral. Every "e" here
+    is followed by a DH's MixKey before anything is encrypted, so the cipher key this
+    MixKey would derive is never used: only the chaining key is (KDF1, as wireguard-go)."""
     state.mix_hash(ephemeral_public)
-    state.mix_key(ephemeral_public)
+    state.chaining_key = crypto.kdf1(state.chaining_key, ephemeral_public)
 
 
 def write_message1(
@@ -135,13 +139,12 @@ def write_message1(
     static_static: bytes | None = None,
 ) -> bytes:
     """Initiator: ``-> e, es, s, ss`` and the payload."""
-    ephemeral = crypto.private_key(ephemeral_private)
-    ephemeral_public = crypto.public_key(ephemeral)
+    ephemeral_public = crypto.public_key(ephemeral_private)
     _mix_ephemeral(state, ephemeral_public)
-    state.mix_dh(ephemeral, remote_static, "es")
+    state.mix_dh(ephemeral_private, remote_static, "es")
     encrypted_static = state.encrypt_and_hash(static_public)
     if static_static is None:
-        state.mix_dh(static_private, remote_static, "ss", static=True)
+        state.mix_dh(static_private, remote_static, "ss")
     else:
         state.mix_key(static_static)
     return ephemeral_public + encrypted_static + state.encrypt_and_hash(payload)
@@ -164,12 +167,12 @@ def read_message1(
             "length", f"message 1 of {len(message)} bytes, need {MESSAGE1_OVERHEAD}")
     remote_ephemeral = message[:KEY_SIZE]
     _mix_ephemeral(state, remote_ephemeral)
-    state.mix_dh(static_private, remote_ephemeral, "es", static=True)
+    state.mix_dh(static_private, remote_ephemeral, "es")
     remote_static = state.decrypt_and_hash(
         message[KEY_SIZE:KEY_SIZE + ENCRYPTED_STATIC_SIZE], "encrypted static"
     )
     if static_static is None:
-        state.mix_dh(static_private, remote_static, "ss", static=True)
+        state.mix_dh(static_private, remote_static, "ss")
     else:
         shared = static_static(remote_static)
         if shared is None:
@@ -188,11 +191,10 @@ def write_message2(
     payload: bytes,
 ) -> bytes:
     """Responder: ``<- e, ee, se, psk`` and the payload."""
-    ephemeral = crypto.private_key(ephemeral_private)
-    ephemeral_public = crypto.public_key(ephemeral)
+    ephemeral_public = crypto.public_key(ephemeral_private)
     _mix_ephemeral(state, ephemeral_public)
-    state.mix_dh(ephemeral, remote_ephemeral, "ee")
-    state.mix_dh(ephemeral, remote_static, "se")
+    state.mix_dh(ephemeral_private, remote_ephemeral, "ee")
+    state.mix_dh(ephemeral_private, remote_static, "se")
     state.mix_key_and_hash(psk)
     return ephemeral_public + state.encrypt_and_hash(payload)
 
@@ -211,6 +213,6 @@ def read_message2(
     remote_ephemeral = message[:KEY_SIZE]
     _mix_ephemeral(state, remote_ephemeral)
     state.mix_dh(ephemeral_private, remote_ephemeral, "ee")
-    state.mix_dh(static_private, remote_ephemeral, "se", static=True)
+    state.mix_dh(static_private, remote_ephemeral, "se")
     state.mix_key_and_hash(psk)
     return state.decrypt_and_hash(message[KEY_SIZE:], "payload")

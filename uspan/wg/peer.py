@@ -84,14 +84,17 @@ class Peer:
     def persistent_keepalive(self) -> int:
         return self.timers.persistent_keepalive_interval
 
-    def set_persistent_keepalive(self, seconds: int, now: float, out: Out) -> None:
-        """Set the interval; turning it on sends a keepalive right away (like wireguard-go)."""
+    def set_persistent_keepalive(self, seconds: int, now: float) -> None:
+        """Set the interval; turning it on sends a keepalive right away (like wireguard-go),
+        at the next timer pass."""
         was = self.timers.persistent_keepalive_interval
         self.timers.persistent_keepalive_interval = seconds
         if not seconds:
             self.timers.persistent_keepalive = None
         elif not was:
-            self.send_keepalive(now, out)
+            if not self.staged:
+                self.staged.append(b"")
+            self.timers.staged_by_configuration(now)
 
     # Sending -----------------------------------------------------------------------------
 
@@ -334,6 +337,8 @@ class Peer:
                 self.zero_keys()
             elif name == timers.PERSISTENT_KEEPALIVE and self.timers.persistent_keepalive_interval:
                 self.send_keepalive(now, out)
+            elif name == timers.SEND_STAGED and self.staged:
+                self.send_staged(now, out)
 
     def _retransmit(self, now: float, out: Out) -> None:
         if self.handshake_attempts > MAX_TIMER_HANDSHAKES:
@@ -367,9 +372,7 @@ class Peer:
         the peer's key is a low-order point (no handshake can succeed)."""
         if self._static_static is None and self.device.private_key is not None:
             try:
-                self._static_static = crypto.dh(
-                    self.device.private_key, self.public_key, static=True
-                )
+                self._static_static = crypto.dh(self.device.private_key, self.public_key)
             except crypto.DHError:
                 return None
         return self._static_static

@@ -22,11 +22,13 @@ SEND_KEEPALIVE = "send_keepalive"
 NEW_HANDSHAKE = "new_handshake"
 ZERO_KEYS = "zero_key_material"
 PERSISTENT_KEEPALIVE = "persistent_keepalive"
-TIMERS = (RETRANSMIT, SEND_KEEPALIVE, NEW_HANDSHAKE, ZERO_KEYS, PERSISTENT_KEEPALIVE)
+SEND_STAGED = "send_staged"
+TIMERS = (RETRANSMIT, SEND_KEEPALIVE, NEW_HANDSHAKE, ZERO_KEYS, PERSISTENT_KEEPALIVE, SEND_STAGED)
 
 
 class PeerTimers:
-    """The five timers of a peer and the events that move them."""
+    """The five timers of a peer, the events that move them, and ``send_staged``: what a
+    configuration staged, sent at the next timer pass."""
 
     __slots__ = (
         "_rng",
@@ -37,6 +39,7 @@ class PeerTimers:
         "persistent_keepalive_interval",
         "retransmit_handshake",
         "send_keepalive",
+        "send_staged",
         "zero_key_material",
     )
 
@@ -48,6 +51,7 @@ class PeerTimers:
         self.new_handshake: float | None = None
         self.zero_key_material: float | None = None
         self.persistent_keepalive: float | None = None
+        self.send_staged: float | None = None
         self.persistent_keepalive_interval = 0
         self.need_another_keepalive = False
 
@@ -101,6 +105,15 @@ class PeerTimers:
             self.persistent_keepalive = deadline = now + self.persistent_keepalive_interval
             self._wake(deadline)
 
+    def staged_by_configuration(self, now: float) -> None:
+        """A configuration staged a packet: send it (or start a handshake for it) at the
+        next timer pass, not inside the configuration. Without a session that costs a
+        handshake, ~0.1 ms: a set of 20,000 new peers must neither take 20,000 times as
+        long nor hold the tunnel while they run (the kernel queues these too)."""
+        if self.send_staged is None:
+            self.send_staged = now
+            self._wake(now)
+
     def gave_up(self, now: float) -> None:
         """Handshake attempts exhausted: stop keepalives, zero keys later if nothing comes."""
         self.send_keepalive = None
@@ -124,6 +137,7 @@ class PeerTimers:
                 self.new_handshake,
                 self.zero_key_material,
                 self.persistent_keepalive,
+                self.send_staged,
             )
             if d is not None
         ]
