@@ -223,3 +223,13 @@ def test_clamp() -> None:
     assert crypto.public_key(crypto.clamp(ALICE_PRIVATE)) == ALICE_PUBLIC
     with pytest.raises(ValueError, match="32 bytes"):
         crypto.clamp(bytes(31))
+
+
+@pytest.mark.parametrize("key", [b"\x01" * 5, b"\x01" * 33, bytearray(32), memoryview(bytes(32))])
+def test_x25519_refuses_anything_but_32_bytes(key: bytes) -> None:
+    with pytest.raises(crypto.DHError):
+        crypto.public_key(key)
+    with pytest.raises(crypto.DHError):
+        crypto.dh(key, BOB_PUBLIC)
+    with pytest.raises(crypto.DHError):
+        crypto.dh(ALICE_PRIVATE, key)

@@ -131,11 +131,20 @@ def clamp(private: bytes) -> bytes:
 
 def public_key(private: bytes) -> bytes:
     """The X25519 public key of a private key (clamped or not: libsodium clamps)."""
+    _check_key(private)
     return _sodium.crypto_scalarmult_base(private)
 
 
+def _check_key(key: bytes) -> None:
+    """libsodium reads 32 bytes through a raw pointer: anything else must not reach it."""
+    if type(key) is not bytes or len(key) != KEY_SIZE:
+        raise DHError(f"an X25519 key is {KEY_SIZE} bytes")
+
+
 def dh(private: bytes, public: bytes) -> bytes:
-    """X25519(private, public); raises DHError on an all-zero result."""
+    """X25519(private, public); raises DHError on an all-zero result or a malformed key."""
+    _check_key(private)
+    _check_key(public)
     try:
         shared = _sodium.crypto_scalarmult(private, public)
     except CryptoError as exc:  # libsodium refuses low-order points and a zero result
