@@ -27,6 +27,7 @@ from uspan.wg.constants import (
     MSG_COOKIE_REPLY,
     MSG_RESPONSE,
     REKEY_TIMEOUT,
+    RESPONSE_SIZE,
     SOURCE_INTERVAL,
     UNPROVEN_PER_SECOND,
 )
@@ -38,6 +39,7 @@ from uspan.wg.ratelimit import RateLimiter
 T0 = 1000.0
 ATTACKER = [Endpoint("192.0.2.66", 40000 + i) for i in range(64)]
 PEER = Endpoint("192.0.2.7", 51820)
+PEER_KEY = (PEER.host, PEER.port)
 
 
 def source(i: int) -> Endpoint:
@@ -152,16 +154,16 @@ def test_a_known_peer_is_served_although_the_budgets_are_spent() -> None:
 def test_a_lane_endpoint_over_its_limit_leaves_the_lane_but_is_never_flagged() -> None:
     """A spoofer of the peer's exact endpoint: the first TRUSTED_BURST are served, then
     that endpoint gets cookies (the real peer's way in) and is sampled in the kernel like
-    anyone for FLAG_TIME; its responses are dropped there."""
+    anyone for FLAG_TIME."""
     admission = Admission(known=lambda: [PEER])
     verdicts = [admission.unproven(PEER, T0 + i * 0.001) for i in range(TRUSTED_BURST + 2)]
     assert verdicts == [Verdict.PROCESS] * TRUSTED_BURST + [Verdict.COOKIE] * 2
     rules = admission.kernel_filter(T0 + 0.01)
-    assert (rules.lane, rules.abused, rules.flagged) == ([], [PEER], [])
+    assert (rules.lane, rules.flagged, list(admission.abused)) == ([], [], [PEER_KEY])
     assert admission.unproven(PEER, T0 + SOURCE_INTERVAL) is Verdict.PROCESS  # refilled
     version = admission.flag_version
     rules = admission.kernel_filter(T0 + 0.01 + FLAG_TIME)
-    assert (rules.lane, rules.abused) == ([PEER], [])
+    assert (rules.lane, admission.abused) == ([PEER], {})
     assert admission.flag_version == version + 1
 
 
@@ -256,7 +258,8 @@ def test_retry_with_mac2_is_served_while_junk_arrives() -> None:
 
 
 def test_a_response_flood_is_judged_and_flagged_alike() -> None:
-    """Responses with a valid mac1 cost a lookup and a DH without a defence, too."""
+    """Responses with a valid mac1 to no handshake of ours cost a lookup each, and their
+    sources are judged alike, so a few repeating ports are left to the kernel."""
     net, _, b = initiator_and_responder()
     b.device.under_load_rate = 10
     key = mac1_key(b.public)
@@ -265,7 +268,7 @@ def test_a_response_flood_is_judged_and_flagged_alike() -> None:
     for i in range(64 * 20):
         b.device.receive([(junk, ATTACKER[i % 64])], net.now)
         net.now += 0.0001
-    assert b.device.counters[Drop.SOURCE_LIMITED] > 0
+    assert b.device.counters[Drop.UNKNOWN_INDEX] == 64 * 20
     assert len(b.device.admission.flagged) == 64
 
 
@@ -296,7 +299,8 @@ def test_a_spoofer_of_a_peers_endpoint_costs_it_only_the_lane() -> None:
     net, a, b = initiator_and_responder(known=True)
     flood(net, b, 1.0, sources=[a.endpoint])
     rules = b.device.admission.kernel_filter(net.now)
-    assert (rules.abused, rules.flagged) == ([a.endpoint], [])
+    assert (rules.lane, rules.flagged) == ([], [])
+    assert list(b.device.admission.abused) == [(a.endpoint.host, a.endpoint.port)]
     net.now += 0.5  # the cookie budget refills
     b.sent.clear()
     net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
@@ -307,3 +311,25 @@ def test_a_spoofer_of_a_peers_endpoint_costs_it_only_the_lane() -> None:
     net.advance(0.5)
     assert MSG_RESPONSE in [d[0] for d in b.sent]
     assert b.tun == [ipv4_packet("10.0.0.1", "10.0.0.2")]
+
+
+def test_a_spoofer_of_a_peers_endpoint_does_not_stop_our_handshakes_to_it() -> None:
+    """Responses are not judged by their source under load: the peer's response to our
+    own initiation is served while its endpoint is abused, and one to an index we have
+    not got pending is dropped at the cost of a lookup."""
+    net, a, b = initiator_and_responder(known=True)
+    flood(net, b, 1.0, sources=[a.endpoint])
+    assert list(b.device.admission.abused) == [(a.endpoint.host, a.endpoint.port)]
+    before = b.device.counters[Drop.HANDSHAKE_FAILED]
+    net.send(b, [ipv4_packet("10.0.0.2", "10.0.0.1")])
+    net.run()
+    assert MSG_RESPONSE in [d[0] for d in a.sent]
+    assert a.tun == [ipv4_packet("10.0.0.2", "10.0.0.1")]
+    assert b.device.counters[Drop.HANDSHAKE_FAILED] == before
+    assert net.now < b.device.admission.abused[(a.endpoint.host, a.endpoint.port)]
+    key = mac1_key(b.public)
+    body = bytes([MSG_RESPONSE, 0, 0, 0]) + bytes(range(8)) + bytes(RESPONSE_SIZE - 44)
+    forged = body + crypto.mac(key, body) + bytes(16)
+    b.device.receive([(forged, a.endpoint)] * 3, net.now)
+    assert b.device.counters[Drop.UNKNOWN_INDEX] == 3
+    assert b.device.admission.kernel_filter(net.now).flagged == []  # never a lane's

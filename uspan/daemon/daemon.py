@@ -336,8 +336,7 @@ class Daemon:
         if admission.flag_version == self._early_drop_version:
             return
         self._early_drop_version = admission.flag_version
-        rules = KernelFilter(_on_socket(rules.flagged), _on_socket(rules.lane),
-                             _on_socket(rules.abused), rules.keep)
+        rules = KernelFilter(_on_socket(rules.flagged), _on_socket(rules.lane), rules.keep)
         try:
             self.bind.drop_unproven(rules)
         except OSError as exc:  # e.g. no BPF in this kernel: the core still refuses them

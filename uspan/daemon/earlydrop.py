@@ -31,7 +31,7 @@ from uspan.wg.endpoint import Endpoint
 
 SO_ATTACH_FILTER = 26
 SO_DETACH_FILTER = 27
-# At most MAX_SOURCES flagged and MAX_TRUSTED of the lane (passed or abused), far below
+# At most MAX_SOURCES flagged and MAX_TRUSTED of the lane, far below
 # the kernel's 4096 instructions; what optmem_max allows ``install`` works out.
 MAX_SOURCES = 256
 _SKF_NET_OFF = -0x100000  # loads relative to the IP header (the filter starts at UDP's)
@@ -66,9 +66,8 @@ def _mac2_less(length: int, kind: int) -> list[Instruction]:
 def program(family: int, rules: KernelFilter) -> list[Instruction]:
     """The filter for a socket of ``family`` (sources of the other family are ignored):
     of the mac2-less initiations and responses, pass those from ``rules.lane``, drop
-    those from ``rules.flagged`` (at most MAX_SOURCES) and the responses from
-    ``rules.abused``, and keep a random fraction ``rules.keep`` of the other
-    initiations."""
+    those from ``rules.flagged`` (at most MAX_SOURCES), and keep a random fraction
+    ``rules.keep`` of the other initiations."""
     initiation = _mac2_less(INITIATION_SIZE, MSG_INITIATION)
     response = _mac2_less(RESPONSE_SIZE, MSG_RESPONSE)
     code: list[Instruction] = [(_LD_LEN, 0, 0, 0),
@@ -80,13 +79,9 @@ def program(family: int, rules: KernelFilter) -> list[Instruction]:
     code += _matches(family, [(source, _PASS) for source in lane])
     code += _matches(family, [(source, _DROP)
                               for source in _of(family, rules.flagged, MAX_SOURCES)])
-    abused = _matches(family, [(source, _DROP) for source in
-                               _of(family, rules.abused, MAX_TRUSTED - len(lane))])
-    if abused or rules.keep < 1.0:  # responses answer our own handshakes: never sampled
-        code += [(_LD_LEN, 0, 0, 0), (_JEQ, 1, 0, _UDP + RESPONSE_SIZE),
-                 (_JA, 0, 0, len(abused) + 1), *abused, (_RET, 0, 0, _PASS)]
-    if rules.keep < 1.0:
-        code += [(_LD_W, 0, 0, _u32(_SKF_AD_RANDOM)), (_JGE, 0, 1, int(rules.keep * 2**32)),
+    if rules.keep < 1.0:  # responses answer our own handshakes: never sampled
+        code += [(_LD_LEN, 0, 0, 0), (_JEQ, 0, 1, _UDP + RESPONSE_SIZE), (_RET, 0, 0, _PASS),
+                 (_LD_W, 0, 0, _u32(_SKF_AD_RANDOM)), (_JGE, 0, 1, int(rules.keep * 2**32)),
                  (_RET, 0, 0, _DROP)]
     code.append((_RET, 0, 0, _PASS))
     return code
@@ -138,21 +133,18 @@ def install(sock: socket.socket, rules: KernelFilter) -> None:
     socket is never left unfiltered. The kernel charges a filter to the socket's option
     memory (``net.core.optmem_max``: 20 KiB before Linux 6.9, 128 KiB since), the old
     and the new together while one replaces the other, so each gets half; sources that
-    do not fit give way, flagged ones first (the core still refuses them), then abused,
-    then the lane's, from the end, down to the sample alone if the kernel refuses even
-    that estimate."""
+    do not fit give way, flagged ones first (the core still refuses them), then the
+    lane's, from the end, down to the sample alone if the kernel refuses even that
+    estimate."""
     family = sock.family
     lane = _of(family, rules.lane, MAX_TRUSTED)
-    rules = replace(rules, lane=lane, flagged=_of(family, rules.flagged, MAX_SOURCES),
-                    abused=_of(family, rules.abused, MAX_TRUSTED - len(lane)))
-    bare = len(program(family, replace(rules, flagged=[], lane=[], abused=[]))) + 3
+    flagged = _of(family, rules.flagged, MAX_SOURCES)
+    bare = len(program(family, replace(rules, flagged=[], lane=[]))) + 2
     room = (_optmem_max() // 2 - _CHARGE_BASE) // _CHARGE_PER_INSTRUCTION - bare
     most = max(0, room // _PER_SOURCE[family])
     while True:
         kept = lane[:most]
-        abused = rules.abused[:most - len(kept)]
-        flagged = rules.flagged[:most - len(kept) - len(abused)]
-        fitted = replace(rules, lane=kept, abused=abused, flagged=flagged)
+        fitted = replace(rules, lane=kept, flagged=flagged[:most - len(kept)])
         try:
             attach(sock, program(family, fitted))
             return

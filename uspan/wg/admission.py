@@ -30,11 +30,14 @@ its initiation). What that gives a spoofer who knows a peer's exact address and 
 at most that many DHs a second per lane endpoint (a responder must spend one to learn
 who is real; the lane bounds how many), and no reply, as a forged initiation fails to
 decrypt and a replayed one is stale. An endpoint over its limit is *abused* for
-FLAG_TIME: the kernel samples its initiations like anyone's and drops its responses as a
-flagged source's, and here it gets cookies, never a flag (the kernel would then drop the
-real peer's initiations too, and it could never earn a cookie). Such a spoofer thus costs
-that one peer its fast path, as if it had no lane, and nothing more: the rest of the
-lane, established tunnels and mac2-bearing retries are untouched.
+FLAG_TIME: the kernel samples its initiations like anyone's, and here it gets cookies,
+never a flag (the kernel would then drop the real peer's initiations too, and it could
+never earn a cookie). Its responses are not judged here at all: the device serves a
+response to a handshake it has pending and drops one to any other index at the cost of
+a lookup (an off-path spoofer cannot guess a 32-bit index), so our own rekeys to that
+peer still complete. Such a spoofer thus costs that one peer the fast path for its
+initiations, as if it had no lane: the rest of the lane, established tunnels, responses
+to our initiations and mac2-bearing retries are untouched.
 """
 
 from __future__ import annotations
@@ -73,16 +76,15 @@ class Verdict(Enum):
 @dataclass(frozen=True)
 class KernelFilter:
     """What the kernel should do with mac2-less handshake messages (the rest it passes):
-    pass those from ``lane``; drop those from ``flagged`` and the responses from
-    ``abused``; of the other initiations keep a random fraction ``keep``."""
+    pass those from ``lane``; drop those from ``flagged``; of the other initiations keep
+    a random fraction ``keep``."""
 
     flagged: list[Endpoint]
     lane: list[Endpoint]
-    abused: list[Endpoint]
     keep: float
 
     def drops_any(self) -> bool:
-        return bool(self.flagged or self.abused) or self.keep < 1.0
+        return bool(self.flagged) or self.keep < 1.0
 
 
 class Budget:
@@ -172,6 +174,13 @@ class Admission:
         cookies.take()
         return Verdict.COOKIE
 
+    def stray(self, source: Endpoint, now: float) -> None:
+        """A mac2-less message refused anyway (a response to no handshake of ours): only
+        its source is judged, so that one repeating it is flagged for the kernel."""
+        key = (source.host, source.port)
+        if key not in self.trusted and not self.sources.allow(key, now):
+            self._flag(key, now)
+
     def _resample(self, now: float) -> None:
         """Set ``keep`` for the next window from the rate the last one let through, and
         read the lane again."""
@@ -217,5 +226,4 @@ class Admission:
         abused = self.abused
         return KernelFilter(
             flagged=[Endpoint(host, port) for host, port in self.flagged],
-            lane=[e for key, e in self.trusted.items() if key not in abused],
-            abused=[e for key, e in self.trusted.items() if key in abused], keep=self.keep)
+            lane=[e for key, e in self.trusted.items() if key not in abused], keep=self.keep)

@@ -442,7 +442,12 @@ class Device:
             return
         admission = self.admission
         if now < self._under_load_until or now < admission.busy_until:
-            if data[MAC2] != _NO_MAC and self.cookie_checker.check_mac2(
+            if kind == MSG_RESPONSE:  # only to our own initiation: see uspan.wg.admission
+                if int.from_bytes(data[8:12], "little") not in self.handshakes:
+                    counters[Drop.UNKNOWN_INDEX] += 1
+                    admission.stray(source, now)
+                    return
+            elif data[MAC2] != _NO_MAC and self.cookie_checker.check_mac2(
                     data, source.source_key(), now):
                 if not admission.proven_allowed(source.ip_key(), now):
                     counters[Drop.RATELIMITED] += 1
