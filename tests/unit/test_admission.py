@@ -333,3 +333,42 @@ def test_a_spoofer_of_a_peers_endpoint_does_not_stop_our_handshakes_to_it() -> N
     b.device.receive([(forged, a.endpoint)] * 3, net.now)
     assert b.device.counters[Drop.UNKNOWN_INDEX] == 3
     assert b.device.admission.kernel_filter(net.now).flagged == []  # never a lane's
+
+
+def test_the_lane_is_read_again_on_the_clock_without_unproven_messages() -> None:
+    """A port flood dropped in the kernel leaves ``unproven`` idle with ``keep`` at 1:
+    the lane must not go stale for it."""
+    known = [PEER]
+    admission = Admission(known=lambda: known)
+    assert admission.kernel_filter(T0).lane == [PEER]
+    known[0] = source(7)  # the peer roamed
+    assert admission.kernel_filter(T0 + SAMPLE_WINDOW).lane == [source(7)]
+
+
+def test_endpoints_that_left_the_lane_leave_no_room_taken() -> None:
+    """Lane after lane of new endpoints, each using its burst: a newcomer's first
+    initiation is still served (a full limiter table would refuse it and mark it abused)."""
+    known: list[Endpoint] = []
+    admission = Admission(known=lambda: known)
+    now = T0
+    for lane in range(3):
+        known[:] = [source(lane * MAX_TRUSTED + i) for i in range(MAX_TRUSTED)]
+        now += SAMPLE_WINDOW
+        assert [admission.unproven(e, now) for e in known] == [Verdict.PROCESS] * MAX_TRUSTED
+    assert admission.abused == {}
+
+
+def test_the_lane_prefers_the_peers_heard_from_lately_and_skips_relayed_ones() -> None:
+    net = Net()
+    b = net.add("b", "192.0.2.2", 51821, seed=2)
+    nodes = [net.add(f"p{i}", "192.0.2.100", 1000 + i, seed=10 + i)
+             for i in range(MAX_TRUSTED + 2)]
+    for i, node in enumerate(nodes):
+        net.connect(node, b, [f"10.1.{i}.1/32"], ["10.0.0.2/32"])
+    relayed = Endpoint("100::1:2:3:4", 7000)
+    net.peer(b, nodes[1]).endpoint = relayed
+    assert nodes[-1].endpoint not in b.device.known_endpoints()  # config order
+    net.peer(b, nodes[-1]).authenticated_received(net.now)  # it answered; the rest never
+    lane = b.device.known_endpoints()
+    assert len(lane) == MAX_TRUSTED and lane[0] == nodes[-1].endpoint
+    assert relayed not in lane

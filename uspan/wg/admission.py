@@ -22,7 +22,8 @@ initiations, enough to spend the budgets, and the flood's cost to us is bounded.
 
 That sample would cost a new peer its first handshakes too (its chance per attempt is
 budget / flood rate), so the peers' endpoints (configured or learned from authenticated
-packets; the first MAX_TRUSTED of them, from ``known``) form a priority lane: the kernel
+packets; the MAX_TRUSTED that ``known`` ranks first, read again every SAMPLE_WINDOW)
+form a priority lane: the kernel
 passes their mac2-less handshakes unsampled, and here they skip the global budgets and
 the cookie round trip, limited only per endpoint (TRUSTED_BURST, then one per
 SOURCE_INTERVAL: as often as a real peer initiates, with room for a response crossing
@@ -109,9 +110,10 @@ class Budget:
 class Admission:
     """The budgets of a device under load; ``drop`` names why the last DROP was given.
 
-    ``known()`` yields the peers' endpoints now (read again every SAMPLE_WINDOW under
-    load). What the shell's kernel filter should do is ``kernel_filter(now)``;
-    ``flag_version`` changes whenever that does.
+    ``known()`` yields the peers' endpoints now, the most deserving first (read again
+    every SAMPLE_WINDOW by whichever call comes first, so a flood that never reaches
+    ``unproven`` leaves no stale lane). What the shell's kernel filter should do is
+    ``kernel_filter(now)``; ``flag_version`` changes whenever that does.
     """
 
     def __init__(self, *, unproven_per_second: int = UNPROVEN_PER_SECOND,
@@ -132,6 +134,7 @@ class Admission:
         self.busy_until = float("-inf")  # the last flag's end
         self.keep = 1.0
         self._window = float("-inf")  # start of the window ``_seen`` counts
+        self._lane_read = float("-inf")
         self._seen = 0  # mac2-less messages judged in the window
 
     def proven_allowed(self, ip: bytes, now: float) -> bool:
@@ -143,6 +146,8 @@ class Admission:
         key = (source.host, source.port)
         if now - self._window >= SAMPLE_WINDOW:
             self._resample(now)
+        if now - self._lane_read >= SAMPLE_WINDOW:
+            self._read_lane(now)
         trusted = key in self.trusted
         if key in self.flagged and not trusted:  # queued before the kernel's filter had it
             self.drop = Drop.SOURCE_LIMITED
@@ -181,9 +186,9 @@ class Admission:
         if key not in self.trusted and not self.sources.allow(key, now):
             self._flag(key, now)
 
-    def _resample(self, now: float) -> None:
-        """Set ``keep`` for the next window from the rate the last one let through, and
-        read the lane again."""
+    def _read_lane(self, now: float) -> None:
+        """Take the lane from ``known`` again; endpoints that leave it are forgotten by its
+        limiter, so a full table never refuses a newcomer."""
         trusted: dict[Key, Endpoint] = {}
         for endpoint in self.known():
             if len(trusted) >= MAX_TRUSTED:
@@ -191,8 +196,13 @@ class Admission:
             trusted[(endpoint.host, endpoint.port)] = endpoint
         if trusted.keys() != self.trusted.keys():
             self.abused = {key: t for key, t in self.abused.items() if key in trusted}
+            self._trusted_limit.retain(trusted)
             self.flag_version += 1
         self.trusted = trusted
+        self._lane_read = now
+
+    def _resample(self, now: float) -> None:
+        """Set ``keep`` for the next window from the rate the last one let through."""
         arrived = self._seen / self.keep / max(SAMPLE_WINDOW, now - self._window)
         keep = 1.0
         while keep > MIN_KEEP and arrived * keep > SAMPLE_TARGET:
@@ -223,6 +233,8 @@ class Admission:
                 self.flag_version += 1
         if self.keep < 1.0 and now - self._window >= SAMPLE_WINDOW:
             self._resample(now)
+        if now - self._lane_read >= SAMPLE_WINDOW:
+            self._read_lane(now)
         abused = self.abused
         return KernelFilter(
             flagged=[Endpoint(host, port) for host, port in self.flagged],

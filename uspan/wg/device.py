@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Iterator
 from cryptography.exceptions import InvalidTag
 
 from uspan.wg import messages
-from uspan.wg.admission import Admission, Verdict
+from uspan.wg.admission import MAX_TRUSTED, Admission, Verdict
 from uspan.wg.allowedips import AllowedIPs
 from uspan.wg.config import (
     ConfigError,
@@ -109,11 +109,14 @@ class Device:
         self._timer_count = 0
         self.peer_events = 0  # see peer_facts
 
-    def known_endpoints(self) -> Iterator[Endpoint]:
-        """The peers' endpoints, configured or learned: the admission's priority lane."""
-        for peer in self.peers.values():
-            if peer.endpoint is not None:
-                yield peer.endpoint
+    def known_endpoints(self) -> list[Endpoint]:
+        """The admission's priority lane: the endpoints (configured or learned; not
+        relayed ones, which never reach the socket) of the MAX_TRUSTED peers heard from
+        most recently, so dead peers give way; never-heard ones in config order."""
+        reachable = [peer for peer in self.peers.values()
+                     if peer.endpoint is not None and not peer.endpoint.discard_only]
+        best = heapq.nlargest(MAX_TRUSTED, reachable, key=_last_heard)
+        return [peer.endpoint for peer in best if peer.endpoint is not None]
 
     # Index table -------------------------------------------------------------------------
 
@@ -617,3 +620,7 @@ def _steps(prefixes: list[Prefix], action: Callable[[list[Prefix]], object]) -> 
     for start in range(0, len(prefixes), APPLY_STEP):
         action(prefixes[start:start + APPLY_STEP])
         yield
+
+
+def _last_heard(peer: Peer) -> float:
+    return float("-inf") if peer.last_received is None else peer.last_received
