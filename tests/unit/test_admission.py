@@ -32,6 +32,7 @@ from uspan.wg.constants import (
     UNPROVEN_PER_SECOND,
 )
 from uspan.wg.cookie import mac1_key
+from uspan.wg.device import LANE_IDLE
 from uspan.wg.drops import Drop
 from uspan.wg.endpoint import Endpoint
 from uspan.wg.ratelimit import RateLimiter
@@ -145,7 +146,7 @@ def spend_budgets(admission: Admission, now: float) -> None:
 
 
 def test_a_known_peer_is_served_although_the_budgets_are_spent() -> None:
-    admission = Admission(known=lambda: [PEER])
+    admission = Admission(known=lambda now: [PEER])
     spend_budgets(admission, T0)
     assert admission.unproven(PEER, T0) is Verdict.PROCESS
     assert admission.unproven(Endpoint(PEER.host, PEER.port + 1), T0) is Verdict.DROP
@@ -155,7 +156,7 @@ def test_a_lane_endpoint_over_its_limit_leaves_the_lane_but_is_never_flagged() -
     """A spoofer of the peer's exact endpoint: the first TRUSTED_BURST are served, then
     that endpoint gets cookies (the real peer's way in) and is sampled in the kernel like
     anyone for FLAG_TIME."""
-    admission = Admission(known=lambda: [PEER])
+    admission = Admission(known=lambda now: [PEER])
     verdicts = [admission.unproven(PEER, T0 + i * 0.001) for i in range(TRUSTED_BURST + 2)]
     assert verdicts == [Verdict.PROCESS] * TRUSTED_BURST + [Verdict.COOKIE] * 2
     rules = admission.kernel_filter(T0 + 0.01)
@@ -169,7 +170,7 @@ def test_a_lane_endpoint_over_its_limit_leaves_the_lane_but_is_never_flagged() -
 
 def test_the_lane_follows_the_known_endpoints_and_is_bounded() -> None:
     known = [source(i) for i in range(MAX_TRUSTED + 5)]
-    admission = Admission(known=lambda: known)
+    admission = Admission(known=lambda now: known)
     admission.unproven(source(1), T0)
     assert admission.kernel_filter(T0).lane == known[:MAX_TRUSTED]
     assert admission.unproven(known[MAX_TRUSTED], T0) is Verdict.PROCESS  # by the budget
@@ -187,7 +188,7 @@ def test_the_lane_follows_the_known_endpoints_and_is_bounded() -> None:
 
 def test_a_flag_from_before_an_endpoint_joined_the_lane_does_not_hold() -> None:
     known: list[Endpoint] = []
-    admission = Admission(known=lambda: known)
+    admission = Admission(known=lambda now: known)
     admission.unproven(PEER, T0)
     admission.unproven(PEER, T0)
     assert admission.kernel_filter(T0).flagged == [PEER]
@@ -339,7 +340,7 @@ def test_the_lane_is_read_again_on_the_clock_without_unproven_messages() -> None
     """A port flood dropped in the kernel leaves ``unproven`` idle with ``keep`` at 1:
     the lane must not go stale for it."""
     known = [PEER]
-    admission = Admission(known=lambda: known)
+    admission = Admission(known=lambda now: known)
     assert admission.kernel_filter(T0).lane == [PEER]
     known[0] = source(7)  # the peer roamed
     assert admission.kernel_filter(T0 + SAMPLE_WINDOW).lane == [source(7)]
@@ -349,7 +350,7 @@ def test_endpoints_that_left_the_lane_leave_no_room_taken() -> None:
     """Lane after lane of new endpoints, each using its burst: a newcomer's first
     initiation is still served (a full limiter table would refuse it and mark it abused)."""
     known: list[Endpoint] = []
-    admission = Admission(known=lambda: known)
+    admission = Admission(known=lambda now: known)
     now = T0
     for lane in range(3):
         known[:] = [source(lane * MAX_TRUSTED + i) for i in range(MAX_TRUSTED)]
@@ -359,16 +360,23 @@ def test_endpoints_that_left_the_lane_leave_no_room_taken() -> None:
 
 
 def test_the_lane_prefers_the_peers_heard_from_lately_and_skips_relayed_ones() -> None:
+    """Peers heard from within LANE_IDLE first, in config order (recency among them
+    would change the lane with every keepalive); then the others by recency."""
     net = Net()
     b = net.add("b", "192.0.2.2", 51821, seed=2)
     nodes = [net.add(f"p{i}", "192.0.2.100", 1000 + i, seed=10 + i)
-             for i in range(MAX_TRUSTED + 2)]
+             for i in range(MAX_TRUSTED + 3)]
     for i, node in enumerate(nodes):
         net.connect(node, b, [f"10.1.{i}.1/32"], ["10.0.0.2/32"])
     relayed = Endpoint("100::1:2:3:4", 7000)
     net.peer(b, nodes[1]).endpoint = relayed
-    assert nodes[-1].endpoint not in b.device.known_endpoints()  # config order
-    net.peer(b, nodes[-1]).authenticated_received(net.now)  # it answered; the rest never
-    lane = b.device.known_endpoints()
-    assert len(lane) == MAX_TRUSTED and lane[0] == nodes[-1].endpoint
-    assert relayed not in lane
+    lane = b.device.known_endpoints(net.now)
+    assert nodes[-1].endpoint not in lane and relayed not in lane  # config order
+    net.peer(b, nodes[-2]).authenticated_received(net.now - LANE_IDLE - 1)  # dead since
+    net.peer(b, nodes[-1]).authenticated_received(net.now)
+    lane = b.device.known_endpoints(net.now)
+    assert len(lane) == MAX_TRUSTED and relayed not in lane
+    assert lane[:2] == [nodes[-1].endpoint, nodes[-2].endpoint]
+    net.peer(b, nodes[-3]).authenticated_received(net.now)
+    assert b.device.known_endpoints(net.now)[:3] == [
+        nodes[-3].endpoint, nodes[-1].endpoint, nodes[-2].endpoint]

@@ -110,7 +110,7 @@ class Budget:
 class Admission:
     """The budgets of a device under load; ``drop`` names why the last DROP was given.
 
-    ``known()`` yields the peers' endpoints now, the most deserving first (read again
+    ``known(now)`` yields the peers' endpoints, the most deserving first (read again
     every SAMPLE_WINDOW by whichever call comes first, so a flood that never reaches
     ``unproven`` leaves no stale lane). What the shell's kernel filter should do is
     ``kernel_filter(now)``; ``flag_version`` changes whenever that does.
@@ -118,7 +118,7 @@ class Admission:
 
     def __init__(self, *, unproven_per_second: int = UNPROVEN_PER_SECOND,
                  cookies_per_second: int = COOKIES_PER_SECOND,
-                 known: Callable[[], Iterable[Endpoint]] = tuple) -> None:
+                 known: Callable[[float], Iterable[Endpoint]] = lambda now: ()) -> None:
         self.known = known
         self.proven = RateLimiter()  # per source IP, for messages with a valid mac2
         self.sources = RateLimiter(rate=1 / SOURCE_INTERVAL, burst=1)  # (host, port) keys
@@ -190,7 +190,7 @@ class Admission:
         """Take the lane from ``known`` again; endpoints that leave it are forgotten by its
         limiter, so a full table never refuses a newcomer."""
         trusted: dict[Key, Endpoint] = {}
-        for endpoint in self.known():
+        for endpoint in self.known(now):
             if len(trusted) >= MAX_TRUSTED:
                 break
             trusted[(endpoint.host, endpoint.port)] = endpoint

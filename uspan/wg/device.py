@@ -14,7 +14,7 @@ Surface (all times are monotonic seconds passed in by the caller):
   O(1), so the shell can ask after every batch).
 - ``forget_source(endpoint)``: the shell could not send from a sticky source address.
 - ``admission.kernel_filter(now)``: what the shell's kernel filter should drop under a
-  flood (``uspan.wg.admission``; the peers' endpoints, ``known_endpoints()``, pass).
+  flood (``uspan.wg.admission``; the peers' endpoints, ``known_endpoints(now)``, pass).
 - ``peer_facts() -> {public key: PeerFacts}``: what the mesh needs to know of each peer;
   ``peer_events`` grows when a handshake completes, attempts are given up, a peer
   roams, or data went unanswered long enough to rehandshake, so the shell can wake
@@ -55,6 +55,7 @@ from uspan.wg.constants import (
     MSG_INITIATION,
     MSG_RESPONSE,
     MSG_TRANSPORT,
+    REJECT_AFTER_TIME,
     RESPONSE_SIZE,
     TRANSPORT_MIN_SIZE,
     UNDER_LOAD_AFTER,
@@ -80,6 +81,7 @@ _TRANSPORT_HEADER = messages.TRANSPORT_HEADER
 _NO_MAC = bytes(MAC_SIZE)  # mac2 of a sender that holds no cookie
 APPLY_STEP = 256  # allowed IPs per step of apply_steps
 INFO_STEP = 64  # peers per step of info_steps (~1 ms)
+LANE_IDLE = REJECT_AFTER_TIME  # a peer heard from more recently is alive for the lane
 TICK_BUDGET = 8  # timer queue entries per tick (each may cost a handshake: 0.1-0.15 ms)
 
 class Device:
@@ -109,13 +111,23 @@ class Device:
         self._timer_count = 0
         self.peer_events = 0  # see peer_facts
 
-    def known_endpoints(self) -> list[Endpoint]:
+    def known_endpoints(self, now: float) -> list[Endpoint]:
         """The admission's priority lane: the endpoints (configured or learned; not
-        relayed ones, which never reach the socket) of the MAX_TRUSTED peers heard from
-        most recently, so dead peers give way; never-heard ones in config order."""
+        relayed ones, which never reach the socket) of MAX_TRUSTED peers. Those heard
+        from within LANE_IDLE come first, in config order, not by recency: with more
+        than MAX_TRUSTED of them every keepalive would change the lane, and each change
+        rebuilds the kernel filter; then the others, most recently heard first."""
+        alive = now - LANE_IDLE
+
+        def rank(peer: Peer) -> tuple[bool, float]:
+            heard = peer.last_received
+            if heard is None:
+                return (False, float("-inf"))
+            return (True, 0.0) if heard >= alive else (False, heard)
+
         reachable = [peer for peer in self.peers.values()
                      if peer.endpoint is not None and not peer.endpoint.discard_only]
-        best = heapq.nlargest(MAX_TRUSTED, reachable, key=_last_heard)
+        best = heapq.nlargest(MAX_TRUSTED, reachable, key=rank)
         return [peer.endpoint for peer in best if peer.endpoint is not None]
 
     # Index table -------------------------------------------------------------------------
@@ -620,7 +632,3 @@ def _steps(prefixes: list[Prefix], action: Callable[[list[Prefix]], object]) -> 
     for start in range(0, len(prefixes), APPLY_STEP):
         action(prefixes[start:start + APPLY_STEP])
         yield
-
-
-def _last_heard(peer: Peer) -> float:
-    return float("-inf") if peer.last_received is None else peer.last_received
