@@ -132,6 +132,18 @@ def test_the_lane_passes_whole_while_the_rest_is_sampled(sockets) -> None:
     assert not arrives(receiver, peer, INITIATION)
 
 
+def test_a_source_is_the_lanes_only_if_all_of_its_address_matches(sockets) -> None:
+    """Only the address's last word is compared first: a source that shares it (and the
+    port) but differs before is not in the lane."""
+    receiver, peer, _ = sockets
+    port = endpoint(peer).port
+    near = "10.0.0.1" if receiver.family == socket.AF_INET else "2001:db8::1"  # ::1's last
+    attach(receiver, lane=[Endpoint(near, port)], keep=0.0)
+    assert not arrives(receiver, peer, INITIATION)
+    attach(receiver, lane=[Endpoint(near, port), endpoint(peer)], keep=0.0)
+    assert arrives(receiver, peer, INITIATION)
+
+
 def test_an_endpoint_out_of_the_lane_is_sampled_but_keeps_its_responses(sockets) -> None:
     """An abused lane endpoint (a spoofer repeats its initiations) leaves the lane; the
     real peer's responses to our initiations must still reach the core."""
