@@ -31,8 +31,8 @@ from uspan.wg.endpoint import Endpoint
 
 SO_ATTACH_FILTER = 26
 SO_DETACH_FILTER = 27
-# At most MAX_SOURCES flagged and MAX_TRUSTED of the lane, far below
-# the kernel's 4096 instructions; what optmem_max allows ``install`` works out.
+# At most MAX_SOURCES flagged and MAX_TRUSTED of the lane, far below the kernel's 4096
+# instructions; what optmem_max allows ``install`` works out.
 MAX_SOURCES = 256
 _SKF_NET_OFF = -0x100000  # loads relative to the IP header (the filter starts at UDP's)
 _SKF_AD_RANDOM = -0x1000 + 56  # a random u32 (SKF_AD_OFF + SKF_AD_RANDOM)
@@ -40,9 +40,9 @@ _LD_LEN, _LD_W, _LD_H, _LD_MEM, _ST, _TAX, _TXA = 0x80, 0x20, 0x28, 0x60, 0x02, 
 _JA, _JEQ, _JGE, _RET = 0x05, 0x15, 0x35, 0x06
 _PASS, _DROP = 0xFFFFFFFF, 0
 _UDP = 8  # the UDP header; the WireGuard message follows
-# What the kernel charges a filter to the socket's option memory, a little over what
-# 6.8 and 6.18 charge these programs (a header, and their eBPF translation); each source
-# checked costs _PER_SOURCE instructions.
+# What the kernel charges a filter to the socket's option memory, a little over what 6.18
+# charges these programs (a header, and their eBPF translation: 1.4 KiB, then 9-10 bytes
+# a classic instruction); each source checked costs _PER_SOURCE instructions.
 _CHARGE_BASE, _CHARGE_PER_INSTRUCTION = 1600, 10
 _PER_SOURCE = {socket.AF_INET: 5, socket.AF_INET6: 11}
 _OPTMEM_MAX = "/proc/sys/net/core/optmem_max"
