@@ -27,10 +27,12 @@ from uspan.wg.constants import (
     MSG_COOKIE_REPLY,
     MSG_RESPONSE,
     REKEY_TIMEOUT,
+    RESPONSE_SIZE,
     SOURCE_INTERVAL,
     UNPROVEN_PER_SECOND,
 )
 from uspan.wg.cookie import mac1_key
+from uspan.wg.device import LANE_IDLE
 from uspan.wg.drops import Drop
 from uspan.wg.endpoint import Endpoint
 from uspan.wg.ratelimit import RateLimiter
@@ -38,6 +40,7 @@ from uspan.wg.ratelimit import RateLimiter
 T0 = 1000.0
 ATTACKER = [Endpoint("192.0.2.66", 40000 + i) for i in range(64)]
 PEER = Endpoint("192.0.2.7", 51820)
+PEER_KEY = (PEER.host, PEER.port)
 
 
 def source(i: int) -> Endpoint:
@@ -143,7 +146,7 @@ def spend_budgets(admission: Admission, now: float) -> None:
 
 
 def test_a_known_peer_is_served_although_the_budgets_are_spent() -> None:
-    admission = Admission(known=lambda: [PEER])
+    admission = Admission(known=lambda now: [PEER])
     spend_budgets(admission, T0)
     assert admission.unproven(PEER, T0) is Verdict.PROCESS
     assert admission.unproven(Endpoint(PEER.host, PEER.port + 1), T0) is Verdict.DROP
@@ -152,22 +155,22 @@ def test_a_known_peer_is_served_although_the_budgets_are_spent() -> None:
 def test_a_lane_endpoint_over_its_limit_leaves_the_lane_but_is_never_flagged() -> None:
     """A spoofer of the peer's exact endpoint: the first TRUSTED_BURST are served, then
     that endpoint gets cookies (the real peer's way in) and is sampled in the kernel like
-    anyone for FLAG_TIME; its responses are dropped there."""
-    admission = Admission(known=lambda: [PEER])
+    anyone for FLAG_TIME."""
+    admission = Admission(known=lambda now: [PEER])
     verdicts = [admission.unproven(PEER, T0 + i * 0.001) for i in range(TRUSTED_BURST + 2)]
     assert verdicts == [Verdict.PROCESS] * TRUSTED_BURST + [Verdict.COOKIE] * 2
     rules = admission.kernel_filter(T0 + 0.01)
-    assert (rules.lane, rules.abused, rules.flagged) == ([], [PEER], [])
+    assert (rules.lane, rules.flagged, list(admission.abused)) == ([], [], [PEER_KEY])
     assert admission.unproven(PEER, T0 + SOURCE_INTERVAL) is Verdict.PROCESS  # refilled
     version = admission.flag_version
     rules = admission.kernel_filter(T0 + 0.01 + FLAG_TIME)
-    assert (rules.lane, rules.abused) == ([PEER], [])
+    assert (rules.lane, admission.abused) == ([PEER], {})
     assert admission.flag_version == version + 1
 
 
 def test_the_lane_follows_the_known_endpoints_and_is_bounded() -> None:
     known = [source(i) for i in range(MAX_TRUSTED + 5)]
-    admission = Admission(known=lambda: known)
+    admission = Admission(known=lambda now: known)
     admission.unproven(source(1), T0)
     assert admission.kernel_filter(T0).lane == known[:MAX_TRUSTED]
     assert admission.unproven(known[MAX_TRUSTED], T0) is Verdict.PROCESS  # by the budget
@@ -185,7 +188,7 @@ def test_the_lane_follows_the_known_endpoints_and_is_bounded() -> None:
 
 def test_a_flag_from_before_an_endpoint_joined_the_lane_does_not_hold() -> None:
     known: list[Endpoint] = []
-    admission = Admission(known=lambda: known)
+    admission = Admission(known=lambda now: known)
     admission.unproven(PEER, T0)
     admission.unproven(PEER, T0)
     assert admission.kernel_filter(T0).flagged == [PEER]
@@ -256,7 +259,8 @@ def test_retry_with_mac2_is_served_while_junk_arrives() -> None:
 
 
 def test_a_response_flood_is_judged_and_flagged_alike() -> None:
-    """Responses with a valid mac1 cost a lookup and a DH without a defence, too."""
+    """Responses with a valid mac1 to no handshake of ours cost a lookup each, and their
+    sources are judged alike, so a few repeating ports are left to the kernel."""
     net, _, b = initiator_and_responder()
     b.device.under_load_rate = 10
     key = mac1_key(b.public)
@@ -265,7 +269,7 @@ def test_a_response_flood_is_judged_and_flagged_alike() -> None:
     for i in range(64 * 20):
         b.device.receive([(junk, ATTACKER[i % 64])], net.now)
         net.now += 0.0001
-    assert b.device.counters[Drop.SOURCE_LIMITED] > 0
+    assert b.device.counters[Drop.UNKNOWN_INDEX] == 64 * 20
     assert len(b.device.admission.flagged) == 64
 
 
@@ -296,7 +300,8 @@ def test_a_spoofer_of_a_peers_endpoint_costs_it_only_the_lane() -> None:
     net, a, b = initiator_and_responder(known=True)
     flood(net, b, 1.0, sources=[a.endpoint])
     rules = b.device.admission.kernel_filter(net.now)
-    assert (rules.abused, rules.flagged) == ([a.endpoint], [])
+    assert (rules.lane, rules.flagged) == ([], [])
+    assert list(b.device.admission.abused) == [(a.endpoint.host, a.endpoint.port)]
     net.now += 0.5  # the cookie budget refills
     b.sent.clear()
     net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
@@ -307,3 +312,71 @@ def test_a_spoofer_of_a_peers_endpoint_costs_it_only_the_lane() -> None:
     net.advance(0.5)
     assert MSG_RESPONSE in [d[0] for d in b.sent]
     assert b.tun == [ipv4_packet("10.0.0.1", "10.0.0.2")]
+
+
+def test_a_spoofer_of_a_peers_endpoint_does_not_stop_our_handshakes_to_it() -> None:
+    """Responses are not judged by their source under load: the peer's response to our
+    own initiation is served while its endpoint is abused, and one to an index we have
+    not got pending is dropped at the cost of a lookup."""
+    net, a, b = initiator_and_responder(known=True)
+    flood(net, b, 1.0, sources=[a.endpoint])
+    assert list(b.device.admission.abused) == [(a.endpoint.host, a.endpoint.port)]
+    before = b.device.counters[Drop.HANDSHAKE_FAILED]
+    net.send(b, [ipv4_packet("10.0.0.2", "10.0.0.1")])
+    net.run()
+    assert MSG_RESPONSE in [d[0] for d in a.sent]
+    assert a.tun == [ipv4_packet("10.0.0.2", "10.0.0.1")]
+    assert b.device.counters[Drop.HANDSHAKE_FAILED] == before
+    assert net.now < b.device.admission.abused[(a.endpoint.host, a.endpoint.port)]
+    key = mac1_key(b.public)
+    body = bytes([MSG_RESPONSE, 0, 0, 0]) + bytes(range(8)) + bytes(RESPONSE_SIZE - 44)
+    forged = body + crypto.mac(key, body) + bytes(16)
+    b.device.receive([(forged, a.endpoint)] * 3, net.now)
+    assert b.device.counters[Drop.UNKNOWN_INDEX] == 3
+    assert b.device.admission.kernel_filter(net.now).flagged == []  # never a lane's
+
+
+def test_the_lane_is_read_again_on_the_clock_without_unproven_messages() -> None:
+    """A port flood dropped in the kernel leaves ``unproven`` idle with ``keep`` at 1:
+    the lane must not go stale for it."""
+    known = [PEER]
+    admission = Admission(known=lambda now: known)
+    assert admission.kernel_filter(T0).lane == [PEER]
+    known[0] = source(7)  # the peer roamed
+    assert admission.kernel_filter(T0 + SAMPLE_WINDOW).lane == [source(7)]
+
+
+def test_endpoints_that_left_the_lane_leave_no_room_taken() -> None:
+    """Lane after lane of new endpoints, each using its burst: a newcomer's first
+    initiation is still served (a full limiter table would refuse it and mark it abused)."""
+    known: list[Endpoint] = []
+    admission = Admission(known=lambda now: known)
+    now = T0
+    for lane in range(3):
+        known[:] = [source(lane * MAX_TRUSTED + i) for i in range(MAX_TRUSTED)]
+        now += SAMPLE_WINDOW
+        assert [admission.unproven(e, now) for e in known] == [Verdict.PROCESS] * MAX_TRUSTED
+    assert admission.abused == {}
+
+
+def test_the_lane_prefers_the_peers_heard_from_lately_and_skips_relayed_ones() -> None:
+    """Peers heard from within LANE_IDLE first, in config order (recency among them
+    would change the lane with every keepalive); then the others by recency."""
+    net = Net()
+    b = net.add("b", "192.0.2.2", 51821, seed=2)
+    nodes = [net.add(f"p{i}", "192.0.2.100", 1000 + i, seed=10 + i)
+             for i in range(MAX_TRUSTED + 3)]
+    for i, node in enumerate(nodes):
+        net.connect(node, b, [f"10.1.{i}.1/32"], ["10.0.0.2/32"])
+    relayed = Endpoint("100::1:2:3:4", 7000)
+    net.peer(b, nodes[1]).endpoint = relayed
+    lane = b.device.known_endpoints(net.now)
+    assert nodes[-1].endpoint not in lane and relayed not in lane  # config order
+    net.peer(b, nodes[-2]).authenticated_received(net.now - LANE_IDLE - 1)  # dead since
+    net.peer(b, nodes[-1]).authenticated_received(net.now)
+    lane = b.device.known_endpoints(net.now)
+    assert len(lane) == MAX_TRUSTED and relayed not in lane
+    assert lane[:2] == [nodes[-1].endpoint, nodes[-2].endpoint]
+    net.peer(b, nodes[-3]).authenticated_received(net.now)
+    assert b.device.known_endpoints(net.now)[:3] == [
+        nodes[-3].endpoint, nodes[-1].endpoint, nodes[-2].endpoint]

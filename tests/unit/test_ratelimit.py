@@ -95,3 +95,11 @@ def test_bad_parameters_are_refused() -> None:
     for kwargs in ({"rate": 0}, {"burst": 0}):
         with pytest.raises(ValueError):
             RateLimiter(**kwargs)
+
+
+def test_retain_forgets_the_other_keys_and_frees_their_room() -> None:
+    limiter = RateLimiter(2)
+    assert limiter.allow(IP_A, T0) and limiter.allow(IP_B, T0)
+    limiter.retain({IP_A})
+    assert IP_B not in limiter and IP_A in limiter and not limiter.full
+    assert limiter.allow(b"\x01\x02\x03\x04", T0)

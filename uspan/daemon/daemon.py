@@ -51,15 +51,14 @@ from uspan.wg.facts import PeerFacts
 from uspan.wg.uapi import get_pieces
 
 log = logging.getLogger("uspan.daemon")
-# Sources in the discard-only prefix 100::/64 (RFC 6666) never arrive on the socket: they
-# stand for peers an owner reaches another way (uspan.relay); the core limits those.
-_DISCARD_ONLY = "100::"
 WATCH_INTERVAL = 1.0  # seconds between checks of the UAPI socket file and the MTU
 _LEVELS = {"verbose": logging.DEBUG, "debug": logging.DEBUG, "error": logging.ERROR}
 
 
 def _on_socket(sources: list[Endpoint]) -> list[Endpoint]:
-    return [source for source in sources if not source.host.startswith(_DISCARD_ONLY)]
+    """Pseudo-endpoints never arrive on the socket: they stand for peers an owner reaches
+    another way (uspan.relay); the core limits those."""
+    return [source for source in sources if not source.discard_only]
 
 
 def setup_logging(interface: str, level_name: str | None) -> bool:
@@ -336,8 +335,7 @@ class Daemon:
         if admission.flag_version == self._early_drop_version:
             return
         self._early_drop_version = admission.flag_version
-        rules = KernelFilter(_on_socket(rules.flagged), _on_socket(rules.lane),
-                             _on_socket(rules.abused), rules.keep)
+        rules = KernelFilter(_on_socket(rules.flagged), _on_socket(rules.lane), rules.keep)
         try:
             self.bind.drop_unproven(rules)
         except OSError as exc:  # e.g. no BPF in this kernel: the core still refuses them

@@ -31,15 +31,22 @@ from uspan.wg.endpoint import Endpoint
 
 SO_ATTACH_FILTER = 26
 SO_DETACH_FILTER = 27
-# Each source costs 5 (IPv4) or 11 (IPv6) instructions: MAX_SOURCES flagged and
-# MAX_TRUSTED of the lane (passed or abused) stay below the kernel's 4096 (``install``
-# copes with a tighter optmem_max).
+# At most MAX_SOURCES flagged and MAX_TRUSTED of the lane, far below the kernel's 4096
+# instructions; what optmem_max allows ``install`` works out.
 MAX_SOURCES = 256
 _SKF_NET_OFF = -0x100000  # loads relative to the IP header (the filter starts at UDP's)
 _SKF_AD_RANDOM = -0x1000 + 56  # a random u32 (SKF_AD_OFF + SKF_AD_RANDOM)
-_LD_LEN, _LD_W, _LD_H, _JA, _JEQ, _JGE, _RET = 0x80, 0x20, 0x28, 0x05, 0x15, 0x35, 0x06
+_LD_LEN, _LD_W, _LD_H, _LD_MEM, _ST, _TAX, _TXA = 0x80, 0x20, 0x28, 0x60, 0x02, 0x07, 0x87
+_JA, _JEQ, _JGE, _RET = 0x05, 0x15, 0x35, 0x06
 _PASS, _DROP = 0xFFFFFFFF, 0
 _UDP = 8  # the UDP header; the WireGuard message follows
+# What the kernel charges a filter to the socket's option memory, a little over what 6.18
+# charges these programs (a header, and their eBPF translation: 1.4 KiB, then 9-10 bytes
+# a classic instruction); each source checked costs _PER_SOURCE instructions.
+_CHARGE_BASE, _CHARGE_PER_INSTRUCTION = 1600, 10
+_PER_SOURCE = {socket.AF_INET: 5, socket.AF_INET6: 11}
+_OPTMEM_MAX = "/proc/sys/net/core/optmem_max"
+_OPTMEM_DEFAULT = 20480  # before Linux 6.9
 
 Instruction = tuple[int, int, int, int]  # code, jump if true, jump if false, k
 
@@ -59,9 +66,8 @@ def _mac2_less(length: int, kind: int) -> list[Instruction]:
 def program(family: int, rules: KernelFilter) -> list[Instruction]:
     """The filter for a socket of ``family`` (sources of the other family are ignored):
     of the mac2-less initiations and responses, pass those from ``rules.lane``, drop
-    those from ``rules.flagged`` (at most MAX_SOURCES) and the responses from
-    ``rules.abused``, and keep a random fraction ``rules.keep`` of the other
-    initiations."""
+    those from ``rules.flagged`` (at most MAX_SOURCES), and keep a random fraction
+    ``rules.keep`` of the other initiations."""
     initiation = _mac2_less(INITIATION_SIZE, MSG_INITIATION)
     response = _mac2_less(RESPONSE_SIZE, MSG_RESPONSE)
     code: list[Instruction] = [(_LD_LEN, 0, 0, 0),
@@ -69,17 +75,13 @@ def program(family: int, rules: KernelFilter) -> list[Instruction]:
     code += [*initiation, (_JA, 0, 0, 2 + len(response))]  # on to the sources
     code += [(_JEQ, 1, 0, _UDP + RESPONSE_SIZE), (_RET, 0, 0, _PASS), *response]
     lane = _of(family, rules.lane, MAX_TRUSTED)
-    for source in lane:
-        code += _match(family, source, _PASS)
-    for source in _of(family, rules.flagged, MAX_SOURCES):
-        code += _match(family, source, _DROP)
-    abused = [instruction for source in _of(family, rules.abused, MAX_TRUSTED - len(lane))
-              for instruction in _match(family, source, _DROP)]
-    if abused or rules.keep < 1.0:  # responses answer our own handshakes: never sampled
-        code += [(_LD_LEN, 0, 0, 0), (_JEQ, 1, 0, _UDP + RESPONSE_SIZE),
-                 (_JA, 0, 0, len(abused) + 1), *abused, (_RET, 0, 0, _PASS)]
-    if rules.keep < 1.0:
-        code += [(_LD_W, 0, 0, _u32(_SKF_AD_RANDOM)), (_JGE, 0, 1, int(rules.keep * 2**32)),
+    code += _load_source(family)
+    code += _matches(family, [(source, _PASS) for source in lane])
+    code += _matches(family, [(source, _DROP)
+                              for source in _of(family, rules.flagged, MAX_SOURCES)])
+    if rules.keep < 1.0:  # responses answer our own handshakes: never sampled
+        code += [(_LD_LEN, 0, 0, 0), (_JEQ, 0, 1, _UDP + RESPONSE_SIZE), (_RET, 0, 0, _PASS),
+                 (_LD_W, 0, 0, _u32(_SKF_AD_RANDOM)), (_JGE, 0, 1, int(rules.keep * 2**32)),
                  (_RET, 0, 0, _DROP)]
     code.append((_RET, 0, 0, _PASS))
     return code
@@ -89,16 +91,32 @@ def _of(family: int, sources: Sequence[Endpoint], most: int) -> list[Endpoint]:
     return [source for source in sources if source.family == family][:most]
 
 
-def _match(family: int, source: Endpoint, verdict: int) -> list[Instruction]:
-    """Return ``verdict`` if the datagram comes from ``source``, else go on."""
-    words = struct.unpack(f"!{1 if family == socket.AF_INET else 4}I", source.ip_key())
+def _load_source(family: int) -> list[Instruction]:
+    """Load the source once, not per source checked (the kernel charges every
+    instruction): the port into X, the address's 32-bit words into M[0..]."""
     where = _SKF_NET_OFF + (12 if family == socket.AF_INET else 8)  # source address
-    rest = 2 * len(words) + 1  # the loads and compares of the address, and the return
-    code = [(_LD_H, 0, 0, 0), (_JEQ, 0, rest, source.port)]
-    for i, word in enumerate(words):
-        rest -= 2
-        code += [(_LD_W, 0, 0, _u32(where + 4 * i)), (_JEQ, 0, rest, word)]
-    code.append((_RET, 0, 0, verdict))
+    code: list[Instruction] = [(_LD_H, 0, 0, 0), (_TAX, 0, 0, 0)]
+    for i in range(1 if family == socket.AF_INET else 4):
+        code += [(_LD_W, 0, 0, _u32(where + 4 * i)), (_ST, 0, 0, i)]
+    return code
+
+
+def _matches(family: int, sources: Sequence[tuple[Endpoint, int]]) -> list[Instruction]:
+    """Return the verdict of the first of ``sources`` the datagram comes from, else go on
+    (from what ``_load_source`` left). The address's last word is kept in A, so a
+    source that differs there costs one compare; the rest is checked only on a match."""
+    last = 0 if family == socket.AF_INET else 3
+    code: list[Instruction] = [(_LD_MEM, 0, 0, last)] if sources else []
+    for source, verdict in sources:
+        words = struct.unpack(f"!{last + 1}I", source.ip_key())
+        rest = 2 * last + 3  # to the end of this source's check, where A is reloaded
+        check: list[Instruction] = []
+        for i in range(last):
+            rest -= 2
+            check += [(_LD_MEM, 0, 0, i), (_JEQ, 0, rest, words[i])]
+        check += [(_TXA, 0, 0, 0), (_JEQ, 0, 1, source.port), (_RET, 0, 0, verdict),
+                  (_LD_MEM, 0, 0, last)]
+        code += [(_JEQ, 0, len(check), words[last]), *check]
     return code
 
 
@@ -111,27 +129,37 @@ def attach(sock: socket.socket, code: Sequence[Instruction]) -> None:
 
 
 def install(sock: socket.socket, rules: KernelFilter) -> None:
-    """Attach the filter ``rules`` ask for. The kernel charges a filter to the socket's
-    option memory (``net.core.optmem_max``: 20 KiB before Linux 6.9, 128 KiB since), the
-    old one and the new together while one replaces the other; if that refuses it, the
-    old filter goes first, then flagged sources from the end until it fits (the core
-    still refuses those), so the lane and the sample hold on any kernel."""
-    try:
-        attach(sock, program(sock.family, rules))
-        return
-    except OSError as exc:
-        if exc.errno != errno.ENOMEM:
-            raise
-    detach(sock)
-    flagged = rules.flagged
+    """Attach the filter ``rules`` ask for, replacing the old one in a single step: the
+    socket is never left unfiltered. The kernel charges a filter to the socket's option
+    memory (``net.core.optmem_max``: 20 KiB before Linux 6.9, 128 KiB since), the old
+    and the new together while one replaces the other, so each gets half; sources that
+    do not fit give way, flagged ones first (the core still refuses them), then the
+    lane's, from the end, down to the sample alone if the kernel refuses even that
+    estimate."""
+    family = sock.family
+    lane = _of(family, rules.lane, MAX_TRUSTED)
+    flagged = _of(family, rules.flagged, MAX_SOURCES)
+    bare = len(program(family, replace(rules, flagged=[], lane=[]))) + 2
+    room = (_optmem_max() // 2 - _CHARGE_BASE) // _CHARGE_PER_INSTRUCTION - bare
+    most = max(0, room // _PER_SOURCE[family])
     while True:
+        kept = lane[:most]
+        fitted = replace(rules, lane=kept, flagged=flagged[:most - len(kept)])
         try:
-            attach(sock, program(sock.family, replace(rules, flagged=flagged)))
+            attach(sock, program(family, fitted))
             return
         except OSError as exc:
-            if exc.errno != errno.ENOMEM or not flagged:
-                raise
-            flagged = flagged[:len(flagged) // 2]
+            if exc.errno != errno.ENOMEM or not most:
+                raise  # the old filter stays
+        most //= 2
+
+
+def _optmem_max() -> int:
+    try:
+        with open(_OPTMEM_MAX) as file:
+            return int(file.read())
+    except (OSError, ValueError):
+        return _OPTMEM_DEFAULT
 
 
 def detach(sock: socket.socket) -> None:

@@ -25,7 +25,6 @@ from uspan.relay.frames import ADDRESS
 from uspan.wg.endpoint import Endpoint
 
 _PREFIX = bytes.fromhex("0100000000000000")  # 100::/64
-_PREFIX_TEXT = "100:"  # how every pseudo-endpoint's host starts (no IPv4 host has a ':')
 
 
 class RelayAddresses:
@@ -51,7 +50,7 @@ def pseudo_endpoint(address: bytes, relay: Endpoint) -> Endpoint:
 
 
 def is_relayed(endpoint: Endpoint) -> bool:
-    return endpoint.host.startswith(_PREFIX_TEXT)
+    return endpoint.discard_only
 
 
 def relay_address(endpoint: Endpoint) -> bytes:

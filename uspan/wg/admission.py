@@ -22,7 +22,8 @@ initiations, enough to spend the budgets, and the flood's cost to us is bounded.
 
 That sample would cost a new peer its first handshakes too (its chance per attempt is
 budget / flood rate), so the peers' endpoints (configured or learned from authenticated
-packets; the first MAX_TRUSTED of them, from ``known``) form a priority lane: the kernel
+packets; the MAX_TRUSTED that ``known`` ranks first, read again every SAMPLE_WINDOW)
+form a priority lane: the kernel
 passes their mac2-less handshakes unsampled, and here they skip the global budgets and
 the cookie round trip, limited only per endpoint (TRUSTED_BURST, then one per
 SOURCE_INTERVAL: as often as a real peer initiates, with room for a response crossing
@@ -30,11 +31,14 @@ its initiation). What that gives a spoofer who knows a peer's exact address and 
 at most that many DHs a second per lane endpoint (a responder must spend one to learn
 who is real; the lane bounds how many), and no reply, as a forged initiation fails to
 decrypt and a replayed one is stale. An endpoint over its limit is *abused* for
-FLAG_TIME: the kernel samples its initiations like anyone's and drops its responses as a
-flagged source's, and here it gets cookies, never a flag (the kernel would then drop the
-real peer's initiations too, and it could never earn a cookie). Such a spoofer thus costs
-that one peer its fast path, as if it had no lane, and nothing more: the rest of the
-lane, established tunnels and mac2-bearing retries are untouched.
+FLAG_TIME: the kernel samples its initiations like anyone's, and here it gets cookies,
+never a flag (the kernel would then drop the real peer's initiations too, and it could
+never earn a cookie). Its responses are not judged here at all: the device serves a
+response to a handshake it has pending and drops one to any other index at the cost of
+a lookup (an off-path spoofer cannot guess a 32-bit index), so our own rekeys to that
+peer still complete. Such a spoofer thus costs that one peer the fast path for its
+initiations, as if it had no lane: the rest of the lane, established tunnels, responses
+to our initiations and mac2-bearing retries are untouched.
 """
 
 from __future__ import annotations
@@ -73,16 +77,15 @@ class Verdict(Enum):
 @dataclass(frozen=True)
 class KernelFilter:
     """What the kernel should do with mac2-less handshake messages (the rest it passes):
-    pass those from ``lane``; drop those from ``flagged`` and the responses from
-    ``abused``; of the other initiations keep a random fraction ``keep``."""
+    pass those from ``lane``; drop those from ``flagged``; of the other initiations keep
+    a random fraction ``keep``."""
 
     flagged: list[Endpoint]
     lane: list[Endpoint]
-    abused: list[Endpoint]
     keep: float
 
     def drops_any(self) -> bool:
-        return bool(self.flagged or self.abused) or self.keep < 1.0
+        return bool(self.flagged) or self.keep < 1.0
 
 
 class Budget:
@@ -107,14 +110,15 @@ class Budget:
 class Admission:
     """The budgets of a device under load; ``drop`` names why the last DROP was given.
 
-    ``known()`` yields the peers' endpoints now (read again every SAMPLE_WINDOW under
-    load). What the shell's kernel filter should do is ``kernel_filter(now)``;
-    ``flag_version`` changes whenever that does.
+    ``known(now)`` yields the peers' endpoints, the most deserving first (read again
+    every SAMPLE_WINDOW by whichever call comes first, so a flood that never reaches
+    ``unproven`` leaves no stale lane). What the shell's kernel filter should do is
+    ``kernel_filter(now)``; ``flag_version`` changes whenever that does.
     """
 
     def __init__(self, *, unproven_per_second: int = UNPROVEN_PER_SECOND,
                  cookies_per_second: int = COOKIES_PER_SECOND,
-                 known: Callable[[], Iterable[Endpoint]] = tuple) -> None:
+                 known: Callable[[float], Iterable[Endpoint]] = lambda now: ()) -> None:
         self.known = known
         self.proven = RateLimiter()  # per source IP, for messages with a valid mac2
         self.sources = RateLimiter(rate=1 / SOURCE_INTERVAL, burst=1)  # (host, port) keys
@@ -130,6 +134,7 @@ class Admission:
         self.busy_until = float("-inf")  # the last flag's end
         self.keep = 1.0
         self._window = float("-inf")  # start of the window ``_seen`` counts
+        self._lane_read = float("-inf")
         self._seen = 0  # mac2-less messages judged in the window
 
     def proven_allowed(self, ip: bytes, now: float) -> bool:
@@ -141,6 +146,8 @@ class Admission:
         key = (source.host, source.port)
         if now - self._window >= SAMPLE_WINDOW:
             self._resample(now)
+        if now - self._lane_read >= SAMPLE_WINDOW:
+            self._read_lane(now)
         trusted = key in self.trusted
         if key in self.flagged and not trusted:  # queued before the kernel's filter had it
             self.drop = Drop.SOURCE_LIMITED
@@ -172,18 +179,30 @@ class Admission:
         cookies.take()
         return Verdict.COOKIE
 
-    def _resample(self, now: float) -> None:
-        """Set ``keep`` for the next window from the rate the last one let through, and
-        read the lane again."""
+    def stray(self, source: Endpoint, now: float) -> None:
+        """A mac2-less message refused anyway (a response to no handshake of ours): only
+        its source is judged, so that one repeating it is flagged for the kernel."""
+        key = (source.host, source.port)
+        if key not in self.trusted and not self.sources.allow(key, now):
+            self._flag(key, now)
+
+    def _read_lane(self, now: float) -> None:
+        """Take the lane from ``known`` again; endpoints that leave it are forgotten by its
+        limiter, so a full table never refuses a newcomer."""
         trusted: dict[Key, Endpoint] = {}
-        for endpoint in self.known():
+        for endpoint in self.known(now):
             if len(trusted) >= MAX_TRUSTED:
                 break
             trusted[(endpoint.host, endpoint.port)] = endpoint
         if trusted.keys() != self.trusted.keys():
             self.abused = {key: t for key, t in self.abused.items() if key in trusted}
+            self._trusted_limit.retain(trusted)
             self.flag_version += 1
         self.trusted = trusted
+        self._lane_read = now
+
+    def _resample(self, now: float) -> None:
+        """Set ``keep`` for the next window from the rate the last one let through."""
         arrived = self._seen / self.keep / max(SAMPLE_WINDOW, now - self._window)
         keep = 1.0
         while keep > MIN_KEEP and arrived * keep > SAMPLE_TARGET:
@@ -214,8 +233,9 @@ class Admission:
                 self.flag_version += 1
         if self.keep < 1.0 and now - self._window >= SAMPLE_WINDOW:
             self._resample(now)
+        if now - self._lane_read >= SAMPLE_WINDOW:
+            self._read_lane(now)
         abused = self.abused
         return KernelFilter(
             flagged=[Endpoint(host, port) for host, port in self.flagged],
-            lane=[e for key, e in self.trusted.items() if key not in abused],
-            abused=[e for key, e in self.trusted.items() if key in abused], keep=self.keep)
+            lane=[e for key, e in self.trusted.items() if key not in abused], keep=self.keep)

@@ -14,7 +14,7 @@ Surface (all times are monotonic seconds passed in by the caller):
   O(1), so the shell can ask after every batch).
 - ``forget_source(endpoint)``: the shell could not send from a sticky source address.
 - ``admission.kernel_filter(now)``: what the shell's kernel filter should drop under a
-  flood (``uspan.wg.admission``; the peers' endpoints, ``known_endpoints()``, pass).
+  flood (``uspan.wg.admission``; the peers' endpoints, ``known_endpoints(now)``, pass).
 - ``peer_facts() -> {public key: PeerFacts}``: what the mesh needs to know of each peer;
   ``peer_events`` grows when a handshake completes, attempts are given up, a peer
   roams, or data went unanswered long enough to rehandshake, so the shell can wake
@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Iterator
 from cryptography.exceptions import InvalidTag
 
 from uspan.wg import messages
-from uspan.wg.admission import Admission, Verdict
+from uspan.wg.admission import MAX_TRUSTED, Admission, Verdict
 from uspan.wg.allowedips import AllowedIPs
 from uspan.wg.config import (
     ConfigError,
@@ -55,6 +55,7 @@ from uspan.wg.constants import (
     MSG_INITIATION,
     MSG_RESPONSE,
     MSG_TRANSPORT,
+    REJECT_AFTER_TIME,
     RESPONSE_SIZE,
     TRANSPORT_MIN_SIZE,
     UNDER_LOAD_AFTER,
@@ -80,6 +81,7 @@ _TRANSPORT_HEADER = messages.TRANSPORT_HEADER
 _NO_MAC = bytes(MAC_SIZE)  # mac2 of a sender that holds no cookie
 APPLY_STEP = 256  # allowed IPs per step of apply_steps
 INFO_STEP = 64  # peers per step of info_steps (~1 ms)
+LANE_IDLE = REJECT_AFTER_TIME  # a peer heard from more recently is alive for the lane
 TICK_BUDGET = 8  # timer queue entries per tick (each may cost a handshake: 0.1-0.15 ms)
 
 class Device:
@@ -109,11 +111,24 @@ class Device:
         self._timer_count = 0
         self.peer_events = 0  # see peer_facts
 
-    def known_endpoints(self) -> Iterator[Endpoint]:
-        """The peers' endpoints, configured or learned: the admission's priority lane."""
-        for peer in self.peers.values():
-            if peer.endpoint is not None:
-                yield peer.endpoint
+    def known_endpoints(self, now: float) -> list[Endpoint]:
+        """The admission's priority lane: the endpoints (configured or learned; not
+        relayed ones, which never reach the socket) of MAX_TRUSTED peers. Those heard
+        from within LANE_IDLE come first, in config order, not by recency: with more
+        than MAX_TRUSTED of them every keepalive would change the lane, and each change
+        rebuilds the kernel filter; then the others, most recently heard first."""
+        alive = now - LANE_IDLE
+
+        def rank(peer: Peer) -> tuple[bool, float]:
+            heard = peer.last_received
+            if heard is None:
+                return (False, float("-inf"))
+            return (True, 0.0) if heard >= alive else (False, heard)
+
+        reachable = [peer for peer in self.peers.values()
+                     if peer.endpoint is not None and not peer.endpoint.discard_only]
+        best = heapq.nlargest(MAX_TRUSTED, reachable, key=rank)
+        return [peer.endpoint for peer in best if peer.endpoint is not None]
 
     # Index table -------------------------------------------------------------------------
 
@@ -442,7 +457,12 @@ class Device:
             return
         admission = self.admission
         if now < self._under_load_until or now < admission.busy_until:
-            if data[MAC2] != _NO_MAC and self.cookie_checker.check_mac2(
+            if kind == MSG_RESPONSE:  # only to our own initiation: see uspan.wg.admission
+                if int.from_bytes(data[8:12], "little") not in self.handshakes:
+                    counters[Drop.UNKNOWN_INDEX] += 1
+                    admission.stray(source, now)
+                    return
+            elif data[MAC2] != _NO_MAC and self.cookie_checker.check_mac2(
                     data, source.source_key(), now):
                 if not admission.proven_allowed(source.ip_key(), now):
                     counters[Drop.RATELIMITED] += 1

@@ -35,6 +35,12 @@ class Endpoint:
     def address(self) -> tuple[str, int]:
         return (self.host, self.port)
 
+    @property
+    def discard_only(self) -> bool:
+        """A pseudo-endpoint in 100::/64, RFC 6666's discard-only prefix (``uspan.relay``):
+        never the source of a datagram on a socket. Only that prefix starts so."""
+        return self.host.startswith("100:")
+
     def without_source(self) -> Endpoint:
         """This endpoint with the sticky source forgotten (fall back to routing)."""
         if self.local is None and self.ifindex == 0:

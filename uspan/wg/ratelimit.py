@@ -10,7 +10,7 @@ refused (as the kernel does) so spoofed floods cannot grow memory.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Container, Hashable
 
 from uspan.wg.constants import HANDSHAKE_BURST, HANDSHAKES_PER_SECOND
 
@@ -59,6 +59,11 @@ class RateLimiter:
             return True
         entry[0] = tokens
         return False
+
+    def retain(self, keys: Container[Hashable]) -> None:
+        """Forget every key not in ``keys`` (no longer ours to limit), so it takes no
+        room a new one needs."""
+        self._entries = {key: entry for key, entry in self._entries.items() if key in keys}
 
     def _collect(self, now_ns: int) -> None:
         """Drop the entries whose bucket is full again: forgetting them changes nothing."""
