@@ -400,3 +400,10 @@ def test_nul_in_prefix_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as info:
         parse_set([f"public_key={PEER.hex()}", "allowed_ip=1.2.3.4\x00/32"])
     assert info.value.field == "allowed_ip" and info.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize("bare", ["allowed_ip", "endpoint"])
+def test_a_peer_key_without_a_value_is_a_protocol_error(bare: str) -> None:
+    with pytest.raises(ConfigError) as info:  # wireguard-go: errno=-71 for both
+        parse_set(["public_key=" + "ab" * 32, bare])
+    assert info.value.errno == errno.EPROTO

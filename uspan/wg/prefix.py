@@ -18,7 +18,7 @@ import socket
 
 from uspan.wg.config import Network, Prefix
 
-_LENGTHS4 = {str(n): n for n in range(33)}  # the usual forms; _length takes the rest
+_LENGTHS4 = {str(n): n for n in range(33)}  # the only forms a length may take
 _LENGTHS6 = {str(n): n for n in range(129)}
 _OCTETS = {str(n): n for n in range(256)}
 _OCTET_TEXTS = [str(n) for n in range(256)]
@@ -36,9 +36,11 @@ _head_texts: dict[int, str] = {}  # 10.1.2.0 >> 8 -> "10.1.2."
 def parse(text: str) -> Prefix:
     """``10.0.0.0/8`` or ``fd00::/8``, host bits masked off; ValueError if malformed.
 
-    What wireguard-go accepts: addresses as strict as ``inet_pton`` (four decimal octets
-    without leading zeros; any IPv6 form, no zone), a length in decimal up to the
-    family's width, with a sign and leading zeros allowed (as Go's ``strconv.Atoi``)."""
+    Addresses as strict as ``inet_pton`` (four decimal octets without leading zeros; any
+    IPv6 form, no zone) and a length in canonical decimal up to the family's width, as
+    Go's ``netip.ParsePrefix`` has required since Go 1.22. Older Go builds of
+    wireguard-go also took a sign or leading zeros, which made ``10.0.0.0/-0`` the
+    catch-all ``0.0.0.0/0``: refused here."""
     head, _, tail = text.rpartition(".")
     high = _heads.get(head)
     if high is not None:  # the usual IPv4 form, its first three octets seen before
@@ -53,8 +55,6 @@ def _parse(text: str) -> Prefix:
     address, _, length_text = text.partition("/")
     if ":" in address:
         length = _LENGTHS6.get(length_text)
-        if length is None:
-            length = _length(length_text, 128)
         try:
             number = int.from_bytes(socket.inet_pton(socket.AF_INET6, address), "big")
         except (OSError, ValueError):  # ValueError: an embedded NUL or a non-ASCII one
@@ -63,8 +63,6 @@ def _parse(text: str) -> Prefix:
             raise _malformed(text)
         return number >> (128 - length) | (length << 1 | 1) << 128
     length = _LENGTHS4.get(length_text)
-    if length is None:
-        length = _length(length_text, 32)
     head, _, last = address.rpartition(".")
     octet = _OCTETS.get(last)
     if length is None or octet is None:
@@ -79,16 +77,6 @@ def _parse(text: str) -> Prefix:
             _heads.clear()
         _heads[head] = high
     return (high | octet) >> (32 - length) | length << 33
-
-
-def _length(text: str, width: int) -> int | None:
-    digits = text[1:] if text.startswith(("+", "-")) else text
-    if not (digits.isascii() and digits.isdigit()):
-        return None
-    digits = digits.lstrip("0") or "0"
-    if len(digits) > 3 or int(digits) > width or (text[0] == "-" and digits != "0"):
-        return None
-    return int(digits)
 
 
 def _malformed(text: str) -> ValueError:

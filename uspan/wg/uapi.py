@@ -49,7 +49,7 @@ class SetParser:
         peer, adds, removes = self._peer, self._adds, self._removes
         for line in lines:
             key, sep, value = line.partition("=")
-            if key == "allowed_ip" and peer is not None:
+            if key == "allowed_ip" and sep and peer is not None:
                 try:
                     if value.startswith("-"):
                         removes[parse(value[1:])] = None
