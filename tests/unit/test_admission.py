@@ -62,6 +62,20 @@ def test_a_source_sending_again_too_soon_is_dropped_and_flagged() -> None:
     assert admission.busy_until == T0 + 0.1 + FLAG_TIME
 
 
+def test_a_stray_response_and_an_initiation_do_not_flag_a_source_together() -> None:
+    """Stray responses are counted apart from initiations: each flags only on its own
+    repeats."""
+    admission = Admission()
+    assert admission.unproven(source(1), T0) is Verdict.PROCESS
+    admission.stray(source(1), T0 + 0.1)
+    assert admission.kernel_filter(T0 + 0.1).flagged == []
+    admission.stray(source(2), T0)
+    assert admission.unproven(source(2), T0 + 0.1) is Verdict.PROCESS
+    assert admission.kernel_filter(T0 + 0.1).flagged == []
+    admission.stray(source(1), T0 + 0.2)
+    assert admission.kernel_filter(T0 + 0.2).flagged == [source(1)]
+
+
 def test_a_real_initiators_retry_is_served() -> None:
     admission = Admission()
     admission.unproven(source(1), T0)
