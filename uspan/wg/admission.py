@@ -230,7 +230,8 @@ class Admission:
     def kernel_filter(self, now: float) -> KernelFilter:
         """What the kernel should do now. Expired flags and abuses are forgotten here,
         and ``keep`` is looked at again once its window is over, so it rises soon after
-        a flood ends even when no message comes to ``unproven`` any more."""
+        a flood ends even when no message comes to ``unproven`` any more. The lane is
+        read again here only while something is dropped (else it may be stale)."""
         for table in (self.flagged, self.abused):
             expired = [key for key, until in table.items() if until <= now]
             for key in expired:
@@ -239,7 +240,9 @@ class Admission:
                 self.flag_version += 1
         if self.keep < 1.0 and now - self._window >= SAMPLE_WINDOW:
             self._resample(now)
-        if now - self._lane_read >= SAMPLE_WINDOW:
+        # Idle (the shell calls this every second) the filter is detached and the lane
+        # moot: reading it costs a pass over the peers (~15 ms with 20,000).
+        if (self.flagged or self.keep < 1.0) and now - self._lane_read >= SAMPLE_WINDOW:
             self._read_lane(now)
         abused = self.abused
         return KernelFilter(
