@@ -62,6 +62,20 @@ def test_a_source_sending_again_too_soon_is_dropped_and_flagged() -> None:
     assert admission.busy_until == T0 + 0.1 + FLAG_TIME
 
 
+def test_a_stray_response_and_an_initiation_do_not_flag_a_source_together() -> None:
+    """Stray responses are counted apart from initiations: each flags only on its own
+    repeats."""
+    admission = Admission()
+    assert admission.unproven(source(1), T0) is Verdict.PROCESS
+    admission.stray(source(1), T0 + 0.1)
+    assert admission.kernel_filter(T0 + 0.1).flagged == []
+    admission.stray(source(2), T0)
+    assert admission.unproven(source(2), T0 + 0.1) is Verdict.PROCESS
+    assert admission.kernel_filter(T0 + 0.1).flagged == []
+    admission.stray(source(1), T0 + 0.2)
+    assert admission.kernel_filter(T0 + 0.2).flagged == [source(1)]
+
+
 def test_a_real_initiators_retry_is_served() -> None:
     admission = Admission()
     admission.unproven(source(1), T0)
@@ -341,9 +355,32 @@ def test_the_lane_is_read_again_on_the_clock_without_unproven_messages() -> None
     the lane must not go stale for it."""
     known = [PEER]
     admission = Admission(known=lambda now: known)
+    admission.unproven(source(1), T0)
+    admission.unproven(source(1), T0)  # flagged: the flood's ports
     assert admission.kernel_filter(T0).lane == [PEER]
     known[0] = source(7)  # the peer roamed
     assert admission.kernel_filter(T0 + SAMPLE_WINDOW).lane == [source(7)]
+
+
+def test_an_idle_kernel_filter_does_not_read_the_lane() -> None:
+    """The shell asks every second; with nothing dropped the lane is moot, and reading
+    it is a pass over every peer. Under load it is read every SAMPLE_WINDOW."""
+    reads: list[float] = []
+
+    def known(now: float) -> list[Endpoint]:
+        reads.append(now)
+        return [PEER]
+
+    admission = Admission(known=known)
+    for second in range(5):
+        assert not admission.kernel_filter(T0 + second).drops_any()
+    assert reads == []
+    admission.unproven(source(1), T0 + 5)
+    admission.unproven(source(1), T0 + 5)  # flagged
+    assert reads == [T0 + 5]
+    for i in range(1, 4):
+        assert admission.kernel_filter(T0 + 5 + i * SAMPLE_WINDOW).lane == [PEER]
+    assert reads == [T0 + 5 + i * SAMPLE_WINDOW for i in range(4)]
 
 
 def test_endpoints_that_left_the_lane_leave_no_room_taken() -> None:

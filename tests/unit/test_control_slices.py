@@ -84,6 +84,28 @@ def test_replacing_and_removing_many_prefixes_goes_in_steps() -> None:
     assert device.allowed_ips.lookup(bytes([10, 0, 0, 1])) is None
 
 
+def test_a_prefix_kept_by_a_replacement_stays_routed_between_its_steps() -> None:
+    """The mesh planner replaces a peer's prefixes on every change of its spec: those
+    in the old set and the new are routed to it after every slice, not dropped for the
+    slices in between."""
+    device = Device(rng=bytes)
+    nets = [prefix.parse(f"10.{i >> 8}.{i & 255}.0/24") for i in range(3 * APPLY_STEP)]
+    device.apply(DeviceChange(peers=[PeerChange(PEER, allowed_ips=nets)]), 0.0)
+    peer = device.peers[PEER]
+    new = [prefix.parse(f"10.200.{i}.0/24") for i in range(APPLY_STEP)]
+    kept = [nets[0], nets[-1]]
+    replace = DeviceChange(peers=[PeerChange(PEER, replace_allowed_ips=True,
+                                             allowed_ips=[*new, *kept])])
+    steps = 0
+    for _ in device.apply_steps(replace, 0.0, []):
+        steps += 1
+        assert device.allowed_ips.lookup(bytes([10, 0, 0, 1])) is peer
+        assert device.allowed_ips.lookup(bytes([10, 2, 255, 1])) is peer
+    assert steps >= 3
+    assert sorted(device.allowed_ips.prefixes(peer)) == sorted([*new, *kept])
+    assert device.allowed_ips.lookup(bytes([10, 1, 0, 1])) is None
+
+
 # Slices: a real Daemon on in-memory ports ----------------------------------------------------
 
 

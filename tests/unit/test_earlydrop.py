@@ -1,5 +1,5 @@
-"""The kernel filter on real loopback sockets: a flagged source's mac2-less handshake
-messages are dropped before the queue, a sample of the rest passes, the priority lane
+"""The kernel filter on real loopback sockets: a flagged source's mac2-less initiations
+are dropped before the queue, a sample of the rest passes, the priority lane
 all of its own, and everything else arrives."""
 
 from __future__ import annotations
@@ -75,11 +75,10 @@ def flag(receiver: socket.socket, *senders: socket.socket) -> None:
     attach(receiver, flagged=[endpoint(sender) for sender in senders])
 
 
-def test_flagged_source_loses_only_its_mac2_less_handshakes(sockets) -> None:
+def test_flagged_source_loses_only_its_mac2_less_initiations(sockets) -> None:
     receiver, flagged, other = sockets
     flag(receiver, flagged)
     assert not arrives(receiver, flagged, INITIATION)
-    assert not arrives(receiver, flagged, RESPONSE)
     assert arrives(receiver, flagged, WITH_MAC2)
     assert arrives(receiver, flagged, RESPONSE[:-16] + b"\x01" * 16)
     assert arrives(receiver, flagged, TRANSPORT)
@@ -88,6 +87,16 @@ def test_flagged_source_loses_only_its_mac2_less_handshakes(sockets) -> None:
     assert arrives(receiver, flagged, INITIATION[:-1])  # not an initiation: the core counts it
     assert arrives(receiver, other, INITIATION)
     assert arrives(receiver, other, RESPONSE)
+
+
+def test_a_flagged_sources_responses_pass(sockets) -> None:
+    """A response may answer our own initiation (the core serves it by receiver index,
+    whoever flagged its source): the kernel passes it, and drops only the initiations."""
+    receiver, flagged, _ = sockets
+    for keep in (1.0, 0.0):
+        attach(receiver, flagged=[endpoint(flagged)], keep=keep)
+        assert arrives(receiver, flagged, RESPONSE)
+        assert not arrives(receiver, flagged, INITIATION)
 
 
 def test_detach_lets_everything_through_again(sockets) -> None:

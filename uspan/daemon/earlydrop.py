@@ -3,15 +3,15 @@
 Under a flood, what costs is not only our answer but getting each datagram out of the
 socket in Python: the queue fills and the kernel drops at random, a real peer's
 initiation as likely as the junk. The core (``uspan.wg.admission``) names the sources
-it refuses; this filter drops their handshake messages that carry no mac2 (initiations:
-148 bytes, type 1; responses: 92 bytes, type 2; the last 16 bytes zero) before they are
-queued, so they cost the kernel a few instructions and us nothing. Everything else
-passes: transport data, cookie replies, and any handshake with a mac2, which a real peer
-behind a flagged address sends once it has a cookie. Against spoofed sources, which
-never repeat, it keeps only a random fraction of the mac2-less initiations from everyone
-else (not of the responses, which answer our own initiations), but passes all from the
-peers' endpoints (the core's priority lane), checked first: a known peer's first
-initiation is never lost to the flood. ``program`` is pure (tested by attaching it to
+it refuses; this filter drops their initiations that carry no mac2 (148 bytes, type 1,
+the last 16 bytes zero) before they are queued, so they cost the kernel a few
+instructions and us nothing. Everything else passes: transport data, cookie replies,
+responses (whatever their source: they may answer our own initiations), and any
+initiation with a mac2, which a real peer behind a flagged address sends once it has a
+cookie. Against spoofed sources, which never repeat, it keeps only a random fraction of
+the mac2-less initiations from everyone else, but passes all from the peers' endpoints
+(the core's priority lane), checked first: a known peer's first initiation is never
+lost to the flood. ``program`` is pure (tested by attaching it to
 real sockets).
 """
 
@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from uspan.wg.admission import MAX_TRUSTED, KernelFilter
-from uspan.wg.constants import INITIATION_SIZE, MSG_INITIATION, MSG_RESPONSE, RESPONSE_SIZE
+from uspan.wg.constants import INITIATION_SIZE, MSG_INITIATION
 from uspan.wg.endpoint import Endpoint
 
 SO_ATTACH_FILTER = 26
@@ -37,7 +37,7 @@ MAX_SOURCES = 256
 _SKF_NET_OFF = -0x100000  # loads relative to the IP header (the filter starts at UDP's)
 _SKF_AD_RANDOM = -0x1000 + 56  # a random u32 (SKF_AD_OFF + SKF_AD_RANDOM)
 _LD_LEN, _LD_W, _LD_H, _LD_MEM, _ST, _TAX, _TXA = 0x80, 0x20, 0x28, 0x60, 0x02, 0x07, 0x87
-_JA, _JEQ, _JGE, _RET = 0x05, 0x15, 0x35, 0x06
+_JEQ, _JGE, _RET = 0x15, 0x35, 0x06
 _PASS, _DROP = 0xFFFFFFFF, 0
 _UDP = 8  # the UDP header; the WireGuard message follows
 # What the kernel charges a filter to the socket's option memory, a little over what 6.18
@@ -65,23 +65,20 @@ def _mac2_less(length: int, kind: int) -> list[Instruction]:
 
 def program(family: int, rules: KernelFilter) -> list[Instruction]:
     """The filter for a socket of ``family`` (sources of the other family are ignored):
-    of the mac2-less initiations and responses, pass those from ``rules.lane``, drop
-    those from ``rules.flagged`` (at most MAX_SOURCES), and keep a random fraction
-    ``rules.keep`` of the other initiations."""
-    initiation = _mac2_less(INITIATION_SIZE, MSG_INITIATION)
-    response = _mac2_less(RESPONSE_SIZE, MSG_RESPONSE)
-    code: list[Instruction] = [(_LD_LEN, 0, 0, 0),
-                               (_JEQ, 0, len(initiation) + 1, _UDP + INITIATION_SIZE)]
-    code += [*initiation, (_JA, 0, 0, 2 + len(response))]  # on to the sources
-    code += [(_JEQ, 1, 0, _UDP + RESPONSE_SIZE), (_RET, 0, 0, _PASS), *response]
+    of the mac2-less initiations, pass those from ``rules.lane``, drop those from
+    ``rules.flagged`` (at most MAX_SOURCES), and keep a random fraction ``rules.keep``
+    of the others. Everything else passes before any source is looked at: responses
+    too, whatever their source, as they may answer our own initiations (the core
+    serves those by receiver index and drops the rest after a lookup)."""
+    code: list[Instruction] = [(_LD_LEN, 0, 0, 0), (_JEQ, 1, 0, _UDP + INITIATION_SIZE),
+                               (_RET, 0, 0, _PASS), *_mac2_less(INITIATION_SIZE, MSG_INITIATION)]
     lane = _of(family, rules.lane, MAX_TRUSTED)
     code += _load_source(family)
     code += _matches(family, [(source, _PASS) for source in lane])
     code += _matches(family, [(source, _DROP)
                               for source in _of(family, rules.flagged, MAX_SOURCES)])
-    if rules.keep < 1.0:  # responses answer our own handshakes: never sampled
-        code += [(_LD_LEN, 0, 0, 0), (_JEQ, 0, 1, _UDP + RESPONSE_SIZE), (_RET, 0, 0, _PASS),
-                 (_LD_W, 0, 0, _u32(_SKF_AD_RANDOM)), (_JGE, 0, 1, int(rules.keep * 2**32)),
+    if rules.keep < 1.0:
+        code += [(_LD_W, 0, 0, _u32(_SKF_AD_RANDOM)), (_JGE, 0, 1, int(rules.keep * 2**32)),
                  (_RET, 0, 0, _DROP)]
     code.append((_RET, 0, 0, _PASS))
     return code

@@ -13,7 +13,7 @@ ports costs one check per datagram, a spoofed flood costs at most the two budget
 real peer's first initiation is answered without a cookie round trip.
 
 A refused source is also *flagged* for FLAG_TIME (at most MAX_FLAGGED at once): the shell
-has the kernel drop its mac2-less handshakes before they reach the socket queue
+has the kernel drop its mac2-less initiations before they reach the socket queue
 (``uspan.daemon.earlydrop``), where they would push a real peer's packet out. While
 sources are flagged the device stays under load, so their return after FLAG_TIME costs
 at most one full handshake each before they are flagged again. Spoofed sources never
@@ -24,7 +24,7 @@ That sample would cost a new peer its first handshakes too (its chance per attem
 budget / flood rate), so the peers' endpoints (configured or learned from authenticated
 packets; the MAX_TRUSTED that ``known`` ranks first, read again every SAMPLE_WINDOW)
 form a priority lane: the kernel
-passes their mac2-less handshakes unsampled, and here they skip the global budgets and
+passes their mac2-less initiations unsampled, and here they skip the global budgets and
 the cookie round trip, limited only per endpoint (TRUSTED_BURST, then one per
 SOURCE_INTERVAL: as often as a real peer initiates, with room for a response crossing
 its initiation). What that gives a spoofer who knows a peer's exact address and port:
@@ -76,9 +76,9 @@ class Verdict(Enum):
 
 @dataclass(frozen=True)
 class KernelFilter:
-    """What the kernel should do with mac2-less handshake messages (the rest it passes):
-    pass those from ``lane``; drop those from ``flagged``; of the other initiations keep
-    a random fraction ``keep``."""
+    """What the kernel should do with mac2-less initiations (the rest it passes): pass
+    those from ``lane``; drop those from ``flagged``; of the others keep a random
+    fraction ``keep``."""
 
     flagged: list[Endpoint]
     lane: list[Endpoint]
@@ -122,6 +122,7 @@ class Admission:
         self.known = known
         self.proven = RateLimiter()  # per source IP, for messages with a valid mac2
         self.sources = RateLimiter(rate=1 / SOURCE_INTERVAL, burst=1)  # (host, port) keys
+        self._strays = RateLimiter(rate=1 / SOURCE_INTERVAL, burst=1)  # apart: see ``stray``
         self.trusted: dict[Key, Endpoint] = {}  # the lane, from ``known``
         self._trusted_limit = RateLimiter(2 * MAX_TRUSTED, rate=1 / SOURCE_INTERVAL,
                                           burst=TRUSTED_BURST)
@@ -181,9 +182,14 @@ class Admission:
 
     def stray(self, source: Endpoint, now: float) -> None:
         """A mac2-less message refused anyway (a response to no handshake of ours): only
-        its source is judged, so that one repeating it is flagged for the kernel."""
+        its source is judged, so that one repeating it is flagged for the kernel (which
+        then drops its initiations; responses it passes from anyone). Counted apart from
+        initiations: a peer whose initiation crosses a stray response of its own is not
+        flagged for the two together."""
         key = (source.host, source.port)
-        if key not in self.trusted and not self.sources.allow(key, now):
+        strays = self._strays
+        if (key not in self.trusted and not strays.allow(key, now)
+                and not (strays.full and key not in strays)):
             self._flag(key, now)
 
     def _read_lane(self, now: float) -> None:
@@ -224,7 +230,8 @@ class Admission:
     def kernel_filter(self, now: float) -> KernelFilter:
         """What the kernel should do now. Expired flags and abuses are forgotten here,
         and ``keep`` is looked at again once its window is over, so it rises soon after
-        a flood ends even when no message comes to ``unproven`` any more."""
+        a flood ends even when no message comes to ``unproven`` any more. The lane is
+        read again here only while something is dropped (else it may be stale)."""
         for table in (self.flagged, self.abused):
             expired = [key for key, until in table.items() if until <= now]
             for key in expired:
@@ -233,7 +240,9 @@ class Admission:
                 self.flag_version += 1
         if self.keep < 1.0 and now - self._window >= SAMPLE_WINDOW:
             self._resample(now)
-        if now - self._lane_read >= SAMPLE_WINDOW:
+        # Idle (the shell calls this every second) the filter is detached and the lane
+        # moot: reading it costs a pass over the peers (~15 ms with 20,000).
+        if (self.flagged or self.keep < 1.0) and now - self._lane_read >= SAMPLE_WINDOW:
             self._read_lane(now)
         abused = self.abused
         return KernelFilter(

@@ -241,10 +241,14 @@ class Device:
         if change.endpoint is not None:
             peer.endpoint = change.endpoint
         allowed = self.allowed_ips
-        if change.replace_allowed_ips:
-            while allowed.remove_value(peer, APPLY_STEP):
-                yield
+        # Replacing inserts first and then removes only the old prefixes not kept, so one
+        # routed before and after is routed to the peer between every slice.
+        old = allowed.prefixes(peer) if change.replace_allowed_ips else []
         yield from _steps(change.allowed_ips, lambda chunk: allowed.insert(chunk, peer))
+        if old:
+            kept = set(change.allowed_ips)
+            yield from _steps(old, lambda chunk: allowed.remove(
+                [prefix for prefix in chunk if prefix not in kept], peer))
         yield from _steps(change.remove_allowed_ips, lambda chunk: allowed.remove(chunk, peer))
         if change.persistent_keepalive is not None:
             peer.set_persistent_keepalive(change.persistent_keepalive, now)
