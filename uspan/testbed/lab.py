@@ -188,8 +188,12 @@ class Lab:
     @staticmethod
     def interrupted_before_handler(stderr: str) -> bool:
         """Whether a KeyboardInterrupt came before the program's own handler existed: in
-        Python's start-up or the entry point's first imports (where no program can help)."""
-        if "init_import_site" in stderr:
+        Python's start-up or the entry point's first imports (where no program can help).
+        Inside ``site``'s processing of a ``.pth`` file (an editable install's finder),
+        ``site`` prints the interrupt and carries on, so the program then runs as if it
+        had never been sent."""
+        if "init_import_site" in stderr or (
+                "KeyboardInterrupt" in stderr and "Error processing line" in stderr):
             return True
         frames = [line for line in stderr.splitlines() if line.strip().startswith("File ")]
         ours = [line for line in frames if "uspan" in line and "<frozen" not in line]
