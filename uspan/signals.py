@@ -15,10 +15,16 @@ signal during cleanup changes nothing: the process exits the way the first one a
 
 from __future__ import annotations
 
-import signal
+# The C module, loaded with the interpreter: ``signal`` first builds its enums, and
+# ``typing`` costs milliseconds too, long enough at start-up for a SIGINT to land inside.
+import _signal  # type: ignore[import-not-found]
 from types import FrameType
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal
+
+STOP_SIGNALS: tuple[int, int] = (_signal.SIGINT, _signal.SIGTERM)
 _early: list[int] = []
 
 
@@ -29,11 +35,13 @@ def _record(signum: int, frame: FrameType | None) -> None:
 def catch() -> None:
     """From now on, record stop signals for ``first()`` instead of dying of them."""
     for signum in STOP_SIGNALS:
-        signal.signal(signum, _record)
+        _signal.signal(signum, _record)
 
 
 async def first() -> signal.Signals:
     """The first stop signal, including one that arrived before trio was running."""
+    import signal
+
     import trio  # here, not above: catch() must be importable before anything heavy
 
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
