@@ -23,6 +23,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,6 +112,25 @@ def _wait(sock: socket.socket, *, write: bool = False) -> None:
     assert ready, f"socket not {'writable' if write else 'readable'} in {TIMEOUT}s"
 
 
+def _connected(client: socket.socket, fd: int, peer: bytes, synack: bytes) -> None:
+    """Wait until ``client`` is connected, answering a retransmitted SYN again as a real
+    server would: on a loaded machine the kernel may drop our first SYN-ACK."""
+    deadline = time.monotonic() + TIMEOUT
+    while (left := deadline - time.monotonic()) > 0:
+        ready, writable, _ = select.select([fd], [client], [], left)
+        if writable:
+            assert client.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+            return
+        if ready:
+            data = os.read(fd, 65536 + gso.VNET_HDR_LEN)
+            packet = data[gso.VNET_HDR_LEN :]
+            if packet and packet[0] >> 4 in (4, 6):
+                _, _, _, dst, proto = ip_parts(packet)
+                if proto == 6 and dst == peer and tcp_fields(packet)[2] & SYN:
+                    assert os.write(fd, synack) == len(synack)
+    raise AssertionError(f"client not connected in {TIMEOUT}s")
+
+
 def tcp_through_tun(v6: bool) -> dict:
     """One TCP connection over a vnet-header TUN, the far end played by hand."""
     name = f"usoff{secrets.token_hex(4)}"
@@ -151,8 +171,7 @@ def tcp_through_tun(v6: bool) -> dict:
     synack = reply(b"", server_seq, client_next, SYN | ACK, 1, options=mss_option)
     assert os.write(fd, gso.VNET_NONE + synack) == gso.VNET_HDR_LEN + len(synack)
     server_seq += 1
-    _wait(client, write=True)
-    assert client.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    _connected(client, fd, peer_packed, gso.VNET_NONE + synack)
 
     # Server -> client: ten segments coalesced into one GSO write.
     payload = os.urandom(10 * 1000)
