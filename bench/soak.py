@@ -323,8 +323,11 @@ def plot(run: Run, lines: list[dict[str, object]], path: Path) -> None:
         ax2.plot([(s.t - run.start) / 60 for s in pts], [s.rss_mib for s in pts], label=node)
     ax2.set_ylabel("RSS (MiB)")
     ax2.set_ylim(0, max(s.rss_mib for s in run.samples) * 1.25)
-    for a, b in run.pauses:  # the soak's own pauses, for the counter checkpoints
-        ax1.axvspan((a - run.start) / 60, (b - run.start) / 60, color="grey", alpha=0.2)
+    for i, (a, b) in enumerate(run.pauses):  # the soak's own pauses, for the checkpoints
+        ax1.axvspan((a - run.start) / 60, (b - run.start) / 60, color="grey", alpha=0.2,
+                    label=None if i else "traffic paused: counter checkpoint")
+    if run.pauses:
+        ax1.legend(loc="lower left")
     ax2.set_xlabel("minutes")
     ax2.legend(loc="lower right")
     for when, what in run.events:
