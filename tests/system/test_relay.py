@@ -139,7 +139,7 @@ s.settimeout(3)
 s.sendto(frames.send_frame(target, b"\x04\x00\x00\x00not a member"), (host, int(port)))
 s.sendto(b"\xffRLX garbage", (host, int(port)))
 session = RelaySession(MemberKey(b"other secret".ljust(32, b"!"), cluster), b"intruder")
-for out in session.tick(0.0):
+for out, _ in session.tick(0.0):
     s.sendto(out, (host, int(port)))
 while not session.registered(0.0):
     for out in session.receive(s.recv(2048), 0.0):
