@@ -123,6 +123,25 @@ def test_backoff_schedule() -> None:
     assert waits[:4] == [30.0, 60.0, 120.0, 240.0] and set(waits[4:]) == {session.PROBE_MAX}
 
 
+def test_after_an_outage_of_the_relay_udp_is_tried_again_soon() -> None:
+    world = World()
+    client = world.client
+    world.reaches[UDP] = False  # the relay is down: UDP unanswered, TCP refused
+    now = 0.0
+    while now < 1000:
+        world.tick(now)
+        now = client.next_deadline()
+    assert client.transport is TCP and client.probe_interval == session.PROBE_MAX
+    world.reaches[UDP] = True  # it is back
+    client.tcp_connected(now)
+    world.tick(now)
+    assert client.registered(now) and client.probe_at <= now + session.PROBE_FIRST
+    while client.transport is TCP:
+        assert now <= client.probe_at + ATTEMPTS * RETRY
+        world.tick(now)
+        now = client.next_deadline()
+
+
 def test_a_dead_tcp_connection_is_noticed_in_bounded_time() -> None:
     world = World()
     client = world.client

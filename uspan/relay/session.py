@@ -10,7 +10,7 @@ Transports. UDP first; ATTEMPTS unanswered hellos on UDP fall back to TCP, so a 
 whose UDP is blocked ends up on TCP within about ATTEMPTS * RETRY seconds. A block may
 be lifted (a firewall rule removed, another network), so while on TCP the node keeps
 trying to register over UDP: PROBE_FIRST seconds after the fallback, then at doubling
-intervals up to PROBE_MAX. The relay answering over UDP moves the node's address to its
+intervals up to PROBE_MAX, starting over with every new TCP connection. The relay answering over UDP moves the node's address to its
 UDP source at once, and the session switches back; the relay still accepts what the TCP
 connection sends for a grace period (``forwarding.GRACE``), so nothing in flight on the
 way out is lost, and the link keeps reading the connection a moment for what the relay
@@ -185,11 +185,15 @@ class RelaySession:
         return []
 
     def tcp_connected(self, now: float) -> None:
-        """A TCP connection to the relay is open: register on it at once."""
+        """A TCP connection to the relay is open: register on it at once. Something
+        changed (the relay is back after an outage, a NAT rebooted), so UDP may work
+        now too: its tries start over from PROBE_FIRST."""
         self.connected = True
         self.heard_at = now
         self.refresh_at = now
         self._hellos[Transport.TCP] = _Hellos()
+        self.probe_interval = PROBE_FIRST
+        self.probe_at = min(self.probe_at, now + PROBE_FIRST)
 
     def tcp_closed(self) -> None:
         """The TCP connection closed or broke; the link opens another while on TCP."""
