@@ -10,11 +10,11 @@ Transports. UDP first; ATTEMPTS unanswered hellos on UDP fall back to TCP, so a 
 whose UDP is blocked ends up on TCP within about ATTEMPTS * RETRY seconds. A block may
 be lifted (a firewall rule removed, another network), so while on TCP the node keeps
 trying to register over UDP: PROBE_FIRST seconds after the fallback, then at doubling
-intervals up to PROBE_MAX, starting over with every new TCP connection. The relay answering over UDP moves the node's address to its
-UDP source at once, and the session switches back; the relay still accepts what the TCP
-connection sends for a grace period (``forwarding.GRACE``), so nothing in flight on the
-way out is lost, and the link keeps reading the connection a moment for what the relay
-had queued on it.
+intervals up to PROBE_MAX, starting over with every new TCP connection. The relay
+answering over UDP moves the node's address to its UDP source at once, and the session
+switches back; the relay still accepts what the TCP connection sends for a grace period
+(``forwarding.GRACE``), so nothing in flight on the way out is lost, and the link keeps
+reading the connection a moment for what the relay had queued on it.
 
 TCP liveness. A connection whose NAT state was dropped silently looks open for many
 minutes (until the kernel gives up retransmitting). So on TCP, when nothing has come
