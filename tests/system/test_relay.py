@@ -139,13 +139,20 @@ s.settimeout(3)
 s.sendto(frames.send_frame(target, b"\x04\x00\x00\x00not a member"), (host, int(port)))
 s.sendto(b"\xffRLX garbage", (host, int(port)))
 session = RelaySession(MemberKey(b"other secret".ljust(32, b"!"), cluster), b"intruder")
-for out in session.tick(0.0):
+for out, _ in session.tick(0.0):
     s.sendto(out, (host, int(port)))
 while not session.registered(0.0):
     for out in session.receive(s.recv(2048), 0.0):
         s.sendto(out, (host, int(port)))
 s.sendto(frames.send_frame(target, b"\x04\x00\x00\x00other cluster"), (host, int(port)))
 """
+
+
+def node_stats(node: MeshNode) -> dict[str, str]:
+    """``uspan stats`` of the node's interface."""
+    return dict(line.split() for line in subprocess.run(
+        [USPAN, "stats", node.interface], check=True, capture_output=True, text=True,
+    ).stdout.splitlines())
 
 
 def test_hard_nats_meet_through_the_relay_and_udp_blocked_falls_back_to_tcp(
@@ -164,9 +171,7 @@ def test_hard_nats_meet_through_the_relay_and_udp_blocked_falls_back_to_tcp(
             if other is not node:
                 node.ns.run("ping", "-c", "2", "-i", "0.2", "-W", "3", addresses[other.name],
                             timeout=30)
-    stats = {node.name: dict(line.split() for line in subprocess.run(
-        [USPAN, "stats", node.interface], check=True, capture_output=True, text=True,
-    ).stdout.splitlines()) for node in net.nodes}
+    stats = {node.name: node_stats(node) for node in net.nodes}
     assert [stats[n]["relay_tcp"] for n in ("n1", "n2", "n3")] == ["0", "0", "1"]
     assert all(int(stats[n]["relay_received"]) > 0 for n in stats)
     metrics = net.metrics()
@@ -229,3 +234,33 @@ def test_a_direct_path_that_opens_later_takes_over_without_a_drop(
     sent, received = int(summary[1]), int(summary[2])
     print(f"direct path took over {took:.1f}s after it opened; ping {received}/{sent}")
     assert sent > 30 and received >= sent - 1  # the last one may still be on its way
+
+
+def test_udp_unblocked_later_the_node_returns_to_udp_without_a_drop(
+        relaynet: Callable[..., RelayNet], tmp_path: Path) -> None:
+    net = relaynet(2, udp_blocked=frozenset({2}))
+    for node in net.nodes:
+        node.start()
+    net.pairs_up(timeout=90)
+    n1, n2 = net.nodes
+    assert node_stats(n2)["relay_tcp"] == "1"
+    ping_log = tmp_path / "ping.log"
+    with ping_log.open("wb") as out:
+        pinger = n1.ns.spawn("ping", "-i", "0.1", "-W", "2", n2.kubespan_ip(), stdout=out.fileno())
+    net.routers[1].run("iptables", "-D", "FORWARD", "-p", "udp", "-j", "DROP")  # lifted
+    lifted = time.monotonic()
+    # the next try of UDP: at most 15 s after the fallback, then 30, 60, ... s apart
+    poll(lambda: node_stats(n2)["relay_tcp"] == "0", what="n2 back on UDP", timeout=150,
+         interval=0.5)
+    took = time.monotonic() - lifted
+    time.sleep(8)  # traffic through the switch and past the drain
+    pinger.send_signal(2)
+    pinger.wait(10)
+    summary = re.search(r"(\d+) packets transmitted, (\d+) received", ping_log.read_text())
+    assert summary is not None, ping_log.read_text()
+    sent, received = int(summary[1]), int(summary[2])
+    stats = node_stats(n2)
+    print(f"n2 back on UDP {took:.1f}s after the block was lifted; ping {received}/{sent}")
+    assert stats["relay_udp_returns"] == "1" and stats["relay_fallbacks"] == "1"
+    assert net.metrics()["uspan_relay_tcp_clients"] == 0  # the old connection closed
+    assert sent > 50 and received >= sent - 1  # the last one may still be on its way

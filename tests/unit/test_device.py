@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 
 import pytest
@@ -361,6 +362,20 @@ def test_bad_config_changes_nothing(net: Net, pair) -> None:
     )
     with pytest.raises(ConfigError, match="public_key"):
         a.device.apply(bad, net.now)
+    assert a.device.info() == before
+
+
+@pytest.mark.parametrize("field", ["allowed_ips", "remove_allowed_ips"])
+@pytest.mark.parametrize("bad", [["10.7.0.0/16"], [ipaddress.ip_network("10.7.0.0/16")],
+                                 [True], None, "10.7.0.0/16"])
+def test_allowed_ips_of_a_wrong_type_are_refused_before_anything_changes(
+        net: Net, pair, field: str, bad: object) -> None:
+    a, _b = pair
+    before = a.device.info()
+    peer = PeerChange(bytes([7]) * 32, allowed_ips=[prefix.parse("10.8.0.0/16")])
+    setattr(peer, field, [prefix.parse("10.9.0.0/16"), *bad] if isinstance(bad, list) else bad)
+    with pytest.raises(ConfigError, match=f"^{field}: "):
+        a.device.apply(DeviceChange(listen_port=4000, peers=[peer]), net.now)
     assert a.device.info() == before
 
 

@@ -4,6 +4,7 @@ connections, rate limits, backlog, failover. (The service as a process: tests/sy
 from __future__ import annotations
 
 import os
+import socket
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -77,6 +78,25 @@ def test_update_list_delete_and_hello() -> None:
             await c.delete("n1")
             assert await c.list() == []
             assert c.status.requests.connected and c.status.requests.endpoint == address
+
+    serving(test)
+
+
+def test_connections_notice_a_dead_service_within_30_s() -> None:
+    """A NAT that forgets the connection silently leaves an idle watch waiting for hours
+    with the kernel's keepalive defaults."""
+    async def test(server: Server, address: str) -> None:
+        async with client(address) as c:
+            await c.hello()
+            assert c._link is not None
+            sock = c._link.stream.socket
+            options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE), (socket.IPPROTO_TCP,
+                       socket.TCP_KEEPIDLE), (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                       (socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+                       (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)]
+            values = [sock.getsockopt(level, name) for level, name in options]
+            assert values[0] == 1 and values[1] + values[2] * values[3] <= 30
+            assert values[4] == 30_000
 
     serving(test)
 

@@ -1,21 +1,28 @@
 """The node's relay link on real ``Daemon``s with in-memory ports and a real
 ``Forwarder``, under MockClock: the core reaches a peer through pseudo-endpoints, the
-link turns them into relay frames and back, and a direct path takes over by roaming."""
+link turns them into relay frames and back, and a direct path takes over by roaming; a
+node whose UDP is blocked uses TCP (in-memory streams), replaces a dead connection and
+returns to UDP, losing nothing, when UDP works again."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import trio
+import trio.testing
 
 from tests.unit.test_daemon_memory import Node, run
 from tests.unit.wgnet import ipv4_packet
 from uspan.daemon import daemon as daemon_module
 from uspan.daemon.memory import MemoryBind, MemoryNetwork
 from uspan.discovery.proof import MemberKey
-from uspan.node.relaylink import RelayLink
+from uspan.node.relaylink import TCP_RETRY, RelayLink
 from uspan.relay import frames
+from uspan.relay import session as relay_session
 from uspan.relay.addressing import RelayAddresses, pseudo_endpoint
-from uspan.relay.forwarding import Forwarder
+from uspan.relay.forwarding import Forwarder, Out
+from uspan.relay.session import Transport
 from uspan.wg.config import DeviceChange, PeerChange
 from uspan.wg.endpoint import Endpoint
 
@@ -102,6 +109,158 @@ def test_peers_meet_through_the_relay_then_roam_to_a_direct_path(
             with trio.fail_after(5):
                 assert await b.tun.next_written() == packet
             assert forwarder.forwarded == relayed  # no longer through the relay
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+TCP_LATENCY = 0.05  # the relay reads and writes its TCP connections this much later
+
+
+class Relay:
+    """The relay of the tests: a ``Forwarder`` on a ``MemoryBind`` (UDP) and on in-memory
+    streams (TCP, slower than UDP, so frames on the way cross a switch). ``dead`` makes
+    every connection silent both ways, as a rebooted NAT does."""
+
+    def __init__(self, network: MemoryNetwork, nursery: trio.Nursery) -> None:
+        self.bind = network.bind(*RELAY.address)
+        self.forwarder = Forwarder()
+        self.nursery = nursery
+        self.connections: dict[int, trio.abc.SendStream] = {}
+        self.dead = False
+        nursery.start_soon(self._serve_udp)
+
+    async def _serve_udp(self) -> None:
+        while True:
+            for data, source in await self.bind.receive():
+                await self._send(self.forwarder.receive(data, source.address,
+                                                        trio.current_time()))
+
+    async def _send(self, out: Out) -> None:
+        for frame, target in out:
+            if isinstance(target, tuple):
+                await self.bind.send([(frame, Endpoint(*target))])
+            elif target in self.connections:
+                self.nursery.start_soon(self._write_late, self.connections[target], frame)
+
+    async def _write_late(self, stream: trio.abc.SendStream, frame: bytes) -> None:
+        await trio.sleep(TCP_LATENCY)
+        if not self.dead:
+            with contextlib.suppress(trio.BrokenResourceError):  # closed: lost
+                await stream.send_all(frames.stream_frame(frame))
+
+    async def connect(self) -> trio.abc.Stream:
+        """What the link's ``_connect`` returns: one end of a new connection."""
+        ours, theirs = trio.testing.memory_stream_pair()
+        number = len(self.connections) + 1
+        self.connections[number] = ours
+        self.nursery.start_soon(self._serve_tcp, ours, number)
+        return theirs
+
+    async def _serve_tcp(self, stream: trio.abc.Stream, number: int) -> None:
+        decoder = frames.StreamDecoder()
+        while data := await stream.receive_some(65536):
+            await trio.sleep(TCP_LATENCY)
+            if not self.dead:
+                for frame in decoder.feed(data):
+                    await self._send(self.forwarder.receive(frame, number,
+                                                            trio.current_time()))
+        self.forwarder.forget(number)
+
+
+def test_tcp_fallback_a_dead_connection_replaced_and_back_to_udp_without_a_loss(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(daemon_module, "time", _WallFollowsTrio)
+
+    async def main() -> None:
+        network = MemoryNetwork()
+        a = Node(network, "192.0.2.1", "10.0.0.1")
+        b = Node(network, "192.0.2.2", "10.0.0.2")
+        addresses = RelayAddresses(SECRET, CLUSTER)
+        a_peer, b_peer = a.peer(b), b.peer(a)
+        a_peer.endpoint = pseudo_endpoint(addresses.of(b.public), RELAY)
+        b_peer.endpoint = pseudo_endpoint(addresses.of(a.public), RELAY)
+        a.daemon.set(DeviceChange(peers=[a_peer]))
+        b.daemon.set(DeviceChange(peers=[b_peer]))
+        a_link, b_link = link(a), link(b)
+        a_udp = (a.host, 51820)
+        network.cut |= {(a_udp, RELAY.address), (RELAY.address, a_udp)}  # a's UDP blocked
+        async with trio.open_nursery() as nursery, a.daemon.running(), b.daemon.running():
+            relay = Relay(network, nursery)
+            monkeypatch.setattr(a_link, "_connect", relay.connect)
+            a.daemon.start_soon(a_link.run)
+            b.daemon.start_soon(b_link.run)
+
+            await trio.sleep(relay_session.ATTEMPTS * relay_session.RETRY + 1)
+            assert a_link.session.transport is Transport.TCP and a_link.session.connected
+            assert relay.forwarder.addresses == 2
+
+            async def ping_pong(count: int) -> None:
+                """a pings b every 0.1 s, b answers each; every one must arrive."""
+                for i in range(count):
+                    ping = ipv4_packet("10.0.0.1", "10.0.0.2", b"ping%d" % i)
+                    a.tun.inject(ping)
+                    with trio.fail_after(2):
+                        assert await b.tun.next_written() == ping
+                    pong = ipv4_packet("10.0.0.2", "10.0.0.1", b"pong%d" % i)
+                    b.tun.inject(pong)
+                    with trio.fail_after(2):
+                        assert await a.tun.next_written() == pong
+                    await trio.sleep(0.1)
+
+            await ping_pong(10)
+            stats = a.daemon.stats()
+            assert stats["relay_tcp"] == 1 and stats["relay_fallbacks"] == 1
+            assert stats["relay_sent"] >= 10 and stats["relay_received"] >= 10
+            assert stats["relay_sent_bytes"] > stats["relay_sent"] * 32
+
+            # a NAT reboots: the connection goes silent; a new one takes over in bounded time
+            relay.dead = True
+            died = trio.current_time()
+            while a_link.session.reconnects == 0:
+                await trio.sleep(0.1)
+            noticed = trio.current_time() - died
+            tries = relay_session.ATTEMPTS * relay_session.RETRY  # (a try of UDP may come first)
+            assert noticed <= relay_session.KEEPALIVE + 2 * tries
+            relay.dead = False
+            await trio.sleep(TCP_RETRY + 2 * tries)
+            assert len(relay.connections) == 2 and a_link.session.registered(trio.current_time())
+            await ping_pong(3)
+            assert a.daemon.stats()["relay_reconnects"] == 1
+
+            # the firewall rule is lifted: a returns to UDP with traffic flowing both ways,
+            # losing none (what was on the way over TCP is still forwarded, and read)
+            network.cut.clear()
+            dropped = dict(relay.forwarder.dropped)
+            await trio.sleep_until(a_link.session.probe_at - 1)
+            sent: dict[str, list[bytes]] = {"a": [], "b": []}
+            got: dict[str, list[bytes]] = {"a": [], "b": []}
+
+            async def stream(node: Node, name: str, to: Node) -> None:
+                for i in range(500):  # for 10 s
+                    packet = ipv4_packet(node.address, to.address, b"%s%d" % (name.encode(), i))
+                    node.tun.inject(packet)
+                    sent[name].append(packet)
+                    await trio.sleep(0.02)
+
+            async def collect(node: Node, name: str) -> None:
+                while True:
+                    got[name].append(await node.tun.next_written())
+
+            async with trio.open_nursery() as traffic:
+                traffic.start_soon(collect, a, "a")
+                traffic.start_soon(collect, b, "b")
+                async with trio.open_nursery() as senders:
+                    senders.start_soon(stream, a, "a", b)
+                    senders.start_soon(stream, b, "b", a)
+                await trio.sleep(1)
+                traffic.cancel_scope.cancel()
+            assert a_link.session.transport is Transport.UDP
+            assert sorted(got["b"]) == sorted(sent["a"]) and sorted(got["a"]) == sorted(sent["b"])
+            stats = a.daemon.stats()
+            assert stats["relay_tcp"] == 0 and stats["relay_udp_returns"] == 1
+            assert stats["relay_tcp_backlog"] == 0
+            assert relay.forwarder.dropped == dropped  # nothing from the old connection refused
             nursery.cancel_scope.cancel()
 
     run(main)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from uspan.wg.constants import HANDSHAKE_BURST, HANDSHAKES_PER_SECOND
-from uspan.wg.ratelimit import RateLimiter
+from uspan.wg.ratelimit import GC_INTERVAL, RateLimiter
 
 IP_A = bytes([192, 0, 2, 1])
 IP_B = bytes([192, 0, 2, 2])
@@ -103,3 +103,17 @@ def test_retain_forgets_the_other_keys_and_frees_their_room() -> None:
     limiter.retain({IP_A})
     assert IP_B not in limiter and IP_A in limiter and not limiter.full
     assert limiter.allow(b"\x01\x02\x03\x04", T0)
+
+
+def test_wait_says_when_a_refused_key_has_a_token_again() -> None:
+    """What the discovery service tells a refused client (retry_after)."""
+    limiter = RateLimiter(max_entries=2, rate=15.0, burst=60)
+    while limiter.allow(IP_A, T0):
+        pass
+    assert limiter.wait(IP_A) == pytest.approx(1 / 15)
+    assert not limiter.allow(IP_A, T0 + 0.05)
+    assert limiter.wait(IP_A) == pytest.approx(1 / 15 - 0.05)
+    assert limiter.allow(IP_A, T0 + 1 / 15)
+    limiter.allow(IP_B, T0)
+    assert not limiter.allow(b"third", T0)  # the table is full: until a collection
+    assert limiter.wait(b"third") == GC_INTERVAL

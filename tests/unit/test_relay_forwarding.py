@@ -17,7 +17,7 @@ def register(relay: Forwarder, source: Source, address: bytes, now: float = 100.
              key: MemberKey = KEY) -> list[tuple[bytes, Source]]:
     """A client's whole registration through a real ``RelaySession``."""
     session = RelaySession(key, address)
-    (hello,) = session.tick(now)
+    ((hello, _),) = session.tick(now)
     ((challenge, to),) = relay.receive(hello, source, now)
     assert to == source
     (register_frame,) = session.receive(challenge, now)
@@ -65,7 +65,7 @@ def test_a_wrong_secret_is_another_namespace() -> None:
 def test_registration_replayed_from_elsewhere_or_later_is_refused() -> None:
     relay = Forwarder()
     session = RelaySession(KEY, b"aaaaaaaa")
-    ((challenge, _),) = relay.receive(session.tick(100.0)[0], A, 100.0)
+    ((challenge, _),) = relay.receive(session.tick(100.0)[0][0], A, 100.0)
     (register_frame,) = session.receive(challenge, 100.0)
     assert relay.receive(register_frame, C, 100.0) == []  # another source
     assert relay.receive(register_frame, A, 100.0 + 2 * forwarding.EPOCH) == []  # stale
@@ -83,11 +83,23 @@ def test_registrations_expire_and_a_node_that_moves_keeps_its_address() -> None:
     register(relay, C, b"bbbbbbbb", now=110.0)  # B's node behind a new NAT mapping
     out = relay.receive(frames.send_frame(b"bbbbbbbb", b"x"), A, 111.0)
     assert [target for _, target in out] == [C]
+    assert relay.addresses == 2
+    # what the node sent from its old source before it moved still goes through ...
+    from_old = relay.receive(frames.send_frame(b"aaaaaaaa", b"y"), B, 111.0)
+    assert from_old == [(frames.encode(frames.Deliver(b"bbbbbbbb", b"y")), A)]
+    # ... for a grace period only, and the old source is forgotten with it
+    assert relay.receive(frames.send_frame(b"aaaaaaaa", b"y"), B, 110.0 + forwarding.GRACE) == []
+    relay.expire(110.0 + forwarding.GRACE)
     assert B not in relay.sessions
+    register(relay, B, b"bbbbbbbb", now=121.0)  # and it may move back (to UDP from TCP)
+    register(relay, C, b"bbbbbbbb", now=122.0)  # and again, while B may still send
+    register(relay, B, b"bbbbbbbb", now=123.0)
+    out = relay.receive(frames.send_frame(b"bbbbbbbb", b"x"), A, 124.0)
+    assert [target for _, target in out] == [B]
     later = 100.0 + forwarding.LIFETIME + 1
     assert relay.receive(frames.send_frame(b"bbbbbbbb", b"x"), A, later) == []
     relay.expire(later)
-    assert A not in relay.sessions and C in relay.sessions
+    assert set(relay.sessions) == {B} and relay.addresses == 1
 
 
 def test_limits(monkeypatch: pytest.MonkeyPatch) -> None:

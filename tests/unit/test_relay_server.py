@@ -19,7 +19,7 @@ async def udp_client(port: int, address: bytes) -> trio.socket.SocketType:
     await sock.bind(("127.0.0.1", 0))
     await sock.connect(("127.0.0.1", port))
     session = RelaySession(KEY, address)
-    for frame in session.tick(trio.current_time()):
+    for frame, _ in session.tick(trio.current_time()):
         await sock.send(frame)
     while not session.registered(trio.current_time()):
         for frame in session.receive(await sock.recv(2048), trio.current_time()):
@@ -32,7 +32,7 @@ async def tcp_client(port: int, address: bytes) -> tuple[trio.SocketStream, list
     session = RelaySession(KEY, address)
     decoder = frames.StreamDecoder()
     pending: list[bytes] = []
-    for frame in session.tick(trio.current_time()):
+    for frame, _ in session.tick(trio.current_time()):
         await stream.send_all(frames.stream_frame(frame))
     while not session.registered(trio.current_time()):
         pending += decoder.feed(await stream.receive_some(4096))

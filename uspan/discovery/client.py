@@ -35,6 +35,9 @@ REQUEST_TIMEOUT = 10.0
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 10.0
 WATCH_BUFFER = 256
+# A watch is idle while nothing changes: when a NAT on the way forgets the connection
+# silently, only TCP keepalives notice (the kernel's default: 2 hours idle, then 9 probes).
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_PROBES = 15, 5, 3  # dead within 30 s
 E_UNAVAILABLE = "unavailable"  # client-side code: no service could be reached
 
 
@@ -149,6 +152,17 @@ def parse_endpoint(text: str) -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, int(port)
+
+
+def keepalive(sock: trio.socket.SocketType) -> None:
+    """Find a dead service in 30 s: idle, by keepalive probes; with data unacknowledged
+    (a request, or a reply the service cannot deliver), by the user timeout."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                    1000 * (KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_PROBES))
 
 
 class _Link:
@@ -271,7 +285,7 @@ class DiscoveryClient:
             try:
                 with trio.fail_after(CONNECT_TIMEOUT):
                     stream = await trio.open_tcp_stream(host, port)
-                    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                    keepalive(stream.socket)
                     link = _Link(stream, endpoint)
                     await link.send({"op": "hello", "id": 1, "version": p.VERSION})
                     hello = await link.reply(1)

@@ -20,8 +20,8 @@ from collections import Counter
 import trio
 
 from uspan.daemon.demux import tag
-from uspan.discovery.ratelimit import TokenBuckets
 from uspan.wg.endpoint import Endpoint
+from uspan.wg.ratelimit import RateLimiter
 
 log = logging.getLogger("uspan.discovery")
 
@@ -74,7 +74,7 @@ class ProbeResponder:
     """The service's UDP side: one socket per address family on the probe port."""
 
     def __init__(self, rate: float = RATE, burst: int = BURST) -> None:
-        self.buckets = TokenBuckets(rate, burst)
+        self.buckets = RateLimiter(rate=rate, burst=burst)
         self.counts: Counter[str] = Counter()  # answered, malformed, ratelimited
 
     def answer(self, data: bytes, source: tuple[str, int], now: float) -> bytes | None:
@@ -83,7 +83,7 @@ class ProbeResponder:
         if nonce is None:
             self.counts["malformed"] += 1
             return None
-        if self.buckets.take(source[0], now) > 0:
+        if not self.buckets.allow(source[0], now):
             self.counts["ratelimited"] += 1
             return None
         self.counts["answered"] += 1

@@ -27,8 +27,8 @@ from uspan import __version__
 from uspan.discovery import protocol as p
 from uspan.discovery.backend import Backend, BackendError
 from uspan.discovery.proof import ProofChecker, ProofError, ReplayError
-from uspan.discovery.ratelimit import TokenBuckets
 from uspan.discovery.store import LimitError
+from uspan.wg.ratelimit import RateLimiter
 
 log = logging.getLogger("uspan.discovery")
 
@@ -221,13 +221,12 @@ class _Connection:
         request = p.parse_request(message)
         op = p.op_name(request)
         server.stats.requests[op] += 1
-        wait = server.buckets.take(self.ip, time.monotonic())
-        if wait:
+        if not server.buckets.allow(self.ip, time.monotonic()):
             self.refuse(
                 request.id,
                 p.E_RATE_LIMITED,
                 f"over {server.limits.rate:g} requests/s (burst {server.limits.burst})",
-                retry_after=round(wait, 3),
+                retry_after=round(server.buckets.wait(self.ip), 3),
             )
             return
         if isinstance(request, p.Hello):
@@ -305,7 +304,7 @@ class Server:
     def __init__(self, backend: Backend, limits: Limits | None = None) -> None:
         self.backend = backend
         self.limits = limits or Limits()
-        self.buckets = TokenBuckets(self.limits.rate, self.limits.burst)
+        self.buckets = RateLimiter(rate=self.limits.rate, burst=self.limits.burst)
         self.stats = Stats()
         self.per_ip: Counter[str] = Counter()
         self.connections: set[_Connection] = set()

@@ -210,7 +210,8 @@ class Node:
                     nursery.start_soon(self._discovery)
                 if self.options.metrics is not None:
                     host, port = self.options.metrics
-                    await nursery.start(metrics.serve, host, port, registry_for(self.store))
+                    await nursery.start(metrics.serve, host, port,
+                                        registry_for(self.store, self._relay_stats))
                 log.info("node %s started (%s)", self.identity.node_id,
                          "KubeSpan on" if self.kubespan else "KubeSpan off")
                 task_status.started()
@@ -220,6 +221,11 @@ class Node:
             _unlink(state_dir / api.SOCKET_NAME)
             await self._stop_kubespan()
         return self.exit_code
+
+    def _relay_stats(self) -> dict[str, int]:
+        """The relay link's counters for the metrics; none without one."""
+        ks = self.kubespan
+        return {} if ks is None or ks.relay is None else ks.relay.stats()
 
     def stop(self, code: int = 0) -> None:
         """Cancel everything; ``run`` cleans up and returns ``code``."""

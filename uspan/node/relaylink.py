@@ -11,6 +11,11 @@ from the relay's address are dropped and counted.
 A handshake initiation for a relayed peer is also sent to the peer's direct endpoints:
 if one of them works now, the peer answers there, both cores roam to the direct path
 and the relay drops out without a lost packet.
+
+The TCP connection runs while the session is on TCP. A connection the session finds
+dead is closed and another opened; when UDP works again the connection is left to drain
+for DRAIN seconds (its queued frames written, what the relay had queued for it read) so
+the switch loses nothing.
 """
 
 from __future__ import annotations
@@ -26,13 +31,14 @@ from uspan.daemon.demux import Datagram
 from uspan.discovery.proof import MemberKey
 from uspan.relay import frames
 from uspan.relay.addressing import is_relayed, pseudo_endpoint, relay_address
-from uspan.relay.session import RelaySession, Transport
+from uspan.relay.session import Out, RelaySession, Transport
 from uspan.relay.stream import write_frames
 from uspan.wg.endpoint import Endpoint
 
 log = logging.getLogger("uspan.node.relay")
 TCP_OUTBOX = 512  # frames queued for the TCP connection before they are dropped
 TCP_RETRY = 1.0
+DRAIN = 5.0  # seconds a TCP connection left for UDP is still read (< forwarding.GRACE)
 _INITIATION = (1, 148)  # WireGuard handshake initiation: type and size
 
 
@@ -46,11 +52,13 @@ class RelayLink:
         self.session = RelaySession(key, address)
         self.fwmark = fwmark
         self.direct: dict[bytes, tuple[Endpoint, ...]] = {}  # relay address -> endpoints
-        self.counters = {"sent": 0, "received": 0, "not_from_relay": 0, "tcp_backlog": 0}
+        self.counters = {"sent": 0, "sent_bytes": 0, "received": 0, "received_bytes": 0,
+                         "not_from_relay": 0, "tcp_backlog": 0}
         self._pseudo: dict[bytes, Endpoint] = {}
-        self._outbox: list[bytes] = []
+        self._outbox: Out = []
         self._wake = trio.Event()
-        self._tcp: trio.MemorySendChannel[bytes] | None = None
+        self._tcp: trio.MemorySendChannel[bytes] | None = None  # the connection in use
+        self._serving: trio.CancelScope | None = None  # ... and its scope
 
     def install(self) -> None:
         demux = self.daemon.demux
@@ -61,10 +69,15 @@ class RelayLink:
         self.daemon.owner_stats.append(self.stats)
 
     def stats(self) -> dict[str, int]:
-        """For ``uspan stats``: datagrams relayed each way, and what was dropped."""
+        """For ``uspan stats`` and the metrics: datagrams and bytes relayed each way, what
+        was dropped, the transport and its changes."""
+        session = self.session
         counters = {f"relay_{name}": value for name, value in self.counters.items()}
-        counters["relay_bad_control"] = self.session.dropped
-        counters["relay_tcp"] = int(self.session.transport is Transport.TCP)
+        counters.update(relay_bad_control=session.dropped,
+                        relay_tcp=int(session.transport is Transport.TCP),
+                        relay_registered=int(session.registered(trio.current_time())),
+                        relay_fallbacks=session.fallbacks, relay_udp_returns=session.udp_returns,
+                        relay_reconnects=session.reconnects)
         return counters
 
     # Datagrams ---------------------------------------------------------------------------
@@ -78,9 +91,9 @@ class RelayLink:
     def _deliver(self, data: bytes, source: Endpoint) -> Datagram | None:
         if not self._from_relay(source):
             return None
-        return self._unwrap(data)
+        return self._unwrap(data, Transport.UDP)
 
-    def _unwrap(self, data: bytes) -> Datagram | None:
+    def _unwrap(self, data: bytes, via: Transport) -> Datagram | None:
         if len(data) <= frames.TAG + frames.ADDRESS:
             self.session.dropped += 1
             return None
@@ -90,24 +103,27 @@ class RelayLink:
             if len(self._pseudo) >= 4096:
                 self._pseudo.clear()
             endpoint = self._pseudo[address] = pseudo_endpoint(address, self.relay)
+        datagram = data[frames.TAG + frames.ADDRESS:]
         self.counters["received"] += 1
-        self.session.delivered()
-        return data[frames.TAG + frames.ADDRESS:], endpoint
+        self.counters["received_bytes"] += len(datagram)
+        self.session.delivered(trio.current_time(), via)
+        return datagram, endpoint
 
     def _control(self, data: bytes, source: Endpoint) -> None:
         if self._from_relay(source):
-            self._queue(self.session.receive(data, trio.current_time()))
+            self._queue(self.session.receive(data, trio.current_time(), Transport.UDP),
+                        Transport.UDP)
         return None
 
     def rebound(self) -> None:
         """The WireGuard socket moved to another port: register again at once, so the
         relay delivers to the new port's mapping rather than the old one."""
-        self.session.connection_lost(trio.current_time())
+        self.session.rebound(trio.current_time())
         self._wake.set()
 
-    def _queue(self, control: list[bytes]) -> None:
+    def _queue(self, control: list[bytes], via: Transport) -> None:
         if control:
-            self._outbox.extend(control)
+            self._outbox.extend((frame, via) for frame in control)
             self._wake.set()
 
     def _outbound(self, datagrams: list[Datagram]) -> list[Datagram]:
@@ -123,6 +139,7 @@ class RelayLink:
                 out.extend((data, direct) for direct in self.direct.get(address, ()))
             frame = frames.send_frame(address, data)
             self.counters["sent"] += 1
+            self.counters["sent_bytes"] += len(data)
             relayed = True
             if udp:
                 out.append((frame, self.relay))
@@ -136,32 +153,36 @@ class RelayLink:
     # Registration and transports ---------------------------------------------------------
 
     async def run(self) -> None:
-        """Keep registered; run the TCP connection while the session wants TCP."""
+        """Keep registered; run the TCP connection while the session is on TCP."""
         async with trio.open_nursery() as nursery:
-            tcp_scope: trio.CancelScope | None = None
+            tcp: trio.CancelScope | None = None
             while True:
                 self._wake = trio.Event()  # what is set from here on wakes the wait below
                 now = trio.current_time()
                 control = self.session.tick(now) + self._outbox
                 self._outbox = []
-                wants_tcp = self.session.transport is Transport.TCP
-                if wants_tcp and tcp_scope is None:
-                    tcp_scope = await nursery.start(self._tcp_connection)
-                    log.info("relay %s: UDP unanswered, using TCP", self.relay)
-                elif not wants_tcp and tcp_scope is not None:
-                    tcp_scope.cancel()
-                    tcp_scope = None
+                if self.session.transport is Transport.TCP:
+                    if tcp is None:
+                        tcp = await nursery.start(self._tcp_connection)
+                        log.info("relay %s: UDP unanswered, using TCP", self.relay)
+                    elif not self.session.connected and self._serving is not None:
+                        log.info("relay %s: the TCP connection does not answer, replacing it",
+                                 self.relay)
+                        self._serving.cancel()
+                elif tcp is not None:
+                    log.info("relay %s: UDP answers again, leaving TCP", self.relay)
+                    self._drain_tcp(tcp, now)
+                    tcp = None
                 await self._send_control(control)
                 with trio.move_on_at(self.session.next_deadline()):
                     await self._wake.wait()
 
-    async def _send_control(self, control: list[bytes]) -> None:
-        if not control:
-            return
-        if self.session.transport is Transport.UDP:
-            await self.daemon.send_datagrams([(frame, self.relay) for frame in control])
-        else:
-            for frame in control:
+    async def _send_control(self, control: Out) -> None:
+        udp = [(frame, self.relay) for frame, via in control if via is Transport.UDP]
+        if udp:
+            await self.daemon.send_datagrams(udp)
+        for frame, via in control:
+            if via is Transport.TCP:
                 self._to_tcp(frame)
 
     def _to_tcp(self, frame: bytes) -> None:
@@ -173,22 +194,35 @@ class RelayLink:
         except (trio.WouldBlock, trio.BrokenResourceError):
             self.counters["tcp_backlog"] += 1
 
+    def _drain_tcp(self, scope: trio.CancelScope, now: float) -> None:
+        """Send nothing more on the connection, let it write what is queued and read
+        what the relay still sends on it for DRAIN seconds, then close it."""
+        if self._tcp is not None:
+            self._tcp.close()
+            self._tcp = None
+        self._serving = None
+        scope.deadline = min(scope.deadline, now + DRAIN)
+
     async def _tcp_connection(self, *, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
-        """Connect (again after a failure) until cancelled; frames both ways."""
+        """Connect (again after a failure) while the session is on TCP; frames both ways.
+        ``run`` cancels the scope, or gives it a deadline to drain."""
         with trio.CancelScope() as scope:
             task_status.started(scope)
-            while True:
+            while self.session.transport is Transport.TCP:
                 try:
                     stream = await self._connect()
                 except OSError as exc:
                     log.debug("relay %s over TCP: %s", self.relay, exc)
                 else:
+                    if self.session.transport is not Transport.TCP:  # back on UDP meanwhile
+                        await stream.aclose()
+                        return
                     await self._serve_tcp(stream)
-                self.session.connection_lost(trio.current_time())
+                self.session.tcp_closed()
                 self._wake.set()
                 await trio.sleep(TCP_RETRY)
 
-    async def _connect(self) -> trio.SocketStream:
+    async def _connect(self) -> trio.abc.Stream:
         sock = trio.socket.socket(self.relay.family, socket.SOCK_STREAM)
         try:
             if self.fwmark:  # around the mesh, like the WireGuard socket
@@ -202,20 +236,25 @@ class RelayLink:
             raise OSError(f"cannot connect: {exc}") from None
         return trio.SocketStream(sock)
 
-    async def _serve_tcp(self, stream: trio.SocketStream) -> None:
+    async def _serve_tcp(self, stream: trio.abc.Stream) -> None:
         send, receive = trio.open_memory_channel[bytes](TCP_OUTBOX)
         self._tcp = send
-        self.session.connection_lost(trio.current_time())  # register on this connection
+        self.session.tcp_connected(trio.current_time())  # register on this connection
         self._wake.set()
-        try:
-            async with stream, trio.open_nursery() as nursery:
-                nursery.start_soon(write_frames, stream, receive)
-                await self._tcp_reader(stream)
-                nursery.cancel_scope.cancel()
-        finally:
-            self._tcp = None
+        with trio.CancelScope() as serving:
+            self._serving = serving
+            try:
+                async with stream, trio.open_nursery() as nursery:
+                    nursery.start_soon(write_frames, stream, receive)
+                    await self._tcp_reader(stream)
+                    nursery.cancel_scope.cancel()
+            finally:
+                if self._tcp is send:
+                    self._tcp = None
+                if self._serving is serving:
+                    self._serving = None
 
-    async def _tcp_reader(self, stream: trio.SocketStream) -> None:
+    async def _tcp_reader(self, stream: trio.abc.Stream) -> None:
         decoder = frames.StreamDecoder()
         try:
             while True:
@@ -230,10 +269,11 @@ class RelayLink:
         batch: list[Datagram] = []
         for frame in received:
             if frame[:frames.TAG] == frames.DELIVER:
-                datagram = self._unwrap(frame)
+                datagram = self._unwrap(frame, Transport.TCP)
                 if datagram is not None:
                     batch.append(datagram)
             else:
-                self._queue(self.session.receive(frame, trio.current_time()))
+                self._queue(self.session.receive(frame, trio.current_time(), Transport.TCP),
+                            Transport.TCP)
         if batch:
             await self.daemon.receive_datagrams(batch)

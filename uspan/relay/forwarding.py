@@ -11,6 +11,10 @@ current and the previous epoch. A REGISTER recorded elsewhere fails (other sourc
 replayed from the same source just repeats the same registration. So unauthenticated
 traffic costs no memory, and a HELLO (padded to the challenge's size) cannot amplify.
 
+A registration of an address that another source holds moves it there (a new NAT
+mapping, or the node switched between UDP and TCP). The old source may still send for
+GRACE seconds, so the datagrams it had on the way when the node switched are not lost.
+
 Sources are what the shell chooses: ``(ip, port)`` for UDP, a connection
 number for TCP. Every call takes ``now``; what the relay should send comes back as
 ``(frame bytes, destination source)``; everything dropped is counted by reason.
@@ -33,6 +37,7 @@ Source = tuple[str, int] | int  # UDP (ip, port), or a TCP connection's number
 Out = list[tuple[bytes, Source]]
 EPOCH = 30.0  # seconds a nonce is fresh for (two epochs at most)
 LIFETIME = 60  # seconds a registration lasts; clients refresh it every 20
+GRACE = 10.0  # seconds the old source of a moved registration may still send from
 MAX_SESSIONS = 65536
 MAX_PER_KEY = 1024  # registrations per cluster key, as discovery's affiliates
 _EPOCH = struct.Struct(">Q")
@@ -81,6 +86,12 @@ class Forwarder:
             return self._register(frame, source, now)
         self.dropped[BAD_FRAME] += 1
         return []
+
+    @property
+    def addresses(self) -> int:
+        """Relay addresses registered (a moved one's old source, still sending, is not
+        another)."""
+        return len(self._by_address)
 
     def forget(self, source: Source) -> None:
         """The source is gone (a TCP connection closed): its registration with it."""
@@ -138,13 +149,14 @@ class Forwarder:
             return []
         if not same:
             self.forget(source)
-            slot = (frame.key, frame.address)
-            previous = self._by_address.get(slot)
-            if previous is not None:  # the node moved (new NAT mapping, new connection)
-                self.forget(previous)
-            self._by_address[slot] = source
             self._per_key[frame.key] += 1
             self.sessions[source] = Session(frame.key, frame.address, 0.0)
+        slot = (frame.key, frame.address)
+        previous = self._by_address.get(slot)
+        if previous is not None and previous != source:  # the node moved (new NAT
+            moved = self.sessions[previous]  # mapping, new transport): what it sent
+            moved.expires = min(moved.expires, now + GRACE)  # before still goes through
+        self._by_address[slot] = source
         self.sessions[source].expires = now + LIFETIME
         self.registrations += 1
         return [(frames.encode(frames.Registered(frame.address, LIFETIME)), source)]

@@ -146,7 +146,7 @@ class StreamDecoder:
     def __init__(self) -> None:
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes | bytearray) -> list[bytes]:
         """The whole frames that ``data`` completes; a zero length raises FrameError."""
         buffer = self._buffer
         buffer += data

@@ -148,7 +148,7 @@ class RelayCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         forwarder = self.server.forwarder
         yield GaugeMetricFamily("uspan_relay_registrations", "Live registrations",
-                                len(forwarder.sessions))
+                                forwarder.addresses)
         yield GaugeMetricFamily("uspan_relay_tcp_clients", "Open TCP connections",
                                 len(self.server.tcp))
         yield CounterMetricFamily("uspan_relay_forwarded_frames", "Datagrams forwarded",

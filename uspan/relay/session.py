@@ -4,9 +4,24 @@ challenge with, and which transport to use.
 The node registers at start and every REFRESH seconds (a registration lasts the
 relay's lifetime, 60 s), so peers can reach it through the relay at any moment; the
 refreshes also keep its NAT mapping toward the relay open. A hello unanswered for RETRY
-is repeated; after UDP_ATTEMPTS of them the session switches transport (UDP to TCP, and
-back again if TCP does not answer either), so a node whose UDP is blocked ends up on TCP
-within about UDP_ATTEMPTS * RETRY seconds.
+is repeated, up to ATTEMPTS hellos.
+
+Transports. UDP first; ATTEMPTS unanswered hellos on UDP fall back to TCP, so a node
+whose UDP is blocked ends up on TCP within about ATTEMPTS * RETRY seconds. A block may
+be lifted (a firewall rule removed, another network), so while on TCP the node keeps
+trying to register over UDP: PROBE_FIRST seconds after the fallback, then at doubling
+intervals up to PROBE_MAX, starting over with every new TCP connection. The relay
+answering over UDP moves the node's address to its UDP source at once, and the session
+switches back; the relay still accepts what the TCP connection sends for a grace period
+(``forwarding.GRACE``), so nothing in flight on the way out is lost, and the link keeps
+reading the connection a moment for what the relay had queued on it.
+
+TCP liveness. A connection whose NAT state was dropped silently looks open for many
+minutes (until the kernel gives up retransmitting). So on TCP, when nothing has come
+from the relay for KEEPALIVE seconds the node registers again, which the relay answers
+at once, and ATTEMPTS unanswered hellos declare the connection dead: the link replaces
+it. A dead connection is noticed within KEEPALIVE + ATTEMPTS * RETRY seconds (13 s; 3 s
+more if a try of UDP was under way: one registration at a time).
 
 The relay ignores frames of sources it does not know, and forgets everyone when it
 restarts; so when relayed datagrams go out and nothing comes back for SILENCE seconds,
@@ -16,6 +31,7 @@ the node registers again at once rather than at its next refresh.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 from uspan.discovery.proof import MemberKey
 from uspan.relay import frames
@@ -23,8 +39,11 @@ from uspan.relay.frames import FrameError
 
 REFRESH = 20.0
 RETRY = 1.0
-UDP_ATTEMPTS = 3
+ATTEMPTS = 3  # unanswered hellos before the transport (or TCP connection) is given up
 SILENCE = 3.0  # relayed datagrams sent and nothing delivered for this long: register again
+KEEPALIVE = 10.0  # on TCP, nothing from the relay for this long: register again
+PROBE_FIRST = 15.0  # on TCP, the first try of UDP this long after the fallback
+PROBE_MAX = 300.0  # ... then at doubling intervals up to this
 
 
 class Transport(enum.Enum):
@@ -32,19 +51,38 @@ class Transport(enum.Enum):
     TCP = "tcp"
 
 
+Out = list[tuple[bytes, Transport]]  # frames to send to the relay, and on which transport
+
+
+@dataclass(slots=True)
+class _Hellos:
+    """One registration attempt on one transport: when its last hello left, how many."""
+
+    sent_at: float | None = None
+    count: int = 0
+
+
 class RelaySession:
-    """One node's registration: feed it frames from the relay and ``tick`` it."""
+    """One node's registration: feed it frames from the relay and ``tick`` it. The link
+    reports the TCP connection's ups and downs (``tcp_connected``, ``tcp_closed``) and
+    closes a connection the session stops trusting (``connected`` turns false)."""
 
     def __init__(self, member_key: MemberKey, address: bytes) -> None:
         self.key = member_key
         self.address = address
         self.transport = Transport.UDP
+        self.connected = False  # a TCP connection is open and trusted (TCP only)
         self.registered_until = 0.0
         self.refresh_at = 0.0
-        self.hello_at: float | None = None
-        self.unanswered = 0
+        self.heard_at = 0.0  # the last frame from the relay over TCP
+        self.probe_at = 0.0  # on TCP: the next try of UDP
+        self.probe_interval = PROBE_FIRST
         self.dropped = 0  # control frames that made no sense (wrong kind, not ours)
+        self.fallbacks = 0  # switches from UDP to TCP
+        self.udp_returns = 0  # switches from TCP back to UDP
+        self.reconnects = 0  # TCP connections lost (closed, broken or found dead) in use
         self.silent_since: float | None = None  # first relayed send since a delivery
+        self._hellos = {transport: _Hellos() for transport in Transport}
 
     def registered(self, now: float) -> bool:
         return now < self.registered_until
@@ -54,53 +92,128 @@ class RelaySession:
         if self.silent_since is None:
             self.silent_since = now
 
-    def delivered(self) -> None:
-        """A relayed datagram came in: the registration works."""
+    def delivered(self, now: float, via: Transport) -> None:
+        """A relayed datagram came in: the registration works (and the connection)."""
         self.silent_since = None
+        if via is Transport.TCP:
+            self.heard_at = now
 
-    def tick(self, now: float) -> list[bytes]:
-        """Frames to send to the relay now (on ``self.transport``, which this may change)."""
-        if self.silent_since is not None and now - self.silent_since >= SILENCE:
+    def _attempts(self) -> list[tuple[Transport, float]]:
+        """The registrations under way or due, and when each is due."""
+        if self.transport is Transport.UDP:
+            return [(Transport.UDP, self.refresh_at)]
+        attempts = [(Transport.UDP, self.probe_at)]
+        if self.connected:
+            attempts.append((Transport.TCP, min(self.refresh_at, self.heard_at + KEEPALIVE)))
+        return attempts
+
+    def tick(self, now: float) -> Out:
+        """Frames to send to the relay now; this may change the transport."""
+        if self.silent_since is not None and now >= self.silent_since + SILENCE:
             self.silent_since = None  # look again SILENCE after this registration
             self.refresh_at = min(self.refresh_at, now)
-        if now < self.refresh_at or (self.hello_at is not None and now - self.hello_at < RETRY):
-            return []
-        if self.unanswered >= UDP_ATTEMPTS:
-            self.transport = Transport.TCP if self.transport is Transport.UDP else Transport.UDP
-            self.unanswered = 0
-        self.unanswered += 1
-        self.hello_at = now
-        return [frames.encode(frames.Hello())]
+        out: Out = []
+        for transport, due in self._attempts():
+            hellos = self._hellos[transport]
+            if now < self._due(transport, due) or (
+                    hellos.sent_at is None and self._hellos[_other(transport)].sent_at is not None):
+                continue  # not yet; or one at a time (a late REGISTER on TCP would undo a move)
+            if hellos.count >= ATTEMPTS:
+                self._unanswered(transport, now)
+                break  # the attempts changed
+            hellos.count += 1
+            hellos.sent_at = now
+            out.append((frames.encode(frames.Hello()), transport))
+        return out
+
+    def _due(self, transport: Transport, due: float) -> float:
+        """When the attempt on ``transport`` next acts: a retry, or its start (not before
+        the other transport's attempt next acts)."""
+        sent_at = self._hellos[transport].sent_at
+        if sent_at is not None:
+            return sent_at + RETRY
+        other = self._hellos[_other(transport)].sent_at
+        return due if other is None else max(due, other + RETRY)
+
+    def _unanswered(self, transport: Transport, now: float) -> None:
+        self._hellos[transport] = _Hellos()
+        if transport is Transport.TCP:  # the connection is dead: the link replaces it
+            self._lose_connection()
+        elif self.transport is Transport.UDP:
+            self.transport = Transport.TCP
+            self.fallbacks += 1
+            self.probe_interval = PROBE_FIRST
+            self.probe_at = now + PROBE_FIRST
+        else:  # UDP is still blocked: try again later
+            self.probe_interval = min(2 * self.probe_interval, PROBE_MAX)
+            self.probe_at = now + self.probe_interval
 
     def next_deadline(self) -> float:
-        if self.hello_at is not None:
-            return self.hello_at + RETRY
+        deadlines = [self._due(transport, due) for transport, due in self._attempts()]
         if self.silent_since is not None:
-            return min(self.refresh_at, self.silent_since + SILENCE)
-        return self.refresh_at
+            deadlines.append(self.silent_since + SILENCE)
+        return min(deadlines)
 
-    def receive(self, data: bytes, now: float) -> list[bytes]:
-        """A control frame from the relay (CHALLENGE or REGISTERED): what to send back."""
+    def receive(self, data: bytes, now: float, via: Transport = Transport.UDP) -> list[bytes]:
+        """A control frame from the relay (CHALLENGE or REGISTERED) that came over
+        ``via``: what to send back on it."""
         try:
             frame = frames.decode(data)
         except FrameError:
             self.dropped += 1
             return []
-        if isinstance(frame, frames.Challenge) and self.hello_at is not None:
+        if via is Transport.TCP:
+            if self.transport is Transport.UDP:
+                return []  # a late answer on the connection we are leaving
+            self.heard_at = now
+        hellos = self._hellos[via]
+        if isinstance(frame, frames.Challenge) and hellos.sent_at is not None:
             message = frames.signed_message(frame.nonce, self.key.public, self.address)
             return [frames.encode(frames.Register(frame.nonce, self.key.public, self.address,
                                                   self.key.sign(message)))]
         if isinstance(frame, frames.Registered) and frame.address == self.address:
+            if via is not self.transport:  # UDP works again, and the relay moved us
+                self.transport = Transport.UDP
+                self.udp_returns += 1
+                self.connected = False
+                self._hellos[Transport.TCP] = _Hellos()
             self.registered_until = now + frame.lifetime
             self.refresh_at = now + min(REFRESH, frame.lifetime / 3)
-            self.hello_at = None
-            self.unanswered = 0
+            self._hellos[via] = _Hellos()
             return []
         self.dropped += 1
         return []
 
-    def connection_lost(self, now: float) -> None:
-        """The TCP connection broke: register again at once (on whichever transport)."""
-        self.registered_until = 0.0
+    def tcp_connected(self, now: float) -> None:
+        """A TCP connection to the relay is open: register on it at once. Something
+        changed (the relay is back after an outage, a NAT rebooted), so UDP may work
+        now too: its tries start over from PROBE_FIRST."""
+        self.connected = True
+        self.heard_at = now
         self.refresh_at = now
-        self.hello_at = None
+        self._hellos[Transport.TCP] = _Hellos()
+        self.probe_interval = PROBE_FIRST
+        self.probe_at = min(self.probe_at, now + PROBE_FIRST)
+
+    def tcp_closed(self) -> None:
+        """The TCP connection closed or broke; the link opens another while on TCP."""
+        if self.connected:
+            self._lose_connection()
+
+    def _lose_connection(self) -> None:
+        self.connected = False
+        self.reconnects += 1
+        self.registered_until = 0.0  # the relay forgets a registration with its connection
+        self._hellos[Transport.TCP] = _Hellos()
+
+    def rebound(self, now: float) -> None:
+        """The WireGuard socket moved to another port: register from it at once (on UDP;
+        on TCP the next try of UDP goes from the new port anyway)."""
+        if self.transport is Transport.UDP:
+            self.registered_until = 0.0
+            self.refresh_at = now
+            self._hellos[Transport.UDP] = _Hellos()
+
+
+def _other(transport: Transport) -> Transport:
+    return Transport.TCP if transport is Transport.UDP else Transport.UDP

@@ -11,7 +11,7 @@ from uspan.relay.frames import stream_frame
 WRITE_BATCH = 64  # frames joined into one send
 
 
-async def write_frames(stream: trio.SocketStream,
+async def write_frames(stream: trio.abc.SendStream,
                        frames: trio.MemoryReceiveChannel[bytes]) -> None:
     """Send queued frames, length-prefixed, a batch per write, until the channel or the
     stream closes."""

@@ -207,6 +207,12 @@ class Device:
                 )
             if peer.protocol_version not in (None, 1):
                 raise ConfigError("protocol_version", f"{peer.protocol_version} is not 1")
+            for name, prefixes in (("allowed_ips", peer.allowed_ips),
+                                   ("remove_allowed_ips", peer.remove_allowed_ips)):
+                # Else a bad one fails halfway through applying. The types in one pass in
+                # C: ~15 ms for a million prefixes.
+                if not isinstance(prefixes, list) or not {*map(type, prefixes)} <= {int}:
+                    raise ConfigError(name, "must be a list of prefixes (uspan.wg.prefix ints)")
 
     def _set_private_key(self, key: bytes) -> None:
         if key == ZERO_KEY:

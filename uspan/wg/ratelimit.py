@@ -1,5 +1,6 @@
-"""Token buckets per key: handshakes per source IP (wireguard-go/kernel ratelimiter), and
-the budgets of ``admission``.
+"""Token buckets per key: handshakes per source IP (wireguard-go/kernel ratelimiter), the
+budgets of ``admission``, and the discovery service's requests and reflexive probes per
+source IP (which tells a refused client when to retry: ``wait``).
 
 By default each key (a source IP) may spend HANDSHAKES_PER_SECOND tokens a second with
 bursts of HANDSHAKE_BURST. Tokens are integer nanoseconds so the arithmetic is exact.
@@ -59,6 +60,14 @@ class RateLimiter:
             return True
         entry[0] = tokens
         return False
+
+    def wait(self, key: Hashable) -> float:
+        """After ``allow`` refused ``key``: seconds until it has a token again (refused for
+        a full table: until the next collection may make room)."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return GC_INTERVAL
+        return max(0, self._cost - entry[0]) / NANOS
 
     def retain(self, keys: Container[Hashable]) -> None:
         """Forget every key not in ``keys`` (no longer ours to limit), so it takes no
