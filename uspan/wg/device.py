@@ -33,8 +33,6 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 
-from cryptography.exceptions import InvalidTag
-
 from uspan.wg import messages
 from uspan.wg.admission import MAX_TRUSTED, Admission, Verdict
 from uspan.wg.allowedips import AllowedIPs
@@ -350,20 +348,23 @@ class Device:
     def receive(self, datagrams: Iterable[Datagram], now: float) -> tuple[list[bytes], Out]:
         """Handle datagrams from UDP: decrypted packets for the TUN, and replies.
 
-        Transport messages are handled inline (the hot path): a batch is mostly one
-        session from one endpoint carrying one inner source, so the keypair of the last
-        message's index and the allowed-IPs owner of its inner source are reused while
-        they stay the same (nothing in the loop removes them).
+        Transport messages are handled inline (the hot path), in runs of consecutive
+        messages to one receiver index: a batch is mostly one session from one endpoint
+        carrying one inner source. Each run's keypair is looked up when the run comes up
+        and the run is opened at once (one call to the batch AEAD), then checked message
+        by message in order. A run keeps its keypair even if one of its messages confirmed
+        a session that discarded it.
         """
         to_tun: list[bytes] = []
         out: Out = []
         handshakes: list[Datagram] = []
         received: dict[Peer, list[int]] = {}  # per peer: [bytes, data messages] this batch
         counters = self.counters
-        keypairs, lookup = self.keypairs, self.allowed_ips.lookup
+        runs: list[tuple[int, list[Datagram], list[int]]] = []  # (index, messages, counters)
         unpack = _TRANSPORT_HEADER.unpack_from
-        last_index, keypair, usable = -1, None, False
-        last_source, owner = b"", None
+        last_index = -1
+        run: list[Datagram] = []
+        numbers: list[int] = []
         for datagram in datagrams:
             data = datagram[0]
             length = len(data)
@@ -381,33 +382,56 @@ class Device:
                 continue
             _, index, counter = unpack(data)
             if index != last_index:
-                keypair = keypairs.get(index)
-                last_index = index
-                usable = keypair is not None and keypair.can_receive(now)
-            if keypair is None:
-                counters[Drop.UNKNOWN_INDEX] += 1
-                continue
-            if not usable:
-                counters[Drop.EXPIRED_KEY] += 1
-                continue
-            try:
-                plaintext = keypair.open(counter, data[16:])
-            except InvalidTag:
+                last_index, run, numbers = index, [], []
+                runs.append((index, run, numbers))
+            run.append(datagram)
+            numbers.append(counter)
+        for index, run, numbers in runs:
+            self._receive_run(index, run, numbers, now, received, to_tun, out)
+        for peer, (length, data_messages) in received.items():
+            peer.received_transport(length, data_messages > 0, now, out)
+        if handshakes:
+            if now - self._load_window_start >= 1.0:
+                self._load_window_start, self._load_count = now, 0
+            self._load_count += len(handshakes)
+            if self._load_count >= self.under_load_rate:
+                self._under_load_until = now + UNDER_LOAD_AFTER
+            for data, source in handshakes:
+                self._receive_handshake(data, source, now, out)
+        return to_tun, out
+
+    def _receive_run(self, index: int, run: list[Datagram], numbers: list[int], now: float,
+                     received: dict[Peer, list[int]], to_tun: list[bytes], out: Out) -> None:
+        """``receive`` for consecutive transport messages to ``index`` (their counters in
+        ``numbers``): open them at once, then replay, roaming and inner-packet checks."""
+        counters = self.counters
+        keypair = self.keypairs.get(index)
+        if keypair is None:
+            counters[Drop.UNKNOWN_INDEX] += len(run)
+            return
+        if not keypair.can_receive(now):
+            counters[Drop.EXPIRED_KEY] += len(run)
+            return
+        plaintexts = keypair.open([datagram[0] for datagram in run])
+        accept, peer, lookup = keypair.replay.accept, keypair.peer, self.allowed_ips.lookup
+        last_source, owner = b"", None  # a run mostly carries one inner source
+        tally = None
+        for (data, source), counter, plaintext in zip(run, numbers, plaintexts, strict=True):
+            if plaintext is None:
                 counters[Drop.DECRYPT_FAILED] += 1
                 continue
-            if not keypair.replay.accept(counter):
+            if not accept(counter):
                 counters[Drop.REPLAY] += 1
                 continue
-            peer = keypair.peer
-            source = datagram[1]
             if source is not peer.endpoint and source != peer.endpoint:
                 peer.roam(source)
             if keypair is peer.next:
                 peer.confirm_next(now, out)  # discards `previous`, never the keypair in hand
-            tally = received.get(peer)
             if tally is None:
-                tally = received[peer] = [0, 0]
-            tally[0] += length
+                tally = received.get(peer)
+                if tally is None:
+                    tally = received[peer] = [0, 0]
+            tally[0] += len(data)
             if not plaintext:
                 continue  # keepalive
             tally[1] += 1
@@ -432,17 +456,6 @@ class Device:
                 counters[Drop.NOT_ALLOWED_SOURCE] += 1
                 continue
             to_tun.append(plaintext if total == size else plaintext[:total])
-        for peer, (length, data_messages) in received.items():
-            peer.received_transport(length, data_messages > 0, now, out)
-        if handshakes:
-            if now - self._load_window_start >= 1.0:
-                self._load_window_start, self._load_count = now, 0
-            self._load_count += len(handshakes)
-            if self._load_count >= self.under_load_rate:
-                self._under_load_until = now + UNDER_LOAD_AFTER
-            for data, source in handshakes:
-                self._receive_handshake(data, source, now, out)
-        return to_tun, out
 
     def _receive_handshake(self, data: bytes, source: Endpoint, now: float, out: Out) -> None:
         counters = self.counters
