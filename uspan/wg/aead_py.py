@@ -29,8 +29,8 @@ class Sealer:
 
     def seal(self, index: int, counter: int, packets: Sequence[bytes], mtu: int) -> list[bytes]:
         """Packet i padded and sealed with ``counter + i`` for receiver ``index``."""
-        if counter + len(packets) > 1 << 64:
-            raise OverflowError("counter would wrap")
+        if not 0 <= index < 1 << 32 or counter < 0 or counter + len(packets) > 1 << 64:
+            raise OverflowError("index or counter out of range")
         encrypt, pack, nonce = self._aead.encrypt, _HEADER.pack, _NONCE.pack
         datagrams = []
         for packet in packets:
