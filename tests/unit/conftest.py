@@ -13,6 +13,7 @@ def transport_aead(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
     if request.param == "python":
         monkeypatch.setattr(transport_crypto, "Sealer", aead_py.Sealer)
         monkeypatch.setattr(transport_crypto, "Opener", aead_py.Opener)
+        monkeypatch.setattr(transport_crypto, "strip", aead_py.strip)
     elif not transport_crypto.COMPILED:
         pytest.skip("uspan.wg._aead was not built (test_transport_crypto fails if required)")
     return str(request.param)

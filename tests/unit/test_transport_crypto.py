@@ -159,3 +159,48 @@ def test_key_is_not_in_the_repr() -> None:
     key = bytes(range(32))
     for obj in (_aead.Sealer(key), _aead.Opener(key)):
         assert key.hex() not in repr(obj) and not hasattr(obj, "key")
+
+
+def _inner(plaintext: bytes) -> tuple[bytes, bytes] | None:
+    """What Device.receive checks of one plaintext: (packet, inner source), or None."""
+    version, size = plaintext[0] >> 4, len(plaintext)
+    if version == 4 and size >= 20:
+        total, source, minimum = int.from_bytes(plaintext[2:4], "big"), plaintext[12:16], 20
+    elif version == 6 and size >= 40:
+        total, source, minimum = 40 + int.from_bytes(plaintext[4:6], "big"), plaintext[8:24], 40
+    else:
+        return None
+    return (plaintext[:total], source) if minimum <= total <= size else None
+
+
+def _ip(version: int, source: int, payload: int, padding: int, claimed: int) -> bytes:
+    if version == 4:
+        total = 20 + payload + claimed
+        header = bytes([0x45, 0, total >> 8 & 0xFF, total & 0xFF]) + bytes(8)
+        packet = header + bytes([10, 0, 0, source]) + bytes([10, 0, 0, 9])
+    else:
+        length = payload + claimed
+        packet = (bytes([0x60, 0, 0, 0, length >> 8 & 0xFF, length & 0xFF, 17, 64])
+                  + bytes(15) + bytes([source]) + bytes(16))
+    return packet + b"\x5a" * payload + bytes(padding)
+
+
+_plaintexts = st.lists(st.one_of(
+    st.builds(_ip, st.sampled_from([4, 6]), st.integers(1, 2), st.integers(0, 40),
+              st.integers(0, 15), st.sampled_from([0, 0, 0, 1, -1, -30])),
+    st.binary(min_size=1, max_size=50)), min_size=1, max_size=8)
+
+
+@compiled
+@settings(max_examples=300, deadline=None)
+@given(plaintexts=_plaintexts)
+def test_strip_is_the_per_packet_check_at_once(plaintexts: list[bytes]) -> None:
+    assert _aead is not None
+    expected = [_inner(plaintext) for plaintext in plaintexts]
+    result = _aead.strip(plaintexts)
+    at_once = None not in expected and len({source for _, source in expected}) == 1
+    if at_once:
+        assert result == ([packet for packet, _ in expected], expected[0][1])
+    else:
+        assert result is None
+    assert aead_py.strip(plaintexts) is None  # the fallback checks one by one

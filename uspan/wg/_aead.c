@@ -1,4 +1,5 @@
-/* Batch ChaCha20-Poly1305 for WireGuard transport messages (uspan.wg.transport_crypto).
+/* Batch ChaCha20-Poly1305 for WireGuard transport messages (uspan.wg.transport_crypto),
+ * and the padding strip of what they carry.
  *
  * Why: one pyca/cryptography call per packet costs a new OpenSSL context (~2.5k
  * instructions) plus the Python loop around it. Here a key object keeps one context
@@ -320,6 +321,69 @@ opener_open(Aead *self, PyObject *arg)
     return plains;
 }
 
+PyDoc_STRVAR(strip_doc,
+"strip(plaintexts) -> (packets, source) or None\n\n"
+"The IP packets in non-empty transport plaintexts without their padding, and the one\n"
+"inner source address they all carry; None if one is not a whole IPv4 or IPv6 packet\n"
+"or their sources differ (the caller then checks them one by one).");
+
+static PyObject *
+strip(PyObject *module, PyObject *plaintexts)
+{
+    if (!PyList_CheckExact(plaintexts)) {
+        PyErr_SetString(PyExc_TypeError, "plaintexts must be a list");
+        return NULL;
+    }
+    Py_ssize_t count = PyList_GET_SIZE(plaintexts);
+    const unsigned char *source = NULL;
+    Py_ssize_t source_size = 0;
+    PyObject *packets = PyList_New(count);
+    for (Py_ssize_t i = 0; packets != NULL && i < count; i++) {
+        PyObject *plaintext = PyList_GET_ITEM(plaintexts, i);
+        if (!PyBytes_CheckExact(plaintext))
+            goto one_by_one;
+        const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(plaintext);
+        Py_ssize_t size = PyBytes_GET_SIZE(plaintext), total, minimum, address_size;
+        const unsigned char *address;
+        int version = size ? data[0] >> 4 : 0;
+        if (version == 4 && size >= 20) {
+            total = (data[2] << 8) | data[3];
+            minimum = 20, address = data + 12, address_size = 4;
+        }
+        else if (version == 6 && size >= 40) {
+            total = 40 + ((data[4] << 8) | data[5]);
+            minimum = 40, address = data + 8, address_size = 16;
+        }
+        else
+            goto one_by_one;
+        if (total > size || total < minimum)
+            goto one_by_one;
+        if (source == NULL)
+            source = address, source_size = address_size;
+        else if (address_size != source_size || memcmp(address, source, source_size) != 0)
+            goto one_by_one;
+        PyObject *packet = total == size ? Py_NewRef(plaintext)
+                                         : PyBytes_FromStringAndSize((const char *)data, total);
+        if (packet == NULL)
+            Py_CLEAR(packets);
+        else
+            PyList_SET_ITEM(packets, i, packet);
+    }
+    if (packets == NULL)
+        return NULL;
+    if (source == NULL) /* nothing to deliver */
+        goto one_by_one;
+    return Py_BuildValue("(Ny#)", packets, (const char *)source, source_size);
+one_by_one:
+    Py_XDECREF(packets);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"strip", (PyCFunction)strip, METH_O, strip_doc},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyMethodDef sealer_methods[] = {
     {"seal", (PyCFunction)(void (*)(void))sealer_seal, METH_FASTCALL, seal_doc},
     {NULL, NULL, 0, NULL},
@@ -359,6 +423,7 @@ static struct PyModuleDef aead_module = {
     .m_name = "uspan.wg._aead",
     .m_doc = "Batch ChaCha20-Poly1305 for WireGuard transport messages (OpenSSL).",
     .m_size = -1,
+    .m_methods = module_methods,
 };
 
 PyMODINIT_FUNC

@@ -33,7 +33,7 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 
-from uspan.wg import messages
+from uspan.wg import messages, transport_crypto
 from uspan.wg.admission import MAX_TRUSTED, Admission, Verdict
 from uspan.wg.allowedips import AllowedIPs
 from uspan.wg.config import (
@@ -49,6 +49,7 @@ from uspan.wg.constants import (
     INITIATION_SIZE,
     KEY_SIZE,
     MAC_SIZE,
+    MAX_STAGED_PACKETS,
     MSG_COOKIE_REPLY,
     MSG_INITIATION,
     MSG_RESPONSE,
@@ -337,7 +338,11 @@ class Device:
             if peer is None:
                 counters[Drop.NO_ROUTE] += 1
                 continue
-            peer.stage(packet, now, out)
+            staged = peer.staged
+            if len(staged) < MAX_STAGED_PACKETS:
+                staged.append(packet)  # Peer.stage without the call, while there is room
+            else:
+                peer.stage(packet, now, out)
             touched[peer] = None
         for peer in touched:
             peer.send_staged(now, out)
@@ -350,9 +355,9 @@ class Device:
 
         Transport messages are handled inline (the hot path), in runs of consecutive
         messages to one receiver index: a batch is mostly one session from one endpoint
-        carrying one inner source. Each run's keypair is looked up when the run comes up
-        and the run is opened at once (one call to the batch AEAD), then checked message
-        by message in order. A run keeps its keypair even if one of its messages confirmed
+        carrying one inner source. Each run's keypair is looked up when the run comes up,
+        the run is opened at once (one call to the batch AEAD) and checked in order
+        (``_receive_run``). A run keeps its keypair even if one of its messages confirmed
         a session that discarded it.
         """
         to_tun: list[bytes] = []
@@ -360,34 +365,37 @@ class Device:
         handshakes: list[Datagram] = []
         received: dict[Peer, list[int]] = {}  # per peer: [bytes, data messages] this batch
         counters = self.counters
-        runs: list[tuple[int, list[Datagram], list[int]]] = []  # (index, messages, counters)
+        # Transport messages in runs of one index: (index, messages, sources, counters).
+        runs: list[tuple[int, list[bytes], list[Endpoint], list[int]]] = []
         unpack = _TRANSPORT_HEADER.unpack_from
         last_index = -1
-        run: list[Datagram] = []
+        messages_: list[bytes] = []
+        sources: list[Endpoint] = []
         numbers: list[int] = []
         for datagram in datagrams:
             data = datagram[0]
             length = len(data)
-            kind = data[0] if length >= 4 and data[1:4] == b"\0\0\0" else -1
+            if length >= TRANSPORT_MIN_SIZE:
+                kind, index, counter = unpack(data)  # the type as a u32: 4 and three zeros
+            else:
+                kind = -1
             if kind != MSG_TRANSPORT:
+                kind = data[0] if length >= 4 and data[1:4] == b"\0\0\0" else -1
                 if kind in (MSG_INITIATION, MSG_RESPONSE, MSG_COOKIE_REPLY):
                     handshakes.append(datagram)
-                elif length < 4:
+                elif length < 4 or kind == MSG_TRANSPORT:  # a transport one: too short
                     counters[Drop.BAD_LENGTH] += 1
                 else:
                     counters[Drop.BAD_TYPE] += 1
                 continue
-            if length < TRANSPORT_MIN_SIZE:
-                counters[Drop.BAD_LENGTH] += 1
-                continue
-            _, index, counter = unpack(data)
             if index != last_index:
-                last_index, run, numbers = index, [], []
-                runs.append((index, run, numbers))
-            run.append(datagram)
+                last_index, messages_, sources, numbers = index, [], [], []
+                runs.append((index, messages_, sources, numbers))
+            messages_.append(data)
+            sources.append(datagram[1])
             numbers.append(counter)
-        for index, run, numbers in runs:
-            self._receive_run(index, run, numbers, now, received, to_tun, out)
+        for run in runs:
+            self._receive_run(*run, now, received, to_tun, out)
         for peer, (length, data_messages) in received.items():
             peer.received_transport(length, data_messages > 0, now, out)
         if handshakes:
@@ -400,23 +408,56 @@ class Device:
                 self._receive_handshake(data, source, now, out)
         return to_tun, out
 
-    def _receive_run(self, index: int, run: list[Datagram], numbers: list[int], now: float,
-                     received: dict[Peer, list[int]], to_tun: list[bytes], out: Out) -> None:
-        """``receive`` for consecutive transport messages to ``index`` (their counters in
-        ``numbers``): open them at once, then replay, roaming and inner-packet checks."""
+    def _receive_run(self, index: int, messages_: list[bytes], sources: list[Endpoint],
+                     numbers: list[int], now: float, received: dict[Peer, list[int]],
+                     to_tun: list[bytes], out: Out) -> None:
+        """``receive`` for consecutive transport messages to ``index`` (from ``sources``,
+        with counters ``numbers``): open them at once, then authenticity, replay and
+        roaming, then the inner packets. In-order messages of one endpoint, the common
+        case, pass at once; any other run is checked message by message."""
         counters = self.counters
         keypair = self.keypairs.get(index)
         if keypair is None:
-            counters[Drop.UNKNOWN_INDEX] += len(run)
+            counters[Drop.UNKNOWN_INDEX] += len(messages_)
             return
         if not keypair.can_receive(now):
-            counters[Drop.EXPIRED_KEY] += len(run)
+            counters[Drop.EXPIRED_KEY] += len(messages_)
             return
-        plaintexts = keypair.open([datagram[0] for datagram in run])
-        accept, peer, lookup = keypair.replay.accept, keypair.peer, self.allowed_ips.lookup
-        last_source, owner = b"", None  # a run mostly carries one inner source
-        tally = None
-        for (data, source), counter, plaintext in zip(run, numbers, plaintexts, strict=True):
+        plaintexts = keypair.open(messages_)
+        peer, last = keypair.peer, sources[-1]
+        if (None not in plaintexts and keypair is not peer.next
+                and sources.count(last) == len(sources) and keypair.replay.accept_run(numbers)):
+            if last is not peer.endpoint and last != peer.endpoint:
+                peer.roam(last)
+            accepted: list[bytes] = plaintexts  # type: ignore[assignment]  # no None in it
+            length = sum(map(len, messages_))
+        else:
+            accepted, length = self._accept_each(
+                keypair, messages_, sources, numbers, plaintexts, now, out)
+        if not accepted:
+            return
+        tally = received.get(peer)
+        if tally is None:
+            tally = received[peer] = [0, 0]
+        tally[0] += length
+        if b"" in accepted:
+            accepted = [plaintext for plaintext in accepted if plaintext]  # keepalives
+            if not accepted:
+                return
+        tally[1] += len(accepted)
+        self._deliver(peer, accepted, to_tun)
+
+    def _accept_each(self, keypair: Keypair, messages_: list[bytes], sources: list[Endpoint],
+                     numbers: list[int], plaintexts: list[bytes | None], now: float,
+                     out: Out) -> tuple[list[bytes], int]:
+        """The authentic, fresh plaintexts of a run and their messages' bytes, one by one:
+        a new source roams the peer, the first message of ``next`` confirms it."""
+        counters = self.counters
+        accept, peer = keypair.replay.accept, keypair.peer
+        accepted: list[bytes] = []
+        length = 0
+        for data, source, counter, plaintext in zip(
+                messages_, sources, numbers, plaintexts, strict=True):
             if plaintext is None:
                 counters[Drop.DECRYPT_FAILED] += 1
                 continue
@@ -427,15 +468,24 @@ class Device:
                 peer.roam(source)
             if keypair is peer.next:
                 peer.confirm_next(now, out)  # discards `previous`, never the keypair in hand
-            if tally is None:
-                tally = received.get(peer)
-                if tally is None:
-                    tally = received[peer] = [0, 0]
-            tally[0] += len(data)
-            if not plaintext:
-                continue  # keepalive
-            tally[1] += 1
-            # Strip padding; the inner source must be one of the peer's allowed IPs.
+            accepted.append(plaintext)
+            length += len(data)
+        return accepted, length
+
+    def _deliver(self, peer: Peer, plaintexts: list[bytes], to_tun: list[bytes]) -> None:
+        """The IP packets in ``peer``'s plaintexts (no keepalives) to the TUN, padding
+        stripped, if the inner source is one of its allowed IPs."""
+        counters, lookup = self.counters, self.allowed_ips.lookup
+        stripped = transport_crypto.strip(plaintexts)
+        if stripped is not None:  # all well formed, one inner source
+            packets, source = stripped
+            if lookup(source) is peer:
+                to_tun.extend(packets)
+            else:
+                counters[Drop.NOT_ALLOWED_SOURCE] += len(packets)
+            return
+        last_source, owner = b"", None  # mostly one inner source
+        for plaintext in plaintexts:
             size = len(plaintext)
             version = plaintext[0] >> 4
             if version == 4 and size >= 20:
