@@ -15,6 +15,7 @@ from uspan.wg.constants import (
     KEEPALIVE_TIMEOUT,
     MSG_INITIATION,
     MSG_TRANSPORT,
+    REJECT_AFTER_MESSAGES,
     REJECT_AFTER_TIME,
     REKEY_AFTER_TIME,
     REKEY_TIMEOUT,
@@ -294,6 +295,21 @@ def test_a_mixed_batch_is_checked_message_by_message(net: Net, pair) -> None:
     assert (counters[Drop.DECRYPT_FAILED], counters[Drop.REPLAY], counters[Drop.UNKNOWN_INDEX],
             counters[Drop.BAD_LENGTH], counters[Drop.NOT_ALLOWED_SOURCE]) == (1, 1, 1, 1, 1)
     assert net.peer(b, a).rx_bytes - rx_before == sum(map(len, sealed))
+
+
+def test_sealing_stops_at_reject_after_messages(net: Net, pair) -> None:
+    a, b = pair
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    net.run()
+    keypair = net.peer(a, b).current
+    keypair.send_counter = REJECT_AFTER_MESSAGES - 2
+    out = a.device.send([ipv4_packet("10.0.0.1", "10.0.0.2", bytes([i])) for i in range(5)],
+                        net.now)
+    transport = [d for d, _ in out if d[0] == MSG_TRANSPORT]
+    assert [int.from_bytes(d[8:16], "little") for d in transport] == [
+        REJECT_AFTER_MESSAGES - 2, REJECT_AFTER_MESSAGES - 1]
+    assert keypair.send_counter == REJECT_AFTER_MESSAGES
+    assert len(net.peer(a, b).staged) == 3  # they wait for the new session
 
 
 def test_initiation_replay_is_dropped(net: Net, pair) -> None:
