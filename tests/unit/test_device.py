@@ -16,6 +16,7 @@ from uspan.wg.constants import (
     KEEPALIVE_TIMEOUT,
     MSG_INITIATION,
     MSG_TRANSPORT,
+    REJECT_AFTER_MESSAGES,
     REJECT_AFTER_TIME,
     REKEY_AFTER_TIME,
     REKEY_TIMEOUT,
@@ -24,6 +25,8 @@ from uspan.wg.drops import Drop
 from uspan.wg.endpoint import Endpoint
 
 PSK = bytes(range(32))
+# Every test runs on the compiled transport AEAD and on the pyca fallback.
+pytestmark = pytest.mark.usefixtures("transport_aead")
 
 
 def kinds(datagrams: list[bytes]) -> list[int]:
@@ -268,6 +271,46 @@ def test_transport_replay_is_dropped(net: Net, pair) -> None:
     b.device.receive([(datagram, a.endpoint)], net.now)
     assert len(b.tun) == before
     assert b.device.counters[Drop.REPLAY] == 1
+
+
+def test_a_mixed_batch_is_checked_message_by_message(net: Net, pair) -> None:
+    """Runs of one index opened at once still count and deliver each message as alone."""
+    a, b = pair
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    net.run()
+    packets = [ipv4_packet("10.0.0.1", "10.0.0.2", bytes([i]) * 30) for i in range(4)]
+    net.send(a, packets)
+    net.send(a, [ipv4_packet("10.9.9.9", "10.0.0.2")])  # an inner source b does not allow
+    out: list = []
+    net.peer(a, b).send_keepalive(net.now, out)
+    sealed = [d for d, _, _ in net.wire] + [d for d, _ in out]
+    net.wire.clear()
+    forged = sealed[1][:-1] + bytes([sealed[1][-1] ^ 1])
+    unknown = b"\x04\0\0\0" + bytes([9, 9, 9, 9]) + bytes(8 + 32)
+    batch = [sealed[0], forged, sealed[1], sealed[0], unknown, b"\x04\0\0\0", sealed[2],
+             sealed[4], sealed[5], sealed[3]]
+    rx_before = net.peer(b, a).rx_bytes
+    to_tun, _ = b.device.receive([(d, a.endpoint) for d in batch], net.now)
+    assert to_tun == packets
+    counters = b.device.counters
+    assert (counters[Drop.DECRYPT_FAILED], counters[Drop.REPLAY], counters[Drop.UNKNOWN_INDEX],
+            counters[Drop.BAD_LENGTH], counters[Drop.NOT_ALLOWED_SOURCE]) == (1, 1, 1, 1, 1)
+    assert net.peer(b, a).rx_bytes - rx_before == sum(map(len, sealed))
+
+
+def test_sealing_stops_at_reject_after_messages(net: Net, pair) -> None:
+    a, b = pair
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    net.run()
+    keypair = net.peer(a, b).current
+    keypair.send_counter = REJECT_AFTER_MESSAGES - 2
+    out = a.device.send([ipv4_packet("10.0.0.1", "10.0.0.2", bytes([i])) for i in range(5)],
+                        net.now)
+    transport = [d for d, _ in out if d[0] == MSG_TRANSPORT]
+    assert [int.from_bytes(d[8:16], "little") for d in transport] == [
+        REJECT_AFTER_MESSAGES - 2, REJECT_AFTER_MESSAGES - 1]
+    assert keypair.send_counter == REJECT_AFTER_MESSAGES
+    assert len(net.peer(a, b).staged) == 3  # they wait for the new session
 
 
 def test_initiation_replay_is_dropped(net: Net, pair) -> None:

@@ -33,9 +33,7 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 
-from cryptography.exceptions import InvalidTag
-
-from uspan.wg import messages
+from uspan.wg import messages, transport_crypto
 from uspan.wg.admission import MAX_TRUSTED, Admission, Verdict
 from uspan.wg.allowedips import AllowedIPs
 from uspan.wg.config import (
@@ -51,6 +49,7 @@ from uspan.wg.constants import (
     INITIATION_SIZE,
     KEY_SIZE,
     MAC_SIZE,
+    MAX_STAGED_PACKETS,
     MSG_COOKIE_REPLY,
     MSG_INITIATION,
     MSG_RESPONSE,
@@ -345,7 +344,11 @@ class Device:
             if peer is None:
                 counters[Drop.NO_ROUTE] += 1
                 continue
-            peer.stage(packet, now, out)
+            staged = peer.staged
+            if len(staged) < MAX_STAGED_PACKETS:
+                staged.append(packet)  # Peer.stage without the call, while there is room
+            else:
+                peer.stage(packet, now, out)
             touched[peer] = None
         for peer in touched:
             peer.send_staged(now, out)
@@ -356,68 +359,139 @@ class Device:
     def receive(self, datagrams: Iterable[Datagram], now: float) -> tuple[list[bytes], Out]:
         """Handle datagrams from UDP: decrypted packets for the TUN, and replies.
 
-        Transport messages are handled inline (the hot path): a batch is mostly one
-        session from one endpoint carrying one inner source, so the keypair of the last
-        message's index and the allowed-IPs owner of its inner source are reused while
-        they stay the same (nothing in the loop removes them).
+        Transport messages are handled inline (the hot path), in runs of consecutive
+        messages to one receiver index: a batch is mostly one session from one endpoint
+        carrying one inner source. Each run's keypair is looked up when the run comes up,
+        the run is opened at once (one call to the batch AEAD) and checked in order
+        (``_receive_run``). A run keeps its keypair even if one of its messages confirmed
+        a session that discarded it.
         """
         to_tun: list[bytes] = []
         out: Out = []
         handshakes: list[Datagram] = []
         received: dict[Peer, list[int]] = {}  # per peer: [bytes, data messages] this batch
         counters = self.counters
-        keypairs, lookup = self.keypairs, self.allowed_ips.lookup
+        # Transport messages in runs of one index: (index, messages, sources, counters).
+        runs: list[tuple[int, list[bytes], list[Endpoint], list[int]]] = []
         unpack = _TRANSPORT_HEADER.unpack_from
-        last_index, keypair, usable = -1, None, False
-        last_source, owner = b"", None
+        last_index = -1
+        messages_: list[bytes] = []
+        sources: list[Endpoint] = []
+        numbers: list[int] = []
         for datagram in datagrams:
             data = datagram[0]
             length = len(data)
-            kind = data[0] if length >= 4 and data[1:4] == b"\0\0\0" else -1
+            if length >= TRANSPORT_MIN_SIZE:
+                kind, index, counter = unpack(data)  # the type as a u32: 4 and three zeros
+            else:
+                kind = -1
             if kind != MSG_TRANSPORT:
+                kind = data[0] if length >= 4 and data[1:4] == b"\0\0\0" else -1
                 if kind in (MSG_INITIATION, MSG_RESPONSE, MSG_COOKIE_REPLY):
                     handshakes.append(datagram)
-                elif length < 4:
+                elif length < 4 or kind == MSG_TRANSPORT:  # a transport one: too short
                     counters[Drop.BAD_LENGTH] += 1
                 else:
                     counters[Drop.BAD_TYPE] += 1
                 continue
-            if length < TRANSPORT_MIN_SIZE:
-                counters[Drop.BAD_LENGTH] += 1
-                continue
-            _, index, counter = unpack(data)
             if index != last_index:
-                keypair = keypairs.get(index)
-                last_index = index
-                usable = keypair is not None and keypair.can_receive(now)
-            if keypair is None:
-                counters[Drop.UNKNOWN_INDEX] += 1
-                continue
-            if not usable:
-                counters[Drop.EXPIRED_KEY] += 1
-                continue
-            try:
-                plaintext = keypair.open(counter, data[16:])
-            except InvalidTag:
+                last_index, messages_, sources, numbers = index, [], [], []
+                runs.append((index, messages_, sources, numbers))
+            messages_.append(data)
+            sources.append(datagram[1])
+            numbers.append(counter)
+        for run in runs:
+            self._receive_run(*run, now, received, to_tun, out)
+        for peer, (length, data_messages) in received.items():
+            peer.received_transport(length, data_messages > 0, now, out)
+        if handshakes:
+            if now - self._load_window_start >= 1.0:
+                self._load_window_start, self._load_count = now, 0
+            self._load_count += len(handshakes)
+            if self._load_count >= self.under_load_rate:
+                self._under_load_until = now + UNDER_LOAD_AFTER
+            for data, source in handshakes:
+                self._receive_handshake(data, source, now, out)
+        return to_tun, out
+
+    def _receive_run(self, index: int, messages_: list[bytes], sources: list[Endpoint],
+                     numbers: list[int], now: float, received: dict[Peer, list[int]],
+                     to_tun: list[bytes], out: Out) -> None:
+        """``receive`` for consecutive transport messages to ``index`` (from ``sources``,
+        with counters ``numbers``): open them at once, then authenticity, replay and
+        roaming, then the inner packets. In-order messages of one endpoint, the common
+        case, pass at once; any other run is checked message by message."""
+        counters = self.counters
+        keypair = self.keypairs.get(index)
+        if keypair is None:
+            counters[Drop.UNKNOWN_INDEX] += len(messages_)
+            return
+        if not keypair.can_receive(now):
+            counters[Drop.EXPIRED_KEY] += len(messages_)
+            return
+        plaintexts = keypair.open(messages_)
+        peer, last = keypair.peer, sources[-1]
+        if (None not in plaintexts and keypair is not peer.next
+                and sources.count(last) == len(sources) and keypair.replay.accept_run(numbers)):
+            if last is not peer.endpoint and last != peer.endpoint:
+                peer.roam(last)
+            accepted: list[bytes] = plaintexts  # type: ignore[assignment]  # no None in it
+            length = sum(map(len, messages_))
+        else:
+            accepted, length = self._accept_each(
+                keypair, messages_, sources, numbers, plaintexts, now, out)
+        if not accepted:
+            return
+        tally = received.get(peer)
+        if tally is None:
+            tally = received[peer] = [0, 0]
+        tally[0] += length
+        if b"" in accepted:
+            accepted = [plaintext for plaintext in accepted if plaintext]  # keepalives
+            if not accepted:
+                return
+        tally[1] += len(accepted)
+        self._deliver(peer, accepted, to_tun)
+
+    def _accept_each(self, keypair: Keypair, messages_: list[bytes], sources: list[Endpoint],
+                     numbers: list[int], plaintexts: list[bytes | None], now: float,
+                     out: Out) -> tuple[list[bytes], int]:
+        """The authentic, fresh plaintexts of a run and their messages' bytes, one by one:
+        a new source roams the peer, the first message of ``next`` confirms it."""
+        counters = self.counters
+        accept, peer = keypair.replay.accept, keypair.peer
+        accepted: list[bytes] = []
+        length = 0
+        for data, source, counter, plaintext in zip(
+                messages_, sources, numbers, plaintexts, strict=True):
+            if plaintext is None:
                 counters[Drop.DECRYPT_FAILED] += 1
                 continue
-            if not keypair.replay.accept(counter):
+            if not accept(counter):
                 counters[Drop.REPLAY] += 1
                 continue
-            peer = keypair.peer
-            source = datagram[1]
             if source is not peer.endpoint and source != peer.endpoint:
                 peer.roam(source)
             if keypair is peer.next:
                 peer.confirm_next(now, out)  # discards `previous`, never the keypair in hand
-            tally = received.get(peer)
-            if tally is None:
-                tally = received[peer] = [0, 0]
-            tally[0] += length
-            if not plaintext:
-                continue  # keepalive
-            tally[1] += 1
-            # Strip padding; the inner source must be one of the peer's allowed IPs.
+            accepted.append(plaintext)
+            length += len(data)
+        return accepted, length
+
+    def _deliver(self, peer: Peer, plaintexts: list[bytes], to_tun: list[bytes]) -> None:
+        """The IP packets in ``peer``'s plaintexts (no keepalives) to the TUN, padding
+        stripped, if the inner source is one of its allowed IPs."""
+        counters, lookup = self.counters, self.allowed_ips.lookup
+        stripped = transport_crypto.strip(plaintexts)
+        if stripped is not None:  # all well formed, one inner source
+            packets, source = stripped
+            if lookup(source) is peer:
+                to_tun.extend(packets)
+            else:
+                counters[Drop.NOT_ALLOWED_SOURCE] += len(packets)
+            return
+        last_source, owner = b"", None  # mostly one inner source
+        for plaintext in plaintexts:
             size = len(plaintext)
             version = plaintext[0] >> 4
             if version == 4 and size >= 20:
@@ -438,17 +512,6 @@ class Device:
                 counters[Drop.NOT_ALLOWED_SOURCE] += 1
                 continue
             to_tun.append(plaintext if total == size else plaintext[:total])
-        for peer, (length, data_messages) in received.items():
-            peer.received_transport(length, data_messages > 0, now, out)
-        if handshakes:
-            if now - self._load_window_start >= 1.0:
-                self._load_window_start, self._load_count = now, 0
-            self._load_count += len(handshakes)
-            if self._load_count >= self.under_load_rate:
-                self._under_load_until = now + UNDER_LOAD_AFTER
-            for data, source in handshakes:
-                self._receive_handshake(data, source, now, out)
-        return to_tun, out
 
     def _receive_handshake(self, data: bytes, source: Endpoint, now: float, out: Out) -> None:
         counters = self.counters

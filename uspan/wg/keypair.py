@@ -2,28 +2,24 @@
 
 from __future__ import annotations
 
-import struct
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-
-from uspan.wg.constants import MSG_TRANSPORT, REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME
+from uspan.wg import transport_crypto
+from uspan.wg.constants import REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME
 from uspan.wg.replay import ReplayWindow
 
 if TYPE_CHECKING:
     from uspan.wg.handshake import TransportKeys
     from uspan.wg.peer import Peer
 
-_NONCE = struct.Struct("<4xQ")
-_HEADER = struct.Struct("<IIQ")
-
 
 class Keypair:
     """A session: created by a completed handshake, valid for REJECT_AFTER_TIME."""
 
     __slots__ = (
-        "_recv",
-        "_send",
+        "_opener",
+        "_sealer",
         "created",
         "initiator",
         "local_index",
@@ -43,8 +39,9 @@ class Keypair:
         peer: Peer,
         now: float,
     ) -> None:
-        self._send = ChaCha20Poly1305(keys.send)
-        self._recv = ChaCha20Poly1305(keys.recv)
+        # Looked up per session, so a test can swap the implementation.
+        self._sealer = transport_crypto.Sealer(keys.send)
+        self._opener = transport_crypto.Opener(keys.recv)
         self.initiator = initiator
         self.local_index = local_index
         self.remote_index = remote_index
@@ -65,14 +62,15 @@ class Keypair:
         """Make the next send need a new handshake (e.g. after a private key change)."""
         self.send_counter = REJECT_AFTER_MESSAGES
 
-    def seal(self, padded_plaintext: bytes) -> bytes:
-        """A transport message carrying ``padded_plaintext``; advances the counter."""
+    def seal(self, packets: Sequence[bytes], mtu: int) -> list[bytes]:
+        """Transport messages carrying ``packets`` (padded within ``mtu``; empty ones are
+        keepalives), numbered from the send counter, which they advance."""
         counter = self.send_counter
-        self.send_counter = counter + 1
-        return _HEADER.pack(MSG_TRANSPORT, self.remote_index, counter) + self._send.encrypt(
-            _NONCE.pack(counter), padded_plaintext, None
-        )
+        datagrams = self._sealer.seal(self.remote_index, counter, packets, mtu)
+        self.send_counter = counter + len(datagrams)
+        return datagrams
 
-    def open(self, counter: int, ciphertext: bytes) -> bytes:
-        """Decrypt a transport payload; raises cryptography's InvalidTag on forgery."""
-        return self._recv.decrypt(_NONCE.pack(counter), ciphertext, None)
+    def open(self, datagrams: Sequence[bytes]) -> list[bytes | None]:
+        """The padded plaintext of each whole transport message to this session, or None
+        where its tag is wrong (a forgery, or another key's)."""
+        return self._opener.open(datagrams)

@@ -7,6 +7,7 @@ Every method that may emit datagrams takes an ``out`` list and appends
 from __future__ import annotations
 
 from collections import deque
+from itertools import repeat
 from typing import TYPE_CHECKING
 
 from uspan.wg import crypto, tai64n, timers
@@ -26,7 +27,6 @@ from uspan.wg.cookie import CookieGenerator
 from uspan.wg.drops import Drop
 from uspan.wg.facts import PeerFacts
 from uspan.wg.handshake import InitiatorState, create_initiation
-from uspan.wg.messages import padded_length
 from uspan.wg.timers import PeerTimers
 
 if TYPE_CHECKING:
@@ -136,25 +136,18 @@ class Peer:
             self.device.counters[Drop.NO_ENDPOINT] += len(self.staged)
             self.staged.clear()
             return
-        mtu = self.device.mtu
-        sent_data = False
-        staged, seal, append = self.staged, keypair.seal, out.append
         # Seal no further than the counter allows; what is left waits for a new session.
+        staged = self.staged
         room = REJECT_AFTER_MESSAGES - keypair.send_counter
-        tx_bytes = 0
-        while staged and room > 0:
-            packet = staged.popleft()
-            length = len(packet)
-            if length:
-                padded = padded_length(length, mtu)
-                if padded != length:
-                    packet = packet + bytes(padded - length)
-                sent_data = True
-            datagram = seal(packet)
-            append((datagram, endpoint))
-            tx_bytes += len(datagram)
-            room -= 1
-        self.tx_bytes += tx_bytes
+        if len(staged) <= room:
+            packets = list(staged)
+            staged.clear()
+        else:
+            packets = [staged.popleft() for _ in range(room)]
+        datagrams = keypair.seal(packets, self.device.mtu)
+        out.extend(zip(datagrams, repeat(endpoint)))
+        self.tx_bytes += sum(map(len, datagrams))
+        sent_data = any(packets)  # not only keepalives
         timers_ = self.timers
         if sent_data:
             timers_.data_sent(now)

@@ -66,3 +66,20 @@ class ReplayWindow:
             return False
         words[slot] = word | bit
         return True
+
+    def accept_run(self, counters: list[int]) -> bool:
+        """Accept in-order traffic at once: consecutive ``counters`` (at least one), all
+        above the highest seen, as ``accept`` would one by one. Any other run: False, and
+        nothing changes (the caller then checks one by one)."""
+        first, last = counters[0], counters[-1]
+        if (first <= self._top or last >= REJECT_AFTER_MESSAGES
+                or last - first >= REPLAY_WINDOW or counters != list(range(first, last + 1))):
+            return False
+        self.accept(last)  # advances, clearing the words it enters
+        words, counter = self._words, first
+        while counter < last:  # then the bits of first .. last - 1, a word at a time
+            bit = counter & _BIT_MASK
+            span = min(_WORD_BITS - bit, last - counter)
+            words[(counter >> _WORD_SHIFT) & _SLOT_MASK] |= ((1 << span) - 1) << bit
+            counter += span
+        return True

@@ -1,0 +1,139 @@
+"""Per-packet cost of the core's data path, in process (no network, no daemon).
+
+One single-stream TCP super-segment's worth of packets (47 IPv4 packets of 1,408 bytes, as
+``gso.segment`` makes of 64 KiB) goes through ``Device.send`` on A and the resulting
+datagrams through ``Device.receive`` on B, over a session made by an in-memory handshake.
+
+    bench/perpacket                 # fastest of 2,000 calls, us per packet
+    bench/perpacket --callgrind     # instructions per packet (valgrind), robust under load
+
+The minimum over many calls is what one call costs when nothing else runs; instructions
+are the run with the stage minus the same run without it. B's replay window is reset
+between calls (untimed) so the same datagrams can be received again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from uspan.wg import prefix
+from uspan.wg.config import DeviceChange, PeerChange
+from uspan.wg.crypto import clamp, public_key
+from uspan.wg.device import Device
+from uspan.wg.endpoint import Endpoint
+from uspan.wg.keypair import Keypair
+from uspan.wg.replay import ReplayWindow
+
+PACKETS = 47
+PACKET_SIZE = 1408
+NOW = 1000.0
+A_ENDPOINT, B_ENDPOINT = Endpoint("192.0.2.1", 51820), Endpoint("192.0.2.2", 51820)
+
+
+def _ipv4(size: int, seq: int) -> bytes:
+    header = bytes([0x45, 0, size >> 8, size & 0xFF, 0, 0, 0x40, 0, 64, 6, 0, 0,
+                    10, 0, 0, 1, 10, 0, 0, 2])
+    return header + seq.to_bytes(4, "big") * ((size - 20) // 4)
+
+
+def pair() -> tuple[Device, Device]:
+    """A and B with a confirmed session, A the initiator."""
+    a, b = Device(), Device()
+    keys = [clamp(bytes([n]) * 32) for n in (1, 2)]
+    for device, key, other, endpoint, allowed in (
+            (a, keys[0], keys[1], B_ENDPOINT, "10.0.0.2/32"),
+            (b, keys[1], keys[0], A_ENDPOINT, "10.0.0.1/32")):
+        device.apply(DeviceChange(private_key=key, peers=[PeerChange(
+            public_key(other), endpoint=endpoint,
+            allowed_ips=[prefix.parse(allowed)])]), NOW)
+    wire = a.send([_ipv4(PACKET_SIZE, 0)], NOW)
+    for _ in range(4):  # initiation, response, keepalive, staged packet
+        to_b = b.receive([(d, A_ENDPOINT) for d, _ in wire], NOW)[1]
+        wire = a.receive([(d, B_ENDPOINT) for d, _ in to_b], NOW)[1]
+    assert b.peers[public_key(keys[0])].current is not None, "no session"
+    return a, b
+
+
+def _receive_stage(a: Device, b: Device) -> tuple[Keypair, list[tuple[bytes, Endpoint]]]:
+    """B's session and A's datagrams of one batch, as B receives them."""
+    datagrams = [(d, A_ENDPOINT) for d, _ in a.send(batch(), NOW)]
+    keypair = next(iter(b.peers.values())).current
+    assert keypair is not None
+    return keypair, datagrams
+
+
+def batch() -> list[bytes]:
+    return [_ipv4(PACKET_SIZE, n) for n in range(PACKETS)]
+
+
+def timed(calls: int) -> None:
+    a, b = pair()
+    packets = batch()
+    best = min(_time(lambda: a.send(packets, NOW)) for _ in range(calls))
+    print(f"Device.send     {best / PACKETS / 1000:.2f} us per packet (fastest of {calls})")
+    keypair, datagrams = _receive_stage(a, b)
+    results = []
+    for _ in range(calls):
+        keypair.replay = ReplayWindow()
+        results.append(_time(lambda: b.receive(datagrams, NOW)))
+    to_tun, _ = b.receive(datagrams, NOW)
+    assert not to_tun, "replayed datagrams were accepted"
+    print(f"Device.receive  {min(results) / PACKETS / 1000:.2f} us per packet "
+          f"(fastest of {calls})")
+
+
+def _time(call: Callable[[], object]) -> int:
+    start = time.perf_counter_ns()
+    call()
+    return time.perf_counter_ns() - start
+
+
+def stage(name: str, calls: int) -> None:
+    """Run one stage ``calls`` times (or nothing: the baseline) for callgrind."""
+    a, b = pair()
+    packets = batch()
+    keypair, datagrams = _receive_stage(a, b)
+    for _ in range(calls):
+        keypair.replay = ReplayWindow()
+        if name == "send":
+            a.send(packets, NOW)
+        elif name == "receive":
+            assert len(b.receive(datagrams, NOW)[0]) == PACKETS
+
+
+def callgrind(calls: int) -> None:
+    totals: dict[str, int] = {}
+    for name in ("none", "send", "receive"):
+        run = subprocess.run(
+            ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+             sys.executable, __file__, "--stage", name, "--calls", str(calls)],
+            capture_output=True, text=True, check=True)
+        found = re.search(r"Collected : (\d+)", run.stderr)
+        assert found, run.stderr
+        totals[name] = int(found.group(1))
+    for name in ("send", "receive"):
+        per = (totals[name] - totals["none"]) / calls / PACKETS
+        print(f"Device.{name:<8} {per / 1000:.1f}k instructions per packet ({calls} calls)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--calls", type=int)
+    parser.add_argument("--callgrind", action="store_true", help="count instructions")
+    parser.add_argument("--stage", choices=("none", "send", "receive"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.stage:
+        stage(args.stage, args.calls or 30)
+    elif args.callgrind:
+        callgrind(args.calls or 30)
+    else:
+        timed(args.calls or 2000)
+
+
+if __name__ == "__main__":
+    main()

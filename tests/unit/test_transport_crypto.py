@@ -1,0 +1,206 @@
+"""The batch transport AEAD: RFC 8439 known answers, and the compiled module
+(uspan.wg._aead) giving byte for byte what the pyca fallback (aead_py) gives."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from types import ModuleType
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from uspan.wg import aead_py, transport_crypto
+from uspan.wg.messages import padded_length
+
+try:
+    from uspan.wg import _aead
+except ImportError:
+    _aead = None  # type: ignore[assignment]
+
+compiled = pytest.mark.skipif(_aead is None, reason="uspan.wg._aead was not built")
+IMPLEMENTATIONS = [pytest.param(aead_py, id="python"),
+                   pytest.param(_aead, id="compiled", marks=compiled)]
+
+
+def test_compiled_module_is_used_when_required() -> None:
+    """CI sets USPAN_REQUIRE_COMPILED=1 (scripts/test): a silent fallback fails here."""
+    if os.environ.get("USPAN_REQUIRE_COMPILED") != "1":
+        pytest.skip("USPAN_REQUIRE_COMPILED is not set")
+    assert _aead is not None, "uspan.wg._aead did not build or import"
+    assert transport_crypto.COMPILED and transport_crypto.Sealer is _aead.Sealer
+
+
+# RFC 8439 A.2 test vector #2: ChaCha20 with key 00..01 and nonce 00..02 from block 1,
+# which is the AEAD's ciphertext for that key and nonce (4 zero bytes and a little-endian
+# counter, as WireGuard's), and A.4 test vector #2: the Poly1305 key of the same pair.
+RFC_KEY = bytes(31) + b"\x01"
+RFC_COUNTER = 2 << 56  # nonce 00000000 0000000000000002
+RFC_PLAINTEXT = (
+    b"Any submission to the IETF intended by the Contributor for publication as all or part"
+    b" of an IETF Internet-Draft or RFC and any statement made within the context of an IETF"
+    b' activity is considered an "IETF Contribution". Such statements include oral'
+    b" statements in IETF sessions, as well as written and electronic communications made"
+    b" at any time or place, which are addressed to"
+)
+RFC_CIPHERTEXT = bytes.fromhex(
+    "a3fbf07df3fa2fde4f376ca23e82737041605d9f4f4f57bd8cff2c1d4b7955ec"
+    "2a97948bd3722915c8f3d337f7d370050e9e96d647b7c39f56e031ca5eb6250d"
+    "4042e02785ececfa4b4bb5e8ead0440e20b6e8db09d881a7c6132f420e527950"
+    "42bdfa7773d8a9051447b3291ce1411c680465552aa6c405b7764d5e87bea85a"
+    "d00f8449ed8f72d0d662ab052691ca66424bc86d2df80ea41f43abf937d3259d"
+    "c4b2d0dfb48a6c9139ddd7f76966e928e635553ba76c5c879d7b35d49eb2e62b"
+    "0871cdac638939e25e8a1e0ef9d5280fa8ca328b351c3c765989cbcf3daa8b6c"
+    "cc3aaf9f3979c92b3720fc88dc95ed84a1be059c6499b9fda236e7e818b04b0b"
+    "c39c1e876b193bfe5569753f88128cc08aaa9b63d1a16f80ef2554d7189c411f"
+    "5869ca52c5b83fa36ff216b9c1d30062bebcfd2dc5bce0911934fda79a86f6e6"
+    "98ced759c3ff9b6477338f3da4f9cd8514ea9982ccafb341b2384dd902f3d1ab"
+    "7ac61dd29c6f21ba5b862f3730e37cfdc4fd806c22f221"
+)
+RFC_POLY1305_KEY = bytes.fromhex(
+    "ecfa254f845f647473d3cb140da9e87606cb33066c447b87bc2666dde3fbb739")
+
+
+def poly1305(key: bytes, message: bytes) -> bytes:
+    """RFC 8439 2.5, written out to check the AEAD's tag."""
+    r = int.from_bytes(key[:16], "little") & 0x0FFFFFFC0FFFFFFC0FFFFFFC0FFFFFFF
+    accumulator, prime = 0, (1 << 130) - 5
+    for start in range(0, len(message), 16):
+        block = int.from_bytes(message[start:start + 16] + b"\x01", "little")
+        accumulator = (accumulator + block) * r % prime
+    total = accumulator + int.from_bytes(key[16:], "little")
+    return (total & ((1 << 128) - 1)).to_bytes(16, "little")
+
+
+def test_poly1305_rfc8439_2_5_2() -> None:
+    key = bytes.fromhex("85d6be7857556d337f4452fe42d506a80103808afb0db2fd4abff6af4149f51b")
+    tag = poly1305(key, b"Cryptographic Forum Research Group")
+    assert tag.hex() == "a8061dc1305136c6c22b8baf0c0127a9"
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_rfc8439_vectors(impl: ModuleType) -> None:
+    # MTU 375: the 375-byte plaintext is sealed unpadded, as the vector has it.
+    [datagram] = impl.Sealer(RFC_KEY).seal(7, RFC_COUNTER, [RFC_PLAINTEXT], 375)
+    assert datagram[:16] == bytes([4, 0, 0, 0, 7, 0, 0, 0]) + RFC_COUNTER.to_bytes(8, "little")
+    body, tag = datagram[16:-16], datagram[-16:]
+    assert body == RFC_CIPHERTEXT
+    lengths = (0).to_bytes(8, "little") + len(body).to_bytes(8, "little")  # no AAD
+    assert tag == poly1305(RFC_POLY1305_KEY, body + bytes(-len(body) % 16) + lengths)
+    assert impl.Opener(RFC_KEY).open([datagram]) == [RFC_PLAINTEXT]
+
+
+def _tamper(datagrams: list[bytes], flips: list[tuple[int, int]]) -> list[bytes]:
+    """Flip one bit at (datagram, byte position) for each pair, past the header."""
+    out = list(datagrams)
+    for which, position in flips:
+        if out:
+            i = which % len(out)
+            data = bytearray(out[i])
+            data[16 + position % (len(data) - 16)] ^= 1 << (position % 8)
+            out[i] = bytes(data)
+    return out
+
+
+_MTU = 1420
+_packets = st.lists(
+    st.one_of(st.binary(max_size=64),
+              st.integers(_MTU - 20, _MTU + 20).map(lambda n: b"\xab" * n)),
+    max_size=12)
+
+
+@compiled
+@settings(max_examples=200, deadline=None)
+@given(key=st.binary(min_size=32, max_size=32), index=st.integers(0, 2**32 - 1),
+       counter=st.integers(0, 2**64 - 13), packets=_packets,
+       mtu=st.sampled_from([0, 15, 16, 17, 1280, _MTU, _MTU + 1]),
+       flips=st.lists(st.tuples(st.integers(0, 99), st.integers(0, 10**6)), max_size=3))
+def test_compiled_and_python_agree(key: bytes, index: int, counter: int, packets: list[bytes],
+                                   mtu: int, flips: list[tuple[int, int]]) -> None:
+    assert _aead is not None
+    sealed = _aead.Sealer(key).seal(index, counter, packets, mtu)
+    assert sealed == aead_py.Sealer(key).seal(index, counter, packets, mtu)
+    for datagram, packet in zip(sealed, packets, strict=True):
+        assert len(datagram) == 32 + padded_length(len(packet), mtu)
+    opened = _aead.Opener(key).open(sealed)
+    assert opened == [p.ljust(padded_length(len(p), mtu), b"\0") for p in packets]
+    tampered = _tamper(sealed, flips)
+    results = _aead.Opener(key).open(tampered)
+    assert results == aead_py.Opener(key).open(tampered)
+    for original, changed, result in zip(sealed, tampered, results, strict=True):
+        assert (result is None) == (original[16:] != changed[16:])
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_bad_input_is_refused_alike(impl: ModuleType) -> None:
+    refusals: list[tuple[type[Exception], Callable[[], object]]] = [
+        (ValueError, lambda: impl.Sealer(bytes(31))),
+        (ValueError, lambda: impl.Opener(bytes(33))),
+        (ValueError, lambda: impl.Opener(bytes(32)).open([bytes(31)])),
+        (OverflowError, lambda: impl.Sealer(bytes(32)).seal(0, 2**64 - 1, [b"", b""], 0)),
+        (OverflowError, lambda: impl.Sealer(bytes(32)).seal(0, -1, [b""], 0)),
+        (OverflowError, lambda: impl.Sealer(bytes(32)).seal(2**32, 0, [b""], 0)),
+    ]
+    for error, call in refusals:
+        with pytest.raises(error):
+            call()
+    # The last counter there is; buffers other than bytes; an empty batch.
+    sealer = impl.Sealer(bytes(32))
+    assert len(sealer.seal(0, 2**64 - 1, [bytearray(3)], 0)[0]) == 35
+    assert impl.Opener(bytes(32)).open([memoryview(sealer.seal(1, 2, [b"x"], 64)[0])]) == [
+        b"x".ljust(16, b"\0")]
+    assert sealer.seal(0, 0, [], _MTU) == [] and impl.Opener(bytes(32)).open([]) == []
+
+
+@compiled
+def test_key_is_not_in_the_repr() -> None:
+    assert _aead is not None
+    key = bytes(range(32))
+    for obj in (_aead.Sealer(key), _aead.Opener(key)):
+        assert key.hex() not in repr(obj) and not hasattr(obj, "key")
+
+
+def _inner(plaintext: bytes) -> tuple[bytes, bytes] | None:
+    """What Device.receive checks of one plaintext: (packet, inner source), or None."""
+    version, size = plaintext[0] >> 4, len(plaintext)
+    if version == 4 and size >= 20:
+        total, source, minimum = int.from_bytes(plaintext[2:4], "big"), plaintext[12:16], 20
+    elif version == 6 and size >= 40:
+        total, source, minimum = 40 + int.from_bytes(plaintext[4:6], "big"), plaintext[8:24], 40
+    else:
+        return None
+    return (plaintext[:total], source) if minimum <= total <= size else None
+
+
+def _ip(version: int, source: int, payload: int, padding: int, claimed: int) -> bytes:
+    if version == 4:
+        total = 20 + payload + claimed
+        header = bytes([0x45, 0, total >> 8 & 0xFF, total & 0xFF]) + bytes(8)
+        packet = header + bytes([10, 0, 0, source]) + bytes([10, 0, 0, 9])
+    else:
+        length = payload + claimed
+        packet = (bytes([0x60, 0, 0, 0, length >> 8 & 0xFF, length & 0xFF, 17, 64])
+                  + bytes(15) + bytes([source]) + bytes(16))
+    return packet + b"\x5a" * payload + bytes(padding)
+
+
+_plaintexts = st.lists(st.one_of(
+    st.builds(_ip, st.sampled_from([4, 6]), st.integers(1, 2), st.integers(0, 40),
+              st.integers(0, 15), st.sampled_from([0, 0, 0, 1, -1, -30])),
+    st.binary(min_size=1, max_size=50)), min_size=1, max_size=8)
+
+
+@compiled
+@settings(max_examples=300, deadline=None)
+@given(plaintexts=_plaintexts)
+def test_strip_is_the_per_packet_check_at_once(plaintexts: list[bytes]) -> None:
+    assert _aead is not None
+    expected = [_inner(plaintext) for plaintext in plaintexts]
+    result = _aead.strip(plaintexts)
+    at_once = None not in expected and len({source for _, source in expected}) == 1
+    if at_once:
+        assert result == ([packet for packet, _ in expected], expected[0][1])
+    else:
+        assert result is None
+    assert aead_py.strip(plaintexts) is None  # the fallback checks one by one
