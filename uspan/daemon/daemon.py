@@ -397,6 +397,7 @@ class Daemon:
         any failure change nothing. While running, prefer ``configure``."""
         for _ in self._set_steps(change):
             pass
+        self._frozen.changed(len(change.peers))
 
     async def configure(self, change: DeviceChange) -> None:
         """Apply atomically, in slices that let the tunnel run (``uspan.daemon.slices``).

@@ -70,9 +70,10 @@ class Frozen:
     After FREEZE_AFTER peer changes (one big set or many small ones) everything alive is
     frozen: a frozen object is still freed when its last reference goes, but the
     collector never walks it again, so a full collection covers only what came since.
-    The price is that frozen objects in a reference cycle are never freed: the device
-    breaks the cycles of a peer it removes, so only garbage pending at that moment (a
-    few objects, once per FREEZE_AFTER changes) stays.
+    The price is that frozen objects in a reference cycle are never freed. The device
+    breaks the cycles of a peer it removes; what stays is the cyclic garbage pending at
+    that moment and what was alive then and later dies in a cycle (a connection's task,
+    say): a few objects, once per FREEZE_AFTER changes.
     """
 
     __slots__ = ("_changes",)
