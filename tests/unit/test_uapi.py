@@ -17,7 +17,7 @@ from uspan.wg.config import ConfigError, DeviceChange, DeviceInfo, PeerInfo
 from uspan.wg.crypto import public_key
 from uspan.wg.device import Device
 from uspan.wg.endpoint import Endpoint
-from uspan.wg.uapi import format_errno, format_get, get_pieces, parse_set
+from uspan.wg.uapi import SetParser, format_errno, format_get, get_pieces, parse_set
 
 PRIVATE = bytes(range(1, 33))
 PEER = bytes(range(100, 132))
@@ -167,6 +167,52 @@ def test_130k_allowed_ips_parse_fast() -> None:
     assert networks[257] == net("10.1.1.0/24")
     assert networks[-1] == net(f"fd00:{130_000 - 65537:x}::/48")
     assert elapsed < 3.0
+
+
+def parsed_line_by_line(body: list[str]) -> DeviceChange:
+    parser = SetParser()
+    for line in body:  # batches of one: never the batch path
+        parser.feed([line])
+    return parser.finish()
+
+
+def parsed_in_batches(body: list[str], size: int = 64) -> DeviceChange:
+    parser = SetParser()
+    for start in range(0, len(body), size):
+        parser.feed(body[start:start + size])
+    return parser.finish()
+
+
+def hosts(sign: str, first: int, count: int) -> list[str]:
+    return [f"allowed_ip={sign}10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}/32"
+            for i in range(first, first + count)]
+
+
+def test_batches_of_32_bit_prefixes_parse_as_lines_do() -> None:
+    """Batches of nothing but /32 additions (or removals) take a faster path: the same
+    change, whatever the mix of additions and removals around them."""
+    body = [f"public_key={PEER.hex()}", *hosts("", 0, 300), *hosts("-", 100, 300),
+            *hosts("", 250, 100), "allowed_ip=10.9.0.0/16", *hosts("-", 0, 64),
+            "allowed_ip=::ffff:10.0.0.1/32", *hosts("", 1000, 200),
+            f"public_key={PEER2.hex()}", *hosts("", 5000, 128)]
+    for size in (32, 64, 100, 256):
+        assert parsed_in_batches(body, size) == parsed_line_by_line(body)
+    change = parsed_in_batches(body)
+    assert change.peers[0].allowed_ips[0] == net("10.0.0.0/32")
+    assert net("10.0.1.94/32") in change.peers[0].remove_allowed_ips
+    assert net("10.0.1.0/32") not in change.peers[0].remove_allowed_ips  # added again
+
+
+@pytest.mark.parametrize("bad", ["allowed_ip=10.0.0.256/32", "allowed_ip=10.00.0.1/32",
+                                 "allowed_ip=10.0.0.1/32/32", "allowed_ipx=10.0.0.1/32",
+                                 "allowed_ip=10.0.0.1/32 ", "allowed_ip=-10.0.0.1/033"])
+def test_a_bad_line_in_a_batch_is_refused_as_alone(bad: str) -> None:
+    body = [f"public_key={PEER.hex()}", *hosts("", 0, 40), bad, *hosts("", 40, 40)]
+    with pytest.raises(ConfigError) as alone:
+        parsed_line_by_line(body)
+    with pytest.raises(ConfigError) as batched:
+        parsed_in_batches(body)
+    assert str(batched.value) == str(alone.value)
 
 
 # format_get --------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import heapq
 import os
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 
 from uspan.wg import messages, transport_crypto
@@ -81,7 +81,12 @@ _NO_MAC = bytes(MAC_SIZE)  # mac2 of a sender that holds no cookie
 APPLY_STEP = 256  # allowed IPs per step of apply_steps
 INFO_STEP = 64  # peers per step of info_steps (~1 ms)
 LANE_IDLE = REJECT_AFTER_TIME  # a peer heard from more recently is alive for the lane
-TICK_BUDGET = 8  # timer queue entries per tick (each may cost a handshake: 0.1-0.15 ms)
+TICK_BUDGET = 8  # timer queue entries per tick (each may cost a handshake: 0.1-0.3 ms)
+HANDSHAKE_RATE = 500  # initiations a second the timers start for peers without a session
+HANDSHAKE_BURST = 32  # and how many they may start at once after a quiet spell
+_TICKING = 0  # Peer.timer_seq while its own timers run: it queues its next deadline after
+_WAITING = -2  # Peer.timer_seq while it waits in the handshake line
+_TOKEN = 1.0 - 1e-9  # a whole handshake of budget, give or take float rounding
 
 class Device:
     """A WireGuard interface's protocol state."""
@@ -105,9 +110,16 @@ class Device:
         self._under_load_until = float("-inf")
         self._load_window_start = float("-inf")  # one-second windows of handshake counts
         self._load_count = 0
-        # Peer timers: a heap of (deadline, sequence, peer); see schedule().
-        self._timer_queue: list[tuple[float, int, Peer]] = []
+        # Peer timers: a heap of (deadline, sequence, public key); see schedule(). Keys,
+        # not peers, so that its tuples hold no container the cycle collector must walk.
+        self._timer_queue: list[tuple[float, int, bytes]] = []
         self._timer_count = 0
+        # Due peers whose timers would start a handshake, waiting for the budget: see tick.
+        self.handshake_rate = HANDSHAKE_RATE
+        self._handshake_line: deque[Peer] = deque()
+        self._tokens = float(HANDSHAKE_BURST)
+        self._tokens_at = 0.0
+        self._initiations = 0  # sent so far, whatever started them
         self.peer_events = 0  # see peer_facts
 
     def known_endpoints(self, now: float) -> list[Endpoint]:
@@ -143,6 +155,7 @@ class Device:
         index = self._new_index()
         self.handshakes[index] = peer
         peer.handshake_index = index
+        self._initiations += 1
         return index
 
     def forget_handshake(self, peer: Peer) -> None:
@@ -652,26 +665,64 @@ class Device:
     # Timers ------------------------------------------------------------------------------
 
     def tick(self, now: float) -> Out:
-        """Fire expired peer timers, at most TICK_BUDGET queue entries per call: with
-        thousands of peers due at once, ``next_deadline()`` then stays in the past and the
-        shell calls again after letting other work run."""
+        """Fire expired peer timers, at most TICK_BUDGET peers per call: with thousands
+        of peers due at once, ``next_deadline()`` then stays in the past and the shell
+        calls again after letting other work run.
+
+        Handshakes are what costs (0.1-0.3 ms each; 20,000 silent peers retrying every
+        5 s would want more than a core), so the timers start at most ``handshake_rate``
+        a second on average (every initiation counts, but only the timers wait): a due
+        peer without a usable session waits in a line, first come first served (those
+        heard from lately first), until the budget allows. Peers with a session never
+        wait, so established tunnels keep their keepalives and rekeys on time; the
+        data path sends its own initiations at once."""
         out: Out = []
-        queue = self._timer_queue
-        for _ in range(TICK_BUDGET):
-            if not queue or queue[0][0] > now:
-                break
-            _, seq, peer = heapq.heappop(queue)
-            if peer.timer_seq != seq or self.peers.get(peer.public_key) is not peer:
+        queue, line, peers = self._timer_queue, self._handshake_line, self.peers
+        self._refill(now)
+        budget = TICK_BUDGET
+        while budget and line and self._tokens >= _TOKEN:
+            waited = line.popleft()
+            if waited.timer_seq == _WAITING and peers.get(waited.public_key) is waited:
+                self._tick_peer(waited, now, out)
+                budget -= 1
+        while budget and queue and queue[0][0] <= now:
+            _, seq, key = heapq.heappop(queue)
+            peer = peers.get(key)
+            if peer is None or peer.timer_seq != seq:
                 continue  # superseded by an earlier deadline, or the peer was removed
-            peer.timer_seq = -1
-            peer.tick(now, out)
-            # Queue its earliest deadline. What tick armed is queued already, but may be
-            # later than a timer it left alone (giving up arms zeroing at 540 s while
-            # the persistent keepalive is due at 25 s): schedule keeps the earlier.
-            deadline = peer.next_deadline()
-            if deadline is not None:
-                self.schedule(peer, deadline)
+            budget -= 1
+            keypair = peer.current
+            if (self._tokens < _TOKEN or line) and (
+                    keypair is None or not keypair.can_send(now)):
+                # Whatever it arms meanwhile (it answered, its own packets started a
+                # handshake) is queued as usual and takes it out of the line.
+                peer.timer_seq, peer.timer_at = _WAITING, float("inf")
+                heard = peer.last_received
+                if heard is not None and now - heard < LANE_IDLE:
+                    line.appendleft(peer)
+                else:
+                    line.append(peer)
+                continue
+            self._tick_peer(peer, now, out)
         return out
+
+    def _refill(self, now: float) -> None:
+        elapsed = now - self._tokens_at
+        if elapsed > 0:
+            self._tokens = min(float(HANDSHAKE_BURST), self._tokens + elapsed * self.handshake_rate)
+            self._tokens_at = now
+
+    def _tick_peer(self, peer: Peer, now: float, out: Out) -> None:
+        """Run a peer's due timers, then queue its earliest deadline once: what they arm
+        meanwhile is not queued (one entry per pass, not one per timer armed)."""
+        peer.timer_seq, peer.timer_at = _TICKING, float("-inf")
+        sent = self._initiations
+        peer.tick(now, out)
+        self._tokens -= self._initiations - sent
+        peer.timer_seq = -1
+        deadline = peer.next_deadline()
+        if deadline is not None:
+            self.schedule(peer, deadline)
 
     def schedule(self, peer: Peer, deadline: float) -> None:
         """A peer armed a timer (PeerTimers tells it). Each peer has one live queue entry,
@@ -683,15 +734,24 @@ class Device:
         self._timer_count += 1
         peer.timer_seq, peer.timer_at = self._timer_count, deadline
         queue = self._timer_queue
-        heapq.heappush(queue, (deadline, self._timer_count, peer))
+        heapq.heappush(queue, (deadline, self._timer_count, peer.public_key))
         if len(queue) > 2 * len(self.peers) + 64:  # superseded entries pile up: drop them
-            queue[:] = [entry for entry in queue if entry[2].timer_seq == entry[1]]
+            peers = self.peers
+            queue[:] = [entry for entry in queue
+                        if (owner := peers.get(entry[2])) is not None
+                        and owner.timer_seq == entry[1]]
             heapq.heapify(queue)
 
     def next_deadline(self) -> float | None:
-        """The earliest queued deadline (never later than the real next one; O(1))."""
+        """The earliest queued deadline, or when the handshake budget lets the line move
+        (never later than the real next one; O(1))."""
         queue = self._timer_queue
-        return queue[0][0] if queue else None
+        first = queue[0][0] if queue else None
+        if self._handshake_line:
+            ready = self._tokens_at + max(0.0, 1.0 - self._tokens) / self.handshake_rate
+            if first is None or ready < first:
+                return ready
+        return first
 
     def forget_source(self, endpoint: Endpoint) -> None:
         """Sending from ``endpoint.local`` failed: fall back to the routing table's choice."""

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from itertools import repeat
+from operator import add, itemgetter
 
 from uspan.wg.config import Network, Prefix
 
@@ -31,6 +33,11 @@ _heads: dict[str, int] = {}  # "10.1.2" -> 10.1.2.0 as an int (only valid ones)
 _tails = {f"{octet}/{length}": (octet, 32 - length, length << 33)
           for octet in range(256) for length in range(33)}
 _head_texts: dict[int, str] = {}  # 10.1.2.0 >> 8 -> "10.1.2."
+# Per key: "allowed_ip=10.1.2" -> 10.1.2.0, only heads that are the key and then three
+# valid octets (so a hit proves the line starts with the key).
+_line_heads: dict[str, dict[str, int]] = {}
+_tails32 = {f"{octet}/32": octet | 32 << 33 for octet in range(256)}  # "4/32" -> its bits
+_first, _third = itemgetter(0), itemgetter(2)
 
 
 def parse(text: str) -> Prefix:
@@ -49,6 +56,34 @@ def parse(text: str) -> Prefix:
             octet, shift, tag_bits = last
             return (high | octet) >> shift | tag_bits
     return _parse(text)
+
+
+def parse_lines(lines: list[str], key: str) -> list[Prefix] | None:
+    """The prefixes of ``lines`` if each is ``key`` and then an IPv4 /32 (say
+    ``allowed_ip=10.1.2.3/32``, what a huge request is made of), else None: then parse
+    line by line. A batch goes through C-level maps, half the time of ``parse`` a line:
+    the line's first three octets, key included, and its last octet with the length are
+    looked up in tables whose sum is the prefix."""
+    parts = list(map(str.rpartition, lines, repeat(".")))
+    heads = list(map(_first, parts))
+    cache = _line_heads.setdefault(key, {})
+    highs = list(map(cache.get, heads))
+    if None in highs:
+        for head in set(heads).difference(cache):
+            if not head.startswith(key):
+                return None
+            try:  # as parse checks the first three octets
+                address = socket.inet_pton(socket.AF_INET, head[len(key):] + ".0")
+            except (OSError, ValueError):
+                return None
+            if len(cache) >= _CACHE_LIMIT:
+                cache.clear()
+            cache[head] = int.from_bytes(address, "big")
+        highs = list(map(cache.get, heads))
+    lows = list(map(_tails32.get, map(_third, parts)))
+    if None in lows or None in highs:
+        return None
+    return list(map(add, highs, lows))
 
 
 def _parse(text: str) -> Prefix:

@@ -26,6 +26,10 @@ SEND_STAGED = "send_staged"
 TIMERS = (RETRANSMIT, SEND_KEEPALIVE, NEW_HANDSHAKE, ZERO_KEYS, PERSISTENT_KEEPALIVE, SEND_STAGED)
 
 
+def _ignore(deadline: float) -> None:
+    """The wake callback of a removed peer's timers."""
+
+
 class PeerTimers:
     """The five timers of a peer, the events that move them, and ``send_staged``: what a
     configuration staged, sent at the next timer pass."""
@@ -122,9 +126,13 @@ class PeerTimers:
             self._wake(deadline)
 
     def stop_all(self) -> None:
+        """The peer is gone: disarm every timer and drop the wake callback, a bound method
+        of the peer that would make it a cycle, left to a collector that may never look
+        at it again (the daemon freezes long-lived objects: ``uspan.daemon.slices``)."""
         for name in TIMERS:
             setattr(self, name, None)
         self.need_another_keepalive = False
+        self._wake = _ignore
 
     # Queries -----------------------------------------------------------------------------
 

@@ -17,6 +17,8 @@ from uspan.wg.constants import KEY_SIZE, ZERO_KEY
 from uspan.wg.endpoint import Endpoint, EndpointError
 
 _DEVICE_KEYS = frozenset({"private_key", "listen_port", "fwmark", "replace_peers"})
+_ALLOWED, _REMOVED = "allowed_ip=", "allowed_ip=-"
+_RUN = 32  # lines in a batch worth trying prefix.parse_lines on
 
 
 def parse_set(lines: list[str]) -> DeviceChange:
@@ -44,9 +46,21 @@ class SetParser:
         self._removes: dict[Prefix, None] = {}
 
     def feed(self, lines: list[str]) -> None:
-        # The loop over allowed_ip lines is the hot path of a big request: inlined.
-        parse = prefix.parse
         peer, adds, removes = self._peer, self._adds, self._removes
+        if (peer is not None and len(lines) >= _RUN and lines[0].startswith(_ALLOWED)
+                and lines[-1].startswith(_ALLOWED)):
+            removing = lines[0].startswith(_REMOVED)
+            run = prefix.parse_lines(lines, _REMOVED if removing else _ALLOWED)
+            if run is not None:  # a batch of nothing but /32 additions, or removals
+                if removing:
+                    removes.update(dict.fromkeys(run))
+                else:
+                    for added in removes.keys() & run if removes else ():
+                        del removes[added]
+                    adds += run
+                return
+        # The loop over allowed_ip lines is the hot path of other requests: inlined.
+        parse = prefix.parse
         for line in lines:
             key, sep, value = line.partition("=")
             if key == "allowed_ip" and sep and peer is not None:
