@@ -42,6 +42,7 @@ from uspan.daemon.ports import BindPort, DatagramReceiver, TunError, TunGone, Tu
 from uspan.daemon.slices import Frozen, Slices, collector_paused
 from uspan.daemon.tun import Tun
 from uspan.daemon.udp import UdpBind
+from uspan.wg import transport_crypto
 from uspan.wg.admission import SAMPLE_WINDOW, KernelFilter
 from uspan.wg.config import ConfigError, DeviceChange
 from uspan.wg.device import Device
@@ -149,6 +150,11 @@ class Daemon:
         """
         log.debug("Device started")
         log.debug("Offloads: %s", self.describe_offloads())
+        if transport_crypto.COMPILED:
+            log.debug("Transport AEAD: compiled batches (uspan/wg/_aead.c, OpenSSL)")
+        else:
+            log.warning("Transport AEAD: pyca, one call per packet (uspan/wg/_aead.c was not "
+                        "built: install gcc, python3-dev and libssl-dev, then reinstall)")
         self.device.wall_offset = time.time() - _now()
         try:
             with self._scope:
