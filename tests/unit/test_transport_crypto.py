@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import ModuleType
 
 import pytest
@@ -204,3 +204,20 @@ def test_strip_is_the_per_packet_check_at_once(plaintexts: list[bytes]) -> None:
     else:
         assert result is None
     assert aead_py.strip(plaintexts) is None  # the fallback checks one by one
+
+
+@compiled
+def test_a_batch_list_changed_by_its_own_items_is_read_as_it_was() -> None:
+    """Reading a non-bytes item can run Python code that clears the caller's list: the
+    compiled module works on its own copy (it read freed memory before)."""
+    assert _aead is not None
+    victims: list[object] = []
+
+    class Clears:
+        def __iter__(self) -> Iterator[int]:
+            victims.clear()
+            return iter([0] * 32)
+
+    victims.extend([Clears()] + [bytes(32)] * 1000)
+    assert _aead.Opener(bytes(32)).open(victims) == [None] * 1001  # type: ignore[arg-type]
+    assert victims == []

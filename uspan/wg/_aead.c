@@ -49,15 +49,19 @@ aead_init(Aead *self, PyObject *args, PyObject *kwds, int encrypt)
         PyErr_SetString(PyExc_RuntimeError, "key object in use");
         return -1;
     }
-    EVP_CIPHER_CTX_free(self->ctx); /* re-initialised: the old key is cleansed */
-    self->ctx = EVP_CIPHER_CTX_new();
-    int ok = self->ctx != NULL
-             && EVP_CipherInit_ex2(self->ctx, chacha20_poly1305, key.buf, NULL, encrypt, NULL);
+    /* Set up a new context first: a failure leaves the old one (or none), never a
+     * context without a key. Freeing the old one cleanses its key. */
+    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+    int ok = ctx != NULL
+             && EVP_CipherInit_ex2(ctx, chacha20_poly1305, key.buf, NULL, encrypt, NULL);
     PyBuffer_Release(&key);
     if (!ok) {
+        EVP_CIPHER_CTX_free(ctx);
         PyErr_SetString(PyExc_RuntimeError, "OpenSSL could not set up ChaCha20-Poly1305");
         return -1;
     }
+    EVP_CIPHER_CTX_free(self->ctx);
+    self->ctx = ctx;
     return 0;
 }
 
@@ -196,10 +200,12 @@ sealer_seal(Aead *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t mtu = PyLong_AsSsize_t(args[3]);
     if (mtu == -1 && PyErr_Occurred())
         return NULL;
-    PyObject *packets = PySequence_Fast(args[2], "packets must be a sequence");
+    /* A tuple of our own: reading an item's buffer may run Python code (PEP 688) that
+     * must not change what is iterated. */
+    PyObject *packets = PySequence_Tuple(args[2]);
     if (packets == NULL)
         return NULL;
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(packets);
+    Py_ssize_t count = PyTuple_GET_SIZE(packets);
     if (count > 0 && (unsigned long long)(count - 1) > ULLONG_MAX - counter) {
         Py_DECREF(packets);
         PyErr_SetString(PyExc_OverflowError, "counter would wrap");
@@ -207,7 +213,7 @@ sealer_seal(Aead *self, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *datagrams = PyList_New(count);
     for (Py_ssize_t i = 0; datagrams != NULL && i < count; i++) {
-        PyObject *datagram = new_datagram(PySequence_Fast_GET_ITEM(packets, i),
+        PyObject *datagram = new_datagram(PyTuple_GET_ITEM(packets, i),
                                           (uint32_t)index, counter + (uint64_t)i, mtu);
         if (datagram == NULL)
             Py_CLEAR(datagrams);
@@ -247,13 +253,15 @@ sealer_seal(Aead *self, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 bytes_tuple(PyObject *datagrams)
 {
-    PyObject *items = PySequence_Fast(datagrams, "datagrams must be a sequence");
+    /* A tuple of our own first: PyBytes_FromObject may run Python code (an item's
+     * __iter__ or __buffer__) that must not change what is iterated. */
+    PyObject *items = PySequence_Tuple(datagrams);
     if (items == NULL)
         return NULL;
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(items);
+    Py_ssize_t count = PyTuple_GET_SIZE(items);
     PyObject *tuple = PyTuple_New(count);
     for (Py_ssize_t i = 0; tuple != NULL && i < count; i++) {
-        PyObject *item = PySequence_Fast_GET_ITEM(items, i);
+        PyObject *item = PyTuple_GET_ITEM(items, i);
         if (PyBytes_CheckExact(item))
             Py_INCREF(item);
         else
