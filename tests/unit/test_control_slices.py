@@ -592,6 +592,37 @@ def test_a_set_of_many_peers_leaves_them_out_of_full_collections() -> None:
         gc.unfreeze()
 
 
+
+def test_cyclic_garbage_a_freeze_kept_is_collected_within_the_refresh_interval() -> None:
+    """A freeze keeps the cyclic garbage pending at that moment for good; at most once
+    per REFRESH_AFTER a freeze collects the frozen heap first, so a node that
+    reconfigures for months keeps no more than an hour's worth."""
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+    clock = [0.0]
+    frozen = slices.Frozen(clock=lambda: clock[0])
+    try:
+        with slices.collector_paused():
+            garbage = Cycle()
+            kept = weakref.ref(garbage)
+            del garbage
+            frozen.changed(slices.FREEZE_AFTER)
+        gc.collect()
+        assert kept() is not None  # frozen with it
+        clock[0] = slices.REFRESH_AFTER - 1
+        frozen.changed(slices.FREEZE_AFTER)
+        gc.collect()
+        assert kept() is not None
+        clock[0] = slices.REFRESH_AFTER
+        frozen.changed(slices.FREEZE_AFTER)
+        assert kept() is None
+    finally:
+        gc.unfreeze()
+
+
 # Signals -----------------------------------------------------------------------------------
 
 
@@ -602,3 +633,48 @@ def test_stop_signals_can_be_caught_before_anything_heavy_is_imported() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_lately_heard_peers_are_served_in_turn_too() -> None:
+    """Heard peers went to the front of the line: once more of them waited than the
+    budget serves in one retry interval (5 s), those just served came back first and the
+    rest waited until they gave up (90 s)."""
+    device = silent_device(300)
+    device.handshake_rate = 50
+    for peer in device.peers.values():
+        peer.last_received = -1.0
+    sent = run_timers(device, 6.5, step=0.01)
+    assert {port for _, port in sent} == set(range(20000, 20300))
+
+
+def test_a_waiting_peer_that_arms_a_timer_keeps_its_due_ones() -> None:
+    """Arming a timer takes a peer out of the line with one queue entry: it was for the
+    new deadline only, so timers due while it waited slept until then (25 s here)."""
+    device = silent_device(100)
+    device.handshake_rate = 1
+    run_timers(device, 0.05)
+    waiting = list(device.peers.values())[99]
+    assert waiting in device._silent_line
+    waiting.timers.any_authenticated_traversal(0.06)  # arms its keepalive at 25.06
+    assert waiting.timer_at <= 0.06
+    assert (deadline := device.next_deadline()) is not None and deadline <= 0.06
+
+
+def test_the_line_moves_at_the_deadline_it_names_on_a_large_clock() -> None:
+    """trio's clock reads ~1e5 s: the refill's rounding left the tokens a hair short of
+    one at the deadline the device named, and a shell waking exactly then spun."""
+    device = silent_device(200)
+    device.handshake_rate = 500
+    now, idle = 150_000.123456, 0
+    while device._timer_queue[0][0] <= now:
+        device.tick(now)  # the burst; the rest wait in line
+    served = 0
+    for _ in range(400):
+        deadline = device.next_deadline()
+        assert deadline is not None
+        now = max(now, deadline)
+        sent = len(device.tick(now))
+        served += sent
+        idle = 0 if sent else idle + 1
+        assert idle < 3, f"nothing sent at {deadline!r}, again and again"
+    assert served >= 390

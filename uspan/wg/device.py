@@ -86,7 +86,9 @@ HANDSHAKE_RATE = 500  # initiations a second the timers start for peers without 
 HANDSHAKE_BURST = 32  # and how many they may start at once after a quiet spell
 _TICKING = 0  # Peer.timer_seq while its own timers run: it queues its next deadline after
 _WAITING = -2  # Peer.timer_seq while it waits in the handshake line
-_TOKEN = 1.0 - 1e-9  # a whole handshake of budget, give or take float rounding
+# A whole handshake of budget, give or take float rounding: the refill multiplies a
+# difference of two clock readings (~1e5 s on trio's clock) by the rate.
+_TOKEN = 1.0 - 1e-6
 
 class Device:
     """A WireGuard interface's protocol state."""
@@ -116,7 +118,9 @@ class Device:
         self._timer_count = 0
         # Due peers whose timers would start a handshake, waiting for the budget: see tick.
         self.handshake_rate = HANDSHAKE_RATE
-        self._handshake_line: deque[Peer] = deque()
+        # Two first-come-first-served lines: peers heard from lately, then the others.
+        self._heard_line: deque[Peer] = deque()
+        self._silent_line: deque[Peer] = deque()
         self._tokens = float(HANDSHAKE_BURST)
         self._tokens_at = 0.0
         self._initiations = 0  # sent so far, whatever started them
@@ -671,17 +675,19 @@ class Device:
 
         Handshakes are what costs (0.1-0.3 ms each; 20,000 silent peers retrying every
         5 s would want more than a core), so the timers start at most ``handshake_rate``
-        a second on average (every initiation counts, but only the timers wait): a due
-        peer without a usable session waits in a line, first come first served (those
-        heard from lately first), until the budget allows. Peers with a session never
-        wait, so established tunnels keep their keepalives and rekeys on time; the
-        data path sends its own initiations at once."""
+        a second on average: a due peer without a usable session waits in a line, first
+        come first served, those heard from lately before the others, until the budget
+        allows. Peers with a session never wait, so established tunnels keep their
+        keepalives and rekeys on time (what their timers send is still taken from the
+        budget, down to one burst of debt); the data path sends its own initiations at
+        once and outside the budget."""
         out: Out = []
-        queue, line, peers = self._timer_queue, self._handshake_line, self.peers
+        queue, peers = self._timer_queue, self.peers
+        heard_line, silent_line = self._heard_line, self._silent_line
         self._refill(now)
         budget = TICK_BUDGET
-        while budget and line and self._tokens >= _TOKEN:
-            waited = line.popleft()
+        while budget and (heard_line or silent_line) and self._tokens >= _TOKEN:
+            waited = (heard_line or silent_line).popleft()
             if waited.timer_seq == _WAITING and peers.get(waited.public_key) is waited:
                 self._tick_peer(waited, now, out)
                 budget -= 1
@@ -692,16 +698,16 @@ class Device:
                 continue  # superseded by an earlier deadline, or the peer was removed
             budget -= 1
             keypair = peer.current
-            if (self._tokens < _TOKEN or line) and (
+            if (self._tokens < _TOKEN or heard_line or silent_line) and (
                     keypair is None or not keypair.can_send(now)):
                 # Whatever it arms meanwhile (it answered, its own packets started a
                 # handshake) is queued as usual and takes it out of the line.
                 peer.timer_seq, peer.timer_at = _WAITING, float("inf")
                 heard = peer.last_received
                 if heard is not None and now - heard < LANE_IDLE:
-                    line.appendleft(peer)
+                    heard_line.append(peer)
                 else:
-                    line.append(peer)
+                    silent_line.append(peer)
                 continue
             self._tick_peer(peer, now, out)
         return out
@@ -718,7 +724,9 @@ class Device:
         peer.timer_seq, peer.timer_at = _TICKING, float("-inf")
         sent = self._initiations
         peer.tick(now, out)
-        self._tokens -= self._initiations - sent
+        spent = self._initiations - sent
+        if spent:
+            self._tokens = max(self._tokens - spent, -float(HANDSHAKE_BURST))
         peer.timer_seq = -1
         deadline = peer.next_deadline()
         if deadline is not None:
@@ -729,7 +737,13 @@ class Device:
         for its earliest deadline as far as the queue knows; a deadline that moved later
         is found when that entry comes due, so rearming a timer on every packet costs
         nothing here."""
-        if peer.timer_seq != -1 and peer.timer_at <= deadline:
+        if peer.timer_seq == _WAITING:
+            # It leaves the line with this entry: its timers that were due while it
+            # waited must not wait for the new, later deadline.
+            due = peer.next_deadline()
+            if due is not None and due < deadline:
+                deadline = due
+        elif peer.timer_seq != -1 and peer.timer_at <= deadline:
             return
         self._timer_count += 1
         peer.timer_seq, peer.timer_at = self._timer_count, deadline
@@ -747,7 +761,7 @@ class Device:
         (never later than the real next one; O(1))."""
         queue = self._timer_queue
         first = queue[0][0] if queue else None
-        if self._handshake_line:
+        if self._heard_line or self._silent_line:
             ready = self._tokens_at + max(0.0, 1.0 - self._tokens) / self.handshake_rate
             if first is None or ready < first:
                 return ready
