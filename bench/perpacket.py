@@ -3,6 +3,8 @@
 One single-stream TCP super-segment's worth of packets (47 IPv4 packets of 1,408 bytes, as
 ``gso.segment`` makes of 64 KiB) goes through ``Device.send`` on A and the resulting
 datagrams through ``Device.receive`` on B, over a session made by an in-memory handshake.
+The ``gso.segment`` stage splits that super-segment itself (compiled ``_segment``, or with
+``--numpy-segment`` gso's numpy fallback).
 
     bench/perpacket                 # fastest of 2,000 calls, us per packet
     bench/perpacket --callgrind     # instructions per packet (valgrind), robust under load
@@ -21,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from uspan.daemon import gso
 from uspan.wg import prefix
 from uspan.wg.config import DeviceChange, PeerChange
 from uspan.wg.crypto import clamp, public_key
@@ -71,7 +74,31 @@ def batch() -> list[bytes]:
     return [_ipv4(PACKET_SIZE, n) for n in range(PACKETS)]
 
 
+def super_segment() -> tuple[bytes, bytes]:
+    """The TSO super-segment (virtio_net_hdr, packet) that ``gso.segment`` cuts into
+    PACKETS packets of PACKET_SIZE bytes at MTU PACKET_SIZE."""
+    payload = PACKET_SIZE - 40
+    size = 40 + PACKETS * payload
+    header = bytes([0x45, 0, size >> 8, size & 0xFF, 0, 0, 0x40, 0, 64, 6, 0, 0,
+                    10, 0, 0, 1, 10, 0, 0, 2])
+    tcp = bytes([0x9C, 0x40, 0x14, 0x51, 0, 0, 0x03, 0xE8, 0, 0, 0, 77, 0x50, 0x18, 1, 0xF6,
+                 0, 0, 0, 0])
+    vnet = gso.VirtioNetHdr(gso.VIRTIO_NET_HDR_F_NEEDS_CSUM, gso.GSO_TCPV4, 40, payload,
+                            20, 16).pack()
+    return vnet, header + tcp + bytes((n * 7) & 0xFF for n in range(PACKETS * payload))
+
+
+def _segment_stage() -> Callable[[], object]:
+    vnet, packet = super_segment()
+    assert len(gso.segment(vnet, packet, PACKET_SIZE)) == PACKETS
+    return lambda: gso.segment(vnet, packet, PACKET_SIZE)
+
+
 def timed(calls: int) -> None:
+    split = _segment_stage()
+    best = min(_time(split) for _ in range(calls))
+    print(f"gso.segment     {best / PACKETS / 1000:.2f} us per packet (fastest of {calls}, "
+          f"{'compiled' if gso._segment is not None else 'numpy'})")
     a, b = pair()
     packets = batch()
     best = min(_time(lambda: a.send(packets, NOW)) for _ in range(calls))
@@ -98,39 +125,49 @@ def stage(name: str, calls: int) -> None:
     a, b = pair()
     packets = batch()
     keypair, datagrams = _receive_stage(a, b)
+    split = _segment_stage()
     for _ in range(calls):
         keypair.replay = ReplayWindow()
-        if name == "send":
+        if name == "segment":
+            split()
+        elif name == "send":
             a.send(packets, NOW)
         elif name == "receive":
             assert len(b.receive(datagrams, NOW)[0]) == PACKETS
 
 
-def callgrind(calls: int) -> None:
+def callgrind(calls: int, numpy_segment: bool) -> None:
     totals: dict[str, int] = {}
-    for name in ("none", "send", "receive"):
+    extra = ["--numpy-segment"] if numpy_segment else []
+    for name in ("none", "segment", "send", "receive"):
         run = subprocess.run(
             ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-             sys.executable, __file__, "--stage", name, "--calls", str(calls)],
+             sys.executable, __file__, "--stage", name, "--calls", str(calls), *extra],
             capture_output=True, text=True, check=True)
         found = re.search(r"Collected : (\d+)", run.stderr)
         assert found, run.stderr
         totals[name] = int(found.group(1))
-    for name in ("send", "receive"):
+    for name, label in (("segment", "gso.segment"), ("send", "Device.send"),
+                        ("receive", "Device.receive")):
         per = (totals[name] - totals["none"]) / calls / PACKETS
-        print(f"Device.{name:<8} {per / 1000:.1f}k instructions per packet ({calls} calls)")
+        print(f"{label:<15} {per / 1000:.1f}k instructions per packet ({calls} calls)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--calls", type=int)
     parser.add_argument("--callgrind", action="store_true", help="count instructions")
-    parser.add_argument("--stage", choices=("none", "send", "receive"), help=argparse.SUPPRESS)
+    parser.add_argument("--numpy-segment", action="store_true",
+                        help="split with gso's numpy fallback, not the compiled _segment")
+    parser.add_argument("--stage", choices=("none", "segment", "send", "receive"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.numpy_segment:
+        gso._segment = None  # type: ignore[assignment]
     if args.stage:
         stage(args.stage, args.calls or 30)
     elif args.callgrind:
-        callgrind(args.calls or 30)
+        callgrind(args.calls or 30, args.numpy_segment)
     else:
         timed(args.calls or 2000)
 

@@ -10,6 +10,7 @@ import ipaddress
 import os
 import random
 import struct
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -34,6 +35,25 @@ from uspan.daemon.gso import (
     split_gro,
 )
 from uspan.daemon.offload import gso_cmsg
+
+try:
+    from uspan.daemon import _segment
+except ImportError:
+    _segment = None  # type: ignore[assignment]
+
+
+@pytest.fixture(autouse=True, scope="module", params=[
+    pytest.param(None, id="numpy"),
+    pytest.param(_segment, id="compiled", marks=pytest.mark.skipif(
+        _segment is None, reason="uspan.daemon._segment was not built")),
+])
+def splitter(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test on both splitters: the compiled one and gso's numpy columns (module
+    scope, patched by hand: hypothesis refuses function-scoped fixtures)."""
+    saved = gso._segment
+    gso._segment = request.param
+    yield
+    gso._segment = saved
 
 SRC4, DST4 = ipaddress.ip_address("10.1.2.3").packed, ipaddress.ip_address("10.9.8.7").packed
 SRC6 = ipaddress.ip_address("fd00:1::3").packed

@@ -36,7 +36,7 @@ from typing import Any
 import trio
 
 from uspan import privilege
-from uspan.daemon import uapi_server
+from uspan.daemon import gso, uapi_server
 from uspan.daemon.demux import Datagram, Demux
 from uspan.daemon.ports import BindPort, DatagramReceiver, TunError, TunGone, TunPort
 from uspan.daemon.slices import Frozen, Slices, collector_paused
@@ -155,6 +155,11 @@ class Daemon:
         else:
             log.warning("Transport AEAD: pyca, one call per packet (uspan/wg/_aead.c was not "
                         "built: install gcc, python3-dev and libssl-dev, then reinstall)")
+        if gso.COMPILED:
+            log.debug("TSO/USO split: compiled (uspan/daemon/_segment.c)")
+        else:
+            log.warning("TSO/USO split: numpy columns (uspan/daemon/_segment.c was not built: "
+                        "install gcc and python3-dev, then reinstall)")
         self.device.wall_offset = time.time() - _now()
         try:
             with self._scope:

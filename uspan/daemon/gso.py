@@ -17,11 +17,13 @@ segments of a super-segment, a batch of same-size packets) are summed at once wi
 numpy: 0.25 us per 1368-byte segment against 2.05 us for ``from_bytes`` and ``%``
 (development VM, Python 3.11; ``sum(array('H'))`` is 10x slower still).
 
-Per-packet work is done per batch where it can be: ``segment`` computes every segment's
-header fields as numpy columns, and ``coalesce`` checks a stretch of equal-length segments
-of one flow as numpy rows. A line of Python per packet costs ~0.1 us, a numpy call ~1 us
-once per super-segment (issue 11: 30.7k -> 18.6k and 35.6k -> 18.7k instructions per
-packet).
+Per-packet work is done per batch where it can be: ``segment`` checks a super-segment in
+Python, then builds its segments in C (``uspan/daemon/_segment.c``: header, payload chunk
+and checksums per segment, the GIL released), or, where that extension was not built,
+as numpy columns with the same bytes (``_split_numpy``); ``coalesce`` checks a stretch of
+equal-length segments of one flow as numpy rows. A line of Python per packet costs
+~0.1 us, a numpy call ~1 us once per super-segment (issue 11: 30.7k -> 18.6k and 35.6k ->
+18.7k instructions per packet; the C splitter: 1.9 -> 0.23 us per packet).
 
 Write a ``(vnet_hdr, packet)`` pair to the TUN with one ``os.writev``.
 """
@@ -33,6 +35,12 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
+
+try:
+    from uspan.daemon import _segment
+except ImportError:  # built without a compiler: the numpy columns below
+    _segment = None  # type: ignore[assignment]
+COMPILED = _segment is not None  # which splitter ``segment`` uses (the tests patch _segment)
 
 # --- virtio_net_hdr (include/uapi/linux/virtio_net.h), native byte order ---------------
 
@@ -232,6 +240,15 @@ def _split(hdr: VirtioNetHdr, packet: memoryview, mtu: int, v6: bool,
             f"virtio_net_hdr gso_size {hdr.gso_size} with mtu {mtu} and {hdr_len} header "
             "bytes: no room for payload"
         )
+    if _segment is not None and len(packet) <= _MAX_IP_PACKET:
+        return _segment.split(packet, ip_len, hdr_len, step, v6, tcp)
+    return _split_numpy(packet, ip_len, hdr_len, step, v6, tcp)
+
+
+def _split_numpy(packet: memoryview, ip_len: int, hdr_len: int, step: int, v6: bool,
+                 tcp: bool) -> list[bytes]:
+    """``_segment.split`` in numpy: the segments of a super-segment ``_split`` checked."""
+    proto = _PROTO_TCP if tcp else _PROTO_UDP
     seq, flags = (_U32.unpack_from(packet, ip_len + 4)[0], packet[ip_len + 13]) if tcp else (0, 0)
     ip_id = _U16.unpack_from(packet, 4)[0]
     # Sums of the headers with every per-segment field zeroed; each segment adds its own

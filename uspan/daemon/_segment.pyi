@@ -1,0 +1,4 @@
+def split(
+    packet: bytes | bytearray | memoryview, ip_len: int, hdr_len: int, step: int, v6: bool,
+    tcp: bool, /,
+) -> list[bytes]: ...
