@@ -17,6 +17,7 @@ between calls (untimed) so the same datagrams can be received again.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -139,11 +140,14 @@ def stage(name: str, calls: int) -> None:
 def callgrind(calls: int, numpy_segment: bool) -> None:
     totals: dict[str, int] = {}
     extra = ["--numpy-segment"] if numpy_segment else []
+    # numpy's OpenBLAS threads spin at import, which blurs the differences by ~10k
+    # instructions per packet; one thread keeps them exact.
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
     for name in ("none", "segment", "send", "receive"):
         run = subprocess.run(
             ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
              sys.executable, __file__, "--stage", name, "--calls", str(calls), *extra],
-            capture_output=True, text=True, check=True)
+            capture_output=True, text=True, check=True, env=env)
         found = re.search(r"Collected : (\d+)", run.stderr)
         assert found, run.stderr
         totals[name] = int(found.group(1))

@@ -12,8 +12,8 @@
  * full TCP/UDP checksum over the pseudo-header (a UDP checksum of 0 is sent as 0xFFFF).
  * The output bytes are allocated with the GIL held, then filled with it released.
  *
- * Checksums are sums of little-endian 32-bit words into 64 bits: 2**16 and 2**32 are
- * both 1 modulo 0xFFFF, so the sum is congruent to the little-endian 16-bit word sum
+ * Checksums are sums of little-endian 64-bit words: 2**16 and 2**64 are both 1
+ * modulo 0xFFFF, so the sum is congruent to the little-endian 16-bit word sum
  * (gso's convention), and the folded value written little-endian is the big-endian
  * field, exactly as gso._put_le16 writes it.
  */
@@ -29,27 +29,35 @@
 #define TCP_CWR 0x80
 #define MAX_IP_PACKET 65535
 
-static inline uint32_t
-load_le32(const unsigned char *p)
+static inline uint64_t
+load_le64(const unsigned char *p)
 {
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+    uint64_t value;
+    memcpy(&value, p, 8);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    value = __builtin_bswap64(value);
+#endif
+    return value;
 }
 
-/* The little-endian word sum of data (odd length: the last byte is a low byte). */
+/* A number congruent modulo 0xFFFF to the little-endian word sum of data (odd length:
+ * the last byte is a low byte), below 2**32. 64-bit words with their carries counted:
+ * 2**64 is 1 modulo 0xFFFF too. */
 static uint64_t
 sum_le(const unsigned char *data, size_t len)
 {
-    uint64_t a = 0, b = 0;
+    uint64_t sum = 0, carries = 0, rest = 0;
     size_t i = 0;
     for (; i + 8 <= len; i += 8) {
-        a += load_le32(data + i);
-        b += load_le32(data + i + 4);
+        uint64_t word = load_le64(data + i);
+        sum += word;
+        carries += sum < word;
     }
     for (; i + 2 <= len; i += 2)
-        a += (uint32_t)data[i] | (uint32_t)data[i + 1] << 8;
+        rest += (uint32_t)data[i] | (uint32_t)data[i + 1] << 8;
     if (i < len)
-        a += data[i];
-    return a + b;
+        rest += data[i];
+    return sum % 0xFFFF + carries + rest;
 }
 
 /* gso._fold of a nonzero sum: its residue modulo 0xFFFF in 1..0xFFFF. */
@@ -109,8 +117,9 @@ build(const Split *s, unsigned char *out, size_t index, size_t chunk, int last)
     uint64_t pseudo = s->v6 ? sum_le(packet + 8, 32) : sum_le(packet + 12, 8);
     pseudo += swap16(l4_len);
     if (s->tcp) {
-        uint32_t seq = load_le32(packet + ip_len + 4); /* byte-swapped: rebuilt below */
-        seq = (seq >> 24 | (seq >> 8 & 0xFF00) | (seq << 8 & 0xFF0000) | seq << 24);
+        const unsigned char *at = packet + ip_len + 4;
+        uint32_t seq = (uint32_t)at[0] << 24 | (uint32_t)at[1] << 16 | (uint32_t)at[2] << 8
+                       | at[3];
         seq += (uint32_t)(index * s->step);
         l4[4] = (unsigned char)(seq >> 24);
         l4[5] = (unsigned char)(seq >> 16);
@@ -169,7 +178,7 @@ split(PyObject *module, PyObject *args)
     }
     for (size_t i = 0; i < count; i++) {
         size_t chunk = i < full ? s.step : s.size - full * s.step;
-        PyObject *item = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(hdr_len + chunk));
+        PyObject *item = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(s.hdr_len + chunk));
         if (item == NULL) {
             Py_DECREF(out);
             PyBuffer_Release(&packet);
