@@ -141,3 +141,8 @@ def test_compiled_split_refuses_inconsistent_lengths() -> None:
         _segment.split(packet, 20, 40, 8, False, True)  # TCP data offset 0
     with pytest.raises(ValueError, match="inconsistent"):
         _segment.split(bytes(70000), 20, 28, 8, False, False)
+    # Lengths whose sums wrap around: the guard read (TCP) and copied (UDP) far outside.
+    with pytest.raises(ValueError, match="inconsistent"):
+        _segment.split(packet, 2**63 - 10, 60, 1, False, True)
+    with pytest.raises(ValueError, match="inconsistent"):
+        _segment.split(b"", 2**63 - 7, -(2**63) + 1, 2**63 - 1, False, False)

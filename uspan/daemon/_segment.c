@@ -160,8 +160,10 @@ split(PyObject *module, PyObject *args)
         return NULL;
     Py_ssize_t len = packet.len;
     /* Python checks all this with its own messages; here it only guards memory. */
-    if (len > MAX_IP_PACKET || ip_len < (v6 ? 40 : 20) || step <= 0
-        || hdr_len < ip_len + (tcp ? 20 : 8) || hdr_len > len || (!tcp && hdr_len != ip_len + 8)
+    /* ip_len and hdr_len are bounded by len (<= 65535) before any arithmetic on them. */
+    if (len > MAX_IP_PACKET || step <= 0 || ip_len < (v6 ? 40 : 20) || ip_len > len
+        || hdr_len < 0 || hdr_len > len || hdr_len - ip_len < (tcp ? 20 : 8)
+        || (!tcp && hdr_len - ip_len != 8)
         || (tcp && (Py_ssize_t)(((const unsigned char *)packet.buf)[ip_len + 12] >> 4) * 4
                        != hdr_len - ip_len)) {
         PyBuffer_Release(&packet);
