@@ -222,3 +222,16 @@ def test_relayed_sends_met_with_silence_register_again_at_once() -> None:
     assert client.next_deadline() == 2.0 + session.SILENCE
     assert client.tick(2.0 + session.SILENCE - 0.1) == []
     assert client.tick(2.0 + session.SILENCE) == [(HELLO, UDP)]
+
+
+def test_a_registered_nobody_asked_for_moves_nothing() -> None:
+    """REGISTERED is not signed: one spoofed over UDP (the relay's address as its source)
+    took a node on TCP off its working connection, onto blocked UDP, for ~3 s each."""
+    world = World()
+    client = world.client
+    now = world.fall_back() + 2.0
+    unasked = frames.encode(frames.Registered(b"aaaaaaaa", 0))
+    dropped = client.dropped
+    assert client.receive(unasked, now, UDP) == []
+    assert client.transport is TCP and client.connected and client.registered(now)
+    assert client.udp_returns == 0 and client.dropped == dropped + 1

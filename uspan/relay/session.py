@@ -56,10 +56,12 @@ Out = list[tuple[bytes, Transport]]  # frames to send to the relay, and on which
 
 @dataclass(slots=True)
 class _Hellos:
-    """One registration attempt on one transport: when its last hello left, how many."""
+    """One registration attempt on one transport: when its last hello left, how many,
+    and whether a REGISTER went out (only then may a REGISTERED come back on it)."""
 
     sent_at: float | None = None
     count: int = 0
+    registering: bool = False
 
 
 class RelaySession:
@@ -168,10 +170,14 @@ class RelaySession:
             self.heard_at = now
         hellos = self._hellos[via]
         if isinstance(frame, frames.Challenge) and hellos.sent_at is not None:
+            hellos.registering = True
             message = frames.signed_message(frame.nonce, self.key.public, self.address)
             return [frames.encode(frames.Register(frame.nonce, self.key.public, self.address,
                                                   self.key.sign(message)))]
-        if isinstance(frame, frames.Registered) and frame.address == self.address:
+        if (isinstance(frame, frames.Registered) and frame.address == self.address
+                and hellos.registering):
+            # Only the answer to our own REGISTER on this transport: REGISTERED is not
+            # signed, and one spoofed over UDP moved a node off a working TCP link.
             if via is not self.transport:  # UDP works again, and the relay moved us
                 self.transport = Transport.UDP
                 self.udp_returns += 1
