@@ -150,16 +150,14 @@ class Daemon:
         """
         log.debug("Device started")
         log.debug("Offloads: %s", self.describe_offloads())
-        if transport_crypto.COMPILED:
-            log.debug("Transport AEAD: compiled batches (uspan/wg/_aead.c, OpenSSL)")
-        else:
-            log.warning("Transport AEAD: pyca, one call per packet (uspan/wg/_aead.c was not "
-                        "built: install gcc, python3-dev and libssl-dev, then reinstall)")
-        if gso.COMPILED:
-            log.debug("TSO/USO split: compiled (uspan/daemon/_segment.c)")
-        else:
-            log.warning("TSO/USO split: numpy columns (uspan/daemon/_segment.c was not built: "
-                        "install gcc and python3-dev, then reinstall)")
+        for what, compiled, source, fallback in (
+                ("Transport AEAD", transport_crypto.COMPILED, "uspan/wg/_aead.c", "pyca"),
+                ("TSO/USO split", gso.COMPILED, "uspan/daemon/_segment.c", "numpy")):
+            if compiled:
+                log.debug("%s: compiled (%s)", what, source)
+            else:
+                log.warning("%s: %s, slower (%s was not built: install gcc, python3-dev "
+                            "and libssl-dev, then reinstall)", what, fallback, source)
         self.device.wall_offset = time.time() - _now()
         try:
             with self._scope:

@@ -13,10 +13,9 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from uspan.wg.constants import MSG_TRANSPORT, TRANSPORT_HEADER_SIZE, TRANSPORT_MIN_SIZE
-from uspan.wg.messages import padded_length
+from uspan.wg.messages import TRANSPORT_HEADER, padded_length
 
 _NONCE = struct.Struct("<4xQ")
-_HEADER = struct.Struct("<IIQ")
 
 
 class Sealer:
@@ -31,7 +30,7 @@ class Sealer:
         """Packet i padded and sealed with ``counter + i`` for receiver ``index``."""
         if not 0 <= index < 1 << 32 or counter < 0 or counter + len(packets) > 1 << 64:
             raise OverflowError("index or counter out of range")
-        encrypt, pack, nonce = self._aead.encrypt, _HEADER.pack, _NONCE.pack
+        encrypt, pack, nonce = self._aead.encrypt, TRANSPORT_HEADER.pack, _NONCE.pack
         datagrams = []
         for packet in packets:
             length = len(packet)
