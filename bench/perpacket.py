@@ -1,10 +1,12 @@
 """Per-packet cost of the core's data path, in process (no network, no daemon).
 
-One single-stream TCP super-segment's worth of packets (47 IPv4 packets of 1,408 bytes, as
-``gso.segment`` makes of 64 KiB) goes through ``Device.send`` on A and the resulting
-datagrams through ``Device.receive`` on B, over a session made by an in-memory handshake.
-The ``gso.segment`` stage splits that super-segment itself (compiled ``_segment``, or with
-``--numpy-segment`` gso's numpy fallback).
+One single-stream TCP super-segment's worth of packets (47 IPv4 TCP segments of 1,408
+bytes, as ``gso.segment`` makes of 64 KiB) goes through ``Device.send`` on A and the
+resulting datagrams through ``Device.receive`` on B, over a session made by an in-memory
+handshake. The ``gso.segment`` stage splits that super-segment itself, ``gso.coalesce``
+merges the 47 segments back for the TUN, and ``receive side`` is ``Device.receive`` and
+``gso.coalesce`` of its output: what the receiver does per packet before the TUN write
+(compiled ``_segment``, or with ``--fallback`` gso's numpy/Python paths).
 
     bench/perpacket                 # fastest of 2,000 calls, us per packet
     bench/perpacket --callgrind     # instructions per packet (valgrind), robust under load
@@ -39,12 +41,6 @@ NOW = 1000.0
 A_ENDPOINT, B_ENDPOINT = Endpoint("192.0.2.1", 51820), Endpoint("192.0.2.2", 51820)
 
 
-def _ipv4(size: int, seq: int) -> bytes:
-    header = bytes([0x45, 0, size >> 8, size & 0xFF, 0, 0, 0x40, 0, 64, 6, 0, 0,
-                    10, 0, 0, 1, 10, 0, 0, 2])
-    return header + seq.to_bytes(4, "big") * ((size - 20) // 4)
-
-
 def pair() -> tuple[Device, Device]:
     """A and B with a confirmed session, A the initiator."""
     a, b = Device(), Device()
@@ -55,7 +51,7 @@ def pair() -> tuple[Device, Device]:
         device.apply(DeviceChange(private_key=key, peers=[PeerChange(
             public_key(other), endpoint=endpoint,
             allowed_ips=[prefix.parse(allowed)])]), NOW)
-    wire = a.send([_ipv4(PACKET_SIZE, 0)], NOW)
+    wire = a.send(batch()[:1], NOW)
     for _ in range(4):  # initiation, response, keepalive, staged packet
         to_b = b.receive([(d, A_ENDPOINT) for d, _ in wire], NOW)[1]
         wire = a.receive([(d, B_ENDPOINT) for d, _ in to_b], NOW)[1]
@@ -72,7 +68,8 @@ def _receive_stage(a: Device, b: Device) -> tuple[Keypair, list[tuple[bytes, End
 
 
 def batch() -> list[bytes]:
-    return [_ipv4(PACKET_SIZE, n) for n in range(PACKETS)]
+    """The TCP segments of ``super_segment``: valid checksums, so they coalesce."""
+    return gso.segment(*super_segment(), PACKET_SIZE)
 
 
 def super_segment() -> tuple[bytes, bytes]:
@@ -89,33 +86,42 @@ def super_segment() -> tuple[bytes, bytes]:
     return vnet, header + tcp + bytes((n * 7) & 0xFF for n in range(PACKETS * payload))
 
 
-def _segment_stage() -> Callable[[], object]:
+def stages() -> tuple[dict[str, Callable[[], object]], Callable[[], None]]:
+    """Each stage's call on one batch, and the (untimed) reset of B's replay window that
+    lets B receive the same datagrams again."""
+    a, b = pair()
+    packets = batch()
+    keypair, datagrams = _receive_stage(a, b)
     vnet, packet = super_segment()
-    assert len(gso.segment(vnet, packet, PACKET_SIZE)) == PACKETS
-    return lambda: gso.segment(vnet, packet, PACKET_SIZE)
+
+    def reset() -> None:
+        keypair.replay = ReplayWindow()
+
+    def receive() -> list[bytes]:
+        return b.receive(datagrams, NOW)[0]
+
+    reset()
+    assert receive() == packets and len(gso.coalesce(packets)) == 1, "no merge"
+    return {
+        "gso.segment": lambda: gso.segment(vnet, packet, PACKET_SIZE),
+        "Device.send": lambda: a.send(packets, NOW),
+        "Device.receive": receive,
+        "gso.coalesce": lambda: gso.coalesce(packets),
+        "receive side": lambda: gso.coalesce(receive()),
+    }, reset
 
 
 def timed(calls: int) -> None:
-    split = _segment_stage()
-    best = min(_time(split) for _ in range(calls))
-    print(f"gso.segment     {best / PACKETS / 1000:.2f} us per packet (fastest of {calls}, "
-          f"{'compiled' if gso._segment is not None else 'numpy'})")
-    a, b = pair()
-    packets = batch()
-    best = min(_time(lambda: a.send(packets, NOW)) for _ in range(calls))
-    print(f"Device.send     {best / PACKETS / 1000:.2f} us per packet (fastest of {calls})")
-    keypair, datagrams = _receive_stage(a, b)
-    results = []
-    for _ in range(calls):
-        keypair.replay = ReplayWindow()
-        results.append(_time(lambda: b.receive(datagrams, NOW)))
-    to_tun, _ = b.receive(datagrams, NOW)
-    assert not to_tun, "replayed datagrams were accepted"
-    print(f"Device.receive  {min(results) / PACKETS / 1000:.2f} us per packet "
-          f"(fastest of {calls})")
+    calls_of, reset = stages()
+    path = "compiled" if gso._segment is not None else "fallback"
+    for name, call in calls_of.items():
+        best = min(_time(call, reset) for _ in range(calls))
+        print(f"{name:<15} {best / PACKETS / 1000:.2f} us per packet "
+              f"(fastest of {calls}, {path})")
 
 
-def _time(call: Callable[[], object]) -> int:
+def _time(call: Callable[[], object], reset: Callable[[], None]) -> int:
+    reset()
     start = time.perf_counter_ns()
     call()
     return time.perf_counter_ns() - start
@@ -123,27 +129,21 @@ def _time(call: Callable[[], object]) -> int:
 
 def stage(name: str, calls: int) -> None:
     """Run one stage ``calls`` times (or nothing: the baseline) for callgrind."""
-    a, b = pair()
-    packets = batch()
-    keypair, datagrams = _receive_stage(a, b)
-    split = _segment_stage()
+    calls_of, reset = stages()
+    call = calls_of.get(name)
     for _ in range(calls):
-        keypair.replay = ReplayWindow()
-        if name == "segment":
-            split()
-        elif name == "send":
-            a.send(packets, NOW)
-        elif name == "receive":
-            assert len(b.receive(datagrams, NOW)[0]) == PACKETS
+        reset()
+        if call is not None:
+            call()
 
 
-def callgrind(calls: int, numpy_segment: bool) -> None:
+def callgrind(calls: int, fallback: bool) -> None:
     totals: dict[str, int] = {}
-    extra = ["--numpy-segment"] if numpy_segment else []
+    extra = ["--fallback"] if fallback else []
     # numpy's OpenBLAS threads spin at import, which blurs the differences by ~10k
     # instructions per packet; one thread keeps them exact.
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
-    for name in ("none", "segment", "send", "receive"):
+    for name in ("none", *STAGES):
         run = subprocess.run(
             ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
              sys.executable, __file__, "--stage", name, "--calls", str(calls), *extra],
@@ -151,27 +151,28 @@ def callgrind(calls: int, numpy_segment: bool) -> None:
         found = re.search(r"Collected : (\d+)", run.stderr)
         assert found, run.stderr
         totals[name] = int(found.group(1))
-    for name, label in (("segment", "gso.segment"), ("send", "Device.send"),
-                        ("receive", "Device.receive")):
+    for name in STAGES:
         per = (totals[name] - totals["none"]) / calls / PACKETS
-        print(f"{label:<15} {per / 1000:.1f}k instructions per packet ({calls} calls)")
+        print(f"{name:<15} {per / 1000:.1f}k instructions per packet ({calls} calls)")
+
+
+STAGES = ("gso.segment", "Device.send", "Device.receive", "gso.coalesce", "receive side")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--calls", type=int)
     parser.add_argument("--callgrind", action="store_true", help="count instructions")
-    parser.add_argument("--numpy-segment", action="store_true",
-                        help="split with gso's numpy fallback, not the compiled _segment")
-    parser.add_argument("--stage", choices=("none", "segment", "send", "receive"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument("--fallback", action="store_true",
+                        help="split and coalesce with gso's numpy/Python paths, not _segment")
+    parser.add_argument("--stage", choices=("none", *STAGES), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.numpy_segment:
+    if args.fallback:
         gso._segment = None  # type: ignore[assignment]
     if args.stage:
         stage(args.stage, args.calls or 30)
     elif args.callgrind:
-        callgrind(args.calls or 30, args.numpy_segment)
+        callgrind(args.calls or 30, args.fallback)
     else:
         timed(args.calls or 2000)
 

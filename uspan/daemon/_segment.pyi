@@ -1,4 +1,7 @@
+from collections.abc import Sequence
+
 def split(
     packet: bytes | bytearray | memoryview, ip_len: int, hdr_len: int, step: int, v6: bool,
     tcp: bool, /,
 ) -> list[bytes]: ...
+def coalesce(packets: Sequence[bytes], udp: bool, /) -> list[tuple[bytes, bytes]]: ...

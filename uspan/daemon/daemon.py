@@ -152,7 +152,8 @@ class Daemon:
         log.debug("Offloads: %s", self.describe_offloads())
         for what, compiled, source, fallback in (
                 ("Transport AEAD", transport_crypto.COMPILED, "uspan/wg/_aead.c", "pyca"),
-                ("TSO/USO split", gso.COMPILED, "uspan/daemon/_segment.c", "numpy")):
+                ("TSO/USO split and GRO merge", gso.COMPILED, "uspan/daemon/_segment.c",
+                 "numpy and Python")):
             if compiled:
                 log.debug("%s: compiled (%s)", what, source)
             else:

@@ -20,10 +20,13 @@ numpy: 0.25 us per 1368-byte segment against 2.05 us for ``from_bytes`` and ``%`
 Per-packet work is done per batch where it can be: ``segment`` checks a super-segment in
 Python, then builds its segments in C (``uspan/daemon/_segment.c``: header, payload chunk
 and checksums per segment, the GIL released), or, where that extension was not built,
-as numpy columns with the same bytes (``_split_numpy``); ``coalesce`` checks a stretch of
-equal-length segments of one flow as numpy rows. A line of Python per packet costs
-~0.1 us, a numpy call ~1 us once per super-segment (issue 11: 30.7k -> 18.6k and 35.6k ->
-18.7k instructions per packet; the C splitter: 17.4k -> 2.5k, 1.85 -> 0.21 us).
+as numpy columns with the same bytes (``_split_numpy``). ``coalesce`` runs in C too
+(``_segment.coalesce``: flows, checksum checks, the merge and the copies, the GIL
+released), else in Python with a stretch of equal-length segments of one flow checked as
+numpy rows (``_coalesce_python``), the same decisions and bytes. A line of Python per
+packet costs ~0.1 us, a numpy call ~1 us once per super-segment (issue 11: 30.7k -> 18.6k
+and 35.6k -> 18.7k instructions per packet; the C splitter: 17.4k -> 2.5k, 1.85 -> 0.21
+us; the C merge: see bench/RESULTS.md "GRO merge in C").
 
 Write a ``(vnet_hdr, packet)`` pair to the TUN with one ``os.writev``.
 """
@@ -32,7 +35,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, TypeGuard
 
 import numpy as np
 
@@ -40,7 +43,7 @@ try:
     from uspan.daemon import _segment
 except ImportError:  # built without a compiler: the numpy columns below
     _segment = None  # type: ignore[assignment]
-COMPILED = _segment is not None  # which splitter ``segment`` uses (the tests patch _segment)
+COMPILED = _segment is not None  # split and merge in C (the tests patch _segment)
 
 # --- virtio_net_hdr (include/uapi/linux/virtio_net.h), native byte order ---------------
 
@@ -533,7 +536,17 @@ def coalesce(packets: Sequence[bytes], *, udp: bool = False) -> list[tuple[bytes
     Each segment's checksum is verified before it is merged; segments that are not
     merged get a GSO_NONE header with no flags, so the kernel verifies them itself.
     Order within a flow is kept. Returns the (virtio_net_hdr, packet) pairs to write.
+
+    In C (``_segment.coalesce``, the GIL released for checksums and copies) where it was
+    built, else ``_coalesce_python``: the same decisions and bytes.
     """
+    if _segment is not None:
+        return _segment.coalesce(packets, udp)
+    return _coalesce_python(packets, udp)
+
+
+def _coalesce_python(packets: Sequence[bytes], udp: bool) -> list[tuple[bytes, bytes]]:
+    """``coalesce`` in Python, a stretch of one flow's equal segments as numpy rows."""
     order: list[_Run | bytes] = []
     runs: dict[bytes, _Run] = {}
     packets = [bytes(packet) for packet in packets]
@@ -551,7 +564,8 @@ def coalesce(packets: Sequence[bytes], *, udp: bool = False) -> list[tuple[bytes
                and packets[stop][at:until] == addresses):
             stop += 1
         flow = _flow(packets[start], udp) if stop - start >= _UNIFORM_MIN else None
-        if flow is not None and flow[2] == _PROTO_TCP and flow[5] > 0:
+        if (flow is not None and flow[2] == _PROTO_TCP and flow[5] > 0
+                and not _joins(runs.get(flow[0]), packets[start], flow)):
             stop = min(stop, start + (_MAX_IP_PACKET - flow[4]) // flow[5])
             run = _uniform_run(packets[start:stop], flow)
             if run is not None:
@@ -562,6 +576,13 @@ def coalesce(packets: Sequence[bytes], *, udp: bool = False) -> list[tuple[bytes
         _merge_each(packets[start:stop], udp, runs, order)
         start = stop
     return [(VNET_NONE, item) if isinstance(item, bytes) else item.build() for item in order]
+
+
+def _joins(run: _Run | None, packet: bytes, flow: _Flow) -> TypeGuard[_Run]:
+    """Whether ``packet`` (a mergeable one of ``flow``) may join the open ``run``."""
+    _, _, proto, _, hdr_len, payload = flow
+    return (run is not None and run.verified and run.proto == proto
+            and run.hdr_len == hdr_len and run.accepts(packet, payload))
 
 
 def _merge_each(packets: list[bytes], udp: bool, runs: dict[bytes, _Run],
@@ -579,8 +600,7 @@ def _merge_each(packets: list[bytes], udp: bool, runs: dict[bytes, _Run],
             runs.pop(key, None)
             order.append(packet)
             continue
-        if (run is not None and run.verified and run.proto == proto
-                and run.hdr_len == hdr_len and run.accepts(packet, payload)):
+        if _joins(run, packet, flow):
             if ok:
                 run.append(packet, payload)
             else:  # pass it through alone; nothing after it can follow the run
