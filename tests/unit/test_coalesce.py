@@ -22,14 +22,9 @@ from tests.unit.test_gso import (
     tcp_packet,
     udp_packet,
 )
+from tests.unit.test_segment import _segment, compiled
 from uspan.daemon import gso
 
-try:
-    from uspan.daemon import _segment
-except ImportError:
-    _segment = None  # type: ignore[assignment]
-
-compiled = pytest.mark.skipif(_segment is None, reason="uspan.daemon._segment was not built")
 SOURCES4 = [bytes([10, 1, 0, n]) for n in (1, 2)]
 SOURCES6 = [bytes(15) + bytes([n]) for n in (1, 2)]
 
