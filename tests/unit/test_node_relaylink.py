@@ -319,3 +319,38 @@ def test_a_draining_connection_that_ends_early_leaves_the_next_one_alone(
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_a_connection_left_to_drain_while_connecting_never_serves(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection task told to drain while its connect was still under way (a return
+    to UDP, then a fall back to a successor) must not serve what it connects: it took
+    the successor's place in the link, and when its drain ended nothing served the
+    session's connection."""
+    monkeypatch.setattr(daemon_module, "time", _WallFollowsTrio)
+
+    async def main() -> None:
+        network = MemoryNetwork()
+        a, b, a_link, b_link = relayed_pair(network)
+        async with trio.open_nursery() as nursery, a.daemon.running(), b.daemon.running():
+            relay = Relay(network, nursery)
+            await start_on_tcp(monkeypatch, relay, a_link, b_link)
+            release = trio.Event()
+
+            async def slow_connect() -> trio.abc.Stream:
+                await release.wait()
+                return await relay.connect()
+
+            monkeypatch.setattr(a_link, "_connect", slow_connect)
+            serving, tcp = a_link._serving, a_link._tcp
+            scope = await nursery.start(a_link._tcp_connection)
+            a_link._drain_tcp(scope, trio.current_time())  # run's drain, mid-connect
+            a_link._serving, a_link._tcp = serving, tcp  # (what the successor holds)
+            release.set()
+            await trio.sleep(1)
+            assert len(relay.connections) == 2  # it connected, then hung up at once
+            assert a_link._serving is serving and a_link._tcp is tcp
+            assert a_link.session.transport is Transport.TCP and a_link.session.connected
+            nursery.cancel_scope.cancel()
+
+    run(main)

@@ -135,4 +135,22 @@ def test_a_replayed_registration_cannot_move_an_address_back() -> None:
         assert [target for _, target in out] == [7]
     assert relay.dropped[forwarding.SUPERSEDED] == 3
     assert register(relay, A, b"aaaaaaaa", now=170.0)  # a new nonce: back on UDP
-    assert relay.sessions[A].issued > relay.sessions[7].issued
+    assert relay._by_address[(KEY.public, b"aaaaaaaa")] == A
+
+
+def test_a_replay_stays_refused_after_the_registration_that_replaced_it_is_gone() -> None:
+    """The TCP connection that holds the address closes (a reset, a NAT reboot): the
+    recorded older REGISTER, replayed before the node registers again, must still be
+    refused, and the address's memory lasts only as long as such a nonce is valid."""
+    relay = Forwarder()
+    register(relay, B, b"bbbbbbbb")
+    node = RelaySession(KEY, b"aaaaaaaa")
+    ((challenge, _),) = relay.receive(node.tick(100.0)[0][0], A, 100.0)
+    (recorded,) = node.receive(challenge, 100.0)
+    assert relay.receive(recorded, A, 100.0)
+    register(relay, 7, b"aaaaaaaa", now=105.0)
+    relay.forget(7)  # its connection closed
+    assert relay.receive(recorded, A, 107.0) == []
+    assert relay.dropped[forwarding.SUPERSEDED] == 1
+    relay.expire(105.0 + forwarding.NONCE_LIFETIME + 1)
+    assert relay._newest == {}

@@ -217,7 +217,10 @@ class RelayLink:
                 except OSError as exc:
                     log.debug("relay %s over TCP: %s", self.relay, exc)
                 else:
-                    if self.session.transport is not Transport.TCP:  # back on UDP meanwhile
+                    # Back on UDP meanwhile, or left to drain while connecting: a
+                    # successor (if any) is run's, and this one must not take its place.
+                    if (self.session.transport is not Transport.TCP
+                            or not math.isinf(scope.deadline)):
                         await stream.aclose()
                         return
                     await self._serve_tcp(stream)

@@ -14,9 +14,10 @@ the challenge's size) cannot amplify.
 A registration of an address that another source holds moves it there (a new NAT
 mapping, or the node switched between UDP and TCP). The old source may still send for
 GRACE seconds, so the datagrams it had on the way when the node switched are not lost.
-The signed nonce orders registrations: one whose nonce was issued before the nonce of
-the registration holding the address is refused (SUPERSEDED), so a REGISTER recorded on
-the path and replayed from the node's old source, in time, cannot move it back.
+The signed nonce orders registrations: one whose nonce was issued before that of the
+newest accepted registration of the address is refused (SUPERSEDED), so a REGISTER
+recorded on the path and replayed from the node's old source, in time, cannot move it
+back, even after the registration that replaced it is gone (its TCP connection closed).
 
 Sources are what the shell chooses: ``(ip, port)`` for UDP, a connection
 number for TCP. Every call takes ``now``; what the relay should send comes back as
@@ -60,7 +61,6 @@ class Session:
     key: bytes
     address: bytes
     expires: float
-    issued: int = 0  # when the nonce of its newest REGISTER was issued (microseconds)
 
 
 class Forwarder:
@@ -71,6 +71,10 @@ class Forwarder:
         self.sessions: dict[Source, Session] = {}
         self._by_address: dict[tuple[bytes, bytes], Source] = {}
         self._per_key: Counter[bytes] = Counter()
+        # Per (key, address): the issue time of the newest nonce a REGISTER for it was
+        # accepted with, kept while such a nonce could still be valid, so a replayed older
+        # REGISTER cannot move the address back even after its holder is gone.
+        self._newest: dict[tuple[bytes, bytes], int] = {}
         self.dropped: Counter[str] = Counter()
         self.forwarded = 0
         self.forwarded_bytes = 0
@@ -114,6 +118,9 @@ class Forwarder:
         """Drop registrations that were not refreshed in time."""
         for source in [s for s, session in self.sessions.items() if session.expires <= now]:
             self.forget(source)
+        oldest_valid = _microseconds(now) - NONCE_LIFETIME * 1_000_000
+        for slot in [slot for slot, issued in self._newest.items() if issued <= oldest_valid]:
+            del self._newest[slot]
 
     def _forward(self, data: bytes, source: Source, now: float) -> Out:
         session = self.sessions.get(source)
@@ -145,10 +152,10 @@ class Forwarder:
             self.dropped[BAD_PROOF] += 1
             return []
         slot = (frame.key, frame.address)
-        holder = self._by_address.get(slot)
-        if holder is not None and issued < self.sessions[holder].issued:
+        if issued < self._newest.get(slot, issued):
             self.dropped[SUPERSEDED] += 1
             return []
+        holder = self._by_address.get(slot)
         old = self.sessions.get(source)
         same = old is not None and (old.key, old.address) == (frame.key, frame.address)
         if not same and (len(self.sessions) >= MAX_SESSIONS
@@ -163,9 +170,9 @@ class Forwarder:
             moved = self.sessions[holder]  # mapping, new transport): what it sent
             moved.expires = min(moved.expires, now + GRACE)  # before still goes through
         self._by_address[slot] = source
+        self._newest[slot] = issued
         session = self.sessions[source]
         session.expires = now + LIFETIME
-        session.issued = issued
         self.registrations += 1
         return [(frames.encode(frames.Registered(frame.address, LIFETIME)), source)]
 
