@@ -17,6 +17,9 @@ _FALLBACK = "#!python\nimport sys\nfrom uspan.daemon.launch import main\nsys.exi
 
 
 class BuildLauncher(build_scripts):
+    """Compile bin/uspan-wg for the interpreter running this build (pip's: the one the
+    package is installed for); the Python script where that fails."""
+
     def run(self) -> None:
         work = Path(self.get_finalized_command("build").build_temp) / "uspan-launcher"
         work.mkdir(parents=True, exist_ok=True)
@@ -42,4 +45,6 @@ class BuildLauncher(build_scripts):
         compiler.link_executable(objects, target.name, output_dir=str(work))
 
 
+# The source stands in the scripts list so that the build has scripts to build (and an
+# sdist carries it); BuildLauncher turns it into bin/uspan-wg.
 setup(scripts=["uspan/daemon/launcher.c"], cmdclass={"build_scripts": BuildLauncher})
