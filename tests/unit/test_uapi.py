@@ -10,6 +10,8 @@ from collections.abc import Iterator
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from uspan.daemon.uapi_server import handle
 from uspan.wg import prefix
@@ -177,9 +179,11 @@ def parsed_line_by_line(body: list[str]) -> DeviceChange:
 
 
 def parsed_in_batches(body: list[str], size: int = 64) -> DeviceChange:
+    """As the server parses: from the bytes, about ``size`` lines at a time."""
     parser = SetParser()
-    for start in range(0, len(body), size):
-        parser.feed(body[start:start + size])
+    data, pos = "".join(line + "\n" for line in body).encode(), 0
+    while pos < len(data):
+        pos = parser.feed_bytes(data, pos, size)
     return parser.finish()
 
 
@@ -189,8 +193,8 @@ def hosts(sign: str, first: int, count: int) -> list[str]:
 
 
 def test_batches_of_32_bit_prefixes_parse_as_lines_do() -> None:
-    """Batches of nothing but /32 additions (or removals) take a faster path: the same
-    change, whatever the mix of additions and removals around them."""
+    """Runs of IPv4 additions (or removals) take a faster path: the same change,
+    whatever the mix of additions and removals around them."""
     body = [f"public_key={PEER.hex()}", *hosts("", 0, 300), *hosts("-", 100, 300),
             *hosts("", 250, 100), "allowed_ip=10.9.0.0/16", *hosts("-", 0, 64),
             "allowed_ip=::ffff:10.0.0.1/32", *hosts("", 1000, 200),
@@ -201,6 +205,35 @@ def test_batches_of_32_bit_prefixes_parse_as_lines_do() -> None:
     assert change.peers[0].allowed_ips[0] == net("10.0.0.0/32")
     assert net("10.0.1.94/32") in change.peers[0].remove_allowed_ips
     assert net("10.0.1.0/32") not in change.peers[0].remove_allowed_ips  # added again
+
+
+_BODY_LINES = st.sampled_from(
+    [f"public_key={PEER.hex()}", f"public_key={PEER2.hex()}", "replace_allowed_ips=true",
+     "endpoint=192.0.2.1:51820", "persistent_keepalive_interval=25", "listen_port=51820",
+     "allowed_ip=fd00::/64", "allowed_ip=-fd00::/64", "allowed_ip=::ffff:10.0.0.1/128",
+     "allowed_ip=10.0.0.1/33", "allowed_ip=10.0.0.01/32", "allowed_ip=10.0.0.1/32\r",
+     "allowed_ip=-10.0.0.1/24 ", "bogus", "allowed_ip=10.0.0.1\u0661/32"])
+_HOSTS = st.builds(lambda sign, first, count, length: [
+    f"allowed_ip={sign}10.0.{i & 255}.0/{length}" for i in range(first, first + count)],
+    st.sampled_from(["", "-"]), st.integers(0, 8), st.integers(1, 6), st.sampled_from([24, 32]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_BODY_LINES.map(lambda line: [line]) | _HOSTS, max_size=12),
+       st.integers(1, 8))
+def test_bytes_parse_as_lines_do(runs: list[list[str]], size: int) -> None:
+    """The server's path (runs of IPv4 allowed_ip lines read in C, the rest as str lines)
+    gives the change, or the error, that the lines one at a time give."""
+    body = [line for run in runs for line in run]
+    try:
+        expected: DeviceChange | str = parsed_line_by_line(body)
+    except ConfigError as exc:
+        expected = f"{exc!s} {exc.errno}"
+    try:
+        got: DeviceChange | str = parsed_in_batches(body, size)
+    except ConfigError as exc:
+        got = f"{exc!s} {exc.errno}"
+    assert got == expected
 
 
 @pytest.mark.parametrize("bad", ["allowed_ip=10.0.0.256/32", "allowed_ip=10.00.0.1/32",

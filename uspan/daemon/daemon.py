@@ -42,7 +42,7 @@ from uspan.daemon.ports import BindPort, DatagramReceiver, TunError, TunGone, Tu
 from uspan.daemon.slices import Frozen, Slices, collector_paused
 from uspan.daemon.tun import Tun
 from uspan.daemon.udp import UdpBind
-from uspan.wg import transport_crypto
+from uspan.wg import prefix, transport_crypto
 from uspan.wg.admission import SAMPLE_WINDOW, KernelFilter
 from uspan.wg.config import ConfigError, DeviceChange
 from uspan.wg.device import Device
@@ -152,7 +152,8 @@ class Daemon:
         log.debug("Offloads: %s", self.describe_offloads())
         for what, compiled, source, fallback in (
                 ("Transport AEAD", transport_crypto.COMPILED, "uspan/wg/_aead.c", "pyca"),
-                ("TSO/USO split", gso.COMPILED, "uspan/daemon/_segment.c", "numpy")):
+                ("TSO/USO split", gso.COMPILED, "uspan/daemon/_segment.c", "numpy"),
+                ("UAPI allowed_ip lines", prefix.COMPILED, "uspan/wg/_prefix.c", "Python")):
             if compiled:
                 log.debug("%s: compiled (%s)", what, source)
             else:
