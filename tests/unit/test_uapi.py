@@ -13,6 +13,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from uspan.daemon import slices, uapi_server
 from uspan.daemon.uapi_server import handle
 from uspan.wg import prefix
 from uspan.wg.config import ConfigError, DeviceChange, DeviceInfo, PeerInfo
@@ -486,3 +487,41 @@ def test_a_peer_key_without_a_value_is_a_protocol_error(bare: str) -> None:
     with pytest.raises(ConfigError) as info:  # wireguard-go: errno=-71 for both
         parse_set(["public_key=" + "ab" * 32, bare])
     assert info.value.errno == errno.EPROTO
+
+
+def test_server_lets_go_of_a_big_change_in_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parsed prefixes of a big set are dropped a slice at a time after it is applied
+    (a million at once is one ~5 ms step), and all of them are dropped."""
+    monkeypatch.setattr(slices, "SLICE", 0.0)  # every pause is a checkpoint
+    count = 3 * uapi_server._RELEASE_STEP
+    request = "".join(["set=1\n", f"public_key={PEER.hex()}\n",
+                       *(f"allowed_ip={line[11:]}\n" for line in hosts("", 0, count)),
+                       "\n"]).encode()
+    target = KeepingTarget()
+    seen: set[int] = set()
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            async def watch() -> None:
+                while True:
+                    if target.change is not None:
+                        seen.add(len(target.change.peers[0].allowed_ips))
+                    await trio.sleep(0)
+            nursery.start_soon(watch)
+            assert await converse(target, request) == b"errno=0\n\n"
+            nursery.cancel_scope.cancel()
+
+    trio.run(run)
+    assert target.change is not None and target.change.peers[0].allowed_ips == []
+    assert len(target.device.allowed_ips) == count
+    assert {n for n in seen if 0 < n < count}  # seen part released
+
+
+class KeepingTarget(DeviceTarget):
+    """Keeps the change it applied, to see what the server does with it afterwards."""
+
+    change: DeviceChange | None = None
+
+    async def configure(self, change: DeviceChange) -> None:
+        self.device.apply(change, 0.0)
+        self.change = change
