@@ -9,7 +9,10 @@ blocked mask: threads that libraries start at import (OpenBLAS's) would not inhe
 the mask, and the kernel delivers a process signal to any thread that does not block it.
 This module imports nothing heavy, so an entry point can ``catch()`` before it imports the
 program (imports take a few hundred milliseconds on a busy machine; see
-``uspan.daemon.launch``). After ``first()`` the recording handler is back, so a second
+``uspan.daemon.launch``). Python's own start-up comes before any handler: ``uspan-wg``
+is a compiled launcher (``uspan/daemon/launcher.c``) that blocks stop signals across
+exec, and ``catch()`` unblocks them once its handler is in place, before any import
+could start a thread. After ``first()`` the recording handler is back, so a second
 signal during cleanup changes nothing: the process exits the way the first one asked.
 """
 
@@ -33,9 +36,12 @@ def _record(signum: int, frame: FrameType | None) -> None:
 
 
 def catch() -> None:
-    """From now on, record stop signals for ``first()`` instead of dying of them."""
+    """From now on, record stop signals for ``first()`` instead of dying of them; then
+    unblock them, so one that came while they were blocked (by ``uspan-wg``'s launcher,
+    before Python started) is recorded now."""
     for signum in STOP_SIGNALS:
         _signal.signal(signum, _record)
+    _signal.pthread_sigmask(_signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 async def first() -> signal.Signals:

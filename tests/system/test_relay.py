@@ -264,3 +264,68 @@ def test_udp_unblocked_later_the_node_returns_to_udp_without_a_drop(
     assert stats["relay_udp_returns"] == "1" and stats["relay_fallbacks"] == "1"
     assert net.metrics()["uspan_relay_tcp_clients"] == 0  # the old connection closed
     assert sent > 50 and received >= sent - 1  # the last one may still be on its way
+
+
+# On the switch, a listener on the path: every REGISTER that reaches the relay, as
+# "source-ip source-port frame-hex" lines.
+RECORDER = r"""
+import socket, struct, sys
+from uspan.relay import frames
+port = int(sys.argv[1])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800))
+while True:
+    packet = s.recv(65535)
+    head = (packet[0] & 15) * 4
+    if packet[9] != 17 or struct.unpack(">H", packet[head + 2:head + 4])[0] != port:
+        continue
+    frame = packet[head + 8:]
+    if frame[:frames.TAG] == frames.REGISTER:
+        source = socket.inet_ntoa(packet[12:16])
+        sport = struct.unpack(">H", packet[head:head + 2])[0]
+        print(source, sport, frame.hex(), flush=True)
+"""
+
+# ... and the same listener sending one of them again, from the source it came from.
+REPLAY = r"""
+import socket, sys
+relay, source, port, frame = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT: send from the router's address
+s.bind((source, port))
+s.sendto(bytes.fromhex(frame), (relay, 3001))
+"""
+
+
+def test_a_registration_replayed_from_the_old_udp_source_moves_nothing(
+        relaynet: Callable[..., RelayNet], tmp_path: Path) -> None:
+    """n1 registers over UDP, then its UDP is blocked and it falls back to TCP. Its last
+    UDP REGISTER, recorded on the path and replayed from its old source while the nonce
+    is fresh, moved its relay address back there: n2's datagrams went to the blocked
+    UDP mapping until n1 registered again."""
+    net = relaynet(2)
+    recorded = tmp_path / "registers.txt"
+    with recorded.open("wb") as out:
+        net.switch.spawn(sys.executable, "-c", RECORDER, str(RELAY), stdout=out.fileno())
+    for node in net.nodes:
+        node.start()
+    net.pairs_up(timeout=60)
+    n1, n2 = net.nodes
+    with (tmp_path / "ping.log").open("wb") as out:  # traffic: the fallback comes at once
+        pinger = n2.ns.spawn("ping", "-i", "0.2", "-W", "1", n1.kubespan_ip(),
+                             stdout=out.fileno())
+    net.routers[0].run("iptables", "-A", "FORWARD", "-p", "udp", "-j", "DROP")
+    poll(lambda: node_stats(n1)["relay_tcp"] == "1", what="n1 on TCP", timeout=40,
+         interval=0.5)
+    pinger.send_signal(2)
+    pinger.wait(10)
+    n2.ns.run("ping", "-c", "3", "-i", "0.2", "-W", "3", n1.kubespan_ip(), timeout=30)
+    source, port, frame = [line.split() for line in recorded.read_text().splitlines()
+                           if line.startswith("192.0.2.11 ")][-1]
+    before = net.metrics()
+    net.switch.run(sys.executable, "-c", REPLAY, SWITCH, source, port, frame)
+    name = 'uspan_relay_dropped_frames_total{reason="superseded"}'
+    poll(lambda: net.metrics().get(name, 0.0) == before.get(name, 0.0) + 1,
+         what="the replay refused", timeout=5, interval=0.2)
+    done = n2.ns.run("ping", "-c", "10", "-i", "0.2", "-W", "1", n1.kubespan_ip(),
+                     timeout=30, check=False)
+    assert " 0% packet loss" in done.stdout, done.stdout  # still delivered over TCP

@@ -366,10 +366,15 @@ def test_operation_sequences_match_model(ops: list[tuple[str, int, int, int, int
         else:
             table.remove_value(peer)
             model.remove_value(peer)
+    assert_matches(table, model, lookups=True)
+
+
+def assert_matches(table: AllowedIPs[Peer], model: _Model, *, lookups: bool) -> None:
+    """The same size, owners' prefixes in the same order, and (``lookups``) routes."""
     assert len(table) == len(model.routes)
     for peer in _PEERS:
         assert table.prefixes(peer) == model.prefixes(peer)
-    for top in range(16):
+    for top in range(16 if lookups else 0):
         for address in ((top << 28).to_bytes(4, "big"), (top << 124).to_bytes(16, "big")):
             assert table.lookup(address) is model.lookup(address)
 
@@ -453,3 +458,39 @@ def test_a_snapshot_read_after_a_change_is_not_kept() -> None:
     assert not isinstance(t.texts(a), list)
     assert read_whole(t, a) == ["10.0.0.0/8", "10.1.0.0/16", "10.2.0.0/16"]
     assert t.texts(a) == ["10.0.0.0/8", "10.1.0.0/16", "10.2.0.0/16"]
+
+
+# Batches of a few prefixes each, of both families and mixed lengths (several tables in
+# one batch, or one: the bulk path), with repeats, from a small space so peers collide.
+_batch_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["insert", "insert", "remove"]),
+        st.integers(0, len(_PEERS) - 1),
+        st.lists(st.tuples(st.sampled_from([4, 4, 6]), st.integers(0, 15),
+                           st.sampled_from([0, 3, 6, 6, 6])), max_size=12),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=_batch_ops)
+def test_batches_match_the_model_prefix_by_prefix(
+        ops: list[tuple[str, int, list[tuple[int, int, int]]]]) -> None:
+    """A batch (what the UAPI gives insert and remove) has the effect of its prefixes one
+    at a time, in order: takeovers from other peers, removes of prefixes that others
+    own (ignored), repeats, and each owner's order of prefixes."""
+    table: AllowedIPs[Peer] = AllowedIPs()
+    model = _Model()
+    for op, index, batch in ops:
+        peer = _PEERS[index]
+        networks = [_network(version, top, length) for version, top, length in batch]
+        if op == "insert":
+            table.insert([of(network) for network in networks], peer)
+            for network in networks:
+                model.insert(network, peer)
+        else:
+            removed = sum(model.remove(network, peer) for network in networks)
+            assert table.remove([of(network) for network in networks], peer) == removed
+        assert_matches(table, model, lookups=False)
+    assert_matches(table, model, lookups=True)

@@ -16,17 +16,25 @@ import time
 import weakref
 from collections.abc import AsyncIterator
 
+import pytest
 import trio
 import trio.testing
 
 from uspan.daemon import slices
-from uspan.daemon.daemon import Daemon
+from uspan.daemon.daemon import PREFIXES_PER_PEER, Daemon
 from uspan.daemon.memory import MemoryBind, MemoryNetwork, MemoryTun
 from uspan.daemon.uapi_server import handle
 from uspan.wg import prefix
-from uspan.wg.config import DeviceChange, PeerChange
+from uspan.wg.config import ConfigError, DeviceChange, PeerChange
 from uspan.wg.crypto import clamp, public_key
-from uspan.wg.device import APPLY_STEP, HANDSHAKE_BURST, TICK_BUDGET, Device
+from uspan.wg.device import (
+    APPLY_STEP,
+    CHECK_STEP,
+    HANDSHAKE_BURST,
+    TICK_BUDGET,
+    TICK_HANDSHAKES,
+    Device,
+)
 from uspan.wg.endpoint import Endpoint
 from uspan.wg.handshake import TransportKeys
 from uspan.wg.keypair import Keypair
@@ -87,6 +95,21 @@ def test_replacing_and_removing_many_prefixes_goes_in_steps() -> None:
     assert len(list(device.apply_steps(remove, 0.0, []))) >= 3
     assert len(device.allowed_ips) == 0 and not device.peers
     assert device.allowed_ips.lookup(bytes([10, 0, 0, 1])) is None
+
+
+def test_checking_a_huge_change_goes_in_steps_and_then_refuses_it_whole() -> None:
+    """The type check of a million prefixes (~15 ms) is no single step; a bad one at the
+    end still refuses the change before anything of it is applied."""
+    device = Device(rng=bytes)
+    good = list(range(32 << 33, (32 << 33) + 3 * CHECK_STEP))
+    bad = DeviceChange(peers=[PeerChange(PEER, allowed_ips=[*good, "10.0.0.1/32"])])  # type: ignore[list-item]
+    steps = device.apply_steps(bad, 0.0, [])
+    checked = 0
+    with pytest.raises(ConfigError):
+        for _ in steps:
+            checked += 1
+    assert checked >= 3
+    assert not device.peers and len(device.allowed_ips) == 0
 
 
 def test_a_prefix_kept_by_a_replacement_stays_routed_between_its_steps() -> None:
@@ -508,6 +531,18 @@ def test_timers_start_handshakes_within_a_budget_first_come_first_served() -> No
     assert sent[-1][0] >= 2.6  # the last waited its turn
 
 
+def test_a_pass_starts_few_handshakes_and_the_burst_still_goes_at_once() -> None:
+    """A pass of 8 initiations (~0.25 ms each, far more on a busy machine) kept tunnel
+    packets waiting: a pass starts at most TICK_HANDSHAKES, and the shell's next passes,
+    at the same instant, send the rest of the burst the budget allows."""
+    device = silent_device(100)
+    per_pass = []
+    while (deadline := device.next_deadline()) is not None and deadline <= 0.0:
+        per_pass.append(len(device.tick(0.0)))
+    assert max(per_pass) == TICK_HANDSHAKES
+    assert sum(per_pass) == HANDSHAKE_BURST
+
+
 def test_peers_with_a_session_never_wait_and_lately_heard_ones_go_first() -> None:
     """Established tunnels keep their timers on time however long the line is; of the
     peers waiting for a handshake, those heard from lately go first."""
@@ -591,6 +626,28 @@ def test_a_set_of_many_peers_leaves_them_out_of_full_collections() -> None:
     finally:
         gc.unfreeze()
 
+
+
+def test_a_set_of_many_prefixes_leaves_its_table_out_of_young_collections() -> None:
+    """The table of a million new prefixes (a dict whose values are peers) cost the first
+    young collection after the set ~25 ms: a set of many prefixes freezes as many peers
+    would."""
+    count = slices.FREEZE_AFTER * PREFIXES_PER_PEER
+    change = DeviceChange(peers=[PeerChange(PEER, allowed_ips=list(
+        range(32 << 33, (32 << 33) + count)))])
+
+    async def main() -> None:
+        daemon = memory_daemon()
+        async with daemon.running():
+            await daemon.configure(change)
+            tables = [t for t in daemon.device.allowed_ips._tables.values() if len(t) == count]
+            assert tables and not any(thing is tables[0]
+                                      for thing in gc.get_objects())
+
+    try:
+        trio.run(main)
+    finally:
+        gc.unfreeze()
 
 
 def test_cyclic_garbage_a_freeze_kept_is_collected_within_the_refresh_interval() -> None:

@@ -17,7 +17,7 @@ from tests.unit.wgnet import ipv4_packet
 from uspan.daemon import daemon as daemon_module
 from uspan.daemon.memory import MemoryBind, MemoryNetwork
 from uspan.discovery.proof import MemberKey
-from uspan.node.relaylink import TCP_RETRY, RelayLink
+from uspan.node.relaylink import DRAIN, TCP_RETRY, RelayLink
 from uspan.relay import frames
 from uspan.relay import session as relay_session
 from uspan.relay.addressing import RelayAddresses, pseudo_endpoint
@@ -126,7 +126,7 @@ class Relay:
         self.bind = network.bind(*RELAY.address)
         self.forwarder = Forwarder()
         self.nursery = nursery
-        self.connections: dict[int, trio.abc.SendStream] = {}
+        self.connections: dict[int, trio.abc.HalfCloseableStream] = {}
         self.dead = False
         nursery.start_soon(self._serve_udp)
 
@@ -157,6 +157,10 @@ class Relay:
         self.nursery.start_soon(self._serve_tcp, ours, number)
         return theirs
 
+    async def hang_up(self, number: int) -> None:
+        """Connection ``number`` ends from the relay's side (the link reads its end)."""
+        await self.connections[number].send_eof()
+
     async def _serve_tcp(self, stream: trio.abc.Stream, number: int) -> None:
         decoder = frames.StreamDecoder()
         while data := await stream.receive_some(65536):
@@ -168,32 +172,46 @@ class Relay:
         self.forwarder.forget(number)
 
 
+def relayed_pair(network: MemoryNetwork) -> tuple[Node, Node, RelayLink, RelayLink]:
+    """Nodes a and b, each the other's peer through the relay; a's UDP to it blocked."""
+    a = Node(network, "192.0.2.1", "10.0.0.1")
+    b = Node(network, "192.0.2.2", "10.0.0.2")
+    addresses = RelayAddresses(SECRET, CLUSTER)
+    a_peer, b_peer = a.peer(b), b.peer(a)
+    a_peer.endpoint = pseudo_endpoint(addresses.of(b.public), RELAY)
+    b_peer.endpoint = pseudo_endpoint(addresses.of(a.public), RELAY)
+    a.daemon.set(DeviceChange(peers=[a_peer]))
+    b.daemon.set(DeviceChange(peers=[b_peer]))
+    block_udp(network, a)
+    return a, b, link(a), link(b)
+
+
+def block_udp(network: MemoryNetwork, node: Node) -> None:
+    udp = (node.host, 51820)
+    network.cut |= {(udp, RELAY.address), (RELAY.address, udp)}
+
+
+async def start_on_tcp(monkeypatch: pytest.MonkeyPatch, relay: Relay, a_link: RelayLink,
+                       b_link: RelayLink) -> None:
+    """Run both links; a (UDP blocked) falls back to TCP and registers there."""
+    monkeypatch.setattr(a_link, "_connect", relay.connect)
+    a_link.daemon.start_soon(a_link.run)
+    b_link.daemon.start_soon(b_link.run)
+    await trio.sleep(relay_session.ATTEMPTS * relay_session.RETRY + 1)
+    assert a_link.session.transport is Transport.TCP and a_link.session.connected
+    assert relay.forwarder.addresses == 2
+
+
 def test_tcp_fallback_a_dead_connection_replaced_and_back_to_udp_without_a_loss(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(daemon_module, "time", _WallFollowsTrio)
 
     async def main() -> None:
         network = MemoryNetwork()
-        a = Node(network, "192.0.2.1", "10.0.0.1")
-        b = Node(network, "192.0.2.2", "10.0.0.2")
-        addresses = RelayAddresses(SECRET, CLUSTER)
-        a_peer, b_peer = a.peer(b), b.peer(a)
-        a_peer.endpoint = pseudo_endpoint(addresses.of(b.public), RELAY)
-        b_peer.endpoint = pseudo_endpoint(addresses.of(a.public), RELAY)
-        a.daemon.set(DeviceChange(peers=[a_peer]))
-        b.daemon.set(DeviceChange(peers=[b_peer]))
-        a_link, b_link = link(a), link(b)
-        a_udp = (a.host, 51820)
-        network.cut |= {(a_udp, RELAY.address), (RELAY.address, a_udp)}  # a's UDP blocked
+        a, b, a_link, b_link = relayed_pair(network)
         async with trio.open_nursery() as nursery, a.daemon.running(), b.daemon.running():
             relay = Relay(network, nursery)
-            monkeypatch.setattr(a_link, "_connect", relay.connect)
-            a.daemon.start_soon(a_link.run)
-            b.daemon.start_soon(b_link.run)
-
-            await trio.sleep(relay_session.ATTEMPTS * relay_session.RETRY + 1)
-            assert a_link.session.transport is Transport.TCP and a_link.session.connected
-            assert relay.forwarder.addresses == 2
+            await start_on_tcp(monkeypatch, relay, a_link, b_link)
 
             async def ping_pong(count: int) -> None:
                 """a pings b every 0.1 s, b answers each; every one must arrive."""
@@ -261,6 +279,78 @@ def test_tcp_fallback_a_dead_connection_replaced_and_back_to_udp_without_a_loss(
             assert stats["relay_tcp"] == 0 and stats["relay_udp_returns"] == 1
             assert stats["relay_tcp_backlog"] == 0
             assert relay.forwarder.dropped == dropped  # nothing from the old connection refused
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_draining_connection_that_ends_early_leaves_the_next_one_alone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """a returns to UDP (connection 1 drains), UDP fails again at once and a falls back
+    to a new connection 2; then the relay ends connection 1 before the drain is over.
+    Its close was taken for connection 2's: the link cut the working connection 2,
+    and connection 1's task, back on TCP, connected again beside its replacement."""
+    monkeypatch.setattr(daemon_module, "time", _WallFollowsTrio)
+
+    async def main() -> None:
+        network = MemoryNetwork()
+        a, b, a_link, b_link = relayed_pair(network)
+        session = a_link.session
+        async with trio.open_nursery() as nursery, a.daemon.running(), b.daemon.running():
+            relay = Relay(network, nursery)
+            await start_on_tcp(monkeypatch, relay, a_link, b_link)
+            network.cut.clear()
+            while session.transport is Transport.TCP:
+                await trio.sleep(0.1)
+            returned = trio.current_time()
+            block_udp(network, a)
+            a_link.rebound()  # (the socket moved: a registers over UDP at once, in vain)
+            while not session.connected:
+                await trio.sleep(0.1)
+            assert len(relay.connections) == 2 and trio.current_time() - returned < DRAIN
+            await relay.hang_up(1)
+            await trio.sleep(TCP_RETRY + 1)
+            assert session.connected and session.reconnects == 0
+            assert len(relay.connections) == 2
+            packet = ipv4_packet("10.0.0.2", "10.0.0.1")
+            b.tun.inject(packet)
+            with trio.fail_after(2):
+                assert await a.tun.next_written() == packet
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_connection_left_to_drain_while_connecting_never_serves(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection task told to drain while its connect was still under way (a return
+    to UDP, then a fall back to a successor) must not serve what it connects: it took
+    the successor's place in the link, and when its drain ended nothing served the
+    session's connection."""
+    monkeypatch.setattr(daemon_module, "time", _WallFollowsTrio)
+
+    async def main() -> None:
+        network = MemoryNetwork()
+        a, b, a_link, b_link = relayed_pair(network)
+        async with trio.open_nursery() as nursery, a.daemon.running(), b.daemon.running():
+            relay = Relay(network, nursery)
+            await start_on_tcp(monkeypatch, relay, a_link, b_link)
+            release = trio.Event()
+
+            async def slow_connect() -> trio.abc.Stream:
+                await release.wait()
+                return await relay.connect()
+
+            monkeypatch.setattr(a_link, "_connect", slow_connect)
+            serving, tcp = a_link._serving, a_link._tcp
+            scope = await nursery.start(a_link._tcp_connection)
+            a_link._drain_tcp(scope, trio.current_time())  # run's drain, mid-connect
+            a_link._serving, a_link._tcp = serving, tcp  # (what the successor holds)
+            release.set()
+            await trio.sleep(1)
+            assert len(relay.connections) == 2  # it connected, then hung up at once
+            assert a_link._serving is serving and a_link._tcp is tcp
+            assert a_link.session.transport is Transport.TCP and a_link.session.connected
             nursery.cancel_scope.cancel()
 
     run(main)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from uspan.wg import prefix
@@ -91,3 +92,63 @@ def test_ipv6_matches_ipaddress(number: int, length: int) -> None:
 def test_families_and_lengths_are_distinct() -> None:
     texts = ["0.0.0.0/0", "::/0", "0.0.0.0/32", "::/32", "::/128", "10.0.0.0/8", "10.0.0.0/9"]
     assert len({prefix.parse(text) for text in texts}) == len(texts)
+
+
+def test_compiled_scan_is_used_when_required() -> None:
+    """CI sets USPAN_REQUIRE_COMPILED=1 (scripts/test): a silent fallback fails here."""
+    if os.environ.get("USPAN_REQUIRE_COMPILED") != "1":
+        pytest.skip("USPAN_REQUIRE_COMPILED is not set")
+    assert prefix.COMPILED, "uspan.wg._prefix did not build or import"
+
+
+# Each way a line can be almost an IPv4 allowed_ip line (one part replaced by a bad one).
+_BAD = {
+    "head": ["allowed_ip", "allowed_ip=--", "public_key=", "", "allowed_ip =", "ALLOWED_IP="],
+    "octet": ["256", "300", "01", "00", "000", "1000", "", "-", "+1", "\u0661", "a", " 1", "1 "],
+    "dots": ["1.2.3", "1.2.3.4.5", "1..2.3"],
+    "length": ["33", "032", "00", "", "3.2", "99", "-0", "+8", "8 ", "\u0668"],
+    "end": ["\r\n", "", "/8\n", "\x00\n", " \n"],
+}
+
+
+@st.composite
+def near_lines(draw: st.DrawFn) -> str:
+    """A line ``scan`` reads, often with one part made bad."""
+    head = draw(st.sampled_from(["allowed_ip=", "allowed_ip=-"]))
+    octets = [str(draw(st.integers(0, 255))) for _ in range(4)]
+    length, end = str(draw(st.integers(0, 32))), "\n"
+    address = ".".join(octets)
+    bad = draw(st.sampled_from([None, None, *_BAD]))
+    if bad == "head":
+        head = draw(st.sampled_from(_BAD["head"]))
+    elif bad == "octet":
+        octets[draw(st.integers(0, 3))] = draw(st.sampled_from(_BAD["octet"]))
+        address = ".".join(octets)
+    elif bad == "dots":
+        address = draw(st.sampled_from(_BAD["dots"]))
+    elif bad == "length":
+        length = draw(st.sampled_from(_BAD["length"]))
+    elif bad == "end":
+        end = draw(st.sampled_from(_BAD["end"]))
+    return f"{head}{address}/{length}{end}"
+
+
+@settings(max_examples=300)
+@given(st.lists(near_lines() | st.text(max_size=30).map(lambda text: text + "\n"), max_size=12),
+       st.integers(1, 20))
+def test_scan_in_c_and_in_python_agree(lines: list[str], limit: int) -> None:
+    data = "".join(lines).encode()
+    starts = [0, *(index + 1 for index, byte in enumerate(data) if byte == ord("\n"))]
+    for pos in starts:
+        for key in (b"allowed_ip=", b"allowed_ip=-"):
+            expected = prefix.scan_py(data, pos, limit, key)
+            assert prefix.scan(data, pos, limit, key) == expected
+            assert prefix.scan(bytearray(data), pos, limit, key) == expected
+
+
+@given(st.integers(0, (1 << 32) - 1), st.integers(0, 32))
+def test_scan_reads_what_parse_parses(number: int, length: int) -> None:
+    text = f"{ipaddress.IPv4Address(number)}/{length}"
+    data = f"public_key=x\nallowed_ip={text}\nallowed_ip=-{text}\n".encode()
+    assert prefix.scan(data, 13, 5, b"allowed_ip=") == ([prefix.parse(text)], 14 + len(text) + 11)
+    assert prefix.scan(data, 0, 5, b"allowed_ip=") == ([], 0)

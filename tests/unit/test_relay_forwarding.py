@@ -68,7 +68,7 @@ def test_registration_replayed_from_elsewhere_or_later_is_refused() -> None:
     ((challenge, _),) = relay.receive(session.tick(100.0)[0][0], A, 100.0)
     (register_frame,) = session.receive(challenge, 100.0)
     assert relay.receive(register_frame, C, 100.0) == []  # another source
-    assert relay.receive(register_frame, A, 100.0 + 2 * forwarding.EPOCH) == []  # stale
+    assert relay.receive(register_frame, A, 100.0 + forwarding.NONCE_LIFETIME) == []  # stale
     assert relay.dropped[forwarding.BAD_NONCE] == 2
     forged = register_frame[:-1] + bytes([register_frame[-1] ^ 1])
     assert relay.receive(forged, A, 100.0) == []
@@ -116,3 +116,41 @@ def test_tcp_connection_closing_forgets_its_registration() -> None:
     register(relay, 7, b"aaaaaaaa")
     relay.forget(7)
     assert relay.sessions == {}
+
+
+def test_a_replayed_registration_cannot_move_an_address_back() -> None:
+    """A REGISTER recorded on the path and replayed from the node's old UDP source while
+    its nonce is fresh moved the node's address back there (its datagrams lost) until
+    the node registered again; the nonce it signed is older than the one in use."""
+    relay = Forwarder()
+    register(relay, B, b"bbbbbbbb")
+    node = RelaySession(KEY, b"aaaaaaaa")
+    ((challenge, _),) = relay.receive(node.tick(100.0)[0][0], A, 100.0)
+    (recorded,) = node.receive(challenge, 100.0)
+    assert relay.receive(recorded, A, 100.0)  # registered over UDP from A
+    register(relay, 7, b"aaaaaaaa", now=105.0)  # UDP blocked: on TCP
+    for late in (106.0, 110.0 + forwarding.GRACE, 100.0 + forwarding.NONCE_LIFETIME - 1):
+        assert relay.receive(recorded, A, late) == []  # the replay
+        out = relay.receive(frames.send_frame(b"aaaaaaaa", b"x"), B, late)
+        assert [target for _, target in out] == [7]
+    assert relay.dropped[forwarding.SUPERSEDED] == 3
+    assert register(relay, A, b"aaaaaaaa", now=170.0)  # a new nonce: back on UDP
+    assert relay._by_address[(KEY.public, b"aaaaaaaa")] == A
+
+
+def test_a_replay_stays_refused_after_the_registration_that_replaced_it_is_gone() -> None:
+    """The TCP connection that holds the address closes (a reset, a NAT reboot): the
+    recorded older REGISTER, replayed before the node registers again, must still be
+    refused, and the address's memory lasts only as long as such a nonce is valid."""
+    relay = Forwarder()
+    register(relay, B, b"bbbbbbbb")
+    node = RelaySession(KEY, b"aaaaaaaa")
+    ((challenge, _),) = relay.receive(node.tick(100.0)[0][0], A, 100.0)
+    (recorded,) = node.receive(challenge, 100.0)
+    assert relay.receive(recorded, A, 100.0)
+    register(relay, 7, b"aaaaaaaa", now=105.0)
+    relay.forget(7)  # its connection closed
+    assert relay.receive(recorded, A, 107.0) == []
+    assert relay.dropped[forwarding.SUPERSEDED] == 1
+    relay.expire(105.0 + forwarding.NONCE_LIFETIME + 1)
+    assert relay._newest == {}

@@ -7,6 +7,7 @@ import itertools
 import math
 
 from uspan.discovery.proof import MemberKey
+from uspan.node.relaylink import DRAIN
 from uspan.relay import frames, session
 from uspan.relay.forwarding import Forwarder, Source
 from uspan.relay.session import ATTEMPTS, RETRY, Out, RelaySession, Transport
@@ -34,9 +35,15 @@ class World:
             self.sent.append((frame, transport))
             if not self.reaches[transport]:
                 continue
+            via = self.via(transport)
             for answer, _ in self.relay.receive(frame, SOURCES[transport], now):
-                out += [(f, transport) for f in self.client.receive(answer, now, transport)]
+                out += [(f, transport) for f in self.client.receive(answer, now, via)]
         return first
+
+    def via(self, transport: Transport) -> int | None:
+        """What the link names a frame's way in by: the TCP connection's number (the
+        latest), None for UDP."""
+        return None if transport is UDP else self.client.connection
 
     def run(self, start: float, end: float) -> float:
         """Tick at every deadline from ``start`` until ``end``; the time it stopped."""
@@ -150,7 +157,7 @@ def test_a_dead_tcp_connection_is_noticed_in_bounded_time() -> None:
     # the refresh of the registration
     to_tcp = []
     for step in range(1, 30):
-        client.delivered(now + step, TCP)
+        client.delivered(now + step, client.connection)
         to_tcp += [f for f, t in world.tick(now + step) if t is TCP]
     assert to_tcp == [HELLO]
     now += 29
@@ -173,8 +180,8 @@ def test_a_closed_connection_counts_once_and_registers_on_the_next() -> None:
     world = World()
     client = world.client
     now = world.fall_back()
-    client.tcp_closed()
-    client.tcp_closed()
+    client.tcp_closed(client.connection)
+    client.tcp_closed(client.connection)
     assert client.reconnects == 1 and not client.registered(now)
     assert all(t is UDP for _, t in world.tick(now + 1))  # nothing for TCP until connected
     client.tcp_connected(now + 2)
@@ -198,7 +205,8 @@ def test_one_registration_at_a_time_and_late_tcp_answers_ignored() -> None:
     assert client.transport is UDP
     late_challenge = frames.encode(frames.Challenge(bytes(32)))
     dropped = client.dropped
-    assert client.receive(late_challenge, now, TCP) == [] and client.dropped == dropped
+    assert client.receive(late_challenge, now, client.connection) == []
+    assert client.dropped == dropped
 
 
 def test_ignores_frames_that_are_not_for_it() -> None:
@@ -216,7 +224,7 @@ def test_relayed_sends_met_with_silence_register_again_at_once() -> None:
     ((registered, _),) = relay.receive(client.receive(challenge, 0.0)[0], "x", 0.0)
     client.receive(registered, 0.0)
     client.sent(1.0)
-    client.delivered(1.5, UDP)  # an answer: all is well
+    client.delivered(1.5)  # an answer: all is well
     assert client.tick(1.0 + session.SILENCE) == []
     client.sent(2.0)  # the relay restarted and ignores us
     assert client.next_deadline() == 2.0 + session.SILENCE
@@ -232,6 +240,44 @@ def test_a_registered_nobody_asked_for_moves_nothing() -> None:
     now = world.fall_back() + 2.0
     unasked = frames.encode(frames.Registered(b"aaaaaaaa", 0))
     dropped = client.dropped
-    assert client.receive(unasked, now, UDP) == []
+    assert client.receive(unasked, now) == []  # (over UDP)
     assert client.transport is TCP and client.connected and client.registered(now)
     assert client.udp_returns == 0 and client.dropped == dropped + 1
+
+
+def test_a_drained_connection_that_ends_late_leaves_its_successor_alone() -> None:
+    """Back on UDP, the old connection drains for DRAIN seconds; if UDP fails again
+    meanwhile, a new connection opens. What the old one then reports (a late frame, a
+    delivery, its close) is not about the new one: its close took the new, working
+    connection down (reconnects + 1, registration lost, the link replacing it)."""
+    world = World()
+    client = world.client
+    now = world.fall_back()
+    old = client.connection
+    now = world.run(now, client.probe_at)
+    world.tick(now)  # the first try of UDP: blocked
+    world.reaches[UDP] = True
+    now = client.next_deadline()
+    world.tick(now)
+    assert client.transport is UDP and client.udp_returns == 1  # old left to drain
+    world.reaches[UDP] = False  # blocked again, within the drain
+    returned, now = now, now + 1
+    client.rebound(now)  # (the WireGuard socket moved: register at once)
+    for _ in range(ATTEMPTS + 1):
+        world.tick(now)
+        now += RETRY
+    now -= RETRY
+    assert client.transport is TCP and client.fallbacks == 2
+    assert now - returned < DRAIN  # the old connection is still draining
+    new = client.tcp_connected(now)
+    world.tick(now)
+    assert new != old and client.connected and client.registered(now)
+    reconnects, heard_at = client.reconnects, client.heard_at
+    late = frames.encode(frames.Registered(b"aaaaaaaa", 60))
+    assert client.receive(late, now + 1, old) == []
+    client.delivered(now + 1, old)
+    client.tcp_closed(old)  # the draining connection ends before its deadline
+    assert client.connected and client.registered(now + 1)
+    assert client.reconnects == reconnects and client.heard_at == heard_at
+    client.tcp_closed(new)
+    assert not client.connected and client.reconnects == reconnects + 1

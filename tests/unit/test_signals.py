@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -40,3 +41,20 @@ def test_signal_while_waiting_is_returned_and_later_ones_are_recorded(
     assert trio.run(scenario) is signal.SIGINT
     os.kill(os.getpid(), signal.SIGTERM)  # during cleanup: recorded, not fatal
     assert stop_signals._early == [signal.SIGTERM]
+
+
+def test_a_signal_blocked_before_catch_is_recorded_when_it_unblocks(
+        restore_handlers: None) -> None:
+    """uspan-wg's launcher blocks stop signals across exec: one sent during Python's
+    start-up stays pending, and ``catch()`` must take it once its handler is in place."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals.STOP_SIGNALS)
+    try:
+        # To this thread: a process signal could go to a thread an earlier test left.
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+        assert stop_signals._early == []  # pending, not delivered
+        stop_signals.catch()
+        assert stop_signals._early == [signal.SIGTERM]
+        assert not set(signal.pthread_sigmask(signal.SIG_BLOCK, [])) & set(
+            stop_signals.STOP_SIGNALS)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)

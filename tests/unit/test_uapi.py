@@ -10,7 +10,10 @@ from collections.abc import Iterator
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from uspan.daemon import slices, uapi_server
 from uspan.daemon.uapi_server import handle
 from uspan.wg import prefix
 from uspan.wg.config import ConfigError, DeviceChange, DeviceInfo, PeerInfo
@@ -177,9 +180,11 @@ def parsed_line_by_line(body: list[str]) -> DeviceChange:
 
 
 def parsed_in_batches(body: list[str], size: int = 64) -> DeviceChange:
+    """As the server parses: from the bytes, about ``size`` lines at a time."""
     parser = SetParser()
-    for start in range(0, len(body), size):
-        parser.feed(body[start:start + size])
+    data, pos = "".join(line + "\n" for line in body).encode(), 0
+    while pos < len(data):
+        pos = parser.feed_bytes(data, pos, size)
     return parser.finish()
 
 
@@ -189,8 +194,8 @@ def hosts(sign: str, first: int, count: int) -> list[str]:
 
 
 def test_batches_of_32_bit_prefixes_parse_as_lines_do() -> None:
-    """Batches of nothing but /32 additions (or removals) take a faster path: the same
-    change, whatever the mix of additions and removals around them."""
+    """Runs of IPv4 additions (or removals) take a faster path: the same change,
+    whatever the mix of additions and removals around them."""
     body = [f"public_key={PEER.hex()}", *hosts("", 0, 300), *hosts("-", 100, 300),
             *hosts("", 250, 100), "allowed_ip=10.9.0.0/16", *hosts("-", 0, 64),
             "allowed_ip=::ffff:10.0.0.1/32", *hosts("", 1000, 200),
@@ -201,6 +206,35 @@ def test_batches_of_32_bit_prefixes_parse_as_lines_do() -> None:
     assert change.peers[0].allowed_ips[0] == net("10.0.0.0/32")
     assert net("10.0.1.94/32") in change.peers[0].remove_allowed_ips
     assert net("10.0.1.0/32") not in change.peers[0].remove_allowed_ips  # added again
+
+
+_BODY_LINES = st.sampled_from(
+    [f"public_key={PEER.hex()}", f"public_key={PEER2.hex()}", "replace_allowed_ips=true",
+     "endpoint=192.0.2.1:51820", "persistent_keepalive_interval=25", "listen_port=51820",
+     "allowed_ip=fd00::/64", "allowed_ip=-fd00::/64", "allowed_ip=::ffff:10.0.0.1/128",
+     "allowed_ip=10.0.0.1/33", "allowed_ip=10.0.0.01/32", "allowed_ip=10.0.0.1/32\r",
+     "allowed_ip=-10.0.0.1/24 ", "bogus", "allowed_ip=10.0.0.1\u0661/32"])
+_HOSTS = st.builds(lambda sign, first, count, length: [
+    f"allowed_ip={sign}10.0.{i & 255}.0/{length}" for i in range(first, first + count)],
+    st.sampled_from(["", "-"]), st.integers(0, 8), st.integers(1, 6), st.sampled_from([24, 32]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_BODY_LINES.map(lambda line: [line]) | _HOSTS, max_size=12),
+       st.integers(1, 8))
+def test_bytes_parse_as_lines_do(runs: list[list[str]], size: int) -> None:
+    """The server's path (runs of IPv4 allowed_ip lines read in C, the rest as str lines)
+    gives the change, or the error, that the lines one at a time give."""
+    body = [line for run in runs for line in run]
+    try:
+        expected: DeviceChange | str = parsed_line_by_line(body)
+    except ConfigError as exc:
+        expected = f"{exc!s} {exc.errno}"
+    try:
+        got: DeviceChange | str = parsed_in_batches(body, size)
+    except ConfigError as exc:
+        got = f"{exc!s} {exc.errno}"
+    assert got == expected
 
 
 @pytest.mark.parametrize("bad", ["allowed_ip=10.0.0.256/32", "allowed_ip=10.00.0.1/32",
@@ -453,3 +487,41 @@ def test_a_peer_key_without_a_value_is_a_protocol_error(bare: str) -> None:
     with pytest.raises(ConfigError) as info:  # wireguard-go: errno=-71 for both
         parse_set(["public_key=" + "ab" * 32, bare])
     assert info.value.errno == errno.EPROTO
+
+
+def test_server_lets_go_of_a_big_change_in_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parsed prefixes of a big set are dropped a slice at a time after it is applied
+    (a million at once is one ~5 ms step), and all of them are dropped."""
+    monkeypatch.setattr(slices, "SLICE", 0.0)  # every pause is a checkpoint
+    count = 3 * uapi_server._RELEASE_STEP
+    request = "".join(["set=1\n", f"public_key={PEER.hex()}\n",
+                       *(f"allowed_ip={line[11:]}\n" for line in hosts("", 0, count)),
+                       "\n"]).encode()
+    target = KeepingTarget()
+    seen: set[int] = set()
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            async def watch() -> None:
+                while True:
+                    if target.change is not None:
+                        seen.add(len(target.change.peers[0].allowed_ips))
+                    await trio.sleep(0)
+            nursery.start_soon(watch)
+            assert await converse(target, request) == b"errno=0\n\n"
+            nursery.cancel_scope.cancel()
+
+    trio.run(run)
+    assert target.change is not None and target.change.peers[0].allowed_ips == []
+    assert len(target.device.allowed_ips) == count
+    assert {n for n in seen if 0 < n < count}  # seen part released
+
+
+class KeepingTarget(DeviceTarget):
+    """Keeps the change it applied, to see what the server does with it afterwards."""
+
+    change: DeviceChange | None = None
+
+    async def configure(self, change: DeviceChange) -> None:
+        self.device.apply(change, 0.0)
+        self.change = change

@@ -42,7 +42,7 @@ from uspan.daemon.ports import BindPort, DatagramReceiver, TunError, TunGone, Tu
 from uspan.daemon.slices import Frozen, Slices, collector_paused
 from uspan.daemon.tun import Tun
 from uspan.daemon.udp import UdpBind
-from uspan.wg import transport_crypto
+from uspan.wg import prefix, transport_crypto
 from uspan.wg.admission import SAMPLE_WINDOW, KernelFilter
 from uspan.wg.config import ConfigError, DeviceChange
 from uspan.wg.device import Device
@@ -153,7 +153,8 @@ class Daemon:
         for what, compiled, source, fallback in (
                 ("Transport AEAD", transport_crypto.COMPILED, "uspan/wg/_aead.c", "pyca"),
                 ("TSO/USO split and GRO merge", gso.COMPILED, "uspan/daemon/_segment.c",
-                 "numpy and Python")):
+                 "numpy and Python"),
+                ("UAPI allowed_ip lines", prefix.COMPILED, "uspan/wg/_prefix.c", "Python")):
             if compiled:
                 log.debug("%s: compiled (%s)", what, source)
             else:
@@ -407,7 +408,7 @@ class Daemon:
         any failure change nothing. While running, prefer ``configure``."""
         for _ in self._set_steps(change):
             pass
-        self._frozen.changed(len(change.peers))
+        self._frozen.changed(_weight(change))
 
     async def configure(self, change: DeviceChange) -> None:
         """Apply atomically, in slices that let the tunnel run (``uspan.daemon.slices``).
@@ -428,8 +429,9 @@ class Daemon:
                 finally:
                     steps.close()  # cancelled: the old sockets stay
                 # Before the collector is back: its next young collection would walk
-                # every object the change made (0.1 s and more for 20,000 new peers).
-                self._frozen.changed(len(change.peers))
+                # every object the change made (0.1 s and more for 20,000 new peers, ~25
+                # ms for the table of a million new prefixes).
+                self._frozen.changed(_weight(change))
 
     def _set_steps(self, change: DeviceChange) -> Generator[None, None, None]:
         """Bind a new port first, then apply the change to the device in steps."""
@@ -476,3 +478,13 @@ class Daemon:
             self._nursery.start_soon(self._send, out)
         else:
             self._unsent.extend(out)
+
+
+PREFIXES_PER_PEER = 100  # allowed IPs that cost a collection about what one peer costs
+
+
+def _weight(change: DeviceChange) -> int:
+    """The change in peers for ``Frozen.changed``: its peers, and its allowed IPs counted
+    as the collector walks them (an entry of a table it walks, not an object of its own)."""
+    prefixes = sum(len(peer.allowed_ips) for peer in change.peers)
+    return len(change.peers) + prefixes // PREFIXES_PER_PEER

@@ -32,8 +32,9 @@ from uspan.wg.uapi import SetParser, format_errno
 
 MAX_LINE = 1 << 16  # bytes; requests are streamed, so only a line needs a bound
 _RECEIVE_SIZE = 1 << 16
-_PARSE_STEP = 256  # lines between looks at the slice clock (~0.2 ms)
-_PAUSE_COLLECTOR_AFTER = 10_000  # lines of one set request
+_PARSE_STEP = 256  # lines between looks at the slice clock (~0.1 ms, ~10 us in C)
+_RELEASE_STEP = 1 << 14  # prefixes let go of at a time (~0.1 ms)
+_PAUSE_COLLECTOR_AFTER = 1 << 18  # bytes of one set request (~10,000 lines)
 _ACCEPT_CAPACITY = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _ACCEPT_RETRY = 0.1  # seconds
 _LOG_EVERY = 10.0  # seconds between log lines of one recurring condition
@@ -211,16 +212,17 @@ async def _set(reader: _Reader, target: ConfigTarget) -> tuple[str, bool]:
         slices = Slices()
         received, pausing = 0, False
         try:
-            async for lines in reader.body_lines():
+            async for chunk in reader.body():
                 if parser is None:
                     continue  # refused: read on to the end of the request
-                received += len(lines)
+                received += len(chunk)
                 if received > _PAUSE_COLLECTOR_AFTER and not pausing:
                     paused.enter_context(collector_paused())
                     pausing = True
                 try:
-                    for start in range(0, len(lines), _PARSE_STEP):
-                        parser.feed(lines[start:start + _PARSE_STEP])
+                    pos = 0
+                    while pos < len(chunk):
+                        pos = parser.feed_bytes(chunk, pos, _PARSE_STEP)
                         await slices.pause()
                 except ConfigError as exc:
                     failure, parser = exc, None
@@ -233,6 +235,7 @@ async def _set(reader: _Reader, target: ConfigTarget) -> tuple[str, bool]:
                 raise failure
             change, parser = parser.finish(), None
             await target.configure(change)
+            await _release(change, slices)
         except ConfigError as exc:
             log.error("UAPI: set failed: %s", exc)
             return format_errno(exc.errno), True
@@ -242,6 +245,16 @@ async def _set(reader: _Reader, target: ConfigTarget) -> tuple[str, bool]:
         finally:
             change = parser = None  # freed before the collector is back
     return format_errno(0), True
+
+
+async def _release(change: DeviceChange, slices: Slices) -> None:
+    """Empty the change's lists of prefixes in slices: dropping a million at once is one
+    step of ~5 ms (a reference to let go of each)."""
+    for peer in change.peers:
+        for prefixes in (peer.allowed_ips, peer.remove_allowed_ips):
+            while prefixes:
+                del prefixes[-_RELEASE_STEP:]
+                await slices.pause()
 
 
 class _LineTooLong(Exception):
@@ -279,10 +292,10 @@ class _Reader:
         del self._buffer[: end + 1]
         return line
 
-    async def body_lines(self) -> AsyncIterator[list[str]]:
-        """The lines up to the next blank line, in batches as they arrive (decoded,
-        without newlines); EOFError if the stream ends first (a request cut short is
-        never applied). Nothing bounds the request, only each line (MAX_LINE)."""
+    async def body(self) -> AsyncIterator[bytes]:
+        """The lines up to the next blank line, in chunks of whole lines (each with its
+        newline) as they arrive; EOFError if the stream ends first (a request cut short
+        is never applied). Nothing bounds the request, only each line (MAX_LINE)."""
         buffer = self._buffer
         while True:
             if buffer.startswith(b"\n"):  # the blank line: the request ends here
@@ -290,15 +303,15 @@ class _Reader:
                 return
             end = buffer.find(b"\n\n")
             if end >= 0:
-                lines = buffer[:end].decode("utf-8", errors="replace").split("\n")
+                chunk = bytes(buffer[:end + 1])
                 del buffer[: end + 2]  # what follows is the next request
-                yield lines
+                yield chunk
                 return
             end = buffer.rfind(b"\n")
             if end >= 0:
-                lines = buffer[:end].decode("utf-8", errors="replace").split("\n")
+                chunk = bytes(buffer[:end + 1])
                 del buffer[: end + 1]
-                yield lines
+                yield chunk
             elif len(buffer) > MAX_LINE:
                 raise _LineTooLong
             elif not await self._fill():

@@ -21,6 +21,7 @@ the switch loses nothing.
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import struct
 
@@ -91,9 +92,11 @@ class RelayLink:
     def _deliver(self, data: bytes, source: Endpoint) -> Datagram | None:
         if not self._from_relay(source):
             return None
-        return self._unwrap(data, Transport.UDP)
+        return self._unwrap(data, None)
 
-    def _unwrap(self, data: bytes, via: Transport) -> Datagram | None:
+    def _unwrap(self, data: bytes, connection: int | None) -> Datagram | None:
+        """A DELIVER frame as a datagram from the sender's pseudo-endpoint; ``connection``
+        is the TCP connection's number it came on, None for UDP."""
         if len(data) <= frames.TAG + frames.ADDRESS:
             self.session.dropped += 1
             return None
@@ -106,13 +109,12 @@ class RelayLink:
         datagram = data[frames.TAG + frames.ADDRESS:]
         self.counters["received"] += 1
         self.counters["received_bytes"] += len(datagram)
-        self.session.delivered(trio.current_time(), via)
+        self.session.delivered(trio.current_time(), connection)
         return datagram, endpoint
 
     def _control(self, data: bytes, source: Endpoint) -> None:
         if self._from_relay(source):
-            self._queue(self.session.receive(data, trio.current_time(), Transport.UDP),
-                        Transport.UDP)
+            self._queue(self.session.receive(data, trio.current_time()), Transport.UDP)
         return None
 
     def rebound(self) -> None:
@@ -205,21 +207,23 @@ class RelayLink:
 
     async def _tcp_connection(self, *, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
         """Connect (again after a failure) while the session is on TCP; frames both ways.
-        ``run`` cancels the scope, or gives it a deadline to drain."""
+        ``run`` cancels the scope, or gives it a deadline to drain: a connection left to
+        drain that ends early is not replaced (its successor is ``run``'s business)."""
         with trio.CancelScope() as scope:
             task_status.started(scope)
-            while self.session.transport is Transport.TCP:
+            while self.session.transport is Transport.TCP and math.isinf(scope.deadline):
                 try:
                     stream = await self._connect()
                 except OSError as exc:
                     log.debug("relay %s over TCP: %s", self.relay, exc)
                 else:
-                    if self.session.transport is not Transport.TCP:  # back on UDP meanwhile
+                    # Back on UDP meanwhile, or left to drain while connecting: a
+                    # successor (if any) is run's, and this one must not take its place.
+                    if (self.session.transport is not Transport.TCP
+                            or not math.isinf(scope.deadline)):
                         await stream.aclose()
                         return
                     await self._serve_tcp(stream)
-                self.session.tcp_closed()
-                self._wake.set()
                 await trio.sleep(TCP_RETRY)
 
     async def _connect(self) -> trio.abc.Stream:
@@ -239,41 +243,43 @@ class RelayLink:
     async def _serve_tcp(self, stream: trio.abc.Stream) -> None:
         send, receive = trio.open_memory_channel[bytes](TCP_OUTBOX)
         self._tcp = send
-        self.session.tcp_connected(trio.current_time())  # register on this connection
+        connection = self.session.tcp_connected(trio.current_time())  # register on it
         self._wake.set()
         with trio.CancelScope() as serving:
             self._serving = serving
             try:
                 async with stream, trio.open_nursery() as nursery:
                     nursery.start_soon(write_frames, stream, receive)
-                    await self._tcp_reader(stream)
+                    await self._tcp_reader(stream, connection)
                     nursery.cancel_scope.cancel()
             finally:
                 if self._tcp is send:
                     self._tcp = None
                 if self._serving is serving:
                     self._serving = None
+        self.session.tcp_closed(connection)  # (not when the link itself is cancelled)
+        self._wake.set()
 
-    async def _tcp_reader(self, stream: trio.abc.Stream) -> None:
+    async def _tcp_reader(self, stream: trio.abc.Stream, connection: int) -> None:
         decoder = frames.StreamDecoder()
         try:
             while True:
                 data = await stream.receive_some(65536)
                 if not data:
                     return
-                await self._tcp_frames(decoder.feed(data))
+                await self._tcp_frames(decoder.feed(data), connection)
         except (frames.FrameError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug("relay %s over TCP: %s", self.relay, exc)
 
-    async def _tcp_frames(self, received: list[bytes]) -> None:
+    async def _tcp_frames(self, received: list[bytes], connection: int) -> None:
         batch: list[Datagram] = []
         for frame in received:
             if frame[:frames.TAG] == frames.DELIVER:
-                datagram = self._unwrap(frame, Transport.TCP)
+                datagram = self._unwrap(frame, connection)
                 if datagram is not None:
                     batch.append(datagram)
             else:
-                self._queue(self.session.receive(frame, trio.current_time(), Transport.TCP),
+                self._queue(self.session.receive(frame, trio.current_time(), connection),
                             Transport.TCP)
         if batch:
             await self.daemon.receive_datagrams(batch)

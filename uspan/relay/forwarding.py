@@ -6,14 +6,18 @@ the namespace: a frame is forwarded only to an address registered under the same
 nodes of different clusters (or of one cluster ID with another secret) never reach each
 other, and the relay never needs the secret or even the cluster ID.
 
-Nonces are stateless: ``epoch || HMAC(relay secret, epoch || source)``, valid for the
-current and the previous epoch. A REGISTER recorded elsewhere fails (other source); one
-replayed from the same source just repeats the same registration. So unauthenticated
-traffic costs no memory, and a HELLO (padded to the challenge's size) cannot amplify.
+Nonces are stateless: ``issued || HMAC(relay secret, issued || source)``, ``issued`` the
+relay's clock in microseconds, valid for NONCE_LIFETIME. A REGISTER recorded elsewhere
+fails (other source). So unauthenticated traffic costs no memory, and a HELLO (padded to
+the challenge's size) cannot amplify.
 
 A registration of an address that another source holds moves it there (a new NAT
 mapping, or the node switched between UDP and TCP). The old source may still send for
 GRACE seconds, so the datagrams it had on the way when the node switched are not lost.
+The signed nonce orders registrations: one whose nonce was issued before that of the
+newest accepted registration of the address is refused (SUPERSEDED), so a REGISTER
+recorded on the path and replayed from the node's old source, in time, cannot move it
+back, even after the registration that replaced it is gone (its TCP connection closed).
 
 Sources are what the shell chooses: ``(ip, port)`` for UDP, a connection
 number for TCP. Every call takes ``now``; what the relay should send comes back as
@@ -35,12 +39,12 @@ from uspan.relay.frames import FrameError
 
 Source = tuple[str, int] | int  # UDP (ip, port), or a TCP connection's number
 Out = list[tuple[bytes, Source]]
-EPOCH = 30.0  # seconds a nonce is fresh for (two epochs at most)
+NONCE_LIFETIME = 60.0  # seconds a nonce may be answered in
 LIFETIME = 60  # seconds a registration lasts; clients refresh it every 20
 GRACE = 10.0  # seconds the old source of a moved registration may still send from
 MAX_SESSIONS = 65536
 MAX_PER_KEY = 1024  # registrations per cluster key, as discovery's affiliates
-_EPOCH = struct.Struct(">Q")
+_ISSUED = struct.Struct(">Q")  # a nonce's first bytes: when it was issued, in microseconds
 
 # Drop reasons (the ``reason`` label of the relay's drop counter).
 BAD_FRAME = "bad_frame"  # not a relay frame, or a kind clients do not send
@@ -49,6 +53,7 @@ BAD_PROOF = "bad_proof"  # a REGISTER whose signature does not verify
 NOT_MEMBER = "not_member"  # a SEND from a source with no live registration
 NO_DESTINATION = "no_destination"  # nobody of the sender's cluster has that address
 LIMIT = "limit"  # a registration over MAX_SESSIONS / MAX_PER_KEY
+SUPERSEDED = "superseded"  # a REGISTER older than the one holding its address (a replay)
 
 
 @dataclass(slots=True)
@@ -66,6 +71,10 @@ class Forwarder:
         self.sessions: dict[Source, Session] = {}
         self._by_address: dict[tuple[bytes, bytes], Source] = {}
         self._per_key: Counter[bytes] = Counter()
+        # Per (key, address): the issue time of the newest nonce a REGISTER for it was
+        # accepted with, kept while such a nonce could still be valid, so a replayed older
+        # REGISTER cannot move the address back even after its holder is gone.
+        self._newest: dict[tuple[bytes, bytes], int] = {}
         self.dropped: Counter[str] = Counter()
         self.forwarded = 0
         self.forwarded_bytes = 0
@@ -109,6 +118,9 @@ class Forwarder:
         """Drop registrations that were not refreshed in time."""
         for source in [s for s, session in self.sessions.items() if session.expires <= now]:
             self.forget(source)
+        oldest_valid = _microseconds(now) - NONCE_LIFETIME * 1_000_000
+        for slot in [slot for slot, issued in self._newest.items() if issued <= oldest_valid]:
+            del self._newest[slot]
 
     def _forward(self, data: bytes, source: Source, now: float) -> Out:
         session = self.sessions.get(source)
@@ -128,11 +140,9 @@ class Forwarder:
         return [(frames.DELIVER + session.address + payload, target)]
 
     def _register(self, frame: frames.Register, source: Source, now: float) -> Out:
-        epoch_bytes = frame.nonce[:_EPOCH.size]
-        (epoch,) = _EPOCH.unpack(epoch_bytes)
-        current = int(now // EPOCH)
-        if epoch not in (current, current - 1) or not hmac.compare_digest(
-                frame.nonce, self._nonce_at(epoch, source)):
+        (issued,) = _ISSUED.unpack(frame.nonce[:_ISSUED.size])
+        if not 0 <= _microseconds(now) - issued < NONCE_LIFETIME * 1e6 or not hmac.compare_digest(
+                frame.nonce, self._nonce_at(issued, source)):
             self.dropped[BAD_NONCE] += 1
             return []
         try:
@@ -141,6 +151,11 @@ class Forwarder:
         except ProofError:
             self.dropped[BAD_PROOF] += 1
             return []
+        slot = (frame.key, frame.address)
+        if issued < self._newest.get(slot, issued):
+            self.dropped[SUPERSEDED] += 1
+            return []
+        holder = self._by_address.get(slot)
         old = self.sessions.get(source)
         same = old is not None and (old.key, old.address) == (frame.key, frame.address)
         if not same and (len(self.sessions) >= MAX_SESSIONS
@@ -151,20 +166,24 @@ class Forwarder:
             self.forget(source)
             self._per_key[frame.key] += 1
             self.sessions[source] = Session(frame.key, frame.address, 0.0)
-        slot = (frame.key, frame.address)
-        previous = self._by_address.get(slot)
-        if previous is not None and previous != source:  # the node moved (new NAT
-            moved = self.sessions[previous]  # mapping, new transport): what it sent
+        if holder is not None and holder != source:  # the node moved (new NAT
+            moved = self.sessions[holder]  # mapping, new transport): what it sent
             moved.expires = min(moved.expires, now + GRACE)  # before still goes through
         self._by_address[slot] = source
-        self.sessions[source].expires = now + LIFETIME
+        self._newest[slot] = issued
+        session = self.sessions[source]
+        session.expires = now + LIFETIME
         self.registrations += 1
         return [(frames.encode(frames.Registered(frame.address, LIFETIME)), source)]
 
     def _nonce(self, source: Source, now: float) -> bytes:
-        return self._nonce_at(int(now // EPOCH), source)
+        return self._nonce_at(_microseconds(now), source)
 
-    def _nonce_at(self, epoch: int, source: Source) -> bytes:
-        prefix = _EPOCH.pack(epoch)
+    def _nonce_at(self, issued: int, source: Source) -> bytes:
+        prefix = _ISSUED.pack(issued)
         mac = hmac.new(self._secret, prefix + repr(source).encode(), hashlib.sha256).digest()
         return prefix + mac[:frames.NONCE - len(prefix)]
+
+
+def _microseconds(now: float) -> int:
+    return int(now * 1_000_000)

@@ -67,13 +67,18 @@ class _Hellos:
 class RelaySession:
     """One node's registration: feed it frames from the relay and ``tick`` it. The link
     reports the TCP connection's ups and downs (``tcp_connected``, ``tcp_closed``) and
-    closes a connection the session stops trusting (``connected`` turns false)."""
+    closes a connection the session stops trusting (``connected`` turns false).
+
+    Every TCP connection has a number (``tcp_connected`` returns it), and what the link
+    reports of a connection names it: one left to drain may still deliver or close after
+    its successor opened, and must not touch the successor's state."""
 
     def __init__(self, member_key: MemberKey, address: bytes) -> None:
         self.key = member_key
         self.address = address
         self.transport = Transport.UDP
         self.connected = False  # a TCP connection is open and trusted (TCP only)
+        self.connection = 0  # the number of the latest TCP connection
         self.registered_until = 0.0
         self.refresh_at = 0.0
         self.heard_at = 0.0  # the last frame from the relay over TCP
@@ -94,11 +99,19 @@ class RelaySession:
         if self.silent_since is None:
             self.silent_since = now
 
-    def delivered(self, now: float, via: Transport) -> None:
-        """A relayed datagram came in: the registration works (and the connection)."""
-        self.silent_since = None
-        if via is Transport.TCP:
+    def delivered(self, now: float, connection: int | None = None) -> None:
+        """A relayed datagram came in over UDP, or over TCP connection number
+        ``connection``: the registration works (and the connection, if it is ours)."""
+        if connection is None:
+            self.silent_since = None
+        elif self._trusted(connection):
+            self.silent_since = None
             self.heard_at = now
+
+    def _trusted(self, connection: int) -> bool:
+        """Whether what TCP connection number ``connection`` reports is for us: it is the
+        connection in use, not one left to drain or given up."""
+        return self.connected and connection == self.connection
 
     def _attempts(self) -> list[tuple[Transport, float]]:
         """The registrations under way or due, and when each is due."""
@@ -156,17 +169,19 @@ class RelaySession:
             deadlines.append(self.silent_since + SILENCE)
         return min(deadlines)
 
-    def receive(self, data: bytes, now: float, via: Transport = Transport.UDP) -> list[bytes]:
-        """A control frame from the relay (CHALLENGE or REGISTERED) that came over
-        ``via``: what to send back on it."""
+    def receive(self, data: bytes, now: float, connection: int | None = None) -> list[bytes]:
+        """A control frame from the relay (CHALLENGE or REGISTERED) that came over UDP, or
+        over TCP connection number ``connection``: what to send back on it."""
         try:
             frame = frames.decode(data)
         except FrameError:
             self.dropped += 1
             return []
-        if via is Transport.TCP:
-            if self.transport is Transport.UDP:
-                return []  # a late answer on the connection we are leaving
+        via = Transport.UDP
+        if connection is not None:
+            if not self._trusted(connection):
+                return []  # a late answer on a connection we left or gave up
+            via = Transport.TCP
             self.heard_at = now
         hellos = self._hellos[via]
         if isinstance(frame, frames.Challenge) and hellos.sent_at is not None:
@@ -190,20 +205,23 @@ class RelaySession:
         self.dropped += 1
         return []
 
-    def tcp_connected(self, now: float) -> None:
+    def tcp_connected(self, now: float) -> int:
         """A TCP connection to the relay is open: register on it at once. Something
         changed (the relay is back after an outage, a NAT rebooted), so UDP may work
-        now too: its tries start over from PROBE_FIRST."""
+        now too: its tries start over from PROBE_FIRST. Returns the connection's number."""
+        self.connection += 1
         self.connected = True
         self.heard_at = now
         self.refresh_at = now
         self._hellos[Transport.TCP] = _Hellos()
         self.probe_interval = PROBE_FIRST
         self.probe_at = min(self.probe_at, now + PROBE_FIRST)
+        return self.connection
 
-    def tcp_closed(self) -> None:
-        """The TCP connection closed or broke; the link opens another while on TCP."""
-        if self.connected:
+    def tcp_closed(self, connection: int) -> None:
+        """TCP connection number ``connection`` closed or broke; if it was the one in
+        use, the link opens another while on TCP."""
+        if self._trusted(connection):
             self._lose_connection()
 
     def _lose_connection(self) -> None:

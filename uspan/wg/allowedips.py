@@ -14,7 +14,8 @@ or many clients polling, then costs no rendering.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from typing import Generic, TypeVar, overload
 
 from uspan.wg.config import Prefix
@@ -50,7 +51,7 @@ class AllowedIPs(Generic[T]):
     def __len__(self) -> int:
         return sum(len(table) for table in self._tables.values())
 
-    def insert(self, prefixes: Iterable[Prefix], value: T) -> None:
+    def insert(self, prefixes: Sequence[Prefix], value: T) -> None:
         """Route each prefix to ``value``, taking it over from any previous owner."""
         if value is None:
             raise ValueError("allowed IPs need a value, not None")
@@ -58,47 +59,40 @@ class AllowedIPs(Generic[T]):
         if owner is None:
             owner = self._owned[id(value)] = _Owner(value)
         self._changed(owner)
-        owned = owner.prefixes
         tables = self._tables
-        last_tag = -1
-        table: dict[Prefix, T] = {}  # replaced at the first prefix (no tag is -1)
-        for prefix in prefixes:
-            tag = prefix >> 128 or prefix >> 32  # prefix.tag, inlined: the hot loop
-            if tag != last_tag:
-                if tag not in tables:
-                    tables[tag] = {}
-                    self._reindex(tag & 1)
-                table, last_tag = tables[tag], tag
-            previous = table.setdefault(prefix, value)
-            if previous is not value:
-                self._disown(previous, prefix)
-                table[prefix] = value
-            owned[prefix] = None
-        if not owned:
+        for tag, group in _by_tag(prefixes):
+            table = tables.get(tag)
+            if table is None:
+                table = tables[tag] = {}
+                self._reindex(tag & 1)
+            # In C but for the prefixes some other value held: they are rare.
+            for taken in table.keys() & group if table else ():
+                previous = table[taken]
+                if previous is not value:
+                    self._disown(previous, taken)
+            table.update(dict.fromkeys(group, value))
+        owner.prefixes.update(dict.fromkeys(prefixes))  # in their order, whatever the tags
+        if not owner.prefixes:
             del self._owned[id(value)]
 
-    def remove(self, prefixes: Iterable[Prefix], value: T) -> int:
+    def remove(self, prefixes: Sequence[Prefix], value: T) -> int:
         """Remove each prefix that ``value`` owns; return how many it owned."""
         owner = self._owned.get(id(value))
         if owner is None:
             return 0
         self._changed(owner)
         owned, tables = owner.prefixes, self._tables
-        removed = 0
-        for prefix in prefixes:
-            tag = prefix >> 128 or prefix >> 32  # prefix.tag, inlined: the hot loop
-            table = tables.get(tag)
-            if table is None or table.get(prefix) is not value:
-                continue
-            del table[prefix]
-            del owned[prefix]
-            removed += 1
+        mine = owned.keys() & prefixes  # what value owns is exactly where its table has it
+        for tag, group in _by_tag(list(mine)):
+            table = tables[tag]
+            deque(map(table.__delitem__, group), 0)
+            deque(map(owned.__delitem__, group), 0)
             if not table:
                 del tables[tag]
                 self._reindex(tag & 1)
         if not owned:
             del self._owned[id(value)]
-        return removed
+        return len(mine)
 
     def remove_value(self, value: T, limit: int | None = None) -> bool:
         """Remove the prefixes owned by ``value``, at most ``limit`` of them (oldest
@@ -183,6 +177,23 @@ class AllowedIPs(Generic[T]):
             self._v6 = chain
         else:
             self._v4 = chain
+
+
+def _by_tag(prefixes: Sequence[Prefix]) -> Iterator[tuple[int, Sequence[Prefix]]]:
+    """The prefixes in groups of one tag (one table): all of them at once when the
+    smallest and the largest share a tag, as a run of /32s does (tags are monotonic in
+    the prefix, so all between share it too); else tag by tag."""
+    if not prefixes:
+        return
+    low, high = min(prefixes), max(prefixes)
+    tag = prefix_tag(low)
+    if tag == prefix_tag(high):
+        yield tag, prefixes
+        return
+    groups: dict[int, list[Prefix]] = {}
+    for prefix in prefixes:
+        groups.setdefault(prefix_tag(prefix), []).append(prefix)
+    yield from groups.items()
 
 
 class PrefixTexts(Sequence[str]):

@@ -17,8 +17,7 @@ from uspan.wg.constants import KEY_SIZE, ZERO_KEY
 from uspan.wg.endpoint import Endpoint, EndpointError
 
 _DEVICE_KEYS = frozenset({"private_key", "listen_port", "fwmark", "replace_peers"})
-_ALLOWED, _REMOVED = "allowed_ip=", "allowed_ip=-"
-_RUN = 32  # lines in a batch worth trying prefix.parse_lines on
+_ALLOWED, _REMOVED = b"allowed_ip=", b"allowed_ip=-"
 
 
 def parse_set(lines: list[str]) -> DeviceChange:
@@ -45,20 +44,38 @@ class SetParser:
         self._adds: list[Prefix] = []
         self._removes: dict[Prefix, None] = {}
 
-    def feed(self, lines: list[str]) -> None:
-        peer, adds, removes = self._peer, self._adds, self._removes
-        if (peer is not None and len(lines) >= _RUN and lines[0].startswith(_ALLOWED)
-                and lines[-1].startswith(_ALLOWED)):
-            removing = lines[0].startswith(_REMOVED)
-            run = prefix.parse_lines(lines, _REMOVED if removing else _ALLOWED)
-            if run is not None:  # a batch of nothing but /32 additions, or removals
+    def feed_bytes(self, data: bytes, pos: int, lines: int) -> int:
+        """Parse about ``lines`` lines of ``data`` (whole lines, each ending in a
+        newline) from ``pos``; return where the next ones start. A run of IPv4
+        ``allowed_ip=`` lines is read in C (``prefix.scan``); other lines go to ``feed``,
+        with the same result."""
+        if self._peer is not None and data.startswith(_ALLOWED, pos):
+            removing = data.startswith(_REMOVED, pos)
+            run, end = prefix.scan(data, pos, lines, _REMOVED if removing else _ALLOWED)
+            if run:
                 if removing:
-                    removes.update(dict.fromkeys(run))
+                    self._removes.update(dict.fromkeys(run))
                 else:
+                    removes = self._removes
                     for added in removes.keys() & run if removes else ():
                         del removes[added]
-                    adds += run
-                return
+                    self._adds += run
+                return end
+        # Other lines, up to the next allowed_ip line (IPv4 ones are scanned there), or
+        # a batch of allowed_ip lines scan does not read (IPv6 ones).
+        stop_at_allowed = not data.startswith(_ALLOWED, pos)
+        end = pos
+        for _ in range(lines):
+            end = data.find(b"\n", end) + 1
+            if end <= 0 or (stop_at_allowed and data.startswith(_ALLOWED, end)):
+                break
+        end = end if end > 0 else len(data)
+        self.feed(data[pos:end - 1].decode("utf-8", errors="replace").split("\n"))
+        return end
+
+    def feed(self, lines: list[str]) -> None:
+        """Parse ``lines`` (str, without newlines)."""
+        peer, adds, removes = self._peer, self._adds, self._removes
         # The loop over allowed_ip lines is the hot path of other requests: inlined.
         parse = prefix.parse
         for line in lines:

@@ -1,0 +1,3 @@
+def scan(
+    data: bytes | bytearray, pos: int, limit: int, key: bytes, /,
+) -> tuple[list[int], int]: ...
