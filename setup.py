@@ -1,11 +1,10 @@
 """``uspan-wg`` is a small compiled launcher (uspan/daemon/launcher.c): it blocks stop
-signals before Python starts, so none lands in the interpreter's start-up (see
-uspan.signals). Without a C compiler it is a Python script, as the console script was."""
+signals and execs the console script ``uspan-wg-python`` beside it, so none lands in the
+interpreter's start-up (see uspan.signals). Without a C compiler it is a Python script,
+as the console script was."""
 
 from __future__ import annotations
 
-import os
-import sys
 from distutils.ccompiler import new_compiler
 from distutils.command.build_scripts import build_scripts
 from distutils.sysconfig import customize_compiler
@@ -17,8 +16,8 @@ _FALLBACK = "#!python\nimport sys\nfrom uspan.daemon.launch import main\nsys.exi
 
 
 class BuildLauncher(build_scripts):
-    """Compile bin/uspan-wg for the interpreter running this build (pip's: the one the
-    package is installed for); the Python script where that fails."""
+    """Compile bin/uspan-wg (it holds no path: it finds uspan-wg-python beside itself
+    when it runs); the Python script where that fails."""
 
     def run(self) -> None:
         work = Path(self.get_finalized_command("build").build_temp) / "uspan-launcher"
@@ -39,9 +38,7 @@ class BuildLauncher(build_scripts):
     def _compile(work: Path, target: Path) -> None:
         compiler = new_compiler()
         customize_compiler(compiler)
-        python = os.path.abspath(sys.executable).replace("\\", "\\\\").replace('"', '\\"')
-        objects = compiler.compile(["uspan/daemon/launcher.c"], output_dir=str(work),
-                                   macros=[("USPAN_PYTHON", f'"{python}"')])
+        objects = compiler.compile(["uspan/daemon/launcher.c"], output_dir=str(work))
         compiler.link_executable(objects, target.name, output_dir=str(work))
 
 

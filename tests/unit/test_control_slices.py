@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
+import itertools
 import os
 import subprocess
 import sys
@@ -735,3 +736,24 @@ def test_the_line_moves_at_the_deadline_it_names_on_a_large_clock() -> None:
         idle = 0 if sent else idle + 1
         assert idle < 3, f"nothing sent at {deadline!r}, again and again"
     assert served >= 390
+
+
+def test_sessions_keep_their_timers_when_each_round_brings_tokens_for_a_full_pass() -> None:
+    """One pass per scheduler round, and each round long enough to refill the pass's
+    initiations: the line took them all and the pass never reached the timer queue, so
+    an established tunnel's keepalive waited on the line's length (or never came)."""
+    device = silent_device(600)
+    device.handshake_rate = 100  # 2 tokens per 20 ms round: TICK_HANDSHAKES
+    live = list(device.peers.values())[300]
+    live.current = Keypair(TransportKeys(bytes(32), bytes(32)), initiator=True,
+                           local_index=1, remote_index=2, peer=live, now=0.0)
+    sent: list[tuple[float, int]] = []
+    now = 0.0
+    while now <= 51.1:
+        deadline = device.next_deadline()
+        if deadline is not None and deadline <= now:  # one pass per round
+            sent += [(now, endpoint.port) for _, endpoint in device.tick(now)]
+        now = round(now + 0.02, 6)
+    keepalives = [at for at, port in sent if port == 20300]
+    assert len(keepalives) == 3  # (the first one is late: 600 peers due at once)
+    assert all(25.0 <= b - a <= 25.05 for a, b in itertools.pairwise(keepalives))

@@ -2,9 +2,10 @@
 
 Importing the daemon (trio, cryptography, ...) takes a few hundred milliseconds on a busy
 machine; a SIGINT in that time would otherwise end it with a KeyboardInterrupt traceback.
-The compiled ``uspan-wg`` (``launcher.c``, built by setup.py) runs this module with SIGINT
-and SIGTERM blocked, so Python's own start-up is covered too: ``catch()`` unblocks them
-with its handler in place, and one sent meanwhile stops the program as if it came then.
+The compiled ``uspan-wg`` (``launcher.c``, built by setup.py) runs this module's console
+script, ``uspan-wg-python``, with SIGINT and SIGTERM blocked, so Python's own start-up
+is covered too: ``catch()`` unblocks them with its handler in place, and one sent
+meanwhile stops the program as if it came then.
 """
 
 from __future__ import annotations
@@ -27,9 +28,3 @@ def _name_process() -> None:
             comm.write("uspan-wg")
     except OSError:
         pass
-
-
-if __name__ == "__main__":  # how the launcher runs it: python -P -m uspan.daemon.launch
-    import sys
-
-    sys.exit(main())

@@ -1,21 +1,22 @@
-/* uspan-wg: block SIGINT and SIGTERM, then exec Python on uspan.daemon.launch.
+/* uspan-wg: block SIGINT and SIGTERM, then exec uspan-wg-python beside this file.
  *
  * A blocked signal stays pending across execve, and Python does not unblock it: a stop
  * signal sent while the interpreter starts (site, .pth files, the entry point's imports)
  * waits until uspan.signals.catch() has installed its handlers and unblocks it, instead
  * of ending the process with a KeyboardInterrupt traceback or killing it outright.
- * USPAN_PYTHON is the interpreter that installed the package (set when this is built).
+ * uspan-wg-python is the console script pip writes at install time, with the #! line of
+ * the interpreter it installed for: nothing about the build machine is kept here, so a
+ * wheel (or pip's cache of one) works in any environment it is installed into.
  */
 #include <errno.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
-#ifndef USPAN_PYTHON
-#error "build with -DUSPAN_PYTHON=\"/path/to/python3\""
-#endif
+#define SCRIPT "uspan-wg-python"
 
 int main(int argc, char **argv) {
     sigset_t stop;
@@ -23,18 +24,31 @@ int main(int argc, char **argv) {
     sigaddset(&stop, SIGINT);
     sigaddset(&stop, SIGTERM);
     sigprocmask(SIG_BLOCK, &stop, NULL);
-    char **args = calloc((size_t)argc + 4, sizeof *args);
-    if (args == NULL) {
-        perror("uspan-wg");
-        return 1;
+
+    char self[PATH_MAX];
+    ssize_t size = readlink("/proc/self/exe", self, sizeof self - 1);
+    if (size < 0) {  /* no /proc: where we were run from, if a path */
+        if (argv[0] == NULL || strchr(argv[0], '/') == NULL ||
+            strlen(argv[0]) >= sizeof self) {
+            fprintf(stderr, "uspan-wg: cannot find %s: /proc/self/exe: %s\n", SCRIPT,
+                    strerror(errno));
+            return 127;
+        }
+        size = (ssize_t)strlen(argv[0]);
+        memcpy(self, argv[0], (size_t)size);
     }
-    args[0] = USPAN_PYTHON;
-    args[1] = "-P";  /* not the working directory first on sys.path */
-    args[2] = "-m";
-    args[3] = "uspan.daemon.launch";
-    for (int i = 1; i < argc; i++)
-        args[i + 3] = argv[i];
-    execv(USPAN_PYTHON, args);
-    fprintf(stderr, "uspan-wg: cannot run %s: %s\n", USPAN_PYTHON, strerror(errno));
+    self[size] = '\0';
+    char *slash = strrchr(self, '/');
+    size_t dir = slash == NULL ? 0 : (size_t)(slash - self) + 1;
+    char script[PATH_MAX];
+    if (dir + sizeof SCRIPT > sizeof script) {
+        fprintf(stderr, "uspan-wg: path too long: %s\n", self);
+        return 127;
+    }
+    memcpy(script, self, dir);
+    memcpy(script + dir, SCRIPT, sizeof SCRIPT);
+    argv[0] = script;
+    execv(script, argv);
+    fprintf(stderr, "uspan-wg: cannot run %s: %s\n", script, strerror(errno));
     return 127;
 }

@@ -684,9 +684,11 @@ class Device:
 
     def tick(self, now: float) -> Out:
         """Fire expired peer timers, at most TICK_BUDGET peers and TICK_HANDSHAKES
-        initiations per call: with thousands of peers due at once, ``next_deadline()``
-        then stays in the past and the shell calls again after letting other work run
-        (a pass of 8 initiations took 2-30 ms on a busy machine: tunnel pings waited).
+        initiations from the lines per call: with thousands of peers due at once,
+        ``next_deadline()`` then stays in the past and the shell calls again after
+        letting other work run (a pass of 8 initiations took 2-30 ms on a busy machine:
+        tunnel pings waited). A pass that has started its initiations still runs the
+        timers of peers with a session; due ones without go to the line.
 
         Handshakes are what costs (0.1-0.3 ms each; 20,000 silent peers retrying every
         5 s would want more than a core), so the timers start at most ``handshake_rate``
@@ -708,14 +710,15 @@ class Device:
             if waited.timer_seq == _WAITING and peers.get(waited.public_key) is waited:
                 self._tick_peer(waited, now, out)
                 budget -= 1
-        while budget and self._initiations < enough and queue and queue[0][0] <= now:
+        while budget and queue and queue[0][0] <= now:
             _, seq, key = heapq.heappop(queue)
             peer = peers.get(key)
             if peer is None or peer.timer_seq != seq:
                 continue  # superseded by an earlier deadline, or the peer was removed
             budget -= 1
             keypair = peer.current
-            if (self._tokens < _TOKEN or heard_line or silent_line) and (
+            if (self._tokens < _TOKEN or heard_line or silent_line
+                    or self._initiations >= enough) and (
                     keypair is None or not keypair.can_send(now)):
                 # Whatever it arms meanwhile (it answered, its own packets started a
                 # handshake) is queued as usual and takes it out of the line.
