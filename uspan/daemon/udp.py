@@ -29,6 +29,7 @@ SOCKET_BUFFER = 7 << 20  # like wireguard-go
 BIND_ATTEMPTS = 100  # random ports tried when the v6 socket cannot take the v4 one
 _SO_SNDBUFFORCE = 32
 _SO_RCVBUFFORCE = 33
+_SO_MEMINFO = 55  # u32 counters; the first two: bytes queued, the receive buffer's size
 _CACHE_LIMIT = 4096
 # sendmsg errors that mean "this source address/interface is no longer usable".
 _SOURCE_GONE = frozenset({errno.EINVAL, errno.EADDRNOTAVAIL, errno.ENETUNREACH,
@@ -157,6 +158,15 @@ class UdpSocket:
     def set_fwmark(self, mark: int) -> None:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, _mark(mark))
 
+    def backlog(self) -> float:
+        """How full the receive queue is, 0..1 (0 where the kernel does not say)."""
+        try:
+            queued, size = struct.unpack_from("=II", self.sock.getsockopt(
+                socket.SOL_SOCKET, _SO_MEMINFO, 36))
+        except OSError:
+            return 0.0
+        return queued / size if size else 0.0
+
     def close(self) -> None:
         if self.sock.fileno() >= 0 and trio.lowlevel.in_trio_run():
             trio.lowlevel.notify_closing(self.sock)
@@ -233,6 +243,9 @@ class UdpBind:
                 earlydrop.install(udp.sock, rules)
             else:
                 earlydrop.detach(udp.sock)
+
+    def backlog(self) -> float:
+        return max((udp.backlog() for udp in self.sockets), default=0.0)
 
     def set_fwmark(self, mark: int) -> None:
         """Set SO_MARK on both sockets (0 clears it); raises OSError."""
