@@ -51,7 +51,8 @@ class UdpSocket:
         self._sources: dict[tuple[object, bytes], Endpoint] = {}
         self._no_gso: set[tuple[str, int]] = set()  # destinations whose route refused GSO
         self._writable = trio.Lock()
-        self._controls: dict[Endpoint, list[tuple[int, int, bytes]]] = {}
+        # By (local address, interface): a flood's many sources share the few we have.
+        self._controls: dict[tuple[str | None, int], list[tuple[int, int, bytes]]] = {}
 
     async def receive(self, limit: int = BATCH) -> list[tuple[bytes, Endpoint]]:
         """Wait for datagrams, then drain up to ``limit`` of them.
@@ -85,7 +86,8 @@ class UdpSocket:
         return out
 
     def _control(self, endpoint: Endpoint) -> list[tuple[int, int, bytes]]:
-        control = self._controls.get(endpoint)
+        key = (endpoint.local, endpoint.ifindex)
+        control = self._controls.get(key)
         if control is None:
             if endpoint.local is None:
                 control = []
@@ -99,7 +101,7 @@ class UdpSocket:
                 control = [(socket.IPPROTO_IP, offload.IP_PKTINFO, info)]
             if len(self._controls) >= _CACHE_LIMIT:
                 self._controls.clear()
-            self._controls[endpoint] = control
+            self._controls[key] = control
         return control
 
     async def send(self, datagrams: list[bytes], endpoint: Endpoint) -> bool:
