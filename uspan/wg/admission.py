@@ -22,10 +22,10 @@ initiations, and the flood's cost to us is bounded.
 
 Which of a spoofed flood get an answer: before a DH a new peer's first initiation looks
 like the junk, so its chance per attempt is (answers given) / (flood rate), whatever the
-choice; what we can do is give as many answers as we can and waste none. So the
-sample is no larger than the budgets: every initiation read gets a
-handshake or a cookie, none is read only to be dropped. It is random per datagram, not
-by source, so a peer missed once has the same chance at its retry. And it is no larger
+choice; what we can do is give as many answers as we can and waste none. So the sample
+is no larger than the budgets: every initiation read gets a handshake or a cookie, none
+is read only to be dropped. It is random per datagram, not by source, so a peer missed
+once has the same chance at its retry. And it is no larger
 than we drain: a socket queue that stays full loses a peer's initiation, its mac2 retry
 and tunnel traffic as readily as the junk, so while the shell's ``backlog()`` (the
 queue's fill, 0..1) is above BACKLOG_HIGH the aim is halved below what we drained, and
@@ -74,7 +74,7 @@ MAX_FLAGGED = 256
 MIN_TARGET = 1000
 BACKLOG_HIGH = 0.25
 # Judged every SAMPLE_WINDOW: while the socket queue overflows we see only what we drain,
-# so the first estimates are low and it takes a few windows to settle.
+# so the estimates are low; the backlog's cut makes up for that.
 SAMPLE_WINDOW = 0.25
 MIN_KEEP = 2.0 ** -12
 MAX_TRUSTED = 64  # endpoints in the priority lane (the kernel filter checks each)
