@@ -16,6 +16,7 @@ from tests.system.conftest import program
 from tests.system.test_hostile import stats
 from uspan.testbed import Lab, Namespace, PeerConfig, WireGuard
 from uspan.testbed.flood import ATTACKER, RESPONDER, SPOOF_RANGE, Attack, Pinger, link
+from uspan.wg.constants import REKEY_TIMEOUT
 
 pytestmark = pytest.mark.system
 
@@ -26,6 +27,7 @@ RATE = 20_000  # datagrams/s: over uspan's under-load threshold (1000/s) twenty 
 SECONDS = 8.0
 FIRST_REPLY_BOUND = 2.0  # seconds; a cookie round trip costs at least REKEY_TIMEOUT (5 s)
 RECOVERY = 0.75  # seconds after a spoofed flood by which the kernel's sample is lifted
+SPOOF_BELOW_BUDGETS = 6_000  # datagrams/s from random sources: each can be answered
 
 
 def responder_and_peer(lab: Lab, peers: int = 1, known: bool = False,
@@ -92,6 +94,28 @@ def test_a_known_peer_gets_through_a_spoofed_flood_at_once(lab: Lab) -> None:
     counted = stats(responder)
     assert first is not None, f"no reply {FIRST_REPLY_BOUND} s into the flood: {counted}"
     assert counted["drop_cookie_limited"] + counted["drop_cookie_sent"] > 0
+    pinger.stop()
+    assert responder.alive()
+
+
+def test_an_unknown_peer_gets_through_a_spoofed_flood_at_its_first_retry(lab: Lab) -> None:
+    """The responder does not know the peer's endpoint and the spoofed flood is below
+    the budgets (6,000 a second, six times the under-load threshold): every initiation
+    is answered, so the peer's first gets a cookie and its retry REKEY_TIMEOUT later,
+    with mac2, is served, during the flood. With a sample of four times budgets of
+    1,050 a second its first initiation had about one chance in six."""
+    a, responder, _ = responder_and_peer(lab)
+    seconds = REKEY_TIMEOUT + 6.0
+    attack = Attack(a, OUTER[1], PORT, responder.keys.public, seconds=seconds,
+                    rate=SPOOF_BELOW_BUDGETS, spoof=SPOOF_RANGE)
+    time.sleep(2.0)  # under load, the sample settled
+    pinger = Pinger(a, INNER)
+    first = pinger.wait_reply(pinger.started, REKEY_TIMEOUT + 2.0)
+    attack.wait()
+    counted = stats(responder)
+    assert first is not None, f"no reply by the peer's first retry: {counted}"
+    assert counted["drop_cookie_sent"] > SPOOF_BELOW_BUDGETS
+    assert counted["drop_cookie_limited"] == 0
     pinger.stop()
     assert responder.alive()
 

@@ -3,6 +3,7 @@ with valid-mac1 initiations while a real peer starts its first handshake."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import pytest
@@ -15,7 +16,7 @@ from uspan.wg.admission import (
     MAX_FLAGGED,
     MAX_TRUSTED,
     MIN_KEEP,
-    SAMPLE_TARGET,
+    MIN_TARGET,
     SAMPLE_WINDOW,
     TRUSTED_BURST,
     Admission,
@@ -96,11 +97,12 @@ def test_flags_expire_and_are_bounded() -> None:
 def test_spoofed_sources_cost_at_most_the_budgets() -> None:
     """Every source new: full handshakes, then cookies, then nothing, each second."""
     admission = Admission()
-    verdicts = [admission.unproven(source(i), T0) for i in range(5000)]
+    verdicts = [admission.unproven(source(i), T0)
+                for i in range(UNPROVEN_PER_SECOND + COOKIES_PER_SECOND + 1000)]
     assert verdicts.count(Verdict.PROCESS) == UNPROVEN_PER_SECOND
     assert verdicts.count(Verdict.COOKIE) == COOKIES_PER_SECOND
     assert admission.drop is Drop.COOKIE_LIMITED
-    assert admission.unproven(source(9999), T0 + 1.01) is Verdict.PROCESS  # refilled
+    assert admission.unproven(source(60_000), T0 + 1.01) is Verdict.PROCESS  # refilled
 
 
 def test_a_spoofed_flood_is_sampled_down_and_the_sample_lifted_when_it_ends() -> None:
@@ -109,13 +111,67 @@ def test_a_spoofed_flood_is_sampled_down_and_the_sample_lifted_when_it_ends() ->
         admission.unproven(source(i), T0 + i * 1e-5)
     version = admission.flag_version
     admission.unproven(source(1 << 20), T0 + SAMPLE_WINDOW)  # the next window starts
-    assert admission.keep <= SAMPLE_TARGET / 100_000 and admission.keep > MIN_KEEP
+    budgets = UNPROVEN_PER_SECOND + COOKIES_PER_SECOND
+    assert admission.keep <= budgets / 100_000 and admission.keep > MIN_KEEP
     assert admission.flag_version == version + 1
     assert admission.busy_until >= T0 + 1.0  # still under load while sampling
     admission.kernel_filter(T0 + 1.5 * SAMPLE_WINDOW)
     assert admission.keep < 1.0  # the window is not over
     admission.kernel_filter(T0 + 2 * SAMPLE_WINDOW)  # over, and nobody came: lifted
     assert admission.keep == 1.0
+
+
+def spoofed(i: int) -> Endpoint:
+    return Endpoint(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 4000)
+
+
+def sampled_flood(admission: Admission, rate: float, windows: int, start: int,
+                  now: float, drain: float | None = None) -> list[Verdict]:
+    """A spoofed flood of ``rate`` new sources a second for ``windows`` sample windows:
+    the kernel's sample of it (``keep``) reaches ``unproven`` evenly spread, or only
+    ``drain`` a second of it when we cannot read more; the verdicts of the last window."""
+    verdicts: list[Verdict] = []
+    for _ in range(windows):
+        read = rate * admission.keep if drain is None else min(drain, rate * admission.keep)
+        count = max(1, round(read * SAMPLE_WINDOW))
+        verdicts = [admission.unproven(spoofed(start + i), now + i * SAMPLE_WINDOW / count)
+                    for i in range(count)]
+        start += count
+        now += SAMPLE_WINDOW
+    return verdicts
+
+
+def test_every_initiation_the_sample_lets_through_is_answered() -> None:
+    """What the kernel keeps of a spoofed flood is no more than the budgets answer: once
+    settled, none of it is read only to be refused, and at least half the budgets are
+    given (a new peer's chance per attempt is what is answered over the flood rate).
+    With a sample of four times the budgets, three in four were dropped unanswered."""
+    admission = Admission()
+    sampled_flood(admission, 200_000, 8, 0, T0)  # settles
+    verdicts = sampled_flood(admission, 200_000, 4, 1 << 20, T0 + 8 * SAMPLE_WINDOW)
+    assert Verdict.DROP not in verdicts
+    assert len(verdicts) / SAMPLE_WINDOW >= (UNPROVEN_PER_SECOND + COOKIES_PER_SECOND) / 2
+
+
+def test_a_full_socket_queue_lowers_the_sample_until_we_drain_it() -> None:
+    """While the shell's queue stays full we read only what we can (here 2,000 a
+    second), which alone would look like a small flood: the backlog halves the aim below
+    that each window, so the sample falls until we keep up, and the aim grows back once
+    the queue is clear (without it the sample stayed whole and the queue full, losing a
+    peer's initiation and its mac2 retry at random)."""
+    full = [1.0]
+    admission = Admission(backlog=lambda: full[0])
+    keeps = []
+    for w in range(8):
+        sampled_flood(admission, 200_000, 1, w << 12, T0 + w * SAMPLE_WINDOW, drain=2000)
+        keeps.append(admission.keep)
+    assert all(b <= a / 2 for a, b in itertools.pairwise(keeps))
+    assert admission.target == MIN_TARGET
+    assert 200_000 * admission.keep <= 2 * MIN_TARGET
+    full[0] = 0.0
+    sampled_flood(admission, 200_000, 12, 1 << 16, T0 + 8 * SAMPLE_WINDOW)
+    assert admission.target > 8 * MIN_TARGET  # a quarter more each clear window
+    assert admission.keep > 8 * MIN_TARGET / 200_000 / 2
 
 
 def test_backlog_from_flagged_sources_does_not_lower_keep() -> None:
@@ -293,13 +349,13 @@ def test_a_known_peer_is_answered_at_once_during_a_spoofed_flood(known: bool) ->
     knows gets a response to its first initiation, arriving amid the junk; an unknown
     one gets nothing (and waits for REKEY_TIMEOUT)."""
     net, a, b = initiator_and_responder(known)
-    flood(net, b, 2.0, sources=[source(i) for i in range(30_000)])
+    flood(net, b, 2.0, per_tick=512, sources=[spoofed(i) for i in range(110_000)])
     assert b.device.admission.kernel_filter(net.now).keep < 1.0
     net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
     [(initiation, _, _)] = net.wire
     net.wire.clear()
     key = mac1_key(b.public)
-    junk = [(junk_initiation(key), source(40_000 + i)) for i in range(128)]
+    junk = [(junk_initiation(key), source(40_000 + i)) for i in range(512)]
     _, out = b.device.receive([*junk, (initiation, a.endpoint)], net.now)
     to_a = [(d, e) for d, e in out if e.address == a.endpoint.address]
     assert [d[0] for d, _ in to_a] == ([MSG_RESPONSE] if known else [])

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from uspan.daemon import earlydrop
+from uspan.daemon.udp import UdpBind
 from uspan.wg.admission import MAX_TRUSTED, KernelFilter
 from uspan.wg.endpoint import Endpoint
 
@@ -230,3 +231,25 @@ def test_everything_here_under_the_optmem_max_of_kernels_before_6_9() -> None:
         capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and " skipped" in run.stdout  # this one, inside
+
+
+def test_the_backlog_is_how_full_the_receive_queue_is() -> None:
+    """What the core's sample follows (``Admission.backlog``): the queued bytes over the
+    receive buffer, read from the kernel, back to 0 once drained."""
+    bind = UdpBind.open(0)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        assert bind.backlog() == 0.0
+        fills = []
+        for _ in range(2):
+            for _ in range(1000):
+                sender.sendto(INITIATION, ("127.0.0.1", bind.port))
+            fills.append(bind.backlog())
+        assert 0.0 < fills[0] < fills[1] <= 1.0
+        for udp in bind.sockets:
+            while udp.receive_batch():
+                pass
+        assert bind.backlog() == 0.0
+    finally:
+        sender.close()
+        bind.close()

@@ -116,6 +116,7 @@ class Daemon:
         self._frozen = Frozen()
         self.device.mtu = tun.mtu
         self.device.listen_port = bind.port
+        self.device.admission.backlog = lambda: self.bind.backlog()  # the bind may change
 
     @classmethod
     def open(cls, interface: str, *, uapi_path: str | None, offload: bool = True) -> Daemon:

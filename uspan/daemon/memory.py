@@ -110,6 +110,9 @@ class MemoryBind:
     def drop_unproven(self, rules: KernelFilter) -> None:
         """Nothing to do: an in-memory queue has no kernel behind it to spare."""
 
+    def backlog(self) -> float:
+        return 0.0  # delivery never waits for the reader
+
     def describe(self) -> str:
         return f"memory={self.host}:{self.port}"
 

@@ -29,6 +29,7 @@ SOCKET_BUFFER = 7 << 20  # like wireguard-go
 BIND_ATTEMPTS = 100  # random ports tried when the v6 socket cannot take the v4 one
 _SO_SNDBUFFORCE = 32
 _SO_RCVBUFFORCE = 33
+_SO_MEMINFO = 55  # u32 counters; the first two: bytes queued, the receive buffer's size
 _CACHE_LIMIT = 4096
 # sendmsg errors that mean "this source address/interface is no longer usable".
 _SOURCE_GONE = frozenset({errno.EINVAL, errno.EADDRNOTAVAIL, errno.ENETUNREACH,
@@ -50,7 +51,8 @@ class UdpSocket:
         self._sources: dict[tuple[object, bytes], Endpoint] = {}
         self._no_gso: set[tuple[str, int]] = set()  # destinations whose route refused GSO
         self._writable = trio.Lock()
-        self._controls: dict[Endpoint, list[tuple[int, int, bytes]]] = {}
+        # By (local address, interface): a flood's many sources share the few we have.
+        self._controls: dict[tuple[str | None, int], list[tuple[int, int, bytes]]] = {}
 
     async def receive(self, limit: int = BATCH) -> list[tuple[bytes, Endpoint]]:
         """Wait for datagrams, then drain up to ``limit`` of them.
@@ -84,7 +86,8 @@ class UdpSocket:
         return out
 
     def _control(self, endpoint: Endpoint) -> list[tuple[int, int, bytes]]:
-        control = self._controls.get(endpoint)
+        key = (endpoint.local, endpoint.ifindex)
+        control = self._controls.get(key)
         if control is None:
             if endpoint.local is None:
                 control = []
@@ -98,7 +101,7 @@ class UdpSocket:
                 control = [(socket.IPPROTO_IP, offload.IP_PKTINFO, info)]
             if len(self._controls) >= _CACHE_LIMIT:
                 self._controls.clear()
-            self._controls[endpoint] = control
+            self._controls[key] = control
         return control
 
     async def send(self, datagrams: list[bytes], endpoint: Endpoint) -> bool:
@@ -156,6 +159,15 @@ class UdpSocket:
 
     def set_fwmark(self, mark: int) -> None:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, _mark(mark))
+
+    def backlog(self) -> float:
+        """How full the receive queue is, 0..1 (0 where the kernel does not say)."""
+        try:
+            queued, size = struct.unpack_from("=II", self.sock.getsockopt(
+                socket.SOL_SOCKET, _SO_MEMINFO, 36))
+        except OSError:
+            return 0.0
+        return queued / size if size else 0.0
 
     def close(self) -> None:
         if self.sock.fileno() >= 0 and trio.lowlevel.in_trio_run():
@@ -233,6 +245,9 @@ class UdpBind:
                 earlydrop.install(udp.sock, rules)
             else:
                 earlydrop.detach(udp.sock)
+
+    def backlog(self) -> float:
+        return max((udp.backlog() for udp in self.sockets), default=0.0)
 
     def set_fwmark(self, mark: int) -> None:
         """Set SO_MARK on both sockets (0 clears it); raises OSError."""

@@ -18,7 +18,19 @@ has the kernel drop its mac2-less initiations before they reach the socket queue
 sources are flagged the device stays under load, so their return after FLAG_TIME costs
 at most one full handshake each before they are flagged again. Spoofed sources never
 repeat, so against them the kernel keeps only a fraction ``keep`` of mac2-less
-initiations, enough to spend the budgets, and the flood's cost to us is bounded.
+initiations, and the flood's cost to us is bounded.
+
+Which of a spoofed flood get an answer: before a DH a new peer's first initiation looks
+like the junk, so its chance per attempt is (answers given) / (flood rate), whatever the
+choice; what we can do is give as many answers as we can and waste none. So the sample
+is no larger than the budgets: every initiation read gets a handshake or a cookie, none
+is read only to be dropped. It is random per datagram, not by source, so a peer missed
+once has the same chance at its retry. And it is no larger
+than we drain: a socket queue that stays full loses a peer's initiation, its mac2 retry
+and tunnel traffic as readily as the junk, so while the shell's ``backlog()`` (the
+queue's fill, 0..1) is above BACKLOG_HIGH the aim is halved below what we drained, and
+it grows back by a quarter each window that stays clear (a CPU shared with the flood's
+sender drains less than an idle one).
 
 That sample would cost a new peer its first handshakes too (its chance per attempt is
 budget / flood rate), so the peers' endpoints (configured or learned from authenticated
@@ -55,11 +67,14 @@ from uspan.wg.ratelimit import RateLimiter
 FLAG_TIME = 10.0  # seconds a refused source's initiations are dropped in the kernel
 MAX_FLAGGED = 256
 # The kernel lets through a fraction ``keep`` (a power of 2) of the mac2-less initiations
-# from unflagged sources, aiming at SAMPLE_TARGET a second: a spoofed flood then costs
-# us that many checks, not one per datagram, and no fewer than the budgets can use.
-SAMPLE_TARGET = 4 * (UNPROVEN_PER_SECOND + COOKIES_PER_SECOND)
+# from unflagged sources, aiming at most at what the budgets answer a second: a spoofed
+# flood then costs us that many checks, not one per datagram. While the socket queue is
+# fuller than BACKLOG_HIGH the aim is lowered (never below MIN_TARGET, so a few new
+# peers under load are not sampled).
+MIN_TARGET = 1000
+BACKLOG_HIGH = 0.25
 # Judged every SAMPLE_WINDOW: while the socket queue overflows we see only what we drain,
-# so the first estimates are low and it takes a few windows to settle.
+# so the estimates are low; the backlog's cut makes up for that.
 SAMPLE_WINDOW = 0.25
 MIN_KEEP = 2.0 ** -12
 MAX_TRUSTED = 64  # endpoints in the priority lane (the kernel filter checks each)
@@ -112,14 +127,20 @@ class Admission:
 
     ``known(now)`` yields the peers' endpoints, the most deserving first (read again
     every SAMPLE_WINDOW by whichever call comes first, so a flood that never reaches
-    ``unproven`` leaves no stale lane). What the shell's kernel filter should do is
-    ``kernel_filter(now)``; ``flag_version`` changes whenever that does.
+    ``unproven`` leaves no stale lane). ``backlog()`` is how full the shell's socket
+    queue is (0..1), read once a window while a sample is set. What the shell's kernel
+    filter should do is ``kernel_filter(now)``; ``flag_version`` changes whenever that
+    does.
     """
 
     def __init__(self, *, unproven_per_second: int = UNPROVEN_PER_SECOND,
                  cookies_per_second: int = COOKIES_PER_SECOND,
-                 known: Callable[[float], Iterable[Endpoint]] = lambda now: ()) -> None:
+                 known: Callable[[float], Iterable[Endpoint]] = lambda now: (),
+                 backlog: Callable[[], float] = lambda: 0.0) -> None:
         self.known = known
+        self.backlog = backlog
+        self._most = float(unproven_per_second + cookies_per_second)
+        self.target = self._most  # what the sample aims at, a second
         self.proven = RateLimiter()  # per source IP, for messages with a valid mac2
         self.sources = RateLimiter(rate=1 / SOURCE_INTERVAL, burst=1)  # (host, port) keys
         self._strays = RateLimiter(rate=1 / SOURCE_INTERVAL, burst=1)  # apart: see ``stray``
@@ -208,10 +229,16 @@ class Admission:
         self._lane_read = now
 
     def _resample(self, now: float) -> None:
-        """Set ``keep`` for the next window from the rate the last one let through."""
-        arrived = self._seen / self.keep / max(SAMPLE_WINDOW, now - self._window)
+        """Set ``keep`` for the next window from the rate the last one let through, and
+        the aim from whether we drained it (see the module's docstring)."""
+        drained = self._seen / max(SAMPLE_WINDOW, now - self._window)
+        if self.backlog() > BACKLOG_HIGH:  # behind: what we drained is all we can do
+            self.target = max(MIN_TARGET, min(self.target, drained) / 2)
+        else:
+            self.target = min(self._most, self.target * 1.25)
+        arrived = drained / self.keep  # low while behind: the aim's cut covers that
         keep = 1.0
-        while keep > MIN_KEEP and arrived * keep > SAMPLE_TARGET:
+        while keep > MIN_KEEP and arrived * keep > self.target:
             keep /= 2
         if keep != self.keep:
             self.keep = keep
