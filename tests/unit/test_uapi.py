@@ -525,3 +525,14 @@ class KeepingTarget(DeviceTarget):
     async def configure(self, change: DeviceChange) -> None:
         self.device.apply(change, 0.0)
         self.change = change
+
+
+def test_a_last_line_without_a_newline_parses_whole() -> None:
+    """feed_bytes cut the last byte of data that did not end in a newline: the last
+    prefix became another one (1.2.3.4/32 read as 0.0.0.0/3), without an error."""
+    body = [f"public_key={PEER.hex()}", "allowed_ip=10.0.0.0/8", "allowed_ip=1.2.3.4/32"]
+    parser = SetParser()
+    data, pos = "\n".join(body).encode(), 0
+    while pos < len(data):
+        pos = parser.feed_bytes(data, pos, 256)
+    assert parser.finish() == parsed_line_by_line(body)

@@ -70,7 +70,8 @@ class SetParser:
             if end <= 0 or (stop_at_allowed and data.startswith(_ALLOWED, end)):
                 break
         end = end if end > 0 else len(data)
-        self.feed(data[pos:end - 1].decode("utf-8", errors="replace").split("\n"))
+        text = data[pos:end].decode("utf-8", errors="replace")
+        self.feed(text.removesuffix("\n").split("\n"))
         return end
 
     def feed(self, lines: list[str]) -> None:
