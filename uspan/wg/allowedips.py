@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Generic, TypeVar, overload
 
 from uspan.wg.config import Prefix
@@ -24,13 +24,145 @@ from uspan.wg.prefix import texts as prefix_texts
 
 T = TypeVar("T")
 
+SHARD_AT = 1 << 14  # entries a dict that grows with the prefixes may reach (~1 ms resize)
+SHARD_SHIFT = 8  # prefixes that differ only below this bit share a routing shard
+SHARD_START = 6  # bits of routing shard index of a new table (64 shards: 1M /32s unsplit)
+SHARD_DEPTH = 16  # bits of routing shard index at most (65,536 directory entries)
+
+
+class _Table(Generic[T]):
+    """One (family, length)'s prefixes and their values, in shards of at most about
+    SHARD_AT entries: a dict that grows past a few hundred thousand entries resizes in
+    one step of tens of milliseconds, which no slicing can split. A shard that grows
+    past SHARD_AT splits in two by the next bit of ``prefix >> SHARD_SHIFT``
+    (extendible hashing); ``shards`` is the directory, indexed by the low bits of
+    ``prefix >> SHARD_SHIFT`` (several entries name a shard that has not split as often),
+    so a lookup costs one list index more than one dict. A table starts with
+    2**SHARD_START shards, so a million prefixes spread evenly never split one (each
+    split moves every entry of a shard once more). Runs of 2**SHARD_SHIFT neighbouring
+    prefixes share a shard, so a batch of them is still one C-level update."""
+
+    __slots__ = ("depths", "mask", "shards", "size")
+
+    def __init__(self) -> None:
+        self.shards: list[dict[Prefix, T]] = [{} for _ in range(1 << SHARD_START)]
+        self.depths = [SHARD_START] * len(self.shards)  # bits each entry's shard is split by
+        self.mask = len(self.shards) - 1
+        self.size = 0
+
+    def parts(self, group: Sequence[Prefix]) -> Iterator[tuple[dict[Prefix, T], Sequence[Prefix]]]:
+        """The group by shard: whole when it is one run (or the table one shard)."""
+        if not self.mask or min(group) >> SHARD_SHIFT == max(group) >> SHARD_SHIFT:
+            yield self.shards[group[0] >> SHARD_SHIFT & self.mask], group
+            return
+        parts: dict[int, list[Prefix]] = {}
+        for prefix in group:
+            parts.setdefault(prefix >> SHARD_SHIFT & self.mask, []).append(prefix)
+        shards = self.shards
+        for index, part in parts.items():
+            yield shards[index], part
+
+    def split(self, shard: dict[Prefix, T]) -> bool:
+        """Split ``shard`` (and its halves) until each is at most SHARD_AT, or the
+        directory is at its limit; return whether the directory grew."""
+        grew = False
+        pending = [shard]
+        while pending:
+            shard = pending.pop()
+            if len(shard) <= SHARD_AT:
+                continue
+            index = next(iter(shard)) >> SHARD_SHIFT & self.mask
+            if self.shards[index] is not shard:
+                continue  # split already (a batch may name a shard twice)
+            depth = self.depths[index]
+            if depth == len(self.depths).bit_length() - 1:  # as split as the directory
+                if depth == SHARD_DEPTH:
+                    continue  # a pathological spread: this shard grows on
+                self.shards += self.shards
+                self.depths += self.depths
+                self.mask = len(self.shards) - 1
+                grew = True
+            bit = 1 << (SHARD_SHIFT + depth)
+            low = {prefix: value for prefix, value in shard.items() if not prefix & bit}
+            high = {prefix: value for prefix, value in shard.items() if prefix & bit}
+            base = index & ((1 << depth) - 1)
+            for entry in range(base, len(self.shards), 1 << depth):
+                self.shards[entry] = high if entry >> depth & 1 else low
+                self.depths[entry] = depth + 1
+            pending += (low, high)
+        return grew
+
+
+class _Ordered:
+    """An owner's prefixes in insertion order: segments of at most SHARD_AT, the
+    newest last, so neither appending a million nor removing them resizes a big dict.
+    Only the newest segment is appended to; one emptied is dropped. Finding a prefix
+    searches the segments oldest first (at most a few hundred probes of a dict)."""
+
+    __slots__ = ("segments", "size")
+
+    def __init__(self) -> None:
+        self.segments: list[dict[Prefix, None]] = []
+        self.size = 0
+
+    def __iter__(self) -> Iterator[Prefix]:
+        return itertools.chain.from_iterable(self.segments)
+
+    def append(self, fresh: Sequence[Prefix]) -> None:
+        """Add prefixes it does not hold at the end (one given twice, once)."""
+        segments = self.segments
+        if not segments or len(segments[-1]) + len(fresh) > SHARD_AT:
+            fresh = list(dict.fromkeys(fresh))  # a repeat must not land in two segments
+        start = 0
+        while start < len(fresh):
+            if not segments or len(segments[-1]) >= SHARD_AT:
+                segments.append({})
+            last = segments[-1]
+            room, size = SHARD_AT - len(last), len(last)
+            last.update(dict.fromkeys(fresh if not start and room >= len(fresh)
+                                      else fresh[start:start + room]))
+            self.size += len(last) - size
+            start += room
+
+    def delete(self, prefixes: Iterable[Prefix]) -> None:
+        """Remove prefixes it holds, each once."""
+        left = set(prefixes)
+        self.size -= len(left)
+        emptied = False
+        for segment in self.segments:
+            found = segment.keys() & left
+            if found:
+                deque(map(segment.__delitem__, found), 0)
+                emptied = emptied or not segment
+                left -= found
+                if not left:
+                    break
+        if emptied:
+            self.segments = [segment for segment in self.segments if segment]
+
+    def oldest(self, limit: int | None) -> list[Prefix]:
+        """The first ``limit`` prefixes (None: all), removed."""
+        taken: list[Prefix] = []
+        segments = self.segments
+        while segments and (limit is None or len(taken) < limit):
+            segment = segments[0]
+            part = list(segment if limit is None
+                        else itertools.islice(segment, limit - len(taken)))
+            if len(part) == len(segment):
+                del segments[0]
+            else:
+                deque(map(segment.__delitem__, part), 0)
+            taken += part
+        self.size -= len(taken)
+        return taken
+
 
 class _Owner(Generic[T]):
     __slots__ = ("prefixes", "stamp", "texts", "value")
 
     def __init__(self, value: T) -> None:
         self.value = value
-        self.prefixes: dict[Prefix, None] = {}  # in insertion order
+        self.prefixes = _Ordered()
         self.stamp = 0  # AllowedIPs._edits when the prefixes last changed
         self.texts: list[str] | None = None  # their text, if read whole since
 
@@ -41,15 +173,15 @@ class AllowedIPs(Generic[T]):
     __slots__ = ("_edits", "_owned", "_tables", "_v4", "_v6")
 
     def __init__(self) -> None:
-        self._tables: dict[int, dict[Prefix, T]] = {}  # by prefix.tag
-        # Per family: (host-bit shift, tag << width, table), longest prefix first.
-        self._v4: list[tuple[int, int, dict[Prefix, T]]] = []
-        self._v6: list[tuple[int, int, dict[Prefix, T]]] = []
+        self._tables: dict[int, _Table[T]] = {}  # by prefix.tag
+        # Per family: (host-bit shift, tag << width, shard mask, shards), longest first.
+        self._v4: list[tuple[int, int, int, list[dict[Prefix, T]]]] = []
+        self._v6: list[tuple[int, int, int, list[dict[Prefix, T]]]] = []
         self._owned: dict[int, _Owner[T]] = {}  # by id(value)
         self._edits = 0
 
     def __len__(self) -> int:
-        return sum(len(table) for table in self._tables.values())
+        return sum(table.size for table in self._tables.values())
 
     def insert(self, prefixes: Sequence[Prefix], value: T) -> None:
         """Route each prefix to ``value``, taking it over from any previous owner."""
@@ -60,19 +192,34 @@ class AllowedIPs(Generic[T]):
             owner = self._owned[id(value)] = _Owner(value)
         self._changed(owner)
         tables = self._tables
+        held: set[Prefix] = set()  # what value owned already: it keeps its place
+        lost: dict[int, list[Prefix]] = {}  # what other values owned, by id(value)
         for tag, group in _by_tag(prefixes):
             table = tables.get(tag)
             if table is None:
-                table = tables[tag] = {}
+                table = tables[tag] = _Table()
                 self._reindex(tag & 1)
-            # In C but for the prefixes some other value held: they are rare.
-            for taken in table.keys() & group if table else ():
-                previous = table[taken]
-                if previous is not value:
-                    self._disown(previous, taken)
-            table.update(dict.fromkeys(group, value))
-        owner.prefixes.update(dict.fromkeys(prefixes))  # in their order, whatever the tags
-        if not owner.prefixes:
+            full = []
+            for shard, part in table.parts(group):
+                # In C but for the prefixes some value held: they are rare.
+                for taken in shard.keys() & part if shard else ():
+                    previous = shard[taken]
+                    if previous is value:
+                        held.add(taken)
+                    else:
+                        lost.setdefault(id(previous), []).append(taken)
+                size = len(shard)
+                shard.update(dict.fromkeys(part, value))
+                table.size += len(shard) - size
+                if len(shard) > SHARD_AT:
+                    full.append(shard)
+            if any(list(map(table.split, full))):
+                self._reindex(tag & 1)
+        for key, gone in lost.items():
+            self._disown(self._owned[key], gone)
+        owner.prefixes.append([prefix for prefix in prefixes if prefix not in held]
+                              if held else prefixes)
+        if not owner.prefixes.size:
             del self._owned[id(value)]
 
     def remove(self, prefixes: Sequence[Prefix], value: T) -> int:
@@ -81,16 +228,22 @@ class AllowedIPs(Generic[T]):
         if owner is None:
             return 0
         self._changed(owner)
-        owned, tables = owner.prefixes, self._tables
-        mine = owned.keys() & prefixes  # what value owns is exactly where its table has it
-        for tag, group in _by_tag(list(mine)):
-            table = tables[tag]
-            deque(map(table.__delitem__, group), 0)
-            deque(map(owned.__delitem__, group), 0)
-            if not table:
-                del tables[tag]
+        mine: list[Prefix] = []
+        for tag, group in _by_tag(list(dict.fromkeys(prefixes))):
+            table = self._tables.get(tag)
+            if table is None:
+                continue
+            for shard, part in table.parts(group):
+                get = shard.get
+                ours = [prefix for prefix in part if get(prefix) is value]
+                deque(map(shard.__delitem__, ours), 0)
+                table.size -= len(ours)
+                mine += ours
+            if not table.size:
+                del self._tables[tag]
                 self._reindex(tag & 1)
-        if not owned:
+        owner.prefixes.delete(mine)
+        if not owner.prefixes.size:
             del self._owned[id(value)]
         return len(mine)
 
@@ -101,19 +254,15 @@ class AllowedIPs(Generic[T]):
         if owner is None:
             return False
         self._changed(owner)
-        owned = owner.prefixes
-        emptied: set[int] = set()
-        for prefix in list(owned if limit is None else itertools.islice(owned, limit)):
-            del owned[prefix]
-            tag = prefix_tag(prefix)
+        for tag, group in _by_tag(owner.prefixes.oldest(limit)):
             table = self._tables[tag]
-            del table[prefix]
-            if not table:
+            for shard, part in table.parts(group):
+                deque(map(shard.__delitem__, part), 0)
+            table.size -= len(group)
+            if not table.size:
                 del self._tables[tag]
-                emptied.add(tag & 1)
-        for family in emptied:
-            self._reindex(family)
-        if owned:
+                self._reindex(tag & 1)
+        if owner.prefixes.size:
             return True
         del self._owned[id(value)]
         return False
@@ -128,8 +277,9 @@ class AllowedIPs(Generic[T]):
         else:
             return None
         number = int.from_bytes(address, "big")
-        for shift, tag_bits, table in chain:
-            value = table.get(number >> shift | tag_bits)
+        for shift, tag_bits, mask, shards in chain:
+            key = number >> shift | tag_bits
+            value = shards[key >> SHARD_SHIFT & mask].get(key)
             if value is not None:
                 return value
         return None
@@ -159,18 +309,17 @@ class AllowedIPs(Generic[T]):
         self._edits += 1
         owner.stamp, owner.texts = self._edits, None
 
-    def _disown(self, value: T, prefix: Prefix) -> None:
-        owner = self._owned[id(value)]
+    def _disown(self, owner: _Owner[T], prefixes: list[Prefix]) -> None:
         self._changed(owner)
-        del owner.prefixes[prefix]
-        if not owner.prefixes:
-            del self._owned[id(value)]
+        owner.prefixes.delete(prefixes)
+        if not owner.prefixes.size:
+            del self._owned[id(owner.value)]
 
     def _reindex(self, v6: int) -> None:
         width = 128 if v6 else 32
         chain = sorted(
-            ((width - (tag >> 1), tag << width, table) for tag, table in self._tables.items()
-             if tag & 1 == v6),
+            ((width - (tag >> 1), tag << width, table.mask, table.shards)
+             for tag, table in self._tables.items() if tag & 1 == v6),
             key=lambda entry: entry[0],
         )
         if v6:
