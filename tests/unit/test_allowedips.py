@@ -432,7 +432,7 @@ def test_text_read_whole_is_kept_until_the_prefixes_change() -> None:
     t.insert([net("10.0.0.0/8"), net("fd00::/8"), net("10.1.0.0/16")], a)
     assert read_whole(t, a) == ["10.0.0.0/8", "fd00::/8", "10.1.0.0/16"]
     kept = t.texts(a)
-    assert isinstance(kept, list) and t.texts(a) is kept  # no rendering any more
+    assert kept[0] is t.texts(a)[0]  # no rendering any more: the text read before
     for change, expected in [
         (lambda: t.insert([net("10.2.0.0/16")], a),
          ["10.0.0.0/8", "fd00::/8", "10.1.0.0/16", "10.2.0.0/16"]),
@@ -456,9 +456,25 @@ def test_a_snapshot_read_after_a_change_is_not_kept() -> None:
     snapshot = t.texts(a)
     t.insert([net("10.2.0.0/16")], a)
     assert snapshot[0:2] == ["10.0.0.0/8", "10.1.0.0/16"]  # the old state, read whole
-    assert not isinstance(t.texts(a), list)
+    assert t.texts(a)[0] is not t.texts(a)[0]  # rendered at each read
     assert read_whole(t, a) == ["10.0.0.0/8", "10.1.0.0/16", "10.2.0.0/16"]
     assert t.texts(a) == ["10.0.0.0/8", "10.1.0.0/16", "10.2.0.0/16"]
+
+
+def test_a_change_renders_again_only_the_segments_it_touched(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(allowedips, "SHARD_AT", 2)
+    a = Peer("a")
+    t: AllowedIPs[Peer] = AllowedIPs()
+    t.insert([net(f"10.0.0.{i}/32") for i in range(6)], a)  # segments of 2
+    before = t.texts(a)
+    assert read_whole(t, a, step=3) == [f"10.0.0.{i}/32" for i in range(6)]
+    kept = list(t.texts(a))
+    t.remove([net("10.0.0.2/32")], a)
+    after = t.texts(a)
+    assert [text is kept[i] for i, text in zip([0, 1, 3, 4, 5], after, strict=True)] == [
+        True, True, False, True, True]
+    assert list(before) == [f"10.0.0.{i}/32" for i in range(6)]  # a snapshot never changes
 
 
 # Batches of a few prefixes each, of both families and mixed lengths (several tables in
@@ -542,6 +558,9 @@ def _sharded_run(ops: list[tuple[str, int, int, list[tuple[int, int]]]]) -> None
     model = _Model()
     for op, index, version, hosts in ops:
         peer, width = _PEERS[index], 32 if version == 4 else 128
+        # Snapshots of the texts before the change, some of them read whole (kept).
+        snapshots = [(table.texts(one), texts(model.prefixes(one))) for one in _PEERS]
+        assert read_whole(table, peer) == snapshots[index][1]
         networks = [ipaddress.ip_network(((10 << (width - 8)) | host, width - cut), strict=False)
                     for host, cut in hosts]
         if op == "insert":
@@ -559,6 +578,9 @@ def _sharded_run(ops: list[tuple[str, int, int, list[tuple[int, int]]]]) -> None
         assert all(size <= 3 + len(hosts) for size, _ in _dict_sizes(table))
         assert all(size <= 3 or deepest for size, deepest in _dict_sizes(table))
         assert_matches(table, model, lookups=False)
+        assert [list(snapshot) for snapshot, _ in snapshots] == [text for _, text in snapshots]
+        assert [list(table.texts(one)) for one in _PEERS] == [
+            texts(model.prefixes(one)) for one in _PEERS]
         for host, _ in hosts:
             address = ((10 << (width - 8)) | host).to_bytes(width // 8, "big")
             assert table.lookup(address) is model.lookup(address)

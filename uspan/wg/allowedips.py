@@ -1,21 +1,24 @@
 """Cryptokey routing: longest-prefix match of IPv4 and IPv6 addresses to a value (a peer).
 
 Prefixes are plain ints (``uspan.wg.prefix``). Each (family, length) present has one
-dict from its prefixes to their values; a lookup probes these dicts from the longest
+table from its prefixes to their values; a lookup probes these tables from the longest
 length to the shortest, so it costs one dict probe per distinct prefix length present in
 that family, whatever the number of prefixes. Values are compared by identity, as peers
 are. Each owner also keeps its prefixes in insertion order (the same int objects as the
 tables: a million prefixes cost two dict entries and one int each, and nothing the
-garbage collector walks), so ``get=1`` lists them and a peer's removal finds them. An
-owner's text, once read whole, is kept until its prefixes change: ``wg show`` in a loop,
-or many clients polling, then costs no rendering.
-"""
+garbage collector walks), so ``get=1`` lists them and a peer's removal finds them.
+Every dict that grows with the prefixes stays under about SHARD_AT entries (tables in
+shards, an owner's prefixes in segments): a dict resizes in one step, and a million
+entries' resize held the tunnel for tens of milliseconds. An owner's text, once read,
+is kept by segment until that segment changes: ``wg show`` in a loop, or many clients
+polling, then costs no rendering."""
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Generic, TypeVar, overload
 
 from uspan.wg.config import Prefix
@@ -97,16 +100,49 @@ class _Ordered:
     """An owner's prefixes in insertion order: segments of at most SHARD_AT, the
     newest last, so neither appending a million nor removing them resizes a big dict.
     Only the newest segment is appended to; one emptied is dropped. Finding a prefix
-    searches the segments oldest first (at most a few hundred probes of a dict)."""
+    searches the segments oldest first (at most a few hundred probes of a dict).
 
-    __slots__ = ("segments", "size")
+    A snapshot (``get``) holds the segments themselves: one it may hold is copied
+    before it changes (at most SHARD_AT entries), never all at once. A segment's text,
+    once read whole, is kept with it until it changes: ``wg show`` in a loop renders
+    nothing, and a change drops the text of the segments it touched only."""
+
+    __slots__ = ("segments", "shared", "size", "texts")
 
     def __init__(self) -> None:
         self.segments: list[dict[Prefix, None]] = []
         self.size = 0
+        self.shared: set[int] = set()  # ids of segments a snapshot may hold
+        self.texts: dict[int, list[str]] = {}  # by id of a segment: its text
 
     def __iter__(self) -> Iterator[Prefix]:
         return itertools.chain.from_iterable(self.segments)
+
+    def snapshot(self) -> list[dict[Prefix, None]]:
+        self.shared.update(map(id, self.segments))
+        return list(self.segments)
+
+    def keep(self, segment: dict[Prefix, None], texts: list[str]) -> None:
+        """Keep a snapshot's segment's text, if the segment is still unchanged."""
+        if id(segment) in self.shared:
+            self.texts[id(segment)] = texts
+
+    def _writable(self, index: int) -> dict[Prefix, None]:
+        segment = self.segments[index]
+        self._forget(segment)
+        if id(segment) in self.shared:
+            self.shared.discard(id(segment))
+            segment = self.segments[index] = dict(segment)
+        return segment
+
+    def _forget(self, segment: dict[Prefix, None]) -> None:
+        self.texts.pop(id(segment), None)
+
+    def _drop_empty(self) -> None:
+        for segment in self.segments:
+            if not segment:
+                self.shared.discard(id(segment))
+        self.segments = [segment for segment in self.segments if segment]
 
     def append(self, fresh: Sequence[Prefix]) -> None:
         """Add prefixes it does not hold at the end (one given twice, once)."""
@@ -117,7 +153,7 @@ class _Ordered:
         while start < len(fresh):
             if not segments or len(segments[-1]) >= SHARD_AT:
                 segments.append({})
-            last = segments[-1]
+            last = self._writable(-1)
             room, size = SHARD_AT - len(last), len(last)
             last.update(dict.fromkeys(fresh if not start and room >= len(fresh)
                                       else fresh[start:start + room]))
@@ -128,17 +164,14 @@ class _Ordered:
         """Remove prefixes it holds, each once."""
         left = set(prefixes)
         self.size -= len(left)
-        emptied = False
-        for segment in self.segments:
+        for index, segment in enumerate(self.segments):
+            if not left:
+                break
             found = segment.keys() & left
             if found:
-                deque(map(segment.__delitem__, found), 0)
-                emptied = emptied or not segment
+                deque(map(self._writable(index).__delitem__, found), 0)
                 left -= found
-                if not left:
-                    break
-        if emptied:
-            self.segments = [segment for segment in self.segments if segment]
+        self._drop_empty()
 
     def oldest(self, limit: int | None) -> list[Prefix]:
         """The first ``limit`` prefixes (None: all), removed."""
@@ -149,28 +182,28 @@ class _Ordered:
             part = list(segment if limit is None
                         else itertools.islice(segment, limit - len(taken)))
             if len(part) == len(segment):
+                self._forget(segment)
+                self.shared.discard(id(segment))
                 del segments[0]
             else:
-                deque(map(segment.__delitem__, part), 0)
+                deque(map(self._writable(0).__delitem__, part), 0)
             taken += part
         self.size -= len(taken)
         return taken
 
 
 class _Owner(Generic[T]):
-    __slots__ = ("prefixes", "stamp", "texts", "value")
+    __slots__ = ("prefixes", "value")
 
     def __init__(self, value: T) -> None:
         self.value = value
         self.prefixes = _Ordered()
-        self.stamp = 0  # AllowedIPs._edits when the prefixes last changed
-        self.texts: list[str] | None = None  # their text, if read whole since
 
 
 class AllowedIPs(Generic[T]):
     """Maps IP prefixes to values; every prefix has exactly one owner."""
 
-    __slots__ = ("_edits", "_owned", "_tables", "_v4", "_v6")
+    __slots__ = ("_owned", "_tables", "_v4", "_v6")
 
     def __init__(self) -> None:
         self._tables: dict[int, _Table[T]] = {}  # by prefix.tag
@@ -178,7 +211,6 @@ class AllowedIPs(Generic[T]):
         self._v4: list[tuple[int, int, int, list[dict[Prefix, T]]]] = []
         self._v6: list[tuple[int, int, int, list[dict[Prefix, T]]]] = []
         self._owned: dict[int, _Owner[T]] = {}  # by id(value)
-        self._edits = 0
 
     def __len__(self) -> int:
         return sum(table.size for table in self._tables.values())
@@ -190,7 +222,6 @@ class AllowedIPs(Generic[T]):
         owner = self._owned.get(id(value))
         if owner is None:
             owner = self._owned[id(value)] = _Owner(value)
-        self._changed(owner)
         tables = self._tables
         held: set[Prefix] = set()  # what value owned already: it keeps its place
         lost: dict[int, list[Prefix]] = {}  # what other values owned, by id(value)
@@ -227,7 +258,6 @@ class AllowedIPs(Generic[T]):
         owner = self._owned.get(id(value))
         if owner is None:
             return 0
-        self._changed(owner)
         mine: list[Prefix] = []
         for tag, group in _by_tag(list(dict.fromkeys(prefixes))):
             table = self._tables.get(tag)
@@ -253,7 +283,6 @@ class AllowedIPs(Generic[T]):
         owner = self._owned.get(id(value))
         if owner is None:
             return False
-        self._changed(owner)
         for tag, group in _by_tag(owner.prefixes.oldest(limit)):
             table = self._tables[tag]
             for shard, part in table.parts(group):
@@ -291,26 +320,11 @@ class AllowedIPs(Generic[T]):
 
     def texts(self, value: T) -> Sequence[str]:
         """A snapshot of ``prefixes(value)`` as text (``10.0.0.0/8``, as ``get=1``
-        reports them), rendered only as it is read, and kept once read whole."""
+        reports them), rendered only as it is read (each segment's kept once read)."""
         owner = self._owned.get(id(value))
-        if owner is None:
-            return []
-        if owner.texts is not None:
-            return owner.texts
-        stamp = owner.stamp
-
-        def keep(texts: list[str]) -> None:
-            if owner.stamp == stamp:  # unchanged since the snapshot
-                owner.texts = texts
-
-        return PrefixTexts(list(owner.prefixes), keep)
-
-    def _changed(self, owner: _Owner[T]) -> None:
-        self._edits += 1
-        owner.stamp, owner.texts = self._edits, None
+        return [] if owner is None else PrefixTexts(owner.prefixes)
 
     def _disown(self, owner: _Owner[T], prefixes: list[Prefix]) -> None:
-        self._changed(owner)
         owner.prefixes.delete(prefixes)
         if not owner.prefixes.size:
             del self._owned[id(owner.value)]
@@ -346,19 +360,22 @@ def _by_tag(prefixes: Sequence[Prefix]) -> Iterator[tuple[int, Sequence[Prefix]]
 
 
 class PrefixTexts(Sequence[str]):
-    """Prefixes as text, from a snapshot: a ``get`` of a million prefixes renders each
-    piece just before it is sent, not all of them at once. Read in order, slice after
-    slice, to the end, the whole text goes to ``keep``."""
+    """Prefixes as text, from a snapshot of an owner's segments: a ``get`` of a million
+    prefixes renders each piece just before it is sent, not all of them at once. A
+    segment read in order to its end gives its text to the owner to keep."""
 
-    __slots__ = ("_keep", "_keys", "_read")
+    __slots__ = ("_at", "_keys", "_ordered", "_read", "_segments", "_starts")
 
-    def __init__(self, keys: list[Prefix], keep: Callable[[list[str]], None]) -> None:
-        self._keys = keys
-        self._keep = keep
-        self._read: list[str] = []  # what was read in order so far
+    def __init__(self, ordered: _Ordered) -> None:
+        self._ordered = ordered
+        self._segments = ordered.snapshot()
+        self._starts = list(itertools.accumulate(map(len, self._segments), initial=0))
+        self._at = -1  # the segment being read in order
+        self._keys: list[Prefix] = []  # its prefixes
+        self._read: list[str] = []  # its text so far
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return self._starts[-1]
 
     @overload
     def __getitem__(self, index: int) -> str: ...
@@ -368,13 +385,36 @@ class PrefixTexts(Sequence[str]):
 
     def __getitem__(self, index: int | slice) -> str | list[str]:
         if not isinstance(index, slice):
-            return prefix_texts([self._keys[index]])[0]
-        texts = prefix_texts(self._keys[index])
-        read = self._read
-        if index.start == len(read) and index.step is None and texts:
-            read += texts
-            if len(read) == len(self._keys):
-                self._keep(read)
+            if not -len(self) <= index < len(self):
+                raise IndexError("prefix index out of range")
+            return self[index % len(self):index % len(self) + 1][0]
+        start, stop, step = index.indices(len(self))
+        if step != 1:
+            return [self[i] for i in range(start, stop, step)]
+        out: list[str] = []
+        while start < stop:
+            number = bisect.bisect_right(self._starts, start) - 1
+            base = self._starts[number]
+            piece = self._texts(number, start - base, min(stop, self._starts[number + 1]) - base)
+            out += piece
+            start += len(piece)
+        return out
+
+    def _texts(self, number: int, low: int, high: int) -> list[str]:
+        """The text of segment ``number``'s prefixes ``low:high``."""
+        segment, ordered = self._segments[number], self._ordered
+        kept = ordered.texts.get(id(segment)) if id(segment) in ordered.shared else None
+        if kept is not None:
+            return kept[low:high]
+        if low == 0:  # read from its start: in order, its text may be kept
+            self._at, self._keys, self._read = number, list(segment), []
+        if self._at != number or low != len(self._read):
+            return prefix_texts(list(itertools.islice(segment, low, high)))
+        texts = prefix_texts(self._keys[low:high])
+        self._read += texts
+        if len(self._read) == len(segment):
+            ordered.keep(segment, self._read)
+            self._at, self._keys, self._read = -1, [], []
         return texts
 
     def __eq__(self, other: object) -> bool:
