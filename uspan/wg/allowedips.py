@@ -207,9 +207,11 @@ class AllowedIPs(Generic[T]):
 
     def __init__(self) -> None:
         self._tables: dict[int, _Table[T]] = {}  # by prefix.tag
-        # Per family: (host-bit shift, tag << width, shard mask, shards), longest first.
-        self._v4: list[tuple[int, int, int, list[dict[Prefix, T]]]] = []
-        self._v6: list[tuple[int, int, int, list[dict[Prefix, T]]]] = []
+        # Per family, longest first: (host-bit shift, tag << width, the address's shift to
+        # its shard index, shard mask, shards). The tag bits lie above any shard index
+        # (SHARD_SHIFT + SHARD_DEPTH < 32), so the index needs only the address.
+        self._v4: list[tuple[int, int, int, int, list[dict[Prefix, T]]]] = []
+        self._v6: list[tuple[int, int, int, int, list[dict[Prefix, T]]]] = []
         self._owned: dict[int, _Owner[T]] = {}  # by id(value)
 
     def __len__(self) -> int:
@@ -306,9 +308,8 @@ class AllowedIPs(Generic[T]):
         else:
             return None
         number = int.from_bytes(address, "big")
-        for shift, tag_bits, mask, shards in chain:
-            key = number >> shift | tag_bits
-            value = shards[key >> SHARD_SHIFT & mask].get(key)
+        for shift, tag_bits, shard_shift, mask, shards in chain:
+            value = shards[number >> shard_shift & mask].get(number >> shift | tag_bits)
             if value is not None:
                 return value
         return None
@@ -332,7 +333,8 @@ class AllowedIPs(Generic[T]):
     def _reindex(self, v6: int) -> None:
         width = 128 if v6 else 32
         chain = sorted(
-            ((width - (tag >> 1), tag << width, table.mask, table.shards)
+            ((width - (tag >> 1), tag << width, width - (tag >> 1) + SHARD_SHIFT, table.mask,
+              table.shards)
              for tag, table in self._tables.items() if tag & 1 == v6),
             key=lambda entry: entry[0],
         )
