@@ -265,12 +265,13 @@ class AllowedIPs(Generic[T]):
             table = self._tables.get(tag)
             if table is None:
                 continue
-            for shard, part in table.parts(group):
-                get = shard.get
-                ours = [prefix for prefix in part if get(prefix) is value]
-                deque(map(shard.__delitem__, ours), 0)
-                table.size -= len(ours)
-                mine += ours
+            shards, mask = table.shards, table.mask
+            ours = [prefix for prefix in group
+                    if shards[prefix >> SHARD_SHIFT & mask].get(prefix) is value]
+            for prefix in ours:
+                del shards[prefix >> SHARD_SHIFT & mask][prefix]
+            table.size -= len(ours)
+            mine += ours
             if not table.size:
                 del self._tables[tag]
                 self._reindex(tag & 1)
