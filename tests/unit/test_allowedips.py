@@ -3,6 +3,7 @@
 import ipaddress
 import random
 import struct
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -606,6 +607,9 @@ def test_a_growing_table_splits_before_any_dict_passes_the_threshold(
         big] * 5 + [other] + [big] * 2
     assert table.prefixes(big)[:6] == [of(ipaddress.IPv4Network(h)) for h in hosts[:5] + hosts[6:7]]
     assert table.prefixes(big)[-1] == of(ipaddress.IPv4Network(hosts[-1]))
+    (one,) = [one for one in table._tables.values() if one.size > 1]
     while table.remove_value(big, 256):
         assert max(size for size, _ in _dict_sizes(table)) <= 1024
+        # An emptied shard is a new dict: none keeps its keys' memory to free at the end.
+        assert all(sys.getsizeof(shard) < 200 for shard in one.shards if not shard)
     assert len(table) == 1

@@ -65,6 +65,18 @@ class _Table(Generic[T]):
         for index, part in parts.items():
             yield shards[index], part
 
+    def renew(self, indices: Iterable[int]) -> None:
+        """Replace the emptied shards at these directory entries by new dicts: a dict
+        keeps its size when emptied, and the ~40 MB of a million-prefix table's shards
+        freed in one step took 7 ms (the step that removed a peer's last prefixes)."""
+        shards, depths = self.shards, self.depths
+        for index in indices:
+            if not shards[index]:
+                depth = depths[index]
+                fresh: dict[Prefix, T] = {}
+                for entry in range(index & ((1 << depth) - 1), len(shards), 1 << depth):
+                    shards[entry] = fresh
+
     def split(self, shard: dict[Prefix, T]) -> bool:
         """Split ``shard`` (and its halves) until each is at most SHARD_AT, or the
         directory is at its limit; return whether the directory grew."""
@@ -270,6 +282,7 @@ class AllowedIPs(Generic[T]):
                     if shards[prefix >> SHARD_SHIFT & mask].get(prefix) is value]
             for prefix in ours:
                 del shards[prefix >> SHARD_SHIFT & mask][prefix]
+            table.renew({prefix >> SHARD_SHIFT & mask for prefix in ours})
             table.size -= len(ours)
             mine += ours
             if not table.size:
@@ -290,6 +303,8 @@ class AllowedIPs(Generic[T]):
             table = self._tables[tag]
             for shard, part in table.parts(group):
                 deque(map(shard.__delitem__, part), 0)
+                if not shard:
+                    table.renew([part[0] >> SHARD_SHIFT & table.mask])
             table.size -= len(group)
             if not table.size:
                 del self._tables[tag]
