@@ -3,12 +3,14 @@
 import ipaddress
 import random
 import struct
+import sys
 from dataclasses import dataclass
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from uspan.wg import allowedips
 from uspan.wg.allowedips import AllowedIPs
 from uspan.wg.config import Network, Prefix
 from uspan.wg.prefix import of, texts
@@ -431,7 +433,7 @@ def test_text_read_whole_is_kept_until_the_prefixes_change() -> None:
     t.insert([net("10.0.0.0/8"), net("fd00::/8"), net("10.1.0.0/16")], a)
     assert read_whole(t, a) == ["10.0.0.0/8", "fd00::/8", "10.1.0.0/16"]
     kept = t.texts(a)
-    assert isinstance(kept, list) and t.texts(a) is kept  # no rendering any more
+    assert kept[0] is t.texts(a)[0]  # no rendering any more: the text read before
     for change, expected in [
         (lambda: t.insert([net("10.2.0.0/16")], a),
          ["10.0.0.0/8", "fd00::/8", "10.1.0.0/16", "10.2.0.0/16"]),
@@ -455,9 +457,25 @@ def test_a_snapshot_read_after_a_change_is_not_kept() -> None:
     snapshot = t.texts(a)
     t.insert([net("10.2.0.0/16")], a)
     assert snapshot[0:2] == ["10.0.0.0/8", "10.1.0.0/16"]  # the old state, read whole
-    assert not isinstance(t.texts(a), list)
+    assert t.texts(a)[0] is not t.texts(a)[0]  # rendered at each read
     assert read_whole(t, a) == ["10.0.0.0/8", "10.1.0.0/16", "10.2.0.0/16"]
     assert t.texts(a) == ["10.0.0.0/8", "10.1.0.0/16", "10.2.0.0/16"]
+
+
+def test_a_change_renders_again_only_the_segments_it_touched(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(allowedips, "SHARD_AT", 2)
+    a = Peer("a")
+    t: AllowedIPs[Peer] = AllowedIPs()
+    t.insert([net(f"10.0.0.{i}/32") for i in range(6)], a)  # segments of 2
+    before = t.texts(a)
+    assert read_whole(t, a, step=3) == [f"10.0.0.{i}/32" for i in range(6)]
+    kept = list(t.texts(a))
+    t.remove([net("10.0.0.2/32")], a)
+    after = t.texts(a)
+    assert [text is kept[i] for i, text in zip([0, 1, 3, 4, 5], after, strict=True)] == [
+        True, True, False, True, True]
+    assert list(before) == [f"10.0.0.{i}/32" for i in range(6)]  # a snapshot never changes
 
 
 # Batches of a few prefixes each, of both families and mixed lengths (several tables in
@@ -494,3 +512,104 @@ def test_batches_match_the_model_prefix_by_prefix(
             assert table.remove([of(network) for network in networks], peer) == removed
         assert_matches(table, model, lookups=False)
     assert_matches(table, model, lookups=True)
+
+
+def _dict_sizes(table: AllowedIPs[Peer]) -> list[tuple[int, bool]]:
+    """Each dict that grows with the prefixes: (its size, whether it may pass SHARD_AT:
+    a routing shard as split as SHARD_DEPTH allows)."""
+    sizes = [(len(shard), depth == allowedips.SHARD_DEPTH)
+             for one in table._tables.values()
+             for shard, depth in zip(one.shards, one.depths, strict=True)]
+    sizes += [(len(segment), False) for owner in table._owned.values()
+              for segment in owner.prefixes.segments]
+    return sizes
+
+
+def _shards_small(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shards of at most 3 prefixes from one per table, split by the bits from bit 1."""
+    monkeypatch.setattr(allowedips, "SHARD_AT", 3)
+    monkeypatch.setattr(allowedips, "SHARD_START", 0)
+    monkeypatch.setattr(allowedips, "SHARD_SHIFT", 1)
+    monkeypatch.setattr(allowedips, "SHARD_DEPTH", 4)
+
+
+# Long prefixes over 7 low bits, so shards fill, split and empty, in batches.
+_sharded_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["insert", "insert", "insert", "remove", "remove_value"]),
+        st.integers(0, len(_PEERS) - 1),
+        st.sampled_from([4, 6]),
+        st.lists(st.tuples(st.integers(0, 127), st.integers(0, 2)), min_size=1, max_size=12),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=_sharded_ops)
+def test_sharded_tables_match_model_and_no_dict_passes_the_threshold(
+        ops: list[tuple[str, int, int, list[tuple[int, int]]]]) -> None:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _shards_small(monkeypatch)
+        _sharded_run(ops)
+
+
+def _sharded_run(ops: list[tuple[str, int, int, list[tuple[int, int]]]]) -> None:
+    table: AllowedIPs[Peer] = AllowedIPs()
+    model = _Model()
+    for op, index, version, hosts in ops:
+        peer, width = _PEERS[index], 32 if version == 4 else 128
+        # Snapshots of the texts before the change, some of them read whole (kept).
+        snapshots = [(table.texts(one), texts(model.prefixes(one))) for one in _PEERS]
+        assert read_whole(table, peer) == snapshots[index][1]
+        networks = [ipaddress.ip_network(((10 << (width - 8)) | host, width - cut), strict=False)
+                    for host, cut in hosts]
+        if op == "insert":
+            table.insert([of(network) for network in networks], peer)
+            for network in networks:
+                model.insert(network, peer)
+        elif op == "remove":
+            owned = sum(model.remove(network, peer) for network in dict.fromkeys(networks))
+            assert table.remove([of(network) for network in networks], peer) == owned
+        else:
+            table.remove_value(peer, len(hosts))
+            for network in model.prefixes(peer)[:len(hosts)]:
+                model.remove(ipaddress.ip_network(texts([network])[0]), peer)
+        # A batch may pass it before the split that follows: by at most its size.
+        assert all(size <= 3 + len(hosts) for size, _ in _dict_sizes(table))
+        assert all(size <= 3 or deepest for size, deepest in _dict_sizes(table))
+        assert_matches(table, model, lookups=False)
+        assert [list(snapshot) for snapshot, _ in snapshots] == [text for _, text in snapshots]
+        assert [list(table.texts(one)) for one in _PEERS] == [
+            texts(model.prefixes(one)) for one in _PEERS]
+        for host, _ in hosts:
+            address = ((10 << (width - 8)) | host).to_bytes(width // 8, "big")
+            assert table.lookup(address) is model.lookup(address)
+
+
+def test_a_growing_table_splits_before_any_dict_passes_the_threshold(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # 100,000 /32s in the daemon's batches of 256 with shards of 1,024 (from 4): after
+    # every batch no dict holds more than 1,024, and every host still routes.
+    monkeypatch.setattr(allowedips, "SHARD_AT", 1024)
+    monkeypatch.setattr(allowedips, "SHARD_START", 2)
+    big, other = Peer("big"), Peer("other")
+    table: AllowedIPs[Peer] = AllowedIPs()
+    hosts = [(10 << 24) + i * 7 for i in range(100_000)]  # a stride, not a run
+    largest = 0
+    for start in range(0, len(hosts), 256):
+        table.insert([of(ipaddress.IPv4Network(host)) for host in hosts[start:start + 256]], big)
+        largest = max(largest, *(size for size, _ in _dict_sizes(table)))
+    assert largest == 1024  # the owner's full segments
+    assert len(table._tables[of(ipaddress.IPv4Network(hosts[0])) >> 32].shards) >= 128
+    table.insert([of(ipaddress.IPv4Network(hosts[5]))], other)
+    assert [table.lookup(raw4(*host.to_bytes(4, "big"))) for host in hosts[:8]] == [
+        big] * 5 + [other] + [big] * 2
+    assert table.prefixes(big)[:6] == [of(ipaddress.IPv4Network(h)) for h in hosts[:5] + hosts[6:7]]
+    assert table.prefixes(big)[-1] == of(ipaddress.IPv4Network(hosts[-1]))
+    (one,) = [one for one in table._tables.values() if one.size > 1]
+    while table.remove_value(big, 256):
+        assert max(size for size, _ in _dict_sizes(table)) <= 1024
+        # An emptied shard is a new dict: none keeps its keys' memory to free at the end.
+        assert all(sys.getsizeof(shard) < 200 for shard in one.shards if not shard)
+    assert len(table) == 1

@@ -630,7 +630,7 @@ def test_a_set_of_many_peers_leaves_them_out_of_full_collections() -> None:
 
 
 def test_a_set_of_many_prefixes_leaves_its_table_out_of_young_collections() -> None:
-    """The table of a million new prefixes (a dict whose values are peers) cost the first
+    """The table of a million new prefixes (dicts whose values are peers) cost the first
     young collection after the set ~25 ms: a set of many prefixes freezes as many peers
     would."""
     count = slices.FREEZE_AFTER * PREFIXES_PER_PEER
@@ -641,9 +641,9 @@ def test_a_set_of_many_prefixes_leaves_its_table_out_of_young_collections() -> N
         daemon = memory_daemon()
         async with daemon.running():
             await daemon.configure(change)
-            tables = [t for t in daemon.device.allowed_ips._tables.values() if len(t) == count]
-            assert tables and not any(thing is tables[0]
-                                      for thing in gc.get_objects())
+            shards = {id(shard) for table in daemon.device.allowed_ips._tables.values()
+                      if table.size == count for shard in table.shards}
+            assert shards and not any(id(thing) in shards for thing in gc.get_objects())
 
     try:
         trio.run(main)
