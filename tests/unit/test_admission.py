@@ -132,6 +132,8 @@ def sampled_flood(admission: Admission, rate: float, windows: int, start: int,
     ``drain`` a second of it when we cannot read more; the verdicts of the last window."""
     verdicts: list[Verdict] = []
     for _ in range(windows):
+        if now - admission._window >= SAMPLE_WINDOW:  # the kernel takes the new keep at
+            admission.kernel_filter(now)  # once (unbacklogged, the queue has no lag)
         read = rate * admission.keep if drain is None else min(drain, rate * admission.keep)
         count = max(1, round(read * SAMPLE_WINDOW))
         verdicts = [admission.unproven(spoofed(start + i), now + i * SAMPLE_WINDOW / count)
@@ -146,11 +148,27 @@ def test_every_initiation_the_sample_lets_through_is_answered() -> None:
     settled, none of it is read only to be refused, and at least half the budgets are
     given (a new peer's chance per attempt is what is answered over the flood rate).
     With a sample of four times the budgets, three in four were dropped unanswered."""
-    admission = Admission()
-    sampled_flood(admission, 200_000, 8, 0, T0)  # settles
-    verdicts = sampled_flood(admission, 200_000, 4, 1 << 20, T0 + 8 * SAMPLE_WINDOW)
-    assert Verdict.DROP not in verdicts
-    assert len(verdicts) / SAMPLE_WINDOW >= (UNPROVEN_PER_SECOND + COOKIES_PER_SECOND) / 2
+    for settle in range(5, 12):  # (the sample swung with a period of 6 windows)
+        admission = Admission()
+        sampled_flood(admission, 200_000, settle, 0, T0)
+        for w in range(6):
+            verdicts = sampled_flood(admission, 200_000, 1, (w + 1) << 20,
+                                     T0 + (settle + w) * SAMPLE_WINDOW)
+            assert Verdict.DROP not in verdicts
+            assert (len(verdicts) / SAMPLE_WINDOW
+                    >= (UNPROVEN_PER_SECOND + COOKIES_PER_SECOND) / 2)
+
+
+def test_a_queue_full_of_tunnel_data_leaves_the_sample_alone() -> None:
+    """The socket queue is full of established peers' data, not of initiations: the
+    backlog's cut frees no room there, and cut the answers to a small flood to an
+    eighth."""
+    admission = Admission(backlog=lambda: 1.0)
+    for w in range(8):
+        admission.others += 50_000  # transport messages read in the window
+        sampled_flood(admission, 6_000, 1, w << 12, T0 + w * SAMPLE_WINDOW)
+    assert admission.target == UNPROVEN_PER_SECOND + COOKIES_PER_SECOND
+    assert admission.keep == 1.0
 
 
 def test_a_full_socket_queue_lowers_the_sample_until_we_drain_it() -> None:
@@ -168,8 +186,13 @@ def test_a_full_socket_queue_lowers_the_sample_until_we_drain_it() -> None:
     assert all(b <= a / 2 for a, b in itertools.pairwise(keeps))
     assert admission.target == MIN_TARGET
     assert 200_000 * admission.keep <= 2 * MIN_TARGET
+    after = T0 + 8 * SAMPLE_WINDOW + 60.0  # another flood, long after
+    admission.kernel_filter(after - 1.0)  # the sample is lifted...
+    admission.kernel_filter(after)  # ...and the aim whole again
+    assert admission.target == UNPROVEN_PER_SECOND + COOKIES_PER_SECOND
+    admission.target = MIN_TARGET
     full[0] = 0.0
-    sampled_flood(admission, 200_000, 12, 1 << 16, T0 + 8 * SAMPLE_WINDOW)
+    sampled_flood(admission, 200_000, 12, 1 << 16, after + SAMPLE_WINDOW)
     assert admission.target > 8 * MIN_TARGET  # a quarter more each clear window
     assert admission.keep > 8 * MIN_TARGET / 200_000 / 2
 

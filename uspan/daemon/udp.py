@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import logging
 import socket
 import struct
 from operator import itemgetter
@@ -23,6 +24,8 @@ import trio
 from uspan.daemon import earlydrop, gso, offload
 from uspan.wg.admission import KernelFilter
 from uspan.wg.endpoint import Endpoint
+
+log = logging.getLogger(__name__)
 
 BATCH = 64  # receives per batch (each up to 64 datagrams with GRO)
 SOCKET_BUFFER = 7 << 20  # like wireguard-go
@@ -44,6 +47,7 @@ class UdpSocket:
         self.family = sock.family
         self.send_errors = 0
         self.receive_dropped = 0  # receives whose control data was cut short (MSG_CTRUNC)
+        self._no_meminfo = False  # the kernel would not say how full the queue is
         self._v6 = sock.family == socket.AF_INET6
         self.gro = offload_ and offload.enable_gro(sock)
         self.gso = offload_ and offload.probe_udp_gso(sock)
@@ -162,10 +166,15 @@ class UdpSocket:
 
     def backlog(self) -> float:
         """How full the receive queue is, 0..1 (0 where the kernel does not say)."""
+        if self._no_meminfo:
+            return 0.0
         try:
             queued, size = struct.unpack_from("=II", self.sock.getsockopt(
                 socket.SOL_SOCKET, _SO_MEMINFO, 36))
-        except OSError:
+        except OSError as exc:  # (kernels before 4.6, some sandboxes)
+            self._no_meminfo = True
+            log.warning("receive queue fill unknown (SO_MEMINFO: %s): a handshake flood's "
+                        "sample will not follow the socket's backlog", exc.strerror)
             return 0.0
         return queued / size if size else 0.0
 

@@ -70,9 +70,11 @@ MAX_FLAGGED = 256
 # from unflagged sources, aiming at most at what the budgets answer a second: a spoofed
 # flood then costs us that many checks, not one per datagram. While the socket queue is
 # fuller than BACKLOG_HIGH the aim is lowered (never below MIN_TARGET, so a few new
-# peers under load are not sampled).
+# peers under load are not sampled), if the initiations are at least FLOOD_SHARE of what
+# was read: a queue full of tunnel data is not theirs to make room for.
 MIN_TARGET = 1000
 BACKLOG_HIGH = 0.25
+FLOOD_SHARE = 0.5
 # Judged every SAMPLE_WINDOW: while the socket queue overflows we see only what we drain,
 # so the estimates are low; the backlog's cut makes up for that.
 SAMPLE_WINDOW = 0.25
@@ -158,6 +160,7 @@ class Admission:
         self._window = float("-inf")  # start of the window ``_seen`` counts
         self._lane_read = float("-inf")
         self._seen = 0  # mac2-less messages judged in the window
+        self.others = 0  # the device's count of transport messages read (in the window)
 
     def proven_allowed(self, ip: bytes, now: float) -> bool:
         """A message with a valid mac2 from ``ip``: within its rate?"""
@@ -232,8 +235,10 @@ class Admission:
         """Set ``keep`` for the next window from the rate the last one let through, and
         the aim from whether we drained it (see the module's docstring)."""
         drained = self._seen / max(SAMPLE_WINDOW, now - self._window)
-        if self.backlog() > BACKLOG_HIGH:  # behind: what we drained is all we can do
-            self.target = max(MIN_TARGET, min(self.target, drained) / 2)
+        flood = self._seen >= FLOOD_SHARE * (self._seen + self.others)
+        if self.backlog() > BACKLOG_HIGH:
+            if flood:  # behind because of them: what we drained is all we can do
+                self.target = max(MIN_TARGET, min(self.target, drained) / 2)
         else:
             self.target = min(self._most, self.target * 1.25)
         arrived = drained / self.keep  # low while behind: the aim's cut covers that
@@ -245,7 +250,7 @@ class Admission:
             self.flag_version += 1
         if keep < 1.0:
             self.busy_until = max(self.busy_until, now + 1.0)
-        self._window, self._seen = now, 0
+        self._window, self._seen, self.others = now, 0, 0
 
     def _flag(self, key: Key, now: float) -> None:
         flagged = self.flagged
@@ -267,6 +272,8 @@ class Admission:
                 self.flag_version += 1
         if self.keep < 1.0 and now - self._window >= SAMPLE_WINDOW:
             self._resample(now)
+        elif self.keep == 1.0 and now >= self.busy_until:
+            self.target = self._most  # the flood is over: the next starts from the whole aim
         # Idle (the shell calls this every second) the filter is detached and the lane
         # moot: reading it costs a pass over the peers (~15 ms with 20,000).
         if (self.flagged or self.keep < 1.0) and now - self._lane_read >= SAMPLE_WINDOW:

@@ -433,6 +433,8 @@ class Device:
             numbers.append(counter)
         for run in runs:
             self._receive_run(*run, now, received, to_tun, out)
+        if runs:
+            self.admission.others += sum(len(run[1]) for run in runs)
         for peer, (length, data_messages) in received.items():
             peer.received_transport(length, data_messages > 0, now, out)
         if handshakes:
