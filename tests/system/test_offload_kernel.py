@@ -38,6 +38,7 @@ from tests.unit.test_gso import (
     l4_valid,
     tcp_fields,
     tcp_packet,
+    udp_packet,
 )
 from uspan.daemon import gso, offload
 from uspan.testbed import Lab, Namespace
@@ -238,6 +239,43 @@ def tcp_through_tun(v6: bool) -> dict:
     }
 
 
+def many_udp_through_tun(v6: bool) -> dict:
+    """200 small datagrams of one flow in one batch, coalesced with USO into the TUN:
+    since Linux 6.11 a write of more than 64 is refused (EINVAL), losing them all."""
+    name = f"usoff{secrets.token_hex(4)}"
+    fd = _open_vnet_tun(name)
+    accepted = offload.enable_tun_offload(fd)
+    if not {"uso4", "uso6"} <= accepted:
+        return {"accepted": sorted(accepted)}
+    family = socket.AF_INET6 if v6 else socket.AF_INET
+    local, peer = ("fd00:77::1", "fd00:77::2") if v6 else ("10.77.0.1", "10.77.0.2")
+    _ip("addr", "add", f"{local}/64" if v6 else f"{local}/24", "dev", name,
+        *(["nodad"] if v6 else []))
+    _ip("link", "set", name, "up")
+    rx = socket.socket(family, socket.SOCK_DGRAM)
+    rx.setsockopt(socket.SOL_SOCKET, 33, 1 << 24)  # SO_RCVBUFFORCE: room for all 200
+    rx.bind((local, 4500))  # udp_packet's destination port
+    rx.setblocking(False)
+    addresses = {"src": socket.inet_pton(family, peer), "dst": socket.inet_pton(family, local)}
+    sent = [i.to_bytes(2, "big") * 8 for i in range(200)]
+    parts = [udp_packet(payload, v6=v6, **addresses, **({} if v6 else {"ident": i}))
+             for i, payload in enumerate(sent)]
+    writes = gso.coalesce(parts, udp=True)
+    refused = 0
+    for vnet, packet in writes:
+        try:
+            os.write(fd, vnet + packet)
+        except OSError:
+            refused += 1
+    received = []
+    while len(received) < len(sent) and select.select([rx], [], [], 1.0)[0]:
+        received.append(rx.recv(2048))
+    rx.close()
+    os.close(fd)
+    return {"accepted": sorted(accepted), "writes": len(writes), "refused": refused,
+            "in_order": received == sent, "received": len(received)}
+
+
 def udp_gso_gro(v6: bool) -> dict:
     """One UDP_SEGMENT send on loopback, received as one UDP_GRO batch."""
     _ip("link", "set", "lo", "up")
@@ -297,6 +335,17 @@ def test_tcp_over_vnet_tun(ns: Namespace, v6: bool) -> None:
     assert result["syn_vnet"]["flags"] == gso.VIRTIO_NET_HDR_F_NEEDS_CSUM
     assert result["gso_reads"] >= 1, "the kernel never sent a TSO super-segment"
     assert result["max_segments_per_read"] > 1
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_many_small_udp_datagrams_through_a_uso_tun(ns: Namespace, v6: bool) -> None:
+    result = in_namespace(ns, "many_udp_through_tun", v6)
+    print(json.dumps(result))
+    if "writes" not in result:
+        pytest.skip(f"the TUN did not accept USO: {result['accepted']}")
+    assert result["refused"] == 0
+    assert result["received"] == 200 and result["in_order"]
+    assert result["writes"] == 4
 
 
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])

@@ -145,3 +145,23 @@ def test_a_stretch_of_equal_segments_joins_its_flows_open_run() -> None:
     assert len(one_by_one(parts)) == 2
     if _segment is not None:
         assert _segment.coalesce(parts, False) == one_by_one(parts)
+
+
+@compiled
+def test_compiled_coalesce_of_thousands_of_flows_is_the_python_coalesce() -> None:
+    """Many interleaved flows (the C flow table: collisions, probing, a flow's slot
+    reused after a pure ACK ends its run): the same pairs, in the same order."""
+    assert _segment is not None
+    rng = random.Random(7)
+    flows = [stream(4, 200, sport=1024 + n, v6=n % 2 == 0) for n in range(3000)]
+    for n in range(0, 3000, 5):
+        flows[n].insert(2, tcp_packet(b"", seq=1400, sport=1024 + n, v6=n % 2 == 0))
+    packets: list[bytes] = []
+    while flows:
+        flow = flows[rng.randrange(len(flows))]
+        packets.append(flow.pop(0))
+        if not flow:
+            flows.remove(flow)
+    ours = _segment.coalesce(packets, False)
+    assert ours == gso._coalesce_python(packets, False)
+    assert len(ours) == 2400 + 600 * 3  # one run per flow; or a run, the ACK, a run

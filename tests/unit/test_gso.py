@@ -544,6 +544,7 @@ OTHER_OPTIONS = bytes([1, 1, 8, 10]) + struct.pack("!II", 123457, 654321)
         pytest.param({"options": TS_OPTIONS}, {"options": OTHER_OPTIONS}, id="options differ"),
         pytest.param({}, {"tos": 4}, id="tos"),
         pytest.param({}, {"ttl": 63}, id="ttl"),
+        pytest.param({}, {"window": 501}, id="window"),
         pytest.param({}, {"df": False}, id="df"),
         pytest.param({}, {"ident": 0x4005}, id="ip id jump"),
         pytest.param({}, {"src": bytes([10, 1, 2, 4])}, id="source address"),
@@ -732,6 +733,78 @@ def test_coalesce_udp_refuses_bad_checksum_and_no_checksum() -> None:
     assert coalesce(none, udp=True) == unmerged(none)
 
 
+@pytest.mark.parametrize("v6", [False, True])
+def test_coalesce_udp_at_most_64_segments(v6: bool) -> None:
+    """Since Linux 6.11 the TUN refuses (EINVAL) a USO write of more than 64 datagrams,
+    so 200 of one flow are four writes, not one that loses them all."""
+    parts = [udp_packet(i.to_bytes(2, "big") * 5, v6=v6, **({} if v6 else {"ident": i}))
+             for i in range(200)]
+    out = coalesce(parts, udp=True)
+    assert [len(segment(vnet, packet, 1500)) for vnet, packet in out] == [64, 64, 64, 8]
+    for start, (vnet, packet) in zip(range(0, 200, 64), out, strict=True):
+        assert_super_segment(vnet, packet, parts[start : start + 64])
+        assert segment(vnet, packet, 1500) == parts[start : start + 64]
+
+
+def ipv4_header_corrupted(packet: bytes) -> bytes:
+    out = bytearray(packet)
+    out[10] ^= 0x01
+    return bytes(out)
+
+
+@pytest.mark.parametrize("at", [0, 3, 7])
+def test_coalesce_refuses_a_bad_ipv4_header_checksum(at: int) -> None:
+    """Alone, the kernel drops a packet whose IPv4 header checksum does not verify; a
+    merge would rewrite it as valid. It passes through as it came, splitting the run
+    (a stretch of equal segments too, which the fallback checks as numpy rows)."""
+    parts = stream(8, 1000)
+    parts[at] = ipv4_header_corrupted(parts[at])
+    before, after = parts[:at], parts[at + 1 :]
+    out = coalesce(parts)
+    assert out == [*coalesce(before), (VNET_NONE, parts[at]), *coalesce(after)]
+    assert len(out) == 1 + bool(before) + bool(after)
+    udp = [udp_packet(b"u" * 500), ipv4_header_corrupted(udp_packet(b"v" * 500))]
+    assert coalesce(udp, udp=True) == unmerged(udp)
+    assert coalesce(udp[::-1], udp=True) == unmerged(udp[::-1])
+
+
+def ipv6_udp_zero_checksum(fill: int) -> bytes:
+    """An IPv6 UDP datagram whose checksum is 0xFFFF (its sum is zero): the field 0
+    verifies modulo 0xFFFF as well, but an IPv6 UDP checksum of 0 is invalid."""
+    packet = udp_packet(bytes([fill]) * 100 + b"\0\0", v6=True)
+    value = packet[46:48]  # the checksum over the payload with a zero last word
+    packet = udp_packet(bytes([fill]) * 100 + value, v6=True)
+    assert packet[46:48] == b"\xff\xff"
+    return fill_l4_checksum(packet, 0)
+
+
+def test_coalesce_udp_refuses_a_zero_ipv6_checksum() -> None:
+    zero = [ipv6_udp_zero_checksum(fill) for fill in (1, 2, 3)]
+    assert all(gso.l4_checksum_ok(packet) for packet in zero)  # passes the sum check
+    assert coalesce(zero, udp=True) == unmerged(zero)
+    sent = [fill_l4_checksum(packet, 0xFFFF) for packet in zero]  # as a sender writes it
+    [(vnet, packet)] = coalesce(sent, udp=True)
+    assert_super_segment(vnet, packet, sent)
+
+
+def test_coalesce_refuses_tcp_reserved_bits_that_differ() -> None:
+    """The kernel's GRO compares the whole flag word but CWR, FIN and PSH."""
+    one, two = stream(2, 1000)
+    changed = bytearray(two)
+    changed[20 + 12] |= 0x01  # the AE bit (RFC 3540's NS)
+    marked = fill_l4_checksum(bytes(changed))
+    assert coalesce([one, marked]) == unmerged([one, marked])
+
+
+def test_coalesce_over_64k_ipv6_packets_pass_through() -> None:
+    """IPv6 packets may exceed 65,535 bytes (the payload length excludes the header):
+    none merges, and the fallback's stretch check has no room for two of them."""
+    size = 65_535 - 20 - len(TS_OPTIONS)
+    parts = stream(4, size, v6=True, options=TS_OPTIONS)
+    assert len(parts[0]) > 65_535
+    assert coalesce(parts) == unmerged(parts)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     v6=st.booleans(),
@@ -771,9 +844,9 @@ def test_udp_round_trip_random_sizes(v6: bool, size: int, gso_size: int) -> None
     assert all(l4_valid(d) for d in datagrams)
     out = coalesce(datagrams, udp=True)
     assert b"".join(p[(40 if v6 else 20) + 8 :] for _, p in out) == payload
-    if len(datagrams) > 1:
-        [(vnet2, packet2)] = out
-        assert segment(vnet2, packet2, 1500) == datagrams
+    # At most UDP_MAX_SEGMENTS datagrams per super-segment (a USO write of more fails).
+    assert len(out) == -(-len(datagrams) // gso.UDP_MAX_SEGMENTS)
+    assert [d for vnet2, packet2 in out for d in segment(vnet2, packet2, 1500)] == datagrams
 
 
 # --- UDP socket helpers (pure parts; the kernel side is in tests/system) --------------------

@@ -38,6 +38,12 @@ def test_compiled_module_is_used_when_required() -> None:
     assert gso.COMPILED and gso._segment is _segment
 
 
+@compiled
+def test_compiled_module_shares_the_udp_segment_limit() -> None:
+    assert _segment is not None
+    assert _segment.UDP_MAX_SEGMENTS == gso.UDP_MAX_SEGMENTS == 64
+
+
 @st.composite
 def super_segments(draw: st.DrawFn) -> tuple[bytes, bytes, int]:
     """A (virtio_net_hdr, packet, mtu) as a TUN with TSO/USO could hand them over."""

@@ -59,7 +59,9 @@ GSO_ECN = 0x80  # flag on gso_type: the TCP super-segment carries CWR
 _VNET = struct.Struct("=BBHHHH")
 VNET_NONE = bytes(VNET_HDR_LEN)  # GSO_NONE, flags 0: the kernel checks every checksum
 
-UDP_MAX_SEGMENTS = 64  # the kernel refuses more datagrams per UDP_SEGMENT send
+# The kernel refuses more datagrams per UDP_SEGMENT send, and (since Linux 6.11) per USO
+# write to a TUN; _segment.c's UDP_MAX_SEGMENTS (the tests check they agree).
+UDP_MAX_SEGMENTS = 64
 UDP_MAX_PAYLOAD = 65535 - 20 - 8  # the largest UDP payload over IPv4
 
 _PROTO_TCP = 6
@@ -359,7 +361,7 @@ def _put_le16(rows: np.ndarray, at: int, values: np.ndarray) -> None:
 class _Run:
     """Consecutive segments of one flow being merged into a super-segment."""
 
-    __slots__ = ("ack", "count", "ended", "fixed_id", "gso_size", "hdr_len", "head",
+    __slots__ = ("count", "ended", "fixed_id", "gso_size", "hdr_len", "head",
                  "ip_len", "next_seq", "parts", "proto", "psh", "size", "v6", "verified")
 
     def __init__(self, packet: bytes, v6: bool, proto: int, ip_len: int, hdr_len: int,
@@ -378,10 +380,8 @@ class _Run:
         self.fixed_id: bool | None = None  # IPv4: DF with one ID, or IDs incrementing
         self.psh = False
         self.next_seq = 0
-        self.ack = b""
         if proto == _PROTO_TCP:
             self.next_seq = (_U32.unpack_from(packet, ip_len + 4)[0] + payload) & 0xFFFFFFFF
-            self.ack = packet[ip_len + 8 : ip_len + 12]
             self.psh = bool(packet[ip_len + 13] & _TCP_PSH)
             self.ended = self.psh
 
@@ -403,13 +403,14 @@ class _Run:
                 return False
             if self.fixed_id is not None and fixed != self.fixed_id:
                 return False
-        if self.proto == _PROTO_TCP:
+        if self.proto == _PROTO_TCP:  # ack, data offset and reserved bits, window, options
             return (
                 _U32.unpack_from(packet, ip_len + 4)[0] == self.next_seq
-                and packet[ip_len + 8 : ip_len + 12] == self.ack
+                and packet[ip_len + 8 : ip_len + 13] == head[ip_len + 8 : ip_len + 13]
+                and packet[ip_len + 14 : ip_len + 16] == head[ip_len + 14 : ip_len + 16]
                 and packet[ip_len + 20 : self.hdr_len] == head[ip_len + 20 : self.hdr_len]
             )
-        return True
+        return self.count < UDP_MAX_SEGMENTS
 
     def append(self, packet: bytes, payload: int) -> None:
         if not self.v6:
@@ -471,8 +472,11 @@ def _flow(packet: bytes, udp: bool) -> _Flow | None:
         proto = packet[9]
         ip_len = (packet[0] & 0x0F) * 4
         addresses = packet[12:20]
+        # The header checksum too: merging rewrites it, and the kernel drops a packet
+        # whose header does not verify.
         simple = (ip_len == 20 and _U16.unpack_from(packet, 2)[0] == size
-                  and not _U16.unpack_from(packet, 6)[0] & _IPV4_MF_OFFSET)
+                  and not _U16.unpack_from(packet, 6)[0] & _IPV4_MF_OFFSET
+                  and int.from_bytes(packet[:20], "little") % 0xFFFF == 0)
     elif version == 6 and size >= 48:
         proto = packet[6]
         ip_len = 40
@@ -488,9 +492,10 @@ def _flow(packet: bytes, udp: bool) -> _Flow | None:
                      and ip_len + 20 <= hdr_len < size)
     elif proto == _PROTO_UDP:
         hdr_len = ip_len + 8
+        # A zero checksum field: "none" over IPv4, invalid over IPv6; neither merges.
         mergeable = (udp and hdr_len < size
                      and _U16.unpack_from(packet, ip_len + 4)[0] == size - ip_len
-                     and (version == 6 or packet[ip_len + 6 : ip_len + 8] != b"\0\0"))
+                     and packet[ip_len + 6 : ip_len + 8] != b"\0\0")
     else:
         return None
     key = b"".join((addresses, packet[ip_len : ip_len + 4], bytes((proto,))))
@@ -529,12 +534,15 @@ def coalesce(packets: Sequence[bytes], *, udp: bool = False) -> list[tuple[bytes
     """Merge consecutive segments of each flow into GSO super-segments for the TUN.
 
     TCP segments merge when the kernel's GRO would merge them: same addresses, ports,
-    ACK, header length and options, IP TOS/TTL/DF (IPv6 class, flow label, hop limit),
-    IPv4 IDs incrementing (or fixed under DF), contiguous sequence numbers, only ACK or
-    ACK|PSH (PSH ends a run), equal payload sizes except a shorter last one, at most
-    64 KiB. With ``udp`` (only if the TUN accepted USO) UDP datagrams merge likewise.
-    Each segment's checksum is verified before it is merged; segments that are not
-    merged get a GSO_NONE header with no flags, so the kernel verifies them itself.
+    ACK, header length, reserved bits, window and options, IP TOS/TTL/DF (IPv6 class,
+    flow label, hop limit), IPv4 IDs incrementing (or fixed under DF), contiguous
+    sequence numbers, only ACK or ACK|PSH (PSH ends a run), equal payload sizes except a
+    shorter last one, at most 64 KiB. With ``udp`` (only if the TUN accepted USO) UDP
+    datagrams merge likewise, at most ``UDP_MAX_SEGMENTS`` in one (the kernel refuses a
+    larger USO write), never with a zero checksum field. Each segment's TCP/UDP checksum
+    and IPv4 header checksum are verified before it is merged (the merge rewrites both);
+    segments that are not merged get a GSO_NONE header with no flags, so the kernel
+    verifies them itself.
     Order within a flow is kept. Returns the (virtio_net_hdr, packet) pairs to write.
 
     In C (``_segment.coalesce``, the GIL released for checksums and copies) where it was
@@ -564,9 +572,10 @@ def _coalesce_python(packets: Sequence[bytes], udp: bool) -> list[tuple[bytes, b
                and packets[stop][at:until] == addresses):
             stop += 1
         flow = _flow(packets[start], udp) if stop - start >= _UNIFORM_MIN else None
-        if (flow is not None and flow[2] == _PROTO_TCP and flow[5] > 0
+        fit = (_MAX_IP_PACKET - flow[4]) // flow[5] if flow is not None and flow[5] > 0 else 0
+        if (fit >= 2 and flow is not None and flow[2] == _PROTO_TCP
                 and not _joins(runs.get(flow[0]), packets[start], flow)):
-            stop = min(stop, start + (_MAX_IP_PACKET - flow[4]) // flow[5])
+            stop = min(stop, start + fit)
             run = _uniform_run(packets[start:stop], flow)
             if run is not None:
                 runs[flow[0]] = run
@@ -621,10 +630,10 @@ def _uniform_run(packets: list[bytes], flow: _Flow) -> _Run | None:
     """Equal-length TCP segments that all merge into one run, checked as numpy rows.
 
     The same rules as ``_Run.accepts`` and the same checksum verification, for all rows
-    at once: headers equal to the first but for IPv4 ID and header checksum and TCP
-    sequence number, flags, window and checksum; sequence numbers contiguous; IPv4 IDs
-    incrementing or fixed under DF; flags ACK (the last may add PSH). None if any row
-    breaks a rule: the caller then merges them one by one.
+    at once: headers equal to the first but for IPv4 ID and header checksum (which must
+    verify) and TCP sequence number, flags and checksum; sequence numbers contiguous;
+    IPv4 IDs incrementing or fixed under DF; flags ACK (the last may add PSH). None if
+    any row breaks a rule: the caller then merges them one by one.
     """
     _, v6, proto, ip_len, hdr_len, payload = flow
     count, length = len(packets), len(packets[0])
@@ -642,13 +651,15 @@ def _uniform_run(packets: list[bytes], flow: _Flow) -> _Run | None:
     seqs = rows[:, ip_len + 4 : ip_len + 8].astype(np.uint64) @ _BE32
     if not ((seqs - seqs[0]) & 0xFFFFFFFF == steps * payload).all():
         return None
+    words = np.frombuffer(joined, dtype="<u2").reshape(count, length // 2)
     fixed_id = False
     if not v6:
+        if (words[:, :10].sum(axis=1, dtype=np.uint64) % 0xFFFF).any():
+            return None  # an IPv4 header checksum does not verify
         ids = rows[:, 4].astype(np.uint64) * 256 + rows[:, 5]
         fixed_id = bool(rows[0, 6] & _IPV4_DF) and bool((ids == ids[0]).all())
         if not fixed_id and not ((ids - ids[0]) & 0xFFFF == steps).all():
             return None
-    words = np.frombuffer(joined, dtype="<u2").reshape(count, length // 2)
     sums = words[:, ip_len // 2 :].sum(axis=1, dtype=np.uint64)
     if ((sums + _fold(_pseudo_sum(packets[0], v6, proto, length - ip_len))) % 0xFFFF).any():
         return None
@@ -673,7 +684,7 @@ def _same_columns(ip_len: int, hdr_len: int, v6: bool) -> np.ndarray:
         mask = np.ones(hdr_len, dtype=bool)
         if not v6:
             mask[[4, 5, 10, 11]] = False  # ID, header checksum
-        tcp = ip_len + np.array([4, 5, 6, 7, 13, 14, 15, 16, 17])  # seq, flags, window, check
+        tcp = ip_len + np.array([4, 5, 6, 7, 13, 16, 17])  # seq, flags, check
         mask[tcp] = False
         mask = _SAME_COLUMNS.setdefault((ip_len, hdr_len, v6), mask)
     return mask
