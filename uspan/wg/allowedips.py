@@ -9,9 +9,9 @@ tables: a million prefixes cost two dict entries and one int each, and nothing t
 garbage collector walks), so ``get=1`` lists them and a peer's removal finds them.
 Every dict that grows with the prefixes stays under about SHARD_AT entries (tables in
 shards, an owner's prefixes in segments): a dict resizes in one step, and a million
-entries' resize held the tunnel for tens of milliseconds. An owner's text, once read,
-is kept by segment until that segment changes: ``wg show`` in a loop, or many clients
-polling, then costs no rendering."""
+entries' resize held the tunnel for tens of milliseconds. An owner's text, once read as
+``get=1`` reads it, is kept by segment until that segment changes: ``wg show`` in a loop,
+or many clients polling, then costs no rendering."""
 
 from __future__ import annotations
 
@@ -432,10 +432,12 @@ class PrefixTexts(Sequence[str]):
     prefixes renders each piece just before it is sent, not all of them at once. A
     segment read in order to its end by slices (as ``get=1`` reads) gives its text to
     the owner to keep; single items and iteration render without keeping (a peer's
-    kept text of one prefix cost ~750 bytes). The snapshot's hold on the segments ends
-    when it is garbage: later changes then edit them in place, not copies of them."""
+    kept text of one prefix cost ~750 bytes). The snapshot's hold on a segment ends
+    when it has the segment's whole text, or is garbage: later changes then edit the
+    segment in place, not a copy of it (after a get, a change touching every segment
+    of a 1M owner copied them all in one step)."""
 
-    __slots__ = ("_at", "_keys", "_owner", "_read", "_segments", "_starts")
+    __slots__ = ("_at", "_done", "_keys", "_owner", "_read", "_segments", "_starts")
 
     def __init__(self, owner: _Owner[Any]) -> None:
         self._owner = owner
@@ -444,16 +446,18 @@ class PrefixTexts(Sequence[str]):
         self._at = -1  # the segment being read
         self._keys: list[Prefix] = []  # its prefixes
         self._read: list[str] = []  # its text so far, read in order
+        self._done: dict[int, list[str]] = {}  # by number: text of a segment released
 
     def __del__(self) -> None:
-        self._owner.release(self._segments)
+        self._owner.release([segment for number, segment in enumerate(self._segments)
+                             if number not in self._done])
 
     def __len__(self) -> int:
         return self._starts[-1]
 
     def __iter__(self) -> Iterator[str]:
-        for segment in self._segments:
-            yield from self._owner.kept(segment) or prefix_texts(list(segment))
+        for number, segment in enumerate(self._segments):
+            yield from self._whole(number) or prefix_texts(list(segment))
 
     @overload
     def __getitem__(self, index: int) -> str: ...
@@ -484,19 +488,32 @@ class PrefixTexts(Sequence[str]):
 
     def _texts(self, number: int, low: int, high: int, keep: bool) -> list[str]:
         """The text of segment ``number``'s prefixes ``low:high``."""
-        segment, owner = self._segments[number], self._owner
-        kept = owner.kept(segment)
-        if kept is not None:
-            return kept[low:high]
+        whole = self._whole(number)
+        if whole is not None:
+            return whole[low:high]
+        segment = self._segments[number]
         if self._at != number:
             self._at, self._keys, self._read = number, list(segment), []
         texts = prefix_texts(self._keys[low:high])
         if keep and low == len(self._read):
             self._read += texts
             if len(self._read) == len(segment):
-                owner.keep(segment, self._read)
+                self._owner.keep(segment, self._read)
+                self._done[number] = self._read
+                self._owner.release([segment])
                 self._at, self._keys, self._read = -1, [], []
         return texts
+
+    def _whole(self, number: int) -> list[str] | None:
+        """Segment ``number``'s whole text, if this snapshot or the owner has it."""
+        done = self._done.get(number)
+        if done is None:
+            segment = self._segments[number]
+            done = self._owner.kept(segment)
+            if done is not None:  # kept: unchanged since, so still held
+                self._done[number] = done
+                self._owner.release([segment])
+        return done
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sequence) and list(self) == list(other)
