@@ -125,8 +125,9 @@ class _Owner(Generic[T]):
     searches the segments from both ends inwards (at most a few hundred probes).
 
     A snapshot (``get``) holds the segments themselves, counted in ``held`` until the
-    snapshot is garbage: one held is copied before it changes (at most SHARD_AT
-    entries each). A segment's text, once read whole, is kept until it changes: ``wg
+    snapshot has read each whole or is garbage: one held is copied before it changes
+    (at most SHARD_AT entries each; a change to many while a get has not read them
+    yet still copies each). A segment's text, once read whole, is kept until it changes: ``wg
     show`` in a loop renders nothing, and a change drops the text of the segments it
     touched only. ``held`` and ``texts`` exist only while they hold something."""
 
@@ -306,8 +307,8 @@ class AllowedIPs(Generic[T]):
                 table.size += len(shard) - size
                 if len(shard) > SHARD_AT:
                     full.append(shard)
-            # One split a call (of the fullest): a shard past SHARD_AT grows only by
-            # inserts, and each of these splits it again.
+            # One split a call, of the fullest shard it filled: a shard past SHARD_AT
+            # grows only by inserts, and each of those splits one again.
             if full and table.split(max(full, key=len)):
                 self._reindex(tag & 1)
         for key, gone in lost.items():
