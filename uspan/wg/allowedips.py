@@ -154,9 +154,10 @@ class _Owner(Generic[T]):
 
     def snapshot(self) -> list[_Segment]:
         segments = self.segments
-        held = self.held = self.held or {}
+        held = self.held or {}
         for segment in segments:
             held[id(segment)] = held.get(id(segment), 0) + 1
+        self.held = held  # after: a release (a snapshot's __del__) may run meanwhile
         return list(segments)
 
     def release(self, segments: list[_Segment]) -> None:
@@ -170,7 +171,8 @@ class _Owner(Generic[T]):
 
     def keep(self, segment: _Segment, texts: list[str]) -> None:
         """Keep a snapshot's segment's text, if the segment is still unchanged."""
-        if self.held and id(segment) in self.held:
+        held = self.held
+        if held and id(segment) in held:
             self.texts = self.texts or {}
             self.texts[id(segment)] = texts
 
@@ -182,11 +184,19 @@ class _Owner(Generic[T]):
         segments = self.segments
         segment = segments[index]
         self._forget(segment)
-        if self.held and self.held.pop(id(segment), 0):
+        if self._unhold(segment):
             segment = segments[index] = dict(segment)
             self.segments = segments
-            self.held = self.held or None
         return segment
+
+    def _unhold(self, segment: _Segment) -> bool:
+        """Drop the holds on a segment (it is copied or dropped); return if it had any."""
+        held = self.held  # a local: a release may set the attribute to None meanwhile
+        if not held or not held.pop(id(segment), 0):
+            return False
+        if not held:
+            self.held = None
+        return True
 
     def _forget(self, segment: _Segment) -> None:
         if self.texts:
@@ -194,11 +204,9 @@ class _Owner(Generic[T]):
             self.texts = self.texts or None
 
     def _drop_empty(self) -> None:
-        if self.held:
-            for segment in self.segments:
-                if not segment:
-                    self.held.pop(id(segment), None)
-            self.held = self.held or None
+        for segment in self.segments:
+            if not segment:
+                self._unhold(segment)
         self.segments = [segment for segment in self.segments if segment]
 
     def append(self, fresh: Sequence[Prefix]) -> None:
@@ -242,9 +250,7 @@ class _Owner(Generic[T]):
                         else itertools.islice(segment, limit - len(taken)))
             if len(part) == len(segment):
                 self._forget(segment)
-                if self.held:
-                    self.held.pop(id(segment), None)
-                    self.held = self.held or None
+                self._unhold(segment)
                 self.segments = self.segments[1:]
             else:
                 deque(map(self._writable(0).__delitem__, part), 0)
