@@ -9,9 +9,9 @@ tables: a million prefixes cost two dict entries and one int each, and nothing t
 garbage collector walks), so ``get=1`` lists them and a peer's removal finds them.
 Every dict that grows with the prefixes stays under about SHARD_AT entries (tables in
 shards, an owner's prefixes in segments): a dict resizes in one step, and a million
-entries' resize held the tunnel for tens of milliseconds. An owner's text, once read,
-is kept by segment until that segment changes: ``wg show`` in a loop, or many clients
-polling, then costs no rendering."""
+entries' resize held the tunnel for tens of milliseconds. An owner's text, once read as
+``get=1`` reads it, is kept by segment until that segment changes: ``wg show`` in a loop,
+or many clients polling, then costs no rendering."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import bisect
 import itertools
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Generic, TypeVar, overload
+from typing import Any, Generic, TypeVar, overload
 
 from uspan.wg.config import Prefix
 from uspan.wg.prefix import tag as prefix_tag
@@ -31,36 +31,43 @@ SHARD_AT = 1 << 14  # entries a dict that grows with the prefixes may reach (~1 
 SHARD_SHIFT = 8  # prefixes that differ only below this bit share a routing shard
 SHARD_START = 6  # bits of routing shard index of a new table (64 shards: 1M /32s unsplit)
 SHARD_DEPTH = 16  # bits of routing shard index at most (65,536 directory entries)
+SHARD_SPREAD = 65521  # a prime under 2**SHARD_DEPTH: the shard hash folds in every bit
 
 
 class _Table(Generic[T]):
     """One (family, length)'s prefixes and their values, in shards of at most about
     SHARD_AT entries: a dict that grows past a few hundred thousand entries resizes in
-    one step of tens of milliseconds, which no slicing can split. A shard that grows
-    past SHARD_AT splits in two by the next bit of ``prefix >> SHARD_SHIFT``
-    (extendible hashing); ``shards`` is the directory, indexed by the low bits of
-    ``prefix >> SHARD_SHIFT`` (several entries name a shard that has not split as often),
-    so a lookup costs one list index more than one dict. A table starts with
-    2**SHARD_START shards, so a million prefixes spread evenly never split one (each
-    split moves every entry of a shard once more). Runs of 2**SHARD_SHIFT neighbouring
-    prefixes share a shard, so a batch of them is still one C-level update."""
+    one step of tens of milliseconds, which no slicing can split. A prefix's shard hash
+    is ``(prefix >> SHARD_SHIFT) % SHARD_SPREAD`` (the tag left out): a remainder by a
+    prime folds in the high bits, so v6 prefixes that differ only far above their low
+    bits (fd00:0:0:N::1/128) spread as v4 ones do. ``shards`` is the directory, indexed
+    by the low bits of the hash (several entries name a shard that has not split as
+    often: extendible hashing), so a lookup costs one remainder and one list index more
+    than one dict. A table starts with 2**SHARD_START shards, so a million prefixes
+    spread evenly never split one. Runs of 2**SHARD_SHIFT neighbouring prefixes share a
+    shard, so a batch of them is still one C-level update."""
 
-    __slots__ = ("depths", "mask", "shards", "size")
+    __slots__ = ("depths", "host", "mask", "shards", "size")
 
-    def __init__(self) -> None:
+    def __init__(self, width: int) -> None:
         self.shards: list[dict[Prefix, T]] = [{} for _ in range(1 << SHARD_START)]
         self.depths = [SHARD_START] * len(self.shards)  # bits each entry's shard is split by
         self.mask = len(self.shards) - 1
+        self.host = (1 << width) - 1  # the prefix without its tag
         self.size = 0
+
+    def index(self, prefix: Prefix) -> int:
+        """The directory entry of ``prefix``'s shard (as ``AllowedIPs.lookup`` finds it)."""
+        return ((prefix & self.host) >> SHARD_SHIFT) % SHARD_SPREAD & self.mask
 
     def parts(self, group: Sequence[Prefix]) -> Iterator[tuple[dict[Prefix, T], Sequence[Prefix]]]:
         """The group by shard: whole when it is one run (or the table one shard)."""
         if not self.mask or min(group) >> SHARD_SHIFT == max(group) >> SHARD_SHIFT:
-            yield self.shards[group[0] >> SHARD_SHIFT & self.mask], group
+            yield self.shards[self.index(group[0])], group
             return
         parts: dict[int, list[Prefix]] = {}
         for prefix in group:
-            parts.setdefault(prefix >> SHARD_SHIFT & self.mask, []).append(prefix)
+            parts.setdefault(self.index(prefix), []).append(prefix)
         shards = self.shards
         for index, part in parts.items():
             yield shards[index], part
@@ -78,82 +85,128 @@ class _Table(Generic[T]):
                     shards[entry] = fresh
 
     def split(self, shard: dict[Prefix, T]) -> bool:
-        """Split ``shard`` (and its halves) until each is at most SHARD_AT, or the
-        directory is at its limit; return whether the directory grew."""
+        """Split ``shard`` once, by the next bit of its hash, unless the directory is at
+        its limit; return whether the directory grew. Once only: a shard whose entries
+        all share that bit stays whole and splits again as it grows (before, one insert
+        split on until its halves fit: 16 splits, 122 ms for prefixes that share their
+        low bits). Its high half moves out in one pass; the low half stays."""
+        index = self.index(next(iter(shard)))
+        depth = self.depths[index]
         grew = False
-        pending = [shard]
-        while pending:
-            shard = pending.pop()
-            if len(shard) <= SHARD_AT:
-                continue
-            index = next(iter(shard)) >> SHARD_SHIFT & self.mask
-            if self.shards[index] is not shard:
-                continue  # split already (a batch may name a shard twice)
-            depth = self.depths[index]
-            if depth == len(self.depths).bit_length() - 1:  # as split as the directory
-                if depth == SHARD_DEPTH:
-                    continue  # a pathological spread: this shard grows on
-                self.shards += self.shards
-                self.depths += self.depths
-                self.mask = len(self.shards) - 1
-                grew = True
-            bit = 1 << (SHARD_SHIFT + depth)
-            low = {prefix: value for prefix, value in shard.items() if not prefix & bit}
-            high = {prefix: value for prefix, value in shard.items() if prefix & bit}
-            base = index & ((1 << depth) - 1)
-            for entry in range(base, len(self.shards), 1 << depth):
-                self.shards[entry] = high if entry >> depth & 1 else low
-                self.depths[entry] = depth + 1
-            pending += (low, high)
+        if depth == len(self.depths).bit_length() - 1:  # as split as the directory
+            if depth == SHARD_DEPTH:
+                return False  # a pathological spread: this shard grows on
+            self.shards += self.shards
+            self.depths += self.depths
+            self.mask = len(self.shards) - 1
+            grew = True
+        host, bit = self.host, 1 << depth
+        high = {prefix: value for prefix, value in shard.items()
+                if ((prefix & host) >> SHARD_SHIFT) % SHARD_SPREAD & bit}
+        deque(map(shard.__delitem__, high), 0)
+        low = shard if shard else {}  # an emptied dict keeps its size
+        base = index & ((1 << depth) - 1)
+        for entry in range(base, len(self.shards), 1 << depth):
+            self.shards[entry] = high if entry >> depth & 1 else low
+            self.depths[entry] = depth + 1
         return grew
 
 
-class _Ordered:
-    """An owner's prefixes in insertion order: segments of at most SHARD_AT, the
+_Segment = dict[Prefix, None]
+
+
+class _Owner(Generic[T]):
+    """A value and its prefixes in insertion order. Most peers have a few prefixes: they
+    are one dict, and the owner the only object the garbage collector walks (as before
+    segments; per-owner lists and sets made 20,000 peers cost 5 tracked objects and
+    ~390 more bytes each). Past SHARD_AT they are segments of at most SHARD_AT, the
     newest last, so neither appending a million nor removing them resizes a big dict.
     Only the newest segment is appended to; one emptied is dropped. Finding a prefix
-    searches the segments oldest first (at most a few hundred probes of a dict).
+    searches the segments from both ends inwards (at most a few hundred probes).
 
-    A snapshot (``get``) holds the segments themselves: one it may hold is copied
-    before it changes (at most SHARD_AT entries), never all at once. A segment's text,
-    once read whole, is kept with it until it changes: ``wg show`` in a loop renders
-    nothing, and a change drops the text of the segments it touched only."""
+    A snapshot (``get``) holds the segments themselves, counted in ``held`` until the
+    snapshot has read each whole or is garbage: one held is copied before it changes
+    (at most SHARD_AT entries each; a change to many while a get has not read them
+    yet still copies each). A segment's text, once read whole, is kept until it changes: ``wg
+    show`` in a loop renders nothing, and a change drops the text of the segments it
+    touched only. ``held`` and ``texts`` exist only while they hold something."""
 
-    __slots__ = ("segments", "shared", "size", "texts")
+    __slots__ = ("_segments", "held", "size", "texts", "value")
 
-    def __init__(self) -> None:
-        self.segments: list[dict[Prefix, None]] = []
+    def __init__(self, value: T) -> None:
+        self.value = value
+        self._segments: _Segment | list[_Segment] = []  # one segment: the dict itself
         self.size = 0
-        self.shared: set[int] = set()  # ids of segments a snapshot may hold
-        self.texts: dict[int, list[str]] = {}  # by id of a segment: its text
+        self.held: dict[int, int] | None = None  # by id of a segment: snapshots holding it
+        self.texts: dict[int, list[str]] | None = None  # by id of a segment: its text
+
+    @property
+    def segments(self) -> list[_Segment]:
+        segments = self._segments
+        return [segments] if isinstance(segments, dict) else segments
+
+    @segments.setter
+    def segments(self, segments: list[_Segment]) -> None:
+        self._segments = segments[0] if len(segments) == 1 else segments
 
     def __iter__(self) -> Iterator[Prefix]:
         return itertools.chain.from_iterable(self.segments)
 
-    def snapshot(self) -> list[dict[Prefix, None]]:
-        self.shared.update(map(id, self.segments))
-        return list(self.segments)
+    def snapshot(self) -> list[_Segment]:
+        segments = self.segments
+        held = self.held or {}
+        for segment in segments:
+            held[id(segment)] = held.get(id(segment), 0) + 1
+        self.held = held  # after: a release (a snapshot's __del__) may run meanwhile
+        return list(segments)
 
-    def keep(self, segment: dict[Prefix, None], texts: list[str]) -> None:
+    def release(self, segments: list[_Segment]) -> None:
+        """A snapshot of these segments is gone: they may change in place again."""
+        held = self.held or {}
+        for segment in segments:
+            count = held.pop(id(segment), 0)  # none: copied since
+            if count > 1:
+                held[id(segment)] = count - 1
+        self.held = held or None
+
+    def keep(self, segment: _Segment, texts: list[str]) -> None:
         """Keep a snapshot's segment's text, if the segment is still unchanged."""
-        if id(segment) in self.shared:
+        held = self.held
+        if held and id(segment) in held:
+            self.texts = self.texts or {}
             self.texts[id(segment)] = texts
 
-    def _writable(self, index: int) -> dict[Prefix, None]:
-        segment = self.segments[index]
+    def kept(self, segment: _Segment) -> list[str] | None:
+        """The text kept of a segment (none once it changed, or was dropped)."""
+        return self.texts.get(id(segment)) if self.texts else None
+
+    def _writable(self, index: int) -> _Segment:
+        segments = self.segments
+        segment = segments[index]
         self._forget(segment)
-        if id(segment) in self.shared:
-            self.shared.discard(id(segment))
-            segment = self.segments[index] = dict(segment)
+        if self._unhold(segment):
+            segment = segments[index] = dict(segment)
+            self.segments = segments
         return segment
 
-    def _forget(self, segment: dict[Prefix, None]) -> None:
-        self.texts.pop(id(segment), None)
+    def _unhold(self, segment: _Segment) -> bool:
+        """Drop the holds on a segment (it is copied or dropped); return if it had any."""
+        held = self.held  # a local: a release may set the attribute to None meanwhile
+        if not held or not held.pop(id(segment), 0):
+            return False
+        if not held:
+            self.held = None
+        return True
+
+    def _forget(self, segment: _Segment) -> None:
+        if self.texts:
+            self.texts.pop(id(segment), None)
+            self.texts = self.texts or None
 
     def _drop_empty(self) -> None:
         for segment in self.segments:
             if not segment:
-                self.shared.discard(id(segment))
+                self._unhold(segment)
         self.segments = [segment for segment in self.segments if segment]
 
     def append(self, fresh: Sequence[Prefix]) -> None:
@@ -164,39 +217,41 @@ class _Ordered:
         start = 0
         while start < len(fresh):
             if not segments or len(segments[-1]) >= SHARD_AT:
-                segments.append({})
+                self.segments = segments = [*segments, {}]
             last = self._writable(-1)
             room, size = SHARD_AT - len(last), len(last)
             last.update(dict.fromkeys(fresh if not start and room >= len(fresh)
                                       else fresh[start:start + room]))
             self.size += len(last) - size
             start += room
+            segments = self.segments
 
     def delete(self, prefixes: Iterable[Prefix]) -> None:
         """Remove prefixes it holds, each once."""
         left = set(prefixes)
         self.size -= len(left)
-        for index, segment in enumerate(self.segments):
+        segments = self.segments
+        for index in _ends_first(len(segments)):
             if not left:
                 break
-            found = segment.keys() & left
+            found = segments[index].keys() & left
             if found:
                 deque(map(self._writable(index).__delitem__, found), 0)
                 left -= found
+                segments = self.segments
         self._drop_empty()
 
     def oldest(self, limit: int | None) -> list[Prefix]:
         """The first ``limit`` prefixes (None: all), removed."""
         taken: list[Prefix] = []
-        segments = self.segments
-        while segments and (limit is None or len(taken) < limit):
-            segment = segments[0]
+        while self.size > len(taken) and (limit is None or len(taken) < limit):
+            segment = self.segments[0]
             part = list(segment if limit is None
                         else itertools.islice(segment, limit - len(taken)))
             if len(part) == len(segment):
                 self._forget(segment)
-                self.shared.discard(id(segment))
-                del segments[0]
+                self._unhold(segment)
+                self.segments = self.segments[1:]
             else:
                 deque(map(self._writable(0).__delitem__, part), 0)
             taken += part
@@ -204,12 +259,12 @@ class _Ordered:
         return taken
 
 
-class _Owner(Generic[T]):
-    __slots__ = ("prefixes", "value")
-
-    def __init__(self, value: T) -> None:
-        self.value = value
-        self.prefixes = _Ordered()
+def _ends_first(count: int) -> list[int]:
+    """Indices from both ends inwards (0, count - 1, 1, ...): batches of removals often
+    come oldest or newest first, and are then found at the first or second probe
+    (searched oldest first, newest-first removals probed every segment)."""
+    both = itertools.chain.from_iterable(zip(range(count), reversed(range(count)), strict=True))
+    return list(itertools.islice(both, count))
 
 
 class AllowedIPs(Generic[T]):
@@ -242,7 +297,7 @@ class AllowedIPs(Generic[T]):
         for tag, group in _by_tag(prefixes):
             table = tables.get(tag)
             if table is None:
-                table = tables[tag] = _Table()
+                table = tables[tag] = _Table(128 if tag & 1 else 32)
                 self._reindex(tag & 1)
             full = []
             for shard, part in table.parts(group):
@@ -258,13 +313,15 @@ class AllowedIPs(Generic[T]):
                 table.size += len(shard) - size
                 if len(shard) > SHARD_AT:
                     full.append(shard)
-            if any(list(map(table.split, full))):
+            # One split a call, of the fullest shard it filled: a shard past SHARD_AT
+            # grows only by inserts, and each of those splits one again.
+            if full and table.split(max(full, key=len)):
                 self._reindex(tag & 1)
         for key, gone in lost.items():
             self._disown(self._owned[key], gone)
-        owner.prefixes.append([prefix for prefix in prefixes if prefix not in held]
-                              if held else prefixes)
-        if not owner.prefixes.size:
+        owner.append([prefix for prefix in prefixes if prefix not in held]
+                     if held else prefixes)
+        if not owner.size:
             del self._owned[id(value)]
 
     def remove(self, prefixes: Sequence[Prefix], value: T) -> int:
@@ -277,19 +334,18 @@ class AllowedIPs(Generic[T]):
             table = self._tables.get(tag)
             if table is None:
                 continue
-            shards, mask = table.shards, table.mask
-            ours = [prefix for prefix in group
-                    if shards[prefix >> SHARD_SHIFT & mask].get(prefix) is value]
+            shards, index = table.shards, table.index
+            ours = [prefix for prefix in group if shards[index(prefix)].get(prefix) is value]
             for prefix in ours:
-                del shards[prefix >> SHARD_SHIFT & mask][prefix]
-            table.renew({prefix >> SHARD_SHIFT & mask for prefix in ours})
+                del shards[index(prefix)][prefix]
+            table.renew(set(map(index, ours)))
             table.size -= len(ours)
             mine += ours
             if not table.size:
                 del self._tables[tag]
                 self._reindex(tag & 1)
-        owner.prefixes.delete(mine)
-        if not owner.prefixes.size:
+        owner.delete(mine)
+        if not owner.size:
             del self._owned[id(value)]
         return len(mine)
 
@@ -299,17 +355,17 @@ class AllowedIPs(Generic[T]):
         owner = self._owned.get(id(value))
         if owner is None:
             return False
-        for tag, group in _by_tag(owner.prefixes.oldest(limit)):
+        for tag, group in _by_tag(owner.oldest(limit)):
             table = self._tables[tag]
             for shard, part in table.parts(group):
                 deque(map(shard.__delitem__, part), 0)
                 if not shard:
-                    table.renew([part[0] >> SHARD_SHIFT & table.mask])
+                    table.renew([table.index(part[0])])
             table.size -= len(group)
             if not table.size:
                 del self._tables[tag]
                 self._reindex(tag & 1)
-        if owner.prefixes.size:
+        if owner.size:
             return True
         del self._owned[id(value)]
         return False
@@ -325,7 +381,8 @@ class AllowedIPs(Generic[T]):
             return None
         number = int.from_bytes(address, "big")
         for shift, tag_bits, shard_shift, mask, shards in chain:
-            value = shards[number >> shard_shift & mask].get(number >> shift | tag_bits)
+            value = shards[(number >> shard_shift) % SHARD_SPREAD & mask].get(
+                number >> shift | tag_bits)
             if value is not None:
                 return value
         return None
@@ -333,17 +390,17 @@ class AllowedIPs(Generic[T]):
     def prefixes(self, value: T) -> list[Prefix]:
         """The prefixes owned by ``value``, in the order they were given to it."""
         owner = self._owned.get(id(value))
-        return [] if owner is None else list(owner.prefixes)
+        return [] if owner is None else list(owner)
 
     def texts(self, value: T) -> Sequence[str]:
         """A snapshot of ``prefixes(value)`` as text (``10.0.0.0/8``, as ``get=1``
         reports them), rendered only as it is read (each segment's kept once read)."""
         owner = self._owned.get(id(value))
-        return [] if owner is None else PrefixTexts(owner.prefixes)
+        return [] if owner is None else PrefixTexts(owner)
 
     def _disown(self, owner: _Owner[T], prefixes: list[Prefix]) -> None:
-        owner.prefixes.delete(prefixes)
-        if not owner.prefixes.size:
+        owner.delete(prefixes)
+        if not owner.size:
             del self._owned[id(owner.value)]
 
     def _reindex(self, v6: int) -> None:
@@ -380,20 +437,34 @@ def _by_tag(prefixes: Sequence[Prefix]) -> Iterator[tuple[int, Sequence[Prefix]]
 class PrefixTexts(Sequence[str]):
     """Prefixes as text, from a snapshot of an owner's segments: a ``get`` of a million
     prefixes renders each piece just before it is sent, not all of them at once. A
-    segment read in order to its end gives its text to the owner to keep."""
+    segment read in order to its end by slices (as ``get=1`` reads) gives its text to
+    the owner to keep; single items and iteration render without keeping (a peer's
+    kept text of one prefix cost ~750 bytes). The snapshot's hold on a segment ends
+    when it has the segment's whole text, or is garbage: later changes then edit the
+    segment in place, not a copy of it (after a get, a change touching every segment
+    of a 1M owner copied them all in one step)."""
 
-    __slots__ = ("_at", "_keys", "_ordered", "_read", "_segments", "_starts")
+    __slots__ = ("_at", "_done", "_keys", "_owner", "_read", "_segments", "_starts")
 
-    def __init__(self, ordered: _Ordered) -> None:
-        self._ordered = ordered
-        self._segments = ordered.snapshot()
+    def __init__(self, owner: _Owner[Any]) -> None:
+        self._owner = owner
+        self._segments = owner.snapshot()
         self._starts = list(itertools.accumulate(map(len, self._segments), initial=0))
-        self._at = -1  # the segment being read in order
+        self._at = -1  # the segment being read
         self._keys: list[Prefix] = []  # its prefixes
-        self._read: list[str] = []  # its text so far
+        self._read: list[str] = []  # its text so far, read in order
+        self._done: dict[int, list[str]] = {}  # by number: text of a segment released
+
+    def __del__(self) -> None:
+        self._owner.release([segment for number, segment in enumerate(self._segments)
+                             if number not in self._done])
 
     def __len__(self) -> int:
         return self._starts[-1]
+
+    def __iter__(self) -> Iterator[str]:
+        for number, segment in enumerate(self._segments):
+            yield from self._whole(number) or prefix_texts(list(segment))
 
     @overload
     def __getitem__(self, index: int) -> str: ...
@@ -405,7 +476,10 @@ class PrefixTexts(Sequence[str]):
         if not isinstance(index, slice):
             if not -len(self) <= index < len(self):
                 raise IndexError("prefix index out of range")
-            return self[index % len(self):index % len(self) + 1][0]
+            index %= len(self)
+            number = bisect.bisect_right(self._starts, index) - 1
+            low = index - self._starts[number]
+            return self._texts(number, low, low + 1, keep=False)[0]
         start, stop, step = index.indices(len(self))
         if step != 1:
             return [self[i] for i in range(start, stop, step)]
@@ -413,27 +487,40 @@ class PrefixTexts(Sequence[str]):
         while start < stop:
             number = bisect.bisect_right(self._starts, start) - 1
             base = self._starts[number]
-            piece = self._texts(number, start - base, min(stop, self._starts[number + 1]) - base)
+            piece = self._texts(number, start - base,
+                                min(stop, self._starts[number + 1]) - base, keep=True)
             out += piece
             start += len(piece)
         return out
 
-    def _texts(self, number: int, low: int, high: int) -> list[str]:
+    def _texts(self, number: int, low: int, high: int, keep: bool) -> list[str]:
         """The text of segment ``number``'s prefixes ``low:high``."""
-        segment, ordered = self._segments[number], self._ordered
-        kept = ordered.texts.get(id(segment)) if id(segment) in ordered.shared else None
-        if kept is not None:
-            return kept[low:high]
-        if low == 0:  # read from its start: in order, its text may be kept
+        whole = self._whole(number)
+        if whole is not None:
+            return whole[low:high]
+        segment = self._segments[number]
+        if self._at != number:
             self._at, self._keys, self._read = number, list(segment), []
-        if self._at != number or low != len(self._read):
-            return prefix_texts(list(itertools.islice(segment, low, high)))
         texts = prefix_texts(self._keys[low:high])
-        self._read += texts
-        if len(self._read) == len(segment):
-            ordered.keep(segment, self._read)
-            self._at, self._keys, self._read = -1, [], []
+        if keep and low == len(self._read):
+            self._read += texts
+            if len(self._read) == len(segment):
+                self._owner.keep(segment, self._read)
+                self._done[number] = self._read
+                self._owner.release([segment])
+                self._at, self._keys, self._read = -1, [], []
         return texts
+
+    def _whole(self, number: int) -> list[str] | None:
+        """Segment ``number``'s whole text, if this snapshot or the owner has it."""
+        done = self._done.get(number)
+        if done is None:
+            segment = self._segments[number]
+            done = self._owner.kept(segment)
+            if done is not None:  # kept: unchanged since, so still held
+                self._done[number] = done
+                self._owner.release([segment])
+        return done
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sequence) and list(self) == list(other)
