@@ -893,3 +893,21 @@ def test_uso_keeps_datagram_boundaries_when_mtu_is_stale() -> None:
     datagrams = gso.segment(*uso(payload, 1200), mtu=1000)
     assert [len(d) - 28 for d in datagrams] == [1200, 1200, 1200]
     assert b"".join(d[28:] for d in datagrams) == payload
+
+
+def ipv4_reserved_flag(packet: bytes) -> bytes:
+    """The packet with the IPv4 reserved flag (0x8000 of the fragment word) set, its
+    header checksum made valid again."""
+    out = bytearray(packet)
+    out[6] |= 0x80
+    out[10:12] = b"\0\0"
+    out[10:12] = (0xFFFF - sum(int.from_bytes(out[i:i + 2], "big") for i in range(0, 20, 2))
+                  % 0xFFFF).to_bytes(2, "big")
+    return bytes(out)
+
+
+def test_coalesce_refuses_the_ipv4_reserved_flag() -> None:
+    """The kernel merges no packet whose fragment word has a bit set other than DF."""
+    parts = [ipv4_reserved_flag(part) for part in stream(3, 1000)]
+    assert all(gso.l4_checksum_ok(part) for part in parts)
+    assert coalesce(parts) == unmerged(parts)

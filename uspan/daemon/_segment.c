@@ -28,6 +28,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/random.h>
 
 #define PROTO_TCP 6
 #define PROTO_UDP 17
@@ -35,6 +36,10 @@
 #define TCP_PSH 0x08
 #define TCP_CWR 0x80
 #define MAX_IP_PACKET 65535
+
+/* FNV-1a's offset basis, xored with a random value at import: a peer cannot choose inner
+ * ports whose flows all land in one cluster of the merge's hash table. */
+static uint32_t hash_seed = 2166136261u;
 
 static inline uint64_t
 load_le64(const unsigned char *p)
@@ -273,7 +278,7 @@ flow(Packet *p, int udp)
         p->addresses_len = 8;
         /* The header checksum too: merging rewrites it, and the kernel drops a packet
          * whose header does not verify. */
-        simple = p->ip_len == 20 && be16(d + 2) == size && !(be16(d + 6) & 0x3FFF)
+        simple = p->ip_len == 20 && be16(d + 2) == size && !(be16(d + 6) & 0xBFFF)
                  && ipv4_header_ok(d);
     } else if (version == 6 && size >= 48) {
         p->proto = d[6];
@@ -304,7 +309,7 @@ flow(Packet *p, int udp)
     p->v6 = version == 6;
     p->ports = d + ip_len;
     p->ports_len = size > ip_len ? (size - ip_len < 4 ? (unsigned)(size - ip_len) : 4) : 0;
-    uint32_t hash = 2166136261u ^ p->proto ^ p->ports_len << 8;
+    uint32_t hash = hash_seed ^ p->proto ^ p->ports_len << 8;
     for (unsigned i = 0; i < p->addresses_len; i++)
         hash = (hash ^ p->addresses[i]) * 16777619u;
     for (unsigned i = 0; i < p->ports_len; i++)
@@ -648,6 +653,9 @@ PyInit__segment(void)
     if (vnet_none == NULL)
         return NULL;
     memset(PyBytes_AS_STRING(vnet_none), 0, VNET_HDR_LEN);
+    uint32_t seed;
+    if (getrandom(&seed, sizeof seed, 0) == (ssize_t)sizeof seed)
+        hash_seed ^= seed;
     PyObject *module = PyModule_Create(&segment_module);
     if (module != NULL && PyModule_AddIntMacro(module, UDP_MAX_SEGMENTS) < 0)
         Py_CLEAR(module);

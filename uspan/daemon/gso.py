@@ -71,7 +71,7 @@ _TCP_PSH = 0x08
 _TCP_ACK = 0x10
 _TCP_CWR = 0x80
 _IPV4_DF = 0x40
-_IPV4_MF_OFFSET = 0x3FFF  # more-fragments flag and fragment offset
+_IPV4_NOT_DF = 0xBFFF  # the reserved and more-fragments flags, the fragment offset
 _MAX_IP_PACKET = 65535
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
@@ -475,7 +475,7 @@ def _flow(packet: bytes, udp: bool) -> _Flow | None:
         # The header checksum too: merging rewrites it, and the kernel drops a packet
         # whose header does not verify.
         simple = (ip_len == 20 and _U16.unpack_from(packet, 2)[0] == size
-                  and not _U16.unpack_from(packet, 6)[0] & _IPV4_MF_OFFSET
+                  and not _U16.unpack_from(packet, 6)[0] & _IPV4_NOT_DF
                   and int.from_bytes(packet[:20], "little") % 0xFFFF == 0)
     elif version == 6 and size >= 48:
         proto = packet[6]
