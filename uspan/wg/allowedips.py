@@ -19,6 +19,7 @@ import bisect
 import itertools
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from operator import is_
 from typing import Any, Generic, TypeVar, overload
 
 from uspan.wg.config import Prefix
@@ -334,13 +335,17 @@ class AllowedIPs(Generic[T]):
             table = self._tables.get(tag)
             if table is None:
                 continue
-            shards, index = table.shards, table.index
-            ours = [prefix for prefix in group if shards[index(prefix)].get(prefix) is value]
-            for prefix in ours:
-                del shards[index(prefix)][prefix]
-            table.renew(set(map(index, ours)))
-            table.size -= len(ours)
-            mine += ours
+            emptied: list[int] = []
+            for shard, part in table.parts(group):
+                # (C-level: which of the part the shard maps to this very value)
+                ours = list(itertools.compress(
+                    part, map(is_, map(shard.get, part), itertools.repeat(value))))
+                deque(map(shard.__delitem__, ours), 0)
+                if ours and not shard:
+                    emptied.append(table.index(ours[0]))
+                table.size -= len(ours)
+                mine += ours
+            table.renew(emptied)
             if not table.size:
                 del self._tables[tag]
                 self._reindex(tag & 1)
