@@ -33,6 +33,10 @@ SHARD_SHIFT = 8  # prefixes that differ only below this bit share a routing shar
 SHARD_START = 6  # bits of routing shard index of a new table (64 shards: 1M /32s unsplit)
 SHARD_DEPTH = 16  # bits of routing shard index at most (65,536 directory entries)
 SHARD_SPREAD = 65521  # a prime under 2**SHARD_DEPTH: the shard hash folds in every bit
+# Segments shorter than this render again at every get instead of keeping their text:
+# kept, the text of a peer's one prefix costs ~390 bytes (20,000 peers: 7.8 MB after one
+# ``wg show``), to save rendering that costs about a microsecond a prefix.
+KEEP_TEXT_AT = 256
 
 
 class _Table(Generic[T]):
@@ -171,9 +175,10 @@ class _Owner(Generic[T]):
         self.held = held or None
 
     def keep(self, segment: _Segment, texts: list[str]) -> None:
-        """Keep a snapshot's segment's text, if the segment is still unchanged."""
+        """Keep a snapshot's segment's text, if the segment is still unchanged (and long
+        enough to be worth it)."""
         held = self.held
-        if held and id(segment) in held:
+        if held and id(segment) in held and len(texts) >= KEEP_TEXT_AT:
             self.texts = self.texts or {}
             self.texts[id(segment)] = texts
 
@@ -443,8 +448,8 @@ class PrefixTexts(Sequence[str]):
     """Prefixes as text, from a snapshot of an owner's segments: a ``get`` of a million
     prefixes renders each piece just before it is sent, not all of them at once. A
     segment read in order to its end by slices (as ``get=1`` reads) gives its text to
-    the owner to keep; single items and iteration render without keeping (a peer's
-    kept text of one prefix cost ~750 bytes). The snapshot's hold on a segment ends
+    the owner to keep (if it has KEEP_TEXT_AT prefixes or more); single items and
+    iteration render without keeping. The snapshot's hold on a segment ends
     when it has the segment's whole text, or is garbage: later changes then edit the
     segment in place, not a copy of it (after a get, a change touching every segment
     of a 1M owner copied them all in one step)."""
@@ -494,6 +499,8 @@ class PrefixTexts(Sequence[str]):
             base = self._starts[number]
             piece = self._texts(number, start - base,
                                 min(stop, self._starts[number + 1]) - base, keep=True)
+            if not piece:  # (never, unless the snapshot lost its hold: do not spin)
+                raise RuntimeError("prefix snapshot changed while read")
             out += piece
             start += len(piece)
         return out
