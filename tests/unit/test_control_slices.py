@@ -260,6 +260,46 @@ def test_the_snapshot_of_many_peers_is_taken_in_slices() -> None:
     trio.run(main)
 
 
+class _StepCPU(trio.abc.Instrument):
+    """Thread CPU of each step of the task named ``name`` (CPU: a loaded machine may
+    stretch a step's wall time, not its CPU)."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.steps, self._start = name, list[float](), 0.0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self._start = time.thread_time()
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name == self.name:
+            self.steps.append(time.thread_time() - self._start)
+
+
+def test_the_snapshot_of_many_peers_is_freed_in_slices() -> None:
+    """Each peer's allowed IPs release their snapshot's hold when freed: 20,000 of them
+    freed in one step held the loop 30-50 ms (on main: the longest step a third of all
+    the get's CPU)."""
+    count = 20_000
+
+    async def main() -> None:
+        daemon = memory_daemon()
+        daemon.set(DeviceChange(peers=[
+            PeerChange(public_key((bytes([2, i >> 8, i & 255]) * 11)[:32]),
+                       allowed_ips=[prefix.parse(f"10.{i >> 8}.{i & 255}.0/24")])
+            for i in range(count)]))
+
+        async def get() -> None:
+            pieces = await daemon.get_pieces()
+            assert "".join(pieces).count("public_key=") == count
+
+        async with daemon.running(), trio.open_nursery() as nursery:
+            nursery.start_soon(get, name="get")
+
+    steps = _StepCPU("get")
+    trio.run(main, instruments=[steps])
+    assert max(steps.steps) < sum(steps.steps) / 10, (max(steps.steps), sum(steps.steps))
+
+
 @contextlib.asynccontextmanager
 async def uapi_client() -> AsyncIterator[trio.SocketStream]:
     """A client stream to the UAPI handler of a running in-memory daemon."""
