@@ -7,6 +7,7 @@ returns to UDP, losing nothing, when UDP works again."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
@@ -202,16 +203,25 @@ async def start_on_tcp(monkeypatch: pytest.MonkeyPatch, relay: Relay, a_link: Re
     assert relay.forwarder.addresses == 2
 
 
+@contextlib.asynccontextmanager
+async def both_on_tcp(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
+        tuple[MemoryNetwork, Node, Node, RelayLink, RelayLink, Relay, trio.Nursery]]:
+    """``relayed_pair`` running, a on TCP to the relay (``start_on_tcp``); the caller
+    cancels the nursery when done."""
+    network = MemoryNetwork()
+    a, b, a_link, b_link = relayed_pair(network)
+    async with trio.open_nursery() as nursery, a.daemon.running(), b.daemon.running():
+        relay = Relay(network, nursery)
+        await start_on_tcp(monkeypatch, relay, a_link, b_link)
+        yield network, a, b, a_link, b_link, relay, nursery
+
+
 def test_tcp_fallback_a_dead_connection_replaced_and_back_to_udp_without_a_loss(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(daemon_module, "time", _WallFollowsTrio)
 
     async def main() -> None:
-        network = MemoryNetwork()
-        a, b, a_link, b_link = relayed_pair(network)
-        async with trio.open_nursery() as nursery, a.daemon.running(), b.daemon.running():
-            relay = Relay(network, nursery)
-            await start_on_tcp(monkeypatch, relay, a_link, b_link)
+        async with both_on_tcp(monkeypatch) as (network, a, b, a_link, _b_link, relay, nursery):
 
             async def ping_pong(count: int) -> None:
                 """a pings b every 0.1 s, b answers each; every one must arrive."""
@@ -293,12 +303,8 @@ def test_a_draining_connection_that_ends_early_leaves_the_next_one_alone(
     monkeypatch.setattr(daemon_module, "time", _WallFollowsTrio)
 
     async def main() -> None:
-        network = MemoryNetwork()
-        a, b, a_link, b_link = relayed_pair(network)
-        session = a_link.session
-        async with trio.open_nursery() as nursery, a.daemon.running(), b.daemon.running():
-            relay = Relay(network, nursery)
-            await start_on_tcp(monkeypatch, relay, a_link, b_link)
+        async with both_on_tcp(monkeypatch) as (network, a, b, a_link, _b_link, relay, nursery):
+            session = a_link.session
             network.cut.clear()
             while session.transport is Transport.TCP:
                 await trio.sleep(0.1)
@@ -330,11 +336,7 @@ def test_a_connection_left_to_drain_while_connecting_never_serves(
     monkeypatch.setattr(daemon_module, "time", _WallFollowsTrio)
 
     async def main() -> None:
-        network = MemoryNetwork()
-        a, b, a_link, b_link = relayed_pair(network)
-        async with trio.open_nursery() as nursery, a.daemon.running(), b.daemon.running():
-            relay = Relay(network, nursery)
-            await start_on_tcp(monkeypatch, relay, a_link, b_link)
+        async with both_on_tcp(monkeypatch) as (_network, _a, _b, a_link, _b_link, relay, nursery):
             release = trio.Event()
 
             async def slow_connect() -> trio.abc.Stream:
