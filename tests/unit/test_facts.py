@@ -167,3 +167,31 @@ def test_data_unanswered_long_enough_to_rehandshake_is_an_event(net: Net, pair) 
     net.advance(0.5)  # + jitter of at most 333 ms
     assert a.device.peer_events == events + 1
     assert a.device.peer_facts()[b.public].attempts == 1  # WireGuard's own rehandshake
+
+
+def test_a_change_decided_before_a_roam_does_not_undo_it(net: Net, pair) -> None:
+    """A mesh decides on facts, then its change waits in a queue: if the peer roamed in
+    between (its packets proved another path), the change's endpoint and handshake are
+    skipped; decided on facts that include the roam, they apply."""
+    a, b = pair
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    net.run()
+    seen = b.device.peer_facts()[a.public].roamed
+    assert seen > 0  # learning a's first address is a roam
+    moved = Endpoint("198.51.100.7", 4000)
+    net.nodes[("198.51.100.7", 4000)] = a
+    a.endpoint = moved
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    net.run()
+    assert b.device.peer_facts()[a.public].roamed > seen
+    sent = len(b.sent)
+    aimed = Endpoint("203.0.113.5", 51820)
+    b.device.apply(DeviceChange(peers=[PeerChange(
+        a.public, endpoint=aimed, handshake=True, unless_roamed_after=seen)]), net.now)
+    assert b.device.peer_facts()[a.public].endpoint == moved
+    assert len(b.sent) == sent  # no handshake either
+    b.device.apply(DeviceChange(peers=[PeerChange(
+        a.public, endpoint=aimed, handshake=True,
+        unless_roamed_after=b.device.peer_facts()[a.public].roamed)]), net.now)
+    assert b.device.peer_facts()[a.public].endpoint == aimed
+    assert b.device.peer_facts()[a.public].roamed == b.device.peer_events  # a set is no roam

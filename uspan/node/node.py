@@ -171,6 +171,7 @@ class Node:
         self.exit_code = 0
         self.affiliates: dict[str, dclient.Affiliate] = {}
         self.undecodable = 0  # affiliate data that opened but did not parse
+        self._roamed: dict[bytes, int] = {}  # per peer, PeerFacts.roamed the controller saw
         self._nursery: trio.Nursery | None = None
         self._discovery_scope: trio.CancelScope | None = None
         self._republish = trio.Event()
@@ -386,8 +387,9 @@ class Node:
         if self.controller is None:
             return None
         ks = self.kubespan
-        facts = {} if ks is None else {
-            key: _link_facts(value) for key, value in ks.daemon.peer_facts().items()}
+        raw = {} if ks is None else ks.daemon.peer_facts()
+        self._roamed = {key: value.roamed for key, value in raw.items()}
+        facts = {key: _link_facts(value) for key, value in raw.items()}
         output = self.controller.set_facts(facts, trio.current_time())
         self._carry_out(output)
         return output
@@ -403,6 +405,10 @@ class Node:
                 ks.prober.refresh(trio.current_time())  # our NAT's mapping may have changed
                 ks.probe_wake.set()
         if ks is not None:
+            for peer in output.device_change.peers:
+                # Applied after a queue: a roam meanwhile (say the peer's initiation came
+                # through the relay while we aimed it at a direct endpoint) must stand.
+                peer.unless_roamed_after = self._roamed.get(peer.public_key, 0)
             if output.device_change.peers:
                 deferred = self._defer_handshakes(ks, output.device_change)
                 ks.submit(output.device_change)
@@ -447,7 +453,8 @@ class Node:
                                            persistent_keepalive=peer.persistent_keepalive))
                 peer.persistent_keepalive = None
             if peer.handshake:
-                deferred.append(PeerChange(peer.public_key, update_only=True, handshake=True))
+                deferred.append(PeerChange(peer.public_key, update_only=True, handshake=True,
+                                           unless_roamed_after=peer.unless_roamed_after))
                 peer.handshake = False
         return deferred
 

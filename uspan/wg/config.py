@@ -43,6 +43,11 @@ class PeerChange:
     # Start a handshake now, even within REKEY_TIMEOUT of the last: how the mesh checks an
     # endpoint it just picked. Not a UAPI key (``wg`` cannot ask for it).
     handshake: bool = False
+    # A ``Device.peer_events`` count from the caller's latest facts: if the peer roamed
+    # after it, an authenticated packet proved a path the caller did not know of, so the
+    # endpoint and the handshake (checks of a path the caller picked) are skipped rather
+    # than undo it. None: always apply. Not a UAPI key.
+    unless_roamed_after: int | None = None
 
 
 @dataclass(slots=True)

@@ -268,7 +268,9 @@ class Device:
             self.peers[change.public_key] = peer
         if change.preshared_key is not None:
             peer.preshared_key = change.preshared_key
-        if change.endpoint is not None:
+        after = change.unless_roamed_after
+        roamed = after is not None and peer.roamed > after
+        if change.endpoint is not None and not roamed:
             peer.endpoint = change.endpoint
         allowed = self.allowed_ips
         # Replacing inserts first and then removes only the old prefixes not kept, so one
@@ -288,7 +290,7 @@ class Device:
         yield from _steps(change.remove_allowed_ips, lambda chunk: allowed.remove(chunk, peer))
         if change.persistent_keepalive is not None:
             peer.set_persistent_keepalive(change.persistent_keepalive, now)
-        if change.handshake:
+        if change.handshake and not roamed:
             peer.initiate_now(now, out)
         yield
 

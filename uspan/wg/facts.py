@@ -30,3 +30,6 @@ class PeerFacts:
     unanswered_data_since: float | None  # first data (not keepalive) sent since then
     rx_bytes: int
     tx_bytes: int
+    # ``peer_events`` as of the latest roam to a new address (0: never roamed): a roam the
+    # caller has not seen yet shows as a larger number than in its last snapshot.
+    roamed: int = 0

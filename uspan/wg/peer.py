@@ -45,6 +45,7 @@ class Peer:
         self.public_key = public_key
         self.preshared_key = ZERO_KEY
         self.endpoint: Endpoint | None = None
+        self.roamed = 0  # device.peer_events at the latest roam to a new address (facts)
         self.cookies = CookieGenerator(public_key, rng=device.rng)
         self.timers = PeerTimers(device.rng, self._timer_armed)
         self.timer_seq = -1  # the device's timer queue entry for this peer (-1: none)
@@ -223,7 +224,7 @@ class Peer:
             attempts=self.attempts, attempts_on_endpoint=on_endpoint,
             last_attempt=self.last_attempt, gave_up=self.gave_up_at,
             last_received=self.last_received, unanswered_data_since=self.unanswered_data_since,
-            rx_bytes=self.rx_bytes, tx_bytes=self.tx_bytes)
+            rx_bytes=self.rx_bytes, tx_bytes=self.tx_bytes, roamed=self.roamed)
 
     def roam(self, source: Endpoint) -> None:
         """An authenticated message came from ``source``: reply there from now on."""
@@ -231,6 +232,7 @@ class Peer:
         self.endpoint = source
         if old is None or old.address != source.address:
             self.device.peer_events += 1
+            self.roamed = self.device.peer_events
 
     # Receiving ---------------------------------------------------------------------------
 
