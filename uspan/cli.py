@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from types import FrameType
 
+from uspan import signals as stop_signals
 from uspan import userpaths, wgtool
 from uspan.daemon import uapi_client
 from uspan.daemon.uapi_server import socket_path
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     disc.add_argument("--relay", metavar="HOST:PORT",
                       help="also relay WireGuard datagrams for nodes no direct path reaches "
                       "(UDP and TCP on HOST:PORT; docs/relay-protocol.md)")
-    disc.set_defaults(handler=discovery_command, parser=disc)
+    disc.set_defaults(handler=discovery_command, parser=disc, service=True)
     relay = commands.add_parser(
         "relay",
         help="forward members' encrypted WireGuard datagrams when no direct path works",
@@ -118,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve Prometheus metrics at http://HOST:PORT/metrics")
     relay.add_argument("--log-level", default="info", choices=["debug", "info", "warning"],
                        help="(%(default)s)")
-    relay.set_defaults(handler=relay_command, parser=relay)
+    relay.set_defaults(handler=relay_command, parser=relay, service=True)
     node_cli.add_commands(commands)
     lab_cli.add_commands(commands)
     wgtool.add_command(commands)
@@ -278,6 +279,8 @@ def _show(wg: WireGuard) -> None:
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `uspan stats wg0 | head` ends quietly
     args = build_parser().parse_args(argv)
+    if not getattr(args, "service", False):
+        stop_signals.release()  # a tool, not a service: Ctrl-C and SIGTERM as usual now
     args.argv_given = sys.argv[1:] if argv is None else argv  # to re-run it elsewhere
     code: int = args.handler(args)
     return code
