@@ -39,12 +39,6 @@ INNER6 = ("fd00:77::1", "fd00:77::2")
 PORTS = (51820, 51821)
 
 
-def default_uspan_wg() -> str:
-    """``uspan-wg`` next to this Python (the venv), else on PATH."""
-    beside = Path(sys.executable).parent / "uspan-wg"
-    return str(beside) if beside.exists() else (shutil.which("uspan-wg") or str(beside))
-
-
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -63,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--count", type=positive_int, default=3, help="pings each way (3)")
     demo.add_argument("--keep", action="store_true", help="keep it running until Ctrl-C")
-    demo.add_argument("--uspan-wg", default=default_uspan_wg(), metavar="PATH",
+    demo.add_argument("--uspan-wg", default=userpaths.program("uspan-wg"), metavar="PATH",
                       help="the program for the first namespace (%(default)s)")  # fmt: skip
     demo.add_argument("--wireguard-go", default=WIREGUARD_GO, metavar="PATH",
                       help="the program for the second namespace (%(default)s)")  # fmt: skip
