@@ -725,8 +725,8 @@ def test_cyclic_garbage_a_freeze_kept_is_collected_within_the_refresh_interval()
 
 
 def test_stop_signals_can_be_caught_before_anything_heavy_is_imported() -> None:
-    code = ("import sys; from uspan.daemon import launch; from uspan import signals; "
-            "print(sorted(m for m in ('trio', 'cryptography', 'uspan.daemon.cli') "
+    code = ("import sys; from uspan import launch, signals; "
+            "print(sorted(m for m in ('trio', 'cryptography', 'uspan.daemon.cli', 'uspan.cli') "
             "if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)
