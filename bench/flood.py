@@ -22,6 +22,7 @@ the machine's drift hits all alike; the load average is reported with each round
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -145,14 +146,17 @@ def tunnel_trial(args: argparse.Namespace, impl: str, kind: str,
             "cpu_alone": cpu_alone, "cpu_flooded": cpu_flooded, "rate": rate, "load": load}
 
 
+SHARED_ROWS = (
+    ("rate", "flood sent (datagrams/s)", 0),
+    ("load", "load average at the start of the round", 1),
+)
 TUNNEL_ROWS = (
     ("alone", "TCP through the tunnel, no flood (Mbit/s)", 0),
     ("flooded", "TCP through the tunnel during the flood (Mbit/s)", 0),
     ("kept", "during / no flood", 2),
     ("cpu_alone", "responder CPU, no flood (s a second)", 2),
     ("cpu_flooded", "responder CPU during the flood (s a second)", 2),
-    ("rate", "flood sent (datagrams/s)", 0),
-    ("load", "load average at the start of the round", 1),
+    *SHARED_ROWS,
 )
 ROWS = (
     ("first", "first ping reply after the first ping (s)", 2),
@@ -160,8 +164,7 @@ ROWS = (
     ("recovery", "if not: first reply after the flood ended (s)", 2),
     ("cpu", "responder CPU during the flood (s)", 1),
     ("rss", "responder peak RSS (MiB)", 1),
-    ("rate", "flood sent (datagrams/s)", 0),
-    ("load", "load average at the start of the round", 1),
+    *SHARED_ROWS,
 )
 
 
@@ -243,6 +246,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # bench/flood puts this tree first on the path; the daemons inherit the environment,
+    # so without this a --uspan of another install would run this tree's code. (The
+    # attacker puts the tree on its own path.)
+    os.environ.pop("PYTHONPATH", None)
     info = start_benchmark("flood", args, ["ip", "wg", "ping", *(["iperf3"] * args.tunnel)])
     if info is None:
         return 2
