@@ -236,6 +236,22 @@ def test_the_device_counts_its_tunnels_messages_both_ways() -> None:
     assert (admission.others - before[0], admission.sent - before[1]) == (3, 2)
 
 
+def test_windows_without_initiations_never_cut_the_aim() -> None:
+    """Idle windows are judged too (for the tunnels' traffic): one in which no
+    initiation was read is not a flood we fell behind, whatever fills the queue, also
+    while a flagged source keeps the device busy."""
+    full = [0.0]
+    admission = Admission(backlog=lambda: full[0])
+    admission.unproven(source(1), T0)
+    admission.unproven(source(1), T0)  # flagged: busy for FLAG_TIME
+    admission.kernel_filter(T0 + SAMPLE_WINDOW)
+    full[0] = 1.0  # say, tunnel data the shell has not read yet
+    for w in range(2, 8):
+        admission.kernel_filter(T0 + w * SAMPLE_WINDOW)
+    assert admission.busy_until > T0 + 8 * SAMPLE_WINDOW
+    assert admission.target == UNPROVEN_PER_SECOND + COOKIES_PER_SECOND
+
+
 def test_a_full_socket_queue_lowers_the_sample_until_we_drain_it() -> None:
     """While the shell's queue stays full we read only what we can (here 2,000 a
     second), which alone would look like a small flood: the backlog halves the aim below

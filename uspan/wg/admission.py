@@ -34,7 +34,7 @@ sender drains less than an idle one).
 
 The cookie budget yields to the tunnels: a cookie costs the one thread their data
 needs (~35 us, five of their messages), and a flood's answers at 16,000 a second cut an
-established TCP stream to about half (``bench/flood --tunnel``). So each window it is set
+established TCP stream to about 0.6 of its rate (``bench/flood --tunnel``). So each window it is set
 from the transport messages the device read and sent in the last one: the whole
 COOKIES_PER_SECOND while the tunnels are idle, falling in proportion to their traffic to
 MIN_COOKIES_PER_SECOND at TUNNEL_YIELD_RATE (a newcomer's chance per attempt is then
@@ -262,7 +262,7 @@ class Admission:
         seconds = max(SAMPLE_WINDOW, now - self._window)
         drained = self._seen / seconds
         self._cookies.set_rate(self._cookie_rate((self.others + self.sent) / seconds))
-        flood = self._seen >= FLOOD_SHARE * (self._seen + self.others)
+        flood = 0 < self._seen >= FLOOD_SHARE * (self._seen + self.others)
         if self.backlog() > BACKLOG_HIGH:
             if flood:  # behind because of them: what we drained is all we can do
                 self.target = max(MIN_TARGET, min(self.target, drained) / 2)
