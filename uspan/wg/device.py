@@ -386,6 +386,7 @@ class Device:
             touched[peer] = None
         for peer in touched:
             peer.send_staged(now, out)
+        self.admission.sent += len(out)
         return out
 
     # Data path: network -> TUN -----------------------------------------------------------
