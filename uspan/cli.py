@@ -276,5 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "service", False):
         stop_signals.release()  # a tool, not a service: Ctrl-C and SIGTERM as usual now
     args.argv_given = sys.argv[1:] if argv is None else argv  # to re-run it elsewhere
-    code: int = args.handler(args)
+    try:
+        code: int = args.handler(args)
+    except KeyboardInterrupt:  # a tool interrupted: the shell's status, no traceback
+        return 128 + signal.SIGINT
     return code

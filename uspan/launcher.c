@@ -1,10 +1,11 @@
 /* uspan-wg and uspan: block SIGINT and SIGTERM, then exec NAME-python beside this file.
  *
- * One program installed under two names; NAME is the name of the file it runs from. A
- * blocked signal stays pending across execve, and Python does not unblock it: a stop
- * signal sent while the interpreter starts (site, .pth files, the entry point's imports)
- * waits until uspan.signals.catch() has installed its handlers and unblocks it, instead
- * of ending the process with a KeyboardInterrupt traceback or killing it outright.
+ * One program installed under two names; NAME is the name it was run by, else the name
+ * of its file. A blocked signal stays pending across execve, and Python does not unblock
+ * it: a stop signal sent while the interpreter starts (site, .pth files, the entry
+ * point's imports) waits until uspan.signals.catch() has installed its handlers and
+ * unblocks it, instead of ending the process with a KeyboardInterrupt traceback or
+ * killing it outright.
  * NAME-python is the console script pip writes at install time, with the #! line of
  * the interpreter it installed for: nothing about the build machine is kept here, so a
  * wheel (or pip's cache of one) works in any environment it is installed into.
@@ -39,17 +40,24 @@ int main(int argc, char **argv) {
         memcpy(self, argv[0], (size_t)size);
     }
     self[size] = '\0';
+    /* NAME: the name it was run by (a link named uspan-wg to a file named uspan, as a
+     * packager's de-duplication makes, still runs the daemon), else its file's name. */
     char *slash = strrchr(self, '/');
-    const char *name = slash == NULL ? self : slash + 1;
-    char script[PATH_MAX];
-    if ((size_t)size + sizeof SUFFIX > sizeof script) {
-        fprintf(stderr, "%s: path too long: %s\n", name, self);
-        return 127;
+    size_t dir = slash == NULL ? 0 : (size_t)(slash - self) + 1;
+    const char *names[2] = {argv[0] == NULL ? NULL : strrchr(argv[0], '/'), self + dir};
+    names[0] = names[0] != NULL ? names[0] + 1 : argv[0];
+    char script[PATH_MAX] = "";
+    for (int i = 0; i < 2; i++) {
+        const char *name = names[i];
+        if (name == NULL || *name == '\0') continue;
+        size_t length = strlen(name);
+        if (dir + length + sizeof SUFFIX > sizeof script) continue;
+        memcpy(script, self, dir);
+        memcpy(script + dir, name, length);
+        memcpy(script + dir + length, SUFFIX, sizeof SUFFIX);
+        argv[0] = script;
+        execv(script, argv);
     }
-    memcpy(script, self, (size_t)size);
-    memcpy(script + size, SUFFIX, sizeof SUFFIX);
-    argv[0] = script;
-    execv(script, argv);
-    fprintf(stderr, "%s: cannot run %s: %s\n", name, script, strerror(errno));
+    fprintf(stderr, "%s: cannot run %s: %s\n", self + dir, script, strerror(errno));
     return 127;
 }

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 STOP_SIGNALS: tuple[int, int] = (_signal.SIGINT, _signal.SIGTERM)
 _early: list[int] = []
+_inherited: dict[int, object] = {}  # the handlers before catch(): SIG_IGN is honoured
 
 
 def _record(signum: int, frame: FrameType | None) -> None:
@@ -41,18 +42,23 @@ def catch() -> None:
     unblock them, so one that came while they were blocked (by ``uspan-wg``'s launcher,
     before Python started) is recorded now."""
     for signum in STOP_SIGNALS:
-        _signal.signal(signum, _record)
+        _inherited.setdefault(signum, _signal.signal(signum, _record))
     _signal.pthread_sigmask(_signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def release() -> None:
     """For a command that is not a service after all: the default actions again (SIGINT
-    raises KeyboardInterrupt, SIGTERM ends the process). One recorded since ``catch()``
-    ends the process now, quietly, with the status a death by it gives (128 + N)."""
-    _signal.signal(_signal.SIGINT, _signal.default_int_handler)
-    _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
-    if _early:
-        raise SystemExit(128 + _early[0])
+    raises KeyboardInterrupt, SIGTERM ends the process), or ignored if the process was
+    started with it ignored (a tool run with ``&`` from a script). One recorded since
+    ``catch()`` ends the process now, quietly, with the status a death by it gives
+    (128 + N)."""
+    ignored = {signum for signum, handler in _inherited.items() if handler == _signal.SIG_IGN}
+    for signum, default in ((_signal.SIGINT, _signal.default_int_handler),
+                            (_signal.SIGTERM, _signal.SIG_DFL)):
+        _signal.signal(signum, _signal.SIG_IGN if signum in ignored else default)
+    early = [signum for signum in _early if signum not in ignored]
+    if early:
+        raise SystemExit(128 + early[0])
 
 
 async def first() -> signal.Signals:

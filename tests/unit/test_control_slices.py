@@ -297,7 +297,9 @@ def test_the_snapshot_of_many_peers_is_freed_in_slices() -> None:
 
     steps = _StepCPU("get")
     trio.run(main, instruments=[steps])
-    assert max(steps.steps) < sum(steps.steps) / 10, (max(steps.steps), sum(steps.steps))
+    # Freed whole, one step took 47 ms; in slices ~2 ms each, with room for a busy machine.
+    longest, total = max(steps.steps), sum(steps.steps)
+    assert longest < max(total / 10, 0.020), (longest, total)
 
 
 @contextlib.asynccontextmanager

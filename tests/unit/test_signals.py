@@ -20,6 +20,7 @@ def restore_handlers() -> Iterator[None]:
     for signum, handler in saved.items():
         signal.signal(signum, handler)
     stop_signals._early.clear()
+    stop_signals._inherited.clear()
 
 
 def test_signal_before_trio_is_returned_first(restore_handlers: None) -> None:
@@ -58,3 +59,30 @@ def test_a_signal_blocked_before_catch_is_recorded_when_it_unblocks(
             stop_signals.STOP_SIGNALS)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def test_release_gives_a_tool_the_default_actions_back(restore_handlers: None) -> None:
+    stop_signals.catch()
+    stop_signals.release()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_a_signal_recorded_before_release_ends_the_tool_quietly(
+        restore_handlers: None) -> None:
+    stop_signals.catch()
+    os.kill(os.getpid(), signal.SIGTERM)  # during the imports
+    with pytest.raises(SystemExit) as ended:
+        stop_signals.release()
+    assert ended.value.code == 128 + signal.SIGTERM
+
+
+def test_release_keeps_a_signal_the_tool_was_started_with_ignored(
+        restore_handlers: None) -> None:
+    """``uspan stats wg0 &`` from a script: SIGINT is ignored, and stays so."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stop_signals.catch()
+    os.kill(os.getpid(), signal.SIGINT)
+    stop_signals.release()  # no SystemExit: the recorded one was to be ignored
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

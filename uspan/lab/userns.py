@@ -75,7 +75,9 @@ def run_inside(root: Path, argv: list[str], announce: bool) -> int:
     command = ["nsenter", f"--target={holder.pid}", "--user", "--mount", "--net",
                "--preserve-credentials", f"--wd={os.getcwd()}", procs.uspan_program(), *argv]
     env = {**os.environ, userpaths.LAB_ROOT_ENV: str(root)}
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the inner one's
+    # Ctrl-C is the inner one's: a handler that does nothing, not SIG_IGN, which the inner
+    # uspan would inherit (a handler becomes the default action across exec).
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
     try:
         code = subprocess.run(command, env=env, check=False).returncode
     finally:
