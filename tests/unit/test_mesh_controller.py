@@ -297,3 +297,21 @@ def test_every_member_derives_the_same_relay_address_for_a_peer() -> None:
     other = PeerController("node1", K1, config(), Store(wall_offset=0.0))
     assert mine.relay_addresses.of(K2) == other.relay_addresses.of(K2)
     assert mine.relay_addresses.of(K1) != mine.relay_addresses.of(K2)
+
+
+def test_a_roam_that_beat_a_pushed_endpoint_is_where_cycling_goes_on_from() -> None:
+    """The device kept the endpoint the peer roamed to over the one we pushed (its
+    change was decided before the roam): that one counts as pushed and last used, so a
+    later pick of the endpoint we had pushed is pushed again, not taken as applied."""
+    controller, _ = started()
+    controller.set_affiliates(AFFILIATES, {}, now=0.0)  # K2 aimed at E2A
+    roamed = Endpoint("203.0.113.9", 41000)
+    controller.endpoint_kept(K2, E2B, roamed)  # not what we pushed: nothing changes
+    assert controller.statuses[K2].last_used_endpoint == E2A
+    controller.endpoint_kept(K2, E2A, roamed)
+    assert controller.statuses[K2].last_used_endpoint == roamed
+    # the roamed path dies: two unanswered initiations there
+    controller.set_facts({K2: LinkFacts(roamed, None, 2, 5.1, 0, 296)}, now=5.1)
+    out = controller.tick(11.1)
+    assert Transition(ID2, "h2", DOWN, UNKNOWN, E2A) in out.transitions
+    assert out.device_change.peers == [PeerChange(public_key=K2, endpoint=E2A, handshake=True)]

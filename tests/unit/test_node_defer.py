@@ -1,9 +1,12 @@
-"""Which deferred handshake changes the node still applies after HANDSHAKE_DEFER."""
+"""The node's handling of applied changes: which deferred handshake changes it still
+applies after HANDSHAKE_DEFER, and which endpoints the device kept elsewhere."""
 
 from __future__ import annotations
 
-from uspan.node.node import still_wanted
-from uspan.wg.config import PeerChange
+from uspan.node.node import kept_elsewhere, still_wanted
+from uspan.wg.config import DeviceChange, PeerChange
+from uspan.wg.device import Device
+from uspan.wg.endpoint import Endpoint
 from uspan.wg.facts import PeerFacts
 
 A, B, C = b"a" * 32, b"b" * 32, b"c" * 32
@@ -41,3 +44,20 @@ def test_a_peer_added_since_counts_from_zero() -> None:
 def test_keepalive_changes_always_go_through() -> None:
     keepalive = PeerChange(A, update_only=True, persistent_keepalive=25)
     assert still_wanted([keepalive], {A: 0}, {A: facts(5)}) == [keepalive]
+
+
+def test_an_endpoint_the_device_did_not_take_is_reported_with_where_it_is() -> None:
+    """After a change is applied, its endpoints that the device does not show were
+    skipped for a roam (``unless_roamed_after``): the node tells the controller."""
+    device = Device()
+    device.apply(DeviceChange(private_key=bytes(range(1, 33))), 0.0)
+    roamed, pushed = Endpoint("203.0.113.9", 41000), Endpoint("192.0.2.2", 51820)
+    device.apply(DeviceChange(peers=[PeerChange(A, endpoint=pushed)]), 0.0)
+    device.peers[A].roam(roamed)  # as an authenticated packet from there would
+    stale = DeviceChange(peers=[PeerChange(A, endpoint=pushed, unless_roamed_after=0),
+                                PeerChange(B, endpoint=pushed)])
+    device.apply(stale, 1.0)
+    assert kept_elsewhere(stale, device.peers) == [(A, pushed, roamed)]
+    taken = DeviceChange(peers=[PeerChange(A, endpoint=pushed)])
+    device.apply(taken, 2.0)
+    assert kept_elsewhere(taken, device.peers) == []

@@ -126,6 +126,21 @@ class PeerController:
         self.reflexive = tuple(endpoints)
         return self._reconcile(now, [])
 
+    def endpoint_kept(self, key: bytes, pushed: Endpoint, kept: Endpoint) -> None:
+        """The device kept ``kept`` for a peer instead of ``pushed``: the peer roamed
+        there after we decided (``PeerChange.unless_roamed_after``). Unless another
+        endpoint was pushed since, where it really is becomes the endpoint pushed and
+        last used: cycling goes on from there, and ``pushed`` picked again is pushed
+        again rather than taken for applied."""
+        applied = self.applied.get(key)
+        if applied is None or applied.endpoint != pushed.without_source():
+            return
+        kept = kept.without_source()
+        self.applied[key] = replace(applied, endpoint=kept)
+        status = self.statuses.get(key)
+        if status is not None:
+            self.statuses[key] = replace(status, last_used_endpoint=kept)
+
     def punch_requests(self) -> tuple[PunchRequest, ...]:
         """Our hole-punching requests, for our affiliate."""
         return self.puncher.requests()

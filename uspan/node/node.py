@@ -27,7 +27,7 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -82,6 +82,7 @@ from uspan.wg.config import ConfigError as DeviceConfigError
 from uspan.wg.config import DeviceChange, PeerChange
 from uspan.wg.endpoint import Endpoint
 from uspan.wg.facts import PeerFacts
+from uspan.wg.peer import Peer
 
 log = logging.getLogger("uspan.node")
 
@@ -124,6 +125,20 @@ def still_wanted(changes: list[PeerChange], before: dict[bytes, int],
             or now[c.public_key].handshakes == before.get(c.public_key, 0)]
 
 
+def kept_elsewhere(change: DeviceChange, peers: Mapping[bytes, Peer],
+                   ) -> list[tuple[bytes, Endpoint, Endpoint]]:
+    """The endpoints of ``change`` the device did not take, as (key, pushed, kept): the
+    peer roamed after the change was decided, and the roam stands."""
+    found = []
+    for change_peer in change.peers:
+        pushed, peer = change_peer.endpoint, peers.get(change_peer.public_key)
+        if pushed is None or peer is None or peer.endpoint is None:
+            continue
+        if peer.endpoint.address != pushed.address:
+            found.append((change_peer.public_key, pushed, peer.endpoint))
+    return found
+
+
 class _KubeSpan:
     """The device, its routing and its address while KubeSpan is enabled."""
 
@@ -141,6 +156,9 @@ class _KubeSpan:
         # Peer changes for the device, applied in order by _apply_changes, in slices: a
         # change for a thousand peers never stalls the tunnels to the others.
         self._changes, self._pending = trio.open_memory_channel[DeviceChange](math.inf)
+        # Called with (key, endpoint pushed, endpoint the device kept) for each endpoint
+        # the device did not take (the peer roamed after the decision).
+        self.on_kept: Callable[[bytes, Endpoint, Endpoint], None] | None = None
 
     def submit(self, change: DeviceChange) -> None:
         """Queue a change for apply_changes (dropped if the device has stopped)."""
@@ -154,6 +172,10 @@ class _KubeSpan:
                     await self.daemon.configure(change)
                 except DeviceConfigError as exc:
                     log.error("peer configuration refused by the device: %s", exc)
+                    continue
+                for key, pushed, kept in kept_elsewhere(change, self.daemon.device.peers):
+                    if self.on_kept is not None:
+                        self.on_kept(key, pushed, kept)
 
 
 class Node:
@@ -283,6 +305,8 @@ class Node:
         self.kubespan = ks
         assert self.controller is not None
         self.controller.device_replaced()
+        self._roamed = {}  # the new device counts its roams from 0
+        ks.on_kept = self._endpoint_kept
         if kubespan.relay is not None:
             ks.relay = RelayLink(
                 daemon, kubespan.relay,
@@ -393,6 +417,13 @@ class Node:
         output = self.controller.set_facts(facts, trio.current_time())
         self._carry_out(output)
         return output
+
+    def _endpoint_kept(self, key: bytes, pushed: Endpoint, kept: Endpoint) -> None:
+        if self.controller is not None:
+            log.debug("peer %s roamed to %s before %s was applied: kept",
+                      _b64(key), kept, pushed)
+            self.controller.endpoint_kept(key, pushed, kept)
+            self._kick()
 
     def _carry_out(self, output: Output) -> None:
         for warning in output.warnings:
