@@ -431,6 +431,7 @@ def read_whole(t: AllowedIPs[Peer], peer: Peer, step: int = 2) -> list[str]:
 def test_text_read_whole_is_kept_until_the_prefixes_change(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(allowedips, "KEEP_TEXT_AT", 1)
+    monkeypatch.setattr(allowedips, "RENDER_AT_ONCE", 0)
     a, b = Peer("a"), Peer("b")
     t: AllowedIPs[Peer] = AllowedIPs()
     t.insert([net("10.0.0.0/8"), net("fd00::/8"), net("10.1.0.0/16")], a)
@@ -481,6 +482,21 @@ def test_a_small_peers_snapshot_is_its_text_at_once() -> None:
     assert snapshot == ["10.0.0.0/8", "fd00::/8"]
 
 
+def test_a_step_of_a_get_renders_at_most_a_pieces_worth_at_once() -> None:
+    """A get's snapshot is taken INFO_STEP peers a step: a peer with a few hundred routes
+    rendered at once made one step of 16,000 prefixes (18-49 ms)."""
+    from uspan.wg.device import INFO_STEP
+    from uspan.wg.uapi import GET_PIECE_LINES
+
+    assert INFO_STEP * allowedips.RENDER_AT_ONCE <= GET_PIECE_LINES
+    a, b = Peer("a"), Peer("b")
+    t: AllowedIPs[Peer] = AllowedIPs()
+    t.insert([net(f"10.0.{i}.0/24") for i in range(allowedips.RENDER_AT_ONCE)], a)
+    t.insert([net(f"10.1.{i}.0/24") for i in range(allowedips.RENDER_AT_ONCE + 1)], b)
+    assert type(t.texts(a)) is list
+    assert type(t.texts(b)) is not list  # rendered as the get's pieces are read
+
+
 def test_a_snapshot_read_after_a_change_is_not_kept() -> None:
     a = Peer("a")
     t: AllowedIPs[Peer] = AllowedIPs()
@@ -497,6 +513,7 @@ def test_a_change_renders_again_only_the_segments_it_touched(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(allowedips, "SHARD_AT", 2)
     monkeypatch.setattr(allowedips, "KEEP_TEXT_AT", 1)
+    monkeypatch.setattr(allowedips, "RENDER_AT_ONCE", 0)
     a = Peer("a")
     t: AllowedIPs[Peer] = AllowedIPs()
     t.insert([net(f"10.0.0.{i}/32") for i in range(6)], a)  # segments of 2

@@ -540,3 +540,21 @@ def test_unknown_static_is_refused_before_the_last_dh(net: Net, pair) -> None:
     net.run()
     assert calls == [a.public]
     assert b.device.counters[Drop.UNKNOWN_PEER] == 1
+
+
+def test_the_timers_of_a_removed_peer_never_arm_its_successor() -> None:
+    """Timers call the device with the peer's key: a removed peer's must not queue a
+    deadline for a new peer of the same key."""
+    from uspan.wg.device import Device
+
+    device = Device()
+    device.apply(DeviceChange(private_key=bytes(range(1, 33))), 0.0)
+    key = bytes(range(2, 34))
+    device.apply(DeviceChange(peers=[PeerChange(key)]), 0.0)
+    old = device.peers[key]
+    device.apply(DeviceChange(peers=[PeerChange(key, remove=True)]), 1.0)
+    device.apply(DeviceChange(peers=[PeerChange(key)]), 1.0)
+    new = device.peers[key]
+    queued = list(device._timer_queue)
+    old.timers.handshake_initiated(2.0)
+    assert new.timer_seq == -1 and device._timer_queue == queued

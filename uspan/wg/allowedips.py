@@ -37,6 +37,9 @@ SHARD_SPREAD = 65521  # a prime under 2**SHARD_DEPTH: the shard hash folds in ev
 # kept, the text of a peer's one prefix costs ~390 bytes (20,000 peers: 7.8 MB after one
 # ``wg show``), to save rendering that costs about a microsecond a prefix.
 KEEP_TEXT_AT = 256
+# A peer with at most this many prefixes is rendered into a get's snapshot at once: one
+# step of info_steps (device.INFO_STEP peers) then renders at most a get piece's worth.
+RENDER_AT_ONCE = 16
 
 
 class _Table(Generic[T]):
@@ -404,7 +407,7 @@ class AllowedIPs(Generic[T]):
 
     def texts(self, value: T) -> Sequence[str]:
         """A snapshot of ``prefixes(value)`` as text (``10.0.0.0/8``, as ``get=1``
-        reports them): one segment of fewer than KEEP_TEXT_AT rendered at once (most
+        reports them): one segment of at most RENDER_AT_ONCE rendered at once (most
         peers have one prefix or a few: a snapshot object, its holds and its release
         were 60 % of a ``get`` of 20,000 peers), more only as they are read (each
         segment's kept once read)."""
@@ -412,7 +415,7 @@ class AllowedIPs(Generic[T]):
         if owner is None:
             return []
         segments = owner._segments
-        if isinstance(segments, dict) and len(segments) < KEEP_TEXT_AT:
+        if isinstance(segments, dict) and len(segments) <= RENDER_AT_ONCE:
             return prefix_texts(list(segments))
         return PrefixTexts(owner)
 

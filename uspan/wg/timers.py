@@ -133,6 +133,7 @@ class PeerTimers:
         for name in TIMERS:
             setattr(self, name, None)
         self.need_another_keepalive = False
+        self._wake = _gone  # a stray event must not arm the timers of a peer re-added
 
     # Queries -----------------------------------------------------------------------------
 
@@ -160,3 +161,7 @@ class PeerTimers:
                 setattr(self, name, None)
                 fired.append(name)
         return fired
+
+
+def _gone(owner: bytes, deadline: float) -> None:
+    """The wake of a removed peer's timers: nothing to arm."""
