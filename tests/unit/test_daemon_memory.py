@@ -12,6 +12,7 @@ import trio.testing
 from tests.unit.wgnet import ipv4_packet
 from uspan.daemon.daemon import WATCH_INTERVAL, Daemon
 from uspan.daemon.memory import MemoryNetwork, MemoryTun
+from uspan.daemon.ports import Datagram
 from uspan.wg import prefix
 from uspan.wg.config import DeviceChange, PeerChange
 from uspan.wg.constants import MSG_TRANSPORT
@@ -22,11 +23,12 @@ KEEPALIVE_SIZE = 32  # a transport header and an empty sealed payload
 
 
 class Node:
-    def __init__(self, network: MemoryNetwork, host: str, address: str) -> None:
+    def __init__(self, network: MemoryNetwork, host: str, address: str,
+                 tun: MemoryTun | None = None) -> None:
         self.host, self.address = host, address
         self.private = clamp(os.urandom(32))
         self.public = public_key(self.private)
-        self.tun = MemoryTun()
+        self.tun = MemoryTun() if tun is None else tun
         self.daemon = Daemon(self.tun, network.bind(host, 51820))
         self.daemon.set(DeviceChange(private_key=self.private))
 
@@ -43,9 +45,10 @@ def run(test: Callable[[], Awaitable[None]]) -> None:
     trio.run(test, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
-def pair(network: MemoryNetwork, keepalive: int | None = None) -> tuple[Node, Node]:
+def pair(network: MemoryNetwork, keepalive: int | None = None,
+         b_tun: MemoryTun | None = None) -> tuple[Node, Node]:
     a = Node(network, "192.0.2.1", "10.0.0.1")
-    b = Node(network, "192.0.2.2", "10.0.0.2")
+    b = Node(network, "192.0.2.2", "10.0.0.2", b_tun)
     a.daemon.set(DeviceChange(peers=[a.peer(b, keepalive)]))
     b.daemon.set(DeviceChange(peers=[b.peer(a, endpoint=False)]))
     return a, b
@@ -71,6 +74,42 @@ def test_handshake_and_a_packet_through_in_both_directions():
             b.daemon.stop("done")
         assert a.daemon.exit_code == b.daemon.exit_code == 0
         assert network.binds == {}  # every port given to a daemon is closed by it
+
+    run(main)
+
+
+class EchoTun(MemoryTun):
+    """Answers each packet inside the write, as the kernel answers a ping or sends an ACK."""
+
+    async def write(self, packets: list[bytes]) -> None:
+        await super().write(packets)
+        self.inject(*(ipv4_packet("10.0.0.2", "10.0.0.1", b"pong" * 5) for _ in packets))
+
+
+def test_an_answer_the_write_queued_is_sent_by_the_task_that_received():
+    """No wake of the TUN task between a datagram in and the kernel's answer out: on an
+    idle machine that wake is an event loop pass and an epoll_wait on the ping's path."""
+    async def main():
+        network = MemoryNetwork()
+        a, b = pair(network, b_tun=EchoTun())
+        senders: list[str] = []
+        deliver = network.deliver
+
+        def recording(source: tuple[str, int], datagrams: list[Datagram]) -> None:
+            if source[0] == b.host:
+                senders.append(trio.lowlevel.current_task().name.rsplit(".", 1)[-1])
+            deliver(source, datagrams)
+
+        network.deliver = recording  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.daemon.run)
+            await nursery.start(b.daemon.run)
+            a.tun.inject(ipv4_packet("10.0.0.1", "10.0.0.2"))
+            with trio.fail_after(1):
+                assert await a.tun.next_written() == ipv4_packet("10.0.0.2", "10.0.0.1",
+                                                                 b"pong" * 5)
+            nursery.cancel_scope.cancel()
+        assert senders == ["_udp_loop", "_udp_loop"]  # the handshake response, the answer
 
     run(main)
 
