@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 from collections.abc import Awaitable, Callable
 
+import pytest
 import trio
 import trio.testing
 
-from tests.unit.wgnet import ipv4_packet
-from uspan.daemon.daemon import WATCH_INTERVAL, Daemon
+from tests.unit.wgnet import ipv4_packet, ipv6_packet
+from uspan.daemon.daemon import WATCH_INTERVAL, Daemon, _may_be_answered
 from uspan.daemon.memory import MemoryNetwork, MemoryTun
 from uspan.daemon.ports import Datagram
 from uspan.wg import prefix
@@ -78,17 +79,34 @@ def test_handshake_and_a_packet_through_in_both_directions():
     run(main)
 
 
+ICMP, TCP, UDP, ICMPV6 = 1, 6, 17, 58
+ECHO_REQUEST = {ICMP: 8, ICMPV6: 128}
+
+
+def with_protocol(packet: bytes, protocol: int, version: int = 4) -> bytes:
+    """The packet as ``protocol``; an ICMP one is an echo request."""
+    at, header = (9, 20) if version == 4 else (6, 40)
+    body = bytes([ECHO_REQUEST.get(protocol, 0)]) + packet[header + 1:]
+    return packet[:at] + bytes([protocol]) + packet[at + 1:header] + body
+REPLY = ipv4_packet("10.0.0.2", "10.0.0.1", b"pong" * 5)
+
+
 class EchoTun(MemoryTun):
     """Answers each packet inside the write, as the kernel answers a ping or sends an ACK."""
 
     async def write(self, packets: list[bytes]) -> None:
         await super().write(packets)
-        self.inject(*(ipv4_packet("10.0.0.2", "10.0.0.1", b"pong" * 5) for _ in packets))
+        self.inject(*(REPLY for _ in packets))
 
 
-def test_an_answer_the_write_queued_is_sent_by_the_task_that_received():
-    """No wake of the TUN task between a datagram in and the kernel's answer out: on an
-    idle machine that wake is an event loop pass and an epoll_wait on the ping's path."""
+@pytest.mark.parametrize(("protocol", "sender"), [
+    (ICMP, "_udp_loop"), (TCP, "_udp_loop"),
+    (UDP, "_tun_loop"),  # the kernel does not answer UDP: no read that finds nothing
+])
+def test_what_the_kernel_answers_inside_the_write_is_sent_by_the_receiving_task(
+        protocol, sender):
+    """No wake of the TUN task between a ping in and its reply out: on an idle machine
+    that wake is an event loop pass and an epoll_wait on the ping's path."""
     async def main():
         network = MemoryNetwork()
         a, b = pair(network, b_tun=EchoTun())
@@ -104,14 +122,28 @@ def test_an_answer_the_write_queued_is_sent_by_the_task_that_received():
         async with trio.open_nursery() as nursery:
             await nursery.start(a.daemon.run)
             await nursery.start(b.daemon.run)
-            a.tun.inject(ipv4_packet("10.0.0.1", "10.0.0.2"))
+            a.tun.inject(with_protocol(ipv4_packet("10.0.0.1", "10.0.0.2"), protocol))
             with trio.fail_after(1):
-                assert await a.tun.next_written() == ipv4_packet("10.0.0.2", "10.0.0.1",
-                                                                 b"pong" * 5)
+                assert await a.tun.next_written() == REPLY
             nursery.cancel_scope.cancel()
-        assert senders == ["_udp_loop", "_udp_loop"]  # the handshake response, the answer
+        assert senders == ["_udp_loop", sender]  # the handshake response, the answer
 
     run(main)
+
+
+@pytest.mark.parametrize(("version", "protocol", "answered"), [
+    (4, ICMP, True), (4, TCP, True), (4, UDP, False),
+    (6, ICMPV6, True), (6, TCP, True), (6, ICMP, False), (6, UDP, False)])
+def test_which_packets_the_kernel_may_answer(version, protocol, answered):
+    packet = with_protocol(ipv4_packet("10.0.0.1", "10.0.0.2") if version == 4
+                           else ipv6_packet("fd00::1", "fd00::2"), protocol, version)
+    assert _may_be_answered([ipv4_packet("10.0.0.1", "10.0.0.2"), packet]) is answered
+
+
+def test_an_echo_reply_is_not_answered():
+    """The pinging side reads nothing after delivering the reply."""
+    reply = with_protocol(ipv4_packet("10.0.0.2", "10.0.0.1"), ICMP)
+    assert not _may_be_answered([reply[:20] + b"\0" + reply[21:]])
 
 
 def test_persistent_keepalive_every_25_seconds_exactly():
