@@ -161,10 +161,11 @@ class MemoryTun:
             if self._gone:
                 raise TunGone(errno.EBADFD, "TUN read failed: interface deleted")
             await self._readable.park()
-        return self.read_batch()
-
-    def read_batch(self) -> list[bytes]:
         packets, self._queue = self._queue, []
+        return packets
+
+    def read_batch(self, limit: int) -> list[bytes]:
+        packets, self._queue = self._queue[:limit], self._queue[limit:]
         return packets
 
     async def write(self, packets: list[bytes]) -> None:

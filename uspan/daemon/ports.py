@@ -48,8 +48,8 @@ class TunPort(Protocol):
         """Wait for packets, then return a batch of them (never empty)."""
         ...
 
-    def read_batch(self) -> list[bytes]:
-        """The packets queued now, without waiting (often none)."""
+    def read_batch(self, limit: int) -> list[bytes]:
+        """The packets queued now (of at most ``limit`` reads), without waiting; often none."""
         ...
 
     async def write(self, packets: list[bytes]) -> None:
