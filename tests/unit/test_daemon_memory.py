@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 from tests.unit.wgnet import ipv4_packet, ipv6_packet
-from uspan.daemon.daemon import WATCH_INTERVAL, Daemon, _may_be_answered
+from uspan.daemon.daemon import WATCH_INTERVAL, Daemon, _echo_request
 from uspan.daemon.memory import MemoryNetwork, MemoryTun
 from uspan.daemon.ports import Datagram
 from uspan.wg import prefix
@@ -105,11 +105,12 @@ class EchoTun(MemoryTun):
 
 
 @pytest.mark.parametrize(("protocol", "answers", "senders"), [
-    (ICMP, 1, ["_udp_loop"]), (TCP, 1, ["_udp_loop"]),
+    (ICMP, 1, ["_udp_loop"]),
     (UDP, 1, ["_tun_loop"]),  # the kernel does not answer UDP: no read that finds nothing
+    (TCP, 1, ["_tun_loop"]),  # ACKs and the data they let out: the TUN task's batches
     # At most a read per packet delivered (none that finds nothing after a lone ping's
     # reply); the TUN task takes the rest.
-    (TCP, 2, ["_udp_loop", "_tun_loop"]),
+    (ICMP, 2, ["_udp_loop", "_tun_loop"]),
 ])
 def test_what_the_kernel_answers_inside_the_write_is_sent_by_the_receiving_task(
         protocol, answers, senders):
@@ -140,19 +141,19 @@ def test_what_the_kernel_answers_inside_the_write_is_sent_by_the_receiving_task(
     run(main)
 
 
-@pytest.mark.parametrize(("version", "protocol", "answered"), [
-    (4, ICMP, True), (4, TCP, True), (4, UDP, False),
-    (6, ICMPV6, True), (6, TCP, True), (6, ICMP, False), (6, UDP, False)])
-def test_which_packets_the_kernel_may_answer(version, protocol, answered):
+@pytest.mark.parametrize(("version", "protocol", "echo"), [
+    (4, ICMP, True), (4, TCP, False), (4, UDP, False),
+    (6, ICMPV6, True), (6, TCP, False), (6, ICMP, False), (6, UDP, False)])
+def test_which_packets_are_echo_requests(version, protocol, echo):
     packet = with_protocol(ipv4_packet("10.0.0.1", "10.0.0.2") if version == 4
                            else ipv6_packet("fd00::1", "fd00::2"), protocol, version)
-    assert _may_be_answered([ipv4_packet("10.0.0.1", "10.0.0.2"), packet]) is answered
+    assert _echo_request(packet) is echo
 
 
-def test_an_echo_reply_is_not_answered():
+def test_an_echo_reply_is_not_a_request():
     """The pinging side reads nothing after delivering the reply."""
     reply = with_protocol(ipv4_packet("10.0.0.2", "10.0.0.1"), ICMP)
-    assert not _may_be_answered([reply[:20] + b"\0" + reply[21:]])
+    assert not _echo_request(reply[:20] + b"\0" + reply[21:])
 
 
 def test_persistent_keepalive_every_25_seconds_exactly():
