@@ -1,7 +1,7 @@
-"""``uspan-wg`` is a small compiled launcher (uspan/daemon/launcher.c): it blocks stop
-signals and execs the console script ``uspan-wg-python`` beside it, so none lands in the
-interpreter's start-up (see uspan.signals). Without a C compiler it is a Python script,
-as the console script was."""
+"""``uspan`` and ``uspan-wg`` are one small compiled launcher (uspan/launcher.c) under two
+names: it blocks stop signals and execs the console script ``NAME-python`` beside it, so
+none lands in the interpreter's start-up (see uspan.signals). Without a C compiler they
+are Python scripts, as console scripts are."""
 
 from __future__ import annotations
 
@@ -12,36 +12,40 @@ from pathlib import Path
 
 from setuptools import setup
 
-_FALLBACK = "#!python\nimport sys\nfrom uspan.daemon.launch import main\nsys.exit(main())\n"
+NAMES = {"uspan": "uspan", "uspan-wg": "wg"}  # program -> its function in uspan.launch
+_FALLBACK = "#!python\nimport sys\nfrom uspan.launch import {}\nsys.exit({}())\n"
 
 
 class BuildLauncher(build_scripts):
-    """Compile bin/uspan-wg (it holds no path: it finds uspan-wg-python beside itself
-    when it runs); the Python script where that fails."""
+    """Compile bin/uspan and bin/uspan-wg (they hold no path: each finds its script
+    beside itself when it runs); Python scripts where that fails."""
 
     def run(self) -> None:
         work = Path(self.get_finalized_command("build").build_temp) / "uspan-launcher"
         work.mkdir(parents=True, exist_ok=True)
-        target = work / "uspan-wg"
         try:
-            self._compile(work, target)
+            binary = self._compile(work)
         except Exception as exc:  # no compiler: the interpreter's own start-up window stays
-            print(f"uspan-wg: compiled launcher not built ({exc}); a Python script instead")
-            target.write_text(_FALLBACK)
-            self.scripts = [str(target)]
-            super().run()  # writes this interpreter into the #! line
+            print(f"uspan: compiled launcher not built ({exc}); Python scripts instead")
+            self.scripts = []
+            for name, function in NAMES.items():
+                (work / name).write_text(_FALLBACK.format(function, function))
+                self.scripts.append(str(work / name))
+            super().run()  # writes this interpreter into the #! lines
             return
         self.mkpath(self.build_dir)
-        self.copy_file(str(target), self.build_dir)  # a binary: no #! line to rewrite
+        for name in NAMES:  # binaries: no #! line to rewrite
+            self.copy_file(str(binary), str(Path(self.build_dir) / name))
 
     @staticmethod
-    def _compile(work: Path, target: Path) -> None:
+    def _compile(work: Path) -> Path:
         compiler = new_compiler()
         customize_compiler(compiler)
-        objects = compiler.compile(["uspan/daemon/launcher.c"], output_dir=str(work))
-        compiler.link_executable(objects, target.name, output_dir=str(work))
+        objects = compiler.compile(["uspan/launcher.c"], output_dir=str(work))
+        compiler.link_executable(objects, "launcher", output_dir=str(work))
+        return work / "launcher"
 
 
 # The source stands in the scripts list so that the build has scripts to build (and an
-# sdist carries it); BuildLauncher turns it into bin/uspan-wg.
-setup(scripts=["uspan/daemon/launcher.c"], cmdclass={"build_scripts": BuildLauncher})
+# sdist carries it); BuildLauncher turns it into bin/uspan and bin/uspan-wg.
+setup(scripts=["uspan/launcher.c"], cmdclass={"build_scripts": BuildLauncher})

@@ -8,6 +8,7 @@ that forks workers is charged for them too.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import signal
@@ -19,8 +20,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
-from uspan.testbed import NetnsError
+from uspan.testbed import Namespace, NetnsError
 
 USPAN = str(Path(sys.executable).parent / "uspan-wg")
 # wireguard-go builds compared when no --wgo is given, those present, in this order: the
@@ -148,6 +150,19 @@ def peak_rss_mib(pid: int) -> float:
             if line.startswith("VmHWM:"):
                 total_kib += int(line.split()[1])
     return total_kib / 1024
+
+
+def iperf3(ns: Namespace, argv: Sequence[str], seconds: float) -> dict[str, Any]:
+    """The ``end`` section of an ``iperf3 -J`` client run (``argv`` after ``iperf3``)."""
+    done = ns.run("iperf3", "-J", *argv, timeout=seconds + 30, check=False)
+    try:
+        report = json.loads(done.stdout)
+    except json.JSONDecodeError as e:
+        raise BenchError(f"iperf3 printed no JSON (exit {done.returncode}): {done.stderr}") from e
+    if "error" in report:
+        raise BenchError(f"iperf3: {report['error']}")
+    end: dict[str, Any] = report["end"]
+    return end
 
 
 # --- statistics and tables --------------------------------------------------------------

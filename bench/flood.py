@@ -13,14 +13,16 @@ every responder is configured with the peer's endpoint (``known``, as in a KubeS
 mesh, where every peer has one) or learns it from the handshake (``unknown``), or both
 are run. Measured: time from the first ping to the first reply, the responder's CPU
 seconds over the flood and its peak RSS, the attacker's rate, and how long after the
-flood the first reply came when none came during it. Responders alternate round by
-round, so the machine's drift hits all alike; the load average is reported with each
-round.
+flood the first reply came when none came during it. ``--tunnel`` measures instead what
+a flood costs a tunnel that is already up: one TCP stream from the peer to the responder
+(iperf3), without a flood and then during one. Responders alternate round by round, so
+the machine's drift hits all alike; the load average is reported with each round.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,6 +32,7 @@ from bench.common import (
     Spread,
     add_common_arguments,
     cpu_seconds,
+    iperf3,
     machine_lines,
     peak_rss_mib,
     publish,
@@ -37,7 +40,7 @@ from bench.common import (
     start_benchmark,
     table,
 )
-from uspan.testbed import Lab, PeerConfig
+from uspan.testbed import Lab, Namespace, PeerConfig, WireGuard
 from uspan.testbed.flood import ATTACKER, RESPONDER, SPOOF_RANGE, Attack, Pinger, link
 
 OUTER = (ATTACKER, RESPONDER)
@@ -47,6 +50,34 @@ PEER_PORT = 51841  # the peer's, fixed so a responder can be told it
 KINDS = ("ports", "spoof")
 ENDPOINTS = ("known", "unknown")
 AFTER_FLOOD = 10.0  # seconds to wait for a first reply after the flood, if none came
+IPERF_PORT = 5201
+SETTLE = 1.0  # with --tunnel: seconds into the flood before the flooded iperf3 run
+
+
+def _pair(lab: Lab, args: argparse.Namespace, impl: str,
+          known: bool) -> tuple[Namespace, Namespace, WireGuard]:
+    """Namespaces ``a`` and ``r``, the responder under test in ``r`` and the peer in
+    ``a``, configured and up (no handshake yet); the peer's endpoint ``known`` to the
+    responder or not."""
+    a, r = lab.namespace("a"), lab.namespace("r")
+    link(lab, a, r)
+    responder = lab.start_wireguard(r, args.programs[impl])
+    peer = lab.start_wireguard(a, args.legit)
+    endpoint = f"{OUTER[0]}:{PEER_PORT}" if known else None
+    responder.configure(listen_port=PORT, peers=[
+        PeerConfig(peer.keys.public, [f"{INNER[0]}/32"], endpoint)])
+    peer.configure(listen_port=PEER_PORT, peers=[
+        PeerConfig(responder.keys.public, [f"{INNER[1]}/32"], f"{OUTER[1]}:{PORT}")])
+    for wg, inner in ((responder, INNER[1]), (peer, INNER[0])):
+        wg.add_address(f"{inner}/24")
+        wg.up()
+    return a, r, responder
+
+
+def _attack(args: argparse.Namespace, a: Namespace, responder: WireGuard, kind: str,
+            seconds: float) -> Attack:
+    return Attack(a, OUTER[1], PORT, responder.keys.public, seconds=seconds, rate=args.rate,
+                  ports=args.ports, spoof=SPOOF_RANGE if kind == "spoof" else None)
 
 
 def flood_trial(args: argparse.Namespace, impl: str, kind: str,
@@ -54,21 +85,8 @@ def flood_trial(args: argparse.Namespace, impl: str, kind: str,
     """One fresh responder, one flood, one legitimate peer (its endpoint ``known`` to the
     responder or not)."""
     with Lab("bfl") as lab:
-        a, r = lab.namespace("a"), lab.namespace("r")
-        link(lab, a, r)
-        responder = lab.start_wireguard(r, args.programs[impl])
-        peer = lab.start_wireguard(a, args.legit)
-        endpoint = f"{OUTER[0]}:{PEER_PORT}" if known else None
-        responder.configure(listen_port=PORT, peers=[
-            PeerConfig(peer.keys.public, [f"{INNER[0]}/32"], endpoint)])
-        peer.configure(listen_port=PEER_PORT, peers=[
-            PeerConfig(responder.keys.public, [f"{INNER[1]}/32"], f"{OUTER[1]}:{PORT}")])
-        for wg, inner in ((responder, INNER[1]), (peer, INNER[0])):
-            wg.add_address(f"{inner}/24")
-            wg.up()
-        attack = Attack(a, OUTER[1], PORT, responder.keys.public, seconds=args.seconds,
-                        rate=args.rate, ports=args.ports,
-                        spoof=SPOOF_RANGE if kind == "spoof" else None)
+        a, _, responder = _pair(lab, args, impl, known)
+        attack = _attack(args, a, responder, kind, args.seconds)
         pid = responder.process.pid
         load = float(Path("/proc/loadavg").read_text().split()[0])
         cpu_before = cpu_seconds(pid)
@@ -95,14 +113,58 @@ def flood_trial(args: argparse.Namespace, impl: str, kind: str,
     }
 
 
+def _tcp_mbps(a: Namespace, seconds: float, pid: int) -> tuple[float, float]:
+    """(Mbit/s, responder CPU seconds a second) of one TCP stream from the peer to the
+    responder through the tunnel."""
+    cpu, started = cpu_seconds(pid), time.monotonic()
+    end = iperf3(a, ["-c", INNER[1], "-p", str(IPERF_PORT), "-t", f"{seconds:g}"], seconds)
+    used = (cpu_seconds(pid) - cpu) / (time.monotonic() - started)
+    return float(end["sum_received"]["bytes"]) * 8 / 1e6 / seconds, used
+
+
+def tunnel_trial(args: argparse.Namespace, impl: str, kind: str,
+                 known: bool) -> dict[str, float | None]:
+    """One fresh responder and its tunnel with the peer, established before the flood:
+    one TCP stream through it without a flood, then the same during one."""
+    with Lab("bfl") as lab:
+        a, r, responder = _pair(lab, args, impl, known)
+        r.spawn("iperf3", "-s", "-p", str(IPERF_PORT))
+        r.wait_listening(IPERF_PORT)
+        if a.run("ping", "-n", "-c", "1", "-W", "10", INNER[1], check=False).returncode:
+            raise BenchError(f"{impl}: no tunnel before the flood")
+        pid = responder.process.pid
+        load = float(Path("/proc/loadavg").read_text().split()[0])
+        alone, cpu_alone = _tcp_mbps(a, args.iperf_seconds, pid)
+        attack = _attack(args, a, responder, kind, SETTLE + args.iperf_seconds + 1.0)
+        time.sleep(SETTLE)
+        flooded, cpu_flooded = _tcp_mbps(a, args.iperf_seconds, pid)
+        sent = attack.wait()
+        rate = sent / (time.monotonic() - attack.started)
+        if not responder.alive():
+            raise BenchError(f"{impl} responder died:\n{lab.daemon_logs()}")
+    return {"alone": alone, "flooded": flooded, "kept": flooded / alone if alone else None,
+            "cpu_alone": cpu_alone, "cpu_flooded": cpu_flooded, "rate": rate, "load": load}
+
+
+SHARED_ROWS = (
+    ("rate", "flood sent (datagrams/s)", 0),
+    ("load", "load average at the start of the round", 1),
+)
+TUNNEL_ROWS = (
+    ("alone", "TCP through the tunnel, no flood (Mbit/s)", 0),
+    ("flooded", "TCP through the tunnel during the flood (Mbit/s)", 0),
+    ("kept", "during / no flood", 2),
+    ("cpu_alone", "responder CPU, no flood (s a second)", 2),
+    ("cpu_flooded", "responder CPU during the flood (s a second)", 2),
+    *SHARED_ROWS,
+)
 ROWS = (
     ("first", "first ping reply after the first ping (s)", 2),
     ("through", "rounds with a reply during the flood (of all)", 0),
     ("recovery", "if not: first reply after the flood ended (s)", 2),
     ("cpu", "responder CPU during the flood (s)", 1),
     ("rss", "responder peak RSS (MiB)", 1),
-    ("rate", "flood sent (datagrams/s)", 0),
-    ("load", "load average at the start of the round", 1),
+    *SHARED_ROWS,
 )
 
 
@@ -111,13 +173,17 @@ Case = tuple[str, str]  # (kind, endpoints)
 
 def render(values: dict[tuple[str, Case], dict[str, list[float | None]]], impls: list[str],
            cases: list[Case], info: dict[str, str], settings: dict[str, str],
-           markdown: bool) -> str:
+           tunnel: bool, markdown: bool) -> str:
     heading = "## " if markdown else ""
     parts = [f"{heading}Machine", machine_lines(info, markdown),
              f"{heading}Settings", machine_lines(settings, markdown)]
+    # Each round's headline figure, in order: the tunnel's Mbit/s or the first reply.
+    each, each_label, each_format = (("flooded", "TCP during the flood per round (Mbit/s)",
+                                      "{:.0f}") if tunnel else
+                                     ("first", "first reply per round (s)", "{:.1f}"))
     for case in cases:
         rows = []
-        for key, label, digits in ROWS:
+        for key, label, digits in TUNNEL_ROWS if tunnel else ROWS:
             cells = []
             for impl in impls:
                 got = values[(impl, case)][key]
@@ -128,14 +194,14 @@ def render(values: dict[tuple[str, Case], dict[str, list[float | None]]], impls:
                 spread = Spread.of(got)
                 cells.append(spread.format(digits) if spread else "n/a")
             rows.append([label, *cells])
-        firsts = [[impl, " ".join("-" if v is None else f"{v:.1f}"
-                                  for v in values[(impl, case)]["first"])] for impl in impls]
+        rounds = [[impl, " ".join("-" if v is None else each_format.format(v)
+                                  for v in values[(impl, case)][each])] for impl in impls]
         kind, endpoint = case
         parts += [f"{heading}Flood `{kind}`, peer's endpoint {endpoint}: median [min-max] "
                   "over rounds",
                   table(["metric", *impls], rows, markdown),
-                  "first reply per round (s), in order",
-                  table(["responder", "rounds"], firsts, markdown)]
+                  f"{each_label}, in order",
+                  table(["responder", "rounds"], rounds, markdown)]
     return "\n\n".join(parts) + "\n"
 
 
@@ -157,6 +223,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="known (every responder is configured with the peer's "
                         "endpoint), unknown (it learns it from the handshake) or both: "
                         "known,unknown")
+    parser.add_argument("--tunnel", action="store_true",
+                        help="instead of a newcomer's first ping: one TCP stream (iperf3) "
+                        "from the peer through a tunnel established before the flood, "
+                        "without and then during a flood")
+    parser.add_argument("--iperf-seconds", type=float, default=4.0,
+                        help="with --tunnel: seconds of each iperf3 run (4)")
     parser.add_argument("--legit", default="/usr/bin/wireguard-go",
                         help="the legitimate peer's program (Debian's wireguard-go)")
     add_common_arguments(parser)
@@ -174,13 +246,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    info = start_benchmark("flood", args, ["ip", "wg", "ping"])
+    # bench/flood puts this tree first on the path; the daemons inherit the environment,
+    # so without this a --uspan of another install would run this tree's code. (The
+    # attacker puts the tree on its own path.)
+    os.environ.pop("PYTHONPATH", None)
+    info = start_benchmark("flood", args, ["ip", "wg", "ping", *(["iperf3"] * args.tunnel)])
     if info is None:
         return 2
     impls = list(args.programs)
+    flood_seconds = SETTLE + args.iperf_seconds + 1.0 if args.tunnel else args.seconds
     settings = {
         "rounds": str(args.rounds),
-        "flood": f"{args.seconds:g} s of 148-byte initiations with a valid mac1 and random "
+        "flood": f"{flood_seconds:g} s of 148-byte initiations with a valid mac1 and random "
         f"body, one Python process in the peer's namespace, "
         + (f"at most {args.rate:g}/s" if args.rate else "as fast as it can"),
         "ports": f"from {args.ports} UDP sockets of {OUTER[0]}",
@@ -192,23 +269,34 @@ def main(argv: list[str] | None = None) -> int:
         "peer's endpoint": "known: every responder is configured with it; unknown: "
         "learned from the handshake",
     }
+    if args.tunnel:
+        settings["legitimate peer"] = (
+            f"{args.legit} on {OUTER[0]}:{PEER_PORT}, its tunnel up (one ping) before the "
+            f"flood; {args.iperf_seconds:g} s of one TCP stream (iperf3) from it to the "
+            f"responder without a flood, then the same from {SETTLE:g} s into the flood")
+    rows = TUNNEL_ROWS if args.tunnel else ROWS
+    run_trial = tunnel_trial if args.tunnel else flood_trial
     cases = [(kind, endpoint) for kind in args.kinds for endpoint in args.endpoints]
-    values = {(impl, case): {key: [None] * args.rounds for key, *_ in ROWS}
+    values = {(impl, case): {key: [None] * args.rounds for key, *_ in rows}
               for impl in impls for case in cases}
 
     def trial(impl: str, case: Case, round_: int) -> None:
-        for key, value in flood_trial(args, impl, case[0], case[1] == "known").items():
+        got = run_trial(args, impl, case[0], case[1] == "known")
+        for key, value in got.items():
             values[(impl, case)][key][round_] = value
-            if key == "first":
-                print(f"  first reply {value if value is None else round(value, 2)} s",
-                      flush=True)
+        if args.tunnel:
+            print(f"  TCP {got['alone']:.0f} Mbit/s, during the flood {got['flooded']:.0f}",
+                  flush=True)
+        else:
+            first = got["first"]
+            print(f"  first reply {first if first is None else round(first, 2)} s", flush=True)
 
     failures = run_rounds(args.rounds, [
         (f"{case[0]} {case[1]} {impl}", lambda round_, i=impl, c=case: trial(i, c, round_))
         for case in cases for impl in impls
     ])
     publish("handshake flood",
-            lambda md: render(values, impls, cases, info, settings, markdown=md),
+            lambda md: render(values, impls, cases, info, settings, args.tunnel, markdown=md),
             args.markdown)
     return 1 if failures else 0
 

@@ -24,6 +24,7 @@ from bench.common import (
     Spread,
     add_common_arguments,
     cpu_seconds,
+    iperf3,
     load_average,
     machine_lines,
     peak_rss_mib,
@@ -96,12 +97,10 @@ class IperfTest:
 
     def argv(self, seconds: float, udp_rate: str) -> list[str]:
         argv = [
-            "iperf3",
             "-c",
             INNER[1],
             "-p",
             str(IPERF_PORT),
-            "-J",
             "-t",
             f"{seconds:g}",
             "--connect-timeout",
@@ -202,14 +201,7 @@ def ping_stats(ns: Namespace, count: int) -> dict[str, float | None]:
 
 def _iperf(ns: Namespace, test: IperfTest, seconds: float, udp_rate: str) -> tuple[float, float]:
     """(bytes that arrived, loss % or 0) of one iperf3 run."""
-    done = ns.run(*test.argv(seconds, udp_rate), timeout=seconds + 30, check=False)
-    try:
-        report = json.loads(done.stdout)
-    except json.JSONDecodeError as e:
-        raise BenchError(f"iperf3 printed no JSON (exit {done.returncode}): {done.stderr}") from e
-    if "error" in report:
-        raise BenchError(f"iperf3: {report['error']}")
-    end = report["end"]
+    end = iperf3(ns, test.argv(seconds, udp_rate), seconds)
     if test.udp:
         total = end["sum"]
         arrived = (total["packets"] - total["lost_packets"]) * UDP_PAYLOAD

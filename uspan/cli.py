@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from types import FrameType
 
+from uspan import signals as stop_signals
 from uspan import userpaths, wgtool
 from uspan.daemon import uapi_client
 from uspan.daemon.uapi_server import socket_path
@@ -36,12 +37,6 @@ OUTER = ("192.0.2.1", "192.0.2.2")
 INNER4 = ("10.77.0.1", "10.77.0.2")
 INNER6 = ("fd00:77::1", "fd00:77::2")
 PORTS = (51820, 51821)
-
-
-def default_uspan_wg() -> str:
-    """``uspan-wg`` next to this Python (the venv), else on PATH."""
-    beside = Path(sys.executable).parent / "uspan-wg"
-    return str(beside) if beside.exists() else (shutil.which("uspan-wg") or str(beside))
 
 
 def positive_int(text: str) -> int:
@@ -62,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--count", type=positive_int, default=3, help="pings each way (3)")
     demo.add_argument("--keep", action="store_true", help="keep it running until Ctrl-C")
-    demo.add_argument("--uspan-wg", default=default_uspan_wg(), metavar="PATH",
+    demo.add_argument("--uspan-wg", default=userpaths.program("uspan-wg"), metavar="PATH",
                       help="the program for the first namespace (%(default)s)")  # fmt: skip
     demo.add_argument("--wireguard-go", default=WIREGUARD_GO, metavar="PATH",
                       help="the program for the second namespace (%(default)s)")  # fmt: skip
@@ -104,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     disc.add_argument("--relay", metavar="HOST:PORT",
                       help="also relay WireGuard datagrams for nodes no direct path reaches "
                       "(UDP and TCP on HOST:PORT; docs/relay-protocol.md)")
-    disc.set_defaults(handler=discovery_command, parser=disc)
+    disc.set_defaults(handler=discovery_command, parser=disc, service=True)
     relay = commands.add_parser(
         "relay",
         help="forward members' encrypted WireGuard datagrams when no direct path works",
@@ -118,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve Prometheus metrics at http://HOST:PORT/metrics")
     relay.add_argument("--log-level", default="info", choices=["debug", "info", "warning"],
                        help="(%(default)s)")
-    relay.set_defaults(handler=relay_command, parser=relay)
+    relay.set_defaults(handler=relay_command, parser=relay, service=True)
     node_cli.add_commands(commands)
     lab_cli.add_commands(commands)
     wgtool.add_command(commands)
@@ -278,6 +273,8 @@ def _show(wg: WireGuard) -> None:
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `uspan stats wg0 | head` ends quietly
     args = build_parser().parse_args(argv)
+    if not getattr(args, "service", False):
+        stop_signals.release()  # a tool, not a service: Ctrl-C and SIGTERM as usual now
     args.argv_given = sys.argv[1:] if argv is None else argv  # to re-run it elsewhere
     code: int = args.handler(args)
     return code

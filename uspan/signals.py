@@ -9,11 +9,12 @@ blocked mask: threads that libraries start at import (OpenBLAS's) would not inhe
 the mask, and the kernel delivers a process signal to any thread that does not block it.
 This module imports nothing heavy, so an entry point can ``catch()`` before it imports the
 program (imports take a few hundred milliseconds on a busy machine; see
-``uspan.daemon.launch``). Python's own start-up comes before any handler: ``uspan-wg``
-is a compiled launcher (``uspan/daemon/launcher.c``) that blocks stop signals across
+``uspan.launch``). Python's own start-up comes before any handler: ``uspan-wg`` and
+``uspan`` are a compiled launcher (``uspan/launcher.c``) that blocks stop signals across
 exec, and ``catch()`` unblocks them once its handler is in place, before any import
-could start a thread. After ``first()`` the recording handler is back, so a second
-signal during cleanup changes nothing: the process exits the way the first one asked.
+could start a thread; a ``uspan`` command that is no service gives them back
+(``release()``). After ``first()`` the recording handler is back, so a second signal
+during cleanup changes nothing: the process exits the way the first one asked.
 """
 
 from __future__ import annotations
@@ -42,6 +43,16 @@ def catch() -> None:
     for signum in STOP_SIGNALS:
         _signal.signal(signum, _record)
     _signal.pthread_sigmask(_signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def release() -> None:
+    """For a command that is not a service after all: the default actions again (SIGINT
+    raises KeyboardInterrupt, SIGTERM ends the process). One recorded since ``catch()``
+    ends the process now, quietly, with the status a death by it gives (128 + N)."""
+    _signal.signal(_signal.SIGINT, _signal.default_int_handler)
+    _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
+    if _early:
+        raise SystemExit(128 + _early[0])
 
 
 async def first() -> signal.Signals:

@@ -9,7 +9,9 @@ write where only root may. Every one of them is also an option or environment va
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import sys
 from pathlib import Path
 
 SYSTEM_UAPI_DIR = "/var/run/wireguard"
@@ -20,6 +22,13 @@ LAB_ROOT_ENV = "USPAN_LAB_ROOT"
 
 class UserPathError(OSError):
     """A per-user directory exists but is not safely ours."""
+
+
+def program(name: str) -> str:
+    """An installed uspan program (``uspan``, ``uspan-wg``): the one beside this Python
+    (the venv's), else the first on PATH, else the venv's path (for an error to name)."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else (shutil.which(name) or str(beside))
 
 
 def is_root() -> bool:

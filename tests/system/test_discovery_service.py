@@ -17,7 +17,8 @@ import trio
 
 from uspan.discovery import protocol as p
 from uspan.discovery.client import DiscoveryClient, DiscoveryError, Snapshot, Updated
-from uspan.discovery.procs import ServiceProcess, uspan_program
+from uspan.discovery.procs import ServiceProcess
+from uspan.userpaths import program
 
 pytestmark = pytest.mark.system
 
@@ -189,7 +190,7 @@ def test_metrics(services: list[ServiceProcess], tmp_path: Path) -> None:
     ],
 )
 def test_bad_arguments_print_usage(argv: list[str], message: str) -> None:
-    done = subprocess.run([uspan_program(), "discovery-service", *argv],
+    done = subprocess.run([program("uspan"), "discovery-service", *argv],
                           capture_output=True, text=True, timeout=30)  # fmt: skip
     assert done.returncode == 2
     assert "usage:" in done.stderr and message in done.stderr
@@ -199,7 +200,7 @@ def test_listen_address_in_use_is_a_clear_error(
     services: list[ServiceProcess], tmp_path: Path
 ) -> None:
     service = start(services, tmp_path)
-    done = subprocess.run([uspan_program(), "discovery-service", "--listen", service.address],
+    done = subprocess.run([program("uspan"), "discovery-service", "--listen", service.address],
                           capture_output=True, text=True, timeout=30)  # fmt: skip
     assert done.returncode == 1
     assert "in use" in done.stderr
@@ -210,7 +211,7 @@ def test_unusable_state_file_is_a_clear_error(tmp_path: Path) -> None:
     corrupt.write_bytes(b"not a snapshot")
     for path, message in ((tmp_path / "missing" / "state", "No such file"),
                           (corrupt, "snapshot")):  # fmt: skip
-        done = subprocess.run([uspan_program(), "discovery-service", "--listen", "127.0.0.1:0",
+        done = subprocess.run([program("uspan"), "discovery-service", "--listen", "127.0.0.1:0",
                                "--state-file", str(path)], capture_output=True, text=True,
                               timeout=30)  # fmt: skip
         assert done.returncode == 1

@@ -25,11 +25,13 @@ from uspan.wg.admission import (
 from uspan.wg.constants import (
     COOKIES_PER_SECOND,
     HANDSHAKE_BURST,
+    MIN_COOKIES_PER_SECOND,
     MSG_COOKIE_REPLY,
     MSG_RESPONSE,
     REKEY_TIMEOUT,
     RESPONSE_SIZE,
     SOURCE_INTERVAL,
+    TUNNEL_YIELD_RATE,
     UNPROVEN_PER_SECOND,
 )
 from uspan.wg.cookie import mac1_key
@@ -161,14 +163,93 @@ def test_every_initiation_the_sample_lets_through_is_answered() -> None:
 
 def test_a_queue_full_of_tunnel_data_leaves_the_sample_alone() -> None:
     """The socket queue is full of established peers' data, not of initiations: the
-    backlog's cut frees no room there, and cut the answers to a small flood to an
-    eighth."""
+    backlog's cut frees no room there (it cut a small flood's answers to a quarter); the
+    aim is what the budgets give beside that data."""
     admission = Admission(backlog=lambda: 1.0)
     for w in range(8):
-        admission.others += 50_000  # transport messages read in the window
-        sampled_flood(admission, 6_000, 1, w << 12, T0 + w * SAMPLE_WINDOW)
-    assert admission.target == UNPROVEN_PER_SECOND + COOKIES_PER_SECOND
+        admission.others += 4_000  # transport messages read in the window: 16,000/s
+        sampled_flood(admission, 3_000, 1, w << 12, T0 + w * SAMPLE_WINDOW)
+    assert admission.target == UNPROVEN_PER_SECOND + cookie_rate(16_000)
     assert admission.keep == 1.0
+
+
+def cookie_rate(tunnels: float) -> int:
+    """The cookie budget beside ``tunnels`` transport messages a second (the constants'
+    rule, written out)."""
+    spare = max(0.0, 1.0 - tunnels / TUNNEL_YIELD_RATE)
+    return round(MIN_COOKIES_PER_SECOND + (COOKIES_PER_SECOND - MIN_COOKIES_PER_SECOND) * spare)
+
+
+def answers_in_a_second(admission: Admission, start: float, tunnels: int = 0) -> int:
+    """A spoofed flood of new sources, 100,000 a second, for one second, beside
+    ``tunnels`` transport messages a second read by the device: the cookies given (the
+    kernel's sample is not applied, so every budget is offered more than it gives)."""
+    cookies = 0
+    for w in range(4):
+        now = start + w * SAMPLE_WINDOW
+        admission.kernel_filter(now)
+        admission.others += tunnels // 4
+        for i in range(25_000):
+            verdict = admission.unproven(source((w << 15) + i), now + i * 1e-5)
+            cookies += verdict is Verdict.COOKIE
+    return cookies
+
+
+@pytest.mark.parametrize("tunnels", [0, 10_000, 20_000, 100_000])
+def test_the_cookie_budget_yields_to_the_tunnels(tunnels: int) -> None:
+    """The cookies of a second follow the tunnels' traffic in the window before: all of
+    COOKIES_PER_SECOND while idle, down to MIN_COOKIES_PER_SECOND at TUNNEL_YIELD_RATE.
+    Measured before the flood too (the shell's filter loop judges idle windows), so its
+    first second already yields; and the sample aims at the smaller budget."""
+    admission = Admission()
+    for w in range(4):  # a tunnel's traffic, no flood: the shell's filter loop looks
+        admission.kernel_filter(T0 + w * SAMPLE_WINDOW)
+        admission.others += tunnels // 8
+        admission.sent += tunnels // 8
+    first = answers_in_a_second(admission, T0 + 1.0, tunnels)  # and a second's burst
+    cookies = answers_in_a_second(admission, T0 + 2.0, tunnels)
+    expected = cookie_rate(tunnels)
+    assert expected <= first <= 2 * expected + 1
+    assert expected - 1 <= cookies <= expected + 1
+    assert admission.target == UNPROVEN_PER_SECOND + expected
+    assert 100_000 * admission.keep <= admission.target
+
+
+def test_the_cookie_budget_grows_back_when_the_tunnels_go_quiet() -> None:
+    admission = Admission()
+    answers_in_a_second(admission, T0, tunnels=40_000)
+    assert answers_in_a_second(admission, T0 + 1.0, tunnels=40_000) == MIN_COOKIES_PER_SECOND
+    answers_in_a_second(admission, T0 + 2.0)  # the first quiet window still yields
+    assert answers_in_a_second(admission, T0 + 3.0) >= COOKIES_PER_SECOND - 1
+
+
+def test_the_device_counts_its_tunnels_messages_both_ways() -> None:
+    """What the budget follows: transport messages the device read and sent."""
+    net, a, b = initiator_and_responder()
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    net.run()
+    admission = b.device.admission
+    before = (admission.others, admission.sent)
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")] * 3)
+    net.send(b, [ipv4_packet("10.0.0.2", "10.0.0.1")] * 2)
+    net.run()
+    assert (admission.others - before[0], admission.sent - before[1]) == (3, 2)
+
+
+def test_windows_without_initiations_never_cut_the_aim() -> None:
+    """Idle windows are judged too (for the tunnels' traffic): one in which no
+    initiation was read is not a flood we fell behind, whatever fills the queue, also
+    while a flagged source keeps the device busy."""
+    full = [0.0]
+    admission = Admission(backlog=lambda: full[0])
+    admission.unproven(source(1), T0)
+    admission.unproven(source(1), T0)  # flagged: busy for FLAG_TIME
+    admission.kernel_filter(T0 + SAMPLE_WINDOW)
+    full[0] = 1.0  # say, tunnel data the shell has not read yet
+    for w in range(2, 8):
+        admission.kernel_filter(T0 + w * SAMPLE_WINDOW)
+    assert admission.busy_until > T0 + 8 * SAMPLE_WINDOW
+    assert admission.target == UNPROVEN_PER_SECOND + COOKIES_PER_SECOND
 
 
 def test_a_full_socket_queue_lowers_the_sample_until_we_drain_it() -> None:

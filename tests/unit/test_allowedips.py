@@ -468,6 +468,19 @@ def test_a_small_peers_text_is_not_kept() -> None:
     assert t._owned[id(big)].texts
 
 
+def test_a_small_peers_snapshot_is_its_text_at_once() -> None:
+    """A snapshot object per peer, its holds and their release were 60 % of the CPU of
+    a ``get`` of 20,000 one-prefix peers: a peer with a few prefixes is rendered at once."""
+    a = Peer("a")
+    t: AllowedIPs[Peer] = AllowedIPs()
+    t.insert([net("10.0.0.0/8"), net("fd00::/8")], a)
+    snapshot = t.texts(a)
+    assert type(snapshot) is list and snapshot == ["10.0.0.0/8", "fd00::/8"]
+    assert t._owned[id(a)].held is None  # nothing to release
+    t.insert([net("10.2.0.0/16")], a)
+    assert snapshot == ["10.0.0.0/8", "fd00::/8"]
+
+
 def test_a_snapshot_read_after_a_change_is_not_kept() -> None:
     a = Peer("a")
     t: AllowedIPs[Peer] = AllowedIPs()

@@ -37,3 +37,20 @@ def test_throughput_shows_only_the_rows_it_measured() -> None:
     assert "ping RTT median (ms)" in report and "ping CPU per ping, A (us)" in report
     assert "TCP" not in report and "ping RTT p99" not in report
     assert "2.00" in report  # the ratios of what was measured
+
+
+@pytest.mark.parametrize("tunnel", [False, True], ids=["first-ping", "tunnel"])
+def test_flood_report_renders_each_mode(tunnel: bool) -> None:
+    """bench/flood's report from made-up rounds (one missing), without root."""
+    from bench import flood
+
+    rows = flood.TUNNEL_ROWS if tunnel else flood.ROWS
+    case = ("spoof", "unknown")
+    values = {(impl, case): {key: [1.5, None] for key, *_ in rows}
+              for impl in ("uspan", "wgo")}
+    text = flood.render(values, ["uspan", "wgo"], [case], {}, {}, tunnel, markdown=True)
+    assert all(label in text for _, label, _ in rows)
+    each, first = ("TCP during the flood per round", "2") if tunnel else (
+        "first reply per round", "1.5")
+    assert f"{each} (" in text
+    assert f"| uspan | {first} - |" in text

@@ -92,6 +92,24 @@ def test_responder_waits_for_confirmation_before_sending(net: Net, pair) -> None
     assert pb.staged  # waits for the confirming packet
 
 
+def test_a_response_is_consumed_once(net: Net, pair) -> None:
+    """The initiator forgets its handshake state with the first good response: the
+    same response again is refused and changes nothing."""
+    a, b = pair
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    initiation, _dst, _sender = net.wire.pop(0)
+    _, out = b.device.receive([(initiation, a.endpoint)], net.now)
+    [(response, _)] = out
+    a.device.receive([(response, b.endpoint)], net.now)
+    pa = net.peer(a, b)
+    session, sent = pa.current, pa.tx_bytes
+    assert session is not None and pa.handshake is None
+    to_tun, out = a.device.receive([(response, b.endpoint)], net.now)
+    assert (to_tun, out) == ([], [])
+    assert a.device.counters[Drop.UNKNOWN_INDEX] == 1
+    assert pa.current is session and pa.tx_bytes == sent and pa.handshakes == 1
+
+
 def test_rekey_after_time_on_send(net: Net, pair) -> None:
     a, b = pair
     net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])

@@ -6,14 +6,13 @@ Readiness is polled (a connection, an HTTP answer), never assumed after a sleep.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
+from uspan import userpaths
 from uspan.testbed import poll
 
 ETCD = "/usr/bin/etcd"
@@ -24,11 +23,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def uspan_program() -> str:
-    beside = Path(sys.executable).parent / "uspan"
-    return str(beside) if beside.exists() else (shutil.which("uspan") or str(beside))
 
 
 def _connectable(port: int) -> bool:
@@ -87,7 +81,8 @@ class ServiceProcess(_Process):
         self.log = workdir / f"service-{self.port}.log"
 
     def start(self, timeout: float = 15.0) -> ServiceProcess:
-        argv = [uspan_program(), "discovery-service", "--listen", self.address, *self.flags]
+        argv = [userpaths.program("uspan"), "discovery-service", "--listen", self.address,
+                *self.flags]
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         poll(self._ready, what=f"discovery service on {self.address}", timeout=timeout)

@@ -6,25 +6,21 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from uspan import userpaths
 from uspan.lab.record import LabError, Proc
 from uspan.testbed.process import start_time
 
 
 def uspan_program() -> str:
     """The ``uspan`` console script next to this Python (the venv), else on PATH."""
-    beside = Path(sys.executable).parent / "uspan"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("uspan")
-    if found is None:
+    found = userpaths.program("uspan")
+    if not Path(found).exists():
         raise LabError("cannot find the uspan program (install the project: scripts/setup)")
     return found
 

@@ -72,7 +72,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     run.add_argument("--metrics", type=_host_port, metavar="HOST:PORT",
                      help="serve Prometheus metrics at http://HOST:PORT/metrics")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    run.set_defaults(handler=run_command)
+    run.set_defaults(handler=run_command, service=True)
 
     get = commands.add_parser(
         "get", parents=[state], help="show the resources of a running node",

@@ -265,7 +265,8 @@ def _wait_exec(pid: int, program: str, timeout: float = 10.0) -> None:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             return  # gone (or a zombie): nothing left to wait for
-        # The program, or what it became: uspan-wg's launcher execs uspan-wg-python.
-        if any(arg.endswith((os.fsencode(program), b"/uspan-wg-python")) for arg in argv[:2]):
+        # The program, or what it became: the launcher of uspan-wg execs uspan-wg-python.
+        name = os.fsencode(program)
+        if any(arg.endswith((name, name + b"-python")) for arg in argv[:2]):
             return
         time.sleep(0.001)

@@ -32,6 +32,16 @@ queue's fill, 0..1) is above BACKLOG_HIGH the aim is halved below what we draine
 it grows back by a quarter each window that stays clear (a CPU shared with the flood's
 sender drains less than an idle one).
 
+The cookie budget yields to the tunnels: a cookie costs the one thread their data
+needs (~35 us, five of their messages), and a flood's answers at 16,000 a second cut an
+established TCP stream to about 0.6 of its rate (``bench/flood --tunnel``). So each window it is set
+from the transport messages the device read and sent in the last one: the whole
+COOKIES_PER_SECOND while the tunnels are idle, falling in proportion to their traffic to
+MIN_COOKIES_PER_SECOND at TUNNEL_YIELD_RATE (a newcomer's chance per attempt is then
+that over the flood rate; peers with a known endpoint take the lane below). The sample
+follows at once, so the junk read shrinks with it. The window is judged without a flood
+too, so the first answers to one already know the tunnels' traffic.
+
 That sample would cost a new peer its first handshakes too (its chance per attempt is
 budget / flood rate), so the peers' endpoints (configured or learned from authenticated
 packets; the MAX_TRUSTED that ``known`` ranks first, read again every SAMPLE_WINDOW)
@@ -59,7 +69,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 
-from uspan.wg.constants import COOKIES_PER_SECOND, SOURCE_INTERVAL, UNPROVEN_PER_SECOND
+from uspan.wg.constants import (
+    COOKIES_PER_SECOND,
+    MIN_COOKIES_PER_SECOND,
+    SOURCE_INTERVAL,
+    TUNNEL_YIELD_RATE,
+    UNPROVEN_PER_SECOND,
+)
 from uspan.wg.drops import Drop
 from uspan.wg.endpoint import Endpoint
 from uspan.wg.ratelimit import RateLimiter
@@ -113,6 +129,12 @@ class Budget:
         self._tokens = float(per_second)
         self._at = float("-inf")
 
+    def set_rate(self, per_second: int) -> None:
+        """From now on ``per_second``; a lower rate takes effect at once (no burst of the
+        old one's tokens)."""
+        self.per_second = per_second
+        self._tokens = min(self._tokens, per_second)
+
     def ready(self, now: float) -> bool:
         """Refill up to ``now``; whether a token is there (``take`` spends it)."""
         if now > self._at:
@@ -141,8 +163,9 @@ class Admission:
                  backlog: Callable[[], float] = lambda: 0.0) -> None:
         self.known = known
         self.backlog = backlog
-        self._most = float(unproven_per_second + cookies_per_second)
-        self.target = self._most  # what the sample aims at, a second
+        self._cookies_most = cookies_per_second  # while the tunnels are idle
+        self._cookies_least = min(MIN_COOKIES_PER_SECOND, cookies_per_second)
+        self.target = float(unproven_per_second + cookies_per_second)  # the sample's aim
         self.proven = RateLimiter()  # per source IP, for messages with a valid mac2
         self.sources = RateLimiter(rate=1 / SOURCE_INTERVAL, burst=1)  # (host, port) keys
         self._strays = RateLimiter(rate=1 / SOURCE_INTERVAL, burst=1)  # apart: see ``stray``
@@ -161,6 +184,7 @@ class Admission:
         self._lane_read = float("-inf")
         self._seen = 0  # mac2-less messages judged in the window
         self.others = 0  # the device's count of transport messages read (in the window)
+        self.sent = 0  # and of those it sent (in the window)
 
     def proven_allowed(self, ip: bytes, now: float) -> bool:
         """A message with a valid mac2 from ``ip``: within its rate?"""
@@ -232,15 +256,19 @@ class Admission:
         self._lane_read = now
 
     def _resample(self, now: float) -> None:
-        """Set ``keep`` for the next window from the rate the last one let through, and
-        the aim from whether we drained it (see the module's docstring)."""
-        drained = self._seen / max(SAMPLE_WINDOW, now - self._window)
-        flood = self._seen >= FLOOD_SHARE * (self._seen + self.others)
+        """Set the cookie budget for the next window from the tunnels' traffic in the
+        last one, ``keep`` from the rate it let through, and the aim from the budgets and
+        whether we drained it (see the module's docstring)."""
+        seconds = max(SAMPLE_WINDOW, now - self._window)
+        drained = self._seen / seconds
+        self._cookies.set_rate(self._cookie_rate((self.others + self.sent) / seconds))
+        flood = 0 < self._seen >= FLOOD_SHARE * (self._seen + self.others)
         if self.backlog() > BACKLOG_HIGH:
             if flood:  # behind because of them: what we drained is all we can do
                 self.target = max(MIN_TARGET, min(self.target, drained) / 2)
         else:
-            self.target = min(self._most, self.target * 1.25)
+            self.target *= 1.25
+        self.target = min(self._most(), self.target)
         arrived = drained / self.keep  # low while behind: the aim's cut covers that
         keep = 1.0
         while keep > MIN_KEEP and arrived * keep > self.target:
@@ -250,7 +278,18 @@ class Admission:
             self.flag_version += 1
         if keep < 1.0:
             self.busy_until = max(self.busy_until, now + 1.0)
-        self._window, self._seen, self.others = now, 0, 0
+        self._window, self._seen, self.others, self.sent = now, 0, 0, 0
+
+    def _cookie_rate(self, tunnels: float) -> int:
+        """The cookie budget while the tunnels carry ``tunnels`` messages a second: what
+        their work leaves, from the most (idle) down to the least (TUNNEL_YIELD_RATE)."""
+        spare = max(0.0, 1.0 - tunnels / TUNNEL_YIELD_RATE)
+        least = self._cookies_least
+        return round(least + (self._cookies_most - least) * spare)
+
+    def _most(self) -> float:
+        """What the budgets answer a second now."""
+        return float(self._unproven.per_second + self._cookies.per_second)
 
     def _flag(self, key: Key, now: float) -> None:
         flagged = self.flagged
@@ -261,8 +300,9 @@ class Admission:
 
     def kernel_filter(self, now: float) -> KernelFilter:
         """What the kernel should do now. Expired flags and abuses are forgotten here,
-        and ``keep`` is looked at again once its window is over, so it rises soon after
-        a flood ends even when no message comes to ``unproven`` any more. The lane is
+        and the window is judged once it is over, also with no flood (so the cookie
+        budget follows the tunnels before one starts, and ``keep`` rises soon after a
+        flood ends even when no message comes to ``unproven`` any more). The lane is
         read again here only while something is dropped (else it may be stale)."""
         for table in (self.flagged, self.abused):
             expired = [key for key, until in table.items() if until <= now]
@@ -270,10 +310,10 @@ class Admission:
                 del table[key]
             if expired:
                 self.flag_version += 1
-        if self.keep < 1.0 and now - self._window >= SAMPLE_WINDOW:
+        if now - self._window >= SAMPLE_WINDOW:
             self._resample(now)
-        elif self.keep == 1.0 and now >= self.busy_until:
-            self.target = self._most  # the flood is over: the next starts from the whole aim
+        if self.keep == 1.0 and now >= self.busy_until:
+            self.target = self._most()  # no flood: the next starts from the whole aim
         # Idle (the shell calls this every second) the filter is detached and the lane
         # moot: reading it costs a pass over the peers (~15 ms with 20,000).
         if (self.flagged or self.keep < 1.0) and now - self._lane_read >= SAMPLE_WINDOW:

@@ -56,9 +56,15 @@ UNDER_LOAD_AFTER = 1.0  # stay under load this long after the last overload
 # while UNPROVEN_PER_SECOND allows, else a cookie reply while COOKIES_PER_SECOND allows.
 # A cookie costs the shell ~35 us of Python here (read, check, seal, send): 16,000/s is
 # about half a core, and each one is a spoofed flood's new peer's chance (16,000/rate).
+# The cookie budget yields to the tunnels (uspan.wg.admission): COOKIES_PER_SECOND while
+# they are idle, falling in proportion to their transport messages (read and sent) to
+# MIN_COOKIES_PER_SECOND at TUNNEL_YIELD_RATE a second (~230 Mbit/s of full packets, an
+# eighth of the loop at ~6.5 us a message).
 SOURCE_INTERVAL = REKEY_TIMEOUT
 UNPROVEN_PER_SECOND = 50
 COOKIES_PER_SECOND = 16000
+MIN_COOKIES_PER_SECOND = 1000
+TUNNEL_YIELD_RATE = 20000
 
 # Replay window (RFC 6479): 8192-bit bitmap, 8128 usable.
 REPLAY_BITMAP_BITS = 8192

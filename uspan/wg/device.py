@@ -120,6 +120,7 @@ class Device:
         # not peers, so that its tuples hold no container the cycle collector must walk.
         self._timer_queue: list[tuple[float, int, bytes]] = []
         self._timer_count = 0
+        self.timer_armed = self._timer_armed  # every peer's PeerTimers share this one
         # Due peers whose timers would start a handshake, waiting for the budget: see tick.
         self.handshake_rate = HANDSHAKE_RATE
         # Two first-come-first-served lines: peers heard from lately, then the others.
@@ -387,6 +388,7 @@ class Device:
             touched[peer] = None
         for peer in touched:
             peer.send_staged(now, out)
+        self.admission.sent += len(out)
         return out
 
     # Data path: network -> TUN -----------------------------------------------------------
@@ -758,11 +760,16 @@ class Device:
         if deadline is not None:
             self.schedule(peer, deadline)
 
+    def _timer_armed(self, key: bytes, deadline: float) -> None:
+        """A peer's timers armed ``deadline`` (a removed peer's: nothing to do)."""
+        peer = self.peers.get(key)
+        if peer is not None:
+            self.schedule(peer, deadline)
+
     def schedule(self, peer: Peer, deadline: float) -> None:
-        """A peer armed a timer (PeerTimers tells it). Each peer has one live queue entry,
-        for its earliest deadline as far as the queue knows; a deadline that moved later
-        is found when that entry comes due, so rearming a timer on every packet costs
-        nothing here."""
+        """A peer armed a timer. Each peer has one live queue entry, for its earliest
+        deadline as far as the queue knows; a deadline that moved later is found when
+        that entry comes due, so rearming a timer on every packet costs nothing here."""
         if peer.timer_seq == _WAITING:
             # It leaves the line with this entry: its timers that were due while it
             # waited must not wait for the new, later deadline.

@@ -50,15 +50,12 @@ class Jitter:
         return block[at] | block[at + 1] << 8
 
 
-def _ignore(deadline: float) -> None:
-    """The wake callback of a removed peer's timers."""
-
-
 class PeerTimers:
     """The five timers of a peer, the events that move them, and ``send_staged``: what a
     configuration staged, sent at the next timer pass."""
 
     __slots__ = (
+        "_owner",
         "_random",
         "_wake",
         "need_another_keepalive",
@@ -71,9 +68,15 @@ class PeerTimers:
         "zero_key_material",
     )
 
-    def __init__(self, random: Callable[[], int], wake: Callable[[float], None]) -> None:
+    def __init__(self, random: Callable[[], int], wake: Callable[[bytes, float], None],
+                 owner: bytes) -> None:
         self._random = random  # 16-bit numbers (a ``Jitter``)
-        self._wake = wake  # told of every deadline armed, so the device can sleep till then
+        # wake(owner, deadline) for every deadline armed, so the device can sleep till
+        # then. The owner is the peer's key, not the peer: no cycle of peer, timers and a
+        # bound method, which a frozen heap would never free (``uspan.daemon.slices``),
+        # and one object fewer per peer for the collector.
+        self._wake = wake
+        self._owner = owner
         self.retransmit_handshake: float | None = None
         self.send_keepalive: float | None = None
         self.new_handshake: float | None = None
@@ -94,13 +97,13 @@ class PeerTimers:
         """Data sent: expect an answer within KEEPALIVE + REKEY_TIMEOUT, else rehandshake."""
         if self.new_handshake is None:
             self.new_handshake = deadline = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self.jitter()
-            self._wake(deadline)
+            self._wake(self._owner, deadline)
 
     def data_received(self, now: float) -> None:
         """Data received: send a keepalive if we have nothing to say within KEEPALIVE."""
         if self.send_keepalive is None:
             self.send_keepalive = deadline = now + KEEPALIVE_TIMEOUT
-            self._wake(deadline)
+            self._wake(self._owner, deadline)
         else:
             self.need_another_keepalive = True
 
@@ -109,7 +112,7 @@ class PeerTimers:
         if self.need_another_keepalive:
             self.need_another_keepalive = False
             self.send_keepalive = deadline = now + KEEPALIVE_TIMEOUT
-            self._wake(deadline)
+            self._wake(self._owner, deadline)
 
     def any_authenticated_sent(self) -> None:
         self.send_keepalive = None
@@ -119,19 +122,19 @@ class PeerTimers:
 
     def handshake_initiated(self, now: float) -> None:
         self.retransmit_handshake = deadline = now + REKEY_TIMEOUT + self.jitter()
-        self._wake(deadline)
+        self._wake(self._owner, deadline)
 
     def handshake_complete(self) -> None:
         self.retransmit_handshake = None
 
     def session_derived(self, now: float) -> None:
         self.zero_key_material = deadline = now + ZERO_KEYS_AFTER
-        self._wake(deadline)
+        self._wake(self._owner, deadline)
 
     def any_authenticated_traversal(self, now: float) -> None:
         if self.persistent_keepalive_interval:
             self.persistent_keepalive = deadline = now + self.persistent_keepalive_interval
-            self._wake(deadline)
+            self._wake(self._owner, deadline)
 
     def staged_by_configuration(self, now: float) -> None:
         """A configuration staged a packet: send it (or start a handshake for it) at the
@@ -140,23 +143,20 @@ class PeerTimers:
         long nor hold the tunnel while they run (the kernel queues these too)."""
         if self.send_staged is None:
             self.send_staged = now
-            self._wake(now)
+            self._wake(self._owner, now)
 
     def gave_up(self, now: float) -> None:
         """Handshake attempts exhausted: stop keepalives, zero keys later if nothing comes."""
         self.send_keepalive = None
         if self.zero_key_material is None:
             self.zero_key_material = deadline = now + ZERO_KEYS_AFTER
-            self._wake(deadline)
+            self._wake(self._owner, deadline)
 
     def stop_all(self) -> None:
-        """The peer is gone: disarm every timer and drop the wake callback, a bound method
-        of the peer that would make it a cycle, left to a collector that may never look
-        at it again (the daemon freezes long-lived objects: ``uspan.daemon.slices``)."""
+        """The peer is gone: disarm every timer."""
         for name in TIMERS:
             setattr(self, name, None)
         self.need_another_keepalive = False
-        self._wake = _ignore
 
     # Queries -----------------------------------------------------------------------------
 

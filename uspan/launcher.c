@@ -1,10 +1,11 @@
-/* uspan-wg: block SIGINT and SIGTERM, then exec uspan-wg-python beside this file.
+/* uspan-wg and uspan: block SIGINT and SIGTERM, then exec NAME-python beside this file.
  *
- * A blocked signal stays pending across execve, and Python does not unblock it: a stop
+ * One program installed under two names; NAME is the name of the file it runs from. A
+ * blocked signal stays pending across execve, and Python does not unblock it: a stop
  * signal sent while the interpreter starts (site, .pth files, the entry point's imports)
  * waits until uspan.signals.catch() has installed its handlers and unblocks it, instead
  * of ending the process with a KeyboardInterrupt traceback or killing it outright.
- * uspan-wg-python is the console script pip writes at install time, with the #! line of
+ * NAME-python is the console script pip writes at install time, with the #! line of
  * the interpreter it installed for: nothing about the build machine is kept here, so a
  * wheel (or pip's cache of one) works in any environment it is installed into.
  */
@@ -16,7 +17,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#define SCRIPT "uspan-wg-python"
+#define SUFFIX "-python"
 
 int main(int argc, char **argv) {
     sigset_t stop;
@@ -30,7 +31,7 @@ int main(int argc, char **argv) {
     if (size < 0) {  /* no /proc: where we were run from, if a path */
         if (argv[0] == NULL || strchr(argv[0], '/') == NULL ||
             strlen(argv[0]) >= sizeof self) {
-            fprintf(stderr, "uspan-wg: cannot find %s: /proc/self/exe: %s\n", SCRIPT,
+            fprintf(stderr, "uspan: cannot find the script to run: /proc/self/exe: %s\n",
                     strerror(errno));
             return 127;
         }
@@ -39,16 +40,16 @@ int main(int argc, char **argv) {
     }
     self[size] = '\0';
     char *slash = strrchr(self, '/');
-    size_t dir = slash == NULL ? 0 : (size_t)(slash - self) + 1;
+    const char *name = slash == NULL ? self : slash + 1;
     char script[PATH_MAX];
-    if (dir + sizeof SCRIPT > sizeof script) {
-        fprintf(stderr, "uspan-wg: path too long: %s\n", self);
+    if ((size_t)size + sizeof SUFFIX > sizeof script) {
+        fprintf(stderr, "%s: path too long: %s\n", name, self);
         return 127;
     }
-    memcpy(script, self, dir);
-    memcpy(script + dir, SCRIPT, sizeof SCRIPT);
+    memcpy(script, self, (size_t)size);
+    memcpy(script + size, SUFFIX, sizeof SUFFIX);
     argv[0] = script;
     execv(script, argv);
-    fprintf(stderr, "uspan-wg: cannot run %s: %s\n", script, strerror(errno));
+    fprintf(stderr, "%s: cannot run %s: %s\n", name, script, strerror(errno));
     return 127;
 }
