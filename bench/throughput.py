@@ -71,6 +71,8 @@ def _metrics() -> list[Metric]:
         Metric("ping_median", "ping RTT median (ms)", 3),
         Metric("ping_p99", "ping RTT p99 (ms)", 3),
         Metric("ping_loss", "ping loss (%)", 1, ratio=False),
+        Metric("ping_cpu_A", "ping CPU per ping, A (us)", 0),
+        Metric("ping_cpu_B", "ping CPU per ping, B (us)", 0),
     ]
     for test in TESTS:
         rows.append(Metric(f"{test.key}_mbps", f"{test.label} (Mbit/s)", 0))
@@ -215,11 +217,17 @@ def run_trial(args: argparse.Namespace, pair: str, round_: int, results: Results
 
     with Lab("bt") as lab:
         a, wa, wb = _tunnel(lab, args.programs[a_name], args.programs[b_name])
+        before = (cpu_seconds(wa.process.pid), cpu_seconds(wb.process.pid))
         for key, value in ping_stats(a, args.pings).items():
             record(key, value)
-        server = wb.ns.spawn("iperf3", "-s", "-p", str(IPERF_PORT))
-        wb.ns.wait_listening(IPERF_PORT)
-        for test in TESTS:
+        after = (cpu_seconds(wa.process.pid), cpu_seconds(wb.process.pid))
+        for side, b0, b1 in zip("AB", before, after, strict=True):
+            record(f"ping_cpu_{side}", (b1 - b0) / args.pings * 1e6)
+        tests = () if args.ping_only else TESTS
+        if tests:
+            server = wb.ns.spawn("iperf3", "-s", "-p", str(IPERF_PORT))
+            wb.ns.wait_listening(IPERF_PORT)
+        for test in tests:
             if server.poll() is not None:
                 server = wb.ns.spawn("iperf3", "-s", "-p", str(IPERF_PORT))
                 wb.ns.wait_listening(IPERF_PORT)
@@ -260,7 +268,9 @@ def render(results: Results, info: dict[str, str], settings: dict[str, str], mar
     pairs = [p for p in order if p in results.values]
     header = ["metric", *(_pair_title(p) for p in pairs)]
     rows = []
-    for metric in METRICS:
+    measured = [m for m in METRICS if any(results.series(p, m.key) != [None] * results.rounds
+                                          for p in pairs)]
+    for metric in measured:
         cells = []
         for pair in pairs:
             spread = Spread.of(results.series(pair, metric.key))
@@ -268,7 +278,7 @@ def render(results: Results, info: dict[str, str], settings: dict[str, str], mar
         rows.append([metric.label, *cells])
     others = [p for p in pairs if p != baseline]
     ratio_rows = []
-    for metric in (m for m in METRICS if m.ratio):
+    for metric in (m for m in measured if m.ratio):
         cells = []
         for pair in others:
             spread = ratios(results.series(pair, metric.key), results.series(baseline, metric.key))
@@ -305,6 +315,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=4.0, help="seconds per iperf3 test (4)")
     parser.add_argument("--udp-rate", default="200M", help="UDP offered rate, iperf3 -b (200M)")
     parser.add_argument("--pings", type=int, default=200, help="pings at 10 ms (200)")
+    parser.add_argument("--ping-only", action="store_true", help="only the ping rows")
     parser.add_argument(
         "--pairs", help="comma-separated subset of uspan-uspan, uspan-wgoX, wgoX-wgoX (X: "
         "each wireguard-go build's version date, e.g. wgo20250522; default: all)"
@@ -340,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         "pairs": ", ".join(pairs) + " (A runs the iperf3 client, B the server)",
         "baseline of the ratios": baseline,
     }
+    if args.ping_only:
+        settings["iperf3 tests"] = "none (--ping-only)"
     results = Results(args.rounds)
     failures = run_rounds(args.rounds, [
         (pair, functools.partial(run_trial, args, pair, results=results))

@@ -25,6 +25,20 @@ def test_benchmark_imports_and_prints_usage(name: str) -> None:
     assert "usage:" in done.stdout
 
 
+def test_throughput_shows_only_the_rows_it_measured() -> None:
+    """``--ping-only`` leaves the iperf3 rows empty: the report leaves them out."""
+    from bench.throughput import Results, render
+
+    results = Results(1)
+    for pair, median, cpu in (("uspan-uspan", 0.9, 500.0), ("wgo-wgo", 0.45, 250.0)):
+        results.record(pair, 0, "ping_median", median)
+        results.record(pair, 0, "ping_cpu_A", cpu)
+    report = render(results, {}, {}, False, ["uspan-uspan", "wgo-wgo"], "wgo-wgo")
+    assert "ping RTT median (ms)" in report and "ping CPU per ping, A (us)" in report
+    assert "TCP" not in report and "ping RTT p99" not in report
+    assert "2.00" in report  # the ratios of what was measured
+
+
 @pytest.mark.parametrize("tunnel", [False, True], ids=["first-ping", "tunnel"])
 def test_flood_report_renders_each_mode(tunnel: bool) -> None:
     """bench/flood's report from made-up rounds (one missing), without root."""

@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 from collections.abc import Awaitable, Callable
 
+import pytest
 import trio
 import trio.testing
 
-from tests.unit.wgnet import ipv4_packet
-from uspan.daemon.daemon import WATCH_INTERVAL, Daemon
+from tests.unit.wgnet import ipv4_packet, ipv6_packet
+from uspan.daemon.daemon import WATCH_INTERVAL, Daemon, _echo_request
 from uspan.daemon.memory import MemoryNetwork, MemoryTun
+from uspan.daemon.ports import Datagram
 from uspan.wg import prefix
 from uspan.wg.config import DeviceChange, PeerChange
 from uspan.wg.constants import MSG_TRANSPORT
@@ -22,11 +24,12 @@ KEEPALIVE_SIZE = 32  # a transport header and an empty sealed payload
 
 
 class Node:
-    def __init__(self, network: MemoryNetwork, host: str, address: str) -> None:
+    def __init__(self, network: MemoryNetwork, host: str, address: str,
+                 tun: MemoryTun | None = None) -> None:
         self.host, self.address = host, address
         self.private = clamp(os.urandom(32))
         self.public = public_key(self.private)
-        self.tun = MemoryTun()
+        self.tun = MemoryTun() if tun is None else tun
         self.daemon = Daemon(self.tun, network.bind(host, 51820))
         self.daemon.set(DeviceChange(private_key=self.private))
 
@@ -43,9 +46,10 @@ def run(test: Callable[[], Awaitable[None]]) -> None:
     trio.run(test, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
-def pair(network: MemoryNetwork, keepalive: int | None = None) -> tuple[Node, Node]:
+def pair(network: MemoryNetwork, keepalive: int | None = None,
+         b_tun: MemoryTun | None = None) -> tuple[Node, Node]:
     a = Node(network, "192.0.2.1", "10.0.0.1")
-    b = Node(network, "192.0.2.2", "10.0.0.2")
+    b = Node(network, "192.0.2.2", "10.0.0.2", b_tun)
     a.daemon.set(DeviceChange(peers=[a.peer(b, keepalive)]))
     b.daemon.set(DeviceChange(peers=[b.peer(a, endpoint=False)]))
     return a, b
@@ -73,6 +77,83 @@ def test_handshake_and_a_packet_through_in_both_directions():
         assert network.binds == {}  # every port given to a daemon is closed by it
 
     run(main)
+
+
+ICMP, TCP, UDP, ICMPV6 = 1, 6, 17, 58
+ECHO_REQUEST = {ICMP: 8, ICMPV6: 128}
+
+
+def with_protocol(packet: bytes, protocol: int, version: int = 4) -> bytes:
+    """The packet as ``protocol``; an ICMP one is an echo request."""
+    at, header = (9, 20) if version == 4 else (6, 40)
+    body = bytes([ECHO_REQUEST.get(protocol, 0)]) + packet[header + 1:]
+    return packet[:at] + bytes([protocol]) + packet[at + 1:header] + body
+REPLY = ipv4_packet("10.0.0.2", "10.0.0.1", b"pong" * 5)
+
+
+class EchoTun(MemoryTun):
+    """Answers each packet inside the write, as the kernel answers a ping or sends an ACK
+    (``answers`` packets each)."""
+
+    def __init__(self, answers: int = 1) -> None:
+        super().__init__()
+        self.answers = answers
+
+    async def write(self, packets: list[bytes]) -> None:
+        await super().write(packets)
+        self.inject(*(REPLY for _ in range(len(packets) * self.answers)))
+
+
+@pytest.mark.parametrize(("protocol", "answers", "senders"), [
+    (ICMP, 1, ["_udp_loop"]),
+    (UDP, 1, ["_tun_loop"]),  # the kernel does not answer UDP: no read that finds nothing
+    (TCP, 1, ["_tun_loop"]),  # ACKs and the data they let out: the TUN task's batches
+    # At most a read per packet delivered (none that finds nothing after a lone ping's
+    # reply); the TUN task takes the rest.
+    (ICMP, 2, ["_udp_loop", "_tun_loop"]),
+])
+def test_what_the_kernel_answers_inside_the_write_is_sent_by_the_receiving_task(
+        protocol, answers, senders):
+    """No wake of the TUN task between a ping in and its reply out: on an idle machine
+    that wake is an event loop pass and an epoll_wait on the ping's path."""
+    async def main():
+        network = MemoryNetwork()
+        a, b = pair(network, b_tun=EchoTun(answers))
+        sent_by: list[str] = []
+        deliver = network.deliver
+
+        def recording(source: tuple[str, int], datagrams: list[Datagram]) -> None:
+            if source[0] == b.host:
+                sent_by.append(trio.lowlevel.current_task().name.rsplit(".", 1)[-1])
+            deliver(source, datagrams)
+
+        network.deliver = recording  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.daemon.run)
+            await nursery.start(b.daemon.run)
+            a.tun.inject(with_protocol(ipv4_packet("10.0.0.1", "10.0.0.2"), protocol))
+            with trio.fail_after(1):
+                for _ in range(answers):
+                    assert await a.tun.next_written() == REPLY
+            nursery.cancel_scope.cancel()
+        assert sent_by == ["_udp_loop", *senders]  # the handshake response, the answers
+
+    run(main)
+
+
+@pytest.mark.parametrize(("version", "protocol", "echo"), [
+    (4, ICMP, True), (4, TCP, False), (4, UDP, False),
+    (6, ICMPV6, True), (6, TCP, False), (6, ICMP, False), (6, UDP, False)])
+def test_which_packets_are_echo_requests(version, protocol, echo):
+    packet = with_protocol(ipv4_packet("10.0.0.1", "10.0.0.2") if version == 4
+                           else ipv6_packet("fd00::1", "fd00::2"), protocol, version)
+    assert _echo_request(packet) is echo
+
+
+def test_an_echo_reply_is_not_a_request():
+    """The pinging side reads nothing after delivering the reply."""
+    reply = with_protocol(ipv4_packet("10.0.0.2", "10.0.0.1"), ICMP)
+    assert not _echo_request(reply[:20] + b"\0" + reply[21:])
 
 
 def test_persistent_keepalive_every_25_seconds_exactly():

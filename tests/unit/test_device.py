@@ -558,3 +558,21 @@ def test_the_timers_of_a_removed_peer_never_arm_its_successor() -> None:
     queued = list(device._timer_queue)
     old.timers.handshake_initiated(2.0)
     assert new.timer_seq == -1 and device._timer_queue == queued
+
+
+def test_pings_draw_jitter_in_blocks(net: Net) -> None:
+    """Each ping's first packet arms the new-handshake timer with jitter; with
+    ``os.urandom`` a draw per ping was a getrandom system call on the ping's way out."""
+    draws: list[int] = []
+    a = net.add("a", "192.0.2.1", 51820, seed=1, draws=draws)
+    b = net.add("b", "192.0.2.2", 51821, seed=2)
+    net.connect(a, b, ["10.0.0.1/32"], ["10.0.0.2/32"])
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    net.run()
+    draws.clear()
+    for _ in range(100):
+        net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+        net.send(b, [ipv4_packet("10.0.0.2", "10.0.0.1")])
+        net.run()
+        assert net.peer(a, b).timers.new_handshake is None  # answered: armed again next
+    assert len(draws) <= 1  # at most one block, not a draw per ping

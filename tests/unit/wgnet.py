@@ -57,8 +57,16 @@ class Net:
         self.wire: list[tuple[bytes, Endpoint, Node]] = []  # (datagram, destination, sender)
         self.blocked: set[str] = set()  # node names whose inbound traffic is lost
 
-    def add(self, name: str, host: str, port: int, seed: int) -> Node:
-        rng = seeded_rng(seed)
+    def add(self, name: str, host: str, port: int, seed: int,
+            draws: list[int] | None = None) -> Node:
+        """A node; the size of each draw from its rng is appended to ``draws``."""
+        seeded = seeded_rng(seed)
+
+        def rng(size: int) -> bytes:
+            if draws is not None:
+                draws.append(size)
+            return seeded(size)
+
         device = Device(rng=rng)
         private = clamp(random.Random(seed + 1000).randbytes(32))
         device.apply(DeviceChange(private_key=private, listen_port=port), self.now)

@@ -123,7 +123,10 @@ class MemoryBind:
 
 
 class MemoryTun:
-    """A ``TunPort`` whose packets come from ``inject`` and go to ``written``."""
+    """A ``TunPort`` whose packets come from ``inject`` and go to ``written``.
+
+    Injected packets wait in a queue, as in the kernel's: a ``read`` woken for them may
+    find that ``read_batch`` took them first."""
 
     def __init__(self, mtu: int = DEFAULT_MTU) -> None:
         self.mtu = mtu
@@ -131,29 +134,39 @@ class MemoryTun:
         self.write_dropped = 0
         self.written: list[bytes] = []
         self._new_mtu = mtu
-        self._in, self._out = trio.open_memory_channel[list[bytes]](math.inf)
+        self._queue: list[bytes] = []
+        self._readable = trio.lowlevel.ParkingLot()
+        self._gone = False
         self._written_in, self._written_out = trio.open_memory_channel[bytes](math.inf)
 
     def inject(self, *packets: bytes) -> None:
         """Packets the host routed into the tunnel."""
-        self._in.send_nowait(list(packets))
+        self._queue += packets
+        self._readable.unpark_all()
 
     async def next_written(self) -> bytes:
         """Wait for the next packet the device delivered to the host."""
         return await self._written_out.receive()
 
     def delete(self) -> None:
-        """The interface is deleted: the next read raises TunGone."""
-        self._in.close()
+        """The interface is deleted: a read raises TunGone once the queue is empty."""
+        self._gone = True
+        self._readable.unpark_all()
 
     def set_mtu(self, mtu: int) -> None:
         self._new_mtu = mtu
 
     async def read(self) -> list[bytes]:
-        try:
-            return await self._out.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise TunGone(errno.EBADFD, "TUN read failed: interface deleted") from None
+        while not self._queue:
+            if self._gone:
+                raise TunGone(errno.EBADFD, "TUN read failed: interface deleted")
+            await self._readable.park()
+        packets, self._queue = self._queue, []
+        return packets
+
+    def read_batch(self, limit: int) -> list[bytes]:
+        packets, self._queue = self._queue[:limit], self._queue[limit:]
+        return packets
 
     async def write(self, packets: list[bytes]) -> None:
         self.written.extend(packets)
@@ -168,8 +181,7 @@ class MemoryTun:
         return "tun=memory"
 
     def close(self) -> None:
-        self._in.close()
-        self._out.close()
+        self.delete()
 
 
 if TYPE_CHECKING:  # mypy keeps the fakes true to the Protocols the daemon is typed with

@@ -48,6 +48,10 @@ class TunPort(Protocol):
         """Wait for packets, then return a batch of them (never empty)."""
         ...
 
+    def read_batch(self, limit: int) -> list[bytes]:
+        """The packets queued now (of at most ``limit`` reads), without waiting; often none."""
+        ...
+
     async def write(self, packets: list[bytes]) -> None:
         """Deliver decrypted packets; refusals are counted, not raised."""
         ...

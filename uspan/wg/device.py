@@ -73,6 +73,7 @@ from uspan.wg.handshake import (
 )
 from uspan.wg.keypair import Keypair
 from uspan.wg.peer import Peer
+from uspan.wg.timers import Jitter
 
 Out = list[tuple[bytes, Endpoint]]
 Datagram = tuple[bytes, Endpoint]
@@ -97,6 +98,7 @@ class Device:
 
     def __init__(self, rng: Callable[[int], bytes] = os.urandom) -> None:
         self.rng = rng
+        self.jitter = Jitter(rng)
         self.private_key: bytes | None = None
         self.public_key: bytes | None = None
         self.listen_port = 0

@@ -61,7 +61,7 @@ class Peer:
         self.endpoint: Endpoint | None = None
         self.roamed = 0  # device.peer_events at the latest roam to a new address (facts)
         self.cookies = CookieGenerator(public_key, rng=device.rng)
-        self.timers = PeerTimers(device.rng, device.timer_armed, public_key)
+        self.timers = PeerTimers(device.jitter, device.timer_armed, public_key)
         self.timer_seq = -1  # the device's timer queue entry for this peer (-1: none)
         self.timer_at = 0.0  # and its deadline
         # Sessions.

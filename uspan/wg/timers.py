@@ -3,7 +3,7 @@
 Events from the peer (``data_sent``, ``handshake_complete``, ...) arm or disarm deadlines;
 ``due(now)`` reports which timers have expired and disarms them. What a timer *does* when
 it fires lives in ``peer.py``. All times are monotonic seconds; jitter comes from the
-injected ``rng`` so tests are exact.
+injected ``rng`` (through ``Jitter``) so tests are exact.
 """
 
 from __future__ import annotations
@@ -26,13 +26,37 @@ SEND_STAGED = "send_staged"
 TIMERS = (RETRANSMIT, SEND_KEEPALIVE, NEW_HANDSHAKE, ZERO_KEYS, PERSISTENT_KEEPALIVE, SEND_STAGED)
 
 
+JITTER_DRAW = 256  # random bytes drawn at once for jitter
+
+
+class Jitter:
+    """Random 16-bit numbers for the timers' jitter, drawn from ``rng`` in blocks: with
+    ``os.urandom`` one draw is a getrandom system call, and the data path made one for
+    the first packet after each answer (every ping, on its way out)."""
+
+    __slots__ = ("_at", "_block", "_rng")
+
+    def __init__(self, rng: Callable[[int], bytes]) -> None:
+        self._rng = rng
+        self._block = b""
+        self._at = 0
+
+    def __call__(self) -> int:
+        at, block = self._at, self._block
+        if at + 2 > len(block):
+            self._block = block = self._rng(JITTER_DRAW)
+            at = 0
+        self._at = at + 2
+        return block[at] | block[at + 1] << 8
+
+
 class PeerTimers:
     """The five timers of a peer, the events that move them, and ``send_staged``: what a
     configuration staged, sent at the next timer pass."""
 
     __slots__ = (
         "_owner",
-        "_rng",
+        "_random",
         "_wake",
         "need_another_keepalive",
         "new_handshake",
@@ -44,9 +68,9 @@ class PeerTimers:
         "zero_key_material",
     )
 
-    def __init__(self, rng: Callable[[int], bytes], wake: Callable[[bytes, float], None],
+    def __init__(self, random: Callable[[], int], wake: Callable[[bytes, float], None],
                  owner: bytes) -> None:
-        self._rng = rng
+        self._random = random  # 16-bit numbers (a ``Jitter``)
         # wake(owner, deadline) for every deadline armed, so the device can sleep till
         # then. The owner is the peer's key, not the peer: no cycle of peer, timers and a
         # bound method, which a frozen heap would never free (``uspan.daemon.slices``),
@@ -65,7 +89,7 @@ class PeerTimers:
     def jitter(self) -> float:
         """A uniformly random 0-333 ms, added to handshake timeouts."""
         millis = int(REKEY_TIMEOUT_JITTER_MAX * 1000)
-        return int.from_bytes(self._rng(2), "little") % millis / 1000.0
+        return self._random() % millis / 1000.0
 
     # Events ------------------------------------------------------------------------------
 
