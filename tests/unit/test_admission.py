@@ -236,6 +236,51 @@ def test_the_device_counts_its_tunnels_messages_both_ways() -> None:
     assert (admission.others - before[0], admission.sent - before[1]) == (3, 2)
 
 
+def test_unauthenticated_transport_messages_leave_the_cookie_budget_whole() -> None:
+    """Only authentic, fresh transport messages are the tunnels' traffic: 20,000 a
+    second of spoofed ones (unknown index, a real index with a forged tag, replays of a
+    real message) cut the budget 16-fold when every transport-shaped datagram counted."""
+    net, a, b = initiator_and_responder()
+    captured: list[bytes] = []
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    net.run()
+    net.emit = lambda sender, out: captured.extend(d for d, _ in out)  # type: ignore[method-assign]
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    real = captured[-1]
+    forged = real[:-1] + bytes([real[-1] ^ 1])
+    unknown = bytes([4, 0, 0, 0]) + b"\xef\xbe\xad\xde" + bytes(24)
+    admission = b.device.admission
+    admission.kernel_filter(net.now)
+    b.device.receive([(real, a.endpoint)], net.now)  # the one accepted
+    spoofer = Endpoint("198.51.100.7", 4444)
+    junk = [(d, spoofer) for d in (unknown, forged, real)] * (TUNNEL_YIELD_RATE // 12)
+    b.device.receive(junk, net.now + 0.1)
+    counters = b.device.counters
+    assert counters[Drop.UNKNOWN_INDEX] + counters[Drop.DECRYPT_FAILED] \
+        + counters[Drop.REPLAY] >= len(junk)
+    admission.kernel_filter(net.now + SAMPLE_WINDOW)
+    assert admission.target == UNPROVEN_PER_SECOND + cookie_rate(1 / SAMPLE_WINDOW)
+    assert answers_in_a_second(admission, net.now + SAMPLE_WINDOW) >= COOKIES_PER_SECOND
+
+
+def test_one_busy_window_cuts_the_sample_for_one_window_only() -> None:
+    """A settled sampled flood; the tunnels burst for one window, then go quiet: the
+    budget lifts at the next window and the sample with it (the backlog's aim is kept
+    apart from the budgets' cap). It used to grow back a quarter a window, ~3 s, so a
+    short burst every 3 s kept the answers ~2.5 times lower."""
+    admission = Admission()
+    rate, whole = 40_000, UNPROVEN_PER_SECOND + COOKIES_PER_SECOND
+    sampled_flood(admission, rate, 8, 0, T0)
+    settled = sampled_flood(admission, rate, 1, 1 << 20, T0 + 8 * SAMPLE_WINDOW)
+    admission.others += TUNNEL_YIELD_RATE // 4  # a window at TUNNEL_YIELD_RATE
+    busy = sampled_flood(admission, rate, 1, 2 << 20, T0 + 9 * SAMPLE_WINDOW)
+    assert len(busy) < len(settled) / 8  # the budget and the sample yield at once
+    quiet = sampled_flood(admission, rate, 1, 3 << 20, T0 + 10 * SAMPLE_WINDOW)
+    assert admission.target == whole
+    assert len(quiet) == len(settled) and Verdict.DROP not in quiet
+    assert len(quiet) / SAMPLE_WINDOW >= whole / 2
+
+
 def test_windows_without_initiations_never_cut_the_aim() -> None:
     """Idle windows are judged too (for the tunnels' traffic): one in which no
     initiation was read is not a flood we fell behind, whatever fills the queue, also
@@ -271,7 +316,7 @@ def test_a_full_socket_queue_lowers_the_sample_until_we_drain_it() -> None:
     admission.kernel_filter(after - 1.0)  # the sample is lifted...
     admission.kernel_filter(after)  # ...and the aim whole again
     assert admission.target == UNPROVEN_PER_SECOND + COOKIES_PER_SECOND
-    admission.target = MIN_TARGET
+    admission.aim = MIN_TARGET
     full[0] = 0.0
     sampled_flood(admission, 200_000, 12, 1 << 16, after + SAMPLE_WINDOW)
     assert admission.target > 8 * MIN_TARGET  # a quarter more each clear window

@@ -165,7 +165,8 @@ class Admission:
         self.backlog = backlog
         self._cookies_most = cookies_per_second  # while the tunnels are idle
         self._cookies_least = min(MIN_COOKIES_PER_SECOND, cookies_per_second)
-        self.target = float(unproven_per_second + cookies_per_second)  # the sample's aim
+        self.aim = float(unproven_per_second + cookies_per_second)  # the backlog's
+        self.target = self.aim  # the sample's: ``aim`` capped by the budgets of now
         self.proven = RateLimiter()  # per source IP, for messages with a valid mac2
         self.sources = RateLimiter(rate=1 / SOURCE_INTERVAL, burst=1)  # (host, port) keys
         self._strays = RateLimiter(rate=1 / SOURCE_INTERVAL, burst=1)  # apart: see ``stray``
@@ -265,10 +266,10 @@ class Admission:
         flood = 0 < self._seen >= FLOOD_SHARE * (self._seen + self.others)
         if self.backlog() > BACKLOG_HIGH:
             if flood:  # behind because of them: what we drained is all we can do
-                self.target = max(MIN_TARGET, min(self.target, drained) / 2)
+                self.aim = max(MIN_TARGET, min(self.target, drained) / 2)
         else:
-            self.target *= 1.25
-        self.target = min(self._most(), self.target)
+            self.aim = min(self._whole(), self.aim * 1.25)
+        self.target = min(self._most(), self.aim)
         arrived = drained / self.keep  # low while behind: the aim's cut covers that
         keep = 1.0
         while keep > MIN_KEEP and arrived * keep > self.target:
@@ -290,6 +291,10 @@ class Admission:
     def _most(self) -> float:
         """What the budgets answer a second now."""
         return float(self._unproven.per_second + self._cookies.per_second)
+
+    def _whole(self) -> float:
+        """What the budgets answer a second while the tunnels are idle."""
+        return float(self._unproven.per_second + self._cookies_most)
 
     def _flag(self, key: Key, now: float) -> None:
         flagged = self.flagged
@@ -313,7 +318,8 @@ class Admission:
         if now - self._window >= SAMPLE_WINDOW:
             self._resample(now)
         if self.keep == 1.0 and now >= self.busy_until:
-            self.target = self._most()  # no flood: the next starts from the whole aim
+            self.aim = self._whole()  # no flood: the next starts from the whole aim
+            self.target = self._most()
         # Idle (the shell calls this every second) the filter is detached and the lane
         # moot: reading it costs a pass over the peers (~15 ms with 20,000).
         if (self.flagged or self.keep < 1.0) and now - self._lane_read >= SAMPLE_WINDOW:
