@@ -21,6 +21,7 @@ from uspan.wg.admission import (
     TRUSTED_BURST,
     Admission,
     Verdict,
+    cookie_rate,
 )
 from uspan.wg.constants import (
     COOKIES_PER_SECOND,
@@ -173,13 +174,6 @@ def test_a_queue_full_of_tunnel_data_leaves_the_sample_alone() -> None:
     assert admission.keep == 1.0
 
 
-def cookie_rate(tunnels: float) -> int:
-    """The cookie budget beside ``tunnels`` transport messages a second (the constants'
-    rule, written out)."""
-    spare = max(0.0, 1.0 - tunnels / TUNNEL_YIELD_RATE)
-    return round(MIN_COOKIES_PER_SECOND + (COOKIES_PER_SECOND - MIN_COOKIES_PER_SECOND) * spare)
-
-
 def answers_in_a_second(admission: Admission, start: float, tunnels: int = 0) -> int:
     """A spoofed flood of new sources, 100,000 a second, for one second, beside
     ``tunnels`` transport messages a second read by the device: the cookies given (the
@@ -193,6 +187,12 @@ def answers_in_a_second(admission: Admission, start: float, tunnels: int = 0) ->
             verdict = admission.unproven(source((w << 15) + i), now + i * 1e-5)
             cookies += verdict is Verdict.COOKIE
     return cookies
+
+
+def test_the_cookie_rate_falls_linearly_from_idle_to_the_yield_rate() -> None:
+    assert [cookie_rate(t * TUNNEL_YIELD_RATE) for t in (0, 0.5, 1, 5)] == [
+        COOKIES_PER_SECOND, (COOKIES_PER_SECOND + MIN_COOKIES_PER_SECOND) // 2,
+        MIN_COOKIES_PER_SECOND, MIN_COOKIES_PER_SECOND]
 
 
 @pytest.mark.parametrize("tunnels", [0, 10_000, 20_000, 100_000])
@@ -234,6 +234,8 @@ def test_the_device_counts_its_tunnels_messages_both_ways() -> None:
     net.send(b, [ipv4_packet("10.0.0.2", "10.0.0.1")] * 2)
     net.run()
     assert (admission.others - before[0], admission.sent - before[1]) == (3, 2)
+    admission.kernel_filter(net.now + SAMPLE_WINDOW)  # the stats' total spans windows
+    assert admission.tunnel_messages == sum(before) + 5
 
 
 def test_unauthenticated_transport_messages_leave_the_cookie_budget_whole() -> None:

@@ -121,6 +121,15 @@ class KernelFilter:
         return bool(self.flagged) or self.keep < 1.0
 
 
+def cookie_rate(tunnels: float, most: int = COOKIES_PER_SECOND) -> int:
+    """The cookie budget while the tunnels carry ``tunnels`` messages a second: what
+    their work leaves, from ``most`` (idle) down to MIN_COOKIES_PER_SECOND (at
+    TUNNEL_YIELD_RATE)."""
+    spare = max(0.0, 1.0 - tunnels / TUNNEL_YIELD_RATE)
+    least = min(MIN_COOKIES_PER_SECOND, most)
+    return round(least + (most - least) * spare)
+
+
 class Budget:
     """A global token bucket: ``per_second`` tokens a second, bursts of one second's."""
 
@@ -164,7 +173,6 @@ class Admission:
         self.known = known
         self.backlog = backlog
         self._cookies_most = cookies_per_second  # while the tunnels are idle
-        self._cookies_least = min(MIN_COOKIES_PER_SECOND, cookies_per_second)
         self.aim = float(unproven_per_second + cookies_per_second)  # the backlog's
         self.target = self.aim  # the sample's: ``aim`` capped by the budgets of now
         self.proven = RateLimiter()  # per source IP, for messages with a valid mac2
@@ -186,6 +194,12 @@ class Admission:
         self._seen = 0  # mac2-less messages judged in the window
         self.others = 0  # the device's count of transport messages read (in the window)
         self.sent = 0  # and of those it sent (in the window)
+        self.tunnel_total = 0  # the two, in the windows before
+
+    @property
+    def tunnel_messages(self) -> int:
+        """The tunnel messages counted so far (the shell's stats)."""
+        return self.tunnel_total + self.others + self.sent
 
     def proven_allowed(self, ip: bytes, now: float) -> bool:
         """A message with a valid mac2 from ``ip``: within its rate?"""
@@ -262,7 +276,9 @@ class Admission:
         whether we drained it (see the module's docstring)."""
         seconds = max(SAMPLE_WINDOW, now - self._window)
         drained = self._seen / seconds
-        self._cookies.set_rate(self._cookie_rate((self.others + self.sent) / seconds))
+        tunnels = self.others + self.sent
+        self._cookies.set_rate(cookie_rate(tunnels / seconds, self._cookies_most))
+        self.tunnel_total += tunnels
         flood = 0 < self._seen >= FLOOD_SHARE * (self._seen + self.others)
         if self.backlog() > BACKLOG_HIGH:
             if flood:  # behind because of them: what we drained is all we can do
@@ -280,13 +296,6 @@ class Admission:
         if keep < 1.0:
             self.busy_until = max(self.busy_until, now + 1.0)
         self._window, self._seen, self.others, self.sent = now, 0, 0, 0
-
-    def _cookie_rate(self, tunnels: float) -> int:
-        """The cookie budget while the tunnels carry ``tunnels`` messages a second: what
-        their work leaves, from the most (idle) down to the least (TUNNEL_YIELD_RATE)."""
-        spare = max(0.0, 1.0 - tunnels / TUNNEL_YIELD_RATE)
-        least = self._cookies_least
-        return round(least + (self._cookies_most - least) * spare)
 
     def _most(self) -> float:
         """What the budgets answer a second now."""
