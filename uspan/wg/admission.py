@@ -30,17 +30,25 @@ than we drain: a socket queue that stays full loses a peer's initiation, its mac
 and tunnel traffic as readily as the junk, so while the shell's ``backlog()`` (the
 queue's fill, 0..1) is above BACKLOG_HIGH the aim is halved below what we drained, and
 it grows back by a quarter each window that stays clear (a CPU shared with the flood's
-sender drains less than an idle one).
+sender drains less than an idle one). The budgets cap that aim apart (``target``), so
+the sample follows their fall and their rise within a window.
 
 The cookie budget yields to the tunnels: a cookie costs the one thread their data
 needs (~35 us, five of their messages), and a flood's answers at 16,000 a second cut an
 established TCP stream to about 0.6 of its rate (``bench/flood --tunnel``). So each window it is set
-from the transport messages the device read and sent in the last one: the whole
-COOKIES_PER_SECOND while the tunnels are idle, falling in proportion to their traffic to
-MIN_COOKIES_PER_SECOND at TUNNEL_YIELD_RATE (a newcomer's chance per attempt is then
-that over the flood rate; peers with a known endpoint take the lane below). The sample
-follows at once, so the junk read shrinks with it. The window is judged without a flood
-too, so the first answers to one already know the tunnels' traffic.
+from the transport messages the device accepted (authentic and fresh: spoofed ones
+move nothing) and sent in the last one: the whole COOKIES_PER_SECOND while the tunnels
+are idle, falling in proportion to their traffic to MIN_COOKIES_PER_SECOND at
+TUNNEL_YIELD_RATE (``cookie_rate``; a newcomer's chance per attempt is then that over
+the flood rate; peers with a known endpoint take the lane below). The sample follows at
+once, so the junk read shrinks with it. The window is judged without a flood too, so
+the first answers to one already know the tunnels' traffic: a window is SAMPLE_WINDOW
+while initiations come or a sample is set, else up to a second (the shell's filter
+loop then calls ``kernel_filter`` once a second). Messages, not bytes: receiving one
+costs ~1.7 us at 80 bytes and ~2.9 us at 1,424, so a stream's small ACKs cost nearly
+what its data does. The trade-off: a configured peer can hold the budget low with
+cheap keepalives (20,000 a second for the least); that takes a peer's keys, and the
+lane still serves the peers whose endpoints we know.
 
 That sample would cost a new peer its first handshakes too (its chance per attempt is
 budget / flood rate), so the peers' endpoints (configured or learned from authenticated
@@ -192,7 +200,7 @@ class Admission:
         self._window = float("-inf")  # start of the window ``_seen`` counts
         self._lane_read = float("-inf")
         self._seen = 0  # mac2-less messages judged in the window
-        self.others = 0  # the device's count of transport messages read (in the window)
+        self.others = 0  # the device's count of transport messages accepted (in the window)
         self.sent = 0  # and of those it sent (in the window)
         self.tunnel_total = 0  # the two, in the windows before
 
