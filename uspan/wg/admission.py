@@ -95,7 +95,8 @@ MAX_FLAGGED = 256
 # flood then costs us that many checks, not one per datagram. While the socket queue is
 # fuller than BACKLOG_HIGH the aim is lowered (never below MIN_TARGET, so a few new
 # peers under load are not sampled), if the initiations are at least FLOOD_SHARE of what
-# was read: a queue full of tunnel data is not theirs to make room for.
+# was read: a queue full of tunnel data is not theirs to make room for. (Of the tunnel
+# messages accepted: spoofed transport junk is no tunnel's, and makes room like theirs.)
 MIN_TARGET = 1000
 BACKLOG_HIGH = 0.25
 FLOOD_SHARE = 0.5
