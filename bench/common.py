@@ -68,6 +68,13 @@ def _first_line(argv: Sequence[str]) -> str:
     return text.splitlines()[0] if text else "unknown"
 
 
+def uspan_tree(program: str) -> str:
+    """The uspan package a ``uspan-wg`` launcher runs: it execs the ``python`` beside
+    it, and no PYTHONPATH reaches the daemons, so that interpreter's import decides."""
+    python = Path(program).resolve().parent / "python"
+    return _first_line([str(python), "-I", "-c", "import uspan; print(uspan.__path__[0])"])
+
+
 def machine(programs: dict[str, str]) -> dict[str, str]:
     """CPU, cores, kernel and tool versions, to publish with the results."""
     cpuinfo = Path("/proc/cpuinfo").read_text()

@@ -39,6 +39,7 @@ from bench.common import (
     run_rounds,
     start_benchmark,
     table,
+    uspan_tree,
 )
 from uspan.testbed import Lab, Namespace, PeerConfig, WireGuard
 from uspan.testbed.flood import ATTACKER, RESPONDER, SPOOF_RANGE, Attack, Pinger, link
@@ -119,7 +120,8 @@ def _tcp_mbps(a: Namespace, seconds: float, pid: int) -> tuple[float, float]:
     cpu, started = cpu_seconds(pid), time.monotonic()
     end = iperf3(a, ["-c", INNER[1], "-p", str(IPERF_PORT), "-t", f"{seconds:g}"], seconds)
     used = (cpu_seconds(pid) - cpu) / (time.monotonic() - started)
-    return float(end["sum_received"]["bytes"]) * 8 / 1e6 / seconds, used
+    received = end["sum_received"]
+    return float(received["bytes"]) * 8 / 1e6 / float(received["seconds"]), used
 
 
 def tunnel_trial(args: argparse.Namespace, impl: str, kind: str,
@@ -253,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     info = start_benchmark("flood", args, ["ip", "wg", "ping", *(["iperf3"] * args.tunnel)])
     if info is None:
         return 2
+    info["uspan tree"] = uspan_tree(args.uspan)
+    print(f"bench/flood: uspan-wg {args.uspan} runs {info['uspan tree']}", flush=True)
     impls = list(args.programs)
     flood_seconds = SETTLE + args.iperf_seconds + 1.0 if args.tunnel else args.seconds
     settings = {

@@ -21,6 +21,7 @@ from uspan.wg.admission import (
     TRUSTED_BURST,
     Admission,
     Verdict,
+    cookie_rate,
 )
 from uspan.wg.constants import (
     COOKIES_PER_SECOND,
@@ -173,13 +174,6 @@ def test_a_queue_full_of_tunnel_data_leaves_the_sample_alone() -> None:
     assert admission.keep == 1.0
 
 
-def cookie_rate(tunnels: float) -> int:
-    """The cookie budget beside ``tunnels`` transport messages a second (the constants'
-    rule, written out)."""
-    spare = max(0.0, 1.0 - tunnels / TUNNEL_YIELD_RATE)
-    return round(MIN_COOKIES_PER_SECOND + (COOKIES_PER_SECOND - MIN_COOKIES_PER_SECOND) * spare)
-
-
 def answers_in_a_second(admission: Admission, start: float, tunnels: int = 0) -> int:
     """A spoofed flood of new sources, 100,000 a second, for one second, beside
     ``tunnels`` transport messages a second read by the device: the cookies given (the
@@ -193,6 +187,12 @@ def answers_in_a_second(admission: Admission, start: float, tunnels: int = 0) ->
             verdict = admission.unproven(source((w << 15) + i), now + i * 1e-5)
             cookies += verdict is Verdict.COOKIE
     return cookies
+
+
+def test_the_cookie_rate_falls_linearly_from_idle_to_the_yield_rate() -> None:
+    assert [cookie_rate(t * TUNNEL_YIELD_RATE) for t in (0, 0.5, 1, 5)] == [
+        COOKIES_PER_SECOND, (COOKIES_PER_SECOND + MIN_COOKIES_PER_SECOND) // 2,
+        MIN_COOKIES_PER_SECOND, MIN_COOKIES_PER_SECOND]
 
 
 @pytest.mark.parametrize("tunnels", [0, 10_000, 20_000, 100_000])
@@ -234,6 +234,53 @@ def test_the_device_counts_its_tunnels_messages_both_ways() -> None:
     net.send(b, [ipv4_packet("10.0.0.2", "10.0.0.1")] * 2)
     net.run()
     assert (admission.others - before[0], admission.sent - before[1]) == (3, 2)
+    admission.kernel_filter(net.now + SAMPLE_WINDOW)  # the stats' total spans windows
+    assert admission.tunnel_messages == sum(before) + 5
+
+
+def test_unauthenticated_transport_messages_leave_the_cookie_budget_whole() -> None:
+    """Only authentic, fresh transport messages are the tunnels' traffic: 20,000 a
+    second of spoofed ones (unknown index, a real index with a forged tag, replays of a
+    real message) cut the budget 16-fold when every transport-shaped datagram counted."""
+    net, a, b = initiator_and_responder()
+    captured: list[bytes] = []
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    net.run()
+    net.emit = lambda sender, out: captured.extend(d for d, _ in out)  # type: ignore[method-assign]
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    real = captured[-1]
+    forged = real[:-1] + bytes([real[-1] ^ 1])
+    unknown = bytes([4, 0, 0, 0]) + b"\xef\xbe\xad\xde" + bytes(24)
+    admission = b.device.admission
+    admission.kernel_filter(net.now)
+    b.device.receive([(real, a.endpoint)], net.now)  # the one accepted
+    spoofer = Endpoint("198.51.100.7", 4444)
+    junk = [(d, spoofer) for d in (unknown, forged, real)] * (TUNNEL_YIELD_RATE // 12)
+    b.device.receive(junk, net.now + 0.1)
+    counters = b.device.counters
+    assert counters[Drop.UNKNOWN_INDEX] + counters[Drop.DECRYPT_FAILED] \
+        + counters[Drop.REPLAY] >= len(junk)
+    admission.kernel_filter(net.now + SAMPLE_WINDOW)
+    assert admission.target == UNPROVEN_PER_SECOND + cookie_rate(1 / SAMPLE_WINDOW)
+    assert answers_in_a_second(admission, net.now + SAMPLE_WINDOW) >= COOKIES_PER_SECOND
+
+
+def test_one_busy_window_cuts_the_sample_for_one_window_only() -> None:
+    """A settled sampled flood; the tunnels burst for one window, then go quiet: the
+    budget lifts at the next window and the sample with it (the backlog's aim is kept
+    apart from the budgets' cap). It used to grow back a quarter a window, ~3 s, so a
+    short burst every 3 s kept the answers ~2.5 times lower."""
+    admission = Admission()
+    rate, whole = 40_000, UNPROVEN_PER_SECOND + COOKIES_PER_SECOND
+    sampled_flood(admission, rate, 8, 0, T0)
+    settled = sampled_flood(admission, rate, 1, 1 << 20, T0 + 8 * SAMPLE_WINDOW)
+    admission.others += TUNNEL_YIELD_RATE // 4  # a window at TUNNEL_YIELD_RATE
+    busy = sampled_flood(admission, rate, 1, 2 << 20, T0 + 9 * SAMPLE_WINDOW)
+    assert len(busy) < len(settled) / 8  # the budget and the sample yield at once
+    quiet = sampled_flood(admission, rate, 1, 3 << 20, T0 + 10 * SAMPLE_WINDOW)
+    assert admission.target == whole
+    assert len(quiet) == len(settled) and Verdict.DROP not in quiet
+    assert len(quiet) / SAMPLE_WINDOW >= whole / 2
 
 
 def test_windows_without_initiations_never_cut_the_aim() -> None:
@@ -271,7 +318,7 @@ def test_a_full_socket_queue_lowers_the_sample_until_we_drain_it() -> None:
     admission.kernel_filter(after - 1.0)  # the sample is lifted...
     admission.kernel_filter(after)  # ...and the aim whole again
     assert admission.target == UNPROVEN_PER_SECOND + COOKIES_PER_SECOND
-    admission.target = MIN_TARGET
+    admission.aim = MIN_TARGET
     full[0] = 0.0
     sampled_flood(admission, 200_000, 12, 1 << 16, after + SAMPLE_WINDOW)
     assert admission.target > 8 * MIN_TARGET  # a quarter more each clear window

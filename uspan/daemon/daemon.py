@@ -435,6 +435,7 @@ class Daemon:
         counters["udp_receive_dropped"] = self.bind.receive_dropped
         counters["udp_own_claimed"] = self.demux.claimed
         counters["udp_own_unclaimed"] = self.demux.unclaimed
+        counters["tunnel_messages"] = self.device.admission.tunnel_messages
         for owner in self.owner_stats:
             counters.update(owner())
         return counters

@@ -30,17 +30,25 @@ than we drain: a socket queue that stays full loses a peer's initiation, its mac
 and tunnel traffic as readily as the junk, so while the shell's ``backlog()`` (the
 queue's fill, 0..1) is above BACKLOG_HIGH the aim is halved below what we drained, and
 it grows back by a quarter each window that stays clear (a CPU shared with the flood's
-sender drains less than an idle one).
+sender drains less than an idle one). The budgets cap that aim apart (``target``), so
+the sample follows their fall and their rise within a window.
 
 The cookie budget yields to the tunnels: a cookie costs the one thread their data
 needs (~35 us, five of their messages), and a flood's answers at 16,000 a second cut an
 established TCP stream to about 0.6 of its rate (``bench/flood --tunnel``). So each window it is set
-from the transport messages the device read and sent in the last one: the whole
-COOKIES_PER_SECOND while the tunnels are idle, falling in proportion to their traffic to
-MIN_COOKIES_PER_SECOND at TUNNEL_YIELD_RATE (a newcomer's chance per attempt is then
-that over the flood rate; peers with a known endpoint take the lane below). The sample
-follows at once, so the junk read shrinks with it. The window is judged without a flood
-too, so the first answers to one already know the tunnels' traffic.
+from the transport messages the device accepted (authentic and fresh: spoofed ones
+move nothing) and sent in the last one: the whole COOKIES_PER_SECOND while the tunnels
+are idle, falling in proportion to their traffic to MIN_COOKIES_PER_SECOND at
+TUNNEL_YIELD_RATE (``cookie_rate``; a newcomer's chance per attempt is then that over
+the flood rate; peers with a known endpoint take the lane below). The sample follows at
+once, so the junk read shrinks with it. The window is judged without a flood too, so
+the first answers to one already know the tunnels' traffic: a window is SAMPLE_WINDOW
+while initiations come or a sample is set, else up to a second (the shell's filter
+loop then calls ``kernel_filter`` once a second). Messages, not bytes: receiving one
+costs ~1.7 us at 80 bytes and ~2.9 us at 1,424, so a stream's small ACKs cost nearly
+what its data does. The trade-off: a configured peer can hold the budget low with
+cheap keepalives (20,000 a second for the least); that takes a peer's keys, and the
+lane still serves the peers whose endpoints we know.
 
 That sample would cost a new peer its first handshakes too (its chance per attempt is
 budget / flood rate), so the peers' endpoints (configured or learned from authenticated
@@ -87,7 +95,8 @@ MAX_FLAGGED = 256
 # flood then costs us that many checks, not one per datagram. While the socket queue is
 # fuller than BACKLOG_HIGH the aim is lowered (never below MIN_TARGET, so a few new
 # peers under load are not sampled), if the initiations are at least FLOOD_SHARE of what
-# was read: a queue full of tunnel data is not theirs to make room for.
+# was read: a queue full of tunnel data is not theirs to make room for. (Of the tunnel
+# messages accepted: spoofed transport junk is no tunnel's, and makes room like theirs.)
 MIN_TARGET = 1000
 BACKLOG_HIGH = 0.25
 FLOOD_SHARE = 0.5
@@ -119,6 +128,15 @@ class KernelFilter:
 
     def drops_any(self) -> bool:
         return bool(self.flagged) or self.keep < 1.0
+
+
+def cookie_rate(tunnels: float, most: int = COOKIES_PER_SECOND) -> int:
+    """The cookie budget while the tunnels carry ``tunnels`` messages a second: what
+    their work leaves, from ``most`` (idle) down to MIN_COOKIES_PER_SECOND (at
+    TUNNEL_YIELD_RATE)."""
+    spare = max(0.0, 1.0 - tunnels / TUNNEL_YIELD_RATE)
+    least = min(MIN_COOKIES_PER_SECOND, most)
+    return round(least + (most - least) * spare)
 
 
 class Budget:
@@ -164,8 +182,8 @@ class Admission:
         self.known = known
         self.backlog = backlog
         self._cookies_most = cookies_per_second  # while the tunnels are idle
-        self._cookies_least = min(MIN_COOKIES_PER_SECOND, cookies_per_second)
-        self.target = float(unproven_per_second + cookies_per_second)  # the sample's aim
+        self.aim = float(unproven_per_second + cookies_per_second)  # the backlog's
+        self.target = self.aim  # the sample's: ``aim`` capped by the budgets of now
         self.proven = RateLimiter()  # per source IP, for messages with a valid mac2
         self.sources = RateLimiter(rate=1 / SOURCE_INTERVAL, burst=1)  # (host, port) keys
         self._strays = RateLimiter(rate=1 / SOURCE_INTERVAL, burst=1)  # apart: see ``stray``
@@ -183,8 +201,14 @@ class Admission:
         self._window = float("-inf")  # start of the window ``_seen`` counts
         self._lane_read = float("-inf")
         self._seen = 0  # mac2-less messages judged in the window
-        self.others = 0  # the device's count of transport messages read (in the window)
+        self.others = 0  # the device's count of transport messages accepted (in the window)
         self.sent = 0  # and of those it sent (in the window)
+        self.tunnel_total = 0  # the two, in the windows before
+
+    @property
+    def tunnel_messages(self) -> int:
+        """The tunnel messages counted so far (the shell's stats)."""
+        return self.tunnel_total + self.others + self.sent
 
     def proven_allowed(self, ip: bytes, now: float) -> bool:
         """A message with a valid mac2 from ``ip``: within its rate?"""
@@ -261,14 +285,16 @@ class Admission:
         whether we drained it (see the module's docstring)."""
         seconds = max(SAMPLE_WINDOW, now - self._window)
         drained = self._seen / seconds
-        self._cookies.set_rate(self._cookie_rate((self.others + self.sent) / seconds))
+        tunnels = self.others + self.sent
+        self._cookies.set_rate(cookie_rate(tunnels / seconds, self._cookies_most))
+        self.tunnel_total += tunnels
         flood = 0 < self._seen >= FLOOD_SHARE * (self._seen + self.others)
         if self.backlog() > BACKLOG_HIGH:
             if flood:  # behind because of them: what we drained is all we can do
-                self.target = max(MIN_TARGET, min(self.target, drained) / 2)
+                self.aim = max(MIN_TARGET, min(self.target, drained) / 2)
         else:
-            self.target *= 1.25
-        self.target = min(self._most(), self.target)
+            self.aim = min(self._whole(), self.aim * 1.25)
+        self.target = min(self._most(), self.aim)
         arrived = drained / self.keep  # low while behind: the aim's cut covers that
         keep = 1.0
         while keep > MIN_KEEP and arrived * keep > self.target:
@@ -280,16 +306,13 @@ class Admission:
             self.busy_until = max(self.busy_until, now + 1.0)
         self._window, self._seen, self.others, self.sent = now, 0, 0, 0
 
-    def _cookie_rate(self, tunnels: float) -> int:
-        """The cookie budget while the tunnels carry ``tunnels`` messages a second: what
-        their work leaves, from the most (idle) down to the least (TUNNEL_YIELD_RATE)."""
-        spare = max(0.0, 1.0 - tunnels / TUNNEL_YIELD_RATE)
-        least = self._cookies_least
-        return round(least + (self._cookies_most - least) * spare)
-
     def _most(self) -> float:
         """What the budgets answer a second now."""
         return float(self._unproven.per_second + self._cookies.per_second)
+
+    def _whole(self) -> float:
+        """What the budgets answer a second while the tunnels are idle."""
+        return float(self._unproven.per_second + self._cookies_most)
 
     def _flag(self, key: Key, now: float) -> None:
         flagged = self.flagged
@@ -313,7 +336,8 @@ class Admission:
         if now - self._window >= SAMPLE_WINDOW:
             self._resample(now)
         if self.keep == 1.0 and now >= self.busy_until:
-            self.target = self._most()  # no flood: the next starts from the whole aim
+            self.aim = self._whole()  # no flood: the next starts from the whole aim
+            self.target = self._most()
         # Idle (the shell calls this every second) the filter is detached and the lane
         # moot: reading it costs a pass over the peers (~15 ms with 20,000).
         if (self.flagged or self.keep < 1.0) and now - self._lane_read >= SAMPLE_WINDOW:

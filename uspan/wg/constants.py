@@ -57,7 +57,7 @@ UNDER_LOAD_AFTER = 1.0  # stay under load this long after the last overload
 # A cookie costs the shell ~35 us of Python here (read, check, seal, send): 16,000/s is
 # about half a core, and each one is a spoofed flood's new peer's chance (16,000/rate).
 # The cookie budget yields to the tunnels (uspan.wg.admission): COOKIES_PER_SECOND while
-# they are idle, falling in proportion to their transport messages (read and sent) to
+# they are idle, falling in proportion to their transport messages (accepted and sent) to
 # MIN_COOKIES_PER_SECOND at TUNNEL_YIELD_RATE a second (~230 Mbit/s of full packets, an
 # eighth of the loop at ~6.5 us a message).
 SOURCE_INTERVAL = REKEY_TIMEOUT

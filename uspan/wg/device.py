@@ -439,8 +439,6 @@ class Device:
             numbers.append(counter)
         for run in runs:
             self._receive_run(*run, now, received, to_tun, out)
-        if runs:
-            self.admission.others += sum(len(run[1]) for run in runs)
         for peer, (length, data_messages) in received.items():
             peer.received_transport(length, data_messages > 0, now, out)
         if handshakes:
@@ -481,6 +479,7 @@ class Device:
                 keypair, messages_, sources, numbers, plaintexts, now, out)
         if not accepted:
             return
+        self.admission.others += len(accepted)  # authentic and fresh: junk moves no budget
         tally = received.get(peer)
         if tally is None:
             tally = received[peer] = [0, 0]
