@@ -291,3 +291,42 @@ def test_an_mtu_change_reaches_the_core_within_a_watch_interval():
             assert a.daemon.device.mtu == 1280
 
     run(main)
+
+
+def test_a_read_after_a_ping_never_overtakes_tun_packets_waiting_to_send() -> None:
+    """b's TUN task sealed x1 and waits on a full socket; a ping arrives, and the read
+    after it would take x2 (same flow, queued behind x1) and send it first."""
+
+    async def main() -> None:
+        network = MemoryNetwork()
+        a, b = pair(network)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.daemon.run)
+            await nursery.start(b.daemon.run)
+            a.tun.inject(ipv4_packet("10.0.0.1", "10.0.0.2"))
+            await b.tun.next_written()
+            b.tun.inject(ipv4_packet("10.0.0.2", "10.0.0.1"))
+            await a.tun.next_written()
+            full = trio.Event()
+            send = b.daemon.bind.send
+
+            async def gated(datagrams: list[tuple[bytes, Endpoint]]) -> list[Endpoint]:
+                if trio.lowlevel.current_task().name.endswith("_tun_loop"):
+                    await full.wait()  # the socket is full (EAGAIN) until set
+                return await send(datagrams)
+
+            b.daemon.bind.send = gated  # type: ignore[method-assign]
+            x1 = with_protocol(ipv4_packet("10.0.0.2", "10.0.0.1", b"1" * 20), TCP)
+            x2 = with_protocol(ipv4_packet("10.0.0.2", "10.0.0.1", b"2" * 20), TCP)
+            b.tun.inject(x1)
+            await trio.sleep(0.01)  # the TUN task sealed x1 and waits to send it
+            b.tun.inject(x2)
+            a.tun.inject(with_protocol(ipv4_packet("10.0.0.1", "10.0.0.2"), ICMP))
+            await b.tun.next_written()  # the ping reached b
+            await trio.sleep(0.01)
+            full.set()
+            got = [await a.tun.next_written() for _ in range(2)]
+            nursery.cancel_scope.cancel()
+        assert got == [x1, x2]
+
+    run(main)

@@ -570,9 +570,9 @@ def test_pings_draw_jitter_in_blocks(net: Net) -> None:
     net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
     net.run()
     draws.clear()
-    for _ in range(100):
+    for _ in range(300):  # more than a block's draws: the jitter is drawn, in blocks
         net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
         net.send(b, [ipv4_packet("10.0.0.2", "10.0.0.1")])
         net.run()
         assert net.peer(a, b).timers.new_handshake is None  # answered: armed again next
-    assert len(draws) <= 1  # at most one block, not a draw per ping
+    assert 1 <= len(draws) <= 3  # a block per 128 pings, not a draw per ping

@@ -124,6 +124,10 @@ class Daemon:
         self._unsent: list[tuple[bytes, Endpoint]] = []  # from set() before run()
         self._peer_events_seen = 0
         self._peer_event = trio.Event()
+        # Held while packets read from the TUN are sealed and sent, by the TUN task or a
+        # receiving task's read after a ping: they leave in the order they were read
+        # even when a full socket makes one wait (a peer's flow is never reordered).
+        self._tun_sends = trio.Lock()
         self._early_drop_version = 0  # the admission flags the bind's filter reflects
         self._early_drop_failed = False  # said once in the log
         self.config_lock = trio.Lock()  # one configuration (or get snapshot) at a time
@@ -247,7 +251,15 @@ class Daemon:
             except TunError as exc:
                 self._tun_failed(exc, "read")
                 return
-            await self._send(device.send(packets, _now()))
+            sends = self._tun_sends
+            if sends.locked():  # a receiving task's read after a ping waits to send
+                await sends.acquire()
+            else:
+                sends.acquire_nowait()  # no checkpoint per batch
+            try:
+                await self._send(device.send(packets, _now()))
+            finally:
+                sends.release()
 
     async def _udp_loop(self, receiver: DatagramReceiver) -> None:
         while True:
@@ -281,15 +293,21 @@ class Daemon:
             # that finds nothing costs ~2 us, a fifth of paced UDP's CPU per datagram,
             # and TCP's ACKs (and the data they let out) go faster in the TUN task's
             # larger batches. At most a read per packet delivered, so none finds nothing
-            # after a lone reply; what is left wakes the TUN task.
-            if _echo_request(to_tun[-1]):
+            # after a lone reply; what is left wakes the TUN task. Not while packets read
+            # before wait to be sent: these would overtake them.
+            if _echo_request(to_tun[-1]) and not self._tun_sends.locked():
+                self._tun_sends.acquire_nowait()
                 try:
                     answers = self.tun.read_batch(len(to_tun))
+                    if answers:
+                        out += device.send(answers, _now())
+                    await self._send(out)
                 except TunError as exc:
                     self._tun_failed(exc, "read")
                     return False
-                if answers:
-                    out += device.send(answers, _now())
+                finally:
+                    self._tun_sends.release()
+                return True
         await self._send(out)
         return True
 
