@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import itertools
 
@@ -108,6 +109,27 @@ def test_a_response_is_consumed_once(net: Net, pair) -> None:
     assert (to_tun, out) == ([], [])
     assert a.device.counters[Drop.UNKNOWN_INDEX] == 1
     assert pa.current is session and pa.tx_bytes == sent and pa.handshakes == 1
+
+
+def test_a_forged_response_leaves_the_handshake_for_the_genuine_one(net: Net, pair) -> None:
+    """A response that fails (a bit flipped in its sealed part, as an attacker who saw
+    our initiation could send) is counted and changes nothing: the genuine one that
+    follows still completes the handshake."""
+    a, b = pair
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    initiation, _dst, _sender = net.wire.pop(0)
+    _, out = b.device.receive([(initiation, a.endpoint)], net.now)
+    [(response, _)] = out
+    forged = bytearray(response)
+    forged[50] ^= 1  # inside the sealed empty payload; mac1 made valid again
+    mac1_key = hashlib.blake2s(b"mac1----" + a.public).digest()
+    forged[60:76] = hashlib.blake2s(bytes(forged[:60]), key=mac1_key, digest_size=16).digest()
+    assert a.device.receive([(bytes(forged), b.endpoint)], net.now) == ([], [])
+    pa = net.peer(a, b)
+    assert a.device.counters[Drop.HANDSHAKE_FAILED] == 1
+    assert pa.current is None and pa.handshake is not None
+    a.device.receive([(response, b.endpoint)], net.now)
+    assert pa.current is not None and pa.handshake is None and pa.handshakes == 1
 
 
 def test_rekey_after_time_on_send(net: Net, pair) -> None:
