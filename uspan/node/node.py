@@ -143,7 +143,8 @@ class _KubeSpan:
     """The device, its routing and its address while KubeSpan is enabled."""
 
     def __init__(self, daemon: Daemon, routing: MeshRouting, address: ipaddress.IPv6Address,
-                 subnet: ipaddress.IPv6Network) -> None:
+                 subnet: ipaddress.IPv6Network,
+                 on_kept: Callable[[bytes, Endpoint, Endpoint], None]) -> None:
         self.daemon = daemon
         self.routing = routing
         self.address = address
@@ -158,7 +159,7 @@ class _KubeSpan:
         self._changes, self._pending = trio.open_memory_channel[DeviceChange](math.inf)
         # Called with (key, endpoint pushed, endpoint the device kept) for each endpoint
         # the device did not take (the peer roamed after the decision).
-        self.on_kept: Callable[[bytes, Endpoint, Endpoint], None] | None = None
+        self.on_kept = on_kept
 
     def submit(self, change: DeviceChange) -> None:
         """Queue a change for apply_changes (dropped if the device has stopped)."""
@@ -174,8 +175,7 @@ class _KubeSpan:
                     log.error("peer configuration refused by the device: %s", exc)
                     continue
                 for key, pushed, kept in kept_elsewhere(change, self.daemon.device.peers):
-                    if self.on_kept is not None:
-                        self.on_kept(key, pushed, kept)
+                    self.on_kept(key, pushed, kept)
 
 
 class Node:
@@ -293,7 +293,7 @@ class Node:
                             f"{exc.strerror or exc}") from None
         routing = MeshRouting(kubespan.interface, table=self.options.routing_table,
                               fwmark=self.options.fwmark)
-        ks = _KubeSpan(daemon, routing, address, subnet)
+        ks = _KubeSpan(daemon, routing, address, subnet, self._endpoint_kept)
         try:
             daemon.set(DeviceChange(private_key=self.identity.private_key,
                                     listen_port=kubespan.port, fwmark=self.options.fwmark))
@@ -306,7 +306,6 @@ class Node:
         assert self.controller is not None
         self.controller.device_replaced()
         self._roamed = {}  # the new device counts its roams from 0
-        ks.on_kept = self._endpoint_kept
         if kubespan.relay is not None:
             ks.relay = RelayLink(
                 daemon, kubespan.relay,
