@@ -14,6 +14,7 @@ from tests.unit.wgnet import ipv4_packet, ipv6_packet
 from uspan.daemon.daemon import WATCH_INTERVAL, Daemon, _echo_request
 from uspan.daemon.memory import MemoryNetwork, MemoryTun
 from uspan.daemon.ports import Datagram
+from uspan.daemon.tun import BATCH
 from uspan.wg import prefix
 from uspan.wg.config import DeviceChange, PeerChange
 from uspan.wg.constants import MSG_TRANSPORT
@@ -330,3 +331,18 @@ def test_a_read_after_a_ping_never_overtakes_tun_packets_waiting_to_send() -> No
         assert got == [x1, x2]
 
     run(main)
+
+
+def test_the_memory_tun_reads_as_the_kernel_tun_does() -> None:
+    """The double must not hide scheduling the daemon meets on a real TUN: a read is
+    always a schedule point (the kernel read waits for readability first) and takes at
+    most one batch of reads, the rest left for the next."""
+    async def main() -> None:
+        tun = MemoryTun()
+        tun.inject(*(bytes([i % 256]) * 40 for i in range(BATCH + 5)))
+        with trio.testing.assert_checkpoints():
+            first = await tun.read()
+        assert len(first) == BATCH
+        assert len(await tun.read()) == 5
+
+    trio.run(main)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from uspan.daemon.ports import BindPort, Datagram, TunGone, TunPort
+from uspan.daemon.tun import BATCH
 from uspan.wg.admission import KernelFilter
 from uspan.wg.constants import DEFAULT_MTU
 from uspan.wg.endpoint import Endpoint
@@ -157,12 +158,16 @@ class MemoryTun:
         self._new_mtu = mtu
 
     async def read(self) -> list[bytes]:
-        while not self._queue:
-            if self._gone:
+        """As the kernel TUN's: always a schedule point, at most ``BATCH`` packets."""
+        while True:
+            if self._queue:
+                await trio.lowlevel.checkpoint()
+            elif self._gone:
                 raise TunGone(errno.EBADFD, "TUN read failed: interface deleted")
-            await self._readable.park()
-        packets, self._queue = self._queue, []
-        return packets
+            else:
+                await self._readable.park()
+            if packets := self.read_batch(BATCH):
+                return packets
 
     def read_batch(self, limit: int) -> list[bytes]:
         packets, self._queue = self._queue[:limit], self._queue[limit:]
