@@ -3,6 +3,7 @@ trio's MockClock, so every time below is exact and nothing needs root."""
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Awaitable, Callable
 
@@ -13,7 +14,7 @@ import trio.testing
 from tests.unit.wgnet import ipv4_packet, ipv6_packet
 from uspan.daemon.daemon import WATCH_INTERVAL, Daemon, _echo_request
 from uspan.daemon.memory import MemoryNetwork, MemoryTun
-from uspan.daemon.ports import Datagram
+from uspan.daemon.ports import Datagram, TunError, TunGone
 from uspan.daemon.tun import BATCH
 from uspan.wg import prefix
 from uspan.wg.config import DeviceChange, PeerChange
@@ -346,3 +347,39 @@ def test_the_memory_tun_reads_as_the_kernel_tun_does() -> None:
         assert len(await tun.read()) == 5
 
     trio.run(main)
+
+
+class FailingReadTun(MemoryTun):
+    """A TUN whose reads fail, but only the read a receiving task makes after a ping."""
+
+    def __init__(self, error: TunError) -> None:
+        super().__init__()
+        self.error = error
+
+    def read_batch(self, limit: int) -> list[bytes]:
+        if trio.lowlevel.current_task().name.endswith("_udp_loop"):
+            raise self.error
+        return super().read_batch(limit)
+
+
+@pytest.mark.parametrize(("error", "code", "reason"), [
+    (TunGone(errno.EBADFD, "gone"), 0, "interface deleted"),
+    (TunError(errno.EIO, "broken"), 1, "TUN read failed"),
+])
+def test_a_failed_read_after_a_ping_stops_the_daemon_as_the_tun_task_would(
+        error: TunError, code: int, reason: str) -> None:
+    async def main() -> None:
+        network = MemoryNetwork()
+        a, b = pair(network, b_tun=FailingReadTun(error))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.daemon.run)
+            await nursery.start(b.daemon.run)
+            a.tun.inject(with_protocol(ipv4_packet("10.0.0.1", "10.0.0.2"), ICMP))
+            with trio.fail_after(5):
+                await b.tun.next_written()  # delivered, then the read after it failed
+                while not b.daemon.exit_reason:
+                    await trio.sleep(0.01)
+            a.daemon.stop("done")
+        assert (b.daemon.exit_code, b.daemon.exit_reason) == (code, reason)
+
+    run(main)
