@@ -131,18 +131,27 @@ def _family(pid: int) -> list[int]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User+system CPU of ``pid`` and its descendants (reaped children included)."""
-    ticks = 0
+    """CPU time of ``pid`` and its descendants, to the nanosecond: every live thread's
+    run time (``/proc/PID/task/TID/schedstat``, user and system alike) plus the reaped
+    children's user+system (clock ticks, all ``stat`` has). Ticks alone (10 ms) made a
+    per-ping figure over 200 pings move in 50 us steps. A thread that exited while
+    measured is not counted: the daemons' threads live as long as they do."""
+    nanoseconds, ticks = 0, 0
     for member in _family(pid):
-        fields = _stat_fields(member)
-        if fields is None:
+        try:
+            tasks = list(Path(f"/proc/{member}/task").iterdir())
+        except (FileNotFoundError, ProcessLookupError):
             continue
-        ticks += int(fields[11]) + int(fields[12])
-        if member == pid:
+        for task in tasks:
+            try:
+                nanoseconds += int((task / "schedstat").read_text().split()[0])
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+        if member == pid and (fields := _stat_fields(pid)):
             ticks += int(fields[13]) + int(fields[14])
-    if ticks == 0 and _stat_fields(pid) is None:
+    if nanoseconds == 0 and _stat_fields(pid) is None:
         raise BenchError(f"daemon pid {pid} is gone")
-    return ticks / _TICK
+    return nanoseconds / 1e9 + ticks / _TICK
 
 
 def peak_rss_mib(pid: int) -> float:

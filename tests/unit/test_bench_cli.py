@@ -54,3 +54,25 @@ def test_flood_report_renders_each_mode(tunnel: bool) -> None:
         "first reply per round", "1.5")
     assert f"{each} (" in text
     assert f"| uspan | {first} - |" in text
+
+
+def test_cpu_seconds_sees_a_few_milliseconds() -> None:
+    """A ping costs the daemons a few hundred microseconds: the probe must resolve far
+    below the 10 ms clock tick of ``/proc/PID/stat``."""
+    from bench.common import cpu_seconds
+
+    spin = ("import sys, time\nprint(flush=True)\nsys.stdin.readline()\n"
+            "t = time.thread_time()\nwhile time.thread_time() - t < 0.003: pass\n"
+            "print(flush=True)\nsys.stdin.readline()\n")
+    with subprocess.Popen([sys.executable, "-c", spin], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as child:
+        assert child.stdin and child.stdout
+        child.stdout.readline()  # started
+        before = cpu_seconds(child.pid)
+        child.stdin.write("\n")
+        child.stdin.flush()
+        child.stdout.readline()  # spun
+        used = cpu_seconds(child.pid) - before
+        child.stdin.write("\n")
+        child.stdin.flush()
+    assert 0.0029 <= used < 0.006, used
