@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from uspan.wg import allowedips
 from uspan.wg.allowedips import AllowedIPs
 from uspan.wg.config import Network, Prefix
+from uspan.wg.device import APPLY_STEP
 from uspan.wg.prefix import of, texts
 
 
@@ -598,12 +599,15 @@ _sharded_ops = st.lists(
 )
 
 
+@pytest.mark.parametrize("split_step", [None, 1])  # 1: every split spans calls
 @settings(max_examples=300, deadline=None)
 @given(ops=_sharded_ops)
 def test_sharded_tables_match_model_and_no_dict_passes_the_threshold(
-        ops: list[tuple[str, int, int, list[tuple[int, int]]]]) -> None:
+        split_step: int | None, ops: list[tuple[str, int, int, list[tuple[int, int]]]]) -> None:
     with pytest.MonkeyPatch.context() as monkeypatch:
         _shards_small(monkeypatch)
+        if split_step is not None:  # changes to a shard while it splits reach its halves
+            monkeypatch.setattr(allowedips, "SPLIT_STEP", split_step)
         _sharded_run(ops)
 
 
@@ -682,6 +686,27 @@ def test_a_growing_table_splits_before_any_dict_passes_the_threshold(
     assert len(table) == 1
 
 
+def test_splits_a_step_at_a_time_keep_up_with_a_growing_table(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # At the daemon's ratios (an insert of APPLY_STEP copies SPLIT_STEP of a shard that
+    # splits past SHARD_AT), scaled down 16 times: while shards wait for their turn to
+    # split they never reach 4/3 of SHARD_AT, where their dict would resize in one step.
+    scale = 16
+    monkeypatch.setattr(allowedips, "SHARD_AT", allowedips.SHARD_AT // scale)
+    monkeypatch.setattr(allowedips, "SPLIT_STEP", allowedips.SPLIT_STEP // scale)
+    monkeypatch.setattr(allowedips, "SHARD_START", 2)
+    batch = APPLY_STEP // scale
+    table: AllowedIPs[Peer] = AllowedIPs()
+    hosts = [(10 << 24) + i * 7 for i in range(100_000)]
+    largest = 0
+    for start in range(0, len(hosts), batch):
+        table.insert([of(ipaddress.IPv4Network(host)) for host in hosts[start:start + batch]],
+                     Peer("big"))
+        largest = max(largest, *(size for size, _ in _dict_sizes(table)))
+    assert largest < allowedips.SHARD_AT * 4 // 3
+    assert all(table.lookup(host.to_bytes(4, "big")) == Peer("big") for host in hosts)
+
+
 def test_a_small_owner_is_one_object_for_the_collector() -> None:
     # 20,000 peers of a prefix or two (issue 14): one tracked object each, as before
     # segments, also after their prefixes are read (by item or in full).
@@ -748,3 +773,39 @@ def test_an_insert_splits_a_shard_once(monkeypatch: pytest.MonkeyPatch) -> None:
         (table,) = t._tables.values()
         assert len(table.shards) == 1 << (count - 1)
     assert [t.lookup(host.to_bytes(4, "big")) for host in alike] == [Peer("a")] * 16
+
+
+def test_a_big_shard_is_split_a_step_an_insert_and_routes_all_along(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A split moved half of a full shard (8,000 of 16,000 entries) in one call: 3-5 ms
+    # in one step of a set. Now each insert copies at most SPLIT_STEP of its entries,
+    # and every prefix routes to its value after each call.
+    monkeypatch.setattr(allowedips, "SHARD_START", 0)  # one shard: it fills first
+    full, step = allowedips.SHARD_AT, allowedips.SPLIT_STEP
+    peers = [Peer("a"), Peer("b")]
+    t: AllowedIPs[Peer] = AllowedIPs()
+    hosts = list(range(10 << 24, (10 << 24) + full + 20 * 256))
+    t.insert([of(ipaddress.IPv4Network(h)) for h in hosts[:full]], peers[0])
+    (table,) = t._tables.values()
+
+    def expected(index: int) -> Peer | None:
+        if index < full:
+            return peers[0]
+        batch, offset = divmod(index - full, 256)
+        return None if batch % 2 and offset < 8 else peers[batch % 2]
+
+    copied = [0]
+    for start in range(full, len(hosts), 256):
+        batch = [of(ipaddress.IPv4Network(h)) for h in hosts[start:start + 256]]
+        before = table.splitting.pos if table.splitting else 0
+        t.insert(batch, peers[(start - full) // 256 % 2])
+        t.remove(batch[:8], peers[1])  # changes while it splits reach its halves
+        if table.splitting is not None:
+            assert table.splitting.pos - before <= step
+            copied.append(table.splitting.pos)
+        for index in range(0, start + 256, 61):
+            assert t.lookup(hosts[index].to_bytes(4, "big")) is expected(index), index
+    assert len(copied) > full // step - 1  # the split spanned that many inserts
+    assert len({id(shard) for shard in table.shards}) == 2  # and it is done
+    assert all(t.lookup(host.to_bytes(4, "big")) is expected(index)
+               for index, host in enumerate(hosts))

@@ -40,7 +40,7 @@ from uspan.wg.endpoint import Endpoint
 from uspan.wg.handshake import TransportKeys
 from uspan.wg.keypair import Keypair
 from uspan.wg.peer import Peer
-from uspan.wg.uapi import parse_set
+from uspan.wg.uapi import get_pieces, parse_set
 
 PEER = bytes(range(100, 132))
 
@@ -111,6 +111,20 @@ def test_checking_a_huge_change_goes_in_steps_and_then_refuses_it_whole() -> Non
             checked += 1
     assert checked >= 3
     assert not device.peers and len(device.allowed_ips) == 0
+
+
+def test_a_validation_step_checks_at_most_a_few_thousand_prefixes() -> None:
+    """65,536 prefixes a step were 1-2 ms, which a slice of the shell then overran."""
+    device = Device(rng=bytes)
+    count = 1 << 16
+    change = DeviceChange(peers=[PeerChange(PEER, allowed_ips=list(
+        range(32 << 33, (32 << 33) + count)))])
+    validation_steps = 0
+    for _ in device.apply_steps(change, 0.0, []):
+        if PEER in device.peers:
+            break
+        validation_steps += 1
+    assert validation_steps >= count // 8192
 
 
 def test_a_prefix_kept_by_a_replacement_stays_routed_between_its_steps() -> None:
@@ -258,6 +272,101 @@ def test_the_snapshot_of_many_peers_is_taken_in_slices() -> None:
         assert max(gaps) < took / 4, (max(gaps), took)
 
     trio.run(main)
+
+
+def test_a_task_ready_at_a_pause_runs_before_the_next_slice(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """trio runs a batch of ready tasks in either order: after one checkpoint, a task
+    woken while a slice ran (a datagram's) waited for the next slice half the time."""
+    monkeypatch.setattr(slices, "SLICE", 0.0)  # every pause ends a slice
+    count = 64
+    units_before_it_ran: list[int] = []
+
+    async def main() -> None:
+        units = 0
+        events = [trio.Event() for _ in range(count)]
+
+        async def woken(number: int) -> None:
+            await events[number].wait()
+            units_before_it_ran.append(units - (number + 1))
+
+        async with trio.open_nursery() as nursery:
+            for number in range(count):
+                nursery.start_soon(woken, number)
+            await trio.testing.wait_all_tasks_blocked()
+            work = slices.Slices()
+            for number in range(count):
+                events[number].set()  # ready, as the slice's I/O poll makes a task
+                units += 1  # the rest of the slice's work
+                await work.pause()
+
+    trio.run(main)
+    assert units_before_it_ran == [0] * count
+
+
+def test_a_get_renders_a_few_hundred_lines_a_step() -> None:
+    """Pieces of 1,024 prefixes and snapshots of 64 peers a step (up to 1,024 lines)
+    were 1-2 ms each, which a slice then overran."""
+    device = Device(rng=bytes)
+    keys = [bytes([7, i]) * 16 for i in range(64)]
+    device.apply(DeviceChange(peers=[PeerChange(key, allowed_ips=[
+        prefix.parse(f"10.{i}.{j}.0/24") for j in range(16)]) for i, key in enumerate(keys)]
+        + [PeerChange(PEER, allowed_ips=list(range(32 << 33, (32 << 33) + 10_000)))]), 0.0)
+    info = device.info_header()
+    assert len(list(device.info_steps(info.peers))) >= 65 * 16 // 256
+    pieces = list(get_pieces(info))
+    assert sum(piece.count("allowed_ip=") for piece in pieces) == 64 * 16 + 10_000
+    assert max(piece.count("\n") for piece in pieces) <= 2 * 256 + 8  # a peer's head
+
+
+def test_a_gets_small_pieces_go_out_in_few_writes() -> None:
+    """A write (and a pass of the event loop) a piece of 256 lines doubled the CPU of a
+    get whose text was kept."""
+    count = 100_000
+    writes = [0]
+
+    async def counted() -> None:
+        writes[0] += 1
+
+    async def main() -> None:
+        daemon = memory_daemon()
+        daemon.set(DeviceChange(peers=[PeerChange(PEER, allowed_ips=list(
+            range(32 << 33, (32 << 33) + count)))]))
+        receive = trio.testing.MemoryReceiveStream()
+        receive.put_data(b"get=1\n\n")
+        receive.put_eof()
+        send = trio.testing.MemorySendStream(send_all_hook=counted)
+        async with daemon.running():
+            await handle(trio.StapledStream(send, receive), daemon)
+        reply = send.get_data_nowait()
+        assert reply.count(b"allowed_ip=") == count and reply.endswith(b"errno=0\n\n")
+        assert writes[0] <= len(reply) // 60_000 + 2
+
+    trio.run(main)
+
+
+def test_a_get_leaves_the_text_it_kept_out_of_young_collections() -> None:
+    """The text kept of a big peer's segments is a list of strings each: the first
+    young collection after the get walked all of them (20-30 ms for a million)."""
+    count = slices.FREEZE_AFTER * PREFIXES_PER_PEER
+
+    async def main() -> None:
+        daemon = memory_daemon()
+        daemon.set(DeviceChange(peers=[PeerChange(PEER, allowed_ips=list(
+            range(32 << 33, (32 << 33) + count)))]))
+        gc.unfreeze()
+        async with daemon.running():
+            pieces = list(await daemon.get_pieces())
+        assert "".join(pieces).count("allowed_ip=") == count
+        (owner,) = daemon.device.allowed_ips._owned.values()
+        assert owner.texts
+        kept = {id(text) for text in owner.texts.values()}
+        assert not any(id(thing) in kept for thing in gc.get_objects())
+
+    try:
+        trio.run(main)
+    finally:
+        gc.unfreeze()
 
 
 class _StepCPU(trio.abc.Instrument):

@@ -44,6 +44,7 @@ from uspan.daemon.tun import Tun
 from uspan.daemon.udp import UdpBind
 from uspan.wg import prefix, transport_crypto
 from uspan.wg.admission import SAMPLE_WINDOW, KernelFilter
+from uspan.wg.allowedips import KEEP_TEXT_AT
 from uspan.wg.config import ConfigError, DeviceChange
 from uspan.wg.device import INFO_STEP, Device
 from uspan.wg.drops import Drop
@@ -428,7 +429,9 @@ class Daemon:
         The text is made before the collector is back and the snapshot is freed by
         reference counting, so a client that stops reading cannot keep it paused; freed
         in slices too (a peer's allowed IPs release their segments as they go: 20,000
-        of them at once held the loop 30-50 ms)."""
+        of them at once held the loop 30-50 ms). The text kept of big peers' segments
+        (a list of a million strings) is frozen with the heap, as a set's table is: the
+        first young collection after a get that kept it walked every string (20-30 ms)."""
         async with self.config_lock:
             pieces: list[str] = []
             with collector_paused():
@@ -438,11 +441,14 @@ class Daemon:
                 for piece in get_pieces(info):
                     pieces.append(piece)
                     await slices.pause()
-                snapshot = info.peers
+                snapshot, kept = info.peers, 0
                 del info
                 while snapshot:  # each peer's allowed IPs release their hold as they go
+                    kept += sum(count for peer in snapshot[-INFO_STEP:]
+                                if (count := len(peer.allowed_ips)) >= KEEP_TEXT_AT)
                     del snapshot[-INFO_STEP:]
                     await slices.pause()
+                self._frozen.changed(kept // PREFIXES_PER_PEER)
             return iter(pieces)
 
     def stats(self) -> dict[str, int]:

@@ -33,6 +33,7 @@ SHARD_SHIFT = 8  # prefixes that differ only below this bit share a routing shar
 SHARD_START = 6  # bits of routing shard index of a new table (64 shards: 1M /32s unsplit)
 SHARD_DEPTH = 16  # bits of routing shard index at most (65,536 directory entries)
 SHARD_SPREAD = 65521  # a prime under 2**SHARD_DEPTH: the shard hash folds in every bit
+SPLIT_STEP = 2048  # entries of a shard being split that one insert copies (~0.3 ms)
 # Segments shorter than this render again at every get instead of keeping their text:
 # kept, the text of a peer's one prefix costs ~390 bytes (20,000 peers: 7.8 MB after one
 # ``wg show``), to save rendering that costs about a microsecond a prefix.
@@ -55,7 +56,7 @@ class _Table(Generic[T]):
     spread evenly never split one. Runs of 2**SHARD_SHIFT neighbouring prefixes share a
     shard, so a batch of them is still one C-level update."""
 
-    __slots__ = ("depths", "host", "mask", "shards", "size")
+    __slots__ = ("depths", "host", "mask", "shards", "size", "splitting")
 
     def __init__(self, width: int) -> None:
         self.shards: list[dict[Prefix, T]] = [{} for _ in range(1 << SHARD_START)]
@@ -63,6 +64,7 @@ class _Table(Generic[T]):
         self.mask = len(self.shards) - 1
         self.host = (1 << width) - 1  # the prefix without its tag
         self.size = 0
+        self.splitting: _Split[T] | None = None
 
     def index(self, prefix: Prefix) -> int:
         """The directory entry of ``prefix``'s shard (as ``AllowedIPs.lookup`` finds it)."""
@@ -83,41 +85,94 @@ class _Table(Generic[T]):
     def renew(self, indices: Iterable[int]) -> None:
         """Replace the emptied shards at these directory entries by new dicts: a dict
         keeps its size when emptied, and the ~40 MB of a million-prefix table's shards
-        freed in one step took 7 ms (the step that removed a peer's last prefixes)."""
+        freed in one step took 7 ms (the step that removed a peer's last prefixes). An
+        emptied shard's split in progress is dropped."""
         shards, depths = self.shards, self.depths
         for index in indices:
             if not shards[index]:
+                if self.splitting is not None and self.splitting.shard is shards[index]:
+                    self.splitting = None
                 depth = depths[index]
                 fresh: dict[Prefix, T] = {}
                 for entry in range(index & ((1 << depth) - 1), len(shards), 1 << depth):
                     shards[entry] = fresh
 
-    def split(self, shard: dict[Prefix, T]) -> bool:
-        """Split ``shard`` once, by the next bit of its hash, unless the directory is at
-        its limit; return whether the directory grew. Once only: a shard whose entries
-        all share that bit stays whole and splits again as it grows (before, one insert
-        split on until its halves fit: 16 splits, 122 ms for prefixes that share their
-        low bits). Its high half moves out in one pass; the low half stays."""
-        index = self.index(next(iter(shard)))
-        depth = self.depths[index]
+    def split_step(self, full: dict[Prefix, T] | None) -> bool:
+        """Go on with the split in progress, or start one of ``full`` (a shard past
+        SHARD_AT) unless the directory is at its limit; return whether the directory
+        grew. A shard is split once, by the next bit of its hash: one whose entries all
+        share that bit stays whole and splits again as it grows (before, one insert split
+        on until its halves fit: 16 splits, 122 ms for prefixes that share their low
+        bits).
+
+        A split copies its high half SPLIT_STEP entries a call (moving 8,000 of 16,000
+        at once held the tunnel 3-5 ms) while the shard stays the one lookups read;
+        changes to the shard meanwhile go to the copy too (``_Split.mirror``). Its last
+        step points the directory's entries at the halves and deletes the copied half
+        from the shard in C."""
+        split = self.splitting
+        if split is None:
+            if full is None:
+                return False
+            index = self.index(next(iter(full)))
+            depth = self.depths[index]
+            if depth == SHARD_DEPTH and depth == len(self.depths).bit_length() - 1:
+                return False  # a pathological spread: this shard grows on
+            split = self.splitting = _Split(full, index & ((1 << depth) - 1), depth,
+                                            self.host)
+        if not split.step():
+            return False
+        self.splitting = None
+        depth, high = split.depth, split.high
         grew = False
         if depth == len(self.depths).bit_length() - 1:  # as split as the directory
-            if depth == SHARD_DEPTH:
-                return False  # a pathological spread: this shard grows on
             self.shards += self.shards
             self.depths += self.depths
             self.mask = len(self.shards) - 1
             grew = True
-        host, bit = self.host, 1 << depth
-        high = {prefix: value for prefix, value in shard.items()
-                if ((prefix & host) >> SHARD_SHIFT) % SHARD_SPREAD & bit}
+        shard = split.shard
         deque(map(shard.__delitem__, high), 0)
         low = shard if shard else {}  # an emptied dict keeps its size
-        base = index & ((1 << depth) - 1)
-        for entry in range(base, len(self.shards), 1 << depth):
+        for entry in range(split.base, len(self.shards), 1 << depth):
             self.shards[entry] = high if entry >> depth & 1 else low
             self.depths[entry] = depth + 1
         return grew
+
+
+class _Split(Generic[T]):
+    """A shard's split in progress: its high half (the entries whose hash has the bit
+    ``1 << depth``) copied into ``high``, a snapshot of its keys SPLIT_STEP at a time."""
+
+    __slots__ = ("base", "bit", "depth", "high", "host", "keys", "pos", "shard")
+
+    def __init__(self, shard: dict[Prefix, T], base: int, depth: int, host: int) -> None:
+        self.shard, self.base, self.depth, self.host = shard, base, depth, host
+        self.bit = 1 << depth
+        self.keys = list(shard)
+        self.pos = 0
+        self.high: dict[Prefix, T] = {}
+
+    def step(self) -> bool:
+        """Copy the next SPLIT_STEP keys' entries of the high half; whether all are."""
+        shard, high, host, bit = self.shard, self.high, self.host, self.bit
+        end = self.pos + SPLIT_STEP
+        for prefix in self.keys[self.pos:end]:
+            if ((prefix & host) >> SHARD_SHIFT) % SHARD_SPREAD & bit:
+                value = shard.get(prefix)
+                if value is not None:  # (removed since the snapshot: skipped)
+                    high[prefix] = value
+        self.pos = end
+        return end >= len(self.keys)
+
+    def mirror(self, inserted: Sequence[Prefix], value: T | None) -> None:
+        """The shard got ``inserted`` routed to ``value`` (None: removed): the copy too."""
+        host, bit = self.host, self.bit
+        mine = [prefix for prefix in inserted
+                if ((prefix & host) >> SHARD_SHIFT) % SHARD_SPREAD & bit]
+        if value is None:
+            deque(map(self.high.pop, mine, itertools.repeat(None)), 0)
+        else:
+            self.high.update(dict.fromkeys(mine, value))
 
 
 _Segment = dict[Prefix, None]
@@ -309,6 +364,7 @@ class AllowedIPs(Generic[T]):
                 table = tables[tag] = _Table(128 if tag & 1 else 32)
                 self._reindex(tag & 1)
             full = []
+            split = table.splitting
             for shard, part in table.parts(group):
                 # In C but for the prefixes some value held: they are rare.
                 for taken in shard.keys() & part if shard else ():
@@ -319,12 +375,15 @@ class AllowedIPs(Generic[T]):
                         lost.setdefault(id(previous), []).append(taken)
                 size = len(shard)
                 shard.update(dict.fromkeys(part, value))
+                if split is not None and shard is split.shard:
+                    split.mirror(part, value)
                 table.size += len(shard) - size
                 if len(shard) > SHARD_AT:
                     full.append(shard)
-            # One split a call, of the fullest shard it filled: a shard past SHARD_AT
-            # grows only by inserts, and each of those splits one again.
-            if full and table.split(max(full, key=len)):
+            # A split a step at a time, one at a time, of the fullest shard a call
+            # filled: a shard past SHARD_AT grows only by inserts, and each of those
+            # goes on with a split.
+            if (full or split) and table.split_step(max(full, key=len) if full else None):
                 self._reindex(tag & 1)
         for key, gone in lost.items():
             self._disown(self._owned[key], gone)
@@ -344,11 +403,14 @@ class AllowedIPs(Generic[T]):
             if table is None:
                 continue
             emptied: list[int] = []
+            split = table.splitting
             for shard, part in table.parts(group):
                 # (C-level: which of the part the shard maps to this very value)
                 ours = list(itertools.compress(
                     part, map(is_, map(shard.get, part), itertools.repeat(value))))
                 deque(map(shard.__delitem__, ours), 0)
+                if split is not None and shard is split.shard:
+                    split.mirror(ours, None)
                 if ours and not shard:
                     emptied.append(table.index(ours[0]))
                 table.size -= len(ours)
@@ -372,6 +434,8 @@ class AllowedIPs(Generic[T]):
             table = self._tables[tag]
             for shard, part in table.parts(group):
                 deque(map(shard.__delitem__, part), 0)
+                if table.splitting is not None and shard is table.splitting.shard:
+                    table.splitting.mirror(part, None)
                 if not shard:
                     table.renew([table.index(part[0])])
             table.size -= len(group)

@@ -190,7 +190,7 @@ def format_get(info: DeviceInfo) -> str:
     return "".join(get_pieces(info))
 
 
-GET_PIECE_LINES = 1024  # allowed_ip lines per piece of get_pieces
+GET_PIECE_LINES = 256  # allowed_ip lines per piece of get_pieces (~0.25 ms to render)
 
 
 def get_pieces(info: DeviceInfo) -> Iterator[str]:
