@@ -131,6 +131,11 @@ class Device:
         self._initiations = 0  # sent so far, whatever started them
         self.peer_events = 0  # see peer_facts
 
+    @property
+    def initiations_sent(self) -> int:
+        """Handshake initiations made so far, whatever started them (for tracers)."""
+        return self._initiations
+
     def known_endpoints(self, now: float) -> list[Endpoint]:
         """The admission's priority lane: the endpoints (configured or learned; not
         relayed ones, which never reach the socket) of MAX_TRUSTED peers. Those heard
