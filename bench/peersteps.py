@@ -165,29 +165,49 @@ def pair(network: MemoryNetwork) -> tuple[Daemon, MemoryTun, Daemon, MemoryTun]:
     return daemons[0], tuns[0], daemons[1], tuns[1]
 
 
-async def run(peers: int, seconds: float, times: NamedSteps) -> None:
+class Pings:
+    """Round trips of the ping, in flat arrays: when each was sent, and its ms."""
+
+    def __init__(self) -> None:
+        self.sent, self.ms = array("d"), array("d")
+
+    def clear(self) -> None:
+        del self.sent[:], self.ms[:]
+
+
+async def start_pair(nursery: trio.Nursery, pings: Pings) -> tuple[Daemon, Daemon]:
+    """Two running daemons, ``b`` answering a ping from ``a`` every 10 ms."""
     network = MemoryNetwork()
     a, tun_a, b, tun_b = pair(network)
+    await nursery.start(a.run)
+    await nursery.start(b.run)
+
+    async def echo() -> None:
+        while True:
+            await tun_b.next_written()
+            tun_b.inject(PONG)
+
+    async def ping() -> None:
+        while True:
+            start = time.perf_counter()
+            tun_a.inject(PING)
+            await tun_a.next_written()
+            pings.sent.append(start)
+            pings.ms.append((time.perf_counter() - start) * 1000)
+            network.sent.clear()
+            await trio.sleep(0.01)
+
+    nursery.start_soon(echo)
+    nursery.start_soon(ping)
+    return a, b
+
+
+async def run(peers: int, seconds: float, times: NamedSteps) -> None:
     gc.collect()
     before = len(gc.get_objects())
     async with trio.open_nursery() as nursery:
-        await nursery.start(a.run)
-        await nursery.start(b.run)
-
-        async def echo() -> None:
-            while True:
-                await tun_b.next_written()
-                tun_b.inject(PONG)
-
-        async def ping() -> None:
-            while True:
-                tun_a.inject(PING)
-                await tun_a.next_written()
-                network.sent.clear()
-                await trio.sleep(0.01)
-
-        nursery.start_soon(echo)
-        nursery.start_soon(ping)
+        pings = Pings()
+        a, b = await start_pair(nursery, pings)
         await a.configure(DeviceChange(peers=silent(peers)))
         await trio.sleep(6)  # first handshakes and their retransmissions
         gc.collect()
@@ -238,37 +258,17 @@ def mesh_request(count: int) -> bytes:
 
 
 async def mesh(peers: int, seconds: float, times: NamedSteps) -> None:
-    network = MemoryNetwork()
-    a, tun_a, b, tun_b = pair(network)
-    times.device = a.device
-    rtts: list[tuple[float, float]] = []
     async with trio.open_nursery() as nursery:
-        await nursery.start(a.run)
-        await nursery.start(b.run)
-
-        async def echo() -> None:
-            while True:
-                await tun_b.next_written()
-                tun_b.inject(PONG)
-
-        async def ping() -> None:
-            while True:
-                start = time.perf_counter()
-                tun_a.inject(PING)
-                await tun_a.next_written()
-                rtts.append((start, (time.perf_counter() - start) * 1000))
-                network.sent.clear()
-                await trio.sleep(0.01)
-
-        nursery.start_soon(echo)
-        nursery.start_soon(ping)
+        pings = Pings()
+        a, b = await start_pair(nursery, pings)
+        times.device = a.device
         await trio.sleep(1)  # the pair's handshake
         times.owners = {id(a._nursery): "a.", id(b._nursery): "b."}
         client, server = trio.testing.memory_stream_pair()
         nursery.start_soon(uapi_server.handle, server, a)
         request = mesh_request(peers)
         gc.callbacks.append(times.count_collection)
-        rtts.clear()
+        pings.clear()
         times.steps.clear()
         times.long.clear()
         del times.passes[:]
@@ -286,7 +286,7 @@ async def mesh(peers: int, seconds: float, times: NamedSteps) -> None:
         cpu = time.process_time() - cpu
         gc.callbacks.remove(times.count_collection)
         report(f"mesh {peers}", times.steps, cpu)
-        ordered = sorted(ms for _, ms in rtts)
+        ordered = sorted(pings.ms)
         print(f"set {took * 1000:.0f} ms ({reply.decode().strip()}); initiations "
               f"{a.device.initiations_sent - sent}; ping median "
               f"{statistics.median(ordered):.2f} p99 "
@@ -297,7 +297,7 @@ async def mesh(peers: int, seconds: float, times: NamedSteps) -> None:
         for ms, name, initiations, collections in times.long:
             print(f"  {ms:6.2f} ms  {name:<16} initiations {initiations:3d}  "
                   f"collections {collections}")
-        waits(times, rtts, zero)
+        waits(times, pings, zero)
         nursery.cancel_scope.cancel()
 
 
@@ -312,10 +312,10 @@ def print_passes(times: NamedSteps, zero: float, shown: int = 40) -> None:
             f"{name} {cpu:.2f}" for name, cpu in sorted(tasks.items(), key=lambda t: -t[1])))
 
 
-def waits(times: NamedSteps, rtts: list[tuple[float, float]], zero: float) -> None:
+def waits(times: NamedSteps, pings: Pings, zero: float) -> None:
     """The slowest pings, each with the CPU of every task that ran while it waited."""
     names = {number: name for name, number in times.name_ids.items()}
-    for sent, ms in sorted(rtts, key=lambda rtt: -rtt[1])[:5]:
+    for sent, ms in sorted(zip(pings.sent, pings.ms, strict=True), key=lambda p: -p[1])[:5]:
         end = sent + ms / 1000
         spent: dict[str, list[float]] = {}
         for at, cpu, name in zip(times.starts, times.cpus, times.names, strict=True):
