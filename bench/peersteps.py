@@ -225,10 +225,12 @@ async def run(peers: int, seconds: float, times: NamedSteps) -> None:
         zero = time.perf_counter()
         cpu, gets = time.process_time(), []
         end = trio.current_time() + seconds
+        walls = []
         while trio.current_time() < end:
-            start = time.process_time()
+            start, wall = time.process_time(), time.perf_counter()
             sum(map(len, await a.get_pieces()))
             gets.append(time.process_time() - start)
+            walls.append(time.perf_counter() - wall)
             await trio.sleep(1)
         cpu = time.process_time() - cpu
         times.timeline = False
@@ -237,6 +239,11 @@ async def run(peers: int, seconds: float, times: NamedSteps) -> None:
         print(f"steps > {times.long_ms:g} ms "
               f"{len(times.long)} {[f'{ms:.1f} {name}' for ms, name, _, _ in times.long]}; "
               f"get CPU min {min(gets) * 1000:.0f} ms")
+        names = {number: name for name, number in times.name_ids.items()}
+        own = sum(cpu for cpu, name in zip(times.cpus, times.names, strict=True)
+                  if names[name] == "run")
+        print(f"a get: its own steps' CPU {own / len(gets):.0f} ms, wall min "
+              f"{min(walls) * 1000:.0f} max {max(walls) * 1000:.0f} ms")
         print_passes(times, zero)
         for generation in range(3):
             mine = [(ms, size) for g, ms, size in collections.done if g == generation]
