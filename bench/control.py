@@ -40,6 +40,7 @@ from bench.common import (
     run_rounds,
     table,
     terminate_as_interrupt,
+    uspan_tree,
     wgo_label,
 )
 from uspan.testbed import Lab, Namespace, PeerConfig, WireGuard, genkey
@@ -544,6 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args(argv)
     programs: dict[str, str] = {}
+    uspans: list[str] = []
     for kind, given, default in (
         ("uspan", args.uspan, [USPAN]),
         ("wgo", args.wgo, [p for p in DEFAULT_WGO if os.access(p, os.X_OK)]),
@@ -553,6 +555,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not sep:
                 path, label = spec, kind if kind == "uspan" else _wgo_label(spec, programs)
             programs[label] = path
+            if kind == "uspan":
+                uspans.append(label)
     cases = [c for c in args.cases.split(",") if c]
     unknown = set(cases) - set(CASES)
     if unknown:
@@ -563,9 +567,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchError as e:
         print(f"bench/control: {e}", file=sys.stderr)
         return 1
+    # bench/control puts this tree first on the path and the daemons inherit the
+    # environment: without this, a --uspan of another install ran this tree's code.
+    os.environ.pop("PYTHONPATH", None)
     terminate_as_interrupt()
     resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
     info = machine({**programs})
+    for label in uspans:
+        info[f"{label} tree"] = uspan_tree(programs[label])
     info["load average (start)"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     results = Results()
     trials = [(f"{case} {label}", lambda _r, c=case, lb=label, p=path:
