@@ -2,10 +2,10 @@
 
 uspan runs the tunnel and its configuration on one trio thread: a million-prefix set or
 a ``get`` of it would hold that thread for seconds. Such work checks ``Slices.pause``
-often (every unit of work between checks is kept to about a millisecond at most); once a slice has run
-SLICE seconds, ``pause`` lets every other ready task (the data path, timers, other
-clients, signals) run before the next one. Cancellation (a stop signal) takes effect
-there too.
+often (each unit of work between checks is kept to a millisecond at most); once a slice
+has run SLICE seconds, ``pause`` lets every other ready task (the data path, timers,
+other clients, signals) run before the next one. Cancellation (a stop signal) takes
+effect there too.
 
 A slice is short because a packet waits for whole passes of the loop: one that becomes
 readable while a slice runs waits for the rest of that pass, and in it for the timer
