@@ -636,13 +636,14 @@ def test_without_bulk_cookies_a_read_in_c_may_only_hand_up() -> None:
 
 
 def test_bulk_cookies_are_a_third_budget_spent_by_reads_in_c() -> None:
-    """``allow_bulk`` adds a budget C answers from; what a read gave is taken from it,
-    refilled over the second, and counted in the sample."""
+    """``allow_bulk`` adds a budget C answers from, and leaves the one judged in Python
+    the least (its cookies cost four times C's); what a read gave is taken from the
+    bulk budget, refilled over the second, and counted in the sample."""
     admission = Admission()
     admission.allow_bulk(BULK)
-    assert admission.target == UNPROVEN_PER_SECOND + COOKIES_PER_SECOND + BULK
+    assert admission.target == UNPROVEN_PER_SECOND + MIN_COOKIES_PER_SECOND + BULK
     hand_up, cookies = admission.plan(T0)
-    assert (hand_up, cookies) == (UNPROVEN_PER_SECOND + COOKIES_PER_SECOND, BULK)
+    assert (hand_up, cookies) == (UNPROVEN_PER_SECOND + MIN_COOKIES_PER_SECOND, BULK)
     admission.planned(cookies=BULK - 10, dropped=500)
     assert admission._seen == BULK - 10 + 500
     assert admission.plan(T0)[1] == 10

@@ -40,14 +40,7 @@ from the transport messages the device accepted (authentic and fresh: spoofed on
 move nothing) and sent in the last one: the whole COOKIES_PER_SECOND while the tunnels
 are idle, falling in proportion to their traffic to MIN_COOKIES_PER_SECOND at
 TUNNEL_YIELD_RATE (``cookie_rate``; a newcomer's chance per attempt is then that over
-the flood rate; peers with a known endpoint take the lane below).
-
-Where the shell reads in C (``uspan.daemon.gate``), a cookie costs ~6 us there instead,
-so the unproven initiations beyond what the two budgets above judge here are answered
-in C from a third budget (``allow_bulk``, yielding to the tunnels like the other):
-``plan`` says how many of each a read may give, ``planned`` takes what it gave. The
-sample counts all three, so a newcomer's chance per attempt becomes what C answers over
-the flood rate. The sample follows at
+the flood rate; peers with a known endpoint take the lane below). The sample follows at
 once, so the junk read shrinks with it. The window is judged without a flood too, so
 the first answers to one already know the tunnels' traffic: a window is SAMPLE_WINDOW
 while initiations come or a sample is set, else up to a second (the shell's filter
@@ -56,6 +49,14 @@ costs ~1.7 us at 80 bytes and ~2.9 us at 1,424, so a stream's small ACKs cost ne
 what its data does. The trade-off: a configured peer can hold the budget low with
 cheap keepalives (20,000 a second for the least); that takes a peer's keys, and the
 lane still serves the peers whose endpoints we know.
+
+Where the shell reads in C (``uspan.daemon.gate``), a cookie costs ~8 us there (with
+its read and send) instead of ~35, so the cookies come from a third budget answered in C
+(``allow_bulk``, yielding to the tunnels like the other), and the one judged here falls
+to MIN_COOKIES_PER_SECOND: enough to judge sources (a few ports repeating are flagged
+here), not to spend a flooded CPU three times over on the same answers. ``plan`` says
+how many of each a read may give, ``planned`` takes what it gave. The sample counts all
+three, so a newcomer's chance per attempt becomes what C answers over the flood rate.
 
 That sample would cost a new peer its first handshakes too (its chance per attempt is
 budget / flood rate), so the peers' endpoints (configured or learned from authenticated
@@ -274,6 +275,8 @@ class Admission:
         are idle (see the module's docstring)."""
         self._bulk_most = per_second
         self._bulk.set_rate(per_second)
+        self._cookies_most = min(self._cookies_most, MIN_COOKIES_PER_SECOND)
+        self._cookies.set_rate(self._cookies_most)
         self.aim = self.target = self._whole()
 
     def plan(self, now: float) -> tuple[int, int]:
