@@ -36,10 +36,11 @@ from uspan.wg.constants import (
     UNPROVEN_PER_SECOND,
 )
 from uspan.wg.cookie import mac1_key
-from uspan.wg.device import LANE_IDLE
+from uspan.wg.device import HAND_UP_PER_READ, LANE_IDLE, Device
 from uspan.wg.drops import Drop
 from uspan.wg.endpoint import Endpoint
 from uspan.wg.ratelimit import RateLimiter
+from uspan.wg.verdict import Counts, lane_records
 
 T0 = 1000.0
 ATTACKER = [Endpoint("192.0.2.66", 40000 + i) for i in range(64)]
@@ -624,3 +625,96 @@ def test_the_lane_prefers_the_peers_heard_from_lately_and_skips_relayed_ones() -
     net.peer(b, nodes[-3]).authenticated_received(net.now)
     assert b.device.known_endpoints(net.now)[:3] == [
         nodes[-3].endpoint, nodes[-1].endpoint, nodes[-2].endpoint]
+
+
+BULK = 80_000
+
+
+def test_without_bulk_cookies_a_read_in_c_may_only_hand_up() -> None:
+    admission = Admission()
+    assert admission.plan(T0) == (UNPROVEN_PER_SECOND + COOKIES_PER_SECOND, 0)
+
+
+def test_bulk_cookies_are_a_third_budget_spent_by_reads_in_c() -> None:
+    """``allow_bulk`` adds a budget C answers from, and leaves the one judged in Python
+    the least (its cookies cost four times C's); what a read gave is taken from the
+    bulk budget, refilled over the second, and counted in the sample."""
+    admission = Admission()
+    admission.allow_bulk(BULK)
+    assert admission.target == UNPROVEN_PER_SECOND + MIN_COOKIES_PER_SECOND + BULK
+    hand_up, cookies = admission.plan(T0)
+    assert (hand_up, cookies) == (UNPROVEN_PER_SECOND + MIN_COOKIES_PER_SECOND, BULK)
+    admission.planned(cookies=BULK - 10, dropped=500)
+    assert admission._seen == BULK - 10 + 500
+    assert admission.plan(T0)[1] == 10
+    assert admission.plan(T0 + 0.1)[1] == 10 + BULK // 10
+
+
+def test_bulk_cookies_yield_to_the_tunnels_like_the_others() -> None:
+    admission = Admission()
+    admission.allow_bulk(BULK)
+    admission.plan(T0)
+    admission.others = round(TUNNEL_YIELD_RATE * SAMPLE_WINDOW)  # a busy window
+    admission.planned(cookies=BULK, dropped=0)
+    assert admission.plan(T0 + SAMPLE_WINDOW)[1] <= MIN_COOKIES_PER_SECOND
+
+
+def test_a_spoofed_flood_within_the_bulk_budget_is_not_sampled() -> None:
+    """Answered in C, a flood below all three budgets passes the kernel whole: every
+    initiation, a newcomer's too, gets an answer."""
+    admission = Admission()
+    admission.allow_bulk(BULK)
+    admission.plan(T0)
+    admission.planned(cookies=round(50_000 * SAMPLE_WINDOW), dropped=0)
+    admission.kernel_filter(T0 + SAMPLE_WINDOW)
+    assert admission.keep == 1.0
+    plain = Admission()
+    for i in range(round(50_000 * SAMPLE_WINDOW)):
+        plain.unproven(source(i), T0 + i * 1e-5)
+    plain.kernel_filter(T0 + SAMPLE_WINDOW)
+    assert plain.keep < 1.0
+
+
+def test_the_device_plans_reads_in_c_by_its_load() -> None:
+    """Not under load a read in C only checks mac1; under load it gets the cookie secret,
+    at most HAND_UP_PER_READ to hand up and the bulk budget; what it did is counted, and
+    its handshakes put the device under load as ``receive``'s do."""
+    net, _, b = initiator_and_responder()
+    device = b.device
+    device.admission.allow_bulk(BULK)
+    plan = device.gate_plan(net.now)
+    assert plan is not None and not plan.under_load and plan.secret is None
+    assert (plan.hand_up, plan.cookies) == (0, 0)
+    assert plan.mac1_key == mac1_key(b.public)
+    device.gate_done(Counts(0, bad_mac1=3, handed_up=0, cookies=0, dropped=0, send_failed=0),
+                     net.now)
+    device.admission.plan(net.now)  # as a read under load would have had it
+    device.gate_done(Counts(0, 0, 0, cookies=device.under_load_rate, dropped=0,
+                            send_failed=0), net.now)
+    plan = device.gate_plan(net.now)
+    assert plan is not None and plan.under_load and plan.secret is not None
+    assert plan.hand_up == HAND_UP_PER_READ
+    assert plan.cookies == BULK - device.under_load_rate
+    assert device.counters[Drop.BAD_MAC1] == 3
+    assert device.counters[Drop.COOKIE_SENT] == device.under_load_rate
+    device.gate_done(Counts(0, 0, 0, cookies=0, dropped=7, send_failed=0), net.now)
+    assert device.counters[Drop.COOKIE_LIMITED] == 7
+
+
+def test_a_read_in_c_under_load_passes_the_lane() -> None:
+    """The peer whose endpoint the responder knows is in the plan's lane, so a read in
+    C hands up its initiations whatever the budgets say."""
+    net, a, b = initiator_and_responder(known=True)
+    device = b.device
+    device.admission.allow_bulk(BULK)
+    device.gate_done(Counts(0, 0, 0, cookies=device.under_load_rate, dropped=0,
+                            send_failed=0), net.now)
+    plan = device.gate_plan(net.now)
+    assert plan is not None and plan.under_load
+    endpoint = device.peers[a.public].endpoint
+    assert endpoint is not None
+    assert plan.lane == lane_records([endpoint.source_key()])
+
+
+def test_the_device_has_no_plan_without_a_key() -> None:
+    assert Device().gate_plan(T0) is None

@@ -36,7 +36,7 @@ from typing import Any
 import trio
 
 from uspan import privilege
-from uspan.daemon import gso, uapi_server
+from uspan.daemon import gate, gso, uapi_server
 from uspan.daemon.demux import Datagram, Demux
 from uspan.daemon.ports import BindPort, DatagramReceiver, TunError, TunGone, TunPort
 from uspan.daemon.slices import Frozen, Slices, collector_paused
@@ -46,6 +46,7 @@ from uspan.wg import prefix, transport_crypto
 from uspan.wg.admission import SAMPLE_WINDOW, KernelFilter
 from uspan.wg.allowedips import KEEP_TEXT_AT
 from uspan.wg.config import ConfigError, DeviceChange
+from uspan.wg.constants import BULK_COOKIES_PER_SECOND
 from uspan.wg.device import INFO_STEP, Device
 from uspan.wg.drops import Drop
 from uspan.wg.endpoint import Endpoint
@@ -136,6 +137,15 @@ class Daemon:
         self.device.mtu = tun.mtu
         self.device.listen_port = bind.port
         self.device.admission.backlog = lambda: self.bind.backlog()  # the bind may change
+        self._set_gate(bind)
+
+    def _set_gate(self, bind: BindPort) -> None:
+        """Have ``bind`` read in C where it can: the core then answers a flood's cookies
+        there too (``Admission.allow_bulk``)."""
+        device = self.device
+        if bind.set_gate(lambda: device.gate_plan(_now()),
+                         lambda counts: device.gate_done(counts, _now())):
+            device.admission.allow_bulk(BULK_COOKIES_PER_SECOND)
 
     @classmethod
     def open(cls, interface: str, *, uapi_path: str | None, offload: bool = True) -> Daemon:
@@ -174,7 +184,9 @@ class Daemon:
                 ("Transport AEAD", transport_crypto.COMPILED, "uspan/wg/_aead.c", "pyca"),
                 ("TSO/USO split and GRO merge", gso.COMPILED, "uspan/daemon/_segment.c",
                  "numpy and Python"),
-                ("UAPI allowed_ip lines", prefix.COMPILED, "uspan/wg/_prefix.c", "Python")):
+                ("UAPI allowed_ip lines", prefix.COMPILED, "uspan/wg/_prefix.c", "Python"),
+                ("Handshake flood read path", gate.COMPILED, "uspan/daemon/_gate.c",
+                 "Python")):
             if compiled:
                 log.debug("%s: compiled (%s)", what, source)
             else:
@@ -531,6 +543,7 @@ class Daemon:
             old_bind, self.bind = self.bind, new_bind
             old_bind.close()
             self._early_drop_version = -1  # the new sockets have no filter yet
+            self._set_gate(new_bind)
             if self._nursery is not None:
                 for receiver in new_bind.receivers:
                     self._nursery.start_soon(self._udp_loop, receiver)

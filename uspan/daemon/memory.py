@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from uspan.daemon.ports import BindPort, Datagram, TunGone, TunPort
+from uspan.daemon.ports import BindPort, Datagram, GateDone, GatePlan, TunGone, TunPort
 from uspan.daemon.tun import BATCH
 from uspan.wg.admission import KernelFilter
 from uspan.wg.constants import DEFAULT_MTU
@@ -113,6 +113,9 @@ class MemoryBind:
 
     def backlog(self) -> float:
         return 0.0  # delivery never waits for the reader
+
+    def set_gate(self, plan: GatePlan, done: GateDone) -> bool:
+        return False  # no socket to read in C: the core judges every datagram
 
     def describe(self) -> str:
         return f"memory={self.host}:{self.port}"

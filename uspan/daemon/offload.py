@@ -162,20 +162,28 @@ def recv_batch_gro(sock: socket.socket, buf: bytearray | memoryview,
         if flags & socket.MSG_CTRUNC:
             truncated += 1
             continue
-        gso_size, local, ifindex, info = 0, None, 0, b""
+        gso_size, info = 0, b""
         for level, kind, data in ancillary:
             if level == SOL_UDP and kind == UDP_GRO:
                 gso_size = struct.unpack_from("=i" if len(data) >= 4 else "=H", data)[0]
-            elif level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+            elif ((level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12)
+                  or (level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO
+                      and len(data) >= 20)):
                 info = data
-                ifindex = struct.unpack_from("=i", data)[0]
-                local = socket.inet_ntop(socket.AF_INET, data[4:8])  # ipi_spec_dst
-            elif (level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO
-                  and len(data) >= 20):
-                info = data
-                local = socket.inet_ntop(socket.AF_INET6, data[:16])
-                ifindex = struct.unpack_from("=i", data, 16)[0]
-        datagrams = split_gro(view[:size], gso_size)
-        out.append(GroDatagrams(datagrams, address, local, ifindex, info, gso_size))
+        out.append(group(view[:size], address, info, gso_size))
     return GroBatch(out, truncated)
+
+
+def group(data: bytes | memoryview, address: tuple[str, int] | tuple[str, int, int, int],
+          info: bytes, gso_size: int) -> GroDatagrams:
+    """One receive's datagrams (``data`` split by ``gso_size``) and where they arrived:
+    ``info`` is the data of its IP_PKTINFO (12 bytes) or IPV6_PKTINFO (20) message."""
+    local, ifindex = None, 0
+    if len(address) == 2 and len(info) >= 12:
+        ifindex = struct.unpack_from("=i", info)[0]
+        local = socket.inet_ntop(socket.AF_INET, info[4:8])  # ipi_spec_dst
+    elif len(address) == 4 and len(info) >= 20:
+        local = socket.inet_ntop(socket.AF_INET6, info[:16])
+        ifindex = struct.unpack_from("=i", info, 16)[0]
+    return GroDatagrams(split_gro(data, gso_size), address, local, ifindex, info, gso_size)
 

@@ -7,11 +7,16 @@ it under ``trio.testing.MockClock`` without root.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from uspan.wg.admission import KernelFilter
 from uspan.wg.endpoint import Endpoint
+from uspan.wg.verdict import Counts, Plan
+
+# The core's side of a read in C: what it may do now (None: read in Python), and what it did.
+GatePlan = Callable[[], Plan | None]
+GateDone = Callable[[Counts], None]
 
 Datagram = tuple[bytes, Endpoint]
 
@@ -115,6 +120,11 @@ class BindPort(Protocol):
 
     def backlog(self) -> float:
         """How full the fullest receive queue is, 0..1 (``Admission.backlog``)."""
+        ...
+
+    def set_gate(self, plan: GatePlan, done: GateDone) -> bool:
+        """Read through the compiled gate (``uspan.daemon.gate``) as ``plan`` says, and
+        tell ``done`` what each read judged; False where it cannot."""
         ...
 
     def describe(self) -> str: ...

@@ -7,7 +7,10 @@ datagram is resent without it and the endpoint reported, so the caller can forge
 
 With offloads, receives use UDP_GRO (one read returns many datagrams of a flow) and
 sends use UDP_SEGMENT (one ``sendmsg`` carries a run of equal-size datagrams to one
-endpoint); each is off where the kernel refuses it.
+endpoint); each is off where the kernel refuses it. Where the core has a key and
+``uspan.daemon.gate`` was built, receives go through its compiled read path instead:
+recvmmsg in C, with a handshake flood judged and answered there as the core plans
+(``set_gate``).
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from operator import itemgetter
 
 import trio
 
-from uspan.daemon import earlydrop, gso, offload
+from uspan.daemon import earlydrop, gate, gso, offload
+from uspan.daemon.ports import GateDone, GatePlan
 from uspan.wg.admission import KernelFilter
 from uspan.wg.endpoint import Endpoint
+from uspan.wg.verdict import Counts, Plan
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +62,16 @@ class UdpSocket:
         self._writable = trio.Lock()
         # By (local address, interface): a flood's many sources share the few we have.
         self._controls: dict[tuple[str | None, int], list[tuple[int, int, bytes]]] = {}
+        self._gate: tuple[GatePlan, GateDone] | None = None
+        self._gate_buffer = bytearray()
+
+    def set_gate(self, plan: GatePlan, done: GateDone) -> bool:
+        """Read through the compiled gate from now on, as ``plan`` says; False (and
+        reads stay in Python) where it was not built."""
+        if gate.COMPILED:
+            self._gate = (plan, done)
+            self._gate_buffer = bytearray(gate.BATCH * gate.BUFFER_SIZE)
+        return gate.COMPILED
 
     async def receive(self, limit: int = BATCH) -> list[tuple[bytes, Endpoint]]:
         """Wait for datagrams, then drain up to ``limit`` of them.
@@ -75,7 +90,11 @@ class UdpSocket:
         """Read until the socket would block or ``limit`` receives; GRO runs are split."""
         out: list[tuple[bytes, Endpoint]] = []
         sources = self._sources
-        groups, truncated = offload.recv_batch_gro(self.sock, self._buffer, limit=limit)
+        plan = self._gate[0]() if self._gate is not None else None
+        if plan is None:
+            groups, truncated = offload.recv_batch_gro(self.sock, self._buffer, limit=limit)
+        else:
+            groups, truncated = self._read_gated(plan)
         self.receive_dropped += truncated
         for group in groups:
             key = (group.address, group.pktinfo)
@@ -88,6 +107,19 @@ class UdpSocket:
                 sources[key] = endpoint
             out.extend([(datagram, endpoint) for datagram in group.datagrams])
         return out
+
+    def _read_gated(self, plan: Plan) -> tuple[list[offload.GroDatagrams], int]:
+        """A read through the compiled gate: what it hands up, and the receives cut
+        short; the rest it did is the core's to count."""
+        assert self._gate is not None
+        received, counts = gate.read(
+            self.sock.fileno(), self._gate_buffer, gate.ROUNDS, plan.mac1_key,
+            plan.cookie_key, plan.secret, plan.under_load, plan.hand_up, plan.cookies,
+            plan.lane)
+        done = Counts(*counts)
+        self.send_errors += done.send_failed
+        self._gate[1](done)
+        return [offload.group(*item) for item in received], done.truncated
 
     def _control(self, endpoint: Endpoint) -> list[tuple[int, int, bytes]]:
         key = (endpoint.local, endpoint.ifindex)
@@ -246,6 +278,9 @@ class UdpBind:
             if udp is not None and not await udp.send([d for d, _ in run], endpoint):
                 failed.append(endpoint)
         return failed
+
+    def set_gate(self, plan: GatePlan, done: GateDone) -> bool:
+        return all([udp.set_gate(plan, done) for udp in self.sockets])
 
     def drop_unproven(self, rules: KernelFilter) -> None:
         """Attach (or, when it would drop nothing, detach) the early-drop filter."""

@@ -50,6 +50,14 @@ what its data does. The trade-off: a configured peer can hold the budget low wit
 cheap keepalives (20,000 a second for the least); that takes a peer's keys, and the
 lane still serves the peers whose endpoints we know.
 
+Where the shell reads in C (``uspan.daemon.gate``), a cookie costs ~8 us there (with
+its read and send) instead of ~35, so the cookies come from a third budget answered in C
+(``allow_bulk``, yielding to the tunnels like the other), and the one judged here falls
+to MIN_COOKIES_PER_SECOND: enough to judge sources (a few ports repeating are flagged
+here), not to spend a flooded CPU three times over on the same answers. ``plan`` says
+how many of each a read may give, ``planned`` takes what it gave. The sample counts all
+three, so a newcomer's chance per attempt becomes what C answers over the flood rate.
+
 That sample would cost a new peer its first handshakes too (its chance per attempt is
 budget / flood rate), so the peers' endpoints (configured or learned from authenticated
 packets; the MAX_TRUSTED that ``known`` ranks first, read again every SAMPLE_WINDOW)
@@ -163,6 +171,14 @@ class Budget:
     def take(self) -> None:
         self._tokens -= 1.0
 
+    def available(self, now: float) -> int:
+        """The whole tokens there at ``now`` (``spend`` takes some)."""
+        self.ready(now)
+        return int(self._tokens)
+
+    def spend(self, count: int) -> None:
+        self._tokens -= count
+
 
 class Admission:
     """The budgets of a device under load; ``drop`` names why the last DROP was given.
@@ -182,6 +198,7 @@ class Admission:
         self.known = known
         self.backlog = backlog
         self._cookies_most = cookies_per_second  # while the tunnels are idle
+        self._bulk_most = 0  # answered in C: none until ``allow_bulk``
         self.aim = float(unproven_per_second + cookies_per_second)  # the backlog's
         self.target = self.aim  # the sample's: ``aim`` capped by the budgets of now
         self.proven = RateLimiter()  # per source IP, for messages with a valid mac2
@@ -193,6 +210,7 @@ class Admission:
         self.abused: dict[Key, float] = {}  # lane endpoints over their limit -> until
         self._unproven = Budget(unproven_per_second)
         self._cookies = Budget(cookies_per_second)
+        self._bulk = Budget(0)
         self.drop = Drop.SOURCE_LIMITED
         self.flagged: dict[Key, float] = {}  # refused (host, port) -> until
         self.flag_version = 0
@@ -252,6 +270,31 @@ class Admission:
         cookies.take()
         return Verdict.COOKIE
 
+    def allow_bulk(self, per_second: int) -> None:
+        """The shell answers cookies in C: up to ``per_second`` more while the tunnels
+        are idle (see the module's docstring)."""
+        self._bulk_most = per_second
+        self._bulk.set_rate(per_second)
+        self._cookies_most = min(self._cookies_most, MIN_COOKIES_PER_SECOND)
+        self._cookies.set_rate(self._cookies_most)
+        self.aim = self.target = self._whole()
+
+    def plan(self, now: float) -> tuple[int, int]:
+        """For a read in C: (how many unproven initiations it hands up to ``unproven``,
+        how many more it answers with a cookie itself), from the budgets' tokens now."""
+        if now - self._window >= SAMPLE_WINDOW:
+            self._resample(now)
+        if now - self._lane_read >= SAMPLE_WINDOW:
+            self._read_lane(now)
+        hand_up = self._unproven.available(now) + self._cookies.available(now)
+        return hand_up, self._bulk.available(now)
+
+    def planned(self, cookies: int, dropped: int) -> None:
+        """What a read in C did beyond what it handed up: ``cookies`` answered, ``dropped``
+        refused (both judged, for the sample)."""
+        self._bulk.spend(cookies)
+        self._seen += cookies + dropped
+
     def stray(self, source: Endpoint, now: float) -> None:
         """A mac2-less message refused anyway (a response to no handshake of ours): only
         its source is judged, so that one repeating it is flagged for the kernel (which
@@ -287,6 +330,8 @@ class Admission:
         drained = self._seen / seconds
         tunnels = self.others + self.sent
         self._cookies.set_rate(cookie_rate(tunnels / seconds, self._cookies_most))
+        if self._bulk_most:
+            self._bulk.set_rate(cookie_rate(tunnels / seconds, self._bulk_most))
         self.tunnel_total += tunnels
         flood = 0 < self._seen >= FLOOD_SHARE * (self._seen + self.others)
         if self.backlog() > BACKLOG_HIGH:
@@ -308,11 +353,12 @@ class Admission:
 
     def _most(self) -> float:
         """What the budgets answer a second now."""
-        return float(self._unproven.per_second + self._cookies.per_second)
+        return float(self._unproven.per_second + self._cookies.per_second
+                     + self._bulk.per_second)
 
     def _whole(self) -> float:
         """What the budgets answer a second while the tunnels are idle."""
-        return float(self._unproven.per_second + self._cookies_most)
+        return float(self._unproven.per_second + self._cookies_most + self._bulk_most)
 
     def _flag(self, key: Key, now: float) -> None:
         flagged = self.flagged
@@ -342,7 +388,10 @@ class Admission:
         # moot: reading it costs a pass over the peers (~15 ms with 20,000).
         if (self.flagged or self.keep < 1.0) and now - self._lane_read >= SAMPLE_WINDOW:
             self._read_lane(now)
+        return KernelFilter(flagged=[Endpoint(host, port) for host, port in self.flagged],
+                            lane=self.lane(), keep=self.keep)
+
+    def lane(self) -> list[Endpoint]:
+        """The lane's endpoints that are not abused: served unsampled."""
         abused = self.abused
-        return KernelFilter(
-            flagged=[Endpoint(host, port) for host, port in self.flagged],
-            lane=[e for key, e in self.trusted.items() if key not in abused], keep=self.keep)
+        return [e for key, e in self.trusted.items() if key not in abused]

@@ -65,6 +65,19 @@ class CookieChecker:
         self._mac1_key = mac1_key(public)
         self._cookie_key = cookie_key(public)
 
+    def keys(self) -> tuple[bytes, bytes] | None:
+        """(mac1 key, cookie key) of the device's public key, None without one."""
+        if self._mac1_key is None or self._cookie_key is None:
+            return None
+        return self._mac1_key, self._cookie_key
+
+    def fresh_secret(self, now: float) -> bytes:
+        """The cookie secret, replaced first if older than COOKIE_REFRESH_TIME."""
+        if not self._secret_fresh(now):
+            self._secret = self._rng(KEY_SIZE)
+            self._secret_born = now
+        return self._secret
+
     def check_mac1(self, msg: bytes) -> bool:
         _check_handshake_length(msg)
         if self._mac1_key is None:
@@ -89,12 +102,10 @@ class CookieChecker:
         _check_handshake_length(msg)
         if self._cookie_key is None:
             raise ValueError("no local public key: cannot seal a cookie reply")
-        if not self._secret_fresh(now):
-            self._secret = self._rng(KEY_SIZE)
-            self._secret_born = now
+        secret = self.fresh_secret(now)
         nonce = self._rng(NONCE_SIZE)
         sealed = crypto.xaead_encrypt(
-            self._cookie_key, nonce, self._cookie(source), msg[MAC1]
+            self._cookie_key, nonce, crypto.mac(secret, source), msg[MAC1]
         )
         return messages.CookieReply(receiver, nonce, sealed).pack()
 

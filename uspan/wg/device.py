@@ -74,11 +74,13 @@ from uspan.wg.handshake import (
 from uspan.wg.keypair import Keypair
 from uspan.wg.peer import Peer
 from uspan.wg.timers import Jitter
+from uspan.wg.verdict import Counts, Plan, lane_records
 
 Out = list[tuple[bytes, Endpoint]]
 Datagram = tuple[bytes, Endpoint]
 _TRANSPORT_HEADER = messages.TRANSPORT_HEADER
 _NO_MAC = bytes(MAC_SIZE)  # mac2 of a sender that holds no cookie
+HAND_UP_PER_READ = 64
 APPLY_STEP = 256  # allowed IPs per step of apply_steps
 CHECK_STEP = 1 << 13  # allowed IPs per step of their type check (~0.2 ms)
 INFO_STEP = 16  # peers per step of info_steps (~0.25 ms)
@@ -111,6 +113,7 @@ class Device:
         self.handshakes: dict[int, Peer] = {}
         self.cookie_checker = CookieChecker(rng=rng)
         self.admission = Admission(known=self.known_endpoints)
+        self._lane, self._lane_version = b"", -1  # the admission's lane, for reads in C
         self.counters: Counter[Drop] = Counter()
         self.under_load_rate = UNDER_LOAD_RATE  # handshake messages per second
         self._under_load_until = float("-inf")
@@ -448,14 +451,48 @@ class Device:
         for peer, (length, data_messages) in received.items():
             peer.received_transport(length, data_messages > 0, now, out)
         if handshakes:
-            if now - self._load_window_start >= 1.0:
-                self._load_window_start, self._load_count = now, 0
-            self._load_count += len(handshakes)
-            if self._load_count >= self.under_load_rate:
-                self._under_load_until = now + UNDER_LOAD_AFTER
+            self._count_handshakes(len(handshakes), now)
             for data, source in handshakes:
                 self._receive_handshake(data, source, now, out)
         return to_tun, out
+
+    def _count_handshakes(self, count: int, now: float) -> None:
+        """Handshake messages received: too many in a second put the device under load."""
+        if now - self._load_window_start >= 1.0:
+            self._load_window_start, self._load_count = now, 0
+        self._load_count += count
+        if self._load_count >= self.under_load_rate:
+            self._under_load_until = now + UNDER_LOAD_AFTER
+
+    def gate_plan(self, now: float) -> Plan | None:
+        """What a read in C (``uspan.daemon.gate``) may do now; None without a key (the
+        shell then reads as before and ``receive`` judges every datagram). Under load,
+        the unproven initiations it hands up are at most HAND_UP_PER_READ (each costs
+        ``receive`` a Python judgement: a read's worth must not hold the loop)."""
+        keys = self.cookie_checker.keys()
+        if keys is None or self.private_key is None:
+            return None
+        admission = self.admission
+        if now >= self._under_load_until and now >= admission.busy_until:
+            return Plan(*keys, secret=None, under_load=False, hand_up=0, cookies=0)
+        hand_up, cookies = admission.plan(now)
+        if admission.flag_version != self._lane_version:  # the lane changes with it
+            self._lane_version = admission.flag_version
+            self._lane = lane_records(e.source_key() for e in admission.lane())
+        return Plan(*keys, secret=self.cookie_checker.fresh_secret(now), under_load=True,
+                    hand_up=min(hand_up, HAND_UP_PER_READ), cookies=cookies, lane=self._lane)
+
+    def gate_done(self, counts: Counts, now: float) -> None:
+        """Count what a read in C judged and did not hand up (its handshake messages
+        count towards the load as ``receive``'s do)."""
+        counters = self.counters
+        counters[Drop.BAD_MAC1] += counts.bad_mac1
+        counters[Drop.COOKIE_SENT] += counts.cookies
+        counters[Drop.COOKIE_LIMITED] += counts.dropped
+        self.admission.planned(counts.cookies, counts.dropped)
+        judged = counts.bad_mac1 + counts.cookies + counts.dropped
+        if judged:
+            self._count_handshakes(judged, now)
 
     def _receive_run(self, index: int, messages_: list[bytes], sources: list[Endpoint],
                      numbers: list[int], now: float, received: dict[Peer, list[int]],

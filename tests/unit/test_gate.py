@@ -1,0 +1,209 @@
+"""The compiled read path (uspan.daemon._gate) against the Python verdicts
+(uspan.wg.verdict.classify_py): the same verdict for random and hostile datagrams, one
+by one and through ``read`` on a real loopback socket; its cookie replies open at the
+initiator and prove its retry; and no silent fallback in CI."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from uspan.daemon import gate
+from uspan.daemon.udp import _set_buffers
+from uspan.wg import crypto, messages
+from uspan.wg.constants import INITIATION_SIZE, MAC_SIZE, RESPONSE_SIZE
+from uspan.wg.cookie import CookieGenerator, cookie_key, mac1_key
+from uspan.wg.verdict import BAD_MAC1, PASS, PROVEN, UNPROVEN, classify_py, lane_records
+
+compiled = pytest.mark.skipif(not gate.COMPILED, reason="uspan.daemon._gate was not built")
+PUBLIC = bytes(range(32))
+MAC1_KEY, COOKIE_KEY = mac1_key(PUBLIC), cookie_key(PUBLIC)
+SECRET = bytes(range(100, 132))
+SOURCE = socket.inet_aton("127.0.0.1") + (40000).to_bytes(2, "big")
+
+
+def test_compiled_module_is_used_when_required() -> None:
+    """CI sets USPAN_REQUIRE_COMPILED=1 (scripts/test): a silent fallback fails here."""
+    if os.environ.get("USPAN_REQUIRE_COMPILED") != "1":
+        pytest.skip("USPAN_REQUIRE_COMPILED is not set")
+    assert gate.COMPILED, "uspan.daemon._gate did not build or import"
+
+
+@st.composite
+def datagrams(draw: st.DrawFn) -> bytes:
+    """Random bytes, and handshake messages right, nearly right and wrong: of each
+    type and near each size, mac1 valid or not, mac2 zero, random or the source's."""
+    shape = draw(st.sampled_from(["random", "initiation", "response", "other"]))
+    if shape == "random":
+        return draw(st.binary(max_size=200))
+    size = {"initiation": INITIATION_SIZE, "response": RESPONSE_SIZE}.get(shape, 64)
+    size += draw(st.sampled_from([0, 0, 0, 1, -1]))
+    body = bytearray(draw(st.binary(min_size=size, max_size=size)))
+    if size < 2 * MAC_SIZE + 4:
+        return bytes(body)
+    body[0:4] = bytes([draw(st.sampled_from([1, 2, 3, 4, 0, 255])), 0, 0, 0])
+    if draw(st.integers(0, 7)) == 0:
+        body[draw(st.integers(1, 3))] = draw(st.integers(1, 255))  # reserved bytes
+    mac1_at, mac2_at = size - 2 * MAC_SIZE, size - MAC_SIZE
+    if draw(st.booleans()):
+        body[mac1_at:mac2_at] = crypto.mac(MAC1_KEY, bytes(body[:mac1_at]))
+    mac2 = draw(st.sampled_from(["zero", "random", "valid"]))
+    if mac2 == "zero":
+        body[mac2_at:] = bytes(MAC_SIZE)
+    elif mac2 == "valid":
+        body[mac2_at:] = crypto.mac(crypto.mac(SECRET, SOURCE), bytes(body[:mac2_at]))
+    return bytes(body)
+
+
+@compiled
+@settings(max_examples=2000, deadline=None)
+@given(data=datagrams(), secret=st.sampled_from([SECRET, None]), under_load=st.booleans())
+def test_compiled_verdict_matches_python(data: bytes, secret: bytes | None,
+                                         under_load: bool) -> None:
+    expected = classify_py(data, SOURCE, MAC1_KEY, secret, under_load)
+    assert gate.classify(data, SOURCE, MAC1_KEY, secret, under_load) == expected
+
+
+def test_python_verdicts_of_the_four_kinds() -> None:
+    """The reference itself: each verdict where the whitepaper puts it."""
+    body = bytearray(os.urandom(INITIATION_SIZE))
+    body[0:4] = b"\x01\0\0\0"
+    body[116:132] = crypto.mac(MAC1_KEY, bytes(body[:116]))
+    body[132:] = bytes(MAC_SIZE)
+    assert classify_py(bytes(body), SOURCE, MAC1_KEY, SECRET, False) == PASS
+    assert classify_py(bytes(body), SOURCE, MAC1_KEY, SECRET, True) == UNPROVEN
+    body[132:] = crypto.mac(crypto.mac(SECRET, SOURCE), bytes(body[:132]))
+    assert classify_py(bytes(body), SOURCE, MAC1_KEY, SECRET, True) == PROVEN
+    assert classify_py(bytes(body), SOURCE, MAC1_KEY, None, True) == UNPROVEN
+    body[120] ^= 1
+    assert classify_py(bytes(body), SOURCE, MAC1_KEY, SECRET, True) == BAD_MAC1
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    _set_buffers(receiver)
+    receiver.bind(("127.0.0.1", 0))
+    sender.bind(("127.0.0.1", 0))
+    sender.setblocking(False)
+    receiver.setblocking(False)
+    yield receiver, sender
+    receiver.close()
+    sender.close()
+
+
+def _read(receiver: socket.socket, *, under_load: bool = True, hand_up: int = 0,
+          cookies: int = 0, lane: bytes = b"",
+          ) -> tuple[list[bytes], tuple[int, int, int, int, int, int]]:
+    """One read as the daemon does it, with the cookie secret SECRET."""
+    buffer = bytearray(gate.BATCH * gate.BUFFER_SIZE)
+    got, counts = gate.read(receiver.fileno(), buffer, gate.ROUNDS, MAC1_KEY, COOKIE_KEY,
+                            SECRET, under_load, hand_up, cookies, lane)
+    return [item[0] for item in got], counts
+
+
+@compiled
+@settings(max_examples=20, deadline=None)
+@given(batch=st.lists(datagrams(), min_size=1, max_size=150), under_load=st.booleans())
+def test_read_hands_up_what_python_would_pass(batch: list[bytes], under_load: bool) -> None:
+    """Through a real socket: bad mac1 dropped and counted, under load the unproven
+    initiations dropped (no budget), everything else handed up whole and in order."""
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        _set_buffers(receiver)
+        receiver.bind(("127.0.0.1", 0))
+        receiver.setblocking(False)
+        sender.bind(("127.0.0.1", 0))
+        source = socket.inet_aton("127.0.0.1") + sender.getsockname()[1].to_bytes(2, "big")
+        sendable = [data for data in batch if data]  # an empty datagram reads as one too
+        for data in sendable:
+            sender.sendto(data, receiver.getsockname())
+        verdicts = [classify_py(d, source, MAC1_KEY, SECRET, under_load) for d in sendable]
+        got, counts = _read(receiver, under_load=under_load)
+    finally:
+        receiver.close()
+        sender.close()
+    assert got == [d for d, v in zip(sendable, verdicts, strict=True) if v in (PASS, PROVEN)]
+    truncated, bad_mac1, handed_up, cookies, dropped, failed = counts
+    assert (truncated, handed_up, cookies, failed) == (0, 0, 0, 0)
+    assert bad_mac1 == verdicts.count(BAD_MAC1)
+    assert dropped == verdicts.count(UNPROVEN)
+
+
+def _initiation(generator: CookieGenerator, now: float) -> bytes:
+    body = bytearray(os.urandom(INITIATION_SIZE))
+    body[0:4] = b"\x01\0\0\0"
+    generator.add_macs(body, now)
+    return bytes(body)
+
+
+@compiled
+def test_read_answers_beyond_hand_up_with_cookies_that_prove_the_retry(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """Of five unproven initiations, two go up, two get a cookie reply from C (which
+    opens at the initiator), one is dropped; the initiator's retry is then proven."""
+    receiver, sender = pair
+    generator = CookieGenerator(PUBLIC)
+    sent = []
+    for _ in range(5):
+        sent.append(_initiation(generator, 1.0))
+        sender.sendto(sent[-1], receiver.getsockname())
+    got, counts = _read(receiver, hand_up=2, cookies=2)
+    assert got == sent[:2]
+    assert counts == (0, 0, 2, 2, 1, 0)
+    replies = [sender.recv(100) for _ in range(2)]
+    assert [len(r) for r in replies] == [64, 64]
+    assert [r[4:8] for r in replies] == [m[4:8] for m in sent[2:4]]
+    # The generator keeps the mac1 of its last message: the fifth, which got no reply.
+    # Its cookie is what C sealed for this source, whichever message it answered.
+    reply = messages.parse_cookie_reply(replies[0])
+    cookie = crypto.xaead_decrypt(COOKIE_KEY, reply.nonce, reply.encrypted_cookie,
+                                  sent[2][116:132])
+    source = socket.inet_aton("127.0.0.1") + sender.getsockname()[1].to_bytes(2, "big")
+    assert cookie == crypto.mac(SECRET, source)
+    with pytest.raises(crypto.AuthenticationError):  # bound to its message's mac1
+        crypto.xaead_decrypt(COOKIE_KEY, reply.nonce, reply.encrypted_cookie, sent[3][116:132])
+    retry = bytearray(_initiation(generator, 2.0))
+    retry[132:] = crypto.mac(cookie, bytes(retry[:132]))
+    sender.sendto(bytes(retry), receiver.getsockname())
+    got, counts = _read(receiver)
+    assert got == [bytes(retry)]
+    assert counts == (0, 0, 0, 0, 0, 0)
+
+
+@compiled
+def test_standalone_cookie_reply_opens_at_the_initiator() -> None:
+    generator = CookieGenerator(PUBLIC)
+    initiation = _initiation(generator, 1.0)
+    reply = gate.cookie_reply(initiation, SOURCE, SECRET, COOKIE_KEY)
+    assert generator.consume_reply(messages.parse_cookie_reply(reply), 1.5)
+    retry = bytearray(_initiation(generator, 2.0))
+    assert classify_py(bytes(retry), SOURCE, MAC1_KEY, SECRET, True) == PROVEN
+
+
+@compiled
+def test_the_lanes_initiations_always_go_up(pair: tuple[socket.socket, socket.socket]) -> None:
+    """A known peer's mac2-less initiations are the core's priority lane: handed up with
+    nothing left to hand up or answer, and not counted against ``hand_up``; another
+    source on the same address is not in the lane."""
+    receiver, sender = pair
+    port = sender.getsockname()[1]
+    other = socket.inet_aton("127.0.0.1") + (port ^ 1).to_bytes(2, "big")
+    lane = lane_records([other, socket.inet_aton("127.0.0.1") + port.to_bytes(2, "big"),
+                         bytes(18)])
+    sent = [_initiation(CookieGenerator(PUBLIC), 1.0) for _ in range(3)]
+    for message in sent:
+        sender.sendto(message, receiver.getsockname())
+    got, counts = _read(receiver, lane=lane)
+    assert got == sent
+    assert counts == (0, 0, 0, 0, 0, 0)
+    sender.sendto(sent[0], receiver.getsockname())
+    got, counts = _read(receiver, lane=lane_records([other]))
+    assert (got, counts) == ([], (0, 0, 0, 0, 1, 0))

@@ -1,0 +1,662 @@
+/* The compiled read path of a UDP socket under a handshake flood (uspan.daemon.gate).
+ *
+ * Why: under a spoofed flood of initiations with a valid mac1 (~280,000 a second from one
+ * sender here), Python drains and answers ~20,000 a second (a cookie reply costs ~27 us
+ * in the core), so a newcomer's first initiation is answered with a chance of a few per
+ * cent. Here recvmmsg drains the socket in rounds of up to 64 datagrams into buffers
+ * the caller owns, and each lone handshake message gets its verdict at C speed:
+ * ``classify`` (mac1 with BLAKE2s, kept keyed; under load mac2 against the cookie
+ * secret). Bad mac1: dropped and counted. Under load, initiations without a valid mac2
+ * (unproven) are handed to Python while ``hand_up`` allows (the core judges them as
+ * before), then answered here with a cookie reply (XChaCha20-Poly1305: HChaCha20 here,
+ * then OpenSSL's ChaCha20-Poly1305) while ``cookies`` allows, sent with one sendmmsg;
+ * the rest are dropped and counted. How many of each is the core's decision
+ * (uspan.wg.admission), not this file's. Everything else (transport data, GRO runs,
+ * responses, cookie replies, proven initiations) goes to Python unchanged.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/rand.h>
+
+#define INITIATION_SIZE 148
+#define RESPONSE_SIZE 92
+#define MAC_SIZE 16
+#define KEY_SIZE 32
+#define NONCE_SIZE 24
+#define REPLY_SIZE 64
+#define MSG_INITIATION 1
+#define MSG_RESPONSE 2
+#define MSG_COOKIE_REPLY 3
+#define BATCH 64
+#define BUFFER_SIZE 65535
+#define CONTROL_SIZE 128
+#define LANE_RECORD 19 /* the key's length, then the key (IP || port) zero-padded to 18 */
+#ifndef SOL_UDP
+#define SOL_UDP 17
+#endif
+#ifndef UDP_GRO
+#define UDP_GRO 104
+#endif
+
+enum { PASS = 0, BAD_MAC1 = 1, PROVEN = 2, UNPROVEN = 3 };
+
+static EVP_CIPHER *chacha20_poly1305;
+static const unsigned char zero_mac[MAC_SIZE];
+
+static uint32_t
+le32(const unsigned char *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static void
+put_le32(unsigned char *p, uint32_t v)
+{
+    p[0] = (unsigned char)v;
+    p[1] = (unsigned char)(v >> 8);
+    p[2] = (unsigned char)(v >> 16);
+    p[3] = (unsigned char)(v >> 24);
+}
+
+/* Keyed BLAKE2s with a 16-byte digest (RFC 7693), WireGuard's MAC. Here rather than
+ * OpenSSL's BLAKE2SMAC: its EVP calls cost ~4,400 instructions a MAC, and the state after
+ * the key's block is the same for every message under one key, so it is kept (``Keyed``)
+ * and each message costs only its own blocks. */
+static const uint32_t blake2s_iv[8] = {0x6A09E667, 0xBB67AE85, 0x3C6EF372, 0xA54FF53A,
+                                       0x510E527F, 0x9B05688C, 0x1F83D9AB, 0x5BE0CD19};
+static const unsigned char blake2s_sigma[10][16] = {
+    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
+    {14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3},
+    {11, 8, 12, 0, 5, 2, 15, 13, 10, 14, 3, 6, 7, 1, 9, 4},
+    {7, 9, 3, 1, 13, 12, 11, 14, 2, 6, 5, 10, 4, 0, 15, 8},
+    {9, 0, 5, 7, 2, 4, 10, 15, 14, 1, 11, 12, 6, 8, 3, 13},
+    {2, 12, 6, 10, 0, 11, 8, 3, 4, 13, 7, 5, 15, 14, 1, 9},
+    {12, 5, 1, 15, 14, 13, 4, 10, 0, 7, 6, 3, 9, 2, 8, 11},
+    {13, 11, 7, 14, 12, 1, 3, 9, 5, 0, 15, 4, 8, 6, 2, 10},
+    {6, 15, 14, 9, 11, 3, 0, 8, 12, 2, 13, 7, 1, 4, 10, 5},
+    {10, 2, 8, 4, 7, 6, 1, 5, 15, 11, 9, 14, 3, 12, 13, 0},
+};
+
+#define ROTR(v, n) (((v) >> (n)) | ((v) << (32 - (n))))
+#define MIX(a, b, c, d, x, y)                                                            \
+    do {                                                                                 \
+        a += b + (x); d = ROTR(d ^ a, 16); c += d; b = ROTR(b ^ c, 12);                  \
+        a += b + (y); d = ROTR(d ^ a, 8);  c += d; b = ROTR(b ^ c, 7);                   \
+    } while (0)
+
+static void
+blake2s_compress(uint32_t h[8], const unsigned char block[64], uint64_t bytes, int last)
+{
+    uint32_t m[16], v[16];
+    for (int i = 0; i < 16; i++)
+        m[i] = le32(block + 4 * i);
+    for (int i = 0; i < 8; i++) {
+        v[i] = h[i];
+        v[i + 8] = blake2s_iv[i];
+    }
+    v[12] ^= (uint32_t)bytes;
+    v[13] ^= (uint32_t)(bytes >> 32);
+    if (last)
+        v[14] = ~v[14];
+    for (int r = 0; r < 10; r++) {
+        const unsigned char *s = blake2s_sigma[r];
+        MIX(v[0], v[4], v[8], v[12], m[s[0]], m[s[1]]);
+        MIX(v[1], v[5], v[9], v[13], m[s[2]], m[s[3]]);
+        MIX(v[2], v[6], v[10], v[14], m[s[4]], m[s[5]]);
+        MIX(v[3], v[7], v[11], v[15], m[s[6]], m[s[7]]);
+        MIX(v[0], v[5], v[10], v[15], m[s[8]], m[s[9]]);
+        MIX(v[1], v[6], v[11], v[12], m[s[10]], m[s[11]]);
+        MIX(v[2], v[7], v[8], v[13], m[s[12]], m[s[13]]);
+        MIX(v[3], v[4], v[9], v[14], m[s[14]], m[s[15]]);
+    }
+    for (int i = 0; i < 8; i++)
+        h[i] ^= v[i] ^ v[i + 8];
+}
+
+typedef struct {
+    uint32_t h[8]; /* after the key's block */
+} Keyed;
+
+/* The state after ``key`` (1-32 bytes) for 16-byte MACs. */
+static void
+blake2s_key(Keyed *keyed, const unsigned char *key, size_t key_len)
+{
+    unsigned char block[64] = {0};
+    memcpy(keyed->h, blake2s_iv, sizeof(keyed->h));
+    keyed->h[0] ^= 0x01010000 ^ ((uint32_t)key_len << 8) ^ MAC_SIZE;
+    memcpy(block, key, key_len);
+    blake2s_compress(keyed->h, block, 64, 0);
+}
+
+/* MAC(key, data) from the keyed state; ``len`` must not be 0 (the key's block would be
+ * the last one then, and no MAC here is of nothing). */
+static void
+blake2s_mac(const Keyed *keyed, const unsigned char *data, size_t len,
+            unsigned char out[MAC_SIZE])
+{
+    uint32_t h[8];
+    unsigned char block[64] = {0};
+    uint64_t bytes = 64;
+    memcpy(h, keyed->h, sizeof(h));
+    for (; len > 64; data += 64, len -= 64) {
+        bytes += 64;
+        blake2s_compress(h, data, bytes, 0);
+    }
+    memcpy(block, data, len);
+    blake2s_compress(h, block, bytes + len, 1);
+    for (int i = 0; i < 4; i++)
+        put_le32(out + 4 * i, h[i]);
+}
+
+/* The keys of one read: mac1's, and the cookie secret's (none when there is none fresh). */
+typedef struct {
+    Keyed mac1, secret;
+    int has_secret;
+} Macs;
+
+static void
+macs_init(Macs *macs, const unsigned char *mac1_key, const unsigned char *secret)
+{
+    if (mac1_key != NULL)  /* NULL: only cookies are made with these */
+        blake2s_key(&macs->mac1, mac1_key, KEY_SIZE);
+    macs->has_secret = secret != NULL;
+    if (secret != NULL)
+        blake2s_key(&macs->secret, secret, KEY_SIZE);
+}
+
+/* The verdict on one datagram (see uspan.wg.verdict.classify_py, which it must match). */
+static int
+classify(const unsigned char *msg, size_t len, const unsigned char *source, size_t source_len,
+         Macs *macs, int under_load)
+{
+    unsigned char mac[MAC_SIZE], cookie[MAC_SIZE];
+    if (len < 4 || msg[1] || msg[2] || msg[3])
+        return PASS;
+    if (!((msg[0] == MSG_INITIATION && len == INITIATION_SIZE)
+          || (msg[0] == MSG_RESPONSE && len == RESPONSE_SIZE)))
+        return PASS;
+    blake2s_mac(&macs->mac1, msg, len - 2 * MAC_SIZE, mac);
+    if (CRYPTO_memcmp(mac, msg + len - 2 * MAC_SIZE, MAC_SIZE))
+        return BAD_MAC1;
+    if (!under_load || msg[0] != MSG_INITIATION)
+        return PASS;
+    if (!macs->has_secret || !memcmp(msg + len - MAC_SIZE, zero_mac, MAC_SIZE))
+        return UNPROVEN;
+    Keyed cookie_keyed;
+    blake2s_mac(&macs->secret, source, source_len, cookie);
+    blake2s_key(&cookie_keyed, cookie, MAC_SIZE);
+    blake2s_mac(&cookie_keyed, msg, len - MAC_SIZE, mac);
+    if (CRYPTO_memcmp(mac, msg + len - MAC_SIZE, MAC_SIZE))
+        return UNPROVEN;
+    return PROVEN;
+}
+
+#define ROTL(v, n) (((v) << (n)) | ((v) >> (32 - (n))))
+#define QUARTER(a, b, c, d)                                                              \
+    do {                                                                                 \
+        a += b; d ^= a; d = ROTL(d, 16); c += d; b ^= c; b = ROTL(b, 12);                \
+        a += b; d ^= a; d = ROTL(d, 8);  c += d; b ^= c; b = ROTL(b, 7);                 \
+    } while (0)
+
+/* HChaCha20 (draft-irtf-cfrg-xchacha): the subkey of XChaCha20 from a key and the first
+ * 16 bytes of the nonce. OpenSSL has no XChaCha20. */
+static void
+hchacha20(const unsigned char key[KEY_SIZE], const unsigned char nonce[16],
+          unsigned char out[KEY_SIZE])
+{
+    uint32_t x[16] = {0x61707865, 0x3320646e, 0x79622d32, 0x6b206574};
+    for (int i = 0; i < 8; i++)
+        x[4 + i] = le32(key + 4 * i);
+    for (int i = 0; i < 4; i++)
+        x[12 + i] = le32(nonce + 4 * i);
+    for (int i = 0; i < 10; i++) {
+        QUARTER(x[0], x[4], x[8], x[12]);
+        QUARTER(x[1], x[5], x[9], x[13]);
+        QUARTER(x[2], x[6], x[10], x[14]);
+        QUARTER(x[3], x[7], x[11], x[15]);
+        QUARTER(x[0], x[5], x[10], x[15]);
+        QUARTER(x[1], x[6], x[11], x[12]);
+        QUARTER(x[2], x[7], x[8], x[13]);
+        QUARTER(x[3], x[4], x[9], x[14]);
+    }
+    for (int i = 0; i < 4; i++) {
+        put_le32(out + 4 * i, x[i]);
+        put_le32(out + 16 + 4 * i, x[12 + i]);
+    }
+}
+
+/* The 64-byte cookie reply to initiation ``msg`` from ``source`` (whitepaper 5.4.7):
+ * type 3, the initiator's sender index, the random ``nonce``, and the cookie
+ * MAC(secret, source) sealed with XChaCha20-Poly1305 under ``cookie_key`` with the
+ * message's mac1 as associated data. */
+static int
+cookie_reply(unsigned char reply[REPLY_SIZE], const unsigned char *msg, size_t len,
+             const unsigned char *source, size_t source_len, const unsigned char *nonce,
+             Macs *macs, const unsigned char *cookie_key, EVP_CIPHER_CTX *ctx)
+{
+    unsigned char cookie[MAC_SIZE], subkey[KEY_SIZE], iv[12] = {0};
+    unsigned char *sealed = reply + 8 + NONCE_SIZE;
+    int written = 0;
+    memset(reply, 0, 4);
+    reply[0] = MSG_COOKIE_REPLY;
+    memcpy(reply + 4, msg + 4, 4);
+    memcpy(reply + 8, nonce, NONCE_SIZE);
+    if (!macs->has_secret || source_len == 0)
+        return 0;
+    blake2s_mac(&macs->secret, source, source_len, cookie);
+    hchacha20(cookie_key, nonce, subkey);
+    memcpy(iv + 4, nonce + 16, 8);
+    int ok = EVP_EncryptInit_ex2(ctx, chacha20_poly1305, subkey, iv, NULL)
+             && EVP_EncryptUpdate(ctx, NULL, &written, msg + len - 2 * MAC_SIZE, MAC_SIZE)
+             && EVP_EncryptUpdate(ctx, sealed, &written, cookie, MAC_SIZE)
+             && written == MAC_SIZE && EVP_EncryptFinal_ex(ctx, sealed + MAC_SIZE, &written)
+             && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, MAC_SIZE, sealed + MAC_SIZE);
+    OPENSSL_cleanse(subkey, sizeof(subkey));
+    return ok;
+}
+
+/* The source key cookies are made for: IP bytes || port (big-endian). */
+static size_t
+source_key(const struct sockaddr_storage *address, unsigned char out[18])
+{
+    if (address->ss_family == AF_INET) {
+        const struct sockaddr_in *v4 = (const struct sockaddr_in *)address;
+        memcpy(out, &v4->sin_addr, 4);
+        memcpy(out + 4, &v4->sin_port, 2);
+        return 6;
+    }
+    const struct sockaddr_in6 *v6 = (const struct sockaddr_in6 *)address;
+    memcpy(out, &v6->sin6_addr, 16);
+    memcpy(out + 16, &v6->sin6_port, 2);
+    return 18;
+}
+
+/* Python's form of a socket address: (host, port) or (host, port, flowinfo, scope_id). */
+static PyObject *
+address_tuple(const struct sockaddr_storage *address)
+{
+    char host[INET6_ADDRSTRLEN];
+    if (address->ss_family == AF_INET) {
+        const struct sockaddr_in *v4 = (const struct sockaddr_in *)address;
+        inet_ntop(AF_INET, &v4->sin_addr, host, sizeof(host));
+        return Py_BuildValue("(si)", host, ntohs(v4->sin_port));
+    }
+    const struct sockaddr_in6 *v6 = (const struct sockaddr_in6 *)address;
+    inet_ntop(AF_INET6, &v6->sin6_addr, host, sizeof(host));
+    return Py_BuildValue("(siII)", host, ntohs(v6->sin6_port), ntohl(v6->sin6_flowinfo),
+                         v6->sin6_scope_id);
+}
+
+/* Whether ``source`` is one of the lane's (the peers' endpoints): its mac2-less
+ * initiations always go up, where the core's priority lane serves them. */
+static int
+in_lane(const unsigned char *source, size_t source_len, const unsigned char *lane,
+        size_t lane_len)
+{
+    for (size_t at = 0; at + LANE_RECORD <= lane_len; at += LANE_RECORD)
+        if (lane[at] == source_len && !memcmp(lane + at + 1, source, source_len))
+            return 1;
+    return 0;
+}
+
+typedef struct {
+    int gso_size;
+    const struct cmsghdr *pktinfo;
+} Control;
+
+static Control
+parse_control(struct msghdr *header)
+{
+    Control out = {0, NULL};
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(header); c != NULL; c = CMSG_NXTHDR(header, c)) {
+        if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO) {
+            size_t size = c->cmsg_len - CMSG_LEN(0);
+            if (size >= sizeof(int))
+                memcpy(&out.gso_size, CMSG_DATA(c), sizeof(int));
+            else if (size >= sizeof(uint16_t)) {
+                uint16_t small;
+                memcpy(&small, CMSG_DATA(c), sizeof(small));
+                out.gso_size = small;
+            }
+        } else if ((c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO
+                    && c->cmsg_len >= CMSG_LEN(sizeof(struct in_pktinfo)))
+                   || (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_PKTINFO
+                       && c->cmsg_len >= CMSG_LEN(sizeof(struct in6_pktinfo)))) {
+            out.pktinfo = c;
+        }
+    }
+    return out;
+}
+
+/* The control message that sends a reply from the address the message came to. */
+static size_t
+reply_control(const Control *control, unsigned char *out)
+{
+    const struct cmsghdr *in = control->pktinfo;
+    if (in == NULL)
+        return 0;
+    struct cmsghdr *c = (struct cmsghdr *)out;
+    if (in->cmsg_level == IPPROTO_IP) {
+        struct in_pktinfo received, info;
+        memcpy(&received, CMSG_DATA(in), sizeof(received));
+        memset(&info, 0, sizeof(info));
+        info.ipi_ifindex = received.ipi_ifindex;
+        info.ipi_spec_dst = received.ipi_spec_dst;
+        c->cmsg_level = IPPROTO_IP;
+        c->cmsg_type = IP_PKTINFO;
+        c->cmsg_len = CMSG_LEN(sizeof(info));
+        memcpy(CMSG_DATA(c), &info, sizeof(info));
+        return CMSG_SPACE(sizeof(info));
+    }
+    c->cmsg_level = IPPROTO_IPV6;
+    c->cmsg_type = IPV6_PKTINFO;
+    c->cmsg_len = CMSG_LEN(sizeof(struct in6_pktinfo));
+    memcpy(CMSG_DATA(c), CMSG_DATA(in), sizeof(struct in6_pktinfo));
+    return CMSG_SPACE(sizeof(struct in6_pktinfo));
+}
+
+typedef struct {
+    struct mmsghdr headers[BATCH];
+    struct iovec iovecs[BATCH];
+    struct sockaddr_storage addresses[BATCH];
+    unsigned char controls[BATCH][CONTROL_SIZE];
+    unsigned char data[BATCH][REPLY_SIZE];
+    unsigned char nonces[BATCH][NONCE_SIZE]; /* drawn for a whole batch: RAND_bytes costs
+                                                ~7k instructions a call */
+    int count;
+} Replies;
+
+/* Send the replies gathered; returns how many the kernel refused. */
+static long
+flush_replies(int fd, Replies *replies)
+{
+    long failed = 0;
+    int done = 0;
+    while (done < replies->count) {
+        int sent = sendmmsg(fd, replies->headers + done, replies->count - done, MSG_DONTWAIT);
+        if (sent < 0) {
+            if (errno == EINTR)
+                continue;
+            failed += replies->count - done;  /* a full buffer: the flood's answers wait not */
+            break;
+        }
+        if (sent == 0)
+            sent = 1, failed++;
+        done += sent;
+    }
+    replies->count = 0;
+    return failed;
+}
+
+static int
+hand_up(PyObject *out, const unsigned char *data, size_t len,
+        const struct sockaddr_storage *address, const Control *control)
+{
+    PyObject *pktinfo = control->pktinfo == NULL
+        ? PyBytes_FromStringAndSize(NULL, 0)
+        : PyBytes_FromStringAndSize((const char *)CMSG_DATA(control->pktinfo),
+                                    control->pktinfo->cmsg_len - CMSG_LEN(0));
+    PyObject *item = pktinfo == NULL ? NULL
+        : Py_BuildValue("(y#NNi)", (const char *)data, (Py_ssize_t)len, address_tuple(address),
+                        pktinfo, control->gso_size);
+    if (item == NULL)
+        return -1;
+    int failed = PyList_Append(out, item);
+    Py_DECREF(item);
+    return failed;
+}
+
+PyDoc_STRVAR(read_doc,
+"read(fd, buffer, rounds, mac1_key, cookie_key, secret, under_load, hand_up, cookies,\n"
+"     lane, /)\n"
+"--\n\n"
+"Drain the non-blocking UDP socket ``fd`` in up to ``rounds`` recvmmsg calls of 64\n"
+"datagrams into ``buffer`` (writable, 64 x 65535 bytes). Returns (received, counts):\n"
+"received is a list of (data, address, pktinfo, gso_size) for Python, counts a tuple\n"
+"(truncated, bad_mac1, handed_up, cookies_sent, dropped, send_failed), where handed_up\n"
+"counts the unproven initiations among received (at most ``hand_up``; those from the\n"
+"``lane``, records of a length byte and a source key padded to 18 bytes, always go up\n"
+"and are not counted), cookies_sent those answered here (at most ``cookies``) and\n"
+"dropped the unproven rest. ``secret`` is the cookie secret (32 bytes) or None when\n"
+"there is none fresh.");
+
+static PyObject *
+gate_read(PyObject *module, PyObject *args)
+{
+    (void)module;
+    int fd, rounds, under_load;
+    long hand_budget, cookie_budget;
+    Py_buffer buffer, mac1_key, cookie_key, secret, lane;
+    if (!PyArg_ParseTuple(args, "iw*iy*y*z*plly*:read", &fd, &buffer, &rounds, &mac1_key,
+                          &cookie_key, &secret, &under_load, &hand_budget, &cookie_budget,
+                          &lane))
+        return NULL;
+    PyObject *result = NULL, *out = NULL;
+    Replies *replies = NULL;
+    EVP_CIPHER_CTX *ctx = NULL;
+    Macs macs;
+    if (buffer.len < (Py_ssize_t)BATCH * BUFFER_SIZE || mac1_key.len != KEY_SIZE
+        || cookie_key.len != KEY_SIZE || (secret.buf != NULL && secret.len != KEY_SIZE)) {
+        PyErr_SetString(PyExc_ValueError, "buffer of 64 x 65535 bytes and 32-byte keys needed");
+        goto done;
+    }
+    const unsigned char *secret_bytes = secret.buf; /* NULL for None */
+    out = PyList_New(0);
+    replies = PyMem_Calloc(1, sizeof(Replies));
+    ctx = EVP_CIPHER_CTX_new();
+    if (out == NULL || replies == NULL || ctx == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    macs_init(&macs, mac1_key.buf, secret_bytes);
+    int nonces_ready = 0;
+    long truncated = 0, bad_mac1 = 0, handed = 0, cookies_sent = 0, dropped = 0, failed = 0;
+    struct mmsghdr headers[BATCH];
+    struct iovec iovecs[BATCH];
+    struct sockaddr_storage addresses[BATCH];
+    unsigned char controls[BATCH][CONTROL_SIZE];
+    unsigned char *data = buffer.buf;
+    for (int round = 0; round < rounds; round++) {
+        for (int i = 0; i < BATCH; i++) {
+            iovecs[i].iov_base = data + (size_t)i * BUFFER_SIZE;
+            iovecs[i].iov_len = BUFFER_SIZE;
+            memset(&headers[i], 0, sizeof(headers[i]));
+            headers[i].msg_hdr.msg_name = &addresses[i];
+            headers[i].msg_hdr.msg_namelen = sizeof(addresses[i]);
+            headers[i].msg_hdr.msg_iov = &iovecs[i];
+            headers[i].msg_hdr.msg_iovlen = 1;
+            headers[i].msg_hdr.msg_control = controls[i];
+            headers[i].msg_hdr.msg_controllen = CONTROL_SIZE;
+        }
+        int got = recvmmsg(fd, headers, BATCH, MSG_DONTWAIT, NULL);
+        if (got < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                break;
+            continue;  /* EINTR, or a queued ICMP error: the next datagram may be fine */
+        }
+        for (int i = 0; i < got; i++) {
+            struct msghdr *header = &headers[i].msg_hdr;
+            if (header->msg_flags & (MSG_CTRUNC | MSG_TRUNC)) {
+                truncated++;
+                continue;
+            }
+            Control control = parse_control(header);
+            const unsigned char *message = iovecs[i].iov_base;
+            size_t len = headers[i].msg_len;
+            int verdict = PASS;
+            unsigned char source[18];
+            size_t source_len = 0;
+            if (control.gso_size == 0 || len <= (size_t)control.gso_size) {
+                source_len = source_key(&addresses[i], source);
+                verdict = classify(message, len, source, source_len, &macs, under_load);
+            }
+            if (verdict == BAD_MAC1) {
+                bad_mac1++;
+                continue;
+            }
+            if (verdict == UNPROVEN && in_lane(source, source_len, lane.buf, lane.len))
+                verdict = PASS;
+            if (verdict == UNPROVEN && handed >= hand_budget) {
+                if (cookies_sent >= cookie_budget || secret_bytes == NULL) {
+                    dropped++;
+                    continue;
+                }
+                int r = replies->count;
+                struct msghdr *reply = &replies->headers[r].msg_hdr;
+                if (!nonces_ready) {
+                    if (RAND_bytes(&replies->nonces[0][0], sizeof(replies->nonces)) != 1) {
+                        PyErr_SetString(PyExc_RuntimeError, "OpenSSL gave no random bytes");
+                        goto done;
+                    }
+                    nonces_ready = 1;
+                }
+                if (!cookie_reply(replies->data[r], message, len, source, source_len,
+                                  replies->nonces[r], &macs, cookie_key.buf, ctx)) {
+                    dropped++;
+                    continue;
+                }
+                memcpy(&replies->addresses[r], &addresses[i], header->msg_namelen);
+                replies->iovecs[r].iov_base = replies->data[r];
+                replies->iovecs[r].iov_len = REPLY_SIZE;
+                memset(reply, 0, sizeof(*reply));
+                reply->msg_name = &replies->addresses[r];
+                reply->msg_namelen = header->msg_namelen;
+                reply->msg_iov = &replies->iovecs[r];
+                reply->msg_iovlen = 1;
+                size_t control_len = reply_control(&control, replies->controls[r]);
+                reply->msg_control = control_len ? replies->controls[r] : NULL;
+                reply->msg_controllen = control_len;
+                cookies_sent++;
+                if (++replies->count == BATCH) {
+                    failed += flush_replies(fd, replies);
+                    nonces_ready = 0;
+                }
+                continue;
+            }
+            if (verdict == UNPROVEN)
+                handed++;
+            if (hand_up(out, message, len, &addresses[i], &control) < 0)
+                goto done;
+        }
+        if (got < BATCH)
+            break;
+    }
+    failed += flush_replies(fd, replies);
+    result = Py_BuildValue("(O(llllll))", out, truncated, bad_mac1, handed, cookies_sent,
+                           dropped, failed);
+done:
+    Py_XDECREF(out);
+    PyMem_Free(replies);
+    EVP_CIPHER_CTX_free(ctx);
+    PyBuffer_Release(&buffer);
+    PyBuffer_Release(&mac1_key);
+    PyBuffer_Release(&cookie_key);
+    PyBuffer_Release(&secret);
+    PyBuffer_Release(&lane);
+    return result;
+}
+
+PyDoc_STRVAR(classify_doc,
+"classify(data, source, mac1_key, secret, under_load, /)\n"
+"--\n\n"
+"The verdict on one datagram from ``source`` (IP bytes || port): 0 pass, 1 bad mac1,\n"
+"2 proven (valid mac2), 3 unproven (under load, an initiation without a valid mac2).");
+
+static PyObject *
+gate_classify(PyObject *module, PyObject *args)
+{
+    (void)module;
+    Py_buffer data, source, mac1_key, secret;
+    int under_load;
+    if (!PyArg_ParseTuple(args, "y*y*y*z*p:classify", &data, &source, &mac1_key, &secret,
+                          &under_load))
+        return NULL;
+    PyObject *result = NULL;
+    Macs macs;
+    if (mac1_key.len != KEY_SIZE || (secret.buf != NULL && secret.len != KEY_SIZE))
+        PyErr_SetString(PyExc_ValueError, "keys must be 32 bytes");
+    else {
+        macs_init(&macs, mac1_key.buf, secret.buf);
+        result = PyLong_FromLong(classify(data.buf, data.len, source.buf, source.len, &macs,
+                                          under_load));
+    }
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&source);
+    PyBuffer_Release(&mac1_key);
+    PyBuffer_Release(&secret);
+    return result;
+}
+
+PyDoc_STRVAR(seal_doc,
+"cookie_reply(msg, source, secret, cookie_key, /)\n"
+"--\n\n"
+"The 64-byte cookie reply ``read`` sends to initiation ``msg`` from ``source``.");
+
+static PyObject *
+gate_cookie_reply(PyObject *module, PyObject *args)
+{
+    (void)module;
+    Py_buffer buffers[4];
+    PyObject *result = NULL;
+    unsigned char reply[REPLY_SIZE], nonce[NONCE_SIZE];
+    if (!PyArg_ParseTuple(args, "y*y*y*y*:cookie_reply", &buffers[0], &buffers[1],
+                          &buffers[2], &buffers[3]))
+        return NULL;
+    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+    Macs macs;
+    if (buffers[0].len != INITIATION_SIZE || buffers[2].len != KEY_SIZE
+        || buffers[3].len != KEY_SIZE || buffers[1].len > 18)
+        PyErr_SetString(PyExc_ValueError, "an initiation, a source key and 32-byte keys");
+    else {
+        macs_init(&macs, NULL, buffers[2].buf);
+        if (ctx == NULL || RAND_bytes(nonce, NONCE_SIZE) != 1
+            || !cookie_reply(reply, buffers[0].buf, buffers[0].len, buffers[1].buf,
+                             buffers[1].len, nonce, &macs, buffers[3].buf, ctx))
+            PyErr_SetString(PyExc_RuntimeError, "OpenSSL could not seal a cookie reply");
+        else
+            result = PyBytes_FromStringAndSize((const char *)reply, REPLY_SIZE);
+    }
+    EVP_CIPHER_CTX_free(ctx);
+    for (int i = 0; i < 4; i++)
+        PyBuffer_Release(&buffers[i]);
+    return result;
+}
+
+static PyMethodDef module_methods[] = {
+    {"read", gate_read, METH_VARARGS, read_doc},
+    {"classify", gate_classify, METH_VARARGS, classify_doc},
+    {"cookie_reply", gate_cookie_reply, METH_VARARGS, seal_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef gate_module = {
+    PyModuleDef_HEAD_INIT, "uspan.daemon._gate",
+    "The compiled read path of a UDP socket under a handshake flood.", -1, module_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__gate(void)
+{
+    chacha20_poly1305 = EVP_CIPHER_fetch(NULL, "ChaCha20-Poly1305", NULL);
+    if (chacha20_poly1305 == NULL) {
+        PyErr_SetString(PyExc_ImportError, "OpenSSL lacks ChaCha20-Poly1305");
+        return NULL;
+    }
+    PyObject *module = PyModule_Create(&gate_module);
+    if (module == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(module, "BATCH", BATCH) < 0
+        || PyModule_AddIntConstant(module, "BUFFER_SIZE", BUFFER_SIZE) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}
