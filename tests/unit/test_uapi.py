@@ -375,6 +375,67 @@ async def converse(target: DeviceTarget, request: bytes, half_close: bool = True
     return bytes(reply)
 
 
+class RecordingStream(trio.abc.Stream):
+    """The server's end of a memory stream, recording the size of each write."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.writes: list[int] = []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(len(data))
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+def get_writes(target: DeviceTarget) -> list[int]:
+    """The sizes of the writes of one ``get=1``, whose reply is checked whole."""
+
+    async def run() -> tuple[bytes, list[int]]:
+        client, server = trio.testing.memory_stream_pair()
+        recording = RecordingStream(server)
+        reply = bytearray()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(handle, recording, target)
+            await client.send_all(b"get=1\n\n")
+            await client.send_eof()
+            while data := await client.receive_some(1 << 20):
+                reply += data
+        return bytes(reply), recording.writes
+
+    reply, writes = trio.run(run)
+    assert reply.decode() == target.get()
+    return writes
+
+
+def test_a_get_goes_out_in_few_bounded_writes() -> None:
+    """A write per piece was four sends (each a pass of the scheduler) for a peer of
+    4,000 prefixes, the size ``bench/control``'s clients case reads; a huge reply still
+    goes out in bounded writes, between other work."""
+    target = DeviceTarget()
+    for count in (4000, 40_000):
+        body = "".join(f"allowed_ip=10.{i >> 16}.{i >> 8 & 255}.{i & 255}/32\n"
+                       for i in range(count))
+        trio.run(converse, target, f"set=1\npublic_key={PEER.hex()}\n"
+                                   f"replace_allowed_ips=true\n{body}\n".encode())
+        pieces = [len(piece) for piece in get_pieces(target.device.info())]
+        assert len(pieces) > 1
+        writes = get_writes(target)
+        if count == 4000:
+            assert len(writes) == 1
+        else:
+            assert len(writes) > 1
+            assert max(writes) <= max(uapi_server._WRITE_SIZE, *pieces)
+
+
 def test_server_handles_several_requests_per_connection() -> None:
     target = DeviceTarget()
     request = (
