@@ -355,7 +355,7 @@ class DeviceTarget:
     def get(self) -> str:
         return format_get(self.device.info())
 
-    async def get_pieces(self) -> Iterator[str]:
+    async def get_pieces(self) -> Iterator[bytes]:
         return get_pieces(self.device.info())
 
     async def configure(self, change: DeviceChange) -> None:
@@ -426,14 +426,36 @@ def test_a_get_goes_out_in_few_bounded_writes() -> None:
                        for i in range(count))
         trio.run(converse, target, f"set=1\npublic_key={PEER.hex()}\n"
                                    f"replace_allowed_ips=true\n{body}\n".encode())
-        pieces = [len(piece) for piece in get_pieces(target.device.info())]
-        assert len(pieces) > 1
+        assert len(list(get_pieces(target.device.info()))) > 1
         writes = get_writes(target)
+        pieces = [len(piece) for piece in get_pieces(target.device.info())]
         if count == 4000:
             assert len(writes) == 1
         else:
-            assert len(writes) > 1
+            assert len(writes) > 1 and min(writes) > 0
             assert max(writes) <= max(uapi_server._WRITE_SIZE, *pieces)
+
+
+def test_a_peers_allowed_ips_are_rendered_once_per_change_of_them() -> None:
+    """200 clients polling a peer of 3,700 prefixes joined and encoded its ~90 KB of
+    lines at every get: now a get sends the bytes the first one made, until they change."""
+    target = DeviceTarget()
+    body = "".join(f"allowed_ip=10.0.{i >> 8}.{i & 255}/32\n" for i in range(3700))
+    trio.run(converse, target, f"set=1\npublic_key={PEER.hex()}\n{body}\n".encode())
+
+    def big_pieces() -> list[bytes]:
+        return [piece for piece in get_pieces(target.device.info()) if len(piece) > 80_000]
+
+    assert big_pieces() == []  # the first get renders them, 1,024 lines a piece
+    (kept,) = big_pieces()
+    assert big_pieces()[0] is kept
+    assert kept.count(b"\nallowed_ip=") == 3699
+    trio.run(converse, target, f"set=1\npublic_key={PEER.hex()}\n"
+                               "allowed_ip=10.1.0.0/16\n\n".encode())
+    assert big_pieces() == []
+    (changed,) = big_pieces()
+    assert changed is not kept and changed == kept + b"allowed_ip=10.1.0.0/16\n"
+    assert big_pieces()[0] is changed
 
 
 def test_server_handles_several_requests_per_connection() -> None:

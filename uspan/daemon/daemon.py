@@ -419,7 +419,7 @@ class Daemon:
 
     # Configuration: the UAPI's and the owner's (uapi_server.ConfigTarget) ----------------
 
-    async def get_pieces(self) -> Iterator[str]:
+    async def get_pieces(self) -> Iterator[bytes]:
         """The ``get=1`` reply in pieces, of a snapshot taken between configurations.
 
         The snapshot is taken and formatted in slices with the cycle collector paused:
@@ -430,7 +430,7 @@ class Daemon:
         in slices too (a peer's allowed IPs release their segments as they go: 20,000
         of them at once held the loop 30-50 ms)."""
         async with self.config_lock:
-            pieces: list[str] = []
+            pieces: list[bytes] = []
             with collector_paused():
                 info, slices = self.device.info_header(), Slices()
                 for _ in self.device.info_steps(info.peers):

@@ -49,7 +49,7 @@ class UapiError(OSError):
 class ConfigTarget(Protocol):
     """What the server configures: the daemon."""
 
-    async def get_pieces(self) -> Iterable[str]:
+    async def get_pieces(self) -> Iterable[bytes]:
         """The ``get=1`` reply, in pieces (of a consistent snapshot)."""
 
     async def configure(self, change: DeviceChange) -> None:
@@ -196,7 +196,7 @@ async def _get(reader: _Reader, stream: trio.abc.Stream, target: ConfigTarget,
         await stream.send_all((lines + format_errno(0)).encode())
         return True
     slices, size = Slices(), 0
-    batch: list[str] = []
+    batch: list[bytes] = []
     for piece in await target.get_pieces():
         if batch and size + len(piece) > _WRITE_SIZE:
             await _write(stream, batch)
@@ -208,8 +208,8 @@ async def _get(reader: _Reader, stream: trio.abc.Stream, target: ConfigTarget,
     return True
 
 
-async def _write(stream: trio.abc.Stream, pieces: list[str]) -> None:
-    await stream.send_all("".join(pieces).encode())
+async def _write(stream: trio.abc.Stream, pieces: list[bytes]) -> None:
+    await stream.send_all(pieces[0] if len(pieces) == 1 else b"".join(pieces))
 
 
 async def _set(reader: _Reader, target: ConfigTarget) -> tuple[str, bool]:
