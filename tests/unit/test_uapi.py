@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import select
+import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
@@ -13,6 +16,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from uspan import unixsocket
 from uspan.daemon import slices, uapi_server
 from uspan.daemon.uapi_server import handle
 from uspan.wg import prefix
@@ -456,6 +460,78 @@ def test_a_peers_allowed_ips_are_rendered_once_per_change_of_them() -> None:
     (changed,) = big_pieces()
     assert changed is not kept and changed == kept + b"allowed_ip=10.1.0.0/16\n"
     assert big_pieces()[0] is changed
+
+
+class TaskSteps(trio.abc.Instrument):
+    """Steps taken by tasks of a name (a step is a pass of the scheduler)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.steps = 0
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += task.name.endswith(self.name)
+
+
+def test_pending_connections_are_accepted_in_one_step(tmp_path: Path) -> None:
+    """Through trio's ``accept`` each connection cost a pass of the scheduler, with 200
+    clients polling ``get`` a good part of the daemon's CPU."""
+    path = str(tmp_path / "uapi.sock")
+    listener = unixsocket.listen(path, 0o177)
+    clients = []
+    for _ in range(50):  # waiting in the backlog, each with its request
+        clients.append(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        clients[-1].connect(path)
+        clients[-1].sendall(b"get=1\n\n")
+    accepting = TaskSteps("serve")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(uapi_server.serve, listener, DeviceTarget())
+            with trio.fail_after(10):
+                while len(select.select(clients, [], [], 0)[0]) < len(clients):
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, instruments=[accepting])
+    assert all(client.recv(100) == b"errno=0\n\n" for client in clients)
+    for client in clients:
+        client.close()
+    listener.close()
+    assert accepting.steps <= 3
+
+
+def test_a_get_on_the_socket_takes_few_passes_of_the_scheduler(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """trio.SocketStream took a pass of the scheduler for each read, write and close of
+    a connection (and two failed setsockopt calls): five for a get of one write, now
+    the config lock's (none here) and the wait for the client's end."""
+    path = str(tmp_path / "uapi.sock")
+    listener = unixsocket.listen(path, 0o177)
+    target = DeviceTarget()
+    body = "".join(f"allowed_ip=10.0.{i >> 8}.{i & 255}/32\n" for i in range(3000))
+    trio.run(converse, target, f"set=1\npublic_key={PEER.hex()}\n{body}\n".encode())
+    monkeypatch.setattr(slices, "SLICE", 60.0)  # no pause of the reply's own (on a busy machine)
+    handling = TaskSteps("handle")
+    waiting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    waiting.connect(path)
+    waiting.sendall(b"get=1\n\n")  # there when the handler starts: no wait for it
+
+    async def main() -> bytes:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(uapi_server.serve, listener, target)
+            client = trio.socket.from_stdlib_socket(waiting)
+            reply = bytearray()
+            while not reply.endswith(b"\n\n"):
+                reply += await client.recv(1 << 20)
+            client.close()
+            await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()
+        return bytes(reply)
+
+    assert trio.run(main, instruments=[handling]).decode() == target.get()
+    listener.close()
+    assert handling.steps <= 3
 
 
 def test_server_handles_several_requests_per_connection() -> None:
