@@ -40,6 +40,7 @@ from bench.common import (
     run_rounds,
     table,
     terminate_as_interrupt,
+    uspan_tree,
     wgo_label,
 )
 from uspan.testbed import Lab, Namespace, PeerConfig, WireGuard, genkey
@@ -531,6 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args(argv)
     programs: dict[str, str] = {}
+    given_uspan: list[str] = []
     for kind, given, default in (
         ("uspan", args.uspan, [USPAN]),
         ("wgo", args.wgo, [p for p in DEFAULT_WGO if os.access(p, os.X_OK)]),
@@ -540,6 +542,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not sep:
                 path, label = spec, kind if kind == "uspan" else _wgo_label(spec, programs)
             programs[label] = path
+            if kind == "uspan":
+                given_uspan.append(label)
     cases = [c for c in args.cases.split(",") if c]
     unknown = set(cases) - set(CASES)
     if unknown:
@@ -552,7 +556,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     terminate_as_interrupt()
     resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
+    # bench/control puts this tree first on the path; the daemons inherit the
+    # environment, so without this every --uspan would run this tree's code.
+    os.environ.pop("PYTHONPATH", None)
     info = machine({**programs})
+    for label in given_uspan:
+        info[f"{label} tree"] = uspan_tree(programs[label])
     info["load average (start)"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     results = Results()
     trials = [(f"{case} {label}", lambda _r, c=case, lb=label, p=path:
