@@ -49,8 +49,8 @@ class _Target:
         return {drop.value: n for drop, n in self.device.counters.items()}
 
     # The same surface as an async ConfigTarget (the daemon's, once ``get`` streams).
-    async def get_pieces(self) -> list[str]:
-        return [self.get()]
+    async def get_pieces(self) -> list[bytes]:
+        return [self.get().encode()]
 
     async def configure(self, change: DeviceChange) -> None:
         self.set(change)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from uspan.wg import allowedips
-from uspan.wg.allowedips import AllowedIPs
+from uspan.wg.allowedips import AllowedIPs, PrefixTexts
 from uspan.wg.config import Network, Prefix
 from uspan.wg.device import APPLY_STEP
 from uspan.wg.prefix import of, texts
@@ -423,10 +423,21 @@ def test_one_peer_with_130000_prefixes_and_40_small_peers() -> None:
     assert table.lookup(nets[0].network_address.packed) is default
 
 
-def read_whole(t: AllowedIPs[Peer], peer: Peer, step: int = 2) -> list[str]:
-    """Read an owner's text as get=1 does: slice after slice."""
+def pieces(t: AllowedIPs[Peer], peer: Peer, step: int = 2) -> list[bytes]:
+    """Read an owner's lines as get=1 does: piece after piece."""
     snapshot = t.texts(peer)
-    return [text for i in range(0, len(snapshot), step) for text in snapshot[i:i + step]]
+    assert isinstance(snapshot, PrefixTexts)
+    return [piece for _, piece in snapshot.lines(step)]
+
+
+def read_whole(t: AllowedIPs[Peer], peer: Peer, step: int = 2) -> list[str]:
+    """The texts of an owner's lines read as get=1 does (a small owner's: at once)."""
+    snapshot = t.texts(peer)
+    if not isinstance(snapshot, PrefixTexts):
+        return list(snapshot)
+    lines = b"".join(pieces(t, peer, step)).decode().splitlines()
+    assert all(line.startswith("allowed_ip=") for line in lines)
+    return [line.removeprefix("allowed_ip=") for line in lines]
 
 
 def test_text_read_whole_is_kept_until_the_prefixes_change(
@@ -438,7 +449,9 @@ def test_text_read_whole_is_kept_until_the_prefixes_change(
     t.insert([net("10.0.0.0/8"), net("fd00::/8"), net("10.1.0.0/16")], a)
     assert read_whole(t, a) == ["10.0.0.0/8", "fd00::/8", "10.1.0.0/16"]
     kept = t.texts(a)
-    assert kept[0] is t.texts(a)[0]  # no rendering any more: the text read before
+    (lines,) = pieces(t, a)
+    assert lines == b"allowed_ip=10.0.0.0/8\nallowed_ip=fd00::/8\nallowed_ip=10.1.0.0/16\n"
+    assert pieces(t, a)[0] is lines  # no rendering any more: the lines read before
     for change, expected in [
         (lambda: t.insert([net("10.2.0.0/16")], a),
          ["10.0.0.0/8", "fd00::/8", "10.1.0.0/16", "10.2.0.0/16"]),
@@ -520,11 +533,11 @@ def test_a_change_renders_again_only_the_segments_it_touched(
     t.insert([net(f"10.0.0.{i}/32") for i in range(6)], a)  # segments of 2
     before = t.texts(a)
     assert read_whole(t, a, step=3) == [f"10.0.0.{i}/32" for i in range(6)]
-    kept = list(t.texts(a))
+    kept = pieces(t, a)
     t.remove([net("10.0.0.2/32")], a)
-    after = t.texts(a)
-    assert [text is kept[i] for i, text in zip([0, 1, 3, 4, 5], after, strict=True)] == [
-        True, True, False, True, True]
+    after = pieces(t, a)
+    assert [one is kept[i] for i, one in enumerate(after)] == [True, False, True]
+    assert after[1] == b"allowed_ip=10.0.0.3/32\n"
     assert list(before) == [f"10.0.0.{i}/32" for i in range(6)]  # a snapshot never changes
 
 
@@ -734,12 +747,16 @@ def test_a_dropped_snapshot_no_longer_holds_the_segments(
     t.insert([net(f"10.0.0.{i}/32") for i in range(6)], a)
     (owner,) = t._owned.values()
     snapshot = t.texts(a)
-    assert snapshot[0:3] == [f"10.0.0.{i}/32" for i in range(3)]  # 1 segment and a half
+    assert isinstance(snapshot, PrefixTexts)
+    reading = snapshot.lines(1)
+    assert [next(reading)[1] for _ in range(3)] == [
+        f"allowed_ip=10.0.0.{i}/32\n".encode() for i in range(3)]  # 1 segment and a half
     held = list(owner.segments)
     t.remove([net("10.0.0.0/32"), net("10.0.0.3/32")], a)
     assert owner.segments[0] is held[0]  # read whole: released
     assert owner.segments[1] is not held[1]  # copied: the snapshot still reads it
     assert snapshot[:] == [f"10.0.0.{i}/32" for i in range(6)]
+    assert len(list(reading)) == 3
     assert owner.held is None  # each segment read whole
     snapshot = t.texts(a)
     del snapshot

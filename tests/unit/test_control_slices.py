@@ -271,7 +271,7 @@ def test_the_snapshot_of_many_peers_is_taken_in_slices() -> None:
                 pieces.append(piece)
                 await trio.sleep(0)
             took = time.perf_counter() - start
-        assert "".join(pieces).count("public_key=") == count
+        assert b"".join(pieces).count(b"public_key=") == count
         assert max(gaps) < took / 4, (max(gaps), took)
 
     trio.run(main)
@@ -402,7 +402,7 @@ def test_the_snapshot_of_many_peers_is_freed_in_slices() -> None:
 
         async def get() -> None:
             pieces = await daemon.get_pieces()
-            assert "".join(pieces).count("public_key=") == count
+            assert b"".join(pieces).count(b"public_key=") == count
 
         async with daemon.running(), trio.open_nursery() as nursery:
             nursery.start_soon(get, name="get")

@@ -224,7 +224,7 @@ def test_set_listen_port_rebinds_and_traffic_follows():
             a.tun.inject(packet)
             with trio.fail_after(1):
                 assert await b.tun.next_written() == packet
-            assert "listen_port=51999" in "".join(await b.daemon.get_pieces())
+            assert b"listen_port=51999" in b"".join(await b.daemon.get_pieces())
             nursery.cancel_scope.cancel()
 
     run(main)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import select
+import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
@@ -13,6 +16,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from uspan import unixsocket
 from uspan.daemon import slices, uapi_server
 from uspan.daemon.uapi_server import handle
 from uspan.wg import prefix
@@ -355,7 +359,7 @@ class DeviceTarget:
     def get(self) -> str:
         return format_get(self.device.info())
 
-    async def get_pieces(self) -> Iterator[str]:
+    async def get_pieces(self) -> Iterator[bytes]:
         return get_pieces(self.device.info())
 
     async def configure(self, change: DeviceChange) -> None:
@@ -373,6 +377,161 @@ async def converse(target: DeviceTarget, request: bytes, half_close: bool = True
         while data := await client.receive_some(1 << 16):
             reply += data
     return bytes(reply)
+
+
+class RecordingStream(trio.abc.Stream):
+    """The server's end of a memory stream, recording the size of each write."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.writes: list[int] = []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(len(data))
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+def get_writes(target: DeviceTarget) -> list[int]:
+    """The sizes of the writes of one ``get=1``, whose reply is checked whole."""
+
+    async def run() -> tuple[bytes, list[int]]:
+        client, server = trio.testing.memory_stream_pair()
+        recording = RecordingStream(server)
+        reply = bytearray()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(handle, recording, target)
+            await client.send_all(b"get=1\n\n")
+            await client.send_eof()
+            while data := await client.receive_some(1 << 20):
+                reply += data
+        return bytes(reply), recording.writes
+
+    reply, writes = trio.run(run)
+    assert reply.decode() == target.get()
+    return writes
+
+
+def test_a_get_goes_out_in_few_bounded_writes() -> None:
+    """A write per piece was four sends (each a pass of the scheduler) for a peer of
+    4,000 prefixes, the size ``bench/control``'s clients case reads; a huge reply still
+    goes out in bounded writes, between other work."""
+    target = DeviceTarget()
+    for count in (4000, 40_000):
+        body = "".join(f"allowed_ip=10.{i >> 16}.{i >> 8 & 255}.{i & 255}/32\n"
+                       for i in range(count))
+        trio.run(converse, target, f"set=1\npublic_key={PEER.hex()}\n"
+                                   f"replace_allowed_ips=true\n{body}\n".encode())
+        assert len(list(get_pieces(target.device.info()))) > 1
+        writes = get_writes(target)
+        pieces = [len(piece) for piece in get_pieces(target.device.info())]
+        if count == 4000:
+            assert len(writes) == 1
+        else:
+            assert len(writes) > 1 and min(writes) > 0
+            assert max(writes) <= max(uapi_server._WRITE_SIZE, *pieces)
+
+
+def test_a_peers_allowed_ips_are_rendered_once_per_change_of_them() -> None:
+    """200 clients polling a peer of 3,700 prefixes joined and encoded its ~90 KB of
+    lines at every get: now a get sends the bytes the first one made, until they change."""
+    target = DeviceTarget()
+    body = "".join(f"allowed_ip=10.0.{i >> 8}.{i & 255}/32\n" for i in range(3700))
+    trio.run(converse, target, f"set=1\npublic_key={PEER.hex()}\n{body}\n".encode())
+
+    def big_pieces() -> list[bytes]:
+        return [piece for piece in get_pieces(target.device.info()) if len(piece) > 80_000]
+
+    assert big_pieces() == []  # the first get renders them, 1,024 lines a piece
+    (kept,) = big_pieces()
+    assert big_pieces()[0] is kept
+    assert kept.count(b"\nallowed_ip=") == 3699
+    trio.run(converse, target, f"set=1\npublic_key={PEER.hex()}\n"
+                               "allowed_ip=10.1.0.0/16\n\n".encode())
+    assert big_pieces() == []
+    (changed,) = big_pieces()
+    assert changed is not kept and changed == kept + b"allowed_ip=10.1.0.0/16\n"
+    assert big_pieces()[0] is changed
+
+
+class TaskSteps(trio.abc.Instrument):
+    """Steps taken by tasks of a name (a step is a pass of the scheduler)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.steps = 0
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += task.name.endswith(self.name)
+
+
+def test_pending_connections_are_accepted_in_one_step(tmp_path: Path) -> None:
+    """Through trio's ``accept`` each connection cost a pass of the scheduler, with 200
+    clients polling ``get`` a good part of the daemon's CPU."""
+    path = str(tmp_path / "uapi.sock")
+    listener = unixsocket.listen(path, 0o177)
+    clients = []
+    for _ in range(50):  # waiting in the backlog, each with its request
+        clients.append(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        clients[-1].connect(path)
+        clients[-1].sendall(b"get=1\n\n")
+    accepting = TaskSteps("serve")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(uapi_server.serve, listener, DeviceTarget())
+            with trio.fail_after(10):
+                while len(select.select(clients, [], [], 0)[0]) < len(clients):
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, instruments=[accepting])
+    assert all(client.recv(100) == b"errno=0\n\n" for client in clients)
+    for client in clients:
+        client.close()
+    listener.close()
+    assert accepting.steps <= 3
+
+
+def test_a_get_on_the_socket_takes_few_passes_of_the_scheduler(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """trio.SocketStream took a pass of the scheduler for each read, write and close of
+    a connection (and two failed setsockopt calls): five for a get of one write, now
+    the config lock's (none here) and the wait for the client's end."""
+    path = str(tmp_path / "uapi.sock")
+    listener = unixsocket.listen(path, 0o177)
+    target = DeviceTarget()
+    body = "".join(f"allowed_ip=10.0.{i >> 8}.{i & 255}/32\n" for i in range(3000))
+    trio.run(converse, target, f"set=1\npublic_key={PEER.hex()}\n{body}\n".encode())
+    monkeypatch.setattr(slices, "SLICE", 60.0)  # no pause of the reply's own (on a busy machine)
+    handling = TaskSteps("handle")
+    waiting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    waiting.connect(path)
+    waiting.sendall(b"get=1\n\n")  # there when the handler starts: no wait for it
+
+    async def main() -> bytes:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(uapi_server.serve, listener, target)
+            client = trio.socket.from_stdlib_socket(waiting)
+            reply = bytearray()
+            while not reply.endswith(b"\n\n"):
+                reply += await client.recv(1 << 20)
+            client.close()
+            await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()
+        return bytes(reply)
+
+    assert trio.run(main, instruments=[handling]).decode() == target.get()
+    listener.close()
+    assert handling.steps <= 3
 
 
 def test_server_handles_several_requests_per_connection() -> None:

@@ -432,7 +432,7 @@ class Daemon:
 
     # Configuration: the UAPI's and the owner's (uapi_server.ConfigTarget) ----------------
 
-    async def get_pieces(self) -> Iterator[str]:
+    async def get_pieces(self) -> Iterator[bytes]:
         """The ``get=1`` reply in pieces, of a snapshot taken between configurations.
 
         The snapshot is taken and formatted in slices with the cycle collector paused:
@@ -445,7 +445,7 @@ class Daemon:
         (a list of a million strings) is frozen with the heap, as a set's table is: the
         first young collection after a get that kept it walked every string (20-30 ms)."""
         async with self.config_lock:
-            pieces: list[str] = []
+            pieces: list[bytes] = []
             with collector_paused():
                 info, slices = self.device.info_header(), Slices()
                 for _ in self.device.info_steps(info.peers):

@@ -32,12 +32,13 @@ from uspan.wg.uapi import SetParser, format_errno
 
 MAX_LINE = 1 << 16  # bytes; requests are streamed, so only a line needs a bound
 _RECEIVE_SIZE = 1 << 16
+_WRITE_SIZE = 1 << 18  # bytes of a get's reply sent at once (pieces are a few KB)
 _PARSE_STEP = 256  # lines between looks at the slice clock (~0.1 ms, ~10 us in C)
 _RELEASE_STEP = 1 << 14  # prefixes let go of at a time (~0.1 ms)
-_SEND_AT = 1 << 16  # bytes of a get reply's pieces sent in one write
 _PAUSE_COLLECTOR_AFTER = 1 << 18  # bytes of one set request (~10,000 lines)
 _ACCEPT_CAPACITY = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _ACCEPT_RETRY = 0.1  # seconds
+_ACCEPT_BATCH = 256  # connections accepted between two checkpoints
 _LOG_EVERY = 10.0  # seconds between log lines of one recurring condition
 log = logging.getLogger("uspan.daemon")
 
@@ -49,7 +50,7 @@ class UapiError(OSError):
 class ConfigTarget(Protocol):
     """What the server configures: the daemon."""
 
-    async def get_pieces(self) -> Iterable[str]:
+    async def get_pieces(self) -> Iterable[bytes]:
         """The ``get=1`` reply, in pieces (of a consistent snapshot)."""
 
     async def configure(self, change: DeviceChange) -> None:
@@ -128,26 +129,78 @@ def _identity(path: str) -> tuple[int, int] | None:
 async def serve(listener: socket.socket, target: ConfigTarget) -> None:
     """Accept connections forever, one task each.
 
+    Pending connections are accepted in one batch, up to _ACCEPT_BATCH between
+    checkpoints (through trio's ``accept`` each cost a pass of the scheduler), and
+    served on the bare socket (``_Connection``).
+
     Out of file descriptors (or memory) for a new connection, wait a moment and retry:
     the tunnel and the connections already open keep working, and the condition is
     logged once a while, in one line.
     """
-    sock = trio.socket.from_stdlib_socket(listener)
+    listener.setblocking(False)
     last_logged = -math.inf
     async with trio.open_nursery() as nursery:
         while True:
+            for _ in range(_ACCEPT_BATCH):
+                try:
+                    connection, _ = listener.accept()
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(listener)
+                    break
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_CAPACITY:
+                        raise
+                    if trio.current_time() - last_logged >= _LOG_EVERY:
+                        last_logged = trio.current_time()
+                        log.error("UAPI: cannot accept a connection: %s; retrying",
+                                  os.strerror(exc.errno or 0))
+                    await trio.sleep(_ACCEPT_RETRY)
+                    break
+                connection.setblocking(False)
+                nursery.start_soon(handle, _Connection(connection), target)
+            else:
+                await trio.lowlevel.checkpoint()
+
+
+class _Connection(trio.abc.Stream):
+    """An accepted UAPI connection: the bare non-blocking socket, read and written at
+    once and waited on only when it would block. ``trio.SocketStream`` cost each get two
+    failed ``setsockopt`` calls (TCP options on a unix socket) and a pass of the
+    scheduler for each read, write and close; the handler's checkpoints (the config
+    lock, or its own) keep one connection from holding the loop."""
+
+    __slots__ = ("_sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        while True:
             try:
-                connection, _ = await sock.accept()
+                return self._sock.recv(max_bytes or _RECEIVE_SIZE)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self._sock)
             except OSError as exc:
-                if exc.errno not in _ACCEPT_CAPACITY:
-                    raise
-                if trio.current_time() - last_logged >= _LOG_EVERY:
-                    last_logged = trio.current_time()
-                    log.error("UAPI: cannot accept a connection: %s; retrying",
-                              os.strerror(exc.errno or 0))
-                await trio.sleep(_ACCEPT_RETRY)
-                continue
-            nursery.start_soon(handle, trio.SocketStream(connection), target)
+                raise trio.BrokenResourceError(exc) from exc
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        with memoryview(data) as view:
+            sent = 0
+            while sent < len(view):
+                try:
+                    sent += self._sock.send(view[sent:])
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(self._sock)
+                except OSError as exc:
+                    raise trio.BrokenResourceError(exc) from exc
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.wait_writable(self._sock)
+
+    async def aclose(self) -> None:
+        if self._sock.fileno() >= 0:
+            trio.lowlevel.notify_closing(self._sock)
+            self._sock.close()
 
 
 async def handle(stream: trio.abc.Stream, target: ConfigTarget) -> None:
@@ -182,8 +235,14 @@ async def handle(stream: trio.abc.Stream, target: ConfigTarget) -> None:
 
 async def _get(reader: _Reader, stream: trio.abc.Stream, target: ConfigTarget,
                operation: bytes) -> bool:
-    """Send the reply (in pieces, between other work); whether to keep the connection."""
+    """Send the reply; whether to keep the connection. Pieces go out together, in writes
+    of up to _WRITE_SIZE bytes (or one piece bigger than that): a write per piece was
+    four sends for a peer of 4,000 prefixes, each a pass of the scheduler, and a big
+    reply still goes out between other work."""
     following = await reader.line()
+    if following != b"" or operation == b"stats=1":
+        # No lock taken: a checkpoint, so that a pipeline of these cannot hold the loop.
+        await trio.lowlevel.checkpoint()
     if following != b"":
         log.error("UAPI: %s must be followed by a blank line", operation.decode())
         await stream.send_all(format_errno(errno.EINVAL).encode())
@@ -192,18 +251,21 @@ async def _get(reader: _Reader, stream: trio.abc.Stream, target: ConfigTarget,
         lines = "".join(f"{name}={value}\n" for name, value in sorted(target.stats().items()))
         await stream.send_all((lines + format_errno(0)).encode())
         return True
-    # The pieces are small so that rendering one is short; a write each (and a pass of
-    # the event loop) doubled the CPU of a get whose text was kept: they go ~64 KiB a write.
-    slices, batch, size = Slices(), list[str](), 0
+    slices, size = Slices(), 0
+    batch: list[bytes] = []
     for piece in await target.get_pieces():
+        if batch and size + len(piece) > _WRITE_SIZE:
+            await _write(stream, batch)
+            batch, size = [], 0
         batch.append(piece)
         size += len(piece)
-        if size >= _SEND_AT:
-            await stream.send_all("".join(batch).encode())
-            batch, size = [], 0
-            await slices.pause()
-    await stream.send_all("".join(batch).encode())
+        await slices.pause()
+    await _write(stream, batch)
     return True
+
+
+async def _write(stream: trio.abc.Stream, pieces: list[bytes]) -> None:
+    await stream.send_all(pieces[0] if len(pieces) == 1 else b"".join(pieces))
 
 
 async def _set(reader: _Reader, target: ConfigTarget) -> tuple[str, bool]:

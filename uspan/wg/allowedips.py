@@ -9,9 +9,10 @@ tables: a million prefixes cost two dict entries and one int each, and nothing t
 garbage collector walks), so ``get=1`` lists them and a peer's removal finds them.
 Every dict that grows with the prefixes stays under about SHARD_AT entries (tables in
 shards, an owner's prefixes in segments): a dict resizes in one step, and a million
-entries' resize held the tunnel for tens of milliseconds. An owner's text, once read as
-``get=1`` reads it, is kept by segment until that segment changes: ``wg show`` in a loop,
-or many clients polling, then costs no rendering."""
+entries' resize held the tunnel for tens of milliseconds. An owner's ``get=1`` lines,
+once read as ``get=1`` reads them, are kept by segment (as the bytes sent) until that
+segment changes: ``wg show`` in a loop, or many clients polling, then costs no rendering
+and no joining of text."""
 
 from __future__ import annotations
 
@@ -34,10 +35,12 @@ SHARD_START = 6  # bits of routing shard index of a new table (64 shards: 1M /32
 SHARD_DEPTH = 16  # bits of routing shard index at most (65,536 directory entries)
 SHARD_SPREAD = 65521  # a prime under 2**SHARD_DEPTH: the shard hash folds in every bit
 SPLIT_STEP = 2048  # entries of a shard being split that one insert copies (~0.3 ms)
-# Segments shorter than this render again at every get instead of keeping their text:
-# kept, the text of a peer's one prefix costs ~390 bytes (20,000 peers: 7.8 MB after one
+# Segments shorter than this render again at every get instead of keeping their lines:
+# kept, the text of a peer's one prefix cost ~390 bytes (20,000 peers: 7.8 MB after one
 # ``wg show``), to save rendering that costs about a microsecond a prefix.
 KEEP_TEXT_AT = 256
+LINE_HEAD = "allowed_ip="  # what starts each of ``get=1``'s lines of a prefix
+_NEXT_LINE = "\n" + LINE_HEAD
 # A peer with at most this many prefixes is rendered into a get's snapshot at once: one
 # step of info_steps (device.INFO_STEP peers) then renders at most a get piece's worth.
 RENDER_AT_ONCE = 16
@@ -190,9 +193,10 @@ class _Owner(Generic[T]):
     A snapshot (``get``) holds the segments themselves, counted in ``held`` until the
     snapshot has read each whole or is garbage: one held is copied before it changes
     (at most SHARD_AT entries each; a change to many while a get has not read them
-    yet still copies each). A segment's text, once read whole, is kept until it changes: ``wg
-    show`` in a loop renders nothing, and a change drops the text of the segments it
-    touched only. ``held`` and ``texts`` exist only while they hold something."""
+    yet still copies each). A segment's ``get=1`` lines, once read whole, are kept (as
+    bytes: ~24 a prefix, a third of a list of texts) until it changes: ``wg show`` in a
+    loop renders nothing, and a change drops the lines of the segments it touched only.
+    ``held`` and ``texts`` exist only while they hold something."""
 
     __slots__ = ("_segments", "held", "size", "texts", "value")
 
@@ -201,7 +205,7 @@ class _Owner(Generic[T]):
         self._segments: _Segment | list[_Segment] = []  # one segment: the dict itself
         self.size = 0
         self.held: dict[int, int] | None = None  # by id of a segment: snapshots holding it
-        self.texts: dict[int, list[str]] | None = None  # by id of a segment: its text
+        self.texts: dict[int, bytes] | None = None  # by id of a segment: its get=1 lines
 
     @property
     def segments(self) -> list[_Segment]:
@@ -232,16 +236,16 @@ class _Owner(Generic[T]):
                 held[id(segment)] = count - 1
         self.held = held or None
 
-    def keep(self, segment: _Segment, texts: list[str]) -> None:
-        """Keep a snapshot's segment's text, if the segment is still unchanged (and long
+    def keep(self, segment: _Segment, lines: bytes) -> None:
+        """Keep a snapshot's segment's lines, if the segment is still unchanged (and long
         enough to be worth it)."""
         held = self.held
-        if held and id(segment) in held and len(texts) >= KEEP_TEXT_AT:
+        if held and id(segment) in held and len(segment) >= KEEP_TEXT_AT:
             self.texts = self.texts or {}
-            self.texts[id(segment)] = texts
+            self.texts[id(segment)] = lines
 
-    def kept(self, segment: _Segment) -> list[str] | None:
-        """The text kept of a segment (none once it changed, or was dropped)."""
+    def kept(self, segment: _Segment) -> bytes | None:
+        """The lines kept of a segment (none once it changed, or was dropped)."""
         return self.texts.get(id(segment)) if self.texts else None
 
     def _writable(self, index: int) -> _Segment:
@@ -519,26 +523,28 @@ def _by_tag(prefixes: Sequence[Prefix]) -> Iterator[tuple[int, Sequence[Prefix]]
     yield from groups.items()
 
 
+def render_lines(texts: Sequence[str]) -> bytes:
+    """Prefixes' texts as ``get=1`` lists them: ``allowed_ip=10.0.0.0/8\\n`` each."""
+    return (LINE_HEAD + _NEXT_LINE.join(texts) + "\n").encode() if texts else b""
+
+
 class PrefixTexts(Sequence[str]):
     """Prefixes as text, from a snapshot of an owner's segments: a ``get`` of a million
-    prefixes renders each piece just before it is sent, not all of them at once. A
-    segment read in order to its end by slices (as ``get=1`` reads) gives its text to
-    the owner to keep (if it has KEEP_TEXT_AT prefixes or more); single items and
-    iteration render without keeping. The snapshot's hold on a segment ends
-    when it has the segment's whole text, or is garbage: later changes then edit the
-    segment in place, not a copy of it (after a get, a change touching every segment
-    of a 1M owner copied them all in one step)."""
+    prefixes renders each piece just before it is sent, not all of them at once.
+    ``lines`` reads them as ``get=1`` sends them; a segment it reads whole gives its
+    lines to the owner to keep (if it has KEEP_TEXT_AT prefixes or more), and a kept
+    one is read as it is. Single items and iteration render without keeping. The
+    snapshot's hold on a segment ends when it has the segment's whole lines, or is
+    garbage: later changes then edit the segment in place, not a copy of it (after a
+    get, a change touching every segment of a 1M owner copied them all in one step)."""
 
-    __slots__ = ("_at", "_done", "_keys", "_owner", "_read", "_segments", "_starts")
+    __slots__ = ("_done", "_owner", "_segments", "_starts")
 
     def __init__(self, owner: _Owner[Any]) -> None:
         self._owner = owner
         self._segments = owner.snapshot()
         self._starts = list(itertools.accumulate(map(len, self._segments), initial=0))
-        self._at = -1  # the segment being read
-        self._keys: list[Prefix] = []  # its prefixes
-        self._read: list[str] = []  # its text so far, read in order
-        self._done: dict[int, list[str]] = {}  # by number: text of a segment released
+        self._done: dict[int, bytes] = {}  # by number: lines of a segment released
 
     def __del__(self) -> None:
         self._owner.release([segment for number, segment in enumerate(self._segments)
@@ -547,9 +553,27 @@ class PrefixTexts(Sequence[str]):
     def __len__(self) -> int:
         return self._starts[-1]
 
-    def __iter__(self) -> Iterator[str]:
+    def lines(self, step: int) -> Iterator[tuple[int, bytes]]:
+        """``get=1``'s lines of these prefixes, in pieces of at most ``step`` prefixes
+        rendered at once, or a kept segment's whole: (prefixes, bytes) each."""
         for number, segment in enumerate(self._segments):
-            yield from self._whole(number) or prefix_texts(list(segment))
+            whole = self._whole(number)
+            if whole is not None:
+                yield len(segment), whole
+                continue
+            keys, parts = list(segment), []
+            for start in range(0, len(keys), step):
+                chunk = prefix_texts(keys[start:start + step])
+                parts.append(render_lines(chunk))
+                yield len(chunk), parts[-1]
+            whole = parts[0] if len(parts) == 1 else b"".join(parts)
+            self._owner.keep(segment, whole)
+            self._done[number] = whole
+            self._owner.release([segment])
+
+    def __iter__(self) -> Iterator[str]:
+        for number in range(len(self._segments)):
+            yield from self._texts(number)
 
     @overload
     def __getitem__(self, index: int) -> str: ...
@@ -564,7 +588,7 @@ class PrefixTexts(Sequence[str]):
             index %= len(self)
             number = bisect.bisect_right(self._starts, index) - 1
             low = index - self._starts[number]
-            return self._texts(number, low, low + 1, keep=False)[0]
+            return self._texts(number, low, low + 1)[0]
         start, stop, step = index.indices(len(self))
         if step != 1:
             return [self[i] for i in range(start, stop, step)]
@@ -572,34 +596,21 @@ class PrefixTexts(Sequence[str]):
         while start < stop:
             number = bisect.bisect_right(self._starts, start) - 1
             base = self._starts[number]
-            piece = self._texts(number, start - base,
-                                min(stop, self._starts[number + 1]) - base, keep=True)
-            if not piece:  # (never, unless the snapshot lost its hold: do not spin)
-                raise RuntimeError("prefix snapshot changed while read")
-            out += piece
-            start += len(piece)
+            high = min(stop, self._starts[number + 1])
+            out += self._texts(number, start - base, high - base)
+            start = high
         return out
 
-    def _texts(self, number: int, low: int, high: int, keep: bool) -> list[str]:
+    def _texts(self, number: int, low: int = 0, high: int | None = None) -> list[str]:
         """The text of segment ``number``'s prefixes ``low:high``."""
         whole = self._whole(number)
-        if whole is not None:
-            return whole[low:high]
-        segment = self._segments[number]
-        if self._at != number:
-            self._at, self._keys, self._read = number, list(segment), []
-        texts = prefix_texts(self._keys[low:high])
-        if keep and low == len(self._read):
-            self._read += texts
-            if len(self._read) == len(segment):
-                self._owner.keep(segment, self._read)
-                self._done[number] = self._read
-                self._owner.release([segment])
-                self._at, self._keys, self._read = -1, [], []
-        return texts
+        if whole is None:
+            return prefix_texts(list(itertools.islice(self._segments[number], low, high)))
+        skip = len(LINE_HEAD)
+        return [line[skip:] for line in whole.decode().splitlines()[low:high]]
 
-    def _whole(self, number: int) -> list[str] | None:
-        """Segment ``number``'s whole text, if this snapshot or the owner has it."""
+    def _whole(self, number: int) -> bytes | None:
+        """Segment ``number``'s whole lines, if this snapshot or the owner has them."""
         done = self._done.get(number)
         if done is None:
             segment = self._segments[number]

@@ -9,9 +9,10 @@ order. See https://www.wireguard.com/xplatform/.
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from uspan.wg import prefix
+from uspan.wg.allowedips import PrefixTexts, render_lines
 from uspan.wg.config import ConfigError, DeviceChange, DeviceInfo, PeerChange, Prefix
 from uspan.wg.constants import KEY_SIZE, ZERO_KEY
 from uspan.wg.endpoint import Endpoint, EndpointError
@@ -190,27 +191,32 @@ def _parse_true(key: str, value: str) -> bool:
 
 def format_get(info: DeviceInfo) -> str:
     """The full reply to ``get=1``, ending with ``errno=0`` and the blank line."""
-    return "".join(get_pieces(info))
+    return b"".join(get_pieces(info)).decode()
 
 
 GET_PIECE_LINES = 256  # allowed_ip lines per piece of get_pieces (~0.25 ms to render)
 
 
-def get_pieces(info: DeviceInfo) -> Iterator[str]:
-    """The reply to ``get=1`` in pieces of at most about GET_PIECE_LINES lines, so a
-    shell can send a huge reply (a peer with a million allowed IPs) between other work."""
-    out: list[str] = []
+def get_pieces(info: DeviceInfo) -> Iterator[bytes]:
+    """The reply to ``get=1`` in pieces of about GET_PIECE_LINES lines rendered at once,
+    so a shell can send a huge reply (a peer with a million allowed IPs) between other
+    work. A peer's allowed IPs read from a snapshot come as their kept lines, rendered
+    once per change of them (``allowedips.PrefixTexts``): a segment of them already
+    rendered is a piece of its own, sent as it is."""
+    out: list[bytes] = []
+    head = []
     if info.private_key is not None and info.private_key != ZERO_KEY:
-        out.append(f"private_key={info.private_key.hex()}\n")
+        head.append(f"private_key={info.private_key.hex()}\n")
     if info.listen_port:
-        out.append(f"listen_port={info.listen_port}\n")
+        head.append(f"listen_port={info.listen_port}\n")
     if info.fwmark:
-        out.append(f"fwmark={info.fwmark}\n")
+        head.append(f"fwmark={info.fwmark}\n")
+    out.append("".join(head).encode())
     lines = 0
     for peer in info.peers:
         seconds, nanoseconds = _split_time(peer.last_handshake_wall)
         endpoint = "" if peer.endpoint is None else f"endpoint={peer.endpoint}\n"
-        out.append(
+        out.append((
             f"public_key={peer.public_key.hex()}\n"
             f"preshared_key={peer.preshared_key.hex()}\n"
             f"protocol_version=1\n{endpoint}"
@@ -218,19 +224,35 @@ def get_pieces(info: DeviceInfo) -> Iterator[str]:
             f"last_handshake_time_nsec={nanoseconds}\n"
             f"tx_bytes={peer.tx_bytes}\n"
             f"rx_bytes={peer.rx_bytes}\n"
-            f"persistent_keepalive_interval={peer.persistent_keepalive}\n")
+            f"persistent_keepalive_interval={peer.persistent_keepalive}\n").encode())
         lines += 8
-        texts = peer.allowed_ips
-        for start in range(0, len(texts), GET_PIECE_LINES):
-            chunk = texts[start:start + GET_PIECE_LINES]
-            out.append("allowed_ip=" + "\nallowed_ip=".join(chunk) + "\n")
-            lines += len(chunk)
+        for count, piece in _allowed_lines(peer.allowed_ips):
+            if count > GET_PIECE_LINES:  # kept: not copied into a piece
+                if out:
+                    yield b"".join(out)
+                    out.clear()
+                yield piece
+                lines = 0
+                continue
+            out.append(piece)
+            lines += count
             if lines >= GET_PIECE_LINES:
-                yield "".join(out)
+                yield b"".join(out)
                 out.clear()
                 lines = 0
-    out.append("errno=0\n\n")
-    yield "".join(out)
+    out.append(b"errno=0\n\n")
+    yield b"".join(out)
+
+
+def _allowed_lines(texts: Sequence[str]) -> Iterator[tuple[int, bytes]]:
+    """A peer's ``allowed_ip`` lines: (how many, the bytes), GET_PIECE_LINES at most
+    rendered at once."""
+    if isinstance(texts, PrefixTexts):
+        yield from texts.lines(GET_PIECE_LINES)
+        return
+    for start in range(0, len(texts), GET_PIECE_LINES):
+        chunk = texts[start:start + GET_PIECE_LINES]
+        yield len(chunk), render_lines(chunk)
 
 
 def format_errno(code: int) -> str:
