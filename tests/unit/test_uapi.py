@@ -450,7 +450,7 @@ def test_a_peers_allowed_ips_are_rendered_once_per_change_of_them() -> None:
     def big_pieces() -> list[bytes]:
         return [piece for piece in get_pieces(target.device.info()) if len(piece) > 80_000]
 
-    assert big_pieces() == []  # the first get renders them, 1,024 lines a piece
+    assert big_pieces() == []  # the first get renders them, GET_PIECE_LINES a piece
     (kept,) = big_pieces()
     assert big_pieces()[0] is kept
     assert kept.count(b"\nallowed_ip=") == 3699

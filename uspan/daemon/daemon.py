@@ -44,7 +44,6 @@ from uspan.daemon.tun import Tun
 from uspan.daemon.udp import UdpBind
 from uspan.wg import prefix, transport_crypto
 from uspan.wg.admission import SAMPLE_WINDOW, KernelFilter
-from uspan.wg.allowedips import KEEP_TEXT_AT
 from uspan.wg.config import ConfigError, DeviceChange
 from uspan.wg.constants import BULK_COOKIES_PER_SECOND
 from uspan.wg.device import INFO_STEP, Device
@@ -441,9 +440,9 @@ class Daemon:
         The text is made before the collector is back and the snapshot is freed by
         reference counting, so a client that stops reading cannot keep it paused; freed
         in slices too (a peer's allowed IPs release their segments as they go: 20,000
-        of them at once held the loop 30-50 ms). The text kept of big peers' segments
-        (a list of a million strings) is frozen with the heap, as a set's table is: the
-        first young collection after a get that kept it walked every string (20-30 ms)."""
+        of them at once held the loop 30-50 ms). The text kept of big peers' segments is
+        bytes, which the collector never tracks (kept as a million strings, the first
+        young collection after the get walked them all: 20-30 ms)."""
         async with self.config_lock:
             pieces: list[bytes] = []
             with collector_paused():
@@ -453,14 +452,11 @@ class Daemon:
                 for piece in get_pieces(info):
                     pieces.append(piece)
                     await slices.pause()
-                snapshot, kept = info.peers, 0
+                snapshot = info.peers
                 del info
                 while snapshot:  # each peer's allowed IPs release their hold as they go
-                    kept += sum(count for peer in snapshot[-INFO_STEP:]
-                                if (count := len(peer.allowed_ips)) >= KEEP_TEXT_AT)
                     del snapshot[-INFO_STEP:]
                     await slices.pause()
-                self._frozen.changed(kept // PREFIXES_PER_PEER)
             return iter(pieces)
 
     def stats(self) -> dict[str, int]:
