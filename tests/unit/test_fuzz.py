@@ -19,6 +19,7 @@ RUNS = {  # a few seconds each: the targets differ in speed by 100x
     "config": 200,
     "labrecord": 500,
     "nodeapi": 200,
+    "gate": 2000,
 }
 
 

@@ -14,11 +14,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from uspan.daemon import gate
-from uspan.daemon.udp import _set_buffers
+from uspan.daemon.udp import UdpSocket, _set_buffers
 from uspan.wg import crypto, messages
 from uspan.wg.constants import INITIATION_SIZE, MAC_SIZE, RESPONSE_SIZE
 from uspan.wg.cookie import CookieGenerator, cookie_key, mac1_key
-from uspan.wg.verdict import BAD_MAC1, PASS, PROVEN, UNPROVEN, classify_py, lane_records
+from uspan.wg.verdict import (
+    BAD_MAC1,
+    PASS,
+    PROVEN,
+    UNPROVEN,
+    Plan,
+    classify_py,
+    lane_records,
+)
 
 compiled = pytest.mark.skipif(not gate.COMPILED, reason="uspan.daemon._gate was not built")
 PUBLIC = bytes(range(32))
@@ -103,7 +111,8 @@ def _read(receiver: socket.socket, *, under_load: bool = True, hand_up: int = 0,
           ) -> tuple[list[bytes], tuple[int, int, int, int, int, int]]:
     """One read as the daemon does it, with the cookie secret SECRET."""
     buffer = bytearray(gate.BATCH * gate.BUFFER_SIZE)
-    got, counts = gate.read(receiver.fileno(), buffer, gate.ROUNDS, MAC1_KEY, COOKIE_KEY,
+    got, counts = gate.read(receiver.fileno(), buffer, gate.ROUNDS, gate.BATCH * gate.ROUNDS,
+                            MAC1_KEY, COOKIE_KEY,
                             SECRET, under_load, hand_up, cookies, lane)
     return [item[0] for item in got], counts
 
@@ -207,3 +216,38 @@ def test_the_lanes_initiations_always_go_up(pair: tuple[socket.socket, socket.so
     sender.sendto(sent[0], receiver.getsockname())
     got, counts = _read(receiver, lane=lane_records([other]))
     assert (got, counts) == ([], (0, 0, 0, 0, 1, 0))
+
+
+@compiled
+@pytest.mark.parametrize("under_load", [False, True])
+def test_a_gated_read_returns_no_more_receives_than_its_limit(
+        pair: tuple[socket.socket, socket.socket], under_load: bool) -> None:
+    """As the read in Python: ``receive_batch(limit)`` returns at most ``limit``
+    receives, the rest stay queued for the next (a read of 1,024 handed the core 16
+    times the work of a loop's pass, and a flood's first read before the device was
+    under load spent the core's cookie budget on a backlog, dropping the rest); the
+    unproven initiations judged in C do not count against it."""
+    receiver, sender = pair
+    udp = UdpSocket(receiver, offload_=False)
+    plan = Plan(MAC1_KEY, COOKIE_KEY, SECRET, under_load, hand_up=0, cookies=1000)
+    assert udp.set_gate(lambda: plan, lambda counts: None)
+    junk = [_initiation(CookieGenerator(PUBLIC), 1.0) for _ in range(100)] if under_load else []
+    data = [bytes([4, 0, 0, 0]) + i.to_bytes(4, "big") + bytes(32) for i in range(200)]
+    for message in junk + data:
+        sender.sendto(message, receiver.getsockname())
+    first = udp.receive_batch(64)
+    assert [d for d, _ in first] == data[:64]
+    rest = udp.receive_batch(1000)
+    assert [d for d, _ in rest] == data[64:]
+    for _ in junk:
+        assert len(sender.recv(100)) == 64
+
+
+@compiled
+@pytest.mark.parametrize("source", [b"", SOURCE[:5], SOURCE + b"\0"])
+def test_a_cookie_reply_for_no_source_key_is_refused_as_such(source: bytes) -> None:
+    """A source key is IP || port (6 or 18 bytes): any other length is the caller's
+    error (ValueError), not a failure of OpenSSL's; an empty one was reported as that."""
+    initiation = _initiation(CookieGenerator(PUBLIC), 1.0)
+    with pytest.raises(ValueError):
+        gate.cookie_reply(initiation, source, SECRET, COOKIE_KEY)

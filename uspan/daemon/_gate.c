@@ -415,11 +415,14 @@ hand_up(PyObject *out, const unsigned char *data, size_t len,
 }
 
 PyDoc_STRVAR(read_doc,
-"read(fd, buffer, rounds, mac1_key, cookie_key, secret, under_load, hand_up, cookies,\n"
-"     lane, /)\n"
+"read(fd, buffer, rounds, limit, mac1_key, cookie_key, secret, under_load, hand_up,\n"
+"     cookies, lane, /)\n"
 "--\n\n"
-"Drain the non-blocking UDP socket ``fd`` in up to ``rounds`` recvmmsg calls of 64\n"
-"datagrams into ``buffer`` (writable, 64 x 65535 bytes). Returns (received, counts):\n"
+"Drain the non-blocking UDP socket ``fd`` in up to ``rounds`` recvmmsg calls of up to 64\n"
+"datagrams into ``buffer`` (writable, 64 x 65535 bytes), each asking for no more than\n"
+"could still go up: at most ``limit`` receives are returned, as the Python read's\n"
+"``limit`` (the loop's pass stays bounded when nothing is judged here). Returns\n"
+"(received, counts):\n"
 "received is a list of (data, address, pktinfo, gso_size) for Python, counts a tuple\n"
 "(truncated, bad_mac1, handed_up, cookies_sent, dropped, send_failed), where handed_up\n"
 "counts the unproven initiations among received (at most ``hand_up``; those from the\n"
@@ -433,11 +436,12 @@ gate_read(PyObject *module, PyObject *args)
 {
     (void)module;
     int fd, rounds, under_load;
+    Py_ssize_t limit;
     long hand_budget, cookie_budget;
     Py_buffer buffer, mac1_key, cookie_key, secret, lane;
-    if (!PyArg_ParseTuple(args, "iw*iy*y*z*plly*:read", &fd, &buffer, &rounds, &mac1_key,
-                          &cookie_key, &secret, &under_load, &hand_budget, &cookie_budget,
-                          &lane))
+    if (!PyArg_ParseTuple(args, "iw*iny*y*z*plly*:read", &fd, &buffer, &rounds, &limit,
+                          &mac1_key, &cookie_key, &secret, &under_load, &hand_budget,
+                          &cookie_budget, &lane))
         return NULL;
     PyObject *result = NULL, *out = NULL;
     Replies *replies = NULL;
@@ -465,7 +469,11 @@ gate_read(PyObject *module, PyObject *args)
     unsigned char controls[BATCH][CONTROL_SIZE];
     unsigned char *data = buffer.buf;
     for (int round = 0; round < rounds; round++) {
-        for (int i = 0; i < BATCH; i++) {
+        Py_ssize_t room = limit - PyList_GET_SIZE(out); /* each datagram read may go up */
+        int want = room < BATCH ? (int)room : BATCH;
+        if (want <= 0)
+            break;
+        for (int i = 0; i < want; i++) {
             iovecs[i].iov_base = data + (size_t)i * BUFFER_SIZE;
             iovecs[i].iov_len = BUFFER_SIZE;
             memset(&headers[i], 0, sizeof(headers[i]));
@@ -476,7 +484,7 @@ gate_read(PyObject *module, PyObject *args)
             headers[i].msg_hdr.msg_control = controls[i];
             headers[i].msg_hdr.msg_controllen = CONTROL_SIZE;
         }
-        int got = recvmmsg(fd, headers, BATCH, MSG_DONTWAIT, NULL);
+        int got = recvmmsg(fd, headers, (unsigned int)want, MSG_DONTWAIT, NULL);
         if (got < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK)
                 break;
@@ -546,7 +554,7 @@ gate_read(PyObject *module, PyObject *args)
             if (hand_up(out, message, len, &addresses[i], &control) < 0)
                 goto done;
         }
-        if (got < BATCH)
+        if (got < want)
             break;
     }
     failed += flush_replies(fd, replies);
@@ -613,8 +621,9 @@ gate_cookie_reply(PyObject *module, PyObject *args)
     EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
     Macs macs;
     if (buffers[0].len != INITIATION_SIZE || buffers[2].len != KEY_SIZE
-        || buffers[3].len != KEY_SIZE || buffers[1].len > 18)
-        PyErr_SetString(PyExc_ValueError, "an initiation, a source key and 32-byte keys");
+        || buffers[3].len != KEY_SIZE || (buffers[1].len != 6 && buffers[1].len != 18))
+        PyErr_SetString(PyExc_ValueError,
+                        "an initiation, a source key (IP || port: 6 or 18 bytes) and 32-byte keys");
     else {
         macs_init(&macs, NULL, buffers[2].buf);
         if (ctx == NULL || RAND_bytes(nonce, NONCE_SIZE) != 1

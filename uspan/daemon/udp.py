@@ -94,7 +94,7 @@ class UdpSocket:
         if plan is None:
             groups, truncated = offload.recv_batch_gro(self.sock, self._buffer, limit=limit)
         else:
-            groups, truncated = self._read_gated(plan)
+            groups, truncated = self._read_gated(plan, limit)
         self.receive_dropped += truncated
         for group in groups:
             key = (group.address, group.pktinfo)
@@ -108,12 +108,13 @@ class UdpSocket:
             out.extend([(datagram, endpoint) for datagram in group.datagrams])
         return out
 
-    def _read_gated(self, plan: Plan) -> tuple[list[offload.GroDatagrams], int]:
-        """A read through the compiled gate: what it hands up, and the receives cut
-        short; the rest it did is the core's to count."""
+    def _read_gated(self, plan: Plan, limit: int) -> tuple[list[offload.GroDatagrams], int]:
+        """A read through the compiled gate: what it hands up (at most ``limit``
+        receives, as the read in Python), and the receives cut short; the rest it did is
+        the core's to count."""
         assert self._gate is not None
         received, counts = gate.read(
-            self.sock.fileno(), self._gate_buffer, gate.ROUNDS, plan.mac1_key,
+            self.sock.fileno(), self._gate_buffer, gate.ROUNDS, limit, plan.mac1_key,
             plan.cookie_key, plan.secret, plan.under_load, plan.hand_up, plan.cookies,
             plan.lane)
         done = Counts(*counts)
