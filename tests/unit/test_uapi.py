@@ -713,3 +713,58 @@ def test_a_call_parses_few_of_the_lines_python_reads() -> None:
     assert max(read) == 256 // 8
     assert sum(read) == len(body)
     assert parser.finish() == parsed_line_by_line(body)
+
+
+class ReadyStream(trio.abc.Stream):
+    """A client's requests all there at once, read and answered without a checkpoint:
+    what the bare socket (``uapi_server._Connection``) does while data is ready."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+        self.sent = bytearray()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return self.chunks.pop(0) if self.chunks else b""
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.sent += data
+
+    async def wait_send_all_might_not_block(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+
+def steps_of_handling(chunks: list[bytes]) -> tuple[bytes, int]:
+    stream, handling = ReadyStream(list(chunks)), TaskSteps("handle")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(handle, stream, DeviceTarget())
+
+    trio.run(main, instruments=[handling])
+    return bytes(stream.sent), handling.steps
+
+
+def test_pipelined_refused_sets_each_pass_a_checkpoint() -> None:
+    """A refused set takes no config lock: on the bare socket, a client pipelining them
+    held the loop (the tunnel) for as long as it kept the socket's buffer full."""
+    request = b"set=1\nlisten_port=nonsense\n\n"
+    reply, steps = steps_of_handling([request * 100])
+    assert reply == format_errno(errno.EINVAL).encode() * 100
+    assert steps > 100
+
+
+def test_a_refused_sets_body_is_read_on_in_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read on to its end after a refusal, a big body (data always ready on the bare
+    socket) was read in one step of the scheduler."""
+    monkeypatch.setattr(slices, "SLICE", 0.0)
+    body = b"".join(b"allowed_ip=10.0.%d.%d/32\n" % (i >> 8, i & 255) for i in range(2000))
+    chunks = [b"set=1\nnonsense=1\n" + body[:1000]]
+    chunks += [body[start:start + 1000] for start in range(1000, len(body), 1000)]
+    chunks.append(b"\n")
+    count = len(chunks)
+    reply, steps = steps_of_handling(chunks)
+    assert reply == format_errno(errno.EINVAL).encode()
+    assert steps > count // 2

@@ -283,8 +283,9 @@ async def _set(reader: _Reader, target: ConfigTarget) -> tuple[str, bool]:
         received, pausing = 0, False
         try:
             async for chunk in reader.body():
-                if parser is None:
-                    continue  # refused: read on to the end of the request
+                if parser is None:  # refused: read on to the end of the request
+                    await slices.pause()  # (the bare socket never waits while data is there)
+                    continue
                 received += len(chunk)
                 if received > _PAUSE_COLLECTOR_AFTER and not pausing:
                     paused.enter_context(collector_paused())
@@ -308,6 +309,10 @@ async def _set(reader: _Reader, target: ConfigTarget) -> tuple[str, bool]:
             await _release(change, slices)
         except ConfigError as exc:
             log.error("UAPI: set failed: %s", exc)
+            # Maybe no lock taken (refused before): a checkpoint, so that a pipeline of
+            # refusals cannot hold the loop (the bare socket never waits while data is
+            # there).
+            await trio.lowlevel.checkpoint()
             return format_errno(exc.errno), True
         except Exception as exc:  # a bug must not take the daemon down with it
             log.error("UAPI: set failed unexpectedly: %s: %s", type(exc).__name__, exc)
