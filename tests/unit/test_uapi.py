@@ -6,6 +6,8 @@ import errno
 import ipaddress
 import select
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -713,3 +715,137 @@ def test_a_call_parses_few_of_the_lines_python_reads() -> None:
     assert max(read) == 256 // 8
     assert sum(read) == len(body)
     assert parser.finish() == parsed_line_by_line(body)
+
+
+class ReadyStream(trio.abc.Stream):
+    """A client's requests all there at once, read and answered without a checkpoint:
+    what the bare socket (``uapi_server._Connection``) does while data is ready."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+        self.sent = bytearray()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return self.chunks.pop(0) if self.chunks else b""
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.sent += data
+
+    async def wait_send_all_might_not_block(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+
+def steps_of_handling(chunks: list[bytes]) -> tuple[bytes, int]:
+    stream, handling = ReadyStream(list(chunks)), TaskSteps("handle")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(handle, stream, DeviceTarget())
+
+    trio.run(main, instruments=[handling])
+    return bytes(stream.sent), handling.steps
+
+
+def test_pipelined_refused_sets_each_pass_a_checkpoint() -> None:
+    """A refused set takes no config lock: on the bare socket, a client pipelining them
+    held the loop (the tunnel) for as long as it kept the socket's buffer full."""
+    request = b"set=1\nlisten_port=nonsense\n\n"
+    reply, steps = steps_of_handling([request * 100])
+    assert reply == format_errno(errno.EINVAL).encode() * 100
+    assert steps > 100
+
+
+def test_a_refused_sets_body_is_read_on_in_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read on to its end after a refusal, a big body (data always ready on the bare
+    socket) was read in one step of the scheduler."""
+    monkeypatch.setattr(slices, "SLICE", 0.0)
+    body = b"".join(b"allowed_ip=10.0.%d.%d/32\n" % (i >> 8, i & 255) for i in range(2000))
+    chunks = [b"set=1\nnonsense=1\n" + body[:1000]]
+    chunks += [body[start:start + 1000] for start in range(1000, len(body), 1000)]
+    chunks.append(b"\n")
+    count = len(chunks)
+    reply, steps = steps_of_handling(chunks)
+    assert reply == format_errno(errno.EINVAL).encode()
+    assert steps > count // 2
+
+
+def test_a_client_gone_mid_reply_ends_its_handler_and_others_are_served(
+        tmp_path: Path) -> None:
+    """On the bare socket: a client that closes before reading a big reply makes the
+    write fail (EPIPE or ECONNRESET), which ends its handler and closes its socket; the
+    next client gets its whole reply."""
+    path = str(tmp_path / "uapi.sock")
+    listener = unixsocket.listen(path, 0o177)
+    target = DeviceTarget()
+    body = "".join(f"allowed_ip=10.{i >> 16}.{i >> 8 & 255}.{i & 255}/32\n"
+                   for i in range(40_000))
+    trio.run(converse, target, f"set=1\npublic_key={PEER.hex()}\n{body}\n".encode())
+    expected = target.get().encode()
+    assert len(expected) > 3 * uapi_server._WRITE_SIZE  # more than the socket buffers
+
+    async def get(read_all: bool) -> bytes:
+        client = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await client.connect(path)
+        await client.send(b"get=1\n\n")
+        reply = bytearray(await client.recv(100))
+        while read_all and not reply.endswith(b"errno=0\n\n"):
+            reply += await client.recv(1 << 20)
+        client.close()
+        return bytes(reply)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(uapi_server.serve, listener, target)
+            with trio.fail_after(30):
+                assert len(await get(read_all=False)) <= 100
+                assert await get(read_all=True) == expected
+                while len(nursery.child_tasks) > 1:  # serve's own: the handlers ended
+                    await trio.sleep(0.01)
+                (serving,) = nursery.child_tasks
+                while serving.child_nurseries[0].child_tasks:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    listener.close()
+
+
+_SIGPIPE_SERVER = """
+import signal, socket, sys, trio
+sys.path.insert(0, sys.argv[2])
+from test_uapi import DeviceTarget, PEER, converse
+from uspan import unixsocket
+from uspan.daemon import uapi_server
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # as uspan.cli.main sets it (uspan node run)
+target = DeviceTarget()
+body = "".join(f"allowed_ip=10.{i >> 16}.{i >> 8 & 255}.{i & 255}/32\\n" for i in range(40_000))
+trio.run(converse, target, f"set=1\\npublic_key={PEER.hex()}\\n{body}\\n".encode())
+listener = unixsocket.listen(sys.argv[1], 0o177)
+
+async def main():
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(uapi_server.serve, listener, target)
+        client = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await client.connect(sys.argv[1])
+        await client.send(b"get=1\\n\\n")
+        await client.recv(100)
+        client.close()  # gone mid-reply: the server's next write fails
+        await trio.sleep(0.5)
+        nursery.cancel_scope.cancel()
+
+trio.run(main)
+print("alive")
+"""
+
+
+def test_a_client_gone_mid_reply_never_raises_sigpipe(tmp_path: Path) -> None:
+    """``uspan node run`` serves UAPI in the process of ``uspan.cli.main``, which sets
+    SIGPIPE to its default (to end quietly in a pipe): a write to a client gone
+    mid-reply killed the node, unless sent with MSG_NOSIGNAL."""
+    result = subprocess.run(
+        [sys.executable, "-c", _SIGPIPE_SERVER, str(tmp_path / "uapi.sock"),
+         str(Path(__file__).parent)], capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout) == (0, "alive\n"), result.stderr[-2000:]

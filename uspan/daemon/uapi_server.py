@@ -32,7 +32,9 @@ from uspan.wg.uapi import SetParser, format_errno
 
 MAX_LINE = 1 << 16  # bytes; requests are streamed, so only a line needs a bound
 _RECEIVE_SIZE = 1 << 16
-_WRITE_SIZE = 1 << 18  # bytes of a get's reply sent at once (pieces are a few KB)
+# Bytes of a get's reply sent at once: pieces are a few KB, but a segment's kept lines
+# (allowedips.SHARD_AT of them: ~0.4 MB of IPv4 /32s, up to ~0.9 MB of IPv6) go in one write.
+_WRITE_SIZE = 1 << 18
 _PARSE_STEP = 256  # lines between looks at the slice clock (~0.1 ms, ~10 us in C)
 _RELEASE_STEP = 1 << 14  # prefixes let go of at a time (~0.1 ms)
 _PAUSE_COLLECTOR_AFTER = 1 << 18  # bytes of one set request (~10,000 lines)
@@ -188,7 +190,9 @@ class _Connection(trio.abc.Stream):
             sent = 0
             while sent < len(view):
                 try:
-                    sent += self._sock.send(view[sent:])
+                    # MSG_NOSIGNAL: a client gone mid-reply is EPIPE, not SIGPIPE (which
+                    # ``uspan.cli.main`` leaves at its default: it would end the node).
+                    sent += self._sock.send(view[sent:], socket.MSG_NOSIGNAL)
                 except BlockingIOError:
                     await trio.lowlevel.wait_writable(self._sock)
                 except OSError as exc:
@@ -283,8 +287,9 @@ async def _set(reader: _Reader, target: ConfigTarget) -> tuple[str, bool]:
         received, pausing = 0, False
         try:
             async for chunk in reader.body():
-                if parser is None:
-                    continue  # refused: read on to the end of the request
+                if parser is None:  # refused: read on to the end of the request
+                    await slices.pause()  # (the bare socket never waits while data is there)
+                    continue
                 received += len(chunk)
                 if received > _PAUSE_COLLECTOR_AFTER and not pausing:
                     paused.enter_context(collector_paused())
@@ -308,6 +313,10 @@ async def _set(reader: _Reader, target: ConfigTarget) -> tuple[str, bool]:
             await _release(change, slices)
         except ConfigError as exc:
             log.error("UAPI: set failed: %s", exc)
+            # Maybe no lock taken (refused before): a checkpoint, so that a pipeline of
+            # refusals cannot hold the loop (the bare socket never waits while data is
+            # there).
+            await trio.lowlevel.checkpoint()
             return format_errno(exc.errno), True
         except Exception as exc:  # a bug must not take the daemon down with it
             log.error("UAPI: set failed unexpectedly: %s: %s", type(exc).__name__, exc)

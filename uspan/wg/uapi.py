@@ -227,7 +227,7 @@ def get_pieces(info: DeviceInfo) -> Iterator[bytes]:
             f"persistent_keepalive_interval={peer.persistent_keepalive}\n").encode())
         lines += 8
         for count, piece in _allowed_lines(peer.allowed_ips):
-            if count > GET_PIECE_LINES:  # kept: not copied into a piece
+            if count > GET_PIECE_LINES:  # kept (one of exactly that many is copied)
                 if out:
                     yield b"".join(out)
                     out.clear()
