@@ -270,11 +270,19 @@ def _show(wg: WireGuard) -> None:
     print(run(["wg", "show", wg.name], env=env).stdout.rstrip())
 
 
+def command_signals(service: bool) -> None:
+    """A tool gets Ctrl-C and SIGTERM as usual now, and ends quietly in a closed pipe
+    (`uspan stats wg0 | head`). A service keeps the stop signals the launcher held and
+    Python's ignored SIGPIPE: a client that closes its socket mid-reply is an EPIPE for
+    that client, not the death of the node."""
+    if not service:
+        stop_signals.release()
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `uspan stats wg0 | head` ends quietly
     args = build_parser().parse_args(argv)
-    if not getattr(args, "service", False):
-        stop_signals.release()  # a tool, not a service: Ctrl-C and SIGTERM as usual now
+    command_signals(service=getattr(args, "service", False))
     args.argv_given = sys.argv[1:] if argv is None else argv  # to re-run it elsewhere
     try:
         code: int = args.handler(args)

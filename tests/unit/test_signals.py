@@ -86,3 +86,21 @@ def test_release_keeps_a_signal_the_tool_was_started_with_ignored(
     stop_signals.release()  # no SystemExit: the recorded one was to be ignored
     assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+@pytest.mark.parametrize(("service", "sigpipe"), [(True, signal.SIG_IGN),
+                                                  (False, signal.SIG_DFL)])
+def test_only_a_tool_dies_quietly_of_a_closed_pipe(
+        restore_handlers: None, service: bool, sigpipe: signal.Handlers) -> None:
+    """A tool in ``| head`` ends quietly; a service (``uspan run`` serves its UAPI in
+    process) must get EPIPE from a client gone mid-reply, not be killed by SIGPIPE."""
+    from uspan.cli import command_signals
+
+    saved = signal.getsignal(signal.SIGPIPE)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # Python's own start
+    try:
+        stop_signals.catch()
+        command_signals(service=service)
+        assert signal.getsignal(signal.SIGPIPE) == sigpipe
+    finally:
+        signal.signal(signal.SIGPIPE, saved)

@@ -819,7 +819,7 @@ sys.path.insert(0, sys.argv[2])
 from test_uapi import DeviceTarget, PEER, converse
 from uspan import unixsocket
 from uspan.daemon import uapi_server
-signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # as uspan.cli.main sets it (uspan node run)
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # as a tool has it (e.g. a test harness)
 target = DeviceTarget()
 body = "".join(f"allowed_ip=10.{i >> 16}.{i >> 8 & 255}.{i & 255}/32\\n" for i in range(40_000))
 trio.run(converse, target, f"set=1\\npublic_key={PEER.hex()}\\n{body}\\n".encode())
@@ -842,9 +842,9 @@ print("alive")
 
 
 def test_a_client_gone_mid_reply_never_raises_sigpipe(tmp_path: Path) -> None:
-    """``uspan node run`` serves UAPI in the process of ``uspan.cli.main``, which sets
-    SIGPIPE to its default (to end quietly in a pipe): a write to a client gone
-    mid-reply killed the node, unless sent with MSG_NOSIGNAL."""
+    """Whatever the process's SIGPIPE (``uspan.cli.main`` once set it to its default
+    for services too), a write to a client gone mid-reply must not kill it: the UAPI
+    sends with MSG_NOSIGNAL."""
     result = subprocess.run(
         [sys.executable, "-c", _SIGPIPE_SERVER, str(tmp_path / "uapi.sock"),
          str(Path(__file__).parent)], capture_output=True, text=True, timeout=60)
