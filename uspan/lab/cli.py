@@ -416,6 +416,8 @@ def list_command(args: argparse.Namespace) -> int:
 
 _EXEC = ('if [ -d /run/wireguard ]; then mount --bind "$0/wireguard" /run/wireguard; '
          'else mount --bind "$0" /run; fi; '
+         # a fresh machine has no /var/lib/uspan to mount over: make it (root's, 0700)
+         'mkdir -p -m 0700 /var/lib/uspan 2>/dev/null; '
          'if [ -d /var/lib/uspan ]; then mount --bind "$1" /var/lib/uspan; fi; '
          'shift; exec "$@"')
 
