@@ -251,3 +251,36 @@ def test_a_cookie_reply_for_no_source_key_is_refused_as_such(source: bytes) -> N
     initiation = _initiation(CookieGenerator(PUBLIC), 1.0)
     with pytest.raises(ValueError):
         gate.cookie_reply(initiation, source, SECRET, COOKIE_KEY)
+
+
+@compiled
+def test_each_datagram_comes_up_with_its_own_source() -> None:
+    """The read keeps the last source's Python form: datagrams from senders that
+    alternate within a read and across reads, of both families, each come up with
+    their own address (a stale one would make the core answer the wrong peer)."""
+    sockets: list[socket.socket] = []
+    try:
+        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            receiver = socket.socket(family, socket.SOCK_DGRAM)
+            receiver.bind((host, 0))
+            receiver.setblocking(False)
+            senders = [socket.socket(family, socket.SOCK_DGRAM) for _ in range(2)]
+            sockets += [receiver, *senders]
+            for sender in senders:
+                sender.bind((host, 0))
+            order = [0, 0, 1, 0, 1, 1]
+            buffer = bytearray(gate.BATCH * gate.BUFFER_SIZE)
+            for reads in ([order], [order[:3], order[3:]], [[1], [0], [1]]):
+                expected = []
+                for part in reads:
+                    for n, index in enumerate(part):
+                        data = bytes([4, 0, 0, 0, index, n]) + bytes(26)
+                        senders[index].sendto(data, receiver.getsockname())
+                        expected.append((data, senders[index].getsockname()[:2]))
+                    got, _ = gate.read(receiver.fileno(), buffer, gate.ROUNDS, 64, MAC1_KEY,
+                                       COOKIE_KEY, SECRET, False, 0, 0, b"")
+                    assert [(item[0], item[1][:2]) for item in got] == expected
+                    expected = []
+    finally:
+        for sock in sockets:
+            sock.close()

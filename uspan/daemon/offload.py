@@ -176,14 +176,18 @@ def recv_batch_gro(sock: socket.socket, buf: bytearray | memoryview,
 
 def group(data: bytes | memoryview, address: tuple[str, int] | tuple[str, int, int, int],
           info: bytes, gso_size: int) -> GroDatagrams:
-    """One receive's datagrams (``data`` split by ``gso_size``) and where they arrived:
-    ``info`` is the data of its IP_PKTINFO (12 bytes) or IPV6_PKTINFO (20) message."""
-    local, ifindex = None, 0
-    if len(address) == 2 and len(info) >= 12:
-        ifindex = struct.unpack_from("=i", info)[0]
-        local = socket.inet_ntop(socket.AF_INET, info[4:8])  # ipi_spec_dst
-    elif len(address) == 4 and len(info) >= 20:
-        local = socket.inet_ntop(socket.AF_INET6, info[:16])
-        ifindex = struct.unpack_from("=i", info, 16)[0]
+    """One receive's datagrams (``data`` split by ``gso_size``) and where they arrived."""
+    local, ifindex = arrival(address, info)
     return GroDatagrams(split_gro(data, gso_size), address, local, ifindex, info, gso_size)
 
+
+def arrival(address: tuple[str, int] | tuple[str, int, int, int],
+            info: bytes) -> tuple[str | None, int]:
+    """The local address a datagram from ``address`` was sent to and the interface it
+    arrived on (0 if unknown), from the data of its IP_PKTINFO (12 bytes) or
+    IPV6_PKTINFO (20) message."""
+    if len(address) == 2 and len(info) >= 12:
+        return socket.inet_ntop(socket.AF_INET, info[4:8]), struct.unpack_from("=i", info)[0]
+    if len(address) == 4 and len(info) >= 20:
+        return socket.inet_ntop(socket.AF_INET6, info[:16]), struct.unpack_from("=i", info, 16)[0]
+    return None, 0

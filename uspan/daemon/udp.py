@@ -88,39 +88,53 @@ class UdpSocket:
 
     def receive_batch(self, limit: int = BATCH) -> list[tuple[bytes, Endpoint]]:
         """Read until the socket would block or ``limit`` receives; GRO runs are split."""
-        out: list[tuple[bytes, Endpoint]] = []
-        sources = self._sources
         plan = self._gate[0]() if self._gate is not None else None
-        if plan is None:
-            groups, truncated = offload.recv_batch_gro(self.sock, self._buffer, limit=limit)
-        else:
-            groups, truncated = self._read_gated(plan, limit)
+        if plan is not None:
+            return self._read_gated(plan, limit)
+        groups, truncated = offload.recv_batch_gro(self.sock, self._buffer, limit=limit)
         self.receive_dropped += truncated
+        out: list[tuple[bytes, Endpoint]] = []
         for group in groups:
-            key = (group.address, group.pktinfo)
-            endpoint = sources.get(key)
-            if endpoint is None:
-                endpoint = Endpoint(group.address[0], group.address[1], group.local,
-                                    group.ifindex)
-                if len(sources) >= _CACHE_LIMIT:
-                    sources.clear()
-                sources[key] = endpoint
+            endpoint = self._source(group.address, group.pktinfo)
             out.extend([(datagram, endpoint) for datagram in group.datagrams])
         return out
 
-    def _read_gated(self, plan: Plan, limit: int) -> tuple[list[offload.GroDatagrams], int]:
+    def _read_gated(self, plan: Plan, limit: int) -> list[tuple[bytes, Endpoint]]:
         """A read through the compiled gate: what it hands up (at most ``limit``
-        receives, as the read in Python), and the receives cut short; the rest it did is
-        the core's to count."""
+        receives, as the read in Python); what else it did is the core's to count, and
+        only built and told when there was any (a lone packet's read after an idle runs
+        on cold caches, where each object made shows in its latency)."""
         assert self._gate is not None
         received, counts = gate.read(
             self.sock.fileno(), self._gate_buffer, gate.ROUNDS, limit, plan.mac1_key,
             plan.cookie_key, plan.secret, plan.under_load, plan.hand_up, plan.cookies,
             plan.lane)
-        done = Counts(*counts)
-        self.send_errors += done.send_failed
-        self._gate[1](done)
-        return [offload.group(*item) for item in received], done.truncated
+        if any(counts):
+            done = Counts(*counts)
+            self.receive_dropped += done.truncated
+            self.send_errors += done.send_failed
+            self._gate[1](done)
+        out: list[tuple[bytes, Endpoint]] = []
+        for data, address, info, gso_size in received:
+            endpoint = self._source(address, info)
+            if gso_size and len(data) > gso_size:
+                out.extend([(datagram, endpoint) for datagram in gso.split_gro(data, gso_size)])
+            else:
+                out.append((data, endpoint))
+        return out
+
+    def _source(self, address: tuple[str, int] | tuple[str, int, int, int],
+                info: bytes) -> Endpoint:
+        """The endpoint a datagram came from (cached by its address and pktinfo)."""
+        key = (address, info)
+        endpoint = self._sources.get(key)
+        if endpoint is None:
+            local, ifindex = offload.arrival(address, info)
+            endpoint = Endpoint(address[0], address[1], local, ifindex)
+            if len(self._sources) >= _CACHE_LIMIT:
+                self._sources.clear()
+            self._sources[key] = endpoint
+        return endpoint
 
     def _control(self, endpoint: Endpoint) -> list[tuple[int, int, bytes]]:
         key = (endpoint.local, endpoint.ifindex)
