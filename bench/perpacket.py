@@ -10,6 +10,13 @@ merges the 47 segments back for the TUN, and ``receive side`` is ``Device.receiv
 
     bench/perpacket                 # fastest of 2,000 calls, us per packet
     bench/perpacket --callgrind     # instructions per packet (valgrind), robust under load
+    bench/perpacket --lone [--callgrind]  # one ping's packet instead of a TCP burst
+
+``--lone``: what a ping through an idle tunnel costs per packet, where every wake-up
+handles one packet on cold caches (a packet's latency there is the instructions it
+touches): ``Device.send`` and ``Device.receive`` of one ICMP echo request, and the read
+of its datagram from a real loopback socket through the compiled gate
+(``UdpSocket.receive_batch`` on a keyed device), beyond a plain ``recv`` of it.
 
 The minimum over many calls is what one call costs when nothing else runs; instructions
 are the run with the stage minus the same run without it. B's replay window is reset
@@ -21,12 +28,14 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 
 from uspan.daemon import gso
+from uspan.daemon.udp import UdpSocket
 from uspan.wg import prefix
 from uspan.wg.config import DeviceChange, PeerChange
 from uspan.wg.crypto import clamp, public_key
@@ -111,7 +120,54 @@ def stages() -> tuple[dict[str, Callable[[], object]], Callable[[], None]]:
     }, reset
 
 
-def timed(calls: int) -> None:
+ECHO = bytes([0x45, 0, 0, 84, 0, 0, 0x40, 0, 64, 1, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+              8, 0, 0, 0, 0, 1, 0, 1]) + bytes(56)  # 10.0.0.1 -> 10.0.0.2, as ping sends
+
+
+def lone_stages() -> tuple[dict[str, Callable[[], object]], Callable[[], None]]:
+    """Each lone stage's call, and the reset before each call: B's replay window
+    renewed and one datagram sent to a loopback socket. Every call consumes that
+    datagram, with a plain ``recv`` (the "none" stage's whole call) or by the read
+    measured, so the "none" run subtracts it."""
+    a, b = pair()
+    datagrams = [(d, A_ENDPOINT) for d, _ in a.send([ECHO], NOW)]
+    keypair = next(iter(b.peers.values())).current
+    assert keypair is not None
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.setblocking(False)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender.bind(("127.0.0.1", 0))
+    address, datagram = receiver.getsockname(), datagrams[0][0]
+    udp = UdpSocket(receiver, offload_=True)
+    udp.set_gate(lambda: b.gate_plan(NOW), lambda counts: b.gate_done(counts, NOW))
+    recv = receiver.recv
+
+    def reset() -> None:
+        keypair.replay = ReplayWindow()
+        sender.sendto(datagram, address)
+
+    def read() -> list[tuple[bytes, Endpoint]]:
+        return udp.receive_batch()
+
+    reset()
+    assert [d for d, _ in read()] == [datagram], "the gate did not hand the datagram up"
+    return {
+        "none": lambda: recv(2048),
+        "lone Device.send": lambda: (a.send([ECHO], NOW), recv(2048)),
+        "lone Device.receive": lambda: (b.receive(datagrams, NOW), recv(2048)),
+        "lone socket read": read,
+    }, reset
+
+
+def timed(calls: int, lone: bool) -> None:
+    if lone:
+        calls_of, reset = lone_stages()
+        base = min(_time(calls_of["none"], reset) for _ in range(calls))
+        for name in LONE_STAGES:
+            best = min(_time(calls_of[name], reset) for _ in range(calls)) - base
+            print(f"{name:<20} {best / 1000:.2f} us (fastest of {calls}, less a recv's)")
+        return
     calls_of, reset = stages()
     path = "compiled" if gso._segment is not None else "fallback"
     for name, call in calls_of.items():
@@ -127,9 +183,9 @@ def _time(call: Callable[[], object], reset: Callable[[], None]) -> int:
     return time.perf_counter_ns() - start
 
 
-def stage(name: str, calls: int) -> None:
+def stage(name: str, calls: int, lone: bool) -> None:
     """Run one stage ``calls`` times (or nothing: the baseline) for callgrind."""
-    calls_of, reset = stages()
+    calls_of, reset = lone_stages() if lone else stages()
     call = calls_of.get(name)
     for _ in range(calls):
         reset()
@@ -137,13 +193,15 @@ def stage(name: str, calls: int) -> None:
             call()
 
 
-def callgrind(calls: int, fallback: bool) -> None:
+def callgrind(calls: int, fallback: bool, lone: bool) -> None:
     totals: dict[str, int] = {}
     extra = ["--fallback"] if fallback else []
+    extra += ["--lone"] if lone else []
+    names, packets = (LONE_STAGES, 1) if lone else (STAGES, PACKETS)
     # numpy's OpenBLAS threads spin at import, which blurs the differences by ~10k
     # instructions per packet; one thread keeps them exact.
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
-    for name in ("none", *STAGES):
+    for name in ("none", *names):
         run = subprocess.run(
             ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
              sys.executable, __file__, "--stage", name, "--calls", str(calls), *extra],
@@ -151,12 +209,13 @@ def callgrind(calls: int, fallback: bool) -> None:
         found = re.search(r"Collected : (\d+)", run.stderr)
         assert found, run.stderr
         totals[name] = int(found.group(1))
-    for name in STAGES:
-        per = (totals[name] - totals["none"]) / calls / PACKETS
-        print(f"{name:<15} {per / 1000:.1f}k instructions per packet ({calls} calls)")
+    for name in names:
+        per = (totals[name] - totals["none"]) / calls / packets
+        print(f"{name:<20} {per / 1000:.1f}k instructions per packet ({calls} calls)")
 
 
 STAGES = ("gso.segment", "Device.send", "Device.receive", "gso.coalesce", "receive side")
+LONE_STAGES = ("lone Device.send", "lone Device.receive", "lone socket read")
 
 
 def main() -> None:
@@ -165,16 +224,19 @@ def main() -> None:
     parser.add_argument("--callgrind", action="store_true", help="count instructions")
     parser.add_argument("--fallback", action="store_true",
                         help="split and coalesce with gso's numpy/Python paths, not _segment")
-    parser.add_argument("--stage", choices=("none", *STAGES), help=argparse.SUPPRESS)
+    parser.add_argument("--lone", action="store_true",
+                        help="one ping's packet (and its socket read) instead of a TCP burst")
+    parser.add_argument("--stage", choices=("none", *STAGES, *LONE_STAGES),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.fallback:
         gso._segment = None  # type: ignore[assignment]
     if args.stage:
-        stage(args.stage, args.calls or 30)
+        stage(args.stage, args.calls or (1000 if args.lone else 30), args.lone)
     elif args.callgrind:
-        callgrind(args.calls or 30, args.fallback)
+        callgrind(args.calls or (1000 if args.lone else 30), args.fallback, args.lone)
     else:
-        timed(args.calls or 2000)
+        timed(args.calls or 2000, args.lone)
 
 
 if __name__ == "__main__":
