@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from uspan.daemon import gate
+from uspan.daemon import gate, offload
 from uspan.daemon.udp import UdpSocket, _set_buffers
 from uspan.wg import crypto, messages
 from uspan.wg.constants import INITIATION_SIZE, MAC_SIZE, RESPONSE_SIZE
@@ -284,3 +284,46 @@ def test_each_datagram_comes_up_with_its_own_source() -> None:
     finally:
         for sock in sockets:
             sock.close()
+
+
+@compiled
+def test_a_coalesced_receive_of_handshakes_is_judged_piece_by_piece() -> None:
+    """A flood from one source through a NIC that coalesces (UDP GRO; here a GSO send
+    over loopback, which arrives as one receive) is judged in C piece by piece, as lone
+    datagrams: under load the bad mac1s are dropped and counted and the valid
+    initiations answered with cookies, none handed up (it went up whole, up to 64
+    initiations for the core to judge in Python); a run of transport data still goes up
+    whole, as the kernel coalesced it."""
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        receiver.bind(("127.0.0.1", 0))
+        receiver.setblocking(False)
+        assert offload.enable_gro(receiver), "no UDP GRO here"
+        sender.bind(("127.0.0.1", 0))
+        buffer = bytearray(gate.BATCH * gate.BUFFER_SIZE)
+
+        def send_run(pieces: list[bytes]) -> None:
+            sender.sendmsg([b"".join(pieces)], [offload.gso_cmsg(len(pieces[0]))], 0,
+                           receiver.getsockname())
+
+        transport = [bytes([4, 0, 0, 0, n]) + bytes(59) for n in range(4)]
+        send_run(transport)
+        got, counts = gate.read(receiver.fileno(), buffer, gate.ROUNDS, 64, MAC1_KEY,
+                                COOKIE_KEY, SECRET, True, 0, 1000, b"")
+        assert [(item[0], item[3]) for item in got] == [(b"".join(transport), 64)]
+        assert counts == (0, 0, 0, 0, 0, 0)
+
+        initiations = [_initiation(CookieGenerator(PUBLIC), 1.0) for _ in range(8)]
+        for n in (1, 4, 6):  # a wrong mac1
+            initiations[n] = initiations[n][:-2 * MAC_SIZE] + bytes(2 * MAC_SIZE)
+        send_run(initiations)
+        got, counts = gate.read(receiver.fileno(), buffer, gate.ROUNDS, 64, MAC1_KEY,
+                                COOKIE_KEY, SECRET, True, 0, 1000, b"")
+        assert got == []
+        assert counts == (0, 3, 0, 5, 0, 0)  # bad mac1 3, cookies 5
+        replies = [sender.recv(100) for _ in range(5)]
+        assert all(len(reply) == 64 and reply[0] == 3 for reply in replies)
+    finally:
+        receiver.close()
+        sender.close()

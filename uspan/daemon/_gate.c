@@ -187,16 +187,23 @@ macs_keyed(Macs *macs)
     return macs;
 }
 
+/* Whether ``msg`` is an initiation or a response by its type and size: all a verdict
+ * judges; everything else passes. */
+static int
+is_handshake(const unsigned char *msg, size_t len)
+{
+    return len >= 4 && !msg[1] && !msg[2] && !msg[3]
+           && ((msg[0] == MSG_INITIATION && len == INITIATION_SIZE)
+               || (msg[0] == MSG_RESPONSE && len == RESPONSE_SIZE));
+}
+
 /* The verdict on one datagram (see uspan.wg.verdict.classify_py, which it must match). */
 static int
 classify(const unsigned char *msg, size_t len, const unsigned char *source, size_t source_len,
          Macs *macs, int under_load)
 {
     unsigned char mac[MAC_SIZE], cookie[MAC_SIZE];
-    if (len < 4 || msg[1] || msg[2] || msg[3])
-        return PASS;
-    if (!((msg[0] == MSG_INITIATION && len == INITIATION_SIZE)
-          || (msg[0] == MSG_RESPONSE && len == RESPONSE_SIZE)))
+    if (!is_handshake(msg, len))
         return PASS;
     macs_keyed(macs);
     blake2s_mac(&macs->mac1, msg, len - 2 * MAC_SIZE, mac);
@@ -466,6 +473,101 @@ PyDoc_STRVAR(read_doc,
 "dropped the unproven rest. ``secret`` is the cookie secret (32 bytes) or None when\n"
 "there is none fresh.");
 
+/* One read's judge: its budgets and keys, what it did, and the replies it gathered. */
+typedef struct {
+    int fd, under_load, nonces_ready;
+    long hand_budget, cookie_budget;
+    long bad_mac1, handed, cookies_sent, dropped, failed;
+    const unsigned char *secret, *cookie_key, *lane;
+    size_t lane_len;
+    Macs macs;
+    Replies *replies;  /* made at the read's first cookie: 27 KiB that reads answering
+                          nothing never touch */
+    EVP_CIPHER_CTX *ctx;
+    PyObject *out;
+} Judge;
+
+/* Judge one datagram (``control``'s gso_size 0): drop it, answer it with a cookie, or
+ * hand it up. -1 with a Python exception set on failure. */
+static int
+judge(Judge *j, const unsigned char *message, size_t len,
+      const struct sockaddr_storage *address, socklen_t address_len, const Control *control)
+{
+    unsigned char source[18];
+    size_t source_len = source_key(address, source);
+    int verdict = classify(message, len, source, source_len, &j->macs, j->under_load);
+    if (verdict == BAD_MAC1) {
+        j->bad_mac1++;
+        return 0;
+    }
+    if (verdict == UNPROVEN && in_lane(source, source_len, j->lane, j->lane_len))
+        verdict = PASS;
+    if (verdict == UNPROVEN && j->handed >= j->hand_budget) {
+        if (j->cookies_sent >= j->cookie_budget || j->secret == NULL) {
+            j->dropped++;
+            return 0;
+        }
+        if (j->replies == NULL) {
+            j->replies = PyMem_Malloc(sizeof(Replies));
+            j->ctx = EVP_CIPHER_CTX_new();
+            if (j->replies == NULL || j->ctx == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            j->replies->count = 0;
+        }
+        Replies *replies = j->replies;
+        int r = replies->count;
+        if (!j->nonces_ready) {
+            if (RAND_bytes(&replies->nonces[0][0], sizeof(replies->nonces)) != 1) {
+                PyErr_SetString(PyExc_RuntimeError, "OpenSSL gave no random bytes");
+                return -1;
+            }
+            j->nonces_ready = 1;
+        }
+        if (!cookie_reply(replies->data[r], message, len, source, source_len,
+                          replies->nonces[r], &j->macs, j->cookie_key, j->ctx)) {
+            j->dropped++;
+            return 0;
+        }
+        struct msghdr *reply = &replies->headers[r].msg_hdr;
+        memcpy(&replies->addresses[r], address, address_len);
+        replies->iovecs[r].iov_base = replies->data[r];
+        replies->iovecs[r].iov_len = REPLY_SIZE;
+        memset(reply, 0, sizeof(*reply));
+        reply->msg_name = &replies->addresses[r];
+        reply->msg_namelen = address_len;
+        reply->msg_iov = &replies->iovecs[r];
+        reply->msg_iovlen = 1;
+        size_t control_len = reply_control(control, replies->controls[r]);
+        reply->msg_control = control_len ? replies->controls[r] : NULL;
+        reply->msg_controllen = control_len;
+        j->cookies_sent++;
+        if (++replies->count == BATCH) {
+            j->failed += flush_replies(j->fd, replies);
+            j->nonces_ready = 0;
+        }
+        return 0;
+    }
+    if (verdict == UNPROVEN)
+        j->handed++;
+    return hand_up(j->out, message, len, address, control);
+}
+
+/* Whether a receive the kernel coalesced (UDP GRO: one source, ``gso``-byte pieces) holds
+ * a handshake message. Those are judged piece by piece, as lone datagrams: a flood from
+ * one source through a NIC that coalesces must not reach the core whole (up to 64
+ * initiations a receive, each a judgement in Python). A run of transport data goes up
+ * whole, as the kernel coalesced it. */
+static int
+holds_handshake(const unsigned char *data, size_t len, size_t gso)
+{
+    for (size_t at = 0; at < len; at += gso)
+        if (is_handshake(data + at, len - at < gso ? len - at : gso))
+            return 1;
+    return 0;
+}
+
 static PyObject *
 gate_read(PyObject *module, PyObject *args)
 {
@@ -478,29 +580,27 @@ gate_read(PyObject *module, PyObject *args)
                           &mac1_key, &cookie_key, &secret, &under_load, &hand_budget,
                           &cookie_budget, &lane))
         return NULL;
-    PyObject *result = NULL, *out = NULL;
-    Replies *replies = NULL;
-    EVP_CIPHER_CTX *ctx = NULL;
-    Macs macs;
+    PyObject *result = NULL;
+    Judge j = {.fd = fd, .under_load = under_load, .hand_budget = hand_budget,
+               .cookie_budget = cookie_budget, .secret = secret.buf,
+               .cookie_key = cookie_key.buf, .lane = lane.buf, .lane_len = (size_t)lane.len};
     if (buffer.len < (Py_ssize_t)BATCH * BUFFER_SIZE || mac1_key.len != KEY_SIZE
         || cookie_key.len != KEY_SIZE || (secret.buf != NULL && secret.len != KEY_SIZE)) {
         PyErr_SetString(PyExc_ValueError, "buffer of 64 x 65535 bytes and 32-byte keys needed");
         goto done;
     }
-    const unsigned char *secret_bytes = secret.buf; /* NULL for None */
-    out = PyList_New(0);
-    if (out == NULL)
+    j.out = PyList_New(0);
+    if (j.out == NULL)
         goto done;
-    macs_init(&macs, mac1_key.buf, secret_bytes);
-    int nonces_ready = 0;
-    long truncated = 0, bad_mac1 = 0, handed = 0, cookies_sent = 0, dropped = 0, failed = 0;
+    macs_init(&j.macs, mac1_key.buf, secret.buf);  /* secret NULL for None */
+    long truncated = 0;
     struct mmsghdr headers[BATCH];
     struct iovec iovecs[BATCH];
     struct sockaddr_storage addresses[BATCH];
     unsigned char controls[BATCH][CONTROL_SIZE];
     unsigned char *data = buffer.buf;
     for (int round = 0; round < rounds; round++) {
-        Py_ssize_t room = limit - PyList_GET_SIZE(out); /* each datagram read may go up */
+        Py_ssize_t room = limit - PyList_GET_SIZE(j.out); /* each datagram read may go up */
         int want = room < BATCH ? (int)room : BATCH;
         if (want <= 0)
             break;
@@ -529,83 +629,33 @@ gate_read(PyObject *module, PyObject *args)
             }
             Control control = parse_control(header);
             const unsigned char *message = iovecs[i].iov_base;
-            size_t len = headers[i].msg_len;
-            int verdict = PASS;
-            unsigned char source[18];
-            size_t source_len = 0;
-            if (control.gso_size == 0 || len <= (size_t)control.gso_size) {
-                source_len = source_key(&addresses[i], source);
-                verdict = classify(message, len, source, source_len, &macs, under_load);
+            size_t len = headers[i].msg_len, gso = (size_t)control.gso_size;
+            int failed = 0;
+            if (gso == 0 || len <= gso) {
+                control.gso_size = 0;
+                failed = judge(&j, message, len, &addresses[i], header->msg_namelen, &control);
+            } else if (!holds_handshake(message, len, gso)) {
+                failed = hand_up(j.out, message, len, &addresses[i], &control);
+            } else {
+                control.gso_size = 0;
+                for (size_t at = 0; at < len && !failed; at += gso)
+                    failed = judge(&j, message + at, len - at < gso ? len - at : gso,
+                                   &addresses[i], header->msg_namelen, &control);
             }
-            if (verdict == BAD_MAC1) {
-                bad_mac1++;
-                continue;
-            }
-            if (verdict == UNPROVEN && in_lane(source, source_len, lane.buf, lane.len))
-                verdict = PASS;
-            if (verdict == UNPROVEN && handed >= hand_budget) {
-                if (cookies_sent >= cookie_budget || secret_bytes == NULL) {
-                    dropped++;
-                    continue;
-                }
-                if (replies == NULL) {  /* the first cookie of this read: 27 KiB, none
-                                           touched by the reads that answer nothing */
-                    replies = PyMem_Malloc(sizeof(Replies));
-                    ctx = EVP_CIPHER_CTX_new();
-                    if (replies == NULL || ctx == NULL) {
-                        PyErr_NoMemory();
-                        goto done;
-                    }
-                    replies->count = 0;
-                }
-                int r = replies->count;
-                struct msghdr *reply = &replies->headers[r].msg_hdr;
-                if (!nonces_ready) {
-                    if (RAND_bytes(&replies->nonces[0][0], sizeof(replies->nonces)) != 1) {
-                        PyErr_SetString(PyExc_RuntimeError, "OpenSSL gave no random bytes");
-                        goto done;
-                    }
-                    nonces_ready = 1;
-                }
-                if (!cookie_reply(replies->data[r], message, len, source, source_len,
-                                  replies->nonces[r], &macs, cookie_key.buf, ctx)) {
-                    dropped++;
-                    continue;
-                }
-                memcpy(&replies->addresses[r], &addresses[i], header->msg_namelen);
-                replies->iovecs[r].iov_base = replies->data[r];
-                replies->iovecs[r].iov_len = REPLY_SIZE;
-                memset(reply, 0, sizeof(*reply));
-                reply->msg_name = &replies->addresses[r];
-                reply->msg_namelen = header->msg_namelen;
-                reply->msg_iov = &replies->iovecs[r];
-                reply->msg_iovlen = 1;
-                size_t control_len = reply_control(&control, replies->controls[r]);
-                reply->msg_control = control_len ? replies->controls[r] : NULL;
-                reply->msg_controllen = control_len;
-                cookies_sent++;
-                if (++replies->count == BATCH) {
-                    failed += flush_replies(fd, replies);
-                    nonces_ready = 0;
-                }
-                continue;
-            }
-            if (verdict == UNPROVEN)
-                handed++;
-            if (hand_up(out, message, len, &addresses[i], &control) < 0)
+            if (failed < 0)
                 goto done;
         }
         if (got < want)
             break;
     }
-    if (replies != NULL)
-        failed += flush_replies(fd, replies);
-    result = Py_BuildValue("(O(llllll))", out, truncated, bad_mac1, handed, cookies_sent,
-                           dropped, failed);
+    if (j.replies != NULL)
+        j.failed += flush_replies(fd, j.replies);
+    result = Py_BuildValue("(O(llllll))", j.out, truncated, j.bad_mac1, j.handed,
+                           j.cookies_sent, j.dropped, j.failed);
 done:
-    Py_XDECREF(out);
-    PyMem_Free(replies);
-    EVP_CIPHER_CTX_free(ctx);
+    Py_XDECREF(j.out);
+    PyMem_Free(j.replies);
+    EVP_CIPHER_CTX_free(j.ctx);
     PyBuffer_Release(&buffer);
     PyBuffer_Release(&mac1_key);
     PyBuffer_Release(&cookie_key);
