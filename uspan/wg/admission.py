@@ -219,6 +219,7 @@ class Admission:
         self._window = float("-inf")  # start of the window ``_seen`` counts
         self._lane_read = float("-inf")
         self._seen = 0  # mac2-less messages judged in the window
+        self.drained = 0.0  # of those a second, in the last window
         self.others = 0  # the device's count of transport messages accepted (in the window)
         self.sent = 0  # and of those it sent (in the window)
         self.tunnel_total = 0  # the two, in the windows before
@@ -227,6 +228,13 @@ class Admission:
     def tunnel_messages(self) -> int:
         """The tunnel messages counted so far (the shell's stats)."""
         return self.tunnel_total + self.others + self.sent
+
+    def stats(self) -> dict[str, int]:
+        """The sample's state for the shell's stats: ``keep`` in millionths, the aim,
+        the target and the last window's drained rate (a second)."""
+        return {"sample_keep_ppm": round(self.keep * 1e6), "sample_aim": round(self.aim),
+                "sample_target": round(self.target),
+                "sample_drained": round(self.drained)}
 
     def proven_allowed(self, ip: bytes, now: float) -> bool:
         """A message with a valid mac2 from ``ip``: within its rate?"""
@@ -327,7 +335,7 @@ class Admission:
         last one, ``keep`` from the rate it let through, and the aim from the budgets and
         whether we drained it (see the module's docstring)."""
         seconds = max(SAMPLE_WINDOW, now - self._window)
-        drained = self._seen / seconds
+        drained = self.drained = self._seen / seconds
         tunnels = self.others + self.sent
         self._cookies.set_rate(cookie_rate(tunnels / seconds, self._cookies_most))
         if self._bulk_most:
