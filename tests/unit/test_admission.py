@@ -12,6 +12,8 @@ from tests.unit.wgnet import Net, Node, ipv4_packet
 from uspan.testbed.flood import junk_initiation
 from uspan.wg import crypto
 from uspan.wg.admission import (
+    BACKLOG_HIGH,
+    DRAIN_SHARE,
     FLAG_TIME,
     MAX_FLAGGED,
     MAX_TRUSTED,
@@ -302,10 +304,11 @@ def test_windows_without_initiations_never_cut_the_aim() -> None:
 
 def test_a_full_socket_queue_lowers_the_sample_until_we_drain_it() -> None:
     """While the shell's queue stays full we read only what we can (here 2,000 a
-    second), which alone would look like a small flood: the backlog halves the aim below
-    that each window, so the sample falls until we keep up, and the aim grows back once
-    the queue is clear (without it the sample stayed whole and the queue full, losing a
-    peer's initiation and its mac2 retry at random)."""
+    second), which alone would look like a small flood: the aim falls below that, and
+    the estimate of the flood doubles each window the queue stays full after the cut,
+    so the sample halves until we keep up; the aim grows back once the queue is clear
+    (without it the sample stayed whole and the queue full, losing a peer's initiation
+    and its mac2 retry at random)."""
     full = [1.0]
     admission = Admission(backlog=lambda: full[0])
     keeps = []
@@ -313,14 +316,14 @@ def test_a_full_socket_queue_lowers_the_sample_until_we_drain_it() -> None:
         sampled_flood(admission, 200_000, 1, w << 12, T0 + w * SAMPLE_WINDOW, drain=2000)
         keeps.append(admission.keep)
     assert all(b <= a / 2 for a, b in itertools.pairwise(keeps))
-    assert admission.target == MIN_TARGET
-    assert 200_000 * admission.keep <= 2 * MIN_TARGET
+    assert admission.target == DRAIN_SHARE * 2000
+    assert 200_000 * admission.keep <= 2000
     after = T0 + 8 * SAMPLE_WINDOW + 60.0  # another flood, long after
+    full[0] = 0.0  # (the queue was read once the flood ended)
     admission.kernel_filter(after - 1.0)  # the sample is lifted...
     admission.kernel_filter(after)  # ...and the aim whole again
     assert admission.target == UNPROVEN_PER_SECOND + COOKIES_PER_SECOND
     admission.aim = MIN_TARGET
-    full[0] = 0.0
     sampled_flood(admission, 200_000, 12, 1 << 16, after + SAMPLE_WINDOW)
     assert admission.target > 8 * MIN_TARGET  # a quarter more each clear window
     assert admission.keep > 8 * MIN_TARGET / 200_000 / 2
@@ -718,3 +721,88 @@ def test_a_read_in_c_under_load_passes_the_lane() -> None:
 
 def test_the_device_has_no_plan_without_a_key() -> None:
     assert Device().gate_plan(T0) is None
+
+
+class FloodedSocket:
+    """A socket queue in front of a reader that drains at most ``capacity`` a second, fed
+    a spoofed flood of ``rate`` a second through the kernel's sample (``keep``): what
+    reaches ``unproven``, what the queue holds and what it loses when full."""
+
+    def __init__(self, admission: Admission, rate: float, capacity: float,
+                 size: int = 14_000, queued: int = 0) -> None:
+        self.admission, self.rate, self.capacity, self.size = admission, rate, capacity, size
+        self.queued, self.lost, self.read, self._next = queued, 0, 0, 0
+        admission.backlog = lambda: self.queued / self.size
+
+    def window(self, now: float) -> list[Verdict]:
+        """One SAMPLE_WINDOW from ``now``: the kernel takes the new keep, the sample
+        arrives, the reader drains what it can."""
+        admission = self.admission
+        admission.kernel_filter(now)
+        kept = round(self.rate * admission.keep * SAMPLE_WINDOW)
+        read = min(round(self.capacity * SAMPLE_WINDOW), self.queued + kept)
+        self.lost += max(0, self.queued + kept - read - self.size)
+        self.queued = min(self.size, self.queued + kept - read)
+        self.read += read
+        verdicts = [admission.unproven(spoofed(self._next + i), now + i * SAMPLE_WINDOW / read)
+                    for i in range(read)]
+        self._next += read
+        return verdicts
+
+
+def settled_flood(capacity: float = 60_000, rate: float = 100_000,
+                  queued: int = 14_000) -> tuple[Admission, FloodedSocket]:
+    """A flood of ``rate`` a second that we read at ``capacity`` (the budgets answer
+    more), begun with a full queue (read before the device was under load), 2 s in."""
+    admission = Admission(cookies_per_second=80_000)
+    flooded = FloodedSocket(admission, rate, capacity, queued=queued)
+    for w in range(8):
+        flooded.window(T0 + w * SAMPLE_WINDOW)
+    return admission, flooded
+
+
+def test_the_sample_keeps_what_we_drain_from_a_floods_onset() -> None:
+    """At a flood's onset the queue is full of what came before the sample: once it is
+    read (from 0.5 s), the kernel keeps at least half what we drain, and the queue loses
+    nothing. The aim was halved below what we drained each window the queue was still
+    over BACKLOG_HIGH, also while it emptied, and arrivals were judged from what we read
+    over the keep of now, though the queue had kept them at an older, larger one: the
+    sample fell to 1/32 (1/256 at 50,000 a second) and took 2-3 s to grow back, so a
+    newcomer starting 2 s in had a chance of 1/4 or less where 0.6 was there."""
+    for capacity in (50_000, 60_000):
+        admission = Admission(cookies_per_second=80_000)
+        flooded = FloodedSocket(admission, 100_000, capacity, queued=14_000)
+        flooded.window(T0)
+        lost = flooded.lost
+        for w in range(1, 16):
+            flooded.window(T0 + w * SAMPLE_WINDOW)
+            if w >= 2:  # (read at 0.5 s)
+                assert 100_000 * admission.keep >= capacity / 2, (capacity, w)
+        assert flooded.lost == lost
+
+
+def test_the_sample_is_in_the_stats() -> None:
+    """``uspan stats`` shows what the kernel keeps and why: the sample, its aim and
+    target, what we drained and the flood's rate as estimated."""
+    admission, _ = settled_flood()
+    got = admission.stats()
+    assert got["sample_keep_ppm"] == round(admission.keep * 1e6) < 1_000_000
+    assert got["sample_drained"] > 0 and got["sample_arrived"] > got["sample_drained"]
+    assert got["sample_target"] <= got["sample_aim"]
+
+
+def test_a_stalled_window_cuts_the_sample_to_what_we_drained_before() -> None:
+    """The reader stalls for a window (the CPU was taken): the queue fills, and the aim
+    is cut below what we drained before the stall, not below the stall's nothing, so the
+    sample stays near what we drain and the queue is clear within two seconds. It fell to
+    MIN_TARGET (1/128 of the flood) and took 3 s to grow back."""
+    admission, flooded = settled_flood()
+    flooded.capacity = 0
+    flooded.window(T0 + 8 * SAMPLE_WINDOW)
+    flooded.capacity, lost, queued = 60_000, flooded.lost, []
+    for w in range(9, 17):
+        flooded.window(T0 + w * SAMPLE_WINDOW)
+        queued.append(flooded.queued)
+        assert 100_000 * admission.keep >= 0.3 * 60_000, w
+    assert min(queued) <= BACKLOG_HIGH * flooded.size
+    assert flooded.lost == lost

@@ -266,7 +266,10 @@ def test_stats_names_are_what_uspan_stats_has_always_printed():
         "not_allowed_source", "no_route", "no_endpoint", "no_private_key", "bad_peer_key",
         "staged_overflow", "staged_dropped", "source_limited", "cookie_limited")] + [
         "tun_read_dropped", "tun_write_dropped", "udp_send_errors", "udp_receive_dropped",
-        "udp_own_claimed", "udp_own_unclaimed", "tunnel_messages"]
+        "udp_own_claimed", "udp_own_unclaimed", "tunnel_messages", "udp_socket_drops",
+        "udp_backlog_permille", "gate_reads", "gate_handed_up", "gate_cookies",
+        "gate_dropped", "sample_keep_ppm", "sample_aim", "sample_target", "sample_drained",
+        "sample_arrived"]
 
 
 def test_running_as_an_async_context_manager():

@@ -253,3 +253,20 @@ def test_the_backlog_is_how_full_the_receive_queue_is() -> None:
     finally:
         sender.close()
         bind.close()
+
+
+def test_the_socket_drops_count_the_filters_drops() -> None:
+    """``uspan stats`` shows the socket's drops (``udp_socket_drops``): the sample's and a
+    full queue's, which nothing else on the node counts."""
+    bind = UdpBind.open(0)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        assert bind.socket_drops == 0
+        bind.drop_unproven(KernelFilter([], [], 0.0))
+        for _ in range(20):
+            sender.sendto(INITIATION, ("127.0.0.1", bind.port))
+        sender.sendto(TRANSPORT, ("127.0.0.1", bind.port))
+        assert bind.socket_drops == 20
+    finally:
+        sender.close()
+        bind.close()

@@ -468,6 +468,10 @@ class Daemon:
         counters["udp_own_claimed"] = self.demux.claimed
         counters["udp_own_unclaimed"] = self.demux.unclaimed
         counters["tunnel_messages"] = self.device.admission.tunnel_messages
+        counters["udp_socket_drops"] = self.bind.socket_drops
+        counters["udp_backlog_permille"] = round(1000 * self.bind.backlog())
+        counters.update({f"gate_{name}": n for name, n in self.device.gate_totals.items()})
+        counters.update(self.device.admission.stats())
         for owner in self.owner_stats:
             counters.update(owner())
         return counters

@@ -74,6 +74,7 @@ class MemoryBind:
         self.fwmark = fwmark
         self.send_errors = 0
         self.receive_dropped = 0
+        self.socket_drops = 0  # nothing drops before the reader
         self._in, self._out = trio.open_memory_channel[Datagram](math.inf)
         self._sources: dict[tuple[str, int], Endpoint] = {}
 

@@ -98,6 +98,11 @@ class BindPort(Protocol):
         ...
 
     @property
+    def socket_drops(self) -> int:
+        """Datagrams the kernel dropped before we read them (filter, full queue)."""
+        ...
+
+    @property
     def receivers(self) -> Sequence[DatagramReceiver]: ...
 
     async def send(self, datagrams: list[Datagram]) -> list[Endpoint]:

@@ -38,6 +38,7 @@ BIND_ATTEMPTS = 100  # random ports tried when the v6 socket cannot take the v4 
 _SO_SNDBUFFORCE = 32
 _SO_RCVBUFFORCE = 33
 _SO_MEMINFO = 55  # u32 counters; the first two: bytes queued, the receive buffer's size
+_MEMINFO_DROPS = 8  # SK_MEMINFO_DROPS
 _CACHE_LIMIT = 4096
 # sendmsg errors that mean "this source address/interface is no longer usable".
 _SOURCE_GONE = frozenset({errno.EINVAL, errno.EADDRNOTAVAIL, errno.ENETUNREACH,
@@ -213,17 +214,28 @@ class UdpSocket:
 
     def backlog(self) -> float:
         """How full the receive queue is, 0..1 (0 where the kernel does not say)."""
+        queued, size, _ = self._meminfo()
+        return queued / size if size else 0.0
+
+    @property
+    def socket_drops(self) -> int:
+        """Datagrams the kernel dropped for this socket: its filter's and a full queue's
+        (0 where the kernel does not say)."""
+        return self._meminfo()[2]
+
+    def _meminfo(self) -> tuple[int, int, int]:
+        """The queue's bytes, the receive buffer's size and the socket's drops."""
         if self._no_meminfo:
-            return 0.0
+            return 0, 0, 0
         try:
-            queued, size = struct.unpack_from("=II", self.sock.getsockopt(
+            info = struct.unpack("=9I", self.sock.getsockopt(
                 socket.SOL_SOCKET, _SO_MEMINFO, 36))
         except OSError as exc:  # (kernels before 4.6, some sandboxes)
             self._no_meminfo = True
             log.warning("receive queue fill unknown (SO_MEMINFO: %s): a handshake flood's "
                         "sample will not follow the socket's backlog", exc.strerror)
-            return 0.0
-        return queued / size if size else 0.0
+            return 0, 0, 0
+        return info[0], info[1], info[_MEMINFO_DROPS]
 
     def close(self) -> None:
         if self.sock.fileno() >= 0 and trio.lowlevel.in_trio_run():
@@ -330,6 +342,10 @@ class UdpBind:
     @property
     def receive_dropped(self) -> int:
         return sum(udp.receive_dropped for udp in self.sockets)
+
+    @property
+    def socket_drops(self) -> int:
+        return sum(udp.socket_drops for udp in self.sockets)
 
     def close(self) -> None:
         for udp in self.sockets:

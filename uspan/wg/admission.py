@@ -25,13 +25,25 @@ like the junk, so its chance per attempt is (answers given) / (flood rate), what
 choice; what we can do is give as many answers as we can and waste none. So the sample
 is no larger than the budgets: every initiation read gets a handshake or a cookie, none
 is read only to be dropped. It is random per datagram, not by source, so a peer missed
-once has the same chance at its retry. And it is no larger
-than we drain: a socket queue that stays full loses a peer's initiation, its mac2 retry
-and tunnel traffic as readily as the junk, so while the shell's ``backlog()`` (the
-queue's fill, 0..1) is above BACKLOG_HIGH the aim is halved below what we drained, and
-it grows back by a quarter each window that stays clear (a CPU shared with the flood's
-sender drains less than an idle one). The budgets cap that aim apart (``target``), so
-the sample follows their fall and their rise within a window.
+once has the same chance at its retry. And it is no larger than we drain: a socket
+queue that stays full loses a peer's initiation, its mac2 retry and tunnel traffic as
+readily as the junk. While the shell's ``backlog()`` (the queue's fill, 0..1) is above
+BACKLOG_HIGH we read all we can, so what we drained then is what we can do (a CPU shared
+with the flood's sender drains less than an idle one): the aim is set to DRAIN_SHARE of
+it (of the window before, if more: a stalled window is not all we can do), so the queue
+empties, and grows back by a quarter each window that stays clear. The sample is the
+aim over the flood's rate, which we see only through the sample: from a clear queue,
+what we read over the keep (a fall of less than 4x is followed a step a window: one
+window read short lifted the sample whole, and the queue overflowed the next); while
+behind, at least what we read over the largest keep since it was last clear (older
+datagrams were kept at that), and twice that each window it stays behind after the cut.
+It was half of what we drained, again each window the queue was still high, and the
+flood's rate was what we read over the keep of now: from a queue kept at older, larger
+ones it seemed several times the real one, so at a flood's onset or after a stalled read
+the sample fell to 1/128 and took 2-3 s to grow back (a newcomer 2 s in had a chance of
+1/4 where 0.6 was there; the probe's figures are in ``bench/RESULTS.md``, "Sample
+control law"). The budgets cap the aim apart (``target``), so the sample follows their
+fall and their rise within a window.
 
 The cookie budget yields to the tunnels: a cookie costs the one thread their data
 needs (~35 us, five of their messages), and a flood's answers at 16,000 a second cut an
@@ -81,6 +93,7 @@ to our initiations and mac2-bearing retries are untouched.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -98,20 +111,26 @@ from uspan.wg.ratelimit import RateLimiter
 
 FLAG_TIME = 10.0  # seconds a refused source's initiations are dropped in the kernel
 MAX_FLAGGED = 256
-# The kernel lets through a fraction ``keep`` (a power of 2) of the mac2-less initiations
-# from unflagged sources, aiming at most at what the budgets answer a second: a spoofed
-# flood then costs us that many checks, not one per datagram. While the socket queue is
-# fuller than BACKLOG_HIGH the aim is lowered (never below MIN_TARGET, so a few new
-# peers under load are not sampled), if the initiations are at least FLOOD_SHARE of what
-# was read: a queue full of tunnel data is not theirs to make room for. (Of the tunnel
-# messages accepted: spoofed transport junk is no tunnel's, and makes room like theirs.)
+# The kernel lets through a fraction ``keep`` (a step of KEEP_STEP) of the mac2-less
+# initiations from unflagged sources, aiming at most at what the budgets answer a second:
+# a spoofed flood then costs us that many checks, not one per datagram. While the socket
+# queue is fuller than BACKLOG_HIGH the aim is lowered (never below MIN_TARGET, so a few
+# new peers under load are not sampled), if the initiations are at least FLOOD_SHARE of
+# what was read: a queue full of tunnel data is not theirs to make room for. (Of the
+# tunnel messages accepted: spoofed transport junk is no tunnel's, and makes room like
+# theirs.)
 MIN_TARGET = 1000
 BACKLOG_HIGH = 0.25
+BACKLOG_FALL = 1 / 16
 FLOOD_SHARE = 0.5
-# Judged every SAMPLE_WINDOW: while the socket queue overflows we see only what we drain,
-# so the estimates are low; the backlog's cut makes up for that.
+# Judged every SAMPLE_WINDOW: while the socket queue is behind we see only what we
+# drain, so the flood's rate is a lower bound, doubled each window the queue does not
+# fall by BACKLOG_FALL (a full one would take 4 s to empty).
 SAMPLE_WINDOW = 0.25
-MIN_KEEP = 2.0 ** -12
+KEEP_STEP = 2.0 ** 0.25  # the sample's steps: it is within a fifth of its aim
+MAX_STEPS = 48  # MIN_KEEP = 2 ** -12
+MIN_KEEP = 2.0 ** -(MAX_STEPS // 4)
+DRAIN_SHARE = 0.75  # behind, the aim is this of what we drained (the queue then empties)
 MAX_TRUSTED = 64  # endpoints in the priority lane (the kernel filter checks each)
 TRUSTED_BURST = 2  # a lane endpoint's mac2-less handshakes at once, then one per interval
 
@@ -136,6 +155,11 @@ class KernelFilter:
 
     def drops_any(self) -> bool:
         return bool(self.flagged) or self.keep < 1.0
+
+
+def _keep(step: int) -> float:
+    """The sample at ``step`` (exact: halved every four steps)."""
+    return math.ldexp(2.0 ** -(step % 4 / 4), -(step // 4))
 
 
 def cookie_rate(tunnels: float, most: int = COOKIES_PER_SECOND) -> int:
@@ -219,6 +243,11 @@ class Admission:
         self._window = float("-inf")  # start of the window ``_seen`` counts
         self._lane_read = float("-inf")
         self._seen = 0  # mac2-less messages judged in the window
+        self.drained = 0.0  # of those a second, in the last window
+        self._drained_before = 0.0  # and in the one before
+        self.arrived = 0.0  # the estimate of their rate before the sample
+        self._keep_high = 1.0  # the largest keep since the queue was last clear
+        self._backlog = 0.0  # the queue's fill at the last window's end
         self.others = 0  # the device's count of transport messages accepted (in the window)
         self.sent = 0  # and of those it sent (in the window)
         self.tunnel_total = 0  # the two, in the windows before
@@ -227,6 +256,14 @@ class Admission:
     def tunnel_messages(self) -> int:
         """The tunnel messages counted so far (the shell's stats)."""
         return self.tunnel_total + self.others + self.sent
+
+    def stats(self) -> dict[str, int]:
+        """The sample's state for the shell's stats: ``keep`` in millionths, the aim,
+        the target and the last window's drained rate and the arrivals estimated (a second)."""
+        return {"sample_keep_ppm": round(self.keep * 1e6), "sample_aim": round(self.aim),
+                "sample_target": round(self.target),
+                "sample_drained": round(self.drained),
+                "sample_arrived": round(self.arrived)}
 
     def proven_allowed(self, ip: bytes, now: float) -> bool:
         """A message with a valid mac2 from ``ip``: within its rate?"""
@@ -327,29 +364,53 @@ class Admission:
         last one, ``keep`` from the rate it let through, and the aim from the budgets and
         whether we drained it (see the module's docstring)."""
         seconds = max(SAMPLE_WINDOW, now - self._window)
-        drained = self._seen / seconds
+        drained = self.drained = self._seen / seconds
         tunnels = self.others + self.sent
         self._cookies.set_rate(cookie_rate(tunnels / seconds, self._cookies_most))
         if self._bulk_most:
             self._bulk.set_rate(cookie_rate(tunnels / seconds, self._bulk_most))
         self.tunnel_total += tunnels
         flood = 0 < self._seen >= FLOOD_SHARE * (self._seen + self.others)
-        if self.backlog() > BACKLOG_HIGH:
-            if flood:  # behind because of them: what we drained is all we can do
-                self.aim = max(MIN_TARGET, min(self.target, drained) / 2)
+        backlog = self.backlog()
+        behind = backlog > BACKLOG_HIGH
+        # Sampling a flood, the queue fills and we read nothing: stalled (no news).
+        stalled = behind and not self._seen and self.keep < 1.0
+        self._estimate(drained, backlog, stalled or (flood and (
+            behind or self._backlog > BACKLOG_HIGH)))
+        if behind:
+            if flood or stalled:  # behind because of them: what we drained is all we
+                # can do (a stalled window is not: the one before counts too)
+                self.aim = max(MIN_TARGET,
+                               DRAIN_SHARE * max(drained, self._drained_before))
         else:
             self.aim = min(self._whole(), self.aim * 1.25)
+            self._keep_high = 0.0
+        self._backlog = backlog
         self.target = min(self._most(), self.aim)
-        arrived = drained / self.keep  # low while behind: the aim's cut covers that
-        keep = 1.0
-        while keep > MIN_KEEP and arrived * keep > self.target:
-            keep /= 2
+        self._drained_before = drained
+        step = 0
+        while step < MAX_STEPS and self.arrived * _keep(step) > self.target:
+            step += 1
+        keep = _keep(step)
+        self._keep_high = max(self._keep_high, keep)
         if keep != self.keep:
             self.keep = keep
             self.flag_version += 1
         if keep < 1.0:
             self.busy_until = max(self.busy_until, now + 1.0)
         self._window, self._seen, self.others, self.sent = now, 0, 0, 0
+
+    def _estimate(self, drained: float, backlog: float, behind: bool) -> None:
+        """The flood's rate before the sample, from what we ``drained`` (a second) and
+        whether we were ``behind`` it (see the module's docstring)."""
+        if behind:  # we read what we could, kept at no larger a keep than since clear
+            self.arrived = max(self.arrived, drained / self._keep_high)
+            if self._backlog > BACKLOG_HIGH and backlog > self._backlog - BACKLOG_FALL:
+                self.arrived *= 2  # behind for a window after the cut: more came
+            return
+        arrived = drained / self.keep  # what it kept (or no flood: the queue's not theirs)
+        self.arrived = (arrived if arrived <= self.arrived / 4  # the flood's end
+                        else max(arrived, self.arrived / KEEP_STEP))
 
     def _most(self) -> float:
         """What the budgets answer a second now."""

@@ -116,6 +116,8 @@ class Device:
         self._lane, self._lane_version = b"", -1  # the admission's lane, for reads in C
         self._calm_plan: Plan | None = None  # gate_plan's answer while not under load
         self.counters: Counter[Drop] = Counter()
+        # Reads in C (``gate_done``): how many, and what they did beside what they returned.
+        self.gate_totals = dict.fromkeys(("reads", "handed_up", "cookies", "dropped"), 0)
         self.under_load_rate = UNDER_LOAD_RATE  # handshake messages per second
         self._under_load_until = float("-inf")
         self._load_window_start = float("-inf")  # one-second windows of handshake counts
@@ -491,6 +493,11 @@ class Device:
         """Count what a read in C judged and did not hand up (its handshake messages
         count towards the load as ``receive``'s do)."""
         counters = self.counters
+        totals = self.gate_totals
+        totals["reads"] += 1
+        totals["handed_up"] += counts.handed_up
+        totals["cookies"] += counts.cookies
+        totals["dropped"] += counts.dropped
         counters[Drop.BAD_MAC1] += counts.bad_mac1
         counters[Drop.COOKIE_SENT] += counts.cookies
         counters[Drop.COOKIE_LIMITED] += counts.dropped
