@@ -16,8 +16,10 @@ from hypothesis import strategies as st
 from uspan.daemon import gate, offload
 from uspan.daemon.udp import UdpSocket, _set_buffers
 from uspan.wg import crypto, messages
+from uspan.wg.config import DeviceChange
 from uspan.wg.constants import INITIATION_SIZE, MAC_SIZE, RESPONSE_SIZE
 from uspan.wg.cookie import CookieGenerator, cookie_key, mac1_key
+from uspan.wg.device import Device
 from uspan.wg.verdict import (
     BAD_MAC1,
     PASS,
@@ -327,3 +329,21 @@ def test_a_coalesced_receive_of_handshakes_is_judged_piece_by_piece() -> None:
     finally:
         receiver.close()
         sender.close()
+
+
+@compiled
+def test_every_gated_read_is_counted_also_when_it_judged_nothing(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """``gate_reads`` (``uspan stats``) counts every read in C: the core is told of a
+    read's counts only when it judged something, so the reads are counted where the
+    plan is made."""
+    receiver, sender = pair
+    device = Device()
+    device.apply(DeviceChange(private_key=crypto.clamp(bytes(range(32)))), 1.0)
+    udp = UdpSocket(receiver, offload_=False)
+    assert udp.set_gate(lambda: device.gate_plan(1.0),
+                        lambda counts: device.gate_done(counts, 1.0))
+    for n in range(3):
+        sender.sendto(bytes([4, 0, 0, 0, n]) + bytes(27), receiver.getsockname())
+        assert len(udp.receive_batch()) == 1
+    assert device.gate_totals["reads"] == 3

@@ -475,6 +475,7 @@ class Device:
         keys = self.cookie_checker.keys()
         if keys is None or self.private_key is None:
             return None
+        self.gate_totals["reads"] += 1  # here: gate_done is told only of reads that judged
         admission = self.admission
         if now >= self._under_load_until and now >= admission.busy_until:
             plan = self._calm_plan  # the same every read until the key changes
@@ -494,7 +495,6 @@ class Device:
         count towards the load as ``receive``'s do)."""
         counters = self.counters
         totals = self.gate_totals
-        totals["reads"] += 1
         totals["handed_up"] += counts.handed_up
         totals["cookies"] += counts.cookies
         totals["dropped"] += counts.dropped
