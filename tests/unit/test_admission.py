@@ -25,6 +25,7 @@ from uspan.wg.admission import (
     Verdict,
     cookie_rate,
 )
+from uspan.wg.config import DeviceChange
 from uspan.wg.constants import (
     COOKIES_PER_SECOND,
     HANDSHAKE_BURST,
@@ -37,7 +38,7 @@ from uspan.wg.constants import (
     TUNNEL_YIELD_RATE,
     UNPROVEN_PER_SECOND,
 )
-from uspan.wg.cookie import mac1_key
+from uspan.wg.cookie import cookie_key, mac1_key
 from uspan.wg.device import HAND_UP_PER_READ, LANE_IDLE, Device
 from uspan.wg.drops import Drop
 from uspan.wg.endpoint import Endpoint
@@ -806,3 +807,23 @@ def test_a_stalled_window_cuts_the_sample_to_what_we_drained_before() -> None:
         assert 100_000 * admission.keep >= 0.3 * 60_000, w
     assert min(queued) <= BACKLOG_HIGH * flooded.size
     assert flooded.lost == lost
+
+
+def test_the_calm_plan_follows_the_key() -> None:
+    """While not under load every read gets the same Plan (made once), but never one of
+    an old key: a new private key gives the new mac1/cookie keys at the next read,
+    removing it gives no plan, and the first key again gives its keys back."""
+    device = Device()
+    keys = [crypto.clamp(bytes([n]) * 32) for n in (1, 2)]
+    publics = [crypto.public_key(key) for key in keys]
+    for private, public in ((keys[0], publics[0]), (keys[1], publics[1])):
+        device.apply(DeviceChange(private_key=private), T0)
+        plan = device.gate_plan(T0)
+        assert plan is not None and not plan.under_load
+        assert (plan.mac1_key, plan.cookie_key) == (mac1_key(public), cookie_key(public))
+        assert device.gate_plan(T0) is plan
+    device.apply(DeviceChange(private_key=bytes(32)), T0)
+    assert device.gate_plan(T0) is None
+    device.apply(DeviceChange(private_key=keys[0]), T0)
+    plan = device.gate_plan(T0)
+    assert plan is not None and plan.mac1_key == mac1_key(publics[0])

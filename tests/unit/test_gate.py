@@ -347,3 +347,90 @@ def test_every_gated_read_is_counted_also_when_it_judged_nothing(
         sender.sendto(bytes([4, 0, 0, 0, n]) + bytes(27), receiver.getsockname())
         assert len(udp.receive_batch()) == 1
     assert device.gate_totals["reads"] == 3
+
+
+def _bind_same_port(hosts: list[tuple[socket.AddressFamily, str]]) -> list[socket.socket]:
+    """Sockets bound to ``hosts`` on one port (a free one: tried again if taken)."""
+    for _ in range(20):
+        sockets: list[socket.socket] = []
+        try:
+            for family, host in hosts:
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+                sockets.append(sock)
+                sock.bind((host, sockets[0].getsockname()[1] if len(sockets) > 1 else 0))
+            return sockets
+        except OSError:
+            for sock in sockets:
+                sock.close()
+    raise AssertionError("no port free on all of them")
+
+
+@compiled
+@pytest.mark.parametrize("family", ["ipv4", "dual-stack ipv6"])
+def test_sources_that_differ_only_in_their_address_are_told_apart(family: str) -> None:
+    """The address cache compares a whole sockaddr of the family: senders on one port
+    whose addresses differ only past the first 16 bytes of a sockaddr_in6 (``::1`` and
+    ``::ffff:127.0.0.1``: family, port, flowinfo and the first 8 address bytes alike)
+    or only in the IPv4 address each come up with their own (a cache comparing
+    sizeof(sockaddr_in) for both families, or the family and port, gave the last one)."""
+    if family == "ipv4":
+        receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        receiver.bind(("127.0.0.1", 0))
+        senders = _bind_same_port([(socket.AF_INET, "127.0.0.1"), (socket.AF_INET, "127.0.0.2")])
+        targets = [receiver.getsockname()] * 2
+        expected_hosts = ["127.0.0.1", "127.0.0.2"]
+    else:
+        receiver = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        receiver.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        receiver.bind(("::", 0))
+        senders = _bind_same_port([(socket.AF_INET6, "::1"), (socket.AF_INET, "127.0.0.1")])
+        port = receiver.getsockname()[1]
+        targets = [("::1", port), ("127.0.0.1", port)]
+        expected_hosts = ["::1", "::ffff:127.0.0.1"]
+    try:
+        receiver.setblocking(False)
+        buffer = bytearray(gate.BATCH * gate.BUFFER_SIZE)
+        for reads in ([[0, 1, 0, 1]], [[1], [0], [1]]):
+            for part in reads:
+                for n, index in enumerate(part):
+                    senders[index].sendto(bytes([4, 0, 0, 0, index, n]) + bytes(26),
+                                          targets[index])
+                got, _ = gate.read(receiver.fileno(), buffer, gate.ROUNDS, 64, MAC1_KEY,
+                                   COOKIE_KEY, SECRET, False, 0, 0, b"")
+                assert [item[1][0] for item in got] == [expected_hosts[i] for i in part]
+                assert {item[1][1] for item in got} == {senders[0].getsockname()[1]}
+    finally:
+        receiver.close()
+        for sender in senders:
+            sender.close()
+
+
+@compiled
+def test_a_handshake_anywhere_in_a_coalesced_receive_is_judged() -> None:
+    """The whole coalesced receive is looked through, its last piece at its own length
+    (shorter than gso_size): a run of transport data whose third piece is an
+    initiation, or whose short last piece is a response, each with a bad mac1, is
+    judged piece by piece (the bad one dropped and counted, the transport pieces up
+    alone); looking at the first piece only, or at gso_size bytes for the last, sent
+    the run up whole."""
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        receiver.bind(("127.0.0.1", 0))
+        receiver.setblocking(False)
+        assert offload.enable_gro(receiver), "no UDP GRO here"
+        sender.bind(("127.0.0.1", 0))
+        buffer = bytearray(gate.BATCH * gate.BUFFER_SIZE)
+        transport = [bytes([4, 0, 0, 0, n]) + bytes(INITIATION_SIZE - 5) for n in range(2)]
+        bad_initiation = b"\x01\0\0\0" + os.urandom(INITIATION_SIZE - 4)
+        bad_response = b"\x02\0\0\0" + os.urandom(RESPONSE_SIZE - 4)
+        for last in (bad_initiation, bad_response):
+            sender.sendmsg([b"".join([*transport, last])],
+                           [offload.gso_cmsg(INITIATION_SIZE)], 0, receiver.getsockname())
+            got, counts = gate.read(receiver.fileno(), buffer, gate.ROUNDS, 64, MAC1_KEY,
+                                    COOKIE_KEY, SECRET, False, 0, 0, b"")
+            assert [(item[0], item[3]) for item in got] == [(t, 0) for t in transport]
+            assert counts == (0, 1, 0, 0, 0, 0)
+    finally:
+        receiver.close()
+        sender.close()
