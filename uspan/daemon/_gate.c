@@ -4,15 +4,16 @@
  * sender here), Python drains and answers ~20,000 a second (a cookie reply costs ~27 us
  * in the core), so a newcomer's first initiation is answered with a chance of a few per
  * cent. Here recvmmsg drains the socket in rounds of up to 64 datagrams into buffers
- * the caller owns, and each lone handshake message gets its verdict at C speed:
+ * the caller owns, and each handshake message gets its verdict at C speed (a lone one,
+ * or each piece of a receive the kernel coalesced that holds one, see holds_handshake):
  * ``classify`` (mac1 with BLAKE2s, kept keyed; under load mac2 against the cookie
  * secret). Bad mac1: dropped and counted. Under load, initiations without a valid mac2
  * (unproven) are handed to Python while ``hand_up`` allows (the core judges them as
  * before), then answered here with a cookie reply (XChaCha20-Poly1305: HChaCha20 here,
  * then OpenSSL's ChaCha20-Poly1305) while ``cookies`` allows, sent with one sendmmsg;
  * the rest are dropped and counted. How many of each is the core's decision
- * (uspan.wg.admission), not this file's. Everything else (transport data, GRO runs,
- * responses, cookie replies, proven initiations) goes to Python unchanged.
+ * (uspan.wg.admission), not this file's. Everything else (transport data, coalesced runs
+ * of it, responses, cookie replies, proven initiations) goes to Python unchanged.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -462,8 +463,10 @@ PyDoc_STRVAR(read_doc,
 "--\n\n"
 "Drain the non-blocking UDP socket ``fd`` in up to ``rounds`` recvmmsg calls of up to 64\n"
 "datagrams into ``buffer`` (writable, 64 x 65535 bytes), each asking for no more than\n"
-"could still go up: at most ``limit`` receives are returned, as the Python read's\n"
-"``limit`` (the loop's pass stays bounded when nothing is judged here). Returns\n"
+"could still go up: at most ``limit`` receives go up, as the Python read's ``limit``\n"
+"(the loop's pass stays bounded when nothing is judged here); a coalesced receive\n"
+"that holds a handshake message is judged piece by piece, and each piece that passes\n"
+"is an entry of its own (gso_size 0), so a receive may give up to 64 entries. Returns\n"
 "(received, counts):\n"
 "received is a list of (data, address, pktinfo, gso_size) for Python, counts a tuple\n"
 "(truncated, bad_mac1, handed_up, cookies_sent, dropped, send_failed), where handed_up\n"

@@ -101,10 +101,10 @@ class UdpSocket:
         return out
 
     def _read_gated(self, plan: Plan, limit: int) -> list[tuple[bytes, Endpoint]]:
-        """A read through the compiled gate: what it hands up (at most ``limit``
-        receives, as the read in Python); what else it did is the core's to count, and
-        only built and told when there was any (a lone packet's read after an idle runs
-        on cold caches, where each object made shows in its latency)."""
+        """A read through the compiled gate: what it hands up (from at most ``limit``
+        receives, as the read in Python, coalesced ones split); what else it did is the
+        core's to count, and only built and told when there was any (a lone packet's read
+        after an idle runs on cold caches, where each object made shows in its latency)."""
         assert self._gate is not None
         received, counts = gate.read(
             self.sock.fileno(), self._gate_buffer, gate.ROUNDS, limit, plan.mac1_key,

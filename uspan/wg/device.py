@@ -116,7 +116,8 @@ class Device:
         self._lane, self._lane_version = b"", -1  # the admission's lane, for reads in C
         self._calm_plan: Plan | None = None  # gate_plan's answer while not under load
         self.counters: Counter[Drop] = Counter()
-        # Reads in C (``gate_done``): how many, and what they did beside what they returned.
+        # Reads in C: how many (counted in ``gate_plan``), and what they did beside what
+        # they returned (``gate_done``, told only of the reads that judged something).
         self.gate_totals = dict.fromkeys(("reads", "handed_up", "cookies", "dropped"), 0)
         self.under_load_rate = UNDER_LOAD_RATE  # handshake messages per second
         self._under_load_until = float("-inf")
