@@ -4,12 +4,15 @@ The input is a few datagrams (each may be made a handshake message of the right 
 and mac1, with a mac2 zero, random or proven) and a hostile plan: any ``lane`` bytes
 (odd lengths, bad length bytes), negative or huge budgets and limits. Each datagram is
 judged by ``classify`` and by the Python reference ``classify_py``; then all go through
-``read`` on a real loopback socket.
+``read`` on a real loopback socket, and again as one coalesced receive (a GSO send to a
+UDP GRO socket: pieces of the first's size, the last no longer).
 
 Properties: the two verdicts agree; ``read`` returns only whole datagrams sent, in
 order, never more than its ``limit``, and its counts add up (each datagram read is
 returned, dropped for mac1, answered or dropped); ``cookie_reply`` gives 64 bytes or a
-ValueError, nothing else.
+ValueError, nothing else. A coalesced receive goes up whole when none of its pieces is a
+handshake message; else it is judged piece by piece (bad mac1s counted, each piece that
+passes up alone, in order).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import socket
 import atheris
 
 with atheris.instrument_imports(include=["uspan"]):
-    from uspan.daemon import gate
+    from uspan.daemon import gate, offload
     from uspan.daemon.udp import _set_buffers
     from uspan.wg import crypto
     from uspan.wg.constants import INITIATION_SIZE, MAC_SIZE, RESPONSE_SIZE
@@ -39,6 +42,11 @@ _sender.bind(("127.0.0.1", 0))
 _sender.setblocking(False)
 SOURCE = socket.inet_aton("127.0.0.1") + _sender.getsockname()[1].to_bytes(2, "big")
 _buffer = bytearray(gate.BATCH * gate.BUFFER_SIZE)
+_coalescing = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+_set_buffers(_coalescing)
+_coalescing.bind(("127.0.0.1", 0))
+_coalescing.setblocking(False)
+_GRO = offload.enable_gro(_coalescing)
 
 
 def _datagram(fdp: atheris.FuzzedDataProvider) -> bytes:
@@ -99,11 +107,50 @@ def test_one(data: bytes) -> None:
     check([d for d in got if d in passing] == passing,
           "a datagram that passes was lost, altered or reordered")
     check(all(d in up for d in got), "a datagram returned that was not sent or failed mac1")
+    if _GRO and sent:
+        _check_coalesced(sent[:64], secret, under_load, hand_up, cookies, lane)
     while True:  # the cookie replies sent back
         try:
             _sender.recv(100)
         except BlockingIOError:
             break
+
+
+def _is_handshake(piece: bytes) -> bool:
+    return piece[1:4] == bytes(3) and (piece[:1], len(piece)) in (
+        (b"\x01", INITIATION_SIZE), (b"\x02", RESPONSE_SIZE))
+
+
+def _check_coalesced(datagrams: list[bytes], secret: bytes | None, under_load: bool,
+                     hand_up: int, cookies: int, lane: bytes) -> None:
+    """``datagrams`` cut to the first's size (the last no longer) and sent as one GSO
+    run; the read's verdict on the coalesced receive."""
+    size = len(datagrams[0])
+    pieces = [d[:size].ljust(size, b"\0") for d in datagrams[:-1]] + [datagrams[-1][:size]]
+    _sender.sendmsg([b"".join(pieces)], [offload.gso_cmsg(size)], 0,
+                    _coalescing.getsockname())
+    read, counts = gate.read(_coalescing.fileno(), _buffer, gate.ROUNDS, 64, MAC1_KEY,
+                             COOKIE_KEY, secret, under_load, hand_up, cookies, lane)
+    while True:
+        try:
+            _coalescing.recv(65535)
+        except BlockingIOError:
+            break
+    check(counts[0] == 0, "a coalesced receive cut short")
+    if not any(map(_is_handshake, pieces)):
+        check([item[0] for item in read] == [b"".join(pieces)],
+              "a coalesced receive without handshakes not up whole")
+        check(counts[1:5] == (0, 0, 0, 0), "a coalesced receive without handshakes judged")
+        return
+    verdicts = [classify_py(p, SOURCE, MAC1_KEY, secret, under_load) for p in pieces]
+    check(counts[1] == verdicts.count(BAD_MAC1), "bad mac1 miscounted in a coalesced receive")
+    check(all(item[3] == 0 for item in read), "a judged piece up with a gso_size")
+    passing = [p for p, v in zip(pieces, verdicts, strict=True) if v in (PASS, PROVEN)]
+    got = [item[0] for item in read]
+    check([d for d in got if d in passing] == passing,
+          "a piece that passes was lost, altered or reordered")
+    check(len(got) + sum(counts[1:5]) - counts[2] == len(pieces),
+          "the pieces of a coalesced receive do not add up")
 
 
 def _receiver_drained() -> bool:
