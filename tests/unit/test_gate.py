@@ -324,6 +324,7 @@ def test_a_coalesced_receive_of_handshakes_is_judged_piece_by_piece() -> None:
                                 COOKIE_KEY, SECRET, True, 0, 1000, b"")
         assert got == []
         assert counts == (0, 3, 0, 5, 0, 0)  # bad mac1 3, cookies 5
+        sender.settimeout(5)  # a lost reply fails here, not at pytest's timeout
         replies = [sender.recv(100) for _ in range(5)]
         assert all(len(reply) == 64 and reply[0] == 3 for reply in replies)
     finally:
