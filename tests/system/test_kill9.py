@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import random
 import signal
 import subprocess
@@ -52,6 +53,28 @@ def _traced_child(tracer: subprocess.Popen[bytes]) -> int:
     pid = poll(child, what="strace's child", timeout=10, interval=0.01)
     assert pid is not None
     return pid
+
+
+# fsync and fdatasync, as /proc/PID/task/TID/syscall numbers them.
+_FSYNC_CALLS = {"x86_64": ("74", "75"), "aarch64": ("82", "83")}.get(platform.machine(), ())
+
+
+def _in_fsync(pid: int) -> bool:
+    """Is a thread of ``pid`` inside fsync or fdatasync now (held at its entry by strace's
+    delay)? Seeing the temporary file is not enough: a node descheduled between creating
+    it and its fsync was killed before the fsync under CI load."""
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return False
+    for task in tasks:
+        try:
+            number = task.joinpath("syscall").read_text().split(maxsplit=1)[0]
+        except (OSError, IndexError):
+            continue
+        if number in _FSYNC_CALLS:
+            return True
+    return False
 
 
 def _killed_in_fsync(log: Path) -> bool:
@@ -183,10 +206,12 @@ def test_node_kill9_while_writing_its_identity(lab: Lab, tmp_path: Path) -> None
                 stdout=log.fileno(), stderr=subprocess.STDOUT)
         pid = _traced_child(tracer)
 
-        def writing(prefix: str = temp_prefix) -> bool:
-            return any(p.name.startswith(prefix) for p in node.state_dir.iterdir())
+        def writing(prefix: str = temp_prefix, pid: int = pid) -> bool:
+            return (any(p.name.startswith(prefix) for p in node.state_dir.iterdir())
+                    and _in_fsync(pid))
 
-        poll(writing, what=f"{temp_prefix}* (an identity write)", timeout=30, interval=0.01)
+        poll(writing, what=f"{temp_prefix}* in its fsync (an identity write)", timeout=30,
+             interval=0.01)
         os.kill(pid, signal.SIGKILL)
         tracer.wait(10)
         assert _killed_in_fsync(trace), "the kill missed the identity's fsync"
