@@ -108,6 +108,31 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     sender.close()
 
 
+@pytest.fixture
+def gro_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A receiver with UDP GRO and a sender: a GSO send (``_send_run``) over loopback
+    arrives as one coalesced receive, as a NIC's GRO makes of one source's datagrams."""
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.setblocking(False)
+    sender.bind(("127.0.0.1", 0))
+    sender.settimeout(5)  # a lost reply fails at once, not at pytest's timeout
+    try:
+        assert offload.enable_gro(receiver), "no UDP GRO here"
+        yield receiver, sender
+    finally:
+        receiver.close()
+        sender.close()
+
+
+def _send_run(pair: tuple[socket.socket, socket.socket], pieces: list[bytes],
+              size: int) -> None:
+    """``pieces`` in one UDP_SEGMENT send of ``size``-byte datagrams."""
+    receiver, sender = pair
+    sender.sendmsg([b"".join(pieces)], [offload.gso_cmsg(size)], 0, receiver.getsockname())
+
+
 def _read(receiver: socket.socket, *, under_load: bool = True, hand_up: int = 0,
           cookies: int = 0, lane: bytes = b"",
           ) -> tuple[list[bytes], tuple[int, int, int, int, int, int]]:
@@ -289,47 +314,33 @@ def test_each_datagram_comes_up_with_its_own_source() -> None:
 
 
 @compiled
-def test_a_coalesced_receive_of_handshakes_is_judged_piece_by_piece() -> None:
+def test_a_coalesced_receive_of_handshakes_is_judged_piece_by_piece(
+        gro_pair: tuple[socket.socket, socket.socket]) -> None:
     """A flood from one source through a NIC that coalesces (UDP GRO; here a GSO send
     over loopback, which arrives as one receive) is judged in C piece by piece, as lone
     datagrams: under load the bad mac1s are dropped and counted and the valid
     initiations answered with cookies, none handed up (it went up whole, up to 64
     initiations for the core to judge in Python); a run of transport data still goes up
     whole, as the kernel coalesced it."""
-    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        receiver.bind(("127.0.0.1", 0))
-        receiver.setblocking(False)
-        assert offload.enable_gro(receiver), "no UDP GRO here"
-        sender.bind(("127.0.0.1", 0))
-        buffer = bytearray(gate.BATCH * gate.BUFFER_SIZE)
+    receiver, sender = gro_pair
+    buffer = bytearray(gate.BATCH * gate.BUFFER_SIZE)
+    transport = [bytes([4, 0, 0, 0, n]) + bytes(59) for n in range(4)]
+    _send_run(gro_pair, transport, 64)
+    got, counts = gate.read(receiver.fileno(), buffer, gate.ROUNDS, 64, MAC1_KEY,
+                            COOKIE_KEY, SECRET, True, 0, 1000, b"")
+    assert [(item[0], item[3]) for item in got] == [(b"".join(transport), 64)]
+    assert counts == (0, 0, 0, 0, 0, 0)
 
-        def send_run(pieces: list[bytes]) -> None:
-            sender.sendmsg([b"".join(pieces)], [offload.gso_cmsg(len(pieces[0]))], 0,
-                           receiver.getsockname())
-
-        transport = [bytes([4, 0, 0, 0, n]) + bytes(59) for n in range(4)]
-        send_run(transport)
-        got, counts = gate.read(receiver.fileno(), buffer, gate.ROUNDS, 64, MAC1_KEY,
-                                COOKIE_KEY, SECRET, True, 0, 1000, b"")
-        assert [(item[0], item[3]) for item in got] == [(b"".join(transport), 64)]
-        assert counts == (0, 0, 0, 0, 0, 0)
-
-        initiations = [_initiation(CookieGenerator(PUBLIC), 1.0) for _ in range(8)]
-        for n in (1, 4, 6):  # a wrong mac1
-            initiations[n] = initiations[n][:-2 * MAC_SIZE] + bytes(2 * MAC_SIZE)
-        send_run(initiations)
-        got, counts = gate.read(receiver.fileno(), buffer, gate.ROUNDS, 64, MAC1_KEY,
-                                COOKIE_KEY, SECRET, True, 0, 1000, b"")
-        assert got == []
-        assert counts == (0, 3, 0, 5, 0, 0)  # bad mac1 3, cookies 5
-        sender.settimeout(5)  # a lost reply fails here, not at pytest's timeout
-        replies = [sender.recv(100) for _ in range(5)]
-        assert all(len(reply) == 64 and reply[0] == 3 for reply in replies)
-    finally:
-        receiver.close()
-        sender.close()
+    initiations = [_initiation(CookieGenerator(PUBLIC), 1.0) for _ in range(8)]
+    for n in (1, 4, 6):  # a wrong mac1
+        initiations[n] = initiations[n][:-2 * MAC_SIZE] + bytes(2 * MAC_SIZE)
+    _send_run(gro_pair, initiations, INITIATION_SIZE)
+    got, counts = gate.read(receiver.fileno(), buffer, gate.ROUNDS, 64, MAC1_KEY,
+                            COOKIE_KEY, SECRET, True, 0, 1000, b"")
+    assert got == []
+    assert counts == (0, 3, 0, 5, 0, 0)  # bad mac1 3, cookies 5
+    replies = [sender.recv(100) for _ in range(5)]
+    assert all(len(reply) == 64 and reply[0] == 3 for reply in replies)
 
 
 @compiled
@@ -407,31 +418,22 @@ def test_sources_that_differ_only_in_their_address_are_told_apart(family: str) -
 
 
 @compiled
-def test_a_handshake_anywhere_in_a_coalesced_receive_is_judged() -> None:
+def test_a_handshake_anywhere_in_a_coalesced_receive_is_judged(
+        gro_pair: tuple[socket.socket, socket.socket]) -> None:
     """The whole coalesced receive is looked through, its last piece at its own length
     (shorter than gso_size): a run of transport data whose third piece is an
     initiation, or whose short last piece is a response, each with a bad mac1, is
     judged piece by piece (the bad one dropped and counted, the transport pieces up
     alone); looking at the first piece only, or at gso_size bytes for the last, sent
     the run up whole."""
-    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        receiver.bind(("127.0.0.1", 0))
-        receiver.setblocking(False)
-        assert offload.enable_gro(receiver), "no UDP GRO here"
-        sender.bind(("127.0.0.1", 0))
-        buffer = bytearray(gate.BATCH * gate.BUFFER_SIZE)
-        transport = [bytes([4, 0, 0, 0, n]) + bytes(INITIATION_SIZE - 5) for n in range(2)]
-        bad_initiation = b"\x01\0\0\0" + os.urandom(INITIATION_SIZE - 4)
-        bad_response = b"\x02\0\0\0" + os.urandom(RESPONSE_SIZE - 4)
-        for last in (bad_initiation, bad_response):
-            sender.sendmsg([b"".join([*transport, last])],
-                           [offload.gso_cmsg(INITIATION_SIZE)], 0, receiver.getsockname())
-            got, counts = gate.read(receiver.fileno(), buffer, gate.ROUNDS, 64, MAC1_KEY,
-                                    COOKIE_KEY, SECRET, False, 0, 0, b"")
-            assert [(item[0], item[3]) for item in got] == [(t, 0) for t in transport]
-            assert counts == (0, 1, 0, 0, 0, 0)
-    finally:
-        receiver.close()
-        sender.close()
+    receiver, _ = gro_pair
+    buffer = bytearray(gate.BATCH * gate.BUFFER_SIZE)
+    transport = [bytes([4, 0, 0, 0, n]) + bytes(INITIATION_SIZE - 5) for n in range(2)]
+    bad_initiation = b"\x01\0\0\0" + os.urandom(INITIATION_SIZE - 4)
+    bad_response = b"\x02\0\0\0" + os.urandom(RESPONSE_SIZE - 4)
+    for last in (bad_initiation, bad_response):
+        _send_run(gro_pair, [*transport, last], INITIATION_SIZE)
+        got, counts = gate.read(receiver.fileno(), buffer, gate.ROUNDS, 64, MAC1_KEY,
+                                COOKIE_KEY, SECRET, False, 0, 0, b"")
+        assert [(item[0], item[3]) for item in got] == [(t, 0) for t in transport]
+        assert counts == (0, 1, 0, 0, 0, 0)
