@@ -316,8 +316,7 @@ def udp_gso_gro(v6: bool) -> dict:
     assert len(batch) == 1, f"{len(batch)} receives: not coalesced"
     [item] = batch
     assert item.gso_size == 1200
-    assert item.local == address
-    assert item.ifindex == socket.if_nametoindex("lo")
+    assert offload.arrival(item.address, item.pktinfo) == (address, socket.if_nametoindex("lo"))
     assert item.address[:2] == (address, tx.getsockname()[1])
 
     # More control messages than GRO_ANCBUFSIZE has room for: dropped and counted,

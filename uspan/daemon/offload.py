@@ -128,9 +128,7 @@ class GroDatagrams(NamedTuple):
 
     datagrams: list[bytes]
     address: tuple[str, int] | tuple[str, int, int, int]  # the sender, as recvmsg gives it
-    local: str | None  # the local address they were sent to (IP/IPV6_PKTINFO)
-    ifindex: int  # the interface they arrived on, 0 if unknown
-    pktinfo: bytes  # the raw pktinfo data, b"" if none (a cheap cache key)
+    pktinfo: bytes  # the raw IP/IPV6_PKTINFO data, b"" if none: ``arrival`` reads it
     gso_size: int  # 0 if the kernel did not coalesce
 
 
@@ -170,15 +168,8 @@ def recv_batch_gro(sock: socket.socket, buf: bytearray | memoryview,
                   or (level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO
                       and len(data) >= 20)):
                 info = data
-        out.append(group(view[:size], address, info, gso_size))
+        out.append(GroDatagrams(split_gro(view[:size], gso_size), address, info, gso_size))
     return GroBatch(out, truncated)
-
-
-def group(data: bytes | memoryview, address: tuple[str, int] | tuple[str, int, int, int],
-          info: bytes, gso_size: int) -> GroDatagrams:
-    """One receive's datagrams (``data`` split by ``gso_size``) and where they arrived."""
-    local, ifindex = arrival(address, info)
-    return GroDatagrams(split_gro(data, gso_size), address, local, ifindex, info, gso_size)
 
 
 def arrival(address: tuple[str, int] | tuple[str, int, int, int],
