@@ -324,7 +324,7 @@ def lines_of_peer(text: str, key: bytes) -> list[str]:
 
 def test_a_get_shows_what_changed_since_the_get_before() -> None:
     """A peer's lines that only a set or a roam changes are kept from the get before
-    (``Peer.get_lines``): each way they can change shows in the next get, and so do
+    (``Peer.get_head``): each way they can change shows in the next get, and so do
     counters and handshakes. Kept too long, the text would show the state before."""
     wires = Net()
     a = wires.add("a", "192.0.2.1", 51820, seed=1)

@@ -310,7 +310,7 @@ class Device:
             peer.initiate_now(now, out)
         # Last, so nothing the steps changed is missing: rendered here, the text costs a
         # set ~5 us a peer, and the get that follows a set of 20,000 peers ~100 ms less.
-        peer.get_lines = self._get_lines(peer)
+        self._render_get_lines(peer)
         yield
 
     def _remove_peer_steps(self, peer: Peer) -> Iterator[None]:
@@ -355,7 +355,7 @@ class Device:
         (keeping configurations out until it is done, as for ``apply_steps``).
 
         A peer's lines that only a set or a roam changes are rendered by the set and kept
-        (``Peer.get_lines``: again after a roam, or once its allowed IPs' stamp changed,
+        (``Peer.get_head``: again after a roam, or once its allowed IPs' stamp changed,
         as when another peer took one over), and its counters rendered at each get:
         20,000 peers rendered whole took ~150 ms of CPU a get, most of it the same text
         again. A peer of many allowed IPs gives them as a snapshot rendered as it is
@@ -367,27 +367,29 @@ class Device:
         every = list(self.peers.values())
         for start in range(0, len(every), INFO_STEP):
             for peer in every[start:start + INFO_STEP]:
-                lines = peer.get_lines
-                if lines is None or lines[0] != stamp(peer):
-                    lines = peer.get_lines = self._get_lines(peer)
-                _, head, tail, many = lines
+                head = peer.get_head
+                if head is None or peer.get_stamp != stamp(peer):
+                    head = self._render_get_lines(peer)
                 last = peer.last_handshake
                 text += (head, counter_lines(None if last is None else last + wall_offset,
-                                             peer.tx_bytes, peer.rx_bytes), tail)
-                if many:
+                                             peer.tx_bytes, peer.rx_bytes), peer.get_tail)
+                if peer.get_many:
                     parts += (b"".join(text), allowed.text_snapshot(peer))
                     text.clear()
             parts.append(b"".join(text))  # a step's text as one part: few to free
             text.clear()
             yield
 
-    def _get_lines(self, peer: Peer) -> tuple[int, bytes, bytes, bool]:
-        """What ``get_steps`` keeps of a peer: its allowed IPs' stamp, its lines before
-        and after its counters, and whether its allowed IPs are too many to be in them."""
-        few = self.allowed_ips.few_texts(peer)
-        head, tail = uapi.peer_lines(peer.public_key, peer.preshared_key, peer.endpoint,
-                                     peer.persistent_keepalive, few or ())
-        return self.allowed_ips.stamp(peer), head, tail, few is None
+    def _render_get_lines(self, peer: Peer) -> bytes:
+        """Render and keep what ``get_steps`` keeps of a peer (``Peer.get_head`` and the
+        rest); return its head."""
+        allowed = self.allowed_ips
+        few = allowed.few_texts(peer)
+        peer.get_head, peer.get_tail = uapi.peer_lines(
+            peer.public_key, peer.preshared_key, peer.endpoint, peer.persistent_keepalive,
+            few or ())
+        peer.get_stamp, peer.get_many = allowed.stamp(peer), few is None
+        return peer.get_head
 
     def peer_facts(self) -> dict[bytes, PeerFacts]:
         """Each peer's handshake, attempt, byte and endpoint facts (O(peers))."""

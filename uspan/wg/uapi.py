@@ -217,31 +217,32 @@ def get_pieces(parts: GetParts) -> Iterator[bytes]:
     piece of its own, sent as it is."""
     out: list[bytes] = []
     size = 0
-    for part in parts:
-        if isinstance(part, bytes):
-            out.append(part)
-            size += len(part)
-            if size >= GET_PIECE_BYTES:
+    for kept, text in _texts(parts):
+        if kept:  # a whole segment's lines already (one of exactly that many is copied)
+            if out:
                 yield b"".join(out)
                 out.clear()
                 size = 0
+            yield text
             continue
-        for count, piece in part.lines(GET_PIECE_LINES):
-            if count > GET_PIECE_LINES:  # kept (one of exactly that many is copied)
-                if out:
-                    yield b"".join(out)
-                    out.clear()
-                yield piece
-                size = 0
-                continue
-            out.append(piece)
-            size += len(piece)
-            if size >= GET_PIECE_BYTES:
-                yield b"".join(out)
-                out.clear()
-                size = 0
+        out.append(text)
+        size += len(text)
+        if size >= GET_PIECE_BYTES:
+            yield b"".join(out)
+            out.clear()
+            size = 0
     out.append(b"errno=0\n\n")
     yield b"".join(out)
+
+
+def _texts(parts: GetParts) -> Iterator[tuple[bool, bytes]]:
+    """Each part's text: (whether it is lines kept whole, the bytes)."""
+    for part in parts:
+        if isinstance(part, bytes):
+            yield False, part
+            continue
+        for count, lines in part.lines(GET_PIECE_LINES):
+            yield count > GET_PIECE_LINES, lines
 
 
 def device_lines(private_key: bytes | None, listen_port: int, fwmark: int) -> bytes:
