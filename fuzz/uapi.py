@@ -40,7 +40,7 @@ class _Target:
         self.device.apply(DeviceChange(private_key=KEY, listen_port=51820), 0.0)
 
     def get(self) -> str:
-        return format_get(self.device.info())
+        return format_get(self.device)
 
     def set(self, change: DeviceChange) -> None:
         self.device.apply(change, 0.0)

@@ -832,3 +832,25 @@ def test_a_big_shard_is_split_a_step_an_insert_and_routes_all_along(
     assert len({id(shard) for shard in table.shards}) == 2  # and it is done
     assert all(t.lookup(host.to_bytes(4, "big")) is expected(index)
                for index, host in enumerate(hosts))
+
+
+def test_a_stamp_changes_with_every_change_of_a_values_prefixes() -> None:
+    """What a get keeps of a peer's text is kept by this stamp: the same stamp must mean
+    the same prefixes, even after a value lost them all and got others."""
+    t: AllowedIPs[str] = AllowedIPs()
+    assert t.stamp("a") == 0
+    seen = []
+    t.insert([net("10.0.0.0/8")], "a")
+    seen.append(t.stamp("a"))
+    assert t.stamp("a") == t.stamp("a")  # reading changes nothing
+    t.insert([net("10.1.0.0/16")], "a")
+    seen.append(t.stamp("a"))
+    t.insert([net("10.1.0.0/16")], "b")  # taken over by another value
+    seen.append(t.stamp("a"))
+    t.remove([net("10.0.0.0/8")], "a")
+    assert t.stamp("a") == 0
+    t.insert([net("10.0.0.0/8")], "a")  # its first prefixes again, a new owner
+    seen.append(t.stamp("a"))
+    t.remove_value("a")
+    assert t.stamp("a") == 0 and t.stamp("b") not in (0, *seen)
+    assert len(set(seen)) == len(seen) and 0 not in seen

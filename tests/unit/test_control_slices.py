@@ -43,7 +43,7 @@ from uspan.wg.endpoint import Endpoint
 from uspan.wg.handshake import TransportKeys
 from uspan.wg.keypair import Keypair
 from uspan.wg.peer import Peer
-from uspan.wg.uapi import get_pieces, parse_set
+from uspan.wg.uapi import GetParts, get_pieces, parse_set
 
 PEER = bytes(range(100, 132))
 
@@ -315,9 +315,9 @@ def test_a_get_renders_a_few_hundred_lines_a_step() -> None:
     device.apply(DeviceChange(peers=[PeerChange(key, allowed_ips=[
         prefix.parse(f"10.{i}.{j}.0/24") for j in range(16)]) for i, key in enumerate(keys)]
         + [PeerChange(PEER, allowed_ips=list(range(32 << 33, (32 << 33) + 10_000)))]), 0.0)
-    info = device.info_header()
-    assert len(list(device.info_steps(info.peers))) >= 65 * 16 // 256
-    pieces = list(get_pieces(info))
+    parts: GetParts = []
+    assert len(list(device.get_steps(parts))) >= 65 * 16 // 256
+    pieces = list(get_pieces(parts))
     assert sum(piece.count(b"allowed_ip=") for piece in pieces) == 64 * 16 + 10_000
     assert max(piece.count(b"\n") for piece in pieces) <= 2 * 256 + 8  # a peer's head
 

@@ -18,15 +18,23 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.unit.wgnet import Net, ipv4_packet
 from uspan import unixsocket
 from uspan.daemon import slices, uapi_server
 from uspan.daemon.uapi_server import handle
 from uspan.wg import prefix
-from uspan.wg.config import ConfigError, DeviceChange, DeviceInfo, PeerInfo
-from uspan.wg.crypto import public_key
+from uspan.wg.config import ConfigError, DeviceChange, PeerChange
+from uspan.wg.crypto import clamp
 from uspan.wg.device import Device
 from uspan.wg.endpoint import Endpoint
-from uspan.wg.uapi import SetParser, format_errno, format_get, get_pieces, parse_set
+from uspan.wg.uapi import (
+    GetParts,
+    SetParser,
+    format_errno,
+    format_get,
+    get_pieces,
+    parse_set,
+)
 
 PRIVATE = bytes(range(1, 33))
 PEER = bytes(range(100, 132))
@@ -258,40 +266,32 @@ def test_a_bad_line_in_a_batch_is_refused_as_alone(bad: str) -> None:
 # format_get --------------------------------------------------------------------------------
 
 
-def sample_info() -> DeviceInfo:
-    return DeviceInfo(
-        private_key=PRIVATE,
-        public_key=public_key(PRIVATE),
-        listen_port=51820,
-        fwmark=0,
-        peers=[
-            PeerInfo(
-                public_key=PEER,
-                preshared_key=PSK,
-                endpoint=Endpoint("192.0.2.7", 4500, local="192.0.2.1", ifindex=3),
-                last_handshake_wall=1_700_000_000.25,
-                rx_bytes=1234,
-                tx_bytes=5678,
-                persistent_keepalive=25,
-                allowed_ips=["10.0.0.0/24", "fd00:1::/64"],
-            ),
-            PeerInfo(
-                public_key=PEER2,
-                preshared_key=bytes(32),
-                endpoint=None,
-                last_handshake_wall=None,
-                rx_bytes=0,
-                tx_bytes=0,
-                persistent_keepalive=0,
-                allowed_ips=[],
-            ),
-        ],
-    )
+def sample_device() -> Device:
+    """A device with a peer of every field set (handshake, counters) and a bare one."""
+    device = Device(rng=bytes)
+    device.apply(DeviceChange(private_key=PRIVATE, listen_port=51820, peers=[
+        PeerChange(PEER, preshared_key=PSK,
+                   endpoint=Endpoint("192.0.2.7", 4500, local="192.0.2.1", ifindex=3),
+                   persistent_keepalive=25,
+                   allowed_ips=[net("10.0.0.0/24"), net("fd00:1::/64")]),
+        PeerChange(PEER2)]), 100.0)
+    peer = device.peers[PEER]
+    device.wall_offset = 1_700_000_000 - 100
+    peer.last_handshake, peer.rx_bytes, peer.tx_bytes = 100.25, 1234, 5678
+    return device
+
+
+def pieces_of(device: Device) -> list[bytes]:
+    """The reply to ``get=1`` in the pieces the daemon sends."""
+    parts: GetParts = []
+    for _ in device.get_steps(parts):
+        pass
+    return list(get_pieces(parts))
 
 
 def test_format_get_matches_wireguard_go_order() -> None:
-    assert format_get(sample_info()) == (
-        f"private_key={PRIVATE.hex()}\n"
+    assert format_get(sample_device()) == (
+        f"private_key={clamp(PRIVATE).hex()}\n"
         "listen_port=51820\n"
         f"public_key={PEER.hex()}\n"
         f"preshared_key={PSK.hex()}\n"
@@ -316,11 +316,67 @@ def test_format_get_matches_wireguard_go_order() -> None:
     )
 
 
+def lines_of_peer(text: str, key: bytes) -> list[str]:
+    """The lines of one peer in a ``get=1`` reply."""
+    block = text.split(f"public_key={key.hex()}\n", 1)[1].split("public_key=", 1)[0]
+    return block.removesuffix("errno=0\n\n").splitlines()
+
+
+def test_a_get_shows_what_changed_since_the_get_before() -> None:
+    """A peer's lines that only a set or a roam changes are kept from the get before
+    (``Peer.get_head``): each way they can change shows in the next get, and so do
+    counters and handshakes. Kept too long, the text would show the state before."""
+    wires = Net()
+    a = wires.add("a", "192.0.2.1", 51820, seed=1)
+    b = wires.add("b", "192.0.2.2", 51821, seed=2)
+    wires.connect(a, b, ["10.0.0.1/32"], ["10.0.0.2/32"])
+    other = bytes([9]) * 32
+    b.device.apply(DeviceChange(peers=[PeerChange(other)]), wires.now)
+    before = lines_of_peer(format_get(b.device), a.public)
+    assert before == [
+        f"preshared_key={'0' * 64}", "protocol_version=1", "endpoint=192.0.2.1:51820",
+        "last_handshake_time_sec=0", "last_handshake_time_nsec=0", "tx_bytes=0",
+        "rx_bytes=0", "persistent_keepalive_interval=0", "allowed_ip=10.0.0.1/32"]
+
+    wires.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])  # a handshake, then data
+    wires.run()
+    peer = wires.peer(b, a)
+    shown = lines_of_peer(format_get(b.device), a.public)
+    assert shown[3:7] == [f"last_handshake_time_sec={int(wires.now)}",
+                          "last_handshake_time_nsec=0", f"tx_bytes={peer.tx_bytes}",
+                          f"rx_bytes={peer.rx_bytes}"]
+    assert peer.tx_bytes and peer.rx_bytes
+
+    wires.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    datagram = wires.wire.pop()[0]
+    b.device.receive([(datagram, Endpoint("198.51.100.7", 40000))], wires.now)  # roams
+    assert lines_of_peer(format_get(b.device), a.public)[2] == "endpoint=198.51.100.7:40000"
+
+    b.device.apply(parse_set([f"public_key={a.public.hex()}", f"preshared_key={PSK.hex()}",
+                              "endpoint=192.0.2.9:7", "persistent_keepalive_interval=25"]),
+                   wires.now)
+    shown = lines_of_peer(format_get(b.device), a.public)
+    assert shown[:3] == [f"preshared_key={PSK.hex()}", "protocol_version=1",
+                         "endpoint=192.0.2.9:7"]
+    assert shown[7:] == ["persistent_keepalive_interval=25", "allowed_ip=10.0.0.1/32"]
+    b.device.apply(parse_set([f"public_key={a.public.hex()}", "allowed_ip=10.9.0.0/16"]),
+                   wires.now)
+    assert lines_of_peer(format_get(b.device), a.public)[8:] == [
+        "allowed_ip=10.0.0.1/32", "allowed_ip=10.9.0.0/16"]
+
+    # Another peer takes one of its prefixes over: a set that names only the other.
+    b.device.apply(parse_set([f"public_key={other.hex()}", "allowed_ip=10.9.0.0/16"]),
+                   wires.now)
+    text = format_get(b.device)
+    assert lines_of_peer(text, a.public)[8:] == ["allowed_ip=10.0.0.1/32"]
+    assert lines_of_peer(text, other)[7:] == ["allowed_ip=10.9.0.0/16"]  # no endpoint
+
+
 def test_format_get_empty_device_and_fwmark() -> None:
-    info = DeviceInfo(private_key=None, public_key=None, listen_port=0, fwmark=0, peers=[])
-    assert format_get(info) == "errno=0\n\n"
-    info.fwmark, info.listen_port = 7, 1
-    assert format_get(info) == "listen_port=1\nfwmark=7\nerrno=0\n\n"
+    device = Device(rng=bytes)
+    assert format_get(device) == "errno=0\n\n"
+    device.apply(DeviceChange(fwmark=7, listen_port=1), 0.0)
+    assert format_get(device) == "listen_port=1\nfwmark=7\nerrno=0\n\n"
 
 
 def test_format_errno() -> None:
@@ -334,8 +390,8 @@ SETTABLE = {"private_key", "listen_port", "fwmark", "public_key", "preshared_key
 
 
 def test_get_output_round_trips_through_parse_set() -> None:
-    info = sample_info()
-    text = format_get(info)
+    device = sample_device()
+    info, text = device.info(), format_get(device)
     body = [line for line in lines(text) if line.partition("=")[0] in SETTABLE]
     change = parse_set(body)
     assert change.private_key == info.private_key
@@ -359,10 +415,10 @@ class DeviceTarget:
         self.device = Device(rng=lambda n: bytes(n))
 
     def get(self) -> str:
-        return format_get(self.device.info())
+        return format_get(self.device)
 
     async def get_pieces(self) -> Iterator[bytes]:
-        return get_pieces(self.device.info())
+        return iter(pieces_of(self.device))
 
     async def configure(self, change: DeviceChange) -> None:
         self.device.apply(change, 0.0)
@@ -432,9 +488,9 @@ def test_a_get_goes_out_in_few_bounded_writes() -> None:
                        for i in range(count))
         trio.run(converse, target, f"set=1\npublic_key={PEER.hex()}\n"
                                    f"replace_allowed_ips=true\n{body}\n".encode())
-        assert len(list(get_pieces(target.device.info()))) > 1
+        assert len(list(pieces_of(target.device))) > 1
         writes = get_writes(target)
-        pieces = [len(piece) for piece in get_pieces(target.device.info())]
+        pieces = [len(piece) for piece in pieces_of(target.device)]
         if count == 4000:
             assert len(writes) == 1
         else:
@@ -450,7 +506,7 @@ def test_a_peers_allowed_ips_are_rendered_once_per_change_of_them() -> None:
     trio.run(converse, target, f"set=1\npublic_key={PEER.hex()}\n{body}\n".encode())
 
     def big_pieces() -> list[bytes]:
-        return [piece for piece in get_pieces(target.device.info()) if len(piece) > 80_000]
+        return [piece for piece in pieces_of(target.device) if len(piece) > 80_000]
 
     assert big_pieces() == []  # the first get renders them, GET_PIECE_LINES a piece
     (kept,) = big_pieces()
@@ -545,7 +601,7 @@ def test_server_handles_several_requests_per_connection() -> None:
     reply = trio.run(converse, target, request).decode()
     first, rest = reply.split("\n\n", 1)
     assert first == "errno=0"
-    assert rest == format_get(target.device.info())
+    assert rest == format_get(target.device)
     assert f"public_key={PEER.hex()}\n" in rest and "allowed_ip=10.0.0.0/8\n" in rest
 
 

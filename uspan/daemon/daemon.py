@@ -50,7 +50,7 @@ from uspan.wg.device import INFO_STEP, Device
 from uspan.wg.drops import Drop
 from uspan.wg.endpoint import Endpoint
 from uspan.wg.facts import PeerFacts
-from uspan.wg.uapi import get_pieces
+from uspan.wg.uapi import GetParts, get_pieces
 
 log = logging.getLogger("uspan.daemon")
 WATCH_INTERVAL = 1.0  # seconds between checks of the UAPI socket file and the MTU
@@ -434,28 +434,28 @@ class Daemon:
     async def get_pieces(self) -> Iterator[bytes]:
         """The ``get=1`` reply in pieces, of a snapshot taken between configurations.
 
-        The snapshot is taken and formatted in slices with the cycle collector paused:
-        20,000 peers are 40,000 objects that live across the slices, enough to start a
-        full collection over every peer's objects (0.1-0.3 s) after every other ``get``.
-        The text is made before the collector is back and the snapshot is freed by
-        reference counting, so a client that stops reading cannot keep it paused; freed
-        in slices too (a peer's allowed IPs release their segments as they go: 20,000
-        of them at once held the loop 30-50 ms). The text kept of big peers' segments is
+        The snapshot is taken in slices, as text (``Device.get_steps``: what only a set
+        or a roam changes was rendered by them, only the counters are rendered here),
+        with the cycle collector paused: a big peer's allowed IPs come as a snapshot of
+        their segments, and re-rendered peers as new tuples, which would otherwise count
+        towards collections in the middle. The pieces are made before the collector is
+        back and the snapshot is freed by reference counting, so a client that stops
+        reading cannot keep it paused; freed in slices too (a big peer's allowed IPs
+        release their segments as they go). The text kept of big peers' segments is
         bytes, which the collector never tracks (kept as a million strings, the first
         young collection after the get walked them all: 20-30 ms)."""
         async with self.config_lock:
             pieces: list[bytes] = []
             with collector_paused():
-                info, slices = self.device.info_header(), Slices()
-                for _ in self.device.info_steps(info.peers):
+                parts: GetParts = []
+                slices = Slices()
+                for _ in self.device.get_steps(parts):
                     await slices.pause()
-                for piece in get_pieces(info):
+                for piece in get_pieces(parts):
                     pieces.append(piece)
                     await slices.pause()
-                snapshot = info.peers
-                del info
-                while snapshot:  # each peer's allowed IPs release their hold as they go
-                    del snapshot[-INFO_STEP:]
+                while parts:  # a big peer's allowed IPs release their hold as they go
+                    del parts[-INFO_STEP:]
                     await slices.pause()
             return iter(pieces)
 

@@ -42,7 +42,7 @@ KEEP_TEXT_AT = 256
 LINE_HEAD = "allowed_ip="  # what starts each of ``get=1``'s lines of a prefix
 _NEXT_LINE = "\n" + LINE_HEAD
 # A peer with at most this many prefixes is rendered into a get's snapshot at once: one
-# step of info_steps (device.INFO_STEP peers) then renders at most a get piece's worth.
+# step of get_steps (device.INFO_STEP peers) then renders at most a get piece's worth.
 RENDER_AT_ONCE = 16
 
 
@@ -181,6 +181,9 @@ class _Split(Generic[T]):
 _Segment = dict[Prefix, None]
 
 
+_stamps = itertools.count(1)  # of owners' changes, never the same twice (0: no prefixes)
+
+
 class _Owner(Generic[T]):
     """A value and its prefixes in insertion order. Most peers have a few prefixes: they
     are one dict, and the owner the only object the garbage collector walks (as before
@@ -196,12 +199,14 @@ class _Owner(Generic[T]):
     yet still copies each). A segment's ``get=1`` lines, once read whole, are kept (as
     bytes: ~24 a prefix, a third of a list of texts) until it changes: ``wg show`` in a
     loop renders nothing, and a change drops the lines of the segments it touched only.
-    ``held`` and ``texts`` exist only while they hold something."""
+    ``held`` and ``texts`` exist only while they hold something. ``stamp`` is new at
+    every change (``AllowedIPs.stamp``)."""
 
-    __slots__ = ("_segments", "held", "size", "texts", "value")
+    __slots__ = ("_segments", "held", "size", "stamp", "texts", "value")
 
     def __init__(self, value: T) -> None:
         self.value = value
+        self.stamp = next(_stamps)
         self._segments: _Segment | list[_Segment] = []  # one segment: the dict itself
         self.size = 0
         self.held: dict[int, int] | None = None  # by id of a segment: snapshots holding it
@@ -279,6 +284,7 @@ class _Owner(Generic[T]):
 
     def append(self, fresh: Sequence[Prefix]) -> None:
         """Add prefixes it does not hold at the end (one given twice, once)."""
+        self.stamp = next(_stamps)
         segments = self.segments
         if not segments or len(segments[-1]) + len(fresh) > SHARD_AT:
             fresh = list(dict.fromkeys(fresh))  # a repeat must not land in two segments
@@ -296,6 +302,7 @@ class _Owner(Generic[T]):
 
     def delete(self, prefixes: Iterable[Prefix]) -> None:
         """Remove prefixes it holds, each once."""
+        self.stamp = next(_stamps)
         left = set(prefixes)
         self.size -= len(left)
         segments = self.segments
@@ -311,6 +318,7 @@ class _Owner(Generic[T]):
 
     def oldest(self, limit: int | None) -> list[Prefix]:
         """The first ``limit`` prefixes (None: all), removed."""
+        self.stamp = next(_stamps)
         taken: list[Prefix] = []
         while self.size > len(taken) and (limit is None or len(taken) < limit):
             segment = self.segments[0]
@@ -475,17 +483,31 @@ class AllowedIPs(Generic[T]):
 
     def texts(self, value: T) -> Sequence[str]:
         """A snapshot of ``prefixes(value)`` as text (``10.0.0.0/8``, as ``get=1``
-        reports them): one segment of at most RENDER_AT_ONCE rendered at once (most
-        peers have one prefix or a few: a snapshot object, its holds and its release
-        were 60 % of a ``get`` of 20,000 peers), more only as they are read (each
-        segment's kept once read)."""
+        reports them): ``few_texts`` if there are few, else rendered only as they are
+        read (each segment's kept once read)."""
+        few = self.few_texts(value)
+        return self.text_snapshot(value) if few is None else few
+
+    def text_snapshot(self, value: T) -> PrefixTexts:
+        """``texts`` of a value that has prefixes, rendered only as they are read."""
+        return PrefixTexts(self._owned[id(value)])
+
+    def few_texts(self, value: T) -> list[str] | None:
+        """``prefixes(value)`` as text, if they are one segment of at most RENDER_AT_ONCE
+        (rendered at once; most peers have one prefix or a few); None if more."""
         owner = self._owned.get(id(value))
         if owner is None:
             return []
         segments = owner._segments
         if isinstance(segments, dict) and len(segments) <= RENDER_AT_ONCE:
             return prefix_texts(list(segments))
-        return PrefixTexts(owner)
+        return None
+
+    def stamp(self, value: T) -> int:
+        """A number that changes whenever ``value``'s prefixes do, and is never the same
+        for two different sets of them (0: it has none): what a text of them is kept by."""
+        owner = self._owned.get(id(value))
+        return 0 if owner is None else owner.stamp
 
     def _disown(self, owner: _Owner[T], prefixes: list[Prefix]) -> None:
         owner.delete(prefixes)

@@ -46,8 +46,9 @@ class Peer:
 
     __slots__ = (
         "__weakref__", "_attempts_address", "_attempts_on_address", "_static_static",
-        "attempts", "cookies", "current", "device", "endpoint", "gave_up_at", "handshake",
-        "handshake_attempts", "handshake_index", "handshakes", "last_attempt",
+        "attempts", "cookies", "current", "device", "endpoint", "gave_up_at", "get_head",
+        "get_many", "get_stamp", "get_tail", "handshake", "handshake_attempts",
+        "handshake_index", "handshakes", "last_attempt",
         "last_handshake", "last_initiation_consumed", "last_received", "last_sent_handshake",
         "latest_timestamp", "next", "preshared_key", "previous", "public_key", "roamed",
         "rx_bytes", "sent_last_minute_handshake", "staged", "timer_at", "timer_seq",
@@ -60,6 +61,14 @@ class Peer:
         self.preshared_key = ZERO_KEY
         self.endpoint: Endpoint | None = None
         self.roamed = 0  # device.peer_events at the latest roam to a new address (facts)
+        # Its get=1 text that only a set or a roam changes (Device.get_steps): the lines
+        # before its counters (None: to render again) and after them, the stamp of the
+        # allowed IPs in those, or whether they are too many to be. Slots, not a tuple:
+        # nothing more for the cycle collector to walk.
+        self.get_head: bytes | None = None
+        self.get_tail = b""
+        self.get_stamp = 0
+        self.get_many = False
         self.cookies = CookieGenerator(public_key, rng=device.rng)
         self.timers = PeerTimers(device.jitter, device.timer_armed, public_key)
         self.timer_seq = -1  # the device's timer queue entry for this peer (-1: none)
@@ -245,6 +254,7 @@ class Peer:
         old = self.endpoint
         self.endpoint = source
         if old is None or old.address != source.address:
+            self.get_head = None
             self.device.peer_events += 1
             self.roamed = self.device.peer_events
 

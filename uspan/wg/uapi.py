@@ -1,21 +1,26 @@
 """The cross-platform userspace API text protocol (what ``wg`` speaks), sans-IO.
 
 ``SetParser`` (or ``parse_set`` for a whole body) turns the lines of a ``set=1`` request
-into one ``DeviceChange`` (so the device can apply it atomically); ``format_get`` (or
-``get_pieces``) renders a ``DeviceInfo`` as the reply to ``get=1`` in wireguard-go's key
-order. See https://www.wireguard.com/xplatform/.
+into one ``DeviceChange`` (so the device can apply it atomically). The reply to ``get=1``
+is rendered here in wireguard-go's key order (``device_lines``, ``peer_lines``,
+``counter_lines``) as ``Device.get_steps`` takes its snapshot, and sent in pieces
+(``get_pieces``; ``format_get`` for the whole). See https://www.wireguard.com/xplatform/.
 """
 
 from __future__ import annotations
 
 import errno
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from uspan.wg import prefix
 from uspan.wg.allowedips import PrefixTexts, render_lines
-from uspan.wg.config import ConfigError, DeviceChange, DeviceInfo, PeerChange, Prefix
+from uspan.wg.config import ConfigError, DeviceChange, PeerChange, Prefix
 from uspan.wg.constants import KEY_SIZE, ZERO_KEY
 from uspan.wg.endpoint import Endpoint, EndpointError
+
+if TYPE_CHECKING:
+    from uspan.wg.device import Device
 
 _DEVICE_KEYS = frozenset({"private_key", "listen_port", "fwmark", "replace_peers"})
 _ALLOWED, _REMOVED = b"allowed_ip=", b"allowed_ip=-"
@@ -189,79 +194,97 @@ def _parse_true(key: str, value: str) -> bool:
     return True
 
 
-def format_get(info: DeviceInfo) -> str:
+def format_get(device: Device) -> str:
     """The full reply to ``get=1``, ending with ``errno=0`` and the blank line."""
-    return b"".join(get_pieces(info)).decode()
+    parts: GetParts = []
+    for _ in device.get_steps(parts):
+        pass
+    return b"".join(get_pieces(parts)).decode()
 
 
 GET_PIECE_LINES = 256  # allowed_ip lines per piece of get_pieces (~0.25 ms to render)
+GET_PIECE_BYTES = 4096  # rendered text a piece at least (a dozen peers of one prefix)
+# A get's snapshot (``Device.get_steps``): text rendered already, and the allowed IPs of
+# peers with too many of them to render at once (``allowedips.PrefixTexts``).
+GetParts = list[bytes | PrefixTexts]
 
 
-def get_pieces(info: DeviceInfo) -> Iterator[bytes]:
-    """The reply to ``get=1`` in pieces of about GET_PIECE_LINES lines rendered at once,
-    so a shell can send a huge reply (a peer with a million allowed IPs) between other
-    work. A peer's allowed IPs read from a snapshot come as their kept lines, rendered
-    once per change of them (``allowedips.PrefixTexts``): a segment of them already
-    rendered is a piece of its own, sent as it is."""
+def get_pieces(parts: GetParts) -> Iterator[bytes]:
+    """The reply to ``get=1`` in pieces of about GET_PIECE_BYTES, so a shell can send a
+    huge reply (a peer with a million allowed IPs) between other work. A big peer's
+    allowed IPs are rendered GET_PIECE_LINES at a time as the pieces are made, or come
+    as the lines their owner kept (``allowedips.PrefixTexts``): a kept segment is a
+    piece of its own, sent as it is."""
     out: list[bytes] = []
-    head = []
-    if info.private_key is not None and info.private_key != ZERO_KEY:
-        head.append(f"private_key={info.private_key.hex()}\n")
-    if info.listen_port:
-        head.append(f"listen_port={info.listen_port}\n")
-    if info.fwmark:
-        head.append(f"fwmark={info.fwmark}\n")
-    out.append("".join(head).encode())
-    lines = 0
-    for peer in info.peers:
-        seconds, nanoseconds = _split_time(peer.last_handshake_wall)
-        endpoint = "" if peer.endpoint is None else f"endpoint={peer.endpoint}\n"
-        out.append((
-            f"public_key={peer.public_key.hex()}\n"
-            f"preshared_key={peer.preshared_key.hex()}\n"
-            f"protocol_version=1\n{endpoint}"
-            f"last_handshake_time_sec={seconds}\n"
-            f"last_handshake_time_nsec={nanoseconds}\n"
-            f"tx_bytes={peer.tx_bytes}\n"
-            f"rx_bytes={peer.rx_bytes}\n"
-            f"persistent_keepalive_interval={peer.persistent_keepalive}\n").encode())
-        lines += 8
-        for count, piece in _allowed_lines(peer.allowed_ips):
-            if count > GET_PIECE_LINES:  # kept (one of exactly that many is copied)
-                if out:
-                    yield b"".join(out)
-                    out.clear()
-                yield piece
-                lines = 0
-                continue
-            out.append(piece)
-            lines += count
-            if lines >= GET_PIECE_LINES:
+    size = 0
+    for kept, text in _texts(parts):
+        if kept:  # a whole segment's lines already (one of exactly that many is copied)
+            if out:
                 yield b"".join(out)
                 out.clear()
-                lines = 0
+                size = 0
+            yield text
+            continue
+        out.append(text)
+        size += len(text)
+        if size >= GET_PIECE_BYTES:
+            yield b"".join(out)
+            out.clear()
+            size = 0
     out.append(b"errno=0\n\n")
     yield b"".join(out)
 
 
-def _allowed_lines(texts: Sequence[str]) -> Iterator[tuple[int, bytes]]:
-    """A peer's ``allowed_ip`` lines: (how many, the bytes), GET_PIECE_LINES at most
-    rendered at once."""
-    if isinstance(texts, PrefixTexts):
-        yield from texts.lines(GET_PIECE_LINES)
-        return
-    for start in range(0, len(texts), GET_PIECE_LINES):
-        chunk = texts[start:start + GET_PIECE_LINES]
-        yield len(chunk), render_lines(chunk)
+def _texts(parts: GetParts) -> Iterator[tuple[bool, bytes]]:
+    """Each part's text: (whether it is lines kept whole, the bytes)."""
+    for part in parts:
+        if isinstance(part, bytes):
+            yield False, part
+            continue
+        for count, lines in part.lines(GET_PIECE_LINES):
+            yield count > GET_PIECE_LINES, lines
+
+
+def device_lines(private_key: bytes | None, listen_port: int, fwmark: int) -> bytes:
+    """The device's lines of ``get=1`` (each only if set)."""
+    head = []
+    if private_key is not None and private_key != ZERO_KEY:
+        head.append(f"private_key={private_key.hex()}\n")
+    if listen_port:
+        head.append(f"listen_port={listen_port}\n")
+    if fwmark:
+        head.append(f"fwmark={fwmark}\n")
+    return "".join(head).encode()
+
+
+def peer_lines(public_key: bytes, preshared_key: bytes, endpoint: Endpoint | None,
+               keepalive: int, allowed_ips: Sequence[str]) -> tuple[bytes, bytes]:
+    """A peer's lines of ``get=1`` that only a set or a roam changes: those before its
+    counters (keys, protocol version, endpoint) and those after (keepalive, then these
+    allowed IPs), in wireguard-go's key order."""
+    endpoint_line = "" if endpoint is None else f"endpoint={endpoint}\n"
+    head = (f"public_key={public_key.hex()}\n"
+            f"preshared_key={preshared_key.hex()}\n"
+            f"protocol_version=1\n{endpoint_line}").encode()
+    tail = f"persistent_keepalive_interval={keepalive}\n".encode()
+    return head, tail + render_lines(allowed_ips)
+
+
+_NEVER = b"last_handshake_time_sec=0\nlast_handshake_time_nsec=0\n"
+_HANDSHAKE = b"last_handshake_time_sec=%d\nlast_handshake_time_nsec=%d\n"
+_BYTES = b"tx_bytes=%d\nrx_bytes=%d\n"
+
+
+def counter_lines(last_handshake_wall: float | None, tx_bytes: int, rx_bytes: int) -> bytes:
+    """A peer's lines of ``get=1`` that traffic changes: its last handshake's time and its
+    byte counters."""
+    if last_handshake_wall is None or last_handshake_wall <= 0:
+        return _NEVER + _BYTES % (tx_bytes, rx_bytes)
+    seconds = int(last_handshake_wall)
+    nanoseconds = min(round((last_handshake_wall - seconds) * 1e9), 999_999_999)
+    return _HANDSHAKE % (seconds, nanoseconds) + _BYTES % (tx_bytes, rx_bytes)
 
 
 def format_errno(code: int) -> str:
     """The reply to a failed operation: ``errno=-<code>`` and the blank line."""
     return f"errno={-abs(code)}\n\n"
-
-
-def _split_time(wall: float | None) -> tuple[int, int]:
-    if wall is None or wall <= 0:
-        return 0, 0
-    seconds = int(wall)
-    return seconds, min(round((wall - seconds) * 1e9), 999_999_999)
