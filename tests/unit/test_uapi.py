@@ -372,6 +372,27 @@ def test_a_get_shows_what_changed_since_the_get_before() -> None:
     assert lines_of_peer(text, other)[7:] == ["allowed_ip=10.9.0.0/16"]  # no endpoint
 
 
+@pytest.mark.parametrize("cut", range(1, 4))
+def test_a_get_after_a_set_stopped_midway_shows_what_the_device_holds(cut: int) -> None:
+    """A set stopped between its slices (cancelled, or a bug raised) leaves the device
+    holding part of it: the get must show that part, not the text kept from before. Here
+    the peer holds none of the prefixes to remove, so no allowed-IPs stamp changes."""
+    device = Device(rng=bytes)
+    device.apply(DeviceChange(peers=[PeerChange(PEER, endpoint=Endpoint("192.0.2.1", 1))]),
+                 0.0)
+    format_get(device)
+    steps = device.apply_steps(DeviceChange(peers=[PeerChange(
+        PEER, preshared_key=PSK, endpoint=Endpoint("192.0.2.9", 9),
+        remove_allowed_ips=[net("10.0.0.0/8")])]), 0.0, [])
+    for _ in zip(range(cut), steps, strict=False):
+        pass
+    steps.close()
+    peer = device.peers[PEER]
+    endpoint = [] if peer.endpoint is None else [f"endpoint={peer.endpoint}"]
+    assert lines_of_peer(format_get(device), PEER)[:3] == [
+        f"preshared_key={peer.preshared_key.hex()}", "protocol_version=1", *endpoint]
+
+
 def test_format_get_empty_device_and_fwmark() -> None:
     device = Device(rng=bytes)
     assert format_get(device) == "errno=0\n\n"

@@ -282,6 +282,9 @@ class Device:
                 return
             peer = Peer(self, change.public_key)
             self.peers[change.public_key] = peer
+        # Its kept get text goes before anything changes: a change stopped between its
+        # slices (cancelled, or a bug raised) leaves the next get to render what it holds.
+        peer.get_head = None
         if change.preshared_key is not None:
             peer.preshared_key = change.preshared_key
         after = change.unless_roamed_after
