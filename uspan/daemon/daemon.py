@@ -437,8 +437,8 @@ class Daemon:
         The snapshot is taken in slices, as text (``Device.get_steps``: what only a set
         or a roam changes was rendered by them, only the counters are rendered here),
         with the cycle collector paused: a big peer's allowed IPs come as a snapshot of
-        their segments, and re-rendered peers as new tuples, which would otherwise count
-        towards collections in the middle. The pieces are made before the collector is
+        their segments, objects that would otherwise count towards collections in the
+        middle. The pieces are made before the collector is
         back and the snapshot is freed by reference counting, so a client that stops
         reading cannot keep it paused; freed in slices too (a big peer's allowed IPs
         release their segments as they go). The text kept of big peers' segments is
