@@ -23,6 +23,9 @@
  * coalesce(packets, udp) takes the same decisions as gso._coalesce_python, packet by
  * packet, and builds the same bytes: the flows, checksum checks and merge plan with
  * the GIL released, the output objects allocated with it held, then filled without it.
+ *
+ * Why batches: gso.gso_batches' Python loop cost ~0.7k instructions per datagram sent;
+ * batches(datagrams, max_bytes, max_segments) takes its decisions and joins its buffers.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -632,7 +635,69 @@ done:
     return out;
 }
 
+PyDoc_STRVAR(batches_doc,
+"batches(datagrams, max_bytes, max_segments) -> [(buffer, segment size)]\n\n"
+"gso.gso_batches in one pass: runs of datagrams as long as the first (the last may be\n"
+"shorter) joined into one UDP_SEGMENT buffer, a lone datagram as itself with size 0.");
+
+static PyObject *
+batches(PyObject *module, PyObject *args)
+{
+    PyObject *datagrams;
+    Py_ssize_t max_bytes, max_segments;
+    if (!PyArg_ParseTuple(args, "Onn", &datagrams, &max_bytes, &max_segments))
+        return NULL;
+    /* Bytes of our own first: converting an item may run Python code. */
+    PyObject *items = PySequence_Tuple(datagrams);
+    if (items == NULL)
+        return NULL;
+    Py_ssize_t count = PyTuple_GET_SIZE(items);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *item = PyTuple_GET_ITEM(items, i);
+        if (!PyBytes_CheckExact(item)) {
+            PyObject *copy = PyBytes_FromObject(item);
+            if (copy == NULL) {
+                Py_DECREF(items);
+                return NULL;
+            }
+            PyTuple_SET_ITEM(items, i, copy);
+            Py_DECREF(item);
+        }
+    }
+    PyObject *out = PyList_New(0);
+    for (Py_ssize_t i = 0, end; out != NULL && i < count; i = end) {
+        Py_ssize_t size = PyBytes_GET_SIZE(PyTuple_GET_ITEM(items, i)), total = size;
+        for (end = i + 1; end < count; end++) {
+            Py_ssize_t length = PyBytes_GET_SIZE(PyTuple_GET_ITEM(items, end));
+            if (length > size || end - i >= max_segments || total + length > max_bytes
+                || PyBytes_GET_SIZE(PyTuple_GET_ITEM(items, end - 1)) != size)
+                break;
+            total += length;
+        }
+        PyObject *buffer;
+        if (end - i == 1) {
+            buffer = Py_NewRef(PyTuple_GET_ITEM(items, i));
+            size = 0;
+        }
+        else if ((buffer = PyBytes_FromStringAndSize(NULL, total)) != NULL) {
+            char *at = PyBytes_AS_STRING(buffer);
+            for (Py_ssize_t k = i; k < end; k++) {
+                PyObject *item = PyTuple_GET_ITEM(items, k);
+                memcpy(at, PyBytes_AS_STRING(item), (size_t)PyBytes_GET_SIZE(item));
+                at += PyBytes_GET_SIZE(item);
+            }
+        }
+        PyObject *pair = buffer == NULL ? NULL : Py_BuildValue("(Nn)", buffer, size);
+        if (pair == NULL || PyList_Append(out, pair) < 0)
+            Py_CLEAR(out);
+        Py_XDECREF(pair);
+    }
+    Py_DECREF(items);
+    return out;
+}
+
 static PyMethodDef module_methods[] = {
+    {"batches", (PyCFunction)batches, METH_VARARGS, batches_doc},
     {"split", (PyCFunction)split, METH_VARARGS, split_doc},
     {"coalesce", (PyCFunction)coalesce, METH_VARARGS, coalesce_doc},
     {NULL, NULL, 0, NULL},
