@@ -8,5 +8,6 @@ def coalesce(packets: Sequence[bytes], udp: bool, /) -> list[tuple[bytes, bytes]
 def batches(
     datagrams: Sequence[bytes], max_bytes: int, max_segments: int, /
 ) -> list[tuple[bytes, int]]: ...
+def split_gro(data: bytes | bytearray | memoryview, gso_size: int, /) -> list[bytes]: ...
 
 UDP_MAX_SEGMENTS: int

@@ -723,7 +723,10 @@ def gso_batches(datagrams: Sequence[bytes], max_bytes: int = UDP_MAX_PAYLOAD,
 
 
 def split_gro(data: bytes | bytearray | memoryview, gso_size: int) -> list[bytes]:
-    """Cut a coalesced receive into its datagrams (``gso_size`` 0: one datagram)."""
+    """Cut a coalesced receive into its datagrams (``gso_size`` 0: one datagram); in C
+    (``_segment.split_gro``) where it was built."""
+    if _segment is not None:
+        return _segment.split_gro(data, gso_size)
     if gso_size <= 0 or len(data) <= gso_size:
         return [bytes(data)]
     view = memoryview(data)
