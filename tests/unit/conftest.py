@@ -14,6 +14,8 @@ def transport_aead(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
         monkeypatch.setattr(transport_crypto, "Sealer", aead_py.Sealer)
         monkeypatch.setattr(transport_crypto, "Opener", aead_py.Opener)
         monkeypatch.setattr(transport_crypto, "strip", aead_py.strip)
+        monkeypatch.setattr(transport_crypto, "inner_runs", aead_py.inner_runs)
+        monkeypatch.setattr(transport_crypto, "transport_runs", aead_py.transport_runs)
     elif not transport_crypto.COMPILED:
         pytest.skip("uspan.wg._aead was not built (test_transport_crypto fails if required)")
     return str(request.param)

@@ -887,6 +887,42 @@ def test_gso_batches_split_back(sizes: list[int]) -> None:
         assert size == 0 or len(buf) <= size * gso.UDP_MAX_SEGMENTS
 
 
+@pytest.mark.skipif(_segment is None, reason="uspan.daemon._segment was not built")
+@given(sizes=st.lists(st.sampled_from([1, 40, 99, 100, 1440, 1441]), max_size=80),
+       max_bytes=st.sampled_from([1, 100, 300, 1440 * 3, gso.UDP_MAX_PAYLOAD]),
+       max_segments=st.integers(min_value=1, max_value=70), bytearrays=st.booleans())
+def test_compiled_batches_are_the_python_ones(sizes: list[int], max_bytes: int,
+                                              max_segments: int, bytearrays: bool) -> None:
+    """``_segment.batches`` makes the same buffers as gso_batches' Python loop."""
+    assert _segment is not None
+    datagrams = [bytes([i & 0xFF]) * size for i, size in enumerate(sizes)]
+    saved, gso._segment = gso._segment, None
+    try:
+        expected = gso_batches(datagrams, max_bytes, max_segments)
+    finally:
+        gso._segment = saved
+    given_ = [bytearray(d) for d in datagrams] if bytearrays else datagrams
+    assert _segment.batches(given_, max_bytes, max_segments) == expected
+
+
+@pytest.mark.skipif(_segment is None, reason="uspan.daemon._segment was not built")
+@given(length=st.integers(min_value=0, max_value=5000),
+       gso_size=st.sampled_from([-1, 0, 1, 7, 1440, 4999, 5000, 5001]),
+       kind=st.sampled_from([bytes, bytearray, memoryview]))
+def test_compiled_split_gro_is_the_python_one(length: int, gso_size: int,
+                                             kind: type) -> None:
+    """``_segment.split_gro`` cuts as gso.split_gro's slices do, into bytes."""
+    assert _segment is not None
+    data = bytes(i & 0xFF for i in range(length))
+    saved, gso._segment = gso._segment, None
+    try:
+        expected = split_gro(data, gso_size)
+    finally:
+        gso._segment = saved
+    got = _segment.split_gro(kind(data), gso_size)
+    assert got == expected and all(type(piece) is bytes for piece in got)
+
+
 def test_uso_keeps_datagram_boundaries_when_mtu_is_stale() -> None:
     """UDP datagrams are the sender's: never re-cut, even if our MTU is out of date."""
     payload = os.urandom(1200 * 3)

@@ -29,6 +29,8 @@ def _python(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(transport_crypto, "Sealer", aead_py.Sealer)
     monkeypatch.setattr(transport_crypto, "Opener", aead_py.Opener)
     monkeypatch.setattr(transport_crypto, "strip", aead_py.strip)
+    monkeypatch.setattr(transport_crypto, "inner_runs", aead_py.inner_runs)
+    monkeypatch.setattr(transport_crypto, "transport_runs", aead_py.transport_runs)
 
 
 def _established() -> tuple[Node, Node]:

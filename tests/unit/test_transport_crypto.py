@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Iterator
 from types import ModuleType
@@ -12,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from uspan.wg import aead_py, transport_crypto
+from uspan.wg.endpoint import Endpoint
 from uspan.wg.messages import padded_length
 
 try:
@@ -221,3 +223,95 @@ def test_a_batch_list_changed_by_its_own_items_is_read_as_it_was() -> None:
     victims.extend([Clears()] + [bytes(32)] * 1000)
     assert _aead.Opener(bytes(32)).open(victims) == [None] * 1001  # type: ignore[arg-type]
     assert victims == []
+
+
+def _destination(packet: bytes) -> bytes:
+    """What Device.send routes a packet by, one packet at a time (b"": dropped)."""
+    version = packet[0] >> 4 if packet else 0
+    if version == 4 and len(packet) >= 20:
+        return bytes(packet[16:20])
+    if version == 6 and len(packet) >= 40:
+        return bytes(packet[24:40])
+    return b""
+
+
+_routed = st.lists(st.tuples(st.sampled_from([
+    bytes([0x45]) + bytes(15) + bytes([10, 0, 0, 2]),
+    bytes([0x45]) + bytes(15) + bytes([10, 0, 0, 3]) + b"tcp",
+    bytes([0x60]) + bytes(23) + bytes(15) + b"\x02" + bytes(8),
+    bytes([0x60]) + bytes(23) + bytes(15) + b"\x03",  # short of the whole IPv6 header
+    bytes([0x45]) + bytes(18),  # short of the whole IPv4 header
+    b"", b"\x10" * 40,
+]), st.sampled_from([bytes, bytearray, memoryview])), max_size=20)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@settings(max_examples=300, deadline=None)
+@given(packets=_routed)
+def test_inner_runs_are_the_per_packet_destinations(impl: ModuleType,
+                                                    packets: list[tuple[bytes, type]]) -> None:
+    """Runs of equal destinations, in order, that expand to each packet's own."""
+    batch = [kind(packet) for packet, kind in packets]
+    runs = impl.inner_runs(batch)
+    expanded = [destination for destination, count in runs for _ in range(count)]
+    assert expanded == [_destination(packet) for packet, _ in packets]
+    assert all(count > 0 for _, count in runs)
+    assert all(a[0] != b[0] for a, b in itertools.pairwise(runs))  # no two could be one
+
+
+_HERE, _THERE = Endpoint("192.0.2.1", 51820), Endpoint("192.0.2.9", 51820)
+_datagrams = st.lists(st.one_of(
+    st.tuples(st.sampled_from([1, 2]), st.sampled_from([0, 1, 2, 5, 2**64 - 1]),
+              st.sampled_from([0, 16, 1424]), st.sampled_from([0, 1, 2])).map(
+        lambda m: (bytes([4, 0, 0, 0, m[0], 0, 0, 0]) + m[1].to_bytes(8, "little")
+                   + bytes(16 + m[2]), m[3])),
+    st.tuples(st.sampled_from([
+        bytes([1, 0, 0, 0]) + bytes(144), bytes([2, 0, 0, 0]) + bytes(88),
+        bytes([3, 0, 0, 0]) + bytes(60), bytes([4, 0, 0, 0]) + bytes(27), b"\x04\0\0",
+        b"", bytes([5, 0, 0, 0]) + bytes(40), bytes([1, 0, 1, 0]) + bytes(40)]),
+        st.just(0))), max_size=20)
+
+
+def _reference_runs(pairs: list[tuple[bytes, Endpoint]]) -> list[tuple[object, ...]]:
+    """Device.receive's grouping one datagram at a time: (index, counters, sources)."""
+    runs: list[tuple[int, list[int], list[Endpoint]]] = []
+    for data, source in pairs:
+        if len(data) >= 32 and data[:4] == bytes([4, 0, 0, 0]):
+            index = int.from_bytes(data[4:8], "little")
+            if not runs or runs[-1][0] != index:
+                runs.append((index, [], []))
+            runs[-1][1].append(int.from_bytes(data[8:16], "little"))
+            runs[-1][2].append(source)
+    return [(index, counters, sources, counters[0],
+             counters == list(range(counters[0], counters[0] + len(counters)))
+             and all(source is sources[0] for source in sources))
+            for index, counters, sources in runs]
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@settings(max_examples=300, deadline=None)
+@given(datagrams=_datagrams, counters=st.sampled_from(["as drawn", "consecutive"]))
+def test_transport_runs_sort_a_batch_as_one_by_one(
+        impl: ModuleType, datagrams: list[tuple[bytes, int]], counters: str) -> None:
+    """Runs by receiver index with their first counter and whether they are in order from
+    one source (an equal source that is another object is not); handshake messages kept
+    whole, in order; short ones and unknown types counted."""
+    sources = [_HERE, _THERE, Endpoint("192.0.2.1", 51820)]  # the last equals _HERE
+    pairs, next_counter = [], 7
+    for data, which in datagrams:
+        if counters == "consecutive" and len(data) >= 32 and data[0] == 4:
+            data = data[:8] + next_counter.to_bytes(8, "little") + data[16:]
+            next_counter += 1
+        pairs.append((data, sources[which]))
+    runs, handshakes, bad_length, bad_type = impl.transport_runs(pairs)
+    expected = _reference_runs(pairs)
+    assert [(index, [int.from_bytes(m[8:16], "little") for m in messages], sources_, first,
+             in_order) for index, messages, sources_, first, in_order in runs] == expected
+    for _, messages, sources_, _, _ in runs:
+        assert all(source in sources for source in sources_) and len(messages) == len(sources_)
+    assert handshakes == [pair for pair in pairs if pair[0][:1] in (b"\1", b"\2", b"\3")
+                          and pair[0][1:4] == bytes(3)]
+    transport = sum(len(run[1]) for run in runs)
+    assert bad_length == sum(len(d) < 4 or (d[:4] == bytes([4, 0, 0, 0]) and len(d) < 32)
+                             for d, _ in pairs)
+    assert transport + len(handshakes) + bad_length + bad_type == len(pairs)

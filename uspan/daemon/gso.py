@@ -699,8 +699,11 @@ def gso_batches(datagrams: Sequence[bytes], max_bytes: int = UDP_MAX_PAYLOAD,
 
     Returns (buffer, segment size) pairs; a size of 0 means a single datagram to send
     without the control message. A batch has at most ``max_segments`` datagrams and
-    ``max_bytes`` bytes; all are as long as its first except a shorter last one.
+    ``max_bytes`` bytes; all are as long as its first except a shorter last one. In C
+    (``_segment.batches``) where it was built.
     """
+    if _segment is not None:
+        return _segment.batches(datagrams, max_bytes, max_segments)
     out: list[tuple[bytes, int]] = []
     batch: list[bytes] = []
     size = total = 0
@@ -720,7 +723,10 @@ def gso_batches(datagrams: Sequence[bytes], max_bytes: int = UDP_MAX_PAYLOAD,
 
 
 def split_gro(data: bytes | bytearray | memoryview, gso_size: int) -> list[bytes]:
-    """Cut a coalesced receive into its datagrams (``gso_size`` 0: one datagram)."""
+    """Cut a coalesced receive into its datagrams (``gso_size`` 0: one datagram); in C
+    (``_segment.split_gro``) where it was built."""
+    if _segment is not None:
+        return _segment.split_gro(data, gso_size)
     if gso_size <= 0 or len(data) <= gso_size:
         return [bytes(data)]
     view = memoryview(data)

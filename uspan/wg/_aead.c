@@ -387,7 +387,210 @@ one_by_one:
     Py_RETURN_NONE;
 }
 
+
+/* The address a packet is routed by: its IPv4 or IPv6 destination, or size 0 if it is not
+ * a whole enough IP header to route (the same rule as Device.send's Python did). */
+static Py_ssize_t
+destination(const unsigned char *data, Py_ssize_t size, const unsigned char **address)
+{
+    int version = size ? data[0] >> 4 : 0;
+    if (version == 4 && size >= 20) {
+        *address = data + 16;
+        return 4;
+    }
+    if (version == 6 && size >= 40) {
+        *address = data + 24;
+        return 16;
+    }
+    return 0;
+}
+
+/* Append (address, count) to ``runs``; -1 with an exception on failure. */
+static int
+add_run(PyObject *runs, const unsigned char *address, Py_ssize_t size, Py_ssize_t count)
+{
+    PyObject *run = Py_BuildValue("(y#n)", (const char *)address, size, count);
+    int failed = run == NULL || PyList_Append(runs, run) < 0;
+    Py_XDECREF(run);
+    return failed ? -1 : 0;
+}
+
+PyDoc_STRVAR(inner_runs_doc,
+"inner_runs(packets) -> [(destination, count)]\n\n"
+"Consecutive IP packets to one inner destination address as one run, so routing is\n"
+"per run, not per packet; destination b\"\" for packets too short for an IPv4 or IPv6\n"
+"header (dropped).");
+
+static PyObject *
+inner_runs(PyObject *module, PyObject *packets)
+{
+    if (!PyList_CheckExact(packets)) {
+        PyErr_SetString(PyExc_TypeError, "packets must be a list");
+        return NULL;
+    }
+    PyObject *runs = PyList_New(0);
+    unsigned char last[16], address[16];
+    Py_ssize_t last_size = -1, count = 0;
+    for (Py_ssize_t i = 0; runs != NULL && i < PyList_GET_SIZE(packets); i++) {
+        PyObject *item = PyList_GET_ITEM(packets, i);
+        const unsigned char *found = NULL;
+        Py_ssize_t size;
+        if (PyBytes_CheckExact(item)) {
+            size = destination((const unsigned char *)PyBytes_AS_STRING(item),
+                               PyBytes_GET_SIZE(item), &found);
+            memcpy(address, found ? found : last, (size_t)size);
+        }
+        else {
+            /* Reading a buffer may run Python code that changes the list: hold the item
+             * and copy its address out at once. */
+            Py_buffer view;
+            Py_INCREF(item);
+            int got = PyObject_GetBuffer(item, &view, PyBUF_SIMPLE);
+            Py_DECREF(item);
+            if (got < 0) {
+                Py_CLEAR(runs);
+                break;
+            }
+            size = destination(view.buf, view.len, &found);
+            memcpy(address, found ? found : last, (size_t)size);
+            PyBuffer_Release(&view);
+        }
+        if (size == last_size && memcmp(address, last, (size_t)size) == 0) {
+            count++;
+            continue;
+        }
+        if (count && add_run(runs, last, last_size, count) < 0) {
+            Py_CLEAR(runs);
+            break;
+        }
+        memcpy(last, address, (size_t)size);
+        last_size = size, count = 1;
+    }
+    if (runs != NULL && count && add_run(runs, last, last_size, count) < 0)
+        Py_CLEAR(runs);
+    return runs;
+}
+
+static uint64_t
+get_le64(const unsigned char *in)
+{
+    uint64_t value = 0;
+    for (int i = 7; i >= 0; i--)
+        value = (value << 8) | in[i];
+    return value;
+}
+
+/* What ``transport_runs`` builds: the runs so far and the one being added to. */
+typedef struct {
+    PyObject *runs, *messages, *sources;
+    uint32_t index;
+    uint64_t first, next;
+    int in_order, ended; /* ended: the last counter was 2**64 - 1, none follows it */
+} Runs;
+
+/* Close the open run (if any) into ``runs``; -1 with an exception on failure. */
+static int
+close_run(Runs *r)
+{
+    if (r->messages == NULL)
+        return 0;
+    PyObject *run = Py_BuildValue("(kNNKO)", (unsigned long)r->index, r->messages,
+                                  r->sources, (unsigned long long)r->first,
+                                  r->in_order ? Py_True : Py_False);
+    r->messages = r->sources = NULL; /* Py_BuildValue's N took them, even on failure */
+    int failed = run == NULL || PyList_Append(r->runs, run) < 0;
+    Py_XDECREF(run);
+    return failed ? -1 : 0;
+}
+
+PyDoc_STRVAR(transport_runs_doc,
+"transport_runs(datagrams) -> (runs, handshakes, bad_length, bad_type)\n\n"
+"Sorts received (data, source) pairs as Device.receive needs them, in one pass:\n"
+"consecutive transport messages to one receiver index as a run (index, messages,\n"
+"sources, first counter, in order: the counters are first, first + 1, ... and every\n"
+"source is one object), the handshake messages' pairs, and counts of what is dropped:\n"
+"too short for its type, or of no known type.");
+
+static PyObject *
+transport_runs(PyObject *module, PyObject *datagrams)
+{
+    if (!PyList_CheckExact(datagrams)) {
+        PyErr_SetString(PyExc_TypeError, "datagrams must be a list");
+        return NULL;
+    }
+    Runs r = {PyList_New(0), NULL, NULL, 0, 0, 0, 0, 0};
+    PyObject *handshakes = PyList_New(0);
+    Py_ssize_t bad_length = 0, bad_type = 0;
+    int failed = r.runs == NULL || handshakes == NULL;
+    for (Py_ssize_t i = 0; !failed && i < PyList_GET_SIZE(datagrams); i++) {
+        PyObject *pair = PyList_GET_ITEM(datagrams, i);
+        if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            PyErr_SetString(PyExc_TypeError, "datagrams must be (data, source) pairs");
+            failed = 1;
+            break;
+        }
+        Py_INCREF(pair); /* reading a buffer may run Python code that changes the list */
+        PyObject *data = PyTuple_GET_ITEM(pair, 0), *source = PyTuple_GET_ITEM(pair, 1);
+        Py_buffer view;
+        if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
+            Py_DECREF(pair);
+            failed = 1;
+            break;
+        }
+        const unsigned char *bytes = view.buf;
+        Py_ssize_t length = view.len;
+        int zeros = length >= 4 && bytes[1] == 0 && bytes[2] == 0 && bytes[3] == 0;
+        int kind = zeros ? bytes[0] : -1;
+        uint32_t index = 0;
+        uint64_t counter = 0;
+        if (kind == MSG_TRANSPORT && length >= HEADER_SIZE + TAG_SIZE) {
+            index = (uint32_t)bytes[4] | (uint32_t)bytes[5] << 8 | (uint32_t)bytes[6] << 16
+                    | (uint32_t)bytes[7] << 24;
+            counter = get_le64(bytes + 8);
+        }
+        else if (kind == MSG_TRANSPORT || length < 4)
+            bad_length++, kind = 0;
+        else if (kind < 1 || kind > 3)
+            bad_type++, kind = 0;
+        PyBuffer_Release(&view);
+        if (kind == MSG_TRANSPORT) {
+            if (r.messages == NULL || index != r.index) {
+                failed = close_run(&r) < 0;
+                r.messages = PyList_New(0);
+                r.sources = PyList_New(0);
+                r.index = index, r.first = counter, r.next = counter, r.in_order = 1;
+                r.ended = 0;
+                failed = failed || r.messages == NULL || r.sources == NULL;
+            }
+            if (!failed) {
+                r.in_order = r.in_order && !r.ended && counter == r.next
+                             && (PyList_GET_SIZE(r.sources) == 0
+                                 || PyList_GET_ITEM(r.sources, 0) == source);
+                r.ended = counter == UINT64_MAX;
+                r.next = counter + 1;
+                failed = PyList_Append(r.messages, data) < 0
+                         || PyList_Append(r.sources, source) < 0;
+            }
+        }
+        else if (kind)
+            failed = PyList_Append(handshakes, pair) < 0;
+        Py_DECREF(pair);
+    }
+    if (!failed)
+        failed = close_run(&r) < 0;
+    if (failed) {
+        Py_XDECREF(r.messages);
+        Py_XDECREF(r.sources);
+        Py_XDECREF(r.runs);
+        Py_XDECREF(handshakes);
+        return NULL;
+    }
+    return Py_BuildValue("(NNnn)", r.runs, handshakes, bad_length, bad_type);
+}
+
 static PyMethodDef module_methods[] = {
+    {"transport_runs", (PyCFunction)transport_runs, METH_O, transport_runs_doc},
+    {"inner_runs", (PyCFunction)inner_runs, METH_O, inner_runs_doc},
     {"strip", (PyCFunction)strip, METH_O, strip_doc},
     {NULL, NULL, 0, NULL},
 };

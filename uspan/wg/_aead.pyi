@@ -1,5 +1,7 @@
 from collections.abc import Sequence
 
+from uspan.wg.endpoint import Endpoint
+
 class Sealer:
     def __init__(self, key: bytes) -> None: ...
     def seal(
@@ -11,3 +13,8 @@ class Opener:
     def open(self, datagrams: Sequence[bytes], /) -> list[bytes | None]: ...
 
 def strip(plaintexts: list[bytes], /) -> tuple[list[bytes], bytes] | None: ...
+def inner_runs(packets: list[bytes], /) -> list[tuple[bytes, int]]: ...
+def transport_runs(
+    datagrams: list[tuple[bytes, Endpoint]], /
+) -> tuple[list[tuple[int, list[bytes], list[Endpoint], int, bool]],
+           list[tuple[bytes, Endpoint]], int, int]: ...

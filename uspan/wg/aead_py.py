@@ -12,7 +12,15 @@ from collections.abc import Sequence
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from uspan.wg.constants import MSG_TRANSPORT, TRANSPORT_HEADER_SIZE, TRANSPORT_MIN_SIZE
+from uspan.wg.constants import (
+    MSG_COOKIE_REPLY,
+    MSG_INITIATION,
+    MSG_RESPONSE,
+    MSG_TRANSPORT,
+    TRANSPORT_HEADER_SIZE,
+    TRANSPORT_MIN_SIZE,
+)
+from uspan.wg.endpoint import Endpoint
 from uspan.wg.messages import TRANSPORT_HEADER, padded_length
 
 _NONCE = struct.Struct("<4xQ")
@@ -71,3 +79,72 @@ def strip(plaintexts: list[bytes]) -> tuple[list[bytes], bytes] | None:
     """None: Device.receive then checks the packets one by one, in Python (the compiled
     ``strip`` does the common case, one inner source, at once)."""
     return None
+
+
+def inner_runs(packets: list[bytes]) -> list[tuple[bytes, int]]:
+    """Consecutive IP packets to one inner destination as (destination, count); b"" for
+    packets too short for an IPv4 or IPv6 header."""
+    runs: list[tuple[bytes, int]] = []
+    last, count = None, 0
+    for packet in packets:
+        length = len(packet)
+        version = packet[0] >> 4 if length else 0
+        if version == 4 and length >= 20:
+            destination = bytes(packet[16:20])
+        elif version == 6 and length >= 40:
+            destination = bytes(packet[24:40])
+        else:
+            destination = b""
+        if destination == last:
+            count += 1
+            continue
+        if last is not None:
+            runs.append((last, count))
+        last, count = destination, 1
+    if last is not None:
+        runs.append((last, count))
+    return runs
+
+
+Run = tuple[int, list[bytes], list[Endpoint], int, bool]
+
+
+def transport_runs(datagrams: list[tuple[bytes, Endpoint]]
+                   ) -> tuple[list[Run], list[tuple[bytes, Endpoint]], int, int]:
+    """Runs of consecutive transport messages to one index (index, messages, sources,
+    first counter, in order), the handshake messages' pairs, and the counts of those too
+    short for their type and of no known type."""
+    runs: list[Run] = []
+    handshakes: list[tuple[bytes, Endpoint]] = []
+    bad_length = bad_type = 0
+    unpack = TRANSPORT_HEADER.unpack_from
+    last_index, first, following, in_order = -1, 0, 0, True
+    messages: list[bytes] = []
+    sources: list[Endpoint] = []
+    for datagram in datagrams:
+        data, source = datagram
+        length = len(data)
+        kind = data[0] if length >= 4 and data[1:4] == b"\0\0\0" else -1
+        if kind == MSG_TRANSPORT and length >= TRANSPORT_MIN_SIZE:
+            _, index, counter = unpack(data)
+        elif kind in (MSG_INITIATION, MSG_RESPONSE, MSG_COOKIE_REPLY):
+            handshakes.append(datagram)
+            continue
+        else:
+            if length < 4 or kind == MSG_TRANSPORT:
+                bad_length += 1
+            else:
+                bad_type += 1
+            continue
+        if index != last_index:
+            if messages:
+                runs.append((last_index, messages, sources, first, in_order))
+            last_index, first, following, in_order = index, counter, counter, True
+            messages, sources = [], []
+        in_order = in_order and counter == following and (not sources or source is sources[0])
+        following = counter + 1
+        messages.append(data)
+        sources.append(source)
+    if messages:
+        runs.append((last_index, messages, sources, first, in_order))
+    return runs, handshakes, bad_length, bad_type

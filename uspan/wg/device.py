@@ -53,10 +53,8 @@ from uspan.wg.constants import (
     MSG_COOKIE_REPLY,
     MSG_INITIATION,
     MSG_RESPONSE,
-    MSG_TRANSPORT,
     REJECT_AFTER_TIME,
     RESPONSE_SIZE,
-    TRANSPORT_MIN_SIZE,
     UNDER_LOAD_AFTER,
     UNDER_LOAD_RATE,
     ZERO_KEY,
@@ -78,7 +76,6 @@ from uspan.wg.verdict import Counts, Plan, lane_records
 
 Out = list[tuple[bytes, Endpoint]]
 Datagram = tuple[bytes, Endpoint]
-_TRANSPORT_HEADER = messages.TRANSPORT_HEADER
 _NO_MAC = bytes(MAC_SIZE)  # mac2 of a sender that holds no cookie
 HAND_UP_PER_READ = 64
 APPLY_STEP = 256  # allowed IPs per step of apply_steps
@@ -401,32 +398,35 @@ class Device:
     # Data path: TUN -> network -----------------------------------------------------------
 
     def send(self, packets: Iterable[bytes], now: float) -> Out:
-        """Encrypt IP packets from the TUN to the peers cryptokey routing picks."""
+        """Encrypt IP packets from the TUN to the peers cryptokey routing picks.
+
+        Routed a run of consecutive packets to one destination at a time
+        (``transport_crypto.inner_runs``): a batch is mostly one flow, and the Python here
+        runs per run, not per packet."""
         out: Out = []
         lookup = self.allowed_ips.lookup
         counters = self.counters
         touched: dict[Peer, None] = {}  # peers with new packets, in order of first packet
-        last_destination, peer = b"", None  # a batch is mostly one flow: look up once
-        for packet in packets:
-            length = len(packet)
-            version = packet[0] >> 4 if length else 0
-            if version == 4 and length >= 20:
-                destination = packet[16:20]
-            elif version == 6 and length >= 40:
-                destination = packet[24:40]
-            else:
-                counters[Drop.BAD_INNER_PACKET] += 1
+        if not isinstance(packets, list):
+            packets = list(packets)
+        end = 0
+        for destination, count in transport_crypto.inner_runs(packets):
+            start, end = end, end + count
+            if not destination:
+                counters[Drop.BAD_INNER_PACKET] += count
                 continue
-            if destination != last_destination:
-                peer, last_destination = lookup(destination), destination
+            peer = lookup(destination)
             if peer is None:
-                counters[Drop.NO_ROUTE] += 1
+                counters[Drop.NO_ROUTE] += count
                 continue
             staged = peer.staged
-            if len(staged) < MAX_STAGED_PACKETS:
-                staged.append(packet)  # Peer.stage without the call, while there is room
+            room = MAX_STAGED_PACKETS - len(staged)
+            if count <= room:
+                staged.extend(packets[start:end])  # Peer.stage without the call
             else:
-                peer.stage(packet, now, out)
+                staged.extend(packets[start:start + room])
+                for packet in packets[start + room:end]:
+                    peer.stage(packet, now, out)
             touched[peer] = None
         for peer in touched:
             peer.send_staged(now, out)
@@ -442,43 +442,21 @@ class Device:
         messages to one receiver index: a batch is mostly one session from one endpoint
         carrying one inner source. Each run's keypair is looked up when the run comes up,
         the run is opened at once (one call to the batch AEAD) and checked in order
-        (``_receive_run``). A run keeps its keypair even if one of its messages confirmed
-        a session that discarded it.
+        (``_receive_run``); one pass in C sorts the batch into runs
+        (``transport_crypto.transport_runs``). A run keeps its keypair even if one of its
+        messages confirmed a session that discarded it.
         """
         to_tun: list[bytes] = []
         out: Out = []
-        handshakes: list[Datagram] = []
         received: dict[Peer, list[int]] = {}  # per peer: [bytes, data messages] this batch
         counters = self.counters
-        # Transport messages in runs of one index: (index, messages, sources, counters).
-        runs: list[tuple[int, list[bytes], list[Endpoint], list[int]]] = []
-        unpack = _TRANSPORT_HEADER.unpack_from
-        last_index = -1
-        messages_: list[bytes] = []
-        sources: list[Endpoint] = []
-        numbers: list[int] = []
-        for datagram in datagrams:
-            data = datagram[0]
-            length = len(data)
-            if length >= TRANSPORT_MIN_SIZE:
-                kind, index, counter = unpack(data)  # the type as a u32: 4 and three zeros
-            else:
-                kind = -1
-            if kind != MSG_TRANSPORT:
-                kind = data[0] if length >= 4 and data[1:4] == b"\0\0\0" else -1
-                if kind in (MSG_INITIATION, MSG_RESPONSE, MSG_COOKIE_REPLY):
-                    handshakes.append(datagram)
-                elif length < 4 or kind == MSG_TRANSPORT:  # a transport one: too short
-                    counters[Drop.BAD_LENGTH] += 1
-                else:
-                    counters[Drop.BAD_TYPE] += 1
-                continue
-            if index != last_index:
-                last_index, messages_, sources, numbers = index, [], [], []
-                runs.append((index, messages_, sources, numbers))
-            messages_.append(data)
-            sources.append(datagram[1])
-            numbers.append(counter)
+        if not isinstance(datagrams, list):
+            datagrams = list(datagrams)
+        runs, handshakes, bad_length, bad_type = transport_crypto.transport_runs(datagrams)
+        if bad_length:
+            counters[Drop.BAD_LENGTH] += bad_length
+        if bad_type:
+            counters[Drop.BAD_TYPE] += bad_type
         for run in runs:
             self._receive_run(*run, now, received, to_tun, out)
         for peer, (length, data_messages) in received.items():
@@ -537,12 +515,13 @@ class Device:
             self._count_handshakes(judged, now)
 
     def _receive_run(self, index: int, messages_: list[bytes], sources: list[Endpoint],
-                     numbers: list[int], now: float, received: dict[Peer, list[int]],
+                     first: int, in_order: bool, now: float, received: dict[Peer, list[int]],
                      to_tun: list[bytes], out: Out) -> None:
         """``receive`` for consecutive transport messages to ``index`` (from ``sources``,
-        with counters ``numbers``): open them at once, then authenticity, replay and
-        roaming, then the inner packets. In-order messages of one endpoint, the common
-        case, pass at once; any other run is checked message by message."""
+        counters from ``first``; ``in_order``: consecutive, from one source): open them at
+        once, then authenticity, replay and roaming, then the inner packets. In-order
+        messages of one endpoint, the common case, pass at once; any other run is checked
+        message by message."""
         counters = self.counters
         keypair = self.keypairs.get(index)
         if keypair is None:
@@ -553,13 +532,14 @@ class Device:
             return
         plaintexts = keypair.open(messages_)
         peer, last = keypair.peer, sources[-1]
-        if (None not in plaintexts and keypair is not peer.next
-                and sources.count(last) == len(sources) and keypair.replay.accept_run(numbers)):
+        if (in_order and None not in plaintexts and keypair is not peer.next
+                and keypair.replay.accept_run(first, len(messages_))):
             if last is not peer.endpoint and last != peer.endpoint:
                 peer.roam(last)
             accepted: list[bytes] = plaintexts  # type: ignore[assignment]  # no None in it
             length = sum(map(len, messages_))
         else:
+            numbers = [int.from_bytes(data[8:16], "little") for data in messages_]
             accepted, length = self._accept_each(
                 keypair, messages_, sources, numbers, plaintexts, now, out)
         if not accepted:

@@ -67,13 +67,12 @@ class ReplayWindow:
         words[slot] = word | bit
         return True
 
-    def accept_run(self, counters: list[int]) -> bool:
-        """Accept in-order traffic at once: consecutive ``counters`` (at least one), all
-        above the highest seen, as ``accept`` would one by one. Any other run: False, and
-        nothing changes (the caller then checks one by one)."""
-        first, last = counters[0], counters[-1]
-        if (first <= self._top or last >= REJECT_AFTER_MESSAGES
-                or last - first >= REPLAY_WINDOW or counters != list(range(first, last + 1))):
+    def accept_run(self, first: int, count: int) -> bool:
+        """Accept in-order traffic at once: the ``count`` (at least one) consecutive
+        counters from ``first``, all above the highest seen, as ``accept`` would one by
+        one. Any other run: False, and nothing changes (the caller then checks one by one)."""
+        last = first + count - 1
+        if first <= self._top or last >= REJECT_AFTER_MESSAGES or count > REPLAY_WINDOW:
             return False
         self.accept(last)  # advances, clearing the words it enters
         words, counter = self._words, first
