@@ -343,3 +343,24 @@ def test_transport_runs_unpack_any_pair(impl: ModuleType,
         impl.transport_runs([(transport, _HERE, None)])
     with pytest.raises(ValueError):
         impl.transport_runs([[transport]])
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_a_pair_that_clears_the_batch_is_read_as_it_was(impl: ModuleType) -> None:
+    """Unpacking a pair that is not a tuple runs its ``__iter__``, which may drop it from
+    the caller's list: the pair stays alive (and comes back as a handshake's)."""
+    initiation = bytes([1, 0, 0, 0]) + bytes(144)
+    victims: list[object] = []
+
+    class Clears:
+        def __iter__(self) -> Iterator[object]:
+            victims.clear()
+            return iter([initiation, _HERE])
+
+    victims.extend([Clears()] + [(initiation, _HERE)] * 100)
+    for _ in range(3):  # a freed pair would be reused (or caught by a sanitizer) by now
+        runs, handshakes, bad_length, bad_type = impl.transport_runs(victims)
+        assert (runs, bad_length, bad_type) == ([], 0, 0)
+        assert len(handshakes) == 1 and type(handshakes[0]).__name__ == "Clears"
+        assert list(handshakes[0]) == [initiation, _HERE] and victims == []
+        victims.extend([handshakes.pop()] + [(initiation, _HERE)] * 100)

@@ -527,19 +527,18 @@ transport_runs(PyObject *module, PyObject *datagrams)
         /* Unpacked as ``data, source = pair`` would: an exact tuple as it is, any other
          * pair (a NamedTuple, a list) through a tuple of its items. Both held: reading
          * it or a buffer may run Python code that changes the list. */
-        PyObject *items = PySequence_Tuple(pair);
-        if (items == NULL) {
-            failed = 1;
-            break;
-        }
-        if (PyTuple_GET_SIZE(items) != 2) {
-            PyErr_Format(PyExc_ValueError, "a datagram is a (data, source) pair, not %zd items",
-                         PyTuple_GET_SIZE(items));
-            Py_DECREF(items);
-            failed = 1;
-            break;
-        }
         Py_INCREF(pair);
+        PyObject *items = PySequence_Tuple(pair);
+        if (items == NULL || PyTuple_GET_SIZE(items) != 2) {
+            if (items != NULL)
+                PyErr_Format(PyExc_ValueError,
+                             "a datagram is a (data, source) pair, not %zd items",
+                             PyTuple_GET_SIZE(items));
+            Py_XDECREF(items);
+            Py_DECREF(pair);
+            failed = 1;
+            break;
+        }
         PyObject *data = PyTuple_GET_ITEM(items, 0), *source = PyTuple_GET_ITEM(items, 1);
         Py_buffer view;
         if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
