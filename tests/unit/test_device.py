@@ -493,6 +493,25 @@ def test_big_batch_with_session_loses_nothing(net: Net, pair) -> None:
     assert b.tun[1:] == batch
 
 
+class _Batch(list):  # type: ignore[type-arg]
+    """A list of the caller's own kind: still a batch of packets or datagrams."""
+
+
+@pytest.mark.parametrize("kind", [_Batch, tuple, iter])
+def test_send_and_receive_take_any_iterable(net: Net, pair, kind) -> None:
+    """``send`` and ``receive`` take an Iterable: a list subclass, a tuple or an iterator
+    is read as the same list would be (the compiled sorting wants an exact list)."""
+    a, b = pair
+    net.send(a, [ipv4_packet("10.0.0.1", "10.0.0.2")])
+    net.run()
+    packets = [ipv4_packet("10.0.0.1", "10.0.0.2", bytes([i]) * 30) for i in range(3)]
+    sealed = a.device.send(kind([*packets, b"", ipv4_packet("10.0.0.1", "10.9.9.9")]), net.now)
+    assert len(sealed) == 3
+    assert (a.device.counters[Drop.BAD_INNER_PACKET], a.device.counters[Drop.NO_ROUTE]) == (1, 1)
+    to_tun, _ = b.device.receive(kind([(d, a.endpoint) for d, _ in sealed]), net.now)
+    assert to_tun == packets
+
+
 def test_staged_queue_is_bounded_without_session(net: Net, pair) -> None:
     a, b = pair
     net.blocked.add("b")

@@ -7,6 +7,7 @@ import itertools
 import os
 from collections.abc import Callable, Iterator
 from types import ModuleType
+from typing import NamedTuple
 
 import pytest
 from hypothesis import given, settings
@@ -315,3 +316,51 @@ def test_transport_runs_sort_a_batch_as_one_by_one(
     assert bad_length == sum(len(d) < 4 or (d[:4] == bytes([4, 0, 0, 0]) and len(d) < 32)
                              for d, _ in pairs)
     assert transport + len(handshakes) + bad_length + bad_type == len(pairs)
+
+
+class _Pair(NamedTuple):
+    data: bytes
+    source: Endpoint
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("kind", [_Pair._make, list], ids=["namedtuple", "list"])
+def test_transport_runs_unpack_any_pair(impl: ModuleType,
+                                        kind: Callable[[tuple[bytes, Endpoint]], object]
+                                        ) -> None:
+    """A datagram is unpacked as ``data, source = datagram`` unpacks it: a tuple subclass
+    (a NamedTuple is a tuple[bytes, Endpoint]) or a list is a pair too, and a handshake's
+    pair comes back as the object it was; one of another size is a ValueError."""
+    transport = bytes([4, 0, 0, 0, 1, 0, 0, 0]) + (7).to_bytes(8, "little") + bytes(16)
+    initiation = bytes([1, 0, 0, 0]) + bytes(144)
+    pairs = [kind((transport, _HERE)), kind((initiation, _THERE)),
+             kind((b"\x05\0\0\0", _HERE))]
+    runs, handshakes, bad_length, bad_type = impl.transport_runs(pairs)
+    assert runs == [(1, [transport], [_HERE], 7, True)]
+    assert len(handshakes) == 1 and handshakes[0] is pairs[1]
+    assert (bad_length, bad_type) == (0, 1)
+    with pytest.raises(ValueError):
+        impl.transport_runs([(transport, _HERE, None)])
+    with pytest.raises(ValueError):
+        impl.transport_runs([[transport]])
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_a_pair_that_clears_the_batch_is_read_as_it_was(impl: ModuleType) -> None:
+    """Unpacking a pair that is not a tuple runs its ``__iter__``, which may drop it from
+    the caller's list: the pair stays alive (and comes back as a handshake's)."""
+    initiation = bytes([1, 0, 0, 0]) + bytes(144)
+    victims: list[object] = []
+
+    class Clears:
+        def __iter__(self) -> Iterator[object]:
+            victims.clear()
+            return iter([initiation, _HERE])
+
+    victims.extend([Clears()] + [(initiation, _HERE)] * 100)
+    for _ in range(3):  # a freed pair would be reused (or caught by a sanitizer) by now
+        runs, handshakes, bad_length, bad_type = impl.transport_runs(victims)
+        assert (runs, bad_length, bad_type) == ([], 0, 0)
+        assert len(handshakes) == 1 and type(handshakes[0]).__name__ == "Clears"
+        assert list(handshakes[0]) == [initiation, _HERE] and victims == []
+        victims.extend([handshakes.pop()] + [(initiation, _HERE)] * 100)

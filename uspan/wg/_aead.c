@@ -524,15 +524,25 @@ transport_runs(PyObject *module, PyObject *datagrams)
     int failed = r.runs == NULL || handshakes == NULL;
     for (Py_ssize_t i = 0; !failed && i < PyList_GET_SIZE(datagrams); i++) {
         PyObject *pair = PyList_GET_ITEM(datagrams, i);
-        if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2) {
-            PyErr_SetString(PyExc_TypeError, "datagrams must be (data, source) pairs");
+        /* Unpacked as ``data, source = pair`` would: an exact tuple as it is, any other
+         * pair (a NamedTuple, a list) through a tuple of its items. Both held: reading
+         * it or a buffer may run Python code that changes the list. */
+        Py_INCREF(pair);
+        PyObject *items = PySequence_Tuple(pair);
+        if (items == NULL || PyTuple_GET_SIZE(items) != 2) {
+            if (items != NULL)
+                PyErr_Format(PyExc_ValueError,
+                             "a datagram is a (data, source) pair, not %zd items",
+                             PyTuple_GET_SIZE(items));
+            Py_XDECREF(items);
+            Py_DECREF(pair);
             failed = 1;
             break;
         }
-        Py_INCREF(pair); /* reading a buffer may run Python code that changes the list */
-        PyObject *data = PyTuple_GET_ITEM(pair, 0), *source = PyTuple_GET_ITEM(pair, 1);
+        PyObject *data = PyTuple_GET_ITEM(items, 0), *source = PyTuple_GET_ITEM(items, 1);
         Py_buffer view;
         if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
+            Py_DECREF(items);
             Py_DECREF(pair);
             failed = 1;
             break;
@@ -574,6 +584,7 @@ transport_runs(PyObject *module, PyObject *datagrams)
         }
         else if (kind)
             failed = PyList_Append(handshakes, pair) < 0;
+        Py_DECREF(items);
         Py_DECREF(pair);
     }
     if (!failed)

@@ -407,7 +407,7 @@ class Device:
         lookup = self.allowed_ips.lookup
         counters = self.counters
         touched: dict[Peer, None] = {}  # peers with new packets, in order of first packet
-        if not isinstance(packets, list):
+        if type(packets) is not list:  # inner_runs takes an exact list (not a subclass)
             packets = list(packets)
         end = 0
         for destination, count in transport_crypto.inner_runs(packets):
@@ -450,7 +450,7 @@ class Device:
         out: Out = []
         received: dict[Peer, list[int]] = {}  # per peer: [bytes, data messages] this batch
         counters = self.counters
-        if not isinstance(datagrams, list):
+        if type(datagrams) is not list:  # transport_runs takes an exact list
             datagrams = list(datagrams)
         runs, handshakes, bad_length, bad_type = transport_crypto.transport_runs(datagrams)
         if bad_length:
