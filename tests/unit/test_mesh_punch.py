@@ -5,10 +5,21 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from tests.unit.test_mesh_controller import AFFILIATES, E1, K1, LOCAL_KEY, member, started
+from tests.unit.test_mesh_controller import (
+    AFFILIATES,
+    E1,
+    K1,
+    LOCAL_KEY,
+    config,
+    member,
+    started,
+)
 from uspan.mesh.affiliate import KubeSpanInfo
+from uspan.mesh.controller import PeerController
 from uspan.mesh.punch import INTERVAL, TTL, Puncher, PunchRequest
+from uspan.mesh.resources import Store
 from uspan.mesh.status import LinkFacts, PeerState
+from uspan.relay.addressing import is_relayed
 from uspan.wg.endpoint import Endpoint
 
 OURS = Endpoint("203.0.113.1", 51820)
@@ -111,3 +122,29 @@ def test_not_behind_nat_no_punching():
     n0.set_affiliates([AFFILIATES[0], member(1, K1, E1, THEIRS)], {}, 0.0)
     out = n0.set_facts({K1: LinkFacts(E1, None, 2, 5.1, 0, 296)}, 11.1)
     assert out.republish is False and n0.punch_requests() == () and out.punched == []
+
+
+def test_an_offer_does_not_pull_a_peer_off_the_relay_it_came_through():
+    """The peer's initiation came through the relay (the core roamed it there; not yet
+    confirmed, so still unknown) when its punch request arrives. Our UDP may be blocked
+    (the relay is then all we have), so it gets a handshake where it is, which the shell
+    also sends to its direct endpoints, rather than being moved off the path that
+    answers (found by the relay system test: a UDP-blocked node showed the peer up on a
+    direct endpoint it could not reach)."""
+    n0 = PeerController("node0", LOCAL_KEY, config(relay="192.0.2.254:3001"),
+                        Store(wall_offset=0.0))
+    n1 = member(1, K1, E1, THEIRS)
+    n0.set_affiliates([AFFILIATES[0], n1], {}, 0.0)
+    relay = n0.candidates(n0.specs[0])[-1]
+    assert is_relayed(relay)
+    n0.set_facts({K1: LinkFacts(relay, None, 0, None, 148, 0, last_received=0.5)}, 0.5)
+    assert (n0.statuses[K1].state, n0.statuses[K1].endpoint) == (PeerState.UNKNOWN, relay)
+    n1 = replace(n1, kubespan=replace(n1.kubespan, punch=(PunchRequest(LOCAL_KEY, THEIRS, 4),)))
+    out = n0.set_affiliates([AFFILIATES[0], n1], {}, 0.6)
+    [peer] = out.device_change.peers
+    assert (peer.public_key, peer.endpoint, peer.handshake) == (K1, None, True)
+    assert n0.statuses[K1].endpoint == relay
+    # confirmed through the relay: up there, not on the endpoint in the request
+    n0.set_facts({K1: LinkFacts(relay, 0.7, 0, None, 240, 92, last_received=0.7)}, 0.7)
+    assert (n0.statuses[K1].state, n0.statuses[K1].endpoint) == (PeerState.UP, relay)
+

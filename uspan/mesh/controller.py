@@ -219,7 +219,9 @@ class PeerController:
         """Hole punching (``uspan.mesh.punch``): a peer that asked us is aimed at the
         endpoint it gave, as cycling would pick one, unless it is up for us: then it gets
         a handshake where it is (it lost us, we did not lose it: our NAT may have
-        forgotten the mapping, and our handshake opens it again)."""
+        forgotten the mapping, and our handshake opens it again). So does a peer that
+        reached us through the relay and is not down there: our UDP may be blocked, and
+        the shell sends that handshake to its direct endpoints too."""
         offers = {}
         for affiliate in self.affiliates:
             info = affiliate.kubespan
@@ -241,7 +243,10 @@ class PeerController:
                 aims.setdefault(info.public_key, mapped)
         step = replace(step, punch=list(aims.items()))
         for key, endpoint in step.punch:
-            if statuses[key].state is PeerState.UP:
+            status = statuses[key]
+            if status.state is PeerState.UP or (
+                    status.state is PeerState.UNKNOWN and status.endpoint is not None
+                    and is_relayed(status.endpoint)):
                 continue
             self.facts.pop(key, None)
             statuses[key] = replace(statuses[key], state=PeerState.UNKNOWN, endpoint=endpoint,
