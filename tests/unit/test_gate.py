@@ -5,9 +5,13 @@ initiator and prove its retry; and no silent fallback in CI."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -35,6 +39,7 @@ PUBLIC = bytes(range(32))
 MAC1_KEY, COOKIE_KEY = mac1_key(PUBLIC), cookie_key(PUBLIC)
 SECRET = bytes(range(100, 132))
 SOURCE = socket.inet_aton("127.0.0.1") + (40000).to_bytes(2, "big")
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_compiled_module_is_used_when_required() -> None:
@@ -437,3 +442,60 @@ def test_a_handshake_anywhere_in_a_coalesced_receive_is_judged(
                                 COOKIE_KEY, SECRET, False, 0, 0, b"")
         assert [(item[0], item[3]) for item in got] == [(t, 0) for t in transport]
         assert counts == (0, 1, 0, 0, 0, 0)
+
+
+_READ_OUT_OF_MEMORY = """
+import json, socket, _testcapi
+from tests.unit.test_gate import COOKIE_KEY, MAC1_KEY, PUBLIC, SECRET, _initiation
+from uspan.daemon import gate
+from uspan.wg.cookie import CookieGenerator
+
+receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+receiver.bind(("127.0.0.1", 0))
+sender.bind(("127.0.0.1", 0))
+receiver.setblocking(False)
+sender.setblocking(False)
+buffer = bytearray(gate.BATCH * gate.BUFFER_SIZE)
+trials = []
+for nth in range(20):
+    for _ in range(2):  # no hand_up budget: both get a cookie reply from C
+        sender.sendto(_initiation(CookieGenerator(PUBLIC), 1.0), receiver.getsockname())
+    sender.sendto(bytes([4, 0, 0, 0]) + bytes(28), receiver.getsockname())  # goes up
+    try:
+        _testcapi.set_nomemory(nth, nth + 1)  # that one allocation fails, no other
+        try:
+            gate.read(receiver.fileno(), buffer, 1, 64, MAC1_KEY, COOKIE_KEY, SECRET,
+                      True, 0, 2, b"")
+        finally:
+            _testcapi.remove_mem_hooks()
+        raised = False
+    except MemoryError:
+        raised = True
+    replies = 0
+    for sock in (sender, receiver):  # count the replies; leave nothing for the next
+        while True:
+            try:
+                sock.recv(65535)
+            except BlockingIOError:
+                break
+            replies += sock is sender
+    trials.append((raised, replies))
+print(json.dumps(trials))
+"""
+
+
+@compiled
+def test_cookies_made_before_an_error_midway_are_still_sent() -> None:
+    """A read that fails midway (here a MemoryError handing up the datagram after two
+    answered with a cookie) still sends the replies it made: their datagrams are read
+    and the budget spent, and the caller sees only the exception. Each allocation of
+    the read is failed in turn, in a child process (``_testcapi.set_nomemory``)."""
+    pytest.importorskip("_testcapi")  # CPython's own test hooks (python3.11 has them)
+    done = subprocess.run([sys.executable, "-c", _READ_OUT_OF_MEMORY], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    trials = [tuple(trial) for trial in json.loads(done.stdout)]
+    assert trials[-1] == (False, 2)  # past the read's allocations: a whole read
+    assert (True, 2) in trials  # failed after the cookies: they went out
+    assert all(replies in (0, 2) for _, replies in trials)

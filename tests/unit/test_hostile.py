@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.unit.deviceinfo import device_info
 from tests.unit.wgnet import Net, ipv4_packet
 from uspan.wg.drops import Drop
 from uspan.wg.endpoint import Endpoint
@@ -41,7 +42,7 @@ def snapshot(node) -> tuple:
         index: (kp.send_counter, kp.replay._top, tuple(kp.replay._words))
         for index, kp in device.keypairs.items()
     }
-    return device.info(), sorted(device.handshakes), windows, peers
+    return device_info(device), sorted(device.handshakes), windows, peers
 
 
 NET, A, B, SAMPLE = established()

@@ -512,12 +512,13 @@ judge(Judge *j, const unsigned char *message, size_t len,
         }
         if (j->replies == NULL) {
             j->replies = PyMem_Malloc(sizeof(Replies));
+            if (j->replies != NULL)
+                j->replies->count = 0;  /* at once: the error path sends what is there */
             j->ctx = EVP_CIPHER_CTX_new();
             if (j->replies == NULL || j->ctx == NULL) {
                 PyErr_NoMemory();
                 return -1;
             }
-            j->replies->count = 0;
         }
         Replies *replies = j->replies;
         int r = replies->count;
@@ -584,6 +585,8 @@ gate_read(PyObject *module, PyObject *args)
                           &cookie_budget, &lane))
         return NULL;
     PyObject *result = NULL;
+    int ok = 0;
+    long truncated = 0;
     Judge j = {.fd = fd, .under_load = under_load, .hand_budget = hand_budget,
                .cookie_budget = cookie_budget, .secret = secret.buf,
                .cookie_key = cookie_key.buf, .lane = lane.buf, .lane_len = (size_t)lane.len};
@@ -596,7 +599,6 @@ gate_read(PyObject *module, PyObject *args)
     if (j.out == NULL)
         goto done;
     macs_init(&j.macs, mac1_key.buf, secret.buf);  /* secret NULL for None */
-    long truncated = 0;
     struct mmsghdr headers[BATCH];
     struct iovec iovecs[BATCH];
     struct sockaddr_storage addresses[BATCH];
@@ -651,11 +653,15 @@ gate_read(PyObject *module, PyObject *args)
         if (got < want)
             break;
     }
+    ok = 1;
+done:
+    /* On an error too (a MemoryError midway): the cookies made are budget spent, and
+       their datagrams are read; the caller then sees only the exception. */
     if (j.replies != NULL)
         j.failed += flush_replies(fd, j.replies);
-    result = Py_BuildValue("(O(llllll))", j.out, truncated, j.bad_mac1, j.handed,
-                           j.cookies_sent, j.dropped, j.failed);
-done:
+    if (ok)
+        result = Py_BuildValue("(O(llllll))", j.out, truncated, j.bad_mac1, j.handed,
+                               j.cookies_sent, j.dropped, j.failed);
     Py_XDECREF(j.out);
     PyMem_Free(j.replies);
     EVP_CIPHER_CTX_free(j.ctx);

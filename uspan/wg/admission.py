@@ -128,8 +128,7 @@ FLOOD_SHARE = 0.5
 # fall by BACKLOG_FALL (a full one would take 4 s to empty).
 SAMPLE_WINDOW = 0.25
 KEEP_STEP = 2.0 ** 0.25  # the sample's steps: it is within a fifth of its aim
-MAX_STEPS = 48  # MIN_KEEP = 2 ** -12
-MIN_KEEP = 2.0 ** -(MAX_STEPS // 4)
+MAX_STEPS = 48  # the sample's floor: KEEP_STEP ** -48 = 2 ** -12 (a newcomer's chance is never 0)
 DRAIN_SHARE = 0.75  # behind, the aim is this of what we drained (the queue then empties)
 MAX_TRUSTED = 64  # endpoints in the priority lane (the kernel filter checks each)
 TRUSTED_BURST = 2  # a lane endpoint's mac2-less handshakes at once, then one per interval

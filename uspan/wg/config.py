@@ -7,7 +7,6 @@ change first and applies it atomically, so a bad request leaves the device as it
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from uspan.wg.endpoint import Endpoint
@@ -59,28 +58,3 @@ class DeviceChange:
     fwmark: int | None = None
     replace_peers: bool = False
     peers: list[PeerChange] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class PeerInfo:
-    """What ``get=1`` reports of a peer."""
-
-    public_key: bytes
-    preshared_key: bytes
-    endpoint: Endpoint | None
-    last_handshake_wall: float | None  # Unix seconds, None = never
-    rx_bytes: int
-    tx_bytes: int
-    persistent_keepalive: int
-    allowed_ips: Sequence[str]  # as get=1 reports them: "10.0.0.0/24"
-
-
-@dataclass(slots=True)
-class DeviceInfo:
-    """What ``get=1`` reports of the device."""
-
-    private_key: bytes | None
-    public_key: bytes | None
-    listen_port: int
-    fwmark: int
-    peers: list[PeerInfo]

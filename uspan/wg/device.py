@@ -5,7 +5,7 @@ Surface (all times are monotonic seconds passed in by the caller):
 - ``apply(change, now) -> [(datagram, Endpoint)]``: configure atomically (UAPI ``set=1``,
   the mesh); raises ConfigError and then changes nothing. ``apply_steps`` is the same in
   slices, for a shell that must not stop everything else during a huge change.
-- ``info()``: the state ``get=1`` reports; ``get_steps`` renders the reply in slices.
+- ``get_steps(parts)``: the reply to ``get=1``, rendered in slices.
 - ``send(packets, now) -> [(datagram, Endpoint)]``: IP packets read from the TUN.
 - ``receive(datagrams, now) -> ([ip packet for the TUN], [(datagram, Endpoint)])``:
   datagrams read from UDP, each as ``(bytes, Endpoint)`` with the sticky source filled in.
@@ -39,9 +39,7 @@ from uspan.wg.allowedips import AllowedIPs
 from uspan.wg.config import (
     ConfigError,
     DeviceChange,
-    DeviceInfo,
     PeerChange,
-    PeerInfo,
     Prefix,
 )
 from uspan.wg.constants import (
@@ -326,28 +324,6 @@ class Device:
         peer.timer_seq = -1  # its queue entry is stale now: pruned with the superseded ones
         self.allowed_ips.remove_value(peer)
         del self.peers[peer.public_key]
-
-    def info(self) -> DeviceInfo:
-        """The device as ``get=1`` reports it, as values (the reply itself is made by
-        ``get_steps``)."""
-        wall_offset, texts = self.wall_offset, self.allowed_ips.texts
-        return DeviceInfo(
-            private_key=self.private_key,
-            public_key=self.public_key,
-            listen_port=self.listen_port,
-            fwmark=self.fwmark,
-            peers=[PeerInfo(
-                public_key=peer.public_key,
-                preshared_key=peer.preshared_key,
-                endpoint=peer.endpoint,
-                last_handshake_wall=(None if peer.last_handshake is None
-                                     else peer.last_handshake + wall_offset),
-                rx_bytes=peer.rx_bytes,
-                tx_bytes=peer.tx_bytes,
-                persistent_keepalive=peer.persistent_keepalive,
-                allowed_ips=texts(peer),
-            ) for peer in self.peers.values()],
-        )
 
     def get_steps(self, parts: uapi.GetParts) -> Iterator[None]:
         """The reply to ``get=1`` appended to ``parts`` (``uapi.get_pieces`` sends them),
