@@ -1,7 +1,8 @@
 /* uspan/csrc/segment.c as the data-plane thread uses it: with no Python in the build,
  * buffers and a workspace of its own, a flow-hash seed of its choosing. What the binding
  * cannot show: the seed (it changes no output, only where flows land in the table), the
- * error codes behind the binding's own checks, and that the file compiles alone.
+ * error codes behind the binding's own checks (and seg_cut's, under the sanitizers), and
+ * that the file compiles alone.
  *
  * Built and run by tests/unit/test_segment_library.py; prints "ok" and exits 0, or names
  * the first failed check and exits 1. The .c is included so that the seed's effect on
@@ -23,7 +24,7 @@
 enum { SEGMENTS = 45, STEP = 1368, V4_HDR = 52, V6_HDR = 48 };
 
 static unsigned char super4[V4_HDR + SEGMENTS * STEP], super6[V6_HDR + SEGMENTS * STEP];
-static unsigned char cut[SEGMENTS][1500], merged[65536];
+static unsigned char cut[SEGMENTS][1500], merged[65536], slots[SEGMENTS * 1500];
 
 /* A TCPv4 super-segment (ACK|PSH, 12 option bytes) or a UDPv6 one. */
 static void
@@ -114,6 +115,33 @@ main(void)
     CHECK(seg_split_init(&s, super4, sizeof super4, SIZE_MAX - 4, V4_HDR, 1, 0, 1)
           == SEG_EINVAL);
     CHECK(seg_split_init(&s, super4, V4_HDR, 20, V4_HDR, STEP, 0, 1) == 0 && s.count == 1);
+
+    /* The send side: a TSO read cut into sealing slots, 16 bytes of headroom each. */
+    seg_buf out[SEGMENTS];
+    unsigned char vnet[SEG_VNET_HDR_LEN] = {VIRTIO_NET_HDR_F_NEEDS_CSUM, GSO_TCPV4};
+    uint16_t fields[4] = {V4_HDR, STEP, 20, 16};
+    memcpy(vnet + 2, fields, sizeof fields);
+    CHECK(seg_cut(vnet, super4, sizeof super4, 1500, slots, 1500, 16, out, SEGMENTS)
+          == SEGMENTS);
+    CHECK(out[1].data == slots + 1516 && out[1].size == V4_HDR + STEP);
+    unsigned char *last[1] = {merged};
+    CHECK(seg_split_init(&s, super4, sizeof super4, 20, V4_HDR, STEP, 0, 1) == 0);
+    seg_split_build(&s, SEGMENTS - 1, 1, last); /* the same segment as seg_split cuts */
+    CHECK(!memcmp(out[SEGMENTS - 1].data, merged, V4_HDR + STEP));
+    CHECK(seg_cut(vnet, super4, sizeof super4, 1500, slots, 1500, 16, out, SEGMENTS - 1)
+          == SEG_ERANGE);
+    CHECK(seg_cut(vnet, super4, sizeof super4, 1500, slots, V4_HDR + STEP + 15, 16, out,
+                  SEGMENTS) == SEG_ERANGE);
+    CHECK(seg_cut(vnet, super4, 30, 1500, slots, 1500, 16, out, SEGMENTS) == SEG_EINVAL);
+    vnet[1] = 0; /* GSO_NONE: a partial checksum whose field lies past the end */
+    fields[2] = sizeof super4 - 10;
+    fields[3] = 9;
+    memcpy(vnet + 2, fields, sizeof fields);
+    CHECK(seg_cut(vnet, super4, sizeof super4, 1500, slots, sizeof slots, 0, out, 1)
+          == SEG_EINVAL);
+    fields[3] = 8;
+    memcpy(vnet + 2, fields, sizeof fields);
+    CHECK(seg_cut(vnet, super4, sizeof super4, 1500, slots, sizeof slots, 0, out, 1) == 1);
 
     /* A workspace never plans more packets than it holds; too large a one is refused. */
     CHECK(seg_merge_bytes((size_t)INT32_MAX) == 0 && seg_merge_bytes(0) > 0);

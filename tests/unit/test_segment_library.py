@@ -1,6 +1,7 @@
 """uspan/csrc/segment.c as a C library, built without Python (as the data-plane thread
-will build it) by tests/c/segment_test.c: split and merge over its own buffers, the
-flow-hash seed its caller chooses, the error codes. Under AddressSanitizer and UBSan."""
+will build it) by tests/c/segment_test.c: split, merge and the send side's cut over its
+own buffers, the flow-hash seed its caller chooses, the error codes. Under AddressSanitizer
+and UBSan."""
 
 from __future__ import annotations
 

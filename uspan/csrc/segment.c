@@ -164,6 +164,84 @@ seg_split_build(const seg_split *s, size_t first, size_t n, unsigned char *const
         build(s, first + i, out[i]);
 }
 
+/* --- a TUN read cut for sending ----------------------------------------------------------- */
+
+#define GSO_ECN 0x80
+
+/* gso._split's checks of a TCP/UDP super-segment: its IP and full header lengths and the
+ * payload step, or SEG_EINVAL. */
+static int
+super_segment(const unsigned char *packet, size_t len, unsigned flags, unsigned csum_start,
+              unsigned gso_size, size_t mtu, int v6, int tcp, seg_split *s)
+{
+    if (len < (v6 ? 40u : 20u) || packet[0] >> 4 != (v6 ? 6u : 4u))
+        return SEG_EINVAL;
+    size_t ip_len;
+    if (v6) {
+        ip_len = flags & VIRTIO_NET_HDR_F_NEEDS_CSUM ? csum_start : 40;
+        if (ip_len < 40)
+            return SEG_EINVAL;
+    } else {
+        ip_len = (size_t)(packet[0] & 0x0F) * 4;
+        if (ip_len < 20 || (flags & VIRTIO_NET_HDR_F_NEEDS_CSUM && csum_start != ip_len)
+            || packet[9] != (tcp ? PROTO_TCP : PROTO_UDP))
+            return SEG_EINVAL;
+    }
+    /* The transport header length comes from the packet: the kernel's hdr_len may cover
+     * the whole first segment on the forwarding path. */
+    size_t l4_len = tcp && len > ip_len + 12 ? (size_t)(packet[ip_len + 12] >> 4) * 4 : 8;
+    size_t hdr_len = ip_len + l4_len;
+    if ((tcp && l4_len < 20) || hdr_len > len)
+        return SEG_EINVAL;
+    /* TCP may be cut finer if the MTU shrank; UDP datagram boundaries are the sender's. */
+    size_t step = gso_size;
+    if (tcp && (mtu <= hdr_len || mtu - hdr_len < step))
+        step = mtu > hdr_len ? mtu - hdr_len : 0;
+    return seg_split_init(s, packet, len, ip_len, hdr_len, step, v6, tcp);
+}
+
+ptrdiff_t
+seg_cut(const unsigned char vnet[SEG_VNET_HDR_LEN], const unsigned char *packet, size_t len,
+        size_t mtu, unsigned char *out, size_t stride, size_t headroom, seg_buf *segments,
+        size_t max_segments)
+{
+    uint16_t fields[4]; /* hdr_len, gso_size, csum_start, csum_offset */
+    memcpy(fields, vnet + 2, sizeof fields);
+    unsigned flags = vnet[0], gso_type = vnet[1] & ~(unsigned)GSO_ECN;
+    if (gso_type == 0) { /* one packet, its partial checksum completed if it has one */
+        size_t at = (size_t)fields[2] + fields[3];
+        if (len > SEG_MAX_IP_PACKET || (flags & VIRTIO_NET_HDR_F_NEEDS_CSUM && at + 2 > len))
+            return SEG_EINVAL;
+        if (max_segments < 1 || headroom > stride || len > stride - headroom)
+            return SEG_ERANGE;
+        unsigned char *into = out + headroom;
+        memcpy(into, packet, len);
+        if (flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) {
+            size_t start = fields[2] < len ? fields[2] : len;
+            unsigned value = 0xFFFF - fold(sum_le(into + start, len - start));
+            put_le16(into + at, value ? value : 0xFFFF);
+        }
+        segments[0] = (seg_buf){into, len};
+        return 1;
+    }
+    int tcp = gso_type == GSO_TCPV4 || gso_type == GSO_TCPV6;
+    if (!tcp && gso_type != GSO_UDP_L4)
+        return SEG_EINVAL;
+    int v6 = tcp ? gso_type == GSO_TCPV6 : len > 0 && packet[0] >> 4 == 6;
+    seg_split s;
+    if (super_segment(packet, len, flags, fields[2], fields[1], mtu, v6, tcp, &s) < 0)
+        return SEG_EINVAL;
+    if (s.count > max_segments || headroom > stride
+        || seg_split_len(&s, 0) > stride - headroom)
+        return SEG_ERANGE;
+    for (size_t i = 0; i < s.count; i++) {
+        unsigned char *into = out + i * stride + headroom;
+        build(&s, i, into);
+        segments[i] = (seg_buf){into, seg_split_len(&s, i)};
+    }
+    return (ptrdiff_t)s.count;
+}
+
 /* --- merge ---------------------------------------------------------------------------- */
 
 static inline unsigned

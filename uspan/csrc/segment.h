@@ -77,6 +77,23 @@ seg_split_len(const seg_split *s, size_t index)
 SEG_API void seg_split_build(const seg_split *s, size_t first, size_t n,
                              unsigned char *const out[]);
 
+/* --- a TUN read cut for sending ------------------------------------------------------
+ *
+ * What the send side does with each read from a TUN with IFF_VNET_HDR and TSO/USO: the
+ * virtio_net_hdr and packet in, the packets to seal out, each at out + i * stride +
+ * headroom (headroom: room for the WireGuard header in front; stride: the room for one
+ * sealed message), described in segments[i]. The rules are uspan.daemon.gso.segment's:
+ * GSO_NONE is one packet (a partial checksum completed if NEEDS_CSUM); TCPV4/TCPV6
+ * (with or without ECN) and UDP_L4 are cut at gso_size, TCP finer if mtu - hdr_len is
+ * less (a UDP datagram is never re-cut); the transport header length is the packet's.
+ * Returns the number of segments; SEG_EINVAL for whatever gso.segment refuses (or a
+ * packet over 65535 bytes), SEG_ERANGE if the segments are more than max_segments or
+ * one does not fit in stride - headroom. */
+SEG_API ptrdiff_t seg_cut(const unsigned char vnet[SEG_VNET_HDR_LEN],
+                          const unsigned char *packet, size_t len, size_t mtu,
+                          unsigned char *out, size_t stride, size_t headroom,
+                          seg_buf *segments, size_t max_segments);
+
 /* --- merging received packets (GRO) ---------------------------------------------------
  *
  * A plan takes the packets of one batch in order and groups consecutive segments of

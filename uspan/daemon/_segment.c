@@ -179,6 +179,62 @@ done:
     return out;
 }
 
+PyDoc_STRVAR(cut_doc,
+"cut(vnet, packet, mtu, headroom, stride, max_segments, /) -> (bytes, [(offset, length)])\n\n"
+"segment.h's seg_cut, the data-plane thread's send side, for the tests: the output\n"
+"buffer (max_segments * stride bytes, zeroed first) and where each segment is in it.\n"
+"ValueError 'cut: malformed' for what gso.segment refuses, 'cut: no room' when the\n"
+"segments do not fit.");
+
+static PyObject *
+cut(PyObject *module, PyObject *args)
+{
+    Py_buffer vnet, packet;
+    Py_ssize_t mtu, headroom, stride, max_segments;
+    if (!PyArg_ParseTuple(args, "y*y*nnnn:cut", &vnet, &packet, &mtu, &headroom, &stride,
+                          &max_segments))
+        return NULL;
+    PyObject *out = NULL, *buffer = NULL, *places = NULL;
+    seg_buf *segments = NULL;
+    if (vnet.len != SEG_VNET_HDR_LEN || mtu < 0 || headroom < 0 || stride < 0
+        || max_segments < 0 || max_segments > 65536 || stride > 1 << 20) {
+        PyErr_SetString(PyExc_ValueError, "cut: bad arguments");
+        goto done;
+    }
+    buffer = PyBytes_FromStringAndSize(NULL, max_segments * stride);
+    segments = PyMem_Malloc((size_t)(max_segments ? max_segments : 1) * sizeof(seg_buf));
+    if (buffer == NULL || segments == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    unsigned char *base = (unsigned char *)PyBytes_AS_STRING(buffer);
+    memset(base, 0, (size_t)(max_segments * stride));
+    ptrdiff_t count = seg_cut(vnet.buf, packet.buf, (size_t)packet.len, (size_t)mtu, base,
+                              (size_t)stride, (size_t)headroom, segments, (size_t)max_segments);
+    if (count < 0) {
+        PyErr_SetString(PyExc_ValueError, count == SEG_EINVAL ? "cut: malformed" : "cut: no room");
+        goto done;
+    }
+    places = PyList_New(count);
+    for (ptrdiff_t i = 0; places != NULL && i < count; i++) {
+        PyObject *place = Py_BuildValue("(nn)", (Py_ssize_t)(segments[i].data - base),
+                                        (Py_ssize_t)segments[i].size);
+        if (place == NULL)
+            Py_CLEAR(places);
+        else
+            PyList_SET_ITEM(places, i, place);
+    }
+    if (places != NULL)
+        out = PyTuple_Pack(2, buffer, places);
+done:
+    Py_XDECREF(buffer);
+    Py_XDECREF(places);
+    PyMem_Free(segments);
+    PyBuffer_Release(&vnet);
+    PyBuffer_Release(&packet);
+    return out;
+}
+
 PyDoc_STRVAR(batches_doc,
 "batches(datagrams, max_bytes, max_segments) -> [(buffer, segment size)]\n\n"
 "gso.gso_batches in one pass: runs of datagrams as long as the first (the last may be\n"
@@ -260,6 +316,7 @@ static PyMethodDef module_methods[] = {
     {"batches", (PyCFunction)batches, METH_VARARGS, batches_doc},
     {"split", (PyCFunction)split, METH_VARARGS, split_doc},
     {"coalesce", (PyCFunction)coalesce, METH_VARARGS, coalesce_doc},
+    {"cut", (PyCFunction)cut, METH_VARARGS, cut_doc},
     {NULL, NULL, 0, NULL},
 };
 
