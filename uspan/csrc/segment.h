@@ -12,8 +12,9 @@
  * CHECKSUM_PARTIAL (its field holds the folded pseudo-header sum, and its virtio_net_hdr
  * asks the kernel to finish it), and every packet is verified before it is merged.
  *
- * Every function is compiled into each extension that includes this file's .c, with
- * hidden visibility: two extensions in one process never bind to each other's copy.
+ * segment.c is compiled into each extension that lists it among its sources, its
+ * functions with hidden visibility: two extensions in one process never bind to each
+ * other's copy.
  */
 #ifndef USPAN_SEGMENT_H
 #define USPAN_SEGMENT_H
@@ -33,9 +34,9 @@
 
 /* Return codes (negative: nothing was written). */
 #define SEG_EINVAL (-1) /* inconsistent lengths or header fields */
-#define SEG_ERANGE (-2) /* more packets than the workspace holds, or output too small */
+#define SEG_ERANGE (-2) /* more packets or segments than there is room for */
 
-/* A buffer: a packet to merge, or a segment cut into the caller's memory. */
+/* A buffer: a packet to merge (only read), or a segment cut into the caller's memory. */
 typedef struct {
     unsigned char *data;
     size_t size;
@@ -100,8 +101,9 @@ SEG_API ptrdiff_t seg_cut(const unsigned char vnet[SEG_VNET_HDR_LEN],
  * each flow (TCPv4, TCPv6, and with `udp` UDPv4/UDPv6 for USO) into runs by the rules
  * of uspan.daemon.gso._Run: same headers but for lengths, IPv4 ID and TCP sequence,
  * contiguous, equal payloads (the last may be shorter), at most 64 KiB (and 64 UDP
- * segments), checksums verified. Its items are the writes to the TUN, in order: a packet
- * passed through unchanged behind a zero virtio_net_hdr, or a merged run. */
+ * segments), checksums verified; `udp` only where the TUN accepted USO. Its items are
+ * the writes to the TUN, in order: a packet passed through unchanged behind a zero
+ * virtio_net_hdr, or a merged run. */
 typedef struct seg_merge seg_merge; /* opaque: flows, runs and the flow table */
 
 /* The bytes a workspace for `capacity` packets needs; 0 if that is too many. */

@@ -122,7 +122,8 @@ coalesce(PyObject *module, PyObject *args)
     if (list == NULL)
         return NULL;
     Py_ssize_t n = PyList_GET_SIZE(list);
-    /* One block: the packets' buffers, then the library's workspace. */
+    /* One block: the packets' buffers, then the library's workspace (after a whole
+     * number of seg_buf, so aligned for its pointers and sizes). */
     size_t count = (size_t)n, buffers_bytes = (count ? count : 1) * sizeof(seg_buf);
     size_t workspace = seg_merge_bytes(count);
     void *memory = workspace ? PyMem_Malloc(buffers_bytes + workspace) : NULL;
