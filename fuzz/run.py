@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 TARGETS = ["device", "uapi", "discovery_server", "discovery_client", "config", "labrecord",
-           "nodeapi", "gate"]
+           "nodeapi", "gate", "segment"]
 REPO = Path(__file__).resolve().parent.parent
 _STATUS = re.compile(r"^#(\d+)\s+(\w+)\s+cov: (\d+) ft: (\d+).*?rss: (\d+)Mb")
 

@@ -20,6 +20,7 @@ RUNS = {  # a few seconds each: the targets differ in speed by 100x
     "labrecord": 500,
     "nodeapi": 200,
     "gate": 2000,
+    "segment": 2000,
 }
 
 

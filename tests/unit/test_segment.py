@@ -152,3 +152,64 @@ def test_compiled_split_refuses_inconsistent_lengths() -> None:
         _segment.split(packet, 2**63 - 10, 60, 1, False, True)
     with pytest.raises(ValueError, match="inconsistent"):
         _segment.split(b"", 2**63 - 7, -(2**63) + 1, 2**63 - 1, False, False)
+
+
+@st.composite
+def tun_reads(draw: st.DrawFn) -> tuple[bytes, bytes, int]:
+    """A super-segment as ``super_segments`` makes it, with any virtio_net_hdr field or
+    the packet's version, protocol or length sometimes wrong."""
+    vnet, packet, mtu = draw(super_segments())
+    hdr = list(VirtioNetHdr._make(struct.unpack("=BBHHHH", vnet)))
+    data = bytearray(packet)
+    for _ in range(draw(st.integers(0, 2))):
+        what = draw(st.sampled_from(["none", "flags", "type", "start", "offset", "version",
+                                     "proto", "truncate", "mtu"]))
+        if what == "none":  # GSO_NONE, a partial checksum anywhere (or none)
+            hdr[:2] = [draw(st.integers(0, 1)), 0]
+            ends = st.sampled_from([max(len(data) - n, 0) for n in (-1, 0, 1, 2, 3)])
+            hdr[4:] = [draw(st.one_of(st.integers(0, len(data)), ends)),
+                       draw(st.integers(0, 30))]
+        elif what == "flags":
+            hdr[0] = draw(st.integers(0, 3))
+        elif what == "type":
+            hdr[1] = draw(st.sampled_from([0, 1, 3, 4, 5, 0x81, 0x84, 0x7F]))
+        elif what == "start":
+            hdr[4] = draw(st.integers(0, 120))
+        elif what == "offset":
+            hdr[5] = draw(st.integers(0, 120))
+        elif what == "version" and data:
+            data[0] = draw(st.integers(0, 255))
+        elif what == "proto" and len(data) > 9:
+            data[9] = draw(st.sampled_from([6, 17, 1]))
+        elif what == "truncate":
+            del data[draw(st.integers(0, len(data))):]
+        else:
+            mtu = draw(st.integers(0, 1600))
+    return struct.pack("=BBHHHH", *hdr), bytes(data), mtu
+
+
+@compiled
+@settings(max_examples=500, deadline=None)
+@given(tun_reads(), st.integers(0, 64))
+def test_cut_is_gso_segment(case: tuple[bytes, bytes, int], headroom: int) -> None:
+    """seg_cut, the plane's send side, cuts a TUN read as gso.segment does (the numpy
+    splitter: an independent reference), each segment at headroom + index * stride, and
+    refuses what it refuses; too few segments or too small a stride is "no room"."""
+    assert _segment is not None
+    vnet, packet, mtu = case
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(gso, "_segment", None)
+        try:
+            expected = gso.segment(vnet, packet, mtu)
+        except OffloadError:
+            with pytest.raises(ValueError, match="malformed"):
+                _segment.cut(vnet, packet, mtu, headroom, 2048, 64)
+            return
+    stride = headroom + max(map(len, expected)) + 16
+    buffer, places = _segment.cut(vnet, packet, mtu, headroom, stride, len(expected))
+    assert places == [(headroom + i * stride, len(part)) for i, part in enumerate(expected)]
+    assert [buffer[at : at + size] for at, size in places] == expected
+    with pytest.raises(ValueError, match="no room"):
+        _segment.cut(vnet, packet, mtu, headroom, stride, len(expected) - 1)
+    with pytest.raises(ValueError, match="no room"):
+        _segment.cut(vnet, packet, mtu, headroom, headroom + len(expected[0]) - 1, len(expected))

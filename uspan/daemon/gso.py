@@ -18,9 +18,10 @@ numpy: 0.25 us per 1368-byte segment against 2.05 us for ``from_bytes`` and ``%`
 (development VM, Python 3.11; ``sum(array('H'))`` is 10x slower still).
 
 Per-packet work is done per batch where it can be: ``segment`` checks a super-segment in
-Python, then builds its segments in C (``uspan/daemon/_segment.c``: header, payload chunk
-and checksums per segment, the GIL released), or, where that extension was not built,
-as numpy columns with the same bytes (``_split_numpy``). ``coalesce`` runs in C too
+Python, then builds its segments in C (the library ``uspan/csrc/segment.c`` through its
+binding ``_segment``: header, payload chunk and checksums per segment, the GIL released),
+or, where that extension was not built, as numpy columns with the same bytes
+(``_split_numpy``). ``coalesce`` runs in C too
 (``_segment.coalesce``: flows, checksum checks, the merge and the copies, the GIL
 released), else in Python with a stretch of equal-length segments of one flow checked as
 numpy rows (``_coalesce_python``), the same decisions and bytes. A line of Python per
