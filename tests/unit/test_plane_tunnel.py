@@ -111,3 +111,21 @@ def test_the_cores_calls_race_the_threads_carrying_traffic() -> None:
         _ping(a, b, INNER4[0], INNER4[1])
         _ping(b, a, INNER6[1], INNER6[0])
         assert a.plane.counters()["sealed"] > 100
+
+
+def test_a_tun_closed_under_the_thread_is_let_go() -> None:
+    """The far end of the TUN gone: the thread stops polling it (counted) instead of
+    spinning on the hang-up, and keeps serving the network."""
+    with tunnel() as (a, b):
+        a.tun.close()
+        deadline = time.monotonic() + 2
+        while a.plane.counters()["fd_errors"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        wakes = a.plane.counters()["wakes"]
+        time.sleep(0.2)
+        assert a.plane.counters()["fd_errors"] == 1
+        assert a.plane.counters()["wakes"] - wakes < 5  # not spinning
+        b.write_tun(packet(INNER4[1], INNER4[0]))
+        while a.plane.counters()["opened"] == 0 and time.monotonic() < deadline + 2:
+            time.sleep(0.01)
+        assert a.plane.counters()["opened"] == 1  # the network side still served

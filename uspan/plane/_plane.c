@@ -40,11 +40,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#define HEADER_SIZE 16
-#define TAG_SIZE 16
-#define KEY_SIZE 32
-#define NONCE_SIZE 12
-#define MSG_TRANSPORT 4
+#include "../wg/_transport.h" /* the message layout and sealing, as the core's _aead.c */
+
 #define INITIATION_SIZE 148
 #define RESPONSE_SIZE 92
 #define COOKIE_REPLY_SIZE 64
@@ -76,14 +73,14 @@ enum {
     C_BAD_INNER_PACKET, C_NOT_ALLOWED_SOURCE, C_NO_ROUTE, C_NO_ENDPOINT,
     C_TUN_READS, C_UDP_READS, C_WAKES, C_SEALED, C_OPENED, C_KEEPALIVES, C_PUNTS,
     C_PUNTS_DROPPED, C_EVENTS_DROPPED, C_ROAMS, C_CONFIRMED, C_SEND_ERRORS,
-    C_TUN_WRITE_ERRORS, C_COUNT
+    C_TUN_WRITE_ERRORS, C_FD_ERRORS, C_COUNT
 };
 static const char *counter_names[C_COUNT] = {
     "bad_length", "bad_type", "unknown_index", "expired_key", "decrypt_failed", "replay",
     "bad_inner_packet", "not_allowed_source", "no_route", "no_endpoint",
     "tun_reads", "udp_reads", "wakes", "sealed", "opened", "keepalives", "punts",
     "punts_dropped", "events_dropped", "roams", "confirmed", "send_errors",
-    "tun_write_errors"};
+    "tun_write_errors", "fd_errors"};
 
 static EVP_CIPHER *chacha20_poly1305;
 
@@ -236,33 +233,10 @@ count(Plane *p, int counter, uint64_t by)
     atomic_fetch_add_explicit(&p->counters[counter], by, memory_order_relaxed);
 }
 
-static void
-put_le32(unsigned char *o, uint32_t v)
-{
-    for (int i = 0; i < 4; i++)
-        o[i] = (unsigned char)(v >> (8 * i));
-}
-
-static void
-put_le64(unsigned char *o, uint64_t v)
-{
-    for (int i = 0; i < 8; i++)
-        o[i] = (unsigned char)(v >> (8 * i));
-}
-
 static uint32_t
 get_le32(const unsigned char *b)
 {
     return (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24;
-}
-
-static uint64_t
-get_le64(const unsigned char *b)
-{
-    uint64_t v = 0;
-    for (int i = 7; i >= 0; i--)
-        v = v << 8 | b[i];
-    return v;
 }
 
 static uint64_t
@@ -502,35 +476,21 @@ route_lookup(const Plane *p, const unsigned char *address, int size)
 
 /* --- Keypairs: sealing, opening, the replay window ----------------------------------- */
 
-/* The same rule as uspan.wg.messages.padded_length (and uspan/wg/_aead.c). */
-static size_t
-padded_length(size_t length, size_t mtu)
-{
-    size_t padded = (length + 15) & ~(size_t)15;
-    if (padded > mtu)
-        padded = length > mtu ? length : mtu;
-    return padded;
-}
-
 /* Seal the `length` bytes at message + HEADER_SIZE in place (room for padding and the
  * tag after them) with the keypair's next counter: the message's size, 0 on failure.
  * Under the peer's lock; the caller checked the counter is below REJECT. */
 static size_t
 seal_message(Keypair *k, unsigned char *message, size_t length, size_t mtu)
 {
-    unsigned char *body = message + HEADER_SIZE, nonce[NONCE_SIZE] = {0};
+    unsigned char nonce[NONCE_SIZE] = {0};
     size_t padded = padded_length(length, mtu);
-    int written;
-    memset(body + length, 0, padded - length);
+    memset(message + HEADER_SIZE + length, 0, padded - length);
     uint64_t counter = k->send_counter++;
     put_le32(message, MSG_TRANSPORT);
     put_le32(message + 4, k->remote_index);
     put_le64(message + 8, counter);
     put_le64(nonce + 4, counter);
-    if (!EVP_CipherInit_ex2(k->seal, NULL, NULL, nonce, 1, NULL)
-        || (padded && !EVP_EncryptUpdate(k->seal, body, &written, body, (int)padded))
-        || !EVP_EncryptFinal_ex(k->seal, body + padded, &written)
-        || !EVP_CIPHER_CTX_ctrl(k->seal, EVP_CTRL_AEAD_GET_TAG, TAG_SIZE, body + padded))
+    if (!seal_one(k->seal, nonce, message + HEADER_SIZE, (int)padded))
         return 0;
     return HEADER_SIZE + padded + TAG_SIZE;
 }
@@ -540,15 +500,7 @@ seal_message(Keypair *k, unsigned char *message, size_t length, size_t mtu)
 static int
 open_message(Keypair *k, const unsigned char *message, size_t size, unsigned char *plain)
 {
-    unsigned char nonce[NONCE_SIZE] = {0}, tag[TAG_SIZE];
-    int length = (int)(size - HEADER_SIZE - TAG_SIZE), written;
-    memcpy(nonce + 4, message + 8, 8);
-    memcpy(tag, message + size - TAG_SIZE, TAG_SIZE);
-    return EVP_CipherInit_ex2(k->open, NULL, NULL, nonce, 0, NULL)
-           && EVP_CIPHER_CTX_ctrl(k->open, EVP_CTRL_AEAD_SET_TAG, TAG_SIZE, tag)
-           && (length == 0
-               || EVP_DecryptUpdate(k->open, plain, &written, message + HEADER_SIZE, length))
-           && EVP_DecryptFinal_ex(k->open, plain + length, &written) > 0;
+    return open_one(k->open, message, (int)(size - HEADER_SIZE - TAG_SIZE), plain);
 }
 
 /* uspan.wg.replay.ReplayWindow.accept (RFC 6479). Under the peer's lock. */
@@ -596,10 +548,17 @@ replay_accept_run(Keypair *k, uint64_t first, uint64_t count)
     return 1;
 }
 
+/* A keypair's age at `now` (0 if `now` is before its creation: never negative). */
+static uint64_t
+age(const Keypair *k, uint64_t now)
+{
+    return now > k->created ? now - k->created : 0;
+}
+
 static int
 can_send(const Keypair *k, uint64_t now)
 {
-    return k && k->send_counter < REJECT_AFTER_MESSAGES && now - k->created < REJECT_AFTER_TIME;
+    return k && k->send_counter < REJECT_AFTER_MESSAGES && age(k, now) < REJECT_AFTER_TIME;
 }
 
 /* Hand a dropped keypair to the reclaimer (under the peer's lock). */
@@ -697,7 +656,7 @@ record_sent(Plane *p, Peer *peer, Keypair *k, uint64_t now, size_t size, int dat
         r->data_sent_since_received = now;
     r->tx_bytes += size;
     if (k == peer->current && (k->send_counter > REKEY_AFTER_MESSAGES
-                               || (k->initiator && now - k->created > REKEY_AFTER_TIME)))
+                               || (k->initiator && age(k, now) > REKEY_AFTER_TIME)))
         r->wants |= 1;
     mark_dirty(p, peer);
 }
@@ -719,7 +678,7 @@ record_received(Plane *p, Peer *peer, uint64_t now, size_t size, int data)
     }
     r->rx_bytes += size;
     Keypair *k = peer->current;
-    if (k && k->initiator && now - k->created > REKEY_ON_RECEIVE_AGE)
+    if (k && k->initiator && age(k, now) > REKEY_ON_RECEIVE_AGE)
         r->wants |= 2;
     mark_dirty(p, peer);
 }
@@ -953,7 +912,7 @@ receive_message(Plane *p, Batch *b, int i, Keypair *k, uint64_t now, size_t *inn
         count(p, C_UNKNOWN_INDEX, 1);
         return 0;
     }
-    if (now - k->created >= REJECT_AFTER_TIME) {
+    if (age(k, now) >= REJECT_AFTER_TIME) {
         count(p, C_EXPIRED_KEY, 1);
         return 0;
     }
@@ -1049,7 +1008,7 @@ read_tun(Plane *p, Batch *b)
     int n = 0;
     while (n < BATCH) {
         ssize_t got = read(p->tun_fd, b->data[n] + HEADER_SIZE, SLOT - HEADER_SIZE - 2 * TAG_SIZE);
-        if (got < 0)
+        if (got <= 0) /* drained (a TUN never reads empty: 0 is the other end gone) */
             break;
         b->size[n++] = (size_t)got;
     }
@@ -1237,6 +1196,11 @@ plane_run(void *arg)
             int fd = events[e].data.fd;
             if (fd == p->stop_fd)
                 return NULL;
+            if (events[e].events & EPOLLHUP) { /* the other end closed: stop polling it */
+                epoll_ctl(p->epoll_fd, EPOLL_CTL_DEL, fd, NULL);
+                count(p, C_FD_ERRORS, 1);
+                continue;
+            }
             atomic_fetch_add(&p->epoch, 1); /* odd: in a batch */
             uint64_t now = now_ns();
             if (fd == p->tun_fd) {
@@ -2048,17 +2012,25 @@ plane_accept_run(Plane *self, PyObject *args, PyObject *kwds)
     return PyBool_FromLong(ok);
 }
 
+/* seal's and open's arguments: the local index, and the list as a tuple of our own
+ * (reading an item may run Python code that changes the list); NULL with an exception. */
+static PyObject *
+index_and_items(Plane *self, PyObject *args, PyObject *kwds, char **kwlist, uint32_t *index)
+{
+    PyObject *index_arg, *list;
+    if (check_open(self) < 0
+        || !PyArg_ParseTupleAndKeywords(args, kwds, "OO", kwlist, &index_arg, &list)
+        || as_index(index_arg, index) < 0)
+        return NULL;
+    return PySequence_Tuple(list);
+}
+
 static PyObject *
 plane_seal(Plane *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"local_index", "packets", NULL};
-    PyObject *index_arg, *list;
     uint32_t index;
-    if (check_open(self) < 0
-        || !PyArg_ParseTupleAndKeywords(args, kwds, "OO", kwlist, &index_arg, &list)
-        || as_index(index_arg, &index) < 0)
-        return NULL;
-    PyObject *packets = PySequence_Tuple(list);
+    PyObject *packets = index_and_items(self, args, kwds, kwlist, &index);
     if (!packets)
         return NULL;
     Py_ssize_t n = PyTuple_GET_SIZE(packets);
@@ -2126,13 +2098,8 @@ static PyObject *
 plane_open(Plane *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"local_index", "datagrams", NULL};
-    PyObject *index_arg, *list;
     uint32_t index;
-    if (check_open(self) < 0
-        || !PyArg_ParseTupleAndKeywords(args, kwds, "OO", kwlist, &index_arg, &list)
-        || as_index(index_arg, &index) < 0)
-        return NULL;
-    PyObject *items = PySequence_Tuple(list);
+    PyObject *items = index_and_items(self, args, kwds, kwlist, &index);
     if (!items)
         return NULL;
     Py_ssize_t n = PyTuple_GET_SIZE(items);
@@ -2315,26 +2282,45 @@ plane_counters(Plane *self, PyObject *Py_UNUSED(ignored))
 
 /* Test hooks: the thread's steps run synchronously on given bytes at a given time. */
 
+/* A hook's arguments (a list of at most BATCH items, the time) as a tuple, and a batch
+ * to fill; NULL with an exception. */
+static Batch *
+hook_batch(Plane *self, PyObject *args, PyObject **items, unsigned long long *now)
+{
+    PyObject *list;
+    if (check_open(self) < 0 || !PyArg_ParseTuple(args, "OK", &list, now)
+        || !(*items = PySequence_Tuple(list)))
+        return NULL;
+    Batch *b = PyTuple_GET_SIZE(*items) <= BATCH ? malloc(sizeof *b) : NULL;
+    if (!b) {
+        Py_CLEAR(*items);
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_ValueError, "at most %d items", BATCH);
+    }
+    return b;
+}
+
+/* Run a step on the batch as the thread would (keypair pointers held as a slow call). */
+static void
+run_hook(Plane *self, void (*step)(Plane *, Batch *, int, uint64_t), Batch *b, int n,
+         uint64_t now)
+{
+    atomic_fetch_add(&self->slow_calls, 1);
+    Py_BEGIN_ALLOW_THREADS
+    step(self, b, n, now);
+    Py_END_ALLOW_THREADS
+    atomic_fetch_sub(&self->slow_calls, 1);
+}
+
 static PyObject *
 plane_tun_step(Plane *self, PyObject *args)
 {
-    PyObject *list;
+    PyObject *packets;
     unsigned long long now;
-    if (check_open(self) < 0 || !PyArg_ParseTuple(args, "OK", &list, &now))
-        return NULL;
-    PyObject *packets = PySequence_Tuple(list);
-    if (!packets)
+    Batch *b = hook_batch(self, args, &packets, &now);
+    if (!b)
         return NULL;
     Py_ssize_t n = PyTuple_GET_SIZE(packets);
-    if (n > BATCH) {
-        Py_DECREF(packets);
-        return PyErr_Format(PyExc_ValueError, "at most %d packets", BATCH);
-    }
-    Batch *b = malloc(sizeof *b);
-    if (!b) {
-        Py_DECREF(packets);
-        return PyErr_NoMemory();
-    }
     for (Py_ssize_t i = 0; i < n; i++) {
         char *data;
         Py_ssize_t size;
@@ -2350,11 +2336,7 @@ plane_tun_step(Plane *self, PyObject *args)
         b->size[i] = (size_t)size;
     }
     Py_DECREF(packets);
-    atomic_fetch_add(&self->slow_calls, 1);
-    Py_BEGIN_ALLOW_THREADS
-    tun_step(self, b, (int)n, now);
-    Py_END_ALLOW_THREADS
-    atomic_fetch_sub(&self->slow_calls, 1);
+    run_hook(self, tun_step, b, (int)n, now);
     PyObject *out = PyList_New(0);
     for (Py_ssize_t i = 0; out && i < n; i++) {
         if (!b->out[i])
@@ -2371,20 +2353,12 @@ plane_tun_step(Plane *self, PyObject *args)
 static PyObject *
 plane_udp_step(Plane *self, PyObject *args)
 {
-    PyObject *list;
+    PyObject *items;
     unsigned long long now;
-    if (check_open(self) < 0 || !PyArg_ParseTuple(args, "OK", &list, &now))
-        return NULL;
-    PyObject *items = PySequence_Tuple(list);
-    if (!items)
+    Batch *b = hook_batch(self, args, &items, &now);
+    if (!b)
         return NULL;
     Py_ssize_t n = PyTuple_GET_SIZE(items);
-    Batch *b = n <= BATCH ? malloc(sizeof *b) : NULL;
-    if (!b) {
-        Py_DECREF(items);
-        return n > BATCH ? PyErr_Format(PyExc_ValueError, "at most %d datagrams", BATCH)
-                         : PyErr_NoMemory();
-    }
     static char empty[1];
     Py_buffer none = {.buf = empty, .len = 0};
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -2412,11 +2386,7 @@ plane_udp_step(Plane *self, PyObject *args)
         }
     }
     Py_DECREF(items);
-    atomic_fetch_add(&self->slow_calls, 1);
-    Py_BEGIN_ALLOW_THREADS
-    udp_step(self, b, (int)n, now);
-    Py_END_ALLOW_THREADS
-    atomic_fetch_sub(&self->slow_calls, 1);
+    run_hook(self, udp_step, b, (int)n, now);
     PyObject *out = PyList_New(0);
     for (Py_ssize_t i = 0; out && i < n; i++)
         if (b->out[i] && append_new(out, PyBytes_FromStringAndSize(
