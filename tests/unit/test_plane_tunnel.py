@@ -13,7 +13,16 @@ import time
 
 import pytest
 
-from tests.unit.planekit import INNER4, INNER6, End, install_pair, packet, prefixes, tunnel
+from tests.unit.planekit import (
+    INNER4,
+    INNER6,
+    End,
+    address_of,
+    install_pair,
+    packet,
+    prefixes,
+    tunnel,
+)
 
 
 def _ping(sender: End, receiver: End, source: str, destination: str, n: int = 5) -> None:
@@ -129,3 +138,21 @@ def test_a_tun_closed_under_the_thread_is_let_go() -> None:
         while a.plane.counters()["opened"] == 0 and time.monotonic() < deadline + 2:
             time.sleep(0.01)
         assert a.plane.counters()["opened"] == 1  # the network side still served
+
+
+def test_new_sockets_after_a_rebind_carry_the_tunnel() -> None:
+    """set_sockets: after B rebinds, its thread reads and sends on the new socket (A is
+    told B's new endpoint, as the core would after a rebind)."""
+    with tunnel() as (a, b):
+        fresh = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        fresh.bind(("127.0.0.1", 0))
+        fresh.setblocking(False)
+        try:
+            b.plane.set_sockets([fresh.fileno()])
+            a.plane.set_endpoint(a.peer, *address_of(fresh))
+            _ping(a, b, INNER4[0], INNER4[1])
+            _ping(b, a, INNER4[1], INNER4[0])
+            assert b.plane.counters()["send_errors"] == 0
+        finally:
+            b.plane.set_sockets([])
+            fresh.close()

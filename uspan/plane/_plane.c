@@ -1560,9 +1560,11 @@ plane_remove_peer(Plane *self, PyObject *arg)
     Peer *peer;
     if (check_open(self) < 0 || !(peer = peer_of(self, arg)))
         return NULL;
+    Py_BEGIN_ALLOW_THREADS /* a scan of the route tables: milliseconds at a million */
     pthread_rwlock_wrlock(&self->routes_lock);
     clear_peer_routes(self, peer);
     pthread_rwlock_unlock(&self->routes_lock);
+    Py_END_ALLOW_THREADS
     /* Its keypairs: every installed one points at it. */
     Keypair *mine[64];
     for (;;) {
