@@ -871,6 +871,10 @@ classify(Plane *p, Batch *b, int i, uint32_t *index)
 {
     const unsigned char *d = b->data[i];
     size_t size = b->size[i];
+    if (size > SLOT) { /* cut by the kernel: longer than anything we take */
+        count(p, C_BAD_LENGTH, 1);
+        return 0;
+    }
     if (size >= 1 && d[0] == DEMUX_MARK) {
         punt(p, PUNT_UDP, UINT64_MAX, d, size, &b->addr[i], b->fd[i]);
         return 0;
@@ -891,7 +895,7 @@ classify(Plane *p, Batch *b, int i, uint32_t *index)
             punt(p, PUNT_UDP, UINT64_MAX, d, size, &b->addr[i], b->fd[i]);
         return 0;
     }
-    if (size < HEADER_SIZE + TAG_SIZE || size > SLOT) {
+    if (size < HEADER_SIZE + TAG_SIZE) {
         count(p, C_BAD_LENGTH, 1);
         return 0;
     }
