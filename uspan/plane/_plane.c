@@ -1,0 +1,2488 @@
+/* The data plane: established WireGuard sessions carried by a C thread without the GIL.
+ *
+ * Why: the trio shell's wake per packet batch costs ~270k instructions per ping; the
+ * protocol work is ~10k (branch plane, proto/DESIGN.md). This thread owns the
+ * per-packet state of the keypairs the core installs (send counters, replay windows,
+ * roaming, per-peer traffic records) and hands up what it does not handle (punts).
+ * The contract with the core is docs/dataplane.md.
+ *
+ * Layout: tables (peers, keypairs by local index, routes), the per-packet steps as
+ * plain functions over buffers (tun_step, udp_step: no Python, no I/O, callable
+ * synchronously), the thread (epoll, batched reads and sends around those steps), and
+ * the Python surface.
+ *
+ * Locks, always taken in this order and never across a syscall:
+ *   routes (rwlock) and index (rwlock) alone: lookups for a whole batch at once;
+ *   peer->lock: roles, keypair counters and windows, endpoint, record (the thread takes
+ *     it once per run of one peer in a batch);
+ *   index (write) inside peer->lock: install, drop, the thread's confirm of `next`;
+ *   news_lock inside peer->lock: dirty list, punt ring, events, the eventfd signal;
+ *   retire_lock innermost: keypairs waiting to be freed.
+ * Freed keypairs wait for the thread's next batch boundary (epoch): a batch that looked
+ * a keypair up keeps a valid pointer until it ends, and sees it dead under peer->lock.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <arpa/inet.h>
+#include <errno.h>
+#include <limits.h>
+#include <netinet/in.h>
+#include <openssl/evp.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "../wg/_transport.h" /* the message layout and sealing, as the core's _aead.c */
+
+#define INITIATION_SIZE 148
+#define RESPONSE_SIZE 92
+#define COOKIE_REPLY_SIZE 64
+#define DEMUX_MARK 0xFF
+#define BATCH 32
+#define MAX_MTU 9216
+#define SLOT (MAX_MTU + 128) /* one datagram or one packet with room to seal in place */
+#define PUNT_SLOTS 256
+#define EVENT_SLOTS 1024
+#define MAX_SOCKETS 8
+#define REPLAY_WORDS 128
+#define REPLAY_WINDOW (REPLAY_WORDS * 64 - 64)
+#define REKEY_AFTER_MESSAGES (1ULL << 60)
+#define REJECT_AFTER_MESSAGES (UINT64_MAX - (1ULL << 13)) /* 2^64 - 2^13 - 1 */
+#define NS 1000000000ULL
+#define REKEY_AFTER_TIME (120 * NS)
+#define REJECT_AFTER_TIME (180 * NS)
+#define REKEY_ON_RECEIVE_AGE ((180 - 10 - 5) * NS)
+#define PEER_CHUNK 1024
+#define PEER_CHUNKS 1024 /* up to a million peers */
+#define NO_SLOT UINT32_MAX
+
+enum { PUNT_TUN = 1, PUNT_UDP = 2, PUNT_EGRESS = 3 };
+enum { EVENT_CONFIRMED = 1 };
+
+/* Counters: the first ones are the core's Drop values, then the plane's own. */
+enum {
+    C_BAD_LENGTH, C_BAD_TYPE, C_UNKNOWN_INDEX, C_EXPIRED_KEY, C_DECRYPT_FAILED, C_REPLAY,
+    C_BAD_INNER_PACKET, C_NOT_ALLOWED_SOURCE, C_NO_ROUTE, C_NO_ENDPOINT,
+    C_TUN_READS, C_UDP_READS, C_WAKES, C_SEALED, C_OPENED, C_KEEPALIVES, C_PUNTS,
+    C_PUNTS_DROPPED, C_EVENTS_DROPPED, C_ROAMS, C_CONFIRMED, C_SEND_ERRORS,
+    C_TUN_WRITE_ERRORS, C_FD_ERRORS, C_COUNT
+};
+static const char *counter_names[C_COUNT] = {
+    "bad_length", "bad_type", "unknown_index", "expired_key", "decrypt_failed", "replay",
+    "bad_inner_packet", "not_allowed_source", "no_route", "no_endpoint",
+    "tun_reads", "udp_reads", "wakes", "sealed", "opened", "keepalives", "punts",
+    "punts_dropped", "events_dropped", "roams", "confirmed", "send_errors",
+    "tun_write_errors", "fd_errors"};
+
+static EVP_CIPHER *chacha20_poly1305;
+
+typedef union {
+    struct sockaddr sa;
+    struct sockaddr_in v4;
+    struct sockaddr_in6 v6;
+} Address;
+
+/* Where a peer's datagrams go (or a datagram came from). len 0: none. */
+typedef struct {
+    Address addr;
+    socklen_t len;
+    unsigned char local[16]; /* sticky source, local_len 0: none */
+    int local_len;
+    int ifindex;
+    int relayed;
+} Endpoint;
+
+typedef struct Keypair Keypair;
+typedef struct Peer Peer;
+
+struct Keypair {
+    uint32_t local_index, remote_index;
+    Peer *peer;
+    EVP_CIPHER_CTX *seal, *open;
+    uint64_t created;
+    int initiator;
+    int live; /* under peer->lock: 0 once dropped */
+    uint64_t send_counter;
+    uint64_t replay_top;
+    uint64_t replay[REPLAY_WORDS];
+    uint64_t retired_at; /* the epoch it was retired in */
+    Keypair *retired_next;
+};
+
+/* proto/timersync.py's TrafficRecord, times in ns (0: none), and the facts. */
+typedef struct {
+    uint64_t last_sent, last_received, data_sent_since_received, data_received_since_sent;
+    int data_received_again, data_received_before_sent;
+    uint64_t rx_bytes, tx_bytes;
+    int roamed;
+    Endpoint roam;
+    int wants;
+} Record;
+
+struct Peer {
+    pthread_mutex_t lock;
+    uint32_t slot, generation; /* generation: under lock, and the GIL for the core */
+    int live;
+    Keypair *previous, *current, *next;
+    Endpoint endpoint;
+    Record record;
+    int dirty;       /* under lock: the record has news */
+    int listed;      /* under news_lock: on the dirty list */
+    uint32_t dirty_next;
+    uint32_t free_next; /* under the GIL: the free list of slots */
+};
+
+/* Routes: one open-addressing table per family keyed by (length, network bits), and
+ * the count of prefixes of each length, so a lookup probes once per length present. */
+typedef struct {
+    uint64_t hi, lo; /* the network bits (IPv4: lo only) */
+    uint32_t slot, generation;
+    uint8_t length, used;
+} Route;
+
+typedef struct {
+    Route *entries;
+    size_t mask, count;
+    size_t lengths[129];
+    int width; /* 32 or 128 */
+} RouteTable;
+
+typedef struct {
+    Keypair **entries;
+    size_t mask, count;
+} IndexTable;
+
+typedef struct {
+    int kind;
+    uint64_t peer;
+    uint16_t length;
+    Endpoint source;
+    int fd;
+    unsigned char data[SLOT];
+} Punt;
+
+typedef struct {
+    int kind;
+    uint64_t peer;
+    uint32_t local_index;
+} Event;
+
+/* One batch's buffers: the thread's own, or a synchronous call's. */
+typedef struct {
+    unsigned char data[BATCH][SLOT];
+    size_t size[BATCH];
+    Endpoint addr[BATCH];   /* UDP: the source; TUN: where the sealed message goes */
+    int fd[BATCH];          /* UDP: the socket it came on */
+    uint64_t owner[BATCH];  /* peer (slot | generation << 32), or UINT64_MAX */
+    Keypair *keypair[BATCH];
+    size_t offset[BATCH];   /* where the outgoing bytes start in data */
+    size_t out[BATCH];      /* outgoing size, 0: nothing to send or write */
+} Batch;
+
+typedef struct {
+    PyObject_HEAD
+    int tun_fd;
+    int sockets[MAX_SOCKETS], families[MAX_SOCKETS];
+    int socket_count;
+    _Atomic int mtu;
+    int stop_fd, news_fd, epoll_fd;
+    pthread_t thread;
+    int running;
+    _Atomic uint64_t epoch; /* odd while the thread is in a batch */
+    _Atomic int slow_calls; /* Python calls holding keypair pointers without the GIL */
+    _Atomic uint64_t counters[C_COUNT];
+    pthread_mutex_t io_lock; /* the socket list */
+    _Atomic(Peer *) chunks[PEER_CHUNKS];
+    uint32_t peer_slots, free_slot;
+    pthread_rwlock_t routes_lock;
+    RouteTable routes4, routes6;
+    pthread_rwlock_t index_lock;
+    IndexTable index;
+    pthread_mutex_t news_lock;
+    int news;
+    uint32_t dirty_head;
+    Punt *punts;
+    int punt_head, punt_count;
+    Event events[EVENT_SLOTS];
+    int event_count;
+    pthread_mutex_t retire_lock;
+    Keypair *retired;
+    Batch *batch; /* the thread's */
+    int initialised;
+} Plane;
+
+static uint64_t
+now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * NS + (uint64_t)ts.tv_nsec;
+}
+
+static void
+count(Plane *p, int counter, uint64_t by)
+{
+    atomic_fetch_add_explicit(&p->counters[counter], by, memory_order_relaxed);
+}
+
+static uint32_t
+get_le32(const unsigned char *b)
+{
+    return (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24;
+}
+
+static uint64_t
+mix(uint64_t x)
+{
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ULL;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebULL;
+    return x ^ (x >> 31);
+}
+
+static uint64_t
+peer_id(const Peer *peer)
+{
+    return (uint64_t)peer->generation << 32 | peer->slot;
+}
+
+static Peer *
+peer_at(Plane *p, uint32_t slot)
+{
+    if (slot >= PEER_CHUNK * PEER_CHUNKS)
+        return NULL;
+    Peer *chunk = atomic_load_explicit(&p->chunks[slot / PEER_CHUNK], memory_order_acquire);
+    return chunk ? &chunk[slot % PEER_CHUNK] : NULL;
+}
+
+/* --- The index table: local index -> keypair (linear probing) ------------------------ */
+
+static size_t
+index_home(const IndexTable *t, uint32_t index)
+{
+    return (size_t)mix(index) & t->mask;
+}
+
+static Keypair *
+index_find(const IndexTable *t, uint32_t index)
+{
+    if (!t->entries)
+        return NULL;
+    for (size_t i = index_home(t, index);; i = (i + 1) & t->mask) {
+        Keypair *k = t->entries[i];
+        if (!k || k->local_index == index)
+            return k;
+    }
+}
+
+static int
+index_grow(IndexTable *t)
+{
+    size_t size = t->entries ? (t->mask + 1) * 2 : 64;
+    Keypair **entries = calloc(size, sizeof *entries);
+    if (!entries)
+        return -1;
+    IndexTable grown = {entries, size - 1, t->count};
+    for (size_t i = 0; t->entries && i <= t->mask; i++) {
+        Keypair *k = t->entries[i];
+        if (!k)
+            continue;
+        size_t j = index_home(&grown, k->local_index);
+        while (entries[j])
+            j = (j + 1) & grown.mask;
+        entries[j] = k;
+    }
+    free(t->entries);
+    *t = grown;
+    return 0;
+}
+
+static int
+index_add(IndexTable *t, Keypair *k)
+{
+    if ((!t->entries || (t->count + 1) * 4 > (t->mask + 1) * 3) && index_grow(t) < 0)
+        return -1;
+    size_t i = index_home(t, k->local_index);
+    while (t->entries[i])
+        i = (i + 1) & t->mask;
+    t->entries[i] = k;
+    t->count++;
+    return 0;
+}
+
+static void
+index_remove(IndexTable *t, uint32_t index)
+{
+    if (!t->entries)
+        return;
+    size_t i = index_home(t, index);
+    while (t->entries[i] && t->entries[i]->local_index != index)
+        i = (i + 1) & t->mask;
+    if (!t->entries[i])
+        return;
+    t->entries[i] = NULL;
+    t->count--;
+    /* Backward shift: entries after the hole move into it if their home allows. */
+    for (size_t j = (i + 1) & t->mask; t->entries[j]; j = (j + 1) & t->mask) {
+        size_t home = index_home(t, t->entries[j]->local_index);
+        if (((j - home) & t->mask) >= ((j - i) & t->mask)) {
+            t->entries[i] = t->entries[j];
+            t->entries[j] = NULL;
+            i = j;
+        }
+    }
+}
+
+/* --- Routes: longest prefix match ---------------------------------------------------- */
+
+static size_t
+route_home(const RouteTable *t, uint64_t hi, uint64_t lo, int length)
+{
+    return (size_t)mix(hi * 0x9e3779b97f4a7c15ULL ^ lo ^ (uint64_t)length << 56) & t->mask;
+}
+
+static Route *
+route_find(const RouteTable *t, uint64_t hi, uint64_t lo, int length)
+{
+    if (!t->entries)
+        return NULL;
+    for (size_t i = route_home(t, hi, lo, length);; i = (i + 1) & t->mask) {
+        Route *r = &t->entries[i];
+        if (!r->used)
+            return NULL;
+        if (r->length == length && r->lo == lo && r->hi == hi)
+            return r;
+    }
+}
+
+static int
+route_grow(RouteTable *t)
+{
+    size_t size = t->entries ? (t->mask + 1) * 2 : 1024;
+    Route *entries = calloc(size, sizeof *entries);
+    if (!entries)
+        return -1;
+    RouteTable grown = *t;
+    grown.entries = entries;
+    grown.mask = size - 1;
+    for (size_t i = 0; t->entries && i <= t->mask; i++) {
+        Route *r = &t->entries[i];
+        if (!r->used)
+            continue;
+        size_t j = route_home(&grown, r->hi, r->lo, r->length);
+        while (entries[j].used)
+            j = (j + 1) & grown.mask;
+        entries[j] = *r;
+    }
+    free(t->entries);
+    *t = grown;
+    return 0;
+}
+
+/* Insert or take over (hi, lo)/length for the peer; -1: no memory. */
+static int
+route_set(RouteTable *t, uint64_t hi, uint64_t lo, int length, const Peer *peer)
+{
+    Route *r = route_find(t, hi, lo, length);
+    if (!r) {
+        if ((!t->entries || (t->count + 1) * 4 > (t->mask + 1) * 3) && route_grow(t) < 0)
+            return -1;
+        size_t i = route_home(t, hi, lo, length);
+        while (t->entries[i].used)
+            i = (i + 1) & t->mask;
+        r = &t->entries[i];
+        r->hi = hi, r->lo = lo, r->length = (uint8_t)length, r->used = 1;
+        t->count++;
+        t->lengths[length]++;
+    }
+    r->slot = peer->slot;
+    r->generation = peer->generation;
+    return 0;
+}
+
+static void
+route_delete(RouteTable *t, Route *r)
+{
+    size_t i = (size_t)(r - t->entries);
+    t->lengths[r->length]--;
+    t->count--;
+    memset(r, 0, sizeof *r);
+    for (size_t j = (i + 1) & t->mask; t->entries[j].used; j = (j + 1) & t->mask) {
+        Route *e = &t->entries[j];
+        size_t home = route_home(t, e->hi, e->lo, e->length);
+        if (((j - home) & t->mask) >= ((j - i) & t->mask)) {
+            t->entries[i] = *e;
+            memset(e, 0, sizeof *e);
+            i = j;
+        }
+    }
+}
+
+/* The network bits of a 128-bit address (hi, lo) under a prefix of `length` of `width`. */
+static void
+network_bits(uint64_t hi, uint64_t lo, int width, int length, uint64_t *out_hi,
+             uint64_t *out_lo)
+{
+    int shift = width - length;
+    if (shift == 0) {
+        *out_hi = hi, *out_lo = lo;
+    } else if (shift >= 128) {
+        *out_hi = 0, *out_lo = 0;
+    } else if (shift >= 64) {
+        *out_hi = 0, *out_lo = hi >> (shift - 64);
+    } else {
+        *out_hi = hi >> shift;
+        *out_lo = lo >> shift | hi << (64 - shift);
+    }
+}
+
+/* The owner (slot | generation << 32) of the longest prefix holding the address (4 or 16
+ * bytes), or UINT64_MAX. Under routes_lock (read). */
+static uint64_t
+route_lookup(const Plane *p, const unsigned char *address, int size)
+{
+    const RouteTable *t = size == 4 ? &p->routes4 : &p->routes6;
+    uint64_t hi = 0, lo = 0;
+    if (size == 4) {
+        lo = (uint64_t)address[0] << 24 | address[1] << 16 | address[2] << 8 | address[3];
+    } else {
+        for (int i = 0; i < 8; i++) {
+            hi = hi << 8 | address[i];
+            lo = lo << 8 | address[8 + i];
+        }
+    }
+    if (!t->count)
+        return UINT64_MAX;
+    for (int length = t->width; length >= 0; length--) {
+        if (!t->lengths[length])
+            continue;
+        uint64_t bits_hi, bits_lo;
+        network_bits(hi, lo, t->width, length, &bits_hi, &bits_lo);
+        const Route *r = route_find(t, bits_hi, bits_lo, length);
+        if (r)
+            return (uint64_t)r->generation << 32 | r->slot;
+    }
+    return UINT64_MAX;
+}
+
+/* --- Keypairs: sealing, opening, the replay window ----------------------------------- */
+
+/* Seal the `length` bytes at message + HEADER_SIZE in place (room for padding and the
+ * tag after them) with the keypair's next counter: the message's size, 0 on failure.
+ * Under the peer's lock; the caller checked the counter is below REJECT. */
+static size_t
+seal_message(Keypair *k, unsigned char *message, size_t length, size_t mtu)
+{
+    unsigned char nonce[NONCE_SIZE] = {0};
+    size_t padded = padded_length(length, mtu);
+    memset(message + HEADER_SIZE + length, 0, padded - length);
+    uint64_t counter = k->send_counter++;
+    put_le32(message, MSG_TRANSPORT);
+    put_le32(message + 4, k->remote_index);
+    put_le64(message + 8, counter);
+    put_le64(nonce + 4, counter);
+    if (!seal_one(k->seal, nonce, message + HEADER_SIZE, (int)padded))
+        return 0;
+    return HEADER_SIZE + padded + TAG_SIZE;
+}
+
+/* Open a whole transport message (size >= 32) into plain (may be message +
+ * HEADER_SIZE): 1 if the tag is right. Under the peer's lock. */
+static int
+open_message(Keypair *k, const unsigned char *message, size_t size, unsigned char *plain)
+{
+    return open_one(k->open, message, (int)(size - HEADER_SIZE - TAG_SIZE), plain);
+}
+
+/* uspan.wg.replay.ReplayWindow.accept (RFC 6479). Under the peer's lock. */
+static int
+replay_accept(Keypair *k, uint64_t counter)
+{
+    uint64_t top = k->replay_top;
+    if (counter > top) {
+        if (counter >= REJECT_AFTER_MESSAGES)
+            return 0;
+        uint64_t index = counter >> 6, current = top >> 6, gap = index - current;
+        if (gap > REPLAY_WORDS)
+            gap = REPLAY_WORDS;
+        for (uint64_t i = 1; i <= gap; i++)
+            k->replay[(current + i) & (REPLAY_WORDS - 1)] = 0;
+        k->replay_top = counter;
+        k->replay[index & (REPLAY_WORDS - 1)] |= 1ULL << (counter & 63);
+        return 1;
+    }
+    if (top - counter > REPLAY_WINDOW)
+        return 0;
+    uint64_t bit = 1ULL << (counter & 63), *word = &k->replay[(counter >> 6) & (REPLAY_WORDS - 1)];
+    if (*word & bit)
+        return 0;
+    *word |= bit;
+    return 1;
+}
+
+/* ReplayWindow.accept_run: counters first .. first + count - 1 (count >= 1), all above
+ * the top, at once; else 0 and nothing changes. */
+static int
+replay_accept_run(Keypair *k, uint64_t first, uint64_t count)
+{
+    uint64_t last = first + count - 1;
+    if (first <= k->replay_top || count > REPLAY_WINDOW || last < first
+        || last >= REJECT_AFTER_MESSAGES)
+        return 0;
+    replay_accept(k, last);
+    for (uint64_t counter = first; counter < last;) {
+        uint64_t bit = counter & 63, span = 64 - bit < last - counter ? 64 - bit : last - counter;
+        uint64_t bits = span == 64 ? UINT64_MAX : ((1ULL << span) - 1) << bit;
+        k->replay[(counter >> 6) & (REPLAY_WORDS - 1)] |= bits;
+        counter += span;
+    }
+    return 1;
+}
+
+/* A keypair's age at `now` (0 if `now` is before its creation: never negative). */
+static uint64_t
+age(const Keypair *k, uint64_t now)
+{
+    return now > k->created ? now - k->created : 0;
+}
+
+static int
+can_send(const Keypair *k, uint64_t now)
+{
+    return k && k->send_counter < REJECT_AFTER_MESSAGES && age(k, now) < REJECT_AFTER_TIME;
+}
+
+/* Hand a dropped keypair to the reclaimer (under the peer's lock). */
+static void
+retire(Plane *p, Keypair *k)
+{
+    if (!k->live) /* the thread's confirm retired it first */
+        return;
+    pthread_rwlock_wrlock(&p->index_lock);
+    index_remove(&p->index, k->local_index);
+    pthread_rwlock_unlock(&p->index_lock);
+    k->live = 0;
+    Peer *peer = k->peer;
+    if (peer->previous == k)
+        peer->previous = NULL;
+    if (peer->current == k)
+        peer->current = NULL;
+    if (peer->next == k)
+        peer->next = NULL;
+    pthread_mutex_lock(&p->retire_lock);
+    k->retired_at = atomic_load(&p->epoch);
+    k->retired_next = p->retired;
+    p->retired = k;
+    pthread_mutex_unlock(&p->retire_lock);
+}
+
+static void
+free_keypair(Keypair *k)
+{
+    EVP_CIPHER_CTX_free(k->seal); /* the providers cleanse the keys */
+    EVP_CIPHER_CTX_free(k->open);
+    OPENSSL_cleanse(k, sizeof *k);
+    free(k);
+}
+
+/* Free the retired keypairs no batch or slow call can still hold (`all`: at close). */
+static void
+reclaim(Plane *p, int all)
+{
+    if (!all && atomic_load(&p->slow_calls))
+        return;
+    uint64_t epoch = atomic_load(&p->epoch);
+    pthread_mutex_lock(&p->retire_lock);
+    Keypair **link = &p->retired;
+    while (*link) {
+        Keypair *k = *link;
+        if (all || k->retired_at % 2 == 0 || epoch > k->retired_at) {
+            *link = k->retired_next;
+            free_keypair(k);
+        } else {
+            link = &k->retired_next;
+        }
+    }
+    pthread_mutex_unlock(&p->retire_lock);
+}
+
+/* --- News for the core: records, punts, events --------------------------------------- */
+
+/* The first news since the last collect signals the eventfd (under news_lock). */
+static void
+signal_news(Plane *p)
+{
+    if (p->news)
+        return;
+    p->news = 1;
+    uint64_t one = 1;
+    if (write(p->news_fd, &one, sizeof one) < 0) { /* saturated: already readable */ }
+}
+
+/* The peer's record has news (under its lock). */
+static void
+mark_dirty(Plane *p, Peer *peer)
+{
+    if (peer->dirty)
+        return;
+    peer->dirty = 1;
+    pthread_mutex_lock(&p->news_lock);
+    if (!peer->listed) {
+        peer->listed = 1;
+        peer->dirty_next = p->dirty_head;
+        p->dirty_head = peer->slot;
+    }
+    signal_news(p);
+    pthread_mutex_unlock(&p->news_lock);
+}
+
+/* Recorder.sent of proto/timersync.py, and the send side's rekey wish. */
+static void
+record_sent(Plane *p, Peer *peer, Keypair *k, uint64_t now, size_t size, int data)
+{
+    Record *r = &peer->record;
+    r->last_sent = now;
+    r->data_received_since_sent = 0;
+    if (data && !r->data_sent_since_received)
+        r->data_sent_since_received = now;
+    r->tx_bytes += size;
+    if (k == peer->current && (k->send_counter > REKEY_AFTER_MESSAGES
+                               || (k->initiator && age(k, now) > REKEY_AFTER_TIME)))
+        r->wants |= 1;
+    mark_dirty(p, peer);
+}
+
+/* Recorder.received, and the receive side's rekey wish. */
+static void
+record_received(Plane *p, Peer *peer, uint64_t now, size_t size, int data)
+{
+    Record *r = &peer->record;
+    r->last_received = now;
+    r->data_sent_since_received = 0;
+    if (data) {
+        if (!r->data_received_since_sent)
+            r->data_received_since_sent = now;
+        else
+            r->data_received_again = 1;
+        if (!r->last_sent)
+            r->data_received_before_sent = 1;
+    }
+    r->rx_bytes += size;
+    Keypair *k = peer->current;
+    if (k && k->initiator && age(k, now) > REKEY_ON_RECEIVE_AGE)
+        r->wants |= 2;
+    mark_dirty(p, peer);
+}
+
+static void
+punt(Plane *p, int kind, uint64_t peer, const unsigned char *data, size_t size,
+     const Endpoint *source, int fd)
+{
+    count(p, C_PUNTS, 1);
+    pthread_mutex_lock(&p->news_lock);
+    if (p->punt_count == PUNT_SLOTS || size > SLOT) {
+        pthread_mutex_unlock(&p->news_lock);
+        count(p, C_PUNTS_DROPPED, 1);
+        return;
+    }
+    Punt *slot = &p->punts[(p->punt_head + p->punt_count++) % PUNT_SLOTS];
+    slot->kind = kind;
+    slot->peer = peer;
+    slot->length = (uint16_t)size;
+    memcpy(slot->data, data, size);
+    if (source)
+        slot->source = *source;
+    else
+        memset(&slot->source, 0, sizeof slot->source);
+    slot->fd = fd;
+    signal_news(p);
+    pthread_mutex_unlock(&p->news_lock);
+}
+
+static void
+event(Plane *p, int kind, uint64_t peer, uint32_t local_index)
+{
+    pthread_mutex_lock(&p->news_lock);
+    if (p->event_count == EVENT_SLOTS) {
+        count(p, C_EVENTS_DROPPED, 1);
+    } else {
+        p->events[p->event_count++] = (Event){kind, peer, local_index};
+        signal_news(p);
+    }
+    pthread_mutex_unlock(&p->news_lock);
+}
+
+/* --- The per-packet steps ------------------------------------------------------------ */
+
+/* An inner packet's routing address (destination, or source with `source`): its size
+ * (4 or 16) and *address, or 0 if the packet is not a whole enough IP header. */
+static int
+inner_address(const unsigned char *packet, size_t size, int source,
+              const unsigned char **address)
+{
+    int version = size ? packet[0] >> 4 : 0;
+    if (version == 4 && size >= 20) {
+        *address = packet + (source ? 12 : 16);
+        return 4;
+    }
+    if (version == 6 && size >= 40) {
+        *address = packet + (source ? 8 : 24);
+        return 16;
+    }
+    return 0;
+}
+
+/* The IP packet's own length inside a padded plaintext, or 0 if it is not whole. */
+static size_t
+inner_length(const unsigned char *plain, size_t size)
+{
+    int version = size ? plain[0] >> 4 : 0;
+    size_t total;
+    if (version == 4 && size >= 20) {
+        total = (size_t)(plain[2] << 8 | plain[3]);
+        return total >= 20 && total <= size ? total : 0;
+    }
+    if (version == 6 && size >= 40) {
+        total = 40 + (size_t)(plain[4] << 8 | plain[5]);
+        return total <= size ? total : 0;
+    }
+    return 0;
+}
+
+static int
+same_endpoint(const Endpoint *a, const Endpoint *b)
+{
+    if (a->len != b->len || a->local_len != b->local_len || a->ifindex != b->ifindex
+        || a->relayed != b->relayed || memcmp(a->local, b->local, (size_t)a->local_len))
+        return 0;
+    if (a->addr.sa.sa_family == AF_INET)
+        return b->addr.sa.sa_family == AF_INET && a->addr.v4.sin_port == b->addr.v4.sin_port
+               && a->addr.v4.sin_addr.s_addr == b->addr.v4.sin_addr.s_addr;
+    return b->addr.sa.sa_family == AF_INET6 && a->addr.v6.sin6_port == b->addr.v6.sin6_port
+           && !memcmp(&a->addr.v6.sin6_addr, &b->addr.v6.sin6_addr, 16);
+}
+
+static Peer *
+owner_peer(Plane *p, uint64_t owner)
+{
+    return owner == UINT64_MAX ? NULL : peer_at(p, (uint32_t)owner);
+}
+
+/* TUN -> UDP: b->size[i] bytes of inner packet at b->data[i] + HEADER_SIZE for i < n.
+ * Each is routed, sealed in place (offset 0, out = size) with its peer's current
+ * keypair and addressed (b->addr), or dropped, or punted. */
+static void
+tun_step(Plane *p, Batch *b, int n, uint64_t now)
+{
+    size_t mtu = (size_t)atomic_load_explicit(&p->mtu, memory_order_relaxed);
+    pthread_rwlock_rdlock(&p->routes_lock);
+    for (int i = 0; i < n; i++) {
+        const unsigned char *address = NULL;
+        int size = inner_address(b->data[i] + HEADER_SIZE, b->size[i], 0, &address);
+        b->out[i] = 0;
+        b->owner[i] = size ? route_lookup(p, address, size) : UINT64_MAX;
+        if (!size)
+            count(p, C_BAD_INNER_PACKET, 1);
+        else if (b->owner[i] == UINT64_MAX)
+            count(p, C_NO_ROUTE, 1);
+    }
+    pthread_rwlock_unlock(&p->routes_lock);
+    for (int i = 0; i < n;) {
+        uint64_t owner = b->owner[i];
+        int end = i + 1;
+        while (end < n && b->owner[end] == owner)
+            end++;
+        Peer *peer = owner_peer(p, owner);
+        if (peer) {
+            pthread_mutex_lock(&peer->lock);
+            if (!peer->live || peer->generation != owner >> 32) {
+                count(p, C_NO_ROUTE, (uint64_t)(end - i));
+            } else {
+                for (int j = i; j < end; j++) {
+                    Keypair *k = peer->current;
+                    unsigned char *message = b->data[j];
+                    if (!can_send(k, now)) {
+                        punt(p, PUNT_TUN, owner, message + HEADER_SIZE, b->size[j], NULL, -1);
+                        continue;
+                    }
+                    if (!peer->endpoint.len && !peer->endpoint.relayed) {
+                        count(p, C_NO_ENDPOINT, 1);
+                        continue;
+                    }
+                    size_t size = seal_message(k, message, b->size[j], mtu);
+                    if (!size) {
+                        count(p, C_SEND_ERRORS, 1);
+                        continue;
+                    }
+                    count(p, C_SEALED, 1);
+                    record_sent(p, peer, k, now, size, 1);
+                    if (peer->endpoint.relayed) {
+                        punt(p, PUNT_EGRESS, owner, message, size, NULL, -1);
+                        continue;
+                    }
+                    b->addr[j] = peer->endpoint;
+                    b->offset[j] = 0;
+                    b->out[j] = size;
+                }
+            }
+            pthread_mutex_unlock(&peer->lock);
+        }
+        i = end;
+    }
+}
+
+/* The peer's new endpoint after an authentic packet from elsewhere (under its lock). */
+static void
+roam(Plane *p, Peer *peer, const Endpoint *source)
+{
+    peer->endpoint = *source;
+    peer->record.roamed = 1;
+    peer->record.roam = *source;
+    count(p, C_ROAMS, 1);
+}
+
+/* The first authentic packet under `next`: it becomes current (Peer.confirm_next). */
+static void
+confirm_next(Plane *p, Peer *peer)
+{
+    Keypair *next = peer->next;
+    if (peer->previous)
+        retire(p, peer->previous);
+    peer->previous = peer->current;
+    peer->current = next;
+    peer->next = NULL;
+    count(p, C_CONFIRMED, 1);
+    event(p, EVENT_CONFIRMED, peer_id(peer), next->local_index);
+}
+
+/* One datagram's first look: 1 if it is a transport message to open (index in
+ * *index), else 0 after punting or counting it. */
+static int
+classify(Plane *p, Batch *b, int i, uint32_t *index)
+{
+    const unsigned char *d = b->data[i];
+    size_t size = b->size[i];
+    if (size > SLOT) { /* cut by the kernel: longer than anything we take */
+        count(p, C_BAD_LENGTH, 1);
+        return 0;
+    }
+    if (size >= 1 && d[0] == DEMUX_MARK) {
+        punt(p, PUNT_UDP, UINT64_MAX, d, size, &b->addr[i], b->fd[i]);
+        return 0;
+    }
+    if (size < 4) {
+        count(p, C_BAD_LENGTH, 1);
+        return 0;
+    }
+    if (d[1] || d[2] || d[3] || d[0] < 1 || d[0] > MSG_TRANSPORT) {
+        count(p, C_BAD_TYPE, 1);
+        return 0;
+    }
+    static const size_t sizes[] = {0, INITIATION_SIZE, RESPONSE_SIZE, COOKIE_REPLY_SIZE};
+    if (d[0] != MSG_TRANSPORT) {
+        if (size != sizes[d[0]])
+            count(p, C_BAD_LENGTH, 1);
+        else
+            punt(p, PUNT_UDP, UINT64_MAX, d, size, &b->addr[i], b->fd[i]);
+        return 0;
+    }
+    if (size < HEADER_SIZE + TAG_SIZE) {
+        count(p, C_BAD_LENGTH, 1);
+        return 0;
+    }
+    *index = get_le32(d + 4);
+    return 1;
+}
+
+/* One transport message of an installed keypair, under its peer's lock: opened in
+ * place, replay-checked, roaming and confirming; 1 and the inner packet's size in
+ * *inner (0: a keepalive) when authentic and fresh. */
+static int
+receive_message(Plane *p, Batch *b, int i, Keypair *k, uint64_t now, size_t *inner)
+{
+    unsigned char *d = b->data[i];
+    size_t size = b->size[i];
+    Peer *peer = k->peer;
+    if (!k->live) {
+        count(p, C_UNKNOWN_INDEX, 1);
+        return 0;
+    }
+    if (age(k, now) >= REJECT_AFTER_TIME) {
+        count(p, C_EXPIRED_KEY, 1);
+        return 0;
+    }
+    if (!open_message(k, d, size, d + HEADER_SIZE)) {
+        count(p, C_DECRYPT_FAILED, 1);
+        return 0;
+    }
+    count(p, C_OPENED, 1);
+    if (!replay_accept(k, get_le64(d + 8))) {
+        count(p, C_REPLAY, 1);
+        return 0;
+    }
+    if (!same_endpoint(&b->addr[i], &peer->endpoint))
+        roam(p, peer, &b->addr[i]);
+    if (k == peer->next)
+        confirm_next(p, peer);
+    size_t plain = size - HEADER_SIZE - TAG_SIZE;
+    record_received(p, peer, now, size, plain > 0);
+    if (!plain) {
+        count(p, C_KEEPALIVES, 1);
+        return 0;
+    }
+    *inner = inner_length(d + HEADER_SIZE, plain);
+    if (!*inner) {
+        count(p, C_BAD_INNER_PACKET, 1);
+        return 0;
+    }
+    return 1;
+}
+
+/* UDP -> TUN: b->size[i] bytes of datagram at b->data[i] from b->addr[i] on b->fd[i].
+ * Transport messages are opened in place and their inner packets, when their source is
+ * routed to the sending peer, marked for the TUN (offset HEADER_SIZE, out = size);
+ * handshake and demux datagrams punted; the rest counted. */
+static void
+udp_step(Plane *p, Batch *b, int n, uint64_t now)
+{
+    uint32_t index[BATCH];
+    int transport[BATCH];
+    for (int i = 0; i < n; i++) {
+        b->out[i] = 0;
+        b->keypair[i] = NULL;
+        transport[i] = classify(p, b, i, &index[i]);
+    }
+    pthread_rwlock_rdlock(&p->index_lock);
+    for (int i = 0; i < n; i++)
+        if (transport[i] && !(b->keypair[i] = index_find(&p->index, index[i])))
+            count(p, C_UNKNOWN_INDEX, 1);
+    pthread_rwlock_unlock(&p->index_lock);
+    for (int i = 0; i < n;) {
+        Keypair *k = b->keypair[i];
+        int end = i + 1;
+        if (k) {
+            Peer *peer = k->peer;
+            while (end < n && b->keypair[end] && b->keypair[end]->peer == peer)
+                end++;
+            pthread_mutex_lock(&peer->lock);
+            for (int j = i; j < end; j++) {
+                size_t inner;
+                b->owner[j] = UINT64_MAX;
+                if (receive_message(p, b, j, b->keypair[j], now, &inner)) {
+                    b->owner[j] = peer_id(peer);
+                    b->offset[j] = HEADER_SIZE;
+                    b->out[j] = inner;
+                }
+            }
+            pthread_mutex_unlock(&peer->lock);
+        }
+        i = end;
+    }
+    /* The inner sources, all under one read of the routes. */
+    pthread_rwlock_rdlock(&p->routes_lock);
+    for (int i = 0; i < n; i++) {
+        const unsigned char *address = NULL;
+        if (!b->out[i])
+            continue;
+        int size = inner_address(b->data[i] + HEADER_SIZE, b->out[i], 1, &address);
+        if (route_lookup(p, address, size) != b->owner[i]) {
+            count(p, C_NOT_ALLOWED_SOURCE, 1);
+            b->out[i] = 0;
+        }
+    }
+    pthread_rwlock_unlock(&p->routes_lock);
+}
+
+/* --- The thread: reads, the steps, sends and writes ---------------------------------- */
+
+/* The TUN is read packet by packet (a later vnet header goes in front of the packet:
+ * this read is where it is taken off). */
+static int
+read_tun(Plane *p, Batch *b)
+{
+    int n = 0;
+    while (n < BATCH) {
+        ssize_t got = read(p->tun_fd, b->data[n] + HEADER_SIZE, SLOT - HEADER_SIZE - 2 * TAG_SIZE);
+        if (got <= 0) /* drained (a TUN never reads empty: 0 is the other end gone) */
+            break;
+        b->size[n++] = (size_t)got;
+    }
+    count(p, C_TUN_READS, (uint64_t)n);
+    return n;
+}
+
+static void
+write_tun(Plane *p, Batch *b, int n)
+{
+    for (int i = 0; i < n; i++)
+        if (b->out[i] && write(p->tun_fd, b->data[i] + b->offset[i], b->out[i]) < 0)
+            count(p, C_TUN_WRITE_ERRORS, 1);
+}
+
+static int
+socket_for(Plane *p, int family)
+{
+    for (int i = 0; i < p->socket_count; i++)
+        if (p->families[i] == family)
+            return p->sockets[i];
+    return -1;
+}
+
+typedef union {
+    char buffer[CMSG_SPACE(sizeof(struct in6_pktinfo))];
+    struct cmsghdr align;
+} Control;
+
+/* A sticky source as IP_PKTINFO / IPV6_PKTINFO. */
+static socklen_t
+sticky_source(const Endpoint *e, Control *control)
+{
+    if (!e->local_len && !e->ifindex)
+        return 0;
+    struct cmsghdr *c = (struct cmsghdr *)control->buffer;
+    if (e->addr.sa.sa_family == AF_INET) {
+        struct in_pktinfo info = {0};
+        info.ipi_ifindex = e->ifindex;
+        if (e->local_len == 4)
+            memcpy(&info.ipi_spec_dst, e->local, 4);
+        c->cmsg_level = IPPROTO_IP;
+        c->cmsg_type = IP_PKTINFO;
+        c->cmsg_len = CMSG_LEN(sizeof info);
+        memcpy(CMSG_DATA(c), &info, sizeof info);
+        return CMSG_SPACE(sizeof info);
+    }
+    struct in6_pktinfo info = {0};
+    info.ipi6_ifindex = (unsigned)e->ifindex;
+    if (e->local_len == 16)
+        memcpy(&info.ipi6_addr, e->local, 16);
+    c->cmsg_level = IPPROTO_IPV6;
+    c->cmsg_type = IPV6_PKTINFO;
+    c->cmsg_len = CMSG_LEN(sizeof info);
+    memcpy(CMSG_DATA(c), &info, sizeof info);
+    return CMSG_SPACE(sizeof info);
+}
+
+/* The sealed messages to their endpoints, sendmmsg per run of one socket; a full
+ * buffer is waited out briefly (the thread's one blocking send). */
+static void
+send_udp(Plane *p, Batch *b, int n, const int fds[2])
+{
+    struct mmsghdr msgs[BATCH];
+    struct iovec iov[BATCH];
+    Control control[BATCH];
+    int fd_of[BATCH], m = 0;
+    for (int i = 0; i < n; i++) {
+        if (!b->out[i])
+            continue;
+        int fd = fds[b->addr[i].addr.sa.sa_family == AF_INET6];
+        if (fd < 0) {
+            count(p, C_SEND_ERRORS, 1);
+            continue;
+        }
+        iov[m] = (struct iovec){b->data[i] + b->offset[i], b->out[i]};
+        memset(&msgs[m], 0, sizeof msgs[m]);
+        msgs[m].msg_hdr.msg_iov = &iov[m];
+        msgs[m].msg_hdr.msg_iovlen = 1;
+        msgs[m].msg_hdr.msg_name = &b->addr[i].addr;
+        msgs[m].msg_hdr.msg_namelen = b->addr[i].len;
+        socklen_t space = sticky_source(&b->addr[i], &control[m]);
+        if (space) {
+            msgs[m].msg_hdr.msg_control = control[m].buffer;
+            msgs[m].msg_hdr.msg_controllen = space;
+        }
+        fd_of[m++] = fd;
+    }
+    for (int i = 0; i < m;) {
+        int end = i + 1, waited = 0;
+        while (end < m && fd_of[end] == fd_of[i])
+            end++;
+        while (i < end) {
+            int sent = sendmmsg(fd_of[i], msgs + i, (unsigned)(end - i), 0);
+            if (sent > 0) {
+                i += sent;
+            } else if (sent < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) && !waited) {
+                struct pollfd w = {fd_of[i], POLLOUT, 0};
+                poll(&w, 1, 100);
+                waited = 1;
+            } else {
+                count(p, C_SEND_ERRORS, 1); /* this one fails (e.g. unreachable): skip it */
+                i++;
+            }
+        }
+    }
+}
+
+/* The source of a received datagram, with IP_PKTINFO / IPV6_PKTINFO when enabled. */
+static void
+source_of(Endpoint *e, struct msghdr *h)
+{
+    e->len = h->msg_namelen;
+    e->local_len = 0;
+    e->ifindex = 0;
+    e->relayed = 0;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(h); c; c = CMSG_NXTHDR(h, c)) {
+        if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO) {
+            struct in_pktinfo info;
+            memcpy(&info, CMSG_DATA(c), sizeof info);
+            memcpy(e->local, &info.ipi_addr, 4);
+            e->local_len = 4;
+            e->ifindex = info.ipi_ifindex;
+        } else if (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_PKTINFO) {
+            struct in6_pktinfo info;
+            memcpy(&info, CMSG_DATA(c), sizeof info);
+            memcpy(e->local, &info.ipi6_addr, 16);
+            e->local_len = 16;
+            e->ifindex = (int)info.ipi6_ifindex;
+        }
+    }
+    if (e->addr.sa.sa_family == AF_INET6)
+        e->addr.v6.sin6_flowinfo = 0, e->addr.v6.sin6_scope_id = 0;
+}
+
+static int
+read_udp(Plane *p, Batch *b, int fd)
+{
+    struct mmsghdr msgs[BATCH];
+    struct iovec iov[BATCH];
+    Control control[BATCH];
+    for (int i = 0; i < BATCH; i++) {
+        iov[i] = (struct iovec){b->data[i], SLOT};
+        memset(&msgs[i], 0, sizeof msgs[i]);
+        msgs[i].msg_hdr.msg_iov = &iov[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+        msgs[i].msg_hdr.msg_name = &b->addr[i].addr;
+        msgs[i].msg_hdr.msg_namelen = sizeof b->addr[i].addr;
+        msgs[i].msg_hdr.msg_control = control[i].buffer;
+        msgs[i].msg_hdr.msg_controllen = sizeof control[i];
+    }
+    int n = recvmmsg(fd, msgs, BATCH, MSG_DONTWAIT, NULL);
+    if (n <= 0)
+        return 0;
+    for (int i = 0; i < n; i++) {
+        source_of(&b->addr[i], &msgs[i].msg_hdr);
+        b->fd[i] = fd;
+        /* a truncated datagram is too long to be ours: classify counts it */
+        b->size[i] = msgs[i].msg_hdr.msg_flags & MSG_TRUNC ? SLOT + 1 : msgs[i].msg_len;
+    }
+    count(p, C_UDP_READS, (uint64_t)n);
+    return n;
+}
+
+static void *
+plane_run(void *arg)
+{
+    Plane *p = arg;
+    Batch *b = p->batch;
+    struct epoll_event events[MAX_SOCKETS + 2];
+    for (;;) {
+        int n = epoll_wait(p->epoll_fd, events, MAX_SOCKETS + 2, -1);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            break;
+        }
+        count(p, C_WAKES, 1);
+        int fds[2];
+        pthread_mutex_lock(&p->io_lock);
+        fds[0] = socket_for(p, AF_INET);
+        fds[1] = socket_for(p, AF_INET6);
+        pthread_mutex_unlock(&p->io_lock);
+        for (int e = 0; e < n; e++) {
+            int fd = events[e].data.fd;
+            if (fd == p->stop_fd)
+                return NULL;
+            if (events[e].events & EPOLLHUP) { /* the other end closed: stop polling it */
+                epoll_ctl(p->epoll_fd, EPOLL_CTL_DEL, fd, NULL);
+                count(p, C_FD_ERRORS, 1);
+                continue;
+            }
+            atomic_fetch_add(&p->epoch, 1); /* odd: in a batch */
+            uint64_t now = now_ns();
+            if (fd == p->tun_fd) {
+                int got = read_tun(p, b);
+                tun_step(p, b, got, now);
+                send_udp(p, b, got, fds);
+            } else {
+                int got = read_udp(p, b, fd);
+                udp_step(p, b, got, now);
+                write_tun(p, b, got);
+            }
+            atomic_fetch_add(&p->epoch, 1);
+        }
+    }
+    return NULL;
+}
+
+/* --- Python surface ------------------------------------------------------------------ */
+
+static PyObject *
+endpoint_tuple(const Endpoint *e)
+{
+    int v6 = e->addr.sa.sa_family == AF_INET6;
+    const void *address = v6 ? (const void *)&e->addr.v6.sin6_addr : (const void *)&e->addr.v4.sin_addr;
+    int port = ntohs(v6 ? e->addr.v6.sin6_port : e->addr.v4.sin_port);
+    return Py_BuildValue("(y#iy#i)", (const char *)address, (Py_ssize_t)(v6 ? 16 : 4), port,
+                         (const char *)e->local, (Py_ssize_t)e->local_len, e->ifindex);
+}
+
+/* An Endpoint from packed address bytes; -1 with ValueError if malformed. */
+static int
+make_endpoint(Endpoint *e, const Py_buffer *address, int port, const Py_buffer *local,
+              int ifindex, int relayed)
+{
+    memset(e, 0, sizeof *e);
+    e->relayed = relayed;
+    if (port < 0 || port > 65535 || (local->len && local->len != address->len)
+        || (address->len != 0 && address->len != 4 && address->len != 16)) {
+        PyErr_SetString(PyExc_ValueError, "address and local must be 4 or 16 bytes, port a u16");
+        return -1;
+    }
+    if (address->len == 4) {
+        e->addr.v4.sin_family = AF_INET;
+        e->addr.v4.sin_port = htons((uint16_t)port);
+        memcpy(&e->addr.v4.sin_addr, address->buf, 4);
+        e->len = sizeof e->addr.v4;
+    } else if (address->len == 16) {
+        e->addr.v6.sin6_family = AF_INET6;
+        e->addr.v6.sin6_port = htons((uint16_t)port);
+        memcpy(&e->addr.v6.sin6_addr, address->buf, 16);
+        e->len = sizeof e->addr.v6;
+    }
+    memcpy(e->local, local->buf, (size_t)local->len);
+    e->local_len = (int)local->len;
+    e->ifindex = ifindex;
+    return 0;
+}
+
+/* The live peer of an id, or NULL with KeyError (a stale or unknown id). */
+static Peer *
+peer_of(Plane *p, PyObject *id)
+{
+    unsigned long long value = PyLong_AsUnsignedLongLong(id);
+    if (value == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_SetObject(PyExc_KeyError, id);
+        return NULL;
+    }
+    uint32_t slot = (uint32_t)value;
+    Peer *peer = slot < p->peer_slots ? peer_at(p, slot) : NULL;
+    if (!peer || !peer->live || peer->generation != value >> 32) {
+        PyErr_SetObject(PyExc_KeyError, id);
+        return NULL;
+    }
+    return peer;
+}
+
+static int
+check_open(Plane *p)
+{
+    if (!p->initialised) {
+        PyErr_SetString(PyExc_ValueError, "plane is closed");
+        return -1;
+    }
+    return 0;
+}
+
+static int
+as_int(PyObject *arg)
+{
+    long value = PyLong_AsLong(arg);
+    if ((value == -1 && PyErr_Occurred()) || value < INT_MIN || value > INT_MAX) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_OverflowError, "not an int");
+        return -1;
+    }
+    return (int)value;
+}
+
+static int
+set_socket_list(Plane *p, PyObject *sockets, int register_them)
+{
+    PyObject *items = PySequence_Fast(sockets, "sockets must be a list of fds");
+    if (!items)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(items);
+    int fds[MAX_SOCKETS], families[MAX_SOCKETS];
+    if (n > MAX_SOCKETS) {
+        Py_DECREF(items);
+        PyErr_SetString(PyExc_ValueError, "too many sockets");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        fds[i] = as_int(PySequence_Fast_GET_ITEM(items, i));
+        if (fds[i] == -1 && PyErr_Occurred()) {
+            Py_DECREF(items);
+            return -1;
+        }
+        Address a;
+        socklen_t len = sizeof a;
+        if (getsockname(fds[i], &a.sa, &len) < 0) {
+            Py_DECREF(items);
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        families[i] = a.sa.sa_family;
+    }
+    Py_DECREF(items);
+    pthread_mutex_lock(&p->io_lock);
+    if (register_them) {
+        for (int i = 0; i < p->socket_count; i++)
+            epoll_ctl(p->epoll_fd, EPOLL_CTL_DEL, p->sockets[i], NULL);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            struct epoll_event ev = {.events = EPOLLIN, .data.fd = fds[i]};
+            epoll_ctl(p->epoll_fd, EPOLL_CTL_ADD, fds[i], &ev);
+        }
+    }
+    memcpy(p->sockets, fds, sizeof(int) * (size_t)n);
+    memcpy(p->families, families, sizeof(int) * (size_t)n);
+    p->socket_count = (int)n;
+    pthread_mutex_unlock(&p->io_lock);
+    return 0;
+}
+
+static int
+plane_init(Plane *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"tun_fd", "sockets", "mtu", NULL};
+    int tun_fd, mtu;
+    PyObject *sockets;
+    if (self->initialised) {
+        PyErr_SetString(PyExc_RuntimeError, "plane already initialised");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOi", kwlist, &tun_fd, &sockets, &mtu))
+        return -1;
+    if (mtu <= 0 || mtu > MAX_MTU) {
+        PyErr_Format(PyExc_ValueError, "mtu must be 1..%d", MAX_MTU);
+        return -1;
+    }
+    self->tun_fd = tun_fd;
+    atomic_store(&self->mtu, mtu);
+    self->stop_fd = self->news_fd = self->epoll_fd = -1;
+    self->batch = malloc(sizeof(Batch));
+    self->punts = malloc(sizeof(Punt) * PUNT_SLOTS);
+    self->initialised = 1; /* from here close() frees what there is */
+    if (!self->batch || !self->punts) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    pthread_mutex_init(&self->io_lock, NULL);
+    pthread_mutex_init(&self->news_lock, NULL);
+    pthread_mutex_init(&self->retire_lock, NULL);
+    pthread_rwlock_init(&self->routes_lock, NULL);
+    pthread_rwlock_init(&self->index_lock, NULL);
+    self->routes4.width = 32;
+    self->routes6.width = 128;
+    self->dirty_head = self->free_slot = NO_SLOT;
+    self->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    self->news_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    self->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+    if (self->stop_fd < 0 || self->news_fd < 0 || self->epoll_fd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return set_socket_list(self, sockets, 1);
+}
+
+static PyObject *
+plane_start(Plane *self, PyObject *Py_UNUSED(ignored))
+{
+    if (check_open(self) < 0)
+        return NULL;
+    if (self->running) {
+        PyErr_SetString(PyExc_RuntimeError, "plane already started");
+        return NULL;
+    }
+    int fds[2] = {self->stop_fd, self->tun_fd};
+    for (int i = 0; i < 2; i++) {
+        struct epoll_event ev = {.events = EPOLLIN, .data.fd = fds[i]};
+        if (epoll_ctl(self->epoll_fd, EPOLL_CTL_ADD, fds[i], &ev) < 0 && errno != EEXIST)
+            return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (pthread_create(&self->thread, NULL, plane_run, self) != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot start the plane thread");
+        return NULL;
+    }
+    self->running = 1;
+    Py_RETURN_NONE;
+}
+
+static void
+stop_thread(Plane *self)
+{
+    if (!self->running)
+        return;
+    uint64_t one = 1;
+    if (write(self->stop_fd, &one, sizeof one) < 0) { /* cannot fail: a fresh eventfd */ }
+    Py_BEGIN_ALLOW_THREADS
+    pthread_join(self->thread, NULL);
+    Py_END_ALLOW_THREADS
+    self->running = 0;
+}
+
+static void
+free_tables(Plane *self)
+{
+    for (uint32_t c = 0; c < PEER_CHUNKS; c++) {
+        Peer *chunk = atomic_load(&self->chunks[c]);
+        if (!chunk)
+            continue;
+        for (uint32_t i = 0; i < PEER_CHUNK && c * PEER_CHUNK + i < self->peer_slots; i++) {
+            Peer *peer = &chunk[i];
+            pthread_mutex_lock(&peer->lock);
+            peer->previous = peer->current = peer->next = NULL;
+            pthread_mutex_unlock(&peer->lock);
+            pthread_mutex_destroy(&peer->lock);
+        }
+        free(chunk);
+        atomic_store(&self->chunks[c], NULL);
+    }
+    for (size_t i = 0; self->index.entries && i <= self->index.mask; i++)
+        if (self->index.entries[i])
+            free_keypair(self->index.entries[i]);
+    free(self->index.entries);
+    free(self->routes4.entries);
+    free(self->routes6.entries);
+    memset(&self->index, 0, sizeof self->index);
+    reclaim(self, 1);
+}
+
+static PyObject *
+plane_close(Plane *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!self->initialised)
+        Py_RETURN_NONE;
+    stop_thread(self);
+    free_tables(self);
+    int fds[3] = {self->stop_fd, self->news_fd, self->epoll_fd};
+    for (int i = 0; i < 3; i++)
+        if (fds[i] >= 0)
+            close(fds[i]);
+    free(self->batch);
+    free(self->punts);
+    self->batch = NULL;
+    self->punts = NULL;
+    self->initialised = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+plane_fileno(Plane *self, PyObject *Py_UNUSED(ignored))
+{
+    if (check_open(self) < 0)
+        return NULL;
+    return PyLong_FromLong(self->news_fd);
+}
+
+static PyObject *
+plane_set_mtu(Plane *self, PyObject *arg)
+{
+    int mtu = as_int(arg);
+    if (mtu == -1 && PyErr_Occurred())
+        return NULL;
+    if (mtu <= 0 || mtu > MAX_MTU)
+        return PyErr_Format(PyExc_ValueError, "mtu must be 1..%d", MAX_MTU);
+    atomic_store(&self->mtu, mtu);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+plane_set_sockets(Plane *self, PyObject *arg)
+{
+    if (check_open(self) < 0 || set_socket_list(self, arg, 1) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+plane_add_peer(Plane *self, PyObject *Py_UNUSED(ignored))
+{
+    if (check_open(self) < 0)
+        return NULL;
+    uint32_t slot = self->free_slot;
+    Peer *peer;
+    if (slot != NO_SLOT) {
+        peer = peer_at(self, slot);
+        self->free_slot = peer->free_next;
+    } else {
+        slot = self->peer_slots;
+        if (slot >= PEER_CHUNK * PEER_CHUNKS)
+            return PyErr_Format(PyExc_ValueError, "more than %d peers", PEER_CHUNK * PEER_CHUNKS);
+        if (slot % PEER_CHUNK == 0) {
+            Peer *chunk = calloc(PEER_CHUNK, sizeof(Peer));
+            if (!chunk)
+                return PyErr_NoMemory();
+            for (int i = 0; i < PEER_CHUNK; i++) {
+                pthread_mutex_init(&chunk[i].lock, NULL);
+                chunk[i].slot = slot + (uint32_t)i;
+            }
+            atomic_store_explicit(&self->chunks[slot / PEER_CHUNK], chunk, memory_order_release);
+        }
+        self->peer_slots++;
+        peer = peer_at(self, slot);
+    }
+    pthread_mutex_lock(&peer->lock);
+    peer->generation++;
+    peer->live = 1;
+    memset(&peer->endpoint, 0, sizeof peer->endpoint);
+    memset(&peer->record, 0, sizeof peer->record);
+    peer->dirty = 0;
+    uint64_t id = peer_id(peer);
+    pthread_mutex_unlock(&peer->lock);
+    return PyLong_FromUnsignedLongLong(id);
+}
+
+/* Remove every route of the peer (under routes_lock, write). */
+static void
+clear_peer_routes(Plane *self, const Peer *peer)
+{
+    RouteTable *tables[2] = {&self->routes4, &self->routes6};
+    for (int t = 0; t < 2; t++) {
+        RouteTable *table = tables[t];
+        for (size_t i = 0; table->entries && i <= table->mask;) {
+            Route *r = &table->entries[i];
+            if (r->used && r->slot == peer->slot && r->generation == peer->generation)
+                route_delete(table, r); /* shifts another entry into i: look again */
+            else
+                i++;
+        }
+    }
+}
+
+static PyObject *
+plane_remove_peer(Plane *self, PyObject *arg)
+{
+    Peer *peer;
+    if (check_open(self) < 0 || !(peer = peer_of(self, arg)))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS /* a scan of the route tables: milliseconds at a million */
+    pthread_rwlock_wrlock(&self->routes_lock);
+    clear_peer_routes(self, peer);
+    pthread_rwlock_unlock(&self->routes_lock);
+    Py_END_ALLOW_THREADS
+    /* Its keypairs: every installed one points at it. */
+    Keypair *mine[64];
+    for (;;) {
+        int n = 0;
+        pthread_rwlock_rdlock(&self->index_lock);
+        for (size_t i = 0; self->index.entries && i <= self->index.mask && n < 64; i++)
+            if (self->index.entries[i] && self->index.entries[i]->peer == peer)
+                mine[n++] = self->index.entries[i];
+        pthread_rwlock_unlock(&self->index_lock);
+        if (!n)
+            break;
+        pthread_mutex_lock(&peer->lock);
+        for (int i = 0; i < n; i++)
+            retire(self, mine[i]);
+        pthread_mutex_unlock(&peer->lock);
+    }
+    pthread_mutex_lock(&peer->lock);
+    peer->live = 0;
+    peer->generation++; /* the old id is stale from here */
+    memset(&peer->endpoint, 0, sizeof peer->endpoint);
+    memset(&peer->record, 0, sizeof peer->record);
+    peer->dirty = 0;
+    pthread_mutex_unlock(&peer->lock);
+    peer->free_next = self->free_slot;
+    self->free_slot = peer->slot;
+    reclaim(self, 0);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+plane_set_endpoint(Plane *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"peer", "address", "port", "local", "ifindex", "relayed", NULL};
+    PyObject *id;
+    Py_buffer address, local = {0};
+    int port, ifindex = 0, relayed = 0;
+    if (check_open(self) < 0
+        || !PyArg_ParseTupleAndKeywords(args, kwds, "Oy*i|$y*ip", kwlist, &id, &address, &port,
+                                        &local, &ifindex, &relayed))
+        return NULL;
+    Endpoint e;
+    static char empty[1];
+    Py_buffer none = {.buf = empty, .len = 0};
+    Peer *peer = peer_of(self, id);
+    int ok = peer && make_endpoint(&e, &address, port, local.buf ? &local : &none, ifindex,
+                                   relayed) == 0;
+    PyBuffer_Release(&address);
+    if (local.buf)
+        PyBuffer_Release(&local);
+    if (!ok)
+        return NULL;
+    pthread_mutex_lock(&peer->lock);
+    peer->endpoint = e;
+    pthread_mutex_unlock(&peer->lock);
+    Py_RETURN_NONE;
+}
+
+typedef struct {
+    uint64_t hi, lo;
+    int length, v6;
+} Prefix;
+
+/* A uspan.wg.prefix int as (bits, length, family); -1 with ValueError if malformed. */
+static int
+parse_prefix(PyObject *item, Prefix *out)
+{
+    unsigned char bytes[18] = {0}; /* 136 bits: tag up to 129 << 1 | 1 above bit 128 */
+    if (!PyLong_Check(item) || _PyLong_Sign(item) < 0
+        || _PyLong_AsByteArray((PyLongObject *)item, bytes, sizeof bytes, 1, 0
+#if PY_VERSION_HEX >= 0x030D0000
+                               , 1
+#endif
+                               ) < 0) {
+        PyErr_Clear();
+        PyErr_SetString(PyExc_ValueError, "not a prefix int");
+        return -1;
+    }
+    uint64_t low = 0, high = 0;
+    for (int i = 7; i >= 0; i--) {
+        low = low << 8 | bytes[i];
+        high = high << 8 | bytes[8 + i];
+    }
+    unsigned tag_high = (unsigned)(bytes[16] | bytes[17] << 8);
+    if (tag_high) { /* IPv6: the tag above bit 128 */
+        out->v6 = 1, out->length = (int)(tag_high >> 1), out->hi = high, out->lo = low;
+        if (!(tag_high & 1) || out->length > 128)
+            goto bad;
+        if (out->length < 128 && (out->length <= 64 ? high || (out->length < 64 && low >> out->length)
+                                                    : high >> (out->length - 64)))
+            goto bad;
+        return 0;
+    }
+    if (high)
+        goto bad;
+    uint64_t tag = low >> 32;
+    out->v6 = 0, out->length = (int)(tag >> 1), out->hi = 0, out->lo = low & 0xffffffffULL;
+    if ((tag & 1) || out->length > 32 || (out->length < 32 && out->lo >> out->length))
+        goto bad;
+    return 0;
+bad:
+    PyErr_SetString(PyExc_ValueError, "not a prefix int");
+    return -1;
+}
+
+/* The prefixes of a list, parsed with the GIL; NULL with an exception. */
+static Prefix *
+parse_prefixes(PyObject *list, Py_ssize_t *n)
+{
+    PyObject *items = PySequence_Fast(list, "prefixes must be a list");
+    if (!items)
+        return NULL;
+    *n = PySequence_Fast_GET_SIZE(items);
+    Prefix *prefixes = PyMem_RawMalloc(sizeof(Prefix) * (size_t)(*n ? *n : 1));
+    if (!prefixes) {
+        Py_DECREF(items);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < *n; i++) {
+        if (parse_prefix(PySequence_Fast_GET_ITEM(items, i), &prefixes[i]) < 0) {
+            PyMem_RawFree(prefixes);
+            Py_DECREF(items);
+            return NULL;
+        }
+    }
+    Py_DECREF(items);
+    return prefixes;
+}
+
+static PyObject *
+change_routes(Plane *self, PyObject *args, PyObject *kwds, int add)
+{
+    static char *kwlist[] = {"peer", "prefixes", NULL};
+    PyObject *id, *list;
+    Peer *peer;
+    Py_ssize_t n;
+    if (check_open(self) < 0 || !PyArg_ParseTupleAndKeywords(args, kwds, "OO", kwlist, &id, &list)
+        || !(peer = peer_of(self, id)))
+        return NULL;
+    Prefix *prefixes = parse_prefixes(list, &n);
+    if (!prefixes)
+        return NULL;
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_rwlock_wrlock(&self->routes_lock);
+    for (Py_ssize_t i = 0; i < n && !failed; i++) {
+        Prefix *x = &prefixes[i];
+        RouteTable *t = x->v6 ? &self->routes6 : &self->routes4;
+        if (add) {
+            failed = route_set(t, x->hi, x->lo, x->length, peer) < 0;
+        } else {
+            Route *r = route_find(t, x->hi, x->lo, x->length);
+            if (r && r->slot == peer->slot && r->generation == peer->generation)
+                route_delete(t, r);
+        }
+    }
+    pthread_rwlock_unlock(&self->routes_lock);
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(prefixes);
+    if (failed)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+plane_add_routes(Plane *self, PyObject *args, PyObject *kwds)
+{
+    return change_routes(self, args, kwds, 1);
+}
+
+static PyObject *
+plane_remove_routes(Plane *self, PyObject *args, PyObject *kwds)
+{
+    return change_routes(self, args, kwds, 0);
+}
+
+static PyObject *
+plane_clear_routes(Plane *self, PyObject *arg)
+{
+    Peer *peer;
+    if (check_open(self) < 0 || !(peer = peer_of(self, arg)))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_rwlock_wrlock(&self->routes_lock);
+    clear_peer_routes(self, peer);
+    pthread_rwlock_unlock(&self->routes_lock);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+plane_route(Plane *self, PyObject *arg)
+{
+    Py_buffer address;
+    if (check_open(self) < 0 || PyObject_GetBuffer(arg, &address, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (address.len != 4 && address.len != 16) {
+        PyBuffer_Release(&address);
+        PyErr_SetString(PyExc_ValueError, "address must be 4 or 16 bytes");
+        return NULL;
+    }
+    pthread_rwlock_rdlock(&self->routes_lock);
+    uint64_t owner = route_lookup(self, address.buf, (int)address.len);
+    pthread_rwlock_unlock(&self->routes_lock);
+    PyBuffer_Release(&address);
+    if (owner == UINT64_MAX)
+        Py_RETURN_NONE;
+    return PyLong_FromUnsignedLongLong(owner);
+}
+
+static EVP_CIPHER_CTX *
+keyed(const void *key, int encrypt)
+{
+    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+    if (ctx && !EVP_CipherInit_ex2(ctx, chacha20_poly1305, key, NULL, encrypt, NULL)) {
+        EVP_CIPHER_CTX_free(ctx);
+        ctx = NULL;
+    }
+    return ctx;
+}
+
+static int
+as_index(PyObject *arg, uint32_t *index)
+{
+    unsigned long long value = PyLong_AsUnsignedLongLong(arg);
+    if ((value == (unsigned long long)-1 && PyErr_Occurred()) || value > UINT32_MAX) {
+        PyErr_Clear();
+        PyErr_SetString(PyExc_ValueError, "an index is a u32");
+        return -1;
+    }
+    *index = (uint32_t)value;
+    return 0;
+}
+
+static PyObject *
+plane_install(Plane *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"peer", "local_index", "remote_index", "send_key", "recv_key",
+                             "created", "initiator", NULL};
+    PyObject *id, *local, *remote;
+    Py_buffer send_key, recv_key;
+    unsigned long long created;
+    int initiator;
+    uint32_t local_index, remote_index;
+    if (check_open(self) < 0
+        || !PyArg_ParseTupleAndKeywords(args, kwds, "OOOy*y*Kp", kwlist, &id, &local, &remote,
+                                        &send_key, &recv_key, &created, &initiator))
+        return NULL;
+    Peer *peer = NULL;
+    Keypair *k = NULL;
+    int ok = send_key.len == KEY_SIZE && recv_key.len == KEY_SIZE;
+    if (!ok)
+        PyErr_SetString(PyExc_ValueError, "keys must be 32 bytes");
+    ok = ok && as_index(local, &local_index) == 0 && as_index(remote, &remote_index) == 0
+         && (peer = peer_of(self, id)) != NULL;
+    if (ok) {
+        k = calloc(1, sizeof *k);
+        if (k) {
+            k->seal = keyed(send_key.buf, 1);
+            k->open = keyed(recv_key.buf, 0);
+        }
+        if (!k || !k->seal || !k->open) {
+            if (k)
+                free_keypair(k);
+            k = NULL;
+            PyErr_SetString(PyExc_RuntimeError, "OpenSSL could not set up ChaCha20-Poly1305");
+            ok = 0;
+        }
+    }
+    PyBuffer_Release(&send_key);
+    PyBuffer_Release(&recv_key);
+    if (!ok)
+        return NULL;
+    k->local_index = local_index;
+    k->remote_index = remote_index;
+    k->peer = peer;
+    k->created = created;
+    k->initiator = initiator;
+    k->live = 1;
+    pthread_mutex_lock(&peer->lock);
+    pthread_rwlock_wrlock(&self->index_lock);
+    int taken = index_find(&self->index, local_index) != NULL;
+    int added = !taken && index_add(&self->index, k) == 0;
+    pthread_rwlock_unlock(&self->index_lock);
+    pthread_mutex_unlock(&peer->lock);
+    if (!added) {
+        free_keypair(k);
+        if (taken)
+            return PyErr_Format(PyExc_ValueError, "local index %u is installed", local_index);
+        return PyErr_NoMemory();
+    }
+    Py_RETURN_NONE;
+}
+
+/* The installed keypair of a local index, NULL (no exception) if none. */
+static Keypair *
+keypair_of(Plane *self, uint32_t index)
+{
+    pthread_rwlock_rdlock(&self->index_lock);
+    Keypair *k = index_find(&self->index, index);
+    pthread_rwlock_unlock(&self->index_lock);
+    return k;
+}
+
+static PyObject *
+plane_assign(Plane *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"peer", "previous", "current", "next", NULL};
+    PyObject *id;
+    long long roles[3];
+    Peer *peer;
+    if (check_open(self) < 0
+        || !PyArg_ParseTupleAndKeywords(args, kwds, "OLLL", kwlist, &id, &roles[0], &roles[1],
+                                        &roles[2])
+        || !(peer = peer_of(self, id)))
+        return NULL;
+    Keypair *keys[3] = {NULL, NULL, NULL};
+    for (int i = 0; i < 3; i++) {
+        if (roles[i] == -1)
+            continue;
+        if (roles[i] < 0 || roles[i] > UINT32_MAX
+            || !(keys[i] = keypair_of(self, (uint32_t)roles[i])) || keys[i]->peer != peer)
+            return PyErr_Format(PyExc_KeyError, "%lld is not a keypair of this peer", roles[i]);
+    }
+    pthread_mutex_lock(&peer->lock);
+    peer->previous = keys[0];
+    peer->current = keys[1];
+    peer->next = keys[2];
+    pthread_mutex_unlock(&peer->lock);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+plane_drop(Plane *self, PyObject *arg)
+{
+    uint32_t index;
+    if (check_open(self) < 0 || as_index(arg, &index) < 0)
+        return NULL;
+    Keypair *k = keypair_of(self, index);
+    if (k) {
+        /* Only the GIL holder installs or drops, so k stays installed until here. */
+        pthread_mutex_lock(&k->peer->lock);
+        retire(self, k);
+        pthread_mutex_unlock(&k->peer->lock);
+    }
+    reclaim(self, 0);
+    Py_RETURN_NONE;
+}
+
+/* The keypair of a local index for a slow-path call, locked, with slow_calls held;
+ * NULL with KeyError. release_keypair undoes it. */
+static Keypair *
+claim_keypair(Plane *self, uint32_t index)
+{
+    atomic_fetch_add(&self->slow_calls, 1);
+    Keypair *k = keypair_of(self, index);
+    if (k) {
+        pthread_mutex_lock(&k->peer->lock);
+        if (k->live)
+            return k;
+        pthread_mutex_unlock(&k->peer->lock);
+    }
+    atomic_fetch_sub(&self->slow_calls, 1);
+    PyErr_Format(PyExc_KeyError, "%u", index);
+    return NULL;
+}
+
+static void
+release_keypair(Plane *self, Keypair *k)
+{
+    pthread_mutex_unlock(&k->peer->lock);
+    atomic_fetch_sub(&self->slow_calls, 1);
+}
+
+static PyObject *
+plane_expire_sending(Plane *self, PyObject *arg)
+{
+    uint32_t index;
+    Keypair *k;
+    if (check_open(self) < 0 || as_index(arg, &index) < 0 || !(k = claim_keypair(self, index)))
+        return NULL;
+    k->send_counter = REJECT_AFTER_MESSAGES;
+    release_keypair(self, k);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+plane_send_counter(Plane *self, PyObject *arg)
+{
+    uint32_t index;
+    Keypair *k;
+    if (check_open(self) < 0 || as_index(arg, &index) < 0 || !(k = claim_keypair(self, index)))
+        return NULL;
+    uint64_t counter = k->send_counter;
+    release_keypair(self, k);
+    return PyLong_FromUnsignedLongLong(counter);
+}
+
+/* A counter argument: 0 and *out, or 1 if it is outside 0..2^64-1 (never accepted). */
+static int
+as_counter(PyObject *arg, uint64_t *out)
+{
+    *out = PyLong_AsUnsignedLongLong(arg);
+    if (*out == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 1;
+    }
+    return 0;
+}
+
+static PyObject *
+plane_accept(Plane *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"local_index", "counter", NULL};
+    PyObject *index_arg, *counter_arg;
+    uint32_t index;
+    uint64_t counter;
+    Keypair *k;
+    if (check_open(self) < 0
+        || !PyArg_ParseTupleAndKeywords(args, kwds, "OO", kwlist, &index_arg, &counter_arg)
+        || as_index(index_arg, &index) < 0 || !(k = claim_keypair(self, index)))
+        return NULL;
+    int ok = !as_counter(counter_arg, &counter) && replay_accept(k, counter);
+    release_keypair(self, k);
+    return PyBool_FromLong(ok);
+}
+
+static PyObject *
+plane_accept_run(Plane *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"local_index", "first", "count", NULL};
+    PyObject *index_arg, *first_arg, *count_arg;
+    uint32_t index;
+    uint64_t first, n;
+    Keypair *k;
+    if (check_open(self) < 0
+        || !PyArg_ParseTupleAndKeywords(args, kwds, "OOO", kwlist, &index_arg, &first_arg,
+                                        &count_arg)
+        || as_index(index_arg, &index) < 0)
+        return NULL;
+    if (as_counter(count_arg, &n) || n == 0)
+        return PyErr_Format(PyExc_ValueError, "count must be at least 1");
+    if (!(k = claim_keypair(self, index)))
+        return NULL;
+    int ok = !as_counter(first_arg, &first) && replay_accept_run(k, first, n);
+    release_keypair(self, k);
+    return PyBool_FromLong(ok);
+}
+
+/* seal's and open's arguments: the local index, and the list as a tuple of our own
+ * (reading an item may run Python code that changes the list); NULL with an exception. */
+static PyObject *
+index_and_items(Plane *self, PyObject *args, PyObject *kwds, char **kwlist, uint32_t *index)
+{
+    PyObject *index_arg, *list;
+    if (check_open(self) < 0
+        || !PyArg_ParseTupleAndKeywords(args, kwds, "OO", kwlist, &index_arg, &list)
+        || as_index(index_arg, index) < 0)
+        return NULL;
+    return PySequence_Tuple(list);
+}
+
+static PyObject *
+plane_seal(Plane *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"local_index", "packets", NULL};
+    uint32_t index;
+    PyObject *packets = index_and_items(self, args, kwds, kwlist, &index);
+    if (!packets)
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(packets);
+    size_t mtu = (size_t)atomic_load(&self->mtu);
+    size_t *lengths = PyMem_Malloc(sizeof(size_t) * (size_t)(n ? n : 1));
+    PyObject *out = lengths ? PyList_New(n) : PyErr_NoMemory();
+    for (Py_ssize_t i = 0; out && i < n; i++) {
+        Py_buffer view;
+        PyObject *datagram = NULL;
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(packets, i), &view, PyBUF_SIMPLE) == 0) {
+            if (view.len > MAX_MTU)
+                PyErr_SetString(PyExc_ValueError, "packet larger than the largest MTU");
+            else
+                datagram = PyBytes_FromStringAndSize(
+                    NULL, HEADER_SIZE + padded_length((size_t)view.len, mtu) + TAG_SIZE);
+            if (datagram)
+                memcpy(PyBytes_AS_STRING(datagram) + HEADER_SIZE, view.buf, (size_t)view.len);
+            lengths[i] = (size_t)view.len;
+            PyBuffer_Release(&view);
+        }
+        if (!datagram)
+            Py_CLEAR(out);
+        else
+            PyList_SET_ITEM(out, i, datagram);
+    }
+    Py_DECREF(packets);
+    Keypair *k = out ? claim_keypair(self, index) : NULL;
+    if (!k) {
+        Py_XDECREF(out);
+        PyMem_Free(lengths);
+        return NULL;
+    }
+    Py_ssize_t sealed = 0;
+    int failed = 0;
+    uint64_t now = now_ns();
+    Peer *peer = k->peer;
+    Py_BEGIN_ALLOW_THREADS
+    for (; sealed < n && k->send_counter < REJECT_AFTER_MESSAGES; sealed++) {
+        PyObject *datagram = PyList_GET_ITEM(out, sealed);
+        size_t length = lengths[sealed];
+        size_t size = seal_message(k, (unsigned char *)PyBytes_AS_STRING(datagram), length, mtu);
+        if (!size) {
+            failed = 1;
+            break;
+        }
+        count(self, C_SEALED, 1);
+        record_sent(self, peer, k, now, size, length > 0);
+    }
+    Py_END_ALLOW_THREADS
+    release_keypair(self, k);
+    PyMem_Free(lengths);
+    if (failed) {
+        Py_DECREF(out);
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL failed to seal");
+        return NULL;
+    }
+    if (PyList_SetSlice(out, sealed, n, NULL) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return out;
+}
+
+static PyObject *
+plane_open(Plane *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"local_index", "datagrams", NULL};
+    uint32_t index;
+    PyObject *items = index_and_items(self, args, kwds, kwlist, &index);
+    if (!items)
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(items);
+    PyObject *messages = PyTuple_New(n), *plains = PyList_New(n);
+    for (Py_ssize_t i = 0; messages && plains && i < n; i++) {
+        PyObject *item = PyBytes_FromObject(PyTuple_GET_ITEM(items, i)), *plain = NULL;
+        if (item && (PyBytes_GET_SIZE(item) < HEADER_SIZE + TAG_SIZE
+                     || PyBytes_GET_SIZE(item) > INT_MAX))
+            PyErr_SetString(PyExc_ValueError, "not a transport message's length");
+        else if (item)
+            plain = PyBytes_FromStringAndSize(NULL, PyBytes_GET_SIZE(item) - HEADER_SIZE - TAG_SIZE);
+        if (!plain) {
+            Py_XDECREF(item);
+            Py_CLEAR(plains);
+            break;
+        }
+        PyTuple_SET_ITEM(messages, i, item);
+        PyList_SET_ITEM(plains, i, plain);
+    }
+    Py_DECREF(items);
+    Keypair *k = plains && messages ? claim_keypair(self, index) : NULL;
+    if (!k) {
+        Py_XDECREF(messages);
+        Py_XDECREF(plains);
+        return NULL;
+    }
+    unsigned char *ok = PyMem_Malloc((size_t)(n ? n : 1));
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *message = PyTuple_GET_ITEM(messages, i);
+            ok[i] = (unsigned char)open_message(
+                k, (const unsigned char *)PyBytes_AS_STRING(message),
+                (size_t)PyBytes_GET_SIZE(message),
+                (unsigned char *)PyBytes_AS_STRING(PyList_GET_ITEM(plains, i)));
+            if (ok[i])
+                count(self, C_OPENED, 1);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    release_keypair(self, k);
+    Py_DECREF(messages);
+    if (!ok) {
+        Py_DECREF(plains);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!ok[i]) /* a forgery's bytes are dropped unseen */
+            PyList_SetItem(plains, i, Py_NewRef(Py_None));
+    PyMem_Free(ok);
+    return plains;
+}
+
+static PyObject *
+record_tuple(uint64_t id, const Record *r)
+{
+    PyObject *roamed = r->roamed ? endpoint_tuple(&r->roam) : Py_NewRef(Py_None);
+    if (!roamed)
+        return NULL;
+    return Py_BuildValue("(KKKKKNNKKNi)", (unsigned long long)id,
+                         (unsigned long long)r->last_sent, (unsigned long long)r->last_received,
+                         (unsigned long long)r->data_sent_since_received,
+                         (unsigned long long)r->data_received_since_sent,
+                         PyBool_FromLong(r->data_received_again),
+                         PyBool_FromLong(r->data_received_before_sent),
+                         (unsigned long long)r->rx_bytes, (unsigned long long)r->tx_bytes,
+                         roamed, r->wants);
+}
+
+static int
+append_new(PyObject *list, PyObject *item)
+{
+    int failed = !item || PyList_Append(list, item) < 0;
+    Py_XDECREF(item);
+    return failed ? -1 : 0;
+}
+
+static PyObject *
+plane_collect(Plane *self, PyObject *Py_UNUSED(ignored))
+{
+    if (check_open(self) < 0)
+        return NULL;
+    uint64_t value;
+    uint32_t *slots = PyMem_Malloc(sizeof(uint32_t) * (self->peer_slots + 1));
+    Punt *punts = PyMem_Malloc(sizeof(Punt) * PUNT_SLOTS);
+    Event events[EVENT_SLOTS];
+    if (!slots || !punts) {
+        PyMem_Free(slots);
+        PyMem_Free(punts);
+        return PyErr_NoMemory();
+    }
+    int dirty = 0, punt_count, event_count;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&self->news_lock);
+    if (read(self->news_fd, &value, sizeof value) < 0) { /* EAGAIN: nothing signalled */ }
+    self->news = 0;
+    for (uint32_t s = self->dirty_head; s != NO_SLOT;) {
+        Peer *peer = peer_at(self, s);
+        slots[dirty++] = s;
+        peer->listed = 0;
+        s = peer->dirty_next;
+    }
+    self->dirty_head = NO_SLOT;
+    punt_count = self->punt_count;
+    for (int i = 0; i < punt_count; i++)
+        punts[i] = self->punts[(self->punt_head + i) % PUNT_SLOTS];
+    self->punt_head = self->punt_count = 0;
+    event_count = self->event_count;
+    memcpy(events, self->events, sizeof(Event) * (size_t)event_count);
+    self->event_count = 0;
+    pthread_mutex_unlock(&self->news_lock);
+    Py_END_ALLOW_THREADS
+    PyObject *records = PyList_New(0), *punt_list = PyList_New(0), *event_list = PyList_New(0);
+    int failed = !records || !punt_list || !event_list;
+    for (int i = dirty - 1; i >= 0 && !failed; i--) { /* oldest first */
+        Peer *peer = peer_at(self, slots[i]);
+        Record record;
+        pthread_mutex_lock(&peer->lock);
+        int has = peer->live && peer->dirty;
+        uint64_t id = peer_id(peer);
+        if (has) {
+            record = peer->record;
+            memset(&peer->record, 0, sizeof peer->record);
+            peer->dirty = 0;
+        }
+        pthread_mutex_unlock(&peer->lock);
+        if (has)
+            failed = append_new(records, record_tuple(id, &record)) < 0;
+    }
+    for (int i = 0; i < punt_count && !failed; i++) {
+        Punt *x = &punts[i];
+        PyObject *peer = x->peer == UINT64_MAX ? Py_NewRef(Py_None)
+                                               : PyLong_FromUnsignedLongLong(x->peer);
+        PyObject *source = Py_None;
+        if (x->kind == PUNT_UDP) {
+            PyObject *e = endpoint_tuple(&x->source);
+            source = e ? Py_BuildValue("(OOOOi)", PyTuple_GET_ITEM(e, 0), PyTuple_GET_ITEM(e, 1),
+                                       PyTuple_GET_ITEM(e, 2), PyTuple_GET_ITEM(e, 3), x->fd)
+                       : NULL;
+            Py_XDECREF(e);
+        } else {
+            Py_INCREF(source);
+        }
+        failed = append_new(punt_list, peer && source ? Py_BuildValue(
+            "(iOy#O)", x->kind, peer, (const char *)x->data, (Py_ssize_t)x->length, source)
+            : NULL) < 0;
+        Py_XDECREF(peer);
+        Py_XDECREF(source);
+    }
+    for (int i = 0; i < event_count && !failed; i++)
+        failed = append_new(event_list, Py_BuildValue("(iKk)", events[i].kind,
+                                                      (unsigned long long)events[i].peer,
+                                                      (unsigned long)events[i].local_index)) < 0;
+    PyMem_Free(slots);
+    OPENSSL_cleanse(punts, sizeof(Punt) * (size_t)punt_count);
+    PyMem_Free(punts);
+    reclaim(self, 0);
+    if (failed) {
+        Py_XDECREF(records);
+        Py_XDECREF(punt_list);
+        Py_XDECREF(event_list);
+        return NULL;
+    }
+    return Py_BuildValue("(NNN)", records, punt_list, event_list);
+}
+
+static PyObject *
+plane_counters(Plane *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *d = PyDict_New();
+    for (int i = 0; d && i < C_COUNT; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(
+            atomic_load_explicit(&self->counters[i], memory_order_relaxed));
+        if (!v || PyDict_SetItemString(d, counter_names[i], v) < 0)
+            Py_CLEAR(d);
+        Py_XDECREF(v);
+    }
+    return d;
+}
+
+/* Test hooks: the thread's steps run synchronously on given bytes at a given time. */
+
+/* A hook's arguments (a list of at most BATCH items, the time) as a tuple, and a batch
+ * to fill; NULL with an exception. */
+static Batch *
+hook_batch(Plane *self, PyObject *args, PyObject **items, unsigned long long *now)
+{
+    PyObject *list;
+    if (check_open(self) < 0 || !PyArg_ParseTuple(args, "OK", &list, now)
+        || !(*items = PySequence_Tuple(list)))
+        return NULL;
+    Batch *b = PyTuple_GET_SIZE(*items) <= BATCH ? malloc(sizeof *b) : NULL;
+    if (!b) {
+        Py_CLEAR(*items);
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_ValueError, "at most %d items", BATCH);
+    }
+    return b;
+}
+
+/* Run a step on the batch as the thread would (keypair pointers held as a slow call). */
+static void
+run_hook(Plane *self, void (*step)(Plane *, Batch *, int, uint64_t), Batch *b, int n,
+         uint64_t now)
+{
+    atomic_fetch_add(&self->slow_calls, 1);
+    Py_BEGIN_ALLOW_THREADS
+    step(self, b, n, now);
+    Py_END_ALLOW_THREADS
+    atomic_fetch_sub(&self->slow_calls, 1);
+}
+
+static PyObject *
+plane_tun_step(Plane *self, PyObject *args)
+{
+    PyObject *packets;
+    unsigned long long now;
+    Batch *b = hook_batch(self, args, &packets, &now);
+    if (!b)
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(packets);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        char *data;
+        Py_ssize_t size;
+        if (PyBytes_AsStringAndSize(PyTuple_GET_ITEM(packets, i), &data, &size) < 0
+            || size > SLOT - HEADER_SIZE - 2 * TAG_SIZE) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "packet too large");
+            free(b);
+            Py_DECREF(packets);
+            return NULL;
+        }
+        memcpy(b->data[i] + HEADER_SIZE, data, (size_t)size);
+        b->size[i] = (size_t)size;
+    }
+    Py_DECREF(packets);
+    run_hook(self, tun_step, b, (int)n, now);
+    PyObject *out = PyList_New(0);
+    for (Py_ssize_t i = 0; out && i < n; i++) {
+        if (!b->out[i])
+            continue;
+        PyObject *e = endpoint_tuple(&b->addr[i]);
+        if (append_new(out, e ? Py_BuildValue("(y#N)", (const char *)b->data[i] + b->offset[i],
+                                              (Py_ssize_t)b->out[i], e) : NULL) < 0)
+            Py_CLEAR(out);
+    }
+    free(b);
+    return out;
+}
+
+static PyObject *
+plane_udp_step(Plane *self, PyObject *args)
+{
+    PyObject *items;
+    unsigned long long now;
+    Batch *b = hook_batch(self, args, &items, &now);
+    if (!b)
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(items);
+    static char empty[1];
+    Py_buffer none = {.buf = empty, .len = 0};
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_buffer data, address;
+        int port;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(items, i), "y*y*i", &data, &address, &port)) {
+            free(b);
+            Py_DECREF(items);
+            return NULL;
+        }
+        int bad = data.len > SLOT || make_endpoint(&b->addr[i], &address, port, &none, 0, 0) < 0;
+        if (!bad) {
+            memcpy(b->data[i], data.buf, (size_t)data.len);
+            b->size[i] = (size_t)data.len;
+            b->fd[i] = -1;
+        }
+        PyBuffer_Release(&data);
+        PyBuffer_Release(&address);
+        if (bad) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "datagram too large");
+            free(b);
+            Py_DECREF(items);
+            return NULL;
+        }
+    }
+    Py_DECREF(items);
+    run_hook(self, udp_step, b, (int)n, now);
+    PyObject *out = PyList_New(0);
+    for (Py_ssize_t i = 0; out && i < n; i++)
+        if (b->out[i] && append_new(out, PyBytes_FromStringAndSize(
+                                             (const char *)b->data[i] + b->offset[i],
+                                             (Py_ssize_t)b->out[i])) < 0)
+            Py_CLEAR(out);
+    free(b);
+    return out;
+}
+
+static void
+plane_dealloc(Plane *self)
+{
+    PyObject *r = plane_close(self, NULL);
+    Py_XDECREF(r);
+    if (PyErr_Occurred())
+        PyErr_WriteUnraisable((PyObject *)self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef plane_methods[] = {
+    {"start", (PyCFunction)plane_start, METH_NOARGS, "Start the thread."},
+    {"close", (PyCFunction)plane_close, METH_NOARGS, "Stop and join the thread; free keys."},
+    {"fileno", (PyCFunction)plane_fileno, METH_NOARGS, "The eventfd: readable when collect() has news."},
+    {"set_mtu", (PyCFunction)plane_set_mtu, METH_O, "The MTU sealing pads within."},
+    {"set_sockets", (PyCFunction)plane_set_sockets, METH_O, "The UDP fds, after a rebind."},
+    {"add_peer", (PyCFunction)plane_add_peer, METH_NOARGS, "A new peer's id."},
+    {"remove_peer", (PyCFunction)plane_remove_peer, METH_O, "Drop a peer, its keypairs and routes."},
+    {"set_endpoint", (PyCFunction)(void (*)(void))plane_set_endpoint, METH_VARARGS | METH_KEYWORDS,
+     "Where the peer's datagrams go."},
+    {"add_routes", (PyCFunction)(void (*)(void))plane_add_routes, METH_VARARGS | METH_KEYWORDS, "Route prefixes to the peer."},
+    {"remove_routes", (PyCFunction)(void (*)(void))plane_remove_routes, METH_VARARGS | METH_KEYWORDS, "Remove the peer's prefixes."},
+    {"clear_routes", (PyCFunction)plane_clear_routes, METH_O, "Remove all of the peer's prefixes."},
+    {"route", (PyCFunction)plane_route, METH_O, "The owner of an address, or None."},
+    {"install", (PyCFunction)(void (*)(void))plane_install, METH_VARARGS | METH_KEYWORDS,
+     "Install a keypair."},
+    {"assign", (PyCFunction)(void (*)(void))plane_assign, METH_VARARGS | METH_KEYWORDS, "The peer's previous, current, next."},
+    {"drop", (PyCFunction)plane_drop, METH_O, "Drop a keypair."},
+    {"expire_sending", (PyCFunction)plane_expire_sending, METH_O, "Counter := REJECT."},
+    {"seal", (PyCFunction)(void (*)(void))plane_seal, METH_VARARGS | METH_KEYWORDS, "Seal packets with a keypair."},
+    {"open", (PyCFunction)(void (*)(void))plane_open, METH_VARARGS | METH_KEYWORDS, "Open transport messages of a keypair."},
+    {"accept", (PyCFunction)(void (*)(void))plane_accept, METH_VARARGS | METH_KEYWORDS, "The replay window's verdict."},
+    {"accept_run", (PyCFunction)(void (*)(void))plane_accept_run, METH_VARARGS | METH_KEYWORDS, "A run's, all or nothing."},
+    {"send_counter", (PyCFunction)plane_send_counter, METH_O, "The next counter."},
+    {"collect", (PyCFunction)plane_collect, METH_NOARGS, "Records, punts and events."},
+    {"counters", (PyCFunction)plane_counters, METH_NOARGS, "Drops and the plane's counts."},
+    {"_tun_step", (PyCFunction)plane_tun_step, METH_VARARGS, "Test hook: TUN packets -> datagrams."},
+    {"_udp_step", (PyCFunction)plane_udp_step, METH_VARARGS, "Test hook: datagrams -> TUN packets."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject PlaneType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "uspan.plane._plane.Plane",
+    .tp_doc = PyDoc_STR("Plane(tun_fd, sockets, mtu): established sessions in a C thread."),
+    .tp_basicsize = sizeof(Plane),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)plane_init,
+    .tp_dealloc = (destructor)plane_dealloc,
+    .tp_methods = plane_methods,
+};
+
+static struct PyModuleDef plane_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "uspan.plane._plane",
+    .m_doc = "The data plane thread (docs/dataplane.md).",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC
+PyInit__plane(void)
+{
+    chacha20_poly1305 = EVP_CIPHER_fetch(NULL, "ChaCha20-Poly1305", NULL);
+    if (!chacha20_poly1305) {
+        PyErr_SetString(PyExc_ImportError, "OpenSSL has no ChaCha20-Poly1305");
+        return NULL;
+    }
+    if (PyType_Ready(&PlaneType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&plane_module);
+    if (!m)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "Plane", (PyObject *)&PlaneType) < 0
+        || PyModule_AddIntConstant(m, "PUNT_TUN", PUNT_TUN) < 0
+        || PyModule_AddIntConstant(m, "PUNT_UDP", PUNT_UDP) < 0
+        || PyModule_AddIntConstant(m, "PUNT_EGRESS", PUNT_EGRESS) < 0
+        || PyModule_AddIntConstant(m, "EVENT_CONFIRMED", EVENT_CONFIRMED) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
