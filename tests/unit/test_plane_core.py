@@ -72,7 +72,7 @@ def test_initiator_session_is_installed_as_current(net: PlaneNet) -> None:
 
 
 def test_responder_next_confirmed_by_a_core_receive(net: PlaneNet) -> None:
-    a, b = pair(net, b_plane=True)
+    a, b = pair(net)
     a.from_tun([A_TO_B])
     initiation = net.wire.pop()[0]
     b.from_udp(initiation, a.endpoint)  # punted up, answered by the core
@@ -81,9 +81,10 @@ def test_responder_next_confirmed_by_a_core_receive(net: PlaneNet) -> None:
     mirrored(b)
     response = net.wire.pop()[0]
     a.from_udp(response, b.endpoint)
-    keepalive = net.wire.pop()[0]
-    # A relay delivers the keepalive: the core receives it itself, through the plane.
-    b.device.receive([(keepalive, a.endpoint)], net.now)
+    staged = net.wire.pop()[0]  # A's packet, sent once its session came
+    # A relay delivers it: the core receives it itself, through the plane.
+    to_tun, _ = b.device.receive([(staged, a.endpoint)], net.now)
+    assert to_tun == [A_TO_B]
     assert b.peer(a).current is next_ and b.peer(a).next is None
     assert b.plane is not None and b.plane.send_counter(next_.local_index) == 0
     assert not b.plane.accept(next_.local_index, 0)  # the core's accept was the plane's
@@ -120,7 +121,7 @@ def test_rekeys_drop_previous_and_leak_nothing(net: PlaneNet) -> None:
         net.run()
         mirrored(a)
         mirrored(b)
-    assert a.peer(b).handshakes > 90
+    assert a.peer(b).handshakes > 90 and a.peer(b).previous is not None
     assert a.plane is not None and len(a.plane.installed()) <= 3
     assert b.plane is not None and len(b.plane.installed()) <= 3
 
