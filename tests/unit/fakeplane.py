@@ -115,6 +115,7 @@ class FakePlane:
         self.keypairs: dict[int, _Keypair] = {}
         self.routes: AllowedIPs[_Peer] = AllowedIPs()
         self.route_calls: list[int] = []  # prefixes per add/remove_routes call
+        self.endpoint_calls = 0
         self.counters: dict[str, int] = {}
         self._ids = itertools.count(0x10001, 0x10001)  # never reused: a stale id fails
         self._punts: list[tuple[object, ...]] = []
@@ -162,6 +163,7 @@ class FakePlane:
     def set_endpoint(self, peer: int, address: bytes, port: int, *, local: bytes = b"",
                      ifindex: int = 0, relayed: bool = False) -> None:
         state = self._peer(peer)
+        self.endpoint_calls += 1
         assert len(address) in (0, 4, 16) and len(local) in (0, len(address))
         assert 0 <= port < 65536 and ifindex >= 0
         state.endpoint = (address, port, local, ifindex, relayed) if address else None

@@ -192,10 +192,12 @@ def test_roam_reported_by_the_thread(net: PlaneNet) -> None:
     (datagram, _), = b.device.send([B_TO_A], net.now)
     a.tun += a.plane.udp_read([(datagram, moved)])
     assert peer.endpoint == b.endpoint  # until the sync
+    calls = a.plane.endpoint_calls
     net.sync()
     assert peer.endpoint == Endpoint("192.0.2.3", 4000, "192.0.2.1", 2)
     assert peer.roamed == a.device.peer_events == events + 1
     assert a.plane.peers[peer.plane_id].endpoint == (*moved, False)
+    assert a.plane.endpoint_calls == calls  # the thread's roam is not set back
     mirrored(a)
 
 
