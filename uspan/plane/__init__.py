@@ -7,3 +7,15 @@ keypairs the core installs and hands up what it does not handle; the contract wi
 core (``uspan.wg``) is ``docs/dataplane.md``. Optional like the other extensions: without
 a compiler the trio data path carries every packet.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from uspan.plane._plane import Plane as _Compiled
+    from uspan.wg.plane import Plane
+
+    def _conforms(plane: _Compiled) -> Plane:
+        """Checked by mypy only: the compiled plane is what the core's Protocol asks for."""
+        return plane
