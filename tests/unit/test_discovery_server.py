@@ -215,12 +215,16 @@ def test_slow_loris_is_cut_off() -> None:
 def test_rate_limit_refuses_and_client_waits() -> None:
     async def test(server: Server, address: str) -> None:
         async with client(address, attempts=1) as c:
+            start = trio.current_time()
             await c.hello()
-            for _ in range(4):
-                await c.list()
-            with pytest.raises(DiscoveryError) as caught:
-                await c.list()
+            served = 1
+            with pytest.raises(DiscoveryError) as caught:  # a loaded machine refills some
+                for _ in range(100):
+                    await c.list()
+                    served += 1
             assert caught.value.code == p.E_RATE_LIMITED and caught.value.retryable
+            refilled = (trio.current_time() - start) * 20
+            assert 5 <= served <= 5 + refilled + 1  # the burst, then the rate
         async with client(address, attempts=5) as patient:
             await patient.list()  # waits for a token (retry_after) and succeeds
 
