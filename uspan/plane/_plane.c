@@ -645,14 +645,15 @@ mark_dirty(Plane *p, Peer *peer)
     pthread_mutex_unlock(&p->news_lock);
 }
 
-/* Recorder.sent of proto/timersync.py, and the send side's rekey wish. */
+/* Recorder.sent of proto/timersync.py for the thread's data, and the send side's rekey
+ * wish (the core records what it seals itself). */
 static void
-record_sent(Plane *p, Peer *peer, Keypair *k, uint64_t now, size_t size, int data)
+record_sent(Plane *p, Peer *peer, Keypair *k, uint64_t now, size_t size)
 {
     Record *r = &peer->record;
     r->last_sent = now;
     r->data_received_since_sent = 0;
-    if (data && !r->data_sent_since_received)
+    if (!r->data_sent_since_received)
         r->data_sent_since_received = now;
     r->tx_bytes += size;
     if (k == peer->current && (k->send_counter > REKEY_AFTER_MESSAGES
@@ -824,7 +825,7 @@ tun_step(Plane *p, Batch *b, int n, uint64_t now)
                         continue;
                     }
                     count(p, C_SEALED, 1);
-                    record_sent(p, peer, k, now, size, 1);
+                    record_sent(p, peer, k, now, size);
                     if (peer->endpoint.relayed) {
                         punt(p, PUNT_EGRESS, owner, message, size, NULL, -1);
                         continue;
@@ -2071,9 +2072,7 @@ plane_seal(Plane *self, PyObject *args, PyObject *kwds)
     }
     Py_ssize_t sealed = 0;
     int failed = 0;
-    uint64_t now = now_ns();
-    Peer *peer = k->peer;
-    Py_BEGIN_ALLOW_THREADS
+    Py_BEGIN_ALLOW_THREADS /* not recorded: the core counts and times what it seals */
     for (; sealed < n && k->send_counter < REJECT_AFTER_MESSAGES; sealed++) {
         PyObject *datagram = PyList_GET_ITEM(out, sealed);
         size_t length = lengths[sealed];
@@ -2083,7 +2082,6 @@ plane_seal(Plane *self, PyObject *args, PyObject *kwds)
             break;
         }
         count(self, C_SEALED, 1);
-        record_sent(self, peer, k, now, size, length > 0);
     }
     Py_END_ALLOW_THREADS
     release_keypair(self, k);
