@@ -171,6 +171,27 @@ def test_punts_of_each_kind(pair: Pair) -> None:
     assert [p[0] for p in punts] == [_plane.PUNT_TUN]
 
 
+def test_a_keypair_created_in_the_future_fails_closed(pair: Pair) -> None:
+    """A creation ahead of the clock (a clock not to be trusted) is no key that never
+    expires: install refuses more than 1 s ahead, and the steps find one that is ahead
+    of their clock by more than that expired (punted, counted)."""
+    a, b = pair.a, pair.b
+    with pytest.raises(ValueError):
+        a.install(pair.a_peer, 0x5555, 0x6666, bytes(32), bytes(32),
+                  time.monotonic_ns() + 2 * SECOND, True)
+    ahead = time.monotonic_ns() + SECOND // 2
+    install_pair(a, pair.a_peer, b, pair.b_peer, 0x5555, 0x6666, ahead)
+    ping = packet(INNER4[0], INNER4[1])
+    (sent,) = a._tun_step([ping], ahead)
+    assert b._udp_step([(sent[0], *A_ADDR)], ahead - SECOND // 2) == [ping]  # within 1 s
+    assert b._udp_step([(a.seal(0x5555, [ping])[0], *A_ADDR)], ahead - 2 * SECOND) == []
+    assert b.counters()["expired_key"] == 1
+    a.collect()
+    assert a._tun_step([ping], ahead - 2 * SECOND) == []
+    _, punts, _ = a.collect()
+    assert punts == [(_plane.PUNT_TUN, pair.a_peer, ping, None)]
+
+
 def test_a_stale_peer_id_is_refused(pair: Pair) -> None:
     a = pair.a
     a.remove_peer(pair.a_peer)

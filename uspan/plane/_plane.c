@@ -60,6 +60,7 @@
 #define REKEY_AFTER_TIME (120 * NS)
 #define REJECT_AFTER_TIME (180 * NS)
 #define REKEY_ON_RECEIVE_AGE ((180 - 10 - 5) * NS)
+#define CLOCK_SLACK NS /* how far ahead of the clock a keypair's creation may be */
 #define PEER_CHUNK 1024
 #define PEER_CHUNKS 1024 /* up to a million peers */
 #define NO_SLOT UINT32_MAX
@@ -548,11 +549,15 @@ replay_accept_run(Keypair *k, uint64_t first, uint64_t count)
     return 1;
 }
 
-/* A keypair's age at `now` (0 if `now` is before its creation: never negative). */
+/* A keypair's age at `now`. A creation up to CLOCK_SLACK ahead is a batch that read the
+ * clock just before the core installed (age 0); further ahead the clock is not to be
+ * trusted, so the keypair fails closed as past every limit (install refuses such). */
 static uint64_t
 age(const Keypair *k, uint64_t now)
 {
-    return now > k->created ? now - k->created : 0;
+    if (now >= k->created)
+        return now - k->created;
+    return k->created - now <= CLOCK_SLACK ? 0 : UINT64_MAX;
 }
 
 static int
@@ -1841,6 +1846,10 @@ plane_install(Plane *self, PyObject *args, PyObject *kwds)
     }
     PyBuffer_Release(&send_key);
     PyBuffer_Release(&recv_key);
+    if (ok && created > now_ns() + CLOCK_SLACK) {
+        free_keypair(k);
+        return PyErr_Format(PyExc_ValueError, "created %llu is in the future", created);
+    }
     if (!ok)
         return NULL;
     k->local_index = local_index;
