@@ -168,6 +168,14 @@ class FakePlane:
         assert 0 <= port < 65536 and ifindex >= 0
         state.endpoint = (address, port, local, ifindex, relayed) if address else None
 
+    def clear_source(self, peer: int) -> None:
+        state = self._peer(peer)
+        if state.endpoint is not None:
+            address, port, _, _, relayed = state.endpoint
+            state.endpoint = (address, port, b"", 0, relayed)
+        if state.roamed is not None:
+            state.roamed = (*state.roamed[:2], b"", 0)
+
     def add_routes(self, peer: int, prefixes: list[int]) -> None:
         assert type(prefixes) is list and all(type(p) is int for p in prefixes)
         self.route_calls.append(len(prefixes))

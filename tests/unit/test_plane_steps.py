@@ -171,6 +171,21 @@ def test_punts_of_each_kind(pair: Pair) -> None:
     assert [p[0] for p in punts] == [_plane.PUNT_TUN]
 
 
+def test_clear_source_forgets_the_source_of_the_endpoint_the_thread_has(pair: Pair) -> None:
+    a = pair.a
+    a.set_endpoint(pair.a_peer, *B_ADDR, local=b"\x7f\x00\x00\x01", ifindex=1)
+    a.clear_source(pair.a_peer)
+    ping = packet(INNER4[0], INNER4[1])
+    assert [where for _, where in a._tun_step([ping], pair.t0)] == [(*B_ADDR, b"", 0)]
+    roamed = (b"\x7f\x00\x00\x01", 40999)
+    (sent,) = pair.b._tun_step([packet(INNER4[1], INNER4[0])], pair.t0)
+    assert a._udp_step([(sent[0], *roamed)], pair.t0) != []
+    a.clear_source(pair.a_peer)
+    assert [where for _, where in a._tun_step([ping], pair.t0)] == [(*roamed, b"", 0)]
+    with pytest.raises(KeyError):
+        a.clear_source(pair.a_peer + 1)
+
+
 def test_a_keypair_created_in_the_future_fails_closed(pair: Pair) -> None:
     """A creation ahead of the clock (a clock not to be trusted) is no key that never
     expires: install refuses more than 1 s ahead, and the steps find one that is ahead

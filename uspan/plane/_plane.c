@@ -1632,6 +1632,26 @@ plane_set_endpoint(Plane *self, PyObject *args, PyObject *kwds)
     Py_RETURN_NONE;
 }
 
+/* The sticky source of the peer's endpoint, whatever it is now (the thread may have
+ * roamed it since the core last heard): a set_endpoint of the core's older view would
+ * undo that roam. The record's pending roam loses its source too. */
+static PyObject *
+plane_clear_source(Plane *self, PyObject *arg)
+{
+    Peer *peer;
+    if (check_open(self) < 0 || !(peer = peer_of(self, arg)))
+        return NULL;
+    pthread_mutex_lock(&peer->lock);
+    Endpoint *ends[2] = {&peer->endpoint, &peer->record.roam};
+    for (int i = 0; i < 2; i++) {
+        ends[i]->local_len = 0;
+        ends[i]->ifindex = 0;
+        memset(ends[i]->local, 0, sizeof ends[i]->local);
+    }
+    pthread_mutex_unlock(&peer->lock);
+    Py_RETURN_NONE;
+}
+
 typedef struct {
     uint64_t hi, lo;
     int length, v6;
@@ -2430,6 +2450,7 @@ static PyMethodDef plane_methods[] = {
     {"remove_peer", (PyCFunction)plane_remove_peer, METH_O, "Drop a peer, its keypairs and routes."},
     {"set_endpoint", (PyCFunction)(void (*)(void))plane_set_endpoint, METH_VARARGS | METH_KEYWORDS,
      "Where the peer's datagrams go."},
+    {"clear_source", (PyCFunction)plane_clear_source, METH_O, "Forget the endpoint's sticky source."},
     {"add_routes", (PyCFunction)(void (*)(void))plane_add_routes, METH_VARARGS | METH_KEYWORDS, "Route prefixes to the peer."},
     {"remove_routes", (PyCFunction)(void (*)(void))plane_remove_routes, METH_VARARGS | METH_KEYWORDS, "Remove the peer's prefixes."},
     {"clear_routes", (PyCFunction)plane_clear_routes, METH_O, "Remove all of the peer's prefixes."},
