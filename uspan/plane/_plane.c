@@ -1916,14 +1916,19 @@ plane_assign(Plane *self, PyObject *args, PyObject *kwds)
         || !(peer = peer_of(self, id)))
         return NULL;
     Keypair *keys[3] = {NULL, NULL, NULL};
+    /* Looked up under the peer's lock: the thread's confirm retires `previous` under it,
+     * and a keypair retired between a lookup and the lock would be freed in a role. */
+    pthread_mutex_lock(&peer->lock);
     for (int i = 0; i < 3; i++) {
         if (roles[i] == -1)
             continue;
         if (roles[i] < 0 || roles[i] > UINT32_MAX
-            || !(keys[i] = keypair_of(self, (uint32_t)roles[i])) || keys[i]->peer != peer)
+            || !(keys[i] = keypair_of(self, (uint32_t)roles[i])) || keys[i]->peer != peer
+            || !keys[i]->live) {
+            pthread_mutex_unlock(&peer->lock);
             return PyErr_Format(PyExc_KeyError, "%lld is not a keypair of this peer", roles[i]);
+        }
     }
-    pthread_mutex_lock(&peer->lock);
     peer->previous = keys[0];
     peer->current = keys[1];
     peer->next = keys[2];
