@@ -207,6 +207,30 @@ def test_a_keypair_created_in_the_future_fails_closed(pair: Pair) -> None:
     assert punts == [(_plane.PUNT_TUN, pair.a_peer, ping, None)]
 
 
+def test_no_confirm_is_lost_however_many_come_between_collects() -> None:
+    """A confirm the core never hears of leaves its roles behind the thread's for good:
+    more confirms than any ring would hold all reach the next collect."""
+    peers = 1100
+    a, b = Plane(-1, [], MTU), Plane(-1, [], MTU)
+    try:
+        now = time.monotonic_ns()
+        keepalives = []
+        for i in range(peers):
+            a_peer, b_peer = a.add_peer(), b.add_peer()
+            install_pair(b, b_peer, a, a_peer, 0x10000 + i, 0x20000 + i, now, roles=False)
+            b.assign(b_peer, -1, 0x10000 + i, -1)
+            a.assign(a_peer, -1, -1, 0x20000 + i)  # next, confirmed by its first packet
+            keepalives.append((b.seal(0x10000 + i, [b""])[0], *B_ADDR))
+        for first in range(0, peers, 32):
+            a._udp_step(keepalives[first:first + 32], now)
+        _, _, events = a.collect()
+        assert sorted(index for _, _, index in events) == [0x20000 + i for i in range(peers)]
+        assert a.counters()["confirmed"] == peers
+    finally:
+        a.close()
+        b.close()
+
+
 def test_a_stale_peer_id_is_refused(pair: Pair) -> None:
     a = pair.a
     a.remove_peer(pair.a_peer)

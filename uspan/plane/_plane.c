@@ -16,7 +16,7 @@
  *   peer->lock: roles, keypair counters and windows, endpoint, record (the thread takes
  *     it once per run of one peer in a batch);
  *   index (write) inside peer->lock: install, drop, the thread's confirm of `next`;
- *   news_lock inside peer->lock: dirty list, punt ring, events, the eventfd signal;
+ *   news_lock inside peer->lock: dirty list, punt ring, the eventfd signal;
  *   retire_lock innermost: keypairs waiting to be freed.
  * Freed keypairs wait for the thread's next batch boundary (epoch): a batch that looked
  * a keypair up keeps a valid pointer until it ends, and sees it dead under peer->lock.
@@ -50,7 +50,6 @@
 #define MAX_MTU 9216
 #define SLOT (MAX_MTU + 128) /* one datagram or one packet with room to seal in place */
 #define PUNT_SLOTS 256
-#define EVENT_SLOTS 1024
 #define MAX_SOCKETS 8
 #define REPLAY_WORDS 128
 #define REPLAY_WINDOW (REPLAY_WORDS * 64 - 64)
@@ -73,14 +72,14 @@ enum {
     C_BAD_LENGTH, C_BAD_TYPE, C_UNKNOWN_INDEX, C_EXPIRED_KEY, C_DECRYPT_FAILED, C_REPLAY,
     C_BAD_INNER_PACKET, C_NOT_ALLOWED_SOURCE, C_NO_ROUTE, C_NO_ENDPOINT,
     C_TUN_READS, C_UDP_READS, C_WAKES, C_SEALED, C_OPENED, C_KEEPALIVES, C_PUNTS,
-    C_PUNTS_DROPPED, C_EVENTS_DROPPED, C_ROAMS, C_CONFIRMED, C_SEND_ERRORS,
+    C_PUNTS_DROPPED, C_ROAMS, C_CONFIRMED, C_SEND_ERRORS,
     C_TUN_WRITE_ERRORS, C_FD_ERRORS, C_COUNT
 };
 static const char *counter_names[C_COUNT] = {
     "bad_length", "bad_type", "unknown_index", "expired_key", "decrypt_failed", "replay",
     "bad_inner_packet", "not_allowed_source", "no_route", "no_endpoint",
     "tun_reads", "udp_reads", "wakes", "sealed", "opened", "keepalives", "punts",
-    "punts_dropped", "events_dropped", "roams", "confirmed", "send_errors",
+    "punts_dropped", "roams", "confirmed", "send_errors",
     "tun_write_errors", "fd_errors"};
 
 static EVP_CIPHER *chacha20_poly1305;
@@ -126,6 +125,9 @@ typedef struct {
     int roamed;
     Endpoint roam;
     int wants;
+    int confirmed; /* the thread confirmed `next` (the last one, in confirmed_index): an
+                    * event in the record, so no ring can overflow and lose it */
+    uint32_t confirmed_index;
 } Record;
 
 struct Peer {
@@ -170,12 +172,6 @@ typedef struct {
     unsigned char data[SLOT];
 } Punt;
 
-typedef struct {
-    int kind;
-    uint64_t peer;
-    uint32_t local_index;
-} Event;
-
 /* One batch's buffers: the thread's own, or a synchronous call's. */
 typedef struct {
     unsigned char data[BATCH][SLOT];
@@ -212,8 +208,6 @@ typedef struct {
     uint32_t dirty_head;
     Punt *punts;
     int punt_head, punt_count;
-    Event events[EVENT_SLOTS];
-    int event_count;
     pthread_mutex_t retire_lock;
     Keypair *retired;
     Batch *batch; /* the thread's */
@@ -714,19 +708,6 @@ punt(Plane *p, int kind, uint64_t peer, const unsigned char *data, size_t size,
     pthread_mutex_unlock(&p->news_lock);
 }
 
-static void
-event(Plane *p, int kind, uint64_t peer, uint32_t local_index)
-{
-    pthread_mutex_lock(&p->news_lock);
-    if (p->event_count == EVENT_SLOTS) {
-        count(p, C_EVENTS_DROPPED, 1);
-    } else {
-        p->events[p->event_count++] = (Event){kind, peer, local_index};
-        signal_news(p);
-    }
-    pthread_mutex_unlock(&p->news_lock);
-}
-
 /* --- The per-packet steps ------------------------------------------------------------ */
 
 /* An inner packet's routing address (destination, or source with `source`): its size
@@ -867,7 +848,8 @@ confirm_next(Plane *p, Peer *peer)
     peer->current = next;
     peer->next = NULL;
     count(p, C_CONFIRMED, 1);
-    event(p, EVENT_CONFIRMED, peer_id(peer), next->local_index);
+    peer->record.confirmed = 1; /* receive_message marks the peer dirty next */
+    peer->record.confirmed_index = next->local_index;
 }
 
 /* One datagram's first look: 1 if it is a transport message to open (index in
@@ -2223,13 +2205,12 @@ plane_collect(Plane *self, PyObject *Py_UNUSED(ignored))
     uint64_t value;
     uint32_t *slots = PyMem_Malloc(sizeof(uint32_t) * (self->peer_slots + 1));
     Punt *punts = PyMem_Malloc(sizeof(Punt) * PUNT_SLOTS);
-    Event events[EVENT_SLOTS];
     if (!slots || !punts) {
         PyMem_Free(slots);
         PyMem_Free(punts);
         return PyErr_NoMemory();
     }
-    int dirty = 0, punt_count, event_count;
+    int dirty = 0, punt_count;
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&self->news_lock);
     if (read(self->news_fd, &value, sizeof value) < 0) { /* EAGAIN: nothing signalled */ }
@@ -2245,9 +2226,6 @@ plane_collect(Plane *self, PyObject *Py_UNUSED(ignored))
     for (int i = 0; i < punt_count; i++)
         punts[i] = self->punts[(self->punt_head + i) % PUNT_SLOTS];
     self->punt_head = self->punt_count = 0;
-    event_count = self->event_count;
-    memcpy(events, self->events, sizeof(Event) * (size_t)event_count);
-    self->event_count = 0;
     pthread_mutex_unlock(&self->news_lock);
     Py_END_ALLOW_THREADS
     PyObject *records = PyList_New(0), *punt_list = PyList_New(0), *event_list = PyList_New(0);
@@ -2266,6 +2244,10 @@ plane_collect(Plane *self, PyObject *Py_UNUSED(ignored))
         pthread_mutex_unlock(&peer->lock);
         if (has)
             failed = append_new(records, record_tuple(id, &record)) < 0;
+        if (has && record.confirmed && !failed)
+            failed = append_new(event_list, Py_BuildValue("(iKk)", EVENT_CONFIRMED,
+                                                          (unsigned long long)id,
+                                                          (unsigned long)record.confirmed_index)) < 0;
     }
     for (int i = 0; i < punt_count && !failed; i++) {
         Punt *x = &punts[i];
@@ -2287,10 +2269,6 @@ plane_collect(Plane *self, PyObject *Py_UNUSED(ignored))
         Py_XDECREF(peer);
         Py_XDECREF(source);
     }
-    for (int i = 0; i < event_count && !failed; i++)
-        failed = append_new(event_list, Py_BuildValue("(iKk)", events[i].kind,
-                                                      (unsigned long long)events[i].peer,
-                                                      (unsigned long)events[i].local_index)) < 0;
     PyMem_Free(slots);
     OPENSSL_cleanse(punts, sizeof(Punt) * (size_t)punt_count);
     PyMem_Free(punts);
