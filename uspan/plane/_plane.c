@@ -25,6 +25,7 @@
 #include <Python.h>
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <netinet/in.h>
 #include <openssl/evp.h>
@@ -73,14 +74,14 @@ enum {
     C_BAD_INNER_PACKET, C_NOT_ALLOWED_SOURCE, C_NO_ROUTE, C_NO_ENDPOINT,
     C_TUN_READS, C_UDP_READS, C_WAKES, C_SEALED, C_OPENED, C_KEEPALIVES, C_PUNTS,
     C_PUNTS_DROPPED, C_ROAMS, C_CONFIRMED, C_SEND_ERRORS,
-    C_TUN_WRITE_ERRORS, C_FD_ERRORS, C_COUNT
+    C_TUN_WRITE_ERRORS, C_FD_ERRORS, C_TUN_LOST, C_EPOLL_ERRORS, C_COUNT
 };
 static const char *counter_names[C_COUNT] = {
     "bad_length", "bad_type", "unknown_index", "expired_key", "decrypt_failed", "replay",
     "bad_inner_packet", "not_allowed_source", "no_route", "no_endpoint",
     "tun_reads", "udp_reads", "wakes", "sealed", "opened", "keepalives", "punts",
     "punts_dropped", "roams", "confirmed", "send_errors",
-    "tun_write_errors", "fd_errors"};
+    "tun_write_errors", "fd_errors", "tun_lost", "epoll_errors"};
 
 static EVP_CIPHER *chacha20_poly1305;
 
@@ -1165,6 +1166,16 @@ read_udp(Plane *p, Batch *b, int fd)
     return n;
 }
 
+/* Something the shell must act on (the TUN lost, the thread ended): counted by the
+ * caller, and the eventfd signalled so the shell looks at the counters. */
+static void
+alarm_news(Plane *p)
+{
+    pthread_mutex_lock(&p->news_lock);
+    signal_news(p);
+    pthread_mutex_unlock(&p->news_lock);
+}
+
 static void *
 plane_run(void *arg)
 {
@@ -1176,7 +1187,9 @@ plane_run(void *arg)
         if (n < 0) {
             if (errno == EINTR)
                 continue;
-            break;
+            count(p, C_EPOLL_ERRORS, 1); /* the thread ends: the shell must hear of it */
+            alarm_news(p);
+            return NULL;
         }
         count(p, C_WAKES, 1);
         int fds[2];
@@ -1188,9 +1201,13 @@ plane_run(void *arg)
             int fd = events[e].data.fd;
             if (fd == p->stop_fd)
                 return NULL;
-            if (events[e].events & EPOLLHUP) { /* the other end closed: stop polling it */
+            if (events[e].events & (EPOLLHUP | EPOLLERR)) { /* gone or broken: else a spin */
                 epoll_ctl(p->epoll_fd, EPOLL_CTL_DEL, fd, NULL);
                 count(p, C_FD_ERRORS, 1);
+                if (fd == p->tun_fd) {
+                    count(p, C_TUN_LOST, 1);
+                    alarm_news(p);
+                }
                 continue;
             }
             atomic_fetch_add(&p->epoch, 1); /* odd: in a batch */
@@ -1292,6 +1309,19 @@ as_int(PyObject *arg)
     return (int)value;
 }
 
+/* The thread reads and writes fds without blocking (a blocking one would hang it and
+ * close()): set O_NONBLOCK on the open file description, shared with the shell's fd. */
+static int
+set_nonblocking(int fd)
+{
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0 || (!(flags & O_NONBLOCK) && fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0)) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return 0;
+}
+
 static int
 set_socket_list(Plane *p, PyObject *sockets, int register_them)
 {
@@ -1313,9 +1343,10 @@ set_socket_list(Plane *p, PyObject *sockets, int register_them)
         }
         Address a;
         socklen_t len = sizeof a;
-        if (getsockname(fds[i], &a.sa, &len) < 0) {
+        if (getsockname(fds[i], &a.sa, &len) < 0 || set_nonblocking(fds[i]) < 0) {
             Py_DECREF(items);
-            PyErr_SetFromErrno(PyExc_OSError);
+            if (!PyErr_Occurred())
+                PyErr_SetFromErrno(PyExc_OSError);
             return -1;
         }
         families[i] = a.sa.sa_family;
@@ -1353,6 +1384,8 @@ plane_init(Plane *self, PyObject *args, PyObject *kwds)
         PyErr_Format(PyExc_ValueError, "mtu must be 1..%d", MAX_MTU);
         return -1;
     }
+    if (tun_fd >= 0 && set_nonblocking(tun_fd) < 0) /* -1: no TUN (the test hooks') */
+        return -1;
     self->tun_fd = tun_fd;
     atomic_store(&self->mtu, mtu);
     self->stop_fd = self->news_fd = self->epoll_fd = -1;
