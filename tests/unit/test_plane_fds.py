@@ -6,10 +6,14 @@ from __future__ import annotations
 import fcntl
 import os
 import select
+import signal
 import socket
+import threading
 import time
 
-from tests.unit.planekit import MTU, Plane
+import pytest
+
+from tests.unit.planekit import INNER4, MTU, Plane, packet, prefixes, tunnel
 
 
 def _blocking(fd: int) -> bool:
@@ -57,3 +61,73 @@ def test_a_broken_tun_is_let_go_and_reported() -> None:
     finally:
         plane.close()
         os.close(writer)
+
+
+def test_a_closed_and_reused_socket_number_is_never_the_threads() -> None:
+    """The plane works on its own dups: the shell closing its socket and reusing the
+    number for another leaves the tunnel on the socket the plane was given (until
+    set_sockets), and nothing of the tunnel's on the other. The plane closes its dups
+    (set_sockets, close): no fd is left behind."""
+    before = set(os.listdir("/proc/self/fd"))
+    with tunnel() as (a, b):
+        number = b.udp4.fileno()
+        b.udp4.close()
+        other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            other.bind(("127.0.0.1", 0))
+            assert other.fileno() == number  # the number reused
+            for i in range(3):
+                a.write_tun(packet(INNER4[0], INNER4[1], b"to b %d" % i))
+                assert b.read_tun() == packet(INNER4[0], INNER4[1], b"to b %d" % i)
+                b.write_tun(packet(INNER4[1], INNER4[0], b"to a %d" % i))
+                assert a.read_tun() == packet(INNER4[1], INNER4[0], b"to a %d" % i)
+            assert select.select([other], [], [], 0.1)[0] == []
+            b.plane.set_sockets([b.udp6.fileno()])  # its dup closed at a batch boundary
+        finally:
+            other.close()
+    assert set(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_failed_init_leaves_a_closed_plane_and_a_closed_one_inits_again() -> None:
+    plane = Plane(-1, [], MTU)
+    peer = plane.add_peer()
+    plane.add_routes(peer, prefixes("10.1.0.0/16"))
+    plane.close()
+    null = os.open("/dev/null", os.O_RDONLY)
+    try:
+        with pytest.raises(OSError):
+            plane.__init__(-1, [null], MTU)  # no socket
+    finally:
+        os.close(null)
+    with pytest.raises(ValueError, match="closed"):
+        plane.add_peer()
+    plane.__init__(-1, [], MTU)
+    try:
+        assert plane.route(bytes([10, 1, 0, 1])) is None  # nothing of before
+        peer = plane.add_peer()
+        plane.add_routes(peer, prefixes("10.2.0.0/16"))
+        assert plane.route(bytes([10, 2, 0, 1])) == peer
+    finally:
+        plane.close()
+
+
+
+def _blocked(tid: str) -> int:
+    with open(f"/proc/self/task/{tid}/status") as status:
+        for line in status:
+            if line.startswith("SigBlk:"):
+                return int(line.split()[1], 16)
+    raise AssertionError("no SigBlk")
+
+
+def test_signals_are_blocked_in_the_thread() -> None:
+    """A process signal must not land on a plane thread (a handler there, EINTR in its
+    sends): it blocks them all, and the Python thread's mask is unchanged."""
+    before = set(os.listdir("/proc/self/task"))
+    mask = _blocked(str(threading.get_native_id()))
+    wanted = 1 << (signal.SIGINT - 1) | 1 << (signal.SIGTERM - 1) | 1 << (signal.SIGALRM - 1)
+    with tunnel():
+        threads = set(os.listdir("/proc/self/task")) - before
+        assert len(threads) == 2  # the two planes'
+        assert all(_blocked(tid) & wanted == wanted for tid in threads)
+    assert _blocked(str(threading.get_native_id())) == mask

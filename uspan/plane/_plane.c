@@ -27,10 +27,12 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <stddef.h>
 #include <netinet/in.h>
 #include <openssl/evp.h>
 #include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
@@ -187,14 +189,15 @@ typedef struct {
 
 typedef struct {
     PyObject_HEAD
-    int tun_fd;
+    int tun_fd; /* the plane's own dups of the shell's fds (H2), -1: none */
     int sockets[MAX_SOCKETS], families[MAX_SOCKETS];
+    int given[MAX_SOCKETS]; /* the shell's numbers of sockets[], for punts' sources */
     int socket_count;
     _Atomic int mtu;
     int stop_fd, news_fd, epoll_fd;
     pthread_t thread;
     int running;
-    _Atomic uint64_t epoch; /* odd while the thread is in a batch */
+    _Atomic uint64_t epoch; /* odd while the thread is in a wake (holding its fds) */
     _Atomic int slow_calls; /* Python calls holding keypair pointers without the GIL */
     _Atomic uint64_t counters[C_COUNT];
     pthread_mutex_t io_lock; /* the socket list */
@@ -1192,15 +1195,28 @@ plane_run(void *arg)
             return NULL;
         }
         count(p, C_WAKES, 1);
-        int fds[2];
+        /* The wake's fds, taken with the epoch made odd under io_lock: set_sockets closes
+         * the fds it replaces only once the epoch moves on, and this wake skips events of
+         * fds no longer listed (waited on before the change). */
+        int fds[2], listed[MAX_SOCKETS], listed_count;
         pthread_mutex_lock(&p->io_lock);
+        atomic_fetch_add(&p->epoch, 1);
         fds[0] = socket_for(p, AF_INET);
         fds[1] = socket_for(p, AF_INET6);
+        listed_count = p->socket_count;
+        memcpy(listed, p->sockets, sizeof(int) * (size_t)listed_count);
         pthread_mutex_unlock(&p->io_lock);
         for (int e = 0; e < n; e++) {
             int fd = events[e].data.fd;
-            if (fd == p->stop_fd)
+            if (fd == p->stop_fd) {
+                atomic_fetch_add(&p->epoch, 1);
                 return NULL;
+            }
+            int known = fd == p->tun_fd;
+            for (int i = 0; i < listed_count && !known; i++)
+                known = listed[i] == fd;
+            if (!known)
+                continue;
             if (events[e].events & (EPOLLHUP | EPOLLERR)) { /* gone or broken: else a spin */
                 epoll_ctl(p->epoll_fd, EPOLL_CTL_DEL, fd, NULL);
                 count(p, C_FD_ERRORS, 1);
@@ -1210,7 +1226,6 @@ plane_run(void *arg)
                 }
                 continue;
             }
-            atomic_fetch_add(&p->epoch, 1); /* odd: in a batch */
             uint64_t now = now_ns();
             if (fd == p->tun_fd) {
                 int got = read_tun(p, b);
@@ -1221,8 +1236,8 @@ plane_run(void *arg)
                 udp_step(p, b, got, now);
                 write_tun(p, b, got);
             }
-            atomic_fetch_add(&p->epoch, 1);
         }
+        atomic_fetch_add(&p->epoch, 1);
     }
     return NULL;
 }
@@ -1322,51 +1337,100 @@ set_nonblocking(int fd)
     return 0;
 }
 
+/* The plane's own copy of a shell's fd (close-on-exec, non-blocking): the shell may close
+ * and reuse its number, never the thread's. -1 with OSError. */
 static int
-set_socket_list(Plane *p, PyObject *sockets, int register_them)
+own_fd(int fd)
+{
+    int copy = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (copy < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    if (set_nonblocking(copy) < 0) {
+        close(copy);
+        return -1;
+    }
+    return copy;
+}
+
+static void
+close_fds(const int *fds, int n)
+{
+    for (int i = 0; i < n; i++)
+        if (fds[i] >= 0)
+            close(fds[i]);
+}
+
+/* Sockets (the shell's fds) become the thread's, as dups; the dups they replace are
+ * closed once the thread is past the wake it may be using them in. */
+static int
+set_socket_list(Plane *p, PyObject *sockets)
 {
     PyObject *items = PySequence_Fast(sockets, "sockets must be a list of fds");
     if (!items)
         return -1;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(items);
-    int fds[MAX_SOCKETS], families[MAX_SOCKETS];
+    int given[MAX_SOCKETS], fds[MAX_SOCKETS], families[MAX_SOCKETS], made = 0;
     if (n > MAX_SOCKETS) {
         Py_DECREF(items);
         PyErr_SetString(PyExc_ValueError, "too many sockets");
         return -1;
     }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        fds[i] = as_int(PySequence_Fast_GET_ITEM(items, i));
-        if (fds[i] == -1 && PyErr_Occurred()) {
-            Py_DECREF(items);
-            return -1;
-        }
+    for (; made < n; made++) {
         Address a;
         socklen_t len = sizeof a;
-        if (getsockname(fds[i], &a.sa, &len) < 0 || set_nonblocking(fds[i]) < 0) {
-            Py_DECREF(items);
-            if (!PyErr_Occurred())
-                PyErr_SetFromErrno(PyExc_OSError);
-            return -1;
+        given[made] = as_int(PySequence_Fast_GET_ITEM(items, made));
+        if (given[made] == -1 && PyErr_Occurred())
+            break;
+        if (getsockname(given[made], &a.sa, &len) < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            break;
         }
-        families[i] = a.sa.sa_family;
+        families[made] = a.sa.sa_family;
+        if ((fds[made] = own_fd(given[made])) < 0)
+            break;
     }
     Py_DECREF(items);
+    if (made < n) {
+        close_fds(fds, made);
+        return -1;
+    }
     pthread_mutex_lock(&p->io_lock);
-    if (register_them) {
-        for (int i = 0; i < p->socket_count; i++)
-            epoll_ctl(p->epoll_fd, EPOLL_CTL_DEL, p->sockets[i], NULL);
-        for (Py_ssize_t i = 0; i < n; i++) {
-            struct epoll_event ev = {.events = EPOLLIN, .data.fd = fds[i]};
-            epoll_ctl(p->epoll_fd, EPOLL_CTL_ADD, fds[i], &ev);
+    for (int i = 0; i < n; i++) {
+        struct epoll_event ev = {.events = EPOLLIN, .data.fd = fds[i]};
+        if (epoll_ctl(p->epoll_fd, EPOLL_CTL_ADD, fds[i], &ev) < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            for (int j = 0; j < i; j++)
+                epoll_ctl(p->epoll_fd, EPOLL_CTL_DEL, fds[j], NULL);
+            pthread_mutex_unlock(&p->io_lock);
+            close_fds(fds, (int)n);
+            return -1;
         }
     }
+    int old[MAX_SOCKETS], old_count = p->socket_count;
+    memcpy(old, p->sockets, sizeof(int) * (size_t)old_count);
+    for (int i = 0; i < old_count; i++) /* ENOENT: a hung-up one the thread let go */
+        epoll_ctl(p->epoll_fd, EPOLL_CTL_DEL, old[i], NULL);
     memcpy(p->sockets, fds, sizeof(int) * (size_t)n);
+    memcpy(p->given, given, sizeof(int) * (size_t)n);
     memcpy(p->families, families, sizeof(int) * (size_t)n);
     p->socket_count = (int)n;
+    uint64_t epoch = atomic_load(&p->epoch);
     pthread_mutex_unlock(&p->io_lock);
+    if (epoch % 2) { /* the thread is in a wake that may hold the old ones */
+        Py_BEGIN_ALLOW_THREADS
+        while (atomic_load(&p->epoch) == epoch) {
+            struct timespec pause = {0, 50000};
+            nanosleep(&pause, NULL);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    close_fds(old, old_count);
     return 0;
 }
+
+static void release_plane(Plane *self);
 
 static int
 plane_init(Plane *self, PyObject *args, PyObject *kwds)
@@ -1384,34 +1448,39 @@ plane_init(Plane *self, PyObject *args, PyObject *kwds)
         PyErr_Format(PyExc_ValueError, "mtu must be 1..%d", MAX_MTU);
         return -1;
     }
-    if (tun_fd >= 0 && set_nonblocking(tun_fd) < 0) /* -1: no TUN (the test hooks') */
-        return -1;
-    self->tun_fd = tun_fd;
-    atomic_store(&self->mtu, mtu);
-    self->stop_fd = self->news_fd = self->epoll_fd = -1;
-    self->batch = malloc(sizeof(Batch));
-    self->punts = malloc(sizeof(Punt) * PUNT_SLOTS);
-    self->initialised = 1; /* from here close() frees what there is */
-    if (!self->batch || !self->punts) {
-        PyErr_NoMemory();
-        return -1;
-    }
+    /* From a zeroed object (new, or released): locks first, fds -1, so that
+     * release_plane undoes any part of what follows. */
     pthread_mutex_init(&self->io_lock, NULL);
     pthread_mutex_init(&self->news_lock, NULL);
     pthread_mutex_init(&self->retire_lock, NULL);
     pthread_rwlock_init(&self->routes_lock, NULL);
     pthread_rwlock_init(&self->index_lock, NULL);
+    self->tun_fd = self->stop_fd = self->news_fd = self->epoll_fd = -1;
+    atomic_store(&self->mtu, mtu);
     self->routes4.width = 32;
     self->routes6.width = 128;
     self->dirty_head = self->free_slot = NO_SLOT;
+    self->batch = malloc(sizeof(Batch));
+    self->punts = malloc(sizeof(Punt) * PUNT_SLOTS);
+    if (!self->batch || !self->punts) {
+        PyErr_NoMemory();
+        goto failed;
+    }
     self->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     self->news_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     self->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
     if (self->stop_fd < 0 || self->news_fd < 0 || self->epoll_fd < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
-        return -1;
+        goto failed;
     }
-    return set_socket_list(self, sockets, 1);
+    if ((tun_fd >= 0 && (self->tun_fd = own_fd(tun_fd)) < 0) /* -1: no TUN (test hooks) */
+        || set_socket_list(self, sockets) < 0)
+        goto failed;
+    self->initialised = 1;
+    return 0;
+failed:
+    release_plane(self);
+    return -1;
 }
 
 static PyObject *
@@ -1429,7 +1498,14 @@ plane_start(Plane *self, PyObject *Py_UNUSED(ignored))
         if (epoll_ctl(self->epoll_fd, EPOLL_CTL_ADD, fds[i], &ev) < 0 && errno != EEXIST)
             return PyErr_SetFromErrno(PyExc_OSError);
     }
-    if (pthread_create(&self->thread, NULL, plane_run, self) != 0) {
+    /* Signals are the Python thread's: blocked in the plane thread (it inherits the
+     * mask), none interrupts its syscalls (EINTR) or runs a handler on it. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    int failed = pthread_create(&self->thread, NULL, plane_run, self) != 0;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (failed) {
         PyErr_SetString(PyExc_RuntimeError, "cannot start the plane thread");
         return NULL;
     }
@@ -1477,22 +1553,31 @@ free_tables(Plane *self)
     reclaim(self, 1);
 }
 
+/* Everything the plane holds, freed and zeroed (close, and a failed init): the object
+ * is then as new, and may be initialised again. */
+static void
+release_plane(Plane *self)
+{
+    stop_thread(self);
+    free_tables(self);
+    int fds[4] = {self->stop_fd, self->news_fd, self->epoll_fd, self->tun_fd};
+    close_fds(fds, 4);
+    close_fds(self->sockets, self->socket_count);
+    free(self->batch);
+    free(self->punts);
+    pthread_mutex_destroy(&self->io_lock);
+    pthread_mutex_destroy(&self->news_lock);
+    pthread_mutex_destroy(&self->retire_lock);
+    pthread_rwlock_destroy(&self->routes_lock);
+    pthread_rwlock_destroy(&self->index_lock);
+    memset((char *)self + offsetof(Plane, tun_fd), 0, sizeof *self - offsetof(Plane, tun_fd));
+}
+
 static PyObject *
 plane_close(Plane *self, PyObject *Py_UNUSED(ignored))
 {
-    if (!self->initialised)
-        Py_RETURN_NONE;
-    stop_thread(self);
-    free_tables(self);
-    int fds[3] = {self->stop_fd, self->news_fd, self->epoll_fd};
-    for (int i = 0; i < 3; i++)
-        if (fds[i] >= 0)
-            close(fds[i]);
-    free(self->batch);
-    free(self->punts);
-    self->batch = NULL;
-    self->punts = NULL;
-    self->initialised = 0;
+    if (self->initialised)
+        release_plane(self);
     Py_RETURN_NONE;
 }
 
@@ -1519,7 +1604,7 @@ plane_set_mtu(Plane *self, PyObject *arg)
 static PyObject *
 plane_set_sockets(Plane *self, PyObject *arg)
 {
-    if (check_open(self) < 0 || set_socket_list(self, arg, 1) < 0)
+    if (check_open(self) < 0 || set_socket_list(self, arg) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -2230,6 +2315,19 @@ append_new(PyObject *list, PyObject *item)
     return failed ? -1 : 0;
 }
 
+/* The shell's number of one of the plane's socket dups (-1: replaced since). */
+static int
+given_fd(Plane *p, int fd)
+{
+    int given = -1;
+    pthread_mutex_lock(&p->io_lock);
+    for (int i = 0; i < p->socket_count; i++)
+        if (p->sockets[i] == fd)
+            given = p->given[i];
+    pthread_mutex_unlock(&p->io_lock);
+    return given;
+}
+
 static PyObject *
 plane_collect(Plane *self, PyObject *Py_UNUSED(ignored))
 {
@@ -2288,6 +2386,7 @@ plane_collect(Plane *self, PyObject *Py_UNUSED(ignored))
                                                : PyLong_FromUnsignedLongLong(x->peer);
         PyObject *source = Py_None;
         if (x->kind == PUNT_UDP) {
+            x->fd = given_fd(self, x->fd);
             PyObject *e = endpoint_tuple(&x->source);
             source = e ? Py_BuildValue("(OOOOi)", PyTuple_GET_ITEM(e, 0), PyTuple_GET_ITEM(e, 1),
                                        PyTuple_GET_ITEM(e, 2), PyTuple_GET_ITEM(e, 3), x->fd)
