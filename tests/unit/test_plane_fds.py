@@ -131,3 +131,27 @@ def test_signals_are_blocked_in_the_thread() -> None:
         assert len(threads) == 2  # the two planes'
         assert all(_blocked(tid) & wanted == wanted for tid in threads)
     assert _blocked(str(threading.get_native_id())) == mask
+
+
+def test_only_the_thread_that_made_a_plane_calls_it() -> None:
+    """Another Python thread's call could deadlock on the GIL and a peer's lock, or close
+    the plane under a call: it is refused. counters() reads atomics: any thread."""
+    plane = Plane(-1, [], MTU)
+    errors: list[BaseException] = []
+
+    def other() -> None:
+        for call in (plane.add_peer, plane.collect, plane.close):
+            try:
+                call()
+            except RuntimeError as error:
+                errors.append(error)
+        plane.counters()
+
+    try:
+        runner = threading.Thread(target=other)
+        runner.start()
+        runner.join()
+        assert len(errors) == 3
+        assert plane.add_peer() >= 0  # still open, for its own thread
+    finally:
+        plane.close()

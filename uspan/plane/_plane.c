@@ -215,6 +215,7 @@ typedef struct {
     pthread_mutex_t retire_lock;
     Keypair *retired;
     Batch *batch; /* the thread's */
+    unsigned long owner; /* the Python thread that initialised it: the only caller */
     int initialised;
 } Plane;
 
@@ -1302,6 +1303,19 @@ peer_of(Plane *p, PyObject *id)
     return peer;
 }
 
+/* One Python thread calls a plane (docs/dataplane.md): seal and open retake the GIL
+ * holding a peer's lock, which another Python thread holding the GIL and waiting for
+ * that lock would deadlock, and close() frees what a call in another thread holds. */
+static int
+check_owner(Plane *p)
+{
+    if (p->initialised && PyThread_get_thread_ident() != p->owner) {
+        PyErr_SetString(PyExc_RuntimeError, "a plane is called from the thread that made it only");
+        return -1;
+    }
+    return 0;
+}
+
 static int
 check_open(Plane *p)
 {
@@ -1309,7 +1323,7 @@ check_open(Plane *p)
         PyErr_SetString(PyExc_ValueError, "plane is closed");
         return -1;
     }
-    return 0;
+    return check_owner(p);
 }
 
 static int
@@ -1476,6 +1490,7 @@ plane_init(Plane *self, PyObject *args, PyObject *kwds)
     if ((tun_fd >= 0 && (self->tun_fd = own_fd(tun_fd)) < 0) /* -1: no TUN (test hooks) */
         || set_socket_list(self, sockets) < 0)
         goto failed;
+    self->owner = PyThread_get_thread_ident();
     self->initialised = 1;
     return 0;
 failed:
@@ -1576,6 +1591,8 @@ release_plane(Plane *self)
 static PyObject *
 plane_close(Plane *self, PyObject *Py_UNUSED(ignored))
 {
+    if (check_owner(self) < 0)
+        return NULL;
     if (self->initialised)
         release_plane(self);
     Py_RETURN_NONE;
@@ -2334,7 +2351,7 @@ plane_collect(Plane *self, PyObject *Py_UNUSED(ignored))
     if (check_open(self) < 0)
         return NULL;
     uint64_t value;
-    uint32_t *slots = PyMem_Malloc(sizeof(uint32_t) * (self->peer_slots + 1));
+    uint32_t *slots = PyMem_Malloc(sizeof(uint32_t) * ((size_t)self->peer_slots + 1));
     Punt *punts = PyMem_Malloc(sizeof(Punt) * PUNT_SLOTS);
     if (!slots || !punts) {
         PyMem_Free(slots);
@@ -2342,17 +2359,21 @@ plane_collect(Plane *self, PyObject *Py_UNUSED(ignored))
         return PyErr_NoMemory();
     }
     int dirty = 0, punt_count;
+    uint32_t room = self->peer_slots + 1; /* every peer listed once: the walk fits */
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&self->news_lock);
     if (read(self->news_fd, &value, sizeof value) < 0) { /* EAGAIN: nothing signalled */ }
     self->news = 0;
-    for (uint32_t s = self->dirty_head; s != NO_SLOT;) {
+    uint32_t s = self->dirty_head;
+    for (; s != NO_SLOT && (uint32_t)dirty < room;) {
         Peer *peer = peer_at(self, s);
         slots[dirty++] = s;
         peer->listed = 0;
         s = peer->dirty_next;
     }
-    self->dirty_head = NO_SLOT;
+    self->dirty_head = s; /* NO_SLOT, or what did not fit: the next collect's */
+    if (s != NO_SLOT)
+        signal_news(self);
     punt_count = self->punt_count;
     for (int i = 0; i < punt_count; i++)
         punts[i] = self->punts[(self->punt_head + i) % PUNT_SLOTS];
@@ -2548,10 +2569,8 @@ plane_udp_step(Plane *self, PyObject *args)
 static void
 plane_dealloc(Plane *self)
 {
-    PyObject *r = plane_close(self, NULL);
-    Py_XDECREF(r);
-    if (PyErr_Occurred())
-        PyErr_WriteUnraisable((PyObject *)self);
+    if (self->initialised) /* any thread: no call can be running on it any more */
+        release_plane(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
