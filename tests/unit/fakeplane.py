@@ -300,7 +300,7 @@ class FakePlane:
         to_tun: list[bytes] = []
         for data, source in datagrams:
             if data[0] != MSG_TRANSPORT:
-                self._punts.append((PuntKind.UDP, -1, data, (*source, 3)))
+                self._punts.append((PuntKind.UDP, None, data, (*source, 3)))
                 continue
             if len(data) < TRANSPORT_MIN_SIZE:
                 self._count(Drop.BAD_LENGTH)

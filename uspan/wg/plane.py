@@ -52,7 +52,7 @@ class PeerRecord(NamedTuple):
 
 class Punt(NamedTuple):
     kind: int  # PuntKind
-    peer: int  # the routed peer (TUN, EGRESS); -1 for UDP
+    peer: int | None  # the routed peer (TUN, EGRESS); None for UDP
     data: bytes
     source: tuple[bytes, int, bytes, int, int] | None  # UDP: address, port, local,
     # ifindex, socket fd
