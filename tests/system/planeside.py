@@ -6,7 +6,10 @@ keys go to ``uspan.plane._plane.Plane`` through its public ``install`` (they are
 as the core makes its Sealer and Opener: the core keeps no raw key). The core's own
 confirming keepalive is not sent: the plane seals it, so counter 0 is used once. Prints
 ``ready``, then collects until stdin closes, and prints the plane's counters as JSON.
-The private key comes from a file (mode 0600, the lab's), never argv.
+The private key comes from a file (mode 0600, the lab's), never argv. With
+``--offloads`` the TUN and socket are set up as the daemon would (``uspan.daemon.offload``:
+IFF_VNET_HDR and TUNSETOFFLOAD, UDP_GRO, UDP_SEGMENT if known) and the plane is told what
+the kernel accepted; the counters then carry ``offloads``, the flags passed.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from typing import Any
 
 import pytun
 
-from uspan.plane._plane import Plane
+from uspan.daemon import offload
+from uspan.plane import _plane
 from uspan.wg import prefix, transport_crypto
 from uspan.wg.config import DeviceChange, PeerChange
 from uspan.wg.device import Device
@@ -41,6 +45,20 @@ def _kept(make: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return made
 
 
+def _offloads(tun_fd: int, sock: socket.socket) -> int:
+    """Enable the kernel's offloads on the TUN and socket; the plane's flags for them."""
+    features = offload.enable_tun_offload(tun_fd)
+    if not {"csum", "tso4", "tso6"} <= features:
+        raise SystemExit(f"the TUN refused TSO: {sorted(features)}")
+    flags = _plane.OFFLOAD_TUN_VNET
+    if {"uso4", "uso6"} <= features:
+        flags |= _plane.OFFLOAD_TUN_USO
+    if offload.probe_udp_gso(sock):
+        flags |= _plane.OFFLOAD_UDP_GSO
+    offload.enable_gro(sock)
+    return flags
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tun", required=True)
@@ -49,6 +67,7 @@ def main() -> int:
     parser.add_argument("--peer-public", required=True)
     parser.add_argument("--peer-endpoint", required=True)
     parser.add_argument("--peer-allowed", nargs="+", required=True)
+    parser.add_argument("--offloads", action="store_true")
     args = parser.parse_args()
     transport_crypto.Sealer = _kept(transport_crypto.Sealer)  # type: ignore[misc]
     transport_crypto.Opener = _kept(transport_crypto.Opener)  # type: ignore[misc]
@@ -56,11 +75,13 @@ def main() -> int:
         private = base64.b64decode(f.read().strip())
     public = base64.b64decode(args.peer_public)
     endpoint = Endpoint.parse(args.peer_endpoint)
-    tun = pytun.TunTapDevice(name=args.tun, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+    vnet = pytun.IFF_VNET_HDR if args.offloads else 0
+    tun = pytun.TunTapDevice(name=args.tun, flags=pytun.IFF_TUN | pytun.IFF_NO_PI | vnet)
     tun.mtu = 1420
     os.set_blocking(tun.fileno(), False)
     sock = socket.socket(endpoint.family, socket.SOCK_DGRAM)
     sock.bind(("::" if endpoint.family == socket.AF_INET6 else "0.0.0.0", args.port))
+    offloads = _offloads(tun.fileno(), sock) if args.offloads else 0
     allowed = [prefix.parse(text) for text in args.peer_allowed]
 
     device = Device()
@@ -85,7 +106,7 @@ def main() -> int:
     keypair = peer.current
     sock.setblocking(False)
 
-    plane = Plane(tun.fileno(), [sock.fileno()], 1420)
+    plane = _plane.Plane(tun.fileno(), [sock.fileno()], 1420, offloads=offloads)
     me = plane.add_peer()
     plane.install(me, keypair.local_index, keypair.remote_index, _keys[id(keypair._sealer)],
                   _keys[id(keypair._opener)], int(keypair.created * 1e9), keypair.initiator)
@@ -107,6 +128,7 @@ def main() -> int:
     counters = plane.counters()
     plane.close()
     counters["punts_taken"] = punts
+    counters["offloads"] = offloads
     print(json.dumps(counters), flush=True)
     return 0
 
