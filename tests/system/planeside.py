@@ -9,7 +9,10 @@ confirming keepalive is not sent: the plane seals it, so counter 0 is used once.
 The private key comes from a file (mode 0600, the lab's), never argv. With
 ``--offloads`` the TUN and socket are set up as the daemon would (``uspan.daemon.offload``:
 IFF_VNET_HDR and TUNSETOFFLOAD, UDP_GRO, UDP_SEGMENT if known) and the plane is told what
-the kernel accepted; the counters then carry ``offloads``, the flags passed.
+the kernel accepted; the counters then carry ``offloads``, the flags passed. With
+``--respond`` it waits for the peer's initiation instead (two planesides make a pair):
+the responder's session goes to the plane as ``next``, and the initiator's keepalive,
+sealed by its plane, confirms it in the responder's thread.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ def main() -> int:
     parser.add_argument("--peer-endpoint", required=True)
     parser.add_argument("--peer-allowed", nargs="+", required=True)
     parser.add_argument("--offloads", action="store_true")
+    parser.add_argument("--respond", action="store_true")
     args = parser.parse_args()
     transport_crypto.Sealer = _kept(transport_crypto.Sealer)  # type: ignore[misc]
     transport_crypto.Opener = _kept(transport_crypto.Opener)  # type: ignore[misc]
@@ -87,12 +91,14 @@ def main() -> int:
     device = Device()
     now = time.monotonic()
     pending = device.apply(DeviceChange(private_key=private, listen_port=args.port, peers=[
-        PeerChange(public, endpoint=endpoint, allowed_ips=allowed, handshake=True)]), now)
+        PeerChange(public, endpoint=endpoint, allowed_ips=allowed,
+                   handshake=not args.respond)]), now)
     peer = device.peers[public]
     pending += device.tick(now)
     sock.settimeout(0.05)
     deadline = now + 20
-    while peer.current is None:  # the initiator's session is current on the response
+    # the initiator's session is current on the response, the responder's next
+    while peer.current is None and peer.next is None:
         for datagram, where in pending:
             sock.sendto(datagram, where.address)
         if time.monotonic() > deadline:
@@ -103,7 +109,10 @@ def main() -> int:
             pending = device.tick(time.monotonic())
             continue
         _, pending = device.receive([(data, Endpoint(*source[:2]))], time.monotonic())
-    keypair = peer.current
+    keypair = peer.current or peer.next
+    assert keypair is not None
+    for datagram, where in pending if args.respond else []:  # the response
+        sock.sendto(datagram, where.address)
     sock.setblocking(False)
 
     plane = _plane.Plane(tun.fileno(), [sock.fileno()], 1420, offloads=offloads)
@@ -111,12 +120,16 @@ def main() -> int:
     plane.install(me, keypair.local_index, keypair.remote_index, _keys[id(keypair._sealer)],
                   _keys[id(keypair._opener)], int(keypair.created * 1e9), keypair.initiator)
     _keys.clear()
-    plane.assign(me, -1, keypair.local_index, -1)
+    if args.respond:
+        plane.assign(me, -1, -1, keypair.local_index)
+    else:
+        plane.assign(me, -1, keypair.local_index, -1)
     plane.set_endpoint(me, socket.inet_pton(endpoint.family, endpoint.host), endpoint.port)
     plane.add_routes(me, allowed)
     plane.start()
-    (keepalive,) = plane.seal(keypair.local_index, [b""])
-    sock.sendto(keepalive, endpoint.address)
+    if not args.respond:
+        (keepalive,) = plane.seal(keypair.local_index, [b""])
+        sock.sendto(keepalive, endpoint.address)
     print("ready", flush=True)
     punts = 0
     while True:
