@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -40,16 +40,23 @@ def _line(proc: subprocess.Popen[bytes], timeout: float) -> str:
     return proc.stdout.readline().decode().strip()
 
 
+class Ends(NamedTuple):
+    a: Namespace
+    b: Namespace
+    a_dev: str  # A's end of the veth
+    wgo: WireGuard  # B
+    public: str  # A's
+    counters: dict[str, Any]  # A's plane's, filled in when the block ends
+
+
 @contextmanager
-def _plane_and_wgo(*extra: str) -> Iterator[tuple[Namespace, Namespace, WireGuard, str,
-                                                  dict[str, Any]]]:
+def _plane_and_wgo(*extra: str) -> Iterator[Ends]:
     """Namespace A's plane (tests/system/planeside.py, ``extra`` arguments) and B's
-    wireguard-go with a session, addresses up: (a, b, wireguard-go, A's public key,
-    A's counters, filled in when the block ends)."""
+    wireguard-go with a session, addresses up."""
     counters: dict[str, Any] = {}
     with Lab("upl") as lab:
         a, b = lab.namespace("a"), lab.namespace("b")
-        lab.veth(a, b, [f"{OUTER[0]}/24"], [f"{OUTER[1]}/24"])
+        link = lab.veth(a, b, [f"{OUTER[0]}/24"], [f"{OUTER[1]}/24"])
         ka = genkey()
         wb = lab.start_wireguard(b, WGO)
         wb.configure(listen_port=PORTS[1], peers=[PeerConfig(
@@ -68,7 +75,7 @@ def _plane_and_wgo(*extra: str) -> Iterator[tuple[Namespace, Namespace, WireGuar
         a.ip("addr", "add", f"{INNER[4][0]}/24", "dev", tun)
         a.ip("addr", "add", f"{INNER[6][0]}/64", "dev", tun, "nodad")
         a.ip("link", "set", tun, "up")
-        yield a, b, wb, ka.public, counters
+        yield Ends(a, b, link.a_dev, wb, ka.public, counters)
         assert side.stdin is not None
         side.stdin.close()
         counters.update(json.loads(_line(side, 10)))
@@ -76,7 +83,7 @@ def _plane_and_wgo(*extra: str) -> Iterator[tuple[Namespace, Namespace, WireGuar
 
 @pytest.mark.skipif(not os.access(WGO, os.X_OK), reason=f"no {WGO}")
 def test_the_plane_carries_pings_to_and_from_wireguard_go() -> None:
-    with _plane_and_wgo() as (a, b, wb, public, counters):
+    with _plane_and_wgo() as (a, b, _, wb, public, counters):
         for f in (4, 6):
             for ns, there in ((a, INNER[f][1]), (b, INNER[f][0])):
                 done = ns.run("ping", "-n", "-c", str(PINGS), "-i", "0.02", "-W", "2", there,
@@ -103,7 +110,7 @@ def _iperf3(ns: Namespace, *argv: str) -> int:
 def test_the_plane_with_offloads_carries_tcp_to_and_from_wireguard_go() -> None:
     """TSO reads cut and sent with UDP_SEGMENT one way, wireguard-go's GSO sends received
     with UDP_GRO and merged into TUN writes the other; ``wg show`` agrees."""
-    with _plane_and_wgo("--offloads") as (a, b, wb, public, counters):
+    with _plane_and_wgo("--offloads") as (a, b, _, wb, public, counters):
         b.spawn("iperf3", "-s", "-p", str(IPERF_PORT))
         b.wait_listening(IPERF_PORT)
         sent = _iperf3(a)
@@ -116,3 +123,4 @@ def test_the_plane_with_offloads_carries_tcp_to_and_from_wireguard_go() -> None:
     assert counters["gro_receives"] > 0 and counters["merged_writes"] > 0
     assert counters["decrypt_failed"] == counters["replay"] == counters["send_errors"] == 0
     assert counters["bad_inner_packet"] == 0
+

@@ -12,7 +12,16 @@ import time
 
 import pytest
 
-from tests.unit.planekit import ALL_OFFLOADS, INNER4, INNER6, MTU, End, _plane, tunnel
+from tests.unit.planekit import (
+    ALL_OFFLOADS,
+    INNER4,
+    INNER6,
+    MTU,
+    End,
+    _plane,
+    address_of,
+    tunnel,
+)
 from tests.unit.test_gso import partial, stream, tcp_packet, tso, udp_packet
 from uspan.daemon import gso, offload
 
@@ -164,6 +173,34 @@ def test_a_gro_receive_with_a_bad_datagram_in_the_middle() -> None:
     assert counts["merged_writes"] == 2
     roamed = record[9]  # the new source, with the local address from IP_PKTINFO
     assert roamed is not None and roamed[2] == socket.inet_aton("127.0.0.1")
+
+
+def test_a_path_that_cannot_segment_turns_udp_segment_off() -> None:
+    """UDP-Lite sockets refuse UDP_SEGMENT sends with EIO (as a route through xfrm does):
+    A's first such send goes out a datagram at a time, and so does everything after."""
+    vnet, packet = tso(PAYLOAD, MTU - 40, src=A4, dst=B4)
+    segments = len(gso.segment(vnet, packet, MTU))
+    lite = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDPLITE)
+            for _ in range(2)]
+    try:
+        with tunnel(offloads=ALL_OFFLOADS) as (a, b):
+            for end, sock in zip((a, b), lite, strict=True):
+                sock.bind(("127.0.0.1", 0))
+                sock.setblocking(False)
+                end.plane.set_sockets([sock.fileno()])
+            a.plane.set_endpoint(a.peer, *address_of(lite[1]))
+            b.plane.set_endpoint(b.peer, *address_of(lite[0]))
+            for _ in range(2):
+                a.write_tun(vnet + packet)
+                assert _payload(_received(b, len(PAYLOAD))) == PAYLOAD
+            counts = _wait(a, "sealed", 2 * segments)
+            a.plane.set_sockets([])
+            b.plane.set_sockets([])
+    finally:
+        for sock in lite:
+            sock.close()
+    assert counts["gso_sends"] == 0 and counts["send_errors"] == 0
+    assert counts["tso_reads"] == 2
 
 
 def test_offload_flags_are_checked() -> None:

@@ -1325,26 +1325,44 @@ deliver(Plane *p, Batch *b, int n, uint64_t now)
     (p->offloads & OFFLOAD_TUN_VNET ? write_tun_vnet : write_tun)(p, b, n);
 }
 
-/* One recvmmsg from the socket into the arena's receive buffers; a UDP_GRO buffer is
- * cut at its segment size into datagrams. The datagrams are delivered a full batch at a
- * time. */
-static void
-receive_udp(Plane *p, Batch *b, int fd, uint64_t now)
-{
+/* The thread's receive headers over the arena's receive buffers, set up once: recvmmsg
+ * rewrites only the lengths of the messages it fills, which are reset after use. */
+typedef struct {
     struct mmsghdr msgs[RX_BUFFERS];
     struct iovec iov[RX_BUFFERS];
     Control control[RX_BUFFERS];
     Endpoint source[RX_BUFFERS];
+} Receive;
+
+static void
+receive_reset(Receive *r, int i)
+{
+    r->msgs[i].msg_hdr.msg_namelen = sizeof r->source[i].addr;
+    r->msgs[i].msg_hdr.msg_controllen = sizeof r->control[i];
+}
+
+static void
+receive_init(Receive *r, Batch *b)
+{
+    memset(r, 0, sizeof *r);
     for (int i = 0; i < RX_BUFFERS; i++) {
-        iov[i] = (struct iovec){b->arena + (size_t)i * RX_BUFFER, RX_BUFFER};
-        memset(&msgs[i], 0, sizeof msgs[i]);
-        msgs[i].msg_hdr.msg_iov = &iov[i];
-        msgs[i].msg_hdr.msg_iovlen = 1;
-        msgs[i].msg_hdr.msg_name = &source[i].addr;
-        msgs[i].msg_hdr.msg_namelen = sizeof source[i].addr;
-        msgs[i].msg_hdr.msg_control = control[i].buffer;
-        msgs[i].msg_hdr.msg_controllen = sizeof control[i];
+        r->iov[i] = (struct iovec){b->arena + (size_t)i * RX_BUFFER, RX_BUFFER};
+        r->msgs[i].msg_hdr.msg_iov = &r->iov[i];
+        r->msgs[i].msg_hdr.msg_iovlen = 1;
+        r->msgs[i].msg_hdr.msg_name = &r->source[i].addr;
+        r->msgs[i].msg_hdr.msg_control = r->control[i].buffer;
+        receive_reset(r, i);
     }
+}
+
+/* One recvmmsg from the socket into the arena's receive buffers; a UDP_GRO buffer is
+ * cut at its segment size into datagrams. The datagrams are delivered a full batch at a
+ * time. */
+static void
+receive_udp(Plane *p, Batch *b, Receive *r, int fd, uint64_t now)
+{
+    struct mmsghdr *msgs = r->msgs;
+    Endpoint *source = r->source;
     int got = recvmmsg(fd, msgs, RX_BUFFERS, MSG_DONTWAIT, NULL), n = 0;
     for (int i = 0; i < got; i++) {
         int gso = source_of(&source[i], &msgs[i].msg_hdr);
@@ -1358,13 +1376,14 @@ receive_udp(Plane *p, Batch *b, int fd, uint64_t now)
                 deliver(p, b, n, now);
                 n = 0;
             }
-            b->data[n] = (unsigned char *)iov[i].iov_base + at;
+            b->data[n] = (unsigned char *)r->iov[i].iov_base + at;
             b->size[n] = size - at < step ? size - at : step;
             b->addr[n] = source[i];
             b->fd[n++] = fd;
             if (at + step >= size)
                 break;
         }
+        receive_reset(r, i);
     }
     deliver(p, b, n, now);
 }
@@ -1376,6 +1395,8 @@ plane_run(void *arg)
     Batch *b = p->batch;
     int vnet = p->offloads & OFFLOAD_TUN_VNET, gso = p->offloads & OFFLOAD_UDP_GSO;
     struct epoll_event events[MAX_SOCKETS + 2];
+    Receive receive;
+    receive_init(&receive, b);
     for (;;) {
         int n = epoll_wait(p->epoll_fd, events, MAX_SOCKETS + 2, -1);
         if (n < 0) {
@@ -1405,7 +1426,7 @@ plane_run(void *arg)
                 tun_step(p, b, got, now);
                 send_udp(p, b, got, fds, &gso);
             } else {
-                receive_udp(p, b, fd, now);
+                receive_udp(p, b, &receive, fd, now);
             }
             atomic_fetch_add(&p->epoch, 1);
         }
