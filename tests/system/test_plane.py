@@ -43,7 +43,6 @@ def _line(proc: subprocess.Popen[bytes], timeout: float) -> str:
 class Ends(NamedTuple):
     a: Namespace
     b: Namespace
-    a_dev: str  # A's end of the veth
     wgo: WireGuard  # B
     public: str  # A's
     counters: dict[str, Any]  # A's plane's, filled in when the block ends
@@ -56,7 +55,7 @@ def _plane_and_wgo(*extra: str) -> Iterator[Ends]:
     counters: dict[str, Any] = {}
     with Lab("upl") as lab:
         a, b = lab.namespace("a"), lab.namespace("b")
-        link = lab.veth(a, b, [f"{OUTER[0]}/24"], [f"{OUTER[1]}/24"])
+        lab.veth(a, b, [f"{OUTER[0]}/24"], [f"{OUTER[1]}/24"])
         ka = genkey()
         wb = lab.start_wireguard(b, WGO)
         wb.configure(listen_port=PORTS[1], peers=[PeerConfig(
@@ -75,7 +74,7 @@ def _plane_and_wgo(*extra: str) -> Iterator[Ends]:
         a.ip("addr", "add", f"{INNER[4][0]}/24", "dev", tun)
         a.ip("addr", "add", f"{INNER[6][0]}/64", "dev", tun, "nodad")
         a.ip("link", "set", tun, "up")
-        yield Ends(a, b, link.a_dev, wb, ka.public, counters)
+        yield Ends(a, b, wb, ka.public, counters)
         assert side.stdin is not None
         side.stdin.close()
         counters.update(json.loads(_line(side, 10)))
@@ -83,7 +82,7 @@ def _plane_and_wgo(*extra: str) -> Iterator[Ends]:
 
 @pytest.mark.skipif(not os.access(WGO, os.X_OK), reason=f"no {WGO}")
 def test_the_plane_carries_pings_to_and_from_wireguard_go() -> None:
-    with _plane_and_wgo() as (a, b, _, wb, public, counters):
+    with _plane_and_wgo() as (a, b, wb, public, counters):
         for f in (4, 6):
             for ns, there in ((a, INNER[f][1]), (b, INNER[f][0])):
                 done = ns.run("ping", "-n", "-c", str(PINGS), "-i", "0.02", "-W", "2", there,
@@ -110,7 +109,7 @@ def _iperf3(ns: Namespace, *argv: str) -> int:
 def test_the_plane_with_offloads_carries_tcp_to_and_from_wireguard_go() -> None:
     """TSO reads cut and sent with UDP_SEGMENT one way, wireguard-go's GSO sends received
     with UDP_GRO and merged into TUN writes the other; ``wg show`` agrees."""
-    with _plane_and_wgo("--offloads") as (a, b, _, wb, public, counters):
+    with _plane_and_wgo("--offloads") as (a, b, wb, public, counters):
         b.spawn("iperf3", "-s", "-p", str(IPERF_PORT))
         b.wait_listening(IPERF_PORT)
         sent = _iperf3(a)
