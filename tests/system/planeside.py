@@ -38,6 +38,7 @@ from uspan.wg.device import Device
 from uspan.wg.endpoint import Endpoint
 
 _keys: dict[int, bytes] = {}  # id(Sealer or Opener) -> its key
+SYNC_INTERVAL = 1.0
 
 
 def _kept(make: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
@@ -131,11 +132,14 @@ def main() -> int:
         (keepalive,) = plane.seal(keypair.local_index, [b""])
         sock.sendto(keepalive, endpoint.address)
     print("ready", flush=True)
-    punts = 0
-    while True:
-        readable, _, _ = select.select([sys.stdin, plane.fileno()], [], [])
+    punts, collected = 0, 0.0
+    while True:  # one collect a second at most, as the shell syncs (docs/dataplane.md)
+        wait = collected + SYNC_INTERVAL - time.monotonic()
+        watched = [sys.stdin] if wait > 0 else [sys.stdin, plane.fileno()]
+        readable, _, _ = select.select(watched, [], [], wait if wait > 0 else None)
         if plane.fileno() in readable:
             punts += len(plane.collect()[1])  # counted, not handled: no core behind
+            collected = time.monotonic()
         if sys.stdin in readable and not sys.stdin.readline():
             break
     counters = plane.counters()
