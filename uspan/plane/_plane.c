@@ -200,7 +200,6 @@ typedef struct {
     Keypair *keypair[CAPACITY];
     size_t offset[CAPACITY];   /* where the outgoing bytes start in data */
     size_t out[CAPACITY];      /* outgoing size, 0: nothing to send or write */
-    int slots;                 /* the arena's */
     unsigned char *arena;
 } Batch;
 
@@ -1443,7 +1442,6 @@ batch_new(int slots)
     Batch *b = malloc(sizeof *b + (size_t)slots * SLOT);
     if (!b)
         return NULL;
-    b->slots = slots;
     b->arena = (unsigned char *)(b + 1);
     for (int i = 0; i < slots; i++)
         b->data[i] = b->arena + (size_t)i * SLOT;
