@@ -75,11 +75,13 @@ def _payload(writes: list[tuple[gso.VirtioNetHdr, bytes]]) -> bytes:
     return out
 
 
+@pytest.mark.parametrize("outer", [socket.AF_INET, socket.AF_INET6], ids=["udp4", "udp6"])
 @pytest.mark.parametrize("kind", ["tcp4", "tcp6", "udp4"])
-def test_a_super_segment_crosses_as_datagrams_and_is_merged_back(kind: str) -> None:
-    """A TSO/USO read on A: cut into MTU-sized segments, sent with UDP_SEGMENT, received
-    by B as one UDP_GRO buffer, opened and merged into super-segments whose payload is
-    the input's, checksums completed."""
+def test_a_super_segment_crosses_as_datagrams_and_is_merged_back(kind: str, outer: int) -> None:
+    """A TSO/USO read on A: cut into MTU-sized segments, sent with UDP_SEGMENT beside a
+    sticky source (IP_PKTINFO / IPV6_PKTINFO), received by B as one UDP_GRO buffer,
+    opened and merged into super-segments whose payload is the input's, checksums
+    completed."""
     v6 = kind == "tcp6"
     src, dst = (A6, B6) if v6 else (A4, B4)
     if kind == "udp4":
@@ -89,7 +91,10 @@ def test_a_super_segment_crosses_as_datagrams_and_is_merged_back(kind: str) -> N
         vnet, packet = tso(PAYLOAD, MTU - 40 - (40 if v6 else 20), v6=v6, src=src, dst=dst)
         payload, gso_type = PAYLOAD, gso.GSO_TCPV6 if v6 else gso.GSO_TCPV4
     segments = len(gso.segment(vnet, packet, MTU))
-    with tunnel(offloads=ALL_OFFLOADS) as (a, b):
+    with tunnel(outer, offloads=ALL_OFFLOADS) as (a, b):
+        there = b.udp4 if outer == socket.AF_INET else b.udp6
+        local = socket.inet_pton(outer, "127.0.0.1" if outer == socket.AF_INET else "::1")
+        a.plane.set_endpoint(a.peer, *address_of(there), local=local)
         a.write_tun(vnet + packet)
         writes = _received(b, len(payload))
         a_counts, b_counts = _wait(a, "gso_sends", 1), _wait(b, "opened", segments)
