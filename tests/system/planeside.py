@@ -30,7 +30,7 @@ from typing import Any
 
 import pytun
 
-from uspan.daemon import offload
+from uspan.daemon import offload, udp
 from uspan.plane import _plane
 from uspan.wg import prefix, transport_crypto
 from uspan.wg.config import DeviceChange, PeerChange
@@ -39,6 +39,7 @@ from uspan.wg.endpoint import Endpoint
 
 _keys: dict[int, bytes] = {}  # id(Sealer or Opener) -> its key
 SYNC_INTERVAL = 1.0
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 
 
 def _kept(make: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
@@ -86,6 +87,8 @@ def main() -> int:
     os.set_blocking(tun.fileno(), False)
     sock = socket.socket(endpoint.family, socket.SOCK_DGRAM)
     sock.bind(("::" if endpoint.family == socket.AF_INET6 else "0.0.0.0", args.port))
+    for force in (SO_RCVBUFFORCE, SO_SNDBUFFORCE):  # the daemon's buffers (root here)
+        sock.setsockopt(socket.SOL_SOCKET, force, udp.SOCKET_BUFFER)
     offloads = _offloads(tun.fileno(), sock) if args.offloads else 0
     allowed = [prefix.parse(text) for text in args.peer_allowed]
 
