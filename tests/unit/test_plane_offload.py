@@ -117,6 +117,21 @@ def test_udp_is_not_merged_without_uso() -> None:
     assert _payload(writes) == PAYLOAD[:1300 * 4]
 
 
+def test_without_udp_gso_the_segments_go_as_datagrams_alone() -> None:
+    """OFFLOAD_TUN_VNET alone: the cut segments leave one datagram each (sendmmsg), and
+    the receiving plane, with no UDP_GRO buffer to cut, still carries them all."""
+    vnet, packet = tso(PAYLOAD, MTU - 40, src=A4, dst=B4)
+    segments = len(gso.segment(vnet, packet, MTU))
+    with tunnel(offloads=_plane.OFFLOAD_TUN_VNET) as (a, b):
+        a.write_tun(vnet + packet)
+        writes = _received(b, len(PAYLOAD))
+        a_counts, b_counts = _wait(a, "sealed", segments), _wait(b, "opened", segments)
+    assert _payload(writes) == PAYLOAD
+    assert a_counts["tso_reads"] == 1 and a_counts["gso_sends"] == 0
+    assert a_counts["send_errors"] == 0
+    assert b_counts["gro_receives"] == 0 and b_counts["udp_reads"] == segments
+
+
 def test_a_partial_checksum_is_completed_and_a_lone_packet_written_plainly() -> None:
     """GSO_NONE with NEEDS_CSUM: one packet, its checksum finished before sealing; B
     writes it alone behind a zero virtio_net_hdr (the kernel checks it)."""
