@@ -36,13 +36,16 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
+#include <netinet/udp.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
+#include "../csrc/segment.h" /* TSO/USO cuts and GRO merges over plain buffers */
 #include "../wg/_transport.h" /* the message layout and sealing, as the core's _aead.c */
 
 #define INITIATION_SIZE 148
@@ -52,6 +55,12 @@
 #define BATCH 32
 #define MAX_MTU 9216
 #define SLOT (MAX_MTU + 128) /* one datagram or one packet with room to seal in place */
+#define MAX_PACKET (SLOT - HEADER_SIZE - 2 * TAG_SIZE) /* an inner packet sealed in a slot */
+#define CAPACITY 256   /* packets of the thread's batch: a few super-segments cut */
+#define CUT_MAX 128    /* segments of one TSO/USO read (64 KiB cut at a small MTU) */
+#define RX_BUFFERS 32  /* receives per recvmmsg, each room for a UDP_GRO buffer */
+#define RX_BUFFER 65536
+#define UDP_MAX_PAYLOAD (65535 - 20 - 8) /* one UDP_SEGMENT send */
 #define PUNT_SLOTS 256
 #define MAX_SOCKETS 8
 #define REPLAY_WORDS 128
@@ -69,6 +78,8 @@
 
 enum { PUNT_TUN = 1, PUNT_UDP = 2, PUNT_EGRESS = 3 };
 enum { EVENT_CONFIRMED = 1 };
+/* What the TUN and sockets were set up for (the daemon's offload probe decides). */
+enum { OFFLOAD_TUN_VNET = 1, OFFLOAD_TUN_USO = 2, OFFLOAD_UDP_GSO = 4 };
 
 /* Counters: the first ones are the core's Drop values, then the plane's own. */
 enum {
@@ -76,14 +87,16 @@ enum {
     C_BAD_INNER_PACKET, C_NOT_ALLOWED_SOURCE, C_NO_ROUTE, C_NO_ENDPOINT,
     C_TUN_READS, C_UDP_READS, C_WAKES, C_SEALED, C_OPENED, C_KEEPALIVES, C_PUNTS,
     C_PUNTS_DROPPED, C_ROAMS, C_CONFIRMED, C_SEND_ERRORS,
-    C_TUN_WRITE_ERRORS, C_FD_ERRORS, C_TUN_LOST, C_EPOLL_ERRORS, C_COUNT
+    C_TUN_WRITE_ERRORS, C_FD_ERRORS, C_TUN_LOST, C_EPOLL_ERRORS, C_TSO_READS, C_GSO_SENDS,
+    C_GRO_RECEIVES, C_MERGED_WRITES, C_COUNT
 };
 static const char *counter_names[C_COUNT] = {
     "bad_length", "bad_type", "unknown_index", "expired_key", "decrypt_failed", "replay",
     "bad_inner_packet", "not_allowed_source", "no_route", "no_endpoint",
     "tun_reads", "udp_reads", "wakes", "sealed", "opened", "keepalives", "punts",
     "punts_dropped", "roams", "confirmed", "send_errors",
-    "tun_write_errors", "fd_errors", "tun_lost", "epoll_errors"};
+    "tun_write_errors", "fd_errors", "tun_lost", "epoll_errors", "tso_reads", "gso_sends",
+    "gro_receives", "merged_writes"};
 
 static EVP_CIPHER *chacha20_poly1305;
 
@@ -175,17 +188,29 @@ typedef struct {
     unsigned char data[SLOT];
 } Punt;
 
-/* One batch's buffers: the thread's own, or a synchronous call's. */
+/* One batch: the thread's own, or a synchronous call's. Item i's bytes are at data[i]:
+ * slot i of the arena (SLOT bytes each), or for a receive a datagram inside one of the
+ * arena's RX_BUFFER-byte receive buffers (a UDP_GRO buffer holds many). */
 typedef struct {
-    unsigned char data[BATCH][SLOT];
-    size_t size[BATCH];
-    Endpoint addr[BATCH];   /* UDP: the source; TUN: where the sealed message goes */
-    int fd[BATCH];          /* UDP: the socket it came on */
-    uint64_t owner[BATCH];  /* peer (slot | generation << 32), or UINT64_MAX */
-    Keypair *keypair[BATCH];
-    size_t offset[BATCH];   /* where the outgoing bytes start in data */
-    size_t out[BATCH];      /* outgoing size, 0: nothing to send or write */
+    unsigned char *data[CAPACITY];
+    size_t size[CAPACITY];
+    Endpoint addr[CAPACITY];   /* UDP: the source; TUN: where the sealed message goes */
+    int fd[CAPACITY];          /* UDP: the socket it came on */
+    uint64_t owner[CAPACITY];  /* peer (slot | generation << 32), or UINT64_MAX */
+    Keypair *keypair[CAPACITY];
+    size_t offset[CAPACITY];   /* where the outgoing bytes start in data */
+    size_t out[CAPACITY];      /* outgoing size, 0: nothing to send or write */
+    unsigned char *arena;
 } Batch;
+
+/* The thread's offload workspace (with OFFLOAD_TUN_VNET), allocated once. */
+typedef struct {
+    unsigned char *read;       /* one TUN read: virtio_net_hdr and a super-segment */
+    unsigned char *merged;     /* one merged super-segment for the TUN */
+    seg_merge *merge;          /* the plan of one batch's merge */
+    seg_buf segments[CUT_MAX]; /* one read's cut */
+    seg_buf packets[CAPACITY]; /* one batch's packets for the TUN */
+} Offload;
 
 typedef struct {
     PyObject_HEAD
@@ -194,6 +219,7 @@ typedef struct {
     int given[MAX_SOCKETS]; /* the shell's numbers of sockets[], for punts' sources */
     int socket_count;
     _Atomic int mtu;
+    int offloads; /* OFFLOAD_* bits: set before the thread starts, then constant */
     int stop_fd, news_fd, epoll_fd;
     pthread_t thread;
     int running;
@@ -215,6 +241,7 @@ typedef struct {
     pthread_mutex_t retire_lock;
     Keypair *retired;
     Batch *batch; /* the thread's */
+    Offload *offload; /* the thread's, with OFFLOAD_TUN_VNET */
     unsigned long owner; /* the Python thread that initialised it: the only caller */
     int initialised;
 } Plane;
@@ -771,17 +798,26 @@ owner_peer(Plane *p, uint64_t owner)
 
 /* TUN -> UDP: b->size[i] bytes of inner packet at b->data[i] + HEADER_SIZE for i < n.
  * Each is routed, sealed in place (offset 0, out = size) with its peer's current
- * keypair and addressed (b->addr), or dropped, or punted. */
+ * keypair and addressed (b->addr), or dropped, or punted. A packet for the previous
+ * one's destination (the segments of one super-segment) takes its route. */
 static void
 tun_step(Plane *p, Batch *b, int n, uint64_t now)
 {
     size_t mtu = (size_t)atomic_load_explicit(&p->mtu, memory_order_relaxed);
+    const unsigned char *last = NULL;
+    int last_size = 0;
+    uint64_t last_owner = UINT64_MAX;
     pthread_rwlock_rdlock(&p->routes_lock);
     for (int i = 0; i < n; i++) {
         const unsigned char *address = NULL;
         int size = inner_address(b->data[i] + HEADER_SIZE, b->size[i], 0, &address);
         b->out[i] = 0;
-        b->owner[i] = size ? route_lookup(p, address, size) : UINT64_MAX;
+        if (size && (size != last_size || memcmp(address, last, (size_t)size))) {
+            last = address;
+            last_size = size;
+            last_owner = route_lookup(p, address, size);
+        }
+        b->owner[i] = size ? last_owner : UINT64_MAX;
         if (!size)
             count(p, C_BAD_INNER_PACKET, 1);
         else if (b->owner[i] == UINT64_MAX)
@@ -947,8 +983,8 @@ receive_message(Plane *p, Batch *b, int i, Keypair *k, uint64_t now, size_t *inn
 static void
 udp_step(Plane *p, Batch *b, int n, uint64_t now)
 {
-    uint32_t index[BATCH];
-    int transport[BATCH];
+    uint32_t index[CAPACITY];
+    int transport[CAPACITY];
     for (int i = 0; i < n; i++) {
         b->out[i] = 0;
         b->keypair[i] = NULL;
@@ -997,14 +1033,15 @@ udp_step(Plane *p, Batch *b, int n, uint64_t now)
 
 /* --- The thread: reads, the steps, sends and writes ---------------------------------- */
 
-/* The TUN is read packet by packet (a later vnet header goes in front of the packet:
- * this read is where it is taken off). */
+/* The TUN is read packet by packet into the arena's slots (at HEADER_SIZE: room for the
+ * message header in front). */
 static int
 read_tun(Plane *p, Batch *b)
 {
     int n = 0;
     while (n < BATCH) {
-        ssize_t got = read(p->tun_fd, b->data[n] + HEADER_SIZE, SLOT - HEADER_SIZE - 2 * TAG_SIZE);
+        b->data[n] = b->arena + (size_t)n * SLOT;
+        ssize_t got = read(p->tun_fd, b->data[n] + HEADER_SIZE, MAX_PACKET);
         if (got <= 0) /* drained (a TUN never reads empty: 0 is the other end gone) */
             break;
         b->size[n++] = (size_t)got;
@@ -1013,12 +1050,75 @@ read_tun(Plane *p, Batch *b)
     return n;
 }
 
+/* With OFFLOAD_TUN_VNET each read is a virtio_net_hdr and a packet or TSO/USO
+ * super-segment, cut by seg_cut straight into the arena's slots (ready to seal in
+ * place); what it refuses (a malformed header, a cut too fine) is a bad inner packet.
+ * A few reads per wake, so the other direction gets its turn. */
+static int
+read_tun_vnet(Plane *p, Batch *b)
+{
+    Offload *w = p->offload;
+    size_t mtu = (size_t)atomic_load_explicit(&p->mtu, memory_order_relaxed);
+    int n = 0, reads = 0;
+    while (reads < BATCH && n + CUT_MAX <= CAPACITY) {
+        ssize_t got = read(p->tun_fd, w->read, SEG_VNET_HDR_LEN + SEG_MAX_IP_PACKET);
+        if (got <= 0)
+            break;
+        reads++;
+        unsigned char *slot = b->arena + (size_t)n * SLOT;
+        ptrdiff_t cut = got < SEG_VNET_HDR_LEN ? SEG_EINVAL
+                        : seg_cut(w->read, w->read + SEG_VNET_HDR_LEN,
+                                  (size_t)got - SEG_VNET_HDR_LEN, mtu, slot, SLOT, HEADER_SIZE,
+                                  w->segments, CUT_MAX);
+        if (cut < 0 || w->segments[0].size > MAX_PACKET) {
+            count(p, C_BAD_INNER_PACKET, 1);
+            continue;
+        }
+        if (w->read[1])
+            count(p, C_TSO_READS, 1);
+        for (ptrdiff_t j = 0; j < cut; j++, n++) {
+            b->data[n] = b->arena + (size_t)n * SLOT;
+            b->size[n] = w->segments[j].size;
+        }
+    }
+    count(p, C_TUN_READS, (uint64_t)reads);
+    return n;
+}
+
+/* The packets for the TUN, one write each. */
 static void
 write_tun(Plane *p, Batch *b, int n)
 {
     for (int i = 0; i < n; i++)
         if (b->out[i] && write(p->tun_fd, b->data[i] + b->offset[i], b->out[i]) < 0)
             count(p, C_TUN_WRITE_ERRORS, 1);
+}
+
+/* With OFFLOAD_TUN_VNET: the batch's packets merged by flow (seg_merge: TCP, and UDP
+ * with OFFLOAD_TUN_USO) into super-segments, each written behind its virtio_net_hdr; a
+ * packet that merges with none goes alone behind a zero header (the kernel checks it). */
+static void
+write_tun_vnet(Plane *p, Batch *b, int n)
+{
+    Offload *w = p->offload;
+    size_t k = 0;
+    for (int i = 0; i < n; i++)
+        if (b->out[i])
+            w->packets[k++] = (seg_buf){b->data[i] + b->offset[i], b->out[i]};
+    ptrdiff_t items = seg_merge_plan(w->merge, w->packets, k, p->offloads & OFFLOAD_TUN_USO);
+    for (ptrdiff_t t = 0; t < items; t++) {
+        seg_item item = seg_merge_item(w->merge, (size_t)t);
+        unsigned char vnet[SEG_VNET_HDR_LEN];
+        seg_merge_vnet(w->merge, (size_t)t, vnet);
+        struct iovec parts[2] = {{vnet, SEG_VNET_HDR_LEN}, {w->packets[item.packet].data, item.size}};
+        if (item.count > 1) {
+            seg_merge_build(w->merge, (size_t)t, w->merged);
+            parts[1].iov_base = w->merged;
+            count(p, C_MERGED_WRITES, 1);
+        }
+        if (writev(p->tun_fd, parts, 2) < 0)
+            count(p, C_TUN_WRITE_ERRORS, 1);
+    }
 }
 
 static int
@@ -1030,8 +1130,9 @@ socket_for(Plane *p, int family)
     return -1;
 }
 
+/* Room for a sticky source (IP_PKTINFO / IPV6_PKTINFO) and a UDP_SEGMENT or UDP_GRO. */
 typedef union {
-    char buffer[CMSG_SPACE(sizeof(struct in6_pktinfo))];
+    char buffer[CMSG_SPACE(sizeof(struct in6_pktinfo)) + CMSG_SPACE(sizeof(int))];
     struct cmsghdr align;
 } Control;
 
@@ -1064,15 +1165,44 @@ sticky_source(const Endpoint *e, Control *control)
     return CMSG_SPACE(sizeof info);
 }
 
-/* The sealed messages to their endpoints, sendmmsg per run of one socket; a full
- * buffer is waited out briefly (the thread's one blocking send). */
+/* One send of the batch: a message, or with UDP_SEGMENT a run of them to one endpoint. */
+typedef struct {
+    int fd, first, open;
+    size_t segment, segments, bytes;
+    socklen_t sticky; /* the control bytes of the sticky source */
+} Send;
+
+/* A UDP_SEGMENT send the path cannot segment (EIO), resent a datagram at a time. */
 static void
-send_udp(Plane *p, Batch *b, int n, const int fds[2])
+send_each(Plane *p, const Send *s, struct msghdr *h)
 {
-    struct mmsghdr msgs[BATCH];
-    struct iovec iov[BATCH];
-    Control control[BATCH];
-    int fd_of[BATCH], m = 0;
+    struct iovec *iov = h->msg_iov;
+    size_t n = h->msg_iovlen;
+    h->msg_controllen = s->sticky;
+    if (!s->sticky)
+        h->msg_control = NULL;
+    h->msg_iovlen = 1;
+    for (size_t j = 0; j < n; j++) {
+        h->msg_iov = &iov[j];
+        if (sendmsg(s->fd, h, 0) < 0)
+            count(p, C_SEND_ERRORS, 1);
+    }
+}
+
+/* The sealed messages to their endpoints, sendmmsg per run of one socket; a full
+ * buffer is waited out briefly (the thread's one blocking send). With `gso`
+ * (OFFLOAD_UDP_GSO) consecutive messages to one endpoint go as one UDP_SEGMENT send:
+ * equal sizes but a shorter last, at most SEG_UDP_MAX_SEGMENTS and UDP_MAX_PAYLOAD. A
+ * path that cannot segment (EIO) turns *gso off, as wireguard-go does, and the send's
+ * datagrams go one by one. */
+static void
+send_udp(Plane *p, Batch *b, int n, const int fds[2], int *gso)
+{
+    struct mmsghdr msgs[CAPACITY];
+    struct iovec iov[CAPACITY];
+    Control control[CAPACITY];
+    Send sends[CAPACITY];
+    int m = 0, k = 0; /* sends, iovecs: a send's iovecs follow the previous send's */
     for (int i = 0; i < n; i++) {
         if (!b->out[i])
             continue;
@@ -1081,43 +1211,75 @@ send_udp(Plane *p, Batch *b, int n, const int fds[2])
             count(p, C_SEND_ERRORS, 1);
             continue;
         }
-        iov[m] = (struct iovec){b->data[i] + b->offset[i], b->out[i]};
+        size_t size = b->out[i];
+        iov[k++] = (struct iovec){b->data[i] + b->offset[i], size};
+        Send *s = m ? &sends[m - 1] : NULL;
+        if (*gso && s && s->open && s->fd == fd && size <= s->segment
+            && s->segments < SEG_UDP_MAX_SEGMENTS && s->bytes + size <= UDP_MAX_PAYLOAD
+            && same_endpoint(&b->addr[i], &b->addr[s->first])) {
+            msgs[m - 1].msg_hdr.msg_iovlen++;
+            s->segments++;
+            s->bytes += size;
+            s->open = size == s->segment;
+            continue;
+        }
         memset(&msgs[m], 0, sizeof msgs[m]);
-        msgs[m].msg_hdr.msg_iov = &iov[m];
+        msgs[m].msg_hdr.msg_iov = &iov[k - 1];
         msgs[m].msg_hdr.msg_iovlen = 1;
         msgs[m].msg_hdr.msg_name = &b->addr[i].addr;
         msgs[m].msg_hdr.msg_namelen = b->addr[i].len;
-        socklen_t space = sticky_source(&b->addr[i], &control[m]);
-        if (space) {
-            msgs[m].msg_hdr.msg_control = control[m].buffer;
-            msgs[m].msg_hdr.msg_controllen = space;
+        sends[m++] = (Send){fd, i, 1, size, 1, size, 0};
+    }
+    for (int j = 0; j < m; j++) {
+        socklen_t space = sticky_source(&b->addr[sends[j].first], &control[j]);
+        sends[j].sticky = space;
+        if (sends[j].segments > 1) {
+            struct cmsghdr *c = (struct cmsghdr *)(control[j].buffer + space);
+            uint16_t segment = (uint16_t)sends[j].segment;
+            c->cmsg_level = SOL_UDP;
+            c->cmsg_type = UDP_SEGMENT;
+            c->cmsg_len = CMSG_LEN(sizeof segment);
+            memcpy(CMSG_DATA(c), &segment, sizeof segment);
+            space += CMSG_SPACE(sizeof segment);
         }
-        fd_of[m++] = fd;
+        if (space) {
+            msgs[j].msg_hdr.msg_control = control[j].buffer;
+            msgs[j].msg_hdr.msg_controllen = space;
+        }
     }
     for (int i = 0; i < m;) {
         int end = i + 1, waited = 0;
-        while (end < m && fd_of[end] == fd_of[i])
+        while (end < m && sends[end].fd == sends[i].fd)
             end++;
         while (i < end) {
-            int sent = sendmmsg(fd_of[i], msgs + i, (unsigned)(end - i), 0);
+            int sent = sendmmsg(sends[i].fd, msgs + i, (unsigned)(end - i), 0);
             if (sent > 0) {
+                for (int j = i; j < i + sent; j++)
+                    if (sends[j].segments > 1)
+                        count(p, C_GSO_SENDS, 1);
                 i += sent;
             } else if (sent < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) && !waited) {
-                struct pollfd w = {fd_of[i], POLLOUT, 0};
+                struct pollfd w = {sends[i].fd, POLLOUT, 0};
                 poll(&w, 1, 100);
                 waited = 1;
-            } else {
-                count(p, C_SEND_ERRORS, 1); /* this one fails (e.g. unreachable): skip it */
+            } else if (sent < 0 && errno == EIO && sends[i].segments > 1) {
+                *gso = 0;
+                send_each(p, &sends[i], &msgs[i].msg_hdr);
+                i++;
+            } else { /* this one fails (e.g. unreachable): skip it */
+                count(p, C_SEND_ERRORS, sends[i].segments);
                 i++;
             }
         }
     }
 }
 
-/* The source of a received datagram, with IP_PKTINFO / IPV6_PKTINFO when enabled. */
-static void
+/* The source of a received datagram, with IP_PKTINFO / IPV6_PKTINFO when enabled; the
+ * UDP_GRO segment size (0: one datagram). */
+static int
 source_of(Endpoint *e, struct msghdr *h)
 {
+    int gso = 0;
     e->len = h->msg_namelen;
     e->local_len = 0;
     e->ifindex = 0;
@@ -1135,39 +1297,87 @@ source_of(Endpoint *e, struct msghdr *h)
             memcpy(e->local, &info.ipi6_addr, 16);
             e->local_len = 16;
             e->ifindex = (int)info.ipi6_ifindex;
+        } else if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO) {
+            memcpy(&gso, CMSG_DATA(c), sizeof gso);
         }
     }
     if (e->addr.sa.sa_family == AF_INET6)
         e->addr.v6.sin6_flowinfo = 0, e->addr.v6.sin6_scope_id = 0;
+    return gso;
 }
 
-static int
-read_udp(Plane *p, Batch *b, int fd)
+/* The batch's n datagrams opened and their packets written to the TUN. */
+static void
+deliver(Plane *p, Batch *b, int n, uint64_t now)
 {
-    struct mmsghdr msgs[BATCH];
-    struct iovec iov[BATCH];
-    Control control[BATCH];
-    for (int i = 0; i < BATCH; i++) {
-        iov[i] = (struct iovec){b->data[i], SLOT};
-        memset(&msgs[i], 0, sizeof msgs[i]);
-        msgs[i].msg_hdr.msg_iov = &iov[i];
-        msgs[i].msg_hdr.msg_iovlen = 1;
-        msgs[i].msg_hdr.msg_name = &b->addr[i].addr;
-        msgs[i].msg_hdr.msg_namelen = sizeof b->addr[i].addr;
-        msgs[i].msg_hdr.msg_control = control[i].buffer;
-        msgs[i].msg_hdr.msg_controllen = sizeof control[i];
-    }
-    int n = recvmmsg(fd, msgs, BATCH, MSG_DONTWAIT, NULL);
-    if (n <= 0)
-        return 0;
-    for (int i = 0; i < n; i++) {
-        source_of(&b->addr[i], &msgs[i].msg_hdr);
-        b->fd[i] = fd;
-        /* a truncated datagram is too long to be ours: classify counts it */
-        b->size[i] = msgs[i].msg_hdr.msg_flags & MSG_TRUNC ? SLOT + 1 : msgs[i].msg_len;
-    }
+    if (!n)
+        return;
     count(p, C_UDP_READS, (uint64_t)n);
-    return n;
+    udp_step(p, b, n, now);
+    (p->offloads & OFFLOAD_TUN_VNET ? write_tun_vnet : write_tun)(p, b, n);
+}
+
+/* The thread's receive headers over the arena's receive buffers, set up once: recvmmsg
+ * rewrites only the lengths of the messages it fills, which are reset after use. */
+typedef struct {
+    struct mmsghdr msgs[RX_BUFFERS];
+    struct iovec iov[RX_BUFFERS];
+    Control control[RX_BUFFERS];
+    Endpoint source[RX_BUFFERS];
+} Receive;
+
+static void
+receive_reset(Receive *r, int i)
+{
+    r->msgs[i].msg_hdr.msg_namelen = sizeof r->source[i].addr;
+    r->msgs[i].msg_hdr.msg_controllen = sizeof r->control[i];
+}
+
+static void
+receive_init(Receive *r, Batch *b)
+{
+    memset(r, 0, sizeof *r);
+    for (int i = 0; i < RX_BUFFERS; i++) {
+        r->iov[i] = (struct iovec){b->arena + (size_t)i * RX_BUFFER, RX_BUFFER};
+        r->msgs[i].msg_hdr.msg_iov = &r->iov[i];
+        r->msgs[i].msg_hdr.msg_iovlen = 1;
+        r->msgs[i].msg_hdr.msg_name = &r->source[i].addr;
+        r->msgs[i].msg_hdr.msg_control = r->control[i].buffer;
+        receive_reset(r, i);
+    }
+}
+
+/* One recvmmsg from the socket into the arena's receive buffers; a UDP_GRO buffer is
+ * cut at its segment size into datagrams. The datagrams are delivered a full batch at a
+ * time. */
+static void
+receive_udp(Plane *p, Batch *b, Receive *r, int fd, uint64_t now)
+{
+    struct mmsghdr *msgs = r->msgs;
+    Endpoint *source = r->source;
+    int got = recvmmsg(fd, msgs, RX_BUFFERS, MSG_DONTWAIT, NULL), n = 0;
+    for (int i = 0; i < got; i++) {
+        int gso = source_of(&source[i], &msgs[i].msg_hdr);
+        /* a truncated datagram is too long to be ours: classify counts it */
+        size_t size = msgs[i].msg_hdr.msg_flags & MSG_TRUNC ? SLOT + 1 : msgs[i].msg_len;
+        size_t step = gso > 0 && (size_t)gso < size ? (size_t)gso : size;
+        if (step < size)
+            count(p, C_GRO_RECEIVES, 1);
+        for (size_t at = 0;; at += step) {
+            if (n == CAPACITY) {
+                deliver(p, b, n, now);
+                n = 0;
+            }
+            b->data[n] = (unsigned char *)r->iov[i].iov_base + at;
+            b->size[n] = size - at < step ? size - at : step;
+            b->addr[n] = source[i];
+            b->fd[n++] = fd;
+            if (at + step >= size)
+                break;
+        }
+        receive_reset(r, i);
+    }
+    deliver(p, b, n, now);
 }
 
 /* Something the shell must act on (the TUN lost, the thread ended): counted by the
@@ -1185,7 +1395,10 @@ plane_run(void *arg)
 {
     Plane *p = arg;
     Batch *b = p->batch;
+    int vnet = p->offloads & OFFLOAD_TUN_VNET, gso = p->offloads & OFFLOAD_UDP_GSO;
     struct epoll_event events[MAX_SOCKETS + 2];
+    Receive receive;
+    receive_init(&receive, b);
     for (;;) {
         int n = epoll_wait(p->epoll_fd, events, MAX_SOCKETS + 2, -1);
         if (n < 0) {
@@ -1229,18 +1442,64 @@ plane_run(void *arg)
             }
             uint64_t now = now_ns();
             if (fd == p->tun_fd) {
-                int got = read_tun(p, b);
+                int got = vnet ? read_tun_vnet(p, b) : read_tun(p, b);
                 tun_step(p, b, got, now);
-                send_udp(p, b, got, fds);
+                send_udp(p, b, got, fds, &gso);
             } else {
-                int got = read_udp(p, b, fd);
-                udp_step(p, b, got, now);
-                write_tun(p, b, got);
+                receive_udp(p, b, &receive, fd, now);
             }
         }
         atomic_fetch_add(&p->epoch, 1);
     }
     return NULL;
+}
+
+/* --- Workspaces: allocated once (the thread's) or per hook call ---------------------- */
+
+/* A batch with an arena of `slots` slots, item i at slot i; NULL without memory. */
+static Batch *
+batch_new(int slots)
+{
+    Batch *b = malloc(sizeof *b + (size_t)slots * SLOT);
+    if (!b)
+        return NULL;
+    b->arena = (unsigned char *)(b + 1);
+    for (int i = 0; i < slots; i++)
+        b->data[i] = b->arena + (size_t)i * SLOT;
+    return b;
+}
+
+_Static_assert(CAPACITY * SLOT >= RX_BUFFERS * RX_BUFFER, "the arena holds the receives");
+
+static void
+offload_free(Offload *w)
+{
+    if (!w)
+        return;
+    free(w->read);
+    free(w->merged);
+    free(w->merge);
+    free(w);
+}
+
+/* The thread's offload workspace; NULL without memory. */
+static Offload *
+offload_new(void)
+{
+    Offload *w = calloc(1, sizeof *w);
+    uint32_t seed = 0;
+    if (!w)
+        return NULL;
+    w->read = malloc(SEG_VNET_HDR_LEN + SEG_MAX_IP_PACKET);
+    w->merged = malloc(SEG_MAX_IP_PACKET);
+    w->merge = malloc(seg_merge_bytes(CAPACITY));
+    if (!w->read || !w->merged || !w->merge
+        || getrandom(&seed, sizeof seed, 0) != (ssize_t)sizeof seed) {
+        offload_free(w);
+        return NULL;
+    }
+    seg_merge_init(w->merge, CAPACITY, seed);
+    return w;
 }
 
 /* --- Python surface ------------------------------------------------------------------ */
@@ -1449,17 +1708,23 @@ static void release_plane(Plane *self);
 static int
 plane_init(Plane *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"tun_fd", "sockets", "mtu", NULL};
-    int tun_fd, mtu;
+    static char *kwlist[] = {"tun_fd", "sockets", "mtu", "offloads", NULL};
+    int tun_fd, mtu, offloads = 0;
     PyObject *sockets;
     if (self->initialised) {
         PyErr_SetString(PyExc_RuntimeError, "plane already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOi", kwlist, &tun_fd, &sockets, &mtu))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOi|$i", kwlist, &tun_fd, &sockets, &mtu,
+                                     &offloads))
         return -1;
     if (mtu <= 0 || mtu > MAX_MTU) {
         PyErr_Format(PyExc_ValueError, "mtu must be 1..%d", MAX_MTU);
+        return -1;
+    }
+    if (offloads & ~(OFFLOAD_TUN_VNET | OFFLOAD_TUN_USO | OFFLOAD_UDP_GSO)
+        || (offloads & OFFLOAD_TUN_USO && !(offloads & OFFLOAD_TUN_VNET))) {
+        PyErr_SetString(PyExc_ValueError, "offloads: OFFLOAD_* bits, USO only with VNET");
         return -1;
     }
     /* From a zeroed object (new, or released): locks first, fds -1, so that
@@ -1474,9 +1739,11 @@ plane_init(Plane *self, PyObject *args, PyObject *kwds)
     self->routes4.width = 32;
     self->routes6.width = 128;
     self->dirty_head = self->free_slot = NO_SLOT;
-    self->batch = malloc(sizeof(Batch));
+    self->offloads = offloads;
+    self->batch = batch_new(CAPACITY);
+    self->offload = offloads & OFFLOAD_TUN_VNET ? offload_new() : NULL;
     self->punts = malloc(sizeof(Punt) * PUNT_SLOTS);
-    if (!self->batch || !self->punts) {
+    if (!self->batch || !self->punts || (offloads & OFFLOAD_TUN_VNET && !self->offload)) {
         PyErr_NoMemory();
         goto failed;
     }
@@ -1579,6 +1846,7 @@ release_plane(Plane *self)
     close_fds(fds, 4);
     close_fds(self->sockets, self->socket_count);
     free(self->batch);
+    offload_free(self->offload);
     free(self->punts);
     pthread_mutex_destroy(&self->io_lock);
     pthread_mutex_destroy(&self->news_lock);
@@ -2460,7 +2728,7 @@ hook_batch(Plane *self, PyObject *args, PyObject **items, unsigned long long *no
     if (check_open(self) < 0 || !PyArg_ParseTuple(args, "OK", &list, now)
         || !(*items = PySequence_Tuple(list)))
         return NULL;
-    Batch *b = PyTuple_GET_SIZE(*items) <= BATCH ? malloc(sizeof *b) : NULL;
+    Batch *b = PyTuple_GET_SIZE(*items) <= BATCH ? batch_new(BATCH) : NULL;
     if (!b) {
         Py_CLEAR(*items);
         if (!PyErr_Occurred())
@@ -2494,7 +2762,7 @@ plane_tun_step(Plane *self, PyObject *args)
         char *data;
         Py_ssize_t size;
         if (PyBytes_AsStringAndSize(PyTuple_GET_ITEM(packets, i), &data, &size) < 0
-            || size > SLOT - HEADER_SIZE - 2 * TAG_SIZE) {
+            || size > MAX_PACKET) {
             if (!PyErr_Occurred())
                 PyErr_SetString(PyExc_ValueError, "packet too large");
             free(b);
@@ -2566,6 +2834,8 @@ plane_udp_step(Plane *self, PyObject *args)
     return out;
 }
 
+/* A failed __init__ deallocates with its exception set: that is kept for the caller
+ * (reporting it against self here would resurrect self and free it twice). */
 static void
 plane_dealloc(Plane *self)
 {
@@ -2609,7 +2879,7 @@ static PyMethodDef plane_methods[] = {
 static PyTypeObject PlaneType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "uspan.plane._plane.Plane",
-    .tp_doc = PyDoc_STR("Plane(tun_fd, sockets, mtu): established sessions in a C thread."),
+    .tp_doc = PyDoc_STR("Plane(tun_fd, sockets, mtu, *, offloads=0): established sessions in a C thread."),
     .tp_basicsize = sizeof(Plane),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = PyType_GenericNew,
@@ -2642,7 +2912,10 @@ PyInit__plane(void)
         || PyModule_AddIntConstant(m, "PUNT_TUN", PUNT_TUN) < 0
         || PyModule_AddIntConstant(m, "PUNT_UDP", PUNT_UDP) < 0
         || PyModule_AddIntConstant(m, "PUNT_EGRESS", PUNT_EGRESS) < 0
-        || PyModule_AddIntConstant(m, "EVENT_CONFIRMED", EVENT_CONFIRMED) < 0) {
+        || PyModule_AddIntConstant(m, "EVENT_CONFIRMED", EVENT_CONFIRMED) < 0
+        || PyModule_AddIntConstant(m, "OFFLOAD_TUN_VNET", OFFLOAD_TUN_VNET) < 0
+        || PyModule_AddIntConstant(m, "OFFLOAD_TUN_USO", OFFLOAD_TUN_USO) < 0
+        || PyModule_AddIntConstant(m, "OFFLOAD_UDP_GSO", OFFLOAD_UDP_GSO) < 0) {
         Py_DECREF(m);
         return NULL;
     }

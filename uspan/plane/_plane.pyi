@@ -4,6 +4,11 @@ PUNT_TUN: int
 PUNT_UDP: int
 PUNT_EGRESS: int
 EVENT_CONFIRMED: int
+# Plane(offloads=...) bits: the TUN has IFF_VNET_HDR and csum+tso4+tso6 (TCP merges);
+# it accepts USO (UDP merges; with OFFLOAD_TUN_VNET only); the sockets accept UDP_SEGMENT.
+OFFLOAD_TUN_VNET: int
+OFFLOAD_TUN_USO: int
+OFFLOAD_UDP_GSO: int
 
 # (address, port, local, ifindex)
 Source = tuple[bytes, int, bytes, int]
@@ -15,7 +20,8 @@ Punt = tuple[int, int | None, bytes, tuple[bytes, int, bytes, int, int] | None]
 Event = tuple[int, int, int]  # (kind, peer, local_index)
 
 class Plane:
-    def __init__(self, tun_fd: int, sockets: list[int], mtu: int) -> None: ...
+    def __init__(self, tun_fd: int, sockets: list[int], mtu: int, *,
+                 offloads: int = 0) -> None: ...
     def start(self) -> None: ...
     def close(self) -> None: ...
     def fileno(self) -> int: ...
