@@ -27,6 +27,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <linux/if_tun.h>
+#include <net/if.h>
 #include <stddef.h>
 #include <netinet/in.h>
 #include <openssl/evp.h>
@@ -39,6 +41,7 @@
 #include <netinet/udp.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -504,13 +507,17 @@ route_lookup(const Plane *p, const unsigned char *address, int size)
 /* --- Keypairs: sealing, opening, the replay window ----------------------------------- */
 
 /* Seal the `length` bytes at message + HEADER_SIZE in place (room for padding and the
- * tag after them) with the keypair's next counter: the message's size, 0 on failure.
- * Under the peer's lock; the caller checked the counter is below REJECT. */
+ * tag after them, within `capacity` bytes at message) with the keypair's next counter:
+ * the message's size, 0 on failure or if it would not fit (then nothing is written and
+ * the counter is unchanged). Under the peer's lock; the caller checked the counter is
+ * below REJECT. */
 static size_t
-seal_message(Keypair *k, unsigned char *message, size_t length, size_t mtu)
+seal_message(Keypair *k, unsigned char *message, size_t length, size_t mtu, size_t capacity)
 {
     unsigned char nonce[NONCE_SIZE] = {0};
     size_t padded = padded_length(length, mtu);
+    if (padded > capacity || capacity - padded < HEADER_SIZE + TAG_SIZE)
+        return 0;
     memset(message + HEADER_SIZE + length, 0, padded - length);
     uint64_t counter = k->send_counter++;
     put_le32(message, MSG_TRANSPORT);
@@ -846,9 +853,10 @@ tun_step(Plane *p, Batch *b, int n, uint64_t now)
                         count(p, C_NO_ENDPOINT, 1);
                         continue;
                     }
-                    size_t size = seal_message(k, message, b->size[j], mtu);
-                    if (!size) {
-                        count(p, C_SEND_ERRORS, 1);
+                    size_t size = seal_message(k, message, b->size[j], mtu, SLOT);
+                    if (!size) { /* too long for its slot (C1), or OpenSSL failed */
+                        count(p, HEADER_SIZE + padded_length(b->size[j], mtu) + TAG_SIZE > SLOT
+                                     ? C_BAD_LENGTH : C_SEND_ERRORS, 1);
                         continue;
                     }
                     count(p, C_SEALED, 1);
@@ -1034,19 +1042,27 @@ udp_step(Plane *p, Batch *b, int n, uint64_t now)
 /* --- The thread: reads, the steps, sends and writes ---------------------------------- */
 
 /* The TUN is read packet by packet into the arena's slots (at HEADER_SIZE: room for the
- * message header in front). */
+ * message header in front). A packet longer than a slot carries is cut short, and the
+ * read returns the cut length or (tun_put_user of some kernels) the whole one: sealed as
+ * read, the first is a mangled packet, the second runs into the next slots and sends
+ * their plaintext to this packet's peer (review C1). A byte more than a slot carries is
+ * asked for (the slot's tail room), so either shows as too long: dropped, bad_length. */
 static int
 read_tun(Plane *p, Batch *b)
 {
-    int n = 0;
-    while (n < BATCH) {
+    int n = 0, reads = 0;
+    while (reads < BATCH) {
         b->data[n] = b->arena + (size_t)n * SLOT;
-        ssize_t got = read(p->tun_fd, b->data[n] + HEADER_SIZE, MAX_PACKET);
+        ssize_t got = read(p->tun_fd, b->data[n] + HEADER_SIZE, MAX_PACKET + 1);
         if (got <= 0) /* drained (a TUN never reads empty: 0 is the other end gone) */
             break;
-        b->size[n++] = (size_t)got;
+        reads++;
+        if (got > MAX_PACKET)
+            count(p, C_BAD_LENGTH, 1);
+        else
+            b->size[n++] = (size_t)got;
     }
-    count(p, C_TUN_READS, (uint64_t)n);
+    count(p, C_TUN_READS, (uint64_t)reads);
     return n;
 }
 
@@ -1061,10 +1077,14 @@ read_tun_vnet(Plane *p, Batch *b)
     size_t mtu = (size_t)atomic_load_explicit(&p->mtu, memory_order_relaxed);
     int n = 0, reads = 0;
     while (reads < BATCH && n + CUT_MAX <= CAPACITY) {
-        ssize_t got = read(p->tun_fd, w->read, SEG_VNET_HDR_LEN + SEG_MAX_IP_PACKET);
+        ssize_t got = read(p->tun_fd, w->read, SEG_VNET_HDR_LEN + SEG_MAX_IP_PACKET + 1);
         if (got <= 0)
             break;
         reads++;
+        if (got > SEG_VNET_HDR_LEN + SEG_MAX_IP_PACKET) { /* cut short, as in read_tun */
+            count(p, C_BAD_LENGTH, 1);
+            continue;
+        }
         unsigned char *slot = b->arena + (size_t)n * SLOT;
         ptrdiff_t cut = got < SEG_VNET_HDR_LEN ? SEG_EINVAL
                         : seg_cut(w->read, w->read + SEG_VNET_HDR_LEN,
@@ -1490,7 +1510,7 @@ offload_new(void)
     uint32_t seed = 0;
     if (!w)
         return NULL;
-    w->read = malloc(SEG_VNET_HDR_LEN + SEG_MAX_IP_PACKET);
+    w->read = malloc(SEG_VNET_HDR_LEN + SEG_MAX_IP_PACKET + 1); /* + 1: a cut read shows */
     w->merged = malloc(SEG_MAX_IP_PACKET);
     w->merge = malloc(seg_merge_bytes(CAPACITY));
     if (!w->read || !w->merged || !w->merge
@@ -1627,6 +1647,40 @@ own_fd(int fd)
     return copy;
 }
 
+/* The TUN set up as the flags say (review H3): a virtio_net_hdr on every packet exactly
+ * when OFFLOAD_TUN_VNET (else every read is misparsed), and an MTU its packets fit a slot
+ * at (C1: a longer packet would be dropped, however the MTU got there, but a TUN made so
+ * is refused at once). An fd that is no TUN (a test's socket pair) is taken as it is.
+ * -1 with ValueError or OSError. */
+static int
+check_tun(int fd, int offloads)
+{
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    if (ioctl(fd, TUNGETIFF, &ifr) < 0) {
+        if (errno == ENOTTY || errno == EINVAL)
+            return 0;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    if (!(ifr.ifr_flags & IFF_VNET_HDR) != !(offloads & OFFLOAD_TUN_VNET)) {
+        PyErr_SetString(PyExc_ValueError, ifr.ifr_flags & IFF_VNET_HDR
+                                              ? "the TUN has IFF_VNET_HDR: pass OFFLOAD_TUN_VNET"
+                                              : "OFFLOAD_TUN_VNET needs a TUN with IFF_VNET_HDR");
+        return -1;
+    }
+    int probe = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    int asked = probe < 0 ? -1 : ioctl(probe, SIOCGIFMTU, &ifr);
+    if (probe >= 0)
+        close(probe);
+    if (asked == 0 && ifr.ifr_mtu > MAX_PACKET) { /* not found (another netns): reads drop */
+        PyErr_Format(PyExc_ValueError, "TUN MTU %d above the plane's %d", ifr.ifr_mtu,
+                     MAX_PACKET);
+        return -1;
+    }
+    return 0;
+}
+
 static void
 close_fds(const int *fds, int n)
 {
@@ -1754,7 +1808,8 @@ plane_init(Plane *self, PyObject *args, PyObject *kwds)
         PyErr_SetFromErrno(PyExc_OSError);
         goto failed;
     }
-    if ((tun_fd >= 0 && (self->tun_fd = own_fd(tun_fd)) < 0) /* -1: no TUN (test hooks) */
+    if ((tun_fd >= 0 && ((self->tun_fd = own_fd(tun_fd)) < 0 /* -1: no TUN (test hooks) */
+                         || check_tun(self->tun_fd, offloads) < 0))
         || set_socket_list(self, sockets) < 0)
         goto failed;
     self->owner = PyThread_get_thread_ident();
@@ -2495,7 +2550,8 @@ plane_seal(Plane *self, PyObject *args, PyObject *kwds)
     for (; sealed < n && k->send_counter < REJECT_AFTER_MESSAGES; sealed++) {
         PyObject *datagram = PyList_GET_ITEM(out, sealed);
         size_t length = lengths[sealed];
-        size_t size = seal_message(k, (unsigned char *)PyBytes_AS_STRING(datagram), length, mtu);
+        size_t size = seal_message(k, (unsigned char *)PyBytes_AS_STRING(datagram), length, mtu,
+                                   (size_t)PyBytes_GET_SIZE(datagram));
         if (!size) {
             failed = 1;
             break;
