@@ -3,6 +3,8 @@ every change of roles, routes and endpoints, on a fake plane and a fake clock.""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from tests.unit.fakeplane import FakePlane
@@ -21,7 +23,7 @@ from uspan.wg.constants import (
 from uspan.wg.device import APPLY_STEP, Device
 from uspan.wg.endpoint import Endpoint
 from uspan.wg.keypair import PlaneKeypair
-from uspan.wg.plane import NO_KEYPAIR, WANTS_SEND, PuntKind
+from uspan.wg.plane import NO_KEYPAIR, WANTS_SEND, PuntKind, endpoint_of, mirror_endpoint
 
 A_TO_B = ipv4_packet("10.0.0.1", "10.0.0.2", b"ab")
 B_TO_A = ipv4_packet("10.0.0.2", "10.0.0.1", b"ba")
@@ -307,3 +309,15 @@ def test_100k_prefixes_still_yield_in_slices() -> None:
     assert steps >= 100_000 // APPLY_STEP
     assert max(plane.route_calls) <= APPLY_STEP and sum(plane.route_calls) == 100_000
     assert len(plane.prefixes(device.peers[bytes([5]) * 32].plane_id)) == 100_000
+
+
+def test_a_link_local_endpoint_keeps_its_scope_both_ways() -> None:
+    """fe80::/10 is ambiguous without its interface (review L2): the plane is told the
+    scope as ifindex, and a source it reports comes back as ``host%ifindex``."""
+    plane = FakePlane(lambda: 0.0)
+    peer = plane.add_peer()
+    mirror_endpoint(plane, peer, Endpoint("fe80::1%3", 51820))
+    address = socket.inet_pton(socket.AF_INET6, "fe80::1")
+    assert plane.peers[peer].endpoint == (address, 51820, b"", 3, False)
+    assert endpoint_of(address, 51820, b"", 3) == Endpoint("fe80::1%3", 51820, None, 3)
+    assert endpoint_of(socket.inet_aton("192.0.2.1"), 1, b"", 3).host == "192.0.2.1"

@@ -1299,30 +1299,37 @@ send_udp(Plane *p, Batch *b, int n, const int fds[2], int *gso)
 static int
 source_of(Endpoint *e, struct msghdr *h)
 {
-    int gso = 0;
+    int gso = 0, whole = !(h->msg_flags & MSG_CTRUNC); /* cut: no sticky source, as none */
     e->len = h->msg_namelen;
     e->local_len = 0;
     e->ifindex = 0;
     e->relayed = 0;
+    /* a message cut short (MSG_CTRUNC) ends with a header whose data is partial: each is
+     * read only if its length covers the struct (review M1) */
     for (struct cmsghdr *c = CMSG_FIRSTHDR(h); c; c = CMSG_NXTHDR(h, c)) {
-        if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO) {
+        if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO && whole
+            && c->cmsg_len >= CMSG_LEN(sizeof(struct in_pktinfo))) {
             struct in_pktinfo info;
             memcpy(&info, CMSG_DATA(c), sizeof info);
-            memcpy(e->local, &info.ipi_addr, 4);
+            /* the address replies leave from (ipi_addr is the header's destination, a
+             * broadcast or multicast one too), as wireguard-go and _gate.c (review L1) */
+            memcpy(e->local, &info.ipi_spec_dst, 4);
             e->local_len = 4;
             e->ifindex = info.ipi_ifindex;
-        } else if (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_PKTINFO) {
+        } else if (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_PKTINFO && whole
+                   && c->cmsg_len >= CMSG_LEN(sizeof(struct in6_pktinfo))) {
             struct in6_pktinfo info;
             memcpy(&info, CMSG_DATA(c), sizeof info);
             memcpy(e->local, &info.ipi6_addr, 16);
             e->local_len = 16;
             e->ifindex = (int)info.ipi6_ifindex;
-        } else if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO) {
+        } else if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO
+                   && c->cmsg_len >= CMSG_LEN(sizeof gso)) {
             memcpy(&gso, CMSG_DATA(c), sizeof gso);
         }
     }
-    if (e->addr.sa.sa_family == AF_INET6)
-        e->addr.v6.sin6_flowinfo = 0, e->addr.v6.sin6_scope_id = 0;
+    if (e->addr.sa.sa_family == AF_INET6) /* the scope stays: a link-local peer needs it */
+        e->addr.v6.sin6_flowinfo = 0;
     return gso;
 }
 
@@ -1337,12 +1344,21 @@ deliver(Plane *p, Batch *b, int n, uint64_t now)
     (p->offloads & OFFLOAD_TUN_VNET ? write_tun_vnet : write_tun)(p, b, n);
 }
 
+/* Room for every control message a receive can carry (review M1): UDP_GRO and both
+ * PKTINFOs (a dual-stack socket's IPv4-mapped datagram), and as much again for what a
+ * socket set up elsewhere adds (timestamps); more is cut (MSG_CTRUNC). */
+typedef union {
+    char buffer[2 * (CMSG_SPACE(sizeof(struct in6_pktinfo)) + CMSG_SPACE(sizeof(struct in_pktinfo))
+                     + CMSG_SPACE(sizeof(int)))];
+    struct cmsghdr align;
+} ReceiveControl;
+
 /* The thread's receive headers over the arena's receive buffers, set up once: recvmmsg
  * rewrites only the lengths of the messages it fills, which are reset after use. */
 typedef struct {
     struct mmsghdr msgs[RX_BUFFERS];
     struct iovec iov[RX_BUFFERS];
-    Control control[RX_BUFFERS];
+    ReceiveControl control[RX_BUFFERS];
     Endpoint source[RX_BUFFERS];
 } Receive;
 
@@ -1555,6 +1571,8 @@ make_endpoint(Endpoint *e, const Py_buffer *address, int port, const Py_buffer *
         e->addr.v6.sin6_family = AF_INET6;
         e->addr.v6.sin6_port = htons((uint16_t)port);
         memcpy(&e->addr.v6.sin6_addr, address->buf, 16);
+        if (IN6_IS_ADDR_LINKLOCAL(&e->addr.v6.sin6_addr)) /* its scope: the interface */
+            e->addr.v6.sin6_scope_id = (uint32_t)ifindex;
         e->len = sizeof e->addr.v6;
     }
     memcpy(e->local, local->buf, (size_t)local->len);

@@ -106,13 +106,25 @@ def mirror_endpoint(plane: Plane, peer: int, endpoint: Endpoint | None) -> None:
     local = endpoint.local
     plane.set_endpoint(
         peer, endpoint.ip_key(), endpoint.port,
-        local=b"" if local is None else _packed(local), ifindex=endpoint.ifindex,
-        relayed=endpoint.discard_only)
+        local=b"" if local is None else _packed(local),
+        ifindex=endpoint.ifindex or _scope(endpoint.host), relayed=endpoint.discard_only)
 
 
 def endpoint_of(address: bytes, port: int, local: bytes, ifindex: int) -> Endpoint:
-    """The Endpoint of a source the plane reports, as the shell's reads make them."""
-    return Endpoint(_text(address), port, _text(local) if local else None, ifindex)
+    """The Endpoint of a source the plane reports, as the shell's reads make them; a
+    link-local one keeps its interface as ``%scope`` (sends need it)."""
+    host = _text(address)
+    if ifindex and len(address) == 16 and address[0] == 0xFE and address[1] & 0xC0 == 0x80:
+        host = f"{host}%{ifindex}"  # fe80::/10 (no ipaddress: punts come in floods)
+    return Endpoint(host, port, _text(local) if local else None, ifindex)
+
+
+def _scope(host: str) -> int:
+    """The interface index of a link-local ``host%scope`` (a name or a number), else 0."""
+    scope = host.partition("%")[2]
+    if not scope:
+        return 0
+    return int(scope) if scope.isdigit() else socket.if_nametoindex(scope)
 
 
 def _packed(host: str) -> bytes:
