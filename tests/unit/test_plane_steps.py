@@ -171,6 +171,46 @@ def test_punts_of_each_kind(pair: Pair) -> None:
     assert [p[0] for p in punts] == [_plane.PUNT_TUN]
 
 
+def _flood(plane: Plane, destination: str, count: int, now: int) -> None:
+    for _ in range(count // 32):  # the hook's batch: 32 packets
+        plane._tun_step([packet(INNER4[0], destination)] * 32, now)
+
+
+def test_a_local_flood_leaves_room_for_the_handshake_that_ends_it(pair: Pair) -> None:
+    """Review M4: packets for peers without a session punt (the core stages 128 a peer),
+    and once filled the shared ring also dropped the handshakes that would give them
+    one. A peer's TUN punts stop at 128 a collect, TUN punts leave 64 slots to UDP."""
+    a = pair.a
+    lonely = [a.add_peer(), a.add_peer()]
+    for peer, net in zip(lonely, ("10.88.0.0/16", "10.89.0.0/16"), strict=True):
+        a.add_routes(peer, prefixes(net))
+    _flood(a, "10.88.1.1", 320, pair.t0)
+    _flood(a, "10.89.1.1", 320, pair.t0)
+    initiation = b"\x01\x00\x00\x00" + os.urandom(144)
+    assert a._udp_step([(initiation, *B_ADDR)], pair.t0) == []
+    _, punts, _ = a.collect()
+    kinds = [(kind, peer) for kind, peer, _, _ in punts]
+    assert kinds.count((_plane.PUNT_TUN, lonely[0])) == 128
+    assert kinds.count((_plane.PUNT_TUN, lonely[1])) == 256 - 64 - 128
+    assert kinds[-1] == (_plane.PUNT_UDP, None)
+    counts = a.counters()
+    assert counts["tun_punts_dropped"] == 640 - 192 and counts["udp_punts_dropped"] == 0
+    assert counts["punts_dropped"] == 640 - 192
+    _flood(a, "10.89.1.1", 32, pair.t0)  # a new collect round: the cap starts again
+    assert len(a.collect()[1]) == 32
+
+
+def test_an_egress_punt_the_ring_drops_is_not_counted_sent(pair: Pair) -> None:
+    """Review L4: a relayed peer's datagram counts as sent only once the ring has it."""
+    a = pair.a
+    a.set_endpoint(pair.a_peer, b"", 0, relayed=True)
+    for _ in range(9):  # 288: more than the ring holds
+        a._tun_step([packet(INNER4[0], INNER4[1])] * 32, pair.t0)
+    (record,), punts, _ = a.collect()
+    assert a.counters()["punts_dropped"] == 288 - len(punts) > 0
+    assert record[8] == sum(len(data) for _, _, data, _ in punts)  # tx_bytes
+
+
 def test_clear_source_forgets_the_source_of_the_endpoint_the_thread_has(pair: Pair) -> None:
     a = pair.a
     a.set_endpoint(pair.a_peer, *B_ADDR, local=b"\x7f\x00\x00\x01", ifindex=1)

@@ -65,6 +65,8 @@
 #define RX_BUFFER 65536
 #define UDP_MAX_PAYLOAD (65535 - 20 - 8) /* one UDP_SEGMENT send */
 #define PUNT_SLOTS 256
+#define PUNT_UDP_RESERVED 64 /* of PUNT_SLOTS: UDP punts' alone (handshakes, review M4) */
+#define PUNT_TUN_PER_PEER 128 /* a peer's TUN punts between collects: MAX_STAGED_PACKETS */
 #define MAX_SOCKETS 8
 #define REPLAY_WORDS 128
 #define REPLAY_WINDOW (REPLAY_WORDS * 64 - 64)
@@ -91,7 +93,8 @@ enum {
     C_TUN_READS, C_UDP_READS, C_WAKES, C_SEALED, C_OPENED, C_KEEPALIVES, C_PUNTS,
     C_PUNTS_DROPPED, C_ROAMS, C_CONFIRMED, C_SEND_ERRORS,
     C_TUN_WRITE_ERRORS, C_FD_ERRORS, C_TUN_LOST, C_EPOLL_ERRORS, C_TSO_READS, C_GSO_SENDS,
-    C_GRO_RECEIVES, C_MERGED_WRITES, C_COUNT
+    C_GRO_RECEIVES, C_MERGED_WRITES, C_TUN_PUNTS_DROPPED, C_UDP_PUNTS_DROPPED,
+    C_EGRESS_PUNTS_DROPPED, C_COUNT
 };
 static const char *counter_names[C_COUNT] = {
     "bad_length", "bad_type", "unknown_index", "expired_key", "decrypt_failed", "replay",
@@ -99,7 +102,8 @@ static const char *counter_names[C_COUNT] = {
     "tun_reads", "udp_reads", "wakes", "sealed", "opened", "keepalives", "punts",
     "punts_dropped", "roams", "confirmed", "send_errors",
     "tun_write_errors", "fd_errors", "tun_lost", "epoll_errors", "tso_reads", "gso_sends",
-    "gro_receives", "merged_writes"};
+    "gro_receives", "merged_writes", "tun_punts_dropped", "udp_punts_dropped",
+    "egress_punts_dropped"};
 
 static EVP_CIPHER *chacha20_poly1305;
 
@@ -158,6 +162,8 @@ struct Peer {
     Record record;
     int dirty;       /* under lock: the record has news */
     int listed;      /* under news_lock: on the dirty list */
+    uint32_t tun_punts;      /* under news_lock: TUN punts in collect round punt_round */
+    uint64_t punt_round;
     uint32_t dirty_next;
     uint32_t free_next; /* under the GIL: the free list of slots */
 };
@@ -241,6 +247,8 @@ typedef struct {
     uint32_t dirty_head;
     Punt *punts;
     int punt_head, punt_count;
+    int local_punts;     /* of punt_count: TUN and EGRESS ones (kept from the UDP reserve) */
+    uint64_t punt_round; /* collects so far: a peer's TUN punt cap is per round */
     pthread_mutex_t retire_lock;
     Keypair *retired;
     Batch *batch; /* the thread's */
@@ -722,20 +730,39 @@ record_received(Plane *p, Peer *peer, uint64_t now, size_t size, int data)
     mark_dirty(p, peer);
 }
 
-static void
-punt(Plane *p, int kind, uint64_t peer, const unsigned char *data, size_t size,
+/* One punt into the ring, or dropped and counted (0). The ring is shared, so no kind may
+ * starve another (review M4): TUN and EGRESS punts leave PUNT_UDP_RESERVED slots to UDP
+ * ones (a local flood toward a peer without a session would else crowd out the
+ * handshake that gives it one), and a peer's TUN punts stop at PUNT_TUN_PER_PEER per
+ * collect (the core stages no more). `from`: the peer (under its lock), NULL for UDP. */
+static int
+punt(Plane *p, int kind, Peer *from, const unsigned char *data, size_t size,
      const Endpoint *source, int fd)
 {
+    static const int dropped[] = {[PUNT_TUN] = C_TUN_PUNTS_DROPPED,
+                                  [PUNT_UDP] = C_UDP_PUNTS_DROPPED,
+                                  [PUNT_EGRESS] = C_EGRESS_PUNTS_DROPPED};
     count(p, C_PUNTS, 1);
     pthread_mutex_lock(&p->news_lock);
-    if (p->punt_count == PUNT_SLOTS || size > SLOT) {
+    if (from && from->punt_round != p->punt_round) {
+        from->punt_round = p->punt_round;
+        from->tun_punts = 0;
+    }
+    int local = kind != PUNT_UDP;
+    if (p->punt_count == PUNT_SLOTS || size > SLOT
+        || (local && p->local_punts == PUNT_SLOTS - PUNT_UDP_RESERVED)
+        || (kind == PUNT_TUN && from->tun_punts == PUNT_TUN_PER_PEER)) {
         pthread_mutex_unlock(&p->news_lock);
         count(p, C_PUNTS_DROPPED, 1);
-        return;
+        count(p, dropped[kind], 1);
+        return 0;
     }
+    p->local_punts += local;
+    if (kind == PUNT_TUN)
+        from->tun_punts++;
     Punt *slot = &p->punts[(p->punt_head + p->punt_count++) % PUNT_SLOTS];
     slot->kind = kind;
-    slot->peer = peer;
+    slot->peer = from ? peer_id(from) : UINT64_MAX;
     slot->length = (uint16_t)size;
     memcpy(slot->data, data, size);
     if (source)
@@ -745,6 +772,7 @@ punt(Plane *p, int kind, uint64_t peer, const unsigned char *data, size_t size,
     slot->fd = fd;
     signal_news(p);
     pthread_mutex_unlock(&p->news_lock);
+    return 1;
 }
 
 /* --- The per-packet steps ------------------------------------------------------------ */
@@ -846,7 +874,7 @@ tun_step(Plane *p, Batch *b, int n, uint64_t now)
                     Keypair *k = peer->current;
                     unsigned char *message = b->data[j];
                     if (!can_send(k, now)) {
-                        punt(p, PUNT_TUN, owner, message + HEADER_SIZE, b->size[j], NULL, -1);
+                        punt(p, PUNT_TUN, peer, message + HEADER_SIZE, b->size[j], NULL, -1);
                         continue;
                     }
                     if (!peer->endpoint.len && !peer->endpoint.relayed) {
@@ -860,11 +888,12 @@ tun_step(Plane *p, Batch *b, int n, uint64_t now)
                         continue;
                     }
                     count(p, C_SEALED, 1);
-                    record_sent(p, peer, k, now, size);
-                    if (peer->endpoint.relayed) {
-                        punt(p, PUNT_EGRESS, owner, message, size, NULL, -1);
+                    if (peer->endpoint.relayed) { /* sent only if the ring takes it (L4) */
+                        if (punt(p, PUNT_EGRESS, peer, message, size, NULL, -1))
+                            record_sent(p, peer, k, now, size);
                         continue;
                     }
+                    record_sent(p, peer, k, now, size);
                     b->addr[j] = peer->endpoint;
                     b->offset[j] = 0;
                     b->out[j] = size;
@@ -913,7 +942,7 @@ classify(Plane *p, Batch *b, int i, uint32_t *index)
         return 0;
     }
     if (size >= 1 && d[0] == DEMUX_MARK) {
-        punt(p, PUNT_UDP, UINT64_MAX, d, size, &b->addr[i], b->fd[i]);
+        punt(p, PUNT_UDP, NULL, d, size, &b->addr[i], b->fd[i]);
         return 0;
     }
     if (size < 4) {
@@ -929,7 +958,7 @@ classify(Plane *p, Batch *b, int i, uint32_t *index)
         if (size != sizes[d[0]])
             count(p, C_BAD_LENGTH, 1);
         else
-            punt(p, PUNT_UDP, UINT64_MAX, d, size, &b->addr[i], b->fd[i]);
+            punt(p, PUNT_UDP, NULL, d, size, &b->addr[i], b->fd[i]);
         return 0;
     }
     if (size < HEADER_SIZE + TAG_SIZE) {
@@ -2719,7 +2748,8 @@ plane_collect(Plane *self, PyObject *Py_UNUSED(ignored))
     punt_count = self->punt_count;
     for (int i = 0; i < punt_count; i++)
         punts[i] = self->punts[(self->punt_head + i) % PUNT_SLOTS];
-    self->punt_head = self->punt_count = 0;
+    self->punt_head = self->punt_count = self->local_punts = 0;
+    self->punt_round++;
     pthread_mutex_unlock(&self->news_lock);
     Py_END_ALLOW_THREADS
     PyObject *records = PyList_New(0), *punt_list = PyList_New(0), *event_list = PyList_New(0);
