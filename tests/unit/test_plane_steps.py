@@ -211,6 +211,34 @@ def test_an_egress_punt_the_ring_drops_is_not_counted_sent(pair: Pair) -> None:
     assert record[8] == sum(len(data) for _, _, data, _ in punts)  # tx_bytes
 
 
+def test_collect_loses_nothing_to_a_memory_error(pair: Pair) -> None:
+    """Review L10: collect took the records and punts out of the plane, then built their
+    Python objects; a MemoryError in between lost them. Every allocation in turn fails
+    here: what one collect could not return, the next one does."""
+    _testcapi = pytest.importorskip("_testcapi")
+    a = pair.a
+    lonely = a.add_peer()
+    a.add_routes(lonely, prefixes("10.88.0.0/16"))
+    strays = [packet(INNER4[0], "10.88.1.1", bytes([n])) for n in range(3)]
+    complete = 0
+    for fail_at in range(60):
+        sent = a._tun_step([packet(INNER4[0], INNER4[1]), *strays], pair.t0)
+        _testcapi.set_nomemory(fail_at, 0)
+        try:
+            first = a.collect()
+        except MemoryError:
+            first = ([], [], [])
+        finally:
+            _testcapi.remove_mem_hooks()
+        second = a.collect()
+        records = first[0] + second[0]
+        assert [r[0] for r in records] == [pair.a_peer], fail_at
+        assert records[0][8] == len(sent[0][0]), fail_at  # tx_bytes
+        assert [p[2] for p in first[1] + second[1]] == strays, fail_at
+        complete += len(first[1]) == len(strays)
+    assert 0 < complete < 60  # failures before, inside and after the punts
+
+
 def test_clear_source_forgets_the_source_of_the_endpoint_the_thread_has(pair: Pair) -> None:
     a = pair.a
     a.set_endpoint(pair.a_peer, *B_ADDR, local=b"\x7f\x00\x00\x01", ifindex=1)

@@ -2716,6 +2716,61 @@ given_fd(Plane *p, int fd)
     return given;
 }
 
+/* A punt as collect() returns it, or NULL. */
+static PyObject *
+punt_tuple(Plane *self, const Punt *x)
+{
+    PyObject *peer = x->peer == UINT64_MAX ? Py_NewRef(Py_None)
+                                           : PyLong_FromUnsignedLongLong(x->peer);
+    PyObject *source = Py_NewRef(Py_None), *e = NULL;
+    if (x->kind == PUNT_UDP && (e = endpoint_tuple(&x->source))) {
+        Py_SETREF(source, Py_BuildValue("(OOOOi)", PyTuple_GET_ITEM(e, 0), PyTuple_GET_ITEM(e, 1),
+                                        PyTuple_GET_ITEM(e, 2), PyTuple_GET_ITEM(e, 3),
+                                        given_fd(self, x->fd)));
+        Py_DECREF(e);
+    } else if (x->kind == PUNT_UDP) {
+        Py_CLEAR(source);
+    }
+    PyObject *out = peer && source ? Py_BuildValue("(iOy#O)", x->kind, peer, (const char *)x->data,
+                                                   (Py_ssize_t)x->length, source)
+                                   : NULL;
+    Py_XDECREF(peer);
+    Py_XDECREF(source);
+    return out;
+}
+
+/* A dirty peer's record (and its confirm event) appended, and only then reset: 0, or -1
+ * with the record kept (review L10). Under the GIL; takes the peer's lock. */
+static int
+collect_record(Plane *self, Peer *peer, PyObject *records, PyObject *events)
+{
+    pthread_mutex_lock(&peer->lock);
+    int failed = 0;
+    if (peer->live && peer->dirty) {
+        uint64_t id = peer_id(peer);
+        const Record *r = &peer->record;
+        Py_ssize_t before = PyList_GET_SIZE(records);
+        failed = append_new(records, record_tuple(id, r)) < 0;
+        if (!failed && r->confirmed
+            && append_new(events, Py_BuildValue("(iKk)", EVENT_CONFIRMED, (unsigned long long)id,
+                                                (unsigned long)r->confirmed_index)) < 0) {
+            PyList_SetSlice(records, before, before + 1, NULL);
+            failed = 1;
+        }
+        if (!failed) {
+            memset(&peer->record, 0, sizeof peer->record);
+            peer->dirty = 0;
+        }
+    }
+    pthread_mutex_unlock(&peer->lock);
+    return failed ? -1 : 0;
+}
+
+/* News since the last collect. Nothing is lost to a MemoryError (review L10): records
+ * are reset and punts leave the ring only once their Python objects are in the lists;
+ * what did not fit stays (its peers listed again) and is signalled for the next collect,
+ * and what was built is returned. The ring's punts are read in place (the thread only
+ * writes past punt_count) and their slots cleansed once taken (L11). */
 static PyObject *
 plane_collect(Plane *self, PyObject *Py_UNUSED(ignored))
 {
@@ -2723,13 +2778,20 @@ plane_collect(Plane *self, PyObject *Py_UNUSED(ignored))
         return NULL;
     uint64_t value;
     uint32_t *slots = PyMem_Malloc(sizeof(uint32_t) * ((size_t)self->peer_slots + 1));
-    Punt *punts = PyMem_Malloc(sizeof(Punt) * PUNT_SLOTS);
-    if (!slots || !punts) {
+    PyObject *records = PyList_New(0), *punt_list = PyList_New(0), *event_list = PyList_New(0);
+    PyObject *out = PyTuple_New(3);
+    if (!slots || !records || !punt_list || !event_list || !out) {
         PyMem_Free(slots);
-        PyMem_Free(punts);
+        Py_XDECREF(records);
+        Py_XDECREF(punt_list);
+        Py_XDECREF(event_list);
+        Py_XDECREF(out);
         return PyErr_NoMemory();
     }
-    int dirty = 0, punt_count;
+    PyTuple_SET_ITEM(out, 0, records);
+    PyTuple_SET_ITEM(out, 1, punt_list);
+    PyTuple_SET_ITEM(out, 2, event_list);
+    int dirty = 0, punt_count, punt_head;
     uint32_t room = self->peer_slots + 1; /* every peer listed once: the walk fits */
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&self->news_lock);
@@ -2746,65 +2808,44 @@ plane_collect(Plane *self, PyObject *Py_UNUSED(ignored))
     if (s != NO_SLOT)
         signal_news(self);
     punt_count = self->punt_count;
-    for (int i = 0; i < punt_count; i++)
-        punts[i] = self->punts[(self->punt_head + i) % PUNT_SLOTS];
-    self->punt_head = self->punt_count = self->local_punts = 0;
-    self->punt_round++;
+    punt_head = self->punt_head;
     pthread_mutex_unlock(&self->news_lock);
     Py_END_ALLOW_THREADS
-    PyObject *records = PyList_New(0), *punt_list = PyList_New(0), *event_list = PyList_New(0);
-    int failed = !records || !punt_list || !event_list;
-    for (int i = dirty - 1; i >= 0 && !failed; i--) { /* oldest first */
-        Peer *peer = peer_at(self, slots[i]);
-        Record record;
+    int i = dirty - 1, taken = 0, local = 0;
+    for (; i >= 0 && collect_record(self, peer_at(self, slots[i]), records, event_list) == 0; i--)
+        ; /* oldest first */
+    for (int j = i; j >= 0; j--) { /* not collected: listed again */
+        Peer *peer = peer_at(self, slots[j]);
         pthread_mutex_lock(&peer->lock);
-        int has = peer->live && peer->dirty;
-        uint64_t id = peer_id(peer);
-        if (has) {
-            record = peer->record;
-            memset(&peer->record, 0, sizeof peer->record);
+        if (peer->dirty) {
             peer->dirty = 0;
+            mark_dirty(self, peer);
         }
         pthread_mutex_unlock(&peer->lock);
-        if (has)
-            failed = append_new(records, record_tuple(id, &record)) < 0;
-        if (has && record.confirmed && !failed)
-            failed = append_new(event_list, Py_BuildValue("(iKk)", EVENT_CONFIRMED,
-                                                          (unsigned long long)id,
-                                                          (unsigned long)record.confirmed_index)) < 0;
     }
-    for (int i = 0; i < punt_count && !failed; i++) {
-        Punt *x = &punts[i];
-        PyObject *peer = x->peer == UINT64_MAX ? Py_NewRef(Py_None)
-                                               : PyLong_FromUnsignedLongLong(x->peer);
-        PyObject *source = Py_None;
-        if (x->kind == PUNT_UDP) {
-            x->fd = given_fd(self, x->fd);
-            PyObject *e = endpoint_tuple(&x->source);
-            source = e ? Py_BuildValue("(OOOOi)", PyTuple_GET_ITEM(e, 0), PyTuple_GET_ITEM(e, 1),
-                                       PyTuple_GET_ITEM(e, 2), PyTuple_GET_ITEM(e, 3), x->fd)
-                       : NULL;
-            Py_XDECREF(e);
-        } else {
-            Py_INCREF(source);
-        }
-        failed = append_new(punt_list, peer && source ? Py_BuildValue(
-            "(iOy#O)", x->kind, peer, (const char *)x->data, (Py_ssize_t)x->length, source)
-            : NULL) < 0;
-        Py_XDECREF(peer);
-        Py_XDECREF(source);
+    for (; i < 0 && taken < punt_count; taken++) {
+        const Punt *x = &self->punts[(punt_head + taken) % PUNT_SLOTS];
+        if (append_new(punt_list, punt_tuple(self, x)) < 0)
+            break;
+        local += x->kind != PUNT_UDP;
     }
     PyMem_Free(slots);
-    OPENSSL_cleanse(punts, sizeof(Punt) * (size_t)punt_count);
-    PyMem_Free(punts);
-    reclaim(self, 0);
-    if (failed) {
-        Py_XDECREF(records);
-        Py_XDECREF(punt_list);
-        Py_XDECREF(event_list);
-        return NULL;
+    pthread_mutex_lock(&self->news_lock);
+    for (int j = 0; j < taken; j++) {
+        Punt *x = &self->punts[(punt_head + j) % PUNT_SLOTS];
+        OPENSSL_cleanse(x->data, x->length);
     }
-    return Py_BuildValue("(NNN)", records, punt_list, event_list);
+    self->punt_head = (punt_head + taken) % PUNT_SLOTS;
+    self->punt_count -= taken;
+    self->local_punts -= local;
+    self->punt_round++;
+    if (i >= 0 || taken < punt_count)
+        signal_news(self);
+    pthread_mutex_unlock(&self->news_lock);
+    reclaim(self, 0);
+    if (i >= 0 || taken < punt_count)
+        PyErr_Clear(); /* a MemoryError: the rest waits, signalled */
+    return out;
 }
 
 static PyObject *
