@@ -7,7 +7,8 @@ without OFFLOAD_TUN_VNET) and to a TUN whose MTU its slots cannot carry. ``overs
 a plane with a keyed peer on a TUN whose MTU is raised after the plane was made past
 what a slot holds; a packet that long, then a short one, go to the peer; prints the
 sizes of the datagrams the peer's endpoint (a socket on loopback) received and the
-plane's counters.
+plane's counters. ``linklocal``: the same for a short packet to a peer at a link-local
+address over a veth pair.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytun
 
+from tests.unit.planekit import packet
 from uspan.plane import _plane
 from uspan.wg import prefix
 
@@ -71,12 +74,8 @@ def oversize(name: str) -> dict[str, object]:
     far.bind(("127.0.0.1", 0))
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
-    plane = _plane.Plane(tun.fileno(), [sock.fileno()], MTU)
-    peer = plane.add_peer()
-    plane.install(peer, 1, 2, os.urandom(32), os.urandom(32), time.monotonic_ns(), True)
-    plane.assign(peer, -1, 1, -1)
+    plane, peer = _keyed_plane(tun, sock)
     plane.set_endpoint(peer, socket.inet_aton("127.0.0.1"), far.getsockname()[1])
-    plane.add_routes(peer, [prefix.parse(f"{INNER[1]}/32")])
     plane.start()
     tun.mtu = BIG  # after the plane was made: only its reads can catch it
     sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -92,9 +91,70 @@ def oversize(name: str) -> dict[str, object]:
     return {"sizes": sizes, "counters": counters}
 
 
+def _keyed_plane(tun: pytun.TunTapDevice, sock: socket.socket,
+                 keys: tuple[bytes, bytes] = (b"", b"")) -> tuple[_plane.Plane, int]:
+    """A plane on ``tun`` with one peer keyed (local index 1, remote 2; random keys if
+    not given) and routed at INNER[1], not started."""
+    send, receive = keys if keys[0] else (os.urandom(32), os.urandom(32))
+    plane = _plane.Plane(tun.fileno(), [sock.fileno()], MTU)
+    peer = plane.add_peer()
+    plane.install(peer, 1, 2, send, receive, time.monotonic_ns(), True)
+    plane.assign(peer, -1, 1, -1)
+    plane.add_routes(peer, [prefix.parse(f"{INNER[1]}/32")])
+    return plane, peer
+
+
+def linklocal(name: str) -> dict[str, object]:
+    """A peer at a link-local address (fe80::2 on v1, a veth whose other end v0 has
+    fe80::1) roams in from there, on a socket without IPV6_PKTINFO (only the source's
+    scope says which interface), and the plane's reply goes back to it."""
+    for command in (["link", "add", "v0", "type", "veth", "peer", "name", "v1"],
+                    ["addr", "add", "fe80::1/64", "dev", "v0", "nodad"],
+                    ["addr", "add", "fe80::2/64", "dev", "v1", "nodad"],
+                    ["link", "set", "v0", "up"], ["link", "set", "v1", "up"]):
+        subprocess.run(["ip", *command], check=True)
+    deadline = time.monotonic() + 5
+    carrier = Path("/sys/class/net/v0/carrier")
+    while carrier.read_text() != "1\n" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    v0 = socket.if_nametoindex("v0")
+    tun = _tun(name)
+    tun.addr, tun.netmask = INNER[0], "255.255.255.0"
+    tun.up()
+    far = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    far.bind(("fe80::2", 0, 0, socket.if_nametoindex("v1")))
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sock.bind(("::", 0))
+    keys = os.urandom(32), os.urandom(32)
+    plane, _ = _keyed_plane(tun, sock, keys)
+    plane.start()
+    sealer = _plane.Plane(-1, [], MTU)  # the far end's keypair: seals what plane opens
+    sealer.install(sealer.add_peer(), 2, 1, keys[1], keys[0], time.monotonic_ns(), False)
+    (sealed,) = sealer.seal(2, [packet(INNER[1], INNER[0])])
+    sealer.close()
+    far.sendto(sealed, ("fe80::1", sock.getsockname()[1], 0, socket.if_nametoindex("v1")))
+    deadline = time.monotonic() + 5
+    while plane.counters()["roams"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        sender.sendto(b"hello", (INNER[1], 9))
+    sizes = []
+    while select.select([far], [], [], 1.0)[0]:
+        sizes.append(len(far.recv(70000)))
+    records, _, _ = plane.collect()
+    counters = plane.counters()
+    plane.close()
+    tun.close()
+    roamed = records[0][9]
+    return {"sizes": sizes, "counters": counters, "roamed_ifindex": roamed[3], "v0": v0}
+
+
+CHECKS = {"flags": flags, "oversize": oversize, "linklocal": linklocal}
+
+
 def main() -> int:
     check, name = sys.argv[1:3]
-    print(json.dumps(flags(name) if check == "flags" else oversize(name)), flush=True)
+    print(json.dumps(CHECKS[check](name)), flush=True)
     return 0
 
 

@@ -43,3 +43,15 @@ def test_a_packet_longer_than_a_slot_is_dropped_not_sealed_past_it() -> None:
     assert counters["bad_length"] == 1 and counters["sealed"] == 1, counters
     assert len(found["sizes"]) == 1, found
     assert found["sizes"][0] < 100  # the short one: 5 bytes + IP/UDP headers, sealed
+
+
+def test_a_link_local_peer_roaming_in_is_answered_through_its_interface() -> None:
+    """Review L2: a link-local source read without IPV6_PKTINFO lost its scope (cleared)
+    and the record said ifindex 0, so the core's endpoint had no ``%scope``; now the
+    scope stays for the plane's sends and the record carries it as ifindex. (The reply
+    reaches fe80::2 either way here: both ends are in one namespace, so it is local.)"""
+    found = _check("linklocal")
+    counters = found["counters"]
+    assert counters["roams"] == 1 and counters["opened"] == 1, counters
+    assert counters["send_errors"] == 0 and len(found["sizes"]) == 1, found
+    assert found["roamed_ifindex"] == found["v0"]

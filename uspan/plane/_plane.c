@@ -1357,8 +1357,11 @@ source_of(Endpoint *e, struct msghdr *h)
             memcpy(&gso, CMSG_DATA(c), sizeof gso);
         }
     }
-    if (e->addr.sa.sa_family == AF_INET6) /* the scope stays: a link-local peer needs it */
+    if (e->addr.sa.sa_family == AF_INET6) { /* the scope stays: a link-local peer needs it */
         e->addr.v6.sin6_flowinfo = 0;
+        if (!e->ifindex) /* no PKTINFO: the core still hears of the interface */
+            e->ifindex = (int)e->addr.v6.sin6_scope_id;
+    }
     return gso;
 }
 
