@@ -66,6 +66,7 @@
 
 enum { PUNT_TUN = 1, PUNT_UDP = 2, PUNT_EGRESS = 3 };
 enum { EVENT_CONFIRMED = 1 };
+#define NEWS_URGENT (UINT64_C(1) << 32) /* the eventfd's count for punts and events */
 
 /* Counters: the first ones are the core's Drop values, then the plane's own. */
 enum {
@@ -207,7 +208,8 @@ typedef struct {
     pthread_rwlock_t index_lock;
     IndexTable index;
     pthread_mutex_t news_lock;
-    int news;
+    int news;    /* records signalled since the last collect */
+    int urgent;  /* punts or events signalled since the last collect */
     uint32_t dirty_head;
     Punt *punts;
     int punt_head, punt_count;
@@ -617,15 +619,19 @@ reclaim(Plane *p, int all)
 
 /* --- News for the core: records, punts, events --------------------------------------- */
 
-/* The first news since the last collect signals the eventfd (under news_lock). */
+/* The first news of a kind since the last collect signals the eventfd (under
+ * news_lock): records add 1, punts and events NEWS_URGENT, so a shell that read the
+ * eventfd knows whether a collect can wait (records: the timers' sync, at most a second
+ * later) or not, and is woken again for a punt while it waits, never per packet. */
 static void
-signal_news(Plane *p)
+signal_news(Plane *p, int urgent)
 {
-    if (p->news)
+    int *flag = urgent ? &p->urgent : &p->news;
+    if (*flag)
         return;
-    p->news = 1;
-    uint64_t one = 1;
-    if (write(p->news_fd, &one, sizeof one) < 0) { /* saturated: already readable */ }
+    *flag = 1;
+    uint64_t value = urgent ? NEWS_URGENT : 1;
+    if (write(p->news_fd, &value, sizeof value) < 0) { /* saturated: already readable */ }
 }
 
 /* The peer's record has news (under its lock). */
@@ -641,7 +647,7 @@ mark_dirty(Plane *p, Peer *peer)
         peer->dirty_next = p->dirty_head;
         p->dirty_head = peer->slot;
     }
-    signal_news(p);
+    signal_news(p, 0);
     pthread_mutex_unlock(&p->news_lock);
 }
 
@@ -704,7 +710,7 @@ punt(Plane *p, int kind, uint64_t peer, const unsigned char *data, size_t size,
     else
         memset(&slot->source, 0, sizeof slot->source);
     slot->fd = fd;
-    signal_news(p);
+    signal_news(p, 1);
     pthread_mutex_unlock(&p->news_lock);
 }
 
@@ -716,7 +722,7 @@ event(Plane *p, int kind, uint64_t peer, uint32_t local_index)
         count(p, C_EVENTS_DROPPED, 1);
     } else {
         p->events[p->event_count++] = (Event){kind, peer, local_index};
-        signal_news(p);
+        signal_news(p, 1);
     }
     pthread_mutex_unlock(&p->news_lock);
 }
@@ -2201,7 +2207,7 @@ plane_collect(Plane *self, PyObject *Py_UNUSED(ignored))
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&self->news_lock);
     if (read(self->news_fd, &value, sizeof value) < 0) { /* EAGAIN: nothing signalled */ }
-    self->news = 0;
+    self->news = self->urgent = 0;
     for (uint32_t s = self->dirty_head; s != NO_SLOT;) {
         Peer *peer = peer_at(self, s);
         slots[dirty++] = s;
@@ -2480,7 +2486,8 @@ PyInit__plane(void)
         || PyModule_AddIntConstant(m, "PUNT_TUN", PUNT_TUN) < 0
         || PyModule_AddIntConstant(m, "PUNT_UDP", PUNT_UDP) < 0
         || PyModule_AddIntConstant(m, "PUNT_EGRESS", PUNT_EGRESS) < 0
-        || PyModule_AddIntConstant(m, "EVENT_CONFIRMED", EVENT_CONFIRMED) < 0) {
+        || PyModule_AddIntConstant(m, "EVENT_CONFIRMED", EVENT_CONFIRMED) < 0
+        || PyModule_AddIntConstant(m, "NEWS_URGENT", (long)NEWS_URGENT) < 0) {
         Py_DECREF(m);
         return NULL;
     }

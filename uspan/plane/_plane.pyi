@@ -4,6 +4,7 @@ PUNT_TUN: int
 PUNT_UDP: int
 PUNT_EGRESS: int
 EVENT_CONFIRMED: int
+NEWS_URGENT: int  # the eventfd's count for punts and events (records add 1)
 
 # (address, port, local, ifindex)
 Source = tuple[bytes, int, bytes, int]
