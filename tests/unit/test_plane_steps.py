@@ -276,10 +276,8 @@ def test_records_are_the_recorders(steps: list[tuple[str, int]]) -> None:
         b.close()
 
 
-def test_keepalives_sent_through_seal_are_recorded_and_rekeying_is_wanted(pair: Pair) -> None:
-    pair.a.seal(IA, [b""])
-    (record,), _, _ = pair.a.collect()
-    assert record[1] > 0 and record[3] == 0 and record[8] == 32  # sent, not data
+def test_rekeying_is_wanted_by_the_send_and_the_receive_side(pair: Pair) -> None:
+    """(What the core seals itself is not recorded: test_plane_tunnel.)"""
     old = pair.t0 - 170 * SECOND  # an initiator's keypair past both rekey ages
     install_pair(pair.a, pair.a_peer, pair.b, pair.b_peer, 0x7777, 0x8888, old)
     pair.b.assign(pair.b_peer, -1, IB, 0x8888)

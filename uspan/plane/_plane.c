@@ -74,14 +74,14 @@ enum {
     C_BAD_INNER_PACKET, C_NOT_ALLOWED_SOURCE, C_NO_ROUTE, C_NO_ENDPOINT,
     C_TUN_READS, C_UDP_READS, C_WAKES, C_SEALED, C_OPENED, C_KEEPALIVES, C_PUNTS,
     C_PUNTS_DROPPED, C_EVENTS_DROPPED, C_ROAMS, C_CONFIRMED, C_SEND_ERRORS,
-    C_TUN_WRITE_ERRORS, C_FD_ERRORS, C_COUNT
+    C_TUN_WRITE_ERRORS, C_FD_ERRORS, C_STICKY_FAILED, C_COUNT
 };
 static const char *counter_names[C_COUNT] = {
     "bad_length", "bad_type", "unknown_index", "expired_key", "decrypt_failed", "replay",
     "bad_inner_packet", "not_allowed_source", "no_route", "no_endpoint",
     "tun_reads", "udp_reads", "wakes", "sealed", "opened", "keepalives", "punts",
     "punts_dropped", "events_dropped", "roams", "confirmed", "send_errors",
-    "tun_write_errors", "fd_errors"};
+    "tun_write_errors", "fd_errors", "sticky_failed"};
 
 static EVP_CIPHER *chacha20_poly1305;
 
@@ -1077,6 +1077,13 @@ sticky_source(const Endpoint *e, Control *control)
     return CMSG_SPACE(sizeof info);
 }
 
+/* sendmsg errors that mean the sticky source (address or interface) is not usable. */
+static int
+source_gone(int error)
+{
+    return error == EINVAL || error == EADDRNOTAVAIL || error == ENETUNREACH || error == ENODEV;
+}
+
 /* The sealed messages to their endpoints, sendmmsg per run of one socket; a full
  * buffer is waited out briefly (the thread's one blocking send). */
 static void
@@ -1119,6 +1126,12 @@ send_udp(Plane *p, Batch *b, int n, const int fds[2])
                 struct pollfd w = {fd_of[i], POLLOUT, 0};
                 poll(&w, 1, 100);
                 waited = 1;
+            } else if (sent < 0 && msgs[i].msg_hdr.msg_controllen && source_gone(errno)) {
+                /* the sticky source address went away: resent from what the kernel
+                 * chooses, as the shell's sends do (the next roam brings a new one) */
+                msgs[i].msg_hdr.msg_control = NULL;
+                msgs[i].msg_hdr.msg_controllen = 0;
+                count(p, C_STICKY_FAILED, 1);
             } else {
                 count(p, C_SEND_ERRORS, 1); /* this one fails (e.g. unreachable): skip it */
                 i++;
@@ -1206,7 +1219,9 @@ plane_run(void *arg)
             int fd = events[e].data.fd;
             if (fd == p->stop_fd)
                 return NULL;
-            if (events[e].events & EPOLLHUP) { /* the other end closed: stop polling it */
+            /* the other end closed, or the TUN's interface was deleted (EPOLLERR, for
+             * good): stop polling it rather than spin; the shell notices and stops */
+            if (events[e].events & EPOLLHUP || (fd == p->tun_fd && events[e].events & EPOLLERR)) {
                 epoll_ctl(p->epoll_fd, EPOLL_CTL_DEL, fd, NULL);
                 count(p, C_FD_ERRORS, 1);
                 continue;
@@ -2077,8 +2092,6 @@ plane_seal(Plane *self, PyObject *args, PyObject *kwds)
     }
     Py_ssize_t sealed = 0;
     int failed = 0;
-    uint64_t now = now_ns();
-    Peer *peer = k->peer;
     Py_BEGIN_ALLOW_THREADS
     for (; sealed < n && k->send_counter < REJECT_AFTER_MESSAGES; sealed++) {
         PyObject *datagram = PyList_GET_ITEM(out, sealed);
@@ -2088,8 +2101,7 @@ plane_seal(Plane *self, PyObject *args, PyObject *kwds)
             failed = 1;
             break;
         }
-        count(self, C_SEALED, 1);
-        record_sent(self, peer, k, now, size, length > 0);
+        count(self, C_SEALED, 1); /* not into the record: the core counts what it seals */
     }
     Py_END_ALLOW_THREADS
     release_keypair(self, k);
