@@ -597,7 +597,11 @@ class Daemon:
             return iter(pieces)
 
     def stats(self) -> dict[str, int]:
-        counters = {f"drop_{drop.value}": self.device.counters[drop] for drop in Drop}
+        """The device's counters by name; a drop the plane's thread counted is in its
+        ``drop_*`` too (the plane keys its drops by the same names)."""
+        plane = {} if self.plane is None else self.plane.counters()
+        counters = {f"drop_{drop.value}": self.device.counters[drop] + plane.get(drop.value, 0)
+                    for drop in Drop}
         counters["tun_read_dropped"] = self.tun.read_dropped
         counters["tun_write_dropped"] = self.tun.write_dropped
         counters["udp_send_errors"] = self.bind.send_errors
@@ -610,7 +614,7 @@ class Daemon:
         counters.update({f"gate_{name}": n for name, n in self.device.gate_totals.items()})
         counters.update(self.device.admission.stats())
         if self.plane is not None:
-            counters.update({f"plane_{name}": n for name, n in self.plane.counters().items()})
+            counters.update({f"plane_{name}": n for name, n in plane.items()})
             counters["plane_loop_wakes"] = self.plane_wakes
         for owner in self.owner_stats:
             counters.update(owner())
