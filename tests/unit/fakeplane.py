@@ -168,6 +168,14 @@ class FakePlane:
         assert 0 <= port < 65536 and ifindex >= 0
         state.endpoint = (address, port, local, ifindex, relayed) if address else None
 
+    def clear_source(self, peer: int) -> None:
+        state = self._peer(peer)
+        if state.endpoint is not None:
+            address, port, _, _, relayed = state.endpoint
+            state.endpoint = (address, port, b"", 0, relayed)
+        if state.roamed is not None:
+            state.roamed = (*state.roamed[:2], b"", 0)
+
     def add_routes(self, peer: int, prefixes: list[int]) -> None:
         assert type(prefixes) is list and all(type(p) is int for p in prefixes)
         self.route_calls.append(len(prefixes))
@@ -292,7 +300,7 @@ class FakePlane:
         to_tun: list[bytes] = []
         for data, source in datagrams:
             if data[0] != MSG_TRANSPORT:
-                self._punts.append((PuntKind.UDP, -1, data, (*source, 3)))
+                self._punts.append((PuntKind.UDP, None, data, (*source, 3)))
                 continue
             if len(data) < TRANSPORT_MIN_SIZE:
                 self._count(Drop.BAD_LENGTH)

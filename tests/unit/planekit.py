@@ -1,6 +1,8 @@
 """Helpers for the plane's tests (uspan/plane/_plane.c): inner packets, and two planes
 joined as a tunnel over real sockets (a SOCK_SEQPACKET pair for each TUN, UDP on
-loopback), keyed with matching keypairs through the public ``install``."""
+loopback), keyed with matching keypairs through the public ``install``. With offloads
+the "TUN" carries a virtio_net_hdr before each packet and the sockets have UDP_GRO and
+IP_PKTINFO (loopback honours UDP_SEGMENT and UDP_GRO without root)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from uspan.daemon import offload
 from uspan.wg import prefix
 
 if os.environ.get("USPAN_REQUIRE_COMPILED") == "1":  # CI: a missing build fails
@@ -22,6 +25,7 @@ if os.environ.get("USPAN_REQUIRE_COMPILED") == "1":  # CI: a missing build fails
 else:
     _plane = pytest.importorskip("uspan.plane._plane")
 Plane = _plane.Plane
+ALL_OFFLOADS = _plane.OFFLOAD_TUN_VNET | _plane.OFFLOAD_TUN_USO | _plane.OFFLOAD_UDP_GSO
 
 MTU = 1420
 SECOND = 1_000_000_000
@@ -60,7 +64,7 @@ class End:
     def read_tun(self, timeout: float = 2.0) -> bytes:
         ready, _, _ = select.select([self.tun], [], [], timeout)
         assert ready, "nothing reached the TUN"
-        return self.tun.recv(65536)
+        return self.tun.recv(70000)  # a merged write: virtio_net_hdr and 64 KiB
 
     def quiet_tun(self, wait: float = 0.2) -> bool:
         ready, _, _ = select.select([self.tun], [], [], wait)
@@ -82,18 +86,22 @@ def install_pair(a: Plane, a_peer: int, b: Plane, b_peer: int, ia: int, ib: int,
         b.assign(b_peer, -1, ib, -1)
 
 
-def _udp(family: int) -> socket.socket:
+def _udp(family: int, offloads: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1" if family == socket.AF_INET else "::1", 0))
     sock.setblocking(False)
+    if offloads:
+        assert offload.enable_gro(sock)
+        offload.enable_pktinfo(sock)
     return sock
 
 
-def _end() -> tuple[Plane, socket.socket, socket.socket, socket.socket, socket.socket]:
+def _end(offloads: int) -> tuple[Plane, socket.socket, socket.socket, socket.socket,
+                                 socket.socket]:
     inner, outer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     inner.setblocking(False)
-    udp4, udp6 = _udp(socket.AF_INET), _udp(socket.AF_INET6)
-    plane = Plane(inner.fileno(), [udp4.fileno(), udp6.fileno()], MTU)
+    udp4, udp6 = _udp(socket.AF_INET, offloads), _udp(socket.AF_INET6, offloads)
+    plane = Plane(inner.fileno(), [udp4.fileno(), udp6.fileno()], MTU, offloads=offloads)
     return plane, inner, outer, udp4, udp6
 
 
@@ -103,10 +111,12 @@ def address_of(sock: socket.socket) -> tuple[bytes, int]:
 
 
 @contextmanager
-def tunnel(outer: int = socket.AF_INET, *, start: bool = True) -> Iterator[tuple[End, End]]:
+def tunnel(outer: int = socket.AF_INET, *, start: bool = True,
+           offloads: int = 0) -> Iterator[tuple[End, End]]:
     """Two started planes with a session: A (INNER*[0]) and B (INNER*[1]) route each
-    other's /32 and /128 and reach each other over UDP of family ``outer``."""
-    made = [_end(), _end()]
+    other's /32 and /128 and reach each other over UDP of family ``outer``; both with
+    ``offloads`` (and then UDP_GRO and IP_PKTINFO on their sockets)."""
+    made = [_end(offloads), _end(offloads)]
     ends = []
     try:
         for plane, _, outer_tun, udp4, udp6 in made:

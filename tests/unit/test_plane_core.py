@@ -201,6 +201,24 @@ def test_roam_reported_by_the_thread(net: PlaneNet) -> None:
     mirrored(a)
 
 
+def test_forgetting_the_source_keeps_a_roam_the_core_has_not_heard_of(net: PlaneNet) -> None:
+    """A retransmit forgets the sticky source; the thread roamed since the last sync,
+    and the plane keeps that newer address (the sync then tells the core, sourceless)."""
+    a, b = pair(net)
+    a.from_tun([A_TO_B])
+    net.run()
+    assert a.plane is not None
+    peer = a.peer(b)
+    moved = (bytes([192, 0, 2, 3]), 4000, bytes([192, 0, 2, 1]), 2)
+    (datagram, _), = b.device.send([B_TO_A], net.now)
+    a.tun += a.plane.udp_read([(datagram, moved)])
+    peer._forget_source()
+    assert a.plane.peers[peer.plane_id].endpoint == (*moved[:2], b"", 0, False)
+    net.sync()
+    assert peer.endpoint == Endpoint("192.0.2.3", 4000)
+    mirrored(a)
+
+
 def test_plane_seal_is_the_keypairs_counter(net: PlaneNet) -> None:
     """One counter per keypair, whoever seals: the thread's packets and the core's
     keepalive are numbered in one sequence."""

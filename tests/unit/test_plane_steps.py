@@ -171,6 +171,66 @@ def test_punts_of_each_kind(pair: Pair) -> None:
     assert [p[0] for p in punts] == [_plane.PUNT_TUN]
 
 
+def test_clear_source_forgets_the_source_of_the_endpoint_the_thread_has(pair: Pair) -> None:
+    a = pair.a
+    a.set_endpoint(pair.a_peer, *B_ADDR, local=b"\x7f\x00\x00\x01", ifindex=1)
+    a.clear_source(pair.a_peer)
+    ping = packet(INNER4[0], INNER4[1])
+    assert [where for _, where in a._tun_step([ping], pair.t0)] == [(*B_ADDR, b"", 0)]
+    roamed = (b"\x7f\x00\x00\x01", 40999)
+    (sent,) = pair.b._tun_step([packet(INNER4[1], INNER4[0])], pair.t0)
+    assert a._udp_step([(sent[0], *roamed)], pair.t0) != []
+    a.clear_source(pair.a_peer)
+    assert [where for _, where in a._tun_step([ping], pair.t0)] == [(*roamed, b"", 0)]
+    with pytest.raises(KeyError):
+        a.clear_source(pair.a_peer + 1)
+
+
+def test_a_keypair_created_in_the_future_fails_closed(pair: Pair) -> None:
+    """A creation ahead of the clock (a clock not to be trusted) is no key that never
+    expires: install refuses more than 1 s ahead, and the steps find one that is ahead
+    of their clock by more than that expired (punted, counted)."""
+    a, b = pair.a, pair.b
+    with pytest.raises(ValueError):
+        a.install(pair.a_peer, 0x5555, 0x6666, bytes(32), bytes(32),
+                  time.monotonic_ns() + 2 * SECOND, True)
+    ahead = time.monotonic_ns() + SECOND // 2
+    install_pair(a, pair.a_peer, b, pair.b_peer, 0x5555, 0x6666, ahead)
+    ping = packet(INNER4[0], INNER4[1])
+    (sent,) = a._tun_step([ping], ahead)
+    assert b._udp_step([(sent[0], *A_ADDR)], ahead - SECOND // 2) == [ping]  # within 1 s
+    assert b._udp_step([(a.seal(0x5555, [ping])[0], *A_ADDR)], ahead - 2 * SECOND) == []
+    assert b.counters()["expired_key"] == 1
+    a.collect()
+    assert a._tun_step([ping], ahead - 2 * SECOND) == []
+    _, punts, _ = a.collect()
+    assert punts == [(_plane.PUNT_TUN, pair.a_peer, ping, None)]
+
+
+def test_no_confirm_is_lost_however_many_come_between_collects() -> None:
+    """A confirm the core never hears of leaves its roles behind the thread's for good:
+    more confirms than any ring would hold all reach the next collect."""
+    peers = 1100
+    a, b = Plane(-1, [], MTU), Plane(-1, [], MTU)
+    try:
+        now = time.monotonic_ns()
+        keepalives = []
+        for i in range(peers):
+            a_peer, b_peer = a.add_peer(), b.add_peer()
+            install_pair(b, b_peer, a, a_peer, 0x10000 + i, 0x20000 + i, now, roles=False)
+            b.assign(b_peer, -1, 0x10000 + i, -1)
+            a.assign(a_peer, -1, -1, 0x20000 + i)  # next, confirmed by its first packet
+            keepalives.append((b.seal(0x10000 + i, [b""])[0], *B_ADDR))
+        for first in range(0, peers, 32):
+            a._udp_step(keepalives[first:first + 32], now)
+        _, _, events = a.collect()
+        assert sorted(index for _, _, index in events) == [0x20000 + i for i in range(peers)]
+        assert a.counters()["confirmed"] == peers
+    finally:
+        a.close()
+        b.close()
+
+
 def test_a_stale_peer_id_is_refused(pair: Pair) -> None:
     a = pair.a
     a.remove_peer(pair.a_peer)
@@ -276,8 +336,10 @@ def test_records_are_the_recorders(steps: list[tuple[str, int]]) -> None:
         b.close()
 
 
-def test_rekeying_is_wanted_by_the_send_and_the_receive_side(pair: Pair) -> None:
-    """(What the core seals itself is not recorded: test_plane_tunnel.)"""
+def test_seal_is_not_recorded_and_the_threads_sends_want_rekeying(pair: Pair) -> None:
+    """The core counts and times what it seals itself (docs/dataplane.md, "Sync")."""
+    assert len(pair.a.seal(IA, [b"", packet(INNER4[0], INNER4[1])])) == 2
+    assert pair.a.collect() == ([], [], [])
     old = pair.t0 - 170 * SECOND  # an initiator's keypair past both rekey ages
     install_pair(pair.a, pair.a_peer, pair.b, pair.b_peer, 0x7777, 0x8888, old)
     pair.b.assign(pair.b_peer, -1, IB, 0x8888)

@@ -91,16 +91,6 @@ def test_a_punt_signals_again_while_records_wait_for_their_collect() -> None:
         assert [r[0] for r in records] == [b.peer] and len(punts) == 2
 
 
-def test_what_the_core_seals_is_left_out_of_the_record() -> None:
-    """The core counts and times what it seals through the plane (keepalives, staged
-    packets) itself: in the record too, a staged ping was counted twice in ``wg show``."""
-    with tunnel(start=False) as (a, _):
-        a.plane.collect()
-        assert len(a.plane.seal(0x1111, [b"", packet(INNER4[0], INNER4[1])])) == 2
-        records, _, _ = a.plane.collect()
-        assert records == [] and a.plane.send_counter(0x1111) == 2
-
-
 def test_the_cores_calls_race_the_threads_carrying_traffic() -> None:
     """install/assign/drop/add_routes/remove_routes/add_peer/remove_peer/collect from a
     Python thread while packets flow both ways: nothing crashes, and a session

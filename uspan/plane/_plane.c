@@ -16,7 +16,7 @@
  *   peer->lock: roles, keypair counters and windows, endpoint, record (the thread takes
  *     it once per run of one peer in a batch);
  *   index (write) inside peer->lock: install, drop, the thread's confirm of `next`;
- *   news_lock inside peer->lock: dirty list, punt ring, events, the eventfd signal;
+ *   news_lock inside peer->lock: dirty list, punt ring, the eventfd signal;
  *   retire_lock innermost: keypairs waiting to be freed.
  * Freed keypairs wait for the thread's next batch boundary (epoch): a batch that looked
  * a keypair up keeps a valid pointer until it ends, and sees it dead under peer->lock.
@@ -25,21 +25,27 @@
 #include <Python.h>
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
+#include <stddef.h>
 #include <netinet/in.h>
 #include <openssl/evp.h>
 #include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
+#include <netinet/udp.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
+#include "../csrc/segment.h" /* TSO/USO cuts and GRO merges over plain buffers */
 #include "../wg/_transport.h" /* the message layout and sealing, as the core's _aead.c */
 
 #define INITIATION_SIZE 148
@@ -49,8 +55,13 @@
 #define BATCH 32
 #define MAX_MTU 9216
 #define SLOT (MAX_MTU + 128) /* one datagram or one packet with room to seal in place */
+#define MAX_PACKET (SLOT - HEADER_SIZE - 2 * TAG_SIZE) /* an inner packet sealed in a slot */
+#define CAPACITY 256   /* packets of the thread's batch: a few super-segments cut */
+#define CUT_MAX 128    /* segments of one TSO/USO read (64 KiB cut at a small MTU) */
+#define RX_BUFFERS 32  /* receives per recvmmsg, each room for a UDP_GRO buffer */
+#define RX_BUFFER 65536
+#define UDP_MAX_PAYLOAD (65535 - 20 - 8) /* one UDP_SEGMENT send */
 #define PUNT_SLOTS 256
-#define EVENT_SLOTS 1024
 #define MAX_SOCKETS 8
 #define REPLAY_WORDS 128
 #define REPLAY_WINDOW (REPLAY_WORDS * 64 - 64)
@@ -60,6 +71,7 @@
 #define REKEY_AFTER_TIME (120 * NS)
 #define REJECT_AFTER_TIME (180 * NS)
 #define REKEY_ON_RECEIVE_AGE ((180 - 10 - 5) * NS)
+#define CLOCK_SLACK NS /* how far ahead of the clock a keypair's creation may be */
 #define PEER_CHUNK 1024
 #define PEER_CHUNKS 1024 /* up to a million peers */
 #define NO_SLOT UINT32_MAX
@@ -67,21 +79,25 @@
 enum { PUNT_TUN = 1, PUNT_UDP = 2, PUNT_EGRESS = 3 };
 enum { EVENT_CONFIRMED = 1 };
 #define NEWS_URGENT (UINT64_C(1) << 32) /* the eventfd's count for punts and events */
+/* What the TUN and sockets were set up for (the daemon's offload probe decides). */
+enum { OFFLOAD_TUN_VNET = 1, OFFLOAD_TUN_USO = 2, OFFLOAD_UDP_GSO = 4 };
 
 /* Counters: the first ones are the core's Drop values, then the plane's own. */
 enum {
     C_BAD_LENGTH, C_BAD_TYPE, C_UNKNOWN_INDEX, C_EXPIRED_KEY, C_DECRYPT_FAILED, C_REPLAY,
     C_BAD_INNER_PACKET, C_NOT_ALLOWED_SOURCE, C_NO_ROUTE, C_NO_ENDPOINT,
     C_TUN_READS, C_UDP_READS, C_WAKES, C_SEALED, C_OPENED, C_KEEPALIVES, C_PUNTS,
-    C_PUNTS_DROPPED, C_EVENTS_DROPPED, C_ROAMS, C_CONFIRMED, C_SEND_ERRORS,
-    C_TUN_WRITE_ERRORS, C_FD_ERRORS, C_STICKY_FAILED, C_COUNT
+    C_PUNTS_DROPPED, C_ROAMS, C_CONFIRMED, C_SEND_ERRORS,
+    C_TUN_WRITE_ERRORS, C_FD_ERRORS, C_TUN_LOST, C_EPOLL_ERRORS, C_TSO_READS, C_GSO_SENDS,
+    C_GRO_RECEIVES, C_MERGED_WRITES, C_STICKY_FAILED, C_COUNT
 };
 static const char *counter_names[C_COUNT] = {
     "bad_length", "bad_type", "unknown_index", "expired_key", "decrypt_failed", "replay",
     "bad_inner_packet", "not_allowed_source", "no_route", "no_endpoint",
     "tun_reads", "udp_reads", "wakes", "sealed", "opened", "keepalives", "punts",
-    "punts_dropped", "events_dropped", "roams", "confirmed", "send_errors",
-    "tun_write_errors", "fd_errors", "sticky_failed"};
+    "punts_dropped", "roams", "confirmed", "send_errors",
+    "tun_write_errors", "fd_errors", "tun_lost", "epoll_errors", "tso_reads", "gso_sends",
+    "gro_receives", "merged_writes", "sticky_failed"};
 
 static EVP_CIPHER *chacha20_poly1305;
 
@@ -126,6 +142,9 @@ typedef struct {
     int roamed;
     Endpoint roam;
     int wants;
+    int confirmed; /* the thread confirmed `next` (the last one, in confirmed_index): an
+                    * event in the record, so no ring can overflow and lose it */
+    uint32_t confirmed_index;
 } Record;
 
 struct Peer {
@@ -170,34 +189,42 @@ typedef struct {
     unsigned char data[SLOT];
 } Punt;
 
+/* One batch: the thread's own, or a synchronous call's. Item i's bytes are at data[i]:
+ * slot i of the arena (SLOT bytes each), or for a receive a datagram inside one of the
+ * arena's RX_BUFFER-byte receive buffers (a UDP_GRO buffer holds many). */
 typedef struct {
-    int kind;
-    uint64_t peer;
-    uint32_t local_index;
-} Event;
-
-/* One batch's buffers: the thread's own, or a synchronous call's. */
-typedef struct {
-    unsigned char data[BATCH][SLOT];
-    size_t size[BATCH];
-    Endpoint addr[BATCH];   /* UDP: the source; TUN: where the sealed message goes */
-    int fd[BATCH];          /* UDP: the socket it came on */
-    uint64_t owner[BATCH];  /* peer (slot | generation << 32), or UINT64_MAX */
-    Keypair *keypair[BATCH];
-    size_t offset[BATCH];   /* where the outgoing bytes start in data */
-    size_t out[BATCH];      /* outgoing size, 0: nothing to send or write */
+    unsigned char *data[CAPACITY];
+    size_t size[CAPACITY];
+    Endpoint addr[CAPACITY];   /* UDP: the source; TUN: where the sealed message goes */
+    int fd[CAPACITY];          /* UDP: the socket it came on */
+    uint64_t owner[CAPACITY];  /* peer (slot | generation << 32), or UINT64_MAX */
+    Keypair *keypair[CAPACITY];
+    size_t offset[CAPACITY];   /* where the outgoing bytes start in data */
+    size_t out[CAPACITY];      /* outgoing size, 0: nothing to send or write */
+    unsigned char *arena;
 } Batch;
+
+/* The thread's offload workspace (with OFFLOAD_TUN_VNET), allocated once. */
+typedef struct {
+    unsigned char *read;       /* one TUN read: virtio_net_hdr and a super-segment */
+    unsigned char *merged;     /* one merged super-segment for the TUN */
+    seg_merge *merge;          /* the plan of one batch's merge */
+    seg_buf segments[CUT_MAX]; /* one read's cut */
+    seg_buf packets[CAPACITY]; /* one batch's packets for the TUN */
+} Offload;
 
 typedef struct {
     PyObject_HEAD
-    int tun_fd;
+    int tun_fd; /* the plane's own dups of the shell's fds (H2), -1: none */
     int sockets[MAX_SOCKETS], families[MAX_SOCKETS];
+    int given[MAX_SOCKETS]; /* the shell's numbers of sockets[], for punts' sources */
     int socket_count;
     _Atomic int mtu;
+    int offloads; /* OFFLOAD_* bits: set before the thread starts, then constant */
     int stop_fd, news_fd, epoll_fd;
     pthread_t thread;
     int running;
-    _Atomic uint64_t epoch; /* odd while the thread is in a batch */
+    _Atomic uint64_t epoch; /* odd while the thread is in a wake (holding its fds) */
     _Atomic int slow_calls; /* Python calls holding keypair pointers without the GIL */
     _Atomic uint64_t counters[C_COUNT];
     pthread_mutex_t io_lock; /* the socket list */
@@ -213,11 +240,11 @@ typedef struct {
     uint32_t dirty_head;
     Punt *punts;
     int punt_head, punt_count;
-    Event events[EVENT_SLOTS];
-    int event_count;
     pthread_mutex_t retire_lock;
     Keypair *retired;
     Batch *batch; /* the thread's */
+    Offload *offload; /* the thread's, with OFFLOAD_TUN_VNET */
+    unsigned long owner; /* the Python thread that initialised it: the only caller */
     int initialised;
 } Plane;
 
@@ -550,11 +577,15 @@ replay_accept_run(Keypair *k, uint64_t first, uint64_t count)
     return 1;
 }
 
-/* A keypair's age at `now` (0 if `now` is before its creation: never negative). */
+/* A keypair's age at `now`. A creation up to CLOCK_SLACK ahead is a batch that read the
+ * clock just before the core installed (age 0); further ahead the clock is not to be
+ * trusted, so the keypair fails closed as past every limit (install refuses such). */
 static uint64_t
 age(const Keypair *k, uint64_t now)
 {
-    return now > k->created ? now - k->created : 0;
+    if (now >= k->created)
+        return now - k->created;
+    return k->created - now <= CLOCK_SLACK ? 0 : UINT64_MAX;
 }
 
 static int
@@ -638,7 +669,8 @@ signal_news(Plane *p, int urgent)
 static void
 mark_dirty(Plane *p, Peer *peer)
 {
-    if (peer->dirty)
+    int urgent = peer->record.confirmed; /* the core mirrors a rotation at once */
+    if (peer->dirty && !urgent)
         return;
     peer->dirty = 1;
     pthread_mutex_lock(&p->news_lock);
@@ -647,18 +679,19 @@ mark_dirty(Plane *p, Peer *peer)
         peer->dirty_next = p->dirty_head;
         p->dirty_head = peer->slot;
     }
-    signal_news(p, 0);
+    signal_news(p, urgent);
     pthread_mutex_unlock(&p->news_lock);
 }
 
-/* Recorder.sent of proto/timersync.py, and the send side's rekey wish. */
+/* Recorder.sent of proto/timersync.py for the thread's data, and the send side's rekey
+ * wish (the core records what it seals itself). */
 static void
-record_sent(Plane *p, Peer *peer, Keypair *k, uint64_t now, size_t size, int data)
+record_sent(Plane *p, Peer *peer, Keypair *k, uint64_t now, size_t size)
 {
     Record *r = &peer->record;
     r->last_sent = now;
     r->data_received_since_sent = 0;
-    if (data && !r->data_sent_since_received)
+    if (!r->data_sent_since_received)
         r->data_sent_since_received = now;
     r->tx_bytes += size;
     if (k == peer->current && (k->send_counter > REKEY_AFTER_MESSAGES
@@ -711,19 +744,6 @@ punt(Plane *p, int kind, uint64_t peer, const unsigned char *data, size_t size,
         memset(&slot->source, 0, sizeof slot->source);
     slot->fd = fd;
     signal_news(p, 1);
-    pthread_mutex_unlock(&p->news_lock);
-}
-
-static void
-event(Plane *p, int kind, uint64_t peer, uint32_t local_index)
-{
-    pthread_mutex_lock(&p->news_lock);
-    if (p->event_count == EVENT_SLOTS) {
-        count(p, C_EVENTS_DROPPED, 1);
-    } else {
-        p->events[p->event_count++] = (Event){kind, peer, local_index};
-        signal_news(p, 1);
-    }
     pthread_mutex_unlock(&p->news_lock);
 }
 
@@ -785,17 +805,26 @@ owner_peer(Plane *p, uint64_t owner)
 
 /* TUN -> UDP: b->size[i] bytes of inner packet at b->data[i] + HEADER_SIZE for i < n.
  * Each is routed, sealed in place (offset 0, out = size) with its peer's current
- * keypair and addressed (b->addr), or dropped, or punted. */
+ * keypair and addressed (b->addr), or dropped, or punted. A packet for the previous
+ * one's destination (the segments of one super-segment) takes its route. */
 static void
 tun_step(Plane *p, Batch *b, int n, uint64_t now)
 {
     size_t mtu = (size_t)atomic_load_explicit(&p->mtu, memory_order_relaxed);
+    const unsigned char *last = NULL;
+    int last_size = 0;
+    uint64_t last_owner = UINT64_MAX;
     pthread_rwlock_rdlock(&p->routes_lock);
     for (int i = 0; i < n; i++) {
         const unsigned char *address = NULL;
         int size = inner_address(b->data[i] + HEADER_SIZE, b->size[i], 0, &address);
         b->out[i] = 0;
-        b->owner[i] = size ? route_lookup(p, address, size) : UINT64_MAX;
+        if (size && (size != last_size || memcmp(address, last, (size_t)size))) {
+            last = address;
+            last_size = size;
+            last_owner = route_lookup(p, address, size);
+        }
+        b->owner[i] = size ? last_owner : UINT64_MAX;
         if (!size)
             count(p, C_BAD_INNER_PACKET, 1);
         else if (b->owner[i] == UINT64_MAX)
@@ -830,7 +859,7 @@ tun_step(Plane *p, Batch *b, int n, uint64_t now)
                         continue;
                     }
                     count(p, C_SEALED, 1);
-                    record_sent(p, peer, k, now, size, 1);
+                    record_sent(p, peer, k, now, size);
                     if (peer->endpoint.relayed) {
                         punt(p, PUNT_EGRESS, owner, message, size, NULL, -1);
                         continue;
@@ -867,7 +896,8 @@ confirm_next(Plane *p, Peer *peer)
     peer->current = next;
     peer->next = NULL;
     count(p, C_CONFIRMED, 1);
-    event(p, EVENT_CONFIRMED, peer_id(peer), next->local_index);
+    peer->record.confirmed = 1; /* receive_message marks the peer dirty next */
+    peer->record.confirmed_index = next->local_index;
 }
 
 /* One datagram's first look: 1 if it is a transport message to open (index in
@@ -960,8 +990,8 @@ receive_message(Plane *p, Batch *b, int i, Keypair *k, uint64_t now, size_t *inn
 static void
 udp_step(Plane *p, Batch *b, int n, uint64_t now)
 {
-    uint32_t index[BATCH];
-    int transport[BATCH];
+    uint32_t index[CAPACITY];
+    int transport[CAPACITY];
     for (int i = 0; i < n; i++) {
         b->out[i] = 0;
         b->keypair[i] = NULL;
@@ -1010,14 +1040,15 @@ udp_step(Plane *p, Batch *b, int n, uint64_t now)
 
 /* --- The thread: reads, the steps, sends and writes ---------------------------------- */
 
-/* The TUN is read packet by packet (a later vnet header goes in front of the packet:
- * this read is where it is taken off). */
+/* The TUN is read packet by packet into the arena's slots (at HEADER_SIZE: room for the
+ * message header in front). */
 static int
 read_tun(Plane *p, Batch *b)
 {
     int n = 0;
     while (n < BATCH) {
-        ssize_t got = read(p->tun_fd, b->data[n] + HEADER_SIZE, SLOT - HEADER_SIZE - 2 * TAG_SIZE);
+        b->data[n] = b->arena + (size_t)n * SLOT;
+        ssize_t got = read(p->tun_fd, b->data[n] + HEADER_SIZE, MAX_PACKET);
         if (got <= 0) /* drained (a TUN never reads empty: 0 is the other end gone) */
             break;
         b->size[n++] = (size_t)got;
@@ -1026,12 +1057,75 @@ read_tun(Plane *p, Batch *b)
     return n;
 }
 
+/* With OFFLOAD_TUN_VNET each read is a virtio_net_hdr and a packet or TSO/USO
+ * super-segment, cut by seg_cut straight into the arena's slots (ready to seal in
+ * place); what it refuses (a malformed header, a cut too fine) is a bad inner packet.
+ * A few reads per wake, so the other direction gets its turn. */
+static int
+read_tun_vnet(Plane *p, Batch *b)
+{
+    Offload *w = p->offload;
+    size_t mtu = (size_t)atomic_load_explicit(&p->mtu, memory_order_relaxed);
+    int n = 0, reads = 0;
+    while (reads < BATCH && n + CUT_MAX <= CAPACITY) {
+        ssize_t got = read(p->tun_fd, w->read, SEG_VNET_HDR_LEN + SEG_MAX_IP_PACKET);
+        if (got <= 0)
+            break;
+        reads++;
+        unsigned char *slot = b->arena + (size_t)n * SLOT;
+        ptrdiff_t cut = got < SEG_VNET_HDR_LEN ? SEG_EINVAL
+                        : seg_cut(w->read, w->read + SEG_VNET_HDR_LEN,
+                                  (size_t)got - SEG_VNET_HDR_LEN, mtu, slot, SLOT, HEADER_SIZE,
+                                  w->segments, CUT_MAX);
+        if (cut < 0 || w->segments[0].size > MAX_PACKET) {
+            count(p, C_BAD_INNER_PACKET, 1);
+            continue;
+        }
+        if (w->read[1])
+            count(p, C_TSO_READS, 1);
+        for (ptrdiff_t j = 0; j < cut; j++, n++) {
+            b->data[n] = b->arena + (size_t)n * SLOT;
+            b->size[n] = w->segments[j].size;
+        }
+    }
+    count(p, C_TUN_READS, (uint64_t)reads);
+    return n;
+}
+
+/* The packets for the TUN, one write each. */
 static void
 write_tun(Plane *p, Batch *b, int n)
 {
     for (int i = 0; i < n; i++)
         if (b->out[i] && write(p->tun_fd, b->data[i] + b->offset[i], b->out[i]) < 0)
             count(p, C_TUN_WRITE_ERRORS, 1);
+}
+
+/* With OFFLOAD_TUN_VNET: the batch's packets merged by flow (seg_merge: TCP, and UDP
+ * with OFFLOAD_TUN_USO) into super-segments, each written behind its virtio_net_hdr; a
+ * packet that merges with none goes alone behind a zero header (the kernel checks it). */
+static void
+write_tun_vnet(Plane *p, Batch *b, int n)
+{
+    Offload *w = p->offload;
+    size_t k = 0;
+    for (int i = 0; i < n; i++)
+        if (b->out[i])
+            w->packets[k++] = (seg_buf){b->data[i] + b->offset[i], b->out[i]};
+    ptrdiff_t items = seg_merge_plan(w->merge, w->packets, k, p->offloads & OFFLOAD_TUN_USO);
+    for (ptrdiff_t t = 0; t < items; t++) {
+        seg_item item = seg_merge_item(w->merge, (size_t)t);
+        unsigned char vnet[SEG_VNET_HDR_LEN];
+        seg_merge_vnet(w->merge, (size_t)t, vnet);
+        struct iovec parts[2] = {{vnet, SEG_VNET_HDR_LEN}, {w->packets[item.packet].data, item.size}};
+        if (item.count > 1) {
+            seg_merge_build(w->merge, (size_t)t, w->merged);
+            parts[1].iov_base = w->merged;
+            count(p, C_MERGED_WRITES, 1);
+        }
+        if (writev(p->tun_fd, parts, 2) < 0)
+            count(p, C_TUN_WRITE_ERRORS, 1);
+    }
 }
 
 static int
@@ -1043,8 +1137,9 @@ socket_for(Plane *p, int family)
     return -1;
 }
 
+/* Room for a sticky source (IP_PKTINFO / IPV6_PKTINFO) and a UDP_SEGMENT or UDP_GRO. */
 typedef union {
-    char buffer[CMSG_SPACE(sizeof(struct in6_pktinfo))];
+    char buffer[CMSG_SPACE(sizeof(struct in6_pktinfo)) + CMSG_SPACE(sizeof(int))];
     struct cmsghdr align;
 } Control;
 
@@ -1084,15 +1179,44 @@ source_gone(int error)
     return error == EINVAL || error == EADDRNOTAVAIL || error == ENETUNREACH || error == ENODEV;
 }
 
-/* The sealed messages to their endpoints, sendmmsg per run of one socket; a full
- * buffer is waited out briefly (the thread's one blocking send). */
+/* One send of the batch: a message, or with UDP_SEGMENT a run of them to one endpoint. */
+typedef struct {
+    int fd, first, open;
+    size_t segment, segments, bytes;
+    socklen_t sticky; /* the control bytes of the sticky source */
+} Send;
+
+/* A UDP_SEGMENT send the path cannot segment (EIO), resent a datagram at a time. */
 static void
-send_udp(Plane *p, Batch *b, int n, const int fds[2])
+send_each(Plane *p, const Send *s, struct msghdr *h)
 {
-    struct mmsghdr msgs[BATCH];
-    struct iovec iov[BATCH];
-    Control control[BATCH];
-    int fd_of[BATCH], m = 0;
+    struct iovec *iov = h->msg_iov;
+    size_t n = h->msg_iovlen;
+    h->msg_controllen = s->sticky;
+    if (!s->sticky)
+        h->msg_control = NULL;
+    h->msg_iovlen = 1;
+    for (size_t j = 0; j < n; j++) {
+        h->msg_iov = &iov[j];
+        if (sendmsg(s->fd, h, 0) < 0)
+            count(p, C_SEND_ERRORS, 1);
+    }
+}
+
+/* The sealed messages to their endpoints, sendmmsg per run of one socket; a full
+ * buffer is waited out briefly (the thread's one blocking send). With `gso`
+ * (OFFLOAD_UDP_GSO) consecutive messages to one endpoint go as one UDP_SEGMENT send:
+ * equal sizes but a shorter last, at most SEG_UDP_MAX_SEGMENTS and UDP_MAX_PAYLOAD. A
+ * path that cannot segment (EIO) turns *gso off, as wireguard-go does, and the send's
+ * datagrams go one by one. */
+static void
+send_udp(Plane *p, Batch *b, int n, const int fds[2], int *gso)
+{
+    struct mmsghdr msgs[CAPACITY];
+    struct iovec iov[CAPACITY];
+    Control control[CAPACITY];
+    Send sends[CAPACITY];
+    int m = 0, k = 0; /* sends, iovecs: a send's iovecs follow the previous send's */
     for (int i = 0; i < n; i++) {
         if (!b->out[i])
             continue;
@@ -1101,49 +1225,84 @@ send_udp(Plane *p, Batch *b, int n, const int fds[2])
             count(p, C_SEND_ERRORS, 1);
             continue;
         }
-        iov[m] = (struct iovec){b->data[i] + b->offset[i], b->out[i]};
+        size_t size = b->out[i];
+        iov[k++] = (struct iovec){b->data[i] + b->offset[i], size};
+        Send *s = m ? &sends[m - 1] : NULL;
+        if (*gso && s && s->open && s->fd == fd && size <= s->segment
+            && s->segments < SEG_UDP_MAX_SEGMENTS && s->bytes + size <= UDP_MAX_PAYLOAD
+            && same_endpoint(&b->addr[i], &b->addr[s->first])) {
+            msgs[m - 1].msg_hdr.msg_iovlen++;
+            s->segments++;
+            s->bytes += size;
+            s->open = size == s->segment;
+            continue;
+        }
         memset(&msgs[m], 0, sizeof msgs[m]);
-        msgs[m].msg_hdr.msg_iov = &iov[m];
+        msgs[m].msg_hdr.msg_iov = &iov[k - 1];
         msgs[m].msg_hdr.msg_iovlen = 1;
         msgs[m].msg_hdr.msg_name = &b->addr[i].addr;
         msgs[m].msg_hdr.msg_namelen = b->addr[i].len;
-        socklen_t space = sticky_source(&b->addr[i], &control[m]);
-        if (space) {
-            msgs[m].msg_hdr.msg_control = control[m].buffer;
-            msgs[m].msg_hdr.msg_controllen = space;
+        sends[m++] = (Send){fd, i, 1, size, 1, size, 0};
+    }
+    for (int j = 0; j < m; j++) {
+        socklen_t space = sticky_source(&b->addr[sends[j].first], &control[j]);
+        sends[j].sticky = space;
+        if (sends[j].segments > 1) {
+            struct cmsghdr *c = (struct cmsghdr *)(control[j].buffer + space);
+            uint16_t segment = (uint16_t)sends[j].segment;
+            c->cmsg_level = SOL_UDP;
+            c->cmsg_type = UDP_SEGMENT;
+            c->cmsg_len = CMSG_LEN(sizeof segment);
+            memcpy(CMSG_DATA(c), &segment, sizeof segment);
+            space += CMSG_SPACE(sizeof segment);
         }
-        fd_of[m++] = fd;
+        if (space) {
+            msgs[j].msg_hdr.msg_control = control[j].buffer;
+            msgs[j].msg_hdr.msg_controllen = space;
+        }
     }
     for (int i = 0; i < m;) {
         int end = i + 1, waited = 0;
-        while (end < m && fd_of[end] == fd_of[i])
+        while (end < m && sends[end].fd == sends[i].fd)
             end++;
         while (i < end) {
-            int sent = sendmmsg(fd_of[i], msgs + i, (unsigned)(end - i), 0);
+            int sent = sendmmsg(sends[i].fd, msgs + i, (unsigned)(end - i), 0);
             if (sent > 0) {
+                for (int j = i; j < i + sent; j++)
+                    if (sends[j].segments > 1)
+                        count(p, C_GSO_SENDS, 1);
                 i += sent;
             } else if (sent < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) && !waited) {
-                struct pollfd w = {fd_of[i], POLLOUT, 0};
+                struct pollfd w = {sends[i].fd, POLLOUT, 0};
                 poll(&w, 1, 100);
                 waited = 1;
-            } else if (sent < 0 && msgs[i].msg_hdr.msg_controllen && source_gone(errno)) {
-                /* the sticky source address went away: resent from what the kernel
-                 * chooses, as the shell's sends do (the next roam brings a new one) */
-                msgs[i].msg_hdr.msg_control = NULL;
-                msgs[i].msg_hdr.msg_controllen = 0;
+            } else if (sent < 0 && sends[i].sticky && source_gone(errno)) {
+                /* the sticky source address went away: resent a datagram at a time from
+                 * what the kernel chooses, as the shell's sends do (the next roam brings
+                 * a new one) */
+                Send plain = sends[i];
+                plain.sticky = 0;
+                send_each(p, &plain, &msgs[i].msg_hdr);
                 count(p, C_STICKY_FAILED, 1);
-            } else {
-                count(p, C_SEND_ERRORS, 1); /* this one fails (e.g. unreachable): skip it */
+                i++;
+            } else if (sent < 0 && errno == EIO && sends[i].segments > 1) {
+                *gso = 0;
+                send_each(p, &sends[i], &msgs[i].msg_hdr);
+                i++;
+            } else { /* this one fails (e.g. unreachable): skip it */
+                count(p, C_SEND_ERRORS, sends[i].segments);
                 i++;
             }
         }
     }
 }
 
-/* The source of a received datagram, with IP_PKTINFO / IPV6_PKTINFO when enabled. */
-static void
+/* The source of a received datagram, with IP_PKTINFO / IPV6_PKTINFO when enabled; the
+ * UDP_GRO segment size (0: one datagram). */
+static int
 source_of(Endpoint *e, struct msghdr *h)
 {
+    int gso = 0;
     e->len = h->msg_namelen;
     e->local_len = 0;
     e->ifindex = 0;
@@ -1161,39 +1320,97 @@ source_of(Endpoint *e, struct msghdr *h)
             memcpy(e->local, &info.ipi6_addr, 16);
             e->local_len = 16;
             e->ifindex = (int)info.ipi6_ifindex;
+        } else if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO) {
+            memcpy(&gso, CMSG_DATA(c), sizeof gso);
         }
     }
     if (e->addr.sa.sa_family == AF_INET6)
         e->addr.v6.sin6_flowinfo = 0, e->addr.v6.sin6_scope_id = 0;
+    return gso;
 }
 
-static int
-read_udp(Plane *p, Batch *b, int fd)
+/* The batch's n datagrams opened and their packets written to the TUN. */
+static void
+deliver(Plane *p, Batch *b, int n, uint64_t now)
 {
-    struct mmsghdr msgs[BATCH];
-    struct iovec iov[BATCH];
-    Control control[BATCH];
-    for (int i = 0; i < BATCH; i++) {
-        iov[i] = (struct iovec){b->data[i], SLOT};
-        memset(&msgs[i], 0, sizeof msgs[i]);
-        msgs[i].msg_hdr.msg_iov = &iov[i];
-        msgs[i].msg_hdr.msg_iovlen = 1;
-        msgs[i].msg_hdr.msg_name = &b->addr[i].addr;
-        msgs[i].msg_hdr.msg_namelen = sizeof b->addr[i].addr;
-        msgs[i].msg_hdr.msg_control = control[i].buffer;
-        msgs[i].msg_hdr.msg_controllen = sizeof control[i];
-    }
-    int n = recvmmsg(fd, msgs, BATCH, MSG_DONTWAIT, NULL);
-    if (n <= 0)
-        return 0;
-    for (int i = 0; i < n; i++) {
-        source_of(&b->addr[i], &msgs[i].msg_hdr);
-        b->fd[i] = fd;
-        /* a truncated datagram is too long to be ours: classify counts it */
-        b->size[i] = msgs[i].msg_hdr.msg_flags & MSG_TRUNC ? SLOT + 1 : msgs[i].msg_len;
-    }
+    if (!n)
+        return;
     count(p, C_UDP_READS, (uint64_t)n);
-    return n;
+    udp_step(p, b, n, now);
+    (p->offloads & OFFLOAD_TUN_VNET ? write_tun_vnet : write_tun)(p, b, n);
+}
+
+/* The thread's receive headers over the arena's receive buffers, set up once: recvmmsg
+ * rewrites only the lengths of the messages it fills, which are reset after use. */
+typedef struct {
+    struct mmsghdr msgs[RX_BUFFERS];
+    struct iovec iov[RX_BUFFERS];
+    Control control[RX_BUFFERS];
+    Endpoint source[RX_BUFFERS];
+} Receive;
+
+static void
+receive_reset(Receive *r, int i)
+{
+    r->msgs[i].msg_hdr.msg_namelen = sizeof r->source[i].addr;
+    r->msgs[i].msg_hdr.msg_controllen = sizeof r->control[i];
+}
+
+static void
+receive_init(Receive *r, Batch *b)
+{
+    memset(r, 0, sizeof *r);
+    for (int i = 0; i < RX_BUFFERS; i++) {
+        r->iov[i] = (struct iovec){b->arena + (size_t)i * RX_BUFFER, RX_BUFFER};
+        r->msgs[i].msg_hdr.msg_iov = &r->iov[i];
+        r->msgs[i].msg_hdr.msg_iovlen = 1;
+        r->msgs[i].msg_hdr.msg_name = &r->source[i].addr;
+        r->msgs[i].msg_hdr.msg_control = r->control[i].buffer;
+        receive_reset(r, i);
+    }
+}
+
+/* One recvmmsg from the socket into the arena's receive buffers; a UDP_GRO buffer is
+ * cut at its segment size into datagrams. The datagrams are delivered a full batch at a
+ * time. */
+static void
+receive_udp(Plane *p, Batch *b, Receive *r, int fd, uint64_t now)
+{
+    struct mmsghdr *msgs = r->msgs;
+    Endpoint *source = r->source;
+    int got = recvmmsg(fd, msgs, RX_BUFFERS, MSG_DONTWAIT, NULL), n = 0;
+    for (int i = 0; i < got; i++) {
+        int gso = source_of(&source[i], &msgs[i].msg_hdr);
+        /* a truncated datagram is too long to be ours: classify counts it */
+        size_t size = msgs[i].msg_hdr.msg_flags & MSG_TRUNC ? SLOT + 1 : msgs[i].msg_len;
+        size_t step = gso > 0 && (size_t)gso < size ? (size_t)gso : size;
+        if (step < size)
+            count(p, C_GRO_RECEIVES, 1);
+        for (size_t at = 0;; at += step) {
+            if (n == CAPACITY) {
+                deliver(p, b, n, now);
+                n = 0;
+            }
+            b->data[n] = (unsigned char *)r->iov[i].iov_base + at;
+            b->size[n] = size - at < step ? size - at : step;
+            b->addr[n] = source[i];
+            b->fd[n++] = fd;
+            if (at + step >= size)
+                break;
+        }
+        receive_reset(r, i);
+    }
+    deliver(p, b, n, now);
+}
+
+/* Something the shell must act on (the TUN lost, the thread ended): counted by the
+ * caller, and the eventfd signalled so the shell looks at the counters. */
+static void
+alarm_news(Plane *p)
+{
+    pthread_mutex_lock(&p->news_lock);
+    signal_news(p, 1);
+    pthread_mutex_unlock(&p->news_lock);
 }
 
 static void *
@@ -1201,46 +1418,111 @@ plane_run(void *arg)
 {
     Plane *p = arg;
     Batch *b = p->batch;
+    int vnet = p->offloads & OFFLOAD_TUN_VNET, gso = p->offloads & OFFLOAD_UDP_GSO;
     struct epoll_event events[MAX_SOCKETS + 2];
+    Receive receive;
+    receive_init(&receive, b);
     for (;;) {
         int n = epoll_wait(p->epoll_fd, events, MAX_SOCKETS + 2, -1);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
-            break;
+            count(p, C_EPOLL_ERRORS, 1); /* the thread ends: the shell must hear of it */
+            alarm_news(p);
+            return NULL;
         }
         count(p, C_WAKES, 1);
-        int fds[2];
+        /* The wake's fds, taken with the epoch made odd under io_lock: set_sockets closes
+         * the fds it replaces only once the epoch moves on, and this wake skips events of
+         * fds no longer listed (waited on before the change). */
+        int fds[2], listed[MAX_SOCKETS], listed_count;
         pthread_mutex_lock(&p->io_lock);
+        atomic_fetch_add(&p->epoch, 1);
         fds[0] = socket_for(p, AF_INET);
         fds[1] = socket_for(p, AF_INET6);
+        listed_count = p->socket_count;
+        memcpy(listed, p->sockets, sizeof(int) * (size_t)listed_count);
         pthread_mutex_unlock(&p->io_lock);
         for (int e = 0; e < n; e++) {
             int fd = events[e].data.fd;
-            if (fd == p->stop_fd)
+            if (fd == p->stop_fd) {
+                atomic_fetch_add(&p->epoch, 1);
                 return NULL;
-            /* the other end closed, or the TUN's interface was deleted (EPOLLERR, for
-             * good): stop polling it rather than spin; the shell notices and stops */
-            if (events[e].events & EPOLLHUP || (fd == p->tun_fd && events[e].events & EPOLLERR)) {
+            }
+            int known = fd == p->tun_fd;
+            for (int i = 0; i < listed_count && !known; i++)
+                known = listed[i] == fd;
+            if (!known)
+                continue;
+            if (events[e].events & (EPOLLHUP | EPOLLERR)) { /* gone or broken: else a spin */
                 epoll_ctl(p->epoll_fd, EPOLL_CTL_DEL, fd, NULL);
                 count(p, C_FD_ERRORS, 1);
+                if (fd == p->tun_fd) {
+                    count(p, C_TUN_LOST, 1);
+                    alarm_news(p);
+                }
                 continue;
             }
-            atomic_fetch_add(&p->epoch, 1); /* odd: in a batch */
             uint64_t now = now_ns();
             if (fd == p->tun_fd) {
-                int got = read_tun(p, b);
+                int got = vnet ? read_tun_vnet(p, b) : read_tun(p, b);
                 tun_step(p, b, got, now);
-                send_udp(p, b, got, fds);
+                send_udp(p, b, got, fds, &gso);
             } else {
-                int got = read_udp(p, b, fd);
-                udp_step(p, b, got, now);
-                write_tun(p, b, got);
+                receive_udp(p, b, &receive, fd, now);
             }
-            atomic_fetch_add(&p->epoch, 1);
         }
+        atomic_fetch_add(&p->epoch, 1);
     }
     return NULL;
+}
+
+/* --- Workspaces: allocated once (the thread's) or per hook call ---------------------- */
+
+/* A batch with an arena of `slots` slots, item i at slot i; NULL without memory. */
+static Batch *
+batch_new(int slots)
+{
+    Batch *b = malloc(sizeof *b + (size_t)slots * SLOT);
+    if (!b)
+        return NULL;
+    b->arena = (unsigned char *)(b + 1);
+    for (int i = 0; i < slots; i++)
+        b->data[i] = b->arena + (size_t)i * SLOT;
+    return b;
+}
+
+_Static_assert(CAPACITY * SLOT >= RX_BUFFERS * RX_BUFFER, "the arena holds the receives");
+
+static void
+offload_free(Offload *w)
+{
+    if (!w)
+        return;
+    free(w->read);
+    free(w->merged);
+    free(w->merge);
+    free(w);
+}
+
+/* The thread's offload workspace; NULL without memory. */
+static Offload *
+offload_new(void)
+{
+    Offload *w = calloc(1, sizeof *w);
+    uint32_t seed = 0;
+    if (!w)
+        return NULL;
+    w->read = malloc(SEG_VNET_HDR_LEN + SEG_MAX_IP_PACKET);
+    w->merged = malloc(SEG_MAX_IP_PACKET);
+    w->merge = malloc(seg_merge_bytes(CAPACITY));
+    if (!w->read || !w->merged || !w->merge
+        || getrandom(&seed, sizeof seed, 0) != (ssize_t)sizeof seed) {
+        offload_free(w);
+        return NULL;
+    }
+    seg_merge_init(w->merge, CAPACITY, seed);
+    return w;
 }
 
 /* --- Python surface ------------------------------------------------------------------ */
@@ -1303,6 +1585,19 @@ peer_of(Plane *p, PyObject *id)
     return peer;
 }
 
+/* One Python thread calls a plane (docs/dataplane.md): seal and open retake the GIL
+ * holding a peer's lock, which another Python thread holding the GIL and waiting for
+ * that lock would deadlock, and close() frees what a call in another thread holds. */
+static int
+check_owner(Plane *p)
+{
+    if (p->initialised && PyThread_get_thread_ident() != p->owner) {
+        PyErr_SetString(PyExc_RuntimeError, "a plane is called from the thread that made it only");
+        return -1;
+    }
+    return 0;
+}
+
 static int
 check_open(Plane *p)
 {
@@ -1310,7 +1605,7 @@ check_open(Plane *p)
         PyErr_SetString(PyExc_ValueError, "plane is closed");
         return -1;
     }
-    return 0;
+    return check_owner(p);
 }
 
 static int
@@ -1325,93 +1620,172 @@ as_int(PyObject *arg)
     return (int)value;
 }
 
+/* The thread reads and writes fds without blocking (a blocking one would hang it and
+ * close()): set O_NONBLOCK on the open file description, shared with the shell's fd. */
 static int
-set_socket_list(Plane *p, PyObject *sockets, int register_them)
+set_nonblocking(int fd)
+{
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0 || (!(flags & O_NONBLOCK) && fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0)) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return 0;
+}
+
+/* The plane's own copy of a shell's fd (close-on-exec, non-blocking): the shell may close
+ * and reuse its number, never the thread's. -1 with OSError. */
+static int
+own_fd(int fd)
+{
+    int copy = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (copy < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    if (set_nonblocking(copy) < 0) {
+        close(copy);
+        return -1;
+    }
+    return copy;
+}
+
+static void
+close_fds(const int *fds, int n)
+{
+    for (int i = 0; i < n; i++)
+        if (fds[i] >= 0)
+            close(fds[i]);
+}
+
+/* Sockets (the shell's fds) become the thread's, as dups; the dups they replace are
+ * closed once the thread is past the wake it may be using them in. */
+static int
+set_socket_list(Plane *p, PyObject *sockets)
 {
     PyObject *items = PySequence_Fast(sockets, "sockets must be a list of fds");
     if (!items)
         return -1;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(items);
-    int fds[MAX_SOCKETS], families[MAX_SOCKETS];
+    int given[MAX_SOCKETS], fds[MAX_SOCKETS], families[MAX_SOCKETS], made = 0;
     if (n > MAX_SOCKETS) {
         Py_DECREF(items);
         PyErr_SetString(PyExc_ValueError, "too many sockets");
         return -1;
     }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        fds[i] = as_int(PySequence_Fast_GET_ITEM(items, i));
-        if (fds[i] == -1 && PyErr_Occurred()) {
-            Py_DECREF(items);
-            return -1;
-        }
+    for (; made < n; made++) {
         Address a;
         socklen_t len = sizeof a;
-        if (getsockname(fds[i], &a.sa, &len) < 0) {
-            Py_DECREF(items);
+        given[made] = as_int(PySequence_Fast_GET_ITEM(items, made));
+        if (given[made] == -1 && PyErr_Occurred())
+            break;
+        if (getsockname(given[made], &a.sa, &len) < 0) {
             PyErr_SetFromErrno(PyExc_OSError);
-            return -1;
+            break;
         }
-        families[i] = a.sa.sa_family;
+        families[made] = a.sa.sa_family;
+        if ((fds[made] = own_fd(given[made])) < 0)
+            break;
     }
     Py_DECREF(items);
+    if (made < n) {
+        close_fds(fds, made);
+        return -1;
+    }
     pthread_mutex_lock(&p->io_lock);
-    if (register_them) {
-        for (int i = 0; i < p->socket_count; i++)
-            epoll_ctl(p->epoll_fd, EPOLL_CTL_DEL, p->sockets[i], NULL);
-        for (Py_ssize_t i = 0; i < n; i++) {
-            struct epoll_event ev = {.events = EPOLLIN, .data.fd = fds[i]};
-            epoll_ctl(p->epoll_fd, EPOLL_CTL_ADD, fds[i], &ev);
+    for (int i = 0; i < n; i++) {
+        struct epoll_event ev = {.events = EPOLLIN, .data.fd = fds[i]};
+        if (epoll_ctl(p->epoll_fd, EPOLL_CTL_ADD, fds[i], &ev) < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            for (int j = 0; j < i; j++)
+                epoll_ctl(p->epoll_fd, EPOLL_CTL_DEL, fds[j], NULL);
+            pthread_mutex_unlock(&p->io_lock);
+            close_fds(fds, (int)n);
+            return -1;
         }
     }
+    int old[MAX_SOCKETS], old_count = p->socket_count;
+    memcpy(old, p->sockets, sizeof(int) * (size_t)old_count);
+    for (int i = 0; i < old_count; i++) /* ENOENT: a hung-up one the thread let go */
+        epoll_ctl(p->epoll_fd, EPOLL_CTL_DEL, old[i], NULL);
     memcpy(p->sockets, fds, sizeof(int) * (size_t)n);
+    memcpy(p->given, given, sizeof(int) * (size_t)n);
     memcpy(p->families, families, sizeof(int) * (size_t)n);
     p->socket_count = (int)n;
+    uint64_t epoch = atomic_load(&p->epoch);
     pthread_mutex_unlock(&p->io_lock);
+    if (epoch % 2) { /* the thread is in a wake that may hold the old ones */
+        Py_BEGIN_ALLOW_THREADS
+        while (atomic_load(&p->epoch) == epoch) {
+            struct timespec pause = {0, 50000};
+            nanosleep(&pause, NULL);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    close_fds(old, old_count);
     return 0;
 }
+
+static void release_plane(Plane *self);
 
 static int
 plane_init(Plane *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"tun_fd", "sockets", "mtu", NULL};
-    int tun_fd, mtu;
+    static char *kwlist[] = {"tun_fd", "sockets", "mtu", "offloads", NULL};
+    int tun_fd, mtu, offloads = 0;
     PyObject *sockets;
     if (self->initialised) {
         PyErr_SetString(PyExc_RuntimeError, "plane already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOi", kwlist, &tun_fd, &sockets, &mtu))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOi|$i", kwlist, &tun_fd, &sockets, &mtu,
+                                     &offloads))
         return -1;
     if (mtu <= 0 || mtu > MAX_MTU) {
         PyErr_Format(PyExc_ValueError, "mtu must be 1..%d", MAX_MTU);
         return -1;
     }
-    self->tun_fd = tun_fd;
-    atomic_store(&self->mtu, mtu);
-    self->stop_fd = self->news_fd = self->epoll_fd = -1;
-    self->batch = malloc(sizeof(Batch));
-    self->punts = malloc(sizeof(Punt) * PUNT_SLOTS);
-    self->initialised = 1; /* from here close() frees what there is */
-    if (!self->batch || !self->punts) {
-        PyErr_NoMemory();
+    if (offloads & ~(OFFLOAD_TUN_VNET | OFFLOAD_TUN_USO | OFFLOAD_UDP_GSO)
+        || (offloads & OFFLOAD_TUN_USO && !(offloads & OFFLOAD_TUN_VNET))) {
+        PyErr_SetString(PyExc_ValueError, "offloads: OFFLOAD_* bits, USO only with VNET");
         return -1;
     }
+    /* From a zeroed object (new, or released): locks first, fds -1, so that
+     * release_plane undoes any part of what follows. */
     pthread_mutex_init(&self->io_lock, NULL);
     pthread_mutex_init(&self->news_lock, NULL);
     pthread_mutex_init(&self->retire_lock, NULL);
     pthread_rwlock_init(&self->routes_lock, NULL);
     pthread_rwlock_init(&self->index_lock, NULL);
+    self->tun_fd = self->stop_fd = self->news_fd = self->epoll_fd = -1;
+    atomic_store(&self->mtu, mtu);
     self->routes4.width = 32;
     self->routes6.width = 128;
     self->dirty_head = self->free_slot = NO_SLOT;
+    self->offloads = offloads;
+    self->batch = batch_new(CAPACITY);
+    self->offload = offloads & OFFLOAD_TUN_VNET ? offload_new() : NULL;
+    self->punts = malloc(sizeof(Punt) * PUNT_SLOTS);
+    if (!self->batch || !self->punts || (offloads & OFFLOAD_TUN_VNET && !self->offload)) {
+        PyErr_NoMemory();
+        goto failed;
+    }
     self->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     self->news_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     self->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
     if (self->stop_fd < 0 || self->news_fd < 0 || self->epoll_fd < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
-        return -1;
+        goto failed;
     }
-    return set_socket_list(self, sockets, 1);
+    if ((tun_fd >= 0 && (self->tun_fd = own_fd(tun_fd)) < 0) /* -1: no TUN (test hooks) */
+        || set_socket_list(self, sockets) < 0)
+        goto failed;
+    self->owner = PyThread_get_thread_ident();
+    self->initialised = 1;
+    return 0;
+failed:
+    release_plane(self);
+    return -1;
 }
 
 static PyObject *
@@ -1429,7 +1803,14 @@ plane_start(Plane *self, PyObject *Py_UNUSED(ignored))
         if (epoll_ctl(self->epoll_fd, EPOLL_CTL_ADD, fds[i], &ev) < 0 && errno != EEXIST)
             return PyErr_SetFromErrno(PyExc_OSError);
     }
-    if (pthread_create(&self->thread, NULL, plane_run, self) != 0) {
+    /* Signals are the Python thread's: blocked in the plane thread (it inherits the
+     * mask), none interrupts its syscalls (EINTR) or runs a handler on it. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    int failed = pthread_create(&self->thread, NULL, plane_run, self) != 0;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (failed) {
         PyErr_SetString(PyExc_RuntimeError, "cannot start the plane thread");
         return NULL;
     }
@@ -1477,22 +1858,34 @@ free_tables(Plane *self)
     reclaim(self, 1);
 }
 
+/* Everything the plane holds, freed and zeroed (close, and a failed init): the object
+ * is then as new, and may be initialised again. */
+static void
+release_plane(Plane *self)
+{
+    stop_thread(self);
+    free_tables(self);
+    int fds[4] = {self->stop_fd, self->news_fd, self->epoll_fd, self->tun_fd};
+    close_fds(fds, 4);
+    close_fds(self->sockets, self->socket_count);
+    free(self->batch);
+    offload_free(self->offload);
+    free(self->punts);
+    pthread_mutex_destroy(&self->io_lock);
+    pthread_mutex_destroy(&self->news_lock);
+    pthread_mutex_destroy(&self->retire_lock);
+    pthread_rwlock_destroy(&self->routes_lock);
+    pthread_rwlock_destroy(&self->index_lock);
+    memset((char *)self + offsetof(Plane, tun_fd), 0, sizeof *self - offsetof(Plane, tun_fd));
+}
+
 static PyObject *
 plane_close(Plane *self, PyObject *Py_UNUSED(ignored))
 {
-    if (!self->initialised)
-        Py_RETURN_NONE;
-    stop_thread(self);
-    free_tables(self);
-    int fds[3] = {self->stop_fd, self->news_fd, self->epoll_fd};
-    for (int i = 0; i < 3; i++)
-        if (fds[i] >= 0)
-            close(fds[i]);
-    free(self->batch);
-    free(self->punts);
-    self->batch = NULL;
-    self->punts = NULL;
-    self->initialised = 0;
+    if (check_owner(self) < 0)
+        return NULL;
+    if (self->initialised)
+        release_plane(self);
     Py_RETURN_NONE;
 }
 
@@ -1519,7 +1912,7 @@ plane_set_mtu(Plane *self, PyObject *arg)
 static PyObject *
 plane_set_sockets(Plane *self, PyObject *arg)
 {
-    if (check_open(self) < 0 || set_socket_list(self, arg, 1) < 0)
+    if (check_open(self) < 0 || set_socket_list(self, arg) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -1643,6 +2036,26 @@ plane_set_endpoint(Plane *self, PyObject *args, PyObject *kwds)
         return NULL;
     pthread_mutex_lock(&peer->lock);
     peer->endpoint = e;
+    pthread_mutex_unlock(&peer->lock);
+    Py_RETURN_NONE;
+}
+
+/* The sticky source of the peer's endpoint, whatever it is now (the thread may have
+ * roamed it since the core last heard): a set_endpoint of the core's older view would
+ * undo that roam. The record's pending roam loses its source too. */
+static PyObject *
+plane_clear_source(Plane *self, PyObject *arg)
+{
+    Peer *peer;
+    if (check_open(self) < 0 || !(peer = peer_of(self, arg)))
+        return NULL;
+    pthread_mutex_lock(&peer->lock);
+    Endpoint *ends[2] = {&peer->endpoint, &peer->record.roam};
+    for (int i = 0; i < 2; i++) {
+        ends[i]->local_len = 0;
+        ends[i]->ifindex = 0;
+        memset(ends[i]->local, 0, sizeof ends[i]->local);
+    }
     pthread_mutex_unlock(&peer->lock);
     Py_RETURN_NONE;
 }
@@ -1861,6 +2274,10 @@ plane_install(Plane *self, PyObject *args, PyObject *kwds)
     }
     PyBuffer_Release(&send_key);
     PyBuffer_Release(&recv_key);
+    if (ok && created > now_ns() + CLOCK_SLACK) {
+        free_keypair(k);
+        return PyErr_Format(PyExc_ValueError, "created %llu is in the future", created);
+    }
     if (!ok)
         return NULL;
     k->local_index = local_index;
@@ -1907,14 +2324,19 @@ plane_assign(Plane *self, PyObject *args, PyObject *kwds)
         || !(peer = peer_of(self, id)))
         return NULL;
     Keypair *keys[3] = {NULL, NULL, NULL};
+    /* Looked up under the peer's lock: the thread's confirm retires `previous` under it,
+     * and a keypair retired between a lookup and the lock would be freed in a role. */
+    pthread_mutex_lock(&peer->lock);
     for (int i = 0; i < 3; i++) {
         if (roles[i] == -1)
             continue;
         if (roles[i] < 0 || roles[i] > UINT32_MAX
-            || !(keys[i] = keypair_of(self, (uint32_t)roles[i])) || keys[i]->peer != peer)
+            || !(keys[i] = keypair_of(self, (uint32_t)roles[i])) || keys[i]->peer != peer
+            || !keys[i]->live) {
+            pthread_mutex_unlock(&peer->lock);
             return PyErr_Format(PyExc_KeyError, "%lld is not a keypair of this peer", roles[i]);
+        }
     }
-    pthread_mutex_lock(&peer->lock);
     peer->previous = keys[0];
     peer->current = keys[1];
     peer->next = keys[2];
@@ -2092,7 +2514,7 @@ plane_seal(Plane *self, PyObject *args, PyObject *kwds)
     }
     Py_ssize_t sealed = 0;
     int failed = 0;
-    Py_BEGIN_ALLOW_THREADS
+    Py_BEGIN_ALLOW_THREADS /* not recorded: the core counts and times what it seals */
     for (; sealed < n && k->send_counter < REJECT_AFTER_MESSAGES; sealed++) {
         PyObject *datagram = PyList_GET_ITEM(out, sealed);
         size_t length = lengths[sealed];
@@ -2101,7 +2523,7 @@ plane_seal(Plane *self, PyObject *args, PyObject *kwds)
             failed = 1;
             break;
         }
-        count(self, C_SEALED, 1); /* not into the record: the core counts what it seals */
+        count(self, C_SEALED, 1);
     }
     Py_END_ALLOW_THREADS
     release_keypair(self, k);
@@ -2201,39 +2623,52 @@ append_new(PyObject *list, PyObject *item)
     return failed ? -1 : 0;
 }
 
+/* The shell's number of one of the plane's socket dups (-1: replaced since). */
+static int
+given_fd(Plane *p, int fd)
+{
+    int given = -1;
+    pthread_mutex_lock(&p->io_lock);
+    for (int i = 0; i < p->socket_count; i++)
+        if (p->sockets[i] == fd)
+            given = p->given[i];
+    pthread_mutex_unlock(&p->io_lock);
+    return given;
+}
+
 static PyObject *
 plane_collect(Plane *self, PyObject *Py_UNUSED(ignored))
 {
     if (check_open(self) < 0)
         return NULL;
     uint64_t value;
-    uint32_t *slots = PyMem_Malloc(sizeof(uint32_t) * (self->peer_slots + 1));
+    uint32_t *slots = PyMem_Malloc(sizeof(uint32_t) * ((size_t)self->peer_slots + 1));
     Punt *punts = PyMem_Malloc(sizeof(Punt) * PUNT_SLOTS);
-    Event events[EVENT_SLOTS];
     if (!slots || !punts) {
         PyMem_Free(slots);
         PyMem_Free(punts);
         return PyErr_NoMemory();
     }
-    int dirty = 0, punt_count, event_count;
+    int dirty = 0, punt_count;
+    uint32_t room = self->peer_slots + 1; /* every peer listed once: the walk fits */
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&self->news_lock);
     if (read(self->news_fd, &value, sizeof value) < 0) { /* EAGAIN: nothing signalled */ }
     self->news = self->urgent = 0;
-    for (uint32_t s = self->dirty_head; s != NO_SLOT;) {
+    uint32_t s = self->dirty_head;
+    for (; s != NO_SLOT && (uint32_t)dirty < room;) {
         Peer *peer = peer_at(self, s);
         slots[dirty++] = s;
         peer->listed = 0;
         s = peer->dirty_next;
     }
-    self->dirty_head = NO_SLOT;
+    self->dirty_head = s; /* NO_SLOT, or what did not fit: the next collect's */
+    if (s != NO_SLOT)
+        signal_news(self, 0);
     punt_count = self->punt_count;
     for (int i = 0; i < punt_count; i++)
         punts[i] = self->punts[(self->punt_head + i) % PUNT_SLOTS];
     self->punt_head = self->punt_count = 0;
-    event_count = self->event_count;
-    memcpy(events, self->events, sizeof(Event) * (size_t)event_count);
-    self->event_count = 0;
     pthread_mutex_unlock(&self->news_lock);
     Py_END_ALLOW_THREADS
     PyObject *records = PyList_New(0), *punt_list = PyList_New(0), *event_list = PyList_New(0);
@@ -2252,6 +2687,10 @@ plane_collect(Plane *self, PyObject *Py_UNUSED(ignored))
         pthread_mutex_unlock(&peer->lock);
         if (has)
             failed = append_new(records, record_tuple(id, &record)) < 0;
+        if (has && record.confirmed && !failed)
+            failed = append_new(event_list, Py_BuildValue("(iKk)", EVENT_CONFIRMED,
+                                                          (unsigned long long)id,
+                                                          (unsigned long)record.confirmed_index)) < 0;
     }
     for (int i = 0; i < punt_count && !failed; i++) {
         Punt *x = &punts[i];
@@ -2259,6 +2698,7 @@ plane_collect(Plane *self, PyObject *Py_UNUSED(ignored))
                                                : PyLong_FromUnsignedLongLong(x->peer);
         PyObject *source = Py_None;
         if (x->kind == PUNT_UDP) {
+            x->fd = given_fd(self, x->fd);
             PyObject *e = endpoint_tuple(&x->source);
             source = e ? Py_BuildValue("(OOOOi)", PyTuple_GET_ITEM(e, 0), PyTuple_GET_ITEM(e, 1),
                                        PyTuple_GET_ITEM(e, 2), PyTuple_GET_ITEM(e, 3), x->fd)
@@ -2273,10 +2713,6 @@ plane_collect(Plane *self, PyObject *Py_UNUSED(ignored))
         Py_XDECREF(peer);
         Py_XDECREF(source);
     }
-    for (int i = 0; i < event_count && !failed; i++)
-        failed = append_new(event_list, Py_BuildValue("(iKk)", events[i].kind,
-                                                      (unsigned long long)events[i].peer,
-                                                      (unsigned long)events[i].local_index)) < 0;
     PyMem_Free(slots);
     OPENSSL_cleanse(punts, sizeof(Punt) * (size_t)punt_count);
     PyMem_Free(punts);
@@ -2315,7 +2751,7 @@ hook_batch(Plane *self, PyObject *args, PyObject **items, unsigned long long *no
     if (check_open(self) < 0 || !PyArg_ParseTuple(args, "OK", &list, now)
         || !(*items = PySequence_Tuple(list)))
         return NULL;
-    Batch *b = PyTuple_GET_SIZE(*items) <= BATCH ? malloc(sizeof *b) : NULL;
+    Batch *b = PyTuple_GET_SIZE(*items) <= BATCH ? batch_new(BATCH) : NULL;
     if (!b) {
         Py_CLEAR(*items);
         if (!PyErr_Occurred())
@@ -2349,7 +2785,7 @@ plane_tun_step(Plane *self, PyObject *args)
         char *data;
         Py_ssize_t size;
         if (PyBytes_AsStringAndSize(PyTuple_GET_ITEM(packets, i), &data, &size) < 0
-            || size > SLOT - HEADER_SIZE - 2 * TAG_SIZE) {
+            || size > MAX_PACKET) {
             if (!PyErr_Occurred())
                 PyErr_SetString(PyExc_ValueError, "packet too large");
             free(b);
@@ -2421,13 +2857,13 @@ plane_udp_step(Plane *self, PyObject *args)
     return out;
 }
 
+/* A failed __init__ deallocates with its exception set: that is kept for the caller
+ * (reporting it against self here would resurrect self and free it twice). */
 static void
 plane_dealloc(Plane *self)
 {
-    PyObject *r = plane_close(self, NULL);
-    Py_XDECREF(r);
-    if (PyErr_Occurred())
-        PyErr_WriteUnraisable((PyObject *)self);
+    if (self->initialised) /* any thread: no call can be running on it any more */
+        release_plane(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -2441,6 +2877,7 @@ static PyMethodDef plane_methods[] = {
     {"remove_peer", (PyCFunction)plane_remove_peer, METH_O, "Drop a peer, its keypairs and routes."},
     {"set_endpoint", (PyCFunction)(void (*)(void))plane_set_endpoint, METH_VARARGS | METH_KEYWORDS,
      "Where the peer's datagrams go."},
+    {"clear_source", (PyCFunction)plane_clear_source, METH_O, "Forget the endpoint's sticky source."},
     {"add_routes", (PyCFunction)(void (*)(void))plane_add_routes, METH_VARARGS | METH_KEYWORDS, "Route prefixes to the peer."},
     {"remove_routes", (PyCFunction)(void (*)(void))plane_remove_routes, METH_VARARGS | METH_KEYWORDS, "Remove the peer's prefixes."},
     {"clear_routes", (PyCFunction)plane_clear_routes, METH_O, "Remove all of the peer's prefixes."},
@@ -2465,7 +2902,7 @@ static PyMethodDef plane_methods[] = {
 static PyTypeObject PlaneType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "uspan.plane._plane.Plane",
-    .tp_doc = PyDoc_STR("Plane(tun_fd, sockets, mtu): established sessions in a C thread."),
+    .tp_doc = PyDoc_STR("Plane(tun_fd, sockets, mtu, *, offloads=0): established sessions in a C thread."),
     .tp_basicsize = sizeof(Plane),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = PyType_GenericNew,
@@ -2499,7 +2936,10 @@ PyInit__plane(void)
         || PyModule_AddIntConstant(m, "PUNT_UDP", PUNT_UDP) < 0
         || PyModule_AddIntConstant(m, "PUNT_EGRESS", PUNT_EGRESS) < 0
         || PyModule_AddIntConstant(m, "EVENT_CONFIRMED", EVENT_CONFIRMED) < 0
-        || PyModule_AddIntConstant(m, "NEWS_URGENT", (long)NEWS_URGENT) < 0) {
+        || PyModule_AddIntConstant(m, "NEWS_URGENT", (long)NEWS_URGENT) < 0
+        || PyModule_AddIntConstant(m, "OFFLOAD_TUN_VNET", OFFLOAD_TUN_VNET) < 0
+        || PyModule_AddIntConstant(m, "OFFLOAD_TUN_USO", OFFLOAD_TUN_USO) < 0
+        || PyModule_AddIntConstant(m, "OFFLOAD_UDP_GSO", OFFLOAD_UDP_GSO) < 0) {
         Py_DECREF(m);
         return NULL;
     }

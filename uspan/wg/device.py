@@ -844,7 +844,7 @@ class Device:
                 if source is not None:
                     datagrams.append((data, endpoint_of(*source[:4])))
                 continue
-            peer = peers.get(peer_id)
+            peer = None if peer_id is None else peers.get(peer_id)
             if peer is None:
                 self.counters[Drop.NO_ROUTE] += 1  # removed since it was routed
             elif kind == PuntKind.TUN:

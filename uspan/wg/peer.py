@@ -413,8 +413,13 @@ class Peer:
         self.send_initiation(now, out, retry=True)
 
     def _forget_source(self) -> None:
+        """Send from any local address again. The plane forgets the source of the endpoint
+        it has, which may be a roam the core has not heard of yet."""
         if self.endpoint is not None:
-            self.set_endpoint(self.endpoint.without_source())
+            self.set_endpoint(self.endpoint.without_source(), mirror=False)
+            plane = self.device.plane
+            if plane is not None:
+                plane.clear_source(self.plane_id)
 
     def zero_keys(self) -> None:
         """Forget every session and handshake, and drop staged packets."""

@@ -52,7 +52,7 @@ class PeerRecord(NamedTuple):
 
 class Punt(NamedTuple):
     kind: int  # PuntKind
-    peer: int  # the routed peer (TUN, EGRESS); -1 for UDP
+    peer: int | None  # the routed peer (TUN, EGRESS); None for UDP
     data: bytes
     source: tuple[bytes, int, bytes, int, int] | None  # UDP: address, port, local,
     # ifindex, socket fd
@@ -72,6 +72,7 @@ class Plane(Protocol):
     def remove_peer(self, peer: int) -> None: ...
     def set_endpoint(self, peer: int, address: bytes, port: int, *, local: bytes = b"",
                      ifindex: int = 0, relayed: bool = False) -> None: ...
+    def clear_source(self, peer: int, /) -> None: ...
     def add_routes(self, peer: int, prefixes: list[int]) -> None: ...
     def remove_routes(self, peer: int, prefixes: list[int]) -> None: ...
     def install(self, peer: int, local_index: int, remote_index: int, send_key: bytes,
