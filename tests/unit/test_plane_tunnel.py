@@ -24,6 +24,7 @@ from tests.unit.planekit import (
     prefixes,
     tunnel,
 )
+from uspan.plane._plane import NEWS_URGENT
 
 
 def _ping(sender: End, receiver: End, source: str, destination: str, n: int = 5) -> None:
@@ -67,6 +68,27 @@ def test_many_packets_signal_the_eventfd_once() -> None:
         a.write_tun(packet(INNER4[0], INNER4[1]))
         b.read_tun()
         assert _readable(b.plane.fileno(), 1.0)  # the next news signals again
+
+
+def test_a_punt_signals_again_while_records_wait_for_their_collect() -> None:
+    """A shell that read a records-only signal defers its collect (a second at most) but
+    is woken at once by a punt: the eventfd then counts NEWS_URGENT, and only once."""
+    with tunnel() as (a, b):
+        b.plane.collect()
+        a.write_tun(packet(INNER4[0], INNER4[1]))
+        b.read_tun()
+        assert os.read(b.plane.fileno(), 8) == (1).to_bytes(8, "little")  # records
+        a.write_tun(packet(INNER4[0], INNER4[1]))
+        b.read_tun()
+        assert not _readable(b.plane.fileno(), 0.1)  # more records: no signal
+        for _ in range(2):  # handshake initiations: punted, not handled in the thread
+            a.udp4.sendto(b"\x01\0\0\0" + bytes(144), b.udp4.getsockname())
+        assert _readable(b.plane.fileno(), 1.0)
+        time.sleep(0.2)  # both punted by now
+        value = int.from_bytes(os.read(b.plane.fileno(), 8), "little")
+        assert value == NEWS_URGENT  # one signal for both punts
+        records, punts, _ = b.plane.collect()
+        assert [r[0] for r in records] == [b.peer] and len(punts) == 2
 
 
 def test_the_cores_calls_race_the_threads_carrying_traffic() -> None:

@@ -83,6 +83,7 @@
 
 enum { PUNT_TUN = 1, PUNT_UDP = 2, PUNT_EGRESS = 3 };
 enum { EVENT_CONFIRMED = 1 };
+#define NEWS_URGENT (UINT64_C(1) << 32) /* the eventfd's count for punts and events */
 /* What the TUN and sockets were set up for (the daemon's offload probe decides). */
 enum { OFFLOAD_TUN_VNET = 1, OFFLOAD_TUN_USO = 2, OFFLOAD_UDP_GSO = 4 };
 
@@ -94,7 +95,7 @@ enum {
     C_PUNTS_DROPPED, C_ROAMS, C_CONFIRMED, C_SEND_ERRORS,
     C_TUN_WRITE_ERRORS, C_FD_ERRORS, C_TUN_LOST, C_EPOLL_ERRORS, C_TSO_READS, C_GSO_SENDS,
     C_GRO_RECEIVES, C_MERGED_WRITES, C_TUN_PUNTS_DROPPED, C_UDP_PUNTS_DROPPED,
-    C_EGRESS_PUNTS_DROPPED, C_COUNT
+    C_EGRESS_PUNTS_DROPPED, C_STICKY_FAILED, C_COUNT
 };
 static const char *counter_names[C_COUNT] = {
     "bad_length", "bad_type", "unknown_index", "expired_key", "decrypt_failed", "replay",
@@ -103,7 +104,7 @@ static const char *counter_names[C_COUNT] = {
     "punts_dropped", "roams", "confirmed", "send_errors",
     "tun_write_errors", "fd_errors", "tun_lost", "epoll_errors", "tso_reads", "gso_sends",
     "gro_receives", "merged_writes", "tun_punts_dropped", "udp_punts_dropped",
-    "egress_punts_dropped"};
+    "egress_punts_dropped", "sticky_failed"};
 
 static EVP_CIPHER *chacha20_poly1305;
 
@@ -243,7 +244,8 @@ typedef struct {
     pthread_rwlock_t index_lock;
     IndexTable index;
     pthread_mutex_t news_lock;
-    int news;
+    int news;    /* records signalled since the last collect */
+    int urgent;  /* punts or events signalled since the last collect */
     uint32_t dirty_head;
     Punt *punts;
     int punt_head, punt_count;
@@ -663,22 +665,27 @@ reclaim(Plane *p, int all)
 
 /* --- News for the core: records, punts, events --------------------------------------- */
 
-/* The first news since the last collect signals the eventfd (under news_lock). */
+/* The first news of a kind since the last collect signals the eventfd (under
+ * news_lock): records add 1, punts and events NEWS_URGENT, so a shell that read the
+ * eventfd knows whether a collect can wait (records: the timers' sync, at most a second
+ * later) or not, and is woken again for a punt while it waits, never per packet. */
 static void
-signal_news(Plane *p)
+signal_news(Plane *p, int urgent)
 {
-    if (p->news)
+    int *flag = urgent ? &p->urgent : &p->news;
+    if (*flag)
         return;
-    p->news = 1;
-    uint64_t one = 1;
-    if (write(p->news_fd, &one, sizeof one) < 0) { /* saturated: already readable */ }
+    *flag = 1;
+    uint64_t value = urgent ? NEWS_URGENT : 1;
+    if (write(p->news_fd, &value, sizeof value) < 0) { /* saturated: already readable */ }
 }
 
 /* The peer's record has news (under its lock). */
 static void
 mark_dirty(Plane *p, Peer *peer)
 {
-    if (peer->dirty)
+    int urgent = peer->record.confirmed; /* the core mirrors a rotation at once */
+    if (peer->dirty && !urgent)
         return;
     peer->dirty = 1;
     pthread_mutex_lock(&p->news_lock);
@@ -687,7 +694,7 @@ mark_dirty(Plane *p, Peer *peer)
         peer->dirty_next = p->dirty_head;
         p->dirty_head = peer->slot;
     }
-    signal_news(p);
+    signal_news(p, urgent);
     pthread_mutex_unlock(&p->news_lock);
 }
 
@@ -770,7 +777,7 @@ punt(Plane *p, int kind, Peer *from, const unsigned char *data, size_t size,
     else
         memset(&slot->source, 0, sizeof slot->source);
     slot->fd = fd;
-    signal_news(p);
+    signal_news(p, 1);
     pthread_mutex_unlock(&p->news_lock);
     return 1;
 }
@@ -1214,6 +1221,13 @@ sticky_source(const Endpoint *e, Control *control)
     return CMSG_SPACE(sizeof info);
 }
 
+/* sendmsg errors that mean the sticky source (address or interface) is not usable. */
+static int
+source_gone(int error)
+{
+    return error == EINVAL || error == EADDRNOTAVAIL || error == ENETUNREACH || error == ENODEV;
+}
+
 /* One send of the batch: a message, or with UDP_SEGMENT a run of them to one endpoint. */
 typedef struct {
     int fd, first, open;
@@ -1311,6 +1325,15 @@ send_udp(Plane *p, Batch *b, int n, const int fds[2], int *gso)
                 struct pollfd w = {sends[i].fd, POLLOUT, 0};
                 poll(&w, 1, 100);
                 waited = 1;
+            } else if (sent < 0 && sends[i].sticky && source_gone(errno)) {
+                /* the sticky source address went away: resent a datagram at a time from
+                 * what the kernel chooses, as the shell's sends do (the next roam brings
+                 * a new one) */
+                Send plain = sends[i];
+                plain.sticky = 0;
+                send_each(p, &plain, &msgs[i].msg_hdr);
+                count(p, C_STICKY_FAILED, 1);
+                i++;
             } else if (sent < 0 && errno == EIO && sends[i].segments > 1) {
                 *gso = 0;
                 send_each(p, &sends[i], &msgs[i].msg_hdr);
@@ -1454,7 +1477,7 @@ static void
 alarm_news(Plane *p)
 {
     pthread_mutex_lock(&p->news_lock);
-    signal_news(p);
+    signal_news(p, 1);
     pthread_mutex_unlock(&p->news_lock);
 }
 
@@ -2799,7 +2822,7 @@ plane_collect(Plane *self, PyObject *Py_UNUSED(ignored))
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&self->news_lock);
     if (read(self->news_fd, &value, sizeof value) < 0) { /* EAGAIN: nothing signalled */ }
-    self->news = 0;
+    self->news = self->urgent = 0;
     uint32_t s = self->dirty_head;
     for (; s != NO_SLOT && (uint32_t)dirty < room;) {
         Peer *peer = peer_at(self, s);
@@ -2809,7 +2832,7 @@ plane_collect(Plane *self, PyObject *Py_UNUSED(ignored))
     }
     self->dirty_head = s; /* NO_SLOT, or what did not fit: the next collect's */
     if (s != NO_SLOT)
-        signal_news(self);
+        signal_news(self, 0);
     punt_count = self->punt_count;
     punt_head = self->punt_head;
     pthread_mutex_unlock(&self->news_lock);
@@ -2843,7 +2866,7 @@ plane_collect(Plane *self, PyObject *Py_UNUSED(ignored))
     self->local_punts -= local;
     self->punt_round++;
     if (i >= 0 || taken < punt_count)
-        signal_news(self);
+        signal_news(self, 1);
     pthread_mutex_unlock(&self->news_lock);
     reclaim(self, 0);
     if (i >= 0 || taken < punt_count)
@@ -3061,6 +3084,7 @@ PyInit__plane(void)
         || PyModule_AddIntConstant(m, "PUNT_UDP", PUNT_UDP) < 0
         || PyModule_AddIntConstant(m, "PUNT_EGRESS", PUNT_EGRESS) < 0
         || PyModule_AddIntConstant(m, "EVENT_CONFIRMED", EVENT_CONFIRMED) < 0
+        || PyModule_AddIntConstant(m, "NEWS_URGENT", (long)NEWS_URGENT) < 0
         || PyModule_AddIntConstant(m, "OFFLOAD_TUN_VNET", OFFLOAD_TUN_VNET) < 0
         || PyModule_AddIntConstant(m, "OFFLOAD_TUN_USO", OFFLOAD_TUN_USO) < 0
         || PyModule_AddIntConstant(m, "OFFLOAD_UDP_GSO", OFFLOAD_UDP_GSO) < 0) {

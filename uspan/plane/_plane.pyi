@@ -4,6 +4,7 @@ PUNT_TUN: int
 PUNT_UDP: int
 PUNT_EGRESS: int
 EVENT_CONFIRMED: int
+NEWS_URGENT: int  # the eventfd's count for punts and events (records add 1)
 # Plane(offloads=...) bits: the TUN has IFF_VNET_HDR and csum+tso4+tso6 (TCP merges);
 # it accepts USO (UDP merges; with OFFLOAD_TUN_VNET only); the sockets accept UDP_SEGMENT.
 OFFLOAD_TUN_VNET: int
