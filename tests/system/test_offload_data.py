@@ -149,13 +149,12 @@ def expected_offloads(ns: Namespace, executable: str) -> str:
 
 
 def check_offloads(wg: WireGuard, env: Mapping[str, str]) -> None:
-    """A uspan daemon's logged offloads match its launch: all off, or all the kernel has;
-    all off too while the data plane carries the packets (``dataplane.offloads``: until
-    the plane's thread has offloads of its own), which the line says."""
+    """A uspan daemon's logged offloads match its launch: all off, or all the kernel has,
+    in the data plane's thread as in the trio path; the line says which carries them."""
     if not is_uspan(wg.program):
         return
     plane = dataplane.wanted({**os.environ, **env})
-    off = env.get("USPAN_OFFLOAD") == "off" or plane
+    off = env.get("USPAN_OFFLOAD") == "off"
     want = ALL_OFF if off else expected_offloads(wg.ns, wg.program)
     assert wg.log_path is not None
     assert offload_line(wg.log_path) == f"{want} plane={'on' if plane else 'off'}"

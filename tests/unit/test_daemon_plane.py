@@ -12,6 +12,7 @@ from typing import Any, cast
 
 import trio
 
+from uspan.daemon import dataplane
 from uspan.daemon.clock import MonotonicClock
 from uspan.daemon.daemon import SYNC_DELAY, Daemon
 from uspan.daemon.memory import MemoryNetwork, MemoryTun
@@ -80,3 +81,16 @@ def test_records_wait_for_the_sync_and_a_punt_is_collected_at_once() -> None:
 
     trio.run(main, clock=MonotonicClock())
     os.close(plane.fd)
+
+
+def test_the_planes_offload_flags_follow_what_the_kernel_took() -> None:
+    """The thread cuts and merges only what the TUN and sockets were set up for: a TUN
+    without IFF_VNET_HDR gets no bits whatever the sockets do; USO only with uso4 and uso6."""
+    from uspan.plane import _plane
+
+    tso = frozenset({"csum", "tso4", "tso6"})
+    assert dataplane.flags(None, True) == 0
+    assert dataplane.flags(tso, False) == _plane.OFFLOAD_TUN_VNET
+    assert dataplane.flags(tso | {"uso4"}, True) == _plane.OFFLOAD_TUN_VNET | _plane.OFFLOAD_UDP_GSO
+    assert dataplane.flags(tso | {"uso4", "uso6"}, True) == (
+        _plane.OFFLOAD_TUN_VNET | _plane.OFFLOAD_TUN_USO | _plane.OFFLOAD_UDP_GSO)

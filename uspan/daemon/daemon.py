@@ -181,13 +181,11 @@ class Daemon:
 
         ``uapi_path``: e.g. ``uapi_server.socket_path(interface)``; None = no UAPI
         socket. ``offload`` turns on the kernel offloads (TUN TSO/USO, UDP GSO/GRO) it
-        accepts, as far as the plane takes them (``dataplane.offloads``). Synchronous,
+        accepts, in the plane's thread as in the trio path (``dataplane.flags``). Synchronous,
         so a launcher can report failure before detaching (the plane's thread starts in
         ``run``). Raises TunError, uapi_server.UapiError or OSError; nothing is left
         open then.
         """
-        use_plane = dataplane.wanted()
-        offload = dataplane.offloads(offload, use_plane)
         tun = Tun.open(interface, offload_=offload)
         uapi = None
         try:
@@ -199,7 +197,14 @@ class Daemon:
                 uapi.close()
             tun.close()
             raise
-        plane = dataplane.open_plane(tun.fd, bind.filenos(), tun.mtu) if use_plane else None
+        plane = None
+        if dataplane.wanted():
+            gso = all(udp.gso for udp in bind.sockets)
+            try:
+                plane = dataplane.open_plane(tun.fd, bind.filenos(), tun.mtu,
+                                             dataplane.flags(tun.features, gso))
+            except ValueError as exc:  # e.g. an MTU over the thread's buffers
+                log.warning("Data plane thread off: %s", exc)
         return cls(tun, bind, uapi=uapi, plane=plane)
 
     # Lifecycle ---------------------------------------------------------------------------
@@ -522,7 +527,10 @@ class Daemon:
                 log.debug("MTU updated: %d", self.tun.mtu)
                 self.device.mtu = self.tun.mtu
                 if self.plane is not None:
-                    self.plane.set_mtu(self.tun.mtu)
+                    try:
+                        self.plane.set_mtu(self.tun.mtu)
+                    except ValueError as exc:  # larger than its buffers: it keeps the old
+                        log.warning("Data plane thread keeps MTU: %s", exc)
             self.device.wall_offset = time.time() - _now()
 
     async def _early_drop_loop(self) -> None:

@@ -15,14 +15,22 @@ from collections.abc import Mapping
 from uspan.daemon.ports import PlanePort
 
 try:
-    from uspan.plane._plane import NEWS_URGENT, PUNT_UDP, Plane
+    from uspan.plane._plane import (
+        NEWS_URGENT,
+        OFFLOAD_TUN_USO,
+        OFFLOAD_TUN_VNET,
+        OFFLOAD_UDP_GSO,
+        PUNT_UDP,
+        Plane,
+    )
     COMPILED = True
 except ImportError:  # built without a compiler or OpenSSL headers
     COMPILED = False
     NEWS_URGENT = 1 << 32
+    OFFLOAD_TUN_VNET, OFFLOAD_TUN_USO, OFFLOAD_UDP_GSO = 1, 2, 4
     PUNT_UDP = 2
 
-__all__ = ["COMPILED", "ENV", "NEWS_URGENT", "PUNT_UDP", "offloads", "open_plane", "wanted"]
+__all__ = ["COMPILED", "ENV", "NEWS_URGENT", "PUNT_UDP", "flags", "open_plane", "wanted"]
 
 ENV = "USPAN_PLANE"  # "0": the trio data path even where the plane was built
 
@@ -32,15 +40,21 @@ def wanted(environ: Mapping[str, str] = os.environ) -> bool:
     return COMPILED and environ.get(ENV, "1") != "0"
 
 
-def offloads(requested: bool, plane: bool) -> bool:
-    """Whether the TUN and the sockets get kernel offloads: the one place that decides
-    the offload/plane combination. The plane's thread reads plain packets and datagrams
-    until its offloads land (branch ``planegso``: ``Plane(..., offloads=flags)``), so a
-    daemon with the plane opens both without them for now."""
-    return requested and not plane
+def flags(tun_features: frozenset[str] | None, udp_gso: bool) -> int:
+    """The plane's ``offloads`` bits for a TUN and sockets set up as these say (from
+    ``Tun.features`` and ``UdpSocket.gso``): the thread cuts TSO reads and merges what it
+    writes only where the kernel took the offload, as the trio path does."""
+    if tun_features is None:  # opened without IFF_VNET_HDR
+        return 0
+    bits = OFFLOAD_TUN_VNET
+    if {"uso4", "uso6"} <= tun_features:
+        bits |= OFFLOAD_TUN_USO
+    if udp_gso:
+        bits |= OFFLOAD_UDP_GSO
+    return bits
 
 
-def open_plane(tun_fd: int, sockets: list[int], mtu: int) -> PlanePort:
+def open_plane(tun_fd: int, sockets: list[int], mtu: int, offloads: int) -> PlanePort:
     """The compiled plane on these fds (not started: ``Daemon.run`` starts it, after any
-    fork)."""
-    return Plane(tun_fd, sockets, mtu)
+    fork). Raises ValueError for a TUN it cannot carry (an MTU over ``MAX_MTU``)."""
+    return Plane(tun_fd, sockets, mtu, offloads=offloads)
