@@ -51,7 +51,9 @@ def test_garbage_is_dropped_and_counted(pair: Pair, combo: Combination, tmp_path
     assert_ping(pair.a, INNER[4][1])
     assert_ping(pair.b, INNER[6][0])
     counted = stats(wb)
-    assert counted["drop_bad_mac1"] >= 2000
+    # With the data plane, handshake messages reach the core through a bounded ring: a
+    # burst beyond it is dropped unjudged there and counted (docs/dataplane.md).
+    assert counted["drop_bad_mac1"] + counted.get("plane_punts_dropped", 0) >= 2000
     assert counted["drop_unknown_index"] >= 2000
     assert counted["drop_bad_length"] > 0 and counted["drop_bad_type"] > 0
     after = wb.peer(wa.keys.public)

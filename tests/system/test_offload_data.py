@@ -28,6 +28,7 @@ import pytest
 
 from tests.system.conftest import program
 from tests.system.test_interop import INNER, PORT_A, PORT_B, configure, endpoint, transfer
+from uspan.daemon import dataplane
 from uspan.testbed import Namespace, WireGuard, genkey, poll
 
 if TYPE_CHECKING:
@@ -148,13 +149,15 @@ def expected_offloads(ns: Namespace, executable: str) -> str:
 
 
 def check_offloads(wg: WireGuard, env: Mapping[str, str]) -> None:
-    """A uspan daemon's logged offloads match its launch: all off, or all the kernel has."""
+    """A uspan daemon's logged offloads match its launch: all off, or all the kernel has,
+    in the data plane's thread as in the trio path; the line says which carries them."""
     if not is_uspan(wg.program):
         return
+    plane = dataplane.wanted({**os.environ, **env})
     off = env.get("USPAN_OFFLOAD") == "off"
     want = ALL_OFF if off else expected_offloads(wg.ns, wg.program)
     assert wg.log_path is not None
-    assert offload_line(wg.log_path) == want
+    assert offload_line(wg.log_path) == f"{want} plane={'on' if plane else 'off'}"
 
 
 def udp_sizes(family: int, mtu: int) -> tuple[int, list[int]]:
@@ -279,5 +282,5 @@ def test_offloads_off_through_wg_quick(pair: Pair, tmp_path: Path) -> None:
                           stderr=subprocess.STDOUT, env=env)
     assert up.wait(30) == 0, f"wg-quick up {name} failed:\n{log.read_text()}"
     wg = lab.adopt_wireguard(pair.a, name, uspan, keys)
-    assert offload_line(log) == ALL_OFF
+    assert offload_line(log) == f"{ALL_OFF} plane={'on' if dataplane.wanted(env) else 'off'}"
     assert wg.alive()

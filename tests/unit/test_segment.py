@@ -166,8 +166,8 @@ def tun_reads(draw: st.DrawFn) -> tuple[bytes, bytes, int]:
                                      "proto", "truncate", "mtu"]))
         if what == "none":  # GSO_NONE, a partial checksum anywhere (or none)
             hdr[:2] = [draw(st.integers(0, 1)), 0]
-            ends = st.sampled_from([max(len(data) - n, 0) for n in (-1, 0, 1, 2, 3)])
-            hdr[4:] = [draw(st.one_of(st.integers(0, len(data)), ends)),
+            ends = st.sampled_from([min(max(len(data) - n, 0), 0xFFFF) for n in (-1, 0, 1, 2, 3)])
+            hdr[4:] = [draw(st.one_of(st.integers(0, min(len(data), 0xFFFF)), ends)),
                        draw(st.integers(0, 30))]
         elif what == "flags":
             hdr[0] = draw(st.integers(0, 3))

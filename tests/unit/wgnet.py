@@ -76,11 +76,13 @@ class Net:
 
     def connect(
         self, a: Node, b: Node, a_ips: list[str], b_ips: list[str], psk: bytes | None = None,
-        a_endpoint: bool = True, b_endpoint: bool = True,
+        a_endpoint: bool = True, b_endpoint: bool = True, keepalive: int | None = None,
     ) -> None:
-        """Make each a peer of the other; ``x_ips`` are the allowed IPs *of* x."""
+        """Make each a peer of the other; ``x_ips`` are the allowed IPs *of* x;
+        ``keepalive``: a's persistent keepalive to b."""
         a.device.apply(DeviceChange(peers=[PeerChange(
             b.public, preshared_key=psk, endpoint=b.endpoint if a_endpoint else None,
+            persistent_keepalive=keepalive,
             allowed_ips=[prefix.parse(n) for n in b_ips])]), self.now)
         b.device.apply(DeviceChange(peers=[PeerChange(
             a.public, preshared_key=psk, endpoint=a.endpoint if b_endpoint else None,
@@ -104,24 +106,32 @@ class Net:
                 target = self.nodes.get((destination.host, destination.port))
                 if target is None or target.name in self.blocked:
                     continue
-                to_tun, out = target.device.receive([(datagram, sender.endpoint)], self.now)
-                target.tun.extend(to_tun)
-                self.emit(target, out)
+                self.deliver(target, datagram, sender)
         raise AssertionError("network did not settle")
+
+    def deliver(self, target: Node, datagram: bytes, sender: Node) -> None:
+        to_tun, out = target.device.receive([(datagram, sender.endpoint)], self.now)
+        target.tun.extend(to_tun)
+        self.emit(target, out)
+
+    def tick(self, node: Node) -> None:
+        self.emit(node, node.device.tick(self.now))
+
+    def due(self, node: Node) -> float | None:
+        """When ``node`` next wants ``tick``."""
+        return node.device.next_deadline()
 
     def advance(self, seconds: float) -> None:
         """Move the clock, firing timers exactly at their deadlines."""
         end = self.now + seconds
         while True:
-            deadlines = [
-                d for d in (n.device.next_deadline() for n in self.nodes.values()) if d is not None
-            ]
+            deadlines = [d for d in map(self.due, self.nodes.values()) if d is not None]
             if not deadlines or min(deadlines) > end:
                 break
             nxt = min(deadlines)
             self.now = max(self.now, nxt)
             for node in self.nodes.values():
-                self.emit(node, node.device.tick(self.now))
+                self.tick(node)
             self.run()
         self.now = end
 

@@ -7,7 +7,9 @@ with only CAP_NET_ADMIN, or none on a TUN made for it) get a directory of their 
 
 ``--no-offload`` (or ``USPAN_OFFLOAD=off``, for launchers like wg-quick that pass no
 flags) keeps the TUN and UDP kernel offloads off; ``--features`` creates a throwaway TUN
-and reports which offloads this kernel accepts.
+and reports which offloads this kernel accepts. ``USPAN_PLANE=0`` keeps the trio data
+path where the C data plane (``uspan.plane``) was built; ``--version`` says which one a
+daemon started now would use.
 
 Without ``-f`` (and without ``WG_PROCESS_FOREGROUND=1``) the process forks; the child
 detaches (setsid), creates the TUN, the UAPI socket and the UDP sockets, and tells the
@@ -25,6 +27,8 @@ import trio
 
 from uspan import __version__, capabilities
 from uspan import signals as stop_signals
+from uspan.daemon import dataplane
+from uspan.daemon.clock import MonotonicClock
 from uspan.daemon.daemon import Daemon, log, setup_logging
 from uspan.daemon.tun import Tun, validate_name
 from uspan.daemon.uapi_server import socket_path
@@ -42,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args == ["--version"]:
         print(f"uspan-wg v{__version__}\n\nUserspace WireGuard daemon in Python (trio).")
+        print(f"Data plane: {_plane_state()}")
         return 0
     if args == ["--features"]:
         return _print_features()
@@ -64,6 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     if foreground:
         return _run_foreground(interface, uapi_path, level, offload)
     return _run_detached(interface, uapi_path, level, offload)
+
+
+def _plane_state() -> str:
+    if dataplane.wanted():
+        return "C thread (uspan/plane/_plane.c); USPAN_PLANE=0 for the trio path"
+    if dataplane.COMPILED:
+        return f"trio ({dataplane.ENV}=0)"
+    return "trio (uspan/plane/_plane.c was not built)"
 
 
 def _take_option(args: list[str], name: str) -> tuple[list[str], str | None]:
@@ -119,7 +132,7 @@ def _run_foreground(interface: str, uapi_path: str, level: str | None, offload: 
 
 def _serve(daemon: Daemon) -> int:
     try:
-        return trio.run(_run_until_signal, daemon)
+        return trio.run(_run_until_signal, daemon, clock=MonotonicClock())
     except Exception:  # a bug in a task: say so, then exit non-zero
         log.exception("Device failed")
         return 1

@@ -20,6 +20,15 @@ the call the UAPI makes too (``set`` before it runs); read ``peer_facts()`` and 
 is removed; it closes every port it was given. Signals belong to the program (see
 ``uspan.daemon.cli``). Time is trio's clock (``trio.current_time``, monotonic), so a
 ``MockClock`` drives every timer and every fact the core reports.
+
+The data plane: where ``uspan.plane`` was built, ``open`` hands the TUN and the sockets
+to its C thread, which carries established sessions without a trio wake per packet; the
+shell then waits on the plane's eventfd (``_plane_loop``) and hands the core what the
+thread collected: handshakes and staged packets at once, traffic records for the timers
+at most ``SYNC_DELAY`` after the first packet and before every timer pass, ``get`` and
+``peer_facts``. ``USPAN_PLANE=0`` in the environment keeps the trio data path (the TUN
+and UDP loops below). A daemon with a plane runs under ``clock.MonotonicClock``: the
+thread's stamps are CLOCK_MONOTONIC.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import contextlib
 import errno
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
@@ -36,9 +46,16 @@ from typing import Any
 import trio
 
 from uspan import privilege
-from uspan.daemon import gate, gso, uapi_server
-from uspan.daemon.demux import Datagram, Demux
-from uspan.daemon.ports import BindPort, DatagramReceiver, TunError, TunGone, TunPort
+from uspan.daemon import clock, dataplane, gate, gso, uapi_server
+from uspan.daemon.demux import MARK, Datagram, Demux
+from uspan.daemon.ports import (
+    BindPort,
+    DatagramReceiver,
+    PlanePort,
+    TunError,
+    TunGone,
+    TunPort,
+)
 from uspan.daemon.slices import Frozen, Slices, collector_paused
 from uspan.daemon.tun import Tun
 from uspan.daemon.udp import UdpBind
@@ -46,16 +63,20 @@ from uspan.wg import prefix, transport_crypto
 from uspan.wg.admission import SAMPLE_WINDOW, KernelFilter
 from uspan.wg.config import ConfigError, DeviceChange
 from uspan.wg.constants import BULK_COOKIES_PER_SECOND
-from uspan.wg.device import INFO_STEP, Device
+from uspan.wg.device import INFO_STEP, Device, Out
 from uspan.wg.drops import Drop
 from uspan.wg.endpoint import Endpoint
 from uspan.wg.facts import PeerFacts
+from uspan.wg.plane import endpoint_of
 from uspan.wg.uapi import GetParts, get_pieces
 
 log = logging.getLogger("uspan.daemon")
 WATCH_INTERVAL = 1.0  # seconds between checks of the UAPI socket file and the MTU
+SYNC_DELAY = 1.0  # seconds a plane's traffic records wait for the core (docs/dataplane.md)
+SYNC_STEP = 64  # records per slice of a sync (20,000 dirty peers must not hold the loop)
 _ECHO_REQUEST = {4: (1, 8), 6: (58, 128)}  # by IP version: ICMP's protocol, echo's type
 _TUN_FAILED = {"read": "read packet from", "write": "write packets to"}  # wireguard-go's
+_OWN = bytes([MARK])  # the first byte of uspan's own datagrams (the demux's)
 _LEVELS = {"verbose": logging.DEBUG, "debug": logging.DEBUG, "error": logging.ERROR}
 
 
@@ -106,11 +127,17 @@ class Daemon:
 
     def __init__(self, tun: TunPort, bind: BindPort, *,
                  uapi: uapi_server.UapiSocket | None = None,
-                 device: Device | None = None) -> None:
+                 device: Device | None = None, plane: PlanePort | None = None) -> None:
+        """``plane``: the C data plane on ``tun``'s and ``bind``'s fds (``open`` makes
+        it); the device is then made for it."""
         self.tun = tun
         self.bind = bind
         self.uapi = uapi
-        self.device = Device() if device is None else device
+        self.plane = plane
+        self.device = Device(plane=plane) if device is None else device
+        self.plane_wakes = 0  # of _plane_loop: the test that a packet costs no trio wake
+        self._sync_at = math.inf  # when the plane's records are due (collect at once: 0)
+        self._collecting = trio.Lock()  # one collect's news at a time, in order
         self.demux = Demux()  # the owner's handlers of uspan datagrams (probes, relay)
         # The owner's rewrite of the core's datagrams before they are sent (the relay's
         # pseudo-endpoints become relay frames); what it returns goes to the bind.
@@ -136,7 +163,8 @@ class Daemon:
         self.device.mtu = tun.mtu
         self.device.listen_port = bind.port
         self.device.admission.backlog = lambda: self.bind.backlog()  # the bind may change
-        self._set_gate(bind)
+        if plane is None:  # the plane's thread reads the sockets: no gate (yet)
+            self._set_gate(bind)
 
     def _set_gate(self, bind: BindPort) -> None:
         """Have ``bind`` read in C where it can: the core then answers a flood's cookies
@@ -148,12 +176,15 @@ class Daemon:
 
     @classmethod
     def open(cls, interface: str, *, uapi_path: str | None, offload: bool = True) -> Daemon:
-        """The real thing: create the TUN, the UAPI socket and the UDP bind (random port).
+        """The real thing: create the TUN, the UAPI socket and the UDP bind (random port),
+        and the C data plane on them unless ``USPAN_PLANE=0`` or not built.
 
         ``uapi_path``: e.g. ``uapi_server.socket_path(interface)``; None = no UAPI
         socket. ``offload`` turns on the kernel offloads (TUN TSO/USO, UDP GSO/GRO) it
-        accepts. Synchronous, so a launcher can report failure before detaching. Raises
-        TunError, uapi_server.UapiError or OSError; nothing is left open then.
+        accepts, in the plane's thread as in the trio path (``dataplane.flags``). Synchronous,
+        so a launcher can report failure before detaching (the plane's thread starts in
+        ``run``). Raises TunError, uapi_server.UapiError or OSError; nothing is left
+        open then.
         """
         tun = Tun.open(interface, offload_=offload)
         uapi = None
@@ -166,7 +197,15 @@ class Daemon:
                 uapi.close()
             tun.close()
             raise
-        return cls(tun, bind, uapi=uapi)
+        plane = None
+        if dataplane.wanted():
+            gso = all(udp.gso for udp in bind.sockets)
+            try:
+                plane = dataplane.open_plane(tun.fd, bind.filenos(), tun.mtu,
+                                             dataplane.flags(tun.features, gso))
+            except ValueError as exc:  # e.g. an MTU over the thread's buffers
+                log.warning("Data plane thread off: %s", exc)
+        return cls(tun, bind, uapi=uapi, plane=plane)
 
     # Lifecycle ---------------------------------------------------------------------------
 
@@ -185,20 +224,29 @@ class Daemon:
                  "numpy and Python"),
                 ("UAPI allowed_ip lines", prefix.COMPILED, "uspan/wg/_prefix.c", "Python"),
                 ("Handshake flood read path", gate.COMPILED, "uspan/daemon/_gate.c",
-                 "Python")):
+                 "Python"),
+                ("Data plane thread", dataplane.COMPILED, "uspan/plane/_plane.c", "trio")):
             if compiled:
                 log.debug("%s: compiled (%s)", what, source)
             else:
                 log.warning("%s: %s, slower (%s was not built: install gcc, python3-dev "
                             "and libssl-dev, then reinstall)", what, fallback, source)
+        log.debug("Data plane: %s", "C thread" if self.plane is not None else "trio")
         self.device.wall_offset = time.time() - _now()
         try:
             with self._scope:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
-                    nursery.start_soon(self._tun_loop)
-                    for receiver in self.bind.receivers:
-                        nursery.start_soon(self._udp_loop, receiver)
+                    if self.plane is not None:
+                        if not clock.is_monotonic():
+                            raise RuntimeError("a Daemon with a data plane runs under "
+                                               "trio.run(..., clock=MonotonicClock())")
+                        self.plane.start()
+                        nursery.start_soon(self._plane_loop)
+                    else:
+                        nursery.start_soon(self._tun_loop)
+                        for receiver in self.bind.receivers:
+                            nursery.start_soon(self._udp_loop, receiver)
                     nursery.start_soon(self._timer_loop)
                     if self.uapi is not None:
                         nursery.start_soon(self.uapi.serve, self)
@@ -237,8 +285,9 @@ class Daemon:
         self._nursery.start_soon(function, *args)
 
     def describe_offloads(self) -> str:
-        """e.g. ``tun=csum,tso4,tso6 udp_gso4=on udp_gro4=on ...``."""
-        return f"{self.tun.describe()} {self.bind.describe()}"
+        """e.g. ``tun=csum,tso4,tso6 udp_gso4=on udp_gro4=on ... plane=off``."""
+        plane = "off" if self.plane is None else "on"
+        return f"{self.tun.describe()} {self.bind.describe()} plane={plane}"
 
     def stop(self, reason: str, code: int = 0) -> None:
         """Stop serving (the first reason given wins); ``run`` then returns ``code``."""
@@ -247,7 +296,10 @@ class Daemon:
             self._scope.cancel()
 
     def close(self) -> None:
-        """Release everything; the socket file is removed only if it is still ours."""
+        """Release everything; the socket file is removed only if it is still ours. The
+        plane's thread is joined before the fds it reads are closed."""
+        if self.plane is not None:
+            self.plane.close()
         if self.uapi is not None:
             self.uapi.close()
         self.bind.close()
@@ -307,7 +359,8 @@ class Daemon:
             # larger batches. At most a read per packet delivered, so none finds nothing
             # after a lone reply; what is left wakes the TUN task. Not while packets read
             # before wait to be sent: these would overtake them.
-            if _echo_request(to_tun[-1]) and not self._tun_sends.locked():
+            if (self.plane is None and _echo_request(to_tun[-1])
+                    and not self._tun_sends.locked()):
                 self._tun_sends.acquire_nowait()
                 try:
                     answers = self.tun.read_batch(len(to_tun))
@@ -348,6 +401,79 @@ class Daemon:
             self._peer_event.set()
             self._peer_event = trio.Event()
 
+    # The data plane's news (docs/dataplane.md) -------------------------------------------
+
+    async def _plane_loop(self) -> None:
+        """Wake on the plane's eventfd. A punt or an event is handled at once; records
+        (the thread's traffic) only arm the timers' sync, at most SYNC_DELAY later, and
+        signal no more until it collected them: a busy tunnel costs a wake or two a
+        second, not one per packet (``_plane.NEWS_URGENT``)."""
+        assert self.plane is not None
+        fd = self.plane.fileno()
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            self.plane_wakes += 1
+            try:
+                count = int.from_bytes(os.read(fd, 8), "little")
+            except BlockingIOError:
+                continue  # a collect took the news meanwhile
+            if count >= dataplane.NEWS_URGENT:
+                await self._collect()
+            elif self._sync_at == math.inf:
+                self._sync_at = _now() + SYNC_DELAY
+                self._poke_timer()
+
+    async def _collect(self) -> None:
+        """Hand the core the plane's news and send what it returns; the sync in slices."""
+        async with self._collecting:
+            out: Out = []
+            own: list[Datagram] = []
+            slices = Slices()
+            for _ in self._plane_steps(out, own):
+                await slices.pause()
+            await self._send(out)
+        if own:
+            await self.receive_datagrams(own)
+
+    def _plane_steps(self, out: Out, own: list[Datagram]) -> Iterator[None]:
+        """One collect's news to the core: records (a step per SYNC_STEP), events, punts,
+        in that order (docs/dataplane.md). uspan's own datagrams among the punts go to
+        the demux first; what its handlers hand back (a relay's delivery) goes to
+        ``own``, for ``receive_datagrams`` as from the socket."""
+        assert self.plane is not None
+        records, punts, events = self.plane.collect()
+        self._sync_at = math.inf
+        device = self.device
+        for start in range(0, len(records), SYNC_STEP):
+            out += device.sync(records[start:start + SYNC_STEP], _now())
+            yield
+        now = _now()
+        out += device.plane_events(events, now)
+        if self.demux:
+            core, claimed = [], []
+            for punt in punts:
+                kind, _, data, source = punt
+                if kind == dataplane.PUNT_UDP and data[:1] == _OWN and source is not None:
+                    claimed.append((data, endpoint_of(*source[:4])))
+                else:
+                    core.append(punt)
+            punts = core
+            own += self.demux.split(claimed)
+        out += device.punted(punts, now)
+
+    def _sync_now(self) -> None:
+        """Collect at once, outside a task (``peer_facts``); its datagrams go soon.
+        Skipped while a task's collect is under way: that one brings the news."""
+        if self.plane is None or self._nursery is None or self._collecting.locked():
+            return
+        out: Out = []
+        own: list[Datagram] = []
+        for _ in self._plane_steps(out, own):
+            pass
+        self._nursery.start_soon(self._send, out)
+        if own:
+            self._nursery.start_soon(self.receive_datagrams, own)
+
     async def send_datagrams(self, datagrams: list[Datagram]) -> None:
         """Send the owner's own datagrams (``uspan.daemon.demux``) from the WireGuard
         socket, so they use, and reveal, the NAT mapping peers reach. Errors are counted
@@ -358,21 +484,25 @@ class Daemon:
     # Timers ------------------------------------------------------------------------------
 
     def _poke_timer(self) -> None:
-        deadline = self.device.next_deadline()
-        if deadline is not None and deadline < self._timer_deadline:
+        if self._next_deadline() < self._timer_deadline:
             self._timer_wake.set()
+
+    def _next_deadline(self) -> float:
+        """The core's next deadline, or the plane's records' sync if that is earlier."""
+        deadline = self.device.next_deadline()
+        return min(math.inf if deadline is None else deadline, self._sync_at)
 
     async def _timer_loop(self) -> None:
         while True:
-            deadline = self.device.next_deadline()
-            self._timer_deadline = math.inf if deadline is None else deadline
+            deadline = self._timer_deadline = self._next_deadline()
             self._timer_wake = trio.Event()
-            now = _now()
-            if deadline is None or deadline > now:
-                with trio.move_on_at(math.inf if deadline is None else deadline):
+            if deadline > _now():
+                with trio.move_on_at(deadline):
                     await self._timer_wake.wait()
                 continue
-            await self._send(self.device.tick(now))  # sending needs no checkpoint
+            if self.plane is not None:
+                await self._collect()  # the timers learn of the thread's traffic first
+            await self._send(self.device.tick(_now()))  # sending needs no checkpoint
             after = self.device.next_deadline()
             if after is not None and after <= _now():
                 # More is due (tick is bounded, and with thousands of peers more came due
@@ -387,9 +517,20 @@ class Daemon:
             if self.uapi is not None and self.uapi.removed():
                 self.stop("UAPI socket removed")
                 return
+            if self.plane is not None:  # no read of ours would see the interface go
+                try:
+                    self.tun.check()
+                except TunError as exc:
+                    self._tun_failed(exc, "read")
+                    return
             if self.tun.refresh_mtu():
                 log.debug("MTU updated: %d", self.tun.mtu)
                 self.device.mtu = self.tun.mtu
+                if self.plane is not None:
+                    try:
+                        self.plane.set_mtu(self.tun.mtu)
+                    except ValueError as exc:  # larger than its buffers: it keeps the old
+                        log.warning("Data plane thread keeps MTU: %s", exc)
             self.device.wall_offset = time.time() - _now()
 
     async def _early_drop_loop(self) -> None:
@@ -418,7 +559,9 @@ class Daemon:
     # Facts for the owner ----------------------------------------------------------------
 
     def peer_facts(self) -> dict[bytes, PeerFacts]:
-        """Per peer: handshakes, attempts, bytes, endpoint (``uspan.wg.facts``)."""
+        """Per peer: handshakes, attempts, bytes, endpoint (``uspan.wg.facts``), with
+        the plane's traffic synced first."""
+        self._sync_now()
         return self.device.peer_facts()
 
     async def wait_peer_events(self, seen: int) -> int:
@@ -444,6 +587,8 @@ class Daemon:
         release their segments as they go). The text kept of big peers' segments is
         bytes, which the collector never tracks (kept as a million strings, the first
         young collection after the get walked them all: 20-30 ms)."""
+        if self.plane is not None:
+            await self._collect()  # the counters and handshake times are the packets'
         async with self.config_lock:
             pieces: list[bytes] = []
             with collector_paused():
@@ -460,7 +605,11 @@ class Daemon:
             return iter(pieces)
 
     def stats(self) -> dict[str, int]:
-        counters = {f"drop_{drop.value}": self.device.counters[drop] for drop in Drop}
+        """The device's counters by name; a drop the plane's thread counted is in its
+        ``drop_*`` too (the plane keys its drops by the same names)."""
+        plane = {} if self.plane is None else self.plane.counters()
+        counters = {f"drop_{drop.value}": self.device.counters[drop] + plane.get(drop.value, 0)
+                    for drop in Drop}
         counters["tun_read_dropped"] = self.tun.read_dropped
         counters["tun_write_dropped"] = self.tun.write_dropped
         counters["udp_send_errors"] = self.bind.send_errors
@@ -472,6 +621,9 @@ class Daemon:
         counters["udp_backlog_permille"] = round(1000 * self.bind.backlog())
         counters.update({f"gate_{name}": n for name, n in self.device.gate_totals.items()})
         counters.update(self.device.admission.stats())
+        if self.plane is not None:
+            counters.update({f"plane_{name}": n for name, n in plane.items()})
+            counters["plane_loop_wakes"] = self.plane_wakes
         for owner in self.owner_stats:
             counters.update(owner())
         return counters
@@ -541,12 +693,15 @@ class Daemon:
             raise
         if new_bind is not None:
             old_bind, self.bind = self.bind, new_bind
+            if self.plane is not None:
+                self.plane.set_sockets(new_bind.filenos())  # before the old fds close
             old_bind.close()
             self._early_drop_version = -1  # the new sockets have no filter yet
-            self._set_gate(new_bind)
-            if self._nursery is not None:
-                for receiver in new_bind.receivers:
-                    self._nursery.start_soon(self._udp_loop, receiver)
+            if self.plane is None:
+                self._set_gate(new_bind)
+                if self._nursery is not None:
+                    for receiver in new_bind.receivers:
+                        self._nursery.start_soon(self._udp_loop, receiver)
         self.device.listen_port = self.bind.port
         if self._nursery is not None:
             self._nursery.start_soon(self._send, out)

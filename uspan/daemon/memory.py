@@ -118,6 +118,9 @@ class MemoryBind:
     def set_gate(self, plan: GatePlan, done: GateDone) -> bool:
         return False  # no socket to read in C: the core judges every datagram
 
+    def filenos(self) -> list[int]:
+        return []  # nothing a data plane could read
+
     def describe(self) -> str:
         return f"memory={self.host}:{self.port}"
 
@@ -188,6 +191,10 @@ class MemoryTun:
 
     def describe(self) -> str:
         return "tun=memory"
+
+    def check(self) -> None:
+        if self._gone:
+            raise TunGone(errno.EBADFD, "TUN gone: interface deleted")
 
     def close(self) -> None:
         self.delete()

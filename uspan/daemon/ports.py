@@ -8,10 +8,11 @@ it under ``trio.testing.MockClock`` without root.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from uspan.wg.admission import KernelFilter
 from uspan.wg.endpoint import Endpoint
+from uspan.wg.plane import Plane
 from uspan.wg.verdict import Counts, Plan
 
 # The core's side of a read in C: what it may do now (None: read in Python), and what it did.
@@ -67,6 +68,10 @@ class TunPort(Protocol):
 
     def describe(self) -> str:
         """Its offloads, for the start-up log line."""
+        ...
+
+    def check(self) -> None:
+        """Raise TunGone if the interface was deleted (when the data plane reads it)."""
         ...
 
     def close(self) -> None: ...
@@ -132,6 +137,27 @@ class BindPort(Protocol):
         tell ``done`` what each read judged; False where it cannot."""
         ...
 
+    def filenos(self) -> list[int]:
+        """The sockets' fds, for the data plane's thread to read and send on."""
+        ...
+
     def describe(self) -> str: ...
 
     def close(self) -> None: ...
+
+
+# collect(): records, punts, events, the fields of uspan.wg.plane's PeerRecord, Punt, Event
+PlaneNews = tuple[list[Any], list[Any], list[Any]]
+
+
+class PlanePort(Plane, Protocol):
+    """The C data plane (``uspan.plane._plane.Plane``): the core's calls and the
+    shell's, which starts it, hands it fds and collects its news."""
+
+    def start(self) -> None: ...
+    def close(self) -> None: ...
+    def fileno(self) -> int: ...
+    def set_mtu(self, mtu: int, /) -> None: ...
+    def set_sockets(self, sockets: list[int], /) -> None: ...
+    def collect(self) -> PlaneNews: ...
+    def counters(self) -> dict[str, int]: ...

@@ -182,6 +182,14 @@ class Tun:
                 raise _failure("write", exc) from exc
             self.write_dropped += 1
 
+    def check(self) -> None:
+        """Raise TunGone once the interface is deleted (``TunPort``: the data plane's
+        thread reads the fd, so no read of ours would notice)."""
+        try:
+            fcntl.ioctl(self.fd, _TUNGETIFF, struct.pack("16sH", b"", 0))
+        except OSError as exc:
+            raise _failure("read", exc) from exc
+
     def close(self) -> None:
         self._device.close()
 

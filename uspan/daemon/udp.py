@@ -306,6 +306,9 @@ class UdpBind:
                 failed.append(endpoint)
         return failed
 
+    def filenos(self) -> list[int]:
+        return [udp.sock.fileno() for udp in self.sockets]
+
     def set_gate(self, plan: GatePlan, done: GateDone) -> bool:
         return all([udp.set_gate(plan, done) for udp in self.sockets])
 

@@ -13,6 +13,7 @@ import trio
 
 from uspan import atomicfile, capabilities, privilege, userpaths
 from uspan import signals as stop_signals
+from uspan.daemon.clock import MonotonicClock
 from uspan.errors import expected
 from uspan.mesh.config import ConfigError, parse_config, render_config
 from uspan.mesh.resources import (
@@ -157,7 +158,7 @@ def run_command(args: argparse.Namespace) -> int:
         return await Node(config, options).run()
 
     try:
-        return trio.run(main)
+        return trio.run(main, clock=MonotonicClock())  # its Daemon's data plane's clock
     except (NodeError, ApiError, OSError, BaseExceptionGroup) as error:
         found = expected(error, NodeError, ApiError, OSError)
         if found is None:

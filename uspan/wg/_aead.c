@@ -6,10 +6,7 @@
  * with its key set once; each message only re-initialises the nonce. A batch's output
  * bytes are allocated with the GIL held, then all the crypto runs with the GIL released,
  * so another thread may run the batch while the event loop goes on.
- *
- * Transport message: type 4 (u32 LE), receiver index (u32 LE), counter (u64 LE), then the
- * ciphertext of the plaintext zero-padded to a multiple of 16 (never beyond the MTU), and
- * a 16-byte tag. The nonce is 4 zero bytes and the counter (LE).
+ * The transport message's layout and sealing: _transport.h (shared with the plane).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -17,11 +14,8 @@
 #include <string.h>
 #include <openssl/evp.h>
 
-#define HEADER_SIZE 16
-#define TAG_SIZE 16
-#define KEY_SIZE 32
-#define NONCE_SIZE 12
-#define MSG_TRANSPORT 4
+#include "_transport.h" /* the message layout, padding, seal_one and open_one */
+
 #define STACK_BATCH 256 /* open's per-message results live on the stack up to this */
 
 static EVP_CIPHER *chacha20_poly1305; /* fetched once per process */
@@ -101,56 +95,6 @@ aead_claim(Aead *self)
     return self->ctx;
 }
 
-static void
-put_le32(unsigned char *out, uint32_t value)
-{
-    for (int i = 0; i < 4; i++)
-        out[i] = (unsigned char)(value >> (8 * i));
-}
-
-static void
-put_le64(unsigned char *out, uint64_t value)
-{
-    for (int i = 0; i < 8; i++)
-        out[i] = (unsigned char)(value >> (8 * i));
-}
-
-/* The same rule as uspan.wg.messages.padded_length. */
-static Py_ssize_t
-padded_length(Py_ssize_t length, Py_ssize_t mtu)
-{
-    Py_ssize_t padded = (length + 15) & ~(Py_ssize_t)15;
-    if (padded > mtu)
-        padded = length > mtu ? length : mtu;
-    return padded;
-}
-
-/* Encrypt ``body`` (``length`` bytes) in place and write the tag after it. */
-static int
-seal_one(EVP_CIPHER_CTX *ctx, const unsigned char *nonce, unsigned char *body, int length)
-{
-    int written;
-    return EVP_CipherInit_ex2(ctx, NULL, NULL, nonce, 1, NULL)
-           && (length == 0 || EVP_EncryptUpdate(ctx, body, &written, body, length))
-           && EVP_EncryptFinal_ex(ctx, body + length, &written)
-           && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, TAG_SIZE, body + length);
-}
-
-/* Decrypt one transport message (header, ciphertext, tag) into ``plain``; 0: bad tag. */
-static int
-open_one(EVP_CIPHER_CTX *ctx, const unsigned char *message, int length, unsigned char *plain)
-{
-    unsigned char nonce[NONCE_SIZE] = {0}, tag[TAG_SIZE];
-    int written;
-    memcpy(nonce + 4, message + 8, 8);
-    memcpy(tag, message + HEADER_SIZE + length, TAG_SIZE);
-    return EVP_CipherInit_ex2(ctx, NULL, NULL, nonce, 0, NULL)
-           && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, TAG_SIZE, tag)
-           && (length == 0
-               || EVP_DecryptUpdate(ctx, plain, &written, message + HEADER_SIZE, length))
-           && EVP_DecryptFinal_ex(ctx, plain + length, &written) > 0;
-}
-
 /* Copy ``item`` (bytes or any buffer) after a header into a new datagram, zero-padded. */
 static PyObject *
 new_datagram(PyObject *item, uint32_t index, uint64_t counter, Py_ssize_t mtu)
@@ -158,7 +102,7 @@ new_datagram(PyObject *item, uint32_t index, uint64_t counter, Py_ssize_t mtu)
     Py_buffer view;
     if (PyObject_GetBuffer(item, &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    Py_ssize_t padded = padded_length(view.len, mtu);
+    Py_ssize_t padded = mtu < 0 ? view.len : (Py_ssize_t)padded_length((size_t)view.len, (size_t)mtu);
     PyObject *datagram = NULL;
     if (padded > INT_MAX - HEADER_SIZE - TAG_SIZE)
         PyErr_SetString(PyExc_OverflowError, "packet too large");
@@ -469,15 +413,6 @@ inner_runs(PyObject *module, PyObject *packets)
     if (runs != NULL && count && add_run(runs, last, last_size, count) < 0)
         Py_CLEAR(runs);
     return runs;
-}
-
-static uint64_t
-get_le64(const unsigned char *in)
-{
-    uint64_t value = 0;
-    for (int i = 7; i >= 0; i--)
-        value = (value << 8) | in[i];
-    return value;
 }
 
 /* What ``transport_runs`` builds: the runs so far and the one being added to. */

@@ -439,10 +439,20 @@ class AllowedIPs(Generic[T]):
     def remove_value(self, value: T, limit: int | None = None) -> bool:
         """Remove the prefixes owned by ``value``, at most ``limit`` of them (oldest
         first; None: all); return whether it still owns any."""
+        self.remove_oldest(value, limit)
+        return self.owns(value)
+
+    def owns(self, value: T) -> bool:
+        """Whether any prefix routes to ``value``."""
+        return id(value) in self._owned
+
+    def remove_oldest(self, value: T, limit: int | None = None) -> list[Prefix]:
+        """``remove_value``, returning the prefixes it removed."""
         owner = self._owned.get(id(value))
         if owner is None:
-            return False
-        for tag, group in _by_tag(owner.oldest(limit)):
+            return []
+        removed = owner.oldest(limit)
+        for tag, group in _by_tag(removed):
             table = self._tables[tag]
             for shard, part in table.parts(group):
                 deque(map(shard.__delitem__, part), 0)
@@ -454,10 +464,9 @@ class AllowedIPs(Generic[T]):
             if not table.size:
                 del self._tables[tag]
                 self._reindex(tag & 1)
-        if owner.size:
-            return True
-        del self._owned[id(value)]
-        return False
+        if not owner.size:
+            del self._owned[id(value)]
+        return removed
 
     def lookup(self, address: bytes) -> T | None:
         """Return the owner of the longest prefix holding a raw 4- or 16-byte address."""

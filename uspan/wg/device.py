@@ -20,6 +20,10 @@ Surface (all times are monotonic seconds passed in by the caller):
   roams, or data went unanswered long enough to rehandshake, so the shell can wake
   whoever waits for facts to change.
 - ``counters``: drops by reason (``drops.Drop``; a ``collections.Counter``).
+- With a C data plane (``Device(plane=...)``, ``uspan.wg.plane``): the core mirrors its
+  peers, routes, endpoints and keypair roles into it, and learns of the thread's traffic
+  from ``collect()``: ``sync(records, now)``, ``plane_events(events, now)`` and
+  ``punted(punts, now)``, in that order, each returning datagrams to send.
 
 ``wall_offset`` turns monotonic into Unix time (``wall = now + wall_offset``); the shell
 sets it, tests set it to anything. Nothing malformed raises out of ``receive`` or ``send``:
@@ -63,12 +67,23 @@ from uspan.wg.drops import Drop, ProtocolError
 from uspan.wg.endpoint import Endpoint
 from uspan.wg.facts import PeerFacts
 from uspan.wg.handshake import (
+    TransportKeys,
     consume_initiation,
     consume_response,
     create_response,
 )
-from uspan.wg.keypair import Keypair
+from uspan.wg.keypair import AnyKeypair, Keypair, PlaneKeypair
 from uspan.wg.peer import Peer
+from uspan.wg.plane import (
+    NO_KEYPAIR,
+    Event,
+    EventKind,
+    PeerRecord,
+    Plane,
+    Punt,
+    PuntKind,
+    endpoint_of,
+)
 from uspan.wg.timers import Jitter
 from uspan.wg.verdict import Counts, Plan, lane_records
 
@@ -93,8 +108,13 @@ _TOKEN = 1.0 - 1e-6
 class Device:
     """A WireGuard interface's protocol state."""
 
-    def __init__(self, rng: Callable[[int], bytes] = os.urandom) -> None:
+    def __init__(self, rng: Callable[[int], bytes] = os.urandom, *,
+                 plane: Plane | None = None) -> None:
         self.rng = rng
+        self.plane = plane
+        self._plane_peers: dict[int, Peer] = {}  # by plane id
+        self._dropped: list[int] = []  # keypairs discarded, dropped from the plane once
+        # their peer's roles no longer name them (mirror_roles)
         self.jitter = Jitter(rng)
         self.private_key: bytes | None = None
         self.public_key: bytes | None = None
@@ -104,7 +124,7 @@ class Device:
         self.wall_offset = 0.0
         self.peers: dict[bytes, Peer] = {}
         self.allowed_ips: AllowedIPs[Peer] = AllowedIPs()
-        self.keypairs: dict[int, Keypair] = {}
+        self.keypairs: dict[int, AnyKeypair] = {}
         self.handshakes: dict[int, Peer] = {}
         self.cookie_checker = CookieChecker(rng=rng)
         self.admission = Admission(known=self.known_endpoints)
@@ -180,9 +200,38 @@ class Device:
         peer.handshake_index = None
         peer.handshake = None
 
-    def discard_keypair(self, keypair: Keypair | None) -> None:
+    def discard_keypair(self, keypair: AnyKeypair | None) -> None:
+        """Forget a keypair; every caller then changes the roles (``mirror_roles``)."""
         if keypair is not None and self.keypairs.get(keypair.local_index) is keypair:
             del self.keypairs[keypair.local_index]
+            if self.plane is not None:
+                self._dropped.append(keypair.local_index)
+
+    def mirror_roles(self, peer: Peer) -> None:
+        """The plane's roles of ``peer`` become the core's, then the keypairs discarded
+        meanwhile are dropped: the thread never finds a role empty between the two."""
+        plane = self.plane
+        if plane is None:
+            return
+        plane.assign(peer.plane_id, *[NO_KEYPAIR if keypair is None else keypair.local_index
+                                      for keypair in (peer.previous, peer.current, peer.next)])
+        for index in self._dropped:
+            plane.drop(index)
+        self._dropped.clear()
+
+    def _new_keypair(self, keys: TransportKeys, *, initiator: bool, local_index: int,
+                     remote_index: int, peer: Peer, now: float) -> AnyKeypair:
+        """A handshake's session, in the plane if there is one, and in the index table."""
+        keypair: AnyKeypair
+        if self.plane is None:
+            keypair = Keypair(keys, initiator=initiator, local_index=local_index,
+                              remote_index=remote_index, peer=peer, now=now)
+        else:
+            keypair = PlaneKeypair(self.plane, keys, initiator=initiator,
+                                   local_index=local_index, remote_index=remote_index,
+                                   peer=peer, now=now)
+        self.keypairs[local_index] = keypair
+        return keypair
 
     # Configuration -----------------------------------------------------------------------
 
@@ -275,8 +324,7 @@ class Device:
             if change.update_only or change.public_key == self.public_key:
                 yield
                 return
-            peer = Peer(self, change.public_key)
-            self.peers[change.public_key] = peer
+            peer = self._add_peer(change.public_key)
         # Its kept get text goes before anything changes: a change stopped between its
         # slices (cancelled, or a bug raised) leaves the next get to render what it holds.
         peer.get_head = None
@@ -285,23 +333,22 @@ class Device:
         after = change.unless_roamed_after
         roamed = after is not None and peer.roamed > after
         if change.endpoint is not None and not roamed:
-            peer.endpoint = change.endpoint
-        allowed = self.allowed_ips
+            peer.set_endpoint(change.endpoint)
         # Replacing inserts first and then removes only the old prefixes not kept, so one
         # routed before and after is routed to the peer between every slice.
-        old = allowed.prefixes(peer) if change.replace_allowed_ips else []
+        old = self.allowed_ips.prefixes(peer) if change.replace_allowed_ips else []
         kept: set[Prefix] = set()  # the new ones, if old ones go: made in steps too
 
         def insert(chunk: list[Prefix]) -> None:
-            allowed.insert(chunk, peer)
+            self._route(peer, chunk)
             if old:
                 kept.update(chunk)
 
         yield from _steps(change.allowed_ips, insert)
         if old:
-            yield from _steps(old, lambda chunk: allowed.remove(
-                [prefix for prefix in chunk if prefix not in kept], peer))
-        yield from _steps(change.remove_allowed_ips, lambda chunk: allowed.remove(chunk, peer))
+            yield from _steps(old, lambda chunk: self._unroute(
+                peer, [prefix for prefix in chunk if prefix not in kept]))
+        yield from _steps(change.remove_allowed_ips, lambda chunk: self._unroute(peer, chunk))
         if change.persistent_keepalive is not None:
             peer.set_persistent_keepalive(change.persistent_keepalive, now)
         if change.handshake and not roamed:
@@ -311,9 +358,34 @@ class Device:
         self._render_get_lines(peer)
         yield
 
+    def _add_peer(self, public_key: bytes) -> Peer:
+        peer = self.peers[public_key] = Peer(self, public_key)
+        if self.plane is not None:
+            peer.plane_id = self.plane.add_peer()
+            self._plane_peers[peer.plane_id] = peer
+        return peer
+
+    def _route(self, peer: Peer, prefixes: list[Prefix]) -> None:
+        """Route ``prefixes`` to ``peer`` (taken over from any other), in the plane too."""
+        self.allowed_ips.insert(prefixes, peer)
+        if self.plane is not None:
+            self.plane.add_routes(peer.plane_id, prefixes)
+
+    def _unroute(self, peer: Peer, prefixes: list[Prefix]) -> None:
+        """Remove those of ``prefixes`` that ``peer`` owns, in the plane too."""
+        self.allowed_ips.remove(prefixes, peer)
+        if self.plane is not None:
+            self.plane.remove_routes(peer.plane_id, prefixes)
+
     def _remove_peer_steps(self, peer: Peer) -> Iterator[None]:
         """``_remove_peer`` with its allowed IPs removed a step at a time first."""
-        while self.allowed_ips.remove_value(peer, APPLY_STEP):
+        allowed = self.allowed_ips
+        while True:
+            removed = allowed.remove_oldest(peer, APPLY_STEP)
+            if self.plane is not None:
+                self.plane.remove_routes(peer.plane_id, removed)
+            if not allowed.owns(peer):
+                break
             yield
         self._remove_peer(peer)
         yield
@@ -324,6 +396,9 @@ class Device:
         peer.timer_seq = -1  # its queue entry is stale now: pruned with the superseded ones
         self.allowed_ips.remove_value(peer)
         del self.peers[peer.public_key]
+        if self.plane is not None:  # its routes, endpoint and keypairs go with it
+            self.plane.remove_peer(peer.plane_id)
+            del self._plane_peers[peer.plane_id]
 
     def get_steps(self, parts: uapi.GetParts) -> Iterator[None]:
         """The reply to ``get=1`` appended to ``parts`` (``uapi.get_pieces`` sends them),
@@ -532,7 +607,7 @@ class Device:
         tally[1] += len(accepted)
         self._deliver(peer, accepted, to_tun)
 
-    def _accept_each(self, keypair: Keypair, messages_: list[bytes], sources: list[Endpoint],
+    def _accept_each(self, keypair: AnyKeypair, messages_: list[bytes], sources: list[Endpoint],
                      numbers: list[int], plaintexts: list[bytes | None], now: float,
                      out: Out) -> tuple[list[bytes], int]:
         """The authentic, fresh plaintexts of a run and their messages' bytes, one by one:
@@ -666,11 +741,10 @@ class Device:
         except ProtocolError:
             self.counters[Drop.HANDSHAKE_FAILED] += 1
             return
-        keypair = Keypair(
+        keypair = self._new_keypair(
             keys, initiator=False, local_index=index, remote_index=consumed.sender,
             peer=peer, now=now,
         )
-        self.keypairs[index] = keypair
         peer.begin_session(keypair, now)
         peer.cookies.add_macs(response, now)
         peer.timers.any_authenticated_traversal(now)
@@ -699,11 +773,10 @@ class Device:
         del self.handshakes[index]
         peer.handshake = None
         peer.handshake_index = None
-        keypair = Keypair(
+        keypair = self._new_keypair(
             keys, initiator=True, local_index=index, remote_index=response.sender,
             peer=peer, now=now,
         )
-        self.keypairs[index] = keypair
         peer.begin_session(keypair, now)
         peer.roam(source)
         peer.handshake_complete(now)
@@ -727,6 +800,66 @@ class Device:
             return
         if not peer.cookies.consume_reply(reply, now):
             self.counters[Drop.BAD_COOKIE_REPLY] += 1
+
+    # The plane's news (docs/dataplane.md) ------------------------------------------------
+
+    def sync(self, records: Iterable[PeerRecord], now: float) -> Out:
+        """The thread's traffic since the last collect, peer by peer (``Peer.sync``): the
+        shell syncs before every ``tick`` and before ``get`` or ``peer_facts``, so the
+        timers and facts are the packets' own by then. A removed peer's record is stale."""
+        out: Out = []
+        peers = self._plane_peers
+        for record in records:
+            peer = peers.get(record[0])
+            if peer is not None:
+                peer.sync(record, now, out)
+        return out
+
+    def plane_events(self, events: Iterable[Event], now: float) -> Out:
+        """What the thread decided itself. CONFIRMED: it rotated ``next`` to current on
+        the first packet under it, as ``Peer.confirm_next`` does, which then does the
+        bookkeeping (the handshake is complete, staged packets go). An event about a
+        keypair the core has replaced since is stale: the roles already say otherwise."""
+        out: Out = []
+        for kind, peer_id, local_index in events:
+            peer = self._plane_peers.get(peer_id)
+            if (kind == EventKind.CONFIRMED and peer is not None and peer.next is not None
+                    and peer.next.local_index == local_index):
+                peer.confirm_next(now, out)
+        return out
+
+    def punted(self, punts: Iterable[Punt], now: float) -> Out:
+        """What the thread handed up. TUN: an IP packet for a peer without a usable
+        session, staged as ``send`` stages it (its handshake starts); UDP: a handshake
+        message, through ``receive`` (the shell's demux took its own first); EGRESS: a
+        datagram the thread sealed for a relayed peer, for the owner's relay hook.
+        Staged packets go after the handshake messages of the same collect, which may
+        have completed their session."""
+        out: Out = []
+        touched: dict[Peer, None] = {}
+        datagrams: list[Datagram] = []
+        peers = self._plane_peers
+        for kind, peer_id, data, source in punts:
+            if kind == PuntKind.UDP:
+                if source is not None:
+                    datagrams.append((data, endpoint_of(*source[:4])))
+                continue
+            peer = None if peer_id is None else peers.get(peer_id)
+            if peer is None:
+                self.counters[Drop.NO_ROUTE] += 1  # removed since it was routed
+            elif kind == PuntKind.TUN:
+                peer.stage(data, now, out)
+                touched[peer] = None
+            elif peer.endpoint is None:  # EGRESS, and the endpoint is gone since
+                self.counters[Drop.NO_ENDPOINT] += 1
+            else:
+                out.append((data, peer.endpoint))
+        if datagrams:
+            _, replies = self.receive(datagrams, now)  # no transport: nothing for the TUN
+            out += replies
+        for peer in touched:
+            peer.send_staged(now, out)
+        return out
 
     # Timers ------------------------------------------------------------------------------
 
@@ -845,7 +978,7 @@ class Device:
         """Sending from ``endpoint.local`` failed: fall back to the routing table's choice."""
         for peer in self.peers.values():
             if peer.endpoint == endpoint:
-                peer.endpoint = endpoint.without_source()
+                peer.set_endpoint(endpoint.without_source())
 
 
 def _steps(prefixes: list[Prefix], action: Callable[[list[Prefix]], object]) -> Iterator[None]:

@@ -10,7 +10,7 @@ from collections import deque
 from itertools import repeat
 from typing import TYPE_CHECKING
 
-from uspan.wg import crypto, tai64n, timers
+from uspan.wg import crypto, tai64n, timers, timersync
 from uspan.wg.constants import (
     HANDSHAKE_INITIATION_RATE,
     KEY_SIZE,
@@ -27,12 +27,20 @@ from uspan.wg.cookie import CookieGenerator
 from uspan.wg.drops import Drop
 from uspan.wg.facts import PeerFacts
 from uspan.wg.handshake import InitiatorState, create_initiation
+from uspan.wg.plane import (
+    WANTS_RECEIVE,
+    WANTS_SEND,
+    PeerRecord,
+    endpoint_of,
+    mirror_endpoint,
+    seconds,
+)
 from uspan.wg.timers import PeerTimers
 
 if TYPE_CHECKING:
     from uspan.wg.device import Device
     from uspan.wg.endpoint import Endpoint
-    from uspan.wg.keypair import Keypair
+    from uspan.wg.keypair import AnyKeypair
 
 Out = list[tuple[bytes, "Endpoint"]]
 
@@ -50,16 +58,17 @@ class Peer:
         "get_many", "get_stamp", "get_tail", "handshake", "handshake_attempts",
         "handshake_index", "handshakes", "last_attempt",
         "last_handshake", "last_initiation_consumed", "last_received", "last_sent_handshake",
-        "latest_timestamp", "next", "preshared_key", "previous", "public_key", "roamed",
-        "rx_bytes", "sent_last_minute_handshake", "staged", "timer_at", "timer_seq",
-        "timers", "tx_bytes", "unanswered_data_since",
+        "latest_timestamp", "next", "plane_id", "preshared_key", "previous", "public_key",
+        "roamed", "rx_bytes", "sent_last_minute_handshake", "staged", "timer_at",
+        "timer_seq", "timers", "tx_bytes", "unanswered_data_since",
     )
 
     def __init__(self, device: Device, public_key: bytes) -> None:
         self.device = device
         self.public_key = public_key
         self.preshared_key = ZERO_KEY
-        self.endpoint: Endpoint | None = None
+        self.endpoint: Endpoint | None = None  # set through set_endpoint (the plane's too)
+        self.plane_id = -1  # its id in the device's plane, if it has one
         self.roamed = 0  # device.peer_events at the latest roam to a new address (facts)
         # Its get=1 text that only a set or a roam changes (Device.get_steps): the lines
         # before its counters (None: to render again) and after them, the stamp of the
@@ -74,9 +83,9 @@ class Peer:
         self.timer_seq = -1  # the device's timer queue entry for this peer (-1: none)
         self.timer_at = 0.0  # and its deadline
         # Sessions.
-        self.current: Keypair | None = None
-        self.previous: Keypair | None = None
-        self.next: Keypair | None = None
+        self.current: AnyKeypair | None = None
+        self.previous: AnyKeypair | None = None
+        self.next: AnyKeypair | None = None
         # Handshake in flight (as initiator).
         self.handshake: InitiatorState | None = None
         self._static_static: bytes | None = None  # DH(our static, theirs), kept
@@ -249,10 +258,18 @@ class Peer:
             last_received=self.last_received, unanswered_data_since=self.unanswered_data_since,
             rx_bytes=self.rx_bytes, tx_bytes=self.tx_bytes, roamed=self.roamed)
 
-    def roam(self, source: Endpoint) -> None:
+    def set_endpoint(self, endpoint: Endpoint | None, *, mirror: bool = True) -> None:
+        """Send to ``endpoint`` from now on; the plane too, unless it told us (``mirror``
+        False: it roamed there itself)."""
+        self.endpoint = endpoint
+        plane = self.device.plane
+        if plane is not None and mirror:
+            mirror_endpoint(plane, self.plane_id, endpoint)
+
+    def roam(self, source: Endpoint, *, mirror: bool = True) -> None:
         """An authenticated message came from ``source``: reply there from now on."""
         old = self.endpoint
-        self.endpoint = source
+        self.set_endpoint(source, mirror=mirror)
         if old is None or old.address != source.address:
             self.get_head = None
             self.device.peer_events += 1
@@ -266,6 +283,7 @@ class Peer:
         self.previous = self.current
         self.current = self.next
         self.next = None
+        self.device.mirror_roles(self)
         self.handshake_complete(now)
         if self.staged:
             self.send_staged(now, out)
@@ -299,6 +317,28 @@ class Peer:
             self.sent_last_minute_handshake = True
             self.send_initiation(now, out, retry=False)
 
+    def sync(self, record: PeerRecord, now: float, out: Out) -> None:
+        """The plane thread's traffic since the last collect: its timer events at the times
+        they happened, then the facts it moved, then its wish for a new handshake, which
+        the rules here grant (once per REKEY_TIMEOUT, once near the key's end)."""
+        timersync.replay(self.timers, record)
+        _, _, received, data_sent, _, _, _, rx_bytes, tx_bytes, roamed, wants = record
+        if received:
+            heard = seconds(received)
+            if self.last_received is None or heard > self.last_received:
+                self.last_received = heard
+            self.unanswered_data_since = None
+        if data_sent and self.unanswered_data_since is None:
+            self.unanswered_data_since = seconds(data_sent)
+        self.rx_bytes += rx_bytes
+        self.tx_bytes += tx_bytes
+        if roamed is not None:
+            self.roam(endpoint_of(*roamed), mirror=False)
+        if wants & WANTS_SEND:
+            self._keep_key_fresh_sending(now, out)
+        if wants & WANTS_RECEIVE:
+            self._keep_key_fresh_receiving(now, out)
+
     def handshake_complete(self, now: float) -> None:
         self.timers.handshake_complete()
         self.handshake_attempts = 0
@@ -316,7 +356,7 @@ class Peer:
         last = self.last_initiation_consumed
         return last is None or now - last >= HANDSHAKE_INITIATION_RATE
 
-    def begin_session(self, keypair: Keypair, now: float) -> None:
+    def begin_session(self, keypair: AnyKeypair, now: float) -> None:
         """Install a new session: current for an initiator, next for a responder."""
         device = self.device
         if keypair.initiator:
@@ -334,6 +374,7 @@ class Peer:
             self.next = keypair
             device.discard_keypair(self.previous)
             self.previous = None
+        device.mirror_roles(self)
         self.timers.session_derived(now)
 
     # Timers ------------------------------------------------------------------------------
@@ -372,8 +413,13 @@ class Peer:
         self.send_initiation(now, out, retry=True)
 
     def _forget_source(self) -> None:
+        """Send from any local address again. The plane forgets the source of the endpoint
+        it has, which may be a roam the core has not heard of yet."""
         if self.endpoint is not None:
-            self.endpoint = self.endpoint.without_source()
+            self.set_endpoint(self.endpoint.without_source(), mirror=False)
+            plane = self.device.plane
+            if plane is not None:
+                plane.clear_source(self.plane_id)
 
     def zero_keys(self) -> None:
         """Forget every session and handshake, and drop staged packets."""
@@ -381,6 +427,7 @@ class Peer:
         for keypair in (self.previous, self.current, self.next):
             device.discard_keypair(keypair)
         self.previous = self.current = self.next = None
+        device.mirror_roles(self)
         device.forget_handshake(self)
         self.device.counters[Drop.STAGED_DROPPED] += len(self.staged)
         self.staged.clear()

@@ -1,0 +1,96 @@
+"""The shell's side of the data plane (``Daemon._plane_loop``) against a fake plane
+behind ``PlanePort``: a real eventfd signalled as the C plane signals it, and a
+``collect`` that says when it was called. Real time (the plane's clock is
+``MonotonicClock``), with margins a loaded machine keeps."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Any, cast
+
+import trio
+
+from uspan.daemon import dataplane
+from uspan.daemon.clock import MonotonicClock
+from uspan.daemon.daemon import SYNC_DELAY, Daemon
+from uspan.daemon.memory import MemoryNetwork, MemoryTun
+from uspan.daemon.ports import PlanePort
+from uspan.plane._plane import NEWS_URGENT
+
+
+class NewsOnly:
+    """A plane with no peers: only its eventfd and its collects are used. It signals as
+    the C plane does: each kind of news once until the next collect."""
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.collects: list[float] = []
+        self.started = False
+        self._signalled: set[bool] = set()
+
+    def signal(self, urgent: bool) -> float:
+        if urgent not in self._signalled:
+            self._signalled.add(urgent)
+            os.eventfd_write(self.fd, NEWS_URGENT if urgent else 1)
+        return time.monotonic()
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def start(self) -> None:
+        self.started = True
+
+    def close(self) -> None:
+        self.started = False
+
+    def collect(self) -> tuple[list[Any], list[Any], list[Any]]:
+        self.collects.append(time.monotonic())
+        self._signalled.clear()
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.fd)
+        return [], [], []
+
+    def counters(self) -> dict[str, int]:
+        return {}
+
+
+def test_records_wait_for_the_sync_and_a_punt_is_collected_at_once() -> None:
+    plane = NewsOnly()
+
+    async def main() -> None:
+        daemon = Daemon(MemoryTun(), MemoryNetwork().bind("192.0.2.1", 51820),
+                        plane=cast(PlanePort, plane))
+        async with daemon.running():
+            assert plane.started
+            await trio.sleep(0.1)
+            before = len(plane.collects)
+            signalled = plane.signal(urgent=False)  # the thread's first packet
+            await trio.sleep(0.3)
+            assert len(plane.collects) == before  # records alone: no collect yet
+            plane.signal(urgent=False)  # more records do not wake it again
+            await trio.sleep(SYNC_DELAY)
+            assert len(plane.collects) == before + 1  # the timers' sync
+            assert plane.collects[-1] - signalled < SYNC_DELAY + 0.5
+            punted = plane.signal(urgent=True)
+            await trio.sleep(0.2)
+            assert len(plane.collects) == before + 2
+            assert plane.collects[-1] - punted < 0.2  # at once
+            assert daemon.plane_wakes == 2  # the records' first signal and the punt's
+
+    trio.run(main, clock=MonotonicClock())
+    os.close(plane.fd)
+
+
+def test_the_planes_offload_flags_follow_what_the_kernel_took() -> None:
+    """The thread cuts and merges only what the TUN and sockets were set up for: a TUN
+    without IFF_VNET_HDR gets no bits whatever the sockets do; USO only with uso4 and uso6."""
+    from uspan.plane import _plane
+
+    tso = frozenset({"csum", "tso4", "tso6"})
+    assert dataplane.flags(None, True) == 0
+    assert dataplane.flags(tso, False) == _plane.OFFLOAD_TUN_VNET
+    assert dataplane.flags(tso | {"uso4"}, True) == _plane.OFFLOAD_TUN_VNET | _plane.OFFLOAD_UDP_GSO
+    assert dataplane.flags(tso | {"uso4", "uso6"}, True) == (
+        _plane.OFFLOAD_TUN_VNET | _plane.OFFLOAD_TUN_USO | _plane.OFFLOAD_UDP_GSO)

@@ -1,0 +1,72 @@
+"""Where the plane says a datagram came from (uspan/plane/_plane.c, source_of): the
+sticky source read from IP_PKTINFO beside whatever other control messages the socket
+carries (review M1), and the address replies leave from rather than the one the datagram
+was sent to (L1). Real sockets on loopback, two planes joined by tests/unit/planekit.py."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from tests.unit.planekit import ALL_OFFLOADS, INNER4, End, packet, tunnel
+from uspan.daemon import offload
+
+SO_TIMESTAMPING = 37
+SOFTWARE_RX_STAMPS = 1 << 3 | 1 << 4  # SOF_TIMESTAMPING_RX_SOFTWARE | _SOFTWARE
+LOOPBACK = socket.inet_aton("127.0.0.1")
+
+
+@contextmanager
+def _sender(*, broadcast: bool = False) -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        if broadcast:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        yield sock
+    finally:
+        sock.close()
+
+
+def _roamed(a: End, b: End, sender: socket.socket, to: tuple[str, int]) -> object:
+    """B's record of a packet sealed by A and sent from ``sender`` to ``to``: the roam."""
+    a.plane.collect()
+    b.plane.collect()
+    (sealed,) = a.plane.seal(0x1111, [packet(INNER4[0], INNER4[1])])
+    sender.sendto(sealed, to)
+    b.read_tun()
+    deadline = time.monotonic() + 5
+    while not (records := b.plane.collect()[0]) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    (record,) = records
+    return record[9]
+
+
+def test_the_sticky_source_is_read_beside_a_timestamp() -> None:
+    """A socket that also carries SO_TIMESTAMPING (64 bytes of control) filled the old
+    64-byte control buffer: IP_PKTINFO was cut (MSG_CTRUNC) and the roam had no source."""
+    with tunnel(offloads=ALL_OFFLOADS) as (a, b), _sender() as sender:
+        b.udp4.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING, SOFTWARE_RX_STAMPS)
+        roamed = _roamed(a, b, sender, b.udp4.getsockname())
+        port = sender.getsockname()[1]
+    assert roamed == (LOOPBACK, port, LOOPBACK, socket.if_nametoindex("lo"))
+
+
+def test_the_sticky_source_is_the_address_replies_leave_from() -> None:
+    """A datagram sent to the broadcast address: IP_PKTINFO's ipi_addr is that address,
+    which no reply can leave from; ipi_spec_dst is the interface's own (127.0.0.1)."""
+    wildcard = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        wildcard.bind(("0.0.0.0", 0))
+        wildcard.setblocking(False)
+        offload.enable_pktinfo(wildcard)
+        with tunnel(offloads=ALL_OFFLOADS) as (a, b), _sender(broadcast=True) as sender:
+            b.plane.set_sockets([wildcard.fileno(), b.udp6.fileno()])
+            to = ("127.255.255.255", wildcard.getsockname()[1])
+            roamed = _roamed(a, b, sender, to)
+            port = sender.getsockname()[1]
+    finally:
+        wildcard.close()
+    assert roamed == (LOOPBACK, port, LOOPBACK, socket.if_nametoindex("lo"))

@@ -1,0 +1,132 @@
+"""The plane's tables: routes as longest prefix match for IPv4 and IPv6 (against a
+brute-force model, and a million of them), keypairs by local index."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import random
+import time
+
+import pytest
+
+from tests.unit.planekit import MTU, Plane, prefixes
+from uspan.wg import prefix
+
+
+def test_compiled_module_is_used_when_required() -> None:
+    """CI sets USPAN_REQUIRE_COMPILED=1 (scripts/test): a silent fallback fails here."""
+    if os.environ.get("USPAN_REQUIRE_COMPILED") != "1":
+        pytest.skip("USPAN_REQUIRE_COMPILED is not set")
+    from uspan.plane import _plane
+
+    assert _plane.Plane is Plane
+
+
+def _owner(table: dict[int, int], address: bytes) -> int | None:
+    """The brute-force longest match."""
+    ip = ipaddress.ip_address(address)
+    best: tuple[int, int] | None = None
+    for p, owner in table.items():
+        net = prefix.network(p)
+        if net.version == ip.version and ip in net and (
+                best is None or net.prefixlen > best[0]):
+            best = (net.prefixlen, owner)
+    return None if best is None else best[1]
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_longest_prefix_match_is_the_models(version: int) -> None:
+    rng = random.Random(version)
+    width = 32 if version == 4 else 128
+    plane = Plane(-1, [], MTU)
+    try:
+        peers = [plane.add_peer() for _ in range(5)]
+        table: dict[int, int] = {}
+        base = rng.getrandbits(width) & ~((1 << (width - 8)) - 1)  # one /8: overlaps
+        for _ in range(300):
+            length = rng.choice([0, 8, 9, 12, 16, 24, width - 1, width, rng.randrange(width)])
+            address = base | rng.getrandbits(width - 8)
+            net = ipaddress.ip_network((address, length), strict=False)
+            owner = rng.choice(peers)
+            p = prefix.of(net)
+            if rng.random() < 0.2 and table:  # remove one (only its owner can)
+                gone = rng.choice(list(table))
+                plane.remove_routes(table[gone], [gone])
+                del table[gone]
+            plane.add_routes(owner, [p])
+            table[p] = owner
+        for _ in range(300):
+            address = (base | rng.getrandbits(width - 8)).to_bytes(width // 8, "big")
+            assert plane.route(address) == _owner(table, address)
+        plane.clear_routes(peers[0])
+        table = {p: o for p, o in table.items() if o != peers[0]}
+        for _ in range(100):
+            address = (base | rng.getrandbits(width - 8)).to_bytes(width // 8, "big")
+            assert plane.route(address) == _owner(table, address)
+    finally:
+        plane.close()
+
+
+def test_only_the_owner_removes_a_prefix_and_a_takeover_moves_it() -> None:
+    plane = Plane(-1, [], MTU)
+    try:
+        a, b = plane.add_peer(), plane.add_peer()
+        plane.add_routes(a, prefixes("10.0.0.0/8", "fd00::/8"))
+        plane.remove_routes(b, prefixes("10.0.0.0/8"))
+        assert plane.route(bytes([10, 1, 2, 3])) == a
+        plane.add_routes(b, prefixes("10.0.0.0/8"))
+        assert plane.route(bytes([10, 1, 2, 3])) == b
+        assert plane.route(bytes.fromhex("fd" + "00" * 15)) == a
+        assert plane.route(bytes([11, 0, 0, 1])) is None
+        for bad in ([1 << 32 | 5], [-1], [(129 << 1 | 1) << 128], ["10.0.0.0/8"]):
+            with pytest.raises(ValueError):
+                plane.add_routes(a, bad)  # type: ignore[list-item]
+    finally:
+        plane.close()
+
+
+def test_a_million_routes_insert_quickly_and_lookups_stay_right() -> None:
+    plane = Plane(-1, [], MTU)
+    try:
+        peers = [plane.add_peer() for _ in range(4)]
+        many = [(10 << 24 | i) | 32 << 33 for i in range(1_000_000)]  # 10.0.0.0 .. /32s
+        start = time.process_time()
+        for k, peer in enumerate(peers):
+            plane.add_routes(peer, many[k::4])
+        inserted = time.process_time() - start
+        plane.add_routes(peers[0], prefixes("10.0.0.0/8"))
+        assert inserted < 1.0, f"{inserted:.2f} s of CPU to insert a million prefixes"
+        for i in (0, 1, 2, 3, 499_999, 999_999):
+            assert plane.route((10 << 24 | i).to_bytes(4, "big")) == peers[i % 4]
+        assert plane.route((10 << 24 | 2_000_000).to_bytes(4, "big")) == peers[0]
+    finally:
+        plane.close()
+
+
+def test_keypairs_by_index_hold_many_and_refuse_reuse() -> None:
+    plane = Plane(-1, [], MTU)
+    try:
+        peer = plane.add_peer()
+        key = bytes(32)
+        indices = random.Random(3).sample(range(1 << 32), 20_000)
+        for index in indices:
+            plane.install(peer, index, index, key, key, 0, False)
+        with pytest.raises(ValueError):
+            plane.install(peer, indices[5], 1, key, key, 0, False)
+        for index in indices[::2]:
+            plane.drop(index)
+        plane.drop(12345678)  # unknown: a no-op
+        for index in indices[:100]:
+            if index in indices[::2]:
+                with pytest.raises(KeyError):
+                    plane.send_counter(index)
+            else:
+                assert plane.send_counter(index) == 0
+        with pytest.raises(KeyError):  # roles are the peer's installed keypairs
+            plane.assign(peer, -1, indices[0], -1)
+        other = plane.add_peer()
+        with pytest.raises(KeyError):
+            plane.assign(other, -1, indices[1], -1)
+    finally:
+        plane.close()
