@@ -1235,19 +1235,31 @@ typedef struct {
     socklen_t sticky; /* the control bytes of the sticky source */
 } Send;
 
-/* A UDP_SEGMENT send the path cannot segment (EIO), resent a datagram at a time. */
+/* A UDP_SEGMENT send the kernel refused, resent a datagram at a time: the device cannot
+ * segment (EIO), or the route's MTU is below the segment size (EINVAL, EMSGSIZE), where a
+ * single datagram may still go as IP fragments. A sticky source that is gone is dropped
+ * for the rest, as in send_udp. */
 static void
 send_each(Plane *p, const Send *s, struct msghdr *h)
 {
     struct iovec *iov = h->msg_iov;
     size_t n = h->msg_iovlen;
+    int sticky = s->sticky != 0;
     h->msg_controllen = s->sticky;
-    if (!s->sticky)
+    if (!sticky)
         h->msg_control = NULL;
     h->msg_iovlen = 1;
     for (size_t j = 0; j < n; j++) {
         h->msg_iov = &iov[j];
-        if (sendmsg(s->fd, h, 0) < 0)
+        int failed = sendmsg(s->fd, h, 0) < 0;
+        if (failed && sticky && source_gone(errno)) {
+            h->msg_control = NULL;
+            h->msg_controllen = 0;
+            sticky = 0;
+            count(p, C_STICKY_FAILED, 1);
+            failed = sendmsg(s->fd, h, 0) < 0;
+        }
+        if (failed)
             count(p, C_SEND_ERRORS, 1);
     }
 }
@@ -1325,6 +1337,11 @@ send_udp(Plane *p, Batch *b, int n, const int fds[2], int *gso)
                 struct pollfd w = {sends[i].fd, POLLOUT, 0};
                 poll(&w, 1, 100);
                 waited = 1;
+            } else if (sent < 0 && sends[i].segments > 1) {
+                if (errno == EIO) /* the device cannot segment: never again */
+                    *gso = 0;
+                send_each(p, &sends[i], &msgs[i].msg_hdr);
+                i++;
             } else if (sent < 0 && sends[i].sticky && source_gone(errno)) {
                 /* the sticky source address went away: resent a datagram at a time from
                  * what the kernel chooses, as the shell's sends do (the next roam brings
@@ -1333,10 +1350,6 @@ send_udp(Plane *p, Batch *b, int n, const int fds[2], int *gso)
                 plain.sticky = 0;
                 send_each(p, &plain, &msgs[i].msg_hdr);
                 count(p, C_STICKY_FAILED, 1);
-                i++;
-            } else if (sent < 0 && errno == EIO && sends[i].segments > 1) {
-                *gso = 0;
-                send_each(p, &sends[i], &msgs[i].msg_hdr);
                 i++;
             } else { /* this one fails (e.g. unreachable): skip it */
                 count(p, C_SEND_ERRORS, sends[i].segments);
