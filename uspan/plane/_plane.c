@@ -404,25 +404,43 @@ route_find(const RouteTable *t, uint64_t hi, uint64_t lo, int length)
     }
 }
 
+/* The table with room for `more` inserts, rehashed into `grown` (which then owns new
+ * entries): 1, or 0 when it already has room, -1 without memory. It only reads `t`, so
+ * change_routes runs it under the read lock, the thread's lookups going on beside it
+ * (a million-route rehash takes tens of milliseconds), and swaps under the write lock:
+ * the only writer is the Python thread that made the plane. */
+static int
+route_rebuilt(const RouteTable *t, size_t more, RouteTable *grown)
+{
+    size_t size = t->entries ? t->mask + 1 : 0, target = size ? size : 1024;
+    while ((t->count + more + 1) * 4 > target * 3)
+        target *= 2;
+    if (target == size)
+        return 0;
+    Route *entries = calloc(target, sizeof *entries);
+    if (!entries)
+        return -1;
+    *grown = *t;
+    grown->entries = entries;
+    grown->mask = target - 1;
+    for (size_t i = 0; t->entries && i <= t->mask; i++) {
+        const Route *r = &t->entries[i];
+        if (!r->used)
+            continue;
+        size_t j = route_home(grown, r->hi, r->lo, r->length);
+        while (entries[j].used)
+            j = (j + 1) & grown->mask;
+        entries[j] = *r;
+    }
+    return 1;
+}
+
 static int
 route_grow(RouteTable *t)
 {
-    size_t size = t->entries ? (t->mask + 1) * 2 : 1024;
-    Route *entries = calloc(size, sizeof *entries);
-    if (!entries)
+    RouteTable grown;
+    if (route_rebuilt(t, 1, &grown) < 0)
         return -1;
-    RouteTable grown = *t;
-    grown.entries = entries;
-    grown.mask = size - 1;
-    for (size_t i = 0; t->entries && i <= t->mask; i++) {
-        Route *r = &t->entries[i];
-        if (!r->used)
-            continue;
-        size_t j = route_home(&grown, r->hi, r->lo, r->length);
-        while (entries[j].used)
-            j = (j + 1) & grown.mask;
-        entries[j] = *r;
-    }
     free(t->entries);
     *t = grown;
     return 0;
@@ -2265,7 +2283,29 @@ change_routes(Plane *self, PyObject *args, PyObject *kwds, int add)
         return NULL;
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS
+    RouteTable grown[2];
+    int rebuilt[2] = {0, 0};
+    Route *old[2] = {NULL, NULL};
+    if (add) { /* room made beside the thread's lookups, swapped in under the write lock */
+        size_t more[2] = {0, 0};
+        for (Py_ssize_t i = 0; i < n; i++)
+            more[prefixes[i].v6 != 0]++;
+        pthread_rwlock_rdlock(&self->routes_lock);
+        for (int v6 = 0; v6 < 2 && !failed; v6++)
+            failed = (rebuilt[v6] = route_rebuilt(v6 ? &self->routes6 : &self->routes4,
+                                                   more[v6], &grown[v6])) < 0;
+        pthread_rwlock_unlock(&self->routes_lock);
+    }
     pthread_rwlock_wrlock(&self->routes_lock);
+    for (int v6 = 0; v6 < 2; v6++) {
+        RouteTable *t = v6 ? &self->routes6 : &self->routes4;
+        if (rebuilt[v6] == 1 && !failed) {
+            old[v6] = t->entries;
+            *t = grown[v6];
+        } else if (rebuilt[v6] == 1) {
+            old[v6] = grown[v6].entries;
+        }
+    }
     for (Py_ssize_t i = 0; i < n && !failed; i++) {
         Prefix *x = &prefixes[i];
         RouteTable *t = x->v6 ? &self->routes6 : &self->routes4;
@@ -2278,6 +2318,8 @@ change_routes(Plane *self, PyObject *args, PyObject *kwds, int add)
         }
     }
     pthread_rwlock_unlock(&self->routes_lock);
+    free(old[0]);
+    free(old[1]);
     Py_END_ALLOW_THREADS
     PyMem_RawFree(prefixes);
     if (failed)
