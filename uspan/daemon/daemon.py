@@ -199,10 +199,10 @@ class Daemon:
             raise
         plane = None
         if dataplane.wanted():
-            gso = all(udp.gso for udp in bind.sockets)
+            udp_gso = all(udp.gso for udp in bind.sockets)
             try:
                 plane = dataplane.open_plane(tun.fd, bind.filenos(), tun.mtu,
-                                             dataplane.flags(tun.features, gso))
+                                             dataplane.flags(tun.features, udp_gso))
             except ValueError as exc:  # e.g. an MTU over the thread's buffers
                 log.warning("Data plane thread off: %s", exc)
         return cls(tun, bind, uapi=uapi, plane=plane)
