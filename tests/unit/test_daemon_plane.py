@@ -34,7 +34,7 @@ class NewsOnly:
         self.collects: list[float] = []
         self.started = False
         self.gates: list[tuple[object, ...]] = []  # the plans set (): none
-        self.taken = (0, 0, 0, 0, 0)  # what the "thread" judged, for the next gate_take
+        self.taken = (0, 0, 0, 0, 0, 0)  # what the "thread" judged, for the next gate_take
         self._signalled: set[bool] = set()
 
     def signal(self, urgent: bool) -> float:
@@ -65,8 +65,8 @@ class NewsOnly:
     def set_gate(self, *plan: object) -> None:
         self.gates.append(plan)
 
-    def gate_take(self) -> tuple[int, int, int, int, int]:
-        taken, self.taken = self.taken, (0, 0, 0, 0, 0)
+    def gate_take(self) -> tuple[int, int, int, int, int, int]:
+        taken, self.taken = self.taken, (0, 0, 0, 0, 0, 0)
         return taken
 
 
@@ -125,7 +125,7 @@ def test_the_threads_gate_follows_the_cores_plan() -> None:
             assert plane.gates == [()]
             daemon.set(DeviceChange(private_key=private))
             assert plane.gates[-1][:4] == (mac1_key(public), cookie_key(public), None, False)
-            plane.taken = (5000, 0, 0, 0, 0)
+            plane.taken = (5000, 0, 0, 0, 0, 0)
             plane.signal(urgent=True)
             await trio.sleep(0.1)
             assert plane.gates[-1][3] is True  # under load

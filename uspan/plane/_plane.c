@@ -220,8 +220,9 @@ typedef struct {
     unsigned char lane[GATE_LANE_MAX * HS_LANE_RECORD];
     size_t lane_len;
     int asked; /* the core was asked for a new plan since this one came */
-    uint64_t bad_mac1, handed, cookies_sent, dropped, failed; /* since the last collect */
-    uint64_t taken[5]; /* the same, up to the last collect, for gate_take */
+    /* since the last collect: as uspan.wg.verdict.Counts, and overflowed: up but no room */
+    uint64_t bad_mac1, handed, cookies_sent, dropped, failed, overflowed;
+    uint64_t taken[6]; /* the same, up to the last collect, for gate_take */
 } Gate;
 
 typedef struct Replies Replies;
@@ -998,8 +999,8 @@ static int gate_full(const Replies *r);
  * (uspan.wg.verdict.Plan), as _gate.c's judge: punted to the core, dropped, or answered
  * with a cookie reply, and counted for the core's load and budgets (gate_take): a
  * handed-up initiation as it is punted, under gate_lock, so a collect takes the two
- * together. One the ring has no room for counts as dropped (its load tells the core of
- * a flood before it sees the flood). The core is asked once for a new plan (urgent news)
+ * together. One the ring has no room for is counted apart (overflowed, for the core's
+ * load: it then hears of a flood before it is handed the flood). The core is asked once for a new plan (urgent news)
  * when a budget runs out or the ring overflows, or when a calm plan has dropped
  * GATE_ASK_AFTER bad mac1s. Without a plan every one goes up. */
 static void
@@ -1037,7 +1038,7 @@ gate_judge(Plane *p, Batch *b, int i)
             ask = --g->hand_up == 0;
         }
     } else if (up && g->on) {
-        g->dropped++;
+        g->overflowed++;
         ask = 1;
     }
     if (ask && !g->asked) {
@@ -3071,8 +3072,9 @@ plane_collect(Plane *self, PyObject *Py_UNUSED(ignored))
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&self->gate_lock);
     Gate *g = &self->gate;
-    uint64_t *counts[5] = {&g->bad_mac1, &g->handed, &g->cookies_sent, &g->dropped, &g->failed};
-    for (int c = 0; c < 5; c++) {
+    uint64_t *counts[6] = {&g->bad_mac1, &g->handed, &g->cookies_sent, &g->dropped, &g->failed,
+                           &g->overflowed};
+    for (int c = 0; c < 6; c++) {
         g->taken[c] += *counts[c];
         *counts[c] = 0;
     }
@@ -3214,7 +3216,7 @@ PyDoc_STRVAR(gate_take_doc,
 "gate_take()\n"
 "--\n\n"
 "What the gate judged up to the last collect, since the last take: (bad_mac1,\n"
-"handed_up, cookies, dropped, send_failed), as uspan.wg.verdict.Counts.");
+"handed_up, cookies, dropped, send_failed, overflowed), as uspan.wg.verdict.Counts.");
 
 static PyObject *
 plane_gate_take(Plane *self, PyObject *Py_UNUSED(ignored))
@@ -3222,12 +3224,13 @@ plane_gate_take(Plane *self, PyObject *Py_UNUSED(ignored))
     if (check_open(self) < 0)
         return NULL;
     Gate *g = &self->gate;
-    uint64_t taken[5];
+    uint64_t taken[6];
     pthread_mutex_lock(&self->gate_lock);
     memcpy(taken, g->taken, sizeof taken);
     memset(g->taken, 0, sizeof g->taken);
     pthread_mutex_unlock(&self->gate_lock);
-    return Py_BuildValue("(KKKKK)", taken[0], taken[1], taken[2], taken[3], taken[4]);
+    return Py_BuildValue("(KKKKKK)", taken[0], taken[1], taken[2], taken[3], taken[4],
+                         taken[5]);
 }
 
 /* Test hooks: the thread's steps run synchronously on given bytes at a given time. */
