@@ -18,21 +18,14 @@ from collections.abc import Iterator
 import pytest
 
 from tests.unit.planekit import MTU, Plane, _plane
-from uspan.wg import crypto, messages
-from uspan.wg.constants import INITIATION_SIZE
-from uspan.wg.cookie import CookieGenerator, cookie_key, mac1_key
+from tests.unit.test_gate import COOKIE_KEY, MAC1_KEY, PUBLIC, SECRET, proven_retry
+from tests.unit.test_gate import _initiation as initiation
+from uspan.wg.cookie import CookieGenerator
 from uspan.wg.verdict import lane_records
 
-PUBLIC = bytes(range(32))
-MAC1_KEY, COOKIE_KEY = mac1_key(PUBLIC), cookie_key(PUBLIC)
-SECRET = bytes(range(100, 132))
 
-
-def _initiation(generator: CookieGenerator, now: float = 1.0) -> bytes:
-    body = bytearray(os.urandom(INITIATION_SIZE))
-    body[0:4] = b"\x01\0\0\0"
-    generator.add_macs(body, now)
-    return bytes(body)
+def _initiation(generator: CookieGenerator) -> bytes:
+    return initiation(generator, 1.0)
 
 
 def _bad_mac1() -> bytes:
@@ -136,15 +129,9 @@ def test_under_load_hand_up_then_cookies_that_open_then_drops(gated: Gated) -> N
     assert gated.plane.gate_take() == (0, 2, 2, 1, 0, 0)
     replies = [sender.recv(100) for _ in range(2)]
     assert [r[4:8] for r in replies] == [m[4:8] for m in sent[2:4]]
-    reply = messages.parse_cookie_reply(replies[0])
-    cookie = crypto.xaead_decrypt(COOKIE_KEY, reply.nonce, reply.encrypted_cookie,
-                                  sent[2][116:132])
-    source = socket.inet_aton("127.0.0.1") + sender.getsockname()[1].to_bytes(2, "big")
-    assert cookie == crypto.mac(SECRET, source)
-    retry = bytearray(_initiation(generator, 2.0))
-    retry[132:] = crypto.mac(cookie, bytes(retry[:132]))
-    gated.send(sender, [bytes(retry)])  # proven: goes up with no budget left
-    assert gated.punted() == [bytes(retry)]
+    retry = proven_retry(generator, replies[0], sent[2], sender)
+    gated.send(sender, [retry])  # proven: goes up with no budget left
+    assert gated.punted() == [retry]
 
 
 def test_no_fresh_secret_means_no_cookie(gated: Gated) -> None:
