@@ -1352,12 +1352,36 @@ typedef struct {
     socklen_t sticky; /* the control bytes of the sticky source */
 } Send;
 
+/* The sticky source of b's item `first` failed (its address or interface is gone): the
+ * peer's endpoint forgets it, as the shell's sends have the core do
+ * (Device.forget_source), and the core hears of it as a roam to the same address
+ * without a source. Counted (sticky_failed). */
+static void
+forget_source(Plane *p, Batch *b, int first)
+{
+    count(p, C_STICKY_FAILED, 1);
+    Peer *peer = owner_peer(p, b->owner[first]);
+    if (!peer)
+        return;
+    pthread_mutex_lock(&peer->lock);
+    Endpoint *e = &peer->endpoint;
+    if (peer->live && peer_id(peer) == b->owner[first] && same_endpoint(e, &b->addr[first])
+        && (e->local_len || e->ifindex)) {
+        e->local_len = 0;
+        e->ifindex = 0;
+        peer->record.roamed = 1;
+        peer->record.roam = *e;
+        mark_dirty(p, peer);
+    }
+    pthread_mutex_unlock(&peer->lock);
+}
+
 /* A UDP_SEGMENT send the kernel refused, resent a datagram at a time: the device cannot
  * segment (EIO), or the route's MTU is below the segment size (EINVAL, EMSGSIZE), where a
  * single datagram may still go as IP fragments. A sticky source that is gone is dropped
  * for the rest, as in send_udp. */
 static void
-send_each(Plane *p, const Send *s, struct msghdr *h)
+send_each(Plane *p, Batch *b, const Send *s, struct msghdr *h)
 {
     struct iovec *iov = h->msg_iov;
     size_t n = h->msg_iovlen;
@@ -1373,7 +1397,7 @@ send_each(Plane *p, const Send *s, struct msghdr *h)
             h->msg_control = NULL;
             h->msg_controllen = 0;
             sticky = 0;
-            count(p, C_STICKY_FAILED, 1);
+            forget_source(p, b, s->first);
             failed = sendmsg(s->fd, h, 0) < 0;
         }
         if (failed)
@@ -1457,16 +1481,16 @@ send_udp(Plane *p, Batch *b, int n, const int fds[2], int *gso)
             } else if (sent < 0 && sends[i].segments > 1) {
                 if (errno == EIO) /* the device cannot segment: never again */
                     *gso = 0;
-                send_each(p, &sends[i], &msgs[i].msg_hdr);
+                send_each(p, b, &sends[i], &msgs[i].msg_hdr);
                 i++;
             } else if (sent < 0 && sends[i].sticky && source_gone(errno)) {
                 /* the sticky source address went away: resent a datagram at a time from
-                 * what the kernel chooses, as the shell's sends do (the next roam brings
-                 * a new one) */
+                 * what the kernel chooses, and forgotten, as the shell's sends do (the
+                 * next roam brings a new one) */
                 Send plain = sends[i];
                 plain.sticky = 0;
-                send_each(p, &plain, &msgs[i].msg_hdr);
-                count(p, C_STICKY_FAILED, 1);
+                send_each(p, b, &plain, &msgs[i].msg_hdr);
+                forget_source(p, b, sends[i].first);
                 i++;
             } else { /* this one fails (e.g. unreachable): skip it */
                 count(p, C_SEND_ERRORS, sends[i].segments);
