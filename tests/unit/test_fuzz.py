@@ -4,6 +4,7 @@ the long runs are in the README's "Hardening")."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+# A target's run stops after MAX_SECONDS (libFuzzer's -max_total_time) short of its RUNS,
+# having run at least MIN_INPUTS: segment's inputs take microseconds to ~0.1 s (a 64 KiB
+# super-segment cut a few bytes a segment), and libFuzzer's random seed decides how many
+# of the slow kind it makes: its 2,000 took 3-25 s alone, 58-76 s in the suite.
+MAX_SECONDS = 10
+MIN_INPUTS = 100
 RUNS = {  # a few seconds each: the targets differ in speed by 100x
     "device": 2000,
     "uapi": 200,
@@ -27,10 +34,13 @@ RUNS = {  # a few seconds each: the targets differ in speed by 100x
 @pytest.mark.parametrize("target", sorted(RUNS))
 def test_fuzz_target_smoke(target: str, tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "fuzz.run", "--runs", str(RUNS[target]), "--out", str(tmp_path),
-         target], cwd=REPO, capture_output=True, text=True, timeout=100)
+        [sys.executable, "-m", "fuzz.run", "--runs", str(RUNS[target]), "--max-time",
+         str(MAX_SECONDS), "--out", str(tmp_path), target],
+        cwd=REPO, capture_output=True, text=True, timeout=100)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"{target} " in done.stdout and " ok" in done.stdout, done.stdout
+    inputs = re.search(rf"^{target} +(\d+) ", done.stdout, re.M)
+    assert inputs and int(inputs[1]) >= min(RUNS[target], MIN_INPUTS), done.stdout
 
 
 def test_fuzz_targets_cover_every_parser() -> None:

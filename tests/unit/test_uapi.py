@@ -177,9 +177,9 @@ def test_130k_allowed_ips_parse_fast() -> None:
     body = [f"public_key={PEER.hex()}", "replace_allowed_ips=true"]
     body += [f"allowed_ip=10.{i >> 8 & 255}.{i & 255}.0/24" for i in range(65536)]
     body += [f"allowed_ip=fd00:{i:x}::/48" for i in range(130_000 - 65536)]
-    start = time.perf_counter()
+    start = time.process_time()  # CPU: a loaded machine stretches wall time
     change = parse_set(body)
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     networks = change.peers[0].allowed_ips
     assert len(networks) == 130_000
     assert networks[257] == net("10.1.1.0/24")
