@@ -17,7 +17,8 @@
  *     it once per run of one peer in a batch);
  *   index (write) inside peer->lock: install, drop, the thread's confirm of `next`;
  *   news_lock inside peer->lock: dirty list, punt ring, the eventfd signal;
- *   retire_lock innermost: keypairs waiting to be freed.
+ *   retire_lock innermost: keypairs waiting to be freed;
+ *   jobs_lock alone: the queue of route changes for the routes thread (route_run).
  * Freed keypairs wait for the thread's next batch boundary (epoch): a batch that looked
  * a keypair up keeps a valid pointer until it ends, and sees it dead under peer->lock.
  */
@@ -185,6 +186,20 @@ typedef struct {
 } RouteTable;
 
 typedef struct {
+    uint64_t hi, lo;
+    int length, v6;
+} Prefix;
+
+/* One add_routes/remove_routes call, queued for the routes thread (see route_run). */
+typedef struct RouteJob {
+    struct RouteJob *next;
+    uint32_t slot, generation; /* the peer's, when it was queued */
+    int add;
+    size_t n;
+    Prefix prefixes[];
+} RouteJob;
+
+typedef struct {
     Keypair **entries;
     size_t mask, count;
 } IndexTable;
@@ -241,6 +256,18 @@ typedef struct {
     uint32_t peer_slots, free_slot;
     pthread_rwlock_t routes_lock;
     RouteTable routes4, routes6;
+    /* Route changes while the thread runs: queued by the Python thread in order, applied
+     * by the routes thread (route_run) on another core, beside the Python work of the
+     * set; whatever reads or clears routes from Python waits for the queue first. */
+    pthread_t router;
+    int routing;                 /* the routes thread runs */
+    pthread_mutex_t jobs_lock;   /* the fields below */
+    pthread_cond_t jobs_queued;  /* a job, or jobs_stop */
+    pthread_cond_t jobs_drained; /* jobs_pending reached 0 */
+    RouteJob *jobs_head, *jobs_tail;
+    size_t jobs_pending;         /* queued or being applied */
+    int jobs_failed;             /* one found no memory (sync_routes raises) */
+    int jobs_stop;
     pthread_rwlock_t index_lock;
     IndexTable index;
     pthread_mutex_t news_lock;
@@ -406,9 +433,9 @@ route_find(const RouteTable *t, uint64_t hi, uint64_t lo, int length)
 
 /* The table with room for `more` inserts, rehashed into `grown` (which then owns new
  * entries): 1, or 0 when it already has room, -1 without memory. It only reads `t`, so
- * change_routes runs it under the read lock, the thread's lookups going on beside it
+ * apply_routes runs it under the read lock, the thread's lookups going on beside it
  * (a million-route rehash takes tens of milliseconds), and swaps under the write lock:
- * the only writer is the Python thread that made the plane. */
+ * there is one writer at a time (apply_routes). */
 static int
 route_rebuilt(const RouteTable *t, size_t more, RouteTable *grown)
 {
@@ -446,9 +473,10 @@ route_grow(RouteTable *t)
     return 0;
 }
 
-/* Insert or take over (hi, lo)/length for the peer; -1: no memory. */
+/* Insert or take over (hi, lo)/length for the peer (slot, generation); -1: no memory. */
 static int
-route_set(RouteTable *t, uint64_t hi, uint64_t lo, int length, const Peer *peer)
+route_set(RouteTable *t, uint64_t hi, uint64_t lo, int length, uint32_t slot,
+          uint32_t generation)
 {
     Route *r = route_find(t, hi, lo, length);
     if (!r) {
@@ -462,8 +490,8 @@ route_set(RouteTable *t, uint64_t hi, uint64_t lo, int length, const Peer *peer)
         t->count++;
         t->lengths[length]++;
     }
-    r->slot = peer->slot;
-    r->generation = peer->generation;
+    r->slot = slot;
+    r->generation = generation;
     return 0;
 }
 
@@ -530,6 +558,119 @@ route_lookup(const Plane *p, const unsigned char *address, int size)
             return (uint64_t)r->generation << 32 | r->slot;
     }
     return UINT64_MAX;
+}
+
+/* Apply one call's route changes for the peer (slot, generation), without the GIL: the
+ * rehash an add needs is made under the read lock, beside the thread's lookups, and
+ * swapped in with the changes under one hold of the write lock. -1: no memory. The
+ * only writer: the routes thread while it runs, else the Python thread. */
+static int
+apply_routes(Plane *self, uint32_t slot, uint32_t generation, const Prefix *prefixes,
+             size_t n, int add)
+{
+    int failed = 0;
+    RouteTable grown[2];
+    int rebuilt[2] = {0, 0};
+    Route *old[2] = {NULL, NULL};
+    if (add) {
+        size_t more[2] = {0, 0};
+        for (size_t i = 0; i < n; i++)
+            more[prefixes[i].v6 != 0]++;
+        pthread_rwlock_rdlock(&self->routes_lock);
+        for (int v6 = 0; v6 < 2 && !failed; v6++)
+            failed = (rebuilt[v6] = route_rebuilt(v6 ? &self->routes6 : &self->routes4,
+                                                   more[v6], &grown[v6])) < 0;
+        pthread_rwlock_unlock(&self->routes_lock);
+    }
+    pthread_rwlock_wrlock(&self->routes_lock);
+    for (int v6 = 0; v6 < 2; v6++) {
+        RouteTable *t = v6 ? &self->routes6 : &self->routes4;
+        if (rebuilt[v6] == 1 && !failed) {
+            old[v6] = t->entries;
+            *t = grown[v6];
+        } else if (rebuilt[v6] == 1) {
+            old[v6] = grown[v6].entries;
+        }
+    }
+    for (size_t i = 0; i < n && !failed; i++) {
+        const Prefix *x = &prefixes[i];
+        RouteTable *t = x->v6 ? &self->routes6 : &self->routes4;
+        if (add) {
+            failed = route_set(t, x->hi, x->lo, x->length, slot, generation) < 0;
+        } else {
+            Route *r = route_find(t, x->hi, x->lo, x->length);
+            if (r && r->slot == slot && r->generation == generation)
+                route_delete(t, r);
+        }
+    }
+    pthread_rwlock_unlock(&self->routes_lock);
+    free(old[0]);
+    free(old[1]);
+    return failed ? -1 : 0;
+}
+
+/* The routes thread: applies the queued calls in order, one write-lock hold each (the
+ * data thread's lookups wait for at most one call's changes). A set of 100k adds and
+ * 100k removes spent ~45 ms of its ~0.2 s in these tables (cache misses and a rehash of
+ * 16 MiB) on the Python thread; here it runs while Python parses and slices the rest. */
+static void *
+route_run(void *arg)
+{
+    Plane *p = arg;
+    pthread_mutex_lock(&p->jobs_lock);
+    for (;;) {
+        while (!p->jobs_head && !p->jobs_stop)
+            pthread_cond_wait(&p->jobs_queued, &p->jobs_lock);
+        if (p->jobs_stop)
+            break;
+        RouteJob *job = p->jobs_head;
+        if (!(p->jobs_head = job->next))
+            p->jobs_tail = NULL;
+        pthread_mutex_unlock(&p->jobs_lock);
+        int failed = apply_routes(p, job->slot, job->generation, job->prefixes, job->n,
+                                  job->add) < 0;
+        free(job);
+        pthread_mutex_lock(&p->jobs_lock);
+        p->jobs_failed |= failed;
+        if (--p->jobs_pending == 0)
+            pthread_cond_broadcast(&p->jobs_drained);
+    }
+    pthread_mutex_unlock(&p->jobs_lock);
+    return NULL;
+}
+
+/* Wait until every queued route change is applied (without the GIL); the failure, if
+ * one found no memory, stays for sync_routes. */
+static void
+drain_routes(Plane *self)
+{
+    pthread_mutex_lock(&self->jobs_lock);
+    while (self->jobs_pending)
+        pthread_cond_wait(&self->jobs_drained, &self->jobs_lock);
+    pthread_mutex_unlock(&self->jobs_lock);
+}
+
+/* Stop the routes thread (what it had not applied is dropped: the plane is closing). */
+static void
+stop_router(Plane *self)
+{
+    if (!self->routing)
+        return;
+    pthread_mutex_lock(&self->jobs_lock);
+    self->jobs_stop = 1;
+    pthread_cond_signal(&self->jobs_queued);
+    pthread_mutex_unlock(&self->jobs_lock);
+    Py_BEGIN_ALLOW_THREADS
+    pthread_join(self->router, NULL);
+    Py_END_ALLOW_THREADS
+    self->routing = 0;
+    while (self->jobs_head) {
+        RouteJob *job = self->jobs_head;
+        self->jobs_head = job->next;
+        free(job);
+    }
+    self->jobs_tail = NULL;
+    self->jobs_pending = 0;
 }
 
 /* --- Keypairs: sealing, opening, the replay window ----------------------------------- */
@@ -1892,6 +2033,9 @@ plane_init(Plane *self, PyObject *args, PyObject *kwds)
     pthread_mutex_init(&self->retire_lock, NULL);
     pthread_rwlock_init(&self->routes_lock, NULL);
     pthread_rwlock_init(&self->index_lock, NULL);
+    pthread_mutex_init(&self->jobs_lock, NULL);
+    pthread_cond_init(&self->jobs_queued, NULL);
+    pthread_cond_init(&self->jobs_drained, NULL);
     self->tun_fd = self->stop_fd = self->news_fd = self->epoll_fd = -1;
     atomic_store(&self->mtu, mtu);
     self->routes4.width = 32;
@@ -1944,9 +2088,12 @@ plane_start(Plane *self, PyObject *Py_UNUSED(ignored))
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, &old);
-    int failed = pthread_create(&self->thread, NULL, plane_run, self) != 0;
+    int failed = pthread_create(&self->router, NULL, route_run, self) != 0;
+    self->routing = !failed;
+    failed = failed || pthread_create(&self->thread, NULL, plane_run, self) != 0;
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (failed) {
+        stop_router(self);
         PyErr_SetString(PyExc_RuntimeError, "cannot start the plane thread");
         return NULL;
     }
@@ -2000,6 +2147,7 @@ static void
 release_plane(Plane *self)
 {
     stop_thread(self);
+    stop_router(self);
     free_tables(self);
     int fds[4] = {self->stop_fd, self->news_fd, self->epoll_fd, self->tun_fd};
     close_fds(fds, 4);
@@ -2012,6 +2160,9 @@ release_plane(Plane *self)
     pthread_mutex_destroy(&self->retire_lock);
     pthread_rwlock_destroy(&self->routes_lock);
     pthread_rwlock_destroy(&self->index_lock);
+    pthread_mutex_destroy(&self->jobs_lock);
+    pthread_cond_destroy(&self->jobs_queued);
+    pthread_cond_destroy(&self->jobs_drained);
     memset((char *)self + offsetof(Plane, tun_fd), 0, sizeof *self - offsetof(Plane, tun_fd));
 }
 
@@ -2115,6 +2266,7 @@ plane_remove_peer(Plane *self, PyObject *arg)
     if (check_open(self) < 0 || !(peer = peer_of(self, arg)))
         return NULL;
     Py_BEGIN_ALLOW_THREADS /* a scan of the route tables: milliseconds at a million */
+    drain_routes(self);
     pthread_rwlock_wrlock(&self->routes_lock);
     clear_peer_routes(self, peer);
     pthread_rwlock_unlock(&self->routes_lock);
@@ -2196,11 +2348,6 @@ plane_clear_source(Plane *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
-typedef struct {
-    uint64_t hi, lo;
-    int length, v6;
-} Prefix;
-
 /* A uspan.wg.prefix int as (bits, length, family); -1 with ValueError if malformed. */
 static int
 parse_prefix(PyObject *item, Prefix *out)
@@ -2243,85 +2390,81 @@ bad:
     return -1;
 }
 
-/* The prefixes of a list, parsed with the GIL; NULL with an exception. */
-static Prefix *
-parse_prefixes(PyObject *list, Py_ssize_t *n)
-{
-    PyObject *items = PySequence_Fast(list, "prefixes must be a list");
-    if (!items)
-        return NULL;
-    *n = PySequence_Fast_GET_SIZE(items);
-    Prefix *prefixes = PyMem_RawMalloc(sizeof(Prefix) * (size_t)(*n ? *n : 1));
-    if (!prefixes) {
-        Py_DECREF(items);
-        PyErr_NoMemory();
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < *n; i++) {
-        if (parse_prefix(PySequence_Fast_GET_ITEM(items, i), &prefixes[i]) < 0) {
-            PyMem_RawFree(prefixes);
-            Py_DECREF(items);
-            return NULL;
-        }
-    }
-    Py_DECREF(items);
-    return prefixes;
-}
-
 static PyObject *
 change_routes(Plane *self, PyObject *args, PyObject *kwds, int add)
 {
     static char *kwlist[] = {"peer", "prefixes", NULL};
     PyObject *id, *list;
     Peer *peer;
-    Py_ssize_t n;
     if (check_open(self) < 0 || !PyArg_ParseTupleAndKeywords(args, kwds, "OO", kwlist, &id, &list)
         || !(peer = peer_of(self, id)))
         return NULL;
-    Prefix *prefixes = parse_prefixes(list, &n);
-    if (!prefixes)
+    PyObject *items = PySequence_Fast(list, "prefixes must be a list");
+    if (!items)
         return NULL;
-    int failed = 0;
+    size_t n = (size_t)PySequence_Fast_GET_SIZE(items);
+    RouteJob *job = malloc(sizeof *job + sizeof(Prefix) * n);
+    if (!job) {
+        Py_DECREF(items);
+        return PyErr_NoMemory();
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (parse_prefix(PySequence_Fast_GET_ITEM(items, (Py_ssize_t)i), &job->prefixes[i]) < 0) {
+            free(job);
+            Py_DECREF(items);
+            return NULL;
+        }
+    }
+    Py_DECREF(items);
+    job->next = NULL;
+    job->slot = peer->slot, job->generation = peer->generation;
+    job->add = add, job->n = n;
+    if (self->routing) { /* queued: the routes thread applies it */
+        pthread_mutex_lock(&self->jobs_lock);
+        if (self->jobs_tail)
+            self->jobs_tail->next = job;
+        else
+            self->jobs_head = job;
+        self->jobs_tail = job;
+        self->jobs_pending++;
+        pthread_cond_signal(&self->jobs_queued);
+        pthread_mutex_unlock(&self->jobs_lock);
+        Py_RETURN_NONE;
+    }
+    int failed;
     Py_BEGIN_ALLOW_THREADS
-    RouteTable grown[2];
-    int rebuilt[2] = {0, 0};
-    Route *old[2] = {NULL, NULL};
-    if (add) { /* room made beside the thread's lookups, swapped in under the write lock */
-        size_t more[2] = {0, 0};
-        for (Py_ssize_t i = 0; i < n; i++)
-            more[prefixes[i].v6 != 0]++;
-        pthread_rwlock_rdlock(&self->routes_lock);
-        for (int v6 = 0; v6 < 2 && !failed; v6++)
-            failed = (rebuilt[v6] = route_rebuilt(v6 ? &self->routes6 : &self->routes4,
-                                                   more[v6], &grown[v6])) < 0;
-        pthread_rwlock_unlock(&self->routes_lock);
-    }
-    pthread_rwlock_wrlock(&self->routes_lock);
-    for (int v6 = 0; v6 < 2; v6++) {
-        RouteTable *t = v6 ? &self->routes6 : &self->routes4;
-        if (rebuilt[v6] == 1 && !failed) {
-            old[v6] = t->entries;
-            *t = grown[v6];
-        } else if (rebuilt[v6] == 1) {
-            old[v6] = grown[v6].entries;
-        }
-    }
-    for (Py_ssize_t i = 0; i < n && !failed; i++) {
-        Prefix *x = &prefixes[i];
-        RouteTable *t = x->v6 ? &self->routes6 : &self->routes4;
-        if (add) {
-            failed = route_set(t, x->hi, x->lo, x->length, peer) < 0;
-        } else {
-            Route *r = route_find(t, x->hi, x->lo, x->length);
-            if (r && r->slot == peer->slot && r->generation == peer->generation)
-                route_delete(t, r);
-        }
-    }
-    pthread_rwlock_unlock(&self->routes_lock);
-    free(old[0]);
-    free(old[1]);
+    failed = apply_routes(self, job->slot, job->generation, job->prefixes, n, add) < 0;
     Py_END_ALLOW_THREADS
-    PyMem_RawFree(prefixes);
+    free(job);
+    if (failed)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+plane_routes_pending(Plane *self, PyObject *Py_UNUSED(ignored))
+{
+    if (check_open(self) < 0)
+        return NULL;
+    pthread_mutex_lock(&self->jobs_lock);
+    size_t pending = self->jobs_pending;
+    pthread_mutex_unlock(&self->jobs_lock);
+    return PyLong_FromSize_t(pending);
+}
+
+static PyObject *
+plane_sync_routes(Plane *self, PyObject *Py_UNUSED(ignored))
+{
+    if (check_open(self) < 0)
+        return NULL;
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    drain_routes(self);
+    pthread_mutex_lock(&self->jobs_lock);
+    failed = self->jobs_failed;
+    self->jobs_failed = 0;
+    pthread_mutex_unlock(&self->jobs_lock);
+    Py_END_ALLOW_THREADS
     if (failed)
         return PyErr_NoMemory();
     Py_RETURN_NONE;
@@ -2346,6 +2489,7 @@ plane_clear_routes(Plane *self, PyObject *arg)
     if (check_open(self) < 0 || !(peer = peer_of(self, arg)))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
+    drain_routes(self);
     pthread_rwlock_wrlock(&self->routes_lock);
     clear_peer_routes(self, peer);
     pthread_rwlock_unlock(&self->routes_lock);
@@ -2364,9 +2508,13 @@ plane_route(Plane *self, PyObject *arg)
         PyErr_SetString(PyExc_ValueError, "address must be 4 or 16 bytes");
         return NULL;
     }
+    uint64_t owner;
+    Py_BEGIN_ALLOW_THREADS
+    drain_routes(self);
     pthread_rwlock_rdlock(&self->routes_lock);
-    uint64_t owner = route_lookup(self, address.buf, (int)address.len);
+    owner = route_lookup(self, address.buf, (int)address.len);
     pthread_rwlock_unlock(&self->routes_lock);
+    Py_END_ALLOW_THREADS
     PyBuffer_Release(&address);
     if (owner == UINT64_MAX)
         Py_RETURN_NONE;
@@ -2963,13 +3111,15 @@ hook_batch(Plane *self, PyObject *args, PyObject **items, unsigned long long *no
     return b;
 }
 
-/* Run a step on the batch as the thread would (keypair pointers held as a slow call). */
+/* Run a step on the batch as the thread would (keypair pointers held as a slow call),
+ * with the routes of every call before it. */
 static void
 run_hook(Plane *self, void (*step)(Plane *, Batch *, int, uint64_t), Batch *b, int n,
          uint64_t now)
 {
     atomic_fetch_add(&self->slow_calls, 1);
     Py_BEGIN_ALLOW_THREADS
+    drain_routes(self);
     step(self, b, n, now);
     Py_END_ALLOW_THREADS
     atomic_fetch_sub(&self->slow_calls, 1);
@@ -3084,6 +3234,8 @@ static PyMethodDef plane_methods[] = {
     {"add_routes", (PyCFunction)(void (*)(void))plane_add_routes, METH_VARARGS | METH_KEYWORDS, "Route prefixes to the peer."},
     {"remove_routes", (PyCFunction)(void (*)(void))plane_remove_routes, METH_VARARGS | METH_KEYWORDS, "Remove the peer's prefixes."},
     {"clear_routes", (PyCFunction)plane_clear_routes, METH_O, "Remove all of the peer's prefixes."},
+    {"routes_pending", (PyCFunction)plane_routes_pending, METH_NOARGS, "Route changes queued and not yet applied."},
+    {"sync_routes", (PyCFunction)plane_sync_routes, METH_NOARGS, "Wait until the queued route changes are applied."},
     {"route", (PyCFunction)plane_route, METH_O, "The owner of an address, or None."},
     {"install", (PyCFunction)(void (*)(void))plane_install, METH_VARARGS | METH_KEYWORDS,
      "Install a keypair."},
