@@ -565,10 +565,13 @@ route_lookup(const Plane *p, const unsigned char *address, int size)
 #define PREFETCH_AHEAD 8 /* prefixes: a table of 100k routes is megabytes, each probe a miss */
 #define ROUTE_BATCH 4096 /* prefixes staged before the routes thread is woken */
 
-/* Apply one call's route changes for the peer (slot, generation), without the GIL: the
- * rehash an add needs is made under the read lock, beside the thread's lookups, and
- * swapped in with the changes under one hold of the write lock. -1: no memory. The
- * only writer: the routes thread while it runs, else the Python thread. */
+/* Apply one call's route changes for the peer (slot, generation), without the GIL. Under
+ * the read lock, beside the thread's lookups: the rehash an add needs, and a first probe
+ * of every change's slots, so that the write lock is held for changes in cache (each
+ * probe of a big table is a miss: the data thread waited for ~256 of them a hold, and
+ * for the holder whenever it was preempted holding it). Then the rehashed table is
+ * swapped in with the changes under one hold of the write lock. -1: no memory. The only
+ * writer: the routes thread while it runs, else the Python thread. */
 static int
 apply_routes(Plane *self, uint32_t slot, uint32_t generation, const Prefix *prefixes,
              size_t n, int add)
@@ -577,16 +580,29 @@ apply_routes(Plane *self, uint32_t slot, uint32_t generation, const Prefix *pref
     RouteTable grown[2];
     int rebuilt[2] = {0, 0};
     Route *old[2] = {NULL, NULL};
+    pthread_rwlock_rdlock(&self->routes_lock);
     if (add) {
         size_t more[2] = {0, 0};
         for (size_t i = 0; i < n; i++)
             more[prefixes[i].v6 != 0]++;
-        pthread_rwlock_rdlock(&self->routes_lock);
         for (int v6 = 0; v6 < 2 && !failed; v6++)
             failed = (rebuilt[v6] = route_rebuilt(v6 ? &self->routes6 : &self->routes4,
                                                    more[v6], &grown[v6])) < 0;
-        pthread_rwlock_unlock(&self->routes_lock);
     }
+    const RouteTable *next[2] = {rebuilt[0] == 1 ? &grown[0] : &self->routes4,
+                                 rebuilt[1] == 1 ? &grown[1] : &self->routes6};
+    volatile uintptr_t warm = 0; /* the probes' results: kept, so that they are made */
+    for (size_t i = 0; i < n && !failed; i++) {
+        const Prefix *x = &prefixes[i];
+        if (i + PREFETCH_AHEAD < n) {
+            const Prefix *y = &prefixes[i + PREFETCH_AHEAD];
+            const RouteTable *u = next[y->v6 != 0];
+            if (u->entries)
+                __builtin_prefetch(&u->entries[route_home(u, y->hi, y->lo, y->length)]);
+        }
+        warm ^= (uintptr_t)route_find(next[x->v6 != 0], x->hi, x->lo, x->length);
+    }
+    pthread_rwlock_unlock(&self->routes_lock);
     pthread_rwlock_wrlock(&self->routes_lock);
     for (int v6 = 0; v6 < 2; v6++) {
         RouteTable *t = v6 ? &self->routes6 : &self->routes4;
