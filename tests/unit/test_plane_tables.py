@@ -205,3 +205,28 @@ def test_keypairs_by_index_hold_many_and_refuse_reuse() -> None:
             plane.assign(other, -1, indices[1], -1)
     finally:
         plane.close()
+
+
+def _anon_huge_kib() -> int:
+    with open("/proc/self/smaps_rollup") as rollup:
+        for line in rollup:
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1])
+    return 0
+
+
+def test_a_big_route_table_is_on_huge_pages() -> None:
+    """Every probe of a table of 100k+ routes is a cache miss; on 4 KiB pages a TLB miss
+    and, while it fills, a page fault too: from 2 MiB a table asks for huge pages (the
+    plane's table work of the removes set, in the call: 31 ms of CPU -> 22 ms)."""
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as thp:
+        if "[never]" in thp.read():
+            pytest.skip("transparent huge pages are off")
+    with _plane(started=False) as plane:
+        before = _anon_huge_kib()
+        peer = plane.add_peer()
+        many = [(11 << 24 | i) | 32 << 33 for i in range(200_000)]  # a 16 MiB table
+        for start in range(0, len(many), 256):
+            plane.add_routes(peer, many[start:start + 256])
+        assert _anon_huge_kib() - before >= 4096
+        assert plane.route(bytes([11, 3, 13, 63])) == peer  # 11.3.13.63: the 200,000th
