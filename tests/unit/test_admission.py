@@ -706,6 +706,21 @@ def test_the_device_plans_reads_in_c_by_its_load() -> None:
     assert device.counters[Drop.COOKIE_LIMITED] == 7
 
 
+def test_what_the_threads_ring_had_no_room_for_puts_the_device_under_load() -> None:
+    """A flood that overflows the plane's punt ring before the core sees it counts for the
+    load, and for no drop of the core's own (the plane counts it)."""
+    net, _, b = initiator_and_responder()
+    device = b.device
+    device.gate_done(Counts(0, 0, 0, 0, 0, 0, overflowed=device.under_load_rate - 1),
+                     net.now)
+    plan = device.gate_plan(net.now)
+    assert plan is not None and not plan.under_load
+    device.gate_done(Counts(0, 0, 0, 0, 0, 0, overflowed=1), net.now)
+    plan = device.gate_plan(net.now)
+    assert plan is not None and plan.under_load
+    assert sum(device.counters.values()) == 0
+
+
 def test_a_read_in_c_under_load_passes_the_lane() -> None:
     """The peer whose endpoint the responder knows is in the plan's lane, so a read in
     C hands up its initiations whatever the budgets say."""

@@ -20,7 +20,10 @@ from uspan.daemon.memory import MemoryNetwork, MemoryTun
 from uspan.daemon.ports import PlanePort
 from uspan.plane._plane import NEWS_URGENT
 from uspan.wg import prefix
+from uspan.wg.admission import SAMPLE_WINDOW
 from uspan.wg.config import DeviceChange, PeerChange
+from uspan.wg.constants import UNDER_LOAD_AFTER
+from uspan.wg.cookie import cookie_key, mac1_key
 from uspan.wg.crypto import clamp, public_key
 
 
@@ -32,6 +35,8 @@ class NewsOnly:
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.collects: list[float] = []
         self.started = False
+        self.gates: list[tuple[object, ...]] = []  # the plans set (): none
+        self.taken = (0, 0, 0, 0, 0, 0)  # what the "thread" judged, for the next gate_take
         self._signalled: set[bool] = set()
 
     def signal(self, urgent: bool) -> float:
@@ -58,6 +63,19 @@ class NewsOnly:
 
     def counters(self) -> dict[str, int]:
         return {}
+
+    def routes_pending(self) -> int:
+        return 0
+
+    def sync_routes(self) -> None:
+        pass
+
+    def set_gate(self, *plan: object) -> None:
+        self.gates.append(plan)
+
+    def gate_take(self) -> tuple[int, int, int, int, int, int]:
+        taken, self.taken = self.taken, (0, 0, 0, 0, 0, 0)
+        return taken
 
 
 def test_records_wait_for_the_sync_and_a_punt_is_collected_at_once() -> None:
@@ -98,6 +116,35 @@ def test_the_planes_offload_flags_follow_what_the_kernel_took() -> None:
     assert dataplane.flags(tso | {"uso4"}, True) == _plane.OFFLOAD_TUN_VNET | _plane.OFFLOAD_UDP_GSO
     assert dataplane.flags(tso | {"uso4", "uso6"}, True) == (
         _plane.OFFLOAD_TUN_VNET | _plane.OFFLOAD_TUN_USO | _plane.OFFLOAD_UDP_GSO)
+
+
+def test_the_threads_gate_follows_the_cores_plan() -> None:
+    """No key: no plan (every handshake message goes up); a key: the calm plan with its
+    mac1 key. A flood of bad mac1s the thread dropped turns the load on: the plan says
+    so, is made again about every SAMPLE_WINDOW while it lasts, and calm after."""
+    plane = NewsOnly()
+    private = clamp(bytes(range(32)))
+    public = public_key(private)
+
+    async def main() -> None:
+        daemon = Daemon(MemoryTun(), MemoryNetwork().bind("192.0.2.1", 51820),
+                        plane=cast(PlanePort, plane))
+        async with daemon.running():
+            assert plane.gates == [()]
+            daemon.set(DeviceChange(private_key=private))
+            assert plane.gates[-1][:4] == (mac1_key(public), cookie_key(public), None, False)
+            plane.taken = (5000, 0, 0, 0, 0, 0)
+            plane.signal(urgent=True)
+            await trio.sleep(0.1)
+            assert plane.gates[-1][3] is True  # under load
+            assert plane.gates[-1][2] is not None  # with a secret for cookies
+            planned = len(plane.gates)
+            await trio.sleep(3 * SAMPLE_WINDOW)
+            assert 2 <= len(plane.gates) - planned <= 4
+            await trio.sleep(UNDER_LOAD_AFTER + 2 * SAMPLE_WINDOW)
+            assert plane.gates[-1][3] is False
+
+    trio.run(main, clock=MonotonicClock())
 
 
 class QueuedRoutes(NewsOnly):

@@ -185,6 +185,21 @@ def _initiation(generator: CookieGenerator, now: float) -> bytes:
     return bytes(body)
 
 
+def proven_retry(generator: CookieGenerator, reply: bytes, answered: bytes,
+                 sender: socket.socket) -> bytes:
+    """The initiator's retry after the cookie ``reply`` to ``answered``: the cookie opens
+    (bound to that message's mac1), is MAC(SECRET, the sender's source) and gives the
+    retry's mac2."""
+    parsed = messages.parse_cookie_reply(reply)
+    cookie = crypto.xaead_decrypt(COOKIE_KEY, parsed.nonce, parsed.encrypted_cookie,
+                                  answered[116:132])
+    source = socket.inet_aton("127.0.0.1") + sender.getsockname()[1].to_bytes(2, "big")
+    assert cookie == crypto.mac(SECRET, source)
+    retry = bytearray(_initiation(generator, 2.0))
+    retry[132:] = crypto.mac(cookie, bytes(retry[:132]))
+    return bytes(retry)
+
+
 @compiled
 def test_read_answers_beyond_hand_up_with_cookies_that_prove_the_retry(
         pair: tuple[socket.socket, socket.socket]) -> None:
@@ -204,18 +219,13 @@ def test_read_answers_beyond_hand_up_with_cookies_that_prove_the_retry(
     assert [r[4:8] for r in replies] == [m[4:8] for m in sent[2:4]]
     # The generator keeps the mac1 of its last message: the fifth, which got no reply.
     # Its cookie is what C sealed for this source, whichever message it answered.
+    retry = proven_retry(generator, replies[0], sent[2], sender)
     reply = messages.parse_cookie_reply(replies[0])
-    cookie = crypto.xaead_decrypt(COOKIE_KEY, reply.nonce, reply.encrypted_cookie,
-                                  sent[2][116:132])
-    source = socket.inet_aton("127.0.0.1") + sender.getsockname()[1].to_bytes(2, "big")
-    assert cookie == crypto.mac(SECRET, source)
     with pytest.raises(crypto.AuthenticationError):  # bound to its message's mac1
         crypto.xaead_decrypt(COOKIE_KEY, reply.nonce, reply.encrypted_cookie, sent[3][116:132])
-    retry = bytearray(_initiation(generator, 2.0))
-    retry[132:] = crypto.mac(cookie, bytes(retry[:132]))
-    sender.sendto(bytes(retry), receiver.getsockname())
+    sender.sendto(retry, receiver.getsockname())
     got, counts = _read(receiver)
-    assert got == [bytes(retry)]
+    assert got == [retry]
     assert counts == (0, 0, 0, 0, 0, 0)
 
 

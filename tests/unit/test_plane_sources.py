@@ -70,3 +70,22 @@ def test_the_sticky_source_is_the_address_replies_leave_from() -> None:
     finally:
         wildcard.close()
     assert roamed == (LOOPBACK, port, LOOPBACK, socket.if_nametoindex("lo"))
+
+
+def test_a_sticky_source_that_is_gone_is_forgotten_and_the_core_told() -> None:
+    """A's endpoint for B says to send from an address this host does not have (it went
+    away): the packet still goes, from the kernel's choice, and the endpoint forgets the
+    source at once (the core hears of it as a roam to the same address without one), so
+    the next packets are sent once each rather than failed and resent."""
+    gone = socket.inet_aton("192.0.2.55")
+    with tunnel() as (a, b):
+        address, port = b.udp4.getsockname()
+        a.plane.set_endpoint(a.peer, socket.inet_aton(address), port, local=gone)
+        a.plane.collect()
+        for i in range(3):
+            sent = packet(INNER4[0], INNER4[1], b"ping %d" % i)
+            a.write_tun(sent)
+            assert b.read_tun() == sent
+        assert a.plane.counters()["sticky_failed"] == 1
+        (record,) = a.plane.collect()[0]
+    assert record[9] == (socket.inet_aton(address), port, b"", 0)

@@ -6,11 +6,11 @@
  * cent. Here recvmmsg drains the socket in rounds of up to 64 datagrams into buffers
  * the caller owns, and each handshake message gets its verdict at C speed (a lone one,
  * or each piece of a receive the kernel coalesced that holds one, see holds_handshake):
- * ``classify`` (mac1 with BLAKE2s, kept keyed; under load mac2 against the cookie
- * secret). Bad mac1: dropped and counted. Under load, initiations without a valid mac2
- * (unproven) are handed to Python while ``hand_up`` allows (the core judges them as
- * before), then answered here with a cookie reply (XChaCha20-Poly1305: HChaCha20 here,
- * then OpenSSL's ChaCha20-Poly1305) while ``cookies`` allows, sent with one sendmmsg;
+ * ``hs_classify`` (uspan/csrc/handshake.c, which the data-plane thread shares: mac1,
+ * and under load mac2 against the cookie secret). Bad mac1: dropped and counted. Under
+ * load, initiations without a valid mac2 (unproven) are handed to Python while
+ * ``hand_up`` allows (the core judges them as before), then answered here with a cookie
+ * reply while ``cookies`` allows, sent with one sendmmsg;
  * the rest are dropped and counted. How many of each is the core's decision
  * (uspan.wg.admission), not this file's. Everything else (transport data, coalesced runs
  * of it, responses, cookie replies, proven initiations) goes to Python unchanged.
@@ -27,19 +27,11 @@
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 
-#define INITIATION_SIZE 148
-#define RESPONSE_SIZE 92
-#define MAC_SIZE 16
-#define KEY_SIZE 32
-#define NONCE_SIZE 24
-#define REPLY_SIZE 64
-#define MSG_INITIATION 1
-#define MSG_RESPONSE 2
-#define MSG_COOKIE_REPLY 3
+#include "../csrc/handshake.h" /* the verdict and the cookie reply */
+
 #define BATCH 64
 #define BUFFER_SIZE 65535
 #define CONTROL_SIZE 128
-#define LANE_RECORD 19 /* the key's length, then the key (IP || port) zero-padded to 18 */
 #ifndef SOL_UDP
 #define SOL_UDP 17
 #endif
@@ -47,261 +39,7 @@
 #define UDP_GRO 104
 #endif
 
-enum { PASS = 0, BAD_MAC1 = 1, PROVEN = 2, UNPROVEN = 3 };
-
 static EVP_CIPHER *chacha20_poly1305;
-static const unsigned char zero_mac[MAC_SIZE];
-
-static uint32_t
-le32(const unsigned char *p)
-{
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static void
-put_le32(unsigned char *p, uint32_t v)
-{
-    p[0] = (unsigned char)v;
-    p[1] = (unsigned char)(v >> 8);
-    p[2] = (unsigned char)(v >> 16);
-    p[3] = (unsigned char)(v >> 24);
-}
-
-/* Keyed BLAKE2s with a 16-byte digest (RFC 7693), WireGuard's MAC. Here rather than
- * OpenSSL's BLAKE2SMAC: its EVP calls cost ~4,400 instructions a MAC, and the state after
- * the key's block is the same for every message under one key, so it is kept (``Keyed``)
- * and each message costs only its own blocks. */
-static const uint32_t blake2s_iv[8] = {0x6A09E667, 0xBB67AE85, 0x3C6EF372, 0xA54FF53A,
-                                       0x510E527F, 0x9B05688C, 0x1F83D9AB, 0x5BE0CD19};
-static const unsigned char blake2s_sigma[10][16] = {
-    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
-    {14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3},
-    {11, 8, 12, 0, 5, 2, 15, 13, 10, 14, 3, 6, 7, 1, 9, 4},
-    {7, 9, 3, 1, 13, 12, 11, 14, 2, 6, 5, 10, 4, 0, 15, 8},
-    {9, 0, 5, 7, 2, 4, 10, 15, 14, 1, 11, 12, 6, 8, 3, 13},
-    {2, 12, 6, 10, 0, 11, 8, 3, 4, 13, 7, 5, 15, 14, 1, 9},
-    {12, 5, 1, 15, 14, 13, 4, 10, 0, 7, 6, 3, 9, 2, 8, 11},
-    {13, 11, 7, 14, 12, 1, 3, 9, 5, 0, 15, 4, 8, 6, 2, 10},
-    {6, 15, 14, 9, 11, 3, 0, 8, 12, 2, 13, 7, 1, 4, 10, 5},
-    {10, 2, 8, 4, 7, 6, 1, 5, 15, 11, 9, 14, 3, 12, 13, 0},
-};
-
-#define ROTR(v, n) (((v) >> (n)) | ((v) << (32 - (n))))
-#define MIX(a, b, c, d, x, y)                                                            \
-    do {                                                                                 \
-        a += b + (x); d = ROTR(d ^ a, 16); c += d; b = ROTR(b ^ c, 12);                  \
-        a += b + (y); d = ROTR(d ^ a, 8);  c += d; b = ROTR(b ^ c, 7);                   \
-    } while (0)
-
-static void
-blake2s_compress(uint32_t h[8], const unsigned char block[64], uint64_t bytes, int last)
-{
-    uint32_t m[16], v[16];
-    for (int i = 0; i < 16; i++)
-        m[i] = le32(block + 4 * i);
-    for (int i = 0; i < 8; i++) {
-        v[i] = h[i];
-        v[i + 8] = blake2s_iv[i];
-    }
-    v[12] ^= (uint32_t)bytes;
-    v[13] ^= (uint32_t)(bytes >> 32);
-    if (last)
-        v[14] = ~v[14];
-    for (int r = 0; r < 10; r++) {
-        const unsigned char *s = blake2s_sigma[r];
-        MIX(v[0], v[4], v[8], v[12], m[s[0]], m[s[1]]);
-        MIX(v[1], v[5], v[9], v[13], m[s[2]], m[s[3]]);
-        MIX(v[2], v[6], v[10], v[14], m[s[4]], m[s[5]]);
-        MIX(v[3], v[7], v[11], v[15], m[s[6]], m[s[7]]);
-        MIX(v[0], v[5], v[10], v[15], m[s[8]], m[s[9]]);
-        MIX(v[1], v[6], v[11], v[12], m[s[10]], m[s[11]]);
-        MIX(v[2], v[7], v[8], v[13], m[s[12]], m[s[13]]);
-        MIX(v[3], v[4], v[9], v[14], m[s[14]], m[s[15]]);
-    }
-    for (int i = 0; i < 8; i++)
-        h[i] ^= v[i] ^ v[i + 8];
-}
-
-typedef struct {
-    uint32_t h[8]; /* after the key's block */
-} Keyed;
-
-/* The state after ``key`` (1-32 bytes) for 16-byte MACs. */
-static void
-blake2s_key(Keyed *keyed, const unsigned char *key, size_t key_len)
-{
-    unsigned char block[64] = {0};
-    memcpy(keyed->h, blake2s_iv, sizeof(keyed->h));
-    keyed->h[0] ^= 0x01010000 ^ ((uint32_t)key_len << 8) ^ MAC_SIZE;
-    memcpy(block, key, key_len);
-    blake2s_compress(keyed->h, block, 64, 0);
-}
-
-/* MAC(key, data) from the keyed state; ``len`` must not be 0 (the key's block would be
- * the last one then, and no MAC here is of nothing). */
-static void
-blake2s_mac(const Keyed *keyed, const unsigned char *data, size_t len,
-            unsigned char out[MAC_SIZE])
-{
-    uint32_t h[8];
-    unsigned char block[64] = {0};
-    uint64_t bytes = 64;
-    memcpy(h, keyed->h, sizeof(h));
-    for (; len > 64; data += 64, len -= 64) {
-        bytes += 64;
-        blake2s_compress(h, data, bytes, 0);
-    }
-    memcpy(block, data, len);
-    blake2s_compress(h, block, bytes + len, 1);
-    for (int i = 0; i < 4; i++)
-        put_le32(out + 4 * i, h[i]);
-}
-
-/* The keys of one read: mac1's, and the cookie secret's (none when there is none fresh).
- * Keyed on first use: most reads carry no handshake message, and a lone packet's read
- * after an idle runs with cold caches, where every avoidable touch shows in its latency. */
-typedef struct {
-    const unsigned char *mac1_key, *secret_key;
-    Keyed mac1, secret;
-    int has_secret, keyed;
-} Macs;
-
-static void
-macs_init(Macs *macs, const unsigned char *mac1_key, const unsigned char *secret)
-{
-    macs->mac1_key = mac1_key;  /* NULL: only cookies are made with these */
-    macs->secret_key = secret;
-    macs->has_secret = secret != NULL;
-    macs->keyed = 0;
-}
-
-static Macs *
-macs_keyed(Macs *macs)
-{
-    if (!macs->keyed) {
-        if (macs->mac1_key != NULL)
-            blake2s_key(&macs->mac1, macs->mac1_key, KEY_SIZE);
-        if (macs->secret_key != NULL)
-            blake2s_key(&macs->secret, macs->secret_key, KEY_SIZE);
-        macs->keyed = 1;
-    }
-    return macs;
-}
-
-/* Whether ``msg`` is an initiation or a response by its type and size: all a verdict
- * judges; everything else passes. */
-static int
-is_handshake(const unsigned char *msg, size_t len)
-{
-    return len >= 4 && !msg[1] && !msg[2] && !msg[3]
-           && ((msg[0] == MSG_INITIATION && len == INITIATION_SIZE)
-               || (msg[0] == MSG_RESPONSE && len == RESPONSE_SIZE));
-}
-
-/* The verdict on one datagram (see uspan.wg.verdict.classify_py, which it must match). */
-static int
-classify(const unsigned char *msg, size_t len, const unsigned char *source, size_t source_len,
-         Macs *macs, int under_load)
-{
-    unsigned char mac[MAC_SIZE], cookie[MAC_SIZE];
-    if (!is_handshake(msg, len))
-        return PASS;
-    macs_keyed(macs);
-    blake2s_mac(&macs->mac1, msg, len - 2 * MAC_SIZE, mac);
-    if (CRYPTO_memcmp(mac, msg + len - 2 * MAC_SIZE, MAC_SIZE))
-        return BAD_MAC1;
-    if (!under_load || msg[0] != MSG_INITIATION)
-        return PASS;
-    if (!macs->has_secret || !memcmp(msg + len - MAC_SIZE, zero_mac, MAC_SIZE))
-        return UNPROVEN;
-    Keyed cookie_keyed;
-    blake2s_mac(&macs->secret, source, source_len, cookie);
-    blake2s_key(&cookie_keyed, cookie, MAC_SIZE);
-    blake2s_mac(&cookie_keyed, msg, len - MAC_SIZE, mac);
-    if (CRYPTO_memcmp(mac, msg + len - MAC_SIZE, MAC_SIZE))
-        return UNPROVEN;
-    return PROVEN;
-}
-
-#define ROTL(v, n) (((v) << (n)) | ((v) >> (32 - (n))))
-#define QUARTER(a, b, c, d)                                                              \
-    do {                                                                                 \
-        a += b; d ^= a; d = ROTL(d, 16); c += d; b ^= c; b = ROTL(b, 12);                \
-        a += b; d ^= a; d = ROTL(d, 8);  c += d; b ^= c; b = ROTL(b, 7);                 \
-    } while (0)
-
-/* HChaCha20 (draft-irtf-cfrg-xchacha): the subkey of XChaCha20 from a key and the first
- * 16 bytes of the nonce. OpenSSL has no XChaCha20. */
-static void
-hchacha20(const unsigned char key[KEY_SIZE], const unsigned char nonce[16],
-          unsigned char out[KEY_SIZE])
-{
-    uint32_t x[16] = {0x61707865, 0x3320646e, 0x79622d32, 0x6b206574};
-    for (int i = 0; i < 8; i++)
-        x[4 + i] = le32(key + 4 * i);
-    for (int i = 0; i < 4; i++)
-        x[12 + i] = le32(nonce + 4 * i);
-    for (int i = 0; i < 10; i++) {
-        QUARTER(x[0], x[4], x[8], x[12]);
-        QUARTER(x[1], x[5], x[9], x[13]);
-        QUARTER(x[2], x[6], x[10], x[14]);
-        QUARTER(x[3], x[7], x[11], x[15]);
-        QUARTER(x[0], x[5], x[10], x[15]);
-        QUARTER(x[1], x[6], x[11], x[12]);
-        QUARTER(x[2], x[7], x[8], x[13]);
-        QUARTER(x[3], x[4], x[9], x[14]);
-    }
-    for (int i = 0; i < 4; i++) {
-        put_le32(out + 4 * i, x[i]);
-        put_le32(out + 16 + 4 * i, x[12 + i]);
-    }
-}
-
-/* The 64-byte cookie reply to initiation ``msg`` from ``source`` (whitepaper 5.4.7):
- * type 3, the initiator's sender index, the random ``nonce``, and the cookie
- * MAC(secret, source) sealed with XChaCha20-Poly1305 under ``cookie_key`` with the
- * message's mac1 as associated data. */
-static int
-cookie_reply(unsigned char reply[REPLY_SIZE], const unsigned char *msg, size_t len,
-             const unsigned char *source, size_t source_len, const unsigned char *nonce,
-             Macs *macs, const unsigned char *cookie_key, EVP_CIPHER_CTX *ctx)
-{
-    unsigned char cookie[MAC_SIZE], subkey[KEY_SIZE], iv[12] = {0};
-    unsigned char *sealed = reply + 8 + NONCE_SIZE;
-    int written = 0;
-    memset(reply, 0, 4);
-    reply[0] = MSG_COOKIE_REPLY;
-    memcpy(reply + 4, msg + 4, 4);
-    memcpy(reply + 8, nonce, NONCE_SIZE);
-    if (!macs->has_secret || source_len == 0)
-        return 0;
-    blake2s_mac(&macs_keyed(macs)->secret, source, source_len, cookie);
-    hchacha20(cookie_key, nonce, subkey);
-    memcpy(iv + 4, nonce + 16, 8);
-    int ok = EVP_EncryptInit_ex2(ctx, chacha20_poly1305, subkey, iv, NULL)
-             && EVP_EncryptUpdate(ctx, NULL, &written, msg + len - 2 * MAC_SIZE, MAC_SIZE)
-             && EVP_EncryptUpdate(ctx, sealed, &written, cookie, MAC_SIZE)
-             && written == MAC_SIZE && EVP_EncryptFinal_ex(ctx, sealed + MAC_SIZE, &written)
-             && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, MAC_SIZE, sealed + MAC_SIZE);
-    OPENSSL_cleanse(subkey, sizeof(subkey));
-    return ok;
-}
-
-/* The source key cookies are made for: IP bytes || port (big-endian). */
-static size_t
-source_key(const struct sockaddr_storage *address, unsigned char out[18])
-{
-    if (address->ss_family == AF_INET) {
-        const struct sockaddr_in *v4 = (const struct sockaddr_in *)address;
-        memcpy(out, &v4->sin_addr, 4);
-        memcpy(out + 4, &v4->sin_port, 2);
-        return 6;
-    }
-    const struct sockaddr_in6 *v6 = (const struct sockaddr_in6 *)address;
-    memcpy(out, &v6->sin6_addr, 16);
-    memcpy(out + 16, &v6->sin6_port, 2);
-    return 18;
-}
 
 /* Python's form of a socket address: (host, port) or (host, port, flowinfo, scope_id).
  * The last one made is kept: a read is mostly the same peer's datagrams as the last, and
@@ -336,18 +74,6 @@ address_tuple(const struct sockaddr_storage *address)
         last_length = length;
     }
     return tuple;
-}
-
-/* Whether ``source`` is one of the lane's (the peers' endpoints): its mac2-less
- * initiations always go up, where the core's priority lane serves them. */
-static int
-in_lane(const unsigned char *source, size_t source_len, const unsigned char *lane,
-        size_t lane_len)
-{
-    for (size_t at = 0; at + LANE_RECORD <= lane_len; at += LANE_RECORD)
-        if (lane[at] == source_len && !memcmp(lane + at + 1, source, source_len))
-            return 1;
-    return 0;
 }
 
 typedef struct {
@@ -411,8 +137,8 @@ typedef struct {
     struct iovec iovecs[BATCH];
     struct sockaddr_storage addresses[BATCH];
     unsigned char controls[BATCH][CONTROL_SIZE];
-    unsigned char data[BATCH][REPLY_SIZE];
-    unsigned char nonces[BATCH][NONCE_SIZE]; /* drawn for a whole batch: RAND_bytes costs
+    unsigned char data[BATCH][HS_REPLY_SIZE];
+    unsigned char nonces[BATCH][HS_NONCE_SIZE]; /* drawn for a whole batch: RAND_bytes costs
                                                 ~7k instructions a call */
     int count;
 } Replies;
@@ -483,7 +209,7 @@ typedef struct {
     long bad_mac1, handed, cookies_sent, dropped, failed;
     const unsigned char *secret, *cookie_key, *lane;
     size_t lane_len;
-    Macs macs;
+    hs_macs macs;
     Replies *replies;  /* made at the read's first cookie: 27 KiB that reads answering
                           nothing never touch */
     EVP_CIPHER_CTX *ctx;
@@ -496,16 +222,16 @@ static int
 judge(Judge *j, const unsigned char *message, size_t len,
       const struct sockaddr_storage *address, socklen_t address_len, const Control *control)
 {
-    unsigned char source[18];
-    size_t source_len = source_key(address, source);
-    int verdict = classify(message, len, source, source_len, &j->macs, j->under_load);
-    if (verdict == BAD_MAC1) {
+    unsigned char source[HS_SOURCE_SIZE];
+    size_t source_len = hs_source_key((const struct sockaddr *)address, source);
+    int verdict = hs_classify(message, len, source, source_len, &j->macs, j->under_load);
+    if (verdict == HS_BAD_MAC1) {
         j->bad_mac1++;
         return 0;
     }
-    if (verdict == UNPROVEN && in_lane(source, source_len, j->lane, j->lane_len))
-        verdict = PASS;
-    if (verdict == UNPROVEN && j->handed >= j->hand_budget) {
+    if (verdict == HS_UNPROVEN && hs_in_lane(source, source_len, j->lane, j->lane_len))
+        verdict = HS_PASS;
+    if (verdict == HS_UNPROVEN && j->handed >= j->hand_budget) {
         if (j->cookies_sent >= j->cookie_budget || j->secret == NULL) {
             j->dropped++;
             return 0;
@@ -529,15 +255,16 @@ judge(Judge *j, const unsigned char *message, size_t len,
             }
             j->nonces_ready = 1;
         }
-        if (!cookie_reply(replies->data[r], message, len, source, source_len,
-                          replies->nonces[r], &j->macs, j->cookie_key, j->ctx)) {
+        if (!hs_cookie_reply(replies->data[r], message, len, source, source_len,
+                             replies->nonces[r], &j->macs, j->cookie_key, chacha20_poly1305,
+                             j->ctx)) {
             j->dropped++;
             return 0;
         }
         struct msghdr *reply = &replies->headers[r].msg_hdr;
         memcpy(&replies->addresses[r], address, address_len);
         replies->iovecs[r].iov_base = replies->data[r];
-        replies->iovecs[r].iov_len = REPLY_SIZE;
+        replies->iovecs[r].iov_len = HS_REPLY_SIZE;
         memset(reply, 0, sizeof(*reply));
         reply->msg_name = &replies->addresses[r];
         reply->msg_namelen = address_len;
@@ -553,7 +280,7 @@ judge(Judge *j, const unsigned char *message, size_t len,
         }
         return 0;
     }
-    if (verdict == UNPROVEN)
+    if (verdict == HS_UNPROVEN)
         j->handed++;
     return hand_up(j->out, message, len, address, control);
 }
@@ -567,7 +294,7 @@ static int
 holds_handshake(const unsigned char *data, size_t len, size_t gso)
 {
     for (size_t at = 0; at < len; at += gso)
-        if (is_handshake(data + at, len - at < gso ? len - at : gso))
+        if (hs_is_handshake(data + at, len - at < gso ? len - at : gso))
             return 1;
     return 0;
 }
@@ -590,15 +317,15 @@ gate_read(PyObject *module, PyObject *args)
     Judge j = {.fd = fd, .under_load = under_load, .hand_budget = hand_budget,
                .cookie_budget = cookie_budget, .secret = secret.buf,
                .cookie_key = cookie_key.buf, .lane = lane.buf, .lane_len = (size_t)lane.len};
-    if (buffer.len < (Py_ssize_t)BATCH * BUFFER_SIZE || mac1_key.len != KEY_SIZE
-        || cookie_key.len != KEY_SIZE || (secret.buf != NULL && secret.len != KEY_SIZE)) {
+    if (buffer.len < (Py_ssize_t)BATCH * BUFFER_SIZE || mac1_key.len != HS_KEY_SIZE
+        || cookie_key.len != HS_KEY_SIZE || (secret.buf != NULL && secret.len != HS_KEY_SIZE)) {
         PyErr_SetString(PyExc_ValueError, "buffer of 64 x 65535 bytes and 32-byte keys needed");
         goto done;
     }
     j.out = PyList_New(0);
     if (j.out == NULL)
         goto done;
-    macs_init(&j.macs, mac1_key.buf, secret.buf);  /* secret NULL for None */
+    hs_macs_init(&j.macs, mac1_key.buf, secret.buf);  /* secret NULL for None */
     struct mmsghdr headers[BATCH];
     struct iovec iovecs[BATCH];
     struct sockaddr_storage addresses[BATCH];
@@ -689,13 +416,13 @@ gate_classify(PyObject *module, PyObject *args)
                           &under_load))
         return NULL;
     PyObject *result = NULL;
-    Macs macs;
-    if (mac1_key.len != KEY_SIZE || (secret.buf != NULL && secret.len != KEY_SIZE))
+    hs_macs macs;
+    if (mac1_key.len != HS_KEY_SIZE || (secret.buf != NULL && secret.len != HS_KEY_SIZE))
         PyErr_SetString(PyExc_ValueError, "keys must be 32 bytes");
     else {
-        macs_init(&macs, mac1_key.buf, secret.buf);
-        result = PyLong_FromLong(classify(data.buf, data.len, source.buf, source.len, &macs,
-                                          under_load));
+        hs_macs_init(&macs, mac1_key.buf, secret.buf);
+        result = PyLong_FromLong(hs_classify(data.buf, data.len, source.buf, source.len,
+                                             &macs, under_load));
     }
     PyBuffer_Release(&data);
     PyBuffer_Release(&source);
@@ -715,24 +442,25 @@ gate_cookie_reply(PyObject *module, PyObject *args)
     (void)module;
     Py_buffer buffers[4];
     PyObject *result = NULL;
-    unsigned char reply[REPLY_SIZE], nonce[NONCE_SIZE];
+    unsigned char reply[HS_REPLY_SIZE], nonce[HS_NONCE_SIZE];
     if (!PyArg_ParseTuple(args, "y*y*y*y*:cookie_reply", &buffers[0], &buffers[1],
                           &buffers[2], &buffers[3]))
         return NULL;
     EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
-    Macs macs;
-    if (buffers[0].len != INITIATION_SIZE || buffers[2].len != KEY_SIZE
-        || buffers[3].len != KEY_SIZE || (buffers[1].len != 6 && buffers[1].len != 18))
+    hs_macs macs;
+    if (buffers[0].len != HS_INITIATION_SIZE || buffers[2].len != HS_KEY_SIZE
+        || buffers[3].len != HS_KEY_SIZE || (buffers[1].len != 6 && buffers[1].len != 18))
         PyErr_SetString(PyExc_ValueError,
                         "an initiation, a source key (IP || port: 6 or 18 bytes) and 32-byte keys");
     else {
-        macs_init(&macs, NULL, buffers[2].buf);
-        if (ctx == NULL || RAND_bytes(nonce, NONCE_SIZE) != 1
-            || !cookie_reply(reply, buffers[0].buf, buffers[0].len, buffers[1].buf,
-                             buffers[1].len, nonce, &macs, buffers[3].buf, ctx))
+        hs_macs_init(&macs, NULL, buffers[2].buf);
+        if (ctx == NULL || RAND_bytes(nonce, HS_NONCE_SIZE) != 1
+            || !hs_cookie_reply(reply, buffers[0].buf, buffers[0].len, buffers[1].buf,
+                                buffers[1].len, nonce, &macs, buffers[3].buf,
+                                chacha20_poly1305, ctx))
             PyErr_SetString(PyExc_RuntimeError, "OpenSSL could not seal a cookie reply");
         else
-            result = PyBytes_FromStringAndSize((const char *)reply, REPLY_SIZE);
+            result = PyBytes_FromStringAndSize((const char *)reply, HS_REPLY_SIZE);
     }
     EVP_CIPHER_CTX_free(ctx);
     for (int i = 0; i < 4; i++)

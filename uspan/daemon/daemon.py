@@ -69,12 +69,17 @@ from uspan.wg.endpoint import Endpoint
 from uspan.wg.facts import PeerFacts
 from uspan.wg.plane import endpoint_of
 from uspan.wg.uapi import GetParts, get_pieces
+from uspan.wg.verdict import Counts, Plan
 
 log = logging.getLogger("uspan.daemon")
 WATCH_INTERVAL = 1.0  # seconds between checks of the UAPI socket file and the MTU
 SYNC_DELAY = 1.0  # seconds a plane's traffic records wait for the core (docs/dataplane.md)
 ROUTES_POLL = 0.0005  # seconds between looks at the plane's queue of route changes
 SYNC_STEP = 64  # records per slice of a sync (20,000 dirty peers must not hold the loop)
+# Under load the plane's gate gets a new plan at most this often (the thread asks when a
+# budget runs out: a plan's tokens are those since the last) and at least every
+# SAMPLE_WINDOW (so the end of the load reaches it).
+GATE_REPLAN = 0.01
 _ECHO_REQUEST = {4: (1, 8), 6: (58, 128)}  # by IP version: ICMP's protocol, echo's type
 _TUN_FAILED = {"read": "read packet from", "write": "write packets to"}  # wireguard-go's
 _OWN = bytes([MARK])  # the first byte of uspan's own datagrams (the demux's)
@@ -164,8 +169,12 @@ class Daemon:
         self.device.mtu = tun.mtu
         self.device.listen_port = bind.port
         self.device.admission.backlog = lambda: self.bind.backlog()  # the bind may change
-        if plane is None:  # the plane's thread reads the sockets: no gate (yet)
+        self._gate_plan: Plan | None = None  # the plane's gate's, and when it was made
+        self._gate_planned = -math.inf
+        if plane is None:
             self._set_gate(bind)
+        else:  # the thread judges handshake messages and answers a flood's cookies
+            self.device.admission.allow_bulk(BULK_COOKIES_PER_SECOND)
 
     def _set_gate(self, bind: BindPort) -> None:
         """Have ``bind`` read in C where it can: the core then answers a flood's cookies
@@ -243,6 +252,7 @@ class Daemon:
                             raise RuntimeError("a Daemon with a data plane runs under "
                                                "trio.run(..., clock=MonotonicClock())")
                         self.plane.start()
+                        self._gate_step(_now(), replan=True)
                         nursery.start_soon(self._plane_loop)
                     else:
                         nursery.start_soon(self._tun_loop)
@@ -461,6 +471,37 @@ class Daemon:
             punts = core
             own += self.demux.split(claimed)
         out += device.punted(punts, now)
+        self._gate_step(now)
+
+    def _gate_step(self, now: float, *, replan: bool = False) -> None:
+        """The plane's gate (``_gate.c``'s judgement, in the thread): what it judged since
+        the last step goes to the core (its load and budgets), then the core's plan to
+        the thread; under load at most every GATE_REPLAN (later: a collect is due then),
+        unless ``replan`` (the keys changed)."""
+        assert self.plane is not None
+        device = self.device
+        device.gate_done(Counts(0, *self.plane.gate_take()), now)
+        last = self._gate_plan
+        if not replan and last is not None and last.under_load:
+            due = self._gate_planned + GATE_REPLAN
+            if now < due:
+                self._collect_by(due)
+                return
+        plan = self._gate_plan = device.gate_plan(now)
+        self._gate_planned = now
+        if plan is None:
+            self.plane.set_gate()
+            return
+        self.plane.set_gate(plan.mac1_key, plan.cookie_key, plan.secret, plan.under_load,
+                            plan.hand_up, plan.cookies, plan.lane)
+        if plan.under_load:
+            self._collect_by(now + SAMPLE_WINDOW)
+
+    def _collect_by(self, when: float) -> None:
+        """Have the timers collect the plane's news by ``when``."""
+        if when < self._sync_at:
+            self._sync_at = when
+            self._poke_timer()
 
     def _sync_now(self) -> None:
         """Collect at once, outside a task (``peer_facts``); its datagrams go soon.
@@ -718,6 +759,8 @@ class Daemon:
                     for receiver in new_bind.receivers:
                         self._nursery.start_soon(self._udp_loop, receiver)
         self.device.listen_port = self.bind.port
+        if self.plane is not None:
+            self._gate_step(_now(), replan=True)  # a new key: the thread's mac1 with it
         if self._nursery is not None:
             self._nursery.start_soon(self._send, out)
         else:

@@ -17,6 +17,8 @@
  *     it once per run of one peer in a batch);
  *   index (write) inside peer->lock: install, drop, the thread's confirm of `next`;
  *   news_lock inside peer->lock: dirty list, punt ring, the eventfd signal;
+ *   gate_lock outside news_lock: the core's plan for handshake messages and what it
+ *     judged (a handed-up initiation is counted and punted at once);
  *   retire_lock innermost: keypairs waiting to be freed;
  *   jobs_lock alone: the queue of route changes for the routes thread (route_run).
  * Freed keypairs wait for the thread's next batch boundary (epoch): a batch that looked
@@ -32,7 +34,9 @@
 #include <net/if.h>
 #include <stddef.h>
 #include <netinet/in.h>
+#include <openssl/crypto.h>
 #include <openssl/evp.h>
+#include <openssl/rand.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -50,12 +54,14 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "../csrc/handshake.h" /* the gate's verdict and cookie replies, as _gate.c */
 #include "../csrc/segment.h" /* TSO/USO cuts and GRO merges over plain buffers */
 #include "../wg/_transport.h" /* the message layout and sealing, as the core's _aead.c */
 
 #define INITIATION_SIZE 148
 #define RESPONSE_SIZE 92
 #define COOKIE_REPLY_SIZE 64
+#define MSG_COOKIE_REPLY 3
 #define DEMUX_MARK 0xFF
 #define BATCH 32
 #define MAX_MTU 9216
@@ -82,6 +88,9 @@
 #define PEER_CHUNK 1024
 #define PEER_CHUNKS 1024 /* up to a million peers */
 #define NO_SLOT UINT32_MAX
+#define GATE_LANE_MAX 256  /* lane records a plan may carry (the core's: MAX_TRUSTED) */
+#define GATE_ASK_AFTER 128 /* bad mac1s a calm plan drops before the core hears of them */
+#define GATE_REPLIES 32    /* cookie replies per sendmmsg */
 
 enum { PUNT_TUN = 1, PUNT_UDP = 2, PUNT_EGRESS = 3 };
 enum { EVENT_CONFIRMED = 1 };
@@ -214,6 +223,26 @@ typedef struct {
     unsigned char data[SLOT];
 } Punt;
 
+/* The core's plan for handshake messages (uspan.wg.verdict.Plan), judged in the thread
+ * as uspan/daemon/_gate.c judges them in the trio path, and what was judged since the
+ * core last took it (gate_take). Off: every handshake message goes up. A collect moves
+ * the counts to `taken` with the punts it takes (under gate_lock): the core's budgets
+ * then know exactly which handed-up initiations it has judged. */
+typedef struct {
+    int on, under_load, has_secret;
+    unsigned char mac1_key[HS_KEY_SIZE], cookie_key[HS_KEY_SIZE], secret[HS_KEY_SIZE];
+    hs_macs macs; /* over the keys above, keyed at the first message judged */
+    int64_t hand_up, cookies; /* what is left of the plan's budgets */
+    unsigned char lane[GATE_LANE_MAX * HS_LANE_RECORD];
+    size_t lane_len;
+    int asked; /* the core was asked for a new plan since this one came */
+    /* since the last collect: as uspan.wg.verdict.Counts, and overflowed: up but no room */
+    uint64_t bad_mac1, handed, cookies_sent, dropped, failed, overflowed;
+    uint64_t taken[6]; /* the same, up to the last collect, for gate_take */
+} Gate;
+
+typedef struct Replies Replies;
+
 /* One batch: the thread's own, or a synchronous call's. Item i's bytes are at data[i]:
  * slot i of the arena (SLOT bytes each), or for a receive a datagram inside one of the
  * arena's RX_BUFFER-byte receive buffers (a UDP_GRO buffer holds many). */
@@ -227,6 +256,7 @@ typedef struct {
     size_t offset[CAPACITY];   /* where the outgoing bytes start in data */
     size_t out[CAPACITY];      /* outgoing size, 0: nothing to send or write */
     unsigned char *arena;
+    Replies *replies;          /* the thread's: cookie replies; NULL: none made (hooks) */
 } Batch;
 
 /* The thread's offload workspace (with OFFLOAD_TUN_VNET), allocated once. */
@@ -283,6 +313,9 @@ typedef struct {
     uint64_t punt_round; /* collects so far: a peer's TUN punt cap is per round */
     pthread_mutex_t retire_lock;
     Keypair *retired;
+    pthread_mutex_t gate_lock;
+    Gate gate;
+    Replies *replies; /* the thread's cookie replies, sent after each receive */
     Batch *batch; /* the thread's */
     Offload *offload; /* the thread's, with OFFLOAD_TUN_VNET */
     unsigned long owner; /* the Python thread that initialised it: the only caller */
@@ -1179,6 +1212,70 @@ confirm_next(Plane *p, Peer *peer)
     peer->record.confirmed_index = next->local_index;
 }
 
+/* --- The gate: handshake messages judged in the thread -------------------------------- */
+
+static int gate_reply(Plane *p, Batch *b, int i, const unsigned char *source,
+                      size_t source_len);
+static void gate_flush(Plane *p, Replies *r);
+static int gate_full(const Replies *r);
+
+/* A handshake message (an initiation or a response by type and size) by the core's plan
+ * (uspan.wg.verdict.Plan), as _gate.c's judge: punted to the core, dropped, or answered
+ * with a cookie reply, and counted for the core's load and budgets (gate_take): a
+ * handed-up initiation as it is punted, under gate_lock, so a collect takes the two
+ * together. One the ring has no room for is counted apart (overflowed, for the core's
+ * load: it then hears of a flood before it is handed the flood). The core is asked once for a new plan (urgent news)
+ * when a budget runs out or the ring overflows, or when a calm plan has dropped
+ * GATE_ASK_AFTER bad mac1s. Without a plan every one goes up. */
+static void
+gate_judge(Plane *p, Batch *b, int i)
+{
+    Gate *g = &p->gate;
+    unsigned char source[HS_SOURCE_SIZE];
+    int up = 1, handed = 0, ask = 0;
+    pthread_mutex_lock(&p->gate_lock);
+    if (g->on) {
+        size_t source_len = hs_source_key(&b->addr[i].addr.sa, source);
+        int verdict = hs_classify(b->data[i], b->size[i], source, source_len, &g->macs,
+                                  g->under_load);
+        if (verdict == HS_BAD_MAC1) {
+            up = 0;
+            ask = ++g->bad_mac1 >= GATE_ASK_AFTER && !g->under_load;
+        } else if (verdict == HS_UNPROVEN
+                   && !hs_in_lane(source, source_len, g->lane, g->lane_len)) {
+            handed = g->hand_up > 0;
+            if (!handed) {
+                up = 0;
+                if (g->cookies > 0 && gate_reply(p, b, i, source, source_len)) {
+                    g->cookies_sent++;
+                    ask = --g->cookies == 0;
+                } else {
+                    g->dropped++;
+                    ask = 1;
+                }
+            }
+        }
+    }
+    if (up && punt(p, PUNT_UDP, NULL, b->data[i], b->size[i], &b->addr[i], b->fd[i])) {
+        if (handed) {
+            g->handed++;
+            ask = --g->hand_up == 0;
+        }
+    } else if (up && g->on) {
+        g->overflowed++;
+        ask = 1;
+    }
+    if (ask && !g->asked) {
+        g->asked = 1;
+        pthread_mutex_lock(&p->news_lock);
+        signal_news(p, 1);
+        pthread_mutex_unlock(&p->news_lock);
+    }
+    pthread_mutex_unlock(&p->gate_lock);
+    if (b->replies && gate_full(b->replies))
+        gate_flush(p, b->replies);
+}
+
 /* One datagram's first look: 1 if it is a transport message to open (index in
  * *index), else 0 after punting or counting it. */
 static int
@@ -1206,8 +1303,10 @@ classify(Plane *p, Batch *b, int i, uint32_t *index)
     if (d[0] != MSG_TRANSPORT) {
         if (size != sizes[d[0]])
             count(p, C_BAD_LENGTH, 1);
-        else
+        else if (d[0] == MSG_COOKIE_REPLY)
             punt(p, PUNT_UDP, NULL, d, size, &b->addr[i], b->fd[i]);
+        else
+            gate_judge(p, b, i);
         return 0;
     }
     if (size < HEADER_SIZE + TAG_SIZE) {
@@ -1477,12 +1576,36 @@ typedef struct {
     socklen_t sticky; /* the control bytes of the sticky source */
 } Send;
 
+/* The sticky source of b's item `first` failed (its address or interface is gone): the
+ * peer's endpoint forgets it, as the shell's sends have the core do
+ * (Device.forget_source), and the core hears of it as a roam to the same address
+ * without a source. Counted (sticky_failed). */
+static void
+forget_source(Plane *p, Batch *b, int first)
+{
+    count(p, C_STICKY_FAILED, 1);
+    Peer *peer = owner_peer(p, b->owner[first]);
+    if (!peer)
+        return;
+    pthread_mutex_lock(&peer->lock);
+    Endpoint *e = &peer->endpoint;
+    if (peer->live && peer_id(peer) == b->owner[first] && same_endpoint(e, &b->addr[first])
+        && (e->local_len || e->ifindex)) {
+        e->local_len = 0;
+        e->ifindex = 0;
+        peer->record.roamed = 1;
+        peer->record.roam = *e;
+        mark_dirty(p, peer);
+    }
+    pthread_mutex_unlock(&peer->lock);
+}
+
 /* A UDP_SEGMENT send the kernel refused, resent a datagram at a time: the device cannot
  * segment (EIO), or the route's MTU is below the segment size (EINVAL, EMSGSIZE), where a
  * single datagram may still go as IP fragments. A sticky source that is gone is dropped
  * for the rest, as in send_udp. */
 static void
-send_each(Plane *p, const Send *s, struct msghdr *h)
+send_each(Plane *p, Batch *b, const Send *s, struct msghdr *h)
 {
     struct iovec *iov = h->msg_iov;
     size_t n = h->msg_iovlen;
@@ -1498,7 +1621,7 @@ send_each(Plane *p, const Send *s, struct msghdr *h)
             h->msg_control = NULL;
             h->msg_controllen = 0;
             sticky = 0;
-            count(p, C_STICKY_FAILED, 1);
+            forget_source(p, b, s->first);
             failed = sendmsg(s->fd, h, 0) < 0;
         }
         if (failed)
@@ -1582,16 +1705,16 @@ send_udp(Plane *p, Batch *b, int n, const int fds[2], int *gso)
             } else if (sent < 0 && sends[i].segments > 1) {
                 if (errno == EIO) /* the device cannot segment: never again */
                     *gso = 0;
-                send_each(p, &sends[i], &msgs[i].msg_hdr);
+                send_each(p, b, &sends[i], &msgs[i].msg_hdr);
                 i++;
             } else if (sent < 0 && sends[i].sticky && source_gone(errno)) {
                 /* the sticky source address went away: resent a datagram at a time from
-                 * what the kernel chooses, as the shell's sends do (the next roam brings
-                 * a new one) */
+                 * what the kernel chooses, and forgotten, as the shell's sends do (the
+                 * next roam brings a new one) */
                 Send plain = sends[i];
                 plain.sticky = 0;
-                send_each(p, &plain, &msgs[i].msg_hdr);
-                count(p, C_STICKY_FAILED, 1);
+                send_each(p, b, &plain, &msgs[i].msg_hdr);
+                forget_source(p, b, sends[i].first);
                 i++;
             } else { /* this one fails (e.g. unreachable): skip it */
                 count(p, C_SEND_ERRORS, sends[i].segments);
@@ -1599,6 +1722,86 @@ send_udp(Plane *p, Batch *b, int n, const int fds[2], int *gso)
             }
         }
     }
+}
+
+/* The gate's cookie replies of one receive (all to its socket), made under gate_lock
+ * and sent after it (gate_flush), with nonces drawn GATE_REPLIES at a time. */
+struct Replies {
+    struct mmsghdr msgs[GATE_REPLIES];
+    struct iovec iov[GATE_REPLIES];
+    Endpoint to[GATE_REPLIES];
+    Control control[GATE_REPLIES];
+    unsigned char data[GATE_REPLIES][HS_REPLY_SIZE];
+    unsigned char nonces[GATE_REPLIES][HS_NONCE_SIZE];
+    int count, fd, nonces_used;
+    EVP_CIPHER_CTX *ctx;
+};
+
+static int
+gate_full(const Replies *r)
+{
+    return r->count == GATE_REPLIES;
+}
+
+/* The cookie reply to b's datagram i (under gate_lock), from the address it came to; 0
+ * when none can be made (no fresh secret, no socket: a hook's batch). */
+static int
+gate_reply(Plane *p, Batch *b, int i, const unsigned char *source, size_t source_len)
+{
+    Replies *r = b->replies;
+    Gate *g = &p->gate;
+    if (!r || b->fd[i] < 0 || !g->has_secret || r->count == GATE_REPLIES
+        || r->nonces_used == GATE_REPLIES || (r->count && r->fd != b->fd[i]))
+        return 0;
+    int k = r->count;
+    if (!hs_cookie_reply(r->data[k], b->data[i], b->size[i], source, source_len,
+                         r->nonces[r->nonces_used], &g->macs, g->cookie_key,
+                         chacha20_poly1305, r->ctx))
+        return 0;
+    r->nonces_used++;
+    r->fd = b->fd[i];
+    r->to[k] = b->addr[i];
+    r->iov[k] = (struct iovec){r->data[k], HS_REPLY_SIZE};
+    struct msghdr *h = &r->msgs[k].msg_hdr;
+    memset(h, 0, sizeof *h);
+    h->msg_name = &r->to[k].addr;
+    h->msg_namelen = r->to[k].len;
+    h->msg_iov = &r->iov[k];
+    h->msg_iovlen = 1;
+    h->msg_controllen = sticky_source(&r->to[k], &r->control[k]);
+    h->msg_control = h->msg_controllen ? r->control[k].buffer : NULL;
+    r->count++;
+    return 1;
+}
+
+/* The replies made, sent with sendmmsg (a full buffer drops the rest: a flood's answers
+ * wait for nothing), what the kernel refused counted; fresh nonces for the next. */
+static void
+gate_flush(Plane *p, Replies *r)
+{
+    int done = 0;
+    uint64_t failed = 0;
+    while (done < r->count) {
+        int sent = sendmmsg(r->fd, r->msgs + done, (unsigned)(r->count - done), MSG_DONTWAIT);
+        if (sent < 0 && errno == EINTR)
+            continue;
+        if (sent <= 0) { /* this one refused (or a full buffer: all the rest) */
+            int refused = sent < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)
+                              ? r->count - done : 1;
+            failed += (uint64_t)refused;
+            done += refused;
+            continue;
+        }
+        done += sent;
+    }
+    r->count = 0;
+    if (failed) {
+        pthread_mutex_lock(&p->gate_lock);
+        p->gate.failed += failed;
+        pthread_mutex_unlock(&p->gate_lock);
+    }
+    if (r->nonces_used && RAND_bytes(&r->nonces[0][0], sizeof r->nonces) == 1)
+        r->nonces_used = 0; /* else none: gate_reply makes no reply until a draw works */
 }
 
 /* The source of a received datagram, with IP_PKTINFO / IPV6_PKTINFO when enabled; the
@@ -1724,6 +1927,8 @@ receive_udp(Plane *p, Batch *b, Receive *r, int fd, uint64_t now)
         receive_reset(r, i);
     }
     deliver(p, b, n, now);
+    if (b->replies && b->replies->count)
+        gate_flush(p, b->replies);
 }
 
 /* Something the shell must act on (the TUN lost, the thread ended): counted by the
@@ -1810,6 +2015,7 @@ batch_new(int slots)
     if (!b)
         return NULL;
     b->arena = (unsigned char *)(b + 1);
+    b->replies = NULL;
     for (int i = 0; i < slots; i++)
         b->data[i] = b->arena + (size_t)i * SLOT;
     return b;
@@ -2114,6 +2320,7 @@ plane_init(Plane *self, PyObject *args, PyObject *kwds)
     pthread_mutex_init(&self->io_lock, NULL);
     pthread_mutex_init(&self->news_lock, NULL);
     pthread_mutex_init(&self->retire_lock, NULL);
+    pthread_mutex_init(&self->gate_lock, NULL);
     pthread_rwlock_init(&self->routes_lock, NULL);
     pthread_rwlock_init(&self->index_lock, NULL);
     pthread_mutex_init(&self->jobs_lock, NULL);
@@ -2128,10 +2335,16 @@ plane_init(Plane *self, PyObject *args, PyObject *kwds)
     self->batch = batch_new(CAPACITY);
     self->offload = offloads & OFFLOAD_TUN_VNET ? offload_new() : NULL;
     self->punts = malloc(sizeof(Punt) * PUNT_SLOTS);
-    if (!self->batch || !self->punts || (offloads & OFFLOAD_TUN_VNET && !self->offload)) {
+    self->replies = calloc(1, sizeof *self->replies);
+    if (!self->batch || !self->punts || !self->replies
+        || !(self->replies->ctx = EVP_CIPHER_CTX_new())
+        || (offloads & OFFLOAD_TUN_VNET && !self->offload)) {
         PyErr_NoMemory();
         goto failed;
     }
+    self->batch->replies = self->replies;
+    self->replies->nonces_used = GATE_REPLIES; /* none drawn yet */
+    gate_flush(self, self->replies);
     self->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     self->news_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     self->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
@@ -2240,6 +2453,12 @@ release_plane(Plane *self)
     free(self->batch);
     offload_free(self->offload);
     free(self->punts);
+    if (self->replies) {
+        EVP_CIPHER_CTX_free(self->replies->ctx);
+        free(self->replies);
+    }
+    OPENSSL_cleanse(&self->gate, sizeof self->gate);
+    pthread_mutex_destroy(&self->gate_lock);
     pthread_mutex_destroy(&self->io_lock);
     pthread_mutex_destroy(&self->news_lock);
     pthread_mutex_destroy(&self->retire_lock);
@@ -3108,6 +3327,14 @@ plane_collect(Plane *self, PyObject *Py_UNUSED(ignored))
     int dirty = 0, punt_count, punt_head;
     uint32_t room = self->peer_slots + 1; /* every peer listed once: the walk fits */
     Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&self->gate_lock);
+    Gate *g = &self->gate;
+    uint64_t *counts[6] = {&g->bad_mac1, &g->handed, &g->cookies_sent, &g->dropped, &g->failed,
+                           &g->overflowed};
+    for (int c = 0; c < 6; c++) {
+        g->taken[c] += *counts[c];
+        *counts[c] = 0;
+    }
     pthread_mutex_lock(&self->news_lock);
     if (read(self->news_fd, &value, sizeof value) < 0) { /* EAGAIN: nothing signalled */ }
     self->news = self->urgent = 0;
@@ -3124,6 +3351,7 @@ plane_collect(Plane *self, PyObject *Py_UNUSED(ignored))
     punt_count = self->punt_count;
     punt_head = self->punt_head;
     pthread_mutex_unlock(&self->news_lock);
+    pthread_mutex_unlock(&self->gate_lock);
     Py_END_ALLOW_THREADS
     int i = dirty - 1, taken = 0, local = 0;
     for (; i >= 0 && collect_record(self, peer_at(self, slots[i]), records, event_list) == 0; i--)
@@ -3174,6 +3402,92 @@ plane_counters(Plane *self, PyObject *Py_UNUSED(ignored))
         Py_XDECREF(v);
     }
     return d;
+}
+
+PyDoc_STRVAR(set_gate_doc,
+"set_gate(mac1_key, cookie_key, secret, under_load, hand_up, cookies, lane, /)\n"
+"set_gate()\n"
+"--\n\n"
+"The core's plan for handshake messages (uspan.wg.verdict.Plan's fields), or none: every\n"
+"one goes up. The thread drops those with a bad mac1; under load, of the initiations\n"
+"without a valid mac2 from outside the lane (records of a length byte and a source key\n"
+"padded to 18 bytes), it hands up ``hand_up``, answers ``cookies`` more with a cookie\n"
+"reply and drops the rest. What it did since the last collect counts against the new\n"
+"budgets: collect, gate_take, then plan from its counts.");
+
+static PyObject *
+plane_set_gate(Plane *self, PyObject *args)
+{
+    Py_buffer mac1, cookie, secret, lane;
+    int under_load;
+    long long hand_up, cookies;
+    Gate *g = &self->gate;
+    if (check_open(self) < 0)
+        return NULL;
+    if (PyTuple_GET_SIZE(args) == 0) {
+        pthread_mutex_lock(&self->gate_lock);
+        g->on = 0;
+        OPENSSL_cleanse(g->mac1_key, sizeof g->mac1_key + sizeof g->cookie_key
+                                         + sizeof g->secret);
+        OPENSSL_cleanse(&g->macs, sizeof g->macs);
+        pthread_mutex_unlock(&self->gate_lock);
+        Py_RETURN_NONE;
+    }
+    if (!PyArg_ParseTuple(args, "y*y*z*pLLy*:set_gate", &mac1, &cookie, &secret,
+                          &under_load, &hand_up, &cookies, &lane))
+        return NULL;
+    PyObject *result = NULL;
+    if (mac1.len != HS_KEY_SIZE || cookie.len != HS_KEY_SIZE
+        || (secret.buf && secret.len != HS_KEY_SIZE))
+        PyErr_SetString(PyExc_ValueError, "keys and the secret are 32 bytes");
+    else if (lane.len % HS_LANE_RECORD || lane.len > (Py_ssize_t)sizeof g->lane)
+        PyErr_Format(PyExc_ValueError, "the lane: up to %d records of %d bytes",
+                     GATE_LANE_MAX, HS_LANE_RECORD);
+    else {
+        pthread_mutex_lock(&self->gate_lock);
+        g->on = 1;
+        g->under_load = under_load;
+        memcpy(g->mac1_key, mac1.buf, HS_KEY_SIZE);
+        memcpy(g->cookie_key, cookie.buf, HS_KEY_SIZE);
+        g->has_secret = secret.buf != NULL;
+        if (g->has_secret)
+            memcpy(g->secret, secret.buf, HS_KEY_SIZE);
+        hs_macs_init(&g->macs, g->mac1_key, g->has_secret ? g->secret : NULL);
+        g->hand_up = hand_up > (long long)g->handed ? hand_up - (long long)g->handed : 0;
+        g->cookies = cookies > (long long)g->cookies_sent
+                         ? cookies - (long long)g->cookies_sent : 0;
+        memcpy(g->lane, lane.buf, (size_t)lane.len);
+        g->lane_len = (size_t)lane.len;
+        g->asked = 0;
+        pthread_mutex_unlock(&self->gate_lock);
+        result = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&mac1);
+    PyBuffer_Release(&cookie);
+    PyBuffer_Release(&secret);
+    PyBuffer_Release(&lane);
+    return result;
+}
+
+PyDoc_STRVAR(gate_take_doc,
+"gate_take()\n"
+"--\n\n"
+"What the gate judged up to the last collect, since the last take: (bad_mac1,\n"
+"handed_up, cookies, dropped, send_failed, overflowed), as uspan.wg.verdict.Counts.");
+
+static PyObject *
+plane_gate_take(Plane *self, PyObject *Py_UNUSED(ignored))
+{
+    if (check_open(self) < 0)
+        return NULL;
+    Gate *g = &self->gate;
+    uint64_t taken[6];
+    pthread_mutex_lock(&self->gate_lock);
+    memcpy(taken, g->taken, sizeof taken);
+    memset(g->taken, 0, sizeof g->taken);
+    pthread_mutex_unlock(&self->gate_lock);
+    return Py_BuildValue("(KKKKKK)", taken[0], taken[1], taken[2], taken[3], taken[4],
+                         taken[5]);
 }
 
 /* Test hooks: the thread's steps run synchronously on given bytes at a given time. */
@@ -3334,6 +3648,8 @@ static PyMethodDef plane_methods[] = {
     {"send_counter", (PyCFunction)plane_send_counter, METH_O, "The next counter."},
     {"collect", (PyCFunction)plane_collect, METH_NOARGS, "Records, punts and events."},
     {"counters", (PyCFunction)plane_counters, METH_NOARGS, "Drops and the plane's counts."},
+    {"set_gate", (PyCFunction)plane_set_gate, METH_VARARGS, set_gate_doc},
+    {"gate_take", (PyCFunction)plane_gate_take, METH_NOARGS, gate_take_doc},
     {"_tun_step", (PyCFunction)plane_tun_step, METH_VARARGS, "Test hook: TUN packets -> datagrams."},
     {"_udp_step", (PyCFunction)plane_udp_step, METH_VARARGS, "Test hook: datagrams -> TUN packets."},
     {NULL, NULL, 0, NULL},

@@ -563,7 +563,7 @@ class Device:
         counters[Drop.COOKIE_SENT] += counts.cookies
         counters[Drop.COOKIE_LIMITED] += counts.dropped
         self.admission.planned(counts.cookies, counts.dropped)
-        judged = counts.bad_mac1 + counts.cookies + counts.dropped
+        judged = counts.bad_mac1 + counts.cookies + counts.dropped + counts.overflowed
         if judged:
             self._count_handshakes(judged, now)
 

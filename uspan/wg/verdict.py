@@ -52,6 +52,8 @@ class Counts:
     cookies: int  # unproven initiations answered with a cookie in C
     dropped: int  # unproven initiations dropped: no budget left
     send_failed: int  # cookie replies the kernel refused
+    overflowed: int = 0  # the plane's thread: handshake messages its punt ring had no room
+    # for (counted as plane_udp_punts_dropped; the load counts them, as judged)
 
 
 def lane_records(sources: Iterable[bytes]) -> bytes:

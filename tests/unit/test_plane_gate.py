@@ -1,0 +1,226 @@
+"""The plane thread's gate (``set_gate``/``gate_take`` in uspan/plane/_plane.c): handshake
+messages judged in the thread as the core's plan says, on a real loopback socket. A
+bad mac1 is dropped there, not punted; under load the unproven initiations go up while
+``hand_up`` allows, then get cookie replies made in the thread (they open at the
+initiator), then are dropped; the lane always goes up; what the thread did since the
+last collect counts against a new plan; and the core is asked (urgent news) once a
+budget runs out. Before, every handshake message went up through the punt ring and a
+spoofed flood cost the core ~0.6 CPU seconds a second (tests/system/test_flood.py)."""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.unit.planekit import MTU, Plane, _plane
+from tests.unit.test_gate import COOKIE_KEY, MAC1_KEY, PUBLIC, SECRET, proven_retry
+from tests.unit.test_gate import _initiation as initiation
+from uspan.wg.cookie import CookieGenerator
+from uspan.wg.verdict import lane_records
+
+
+def _initiation(generator: CookieGenerator) -> bytes:
+    return initiation(generator, 1.0)
+
+
+def _bad_mac1() -> bytes:
+    body = bytearray(_initiation(CookieGenerator(PUBLIC)))
+    body[116] ^= 1
+    return bytes(body)
+
+
+class Gated:
+    """A started plane (a SOCK_SEQPACKET pair for a TUN) on one loopback UDP socket."""
+
+    def __init__(self) -> None:
+        self.inner, self.outer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", 0))
+        self.address = self.udp.getsockname()
+        self.plane = Plane(self.inner.fileno(), [self.udp.fileno()], MTU)
+        self.plane.start()
+        self.senders: list[socket.socket] = []
+
+    def sender(self) -> socket.socket:
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sender.bind(("127.0.0.1", 0))
+        sender.settimeout(2.0)
+        self.senders.append(sender)
+        return sender
+
+    def send(self, sender: socket.socket, datagrams: list[bytes]) -> None:
+        """Send and wait until the thread has read them all."""
+        before = self.plane.counters()["udp_reads"]
+        for datagram in datagrams:
+            sender.sendto(datagram, self.address)
+        deadline = time.monotonic() + 2.0
+        while self.plane.counters()["udp_reads"] < before + len(datagrams):
+            assert time.monotonic() < deadline, self.plane.counters()
+            time.sleep(0.005)
+
+    def punted(self) -> list[bytes]:
+        return [data for _, _, data, _ in self.plane.collect()[1]]
+
+    def urgent(self) -> bool:
+        """Whether the eventfd holds urgent news (without taking it)."""
+        if not select.select([self.plane.fileno()], [], [], 0.5)[0]:
+            return False
+        value = int.from_bytes(os.read(self.plane.fileno(), 8), "little")
+        os.write(self.plane.fileno(), value.to_bytes(8, "little"))
+        return value >= _plane.NEWS_URGENT
+
+    def close(self) -> None:
+        self.plane.close()
+        for sock in (self.inner, self.outer, self.udp, *self.senders):
+            sock.close()
+
+
+@pytest.fixture
+def gated() -> Iterator[Gated]:
+    g = Gated()
+    try:
+        yield g
+    finally:
+        g.close()
+
+
+def _plan(under_load: bool = False, hand_up: int = 0, cookies: int = 0,
+          lane: bytes = b"", secret: bytes | None = SECRET) -> tuple[object, ...]:
+    return (MAC1_KEY, COOKIE_KEY, secret, under_load, hand_up, cookies, lane)
+
+
+def test_without_a_plan_every_handshake_message_goes_up(gated: Gated) -> None:
+    sender = gated.sender()
+    sent = [_bad_mac1(), _initiation(CookieGenerator(PUBLIC))]
+    gated.send(sender, sent)
+    assert gated.punted() == sent
+    assert gated.plane.gate_take() == (0, 0, 0, 0, 0, 0)
+
+
+def test_a_calm_plan_drops_bad_mac1_and_passes_the_rest(gated: Gated) -> None:
+    gated.plane.set_gate(*_plan())
+    sender = gated.sender()
+    good = [_initiation(CookieGenerator(PUBLIC)) for _ in range(3)]
+    gated.send(sender, [_bad_mac1(), good[0], _bad_mac1(), good[1], good[2]])
+    assert gated.punted() == good
+    assert gated.plane.gate_take() == (2, 0, 0, 0, 0, 0)
+    assert gated.plane.gate_take() == (0, 0, 0, 0, 0, 0)  # taken once
+    gated.plane.set_gate()  # off again: all go up
+    bad = _bad_mac1()
+    gated.send(sender, [bad])
+    assert gated.punted() == [bad]
+
+
+def test_under_load_hand_up_then_cookies_that_open_then_drops(gated: Gated) -> None:
+    """Of five unproven initiations: two go up, two get a cookie reply made in the
+    thread (sealed for the sender's address, bound to its message's mac1: the
+    initiator's retry then carries a valid mac2), one is dropped."""
+    gated.plane.set_gate(*_plan(under_load=True, hand_up=2, cookies=2))
+    sender = gated.sender()
+    generator = CookieGenerator(PUBLIC)
+    sent = [_initiation(generator) for _ in range(5)]
+    gated.send(sender, sent)
+    assert gated.punted() == sent[:2]
+    assert gated.plane.gate_take() == (0, 2, 2, 1, 0, 0)
+    replies = [sender.recv(100) for _ in range(2)]
+    assert [r[4:8] for r in replies] == [m[4:8] for m in sent[2:4]]
+    retry = proven_retry(generator, replies[0], sent[2], sender)
+    gated.send(sender, [retry])  # proven: goes up with no budget left
+    assert gated.punted() == [retry]
+
+
+def test_no_fresh_secret_means_no_cookie(gated: Gated) -> None:
+    gated.plane.set_gate(*_plan(under_load=True, cookies=5, secret=None))
+    sender = gated.sender()
+    gated.send(sender, [_initiation(CookieGenerator(PUBLIC))])
+    assert gated.punted() == []
+    assert gated.plane.gate_take() == (0, 0, 0, 1, 0, 0)
+
+
+def test_the_lane_always_goes_up(gated: Gated) -> None:
+    sender = gated.sender()
+    port = sender.getsockname()[1]
+    lane = lane_records([socket.inet_aton("127.0.0.1") + port.to_bytes(2, "big")])
+    gated.plane.set_gate(*_plan(under_load=True, lane=lane))
+    sent = [_initiation(CookieGenerator(PUBLIC)) for _ in range(3)]
+    gated.send(sender, sent)
+    assert gated.punted() == sent
+    assert gated.plane.gate_take() == (0, 0, 0, 0, 0, 0)
+    other = gated.sender()  # the same address, another port: not the lane's
+    gated.send(other, [sent[0]])
+    assert gated.punted() == []
+    assert gated.plane.gate_take() == (0, 0, 0, 1, 0, 0)
+
+
+def test_what_was_done_since_the_last_collect_counts_against_a_new_plan(
+        gated: Gated) -> None:
+    """The core plans from its tokens after judging what it collected; what the thread
+    handed up or answered since is not in them, so it is taken off the new budgets."""
+    gated.plane.set_gate(*_plan(under_load=True, hand_up=3, cookies=3))
+    sender = gated.sender()
+    gated.send(sender, [_initiation(CookieGenerator(PUBLIC)) for _ in range(2)])
+    gated.plane.set_gate(*_plan(under_load=True, hand_up=3, cookies=1))  # not collected
+    gated.send(sender, [_initiation(CookieGenerator(PUBLIC)) for _ in range(4)])
+    assert len(gated.punted()) == 3  # 3 - 2 since the collect: one more went up
+    assert gated.plane.gate_take() == (0, 3, 1, 2, 0, 0)
+
+
+def test_a_spent_budget_asks_the_core_once(gated: Gated) -> None:
+    gated.plane.set_gate(*_plan(under_load=True, hand_up=0, cookies=1))
+    gated.plane.collect()
+    sender = gated.sender()
+    gated.send(sender, [_initiation(CookieGenerator(PUBLIC))])
+    assert gated.urgent()  # the last cookie: a new plan is due
+    gated.plane.collect()
+    gated.send(sender, [_initiation(CookieGenerator(PUBLIC)) for _ in range(3)])
+    assert not gated.urgent()  # asked already: not again until a new plan
+    gated.plane.set_gate(*_plan(under_load=True, hand_up=0, cookies=0))
+    gated.send(sender, [_initiation(CookieGenerator(PUBLIC))])
+    assert gated.urgent()
+    assert gated.plane.collect()[1] == []
+    assert gated.plane.gate_take() == (0, 0, 1, 4, 0, 0)
+
+
+def test_a_calm_plan_asks_after_a_run_of_bad_mac1(gated: Gated) -> None:
+    """A calm plan's core counts the load from what it judges; bad mac1s dropped in the
+    thread reach it when enough of them came (a flood of them turns the load on)."""
+    gated.plane.set_gate(*_plan())
+    gated.plane.collect()
+    sender = gated.sender()
+    bad = _bad_mac1()
+    gated.send(sender, [bad] * 127)
+    assert not gated.urgent()
+    gated.send(sender, [bad])
+    assert gated.urgent()
+    gated.plane.collect()
+    assert gated.plane.gate_take() == (128, 0, 0, 0, 0, 0)
+
+
+def test_a_bad_plan_is_refused() -> None:
+    plane = Plane(-1, [], MTU)
+    try:
+        with pytest.raises(ValueError, match="32 bytes"):
+            plane.set_gate(b"short", COOKIE_KEY, None, False, 0, 0, b"")
+        with pytest.raises(ValueError, match="lane"):
+            plane.set_gate(MAC1_KEY, COOKIE_KEY, None, True, 0, 0, bytes(20))
+        with pytest.raises(TypeError):
+            plane.set_gate(MAC1_KEY)
+    finally:
+        plane.close()
+
+
+def test_an_overflow_of_the_ring_counts_as_dropped(gated: Gated) -> None:
+    """A calm plan's flood of valid initiations fills the punt ring before the core sees
+    a load; what finds no room is counted apart, for the core's load."""
+    gated.plane.set_gate(*_plan())
+    sender = gated.sender()
+    message = _initiation(CookieGenerator(PUBLIC))
+    for _ in range(13):  # 260, in steps the socket's buffer holds
+        gated.send(sender, [message] * 20)
+    assert len(gated.punted()) == 256  # the ring's slots
+    assert gated.plane.gate_take() == (0, 0, 0, 0, 0, 4)
