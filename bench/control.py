@@ -210,10 +210,15 @@ def case_removes(bed_: Bed, scale: float) -> Result:
     n = int(100_000 * scale)
     peer = hexkey(genkey().public)
     uapi(bed_.wa, bulk_set(peer, prefixes(n)))
+    pid = bed_.wa.process.pid
     with Pinger(bed_.a) as pinger:
+        cpu = cpu_seconds(pid)
         reply, took = uapi(bed_.wa, bulk_set(peer, prefixes(n, n), prefixes(n)))
+        cpu = cpu_seconds(pid) - cpu
     code = errno_of(reply)
-    return {"set s": took if code == 0 else f"refused ({code or 'closed'})", **pinger.summary()}
+    if code != 0:
+        return {"set s": f"refused ({code or 'closed'})", **pinger.summary()}
+    return {"set s": took, "daemon CPU s": cpu, **pinger.summary()}
 
 
 def case_set(bed_: Bed, count: int, *, tool: bool = False) -> Result:

@@ -189,6 +189,9 @@ class FakePlane:
     def clear_routes(self, peer: int) -> None:
         self.routes.remove_value(self._peer(peer))
 
+    def sync_routes(self) -> None:
+        """Routes apply at once here (the C plane may queue them for its routes thread)."""
+
     def install(self, peer: int, local_index: int, remote_index: int, send_key: bytes,
                 recv_key: bytes, created: int, initiator: bool) -> None:
         self._peer(peer)

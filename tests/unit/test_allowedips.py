@@ -854,3 +854,37 @@ def test_a_stamp_changes_with_every_change_of_a_values_prefixes() -> None:
     t.remove_value("a")
     assert t.stamp("a") == 0 and t.stamp("b") not in (0, *seen)
     assert len(set(seen)) == len(seen) and 0 not in seen
+
+
+def test_a_sorted_slice_across_runs_is_cut_at_the_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A set's slices of consecutive /32s that are not aligned to a run of
+    2**SHARD_SHIFT go shard by shard as the runs cut them, with a shard index per run
+    rather than per prefix, and change the table as prefix-by-prefix calls do."""
+    hosts = [of(ipaddress.ip_network(f"10.0.{i >> 8}.{i & 255}/32")) for i in range(2000)]
+    a, b = _PEERS[0], _PEERS[1]
+    table: AllowedIPs[Peer] = AllowedIPs()
+    model: AllowedIPs[Peer] = AllowedIPs()
+    indexed = 0
+    index = allowedips._Table.index
+
+    def counted(self: allowedips._Table[Peer], prefix: Prefix) -> int:
+        nonlocal indexed
+        indexed += 1
+        return index(self, prefix)
+
+    monkeypatch.setattr(allowedips._Table, "index", counted)
+    for start in range(100, 2000, APPLY_STEP):
+        table.insert(hosts[start:start + APPLY_STEP], a)
+    assert indexed < 30  # 8 slices of at most 2 runs; 1,900 before
+    monkeypatch.setattr(allowedips._Table, "index", index)
+    for host in hosts[100:]:
+        model.insert([host], a)
+    table.insert(hosts[700:900], b)  # a takeover across runs
+    model.insert(hosts[700:900], b)
+    for start in range(50, 2000, APPLY_STEP):  # some absent, some b's
+        assert table.remove(hosts[start:start + APPLY_STEP], a) == sum(
+            model.remove([host], a) for host in hosts[start:start + APPLY_STEP])
+    for i in range(2000):
+        address = bytes([10, 0, i >> 8, i & 255])
+        assert table.lookup(address) is model.lookup(address)
+    assert len(table) == len(model) == 200

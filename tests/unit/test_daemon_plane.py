@@ -6,6 +6,7 @@ behind ``PlanePort``: a real eventfd signalled as the C plane signals it, and a
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import time
 from typing import Any, cast
@@ -18,8 +19,9 @@ from uspan.daemon.daemon import SYNC_DELAY, Daemon
 from uspan.daemon.memory import MemoryNetwork, MemoryTun
 from uspan.daemon.ports import PlanePort
 from uspan.plane._plane import NEWS_URGENT
+from uspan.wg import prefix
 from uspan.wg.admission import SAMPLE_WINDOW
-from uspan.wg.config import DeviceChange
+from uspan.wg.config import DeviceChange, PeerChange
 from uspan.wg.constants import UNDER_LOAD_AFTER
 from uspan.wg.cookie import cookie_key, mac1_key
 from uspan.wg.crypto import clamp, public_key
@@ -61,6 +63,12 @@ class NewsOnly:
 
     def counters(self) -> dict[str, int]:
         return {}
+
+    def routes_pending(self) -> int:
+        return 0
+
+    def sync_routes(self) -> None:
+        pass
 
     def set_gate(self, *plan: object) -> None:
         self.gates.append(plan)
@@ -137,3 +145,89 @@ def test_the_threads_gate_follows_the_cores_plan() -> None:
             assert plane.gates[-1][3] is False
 
     trio.run(main, clock=MonotonicClock())
+
+
+class QueuedRoutes(NewsOnly):
+    """A plane whose route changes, once it is started, wait in a queue until the test
+    applies them, as the C plane's routes thread does (before, each call applies its
+    own). ``sync_routes`` would block the loop while the queue is not empty: the shell
+    calls it only once ``routes_pending`` says the queue is empty."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queued: list[int] = []  # prefixes per queued call
+        self.applied = 0  # prefixes
+        self.synced = 0
+        self._ids = itertools.count(1)
+
+    def add_peer(self) -> int:
+        return next(self._ids)
+
+    def add_routes(self, peer: int, prefixes: list[int]) -> None:
+        if self.started:
+            self.queued.append(len(prefixes))
+        else:
+            self.applied += len(prefixes)
+
+    def remove_routes(self, peer: int, prefixes: list[int]) -> None:
+        self.add_routes(peer, prefixes)
+
+    def routes_pending(self) -> int:
+        return len(self.queued)
+
+    def apply_queued(self) -> None:
+        self.applied += sum(self.queued)
+        self.queued.clear()
+
+    def sync_routes(self) -> None:
+        assert not self.queued, "sync_routes would hold the loop until the queue drains"
+        self.synced += 1
+
+
+def _peer_change(count: int) -> DeviceChange:
+    key = public_key(clamp(os.urandom(32)))
+    return DeviceChange(peers=[PeerChange(key, allowed_ips=[
+        prefix.parse(f"10.9.{i >> 8}.{i & 255}/32") for i in range(count)])])
+
+
+def test_a_set_ends_once_the_plane_applied_its_routes_and_the_loop_runs_meanwhile() -> None:
+    """A set's reply means its routes carry traffic: ``configure`` waits for the
+    plane's routes thread to apply what the set queued, and lets every other task run
+    while it waits; ``set`` (before the run: the calls applied them) syncs at once."""
+    plane = QueuedRoutes()
+
+    async def main() -> None:
+        daemon = Daemon(MemoryTun(), MemoryNetwork().bind("192.0.2.1", 51820),
+                        plane=cast(PlanePort, plane))
+        daemon.set(DeviceChange(private_key=clamp(os.urandom(32))))
+        daemon.set(_peer_change(300))
+        assert (plane.applied, plane.synced) == (300, 2)
+        async with daemon.running():
+            done = trio.Event()
+            ticks = 0
+
+            async def configure() -> None:
+                await daemon.configure(_peer_change(1000))
+                done.set()
+
+            async def tick() -> None:
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await trio.sleep(0.001)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(configure)
+                nursery.start_soon(tick)
+                await trio.sleep(0.2)
+                assert not done.is_set()  # the device has it all, the plane not yet
+                assert plane.queued == [256, 256, 256, 232]
+                assert ticks > 20  # the loop was not held meanwhile
+                plane.apply_queued()
+                with trio.fail_after(1):
+                    await done.wait()
+                assert (plane.applied, plane.synced) == (1300, 3)
+                nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=MonotonicClock())
+    os.close(plane.fd)

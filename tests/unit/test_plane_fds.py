@@ -128,7 +128,7 @@ def test_signals_are_blocked_in_the_thread() -> None:
     wanted = 1 << (signal.SIGINT - 1) | 1 << (signal.SIGTERM - 1) | 1 << (signal.SIGALRM - 1)
     with tunnel():
         threads = set(os.listdir("/proc/self/task")) - before
-        assert len(threads) == 2  # the two planes'
+        assert len(threads) == 4  # the two planes' data and routes threads
         assert all(_blocked(tid) & wanted == wanted for tid in threads)
     assert _blocked(str(threading.get_native_id())) == mask
 

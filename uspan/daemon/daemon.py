@@ -74,6 +74,7 @@ from uspan.wg.verdict import Counts, Plan
 log = logging.getLogger("uspan.daemon")
 WATCH_INTERVAL = 1.0  # seconds between checks of the UAPI socket file and the MTU
 SYNC_DELAY = 1.0  # seconds a plane's traffic records wait for the core (docs/dataplane.md)
+ROUTES_POLL = 0.0005  # seconds between looks at the plane's queue of route changes
 SYNC_STEP = 64  # records per slice of a sync (20,000 dirty peers must not hold the loop)
 # Under load the plane's gate gets a new plan at most this often (the thread asks when a
 # budget runs out: a plan's tokens are those since the last) and at least every
@@ -674,6 +675,8 @@ class Daemon:
         any failure change nothing. While running, prefer ``configure``."""
         for _ in self._set_steps(change):
             pass
+        if self.plane is not None:
+            self.plane.sync_routes()
         self._frozen.changed(_weight(change))
 
     async def configure(self, change: DeviceChange) -> None:
@@ -698,6 +701,18 @@ class Daemon:
                 # every object the change made (0.1 s and more for 20,000 new peers, ~25
                 # ms for the table of a million new prefixes).
                 self._frozen.changed(_weight(change))
+            await self._plane_routes()
+
+    async def _plane_routes(self) -> None:
+        """Wait, with the loop running, until the plane's routes thread has applied the
+        route changes queued so far: a reply then means the set's routes carry traffic.
+        The thread applies them while the set's Python work goes on (on the other core),
+        so there is rarely more than one slice's worth left to wait for."""
+        if self.plane is None:
+            return
+        while self.plane.routes_pending():
+            await trio.sleep(ROUTES_POLL)
+        self.plane.sync_routes()  # at once now; MemoryError if a change found none
 
     def _set_steps(self, change: DeviceChange) -> Generator[None, None, None]:
         """Bind a new port first, then apply the change to the device in steps."""

@@ -240,6 +240,8 @@ class Device:
         out: Out = []
         for _ in self.apply_steps(change, now, out):
             pass
+        if self.plane is not None:  # its routes carry traffic when this returns
+            self.plane.sync_routes()
         return out
 
     def apply_steps(self, change: DeviceChange, now: float, out: Out) -> Iterator[None]:
