@@ -1355,7 +1355,9 @@ typedef struct {
 /* The sticky source of b's item `first` failed (its address or interface is gone): the
  * peer's endpoint forgets it, as the shell's sends have the core do
  * (Device.forget_source), and the core hears of it as a roam to the same address
- * without a source. Counted (sticky_failed). */
+ * without a source. A link-local address keeps its interface (its scope, which the core
+ * keeps as ``%scope`` and Endpoint.without_source too: without it the core's endpoint
+ * could not be sent to, and seemed a new address). Counted (sticky_failed). */
 static void
 forget_source(Plane *p, Batch *b, int first)
 {
@@ -1365,10 +1367,13 @@ forget_source(Plane *p, Batch *b, int first)
         return;
     pthread_mutex_lock(&peer->lock);
     Endpoint *e = &peer->endpoint;
+    int scope = e->addr.sa.sa_family == AF_INET6 && IN6_IS_ADDR_LINKLOCAL(&e->addr.v6.sin6_addr)
+                    ? (int)e->addr.v6.sin6_scope_id : 0;
     if (peer->live && peer_id(peer) == b->owner[first] && same_endpoint(e, &b->addr[first])
-        && (e->local_len || e->ifindex)) {
+        && (e->local_len || e->ifindex != scope)) {
         e->local_len = 0;
-        e->ifindex = 0;
+        memset(e->local, 0, sizeof e->local);
+        e->ifindex = scope;
         peer->record.roamed = 1;
         peer->record.roam = *e;
         mark_dirty(p, peer);
