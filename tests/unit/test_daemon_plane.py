@@ -137,3 +137,49 @@ def test_the_threads_gate_follows_the_cores_plan() -> None:
             assert plane.gates[-1][3] is False
 
     trio.run(main, clock=MonotonicClock())
+
+
+class Collecting(NewsOnly):
+    """A plane whose collects return a record (of no peer: the core skips it), so the
+    collect's records take a slice before its punts; gate_take calls counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.takes = 0
+
+    def collect(self) -> tuple[list[Any], list[Any], list[Any]]:
+        super().collect()
+        return [(999_999,)], [], []
+
+    def gate_take(self) -> tuple[int, int, int, int, int, int]:
+        self.takes += 1
+        return super().gate_take()
+
+
+def test_a_sets_replan_waits_for_the_punts_of_a_collect_under_way() -> None:
+    """A set's replan (the end of ``_set_steps``) can run while a collect waits between
+    its slices, its punts not judged yet. The thread's counts taken then say the
+    initiations it handed up there were judged, so a plan made then, from tokens those
+    have not spent yet, offered them again (the core judged them after, against tokens
+    the thread had spent too). The plan waits for the collect's own step."""
+    plane = Collecting()
+    private = clamp(bytes(range(32)))
+
+    async def main() -> None:
+        daemon = Daemon(MemoryTun(), MemoryNetwork().bind("192.0.2.1", 51820),
+                        plane=cast(PlanePort, plane))
+        async with daemon.running():
+            daemon.set(DeviceChange(private_key=private))
+            out: list[Any] = []
+            own: list[Any] = []
+            steps = daemon._plane_steps(out, own)
+            next(steps)  # collected; a slice of records done, its punts still to come
+            takes, gates = plane.takes, len(plane.gates)
+            daemon._gate_step(trio.current_time(), replan=True)  # as a set ends
+            assert (plane.takes, len(plane.gates)) == (takes, gates)
+            for _ in steps:
+                pass
+            assert (plane.takes, len(plane.gates)) == (takes + 1, gates + 1)  # then
+
+    trio.run(main, clock=MonotonicClock())
+    os.close(plane.fd)
