@@ -54,14 +54,18 @@ class Gated:
         return sender
 
     def send(self, sender: socket.socket, datagrams: list[bytes]) -> None:
-        """Send and wait until the thread has read them all."""
-        before = self.plane.counters()["udp_reads"]
+        """Send and wait until the thread has judged them all: a datagram too short to be
+        anything follows them, and it is counted (bad_length) as the thread's step reaches
+        it, after those before it. (udp_reads is counted before the step: a thread
+        preempted between the two had not punted or counted them yet.)"""
+        before = self.plane.counters()["bad_length"]
         for datagram in datagrams:
             sender.sendto(datagram, self.address)
-        deadline = time.monotonic() + 2.0
-        while self.plane.counters()["udp_reads"] < before + len(datagrams):
+        sender.sendto(b"\1", self.address)
+        deadline = time.monotonic() + 5.0
+        while self.plane.counters()["bad_length"] == before:
             assert time.monotonic() < deadline, self.plane.counters()
-            time.sleep(0.005)
+            time.sleep(0.002)
 
     def punted(self) -> list[bytes]:
         return [data for _, _, data, _ in self.plane.collect()[1]]
