@@ -1532,7 +1532,14 @@ gate_reply(Plane *p, Batch *b, int i, const unsigned char *source, size_t source
     Replies *r = b->replies;
     Gate *g = &p->gate;
     if (!r || b->fd[i] < 0 || !g->has_secret || r->count == GATE_REPLIES
-        || r->nonces_used == GATE_REPLIES || (r->count && r->fd != b->fd[i]))
+        || (r->count && r->fd != b->fd[i]))
+        return 0;
+    /* all used: gate_flush's draw failed (or plane_init's), and only a reply made flushes,
+     * so the draw is tried again here (each reply made holds a copy of its nonce) */
+    if (r->nonces_used == GATE_REPLIES
+        && RAND_bytes(&r->nonces[0][0], sizeof r->nonces) == 1)
+        r->nonces_used = 0;
+    if (r->nonces_used == GATE_REPLIES)
         return 0;
     int k = r->count;
     if (!hs_cookie_reply(r->data[k], b->data[i], b->size[i], source, source_len,
@@ -1582,7 +1589,7 @@ gate_flush(Plane *p, Replies *r)
         pthread_mutex_unlock(&p->gate_lock);
     }
     if (r->nonces_used && RAND_bytes(&r->nonces[0][0], sizeof r->nonces) == 1)
-        r->nonces_used = 0; /* else none: gate_reply makes no reply until a draw works */
+        r->nonces_used = 0; /* else gate_reply draws again when it has none left */
 }
 
 /* The source of a received datagram, with IP_PKTINFO / IPV6_PKTINFO when enabled; the
