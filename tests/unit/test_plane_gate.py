@@ -223,6 +223,26 @@ def test_a_bad_plan_is_refused() -> None:
         plane.close()
 
 
+def test_key_material_of_a_plan_is_not_kept_past_it() -> None:
+    """A plan without a fresh secret (the core's secret expired) left the last one in
+    the plane, where a plan of none (``set_gate()``) or close would cleanse it. The
+    plane's own memory (its struct holds the gate) is searched for the bytes."""
+    plane = Plane(-1, [], MTU)
+
+    def held() -> bytes:
+        return ctypes.string_at(id(plane), type(plane).__basicsize__)
+
+    try:
+        plane.set_gate(*_plan(under_load=True, cookies=1))
+        assert SECRET in held() and MAC1_KEY in held()  # what the search can see
+        plane.set_gate(*_plan(under_load=True, secret=None))
+        assert SECRET not in held()
+        plane.set_gate()
+        assert MAC1_KEY not in held() and COOKIE_KEY not in held()
+    finally:
+        plane.close()
+
+
 def test_an_overflow_of_the_ring_counts_as_dropped(gated: Gated) -> None:
     """A calm plan's flood of valid initiations fills the punt ring before the core sees
     a load; what finds no room is counted apart, for the core's load."""

@@ -3205,9 +3205,10 @@ plane_set_gate(Plane *self, PyObject *args)
         return NULL;
     if (PyTuple_GET_SIZE(args) == 0) {
         pthread_mutex_lock(&self->gate_lock);
-        g->on = 0;
-        OPENSSL_cleanse(g->mac1_key, sizeof g->mac1_key + sizeof g->cookie_key
-                                         + sizeof g->secret);
+        g->on = g->has_secret = 0;
+        OPENSSL_cleanse(g->mac1_key, sizeof g->mac1_key);
+        OPENSSL_cleanse(g->cookie_key, sizeof g->cookie_key);
+        OPENSSL_cleanse(g->secret, sizeof g->secret);
         OPENSSL_cleanse(&g->macs, sizeof g->macs);
         pthread_mutex_unlock(&self->gate_lock);
         Py_RETURN_NONE;
@@ -3231,6 +3232,9 @@ plane_set_gate(Plane *self, PyObject *args)
         g->has_secret = secret.buf != NULL;
         if (g->has_secret)
             memcpy(g->secret, secret.buf, HS_KEY_SIZE);
+        else /* none fresh: the last one is not kept either */
+            OPENSSL_cleanse(g->secret, sizeof g->secret);
+        OPENSSL_cleanse(&g->macs, sizeof g->macs); /* the last keys' states */
         hs_macs_init(&g->macs, g->mac1_key, g->has_secret ? g->secret : NULL);
         g->hand_up = hand_up > (long long)g->handed ? hand_up - (long long)g->handed : 0;
         g->cookies = cookies > (long long)g->cookies_sent
