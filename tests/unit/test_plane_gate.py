@@ -243,7 +243,7 @@ def test_key_material_of_a_plan_is_not_kept_past_it() -> None:
         plane.close()
 
 
-def test_an_overflow_of_the_ring_counts_as_dropped(gated: Gated) -> None:
+def test_an_overflow_of_the_ring_is_counted_apart(gated: Gated) -> None:
     """A calm plan's flood of valid initiations fills the punt ring before the core sees
     a load; what finds no room is counted apart, for the core's load."""
     gated.plane.set_gate(*_plan())

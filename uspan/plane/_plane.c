@@ -86,7 +86,7 @@
 #define PEER_CHUNK 1024
 #define PEER_CHUNKS 1024 /* up to a million peers */
 #define NO_SLOT UINT32_MAX
-#define GATE_LANE_MAX 256  /* lane records a plan may carry (the core's: MAX_TRUSTED) */
+#define GATE_LANE_MAX 256  /* lane records a plan may carry (the core's: MAX_TRUSTED, 64) */
 #define GATE_ASK_AFTER 128 /* bad mac1s a calm plan drops before the core hears of them */
 #define GATE_REPLIES 32    /* cookie replies per sendmmsg */
 
@@ -1000,9 +1000,10 @@ static int gate_full(const Replies *r);
  * with a cookie reply, and counted for the core's load and budgets (gate_take): a
  * handed-up initiation as it is punted, under gate_lock, so a collect takes the two
  * together. One the ring has no room for is counted apart (overflowed, for the core's
- * load: it then hears of a flood before it is handed the flood). The core is asked once for a new plan (urgent news)
- * when a budget runs out or the ring overflows, or when a calm plan has dropped
- * GATE_ASK_AFTER bad mac1s. Without a plan every one goes up. */
+ * load: it then hears of a flood before it is handed the flood). The core is asked
+ * once for a new plan (urgent news) when a budget runs out or the ring overflows, or
+ * when a calm plan has dropped GATE_ASK_AFTER bad mac1s since the last collect. Without
+ * a plan every one goes up. */
 static void
 gate_judge(Plane *p, Batch *b, int i)
 {
