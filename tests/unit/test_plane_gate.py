@@ -9,11 +9,16 @@ spoofed flood cost the core ~0.6 CPU seconds a second (tests/system/test_flood.p
 
 from __future__ import annotations
 
+import ctypes.util
 import os
 import select
+import shutil
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -54,14 +59,18 @@ class Gated:
         return sender
 
     def send(self, sender: socket.socket, datagrams: list[bytes]) -> None:
-        """Send and wait until the thread has read them all."""
-        before = self.plane.counters()["udp_reads"]
+        """Send and wait until the thread has judged them all: a datagram too short to be
+        anything follows them, and it is counted (bad_length) as the thread's step reaches
+        it, after those before it. (udp_reads is counted before the step: a thread
+        preempted between the two had not punted or counted them yet.)"""
+        before = self.plane.counters()["bad_length"]
         for datagram in datagrams:
             sender.sendto(datagram, self.address)
-        deadline = time.monotonic() + 2.0
-        while self.plane.counters()["udp_reads"] < before + len(datagrams):
+        sender.sendto(b"\1", self.address)
+        deadline = time.monotonic() + 5.0
+        while self.plane.counters()["bad_length"] == before:
             assert time.monotonic() < deadline, self.plane.counters()
-            time.sleep(0.005)
+            time.sleep(0.002)
 
     def punted(self) -> list[bytes]:
         return [data for _, _, data, _ in self.plane.collect()[1]]
@@ -214,7 +223,27 @@ def test_a_bad_plan_is_refused() -> None:
         plane.close()
 
 
-def test_an_overflow_of_the_ring_counts_as_dropped(gated: Gated) -> None:
+def test_key_material_of_a_plan_is_not_kept_past_it() -> None:
+    """A plan without a fresh secret (the core's secret expired) left the last one in
+    the plane, where a plan of none (``set_gate()``) or close would cleanse it. The
+    plane's own memory (its struct holds the gate) is searched for the bytes."""
+    plane = Plane(-1, [], MTU)
+
+    def held() -> bytes:
+        return ctypes.string_at(id(plane), type(plane).__basicsize__)
+
+    try:
+        plane.set_gate(*_plan(under_load=True, cookies=1))
+        assert SECRET in held() and MAC1_KEY in held()  # what the search can see
+        plane.set_gate(*_plan(under_load=True, secret=None))
+        assert SECRET not in held()
+        plane.set_gate()
+        assert MAC1_KEY not in held() and COOKIE_KEY not in held()
+    finally:
+        plane.close()
+
+
+def test_an_overflow_of_the_ring_is_counted_apart(gated: Gated) -> None:
     """A calm plan's flood of valid initiations fills the punt ring before the core sees
     a load; what finds no room is counted apart, for the core's load."""
     gated.plane.set_gate(*_plan())
@@ -224,3 +253,67 @@ def test_an_overflow_of_the_ring_counts_as_dropped(gated: Gated) -> None:
         gated.send(sender, [message] * 20)
     assert len(gated.punted()) == 256  # the ring's slots
     assert gated.plane.gate_take() == (0, 0, 0, 0, 0, 4)
+
+
+# RAND_bytes failing while the file $USPAN_TEST_RAND_FAILS exists, else OpenSSL's (from
+# $USPAN_TEST_LIBCRYPTO: loaded by the extension, outside the global scope RTLD_NEXT sees).
+_FAILING_RAND = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdlib.h>
+#include <unistd.h>
+int
+RAND_bytes(unsigned char *buf, int num)
+{
+    static int (*real)(unsigned char *, int);
+    const char *flag = getenv("USPAN_TEST_RAND_FAILS");
+    if (flag && access(flag, F_OK) == 0)
+        return 0;
+    if (!real) {
+        void *crypto = dlopen(getenv("USPAN_TEST_LIBCRYPTO"), RTLD_LAZY | RTLD_NOLOAD);
+        if (!crypto)
+            abort();
+        real = (int (*)(unsigned char *, int))dlsym(crypto, "RAND_bytes");
+    }
+    return real(buf, num);
+}
+"""
+
+_AFTER_A_FAILED_DRAW = """
+import os
+from tests.unit.test_gate import PUBLIC
+from tests.unit.test_plane_gate import Gated, _initiation, _plan
+from uspan.wg.cookie import CookieGenerator
+gated = Gated()  # the first draw of nonces fails
+os.unlink(os.environ["USPAN_TEST_RAND_FAILS"])  # and the next works
+try:
+    gated.plane.set_gate(*_plan(under_load=True, cookies=1))
+    sender = gated.sender()
+    gated.send(sender, [_initiation(CookieGenerator(PUBLIC))])
+    assert sender.recv(100)[:1] == bytes([3]), "no cookie reply"
+finally:
+    gated.close()
+"""
+
+
+def test_cookie_replies_come_back_after_a_failed_draw_of_nonces(tmp_path: Path) -> None:
+    """A draw of the 32 nonces that fails (RAND_bytes) leaves them all used; only a
+    flush, after a reply made, drew again, and with no nonce no reply is made: the
+    thread never answered a cookie again, every unproven initiation past hand_up was
+    dropped. Now a reply with none left draws again. In a child process, with
+    RAND_bytes interposed to fail while a file exists (plane_init's draw here)."""
+    cc, libcrypto = shutil.which("cc"), ctypes.util.find_library("crypto")
+    if cc is None or libcrypto is None:
+        pytest.skip("no C compiler for the RAND_bytes shim, or no libcrypto")
+    shim, flag = tmp_path / "failing_rand.so", tmp_path / "fail"
+    (tmp_path / "failing_rand.c").write_text(_FAILING_RAND)
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(shim), str(tmp_path / "failing_rand.c"),
+                    "-ldl"], check=True)
+    flag.touch()
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "LD_PRELOAD": str(shim), "USPAN_TEST_RAND_FAILS": str(flag),
+           "USPAN_TEST_LIBCRYPTO": libcrypto, "PYTHONPATH": str(repo)}
+    done = subprocess.run([sys.executable, "-c", _AFTER_A_FAILED_DRAW], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not flag.exists()  # the plane was made while the draw failed

@@ -10,8 +10,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from tests.unit.planekit import ALL_OFFLOADS, INNER4, End, packet, tunnel
+from tests.unit.planekit import ALL_OFFLOADS, INNER4, INNER6, End, packet, tunnel
 from uspan.daemon import offload
+from uspan.wg.plane import endpoint_of
 
 SO_TIMESTAMPING = 37
 SOFTWARE_RX_STAMPS = 1 << 3 | 1 << 4  # SOF_TIMESTAMPING_RX_SOFTWARE | _SOFTWARE
@@ -89,3 +90,25 @@ def test_a_sticky_source_that_is_gone_is_forgotten_and_the_core_told() -> None:
         assert a.plane.counters()["sticky_failed"] == 1
         (record,) = a.plane.collect()[0]
     assert record[9] == (socket.inet_aton(address), port, b"", 0)
+
+
+def test_a_link_local_endpoint_that_forgets_its_source_keeps_its_scope() -> None:
+    """A link-local endpoint's interface is its scope, not only a sticky source: the roam
+    the core hears of keeps it (the core's endpoint is ``fe80::1%scope``, as its own
+    Endpoint.without_source keeps it). Without it the core's endpoint had no scope, so
+    its own sends there failed, and it counted a roam to a new address."""
+    lo = socket.if_nametoindex("lo")
+    peer_address = socket.inet_pton(socket.AF_INET6, "fe80::1")
+    with tunnel(socket.AF_INET6) as (a, b):
+        port = b.udp6.getsockname()[1]
+        a.plane.set_endpoint(a.peer, peer_address, port,
+                             local=socket.inet_pton(socket.AF_INET6, "fe80::55"), ifindex=lo)
+        a.plane.collect()
+        a.write_tun(packet(INNER6[0], INNER6[1], b"to a link-local peer"))
+        deadline = time.monotonic() + 5
+        while a.plane.counters()["sticky_failed"] == 0:
+            assert time.monotonic() < deadline, a.plane.counters()
+            time.sleep(0.005)
+        (record,) = a.plane.collect()[0]
+    assert record[9] == (peer_address, port, b"", lo)
+    assert endpoint_of(*record[9]).host == f"fe80::1%{lo}"

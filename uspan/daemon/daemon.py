@@ -171,6 +171,10 @@ class Daemon:
         self.device.admission.backlog = lambda: self.bind.backlog()  # the bind may change
         self._gate_plan: Plan | None = None  # the plane's gate's, and when it was made
         self._gate_planned = -math.inf
+        # A collect's punts wait for the core (its slices): the gate's counts say their
+        # handed-up initiations were judged, so no plan until they are (_gate_step).
+        self._gate_held = False
+        self._gate_replan = False  # a replan asked for meanwhile: the collect's does it
         if plane is None:
             self._set_gate(bind)
         else:  # the thread judges handshake messages and answers a flood's cookies
@@ -455,30 +459,42 @@ class Daemon:
         records, punts, events = self.plane.collect()
         self._sync_at = math.inf
         device = self.device
-        for start in range(0, len(records), SYNC_STEP):
-            out += device.sync(records[start:start + SYNC_STEP], _now())
-            yield
-        now = _now()
-        out += device.plane_events(events, now)
-        if self.demux:
-            core, claimed = [], []
-            for punt in punts:
-                kind, _, data, source = punt
-                if kind == dataplane.PUNT_UDP and data[:1] == _OWN and source is not None:
-                    claimed.append((data, endpoint_of(*source[:4])))
-                else:
-                    core.append(punt)
-            punts = core
-            own += self.demux.split(claimed)
-        out += device.punted(punts, now)
+        self._gate_held = True
+        try:
+            for start in range(0, len(records), SYNC_STEP):
+                out += device.sync(records[start:start + SYNC_STEP], _now())
+                yield
+            now = _now()
+            out += device.plane_events(events, now)
+            if self.demux:
+                core, claimed = [], []
+                for punt in punts:
+                    kind, _, data, source = punt
+                    if kind == dataplane.PUNT_UDP and data[:1] == _OWN and source is not None:
+                        claimed.append((data, endpoint_of(*source[:4])))
+                    else:
+                        core.append(punt)
+                punts = core
+                own += self.demux.split(claimed)
+            out += device.punted(punts, now)
+        finally:
+            self._gate_held = False
         self._gate_step(now)
 
     def _gate_step(self, now: float, *, replan: bool = False) -> None:
         """The plane's gate (``_gate.c``'s judgement, in the thread): what it judged since
         the last step goes to the core (its load and budgets), then the core's plan to
         the thread; under load at most every GATE_REPLAN (later: a collect is due then),
-        unless ``replan`` (the keys changed)."""
+        unless ``replan`` (the keys changed). Not between a collect and the core's
+        judgement of its punts (a set's replan between its slices): the counts the thread
+        gave that collect include handed-up initiations the core has not judged yet, and a
+        plan from the tokens of before would offer them again; that collect replans."""
         assert self.plane is not None
+        if self._gate_held:
+            self._gate_replan = self._gate_replan or replan
+            self._collect_by(_now())  # and another collect, should that one be cancelled
+            return
+        replan, self._gate_replan = replan or self._gate_replan, False
         device = self.device
         device.gate_done(Counts(0, *self.plane.gate_take()), now)
         last = self._gate_plan

@@ -88,7 +88,7 @@
 #define PEER_CHUNK 1024
 #define PEER_CHUNKS 1024 /* up to a million peers */
 #define NO_SLOT UINT32_MAX
-#define GATE_LANE_MAX 256  /* lane records a plan may carry (the core's: MAX_TRUSTED) */
+#define GATE_LANE_MAX 256  /* lane records a plan may carry (the core's: MAX_TRUSTED, 64) */
 #define GATE_ASK_AFTER 128 /* bad mac1s a calm plan drops before the core hears of them */
 #define GATE_REPLIES 32    /* cookie replies per sendmmsg */
 
@@ -1224,9 +1224,10 @@ static int gate_full(const Replies *r);
  * with a cookie reply, and counted for the core's load and budgets (gate_take): a
  * handed-up initiation as it is punted, under gate_lock, so a collect takes the two
  * together. One the ring has no room for is counted apart (overflowed, for the core's
- * load: it then hears of a flood before it is handed the flood). The core is asked once for a new plan (urgent news)
- * when a budget runs out or the ring overflows, or when a calm plan has dropped
- * GATE_ASK_AFTER bad mac1s. Without a plan every one goes up. */
+ * load: it then hears of a flood before it is handed the flood). The core is asked
+ * once for a new plan (urgent news) when a budget runs out or the ring overflows, or
+ * when a calm plan has dropped GATE_ASK_AFTER bad mac1s since the last collect. Without
+ * a plan every one goes up. */
 static void
 gate_judge(Plane *p, Batch *b, int i)
 {
@@ -1579,7 +1580,9 @@ typedef struct {
 /* The sticky source of b's item `first` failed (its address or interface is gone): the
  * peer's endpoint forgets it, as the shell's sends have the core do
  * (Device.forget_source), and the core hears of it as a roam to the same address
- * without a source. Counted (sticky_failed). */
+ * without a source. A link-local address keeps its interface (its scope, which the core
+ * keeps as ``%scope`` and Endpoint.without_source too: without it the core's endpoint
+ * could not be sent to, and seemed a new address). Counted (sticky_failed). */
 static void
 forget_source(Plane *p, Batch *b, int first)
 {
@@ -1589,10 +1592,13 @@ forget_source(Plane *p, Batch *b, int first)
         return;
     pthread_mutex_lock(&peer->lock);
     Endpoint *e = &peer->endpoint;
+    int scope = e->addr.sa.sa_family == AF_INET6 && IN6_IS_ADDR_LINKLOCAL(&e->addr.v6.sin6_addr)
+                    ? (int)e->addr.v6.sin6_scope_id : 0;
     if (peer->live && peer_id(peer) == b->owner[first] && same_endpoint(e, &b->addr[first])
-        && (e->local_len || e->ifindex)) {
+        && (e->local_len || e->ifindex != scope)) {
         e->local_len = 0;
-        e->ifindex = 0;
+        memset(e->local, 0, sizeof e->local);
+        e->ifindex = scope;
         peer->record.roamed = 1;
         peer->record.roam = *e;
         mark_dirty(p, peer);
@@ -1751,7 +1757,14 @@ gate_reply(Plane *p, Batch *b, int i, const unsigned char *source, size_t source
     Replies *r = b->replies;
     Gate *g = &p->gate;
     if (!r || b->fd[i] < 0 || !g->has_secret || r->count == GATE_REPLIES
-        || r->nonces_used == GATE_REPLIES || (r->count && r->fd != b->fd[i]))
+        || (r->count && r->fd != b->fd[i]))
+        return 0;
+    /* all used: gate_flush's draw failed (or plane_init's), and only a reply made flushes,
+     * so the draw is tried again here (each reply made holds a copy of its nonce) */
+    if (r->nonces_used == GATE_REPLIES
+        && RAND_bytes(&r->nonces[0][0], sizeof r->nonces) == 1)
+        r->nonces_used = 0;
+    if (r->nonces_used == GATE_REPLIES)
         return 0;
     int k = r->count;
     if (!hs_cookie_reply(r->data[k], b->data[i], b->size[i], source, source_len,
@@ -1801,7 +1814,7 @@ gate_flush(Plane *p, Replies *r)
         pthread_mutex_unlock(&p->gate_lock);
     }
     if (r->nonces_used && RAND_bytes(&r->nonces[0][0], sizeof r->nonces) == 1)
-        r->nonces_used = 0; /* else none: gate_reply makes no reply until a draw works */
+        r->nonces_used = 0; /* else gate_reply draws again when it has none left */
 }
 
 /* The source of a received datagram, with IP_PKTINFO / IPV6_PKTINFO when enabled; the
@@ -3426,9 +3439,10 @@ plane_set_gate(Plane *self, PyObject *args)
         return NULL;
     if (PyTuple_GET_SIZE(args) == 0) {
         pthread_mutex_lock(&self->gate_lock);
-        g->on = 0;
-        OPENSSL_cleanse(g->mac1_key, sizeof g->mac1_key + sizeof g->cookie_key
-                                         + sizeof g->secret);
+        g->on = g->has_secret = 0;
+        OPENSSL_cleanse(g->mac1_key, sizeof g->mac1_key);
+        OPENSSL_cleanse(g->cookie_key, sizeof g->cookie_key);
+        OPENSSL_cleanse(g->secret, sizeof g->secret);
         OPENSSL_cleanse(&g->macs, sizeof g->macs);
         pthread_mutex_unlock(&self->gate_lock);
         Py_RETURN_NONE;
@@ -3452,6 +3466,9 @@ plane_set_gate(Plane *self, PyObject *args)
         g->has_secret = secret.buf != NULL;
         if (g->has_secret)
             memcpy(g->secret, secret.buf, HS_KEY_SIZE);
+        else /* none fresh: the last one is not kept either */
+            OPENSSL_cleanse(g->secret, sizeof g->secret);
+        OPENSSL_cleanse(&g->macs, sizeof g->macs); /* the last keys' states */
         hs_macs_init(&g->macs, g->mac1_key, g->has_secret ? g->secret : NULL);
         g->hand_up = hand_up > (long long)g->handed ? hand_up - (long long)g->handed : 0;
         g->cookies = cookies > (long long)g->cookies_sent
