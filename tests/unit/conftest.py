@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Iterator
+
 import pytest
 
 from uspan.wg import aead_py, transport_crypto
@@ -19,3 +22,16 @@ def transport_aead(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
     elif not transport_crypto.COMPILED:
         pytest.skip("uspan.wg._aead was not built (test_transport_crypto fails if required)")
     return str(request.param)
+
+
+@pytest.fixture
+def default_stop_actions() -> Iterator[None]:
+    """SIGINT and SIGTERM at their default actions for the test, as in an interactive
+    shell: a runner that starts the suite with ``&`` from a script hands it SIGINT
+    ignored, which uspan rightly keeps (and passes on to the programs it starts)."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)

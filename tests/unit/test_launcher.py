@@ -82,7 +82,8 @@ def _signalled_at_once(argv: list[str], signum: int) -> subprocess.CompletedProc
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_tool_signalled_during_start_up_ends_quietly(signum: int) -> None:
+def test_a_tool_signalled_during_start_up_ends_quietly(signum: int,
+                                                      default_stop_actions: None) -> None:
     """``uspan stats`` is a tool, not a service: a stop signal during its start-up ends
     it with the shell's status for that signal and no traceback."""
     if not compiled():

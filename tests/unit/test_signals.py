@@ -14,11 +14,8 @@ from uspan import signals as stop_signals
 
 
 @pytest.fixture
-def restore_handlers() -> Iterator[None]:
-    saved = {signum: signal.getsignal(signum) for signum in stop_signals.STOP_SIGNALS}
+def restore_handlers(default_stop_actions: None) -> Iterator[None]:
     yield
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
     stop_signals._early.clear()
     stop_signals._inherited.clear()
 
