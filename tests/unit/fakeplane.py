@@ -310,7 +310,7 @@ class FakePlane:
                 continue
             index = int.from_bytes(data[4:8], "little")
             keypair = self.keypairs.get(index)
-            if keypair is None:
+            if keypair is None or index not in self.peers[keypair.peer].roles:
                 self._count(Drop.UNKNOWN_INDEX)
                 continue
             if now - keypair.created >= REJECT_AFTER_TIME * _SECOND:

@@ -146,6 +146,23 @@ def test_the_first_packet_under_next_confirms_it(pair: Pair) -> None:
     assert b.counters()["confirmed"] == 1
 
 
+def test_a_keypair_in_no_role_opens_nothing(pair: Pair) -> None:
+    """Review L5: WireGuard opens a transport message only under the previous, current
+    or next keypair. One the core moved out of every role was still opened until
+    drop() took it from the index table."""
+    a, b = pair.a, pair.b
+    (early,) = a._tun_step([packet(INNER4[0], INNER4[1])], pair.t0)
+    (late,) = a._tun_step([packet(INNER4[0], INNER4[1])], pair.t0)
+    assert len(b._udp_step([(early[0], *A_ADDR)], pair.t0)) == 1
+    b.collect()
+    b.assign(pair.b_peer, -1, -1, -1)  # in no role, still installed
+    assert b._udp_step([(late[0], *A_ADDR)], pair.t0) == []
+    assert b.counters()["unknown_index"] == 1 and b.counters()["opened"] == 1
+    assert b.collect() == ([], [], [])  # no traffic, no roam recorded
+    b.assign(pair.b_peer, IB, -1, -1)  # previous again: it opens
+    assert len(b._udp_step([(late[0], *A_ADDR)], pair.t0)) == 1
+
+
 def test_punts_of_each_kind(pair: Pair) -> None:
     a, b = pair.a, pair.b
     lonely = a.add_peer()

@@ -1327,7 +1327,10 @@ receive_message(Plane *p, Batch *b, int i, Keypair *k, uint64_t now, size_t *inn
     unsigned char *d = b->data[i];
     size_t size = b->size[i];
     Peer *peer = k->peer;
-    if (!k->live) {
+    /* Only a keypair in a role opens (WireGuard's rule): one the core moved out of every
+     * role is dead to the peer before drop() takes it from the index table; and a
+     * dropped one is in none (retire empties its roles). */
+    if (k != peer->current && k != peer->previous && k != peer->next) {
         count(p, C_UNKNOWN_INDEX, 1);
         return 0;
     }
