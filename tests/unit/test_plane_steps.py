@@ -274,6 +274,21 @@ def test_clear_source_forgets_the_source_of_the_endpoint_the_thread_has(pair: Pa
         a.clear_source(pair.a_peer + 1)
 
 
+def test_clear_source_keeps_the_scope_of_a_link_local_roam(pair: Pair) -> None:
+    """clear_source zeroed the ifindex of a roam not yet collected: the core then heard
+    of a link-local endpoint without its ``%scope`` (no use for sending, and a new
+    address). Both the endpoint and the pending roam keep the interface."""
+    a = pair.a
+    link_local = (b"\xfe\x80" + bytes(13) + b"\x01", 40999)
+    (sent,) = pair.b._tun_step([packet(INNER4[1], INNER4[0])], pair.t0)
+    assert a._udp_step([(sent[0], *link_local, 7)], pair.t0) != []  # came on interface 7
+    a.clear_source(pair.a_peer)
+    (record,), _, _ = a.collect()
+    assert record[9] == (*link_local, b"", 7)
+    ping = packet(INNER4[0], INNER4[1])
+    assert [where for _, where in a._tun_step([ping], pair.t0)] == [(*link_local, b"", 7)]
+
+
 def test_a_keypair_created_in_the_future_fails_closed(pair: Pair) -> None:
     """A creation ahead of the clock (a clock not to be trusted) is no key that never
     expires: install refuses more than 1 s ahead, and the steps find one that is ahead

@@ -1580,12 +1580,27 @@ typedef struct {
     socklen_t sticky; /* the control bytes of the sticky source */
 } Send;
 
+/* The endpoint without its sticky source. A link-local address keeps its interface (its
+ * scope, which the core keeps as ``%scope`` and Endpoint.without_source too: without it
+ * the core's endpoint could not be sent to, and seemed a new address). 0 if there was
+ * nothing to forget. */
+static int
+drop_source(Endpoint *e)
+{
+    int scope = e->addr.sa.sa_family == AF_INET6 && IN6_IS_ADDR_LINKLOCAL(&e->addr.v6.sin6_addr)
+                    ? (int)e->addr.v6.sin6_scope_id : 0;
+    if (!e->local_len && e->ifindex == scope)
+        return 0;
+    e->local_len = 0;
+    memset(e->local, 0, sizeof e->local);
+    e->ifindex = scope;
+    return 1;
+}
+
 /* The sticky source of b's item `first` failed (its address or interface is gone): the
  * peer's endpoint forgets it, as the shell's sends have the core do
  * (Device.forget_source), and the core hears of it as a roam to the same address
- * without a source. A link-local address keeps its interface (its scope, which the core
- * keeps as ``%scope`` and Endpoint.without_source too: without it the core's endpoint
- * could not be sent to, and seemed a new address). Counted (sticky_failed). */
+ * without a source. Counted (sticky_failed). */
 static void
 forget_source(Plane *p, Batch *b, int first)
 {
@@ -1595,13 +1610,8 @@ forget_source(Plane *p, Batch *b, int first)
         return;
     pthread_mutex_lock(&peer->lock);
     Endpoint *e = &peer->endpoint;
-    int scope = e->addr.sa.sa_family == AF_INET6 && IN6_IS_ADDR_LINKLOCAL(&e->addr.v6.sin6_addr)
-                    ? (int)e->addr.v6.sin6_scope_id : 0;
     if (peer->live && peer_id(peer) == b->owner[first] && same_endpoint(e, &b->addr[first])
-        && (e->local_len || e->ifindex != scope)) {
-        e->local_len = 0;
-        memset(e->local, 0, sizeof e->local);
-        e->ifindex = scope;
+        && drop_source(e)) {
         peer->record.roamed = 1;
         peer->record.roam = *e;
         mark_dirty(p, peer);
@@ -2658,12 +2668,8 @@ plane_clear_source(Plane *self, PyObject *arg)
     if (check_open(self) < 0 || !(peer = peer_of(self, arg)))
         return NULL;
     pthread_mutex_lock(&peer->lock);
-    Endpoint *ends[2] = {&peer->endpoint, &peer->record.roam};
-    for (int i = 0; i < 2; i++) {
-        ends[i]->local_len = 0;
-        ends[i]->ifindex = 0;
-        memset(ends[i]->local, 0, sizeof ends[i]->local);
-    }
+    drop_source(&peer->endpoint);
+    drop_source(&peer->record.roam); /* a pending roam keeps its scope too */
     pthread_mutex_unlock(&peer->lock);
     Py_RETURN_NONE;
 }
@@ -3595,13 +3601,14 @@ plane_udp_step(Plane *self, PyObject *args)
     Py_buffer none = {.buf = empty, .len = 0};
     for (Py_ssize_t i = 0; i < n; i++) {
         Py_buffer data, address;
-        int port;
-        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(items, i), "y*y*i", &data, &address, &port)) {
+        int port, ifindex = 0;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(items, i), "y*y*i|i", &data, &address, &port,
+                              &ifindex)) {
             free(b);
             Py_DECREF(items);
             return NULL;
         }
-        int bad = data.len > SLOT || make_endpoint(&b->addr[i], &address, port, &none, 0, 0) < 0;
+        int bad = data.len > SLOT || make_endpoint(&b->addr[i], &address, port, &none, ifindex, 0) < 0;
         if (!bad) {
             memcpy(b->data[i], data.buf, (size_t)data.len);
             b->size[i] = (size_t)data.len;
