@@ -220,14 +220,17 @@ typedef struct {
     uint16_t length;
     Endpoint source;
     int fd;
+    int handed; /* an initiation the gate handed up (counted in Gate.handed until taken) */
     unsigned char data[SLOT];
 } Punt;
 
 /* The core's plan for handshake messages (uspan.wg.verdict.Plan), judged in the thread
  * as uspan/daemon/_gate.c judges them in the trio path, and what was judged since the
  * core last took it (gate_take). Off: every handshake message goes up. A collect moves
- * the counts to `taken` with the punts it takes (under gate_lock): the core's budgets
- * then know exactly which handed-up initiations it has judged. */
+ * the counts to `taken`, and a handed-up initiation's count only with its punt (a
+ * collect short of memory leaves punts in the ring): the core's budgets then know
+ * exactly which handed-up initiations it has judged, and a new plan's hand_up leaves
+ * room for those still in the ring. */
 typedef struct {
     int on, under_load, has_secret;
     unsigned char mac1_key[HS_KEY_SIZE], cookie_key[HS_KEY_SIZE], secret[HS_KEY_SIZE];
@@ -236,7 +239,8 @@ typedef struct {
     unsigned char lane[GATE_LANE_MAX * HS_LANE_RECORD];
     size_t lane_len;
     int asked; /* the core was asked for a new plan since this one came */
-    /* since the last collect: as uspan.wg.verdict.Counts, and overflowed: up but no room */
+    /* since the last collect: as uspan.wg.verdict.Counts, and overflowed: up but no room;
+     * handed: the handed-up initiations in the punt ring */
     uint64_t bad_mac1, handed, cookies_sent, dropped, failed, overflowed;
     uint64_t taken[6]; /* the same, up to the last collect, for gate_take */
 } Gate;
@@ -1019,7 +1023,7 @@ record_received(Plane *p, Peer *peer, uint64_t now, size_t size, int data)
  * collect (the core stages no more). `from`: the peer (under its lock), NULL for UDP. */
 static int
 punt(Plane *p, int kind, Peer *from, const unsigned char *data, size_t size,
-     const Endpoint *source, int fd)
+     const Endpoint *source, int fd, int handed)
 {
     static const int dropped[] = {[PUNT_TUN] = C_TUN_PUNTS_DROPPED,
                                   [PUNT_UDP] = C_UDP_PUNTS_DROPPED,
@@ -1052,6 +1056,7 @@ punt(Plane *p, int kind, Peer *from, const unsigned char *data, size_t size,
     else
         memset(&slot->source, 0, sizeof slot->source);
     slot->fd = fd;
+    slot->handed = handed;
     signal_news(p, 1);
     pthread_mutex_unlock(&p->news_lock);
     return 1;
@@ -1156,7 +1161,7 @@ tun_step(Plane *p, Batch *b, int n, uint64_t now)
                     Keypair *k = peer->current;
                     unsigned char *message = b->data[j];
                     if (!can_send(k, now)) {
-                        punt(p, PUNT_TUN, peer, message + HEADER_SIZE, b->size[j], NULL, -1);
+                        punt(p, PUNT_TUN, peer, message + HEADER_SIZE, b->size[j], NULL, -1, 0);
                         continue;
                     }
                     if (!peer->endpoint.len && !peer->endpoint.relayed) {
@@ -1171,7 +1176,7 @@ tun_step(Plane *p, Batch *b, int n, uint64_t now)
                     }
                     count(p, C_SEALED, 1);
                     if (peer->endpoint.relayed) { /* sent only if the ring takes it (L4) */
-                        if (punt(p, PUNT_EGRESS, peer, message, size, NULL, -1))
+                        if (punt(p, PUNT_EGRESS, peer, message, size, NULL, -1, 0))
                             record_sent(p, peer, k, now, size);
                         continue;
                     }
@@ -1257,7 +1262,7 @@ gate_judge(Plane *p, Batch *b, int i)
             }
         }
     }
-    if (up && punt(p, PUNT_UDP, NULL, b->data[i], b->size[i], &b->addr[i], b->fd[i])) {
+    if (up && punt(p, PUNT_UDP, NULL, b->data[i], b->size[i], &b->addr[i], b->fd[i], handed)) {
         if (handed) {
             g->handed++;
             ask = --g->hand_up == 0;
@@ -1289,7 +1294,7 @@ classify(Plane *p, Batch *b, int i, uint32_t *index)
         return 0;
     }
     if (size >= 1 && d[0] == DEMUX_MARK) {
-        punt(p, PUNT_UDP, NULL, d, size, &b->addr[i], b->fd[i]);
+        punt(p, PUNT_UDP, NULL, d, size, &b->addr[i], b->fd[i], 0);
         return 0;
     }
     if (size < 4) {
@@ -1305,7 +1310,7 @@ classify(Plane *p, Batch *b, int i, uint32_t *index)
         if (size != sizes[d[0]])
             count(p, C_BAD_LENGTH, 1);
         else if (d[0] == MSG_COOKIE_REPLY)
-            punt(p, PUNT_UDP, NULL, d, size, &b->addr[i], b->fd[i]);
+            punt(p, PUNT_UDP, NULL, d, size, &b->addr[i], b->fd[i], 0);
         else
             gate_judge(p, b, i);
         return 0;
@@ -3351,11 +3356,13 @@ plane_collect(Plane *self, PyObject *Py_UNUSED(ignored))
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&self->gate_lock);
     Gate *g = &self->gate;
-    uint64_t *counts[6] = {&g->bad_mac1, &g->handed, &g->cookies_sent, &g->dropped, &g->failed,
-                           &g->overflowed};
+    uint64_t *counts[6] = {&g->bad_mac1, NULL, &g->cookies_sent, &g->dropped, &g->failed,
+                           &g->overflowed}; /* handed: with the punts taken, below */
     for (int c = 0; c < 6; c++) {
-        g->taken[c] += *counts[c];
-        *counts[c] = 0;
+        if (counts[c]) {
+            g->taken[c] += *counts[c];
+            *counts[c] = 0;
+        }
     }
     pthread_mutex_lock(&self->news_lock);
     if (read(self->news_fd, &value, sizeof value) < 0) { /* EAGAIN: nothing signalled */ }
@@ -3375,7 +3382,7 @@ plane_collect(Plane *self, PyObject *Py_UNUSED(ignored))
     pthread_mutex_unlock(&self->news_lock);
     pthread_mutex_unlock(&self->gate_lock);
     Py_END_ALLOW_THREADS
-    int i = dirty - 1, taken = 0, local = 0;
+    int i = dirty - 1, taken = 0, local = 0, handed = 0;
     for (; i >= 0 && collect_record(self, peer_at(self, slots[i]), records, event_list) == 0; i--)
         ; /* oldest first */
     for (int j = i; j >= 0; j--) { /* not collected: listed again */
@@ -3392,8 +3399,12 @@ plane_collect(Plane *self, PyObject *Py_UNUSED(ignored))
         if (append_new(punt_list, punt_tuple(self, x)) < 0)
             break;
         local += x->kind != PUNT_UDP;
+        handed += x->handed;
     }
     PyMem_Free(slots);
+    pthread_mutex_lock(&self->gate_lock);
+    self->gate.handed -= (uint64_t)handed;
+    self->gate.taken[1] += (uint64_t)handed;
     pthread_mutex_lock(&self->news_lock);
     for (int j = 0; j < taken; j++) {
         Punt *x = &self->punts[(punt_head + j) % PUNT_SLOTS];
@@ -3406,6 +3417,7 @@ plane_collect(Plane *self, PyObject *Py_UNUSED(ignored))
     if (i >= 0 || taken < punt_count)
         signal_news(self, 1);
     pthread_mutex_unlock(&self->news_lock);
+    pthread_mutex_unlock(&self->gate_lock);
     reclaim(self, 0);
     if (i >= 0 || taken < punt_count)
         PyErr_Clear(); /* a MemoryError: the rest waits, signalled */
