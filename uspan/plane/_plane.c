@@ -245,7 +245,24 @@ typedef struct {
     uint64_t taken[6]; /* the same, up to the last collect, for gate_take */
 } Gate;
 
-typedef struct Replies Replies;
+/* Room for a sticky source (IP_PKTINFO / IPV6_PKTINFO) and a UDP_SEGMENT or UDP_GRO. */
+typedef union {
+    char buffer[CMSG_SPACE(sizeof(struct in6_pktinfo)) + CMSG_SPACE(sizeof(int))];
+    struct cmsghdr align;
+} Control;
+
+/* The gate's cookie replies of one receive (all to its socket), made under gate_lock
+ * and sent after it (gate_flush), with nonces drawn GATE_REPLIES at a time. */
+typedef struct {
+    struct mmsghdr msgs[GATE_REPLIES];
+    struct iovec iov[GATE_REPLIES];
+    Endpoint to[GATE_REPLIES];
+    Control control[GATE_REPLIES];
+    unsigned char data[GATE_REPLIES][HS_REPLY_SIZE];
+    unsigned char nonces[GATE_REPLIES][HS_NONCE_SIZE];
+    int count, fd, nonces_used;
+    EVP_CIPHER_CTX *ctx;
+} Replies;
 
 /* One batch: the thread's own, or a synchronous call's. Item i's bytes are at data[i]:
  * slot i of the arena (SLOT bytes each), or for a receive a datagram inside one of the
@@ -1222,7 +1239,6 @@ confirm_next(Plane *p, Peer *peer)
 static int gate_reply(Plane *p, Batch *b, int i, const unsigned char *source,
                       size_t source_len);
 static void gate_flush(Plane *p, Replies *r);
-static int gate_full(const Replies *r);
 
 /* A handshake message (an initiation or a response by type and size) by the core's plan
  * (uspan.wg.verdict.Plan), as _gate.c's judge: punted to the core, dropped, or answered
@@ -1278,7 +1294,7 @@ gate_judge(Plane *p, Batch *b, int i)
         pthread_mutex_unlock(&p->news_lock);
     }
     pthread_mutex_unlock(&p->gate_lock);
-    if (b->replies && gate_full(b->replies))
+    if (b->replies && b->replies->count == GATE_REPLIES)
         gate_flush(p, b->replies);
 }
 
@@ -1536,12 +1552,6 @@ socket_for(Plane *p, int family)
     return -1;
 }
 
-/* Room for a sticky source (IP_PKTINFO / IPV6_PKTINFO) and a UDP_SEGMENT or UDP_GRO. */
-typedef union {
-    char buffer[CMSG_SPACE(sizeof(struct in6_pktinfo)) + CMSG_SPACE(sizeof(int))];
-    struct cmsghdr align;
-} Control;
-
 /* A sticky source as IP_PKTINFO / IPV6_PKTINFO. */
 static socklen_t
 sticky_source(const Endpoint *e, Control *control)
@@ -1746,25 +1756,6 @@ send_udp(Plane *p, Batch *b, int n, const int fds[2], int *gso)
             }
         }
     }
-}
-
-/* The gate's cookie replies of one receive (all to its socket), made under gate_lock
- * and sent after it (gate_flush), with nonces drawn GATE_REPLIES at a time. */
-struct Replies {
-    struct mmsghdr msgs[GATE_REPLIES];
-    struct iovec iov[GATE_REPLIES];
-    Endpoint to[GATE_REPLIES];
-    Control control[GATE_REPLIES];
-    unsigned char data[GATE_REPLIES][HS_REPLY_SIZE];
-    unsigned char nonces[GATE_REPLIES][HS_NONCE_SIZE];
-    int count, fd, nonces_used;
-    EVP_CIPHER_CTX *ctx;
-};
-
-static int
-gate_full(const Replies *r)
-{
-    return r->count == GATE_REPLIES;
 }
 
 /* The cookie reply to b's datagram i (under gate_lock), from the address it came to; 0
