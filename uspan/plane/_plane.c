@@ -326,6 +326,7 @@ typedef struct {
     IndexTable index;
     pthread_mutex_t news_lock;
     int news;    /* records signalled since the last collect */
+    _Atomic uint64_t owed; /* eventfd count signalled and not yet written (wake_shell) */
     int urgent;  /* punts or events signalled since the last collect */
     uint32_t dirty_head;
     Punt *punts;
@@ -964,7 +965,8 @@ reclaim(Plane *p, int all)
 /* The first news of a kind since the last collect signals the eventfd (under
  * news_lock): records add 1, punts and events NEWS_URGENT, so a shell that read the
  * eventfd knows whether a collect can wait (records: the timers' sync, at most a second
- * later) or not, and is woken again for a punt while it waits, never per packet. */
+ * later) or not, and is woken again for a punt while it waits, never per packet. The
+ * count is owed here and written by wake_shell once no lock is held (review L6). */
 static void
 signal_news(Plane *p, int urgent)
 {
@@ -972,8 +974,25 @@ signal_news(Plane *p, int urgent)
     if (*flag)
         return;
     *flag = 1;
-    uint64_t value = urgent ? NEWS_URGENT : 1;
-    if (write(p->news_fd, &value, sizeof value) < 0) { /* saturated: already readable */ }
+    atomic_fetch_add(&p->owed, urgent ? NEWS_URGENT : 1);
+}
+
+/* Write what signal_news owes, with no lock held: after each step of the thread, each
+ * hook and each collect. No wake-up is lost: news is added, and its flag turned from 0
+ * to 1, under news_lock before the count is owed; a collect drains the eventfd and
+ * clears the flags under news_lock and then takes all news there is. A count written
+ * after that drain stays in the eventfd (a wake that finds its news collected already);
+ * one written before it belongs to news added before it, which that collect takes.
+ * News added while a flag is 1 rides on the count its 0-to-1 turn owed, written at the
+ * latest when the step that owed it ends, or the flag was cleared by a collect that took
+ * it. */
+static void
+wake_shell(Plane *p)
+{
+    if (!atomic_load_explicit(&p->owed, memory_order_relaxed))
+        return;
+    uint64_t value = atomic_exchange(&p->owed, 0);
+    if (value && write(p->news_fd, &value, sizeof value) < 0) { /* saturated: readable */ }
 }
 
 /* The peer's record has news (under its lock). */
@@ -1961,6 +1980,7 @@ alarm_news(Plane *p)
     pthread_mutex_lock(&p->news_lock);
     signal_news(p, 1);
     pthread_mutex_unlock(&p->news_lock);
+    wake_shell(p);
 }
 
 static void *
@@ -2021,6 +2041,7 @@ plane_run(void *arg)
             } else {
                 receive_udp(p, b, &receive, fd, now);
             }
+            wake_shell(p);
         }
         atomic_fetch_add(&p->epoch, 1);
     }
@@ -3409,6 +3430,7 @@ plane_collect(Plane *self, PyObject *Py_UNUSED(ignored))
         signal_news(self, 1);
     pthread_mutex_unlock(&self->news_lock);
     pthread_mutex_unlock(&self->gate_lock);
+    wake_shell(self);
     reclaim(self, 0);
     if (i >= 0 || taken < punt_count)
         PyErr_Clear(); /* a MemoryError: the rest waits, signalled */
@@ -3549,6 +3571,7 @@ run_hook(Plane *self, void (*step)(Plane *, Batch *, int, uint64_t), Batch *b, i
     Py_BEGIN_ALLOW_THREADS
     drain_routes(self);
     step(self, b, n, now);
+    wake_shell(self);
     Py_END_ALLOW_THREADS
     atomic_fetch_sub(&self->slow_calls, 1);
 }
