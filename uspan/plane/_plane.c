@@ -298,6 +298,7 @@ typedef struct {
     _Atomic int mtu;
     int offloads; /* OFFLOAD_* bits: set before the thread starts, then constant */
     int stop_fd, news_fd, epoll_fd;
+    int routes_fd; /* eventfd: the routes thread's queue drained (routes_fileno) */
     pthread_t thread;
     int running;
     _Atomic uint64_t epoch; /* odd while the thread is in a wake (holding its fds) */
@@ -747,8 +748,13 @@ route_run(void *arg)
         free(job);
         pthread_mutex_lock(&p->jobs_lock);
         p->jobs_failed |= failed;
-        if (--p->jobs_pending == 0)
+        if (--p->jobs_pending == 0) { /* the waiters: drain_routes, and the shell's loop */
             pthread_cond_broadcast(&p->jobs_drained);
+            pthread_mutex_unlock(&p->jobs_lock);
+            uint64_t one = 1;
+            if (write(p->routes_fd, &one, sizeof one) < 0) { /* saturated: readable */ }
+            pthread_mutex_lock(&p->jobs_lock);
+        }
     }
     pthread_mutex_unlock(&p->jobs_lock);
     return NULL;
@@ -2369,7 +2375,7 @@ plane_init(Plane *self, PyObject *args, PyObject *kwds)
     pthread_mutex_init(&self->jobs_lock, NULL);
     pthread_cond_init(&self->jobs_queued, NULL);
     pthread_cond_init(&self->jobs_drained, NULL);
-    self->tun_fd = self->stop_fd = self->news_fd = self->epoll_fd = -1;
+    self->tun_fd = self->stop_fd = self->news_fd = self->epoll_fd = self->routes_fd = -1;
     atomic_store(&self->mtu, mtu);
     self->routes4.width = 32;
     self->routes6.width = 128;
@@ -2390,8 +2396,9 @@ plane_init(Plane *self, PyObject *args, PyObject *kwds)
     gate_flush(self, self->replies);
     self->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     self->news_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    self->routes_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     self->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
-    if (self->stop_fd < 0 || self->news_fd < 0 || self->epoll_fd < 0) {
+    if (self->stop_fd < 0 || self->news_fd < 0 || self->routes_fd < 0 || self->epoll_fd < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         goto failed;
     }
@@ -2490,8 +2497,8 @@ release_plane(Plane *self)
     stop_thread(self);
     stop_router(self);
     free_tables(self);
-    int fds[4] = {self->stop_fd, self->news_fd, self->epoll_fd, self->tun_fd};
-    close_fds(fds, 4);
+    int fds[5] = {self->stop_fd, self->news_fd, self->routes_fd, self->epoll_fd, self->tun_fd};
+    close_fds(fds, 5);
     close_fds(self->sockets, self->socket_count);
     free(self->batch);
     offload_free(self->offload);
@@ -2781,6 +2788,16 @@ change_routes(Plane *self, PyObject *args, PyObject *kwds, int add)
     if (failed)
         return PyErr_NoMemory();
     Py_RETURN_NONE;
+}
+
+/* An eventfd the routes thread signals each time its queue drains: a shell waits on it
+ * for routes_pending() to reach 0 (read it, then look again) instead of polling. */
+static PyObject *
+plane_routes_fileno(Plane *self, PyObject *Py_UNUSED(ignored))
+{
+    if (check_open(self) < 0)
+        return NULL;
+    return PyLong_FromLong(self->routes_fd);
 }
 
 static PyObject *
@@ -3687,6 +3704,7 @@ static PyMethodDef plane_methods[] = {
     {"remove_routes", (PyCFunction)(void (*)(void))plane_remove_routes, METH_VARARGS | METH_KEYWORDS, "Remove the peer's prefixes."},
     {"clear_routes", (PyCFunction)plane_clear_routes, METH_O, "Remove all of the peer's prefixes."},
     {"routes_pending", (PyCFunction)plane_routes_pending, METH_NOARGS, "Route changes queued and not yet applied."},
+    {"routes_fileno", (PyCFunction)plane_routes_fileno, METH_NOARGS, "An eventfd signalled when the route queue drains."},
     {"sync_routes", (PyCFunction)plane_sync_routes, METH_NOARGS, "Wait until the queued route changes are applied."},
     {"route", (PyCFunction)plane_route, METH_O, "The owner of an address, or None."},
     {"install", (PyCFunction)(void (*)(void))plane_install, METH_VARARGS | METH_KEYWORDS,
