@@ -16,7 +16,8 @@
  *   peer->lock: roles, keypair counters and windows, endpoint, record (the thread takes
  *     it once per run of one peer in a batch);
  *   index (write) inside peer->lock: install, drop, the thread's confirm of `next`;
- *   news_lock inside peer->lock: dirty list, punt ring, the eventfd signal;
+ *   news_lock inside peer->lock: dirty list, punt ring, the eventfd's count (written
+ *     by wake_shell once no lock is held);
  *   gate_lock outside news_lock: the core's plan for handshake messages and what it
  *     judged (a handed-up initiation is counted and punted at once);
  *   retire_lock innermost: keypairs waiting to be freed;
@@ -327,8 +328,8 @@ typedef struct {
     IndexTable index;
     pthread_mutex_t news_lock;
     int news;    /* records signalled since the last collect */
-    _Atomic uint64_t owed; /* eventfd count signalled and not yet written (wake_shell) */
     int urgent;  /* punts or events signalled since the last collect */
+    _Atomic uint64_t owed; /* eventfd count signalled and not yet written (wake_shell) */
     uint32_t dirty_head;
     Punt *punts;
     int punt_head, punt_count;
