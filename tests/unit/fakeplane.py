@@ -171,10 +171,11 @@ class FakePlane:
     def clear_source(self, peer: int) -> None:
         state = self._peer(peer)
         if state.endpoint is not None:
-            address, port, _, _, relayed = state.endpoint
-            state.endpoint = (address, port, b"", 0, relayed)
+            address, port, _, ifindex, relayed = state.endpoint
+            state.endpoint = (address, port, b"", _scope(address, ifindex), relayed)
         if state.roamed is not None:
-            state.roamed = (*state.roamed[:2], b"", 0)
+            address, port, _, ifindex = state.roamed
+            state.roamed = (address, port, b"", _scope(address, ifindex))
 
     def add_routes(self, peer: int, prefixes: list[int]) -> None:
         assert type(prefixes) is list and all(type(p) is int for p in prefixes)
@@ -310,7 +311,7 @@ class FakePlane:
                 continue
             index = int.from_bytes(data[4:8], "little")
             keypair = self.keypairs.get(index)
-            if keypair is None:
+            if keypair is None or index not in self.peers[keypair.peer].roles:
                 self._count(Drop.UNKNOWN_INDEX)
                 continue
             if now - keypair.created >= REJECT_AFTER_TIME * _SECOND:
@@ -363,3 +364,9 @@ def _unpadded(plaintext: bytes) -> bytes | None:
     else:
         return None
     return plaintext[:total] if total <= len(plaintext) else None
+
+
+def _scope(address: bytes, ifindex: int) -> int:
+    """What a source-less endpoint keeps of ``ifindex``: a link-local address's scope."""
+    link_local = len(address) == 16 and address[0] == 0xFE and address[1] & 0xC0 == 0x80
+    return ifindex if link_local else 0

@@ -160,13 +160,16 @@ class QueuedRoutes(NewsOnly):
     """A plane whose route changes, once it is started, wait in a queue until the test
     applies them, as the C plane's routes thread does (before, each call applies its
     own). ``sync_routes`` would block the loop while the queue is not empty: the shell
-    calls it only once ``routes_pending`` says the queue is empty."""
+    calls it only once ``routes_pending`` says the queue is empty, and learns that it
+    drained from ``routes_fileno``, signalled as the queue drains."""
 
     def __init__(self) -> None:
         super().__init__()
         self.queued: list[int] = []  # prefixes per queued call
         self.applied = 0  # prefixes
         self.synced = 0
+        self.looks = 0  # routes_pending calls
+        self.routes_fd = os.eventfd(0, os.EFD_NONBLOCK)
         self._ids = itertools.count(1)
 
     def add_peer(self) -> int:
@@ -182,11 +185,16 @@ class QueuedRoutes(NewsOnly):
         self.add_routes(peer, prefixes)
 
     def routes_pending(self) -> int:
+        self.looks += 1
         return len(self.queued)
+
+    def routes_fileno(self) -> int:
+        return self.routes_fd
 
     def apply_queued(self) -> None:
         self.applied += sum(self.queued)
         self.queued.clear()
+        os.eventfd_write(self.routes_fd, 1)
 
     def sync_routes(self) -> None:
         assert not self.queued, "sync_routes would hold the loop until the queue drains"
@@ -232,6 +240,7 @@ def test_a_set_ends_once_the_plane_applied_its_routes_and_the_loop_runs_meanwhil
                 assert not done.is_set()  # the device has it all, the plane not yet
                 assert plane.queued == [256, 256, 256, 232]
                 assert ticks > 20  # the loop was not held meanwhile
+                assert plane.looks <= 2  # it waits for the signal (polling: ~150 looks)
                 plane.apply_queued()
                 with trio.fail_after(1):
                     await done.wait()
@@ -240,6 +249,7 @@ def test_a_set_ends_once_the_plane_applied_its_routes_and_the_loop_runs_meanwhil
 
     trio.run(main, clock=MonotonicClock())
     os.close(plane.fd)
+    os.close(plane.routes_fd)
 
 
 class Collecting(NewsOnly):

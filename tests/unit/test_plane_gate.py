@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -177,6 +178,44 @@ def test_what_was_done_since_the_last_collect_counts_against_a_new_plan(
     gated.send(sender, [_initiation(CookieGenerator(PUBLIC)) for _ in range(4)])
     assert len(gated.punted()) == 3  # 3 - 2 since the collect: one more went up
     assert gated.plane.gate_take() == (0, 3, 1, 2, 0, 0)
+
+
+def test_a_collect_short_of_memory_hands_over_each_initiation_once() -> None:
+    """collect moved every handed-up initiation's count to gate_take before building the
+    punts; one short of memory left some punts in the ring, their counts taken: a plan
+    made then offered their tokens again (more went up than the core allowed), and
+    gate_take reported them before the core had them. Now a count goes with its punt.
+    Every allocation of the collect in turn fails here (the steps run synchronously)."""
+    _testcapi = pytest.importorskip("_testcapi")
+    source = (b"\x7f\x00\x00\x01", 40001)
+    partial = 0
+    nothing: list[Any] = []  # made before: the except clause runs with allocations failing
+    for fail_at in range(40):
+        plane = Plane(-1, [], MTU)
+        try:
+            plane.set_gate(*_plan(under_load=True, hand_up=3))
+            first = [_initiation(CookieGenerator(PUBLIC)) for _ in range(3)]
+            plane._udp_step([(m, *source) for m in first], 0)
+            _testcapi.set_nomemory(fail_at, 0)
+            try:
+                punts = plane.collect()[1]
+            except MemoryError:
+                punts = nothing  # before anything left the plane
+            finally:
+                _testcapi.remove_mem_hooks()
+            got = [data for _, _, data, _ in punts]
+            assert got == first[:len(got)], fail_at
+            partial += 0 < len(got) < 3
+            assert plane.gate_take()[1] == len(got), fail_at  # the core has judged these
+            plane.set_gate(*_plan(under_load=True, hand_up=3))  # the core's tokens: 3
+            more = [_initiation(CookieGenerator(PUBLIC)) for _ in range(3)]
+            plane._udp_step([(m, *source) for m in more], 0)
+            rest = [data for _, _, data, _ in plane.collect()[1]]
+            assert rest == first[len(got):] + more[:len(got)], fail_at  # 3 up, not more
+            assert plane.gate_take()[1] == 3, fail_at
+        finally:
+            plane.close()
+    assert partial
 
 
 def test_a_spent_budget_asks_the_core_once(gated: Gated) -> None:

@@ -146,6 +146,23 @@ def test_the_first_packet_under_next_confirms_it(pair: Pair) -> None:
     assert b.counters()["confirmed"] == 1
 
 
+def test_a_keypair_in_no_role_opens_nothing(pair: Pair) -> None:
+    """Review L5: WireGuard opens a transport message only under the previous, current
+    or next keypair. One the core moved out of every role was still opened until
+    drop() took it from the index table."""
+    a, b = pair.a, pair.b
+    (early,) = a._tun_step([packet(INNER4[0], INNER4[1])], pair.t0)
+    (late,) = a._tun_step([packet(INNER4[0], INNER4[1])], pair.t0)
+    assert len(b._udp_step([(early[0], *A_ADDR)], pair.t0)) == 1
+    b.collect()
+    b.assign(pair.b_peer, -1, -1, -1)  # in no role, still installed
+    assert b._udp_step([(late[0], *A_ADDR)], pair.t0) == []
+    assert b.counters()["unknown_index"] == 1 and b.counters()["opened"] == 1
+    assert b.collect() == ([], [], [])  # no traffic, no roam recorded
+    b.assign(pair.b_peer, IB, -1, -1)  # previous again: it opens
+    assert len(b._udp_step([(late[0], *A_ADDR)], pair.t0)) == 1
+
+
 def test_punts_of_each_kind(pair: Pair) -> None:
     a, b = pair.a, pair.b
     lonely = a.add_peer()
@@ -255,6 +272,21 @@ def test_clear_source_forgets_the_source_of_the_endpoint_the_thread_has(pair: Pa
     assert [where for _, where in a._tun_step([ping], pair.t0)] == [(*roamed, b"", 0)]
     with pytest.raises(KeyError):
         a.clear_source(pair.a_peer + 1)
+
+
+def test_clear_source_keeps_the_scope_of_a_link_local_roam(pair: Pair) -> None:
+    """clear_source zeroed the ifindex of a roam not yet collected: the core then heard
+    of a link-local endpoint without its ``%scope`` (no use for sending, and a new
+    address). Both the endpoint and the pending roam keep the interface."""
+    a = pair.a
+    link_local = (b"\xfe\x80" + bytes(13) + b"\x01", 40999)
+    (sent,) = pair.b._tun_step([packet(INNER4[1], INNER4[0])], pair.t0)
+    assert a._udp_step([(sent[0], *link_local, 7)], pair.t0) != []  # came on interface 7
+    a.clear_source(pair.a_peer)
+    (record,), _, _ = a.collect()
+    assert record[9] == (*link_local, b"", 7)
+    ping = packet(INNER4[0], INNER4[1])
+    assert [where for _, where in a._tun_step([ping], pair.t0)] == [(*link_local, b"", 7)]
 
 
 def test_a_keypair_created_in_the_future_fails_closed(pair: Pair) -> None:

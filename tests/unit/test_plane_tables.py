@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import random
+import select
 import socket
 import time
 from collections.abc import Iterator
@@ -137,6 +138,21 @@ def test_a_started_plane_changes_routes_beside_the_python_thread() -> None:
                 owner = None if i < count else peer
                 assert plane.route((11 << 24 | i).to_bytes(4, "big")) == owner
     assert cpu[True] < 0.5 * cpu[False], f"queued {cpu[True]:.3f} s, in the call {cpu[False]:.3f} s"
+
+
+def test_the_routes_fd_is_signalled_when_the_queue_drains() -> None:
+    """The shell waits on ``routes_fileno`` for the queue to drain (configure's reply
+    waits for its routes) instead of polling ``routes_pending``."""
+    with _plane(started=True) as plane:
+        peer, fd = plane.add_peer(), plane.routes_fileno()
+        assert not select.select([fd], [], [], 0)[0]
+        many = [(10 << 24 | i) | 32 << 33 for i in range(50_000)]
+        for start in range(0, len(many), 256):
+            plane.add_routes(peer, many[start:start + 256])
+        while plane.routes_pending():
+            assert select.select([fd], [], [], 10)[0], "the drain was not signalled"
+            os.read(fd, 8)
+        assert plane.route(bytes([10, 0, 195, 79])) == peer  # the last one: applied
 
 
 def test_what_reads_or_clears_routes_waits_for_the_queue() -> None:

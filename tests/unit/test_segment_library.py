@@ -16,17 +16,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def compiler() -> str | None:
+def compiler() -> str:
+    """The C compiler, or the test skips (fails where USPAN_REQUIRE_COMPILED=1)."""
     name = (sysconfig.get_config_var("CC") or "cc").split()[0]
-    return shutil.which(name) or shutil.which("cc")
-
-
-def test_the_library_builds_and_runs_without_python(tmp_path: Path) -> None:
-    cc = compiler()
+    cc = shutil.which(name) or shutil.which("cc")
     if cc is None:
         if os.environ.get("USPAN_REQUIRE_COMPILED") == "1":
             pytest.fail("no C compiler, and USPAN_REQUIRE_COMPILED=1")
         pytest.skip("no C compiler")
+    return cc
+
+
+def test_the_library_builds_and_runs_without_python(tmp_path: Path) -> None:
+    cc = compiler()
     binary = tmp_path / "segment_test"
     subprocess.run([cc, "-std=c11", "-Wall", "-Wextra", "-Werror", "-O1",
                     "-fsanitize=address,undefined", "-fno-sanitize-recover=all",

@@ -77,6 +77,8 @@ blake2s_compress(uint32_t h[8], const unsigned char block[64], uint64_t bytes, i
     }
     for (int i = 0; i < 8; i++)
         h[i] ^= v[i] ^ v[i + 8];
+    OPENSSL_cleanse(m, sizeof m); /* a key's block, and the state a key gives */
+    OPENSSL_cleanse(v, sizeof v);
 }
 
 /* The state after ``key`` (1-32 bytes) for 16-byte MACs. */
@@ -88,6 +90,7 @@ hs_key(hs_keyed *keyed, const unsigned char *key, size_t key_len)
     keyed->h[0] ^= 0x01010000 ^ ((uint32_t)key_len << 8) ^ HS_MAC_SIZE;
     memcpy(block, key, key_len);
     blake2s_compress(keyed->h, block, 64, 0);
+    OPENSSL_cleanse(block, sizeof block);
 }
 
 /* MAC(key, data) from the keyed state; ``len`` must not be 0 (the key's block would be
@@ -108,6 +111,7 @@ hs_mac(const hs_keyed *keyed, const unsigned char *data, size_t len,
     blake2s_compress(h, block, bytes + len, 1);
     for (int i = 0; i < 4; i++)
         put_le32(out + 4 * i, h[i]);
+    OPENSSL_cleanse(h, sizeof h); /* began as the key's state */
 }
 
 HS_API void
@@ -162,9 +166,11 @@ hs_classify(const unsigned char *msg, size_t len, const unsigned char *source,
     hs_mac(&macs->secret, source, source_len, cookie);
     hs_key(&cookie_keyed, cookie, HS_MAC_SIZE);
     hs_mac(&cookie_keyed, msg, len - HS_MAC_SIZE, mac);
-    if (CRYPTO_memcmp(mac, msg + len - HS_MAC_SIZE, HS_MAC_SIZE))
-        return HS_UNPROVEN;
-    return HS_PROVEN;
+    int proven = !CRYPTO_memcmp(mac, msg + len - HS_MAC_SIZE, HS_MAC_SIZE);
+    OPENSSL_cleanse(cookie, sizeof cookie); /* the cookie is mac2's key */
+    OPENSSL_cleanse(&cookie_keyed, sizeof cookie_keyed);
+    OPENSSL_cleanse(mac, sizeof mac);
+    return proven ? HS_PROVEN : HS_UNPROVEN;
 }
 
 #define ROTL(v, n) (((v) << (n)) | ((v) >> (32 - (n))))
@@ -199,6 +205,7 @@ hchacha20(const unsigned char key[HS_KEY_SIZE], const unsigned char nonce[16],
         put_le32(out + 4 * i, x[i]);
         put_le32(out + 16 + 4 * i, x[12 + i]);
     }
+    OPENSSL_cleanse(x, sizeof x); /* the key, then the subkey */
 }
 
 /* The 64-byte cookie reply to initiation ``msg`` from ``source`` (whitepaper 5.4.7):
@@ -230,6 +237,7 @@ hs_cookie_reply(unsigned char reply[HS_REPLY_SIZE], const unsigned char *msg, si
              && written == HS_MAC_SIZE && EVP_EncryptFinal_ex(ctx, sealed + HS_MAC_SIZE, &written)
              && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, HS_MAC_SIZE, sealed + HS_MAC_SIZE);
     OPENSSL_cleanse(subkey, sizeof(subkey));
+    OPENSSL_cleanse(cookie, sizeof(cookie));
     return ok;
 }
 

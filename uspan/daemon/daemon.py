@@ -74,7 +74,6 @@ from uspan.wg.verdict import Counts, Plan
 log = logging.getLogger("uspan.daemon")
 WATCH_INTERVAL = 1.0  # seconds between checks of the UAPI socket file and the MTU
 SYNC_DELAY = 1.0  # seconds a plane's traffic records wait for the core (docs/dataplane.md)
-ROUTES_POLL = 0.0005  # seconds between looks at the plane's queue of route changes
 SYNC_STEP = 64  # records per slice of a sync (20,000 dirty peers must not hold the loop)
 # Under load the plane's gate gets a new plan at most this often (the thread asks when a
 # budget runs out: a plan's tokens are those since the last) and at least every
@@ -723,11 +722,16 @@ class Daemon:
         """Wait, with the loop running, until the plane's routes thread has applied the
         route changes queued so far: a reply then means the set's routes carry traffic.
         The thread applies them while the set's Python work goes on (on the other core),
-        so there is rarely more than one slice's worth left to wait for."""
+        so there is rarely more than one slice's worth left to wait for. The thread
+        signals an eventfd each time its queue drains: read it, then look again (a
+        signal of an earlier drain costs one more look)."""
         if self.plane is None:
             return
         while self.plane.routes_pending():
-            await trio.sleep(ROUTES_POLL)
+            fd = self.plane.routes_fileno()
+            await trio.lowlevel.wait_readable(fd)
+            with contextlib.suppress(BlockingIOError):
+                os.read(fd, 8)
         self.plane.sync_routes()  # at once now; MemoryError if a change found none
 
     def _set_steps(self, change: DeviceChange) -> Generator[None, None, None]:

@@ -16,7 +16,8 @@
  *   peer->lock: roles, keypair counters and windows, endpoint, record (the thread takes
  *     it once per run of one peer in a batch);
  *   index (write) inside peer->lock: install, drop, the thread's confirm of `next`;
- *   news_lock inside peer->lock: dirty list, punt ring, the eventfd signal;
+ *   news_lock inside peer->lock: dirty list, punt ring, the eventfd's count (written
+ *     by wake_shell once no lock is held);
  *   gate_lock outside news_lock: the core's plan for handshake messages and what it
  *     judged (a handed-up initiation is counted and punted at once);
  *   retire_lock innermost: keypairs waiting to be freed;
@@ -220,14 +221,17 @@ typedef struct {
     uint16_t length;
     Endpoint source;
     int fd;
+    int handed; /* an initiation the gate handed up (counted in Gate.handed until taken) */
     unsigned char data[SLOT];
 } Punt;
 
 /* The core's plan for handshake messages (uspan.wg.verdict.Plan), judged in the thread
  * as uspan/daemon/_gate.c judges them in the trio path, and what was judged since the
  * core last took it (gate_take). Off: every handshake message goes up. A collect moves
- * the counts to `taken` with the punts it takes (under gate_lock): the core's budgets
- * then know exactly which handed-up initiations it has judged. */
+ * the counts to `taken`, and a handed-up initiation's count only with its punt (a
+ * collect short of memory leaves punts in the ring): the core's budgets then know
+ * exactly which handed-up initiations it has judged, and a new plan's hand_up leaves
+ * room for those still in the ring. */
 typedef struct {
     int on, under_load, has_secret;
     unsigned char mac1_key[HS_KEY_SIZE], cookie_key[HS_KEY_SIZE], secret[HS_KEY_SIZE];
@@ -236,12 +240,30 @@ typedef struct {
     unsigned char lane[GATE_LANE_MAX * HS_LANE_RECORD];
     size_t lane_len;
     int asked; /* the core was asked for a new plan since this one came */
-    /* since the last collect: as uspan.wg.verdict.Counts, and overflowed: up but no room */
+    /* since the last collect: as uspan.wg.verdict.Counts, and overflowed: up but no room;
+     * handed: the handed-up initiations in the punt ring */
     uint64_t bad_mac1, handed, cookies_sent, dropped, failed, overflowed;
     uint64_t taken[6]; /* the same, up to the last collect, for gate_take */
 } Gate;
 
-typedef struct Replies Replies;
+/* Room for a sticky source (IP_PKTINFO / IPV6_PKTINFO) and a UDP_SEGMENT or UDP_GRO. */
+typedef union {
+    char buffer[CMSG_SPACE(sizeof(struct in6_pktinfo)) + CMSG_SPACE(sizeof(int))];
+    struct cmsghdr align;
+} Control;
+
+/* The gate's cookie replies of one receive (all to its socket), made under gate_lock
+ * and sent after it (gate_flush), with nonces drawn GATE_REPLIES at a time. */
+typedef struct {
+    struct mmsghdr msgs[GATE_REPLIES];
+    struct iovec iov[GATE_REPLIES];
+    Endpoint to[GATE_REPLIES];
+    Control control[GATE_REPLIES];
+    unsigned char data[GATE_REPLIES][HS_REPLY_SIZE];
+    unsigned char nonces[GATE_REPLIES][HS_NONCE_SIZE];
+    int count, fd, nonces_used;
+    EVP_CIPHER_CTX *ctx;
+} Replies;
 
 /* One batch: the thread's own, or a synchronous call's. Item i's bytes are at data[i]:
  * slot i of the arena (SLOT bytes each), or for a receive a datagram inside one of the
@@ -277,6 +299,7 @@ typedef struct {
     _Atomic int mtu;
     int offloads; /* OFFLOAD_* bits: set before the thread starts, then constant */
     int stop_fd, news_fd, epoll_fd;
+    int routes_fd; /* eventfd: the routes thread's queue drained (routes_fileno) */
     pthread_t thread;
     int running;
     _Atomic uint64_t epoch; /* odd while the thread is in a wake (holding its fds) */
@@ -306,6 +329,7 @@ typedef struct {
     pthread_mutex_t news_lock;
     int news;    /* records signalled since the last collect */
     int urgent;  /* punts or events signalled since the last collect */
+    _Atomic uint64_t owed; /* eventfd count signalled and not yet written (wake_shell) */
     uint32_t dirty_head;
     Punt *punts;
     int punt_head, punt_count;
@@ -725,8 +749,13 @@ route_run(void *arg)
         free(job);
         pthread_mutex_lock(&p->jobs_lock);
         p->jobs_failed |= failed;
-        if (--p->jobs_pending == 0)
+        if (--p->jobs_pending == 0) { /* the waiters: drain_routes, and the shell's loop */
             pthread_cond_broadcast(&p->jobs_drained);
+            pthread_mutex_unlock(&p->jobs_lock);
+            uint64_t one = 1;
+            if (write(p->routes_fd, &one, sizeof one) < 0) { /* saturated: readable */ }
+            pthread_mutex_lock(&p->jobs_lock);
+        }
     }
     pthread_mutex_unlock(&p->jobs_lock);
     return NULL;
@@ -943,7 +972,8 @@ reclaim(Plane *p, int all)
 /* The first news of a kind since the last collect signals the eventfd (under
  * news_lock): records add 1, punts and events NEWS_URGENT, so a shell that read the
  * eventfd knows whether a collect can wait (records: the timers' sync, at most a second
- * later) or not, and is woken again for a punt while it waits, never per packet. */
+ * later) or not, and is woken again for a punt while it waits, never per packet. The
+ * count is owed here and written by wake_shell once no lock is held (review L6). */
 static void
 signal_news(Plane *p, int urgent)
 {
@@ -951,8 +981,25 @@ signal_news(Plane *p, int urgent)
     if (*flag)
         return;
     *flag = 1;
-    uint64_t value = urgent ? NEWS_URGENT : 1;
-    if (write(p->news_fd, &value, sizeof value) < 0) { /* saturated: already readable */ }
+    atomic_fetch_add(&p->owed, urgent ? NEWS_URGENT : 1);
+}
+
+/* Write what signal_news owes, with no lock held: after each step of the thread, each
+ * hook and each collect. No wake-up is lost: news is added, and its flag turned from 0
+ * to 1, under news_lock before the count is owed; a collect drains the eventfd and
+ * clears the flags under news_lock and then takes all news there is. A count written
+ * after that drain stays in the eventfd (a wake that finds its news collected already);
+ * one written before it belongs to news added before it, which that collect takes.
+ * News added while a flag is 1 rides on the count its 0-to-1 turn owed, written at the
+ * latest when the step that owed it ends, or the flag was cleared by a collect that took
+ * it. */
+static void
+wake_shell(Plane *p)
+{
+    if (!atomic_load_explicit(&p->owed, memory_order_relaxed))
+        return;
+    uint64_t value = atomic_exchange(&p->owed, 0);
+    if (value && write(p->news_fd, &value, sizeof value) < 0) { /* saturated: readable */ }
 }
 
 /* The peer's record has news (under its lock). */
@@ -1019,7 +1066,7 @@ record_received(Plane *p, Peer *peer, uint64_t now, size_t size, int data)
  * collect (the core stages no more). `from`: the peer (under its lock), NULL for UDP. */
 static int
 punt(Plane *p, int kind, Peer *from, const unsigned char *data, size_t size,
-     const Endpoint *source, int fd)
+     const Endpoint *source, int fd, int handed)
 {
     static const int dropped[] = {[PUNT_TUN] = C_TUN_PUNTS_DROPPED,
                                   [PUNT_UDP] = C_UDP_PUNTS_DROPPED,
@@ -1052,6 +1099,7 @@ punt(Plane *p, int kind, Peer *from, const unsigned char *data, size_t size,
     else
         memset(&slot->source, 0, sizeof slot->source);
     slot->fd = fd;
+    slot->handed = handed;
     signal_news(p, 1);
     pthread_mutex_unlock(&p->news_lock);
     return 1;
@@ -1156,7 +1204,7 @@ tun_step(Plane *p, Batch *b, int n, uint64_t now)
                     Keypair *k = peer->current;
                     unsigned char *message = b->data[j];
                     if (!can_send(k, now)) {
-                        punt(p, PUNT_TUN, peer, message + HEADER_SIZE, b->size[j], NULL, -1);
+                        punt(p, PUNT_TUN, peer, message + HEADER_SIZE, b->size[j], NULL, -1, 0);
                         continue;
                     }
                     if (!peer->endpoint.len && !peer->endpoint.relayed) {
@@ -1171,7 +1219,7 @@ tun_step(Plane *p, Batch *b, int n, uint64_t now)
                     }
                     count(p, C_SEALED, 1);
                     if (peer->endpoint.relayed) { /* sent only if the ring takes it (L4) */
-                        if (punt(p, PUNT_EGRESS, peer, message, size, NULL, -1))
+                        if (punt(p, PUNT_EGRESS, peer, message, size, NULL, -1, 0))
                             record_sent(p, peer, k, now, size);
                         continue;
                     }
@@ -1217,7 +1265,6 @@ confirm_next(Plane *p, Peer *peer)
 static int gate_reply(Plane *p, Batch *b, int i, const unsigned char *source,
                       size_t source_len);
 static void gate_flush(Plane *p, Replies *r);
-static int gate_full(const Replies *r);
 
 /* A handshake message (an initiation or a response by type and size) by the core's plan
  * (uspan.wg.verdict.Plan), as _gate.c's judge: punted to the core, dropped, or answered
@@ -1257,7 +1304,7 @@ gate_judge(Plane *p, Batch *b, int i)
             }
         }
     }
-    if (up && punt(p, PUNT_UDP, NULL, b->data[i], b->size[i], &b->addr[i], b->fd[i])) {
+    if (up && punt(p, PUNT_UDP, NULL, b->data[i], b->size[i], &b->addr[i], b->fd[i], handed)) {
         if (handed) {
             g->handed++;
             ask = --g->hand_up == 0;
@@ -1273,7 +1320,7 @@ gate_judge(Plane *p, Batch *b, int i)
         pthread_mutex_unlock(&p->news_lock);
     }
     pthread_mutex_unlock(&p->gate_lock);
-    if (b->replies && gate_full(b->replies))
+    if (b->replies && b->replies->count == GATE_REPLIES)
         gate_flush(p, b->replies);
 }
 
@@ -1289,7 +1336,7 @@ classify(Plane *p, Batch *b, int i, uint32_t *index)
         return 0;
     }
     if (size >= 1 && d[0] == DEMUX_MARK) {
-        punt(p, PUNT_UDP, NULL, d, size, &b->addr[i], b->fd[i]);
+        punt(p, PUNT_UDP, NULL, d, size, &b->addr[i], b->fd[i], 0);
         return 0;
     }
     if (size < 4) {
@@ -1305,7 +1352,7 @@ classify(Plane *p, Batch *b, int i, uint32_t *index)
         if (size != sizes[d[0]])
             count(p, C_BAD_LENGTH, 1);
         else if (d[0] == MSG_COOKIE_REPLY)
-            punt(p, PUNT_UDP, NULL, d, size, &b->addr[i], b->fd[i]);
+            punt(p, PUNT_UDP, NULL, d, size, &b->addr[i], b->fd[i], 0);
         else
             gate_judge(p, b, i);
         return 0;
@@ -1327,7 +1374,10 @@ receive_message(Plane *p, Batch *b, int i, Keypair *k, uint64_t now, size_t *inn
     unsigned char *d = b->data[i];
     size_t size = b->size[i];
     Peer *peer = k->peer;
-    if (!k->live) {
+    /* Only a keypair in a role opens (WireGuard's rule): one the core moved out of every
+     * role is dead to the peer before drop() takes it from the index table; and a
+     * dropped one is in none (retire empties its roles). */
+    if (k != peer->current && k != peer->previous && k != peer->next) {
         count(p, C_UNKNOWN_INDEX, 1);
         return 0;
     }
@@ -1528,12 +1578,6 @@ socket_for(Plane *p, int family)
     return -1;
 }
 
-/* Room for a sticky source (IP_PKTINFO / IPV6_PKTINFO) and a UDP_SEGMENT or UDP_GRO. */
-typedef union {
-    char buffer[CMSG_SPACE(sizeof(struct in6_pktinfo)) + CMSG_SPACE(sizeof(int))];
-    struct cmsghdr align;
-} Control;
-
 /* A sticky source as IP_PKTINFO / IPV6_PKTINFO. */
 static socklen_t
 sticky_source(const Endpoint *e, Control *control)
@@ -1577,12 +1621,27 @@ typedef struct {
     socklen_t sticky; /* the control bytes of the sticky source */
 } Send;
 
+/* The endpoint without its sticky source. A link-local address keeps its interface (its
+ * scope, which the core keeps as ``%scope`` and Endpoint.without_source too: without it
+ * the core's endpoint could not be sent to, and seemed a new address). 0 if there was
+ * nothing to forget. */
+static int
+drop_source(Endpoint *e)
+{
+    int scope = e->addr.sa.sa_family == AF_INET6 && IN6_IS_ADDR_LINKLOCAL(&e->addr.v6.sin6_addr)
+                    ? (int)e->addr.v6.sin6_scope_id : 0;
+    if (!e->local_len && e->ifindex == scope)
+        return 0;
+    e->local_len = 0;
+    memset(e->local, 0, sizeof e->local);
+    e->ifindex = scope;
+    return 1;
+}
+
 /* The sticky source of b's item `first` failed (its address or interface is gone): the
  * peer's endpoint forgets it, as the shell's sends have the core do
  * (Device.forget_source), and the core hears of it as a roam to the same address
- * without a source. A link-local address keeps its interface (its scope, which the core
- * keeps as ``%scope`` and Endpoint.without_source too: without it the core's endpoint
- * could not be sent to, and seemed a new address). Counted (sticky_failed). */
+ * without a source. Counted (sticky_failed). */
 static void
 forget_source(Plane *p, Batch *b, int first)
 {
@@ -1592,13 +1651,8 @@ forget_source(Plane *p, Batch *b, int first)
         return;
     pthread_mutex_lock(&peer->lock);
     Endpoint *e = &peer->endpoint;
-    int scope = e->addr.sa.sa_family == AF_INET6 && IN6_IS_ADDR_LINKLOCAL(&e->addr.v6.sin6_addr)
-                    ? (int)e->addr.v6.sin6_scope_id : 0;
     if (peer->live && peer_id(peer) == b->owner[first] && same_endpoint(e, &b->addr[first])
-        && (e->local_len || e->ifindex != scope)) {
-        e->local_len = 0;
-        memset(e->local, 0, sizeof e->local);
-        e->ifindex = scope;
+        && drop_source(e)) {
         peer->record.roamed = 1;
         peer->record.roam = *e;
         mark_dirty(p, peer);
@@ -1728,25 +1782,6 @@ send_udp(Plane *p, Batch *b, int n, const int fds[2], int *gso)
             }
         }
     }
-}
-
-/* The gate's cookie replies of one receive (all to its socket), made under gate_lock
- * and sent after it (gate_flush), with nonces drawn GATE_REPLIES at a time. */
-struct Replies {
-    struct mmsghdr msgs[GATE_REPLIES];
-    struct iovec iov[GATE_REPLIES];
-    Endpoint to[GATE_REPLIES];
-    Control control[GATE_REPLIES];
-    unsigned char data[GATE_REPLIES][HS_REPLY_SIZE];
-    unsigned char nonces[GATE_REPLIES][HS_NONCE_SIZE];
-    int count, fd, nonces_used;
-    EVP_CIPHER_CTX *ctx;
-};
-
-static int
-gate_full(const Replies *r)
-{
-    return r->count == GATE_REPLIES;
 }
 
 /* The cookie reply to b's datagram i (under gate_lock), from the address it came to; 0
@@ -1952,6 +1987,7 @@ alarm_news(Plane *p)
     pthread_mutex_lock(&p->news_lock);
     signal_news(p, 1);
     pthread_mutex_unlock(&p->news_lock);
+    wake_shell(p);
 }
 
 static void *
@@ -2012,6 +2048,7 @@ plane_run(void *arg)
             } else {
                 receive_udp(p, b, &receive, fd, now);
             }
+            wake_shell(p);
         }
         atomic_fetch_add(&p->epoch, 1);
     }
@@ -2339,7 +2376,7 @@ plane_init(Plane *self, PyObject *args, PyObject *kwds)
     pthread_mutex_init(&self->jobs_lock, NULL);
     pthread_cond_init(&self->jobs_queued, NULL);
     pthread_cond_init(&self->jobs_drained, NULL);
-    self->tun_fd = self->stop_fd = self->news_fd = self->epoll_fd = -1;
+    self->tun_fd = self->stop_fd = self->news_fd = self->epoll_fd = self->routes_fd = -1;
     atomic_store(&self->mtu, mtu);
     self->routes4.width = 32;
     self->routes6.width = 128;
@@ -2360,8 +2397,9 @@ plane_init(Plane *self, PyObject *args, PyObject *kwds)
     gate_flush(self, self->replies);
     self->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     self->news_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    self->routes_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     self->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
-    if (self->stop_fd < 0 || self->news_fd < 0 || self->epoll_fd < 0) {
+    if (self->stop_fd < 0 || self->news_fd < 0 || self->routes_fd < 0 || self->epoll_fd < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         goto failed;
     }
@@ -2460,8 +2498,8 @@ release_plane(Plane *self)
     stop_thread(self);
     stop_router(self);
     free_tables(self);
-    int fds[4] = {self->stop_fd, self->news_fd, self->epoll_fd, self->tun_fd};
-    close_fds(fds, 4);
+    int fds[5] = {self->stop_fd, self->news_fd, self->routes_fd, self->epoll_fd, self->tun_fd};
+    close_fds(fds, 5);
     close_fds(self->sockets, self->socket_count);
     free(self->batch);
     offload_free(self->offload);
@@ -2655,12 +2693,8 @@ plane_clear_source(Plane *self, PyObject *arg)
     if (check_open(self) < 0 || !(peer = peer_of(self, arg)))
         return NULL;
     pthread_mutex_lock(&peer->lock);
-    Endpoint *ends[2] = {&peer->endpoint, &peer->record.roam};
-    for (int i = 0; i < 2; i++) {
-        ends[i]->local_len = 0;
-        ends[i]->ifindex = 0;
-        memset(ends[i]->local, 0, sizeof ends[i]->local);
-    }
+    drop_source(&peer->endpoint);
+    drop_source(&peer->record.roam); /* a pending roam keeps its scope too */
     pthread_mutex_unlock(&peer->lock);
     Py_RETURN_NONE;
 }
@@ -2755,6 +2789,16 @@ change_routes(Plane *self, PyObject *args, PyObject *kwds, int add)
     if (failed)
         return PyErr_NoMemory();
     Py_RETURN_NONE;
+}
+
+/* An eventfd the routes thread signals each time its queue drains: a shell waits on it
+ * for routes_pending() to reach 0 (read it, then look again) instead of polling. */
+static PyObject *
+plane_routes_fileno(Plane *self, PyObject *Py_UNUSED(ignored))
+{
+    if (check_open(self) < 0)
+        return NULL;
+    return PyLong_FromLong(self->routes_fd);
 }
 
 static PyObject *
@@ -3342,11 +3386,13 @@ plane_collect(Plane *self, PyObject *Py_UNUSED(ignored))
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&self->gate_lock);
     Gate *g = &self->gate;
-    uint64_t *counts[6] = {&g->bad_mac1, &g->handed, &g->cookies_sent, &g->dropped, &g->failed,
-                           &g->overflowed};
+    uint64_t *counts[6] = {&g->bad_mac1, NULL, &g->cookies_sent, &g->dropped, &g->failed,
+                           &g->overflowed}; /* handed: with the punts taken, below */
     for (int c = 0; c < 6; c++) {
-        g->taken[c] += *counts[c];
-        *counts[c] = 0;
+        if (counts[c]) {
+            g->taken[c] += *counts[c];
+            *counts[c] = 0;
+        }
     }
     pthread_mutex_lock(&self->news_lock);
     if (read(self->news_fd, &value, sizeof value) < 0) { /* EAGAIN: nothing signalled */ }
@@ -3366,7 +3412,7 @@ plane_collect(Plane *self, PyObject *Py_UNUSED(ignored))
     pthread_mutex_unlock(&self->news_lock);
     pthread_mutex_unlock(&self->gate_lock);
     Py_END_ALLOW_THREADS
-    int i = dirty - 1, taken = 0, local = 0;
+    int i = dirty - 1, taken = 0, local = 0, handed = 0;
     for (; i >= 0 && collect_record(self, peer_at(self, slots[i]), records, event_list) == 0; i--)
         ; /* oldest first */
     for (int j = i; j >= 0; j--) { /* not collected: listed again */
@@ -3383,8 +3429,12 @@ plane_collect(Plane *self, PyObject *Py_UNUSED(ignored))
         if (append_new(punt_list, punt_tuple(self, x)) < 0)
             break;
         local += x->kind != PUNT_UDP;
+        handed += x->handed;
     }
     PyMem_Free(slots);
+    pthread_mutex_lock(&self->gate_lock);
+    self->gate.handed -= (uint64_t)handed;
+    self->gate.taken[1] += (uint64_t)handed;
     pthread_mutex_lock(&self->news_lock);
     for (int j = 0; j < taken; j++) {
         Punt *x = &self->punts[(punt_head + j) % PUNT_SLOTS];
@@ -3397,6 +3447,8 @@ plane_collect(Plane *self, PyObject *Py_UNUSED(ignored))
     if (i >= 0 || taken < punt_count)
         signal_news(self, 1);
     pthread_mutex_unlock(&self->news_lock);
+    pthread_mutex_unlock(&self->gate_lock);
+    wake_shell(self);
     reclaim(self, 0);
     if (i >= 0 || taken < punt_count)
         PyErr_Clear(); /* a MemoryError: the rest waits, signalled */
@@ -3537,6 +3589,7 @@ run_hook(Plane *self, void (*step)(Plane *, Batch *, int, uint64_t), Batch *b, i
     Py_BEGIN_ALLOW_THREADS
     drain_routes(self);
     step(self, b, n, now);
+    wake_shell(self);
     Py_END_ALLOW_THREADS
     atomic_fetch_sub(&self->slow_calls, 1);
 }
@@ -3592,13 +3645,14 @@ plane_udp_step(Plane *self, PyObject *args)
     Py_buffer none = {.buf = empty, .len = 0};
     for (Py_ssize_t i = 0; i < n; i++) {
         Py_buffer data, address;
-        int port;
-        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(items, i), "y*y*i", &data, &address, &port)) {
+        int port, ifindex = 0;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(items, i), "y*y*i|i", &data, &address, &port,
+                              &ifindex)) {
             free(b);
             Py_DECREF(items);
             return NULL;
         }
-        int bad = data.len > SLOT || make_endpoint(&b->addr[i], &address, port, &none, 0, 0) < 0;
+        int bad = data.len > SLOT || make_endpoint(&b->addr[i], &address, port, &none, ifindex, 0) < 0;
         if (!bad) {
             memcpy(b->data[i], data.buf, (size_t)data.len);
             b->size[i] = (size_t)data.len;
@@ -3651,6 +3705,7 @@ static PyMethodDef plane_methods[] = {
     {"remove_routes", (PyCFunction)(void (*)(void))plane_remove_routes, METH_VARARGS | METH_KEYWORDS, "Remove the peer's prefixes."},
     {"clear_routes", (PyCFunction)plane_clear_routes, METH_O, "Remove all of the peer's prefixes."},
     {"routes_pending", (PyCFunction)plane_routes_pending, METH_NOARGS, "Route changes queued and not yet applied."},
+    {"routes_fileno", (PyCFunction)plane_routes_fileno, METH_NOARGS, "An eventfd signalled when the route queue drains."},
     {"sync_routes", (PyCFunction)plane_sync_routes, METH_NOARGS, "Wait until the queued route changes are applied."},
     {"route", (PyCFunction)plane_route, METH_O, "The owner of an address, or None."},
     {"install", (PyCFunction)(void (*)(void))plane_install, METH_VARARGS | METH_KEYWORDS,
