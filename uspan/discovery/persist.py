@@ -119,6 +119,8 @@ class StateFile:
     def load(self, store: Store, now: float) -> dict[str, int]:
         """Fill an empty store from disk, drop what expired, compact. Returns counts."""
         stats = {"records": 0, "torn": 0, "expired": 0}
+        # A fresh machine's /var/lib/uspan: made as a node's state directory is (0700).
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         gen = 0
         if self.path.exists():
             raw = self.path.read_bytes()
@@ -156,7 +158,10 @@ class StateFile:
         atomicfile.write(self.path, header + body)
         if self._log is not None:
             self._log.close()
-        self._log = open(self._log_path(gen), "wb")  # noqa: SIM115 (kept open across calls)
+        # 0600 as the snapshot (atomicfile), whatever the umask: both hold the clusters.
+        fd = os.open(self._log_path(gen), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        self._log = os.fdopen(fd, "wb")  # kept open across calls
         self._log.write(LOG_HEADER.pack(LOG_MAGIC, gen))
         self._log.flush()
         os.fsync(self._log.fileno())
