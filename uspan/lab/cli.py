@@ -414,12 +414,12 @@ def list_command(args: argparse.Namespace) -> int:
 
 # exec, logs, bench -------------------------------------------------------------------------
 
-_EXEC = ('if [ -d /run/wireguard ]; then mount --bind "$0/wireguard" /run/wireguard; '
-         'else mount --bind "$0" /run; fi; '
+_EXEC = ('if [ -d /run/wireguard ]; then mount --bind "$1/wireguard" /run/wireguard; '
+         'else mount --bind "$1" /run; fi; '
          # a fresh machine has no /var/lib/uspan to mount over: make it (root's, 0700)
          'mkdir -p -m 0700 /var/lib/uspan 2>/dev/null; '
-         'if [ -d /var/lib/uspan ]; then mount --bind "$1" /var/lib/uspan; fi; '
-         'shift; exec "$@"')
+         'if [ -d /var/lib/uspan ]; then mount --bind "$2" /var/lib/uspan; fi; '
+         'shift 2; exec "$@"')
 
 
 def exec_command(args: argparse.Namespace) -> int:
@@ -433,10 +433,15 @@ def exec_command(args: argparse.Namespace) -> int:
         argv = [os.environ.get("SHELL", "/bin/sh")]
     # In the node's namespace, with its UAPI socket directory over /run/wireguard and
     # its state directory over /var/lib/uspan: `wg show` and `uspan get` see this node.
-    full = ["ip", "netns", "exec", node.namespace, "sh", "-c", _EXEC,
+    # The shell's $0 names us in its errors ("exec: foo: not found").
+    full = ["ip", "netns", "exec", node.namespace, "sh", "-c", _EXEC, "uspan lab exec",
             str(record.run_dir(node)), str(record.state_dir(node)), *argv]
+    # `uspan` there is this lab's own, also where the venv is not on PATH (README's
+    # `.venv/bin/uspan lab exec n1 -- uspan get members`).
+    env = {**os.environ, "PATH": os.pathsep.join(
+        [str(Path(procs.uspan_program()).parent), os.environ.get("PATH", os.defpath)])}
     sys.stdout.flush()
-    os.execvp(full[0], full)
+    os.execvpe(full[0], full, env)
 
 
 def _log_path(record: LabRecord, name: str) -> Path:
