@@ -47,7 +47,9 @@ def positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="uspan", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="uspan", description="Userspace WireGuard mesh: a lab of nodes on this machine, "
+        "a node, its discovery service and relay, and tools for uspan-wg.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser(
         "demo",
