@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
@@ -334,9 +334,7 @@ def status_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _group(table: Table, text: str) -> Any:
-    from rich.console import Group
-
+def _group(table: Table, text: str) -> Group:
     return Group(table, Text(text))
 
 
@@ -354,25 +352,30 @@ def ping_command(args: argparse.Namespace) -> int:
         print(json.dumps([{"from": p.source, "to": p.target, "ok": p.rtt_ms is not None,
                            "rtt_ms": p.rtt_ms} for p in snap.pairs.values()], indent=1))
     else:
-        table = Table(title=f"lab {record.name}: ping over the mesh ({args.count} each), "
-                      "average RTT", title_justify="left")
-        table.add_column("from \\ to", style="bold")
-        for view in snap.nodes:
-            table.add_column(view.name)
-        for view in snap.nodes:
-            row: list[Text | str] = [view.name]
-            for other in snap.nodes:
-                if other is view:
-                    row.append("")
-                    continue
-                rtt = snap.pairs[(view.name, other.name)].rtt_ms
-                row.append(Text(f"{rtt:.2f}ms", style="green") if rtt is not None
-                           else Text("fail", style="red"))
-            table.add_row(*row)
         out = console()
-        out.print(table)
+        out.print(ping_matrix(snap, args.count))
         out.print(f"{len(snap.pairs) - len(failed)}/{len(snap.pairs)} pairs answered")
     return 1 if failed else 0
+
+
+def ping_matrix(snap: status.Snapshot, count: int) -> Group:
+    """The average RTTs, under a heading of its own line (as the table's title, rich
+    wrapped it to the width of a 3-node table: "...mesh (3" / "each), average RTT")."""
+    table = Table()
+    table.add_column("from \\ to", style="bold")
+    for view in snap.nodes:
+        table.add_column(view.name)
+    for view in snap.nodes:
+        row: list[Text | str] = [view.name]
+        for other in snap.nodes:
+            if other is view:
+                row.append("")
+                continue
+            rtt = snap.pairs[(view.name, other.name)].rtt_ms
+            row.append(Text(f"{rtt:.2f}ms", style="green") if rtt is not None
+                       else Text("fail", style="red"))
+        table.add_row(*row)
+    return Group(Text(f"lab {snap.lab}: ping over the mesh ({count} each), average RTT"), table)
 
 
 def list_command(args: argparse.Namespace) -> int:
