@@ -119,8 +119,6 @@ class StateFile:
     def load(self, store: Store, now: float) -> dict[str, int]:
         """Fill an empty store from disk, drop what expired, compact. Returns counts."""
         stats = {"records": 0, "torn": 0, "expired": 0}
-        # A fresh machine's /var/lib/uspan: made as a node's state directory is (0700).
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         gen = 0
         if self.path.exists():
             raw = self.path.read_bytes()
