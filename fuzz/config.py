@@ -11,9 +11,6 @@ an identity), each with a one-line message; a refused identity file is left unto
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import atheris
 
 with atheris.instrument_imports(include=["uspan"]):
@@ -21,9 +18,9 @@ with atheris.instrument_imports(include=["uspan"]):
     from uspan.mesh.config import render_config
     from uspan.node.node import NodeError, load_config
 
-from fuzz.harness import check, main
+from fuzz.harness import check, main, scratch
 
-WORK = Path(tempfile.mkdtemp(prefix="uspan-fuzz-config-"))
+WORK = scratch("config")
 FILES = [WORK / "config.yaml", WORK / identity.NODE_IDENTITY_FILE,
          WORK / identity.KUBESPAN_IDENTITY_FILE]
 

@@ -4,6 +4,7 @@ reports as a crash with the input saved)."""
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterable
@@ -19,6 +20,21 @@ class PropertyFailure(AssertionError):
 def check(condition: bool, what: str) -> None:
     if not condition:
         raise PropertyFailure(what)
+
+
+SCRATCH = "USPAN_FUZZ_SCRATCH"
+
+
+def scratch(name: str) -> Path:
+    """A directory for a target's files: under ``$USPAN_FUZZ_SCRATCH`` (``fuzz.run`` sets
+    it inside its output directory), else a fresh temporary one. libFuzzer ends the process
+    without Python's exit handlers, so a target cannot remove its own."""
+    base = os.environ.get(SCRATCH)
+    if not base:
+        return Path(tempfile.mkdtemp(prefix=f"uspan-fuzz-{name}-"))
+    path = Path(base) / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def main(test_one: Callable[[bytes], None], seeds: Iterable[bytes]) -> None:

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tempfile
-from pathlib import Path
 
 import atheris
 
 with atheris.instrument_imports(include=["uspan"]):
     from uspan.lab.record import RECORD, LabError, LabRecord, NodeRecord, Proc, load
 
-from fuzz.harness import check, main
+from fuzz.harness import check, main, scratch
 
-ROOT = Path(tempfile.mkdtemp(prefix="uspan-fuzz-lab-"))
-(ROOT / "fuzz").mkdir()
+ROOT = scratch("lab")
+(ROOT / "fuzz").mkdir(exist_ok=True)
 
 
 def test_one(data: bytes) -> None:

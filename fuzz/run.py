@@ -11,12 +11,15 @@ Exit status 1 if any target failed.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from fuzz.harness import SCRATCH
 
 TARGETS = ["device", "uapi", "discovery_server", "discovery_client", "config", "labrecord",
            "nodeapi", "gate", "segment"]
@@ -33,7 +36,8 @@ def run_target(name: str, runs: int, out: Path, max_time: int) -> dict[str, obje
             "-rss_limit_mb=1024", f"-artifact_prefix={work}/", "-print_final_stats=1",
             f"-max_total_time={max_time}", str(corpus)]
     started = time.monotonic()
-    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
+    env = {**os.environ, SCRATCH: str(work / "scratch")}
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, env=env)
     log, code = done.stderr, done.returncode
     (work / "log.txt").write_text(log)
     statuses = [m for line in log.splitlines() if (m := _STATUS.match(line))]
@@ -62,6 +66,9 @@ def main() -> int:
     parser.add_argument("--max-time", type=int, default=0, metavar="S",
                         help="stop a target after S seconds, short of --runs (0: no limit)")
     args = parser.parse_args()
+    unknown = [name for name in args.targets if name not in TARGETS]
+    if unknown:  # before any run or temp directory; it failed as "FAIL exit" before
+        parser.error(f"unknown target {', '.join(unknown)} (targets: {', '.join(TARGETS)})")
     out = args.out or Path(tempfile.mkdtemp(prefix="uspan-fuzz-run-"))
     failed = False
     print(f"{'target':18} {'inputs':>9} {'cov':>5} {'ft':>5} {'rss MB':>11} {'s':>7}  verdict")

@@ -47,7 +47,9 @@ def positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="uspan", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="uspan", description="Userspace WireGuard mesh: a lab of nodes on this machine, "
+        "a node, its discovery service and relay, and tools for uspan-wg.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser(
         "demo",
@@ -177,10 +179,17 @@ def stats_command(args: argparse.Namespace) -> int:
                 f"{args.interface} did not answer stats=1 (not uspan-wg?)")
         print(f"uspan stats: {exc}", file=sys.stderr)
         return 1
-    for line in lines:
-        name, _, value = line.partition("=")
-        print(f"{name:24} {value}")
+    for line in counter_lines(lines):
+        print(line)
     return 0
+
+
+def counter_lines(lines: list[str]) -> list[str]:
+    """``name=value`` lines as two columns, the values aligned after the longest name
+    (a fixed width let ``plane_egress_punts_dropped`` push its value out of line)."""
+    pairs = [line.partition("=")[::2] for line in lines]
+    width = max((len(name) for name, _ in pairs), default=0)
+    return [f"{name:{width}}   {value}" for name, value in pairs]
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

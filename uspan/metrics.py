@@ -13,6 +13,8 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
+from uspan.errors import listening
+
 MAX_REQUEST_HEAD = 8192
 REQUEST_TIMEOUT = 5.0
 
@@ -20,7 +22,8 @@ REQUEST_TIMEOUT = 5.0
 async def serve(host: str, port: int, registry: CollectorRegistry, *,
                 task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Answer ``GET /metrics`` (any path) on HOST:PORT; reports the bound port started."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    with listening("metrics", host, port):
+        listeners = await trio.open_tcp_listeners(port, host=host)
     task_status.started(listeners[0].socket.getsockname()[1])
 
     async def handle(stream: trio.SocketStream) -> None:

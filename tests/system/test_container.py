@@ -162,3 +162,33 @@ def test_containerfile_entrypoint_meshes_with_only_net_admin(lab: Lab, user_tmp:
                         f'probe-{os.getpid()} 2>/dev/null && ! touch "{first.etc}/x" 2>/dev/null'])
     assert c1.run(*probe, check=False).returncode == 0
     assert not Path(f"/tmp/uspan-probe-{os.getpid()}").exists()
+
+
+def test_no_new_privileges_loses_the_file_capability(user_tmp: Path) -> None:
+    """What the README warns of: under no_new_privs (``--security-opt no-new-privileges``,
+    ``allowPrivilegeEscalation: false``) the kernel ignores the image's file capability, so
+    with NET_ADMIN only in the bounding set (Docker, containerd) the node cannot have it:
+    one line naming CAP_NET_ADMIN, no traceback (without no_new_privs the same meshes:
+    the file-capability case above)."""
+    entrypoint, user, env = contract()
+    python = file_capability_python(user_tmp)
+    state = user_tmp / "state"
+    state.mkdir(mode=0o700)
+    uid, gid = (int(part) for part in user.split(":"))
+    os.chown(state, uid, gid)
+    config = user_tmp / "config.yaml"
+    generated = subprocess.run([str(BIN / "uspan"), "gen", "config", "--with-kubespan",
+                                "--discovery-endpoint", f"{SERVICE}:3000"],
+                               capture_output=True, text=True, check=True)
+    config.write_text(generated.stdout)
+    os.chmod(config, 0o444)
+    args = [a.replace("/etc/uspan/config.yaml", str(config)).replace("/var/lib/uspan", str(state))
+            for a in entrypoint[1:]]
+    env = {k: v.replace("/var/lib/uspan", str(state)) for k, v in env.items()}
+    argv = as_user([*python, *args], ["net_admin"], user=user, env=env, ambient=False,
+                   no_new_privs=True)
+    done = subprocess.run(["unshare", "--net", *argv], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode != 0
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "CAP_NET_ADMIN" in done.stderr, done.stderr

@@ -6,6 +6,7 @@ and removes its labs in the fixture's teardown even when it fails."""
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 import subprocess
@@ -33,11 +34,11 @@ class LabCli:
     name: str
 
     def run(self, *args: str, check: bool = True, timeout: float = 120,
-            ) -> subprocess.CompletedProcess[str]:
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         command, rest = args[0], args[1:]
         done = subprocess.run([USPAN, "lab", command, "--root", str(self.root), "--name",
                                self.name, *rest], capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, env=env)
         if check and done.returncode != 0:
             raise AssertionError(f"uspan lab {' '.join(args)}: exit {done.returncode}\n"
                                  f"{done.stdout}\n{done.stderr}")
@@ -115,15 +116,19 @@ def test_up_ping_exec_kill_start_discovery_outage_and_down(labs) -> None:  # typ
     lab.ping_all()
     shown = lab.run("exec", "n1", "--", "wg", "show").stdout
     assert f"interface: ks-{lab.name}-1" in shown and shown.count("peer:") == 2
-    got = lab.run("exec", "n2", "--", USPAN, "get", "kubespanpeerstatuses").stdout
+    # As the README shows it: a bare `uspan` in the node, the venv not on PATH.
+    bare = {**os.environ, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    got = lab.run("exec", "n2", "--", "uspan", "get", "kubespanpeerstatuses", env=bare).stdout
     assert "n1" in got and "n3" in got and "up" in got
+    one_line_error(lab.run("exec", "n2", "--", "uspan-no-such-program", check=False),
+                   "uspan lab exec: ", "uspan-no-such-program: not found")
     listed = json.loads(lab.run("list", "-o", "json").stdout)
     assert [(x["name"], x["running"]) for x in listed] == [(lab.name, 3)]
     assert "started (KubeSpan on)" in lab.run("logs", "n1").stdout
 
     # Bad input: one line each.
     one_line_error(lab.run("kill", "n9", check=False), "no node 'n9'")
-    one_line_error(lab.run("up", check=False), "exists")
+    one_line_error(lab.run("up", check=False), f"lab {lab.name} exists")
     other = labs()
     one_line_error(other.run("up", "--nodes", "251", check=False), "too many nodes", "250")
     one_line_error(other.run("status", check=False), "no lab named")

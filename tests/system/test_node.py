@@ -170,6 +170,23 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "usage:" in bad.stderr
 
 
+def test_a_damaged_identity_file_is_one_line(lab: Lab, tmp_path: Path) -> None:
+    """It was a traceback (IdentityError escaped ``uspan run``); the file is kept."""
+    state = tmp_path / "s"
+    state.mkdir(mode=0o700)
+    (state / "node-identity.yaml").write_text("nodeId: [\n")
+    config = tmp_path / "node.yaml"
+    subprocess.run([USPAN, "gen", "config", "--with-kubespan", "--discovery-endpoint",
+                    "127.0.0.1:3999", "-o", str(config)], check=True, capture_output=True)
+    done = lab.namespace("badid").run(USPAN, "run", "--config", str(config), "--state-dir",
+                                      str(state), "--uapi-socket", "none", check=False,
+                                      timeout=30)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert f"uspan run: {state}/node-identity.yaml: is not valid YAML" in done.stderr
+    assert (state / "node-identity.yaml").read_text() == "nodeId: [\n"
+
+
 def test_get_without_a_node_is_one_line(tmp_path: Path) -> None:
     done = subprocess.run([USPAN, "get", "kubespanpeerstatuses", "--state-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=30)

@@ -164,3 +164,18 @@ def test_crash_between_snapshot_and_new_log(tmp_path: Path) -> None:
         os.unlink(log)
     store = run_backend(path, T0 + 1, nothing)
     assert [r["id"] for r in store.records("c")] == ["a"]
+
+
+def test_log_and_snapshot_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    """Both hold every cluster's affiliates: 0600 (the log was 0644 under umask 022)."""
+    path = tmp_path / "discovery.state"
+
+    async def act(backend: MemoryBackend) -> None:
+        await backend.update("c", KEY, "a", b"d", (), 60)
+
+    old = os.umask(0o022)
+    try:
+        run_backend(path, T0, act)
+    finally:
+        os.umask(old)
+    assert [f.stat().st_mode & 0o777 for f in (path, *logs(path))] == [0o600, 0o600]

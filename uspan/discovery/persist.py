@@ -156,7 +156,10 @@ class StateFile:
         atomicfile.write(self.path, header + body)
         if self._log is not None:
             self._log.close()
-        self._log = open(self._log_path(gen), "wb")  # noqa: SIM115 (kept open across calls)
+        # 0600 as the snapshot (atomicfile), whatever the umask: both hold the clusters.
+        fd = os.open(self._log_path(gen), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        self._log = os.fdopen(fd, "wb")  # kept open across calls
         self._log.write(LOG_HEADER.pack(LOG_MAGIC, gen))
         self._log.flush()
         os.fsync(self._log.fileno())

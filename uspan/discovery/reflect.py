@@ -20,6 +20,7 @@ from collections import Counter
 import trio
 
 from uspan.daemon.demux import tag
+from uspan.errors import listening
 from uspan.wg.endpoint import Endpoint
 from uspan.wg.ratelimit import RateLimiter
 
@@ -97,7 +98,8 @@ class ProbeResponder:
         with sock:
             if family == socket.AF_INET6 and host in ("::", ""):
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            await sock.bind((host, port))
+            with listening("reflexive probes, UDP", host, port):
+                await sock.bind((host, port))
             bound = sock.getsockname()[1]
             log.info("reflexive probes answered on UDP %s port %d", host, bound)
             task_status.started(bound)

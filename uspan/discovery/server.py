@@ -28,6 +28,7 @@ from uspan.discovery import protocol as p
 from uspan.discovery.backend import Backend, BackendError
 from uspan.discovery.proof import ProofChecker, ProofError, ReplayError
 from uspan.discovery.store import LimitError
+from uspan.errors import listening
 from uspan.wg.ratelimit import RateLimiter
 
 log = logging.getLogger("uspan.discovery")
@@ -319,7 +320,8 @@ class Server:
         """Start the backend, listen, serve until cancelled."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.backend.run)
-            listeners = await trio.open_tcp_listeners(port, host=host)
+            with listening("TCP", host, port):
+                listeners = await trio.open_tcp_listeners(port, host=host)
             for listener in listeners:
                 address = listener.socket.getsockname()
                 log.info("discovery service listening on %s port %d", address[0], address[1])

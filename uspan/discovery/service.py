@@ -120,7 +120,7 @@ async def _serve_probes(probes: ProbeResponder, options: Options) -> None:
     except OSError as exc:
         if options.probe_port is not None:
             raise
-        log.warning("no reflexive probes: UDP port %d: %s", port, exc.strerror or exc)
+        log.warning("no reflexive probes: %s", exc.strerror or exc)
 
 
 def run(options: Options) -> int:

@@ -63,6 +63,11 @@ def create(root: Path, name: str, nodes: int, networks: int, nat: dict[str, str]
             if node not in valid:
                 raise LabError(f"{flag} {node}: no such node (nodes are n1..n{nodes})")
     nat = {**dict.fromkeys(block, "easy"), **nat}
+    exists = LabError(f"lab {name} exists in {root} (`uspan lab down --name {name}`, "
+                      "or choose another --name)")
+    # The lab itself first: its own namespaces are no stranger's.
+    if (root / name).exists():
+        raise exists
     prefix = plan.namespace_prefix(name)
     clash = sorted(n for n in existing_namespaces() if n.startswith(prefix))
     if clash:
@@ -72,8 +77,7 @@ def create(root: Path, name: str, nodes: int, networks: int, nat: dict[str, str]
     try:
         (root / name).mkdir(mode=0o700)
     except FileExistsError:
-        raise LabError(f"lab {name} exists in {root} (`uspan lab down --name {name}`, "
-                       "or choose another --name)") from None
+        raise exists from None
     record = LabRecord(name=name, root=str(root), networks=networks, mtu=mtu)
     for i in range(1, nodes + 1):
         node_name = plan.node_name(i)

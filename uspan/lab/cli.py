@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
@@ -334,9 +334,7 @@ def status_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _group(table: Table, text: str) -> Any:
-    from rich.console import Group
-
+def _group(table: Table, text: str) -> Group:
     return Group(table, Text(text))
 
 
@@ -354,25 +352,30 @@ def ping_command(args: argparse.Namespace) -> int:
         print(json.dumps([{"from": p.source, "to": p.target, "ok": p.rtt_ms is not None,
                            "rtt_ms": p.rtt_ms} for p in snap.pairs.values()], indent=1))
     else:
-        table = Table(title=f"lab {record.name}: ping over the mesh ({args.count} each), "
-                      "average RTT", title_justify="left")
-        table.add_column("from \\ to", style="bold")
-        for view in snap.nodes:
-            table.add_column(view.name)
-        for view in snap.nodes:
-            row: list[Text | str] = [view.name]
-            for other in snap.nodes:
-                if other is view:
-                    row.append("")
-                    continue
-                rtt = snap.pairs[(view.name, other.name)].rtt_ms
-                row.append(Text(f"{rtt:.2f}ms", style="green") if rtt is not None
-                           else Text("fail", style="red"))
-            table.add_row(*row)
         out = console()
-        out.print(table)
+        out.print(ping_matrix(snap, args.count))
         out.print(f"{len(snap.pairs) - len(failed)}/{len(snap.pairs)} pairs answered")
     return 1 if failed else 0
+
+
+def ping_matrix(snap: status.Snapshot, count: int) -> Group:
+    """The average RTTs, under a heading of its own line (as the table's title, rich
+    wrapped it to the width of a 3-node table: "...mesh (3" / "each), average RTT")."""
+    table = Table()
+    table.add_column("from \\ to", style="bold")
+    for view in snap.nodes:
+        table.add_column(view.name)
+    for view in snap.nodes:
+        row: list[Text | str] = [view.name]
+        for other in snap.nodes:
+            if other is view:
+                row.append("")
+                continue
+            rtt = snap.pairs[(view.name, other.name)].rtt_ms
+            row.append(Text(f"{rtt:.2f}ms", style="green") if rtt is not None
+                       else Text("fail", style="red"))
+        table.add_row(*row)
+    return Group(Text(f"lab {snap.lab}: ping over the mesh ({count} each), average RTT"), table)
 
 
 def list_command(args: argparse.Namespace) -> int:
@@ -414,12 +417,12 @@ def list_command(args: argparse.Namespace) -> int:
 
 # exec, logs, bench -------------------------------------------------------------------------
 
-_EXEC = ('if [ -d /run/wireguard ]; then mount --bind "$0/wireguard" /run/wireguard; '
-         'else mount --bind "$0" /run; fi; '
+_EXEC = ('if [ -d /run/wireguard ]; then mount --bind "$1/wireguard" /run/wireguard; '
+         'else mount --bind "$1" /run; fi; '
          # a fresh machine has no /var/lib/uspan to mount over: make it (root's, 0700)
          'mkdir -p -m 0700 /var/lib/uspan 2>/dev/null; '
-         'if [ -d /var/lib/uspan ]; then mount --bind "$1" /var/lib/uspan; fi; '
-         'shift; exec "$@"')
+         'if [ -d /var/lib/uspan ]; then mount --bind "$2" /var/lib/uspan; fi; '
+         'shift 2; exec "$@"')
 
 
 def exec_command(args: argparse.Namespace) -> int:
@@ -433,10 +436,15 @@ def exec_command(args: argparse.Namespace) -> int:
         argv = [os.environ.get("SHELL", "/bin/sh")]
     # In the node's namespace, with its UAPI socket directory over /run/wireguard and
     # its state directory over /var/lib/uspan: `wg show` and `uspan get` see this node.
-    full = ["ip", "netns", "exec", node.namespace, "sh", "-c", _EXEC,
+    # The shell's $0 names us in its errors ("exec: foo: not found").
+    full = ["ip", "netns", "exec", node.namespace, "sh", "-c", _EXEC, "uspan lab exec",
             str(record.run_dir(node)), str(record.state_dir(node)), *argv]
+    # `uspan` there is this lab's own, also where the venv is not on PATH (README's
+    # `.venv/bin/uspan lab exec n1 -- uspan get members`).
+    env = {**os.environ, "PATH": os.pathsep.join(
+        [str(Path(procs.uspan_program()).parent), os.environ.get("PATH", os.defpath)])}
     sys.stdout.flush()
-    os.execvp(full[0], full)
+    os.execvpe(full[0], full, env)
 
 
 def _log_path(record: LabRecord, name: str) -> Path:

@@ -59,7 +59,7 @@ from uspan.mesh.config import (
 )
 from uspan.mesh.controller import Output, PeerController
 from uspan.mesh.cycling import ObservedEndpoint
-from uspan.mesh.identity import Identity, load_or_create
+from uspan.mesh.identity import Identity, IdentityError, load_or_create
 from uspan.mesh.punch import Puncher
 from uspan.mesh.reflexive import INTERVAL as PROBE_INTERVAL
 from uspan.mesh.reflexive import ReflexiveProber
@@ -215,6 +215,8 @@ class Node:
             hint = privilege.dir_hint(exc.errno, state_dir, "--state-dir")
             raise NodeError(privilege.with_hint(f"state directory {state_dir}: "
                                                 f"{exc.strerror or exc}", hint)) from None
+        except IdentityError as exc:  # a damaged or foreign identity file: one line
+            raise NodeError(str(exc)) from None
         listener = api.open_listener(str(state_dir / api.SOCKET_NAME))
         self.controller = PeerController(self.identity.node_id, self.identity.public_key,
                                          self.config, self.store,

@@ -17,6 +17,7 @@ import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from uspan.errors import listening
 from uspan.relay import frames
 from uspan.relay.forwarding import BAD_FRAME, Forwarder, Out, Source
 from uspan.relay.stream import write_frames
@@ -51,9 +52,11 @@ class RelayServer:
         udp.setblocking(False)
         for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             udp.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
-        udp.bind((host, port))
+        with listening("relay, UDP", host, port):
+            udp.bind((host, port))
         self.port = udp.getsockname()[1]
-        listeners = await trio.open_tcp_listeners(self.port, host=host)
+        with listening("relay, TCP", host, self.port):
+            listeners = await trio.open_tcp_listeners(self.port, host=host)
         self._udp = udp
         with udp:
             async with trio.open_nursery() as nursery:

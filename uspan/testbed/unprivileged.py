@@ -37,16 +37,18 @@ def ids(user: str = USER) -> tuple[int, int]:
 
 
 def as_user(argv: Sequence[str], caps: Sequence[str] = (), user: str = USER,
-            env: dict[str, str] | None = None, ambient: bool = True) -> list[str]:
+            env: dict[str, str] | None = None, ambient: bool = True,
+            no_new_privs: bool = False) -> list[str]:
     """``argv`` as ``user`` with only ``caps`` (e.g. ``["net_admin"]``), under ``env``
     (added to a minimal environment: PATH and HOME of no one). Without ``ambient`` the
     caps are only in the bounding set, as Docker and containerd leave a non-root
-    container: the program gets them only through a file capability."""
+    container: the program gets them only through a file capability. ``no_new_privs``:
+    as ``--security-opt no-new-privileges`` or ``allowPrivilegeEscalation: false``."""
     uid, gid = ids(user)
     wanted = "".join(f",+{cap}" for cap in caps)
     inheritable = wanted if ambient else ""
     command = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
-               f"--inh-caps=-all{inheritable}"]
+               f"--inh-caps=-all{inheritable}", *(["--no-new-privs"] if no_new_privs else [])]
     if caps:
         command.append(f"--bounding-set=-all{wanted}")
     if caps and ambient:
