@@ -35,11 +35,28 @@ def is_root() -> bool:
     return os.geteuid() == 0
 
 
+SESSION_RUNTIME_DIR = "/run/user/{uid}"  # what systemd-logind makes for a user's session
+
+
 def runtime_dir() -> Path:
     """Sockets and other things that end with the session: ``$XDG_RUNTIME_DIR`` when it
-    is set, else ``/tmp/uspan-UID`` (0700, checked to be ours: /tmp is shared)."""
+    is set; else the session's own ``/run/user/UID`` if it is there (ours, 0700), so a
+    daemon started with a reset environment (``setpriv --reset-env``, a systemd unit)
+    puts its socket where the user's login shell looks; else ``/tmp/uspan-UID`` (0700,
+    checked to be ours: /tmp is shared)."""
     base = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(base) if base else Path(f"/tmp/uspan-{os.geteuid()}")
+    if base:
+        return Path(base)
+    uid = os.geteuid()
+    session = Path(SESSION_RUNTIME_DIR.format(uid=uid))
+    try:
+        found = session.lstat()
+    except OSError:
+        found = None
+    if (found is not None and stat.S_ISDIR(found.st_mode) and found.st_uid == uid
+            and stat.S_IMODE(found.st_mode) == 0o700):
+        return session
+    return Path(f"/tmp/uspan-{uid}")
 
 
 def state_home() -> Path:

@@ -61,6 +61,7 @@ def test_other_users_get_their_own(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert userpaths.lab_root() == tmp_path / ".local" / "state" / "uspan" / "labs"
     monkeypatch.delenv("XDG_RUNTIME_DIR")
     monkeypatch.setenv("HOME", "/nonexistent")
+    monkeypatch.setattr(userpaths, "SESSION_RUNTIME_DIR", str(tmp_path / "none-{uid}"))
     assert userpaths.uapi_dir() == "/tmp/uspan-1000/wireguard"
     assert userpaths.state_dir() == Path("/tmp/uspan-1000/state")
 
@@ -70,3 +71,24 @@ def test_hints_name_the_privilege_and_its_grant() -> None:
     assert "--device /dev/net/tun" in privilege.tun_hint(2)
     assert "--state-dir" in privilege.dir_hint(13, "/x", "--state-dir")
     assert privilege.tun_hint(22) == "" and privilege.with_hint("m", "") == "m"
+
+
+def test_without_xdg_runtime_dir_the_sessions_own_directory_is_found(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A daemon started with a reset environment (no XDG_RUNTIME_DIR) and the user's
+    login shell (which has it) must agree on the UAPI directory: the session's own
+    /run/user/UID is used when it is there and safely the user's."""
+    for name in (userpaths.UAPI_DIR_ENV, "XDG_RUNTIME_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    uid = os.geteuid()
+    monkeypatch.setattr(userpaths, "SESSION_RUNTIME_DIR", str(tmp_path / "user-{uid}"))
+    session = tmp_path / f"user-{uid}"
+    assert userpaths.runtime_dir() == Path(f"/tmp/uspan-{uid}")  # no session
+    session.mkdir(mode=0o755)
+    session.chmod(0o755)
+    assert userpaths.runtime_dir() == Path(f"/tmp/uspan-{uid}")  # not private: not used
+    session.chmod(0o700)
+    assert userpaths.runtime_dir() == session
+    monkeypatch.setattr(os, "geteuid", lambda: uid + 1)  # someone else's
+    monkeypatch.setattr(userpaths, "SESSION_RUNTIME_DIR", str(session))
+    assert userpaths.runtime_dir() == Path(f"/tmp/uspan-{uid + 1}")
