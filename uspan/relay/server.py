@@ -9,6 +9,7 @@ and counted (``tcp_backlog``), like a datagram lost on the way: WireGuard copes.
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 from collections.abc import Iterator
@@ -34,6 +35,41 @@ UDP_BACKLOG = "udp_backlog"
 _now = trio.current_time
 
 
+PORT_TRIES = 16  # port 0: ephemeral UDP ports tried until TCP's same number is free too
+
+
+async def _bind_both(host: str, port: int) -> tuple[socket.socket, list[trio.SocketListener]]:
+    """A UDP socket and TCP listeners on one port. With port 0 the kernel picks the UDP
+    port, whose TCP twin may be taken by another program: then another is tried, the
+    refused ones held until the end so that the kernel cannot pick them again."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    refused: list[socket.socket] = []
+    try:
+        while True:
+            udp = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                udp.setblocking(False)
+                for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                    udp.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+                with listening("relay, UDP", host, port):
+                    udp.bind((host, port))
+                chosen = udp.getsockname()[1]
+                with listening("relay, TCP", host, chosen):
+                    return udp, await trio.open_tcp_listeners(chosen, host=host)
+            except OSError as exc:
+                retry = not port and exc.errno == errno.EADDRINUSE and len(refused) < PORT_TRIES
+                if not retry or not udp.getsockname()[1]:
+                    udp.close()
+                    raise
+                refused.append(udp)
+            except BaseException:
+                udp.close()
+                raise
+    finally:
+        for each in refused:
+            each.close()
+
+
 class RelayServer:
     """Serve ``Forwarder`` over UDP and TCP on one address."""
 
@@ -47,16 +83,8 @@ class RelayServer:
     async def serve(self, host: str, port: int, *,
                     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen on HOST:PORT (UDP and TCP; port 0 picks one free for both)."""
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        udp = socket.socket(family, socket.SOCK_DGRAM)
-        udp.setblocking(False)
-        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            udp.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
-        with listening("relay, UDP", host, port):
-            udp.bind((host, port))
+        udp, listeners = await _bind_both(host, port)
         self.port = udp.getsockname()[1]
-        with listening("relay, TCP", host, self.port):
-            listeners = await trio.open_tcp_listeners(self.port, host=host)
         self._udp = udp
         with udp:
             async with trio.open_nursery() as nursery:
