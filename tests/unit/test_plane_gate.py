@@ -1,4 +1,4 @@
-"""The plane thread's gate (``set_gate``/``gate_take`` in uspan/plane/_plane.c): handshake
+"""The plane thread's gate (``set_gate``/``gate_take``, uspan/csrc/plane_gate.c): handshake
 messages judged in the thread as the core's plan says, on a real loopback socket. A
 bad mac1 is dropped there, not punted; under load the unproven initiations go up while
 ``hand_up`` allows, then get cookie replies made in the thread (they open at the

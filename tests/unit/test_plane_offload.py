@@ -1,4 +1,4 @@
-"""Offloads in the plane thread (uspan/plane/_plane.c, docs/dataplane.md): TSO/USO
+"""Offloads in the plane thread (uspan/csrc/plane_thread.c, docs/dataplane.md): TSO/USO
 super-segments read from a vnet-header "TUN" are cut, sealed and sent with UDP_SEGMENT;
 UDP_GRO receives are cut, opened and merged back into super-segments for the TUN. Two
 started planes over loopback (tests/unit/planekit: a SOCK_SEQPACKET pair as each TUN);

@@ -1,4 +1,4 @@
-"""Where the plane says a datagram came from (uspan/plane/_plane.c, source_of): the
+"""Where the plane says a datagram came from (uspan/csrc/plane_thread.c, source_of): the
 sticky source read from IP_PKTINFO beside whatever other control messages the socket
 carries (review M1), and the address replies leave from rather than the one the datagram
 was sent to (L1). Real sockets on loopback, two planes joined by tests/unit/planekit.py."""

@@ -61,6 +61,7 @@ def test_many_packets_signal_the_eventfd_once() -> None:
             a.write_tun(packet(INNER4[0], INNER4[1], b"%d" % i))
         for _ in range(50):
             b.read_tun()
+        assert _readable(b.plane.fileno(), 1.0)  # written once the step ends: after the TUN's
         assert os.read(b.plane.fileno(), 8) == (1).to_bytes(8, "little")  # one write
         records, _, _ = b.plane.collect()
         assert [r[0] for r in records] == [b.peer]
@@ -77,6 +78,7 @@ def test_a_punt_signals_again_while_records_wait_for_their_collect() -> None:
         b.plane.collect()
         a.write_tun(packet(INNER4[0], INNER4[1]))
         b.read_tun()
+        assert _readable(b.plane.fileno(), 1.0)  # written once the step ends: after the TUN's
         assert os.read(b.plane.fileno(), 8) == (1).to_bytes(8, "little")  # records
         a.write_tun(packet(INNER4[0], INNER4[1]))
         b.read_tun()

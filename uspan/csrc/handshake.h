@@ -3,7 +3,7 @@
  *
  * Why a library: a flood of initiations is judged where the socket is read, which is the
  * gated read (uspan/daemon/_gate.c, behind uspan.daemon.gate) in the trio path and the
- * data-plane thread (uspan/plane/_plane.c) otherwise; both must give the verdict of
+ * data-plane thread (uspan/csrc/plane_gate.c) otherwise; both must give the verdict of
  * uspan.wg.verdict.classify_py. Nothing here touches a Python object, allocates or keeps
  * global state (the thread never takes the GIL); the cipher for cookie replies is the
  * caller's. Compiled into each extension that lists it, with hidden visibility.

@@ -1,5 +1,5 @@
 /* WireGuard transport messages in C: the one definition of their layout, padding and
- * sealing that uspan/wg/_aead.c (the core's batch AEAD) and uspan/plane/_plane.c (the
+ * sealing that uspan/wg/_aead.c (the core's batch AEAD) and uspan/csrc/plane.h (the
  * data plane thread) both include, so the two seal byte for byte alike.
  *
  * Transport message: type 4 (u32 LE), receiver index (u32 LE), counter (u64 LE), then the
