@@ -53,7 +53,7 @@ async def serving(tmp_path: Path, nursery: trio.Nursery) -> tuple[Store, FakeCon
     control = FakeControl()
     path = str(tmp_path / "node.sock")
     listener = open_listener(path)
-    nursery.start_soon(ApiServer(store, changes, control).serve, listener)
+    nursery.start_soon(ApiServer(store, changes, control, "node-1").serve, listener)
     return store, control, path
 
 
@@ -66,10 +66,11 @@ def test_get_list_one_and_secrets_only_on_request(tmp_path: Path) -> None:
                                                    "privateKey": "c2VjcmV0", "publicKey": "cA=="},
                       now=5.0)
             client = ApiClient(path)
-            (found,) = await client.get(KUBESPAN_IDENTITY, None, secrets=False)
+            node, (found,) = await client.get(KUBESPAN_IDENTITY, None, secrets=False)
+            assert node == "node-1"  # uspan get's NODE
             assert found.spec["privateKey"] == REDACTED
             assert found.metadata.version == 1 and found.metadata.created == 1_700_000_005.0
-            (shown,) = await client.get(KUBESPAN_IDENTITY, "local", secrets=True)
+            _, (shown,) = await client.get(KUBESPAN_IDENTITY, "local", secrets=True)
             assert shown.spec["privateKey"] == "c2VjcmV0"
             with pytest.raises(ApiError, match="not found"):
                 await client.get(KUBESPAN_IDENTITY, "other", secrets=False)
@@ -85,7 +86,8 @@ def test_watch_streams_changes_as_they_happen(tmp_path: Path) -> None:
             store.put(KUBESPAN_PEER_STATUS, "k1", status_spec("unknown"), now=1.0)
             seen: list[list[Event]] = []
 
-            async def collect(events: list[Event]) -> None:
+            async def collect(node: str, events: list[Event]) -> None:
+                assert node == "node-1"
                 seen.append(events)
 
             async def batches(count: int) -> None:

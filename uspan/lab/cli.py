@@ -595,8 +595,9 @@ def start_command(args: argparse.Namespace) -> int:
                 raise LabError(f"{node.name} exited; its log ends:\n"
                                + _tail(record.log_path(node), 10))
             try:
-                return bool(trio.run(lambda: client.get(KUBESPAN_IDENTITY, None,
-                                                        secrets=False)))
+                _, found = trio.run(lambda: client.get(KUBESPAN_IDENTITY, None,
+                                                       secrets=False))
+                return bool(found)
             except ApiError:
                 return False
 

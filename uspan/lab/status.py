@@ -88,16 +88,16 @@ async def _uspan_view(record: LabRecord, node: NodeRecord, view: NodeView,
                       ) -> list[dict[str, Any]]:
     client = ApiClient(str(record.state_dir(node) / SOCKET_NAME))
     with trio.move_on_after(3):
-        identity = await client.get(KUBESPAN_IDENTITY, None, secrets=False)
+        _, identity = await client.get(KUBESPAN_IDENTITY, None, secrets=False)
         if identity:
             spec = identity[0].spec
             view.address = str(spec["address"]).split("/")[0]
             view.public_key = str(spec["publicKey"])
-        found = await client.get(DISCOVERY_STATUS, None, secrets=False)
+        _, found = await client.get(DISCOVERY_STATUS, None, secrets=False)
         if found:
             view.discovery = found[0].spec.get("service")
-        return [dict(r.spec) for r in await client.get(KUBESPAN_PEER_STATUS, None,
-                                                       secrets=False)]
+        _, statuses = await client.get(KUBESPAN_PEER_STATUS, None, secrets=False)
+        return [dict(r.spec) for r in statuses]
     view.error = "no answer"
     return []
 
