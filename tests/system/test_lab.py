@@ -191,7 +191,7 @@ def test_two_networks_cut_heal_and_nat(labs) -> None:  # type: ignore[no-untyped
     delayed = lab.run("netem", "n2", "--delay", "20ms", check=False)
     if delayed.returncode == 0:
         slow = next(r for r in lab.ping_all() if r["from"] == "n2" and r["to"] == "n1")
-        assert slow["rtt_ms"] >= 20
+        assert slow["rttMs"] >= 20
     else:  # a kernel without sch_netem: loss only, through iptables
         one_line_error(delayed, "sch_netem")
         lab.run("netem", "n2", "--loss", "100%")

@@ -8,7 +8,7 @@ import base64
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -68,20 +68,28 @@ class Snapshot:
         return sum(1 for v in self.nodes if v.address is not None)
 
     def to_json(self) -> dict[str, Any]:
+        """`uspan lab status -o json`: camelCase keys, as the resource specs and Talos."""
         return {
             "lab": self.lab,
             "networks": self.networks,
             "discovery": {"running": self.discovery_running},
-            "nodes": [asdict(v) for v in self.nodes],
+            "nodes": [{"name": v.name, "kind": v.kind, "nat": v.nat, "blockUdp": v.block_udp,
+                       "running": v.running, "address": v.address, "publicKey": v.public_key,
+                       "discovery": v.discovery, "error": v.error} for v in self.nodes],
             "pairs": [{"from": p.source, "to": p.target, "state": p.state,
                        "endpoint": p.endpoint, "network": p.network, "path": p.path,
-                       "rtt_ms": p.rtt_ms}
+                       "rttMs": p.rtt_ms}
                       for p in self.pairs.values()],
             "pairsUp": self.up_count(),
             "pairsTotal": self.pair_count(),
             "cuts": self.cuts,
             "netem": self.netem,
         }
+
+    def ping_json(self) -> list[dict[str, Any]]:
+        """`uspan lab ping -o json`, in the same style."""
+        return [{"from": p.source, "to": p.target, "ok": p.rtt_ms is not None,
+                 "rttMs": p.rtt_ms} for p in self.pairs.values()]
 
 
 async def _uspan_view(record: LabRecord, node: NodeRecord, view: NodeView,
