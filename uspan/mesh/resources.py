@@ -1,10 +1,11 @@
 """The resource store that ``uspan get`` reads, and its table/yaml/json output.
 
-Resources are ``metadata`` (type, id, version, created, updated) and a ``spec`` with
-Talos's field names, built from the mesh's own objects by the ``*_spec`` functions. A
-resource's version grows by one on every change; putting an equal spec changes nothing,
-so a version is a count of real changes. Puts and deletes become events for watchers,
-which the shell drains (the store never blocks and never does I/O).
+Resources are ``metadata`` (namespace, type, id, version, owner, phase, created, updated,
+as Talos's) and a ``spec`` with Talos's field names, built from the mesh's own objects by
+the ``*_spec`` functions. A resource's version grows by one on every change; putting an
+equal spec changes nothing, so a version is a count of real changes. Puts and deletes
+become events for watchers, which the shell drains (the store never blocks and never does
+I/O).
 
 Times: the store is given ``now`` on the monotonic clock and a fixed ``wall_offset``
 (wall minus monotonic, read once by the shell) and shows wall-clock RFC 3339 times.
