@@ -93,7 +93,7 @@ def _uapi(record: LabRecord, name: str) -> dict[str, tuple[int, int, int]]:
 def _keys(run: Run) -> dict[str, str]:
     """Hex public key -> node name, from the nodes' status."""
     status = json.loads(run.lab_cmd("status", "-o", "json", "--no-rtt"))
-    return {base64.b64decode(n["public_key"]).hex(): n["name"] for n in status["nodes"]}
+    return {base64.b64decode(n["publicKey"]).hex(): n["name"] for n in status["nodes"]}
 
 
 def _proc_sample(run: Run, record: LabRecord) -> None:

@@ -55,7 +55,7 @@ async def _serve(data: bytes) -> tuple[_Control, bytes]:
                                               "privateKey": PRIVATE}, 0.0)
     store.put(KUBESPAN_PEER_STATUS, "pub2", {"label": "n2", "state": "up"}, 0.0)
     control = _Control()
-    server = ApiServer(store, changes, control)
+    server = ApiServer(store, changes, control, "fuzz")
     client, stream = trio.testing.memory_stream_pair()
     replies = bytearray()
     with trio.move_on_after(60):

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from uspan.mesh.resources import read_json_stream
 from uspan.testbed import Lab, Namespace, poll
 
 USPAN = str(Path(sys.executable).parent / "uspan")
@@ -75,9 +76,7 @@ class MeshNode:
         return done
 
     def get(self, resource: str) -> list[dict[str, Any]]:
-        items = json.loads(self.cli("get", resource, "-o", "json").stdout)
-        assert isinstance(items, list)
-        return items
+        return read_json_stream(self.cli("get", resource, "-o", "json").stdout)
 
     def identity(self) -> dict[str, Any]:
         (item,) = self.get("kubespanidentities")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from uspan.mesh.resources import read_json_stream
 from uspan.testbed import Lab, Namespace, poll
 from uspan.testbed.unprivileged import as_user
 
@@ -115,7 +116,7 @@ class Container:
         done = subprocess.run([str(BIN / "uspan"), "get", resource, "-o", "json",
                                "--state-dir", str(self.state)], capture_output=True, text=True,
                               check=False, timeout=10)
-        return json.loads(done.stdout) if done.returncode == 0 else []
+        return read_json_stream(done.stdout) if done.returncode == 0 else []
 
 
 @pytest.mark.parametrize("ambient", [True, False], ids=["ambient", "file-capability"])

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from tests.system.conftest import FAILED
+from uspan.mesh.resources import read_json_stream
 from uspan.testbed import poll
 
 pytestmark = pytest.mark.system
@@ -143,8 +144,8 @@ def test_up_ping_exec_kill_start_discovery_outage_and_down(labs) -> None:  # typ
     assert {("n1", "n2"), ("n2", "n1")} <= ok
     lab.run("start", "n3")  # joins while the service is down...
     after = lab.run("exec", "n3", "--", USPAN, "get", "kubespanidentities", "-o", "json")
-    key = json.loads(before.stdout)[0]["spec"]["publicKey"]
-    assert json.loads(after.stdout)[0]["spec"]["publicKey"] == key
+    key = read_json_stream(before.stdout)[0]["spec"]["publicKey"]
+    assert read_json_stream(after.stdout)[0]["spec"]["publicKey"] == key
     lab.run("discovery", "start")  # ...and is back in the mesh once it returns
     lab.wait_full(timeout=60)
     lab.ping_all()
@@ -190,7 +191,7 @@ def test_two_networks_cut_heal_and_nat(labs) -> None:  # type: ignore[no-untyped
     delayed = lab.run("netem", "n2", "--delay", "20ms", check=False)
     if delayed.returncode == 0:
         slow = next(r for r in lab.ping_all() if r["from"] == "n2" and r["to"] == "n1")
-        assert slow["rtt_ms"] >= 20
+        assert slow["rttMs"] >= 20
     else:  # a kernel without sch_netem: loss only, through iptables
         one_line_error(delayed, "sch_netem")
         lab.run("netem", "n2", "--loss", "100%")

@@ -4,7 +4,6 @@ forged probe answers. Through the real CLI, in namespaces of the test's own lab.
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from typing import Any
 import pytest
 
 from tests.system.test_lab import LabCli, labs  # noqa: F401  (the fixture)
+from uspan.mesh.resources import read_json_stream
 from uspan.testbed import poll
 
 pytestmark = pytest.mark.system
@@ -32,7 +32,7 @@ sock.sendto(b"\xffPRA" + b"\x00" * 8, ("127.0.0.1", 51820))  # malformed
 
 def discovery_status(lab: LabCli, node: str) -> dict[str, Any]:
     done = lab.run("exec", node, "--", USPAN_BIN, "get", "discoverystatus", "-o", "json")
-    spec: dict[str, Any] = json.loads(done.stdout)[0]["spec"]
+    spec: dict[str, Any] = read_json_stream(done.stdout)[0]["spec"]
     return spec
 
 

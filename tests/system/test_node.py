@@ -15,6 +15,7 @@ import pytest
 from tests.system.conftest import FAILED
 from tests.system.meshnet import USPAN, Mesh, MeshNode, publish
 from uspan.mesh.config import decode_base64
+from uspan.mesh.resources import read_json_stream
 from uspan.testbed import Lab, PeerConfig, poll, run
 
 WIREGUARD_GO = "/usr/bin/wireguard-go"
@@ -94,7 +95,13 @@ def test_four_nodes_form_a_full_mesh(mesh_factory) -> None:  # type: ignore[no-u
     # The private key never shows unless asked for.
     assert n1.identity()["privateKey"] == "(redacted)"
     table = n1.cli("get", "kubespanpeerstatuses").stdout.splitlines()
-    assert table[0].split()[:7] == ["ID", "VERSION", "LABEL", "ENDPOINT", "STATE", "RX", "TX"]
+    assert table[0].split() == ["NODE", "NAMESPACE", "TYPE", "ID", "VERSION", "LABEL",
+                                "ENDPOINT", "STATE", "RX", "TX"]
+    assert {tuple(row.split()[:3]) for row in table[1:]} == {
+        ("n1", "kubespan", "KubeSpanPeerStatus")}  # NODE: the hostname it publishes
+    streamed = read_json_stream(n1.cli("get", "members", "-o", "json").stdout)
+    assert {item["node"] for item in streamed} == {"n1"}
+    assert {"n2", "n3", "n4"} <= {item["metadata"]["id"] for item in streamed}
 
 
 def test_restart_keeps_identity_and_leave_removes_the_node(mesh_factory) -> None:  # type: ignore[no-untyped-def]

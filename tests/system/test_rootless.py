@@ -18,6 +18,7 @@ import pytest
 
 from tests.system.conftest import Pair, program
 from uspan.lab import userns
+from uspan.mesh.resources import read_json_stream
 from uspan.testbed import Namespace, PeerConfig, genkey, genpsk, poll
 from uspan.testbed.unprivileged import as_user, ids, private_dir_for
 
@@ -265,7 +266,7 @@ def test_node_as_nobody_in_its_own_user_namespace(home: Path) -> None:
                                   check=False)
             return done.stdout if done.returncode == 0 else None
 
-        assert "fd" in json.loads(poll(identity, what="the node", timeout=30))[0]["spec"][
+        assert "fd" in read_json_stream(poll(identity, what="the node", timeout=30))[0]["spec"][
             "address"]
         assert capabilities(node.pid)[0] == ids()[0]  # nobody on the host
         for path in [state, *state.iterdir()]:

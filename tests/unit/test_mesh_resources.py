@@ -1,6 +1,5 @@
 import base64
 import ipaddress
-import json
 
 import pytest
 import yaml
@@ -33,6 +32,7 @@ from uspan.mesh.resources import (
     member_spec,
     peer_spec_spec,
     peer_status_spec,
+    read_json_stream,
     resolve_type,
     wall_time,
 )
@@ -213,42 +213,113 @@ def peer_store() -> Store:
     return store
 
 
-def test_table_output() -> None:
+def test_table_output_is_talosctls() -> None:
     store = peer_store()
-    text = format_resources(KUBESPAN_PEER_STATUS, store.list(KUBESPAN_PEER_STATUS), "table")
-    assert text.splitlines() == [
-        "ID                                             VERSION   LABEL    ENDPOINT"
-        "          STATE   RX   TX",
-        "AAAA                                           2         n4                         down"
-        "    0    0",
-        f"{KEY_ID}   1         node-2   192.0.2.2:51820   up      10   20",
-    ]
-
-
-def test_yaml_output_is_metadata_and_spec_documents() -> None:
-    store = peer_store()
-    text = format_resources(KUBESPAN_PEER_STATUS, store.list(KUBESPAN_PEER_STATUS), "yaml")
-    documents = list(yaml.safe_load_all(text))
-    assert text.count("---\n") == 1
-    assert [d["metadata"]["id"] for d in documents] == ["AAAA", KEY_ID]
-    assert documents[1]["metadata"] == {
-        "type": "KubeSpanPeerStatuses.kubespan.uspan.dev",
-        "id": KEY_ID,
-        "version": 1,
-        "created": wall_time(5.0, WALL),
-        "updated": wall_time(5.0, WALL),
-    }
-    assert documents[1]["spec"]["receiveBytes"] == 10
-
-
-def test_json_output_is_one_array() -> None:
-    store = peer_store()
-    items = json.loads(
-        format_resources(KUBESPAN_PEER_STATUS, store.list(KUBESPAN_PEER_STATUS), "json")
+    text = format_resources(KUBESPAN_PEER_STATUS, "n1", store.list(KUBESPAN_PEER_STATUS),
+                            "table")
+    assert text == (
+        "NODE   NAMESPACE   TYPE                 ID                                  "
+        "           VERSION   LABEL    ENDPOINT          STATE   RX   TX\n"
+        "n1     kubespan    KubeSpanPeerStatus   AAAA                                "
+        "           2         n4                         down    0    0\n"
+        f"n1     kubespan    KubeSpanPeerStatus   {KEY_ID}   "
+        "1         node-2   192.0.2.2:51820   up      10   20\n"
     )
-    assert [item["metadata"]["version"] for item in items] == [2, 1]
-    assert items[1]["spec"]["state"] == "up"
-    assert json.loads(format_resources(MEMBER, [], "json")) == []
+    assert format_resources(MEMBER, "n1", [], "table") == (
+        "NODE   NAMESPACE   TYPE   ID   VERSION   HOSTNAME   ADDRESSES\n")
+
+
+def test_table_cells_are_jsonpaths() -> None:
+    store = Store(WALL)
+    store.put(MEMBER, "n2", {"hostname": "", "addresses": ["192.0.2.2", "fd00::2"]}, 1.0)
+    assert format_resources(MEMBER, "n1", store.list(MEMBER), "table").splitlines()[1] == (
+        'n1     cluster     Member   n2   1                    ["192.0.2.2","fd00::2"]')
+
+
+def test_yaml_output_is_talosctls() -> None:
+    store = peer_store()
+    text = format_resources(KUBESPAN_PEER_STATUS, "n1", store.list(KUBESPAN_PEER_STATUS),
+                            "yaml")
+    assert text.split("---\n")[1] == f"""node: n1
+metadata:
+    namespace: kubespan
+    type: KubeSpanPeerStatuses.kubespan.uspan.dev
+    id: {KEY_ID}
+    version: 1
+    owner: kubespan.ManagerController
+    phase: running
+    created: 2026-05-28T20:26:45Z
+    updated: 2026-05-28T20:26:45Z
+spec:
+    label: node-2
+    endpoint: 192.0.2.2:51820
+    state: up
+    receiveBytes: 10
+    transmitBytes: 20
+    lastHandshakeTime: 2026-05-28T20:28:20Z
+    lastUsedEndpoint: 192.0.2.2:51820
+    lastEndpointChange: 2026-05-28T20:28:10Z
+"""
+    assert text.count("---\n") == 1 and text.startswith("node: n1\nmetadata:\n")
+    documents = list(yaml.safe_load_all(text))
+    assert [d["metadata"]["id"] for d in documents] == ["AAAA", KEY_ID]
+
+
+def test_yaml_quotes_as_go_does() -> None:
+    store = Store(WALL)
+    store.put(AFFILIATE, "n2", {"hostname": "", "addresses": [], "nodename": "[x]: y",
+                                "kubespan": None}, 1.5)
+    text = format_resources(AFFILIATE, "n1", store.list(AFFILIATE), "yaml")
+    (document,) = yaml.safe_load_all(text)
+    assert text.endswith('''    created: 2026-05-28T20:26:41.5Z
+    updated: 2026-05-28T20:26:41.5Z
+spec:
+    hostname: ""
+    addresses: []
+    nodename: "[x]: y"
+    kubespan: null
+''')
+    assert document["spec"]["nodename"] == "[x]: y"
+
+
+def test_json_output_is_talosctls_stream() -> None:
+    store = Store(WALL)
+    store.put(MEMBER, "n2", {"hostname": "n2<&>", "addresses": ["192.0.2.2"], "nodeId": "x"},
+              1.0)
+    text = format_resources(MEMBER, "n1", store.list(MEMBER) * 2, "json")
+    one = """{
+    "metadata": {
+        "created": "2026-05-28T20:26:41Z",
+        "id": "n2",
+        "namespace": "cluster",
+        "owner": "cluster.MemberController",
+        "phase": "running",
+        "type": "Members.cluster.uspan.dev",
+        "updated": "2026-05-28T20:26:41Z",
+        "version": 1
+    },
+    "node": "n1",
+    "spec": {
+        "addresses": [
+            "192.0.2.2"
+        ],
+        "hostname": "n2\\u003c\\u0026\\u003e",
+        "nodeId": "x"
+    }
+}
+"""
+    assert text == one * 2
+    assert [item["spec"]["hostname"] for item in read_json_stream(text)] == ["n2<&>"] * 2
+    assert format_resources(MEMBER, "n1", [], "json") == ""
+
+
+def test_json_stream_reader() -> None:
+    assert read_json_stream(" \n") == []
+    assert read_json_stream('{"a": 1}\n{"b": [2]}\n') == [{"a": 1}, {"b": [2]}]
+    with pytest.raises(ValueError, match="not a JSON object at character 9"):
+        read_json_stream('{"a": 1} [1]')
+    with pytest.raises(ValueError):
+        read_json_stream('{"a": ')
 
 
 def test_private_key_is_redacted_unless_asked_for() -> None:
@@ -260,20 +331,21 @@ def test_private_key_is_redacted_unless_asked_for() -> None:
     resources = store.list(KUBESPAN_IDENTITY)
     secret = spec["privateKey"]
     for output in ("table", "yaml", "json"):
-        assert secret not in format_resources(KUBESPAN_IDENTITY, resources, output)
-    assert REDACTED in format_resources(KUBESPAN_IDENTITY, resources, "yaml")
-    assert secret in format_resources(KUBESPAN_IDENTITY, resources, "json", show_secrets=True)
+        assert secret not in format_resources(KUBESPAN_IDENTITY, "n1", resources, output)
+    assert REDACTED in format_resources(KUBESPAN_IDENTITY, "n1", resources, "yaml")
+    assert secret in format_resources(KUBESPAN_IDENTITY, "n1", resources, "json",
+                                      show_secrets=True)
     watch = store.watch(KUBESPAN_IDENTITY)
     events = watch.drain()
     for output in ("table", "yaml", "json"):
-        assert secret not in format_events(KUBESPAN_IDENTITY, events, output, header=True)
+        assert secret not in format_events(KUBESPAN_IDENTITY, "n1", events, output, first=True)
 
 
 def test_unknown_output() -> None:
     with pytest.raises(ResourceError, match="one of: table, yaml, json"):
-        format_resources(MEMBER, [], "xml")
+        format_resources(MEMBER, "n1", [], "xml")
     with pytest.raises(ResourceError, match="one of"):
-        format_events(MEMBER, [], "xml", header=False)
+        format_events(MEMBER, "n1", [], "xml", first=False)
 
 
 def test_watch_output() -> None:
@@ -283,12 +355,23 @@ def test_watch_output() -> None:
     store.put(KUBESPAN_ENDPOINT, "k", {"affiliateID": "n2", "endpoint": "192.0.2.2:2"}, 2.0)
     store.delete(KUBESPAN_ENDPOINT, "k")
     events = watch.drain()
-    table = format_events(KUBESPAN_ENDPOINT, events, "table", header=True).splitlines()
-    assert table[0] == "*   ID   VERSION   ENDPOINT      AFFILIATE ID"
-    assert [line[0] for line in table[1:]] == ["+", " ", "-"]
-    headless = format_events(KUBESPAN_ENDPOINT, events[:1], "table", header=False)
-    assert headless.startswith("+")
-    lines = format_events(KUBESPAN_ENDPOINT, events, "json", header=False).splitlines()
-    assert [json.loads(line)["event"] for line in lines] == ["created", "updated", "destroyed"]
-    docs = list(yaml.safe_load_all(format_events(KUBESPAN_ENDPOINT, events, "yaml", header=False)))
-    assert [d["metadata"]["version"] for d in docs] == [1, 2, 2]
+    assert format_events(KUBESPAN_ENDPOINT, "n1", events, "table", first=True) == (
+        "NODE   *   NAMESPACE   TYPE               ID   VERSION   ENDPOINT      AFFILIATE ID\n"
+        "n1     +   kubespan    KubeSpanEndpoint   k    1         192.0.2.2:1   n2\n"
+        "n1   " + " " + "   kubespan   KubeSpanEndpoint   k   2   192.0.2.2:2   n2\n"
+        "n1   -   kubespan   KubeSpanEndpoint   k   2   192.0.2.2:2   n2\n"
+    )  # talosctl flushes its tabwriter after each event: only the first is aligned
+    assert format_events(KUBESPAN_ENDPOINT, "n1", events[:1], "table", first=False) == (
+        "n1   +   kubespan   KubeSpanEndpoint   k   1   192.0.2.2:1   n2\n")
+    assert format_events(KUBESPAN_ENDPOINT, "n1", [], "table", first=True) == ""
+    stream = read_json_stream(format_events(KUBESPAN_ENDPOINT, "n1", events, "json", first=True))
+    assert [(item["node"], item["event"]) for item in stream] == [
+        ("n1", "created"), ("n1", "updated"), ("n1", "destroyed")]
+    later = format_events(KUBESPAN_ENDPOINT, "n1", events[1:], "yaml", first=False)
+    assert later.startswith("---\nnode: n1\nevent: updated\nmetadata:\n")
+    assert later.count("---\n") == 2
+    first = format_events(KUBESPAN_ENDPOINT, "n1", events, "yaml", first=True)
+    assert first.startswith("node: n1\nevent: created\nmetadata:\n")
+    docs = list(yaml.safe_load_all(first))
+    assert [(d["event"], d["metadata"]["version"]) for d in docs] == [
+        ("created", 1), ("updated", 2), ("destroyed", 2)]

@@ -6,6 +6,8 @@ import json
 import os
 import socket
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,7 +55,7 @@ async def serving(tmp_path: Path, nursery: trio.Nursery) -> tuple[Store, FakeCon
     control = FakeControl()
     path = str(tmp_path / "node.sock")
     listener = open_listener(path)
-    nursery.start_soon(ApiServer(store, changes, control).serve, listener)
+    nursery.start_soon(ApiServer(store, changes, control, "node-1").serve, listener)
     return store, control, path
 
 
@@ -66,10 +68,11 @@ def test_get_list_one_and_secrets_only_on_request(tmp_path: Path) -> None:
                                                    "privateKey": "c2VjcmV0", "publicKey": "cA=="},
                       now=5.0)
             client = ApiClient(path)
-            (found,) = await client.get(KUBESPAN_IDENTITY, None, secrets=False)
+            node, (found,) = await client.get(KUBESPAN_IDENTITY, None, secrets=False)
+            assert node == "node-1"  # uspan get's NODE
             assert found.spec["privateKey"] == REDACTED
             assert found.metadata.version == 1 and found.metadata.created == 1_700_000_005.0
-            (shown,) = await client.get(KUBESPAN_IDENTITY, "local", secrets=True)
+            _, (shown,) = await client.get(KUBESPAN_IDENTITY, "local", secrets=True)
             assert shown.spec["privateKey"] == "c2VjcmV0"
             with pytest.raises(ApiError, match="not found"):
                 await client.get(KUBESPAN_IDENTITY, "other", secrets=False)
@@ -85,7 +88,8 @@ def test_watch_streams_changes_as_they_happen(tmp_path: Path) -> None:
             store.put(KUBESPAN_PEER_STATUS, "k1", status_spec("unknown"), now=1.0)
             seen: list[list[Event]] = []
 
-            async def collect(events: list[Event]) -> None:
+            async def collect(node: str, events: list[Event]) -> None:
+                assert node == "node-1"
                 seen.append(events)
 
             async def batches(count: int) -> None:
@@ -151,3 +155,49 @@ def test_no_node_and_second_node(tmp_path: Path) -> None:
     stale = socket.socket(socket.AF_UNIX)  # a file left by a killed node is replaced
     stale.close()
     open_listener(path).close()
+
+
+def test_get_watch_prints_talosctls_event_stream(tmp_path: Path) -> None:
+    """The real ``uspan get --watch -o yaml`` against a served store: the listing as created
+    events, then each change as it happens, documents separated by --- (none before the
+    first); the command ends with an error when the node goes away."""
+    async def scenario() -> None:
+        argv = [sys.executable, "-c", "import sys; from uspan.cli import main; "
+                "sys.exit(main(sys.argv[1:]))", "get", "kubespanpeerstatuses", "--watch",
+                "-o", "yaml", "--state-dir", str(tmp_path)]
+        out = bytearray()
+        process: trio.Process | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                store, _, _ = await serving(tmp_path, nursery)
+                store.put(KUBESPAN_PEER_STATUS, "k1", status_spec("unknown"), now=1.0)
+                process = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE,
+                                                           stderr=subprocess.PIPE)
+                assert process.stdout is not None
+
+                async def until(text: bytes) -> None:
+                    assert process is not None and process.stdout is not None
+                    with trio.fail_after(30):
+                        while text not in out:
+                            out.extend(await process.stdout.receive_some(1 << 16))
+
+                await until(b"receiveBytes: 1\n")
+                store.put(KUBESPAN_PEER_STATUS, "k1", status_spec("up"), now=2.0)
+                await until(b"state: up\n")
+                nursery.cancel_scope.cancel()  # the node goes away
+            assert process.stdout is not None and process.stderr is not None
+            with trio.fail_after(30):
+                while chunk := await process.stdout.receive_some(1 << 16):
+                    out.extend(chunk)
+                error = await process.stderr.receive_some(1 << 16)
+                assert await process.wait() == 1
+        finally:
+            if process is not None:
+                process.kill()  # ours; a no-op once it exited
+        text = out.decode()
+        assert text.startswith("node: node-1\nevent: created\nmetadata:\n    namespace: kubespan\n")
+        assert text.count("---\n") == 1
+        assert "---\nnode: node-1\nevent: updated\nmetadata:\n" in text
+        assert b"the node closed the connection" in error
+
+    trio.run(scenario)

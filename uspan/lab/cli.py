@@ -349,8 +349,7 @@ def ping_command(args: argparse.Namespace) -> int:
     snap = trio.run(main)
     failed = [p for p in snap.pairs.values() if p.rtt_ms is None]
     if args.output == "json":
-        print(json.dumps([{"from": p.source, "to": p.target, "ok": p.rtt_ms is not None,
-                           "rtt_ms": p.rtt_ms} for p in snap.pairs.values()], indent=1))
+        print(json.dumps(snap.ping_json(), indent=1))
     else:
         out = console()
         out.print(ping_matrix(snap, args.count))
@@ -595,8 +594,9 @@ def start_command(args: argparse.Namespace) -> int:
                 raise LabError(f"{node.name} exited; its log ends:\n"
                                + _tail(record.log_path(node), 10))
             try:
-                return bool(trio.run(lambda: client.get(KUBESPAN_IDENTITY, None,
-                                                        secrets=False)))
+                _, found = trio.run(lambda: client.get(KUBESPAN_IDENTITY, None,
+                                                       secrets=False))
+                return bool(found)
             except ApiError:
                 return False
 

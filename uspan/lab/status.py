@@ -8,7 +8,7 @@ import base64
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -68,14 +68,17 @@ class Snapshot:
         return sum(1 for v in self.nodes if v.address is not None)
 
     def to_json(self) -> dict[str, Any]:
+        """`uspan lab status -o json`: camelCase keys, as the resource specs and Talos."""
         return {
             "lab": self.lab,
             "networks": self.networks,
             "discovery": {"running": self.discovery_running},
-            "nodes": [asdict(v) for v in self.nodes],
+            "nodes": [{"name": v.name, "kind": v.kind, "nat": v.nat, "blockUdp": v.block_udp,
+                       "running": v.running, "address": v.address, "publicKey": v.public_key,
+                       "discovery": v.discovery, "error": v.error} for v in self.nodes],
             "pairs": [{"from": p.source, "to": p.target, "state": p.state,
                        "endpoint": p.endpoint, "network": p.network, "path": p.path,
-                       "rtt_ms": p.rtt_ms}
+                       "rttMs": p.rtt_ms}
                       for p in self.pairs.values()],
             "pairsUp": self.up_count(),
             "pairsTotal": self.pair_count(),
@@ -83,21 +86,26 @@ class Snapshot:
             "netem": self.netem,
         }
 
+    def ping_json(self) -> list[dict[str, Any]]:
+        """`uspan lab ping -o json`, in the same style."""
+        return [{"from": p.source, "to": p.target, "ok": p.rtt_ms is not None,
+                 "rttMs": p.rtt_ms} for p in self.pairs.values()]
+
 
 async def _uspan_view(record: LabRecord, node: NodeRecord, view: NodeView,
                       ) -> list[dict[str, Any]]:
     client = ApiClient(str(record.state_dir(node) / SOCKET_NAME))
     with trio.move_on_after(3):
-        identity = await client.get(KUBESPAN_IDENTITY, None, secrets=False)
+        _, identity = await client.get(KUBESPAN_IDENTITY, None, secrets=False)
         if identity:
             spec = identity[0].spec
             view.address = str(spec["address"]).split("/")[0]
             view.public_key = str(spec["publicKey"])
-        found = await client.get(DISCOVERY_STATUS, None, secrets=False)
+        _, found = await client.get(DISCOVERY_STATUS, None, secrets=False)
         if found:
             view.discovery = found[0].spec.get("service")
-        return [dict(r.spec) for r in await client.get(KUBESPAN_PEER_STATUS, None,
-                                                       secrets=False)]
+        _, statuses = await client.get(KUBESPAN_PEER_STATUS, None, secrets=False)
+        return [dict(r.spec) for r in statuses]
     view.error = "no answer"
     return []
 

@@ -1,10 +1,11 @@
 """The resource store that ``uspan get`` reads, and its table/yaml/json output.
 
-Resources are ``metadata`` (type, id, version, created, updated) and a ``spec`` with
-Talos's field names, built from the mesh's own objects by the ``*_spec`` functions. A
-resource's version grows by one on every change; putting an equal spec changes nothing,
-so a version is a count of real changes. Puts and deletes become events for watchers,
-which the shell drains (the store never blocks and never does I/O).
+Resources are ``metadata`` (namespace, type, id, version, owner, phase, created, updated,
+as Talos's) and a ``spec`` with Talos's field names, built from the mesh's own objects by
+the ``*_spec`` functions. A resource's version grows by one on every change; putting an
+equal spec changes nothing, so a version is a count of real changes. Puts and deletes
+become events for watchers, which the shell drains (the store never blocks and never does
+I/O).
 
 Times: the store is given ``now`` on the monotonic clock and a fixed ``wall_offset``
 (wall minus monotonic, read once by the shell) and shows wall-clock RFC 3339 times.
@@ -49,7 +50,14 @@ class ResourceType:
     plural: str  # the name ``uspan get`` takes
     aliases: tuple[str, ...]
     columns: tuple[tuple[str, str], ...]  # (table header, spec field)
+    display: str  # the table's TYPE: the singular, e.g. ``KubeSpanPeerStatus``
+    owner: str  # metadata.owner: the controller that writes it, as Talos names it
     secret_fields: frozenset[str] = frozenset()
+
+    @property
+    def namespace(self) -> str:
+        """``kubespan`` or ``cluster``: the middle part of the type name, as in Talos."""
+        return self.name.split(".")[1]
 
 
 KUBESPAN_IDENTITY = ResourceType(
@@ -57,6 +65,8 @@ KUBESPAN_IDENTITY = ResourceType(
     "kubespanidentities",
     ("kubespanidentity", "ksi"),
     (("ADDRESS", "address"), ("PUBLIC KEY", "publicKey")),
+    "KubeSpanIdentity",
+    "kubespan.IdentityController",
     frozenset({"privateKey"}),
 )
 KUBESPAN_PEER_SPEC = ResourceType(
@@ -64,6 +74,8 @@ KUBESPAN_PEER_SPEC = ResourceType(
     "kubespanpeerspecs",
     ("kubespanpeerspec",),
     (("LABEL", "label"), ("ENDPOINTS", "endpoints")),
+    "KubeSpanPeerSpec",
+    "kubespan.PeerSpecController",
 )
 KUBESPAN_PEER_STATUS = ResourceType(
     "KubeSpanPeerStatuses.kubespan.uspan.dev",
@@ -76,24 +88,32 @@ KUBESPAN_PEER_STATUS = ResourceType(
         ("RX", "receiveBytes"),
         ("TX", "transmitBytes"),
     ),
+    "KubeSpanPeerStatus",
+    "kubespan.ManagerController",
 )
 KUBESPAN_ENDPOINT = ResourceType(
     "KubeSpanEndpoints.kubespan.uspan.dev",
     "kubespanendpoints",
     ("kubespanendpoint",),
     (("ENDPOINT", "endpoint"), ("AFFILIATE ID", "affiliateID")),
+    "KubeSpanEndpoint",
+    "kubespan.EndpointController",
 )
 MEMBER = ResourceType(
     "Members.cluster.uspan.dev",
     "members",
     ("member",),
     (("HOSTNAME", "hostname"), ("ADDRESSES", "addresses")),
+    "Member",
+    "cluster.MemberController",
 )
 AFFILIATE = ResourceType(
     "Affiliates.cluster.uspan.dev",
     "affiliates",
     ("affiliate",),
     (("HOSTNAME", "hostname"), ("ADDRESSES", "addresses")),
+    "Affiliate",
+    "cluster.AffiliateMergeController",
 )
 DISCOVERY_STATUS = ResourceType(
     "DiscoveryStatuses.cluster.uspan.dev",
@@ -106,6 +126,8 @@ DISCOVERY_STATUS = ResourceType(
         ("IGNORED", "ignoredBlobs"),
         ("REFLEXIVE", "reflexiveEndpoints"),
     ),
+    "DiscoveryStatus",
+    "cluster.DiscoveryServiceController",
 )
 RESOURCE_TYPES = (
     KUBESPAN_IDENTITY,
@@ -122,7 +144,7 @@ def resolve_type(name: str) -> ResourceType:
     """The type ``uspan get NAME`` means: plural, singular/alias or full name, any case."""
     wanted = name.lower()
     for rtype in RESOURCE_TYPES:
-        if wanted in (rtype.plural, rtype.name.lower(), *rtype.aliases):
+        if wanted in (rtype.plural, rtype.name.lower(), rtype.display.lower(), *rtype.aliases):
             return rtype
     known = ", ".join(rtype.plural for rtype in RESOURCE_TYPES)
     raise ResourceError(f"unknown resource {name!r}; one of: {known}")
@@ -132,11 +154,13 @@ def resolve_type(name: str) -> ResourceType:
 
 
 def wall_time(monotonic: float | None, wall_offset: float) -> str | None:
-    """RFC 3339 UTC for a monotonic time; None stays None (never happened)."""
+    """RFC 3339 UTC for a monotonic time, the fraction without trailing zeros (as Go's
+    RFC3339Nano); None stays None (never happened)."""
     if monotonic is None:
         return None
     moment = datetime.datetime.fromtimestamp(monotonic + wall_offset, tz=datetime.UTC)
-    return moment.isoformat().replace("+00:00", "Z")
+    fraction = f".{moment.microsecond:06d}".rstrip("0").rstrip(".")
+    return moment.strftime("%Y-%m-%dT%H:%M:%S") + fraction + "Z"
 
 
 def _b64(key: bytes) -> str:
@@ -250,17 +274,21 @@ class Resource:
     spec: Mapping[str, Any]
 
     def to_dict(self, *, show_secrets: bool = False) -> dict[str, Any]:
-        """``{"metadata": ..., "spec": ...}`` as yaml/json show it."""
+        """``{"metadata": ..., "spec": ...}`` as ``talosctl get -o yaml`` shows it."""
         meta = self.metadata
+        rtype = resolve_type(meta.type)
         spec = dict(self.spec)
         if not show_secrets:
-            secret = resolve_type(meta.type).secret_fields
-            spec = {key: REDACTED if key in secret else value for key, value in spec.items()}
+            spec = {key: REDACTED if key in rtype.secret_fields else value
+                    for key, value in spec.items()}
         return {
             "metadata": {
+                "namespace": rtype.namespace,
                 "type": meta.type,
                 "id": meta.id,
                 "version": meta.version,
+                "owner": rtype.owner,
+                "phase": "running",
                 "created": wall_time(meta.created, 0.0),
                 "updated": wall_time(meta.updated, 0.0),
             },
@@ -381,86 +409,140 @@ class Store:
 
 
 # Output ------------------------------------------------------------------------------------
-
-
-def _cell(value: object) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, list):
-        return json.dumps(value)
-    return str(value)
-
+# Exactly ``talosctl get``'s: its table is Go's tabwriter (padding 3), its yaml is yaml.v3
+# (4-space indent, indented sequences, double quotes, no line wrapping), its json a stream of
+# objects from Go's encoder (4-space indent, keys sorted, <>& escaped).
 
 OUTPUTS = ("table", "yaml", "json")
 EVENT_MARKS = {EventKind.CREATED: "+", EventKind.UPDATED: " ", EventKind.DESTROYED: "-"}
+_TIMESTAMP = "tag:yaml.org,2002:timestamp"
+_GO_ESCAPES = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026",
+                             "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
-    lines = [
-        "   ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in [headers, *rows]
-    ]
-    return "\n".join(lines) + "\n"
+def _cell(value: object) -> str:
+    """A print column's cell as Kubernetes' jsonpath prints it (what talosctl uses)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return str(value)
 
 
-def _row(rtype: ResourceType, resource: Resource) -> list[str]:
+def _tabwriter(lines: list[list[str]]) -> str:
+    """Go's tabwriter (min width 0, padding 3): every cell but a line's last is padded to
+    its column's widest cell plus 3; the last is written as it is."""
+    widths = [max(len(line[i]) for line in lines) + 3 for i in range(len(lines[0]) - 1)]
+    return "".join(
+        "".join(cell.ljust(width) for cell, width in zip(line, widths, strict=False))
+        + line[-1] + "\n"
+        for line in lines
+    )
+
+
+def _headers(rtype: ResourceType, *, watch: bool) -> list[str]:
+    first = ["NODE", "*"] if watch else ["NODE"]
+    return [*first, "NAMESPACE", "TYPE", "ID", "VERSION", *(h for h, _ in rtype.columns)]
+
+
+def _row(rtype: ResourceType, node: str, resource: Resource, mark: str | None = None) -> list[str]:
     meta = resource.metadata
-    return [
-        meta.id,
-        str(meta.version),
-        *(_cell(resource.spec.get(key)) for _, key in rtype.columns),
-    ]
+    first = [node] if mark is None else [node, mark]
+    return [*first, rtype.namespace, rtype.display, meta.id, str(meta.version),
+            *(_cell(resource.spec.get(key)) for _, key in rtype.columns)]
 
 
-def _headers(rtype: ResourceType) -> list[str]:
-    return ["ID", "VERSION", *(header for header, _ in rtype.columns)]
+class _GoYamlDumper(yaml.SafeDumper):
+    """PyYAML made to write what Go's yaml.v3 writes for the same data."""
+
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
+        super().increase_indent(flow, False)  # "key:\n    - item", not "key:\n- item"
+
+    def choose_scalar_style(self) -> str:
+        style: str = super().choose_scalar_style()
+        return '"' if style == "'" else style
 
 
-def format_resources(
-    rtype: ResourceType, resources: Sequence[Resource], output: str, *, show_secrets: bool = False
-) -> str:
-    """``uspan get`` output.
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    # Times are time.Time in Talos, which yaml.v3 writes plain; any other string that
+    # would read back as something else is quoted (by choose_scalar_style, in double quotes).
+    implicit = dumper.resolve(yaml.ScalarNode, value, (True, False))  # type: ignore[no-untyped-call]
+    if implicit == _TIMESTAMP:
+        return dumper.represent_scalar(_TIMESTAMP, value)
+    return dumper.represent_str(value)
 
-    table: aligned columns like ``talosctl get`` (ID, VERSION, then the type's own);
-    yaml: each resource as a document (metadata + spec), separated by ``---``;
-    json: one JSON array of those objects.
+
+_GoYamlDumper.add_representer(str, _represent_str)
+
+
+def _yaml(node: str, event: EventKind | None, document: dict[str, Any]) -> str:
+    head = f"node: {node}\n" + ("" if event is None else f"event: {event.value}\n")
+    return head + yaml.dump(document, Dumper=_GoYamlDumper, indent=4, sort_keys=False,
+                            allow_unicode=True, width=1 << 30)
+
+
+def _json(node: str, event: EventKind | None, document: dict[str, Any]) -> str:
+    obj = {**document, "node": node} if event is None else {
+        **document, "node": node, "event": event.value}
+    text = json.dumps(obj, indent=4, sort_keys=True, ensure_ascii=False)
+    return text.translate(_GO_ESCAPES) + "\n"
+
+
+def _unknown(output: str) -> ResourceError:
+    return ResourceError(f"unknown output {output!r}; one of: {', '.join(OUTPUTS)}")
+
+
+def format_resources(rtype: ResourceType, node: str, resources: Sequence[Resource],
+                     output: str, *, show_secrets: bool = False) -> str:
+    """``uspan get`` output for ``node`` (the NODE column, ``node`` key), as ``talosctl get``:
+    table: NODE NAMESPACE TYPE ID VERSION and the type's columns; yaml: per resource ``node``,
+    ``metadata``, ``spec``, documents separated by ``---``; json: one object per resource."""
+    if output == "table":
+        return _tabwriter([_headers(rtype, watch=False),
+                           *(_row(rtype, node, r) for r in resources)])
+    documents = [r.to_dict(show_secrets=show_secrets) for r in resources]
+    if output == "yaml":
+        return "---\n".join(_yaml(node, None, d) for d in documents)
+    if output == "json":
+        return "".join(_json(node, None, d) for d in documents)
+    raise _unknown(output)
+
+
+def format_events(rtype: ResourceType, node: str, events: Sequence[Event], output: str, *,
+                  first: bool, show_secrets: bool = False) -> str:
+    """``uspan get --watch`` output for a batch of events; ``first``: nothing was printed yet.
+
+    As ``talosctl get --watch``, which flushes after each event: table: a ``*`` column
+    after NODE (+ created, - destroyed, blank updated), the header aligned with the first
+    event and every later event aligned on its own; yaml: ``event`` after ``node``; json:
+    an ``event`` key.
     """
     if output == "table":
-        return _table(_headers(rtype), [_row(rtype, r) for r in resources])
+        blocks = [[_row(rtype, node, e.resource, EVENT_MARKS[e.kind])] for e in events]
+        if first and blocks:
+            blocks[0].insert(0, _headers(rtype, watch=True))
+        return "".join(_tabwriter(block) for block in blocks)
+    pairs = [(e.kind, e.resource.to_dict(show_secrets=show_secrets)) for e in events]
     if output == "yaml":
-        return "---\n".join(
-            yaml.safe_dump(r.to_dict(show_secrets=show_secrets), sort_keys=False) for r in resources
-        )
+        texts = [_yaml(node, kind, d) for kind, d in pairs]
+        return "".join(text if first and i == 0 else "---\n" + text
+                       for i, text in enumerate(texts))
     if output == "json":
-        items = [r.to_dict(show_secrets=show_secrets) for r in resources]
-        return json.dumps(items, indent=2) + "\n"
-    raise ResourceError(f"unknown output {output!r}; one of: {', '.join(OUTPUTS)}")
+        return "".join(_json(node, kind, d) for kind, d in pairs)
+    raise _unknown(output)
 
 
-def format_events(
-    rtype: ResourceType,
-    events: Sequence[Event],
-    output: str,
-    *,
-    header: bool,
-    show_secrets: bool = False,
-) -> str:
-    """``uspan get --watch`` output for a batch of events.
-
-    table: a first column ``*`` marks + created, - destroyed, blank updated (``header``
-    prints the column names, for the first batch); yaml: one document per event with an
-    ``event`` field; json: one object per line (a stream cannot be one array).
-    """
-    if output == "table":
-        rows = [[EVENT_MARKS[e.kind], *_row(rtype, e.resource)] for e in events]
-        text = _table(["*", *_headers(rtype)], rows)
-        return text if header else text.split("\n", 1)[1]
-    documents = [
-        {"event": e.kind.value, **e.resource.to_dict(show_secrets=show_secrets)} for e in events
-    ]
-    if output == "yaml":
-        return "".join("---\n" + yaml.safe_dump(d, sort_keys=False) for d in documents)
-    if output == "json":
-        return "".join(json.dumps(d) + "\n" for d in documents)
-    raise ResourceError(f"unknown output {output!r}; one of: {', '.join(OUTPUTS)}")
+def read_json_stream(text: str) -> list[dict[str, Any]]:
+    """The objects of ``uspan get -o json`` output (a stream, as talosctl's: what ``jq``
+    reads), for the lab's scripts and tests; a ValueError names where it is malformed."""
+    decoder = json.JSONDecoder()
+    objects: list[dict[str, Any]] = []
+    end = 0
+    while (start := len(text) - len(text[end:].lstrip())) < len(text):
+        item, end = decoder.raw_decode(text, start)
+        if not isinstance(item, dict):
+            raise ValueError(f"not a JSON object at character {start}")
+        objects.append(item)
+    return objects

@@ -3,9 +3,11 @@
 
 One JSON object per line each way. A request is ``{"op": "get", "type": NAME, "id": ID
 or null, "watch": bool, "secrets": bool}``, ``{"op": "apply", "config": TEXT}`` or
-``{"op": "leave"}``. Replies: ``{"resources": [R...]}`` for a get (then, with watch,
+``{"op": "leave"}``. Replies: ``{"node": HOSTNAME, "resources": [R...]}`` for a get
+(HOSTNAME: as the node publishes it to discovery; ``uspan get`` shows it as NODE, as
+talosctl shows the node it asked), then, with watch,
 ``{"events": [{"kind": "created"|"updated"|"destroyed", "resource": R}...]}`` as changes
-happen), ``{"ok": TEXT}``, or ``{"error": TEXT}`` (the connection then closes). A
+happen; ``{"ok": TEXT}``, or ``{"error": TEXT}`` (the connection then closes). A
 resource R is ``{"type", "id", "version", "created", "updated", "spec"}`` with wall-clock
 seconds; secret spec fields are redacted unless the request sets ``secrets``, which only
 the node's own user can do, since only they can open the socket.
@@ -109,6 +111,7 @@ class ApiServer:
     store: Store
     changes: Changes
     control: NodeControl
+    node: str  # the hostname published to discovery, which ``uspan get`` shows as NODE
 
     async def serve(self, listener: socket.socket) -> None:
         trio_listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
@@ -153,7 +156,8 @@ class ApiServer:
                 found = self.store.list(rtype)
             else:
                 found = [self.store.get(rtype, str(wanted))]
-            await _send(stream, {"resources": [to_wire(r, secrets) for r in found]})
+            await _send(stream, {"node": self.node,
+                                 "resources": [to_wire(r, secrets) for r in found]})
             if watch is None:
                 return
             while True:
@@ -223,26 +227,28 @@ class ApiClient:
                 raise ApiError("the node closed the connection without a reply") from None
 
     async def get(self, rtype: ResourceType, resource_id: str | None, *, secrets: bool,
-                  on_events: Callable[[list[Event]], Awaitable[None]] | None = None,
-                  ) -> list[Resource]:
-        """The resources; with ``on_events``, then stream changes to it until closed."""
+                  on_events: Callable[[str, list[Event]], Awaitable[None]] | None = None,
+                  ) -> tuple[str, list[Resource]]:
+        """The node's name and its resources; with ``on_events``, then stream changes to it
+        (with the node's name) until closed."""
         stream = await self._connect()
         async with stream:
             await _send(stream, {"op": "get", "type": rtype.plural, "id": resource_id,
                                  "watch": on_events is not None, "secrets": secrets})
             lines = _Lines(stream)
             first = _checked(await lines.next())
+            node = str(first.get("node", ""))
             resources = [from_wire(item) for item in first.get("resources", [])]
             if on_events is None:
-                return resources
-            await on_events([Event(EventKind.CREATED, r) for r in resources])
+                return node, resources
+            await on_events(node, [Event(EventKind.CREATED, r) for r in resources])
             while True:
                 try:
                     reply = _checked(await lines.next())
                 except trio.ClosedResourceError:
                     raise ApiError("the node closed the connection") from None
-                await on_events([Event(EventKind(e["kind"]), from_wire(e["resource"]))
-                                 for e in reply.get("events", [])])
+                await on_events(node, [Event(EventKind(e["kind"]), from_wire(e["resource"]))
+                                       for e in reply.get("events", [])])
 
 
 def _checked(line: bytes) -> dict[str, Any]:

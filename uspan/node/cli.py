@@ -184,23 +184,22 @@ def get_command(args: argparse.Namespace) -> int:
     except ResourceError as exc:
         return _fail("get", str(exc).strip("'\""))
     client = _client(args)
-    header = True
+    first = True
 
-    async def show(events: list[Event]) -> None:
-        nonlocal header
-        if not events and not header:
-            return
-        sys.stdout.write(format_events(rtype, events, args.output, header=header,
-                                       show_secrets=args.show_secrets))
-        sys.stdout.flush()
-        header = False
+    async def show(node: str, events: list[Event]) -> None:
+        nonlocal first
+        if events:
+            sys.stdout.write(format_events(rtype, node, events, args.output, first=first,
+                                           show_secrets=args.show_secrets))
+            sys.stdout.flush()
+            first = False
 
     async def main() -> None:
         if args.watch:
             await client.get(rtype, args.id, secrets=args.show_secrets, on_events=show)
         else:
-            found = await client.get(rtype, args.id, secrets=args.show_secrets)
-            sys.stdout.write(format_resources(rtype, found, args.output,
+            node, found = await client.get(rtype, args.id, secrets=args.show_secrets)
+            sys.stdout.write(format_resources(rtype, node, found, args.output,
                                               show_secrets=args.show_secrets))
 
     try:

@@ -227,7 +227,8 @@ class Node:
                 if self.config.kubespan.enabled:
                     await self._start_kubespan()
                 self._put_identity()
-                nursery.start_soon(api.ApiServer(self.store, self.changes, self).serve,
+                nursery.start_soon(api.ApiServer(self.store, self.changes, self,
+                                                 self.options.hostname).serve,
                                    listener)
                 nursery.start_soon(self._signals)
                 nursery.start_soon(self._control_loop)
