@@ -3,24 +3,6 @@
  * thread runs them between its reads and its sends, and the test hooks run them alone. */
 #include "plane.h"
 
-/* An inner packet's routing address (destination, or source with `source`): its size
- * (4 or 16) and *address, or 0 if the packet is not a whole enough IP header. */
-static int
-inner_address(const unsigned char *packet, size_t size, int source,
-              const unsigned char **address)
-{
-    int version = size ? packet[0] >> 4 : 0;
-    if (version == 4 && size >= 20) {
-        *address = packet + (source ? 12 : 16);
-        return 4;
-    }
-    if (version == 6 && size >= 40) {
-        *address = packet + (source ? 8 : 24);
-        return 16;
-    }
-    return 0;
-}
-
 /* The IP packet's own length inside a padded plaintext, or 0 if it is not whole. */
 static size_t
 inner_length(const unsigned char *plain, size_t size)

@@ -112,33 +112,36 @@ socket_for(Plane *p, int family)
     return -1;
 }
 
+/* One control message of `size` bytes in `control`; its space. */
+static socklen_t
+put_control(Control *control, int level, int type, const void *data, size_t size)
+{
+    struct cmsghdr *c = (struct cmsghdr *)control->buffer;
+    c->cmsg_level = level;
+    c->cmsg_type = type;
+    c->cmsg_len = CMSG_LEN(size);
+    memcpy(CMSG_DATA(c), data, size);
+    return CMSG_SPACE(size);
+}
+
 /* A sticky source as IP_PKTINFO / IPV6_PKTINFO. */
 socklen_t
 pl_sticky_source(const Endpoint *e, Control *control)
 {
     if (!e->local_len && !e->ifindex)
         return 0;
-    struct cmsghdr *c = (struct cmsghdr *)control->buffer;
     if (e->addr.sa.sa_family == AF_INET) {
         struct in_pktinfo info = {0};
         info.ipi_ifindex = e->ifindex;
         if (e->local_len == 4)
             memcpy(&info.ipi_spec_dst, e->local, 4);
-        c->cmsg_level = IPPROTO_IP;
-        c->cmsg_type = IP_PKTINFO;
-        c->cmsg_len = CMSG_LEN(sizeof info);
-        memcpy(CMSG_DATA(c), &info, sizeof info);
-        return CMSG_SPACE(sizeof info);
+        return put_control(control, IPPROTO_IP, IP_PKTINFO, &info, sizeof info);
     }
     struct in6_pktinfo info = {0};
     info.ipi6_ifindex = (unsigned)e->ifindex;
     if (e->local_len == 16)
         memcpy(&info.ipi6_addr, e->local, 16);
-    c->cmsg_level = IPPROTO_IPV6;
-    c->cmsg_type = IPV6_PKTINFO;
-    c->cmsg_len = CMSG_LEN(sizeof info);
-    memcpy(CMSG_DATA(c), &info, sizeof info);
-    return CMSG_SPACE(sizeof info);
+    return put_control(control, IPPROTO_IPV6, IPV6_PKTINFO, &info, sizeof info);
 }
 
 /* sendmsg errors that mean the sticky source (address or interface) is not usable. */

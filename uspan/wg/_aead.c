@@ -332,23 +332,6 @@ one_by_one:
 }
 
 
-/* The address a packet is routed by: its IPv4 or IPv6 destination, or size 0 if it is not
- * a whole enough IP header to route (the same rule as Device.send's Python did). */
-static Py_ssize_t
-destination(const unsigned char *data, Py_ssize_t size, const unsigned char **address)
-{
-    int version = size ? data[0] >> 4 : 0;
-    if (version == 4 && size >= 20) {
-        *address = data + 16;
-        return 4;
-    }
-    if (version == 6 && size >= 40) {
-        *address = data + 24;
-        return 16;
-    }
-    return 0;
-}
-
 /* Append (address, count) to ``runs``; -1 with an exception on failure. */
 static int
 add_run(PyObject *runs, const unsigned char *address, Py_ssize_t size, Py_ssize_t count)
@@ -380,8 +363,8 @@ inner_runs(PyObject *module, PyObject *packets)
         const unsigned char *found = NULL;
         Py_ssize_t size;
         if (PyBytes_CheckExact(item)) {
-            size = destination((const unsigned char *)PyBytes_AS_STRING(item),
-                               PyBytes_GET_SIZE(item), &found);
+            size = inner_address((const unsigned char *)PyBytes_AS_STRING(item),
+                                 (size_t)PyBytes_GET_SIZE(item), 0, &found);
             memcpy(address, found ? found : last, (size_t)size);
         }
         else {
@@ -395,7 +378,7 @@ inner_runs(PyObject *module, PyObject *packets)
                 Py_CLEAR(runs);
                 break;
             }
-            size = destination(view.buf, view.len, &found);
+            size = inner_address(view.buf, (size_t)view.len, 0, &found);
             memcpy(address, found ? found : last, (size_t)size);
             PyBuffer_Release(&view);
         }

@@ -79,4 +79,23 @@ open_one(EVP_CIPHER_CTX *ctx, const unsigned char *message, int length, unsigned
            && EVP_DecryptFinal_ex(ctx, plain + length, &written) > 0;
 }
 
+/* An inner packet's routing address (destination, or source with `source`): its size
+ * (4 or 16) and *address, or 0 if the packet is not a whole enough IP header to route
+ * (the rule of Device.send and of the plane's route and source checks alike). */
+static inline int
+inner_address(const unsigned char *packet, size_t size, int source,
+              const unsigned char **address)
+{
+    int version = size ? packet[0] >> 4 : 0;
+    if (version == 4 && size >= 20) {
+        *address = packet + (source ? 12 : 16);
+        return 4;
+    }
+    if (version == 6 && size >= 40) {
+        *address = packet + (source ? 8 : 24);
+        return 16;
+    }
+    return 0;
+}
+
 #endif
