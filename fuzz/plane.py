@@ -56,6 +56,7 @@ from tests.unit.planekit import (
     INNER4,
     INNER6,
     MTU,
+    SECOND,
     End,
     Plane,
     address_of,
@@ -70,8 +71,6 @@ if TYPE_CHECKING:
 
 MAX_PACKET = 9216 + 128 - 16 - 32  # the hook's largest packet (uspan/csrc/plane.h)
 CUT_MAX = 128  # segments of one TSO read
-HEADER, TAG = 16, 16
-SECOND = 1_000_000_000
 A_ADDR, B_ADDR = (b"\x7f\x00\x00\x01", 40001), (b"\x7f\x00\x00\x01", 40002)
 STRANGER = (b"\x7f\x00\x00\x09", 40999)
 IA, IB = 0x1111, 0x2222
