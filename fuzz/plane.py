@@ -261,7 +261,7 @@ def _udp_batch(fdp: atheris.FuzzedDataProvider) -> None:
         if (out := accepted(plains[data])) is not None:
             expected.append(out)
     before = hook_b.counters()
-    got = hook_b._udp_step(batch, now)
+    got = hook_b._udp_step([*batch], now)
     after = hook_b.counters()
     records = _collect_bounded(hook_b, 1)
     ends = _deltas(before, after, B_ENDS) + len(got) + _gate_ends(hook_b)
