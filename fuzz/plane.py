@@ -48,6 +48,7 @@ with atheris.instrument_imports(include=["uspan"]):
     from uspan.daemon import gso, offload
     from uspan.wg import crypto
     from uspan.wg.constants import COOKIE_REPLY_SIZE, INITIATION_SIZE, MAC_SIZE, RESPONSE_SIZE
+    from uspan.wg.messages import padded_length
 
 from fuzz.harness import PropertyFailure, check, main
 from fuzz.segment import _super_segment
@@ -144,10 +145,7 @@ def address(packet: bytes, source: bool) -> bytes | None:
 
 def padded(plain: bytes) -> bytes:
     """The plaintext as sealed: zeros to a multiple of 16, within the MTU."""
-    size = -(-len(plain) // 16) * 16
-    if size > MTU:
-        size = max(len(plain), MTU)
-    return plain.ljust(size, b"\0")
+    return plain.ljust(padded_length(len(plain), MTU), b"\0")
 
 
 def accepted(plain: bytes) -> bytes | None:
