@@ -22,7 +22,7 @@ from pathlib import Path
 from fuzz.harness import SCRATCH
 
 TARGETS = ["device", "uapi", "discovery_server", "discovery_client", "config", "labrecord",
-           "nodeapi", "gate", "segment"]
+           "nodeapi", "gate", "segment", "plane"]
 REPO = Path(__file__).resolve().parent.parent
 _STATUS = re.compile(r"^#(\d+)\s+(\w+)\s+cov: (\d+) ft: (\d+).*?rss: (\d+)Mb")
 
@@ -37,8 +37,10 @@ def run_target(name: str, runs: int, out: Path, max_time: int) -> dict[str, obje
             f"-max_total_time={max_time}", str(corpus)]
     started = time.monotonic()
     env = {**os.environ, SCRATCH: str(work / "scratch")}
-    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, env=env)
-    log, code = done.stderr, done.returncode
+    # atheris prints a Python exception (a property failure) on stdout, libFuzzer on stderr
+    done = subprocess.run(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env=env)
+    log, code = done.stdout, done.returncode
     (work / "log.txt").write_text(log)
     statuses = [m for line in log.splitlines() if (m := _STATUS.match(line))]
     last = statuses[-1] if statuses else None

@@ -6,10 +6,12 @@ IP_PKTINFO (loopback honours UDP_SEGMENT and UDP_GRO without root)."""
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import select
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +22,20 @@ import pytest
 from uspan.daemon import offload
 from uspan.wg import prefix
 
-if os.environ.get("USPAN_REQUIRE_COMPILED") == "1":  # CI: a missing build fails
+
+def _load_build(path: str) -> None:
+    """A build of _plane.c made elsewhere (scripts/sanitize-plane, scripts/fuzz-plane: with
+    a sanitizer), put in place of the installed one before anything imports that."""
+    spec = importlib.util.spec_from_file_location("uspan.plane._plane", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["uspan.plane._plane"] = module
+
+
+if build := os.environ.get("USPAN_PLANE_BUILD"):
+    _load_build(build)
+if build or os.environ.get("USPAN_REQUIRE_COMPILED") == "1":  # CI: a missing build fails
     from uspan.plane import _plane
 else:
     _plane = pytest.importorskip("uspan.plane._plane")

@@ -29,6 +29,7 @@ RUNS = {  # a few seconds each: the targets differ in speed by 100x
     "nodeapi": 200,
     "gate": 2000,
     "segment": 2000,
+    "plane": 2000,  # the normal build: libFuzzer sees the harness, not the C (scripts/fuzz-plane)
 }
 
 

@@ -350,7 +350,9 @@ def test_cookie_replies_come_back_after_a_failed_draw_of_nonces(tmp_path: Path) 
                     "-ldl"], check=True)
     flag.touch()
     repo = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "LD_PRELOAD": str(shim), "USPAN_TEST_RAND_FAILS": str(flag),
+    preload = " ".join(filter(None, [os.environ.get("LD_PRELOAD"), str(shim)]))  # a
+    # sanitizer's runtime first (scripts/sanitize-plane: the child loads its build too)
+    env = {**os.environ, "LD_PRELOAD": preload, "USPAN_TEST_RAND_FAILS": str(flag),
            "USPAN_TEST_LIBCRYPTO": libcrypto, "PYTHONPATH": str(repo)}
     done = subprocess.run([sys.executable, "-c", _AFTER_A_FAILED_DRAW], cwd=repo, env=env,
                           capture_output=True, text=True, timeout=60)
