@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from uspan.mesh.resources import read_json_stream
+from tests.jsonstream import read_json_stream
 from uspan.testbed import Lab, Namespace, poll
 
 USPAN = str(Path(sys.executable).parent / "uspan")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from uspan.mesh.resources import read_json_stream
+from tests.jsonstream import read_json_stream
 from uspan.testbed import Lab, Namespace, poll
 from uspan.testbed.unprivileged import as_user
 

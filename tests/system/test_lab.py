@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
+from tests.jsonstream import read_json_stream
 from tests.system.conftest import FAILED
-from uspan.mesh.resources import read_json_stream
 from uspan.testbed import poll
 
 pytestmark = pytest.mark.system

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from tests.jsonstream import read_json_stream
 from tests.system.test_lab import LabCli, labs  # noqa: F401  (the fixture)
-from uspan.mesh.resources import read_json_stream
 from uspan.testbed import poll
 
 pytestmark = pytest.mark.system

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.jsonstream import read_json_stream
 from tests.system.conftest import FAILED
 from tests.system.meshnet import USPAN, Mesh, MeshNode, publish
 from uspan.mesh.config import decode_base64
-from uspan.mesh.resources import read_json_stream
 from uspan.testbed import Lab, PeerConfig, poll, run
 
 WIREGUARD_GO = "/usr/bin/wireguard-go"

@@ -4,6 +4,7 @@ import ipaddress
 import pytest
 import yaml
 
+from tests.jsonstream import read_json_stream
 from uspan.mesh.address import cluster_subnet, node_address
 from uspan.mesh.affiliate import Affiliate, KubeSpanInfo
 from uspan.mesh.cycling import ObservedEndpoint
@@ -32,7 +33,6 @@ from uspan.mesh.resources import (
     member_spec,
     peer_spec_spec,
     peer_status_spec,
-    read_json_stream,
     resolve_type,
     wall_time,
 )

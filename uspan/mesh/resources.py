@@ -484,8 +484,9 @@ def _yaml(node: str, event: EventKind | None, document: dict[str, Any]) -> str:
 
 
 def _json(node: str, event: EventKind | None, document: dict[str, Any]) -> str:
-    obj = {**document, "node": node} if event is None else {
-        **document, "node": node, "event": event.value}
+    obj = {**document, "node": node}
+    if event is not None:
+        obj["event"] = event.value
     text = json.dumps(obj, indent=4, sort_keys=True, ensure_ascii=False)
     return text.translate(_GO_ESCAPES) + "\n"
 
@@ -533,16 +534,3 @@ def format_events(rtype: ResourceType, node: str, events: Sequence[Event], outpu
         return "".join(_json(node, kind, d) for kind, d in pairs)
     raise _unknown(output)
 
-
-def read_json_stream(text: str) -> list[dict[str, Any]]:
-    """The objects of ``uspan get -o json`` output (a stream, as talosctl's: what ``jq``
-    reads), for the lab's scripts and tests; a ValueError names where it is malformed."""
-    decoder = json.JSONDecoder()
-    objects: list[dict[str, Any]] = []
-    end = 0
-    while (start := len(text) - len(text[end:].lstrip())) < len(text):
-        item, end = decoder.raw_decode(text, start)
-        if not isinstance(item, dict):
-            raise ValueError(f"not a JSON object at character {start}")
-        objects.append(item)
-    return objects
