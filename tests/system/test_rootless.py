@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.jsonstream import read_json_stream
 from tests.system.conftest import Pair, program
 from uspan.lab import userns
-from uspan.mesh.resources import read_json_stream
 from uspan.testbed import Namespace, PeerConfig, genkey, genpsk, poll
 from uspan.testbed.unprivileged import as_user, ids, private_dir_for
 
