@@ -169,9 +169,28 @@ def udp_sizes(family: int, mtu: int) -> tuple[int, list[int]]:
     return largest - 5, sizes
 
 
+def socket_drops(ns: Namespace, port: int) -> int:
+    """What the kernel dropped at the full receive queues of the UDP sockets bound to
+    ``port`` in ``ns`` (the last column of /proc/net/udp and udp6)."""
+    drops = 0
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        for line in ns.run("cat", table).stdout.splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                drops += int(fields[-1])
+    return drops
+
+
 def udp_exchange(src: Namespace, dst: Namespace, family: int, addr: str, tmp_path: Path,
-                 count: int, mtu: int = TUNNEL_MTU) -> None:
-    """Send ``count`` datagrams ``src`` -> ``dst``; every one arrives, intact, once."""
+                 count: int, mtu: int = TUNNEL_MTU, *,
+                 receiving: tuple[WireGuard, int]) -> None:
+    """Send ``count`` datagrams ``src`` -> ``dst``; every one arrives, intact, once.
+    Debian's wireguard-go keeps the kernel's default receive buffer (about 90 datagrams),
+    so on a loaded machine its socket may overflow while it is not scheduled: when the
+    ``receiving`` daemon (and its listen port) is wireguard-go, the datagrams its socket's
+    own drop counter accounts for are not held against the sender."""
+    daemon, port = receiving
+    dropped_before = socket_drops(daemon.ns, port)
     out = tmp_path / f"udp-{src.name}-{family}.json"
     af = "2" if family == 4 else "10"
     with out.open("wb") as sink:
@@ -195,8 +214,13 @@ def udp_exchange(src: Namespace, dst: Namespace, family: int, addr: str, tmp_pat
             unclaimed[digest] -= 1
         else:
             missing.append(i)
-    assert not missing, (f"{len(missing)} of {count} datagrams to {addr} were lost, "
-                         f"the first #{missing[0]}, the last #{missing[-1]}")
+    dropped = socket_drops(daemon.ns, port) - dropped_before
+    excused = 0 if is_uspan(daemon.program) else dropped
+    assert len(missing) <= excused, (
+        f"{len(missing)} of {count} datagrams to {addr} were lost, the first #{missing[0]}, "
+        f"the last #{missing[-1]}; {daemon!r}'s socket dropped {dropped}")
+    if missing:
+        print(f"{len(missing)} datagrams lost to {daemon!r}'s full socket ({dropped} drops)")
 
 
 def traffic(wa: WireGuard, wb: WireGuard, family: int, tmp_path: Path,
@@ -207,8 +231,8 @@ def traffic(wa: WireGuard, wb: WireGuard, family: int, tmp_path: Path,
     before = wa.peer(wb.keys.public), wb.peer(wa.keys.public)
     transfer(a, b, b_in, tmp_path, TCP_BYTES)
     transfer(b, a, a_in, tmp_path, TCP_BYTES)
-    udp_exchange(a, b, family, b_in, tmp_path, count, mtu)
-    udp_exchange(b, a, family, a_in, tmp_path, count, mtu)
+    udp_exchange(a, b, family, b_in, tmp_path, count, mtu, receiving=(wb, PORT_B))
+    udp_exchange(b, a, family, a_in, tmp_path, count, mtu, receiving=(wa, PORT_A))
     for wg in (wa, wb):
         assert wg.alive(), f"{wg!r} died:\n{wg.log_tail()}"
     after = wa.peer(wb.keys.public), wb.peer(wa.keys.public)
