@@ -8,10 +8,13 @@ import socket
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from uspan.mesh.resources import (
     KUBESPAN_IDENTITY,
@@ -112,6 +115,59 @@ def test_watch_streams_changes_as_they_happen(tmp_path: Path) -> None:
                 [(EventKind.CREATED, 1)], [(EventKind.UPDATED, 2)], [(EventKind.DESTROYED, 2)]]
             assert seen[1][0].resource.spec["state"] == "up"
             nursery.cancel_scope.cancel()
+
+    trio.run(scenario)
+
+
+class ChangingStream(trio.abc.Stream):
+    """A connection that sends one request, records the replies, and runs ``change``
+    while the first reply is still being sent (a send yields: the store moves on)."""
+
+    def __init__(self, request: dict[str, object], change: Callable[[], None]) -> None:
+        self.request: bytes | None = json.dumps(request).encode() + b"\n"
+        self.change: Callable[[], None] | None = change
+        self.replies: list[dict[str, Any]] = []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.change is not None:
+            change, self.change = self.change, None
+            change()
+        await trio.lowlevel.checkpoint()
+        self.replies.append(json.loads(bytes(data)))
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self.request is None:
+            await trio.sleep_forever()
+        request, self.request = self.request, None
+        return request
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+def test_a_change_while_the_listing_is_sent_is_streamed_at_once() -> None:
+    """The server checks its watch before it sleeps: a change that came while it was
+    sending wakes no one, and would wait for the next change (a peer gone down and then
+    nothing: shown never)."""
+    async def scenario() -> None:
+        changes = Changes()
+        store = Store(wall_offset=0.0, on_change=changes.notify)
+        store.put(KUBESPAN_PEER_STATUS, "k1", status_spec("up"), now=1.0)
+        stream = ChangingStream(
+            {"op": "get", "type": "kubespanpeerstatuses", "watch": True},
+            lambda: store.put(KUBESPAN_PEER_STATUS, "k1", status_spec("down"), now=2.0))
+        server = ApiServer(store, changes, FakeControl(), "node-1")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server._handle, stream)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        listing, *updates = stream.replies
+        assert [r["spec"]["state"] for r in listing["resources"]] == ["up"]
+        assert [[e["resource"]["spec"]["state"] for e in u["events"]]
+                for u in updates] == [["down"]]
 
     trio.run(scenario)
 

@@ -160,14 +160,15 @@ class ApiServer:
                                  "resources": [to_wire(r, secrets) for r in found]})
             if watch is None:
                 return
-            while True:
-                await self.changes.wait()
+            while True:  # drain before sleeping: what came during a send woke no one
                 events = [e for e in watch.drain()
                           if wanted is None or e.resource.metadata.id == wanted]
                 if events:
                     await _send(stream, {"events": [
                         {"kind": e.kind.value, "resource": to_wire(e.resource, secrets)}
                         for e in events]})
+                else:
+                    await self.changes.wait()
         finally:
             if watch is not None:
                 self.store.unwatch(watch)
