@@ -70,7 +70,8 @@ def gone(pid: int) -> bool:
 
 
 def wait_exit(wg: WireGuard) -> None:
-    poll(lambda: gone(wg.process.pid), what=f"{wg.name} daemon to exit", timeout=5)
+    # it looks for its socket and interface every WATCH_INTERVAL (1 s), then shuts down
+    poll(lambda: gone(wg.process.pid), what=f"{wg.name} daemon to exit", timeout=20)
 
 
 # Launch ------------------------------------------------------------------------------------
@@ -108,7 +109,7 @@ def test_foreground_logs_like_wireguard_go(lab: Lab, ns: Namespace, tmp_path: Pa
             ["ip", "netns", "exec", ns.name, PROGRAM, "-f", name], stdout=out, stderr=out,
             env={**os.environ, "LOG_LEVEL": "verbose"})
     try:
-        poll(lambda: (UAPI_DIR / f"{name}.sock").exists(), what="socket")
+        poll(lambda: (UAPI_DIR / f"{name}.sock").exists(), what="socket", timeout=20)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
     finally:
@@ -346,7 +347,7 @@ def test_attaches_to_persistent_tun(lab: Lab, ns: Namespace) -> None:
     ns.ip("link", "set", name, "mtu", "1280")
     ifindex = ns.run("cat", f"/sys/class/net/{name}/ifindex").stdout
     proc = ns.spawn(PROGRAM, "-f", name)
-    poll(lambda: (UAPI_DIR / f"{name}.sock").exists(), what="socket")
+    poll(lambda: (UAPI_DIR / f"{name}.sock").exists(), what="socket", timeout=20)
     assert run(["wg", "show", name]).returncode == 0
     assert ns.run("cat", f"/sys/class/net/{name}/ifindex").stdout == ifindex
     assert ns.run("cat", f"/sys/class/net/{name}/mtu").stdout.strip() == "1280"

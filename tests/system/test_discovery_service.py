@@ -206,6 +206,29 @@ def test_listen_address_in_use_is_a_clear_error(
     assert "in use" in done.stderr
 
 
+def test_a_picked_port_taken_before_the_service_binds_it_is_picked_again(
+    services: list[ServiceProcess], tmp_path: Path
+) -> None:
+    """Another test worker takes the free port picked for the service before the service
+    binds it (here on purpose): the service starts on another, and its readiness is its
+    own listener's, not the other's (which answered the readiness probe before)."""
+    service = ServiceProcess(tmp_path)
+    services.append(service)
+    taken = service.port
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", taken))
+        other.listen()
+        service.start()
+        assert service.port != taken and service.alive()
+
+        async def use() -> None:
+            async with client(service.address) as c:
+                await c.update("n1", b"x", [], 60)
+                assert [a.id for a in await c.list()] == ["n1"]
+
+        run(use, timeout=30)
+
+
 def test_unusable_state_file_is_a_clear_error(tmp_path: Path) -> None:
     corrupt = tmp_path / "corrupt"
     corrupt.write_bytes(b"not a snapshot")

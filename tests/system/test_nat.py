@@ -88,8 +88,13 @@ def test_two_nodes_behind_easy_nats_punch_through_recover_and_ignore_forged_answ
     # Answers to probes n1 never sent are ignored and counted; its endpoint stays.
     before = discovery_status(lab, "n1")["probes"]
     lab.run("exec", "n1", "--", sys.executable, "-c", FORGE)
-    poll(lambda: discovery_status(lab, "n1")["probes"]["forged"] >= before["forged"] + 3,
-         what="forged answers counted", timeout=10, interval=0.2)
+
+    def counted() -> bool:  # the malformed one was sent last: wait for it too
+        probes = discovery_status(lab, "n1")["probes"]
+        return (probes["forged"] >= before["forged"] + 3
+                and probes["malformed"] >= before["malformed"] + 1)
+
+    poll(counted, what="forged and malformed answers counted", timeout=20, interval=0.2)
     after = discovery_status(lab, "n1")
     assert after["probes"]["malformed"] == before["malformed"] + 1
     assert after["reflexiveEndpoints"] == ["192.0.2.1:51820"]

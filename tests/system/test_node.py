@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import ipaddress
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -218,13 +220,26 @@ def test_sigterm_right_after_ready_is_clean(mesh_factory) -> None:  # type: igno
 def wait_up_on(node: MeshNode, peer: str, prefix: str, timeout: float) -> float:
     """Seconds until ``node`` sees ``peer`` up on an endpoint starting with ``prefix``."""
     start = time.monotonic()
-
-    def up() -> bool:
-        status = node.statuses().get(peer, {})
-        return status.get("state") == "up" and str(status.get("endpoint")).startswith(prefix)
-
-    poll(up, what=f"{node.name} to see {peer} up on {prefix}*", timeout=timeout, interval=0.2)
+    up_on(node, peer, prefix, timeout)
     return time.monotonic() - start
+
+
+def up_on(node: MeshNode, peer: str, prefix: str, timeout: float) -> dict[str, Any]:
+    """``node``'s status of ``peer`` once it is up on an endpoint starting with ``prefix``."""
+
+    def up() -> dict[str, Any] | None:
+        status = node.statuses().get(peer, {})
+        if status.get("state") == "up" and str(status.get("endpoint")).startswith(prefix):
+            return status
+        return None
+
+    return poll(up, what=f"{node.name} to see {peer} up on {prefix}*", timeout=timeout,
+                interval=0.2)
+
+
+def handshake_time(status: dict[str, Any]) -> float:
+    """The wall time of the peer's last handshake, as the node reports it."""
+    return datetime.datetime.fromisoformat(status["lastHandshakeTime"]).timestamp()
 
 
 @pytest.mark.parametrize("traffic", [True, False], ids=["traffic", "keepalives"])
@@ -239,10 +254,13 @@ def test_dead_endpoint_fails_over_to_the_other_network(mesh_factory, traffic: bo
     if traffic:
         pinger = n1.ns.spawn("ping", "-i", "0.2", "-W", "1", n2.kubespan_ip())
     n1.cut(n2)
-    took = max(wait_up_on(n1, "n2", "198.51.100.", 60), 0.0)
+    cut = time.time()
+    # From the node's own clock: the handshake that brought n2 up on the other network
+    # (when the harness saw it adds the `uspan get` calls of a loaded machine, ~1 s each).
+    took = handshake_time(up_on(n1, "n2", "198.51.100.", 60)) - cut
     took_back = wait_up_on(n2, "n1", "198.51.100.", 60)
     print(f"failover with {'traffic' if traffic else 'keepalives only'}: "
-          f"n1 sees n2 up on the other network {took:.1f}s after the cut")
+          f"n1 up with n2 on the other network (its handshake) {took:.1f}s after the cut")
     limit = 20 if traffic else 45
     assert took <= limit * 1.25, f"{took:.1f}s (target {limit}s)"
     assert took_back <= 15
@@ -294,13 +312,16 @@ def test_tampered_and_foreign_data_is_ignored(mesh_factory) -> None:  # type: ig
     foreign = {"id": "Zm9yZWlnbi1jbHVzdGVyLWlk", "secret": base64.b64encode(b"f" * 32).decode()}
     publish(n2.ns, foreign, "f" * 43, "foreign", base64.b64encode(b"k" * 32).decode(),
             "fd00:ffff::1", f"{n2.address4}:51999")
-    time.sleep(1.0)  # let the watch deliver what there is to deliver
+    # The watch delivered the garbage (published first), then a second for the foreign
+    # cluster's update to have come, had the service let it through: only then do the
+    # checks below see something.
+    poll(lambda: n1.get("discoverystatus")[0]["spec"]["ignoredBlobs"] >= 2,
+         what="the garbage to be counted", timeout=20)
+    time.sleep(1.0)
     ids = {item["metadata"]["id"] for item in n1.get("affiliates")}
     assert "f" * 43 not in ids
     assert set(n1.statuses()) == {"n2"}
     assert "foreign" not in n1.cli("get", "members").stdout
-    poll(lambda: n1.get("discoverystatus")[0]["spec"]["ignoredBlobs"] >= 2,
-         what="the garbage to be counted", timeout=5)
     ping(n1, n2.kubespan_ip())
 
 

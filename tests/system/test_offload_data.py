@@ -131,7 +131,7 @@ def offload_line(log: Path) -> str:
         return None
 
     with contextlib.suppress(TimeoutError):
-        return poll(line, what=f"an Offloads line in {log}", timeout=3.0)
+        return poll(line, what=f"an Offloads line in {log}", timeout=20.0)
     pytest.fail(f"no 'Offloads:' line in {log}:\n{log.read_text(errors='replace')}")
 
 
@@ -264,7 +264,7 @@ def test_big_mtu(pair: Pair, combo: Combination, tmp_path: Path) -> None:
     for wg in (wa, wb):
         if is_uspan(wg.program):
             poll(lambda wg=wg: f"MTU updated: {BIG_MTU}" in wg.log_path.read_text(),
-                 what=f"{wg.name}: MTU update", timeout=3.0)
+                 what=f"{wg.name}: MTU update", timeout=20.0)
     for family in (4, 6):
         traffic(wa, wb, family, tmp_path, count=200, mtu=BIG_MTU)
 

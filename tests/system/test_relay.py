@@ -10,8 +10,10 @@ only through the relay: n1-n2 over UDP, anything with n3 over the TCP fallback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +26,7 @@ import yaml
 
 from tests.system.conftest import FAILED
 from tests.system.meshnet import USPAN, MeshNode
+from uspan.mesh.controller import DIRECT_RETRY
 from uspan.testbed import Lab, Namespace, poll
 
 pytestmark = pytest.mark.system
@@ -155,6 +158,21 @@ def node_stats(node: MeshNode) -> dict[str, str]:
     ).stdout.splitlines())
 
 
+def stop_pinger(pinger: subprocess.Popen[bytes], log: Path) -> tuple[int, list[int]]:
+    """Stop a ``ping -i 0.1``; return how many requests it sent and the ``icmp_seq`` of
+    those never answered, but for the last second's: their replies may still have been on
+    the way (a count of replies left the tail to chance: two in flight on a loaded
+    machine read as a loss)."""
+    pinger.send_signal(signal.SIGINT)
+    pinger.wait(10)
+    text = log.read_text()
+    summary = re.search(r"(\d+) packets transmitted", text)
+    assert summary is not None, text
+    sent = int(summary[1])
+    answered = {int(seq) for seq in re.findall(r"^\d+ bytes from .* icmp_seq=(\d+) ", text, re.M)}
+    return sent, [seq for seq in range(1, sent - 10 + 1) if seq not in answered]
+
+
 def test_hard_nats_meet_through_the_relay_and_udp_blocked_falls_back_to_tcp(
         relaynet: Callable[..., RelayNet]) -> None:
     net = relaynet(3, udp_blocked=frozenset({3}))
@@ -184,13 +202,18 @@ def test_hard_nats_meet_through_the_relay_and_udp_blocked_falls_back_to_tcp(
     cluster = net.config["cluster"]
     net.switch.run(sys.executable, "-c", INTRUDER, f"{SWITCH}:{RELAY}", cluster["id"],
                    cluster["secret"], n2.identity()["publicKey"], timeout=30)
-    after = net.metrics()
 
-    def delta(reason: str) -> float:
-        name = f'uspan_relay_dropped_frames_total{{reason="{reason}"}}'
-        return after.get(name, 0.0) - before.get(name, 0.0)
+    def drops() -> tuple[float, ...]:
+        after = net.metrics()
+        return tuple(after.get(name, 0.0) - before.get(name, 0.0) for name in (
+            f'uspan_relay_dropped_frames_total{{reason="{reason}"}}'
+            for reason in ("not_member", "bad_frame", "no_destination")))
 
-    assert (delta("not_member"), delta("bad_frame"), delta("no_destination")) == (1, 1, 1)
+    # The intruder's last frame may still be on its way to the relay when it exits.
+    with contextlib.suppress(TimeoutError):
+        poll(lambda: drops() == (1, 1, 1), what="the intruder's frames dropped", timeout=10,
+             interval=0.2)
+    assert drops() == (1, 1, 1)
     n1.ns.run("ping", "-c", "2", "-i", "0.2", "-W", "3", addresses["n2"], timeout=30)
 
     # The relay restarts and forgets everyone: traffic that meets silence re-registers.
@@ -202,6 +225,8 @@ def test_hard_nats_meet_through_the_relay_and_udp_blocked_falls_back_to_tcp(
     print(f"through the restarted relay again after {time.monotonic() - restarted:.1f}s")
 
 
+# Waits of the node's own (below) beyond what pytest's 120 s default leaves after setup.
+@pytest.mark.timeout(300)
 def test_a_direct_path_that_opens_later_takes_over_without_a_drop(
         relaynet: Callable[..., RelayNet], tmp_path: Path) -> None:
     net = relaynet(2)
@@ -224,18 +249,17 @@ def test_a_direct_path_that_opens_later_takes_over_without_a_drop(
         return (n1.statuses()["n2"]["endpoint"] == "10.2.0.2:51820"
                 and n2.statuses()["n1"]["endpoint"] == "10.1.0.2:51820")
 
-    poll(direct, what="both sides on the direct path", timeout=60, interval=0.5)
+    # each node looks for a direct path every DIRECT_RETRY: one look may fail
+    poll(direct, what="both sides on the direct path", timeout=2 * DIRECT_RETRY + 30,
+         interval=0.5)
     took = time.monotonic() - started
     time.sleep(3)  # traffic on the direct path
-    pinger.send_signal(2)
-    pinger.wait(10)
-    summary = re.search(r"(\d+) packets transmitted, (\d+) received", ping_log.read_text())
-    assert summary is not None, ping_log.read_text()
-    sent, received = int(summary[1]), int(summary[2])
-    print(f"direct path took over {took:.1f}s after it opened; ping {received}/{sent}")
-    assert sent > 30 and received >= sent - 1  # the last one may still be on its way
+    sent, lost = stop_pinger(pinger, ping_log)
+    print(f"direct path took over {took:.1f}s after it opened; ping {sent - len(lost)}/{sent}")
+    assert sent > 30 and not lost, lost
 
 
+@pytest.mark.timeout(300)
 def test_udp_unblocked_later_the_node_returns_to_udp_without_a_drop(
         relaynet: Callable[..., RelayNet], tmp_path: Path) -> None:
     net = relaynet(2, udp_blocked=frozenset({2}))
@@ -254,16 +278,12 @@ def test_udp_unblocked_later_the_node_returns_to_udp_without_a_drop(
          interval=0.5)
     took = time.monotonic() - lifted
     time.sleep(8)  # traffic through the switch and past the drain
-    pinger.send_signal(2)
-    pinger.wait(10)
-    summary = re.search(r"(\d+) packets transmitted, (\d+) received", ping_log.read_text())
-    assert summary is not None, ping_log.read_text()
-    sent, received = int(summary[1]), int(summary[2])
+    sent, lost = stop_pinger(pinger, ping_log)
     stats = node_stats(n2)
-    print(f"n2 back on UDP {took:.1f}s after the block was lifted; ping {received}/{sent}")
+    print(f"n2 back on UDP {took:.1f}s after the block was lifted; ping {sent - len(lost)}/{sent}")
     assert stats["relay_udp_returns"] == "1" and stats["relay_fallbacks"] == "1"
     assert net.metrics()["uspan_relay_tcp_clients"] == 0  # the old connection closed
-    assert sent > 50 and received >= sent - 1  # the last one may still be on its way
+    assert sent > 50 and not lost, lost
 
 
 # On the switch, a listener on the path: every REGISTER that reaches the relay, as
@@ -327,7 +347,7 @@ def test_a_registration_replayed_from_the_old_udp_source_moves_nothing(
     net.switch.run(sys.executable, "-c", REPLAY, SWITCH, source, port, frame)
     name = 'uspan_relay_dropped_frames_total{reason="superseded"}'
     poll(lambda: net.metrics().get(name, 0.0) == before.get(name, 0.0) + 1,
-         what="the replay refused", timeout=5, interval=0.2)
+         what="the replay refused", timeout=15, interval=0.2)
     done = n2.ns.run("ping", "-c", "10", "-i", "0.2", "-W", "1", n1.kubespan_ip(),
                      timeout=30, check=False)
     assert " 0% packet loss" in done.stdout, done.stdout  # still delivered over TCP

@@ -71,7 +71,7 @@ def start_uspan_wg(pair: Pair, name: str, home: Path, uapi: Path, caps: list[str
         assert daemon.poll() is None, log.read_text()
         return socket.exists()
 
-    poll(serving, what=f"uspan-wg to create {socket}", timeout=10)
+    poll(serving, what=f"uspan-wg to create {socket}", timeout=30)
     return daemon.pid
 
 
@@ -173,7 +173,8 @@ def test_lab_as_nobody_in_its_own_user_namespace(home: Path) -> None:
         assert [p.name for p in root.iterdir()] == ["userns.lock"]
         assert userns.holder_pid(root) is None
         # the holder and everything in its namespaces are gone (init reaps them)
-        poll(lambda: not _in_user_namespace(user_ns), what="the namespace to empty")
+        poll(lambda: not _in_user_namespace(user_ns), what="the namespace to empty",
+             timeout=20)
         assert not Path(f"/proc/{holder}").exists()
     finally:
         if holder is not None and Path(f"/proc/{holder}").exists():

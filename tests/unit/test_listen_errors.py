@@ -14,21 +14,37 @@ import pytest
 USPAN = str(Path(sys.executable).parent / "uspan")
 
 
+def _both() -> tuple[socket.socket, socket.socket]:
+    """A TCP and a UDP socket bound to one loopback port free in both (the UDP twin of a
+    free TCP port may be another process's: then another port)."""
+    for _ in range(20):
+        tcp = socket.socket()
+        tcp.bind(("127.0.0.1", 0))
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            udp.bind(("127.0.0.1", tcp.getsockname()[1]))
+        except OSError:
+            tcp.close()
+            udp.close()
+            continue
+        return tcp, udp
+    raise AssertionError("no loopback port free for both TCP and UDP")
+
+
 @pytest.fixture
 def taken() -> Iterator[int]:
     """A loopback port held for TCP and UDP by this test."""
-    with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-        tcp.bind(("127.0.0.1", 0))
+    tcp, udp = _both()
+    with tcp, udp:
         tcp.listen()
-        port = tcp.getsockname()[1]
-        udp.bind(("127.0.0.1", port))
-        yield port
+        yield tcp.getsockname()[1]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port free for TCP and UDP now (the service binds one or the other)."""
+    tcp, udp = _both()
+    with tcp, udp:
+        return int(tcp.getsockname()[1])
 
 
 def error_of(*argv: str) -> str:

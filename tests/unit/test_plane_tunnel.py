@@ -83,10 +83,13 @@ def test_a_punt_signals_again_while_records_wait_for_their_collect() -> None:
         a.write_tun(packet(INNER4[0], INNER4[1]))
         b.read_tun()
         assert not _readable(b.plane.fileno(), 0.1)  # more records: no signal
+        punted = b.plane.counters()["punts"]
         for _ in range(2):  # handshake initiations: punted, not handled in the thread
             a.udp4.sendto(b"\x01\0\0\0" + bytes(144), b.udp4.getsockname())
         assert _readable(b.plane.fileno(), 1.0)
-        time.sleep(0.2)  # both punted by now
+        deadline = time.monotonic() + 10  # both punted: waited for, not guessed by a sleep
+        while b.plane.counters()["punts"] < punted + 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
         value = int.from_bytes(os.read(b.plane.fileno(), 8), "little")
         assert value == NEWS_URGENT  # one signal for both punts
         records, punts, _ = b.plane.collect()

@@ -1,11 +1,18 @@
 """Processes for system tests and benchmarks: the service and a throwaway etcd, on
 loopback, on free ports, each stopped by its own PID (never by name).
-Readiness is polled (a connection, an HTTP answer), never assumed after a sleep.
+Readiness is polled (a listener, an HTTP answer), never assumed after a sleep.
+
+A free port is free only when it is picked: another test worker, or any connection's
+ephemeral port, may take it before the process binds it. So a process that could not
+bind a port picked for it is started again on new ones (PORT_TRIES in all), and a
+listener counts as ready only if it is this process's own (not another's that got the
+port first).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +23,7 @@ from uspan import userpaths
 from uspan.testbed import poll
 
 ETCD = "/usr/bin/etcd"
+PORT_TRIES = 5
 
 
 def free_port() -> int:
@@ -25,12 +33,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _connectable(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
+def _listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` itself listens on TCP ``port``."""
+    done = subprocess.run(["ss", "-Htlnp", f"sport = :{port}"], capture_output=True,
+                          text=True, check=False)
+    return f"pid={pid}," in done.stdout
+
+
+class _PortTaken(RuntimeError):
+    """The process exited because a port picked for it was taken meanwhile."""
 
 
 class _Process:
@@ -70,43 +81,79 @@ class _Process:
         except FileNotFoundError:
             return ""
 
+    def _exited(self, what: str, picked: bool) -> Exception:
+        """Why the process is gone: a port picked for it taken (retry) or else."""
+        tail = self.log_tail()
+        if picked and "address already in use" in tail.lower():
+            return _PortTaken(tail)
+        return RuntimeError(f"{what} exited:\n{tail}")
+
 
 class ServiceProcess(_Process):
     """``uspan discovery-service`` with extra flags."""
 
     def __init__(self, workdir: Path, *flags: str, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        self.workdir = workdir
+        self.picked = port is None  # by free_port: another may be picked if it is taken
         self.flags = list(flags)
-        self.log = workdir / f"service-{self.port}.log"
+        self._use(port or free_port())
+
+    def _use(self, port: int) -> None:
+        self.port = port
+        self.address = f"127.0.0.1:{port}"
+        self.log = self.workdir / f"service-{port}.log"
 
     def start(self, timeout: float = 15.0) -> ServiceProcess:
+        for _ in range(PORT_TRIES - 1):
+            try:
+                return self._start(timeout)
+            except _PortTaken:
+                self._use(free_port())
+        return self._start(timeout)
+
+    def _start(self, timeout: float) -> ServiceProcess:
         argv = [userpaths.program("uspan"), "discovery-service", "--listen", self.address,
                 *self.flags]
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        poll(self._ready, what=f"discovery service on {self.address}", timeout=timeout)
+        poll(self._ready, what=f"discovery service on {self.address}", timeout=timeout,
+             interval=0.05)
         return self
 
     def _ready(self) -> bool:
         if not self.alive():
-            raise RuntimeError(f"discovery service exited:\n{self.log_tail()}")
-        return _connectable(self.port)
+            raise self._exited("discovery service", self.picked)
+        return _listens(self.pid, self.port)
 
 
 class EtcdProcess(_Process):
     """A single-member etcd on loopback with its data in ``workdir``."""
 
     def __init__(self, workdir: Path) -> None:
-        self.client_port = free_port()
-        self.peer_port = free_port()
-        self.url = f"http://127.0.0.1:{self.client_port}"
         self.data = workdir / "etcd-data"
         self.log = workdir / "etcd.log"
+        self.started = False  # once it ran, it keeps its ports (its data names them)
+        self._pick()
+
+    def _pick(self) -> None:
+        self.client_port = free_port()
+        self.peer_port = free_port()
+        while self.peer_port == self.client_port:
+            self.peer_port = free_port()
+        self.url = f"http://127.0.0.1:{self.client_port}"
 
     def start(self, timeout: float = 30.0) -> EtcdProcess:
         if not os.access(ETCD, os.X_OK):
             raise RuntimeError(f"{ETCD} is missing (apt-get install etcd-server)")
+        for _ in range(PORT_TRIES - 1):
+            try:
+                return self._start(timeout)
+            except _PortTaken:
+                shutil.rmtree(self.data, ignore_errors=True)  # of ports it never served
+                self._pick()
+        return self._start(timeout)
+
+    def _start(self, timeout: float) -> EtcdProcess:
         peer = f"http://127.0.0.1:{self.peer_port}"
         argv = [
             ETCD,
@@ -130,11 +177,14 @@ class EtcdProcess(_Process):
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         poll(self._healthy, what=f"etcd on {self.url}", timeout=timeout, interval=0.1)
+        self.started = True
         return self
 
     def _healthy(self) -> bool:
         if not self.alive():
-            raise RuntimeError(f"etcd exited:\n{self.log_tail()}")
+            raise self._exited("etcd", not self.started)
+        if not _listens(self.pid, self.client_port):
+            return False
         try:
             with urllib.request.urlopen(self.url + "/health", timeout=1) as response:
                 return b'"true"' in response.read()

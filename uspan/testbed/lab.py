@@ -108,10 +108,11 @@ class Lab:
         foreground: bool = False,
         log_level: str = "error",
         keys: WgKeys | None = None,
-        timeout: float = 5.0,
+        timeout: float = 20.0,
         env: Mapping[str, str] | None = None,
     ) -> WireGuard:
-        """Launch ``program [-f] IFACE`` in ``ns`` and wait for its UAPI socket.
+        """Launch ``program [-f] IFACE`` in ``ns`` and wait for its UAPI socket (uspan-wg, a
+        Python program, takes about a second to start on a loaded 2-core machine).
 
         Without ``foreground`` the launcher must exit 0 after daemonizing, as with
         wireguard-go; the daemon is then found as the owner of the UAPI socket. ``env``
@@ -202,7 +203,7 @@ class Lab:
             for line in ours)
 
     def adopt_wireguard(
-        self, ns: Namespace, name: str, program: str, keys: WgKeys, timeout: float = 5.0
+        self, ns: Namespace, name: str, program: str, keys: WgKeys, timeout: float = 20.0
     ) -> WireGuard:
         """Take ownership of a daemon someone else launched in ``ns`` (e.g. wg-quick)."""
         socket_path = UAPI_DIR / f"{name}.sock"

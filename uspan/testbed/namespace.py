@@ -59,7 +59,7 @@ class Namespace:
         out = run(["ip", "netns", "pids", self.name], check=False).stdout
         return [int(p) for p in out.split()]
 
-    def wait_listening(self, port: int, *, udp: bool = False, timeout: float = 5.0) -> None:
+    def wait_listening(self, port: int, *, udp: bool = False, timeout: float = 20.0) -> None:
         """Wait until something listens on ``port`` (TCP, or UDP with ``udp``)."""
         flags = "-Hulnp" if udp else "-Htlnp"
 

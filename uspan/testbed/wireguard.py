@@ -190,8 +190,10 @@ class WireGuard:
             raise NetnsError(f"{self.name}: no peer {public_key}")
         return peers[public_key]
 
-    def wait_handshake(self, public_key: str, timeout: float = 5.0) -> PeerStatus:
-        """Wait until the peer reports a completed handshake; return its status."""
+    def wait_handshake(self, public_key: str, timeout: float = 15.0) -> PeerStatus:
+        """Wait until the peer reports a completed handshake; return its status. The
+        default outlasts two lost initiations: each retry comes REKEY_TIMEOUT (5 s, plus
+        jitter) after the one before."""
 
         def done() -> PeerStatus | None:
             peer = self.peer(public_key)
