@@ -204,12 +204,13 @@ def udp_exchange(src: Namespace, dst: Namespace, family: int, addr: str, tmp_pat
         assert receiver.wait(30) == 0, f"UDP receiver in {dst.name} failed"
     except subprocess.TimeoutExpired:
         pytest.fail(f"UDP receiver in {dst.name} did not finish")
-    sent, received = Counter(json.loads(sent_out)), Counter(json.loads(out.read_text()))
+    order = json.loads(sent_out)
+    sent, received = Counter(order), Counter(json.loads(out.read_text()))
     assert sum(sent.values()) == count
     corrupt = received - sent
     assert not corrupt, f"{sum(corrupt.values())} datagrams arrived altered or duplicated"
     unclaimed, missing = received.copy(), []
-    for i, digest in enumerate(json.loads(sent_out)):  # in order: which ones, not how many
+    for i, digest in enumerate(order):  # in order: which ones, not how many
         if unclaimed[digest]:
             unclaimed[digest] -= 1
         else:

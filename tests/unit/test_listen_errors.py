@@ -3,7 +3,6 @@ and ``--relay`` on one command line, the errno's text alone did not say which to
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,40 +10,18 @@ from pathlib import Path
 
 import pytest
 
+from uspan.discovery.procs import bound_pair, free_port
+
 USPAN = str(Path(sys.executable).parent / "uspan")
-
-
-def _both() -> tuple[socket.socket, socket.socket]:
-    """A TCP and a UDP socket bound to one loopback port free in both (the UDP twin of a
-    free TCP port may be another process's: then another port)."""
-    for _ in range(20):
-        tcp = socket.socket()
-        tcp.bind(("127.0.0.1", 0))
-        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            udp.bind(("127.0.0.1", tcp.getsockname()[1]))
-        except OSError:
-            tcp.close()
-            udp.close()
-            continue
-        return tcp, udp
-    raise AssertionError("no loopback port free for both TCP and UDP")
 
 
 @pytest.fixture
 def taken() -> Iterator[int]:
     """A loopback port held for TCP and UDP by this test."""
-    tcp, udp = _both()
+    tcp, udp = bound_pair()
     with tcp, udp:
         tcp.listen()
         yield tcp.getsockname()[1]
-
-
-def free_port() -> int:
-    """A loopback port free for TCP and UDP now (the service binds one or the other)."""
-    tcp, udp = _both()
-    with tcp, udp:
-        return int(tcp.getsockname()[1])
 
 
 def error_of(*argv: str) -> str:

@@ -26,11 +26,29 @@ ETCD = "/usr/bin/etcd"
 PORT_TRIES = 5
 
 
+def bound_pair() -> tuple[socket.socket, socket.socket]:
+    """A TCP and a UDP socket bound to one loopback port that was free for both (the UDP
+    twin of a free TCP port may be another process's: then another port)."""
+    for _ in range(20):
+        tcp = socket.socket()
+        tcp.bind(("127.0.0.1", 0))
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            udp.bind(("127.0.0.1", tcp.getsockname()[1]))
+        except OSError:
+            tcp.close()
+            udp.close()
+            continue
+        return tcp, udp
+    raise RuntimeError("no loopback port free for both TCP and UDP")
+
+
 def free_port() -> int:
-    """A loopback TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port free right now for TCP and UDP both: the service listens on TCP and
+    answers reflexive probes on UDP at the same port."""
+    tcp, udp = bound_pair()
+    with tcp, udp:
+        return int(tcp.getsockname()[1])
 
 
 def _listens(pid: int, port: int) -> bool:
